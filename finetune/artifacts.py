@@ -1,0 +1,160 @@
+"""The run directory: atomic writes, manifest, adapter metadata, model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ADAPTER_META = "finetune.json"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    manifest = property(lambda self: self.path / "manifest.json")
+    adapter = property(lambda self: self.path / "adapter")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    metrics = property(lambda self: self.path / "metrics.json")
+    predictions = property(lambda self: self.path / "predictions.jsonl")
+    train_log = property(lambda self: self.path / "train_log.jsonl")
+    card = property(lambda self: self.path / "README.md")
+
+    def is_run(self) -> bool:
+        return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("finetune", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _hardware(accelerator) -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": str(accelerator.device) if accelerator else "cpu",
+        "num_processes": accelerator.num_processes if accelerator else 1,
+        "mixed_precision": accelerator.mixed_precision if accelerator else "no",
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = None) -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "seed": recipe.train.seed,
+        "versions": _versions(),
+        "data_files": data_hashes,
+        "git_commit": _git_commit(),
+        "hardware": _hardware(accelerator),
+        **(extra or {}),
+    }
+
+
+def read_adapter_meta(adapter_dir: Path) -> dict:
+    return json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
+
+
+def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict) -> None:
+    lines = [
+        f"# {run.path.name}",
+        "",
+        f"LoRA adapter for **{recipe.task}** on `{recipe.model.name_or_path}`, trained with finetune.",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in document["metrics"].items()],
+        "",
+    ]
+    if document["gates"]:
+        lines += ["| gate | value | result |", "|---|---|---|"]
+        for name, result in document["gates"].items():
+            value = "missing" if result["value"] is None else f"{result['value']:.4f}"
+            lines.append(f"| `{name}` | {value} | {'pass' if result['passed'] else 'FAIL'} |")
+        lines.append("")
+    lines += ["## Data", "", "| file | sha256 |", "|---|---|"]
+    lines += [f"| `{f}` | `{h}` |" for f, h in manifest["data_files"].items()]
+    lines += ["", "| split | rows | truncated | dropped | p50 / p95 / max tokens |", "|---|---|---|---|---|"]
+    for split, r in reports.items():
+        pct = r["token_length"]
+        lines.append(
+            f"| {split} | {r['rows']} | {r['truncated']} | {r['dropped']} | "
+            f"{pct.get('p50', '-')} / {pct.get('p95', '-')} / {pct.get('max', '-')} |"
+        )
+    lora, train = recipe.lora, recipe.train
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={lora.targets}",
+        f"- {train.epochs} epochs, batch {train.batch_size} x {train.grad_accum} accumulation, lr {train.lr}, "
+        f"{train.scheduler} schedule, warmup {train.warmup}, seed {train.seed}, precision {manifest['hardware']['mixed_precision']}",
+        f"- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"finetune run {run.recipe}",
+        "```",
+        "",
+        "## Limitations",
+        "",
+        "Metrics are measured on the evaluation split above only; they say nothing about data from another "
+        "distribution. The adapter inherits the biases and licence of the base model.",
+        "",
+    ]
+    write_text_atomic(run.card, "\n".join(lines))

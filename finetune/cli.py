@@ -1,0 +1,226 @@
+"""The `finetune` command line: thin commands over runner.py; known errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from finetune import __version__
+from finetune.errors import DataError, FinetuneError, GateFailed, RecipeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning of BERT, BART and GPT-style checkpoints from one YAML recipe.",
+)
+console = Console()
+err_console = Console(stderr=True)
+_debug = {"on": False}
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (load reports, progress bars) is noise in a terminal and in CI logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _debug["on"]:
+        return
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def _handled(command):
+    """Run a command: user errors -> one line on stderr and their exit code; a bug -> exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            _quiet_libraries()
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FinetuneError as exc:
+            err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug, not a user mistake
+            if _debug["on"]:
+                raise
+            err_console.print(
+                f"[red]internal error:[/] {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+                highlight=False, soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    _debug["on"] = debug
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
+
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides (values parsed as YAML).")]
+
+
+@app.command("run")
+@_handled
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop before training.")] = False,
+) -> None:
+    """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
+    from finetune.config import load_recipe
+    from finetune.evaluation import failed_gates, print_metrics
+    from finetune.runner import run
+
+    loaded = load_recipe(recipe, overrides)
+    document = run(loaded, console, dry_run=dry_run)
+    if document is None:
+        return
+    if _is_main_process():
+        print_metrics(console, document, title=f"metrics ({loaded.output.dir})")
+    _exit_on_failed_gates(document)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _exit_on_failed_gates(document: dict) -> None:
+    from finetune.evaluation import failed_gates
+
+    failed = failed_gates(document)
+    if failed:
+        raise GateFailed(f"quality gate(s) failed: {', '.join(failed)}")
+
+
+@app.command("eval")
+@_handled
+def eval_command(
+    source: Annotated[Optional[str], typer.Argument(help="A recipe (base model) or a run directory.")] = None,
+    overrides: Overrides = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Evaluate this checkpoint or adapter directory.")] = None,
+    gate: Annotated[Optional[list[str]], typer.Option("--gate", help="METRIC>=VALUE; repeatable. Exit 4 on failure.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Write metrics.json and predictions.jsonl here.")] = None,
+    predictions: Annotated[Optional[str], typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="The task of --predictions.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of a table.")] = False,
+) -> None:
+    """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
+    from finetune.evaluation import dumps, print_metrics
+    from finetune.runner import evaluate, rescore
+
+    if predictions:
+        if not task:
+            raise RecipeError("--predictions needs --task (classification, copywriting, codegen or qa)")
+        if source:
+            raise RecipeError("give either a recipe/run or --predictions, not both")
+        document = rescore(predictions, task, gate)
+        if output:
+            from finetune.artifacts import write_json
+
+            write_json(Path(output) / "metrics.json", document)
+    else:
+        if not source:
+            raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
+        document = evaluate(source, console, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides)
+    if as_json:
+        print(dumps(document))
+    else:
+        print_metrics(console, document)
+    _exit_on_failed_gates(document)
+
+
+@app.command("predict")
+@_handled
+def predict_command(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
+    input: Annotated[str, typer.Option("--input", help="A JSONL file of inputs, or - for stdin.")] = "-",
+) -> None:
+    """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
+    from finetune.data import _read_jsonl
+    from finetune.runner import predict
+
+    if input == "-":
+        rows = []
+        for number, line in enumerate(sys.stdin, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"stdin:{number}: malformed JSON line ({exc.msg})") from None
+        source = "stdin"
+    else:
+        if not Path(input).is_file():
+            raise DataError(f"{input}: input file not found")
+        rows, source = _read_jsonl(Path(input)), input
+    for row in predict(run_dir, rows, source):
+        print(json.dumps(row, ensure_ascii=False))
+
+
+@app.command("validate")
+@_handled
+def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
+    """Check recipes (schema, task x family, data files) without loading weights."""
+    from finetune.validation import validate_recipe_file
+
+    worst = 0
+    for path in recipes:
+        try:
+            summary = validate_recipe_file(path)
+            console.print(f"[green]ok[/]   {path}: {summary}", highlight=False)
+        except FinetuneError as exc:
+            err_console.print(f"[red]fail[/] {exc}", highlight=False, soft_wrap=True)
+            worst = max(worst, exc.exit_code)
+    if worst:
+        raise typer.Exit(worst)
+
+
+@app.command("merge")
+@_handled
+def merge_command(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
+    output: Annotated[str, typer.Option("--output", help="Directory for the merged checkpoint.")],
+) -> None:
+    """Merge the adapter into the base weights and save a plain transformers checkpoint."""
+    from finetune.runner import merge
+
+    merge(run_dir, output)
+    console.print(f"merged checkpoint written to {output}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

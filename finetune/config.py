@@ -1,0 +1,251 @@
+"""The recipe: one typed, validated object built from YAML plus `section.key=value` overrides.
+
+Every problem is collected and reported at once, each naming its place in the
+recipe and, for a misspelt key, the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from finetune.errors import RecipeError
+from finetune.gates import parse_gate
+
+TaskName = Literal["classification", "copywriting", "codegen", "qa"]
+Family = Literal["bert", "bart", "gpt"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="Hub id, local directory, `pkg:MODULE/SUBDIR`, a `.gguf` file or `DIR::FILE.gguf`."
+    )
+    family: Literal["auto", "bert", "bart", "gpt"] = Field(
+        "auto", description="Model family; `auto` reads it from the checkpoint's config."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Allow code shipped with a hub checkpoint to run. Off unless set; logged when on."
+    )
+
+
+class DataSection(Section):
+    train: str | list[str] = Field(
+        description="Training file(s) (.jsonl/.json/.csv/.parquet) or a hub dataset id (`id` or `id:split`)."
+    )
+    eval: str | list[str] | None = Field(None, description="Evaluation file(s) or hub dataset id.")
+    eval_split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training rows held out for evaluation when no `eval` is given."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map the task's field names to the file's column names."
+    )
+    max_length: int = Field(256, gt=0, description="Maximum tokens per example.")
+    overflow: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with examples longer than `max_length`; counts are always reported."
+    )
+    template: str | None = Field(
+        None, description="Generation tasks: a Python format string over any columns that builds the prompt."
+    )
+    labels: list[str | int] | None = Field(
+        None, description="Classification: the label set in a fixed order (default: sorted labels of the training data)."
+    )
+    max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training rows.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    targets: str | list[str] = Field(
+        "all_linear",
+        description="attention | self_attention | cross_attention | mlp | all_linear, or explicit module names.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _known_abstract_target(cls, value: str | list[str]) -> str | list[str]:
+        from finetune.lora import ABSTRACT_TARGETS
+
+        if isinstance(value, str) and value not in ABSTRACT_TARGETS:
+            raise ValueError(
+                f"unknown target group {value!r}{did_you_mean(value, ABSTRACT_TARGETS)}; "
+                f"use one of {', '.join(ABSTRACT_TARGETS)} or a list of module names"
+            )
+        if isinstance(value, list) and not value:
+            raise ValueError("an explicit target list must name at least one module")
+        return value
+
+
+class TrainSection(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, gt=0, description="Examples per device per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"] = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler names)."
+    )
+    warmup: float = Field(
+        0.06, ge=0, description="Warmup: a fraction of all optimizer steps when < 1, else a number of steps."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns it off.")
+    seed: int = Field(42, description="Seed for model head init, shuffling and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it natively (CUDA or AVX-512 BF16 CPUs), else fp32."
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, same data each epoch)."
+    )
+    checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many resumable checkpoints to keep.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between lines of train_log.jsonl.")
+
+
+class EvalSection(Section):
+    metrics: list[str] | None = Field(None, description="Metrics to report (default: all of the task's).")
+    gates: dict[str, str] = Field(
+        default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}; a failed gate exits 4.'
+    )
+    batch_size: int | None = Field(None, gt=0, description="Evaluation batch size (default: 2 x train.batch_size).")
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, gates: dict[str, str]) -> dict[str, str]:
+        for metric, condition in gates.items():
+            try:
+                parse_gate(f"{metric}{condition}")
+            except RecipeError as exc:
+                raise ValueError(str(exc)) from None
+        return gates
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/latest", description="Run directory (created; an existing run is resumed or replaced).")
+
+
+class Recipe(Section):
+    task: TaskName = Field(description="classification | copywriting | codegen | qa")
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval.batch_size or 2 * self.train.batch_size
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Valid key names at the place `loc` (a path of field names) in the Recipe."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def _format_problem(error: dict) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    place = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        hint = did_you_mean(loc[-1], _section_fields(loc[:-1]))
+        return f"{place}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{place}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error" and loc:
+        message += did_you_mean(error.get("input"), _literal_choices(error))
+    if error["type"] not in ("value_error", "assertion_error") and "input" in error:
+        return f"{place}: {message} (got {error['input']!r})"
+    return f"{place}: {message}"
+
+
+def _literal_choices(error: dict) -> list[str]:
+    expected = (error.get("ctx") or {}).get("expected", "")
+    return [part.strip(" '") for part in expected.replace(" or ", ",").split(",") if part.strip()]
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides; values are parsed as YAML."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not key.strip() or any(not p for p in parts):
+            raise RecipeError(f"malformed override {override!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {override!r}: value is not valid YAML ({exc.problem})") from None
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise RecipeError(f"{path}: the recipe is empty")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (task, model, data, ...)")
+    return raw
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate the structure, then the task's own rules (columns, metrics, family)."""
+    from finetune.tasks import get_task
+
+    try:
+        recipe = Recipe.model_validate(raw)
+        problems = get_task(recipe.task).check_recipe(recipe)
+    except ValidationError as exc:
+        problems = [_format_problem(e) for e in exc.errors()]
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise RecipeError(f"{source}: {len(problems)} {noun}", problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; a relative data path is taken from the working directory."""
+    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
+    return build_recipe(raw, source=str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+

@@ -1,0 +1,221 @@
+"""Loading rows: local files (JSONL, JSON, CSV, Parquet) or hub datasets, and column mapping.
+
+JSON and JSONL are parsed here rather than by `datasets` so that a malformed
+line is reported with its file and line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+
+from finetune.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved with a .json suffix
+            return _read_jsonl(path)
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or JSON Lines)")
+    return data
+
+
+def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
+    try:
+        return Dataset.from_list(rows)
+    except Exception as exc:  # mixed types in one column, etc.
+        raise DataError(f"{source}: rows do not form a table: {exc}") from None
+
+
+def _load_file(path: Path) -> Dataset:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _rows_to_dataset(_read_jsonl(path), str(path))
+    if suffix == ".json":
+        return _rows_to_dataset(_read_json(path), str(path))
+    import pandas as pd
+
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _load_hub(spec: str) -> Dataset:
+    from datasets import load_dataset
+
+    name, _, split = spec.partition(":")
+    try:
+        return load_dataset(name, split=split or "train")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{spec}: not a local file, and loading it as a hub dataset failed: {first}") from None
+
+
+def looks_like_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in FILE_SUFFIXES or "/" in spec and Path(spec).exists()
+
+
+def load_table(spec: str | list[str], key: str) -> Dataset:
+    """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    parts = []
+    for item in specs:
+        path = Path(item)
+        if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+            if not path.is_file():
+                raise DataError(f"{key}: file not found: {item}")
+            table = _load_file(path)
+        else:
+            table = _load_hub(item)
+        if len(table) == 0:
+            raise DataError(f"{key}: {item} has no rows")
+        parts.append(table)
+    columns = set(parts[0].column_names)
+    for item, table in zip(specs[1:], parts[1:]):
+        if set(table.column_names) != columns:
+            raise DataError(f"{key}: {item} has columns {sorted(table.column_names)}, expected {sorted(columns)}")
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
+    """SHA-256 of each local data file (for the manifest and exact resume)."""
+    specs = [] if spec is None else [spec] if isinstance(spec, str) else spec
+    hashes = {}
+    for item in specs:
+        path = Path(item)
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            hashes[item] = digest.hexdigest()
+        else:
+            hashes[item] = "hub dataset"
+    return hashes
+
+
+def map_columns(table: Dataset, columns: dict[str, str], required, optional, key: str) -> Dataset:
+    """Rename the file's columns to the task's field names; keep only those fields."""
+    unknown_fields = [f for f in columns if f not in (*required, *optional)]
+    if unknown_fields:
+        from finetune.config import did_you_mean
+
+        names = ", ".join(f"{f!r}{did_you_mean(f, (*required, *optional))}" for f in unknown_fields)
+        raise DataError(f"data.columns: {names} is not a field of this task (fields: {', '.join((*required, *optional))})")
+    present = set(table.column_names)
+    wanted = {}
+    for name in (*required, *optional):
+        column = columns.get(name, name)
+        if column in present:
+            wanted[column] = name
+        elif name in required:
+            hint = f" (mapped by data.columns.{name})" if name in columns else ""
+            raise DataError(
+                f"{key}: column {column!r} for field {name!r}{hint} not found; columns are: {', '.join(sorted(present))}"
+            )
+        elif name in columns:
+            raise DataError(f"{key}: column {column!r} (data.columns.{name}) not found; columns are: {', '.join(sorted(present))}")
+    table = table.select_columns(list(wanted))
+    renames = {c: n for c, n in wanted.items() if c != n}
+    return table.rename_columns(renames) if renames else table
+
+
+def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    parts = table.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    if len(parts["train"]) == 0 or len(parts["test"]) == 0:
+        raise DataError(f"data.eval_split: {fraction} of {len(table)} rows leaves an empty train or eval set")
+    return parts["train"], parts["test"]
+
+
+@dataclass
+class LengthReport:
+    """Token-length statistics of one split, and what `data.overflow` did about long examples."""
+
+    split: str
+    rows: int
+    max_length: int
+    percentiles: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_lengths(cls, split: str, lengths, max_length: int) -> "LengthReport":
+        lengths = np.asarray(lengths)
+        percentiles = {}
+        if lengths.size:
+            for q in (50, 90, 95, 99):
+                percentiles[f"p{q}"] = int(np.percentile(lengths, q))
+            percentiles["max"] = int(lengths.max())
+        return cls(split=split, rows=int(lengths.size), max_length=max_length, percentiles=percentiles)
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "max_length": self.max_length,
+            "token_length": self.percentiles,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            **({"notes": self.notes} if self.notes else {}),
+        }
+
+
+def apply_overflow(lengths: list[int], max_length: int, policy: str, split: str, what: str = "example") -> tuple[list[int], LengthReport]:
+    """Indices of rows to keep under `data.overflow`, and the length report.
+
+    `lengths` are the untruncated token lengths. `error` names the first rows
+    that are too long so the user can find them.
+    """
+    report = LengthReport.from_lengths(split, lengths, max_length)
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long and policy == "error":
+        shown = ", ".join(str(i + 1) for i in too_long[:5])
+        raise DataError(
+            f"{split}: {len(too_long)} {what}s exceed data.max_length={max_length} tokens (rows {shown}"
+            f"{', ...' if len(too_long) > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
+        )
+    if policy == "drop":
+        report.dropped = len(too_long)
+        dropped = set(too_long)
+        keep = [i for i in range(len(lengths)) if i not in dropped]
+    else:
+        report.truncated = len(too_long)
+        keep = list(range(len(lengths)))
+    if not keep:
+        raise DataError(f"{split}: every row was dropped by data.overflow=drop (max_length={max_length})")
+    return keep, report

@@ -1,0 +1,87 @@
+"""Running a task's evaluation, scoring prediction rows, checking gates, showing the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from finetune.errors import DataError
+from finetune.gates import Gate, evaluate_gates, parse_gate
+
+
+def eval_loader(dataset, collate, batch_size: int, accelerator):
+    """In-order batches, sharded over processes; gather_for_metrics drops the padding duplicates."""
+    return accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+
+
+def score(task, rows: list[dict], wanted: list[str] | None, eval_loss: float | None = None) -> dict:
+    """{"metrics": {...}, "details": {...}} from prediction rows; `wanted` filters the headline metrics."""
+    scored = task.compute_metrics(rows)
+    metrics = dict(scored["metrics"])
+    if eval_loss is not None:
+        metrics["eval_loss"] = eval_loss
+    if wanted:
+        metrics = {name: metrics[name] for name in wanted if name in metrics}
+    return {"metrics": metrics, "details": scored.get("details", {})}
+
+
+def collect_gates(recipe_gates: dict[str, str] | None, cli_gates: list[str] | None) -> list[Gate]:
+    """Recipe gates, then command-line gates; a command-line gate on the same metric and operator wins."""
+    gates = {}
+    for text in [f"{m}{c}" for m, c in (recipe_gates or {}).items()] + list(cli_gates or []):
+        gate = parse_gate(text)
+        gates[(gate.metric, gate.op)] = gate
+    return list(gates.values())
+
+
+def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dict | None = None) -> dict:
+    return {
+        "schema": 1,
+        "task": task_name,
+        "metrics": scored["metrics"],
+        "gates": evaluate_gates(gates, scored["metrics"]),
+        **(extra or {}),
+        "details": scored["details"],
+    }
+
+
+def failed_gates(document: dict) -> list[str]:
+    return [name for name, result in document["gates"].items() if not result["passed"]]
+
+
+def read_prediction_rows(path: str | Path) -> list[dict]:
+    from finetune.data import _read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    rows = _read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: no prediction rows")
+    return rows
+
+
+def print_metrics(console, document: dict, title: str = "metrics") -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in document["metrics"].items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if document["gates"]:
+        gates = Table(title="gates", show_header=True, header_style="bold")
+        gates.add_column("gate")
+        gates.add_column("value", justify="right")
+        gates.add_column("result")
+        for name, result in document["gates"].items():
+            value = "missing" if result["value"] is None else f"{result['value']:.4f}"
+            gates.add_row(name, value, "[green]pass[/]" if result["passed"] else "[red]FAIL[/]")
+        console.print(gates)
+
+
+def dumps(document: dict) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False)

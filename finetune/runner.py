@@ -1,0 +1,361 @@
+"""The flow of PRODUCT.md, once and forward: recipe -> model -> data -> train -> evaluate -> run directory.
+
+Commands in cli.py are thin wrappers over the functions here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import artifacts, evaluation
+from finetune.artifacts import RunDir
+from finetune.config import Recipe, load_recipe, recipe_to_yaml
+from finetune.data import file_hashes, load_table, map_columns, split_for_eval
+from finetune.errors import DataError, RecipeError
+from finetune.lora import apply_lora, count_parameters, head_modules, resolve_targets, summarise_targets
+from finetune.models import detect_family, load_config, load_model, load_tokenizer, resolve_reference
+from finetune.tasks import Features, Task, get_task
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class Session:
+    """Everything resolved for one recipe before training or evaluation."""
+
+    recipe: Recipe
+    task: Task
+    family: str
+    model_path: str
+    tokenizer: object
+    state: dict
+    features: dict[str, Features] = field(default_factory=dict)
+    model: object = None
+    targets: list[str] = field(default_factory=list)
+
+    def reports(self) -> dict:
+        return {split: f.report.as_dict() for split, f in self.features.items()}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_model(recipe: Recipe) -> tuple[str, str]:
+    """(path for from_pretrained, family), refusing unsupported task x family pairs."""
+    path = resolve_reference(recipe.model.name_or_path)
+    config = load_config(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    family = detect_family(config, recipe.model.family)
+    task = get_task(recipe.task)
+    if family in task.refused_families:
+        raise RecipeError(f"{recipe.model.name_or_path}: {task.refusal(family)}")
+    return path, family
+
+
+def load_rows(recipe: Recipe, task: Task, with_train: bool = True):
+    """(train rows, eval rows) mapped to the task's field names."""
+    fields = (task.required_fields, task.optional_fields)
+    train = load_table(recipe.data.train, "data.train")
+    train = map_columns(train, recipe.data.columns, *fields, key=f"data.train ({_shown(recipe.data.train)})")
+    if recipe.data.eval is not None:
+        eval_rows = load_table(recipe.data.eval, "data.eval")
+        eval_rows = map_columns(eval_rows, recipe.data.columns, *fields, key=f"data.eval ({_shown(recipe.data.eval)})")
+    else:
+        train, eval_rows = split_for_eval(train, recipe.data.eval_split, recipe.train.seed)
+    if recipe.data.max_train_samples:
+        train = train.select(range(min(len(train), recipe.data.max_train_samples)))
+    if recipe.data.max_eval_samples:
+        eval_rows = eval_rows.select(range(min(len(eval_rows), recipe.data.max_eval_samples)))
+    return train, eval_rows
+
+
+def _shown(spec) -> str:
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
+def open_session(recipe: Recipe, *, adapter_dir: Path | None = None, splits=("train", "eval")) -> Session:
+    """Resolve the model, read the data, and tokenise the requested splits. No weights are loaded yet."""
+    task = get_task(recipe.task)
+    path, family = resolve_model(recipe)
+    tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    train_rows, eval_rows = load_rows(recipe, task)
+    if adapter_dir is not None:
+        meta = artifacts.read_adapter_meta(adapter_dir)
+        state = meta["state"]
+    else:
+        state = task.fit_state(train_rows, recipe)
+    session = Session(recipe, task, family, path, tokenizer, state)
+    rows = {"train": train_rows, "eval": eval_rows}
+    for split in splits:
+        session.features[split] = task.featurize(rows[split], tokenizer, recipe, state, f"data.{split}")
+    return session
+
+
+def load_session_model(session: Session, adapter_dir: Path | None = None, with_lora: bool = True) -> None:
+    """Load the task's model; add fresh LoRA, or load a trained adapter from `adapter_dir`."""
+    from accelerate.utils import set_seed
+
+    recipe, task = session.recipe, session.task
+    set_seed(recipe.train.seed)  # the new head's initial weights
+    model = load_model(
+        task.auto_class(session.family),
+        session.model_path,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        **task.model_kwargs(session.state),
+    )
+    task.prepare_model(model, session.tokenizer, session.family)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    elif with_lora:
+        try:
+            session.targets = resolve_targets(model, recipe.lora.targets)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        heads = head_modules(model, task.head_candidates)
+        model = apply_lora(model, recipe.lora, session.targets, heads, task.peft_task_type)
+    session.model = model
+
+
+# --------------------------------------------------------------------------- run
+
+
+def preflight(run: RunDir) -> None:
+    """Fail before loading anything if the run directory cannot be written."""
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        probe = run.path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError(f"output.dir: {run.path} is not writable: {exc.strerror or exc}") from None
+
+
+def show_plan(console, session: Session, world_size: int) -> None:
+    from rich.table import Table
+
+    from finetune.train import TrainPlan, resolve_precision
+
+    recipe = session.recipe
+    trainable, total = count_parameters(session.model)
+    plan = TrainPlan.build(recipe, len(session.features["train"].dataset), world_size)
+    table = Table(title="plan", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("task", recipe.task)
+    table.add_row("model", f"{recipe.model.name_or_path}  ({session.family} family)")
+    table.add_row("LoRA targets", f"{len(session.targets)} modules: {summarise_targets(session.targets)}")
+    table.add_row("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    for split, features in session.features.items():
+        r = features.report
+        pct = ", ".join(f"{k} {v}" for k, v in r.percentiles.items())
+        table.add_row(
+            f"{split} data",
+            f"{r.rows} rows -> {len(features.dataset)} inputs; tokens {pct}; "
+            f"truncated {r.truncated}, dropped {r.dropped} (max_length {r.max_length}, overflow {recipe.data.overflow})",
+        )
+        for note in r.notes:
+            table.add_row("", note)
+    table.add_row(
+        "steps",
+        f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "
+        f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
+    )
+    table.add_row("precision", resolve_precision(recipe.train.precision))
+    table.add_row("output", recipe.output.dir)
+    console.print(table)
+
+
+def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
+    """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run)."""
+    from accelerate.utils import set_seed
+
+    from finetune.train import make_accelerator, train
+
+    run_dir = RunDir(recipe.output.dir)
+    if not dry_run:
+        preflight(run_dir)
+    accelerator = make_accelerator(recipe)
+    main = accelerator.is_main_process
+    session = open_session(recipe)
+    load_session_model(session)
+    if main:
+        show_plan(console, session, accelerator.num_processes)
+    if dry_run:
+        return None
+
+    if main:
+        _clear_previous_outputs(run_dir)
+        artifacts.write_text_atomic(run_dir.recipe, recipe_to_yaml(recipe))
+    set_seed(recipe.train.seed)
+    task = session.task
+    result = train(
+        session.model,
+        session.features["train"].dataset,
+        task.collate(session.tokenizer),
+        recipe,
+        accelerator,
+        run_dir.train_log,
+        console if main else None,
+    )
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(session.model)
+    if main:
+        save_adapter(model, session, run_dir.adapter)
+
+    rows, loss = task.predict(model, session.tokenizer, session.features["eval"], accelerator, recipe, session.state)
+    scored = evaluation.score(task, rows, recipe.eval.metrics, loss)
+    gates = evaluation.collect_gates(recipe.eval.gates, None)
+    training = {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "train_seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_second, 1),
+    }
+    document = evaluation.metrics_document(recipe.task, scored, gates, {"data": session.reports(), "training": training})
+    if main:
+        manifest = artifacts.build_manifest(recipe, _data_hashes(recipe), accelerator, {"family": session.family})
+        artifacts.write_json(run_dir.manifest, manifest)
+        artifacts.write_jsonl(run_dir.predictions, rows)
+        artifacts.write_json(run_dir.metrics, document)
+        artifacts.write_model_card(run_dir, recipe, document, manifest, session.reports())
+    accelerator.wait_for_everyone()
+    return document
+
+
+def _data_hashes(recipe: Recipe) -> dict:
+    return {**file_hashes(recipe.data.train), **file_hashes(recipe.data.eval)}
+
+
+def _clear_previous_outputs(run: RunDir) -> None:
+    """A new run replaces the outputs of an older one in the same directory, never half of them."""
+    for path in (run.metrics, run.predictions, run.train_log, run.card, run.manifest):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run.adapter, ignore_errors=True)
+
+
+def save_adapter(model, session: Session, adapter_dir: Path) -> None:
+    """The peft adapter (safetensors), the tokenizer, and what the task needs to use it again."""
+    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    session.tokenizer.save_pretrained(str(staging))
+    meta = {
+        "task": session.recipe.task,
+        "family": session.family,
+        "base_model": session.recipe.model.name_or_path,
+        "base_model_path": session.model_path,
+        "state": session.state,
+    }
+    artifacts.write_json(staging / artifacts.ADAPTER_META, meta)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(staging, adapter_dir)
+
+
+# --------------------------------------------------------------------------- eval / predict
+
+
+def recipe_of(source: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RunDir | None]:
+    """A recipe file, or the resolved recipe inside a run directory."""
+    source = Path(source)
+    if source.is_dir():
+        run = RunDir(source)
+        if not run.recipe.is_file():
+            raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
+        return load_recipe(run.recipe, overrides), run
+    return load_recipe(source, overrides), None
+
+
+def evaluate(source: str, console, *, checkpoint: str | None = None, gates: list[str] | None = None,
+             output: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Evaluate a run (its adapter), a checkpoint, or a recipe's base model; write metrics and predictions."""
+    from finetune.train import make_accelerator
+
+    recipe, run = recipe_of(source, overrides)
+    adapter_dir = None
+    if checkpoint:
+        adapter_dir = Path(checkpoint)
+        adapter_dir = adapter_dir / "adapter" if (adapter_dir / "adapter").is_dir() else adapter_dir
+    elif run is not None:
+        adapter_dir = run.adapter
+    if adapter_dir is not None and not (adapter_dir / artifacts.ADAPTER_META).is_file():
+        raise RecipeError(f"{adapter_dir}: no trained adapter here ({artifacts.ADAPTER_META} missing)")
+
+    accelerator = make_accelerator(recipe)
+    session = open_session(recipe, adapter_dir=adapter_dir, splits=("eval",))
+    load_session_model(session, adapter_dir=adapter_dir, with_lora=False)
+    task = session.task
+    rows, loss = task.predict(session.model, session.tokenizer, session.features["eval"], accelerator, recipe, session.state)
+    scored = evaluation.score(task, rows, recipe.eval.metrics, loss)
+    document = evaluation.metrics_document(
+        recipe.task, scored, evaluation.collect_gates(recipe.eval.gates, gates),
+        {"evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
+         "data": session.reports()},
+    )
+    out_dir = Path(output) if output else (run.path if run else None)
+    if out_dir is not None and accelerator.is_main_process:
+        artifacts.write_json(out_dir / "metrics.json", document)
+        artifacts.write_jsonl(out_dir / "predictions.jsonl", rows)
+    return document
+
+
+def rescore(predictions: str, task_name: str, gates: list[str] | None) -> dict:
+    """Metrics from a saved predictions.jsonl alone, without a model."""
+    task = get_task(task_name)
+    rows = evaluation.read_prediction_rows(predictions)
+    task.check_prediction_rows(rows, predictions)
+    scored = evaluation.score(task, rows, None)
+    return evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
+
+
+def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
+    """The run's model on new rows (task fields, as in the recipe's column mapping)."""
+    from datasets import Dataset
+
+    from finetune.train import make_accelerator
+
+    recipe, run = recipe_of(run_path)
+    if run is None or not run.is_run():
+        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
+    task = get_task(recipe.task)
+    if not rows:
+        raise DataError(f"{source}: no input rows")
+    table = Dataset.from_list(rows)
+    # Input rows may use the training file's column names or the task's field names.
+    columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
+    table = map_columns(table, columns, _inputs_only(task), task.optional_fields, key=source)
+    path, family = resolve_model(recipe)
+    tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    state = artifacts.read_adapter_meta(run.adapter)["state"]
+    session = Session(recipe, task, family, path, tokenizer, state)
+    session.features["input"] = task.featurize(table, tokenizer, recipe, state, source, labeled=False)
+    load_session_model(session, adapter_dir=run.adapter, with_lora=False)
+    accelerator = make_accelerator(recipe)
+    out, _ = task.predict(session.model, tokenizer, session.features["input"], accelerator, recipe, state)
+    return out
+
+
+def _inputs_only(task: Task) -> tuple[str, ...]:
+    """Fields needed to predict: the required fields minus the reference answer."""
+    return tuple(f for f in task.required_fields if f not in task.reference_fields)
+
+
+def merge(run_path: str, output: str) -> None:
+    """The adapter merged into the base weights, saved as a plain transformers checkpoint (safetensors)."""
+    recipe, run = recipe_of(run_path)
+    if run is None or not run.is_run():
+        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
+    task = get_task(recipe.task)
+    path, family = resolve_model(recipe)
+    tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    state = artifacts.read_adapter_meta(run.adapter)["state"]
+    session = Session(recipe, task, family, path, tokenizer, state)
+    load_session_model(session, adapter_dir=run.adapter, with_lora=False)
+    merged = session.model.merge_and_unload()
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)

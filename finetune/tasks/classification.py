@@ -1,0 +1,173 @@
+"""Text classification: a sequence-classification head on any family.
+
+BERT-style models read the pooled [CLS] token, BART the final EOS state, and
+GPT-style models the last non-pad token (the pad token is set on the config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from finetune.data import apply_overflow
+from finetune.errors import DataError
+from finetune.tasks.base import Features, Task
+
+
+def _label_key(label) -> str:
+    """Labels compare as text, so 3 in one file and "3" in another are the same class."""
+    return str(label)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    required_fields = ("text", "label")
+    optional_fields = ("text_pair",)
+    reference_fields = ("label",)
+    metric_names = ("accuracy", "macro_f1", "weighted_f1")
+    head_candidates = ("classifier", "score", "classification_head", "pooler")
+    peft_task_type = "SEQ_CLS"
+
+    # ------------------------------------------------------------ model
+    def fit_state(self, train_rows: Dataset, recipe) -> dict[str, Any]:
+        seen = _checked_labels(train_rows["label"], "data.train")
+        if recipe.data.labels is not None:
+            labels = list(recipe.data.labels)
+            known = {_label_key(x) for x in labels}
+            unknown = sorted({_label_key(x) for x in seen} - known)
+            if unknown:
+                raise DataError(f"data.train: labels {unknown} are not in data.labels {labels}")
+        else:
+            distinct = {_label_key(x): x for x in seen}
+            labels = sorted(distinct.values(), key=lambda x: (not isinstance(x, int), x if isinstance(x, int) else str(x)))
+        if len(labels) < 2:
+            raise DataError(f"data.train: classification needs at least two classes, found {labels}")
+        return {"labels": labels}
+
+    def auto_class(self, family: str):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
+        names = [_label_key(x) for x in state["labels"]]
+        return {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)},
+        }
+
+    # ------------------------------------------------------------ data
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+        texts = _checked_texts(rows["text"], split, "text")
+        pairs = _checked_texts(rows["text_pair"], split, "text_pair") if "text_pair" in rows.column_names else None
+        label_ids = _label_ids(rows["label"], state["labels"], split) if labeled else None
+
+        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        keep, report = apply_overflow([len(x) for x in full], recipe.data.max_length, recipe.data.overflow, split)
+        rows = rows.select(keep) if len(keep) < len(texts) else rows
+        texts = [texts[i] for i in keep]
+        pairs = [pairs[i] for i in keep] if pairs is not None else None
+        encoded = dict(tokenizer(texts, pairs, truncation=True, max_length=recipe.data.max_length))
+        if label_ids is not None:
+            encoded["labels"] = [label_ids[i] for i in keep]
+        return Features(Dataset.from_dict(encoded), rows, report)
+
+    def collate(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        tokenizer.padding_side = "right"
+        return DataCollatorWithPadding(tokenizer)
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+        from finetune.evaluation import eval_loader
+
+        labeled = "labels" in features.dataset.column_names
+        logits_parts, label_parts = [], []
+        model.eval()
+        for batch in eval_loader(features.dataset, self.collate(tokenizer), recipe.eval_batch_size, accelerator):
+            labels = batch.pop("labels", None)
+            with accelerator.autocast():
+                logits = model(**batch).logits.float()
+            if labeled:
+                logits, labels = accelerator.gather_for_metrics((logits, labels))
+                label_parts.append(labels.cpu())
+            else:
+                logits = accelerator.gather_for_metrics(logits)
+            logits_parts.append(logits.cpu())
+        logits = torch.cat(logits_parts)
+        probabilities = logits.softmax(-1)
+        scores, predicted = probabilities.max(-1)
+        loss = None
+        if labeled:
+            gold = torch.cat(label_parts)
+            loss = torch.nn.functional.cross_entropy(logits, gold).item()
+
+        names = state["labels"]
+        out = []
+        for index, row in enumerate(features.rows):
+            row = dict(row)
+            row["prediction"] = names[int(predicted[index])]
+            row["score"] = round(float(scores[index]), 6)
+            out.append(row)
+        return out, loss
+
+    def prediction_fields(self) -> tuple[str, ...]:
+        return ("label", "prediction")
+
+    def compute_metrics(self, rows: list[dict]) -> dict[str, Any]:
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+        y_true = [_label_key(r["label"]) for r in rows]
+        y_pred = [_label_key(r["prediction"]) for r in rows]
+        classes = sorted(set(y_true) | set(y_pred))
+        precision, recall, f1, support = precision_recall_fscore_support(
+            y_true, y_pred, labels=classes, zero_division=0
+        )
+        metrics = {
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        }
+        per_class = {
+            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        }
+        matrix = confusion_matrix(y_true, y_pred, labels=classes).tolist()
+        return {
+            "metrics": metrics,
+            "details": {"per_class": per_class, "confusion_matrix": {"labels": classes, "matrix": matrix}},
+        }
+
+
+def _checked_texts(values: list, split: str, field: str) -> list[str]:
+    for number, value in enumerate(values, start=1):
+        if not isinstance(value, str) or not value.strip():
+            shown = "empty" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+            raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {shown}")
+    return list(values)
+
+
+def _checked_labels(values: list, split: str) -> list:
+    for number, value in enumerate(values, start=1):
+        if value is None or (isinstance(value, str) and not value.strip()) or isinstance(value, (float, list, dict)):
+            raise DataError(f"{split}: row {number}: label must be a string or an integer, got {value!r}")
+    return list(values)
+
+
+def _label_ids(values: list, labels: list, split: str) -> list[int]:
+    index = {_label_key(x): i for i, x in enumerate(labels)}
+    ids = []
+    for number, value in enumerate(_checked_labels(values, split), start=1):
+        key = _label_key(value)
+        if key not in index:
+            raise DataError(
+                f"{split}: row {number}: label {value!r} is not one of the {len(labels)} training labels "
+                f"({', '.join(map(str, labels[:10]))}{', ...' if len(labels) > 10 else ''})"
+            )
+        ids.append(index[key])
+    return ids

@@ -1,0 +1,250 @@
+"""One accelerate training loop, the same for every task: the task only supplies features and a collator."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from finetune.errors import TrainingDiverged
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str) -> str:
+    """accelerate's mixed_precision value for `train.precision`."""
+    if setting == "fp32":
+        return "no"
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def make_accelerator(recipe):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=resolve_precision(recipe.train.precision),
+        gradient_accumulation_steps=recipe.train.grad_accum,
+    )
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of similar-length examples, reproducible from (seed, epoch).
+
+    Indices are shuffled, cut into windows of `window` batches, sorted by length
+    inside each window, cut into batches, and the batches shuffled again: padding
+    shrinks while each epoch still sees the data in a fresh random order.
+    Without grouping (`window=1`) it is a plain shuffled batcher.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 64):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            if self.window > 1:
+                chunk.sort(key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+@dataclass
+class TrainPlan:
+    """Step arithmetic, shown by --dry-run and used by the loop."""
+
+    examples: int
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    warmup_steps: int
+    epochs: int  # passes started (the last may be partial)
+    world_size: int
+
+    @classmethod
+    def build(cls, recipe, examples: int, world_size: int) -> "TrainPlan":
+        t = recipe.train
+        batches = math.ceil(examples / t.batch_size)
+        per_process = math.ceil(batches / world_size)
+        steps_per_epoch = max(1, math.ceil(per_process / t.grad_accum))
+        total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
+        return cls(examples, per_process, steps_per_epoch, total, min(warmup, total), math.ceil(total / steps_per_epoch), world_size)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None) -> TrainResult:
+    """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done."""
+    from transformers import get_scheduler
+
+    t = recipe.train
+    lengths = [len(ids) for ids in features["input_ids"]]
+    sampler = LengthGroupedBatches(lengths, t.batch_size, t.seed, window=64 if t.group_by_length else 1)
+    loader = DataLoader(features, batch_sampler=sampler, collate_fn=collate)
+    plan = TrainPlan.build(recipe, len(features), accelerator.num_processes)
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=t.lr, weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None
+    )
+    # The scheduler is stepped by hand once per optimizer step, so it is not
+    # handed to accelerate (which would step it once per process).
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
+    step, last_loss = 0, float("nan")
+    model.train()
+    with progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
+        for epoch in range(plan.epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"training diverged at step {step + 1} (epoch {epoch + 1}): loss is {loss.item()}; "
+                            "lower train.lr or check the data"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                logger.add(loss.detach(), batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                entry = logger.maybe_log(
+                    step, step / plan.steps_per_epoch, scheduler.get_last_lr()[0], force=step == plan.total_steps
+                )
+                if entry:
+                    last_loss = entry["loss"]
+                bar.update(step, entry)
+                if step >= plan.total_steps:
+                    break
+            if step >= plan.total_steps:
+                break
+    return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())
+
+
+class StepLogger:
+    """Mean loss and real (non-padding) tokens/s over each logging window, summed over processes."""
+
+    def __init__(self, path: Path | None, accelerator, every: int):
+        self.path, self.accelerator, self.every = path, accelerator, every
+        self.start = self.window_start = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.batches = torch.zeros((), device=accelerator.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.total_tokens = 0
+        if path is not None:
+            path.write_text("")
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss_sum += loss.float()
+        self.batches += 1
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def maybe_log(self, step: int, epoch: float, lr: float, force: bool = False) -> dict | None:
+        if step % self.every and not force:
+            return None
+        totals = self.accelerator.reduce(torch.stack([self.loss_sum, self.batches, self.tokens.float()]), "sum")
+        loss_sum, batches, tokens = totals.tolist()
+        now = time.perf_counter()
+        entry = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss_sum / max(batches, 1),
+            "lr": lr,
+            "tokens_per_s": round(tokens / max(now - self.window_start, 1e-9), 1),
+            "elapsed_s": round(now - self.start, 3),
+        }
+        self.total_tokens += int(tokens)
+        self.loss_sum.zero_(), self.batches.zero_(), self.tokens.zero_()
+        self.window_start = now
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        return entry
+
+
+class progress_bar:
+    """A rich progress bar on the main process showing loss and tokens/s; silent elsewhere."""
+
+    def __init__(self, console, total: int, enabled: bool):
+        self.enabled = enabled and console is not None
+        self.console, self.total = console, total
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.total, status="")
+        return self
+
+    def update(self, step: int, entry: dict | None) -> None:
+        if not self.enabled:
+            return
+        if entry:
+            status = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, status=status)
+        else:
+            self.progress.update(self.task, completed=step)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False
