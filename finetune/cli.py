@@ -96,13 +96,20 @@ def run_command(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop before training.")] = False,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate.")
+    ] = 1,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     from finetune.config import load_recipe
-    from finetune.evaluation import failed_gates, print_metrics
+    from finetune.evaluation import print_metrics
+    from finetune.launch import inside_launched_process, relaunch
     from finetune.runner import run
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)  # fail fast, once, before starting processes
+    if num_processes > 1 and not inside_launched_process():
+        args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else [])]
+        raise typer.Exit(relaunch(num_processes, args))
     document = run(loaded, console, dry_run=dry_run)
     if document is None:
         return

@@ -151,8 +151,21 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+# Names users bring from transformers/peft/other tools, mapped to ours.
+_KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "scheduler",
+    "output_dir": "dir", "model_name_or_path": "name_or_path", "model_name": "name_or_path",
+    "max_seq_length": "max_length", "dtype": "precision", "mixed_precision": "precision",
+}
+
+
+def did_you_mean(name, choices) -> str:
+    choices = [str(c) for c in choices]
+    alias = _KNOWN_ALIASES.get(str(name))
+    close = [alias] if alias in choices else difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

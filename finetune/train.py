@@ -33,12 +33,21 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
+def has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def make_accelerator(recipe):
     from accelerate import Accelerator
 
+    # cpu=True on machines without an accelerator is what makes accelerate join
+    # the processes of `accelerate launch` / torchrun as MULTI_CPU (gloo)
+    # instead of running each as an independent single process.
     return Accelerator(
         mixed_precision=resolve_precision(recipe.train.precision),
         gradient_accumulation_steps=recipe.train.grad_accum,
+        cpu=not has_accelerator_device(),
     )
 
 

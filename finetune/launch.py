@@ -1,0 +1,31 @@
+"""`finetune run --num-processes N`: start N processes through accelerate's own launcher."""
+
+from __future__ import annotations
+
+import os
+
+
+def inside_launched_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+def relaunch(num_processes: int, finetune_args: list[str]) -> int:
+    """Run `finetune ARGS` in `num_processes` processes on this machine; return the worst exit code.
+
+    accelerate's multi-process launcher (torch.distributed.run underneath) is
+    used on CPU too: each process then joins a gloo group (see make_accelerator).
+    Multi-node runs use `accelerate launch` directly with its machine-rank flags.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *finetune_args]
+    )
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return max(codes) if codes else 1
+    return 0

@@ -1,0 +1,160 @@
+"""Tiny real checkpoints built from config, with tokenizers trained here in a second.
+
+They run the real transformers, peft and accelerate code paths, offline and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = {
+    "sports": "match goal team player coach league score season win stadium",
+    "weather": "rain sun cloud storm wind snow forecast cold warm temperature",
+    "cooking": "recipe oven salt pepper bake boil flour sugar dinner kitchen",
+}
+
+
+def corpus(n: int = 300, seed: int = 0) -> list[dict]:
+    """Short texts whose topic is readable from their words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(WORDS)[i % len(WORDS)]
+        words = WORDS[label].split()
+        length = rng.randint(4, 14)
+        rows.append({"text": " ".join(rng.choice(words) for _ in range(length)), "label": label})
+    return rows
+
+
+def _train_tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [r["text"] for r in corpus(200)] + ["def add ( a , b ) : return a + b", "question answer context the of"]
+    specials = {
+        "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        "bart": ["<pad>", "<unk>", "<s>", "</s>", "<mask>"],
+        "gpt": ["<unk>", "<|endoftext|>"],
+    }[kind]
+    tokenizer = Tokenizer(models.WordPiece(unk_token=specials[1]) if kind == "bert" else models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer_cls = trainers.WordPieceTrainer if kind == "bert" else trainers.BpeTrainer
+    tokenizer.train_from_iterator(text, trainer_cls(vocab_size=200, special_tokens=specials))
+    if kind == "bert":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+        )
+    if kind == "bart":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", tokenizer.token_to_id("<s>")), ("</s>", tokenizer.token_to_id("</s>"))],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+            eos_token="</s>", mask_token="<mask>",
+        )
+    # GPT-style: no pad token, like GPT-2 and many decoders.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny(kind: str, directory: Path) -> Path:
+    import torch
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        BartConfig,
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+    )
+
+    torch.manual_seed(0)
+    family = {"bert": "bert", "bart": "bart", "gpt2": "gpt", "llama": "gpt"}[kind]
+    tokenizer = _train_tokenizer(family)
+    vocab = len(tokenizer)
+    if kind == "bert":
+        config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+        model = AutoModel.from_config(config)
+    elif kind == "bart":
+        config = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                            decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=128,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = AutoModelForCausalLM.from_config(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny(kind, root / kind) for kind in ("bert", "bart", "gpt2", "llama")}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def topic_data(tmp_path) -> dict[str, Path]:
+    rows = corpus(150)
+    return {
+        "train": write_jsonl(tmp_path / "data" / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(tmp_path / "data" / "eval.jsonl", rows[120:]),
+    }
+
+
+def classification_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> dict:
+    return {
+        "task": "classification",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "targets": "all_linear"},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32", **train},
+        "output": {"dir": str(out)},
+    }
+
+
+@pytest.fixture()
+def write_recipe(tmp_path):
+    import yaml
+
+    def write(recipe: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

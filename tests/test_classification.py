@@ -1,0 +1,170 @@
+"""Classification end to end on tiny BERT, BART, GPT-2 and Llama, through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe, write_jsonl
+from finetune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])
+def test_run_writes_the_run_directory(kind, tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models[kind], topic_data, out))
+    result = invoke("run", recipe)
+    assert result.exit_code == 0, result.output
+    for name in ("recipe.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "train_log.jsonl", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["schema"] == 1 and metrics["task"] == "classification"
+    assert set(metrics["metrics"]) == {"accuracy", "macro_f1", "weighted_f1", "eval_loss"}
+    assert all(0 <= v <= 1 for k, v in metrics["metrics"].items() if k != "eval_loss")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and {"text", "label", "prediction"} <= set(rows[0])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and all(entry["tokens_per_s"] > 0 for entry in log)
+    # Metrics are a pure function of predictions.jsonl.
+    rescored = invoke("eval", "--predictions", out / "predictions.jsonl", "--task", "classification", "--json")
+    assert rescored.exit_code == 0, rescored.output
+    again = json.loads(rescored.output)["metrics"]
+    assert again["accuracy"] == metrics["metrics"]["accuracy"]
+
+
+def test_training_learns_and_is_reproducible(tiny_models, topic_data, write_recipe, tmp_path):
+    def run(name, seed):
+        out = tmp_path / name
+        recipe = classification_recipe(tiny_models["gpt2"], topic_data, out, epochs=4, seed=seed)
+        assert invoke("run", write_recipe(recipe, f"{name}.yaml")).exit_code == 0
+        return json.loads((out / "metrics.json").read_text())["metrics"], (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    first, adapter_a = run("a", 0)
+    second, adapter_b = run("b", 0)
+    _, adapter_c = run("c", 1)
+    assert first["accuracy"] >= 0.8  # the topics are readable from the words
+    assert first == second and adapter_a == adapter_b
+    assert adapter_a != adapter_c
+
+
+def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models["llama"], topic_data, out))
+    assert invoke("run", recipe).exit_code == 0
+    trained = json.loads((out / "metrics.json").read_text())["metrics"]
+
+    failing = invoke("eval", out, "--gate", "accuracy>=1.01", "--gate", "macro_f1>=0")
+    assert failing.exit_code == 4 and "accuracy>=1.01" in failing.output
+    passing = invoke("eval", out, "--gate", "accuracy>=0.0", "--json")
+    assert passing.exit_code == 0
+    document = json.loads(passing.output)
+    assert document["metrics"]["accuracy"] == pytest.approx(trained["accuracy"])
+    assert document["gates"]["accuracy>=0"]["passed"] is True
+
+    base = invoke("eval", recipe, "--output", tmp_path / "base")
+    assert base.exit_code == 0 and (tmp_path / "base" / "metrics.json").is_file()
+
+    lines = '{"text": "rain snow storm wind"}\n{"text": "goal match team"}\n'
+    predicted = invoke("predict", out, "--input", "-", input=lines)
+    assert predicted.exit_code == 0, predicted.output
+    rows = [json.loads(line) for line in predicted.output.splitlines()]
+    assert len(rows) == 2 and all(r["prediction"] in {"sports", "weather", "cooking"} for r in rows)
+
+    merged_dir = tmp_path / "merged"
+    assert invoke("merge", out, "--output", merged_dir).exit_code == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch
+
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    with torch.no_grad():
+        logits = merged(**tokenizer("rain snow storm wind", return_tensors="pt")).logits
+    assert merged.config.id2label[int(logits.argmax())] == rows[0]["prediction"]
+
+
+def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe):
+    rows = [{"sentence": r["text"], "y": i % 3} for i, r in enumerate(__import__("conftest").corpus(90))]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = classification_recipe(tiny_models["bert"], {"train": data, "eval": data}, tmp_path / "run")
+    recipe["data"] = {"train": str(data), "eval_split": 0.2, "columns": {"text": "sentence", "label": "y"}}
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    meta = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
+    assert meta["state"]["labels"] == [0, 1, 2]
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 18
+
+
+BAD_INPUTS = {
+    "unknown key": ({"lora": {"rnk": 4}}, 2, "lora.rnk: unknown key (did you mean 'r'?)"),
+    "wrong type": ({"train": {"epochs": "many"}}, 2, "train.epochs"),
+    "unknown task": ({"task": "translation"}, 2, "task:"),
+    "missing file": ({"data": {"train": "nope.jsonl"}}, 3, "file not found: nope.jsonl"),
+    "wrong column": ({"data": {"columns": {"text": "body"}}}, 3, "column 'body' for field 'text'"),
+    "unknown target": ({"lora": {"targets": ["qv"]}}, 2, "no linear layer named 'qv'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_recipes_get_one_line_and_exit_code(case, tiny_models, topic_data, write_recipe, tmp_path):
+    change, code, message = BAD_INPUTS[case]
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    for section, values in change.items():
+        recipe[section] = {**recipe[section], **values} if isinstance(values, dict) else values
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bad_data_rows(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "train": str(broken)}}))
+    assert result.exit_code == 3 and "broken.jsonl:2: malformed JSON line" in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "train": str(empty)}}))
+    assert result.exit_code == 3 and "has no rows" in result.output
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "rain", "label": "politics"}])
+    result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "eval": str(unseen)}}))
+    assert result.exit_code == 3 and "row 1: label 'politics' is not one of the 3 training labels" in result.output
+    null_text = write_jsonl(tmp_path / "null.jsonl", [{"text": None, "label": "a"}, {"text": "x", "label": "b"}])
+    result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "train": str(null_text)}}))
+    assert result.exit_code == 3 and "row 1: field 'text' must be non-empty text" in result.output
+
+
+def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    bad = invoke("run", recipe, "train.epochs")
+    assert bad.exit_code == 2 and "malformed override" in bad.output
+    dry = invoke("run", recipe, "--dry-run", "lora.targets=attention")
+    assert dry.exit_code == 0, dry.output
+    assert "trainable of" in dry.output and "query" in dry.output and "truncated 0" in dry.output
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_validate_command(tiny_models, topic_data, write_recipe, tmp_path):
+    good = write_recipe(classification_recipe(tiny_models["bart"], topic_data, tmp_path / "run"), "good.yaml")
+    ok = invoke("validate", good)
+    assert ok.exit_code == 0 and "bart family" in ok.output
+    refused = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    refused["task"] = "copywriting"
+    refused["data"]["columns"] = {}
+    bad = invoke("validate", good, write_recipe(refused, "bad.yaml"))
+    assert bad.exit_code == 2
+
+
+def test_no_traceback_in_a_real_process(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: classification\nmodel: {name_or_path: x}\ndata: {train: a.jsonl, eval: b.jsonl}\nlora: {rank: 4}\n")
+    result = subprocess.run([sys.executable, "-m", "finetune", "validate", str(recipe)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "lora.rank: unknown key (did you mean 'r'?)" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,116 @@
+import pytest
+import yaml
+
+from finetune.config import apply_overrides, build_recipe, load_recipe
+from finetune.errors import RecipeError
+
+BASE = {
+    "task": "classification",
+    "model": {"name_or_path": "some/model"},
+    "data": {"train": "t.jsonl", "eval": "e.jsonl"},
+}
+
+
+def problems_of(raw) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        build_recipe(raw)
+    return info.value.problems
+
+
+def test_minimal_recipe_gets_defaults():
+    recipe = build_recipe(BASE)
+    assert recipe.lora.targets == "all_linear"
+    assert recipe.train.precision == "auto"
+    assert recipe.output.dir == "runs/latest"
+
+
+def test_misspelt_keys_name_place_and_suggestion_all_at_once():
+    raw = {**BASE, "lora": {"rank": 8}, "train": {"epoch": 2, "lr": "fast"}, "evall": {}}
+    problems = problems_of(raw)
+    assert "lora.rank: unknown key (did you mean 'r'?)" in problems
+    assert "train.epoch: unknown key (did you mean 'epochs'?)" in problems
+    assert "evall: unknown key (did you mean 'eval'?)" in problems
+    assert any(p.startswith("train.lr:") for p in problems)
+    assert len(problems) == 4
+
+
+def test_unknown_task_and_missing_section():
+    problems = problems_of({"task": "summarise", "data": BASE["data"]})
+    assert any(p.startswith("task:") for p in problems)
+    assert "model: required key is missing" in problems
+
+
+def test_unknown_literal_value_suggests():
+    problems = problems_of({**BASE, "data": {**BASE["data"], "overflow": "truncat"}})
+    assert any("did you mean 'truncate'" in p for p in problems)
+
+
+def test_task_rules_metrics_gates_columns():
+    raw = {
+        **BASE,
+        "data": {**BASE["data"], "columns": {"txt": "body"}},
+        "eval": {"metrics": ["acuracy"], "gates": {"rouge1": ">=0.2"}},
+    }
+    problems = problems_of(raw)
+    assert any("data.columns.txt" in p and "did you mean 'text'" in p for p in problems)
+    assert any("eval.metrics" in p and "did you mean 'accuracy'" in p for p in problems)
+    assert any("eval.gates.rouge1" in p for p in problems)
+
+
+def test_malformed_gate_in_recipe():
+    problems = problems_of({**BASE, "eval": {"gates": {"accuracy": "at least 0.8"}}})
+    assert any(p.startswith("eval.gates:") and "malformed gate" in p for p in problems)
+
+
+def test_eval_source_required_and_exclusive():
+    assert any("data.eval" in p for p in problems_of({**BASE, "data": {"train": "t.jsonl"}}))
+    both = {**BASE, "data": {**BASE["data"], "eval_split": 0.1}}
+    assert any("exclusive" in p for p in problems_of(both))
+
+
+def test_overrides_are_parsed_as_yaml():
+    raw = apply_overrides(
+        {"train": {"epochs": 3}}, ["train.epochs=1", "train.lr=1e-3", "data.columns={text: body}", "output.dir=x"]
+    )
+    assert raw["train"]["epochs"] == 1
+    assert raw["data"]["columns"] == {"text": "body"}
+    recipe = build_recipe({**BASE, **raw, "data": {**BASE["data"], **raw["data"]}})
+    assert recipe.train.lr == 1e-3 and recipe.output.dir == "x"
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..lr=1", "train.lr=[1,"])
+def test_malformed_overrides(bad):
+    with pytest.raises(RecipeError):
+        apply_overrides({}, [bad])
+
+
+def test_override_into_scalar_is_an_error():
+    with pytest.raises(RecipeError, match="not a section"):
+        apply_overrides({"task": "qa"}, ["task.mode=x"])
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("task: classification\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: not valid YAML \(line"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping of sections"):
+        load_recipe(path)
+
+
+def test_every_shipped_recipe_validates(monkeypatch):
+    from pathlib import Path
+
+    from finetune.validation import validate_recipe_file
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    recipes = sorted((repo / "recipes").glob("*/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        text = recipe.read_text()
+        assert text.startswith("#") and "# Run: finetune run" in text, f"{recipe} must open with what it does and how to run it"
+        validate_recipe_file(recipe.relative_to(repo))
