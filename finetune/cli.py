@@ -204,7 +204,7 @@ def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe 
     for path in recipes:
         try:
             summary = validate_recipe_file(path)
-            console.print(f"[green]ok[/]   {path}: {summary}", highlight=False)
+            console.print(f"[green]ok[/]   {path}: {summary}", highlight=False, soft_wrap=True)
         except FinetuneError as exc:
             err_console.print(f"[red]fail[/] {exc}", highlight=False, soft_wrap=True)
             worst = max(worst, exc.exit_code)

