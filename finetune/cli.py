@@ -32,6 +32,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if _debug["on"]:
         return
+    import warnings
+
     import datasets
     import transformers
 
@@ -40,6 +42,9 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    # Deprecation notices from inside the libraries are for their maintainers, not our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
 
 def _handled(command):

@@ -202,6 +202,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
         accelerator,
         run_dir.train_log,
         console if main else None,
+        checkpoint_dir=run_dir.checkpoints,
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
@@ -237,6 +238,7 @@ def _clear_previous_outputs(run: RunDir) -> None:
     for path in (run.metrics, run.predictions, run.train_log, run.card, run.manifest):
         path.unlink(missing_ok=True)
     shutil.rmtree(run.adapter, ignore_errors=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
 
 
 def save_adapter(model, session: Session, adapter_dir: Path) -> None:

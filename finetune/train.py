@@ -40,7 +40,12 @@ def has_accelerator_device() -> bool:
 
 def make_accelerator(recipe):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # Precision lives in a per-process singleton; a second run or eval in the
+    # same process (library use, tests) may ask for another one. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on machines without an accelerator is what makes accelerate join
     # the processes of `accelerate launch` / torchrun as MULTI_CPU (gloo)
     # instead of running each as an independent single process.
@@ -125,7 +130,33 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None) -> TrainResult:
+def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: int) -> Path:
+    """A resumable state (model, optimizer, scheduler, RNG) in `directory/step-N`, written atomically.
+
+    Everything goes into a hidden staging directory first and is renamed into
+    place only when complete, so a kill at any moment leaves the previous
+    checkpoint intact. Only the newest `keep` checkpoints are kept.
+    """
+    import shutil
+
+    final = directory / f"step-{step:08d}"
+    staging = directory / f".partial-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    if accelerator.is_main_process:
+        (staging / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in sorted(directory.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None,
+          checkpoint_dir: Path | None = None) -> TrainResult:
     """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done."""
     from transformers import get_scheduler
 
@@ -143,6 +174,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     # handed to accelerate (which would step it once per process).
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
 
     logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
     step, last_loss = 0, float("nan")
@@ -176,6 +208,8 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                 bar.update(step, entry)
                 if step >= plan.total_steps:
                     break
+                if checkpoint_dir is not None and step % t.checkpoint_every == 0:
+                    save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints)
             if step >= plan.total_steps:
                 break
     return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())

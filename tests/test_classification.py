@@ -168,3 +168,14 @@ def test_no_traceback_in_a_real_process(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "validate", str(recipe)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "lora.rank: unknown key (did you mean 'r'?)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoints_are_complete_and_pruned(tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, out, checkpoint_every=4, keep_checkpoints=2)
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-00000024", "step-00000028"]  # 30 steps: every 4th, newest two, no partial ones
+    state = out / "checkpoints" / "step-00000028"
+    assert json.loads((state / "progress.json").read_text())["step"] == 28
+    assert any(p.suffix == ".safetensors" for p in state.iterdir())
