@@ -68,6 +68,8 @@ def resolve_reference(reference: str) -> str:
         if directory.startswith("pkg:"):
             directory = resolve_reference(directory)
         return str(dequantised_gguf(directory, file))
+    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
+        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
     if Path(reference).exists() and not Path(reference).is_dir():
         raise RecipeError(f"model.name_or_path: {reference} is a file; give a checkpoint directory or a .gguf file")
     return reference

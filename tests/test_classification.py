@@ -138,7 +138,7 @@ def test_bad_data_rows(tiny_models, topic_data, write_recipe, tmp_path):
     assert result.exit_code == 3 and "row 1: label 'politics' is not one of the 3 training labels" in result.output
     null_text = write_jsonl(tmp_path / "null.jsonl", [{"text": None, "label": "a"}, {"text": "x", "label": "b"}])
     result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "train": str(null_text)}}))
-    assert result.exit_code == 3 and "row 1: field 'text' must be non-empty text" in result.output
+    assert result.exit_code == 3 and "row 1: field 'text' must be text, got NoneType None" in result.output
 
 
 def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, tmp_path):

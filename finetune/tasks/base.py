@@ -66,7 +66,7 @@ class Task:
         if recipe.data.eval is None and recipe.data.eval_split is None:
             problems.append("data: give an eval file (data.eval) or a held-out fraction (data.eval_split)")
         if recipe.data.eval is not None and recipe.data.eval_split is not None:
-            problems.append("data: data.eval and data.eval_split are exclusive; give one")
+            problems.append("data: data.eval and data.eval_split are exclusive; give one (data.eval=null to split)")
         return problems
 
     def knows_metric(self, metric: str) -> bool:

@@ -146,9 +146,8 @@ class ClassificationTask(Task):
 
 def _checked_texts(values: list, split: str, field: str) -> list[str]:
     for number, value in enumerate(values, start=1):
-        if not isinstance(value, str) or not value.strip():
-            shown = "empty" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
-            raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {shown}")
+        if not isinstance(value, str):
+            raise DataError(f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}")
     return list(values)
 
 
