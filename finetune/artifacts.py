@@ -14,6 +14,16 @@ from pathlib import Path
 ADAPTER_META = "finetune.json"
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -143,7 +153,7 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
         f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={lora.targets}",
         f"- {train.epochs} epochs, batch {train.batch_size} x {train.grad_accum} accumulation, lr {train.lr}, "
         f"{train.scheduler} schedule, warmup {train.warmup}, seed {train.seed}, precision {manifest['hardware']['mixed_precision']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
         "",
         "## Reproduce",
         "",

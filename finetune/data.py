@@ -6,7 +6,6 @@ line is reported with its file and line number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
+from finetune.artifacts import sha256_file
 from finetune.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -86,10 +86,6 @@ def _load_hub(spec: str) -> Dataset:
         raise DataError(f"{spec}: not a local file, and loading it as a hub dataset failed: {first}") from None
 
 
-def looks_like_file(spec: str) -> bool:
-    return Path(spec).suffix.lower() in FILE_SUFFIXES or "/" in spec and Path(spec).exists()
-
-
 def load_table(spec: str | list[str], key: str) -> Dataset:
     """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -119,11 +115,7 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
     for item in specs:
         path = Path(item)
         if path.is_file():
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            hashes[item] = digest.hexdigest()
+            hashes[item] = sha256_file(path)
         else:
             hashes[item] = "hub dataset"
     return hashes

@@ -8,7 +8,6 @@ dequantised once into a plain float checkpoint cached by the file's hash.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.artifacts import sha256_file
 from finetune.errors import RecipeError
 
 log = logging.getLogger("finetune")
@@ -84,14 +84,6 @@ def reference_is_local(reference: str) -> bool:
     return path.exists()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dequantised_gguf(directory: str, file: str) -> Path:
     """A plain float checkpoint rebuilt from a GGUF file, cached under the file's SHA-256.
 
@@ -112,7 +104,7 @@ def dequantised_gguf(directory: str, file: str) -> Path:
             local = Path(hf_hub_download(directory, file))
         except Exception as exc:  # network or missing repo: a reference problem
             raise RecipeError(f"model.name_or_path: cannot fetch {file} from {directory}: {exc}") from None
-    target = cache_root() / "gguf" / _file_digest(local)[:24]
+    target = cache_root() / "gguf" / sha256_file(local)[:24]
     if (target / "config.json").is_file():
         return target
 

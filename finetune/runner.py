@@ -203,6 +203,8 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
         run_dir.train_log,
         console if main else None,
         checkpoint_dir=run_dir.checkpoints,
+        # Each checkpoint also holds a plain adapter, so `finetune eval --checkpoint` can use it.
+        on_checkpoint=lambda staging: save_adapter(accelerator.unwrap_model(session.model), session, staging / "adapter"),
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
@@ -321,9 +323,7 @@ def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
 
     from finetune.train import make_accelerator
 
-    recipe, run = recipe_of(run_path)
-    if run is None or not run.is_run():
-        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
+    recipe, run = finished_run(run_path)
     task = get_task(recipe.task)
     if not rows:
         raise DataError(f"{source}: no input rows")
@@ -331,14 +331,10 @@ def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
     # Input rows may use the training file's column names or the task's field names.
     columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
     table = map_columns(table, columns, _inputs_only(task), task.optional_fields, key=source)
-    path, family = resolve_model(recipe)
-    tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    state = artifacts.read_adapter_meta(run.adapter)["state"]
-    session = Session(recipe, task, family, path, tokenizer, state)
-    session.features["input"] = task.featurize(table, tokenizer, recipe, state, source, labeled=False)
-    load_session_model(session, adapter_dir=run.adapter, with_lora=False)
+    session = trained_session(recipe, run)
+    session.features["input"] = task.featurize(table, session.tokenizer, recipe, session.state, source, labeled=False)
     accelerator = make_accelerator(recipe)
-    out, _ = task.predict(session.model, tokenizer, session.features["input"], accelerator, recipe, state)
+    out, _ = task.predict(session.model, session.tokenizer, session.features["input"], accelerator, recipe, session.state)
     return out
 
 
@@ -349,15 +345,25 @@ def _inputs_only(task: Task) -> tuple[str, ...]:
 
 def merge(run_path: str, output: str) -> None:
     """The adapter merged into the base weights, saved as a plain transformers checkpoint (safetensors)."""
+    recipe, run = finished_run(run_path)
+    session = trained_session(recipe, run)
+    merged = session.model.merge_and_unload()
+    merged.save_pretrained(output, safe_serialization=True)
+    session.tokenizer.save_pretrained(output)
+
+
+def finished_run(run_path: str) -> tuple[Recipe, RunDir]:
     recipe, run = recipe_of(run_path)
     if run is None or not run.is_run():
         raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
-    task = get_task(recipe.task)
+    return recipe, run
+
+
+def trained_session(recipe: Recipe, run: RunDir) -> Session:
+    """The base model with the run's adapter, its tokenizer and task state; no data read."""
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     state = artifacts.read_adapter_meta(run.adapter)["state"]
-    session = Session(recipe, task, family, path, tokenizer, state)
+    session = Session(recipe, get_task(recipe.task), family, path, tokenizer, state)
     load_session_model(session, adapter_dir=run.adapter, with_lora=False)
-    merged = session.model.merge_and_unload()
-    merged.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
+    return session

@@ -130,7 +130,7 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: int) -> Path:
+def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: int, on_checkpoint=None) -> Path:
     """A resumable state (model, optimizer, scheduler, RNG) in `directory/step-N`, written atomically.
 
     Everything goes into a hidden staging directory first and is renamed into
@@ -147,6 +147,8 @@ def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: i
     accelerator.save_state(str(staging), safe_serialization=True)
     if accelerator.is_main_process:
         (staging / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        if on_checkpoint is not None:
+            on_checkpoint(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for old in sorted(directory.glob("step-*"))[:-keep]:
@@ -156,7 +158,7 @@ def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: i
 
 
 def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None,
-          checkpoint_dir: Path | None = None) -> TrainResult:
+          checkpoint_dir: Path | None = None, on_checkpoint=None) -> TrainResult:
     """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done."""
     from transformers import get_scheduler
 
@@ -209,7 +211,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                 if step >= plan.total_steps:
                     break
                 if checkpoint_dir is not None and step % t.checkpoint_every == 0:
-                    save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints)
+                    save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
             if step >= plan.total_steps:
                 break
     return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())

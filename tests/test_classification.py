@@ -179,3 +179,6 @@ def test_checkpoints_are_complete_and_pruned(tiny_models, topic_data, write_reci
     state = out / "checkpoints" / "step-00000028"
     assert json.loads((state / "progress.json").read_text())["step"] == 28
     assert any(p.suffix == ".safetensors" for p in state.iterdir())
+    evaluated = invoke("eval", out, "--checkpoint", state, "--output", tmp_path / "ckpt-eval", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "step-00000028" in json.loads(evaluated.output)["evaluated"]

@@ -1,5 +1,4 @@
 import pytest
-import yaml
 
 from finetune.config import apply_overrides, build_recipe, load_recipe
 from finetune.errors import RecipeError
