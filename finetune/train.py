@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from finetune.errors import TrainingDiverged
+from finetune.errors import Interrupted, TrainingDiverged
 
 
 def cpu_has_native_bf16() -> bool:
@@ -181,7 +181,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
     step, last_loss = 0, float("nan")
     model.train()
-    with progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
+    with StopSignals() as stop, progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
         for epoch in range(plan.epochs):
             sampler.set_epoch(epoch)
             for batch in loader:
@@ -210,11 +210,55 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                 bar.update(step, entry)
                 if step >= plan.total_steps:
                     break
+                if stop.requested(accelerator):
+                    saved = save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
+                    import signal
+
+                    name = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+                    raise Interrupted(f"interrupted by {name} at step {step}; resumable checkpoint saved in {saved}")
                 if checkpoint_dir is not None and step % t.checkpoint_every == 0:
                     save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
             if step >= plan.total_steps:
                 break
     return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())
+
+
+class StopSignals:
+    """SIGTERM/SIGINT during training ask the loop to stop after the current optimizer step.
+
+    A second signal while the checkpoint is being written is only noted: the
+    save completes (and is atomic anyway). Under several processes the flag is
+    all-reduced each step, so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = self.received or signum
+
+    def requested(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor(1.0 if self.received else 0.0, device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class StepLogger:

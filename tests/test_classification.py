@@ -182,3 +182,32 @@ def test_checkpoints_are_complete_and_pruned(tiny_models, topic_data, write_reci
     evaluated = invoke("eval", out, "--checkpoint", state, "--output", tmp_path / "ckpt-eval", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert "step-00000028" in json.loads(evaluated.output)["evaluated"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_models, topic_data, write_recipe, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, out, epochs=500, log_every=1))
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(recipe)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-2000:]
+    assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    checkpoints = [p for p in (out / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step-")
+    assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "metrics.json").exists()
+
+
+def test_divergence_exits_5_naming_the_step(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / "run", lr=1e6, max_grad_norm=None)
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == 5, result.output
+    assert "training diverged at step" in result.output and "loss is nan" in result.output
