@@ -164,7 +164,7 @@ def eval_command(
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
-        document = evaluate(source, console, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides)
+        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides)
     if as_json:
         print(dumps(document))
     else:

@@ -275,7 +275,7 @@ def recipe_of(source: str | Path, overrides: list[str] | None = None) -> tuple[R
     return load_recipe(source, overrides), None
 
 
-def evaluate(source: str, console, *, checkpoint: str | None = None, gates: list[str] | None = None,
+def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | None = None,
              output: str | None = None, overrides: list[str] | None = None) -> dict:
     """Evaluate a run (its adapter), a checkpoint, or a recipe's base model; write metrics and predictions."""
     from finetune.train import make_accelerator

@@ -52,24 +52,16 @@ def _train_tokenizer(kind: str):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer_cls = trainers.WordPieceTrainer if kind == "bert" else trainers.BpeTrainer
     tokenizer.train_from_iterator(text, trainer_cls(vocab_size=200, special_tokens=specials))
-    if kind == "bert":
+    if kind in ("bert", "bart"):
+        start, end = ("[CLS]", "[SEP]") if kind == "bert" else ("<s>", "</s>")
+        pair = f"{start} $A {end} $B {end}" if kind == "bert" else f"{start} $A {end} {end} $B {end}"
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
+            single=f"{start} $A {end}", pair=pair,
+            special_tokens=[(start, tokenizer.token_to_id(start)), (end, tokenizer.token_to_id(end))],
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]",
-        )
-    if kind == "bart":
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-            special_tokens=[("<s>", tokenizer.token_to_id("<s>")), ("</s>", tokenizer.token_to_id("</s>"))],
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-            eos_token="</s>", mask_token="<mask>",
-        )
+        names = ("pad_token", "unk_token", "cls_token" if kind == "bert" else "bos_token",
+                 "sep_token" if kind == "bert" else "eos_token", "mask_token")
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **dict(zip(names, specials)))
     # GPT-style: no pad token, like GPT-2 and many decoders.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
