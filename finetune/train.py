@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +140,6 @@ def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: i
     place only when complete, so a kill at any moment leaves the previous
     checkpoint intact. Only the newest `keep` checkpoints are kept.
     """
-    import shutil
-
     final = directory / f"step-{step:08d}"
     staging = directory / f".partial-step-{step:08d}"
     if accelerator.is_main_process:
@@ -210,14 +211,13 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                 bar.update(step, entry)
                 if step >= plan.total_steps:
                     break
-                if stop.requested(accelerator):
+                stopping = stop.requested(accelerator)
+                saved = None
+                if checkpoint_dir is not None and (stopping or step % t.checkpoint_every == 0):
                     saved = save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
-                    import signal
-
-                    name = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
-                    raise Interrupted(f"interrupted by {name} at step {step}; resumable checkpoint saved in {saved}")
-                if checkpoint_dir is not None and step % t.checkpoint_every == 0:
-                    save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
+                if stopping:
+                    where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
+                    raise Interrupted(f"interrupted by {stop.name()} at step {step}; {where}")
             if step >= plan.total_steps:
                 break
     return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())
@@ -236,9 +236,6 @@ class StopSignals:
         self.previous = {}
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._note)
@@ -253,9 +250,10 @@ class StopSignals:
         flag = torch.tensor(1.0 if self.received else 0.0, device=accelerator.device)
         return bool(accelerator.reduce(flag, "max").item())
 
-    def __exit__(self, *exc):
-        import signal
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another rank"
 
+    def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
