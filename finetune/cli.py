@@ -93,6 +93,18 @@ def _root(
 
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides (values parsed as YAML).")]
+AllowCode = Annotated[
+    bool,
+    typer.Option(
+        "--allow-code-execution",
+        help="Codegen: run generated code in the sandbox (same as eval.execute_code=true; also needs "
+        "FINETUNE_ALLOW_CODE_EXECUTION=1 in the environment).",
+    ),
+]
+
+
+def _with_code_opt_in(overrides: list[str] | None, allow: bool) -> list[str]:
+    return [*(overrides or []), *(["eval.execute_code=true"] if allow else [])]
 
 
 @app.command("run")
@@ -104,6 +116,7 @@ def run_command(
     num_processes: Annotated[
         int, typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate.")
     ] = 1,
+    allow_code_execution: AllowCode = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     from finetune.config import load_recipe
@@ -111,6 +124,7 @@ def run_command(
     from finetune.launch import inside_launched_process, relaunch
     from finetune.runner import run
 
+    overrides = _with_code_opt_in(overrides, allow_code_execution)
     loaded = load_recipe(recipe, overrides)  # fail fast, once, before starting processes
     if num_processes > 1 and not inside_launched_process():
         args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else [])]
@@ -146,17 +160,30 @@ def eval_command(
     predictions: Annotated[Optional[str], typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
     task: Annotated[Optional[str], typer.Option(help="The task of --predictions.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of a table.")] = False,
+    allow_code_execution: AllowCode = False,
+    sandbox: Annotated[
+        Optional[str], typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...).")
+    ] = None,
 ) -> None:
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
     from finetune.evaluation import dumps, print_metrics
     from finetune.runner import evaluate, rescore
 
+    if sandbox not in (None, "strict", "basic"):
+        raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
+    overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
     if predictions:
+        from finetune.config import EvalSection
+        from finetune.tasks import TASKS
+
         if not task:
             raise RecipeError("--predictions needs --task (classification, copywriting, codegen or qa)")
+        if task not in TASKS:
+            raise RecipeError(f"--task: unknown task {task!r} (tasks: {', '.join(TASKS)})")
         if source:
             raise RecipeError("give either a recipe/run or --predictions, not both")
-        document = rescore(predictions, task, gate)
+        settings = EvalSection(execute_code=allow_code_execution, sandbox=sandbox or "strict")
+        document = rescore(predictions, task, gate, settings)
         if output:
             from finetune.artifacts import write_json
 

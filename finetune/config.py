@@ -53,7 +53,12 @@ class DataSection(Section):
         "truncate", description="What to do with examples longer than `max_length`; counts are always reported."
     )
     template: str | None = Field(
-        None, description="Generation tasks: a Python format string over any columns that builds the prompt."
+        None,
+        description="Generation tasks: a Python format string over any columns that builds the prompt, "
+        "e.g. 'Write copy for {product} aimed at {audience}:'.",
+    )
+    chat_template: bool = Field(
+        False, description="Generation tasks: wrap each prompt as a user turn with the tokenizer's chat template."
     )
     labels: list[str | int] | None = Field(
         None, description="Classification: the label set in a fixed order (default: sorted labels of the training data)."
@@ -118,6 +123,35 @@ class EvalSection(Section):
         default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}; a failed gate exits 4.'
     )
     batch_size: int | None = Field(None, gt=0, description="Evaluation batch size (default: 2 x train.batch_size).")
+    # Generation (copywriting, codegen, generative qa)
+    max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per answer.")
+    temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy decoding; above 0 samples.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling mass (with temperature > 0).")
+    num_samples: int = Field(1, gt=0, description="Generation: samples per prompt (codegen pass@k needs n >= k).")
+    stop: list[str] | None = Field(
+        None, description="Generation: cut each answer at the first of these strings (default: the task's own)."
+    )
+    # Code execution (codegen)
+    pass_k: list[int] | None = Field(
+        None, description="Codegen: the k of pass@k (default: 1, 2, 4, 8, 10, 16, 32, 64, 100 up to num_samples)."
+    )
+    execute_code: bool = Field(
+        False, description="Codegen: run generated code against the tests (also needs FINETUNE_ALLOW_CODE_EXECUTION=1)."
+    )
+    sandbox: Literal["strict", "basic"] = Field(
+        "strict",
+        description="Codegen: strict = bubblewrap namespaces (no network, read-only filesystem, own PIDs), required "
+        "unless you choose basic = resource limits and a scrubbed environment only.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Codegen: wall-clock seconds per sample before it is killed.")
+    memory_mb: int = Field(1024, gt=0, description="Codegen: address-space limit per sample, in MiB.")
+
+    @field_validator("pass_k")
+    @classmethod
+    def _positive_k(cls, values: list[int] | None) -> list[int] | None:
+        if values is not None and (not values or any(k < 1 for k in values)):
+            raise ValueError("pass_k must list positive integers, e.g. [1, 10]")
+        return values
 
     @field_validator("gates")
     @classmethod

@@ -6,7 +6,9 @@ line is reported with its file and line number.
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +18,22 @@ from datasets import Dataset, concatenate_datasets
 from finetune.artifacts import sha256_file
 from finetune.errors import DataError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
+
+
+def _suffix(path: Path) -> str:
+    """The format suffix, looking through .gz (HumanEval ships as .jsonl.gz)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else path.suffix.lower()
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix.lower() == ".gz" else open(path, encoding="utf-8")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with _open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -36,7 +48,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    with _open_text(path) as handle:
+        text = handle.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -58,7 +71,7 @@ def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
 
 
 def _load_file(path: Path) -> Dataset:
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix == ".jsonl":
         return _rows_to_dataset(_read_jsonl(path), str(path))
     if suffix == ".json":
@@ -86,12 +99,21 @@ def _load_hub(spec: str) -> Dataset:
         raise DataError(f"{spec}: not a local file, and loading it as a hub dataset failed: {first}") from None
 
 
+def local_data_path(spec: str, key: str) -> Path:
+    """A data spec as a path; `pkg:MODULE/PATH` names a file shipped inside an installed package."""
+    if spec.startswith("pkg:"):
+        from finetune.models import package_path
+
+        return package_path(spec, key)
+    return Path(spec)
+
+
 def load_table(spec: str | list[str], key: str) -> Dataset:
     """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     parts = []
     for item in specs:
-        path = Path(item)
+        path = local_data_path(item, key)
         if path.suffix.lower() in FILE_SUFFIXES or path.exists():
             if not path.is_file():
                 raise DataError(f"{key}: file not found: {item}")
@@ -113,7 +135,7 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
     specs = [] if spec is None else [spec] if isinstance(spec, str) else spec
     hashes = {}
     for item in specs:
-        path = Path(item)
+        path = local_data_path(item, "data")
         if path.is_file():
             hashes[item] = sha256_file(path)
         else:
@@ -145,6 +167,46 @@ def map_columns(table: Dataset, columns: dict[str, str], required, optional, key
     table = table.select_columns(list(wanted))
     renames = {c: n for c, n in wanted.items() if c != n}
     return table.rename_columns(renames) if renames else table
+
+
+def checked_texts(values: list, split: str, field: str) -> list[str]:
+    for number, value in enumerate(values, start=1):
+        if not isinstance(value, str):
+            raise DataError(f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}")
+    return list(values)
+
+
+def apply_template(table: Dataset, template: str, key: str) -> Dataset:
+    """Add a `prompt` column built from `data.template` (a Python format string over the file's columns)."""
+    import string
+
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise DataError(f"data.template: not a valid format string ({exc})") from None
+    columns = []
+    for name in names:
+        column = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not column or column.isdigit():
+            raise DataError(f"data.template: use column names in braces, e.g. {{product}}, not {{{name}}}")
+        if column not in table.column_names:
+            raise DataError(
+                f"{key}: data.template uses column {column!r}, which is not in the file; "
+                f"columns are: {', '.join(sorted(table.column_names))}"
+            )
+        columns.append(column)
+    prompts = []
+    for number, row in enumerate(table, start=1):
+        empty = [c for c in columns if row[c] is None]
+        if empty:
+            raise DataError(f"{key}: row {number}: column {empty[0]!r} is empty, and data.template needs it")
+        try:
+            prompts.append(template.format_map(row))
+        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
+            raise DataError(f"{key}: row {number}: data.template cannot be filled: {exc}") from None
+    if "prompt" in table.column_names:
+        table = table.remove_columns("prompt")
+    return table.add_column("prompt", prompts)
 
 
 def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

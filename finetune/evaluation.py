@@ -16,12 +16,13 @@ def eval_loader(dataset, collate, batch_size: int, accelerator):
     return accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
 
 
-def score(task, rows: list[dict], wanted: list[str] | None, eval_loss: float | None = None) -> dict:
-    """{"metrics": {...}, "details": {...}} from prediction rows; `wanted` filters the headline metrics."""
-    scored = task.compute_metrics(rows)
+def score(task, rows: list[dict], settings, eval_loss: float | None = None) -> dict:
+    """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics."""
+    scored = task.compute_metrics(rows, settings)
     metrics = dict(scored["metrics"])
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
+    wanted = settings.metrics
     if wanted:
         metrics = {name: metrics[name] for name in wanted if name in metrics}
     return {"metrics": metrics, "details": scored.get("details", {})}

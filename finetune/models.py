@@ -27,15 +27,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
-def _package_dir(module: str) -> Path:
+def _package_dir(module: str, key: str = "model.name_or_path") -> Path:
     """Where an installed package lives, without running its __init__ (some import missing modules)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(f"model.name_or_path: package {module!r} is not installed (pkg:{module}/...)")
+        raise RecipeError(f"{key}: package {module!r} is not installed (pkg:{module}/...)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_path(reference: str, key: str) -> Path:
+    """`pkg:MODULE/SUB/PATH` -> the path inside the installed package (data files, checkpoints)."""
+    module, _, subpath = reference[4:].partition("/")
+    return _package_dir(module, key) / subpath
 
 
 def _split_gguf(reference: str) -> tuple[str, str] | None:
@@ -55,10 +61,9 @@ def resolve_reference(reference: str) -> str:
     GGUF files are converted (once) into a cached float checkpoint directory.
     """
     if reference.startswith("pkg:"):
-        module, _, subdir = reference[4:].partition("/")
-        path = _package_dir(module) / subdir
+        path = package_path(reference, "model.name_or_path")
         if not path.exists():
-            raise RecipeError(f"model.name_or_path: {reference}: no {subdir!r} inside package {module!r} ({path})")
+            raise RecipeError(f"model.name_or_path: {reference}: not found inside its package ({path})")
         reference = str(path)
         if path.is_dir():
             return reference

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from finetune import artifacts, evaluation
 from finetune.artifacts import RunDir
-from finetune.config import Recipe, load_recipe, recipe_to_yaml
-from finetune.data import file_hashes, load_table, map_columns, split_for_eval
+from finetune.config import EvalSection, Recipe, load_recipe, recipe_to_yaml
+from finetune.data import apply_template, file_hashes, load_table, map_columns, split_for_eval
 from finetune.errors import DataError, RecipeError
 from finetune.lora import apply_lora, count_parameters, head_modules, resolve_targets, summarise_targets
 from finetune.models import detect_family, load_config, load_model, load_tokenizer, resolve_reference
@@ -55,14 +55,22 @@ def resolve_model(recipe: Recipe) -> tuple[str, str]:
     return path, family
 
 
-def load_rows(recipe: Recipe, task: Task, with_train: bool = True):
+def task_rows(table, recipe: Recipe, task: Task, key: str, columns=None, required=None):
+    """A loaded table as the task's fields: the prompt template applied, then the column mapping."""
+    if recipe.data.template is not None:
+        table = apply_template(table, recipe.data.template, key)
+    columns = recipe.data.columns if columns is None else columns
+    required = task.required_fields if required is None else required
+    return map_columns(table, columns, required, task.optional_fields, key=key)
+
+
+def load_rows(recipe: Recipe, task: Task):
     """(train rows, eval rows) mapped to the task's field names."""
-    fields = (task.required_fields, task.optional_fields)
     train = load_table(recipe.data.train, "data.train")
-    train = map_columns(train, recipe.data.columns, *fields, key=f"data.train ({_shown(recipe.data.train)})")
+    train = task_rows(train, recipe, task, f"data.train ({_shown(recipe.data.train)})")
     if recipe.data.eval is not None:
         eval_rows = load_table(recipe.data.eval, "data.eval")
-        eval_rows = map_columns(eval_rows, recipe.data.columns, *fields, key=f"data.eval ({_shown(recipe.data.eval)})")
+        eval_rows = task_rows(eval_rows, recipe, task, f"data.eval ({_shown(recipe.data.eval)})")
     else:
         train, eval_rows = split_for_eval(train, recipe.data.eval_split, recipe.train.seed)
     if recipe.data.max_train_samples:
@@ -82,16 +90,22 @@ def open_session(recipe: Recipe, *, adapter_dir: Path | None = None, splits=("tr
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     train_rows, eval_rows = load_rows(recipe, task)
+    if "eval" in splits:
+        task.check_eval_rows(eval_rows, recipe.eval)
     if adapter_dir is not None:
-        meta = artifacts.read_adapter_meta(adapter_dir)
-        state = meta["state"]
+        state = artifacts.read_adapter_meta(adapter_dir)["state"]
     else:
         state = task.fit_state(train_rows, recipe)
-    session = Session(recipe, task, family, path, tokenizer, state)
+    session = Session(recipe, task, family, path, tokenizer, _with_family(state, family))
     rows = {"train": train_rows, "eval": eval_rows}
     for split in splits:
         session.features[split] = task.featurize(rows[split], tokenizer, recipe, state, f"data.{split}")
     return session
+
+
+def _with_family(state: dict, family: str) -> dict:
+    """The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it."""
+    return {**state, "family": family}
 
 
 def load_session_model(session: Session, adapter_dir: Path | None = None, with_lora: bool = True) -> None:
@@ -118,7 +132,7 @@ def load_session_model(session: Session, adapter_dir: Path | None = None, with_l
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
         heads = head_modules(model, task.head_candidates)
-        model = apply_lora(model, recipe.lora, session.targets, heads, task.peft_task_type)
+        model = apply_lora(model, recipe.lora, session.targets, heads, task.peft_task(session.family))
     session.model = model
 
 
@@ -212,7 +226,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
         save_adapter(model, session, run_dir.adapter)
 
     rows, loss = task.predict(model, session.tokenizer, session.features["eval"], accelerator, recipe, session.state)
-    scored = evaluation.score(task, rows, recipe.eval.metrics, loss)
+    scored = evaluation.score(task, rows, recipe.eval, loss)
     gates = evaluation.collect_gates(recipe.eval.gates, None)
     training = {
         "steps": result.steps,
@@ -295,7 +309,7 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
     load_session_model(session, adapter_dir=adapter_dir, with_lora=False)
     task = session.task
     rows, loss = task.predict(session.model, session.tokenizer, session.features["eval"], accelerator, recipe, session.state)
-    scored = evaluation.score(task, rows, recipe.eval.metrics, loss)
+    scored = evaluation.score(task, rows, recipe.eval, loss)
     document = evaluation.metrics_document(
         recipe.task, scored, evaluation.collect_gates(recipe.eval.gates, gates),
         {"evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
@@ -308,12 +322,12 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
     return document
 
 
-def rescore(predictions: str, task_name: str, gates: list[str] | None) -> dict:
+def rescore(predictions: str, task_name: str, gates: list[str] | None, settings: EvalSection | None = None) -> dict:
     """Metrics from a saved predictions.jsonl alone, without a model."""
     task = get_task(task_name)
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
-    scored = evaluation.score(task, rows, None)
+    scored = evaluation.score(task, rows, settings or EvalSection())
     return evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
 
 
@@ -330,7 +344,7 @@ def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
     table = Dataset.from_list(rows)
     # Input rows may use the training file's column names or the task's field names.
     columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
-    table = map_columns(table, columns, _inputs_only(task), task.optional_fields, key=source)
+    table = task_rows(table, recipe, task, source, columns=columns, required=_inputs_only(task))
     session = trained_session(recipe, run)
     session.features["input"] = task.featurize(table, session.tokenizer, recipe, session.state, source, labeled=False)
     accelerator = make_accelerator(recipe)
@@ -364,6 +378,6 @@ def trained_session(recipe: Recipe, run: RunDir) -> Session:
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     state = artifacts.read_adapter_meta(run.adapter)["state"]
-    session = Session(recipe, get_task(recipe.task), family, path, tokenizer, state)
+    session = Session(recipe, get_task(recipe.task), family, path, tokenizer, _with_family(state, family))
     load_session_model(session, adapter_dir=run.adapter, with_lora=False)
     return session

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.config import load_recipe
-from finetune.data import FILE_SUFFIXES
+from finetune.data import FILE_SUFFIXES, local_data_path
 from finetune.errors import DataError, RecipeError
 from finetune.models import config_without_weights, detect_family
 from finetune.tasks import get_task
@@ -27,8 +27,12 @@ def validate_recipe_file(path: Path) -> str:
         f"{key}: file not found: {item}"
         for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval))
         for item in ([] if spec is None else [spec] if isinstance(spec, str) else spec)
-        if Path(item).suffix.lower() in FILE_SUFFIXES and not Path(item).is_file()
+        if _looks_like_file(item) and not local_data_path(item, key).is_file()
     ]
     if missing:
         raise DataError(f"{path}: " + "; ".join(missing))
     return f"{recipe.task} on {recipe.model.name_or_path} ({family_note})"
+
+
+def _looks_like_file(spec: str) -> bool:
+    return spec.startswith("pkg:") or Path(spec).suffix.lower() in FILE_SUFFIXES

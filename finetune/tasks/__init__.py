@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from finetune.tasks.base import Features, Task
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.codegen import CodegenTask
+from finetune.tasks.copywriting import CopywritingTask
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),
+    "copywriting": CopywritingTask(),
+    "codegen": CodegenTask(),
 }
 
 

@@ -9,6 +9,7 @@ The loop never asks which task it runs; it calls these hooks:
     collate        a batch of features -> padded tensors (padded to the batch's longest row)
     predict        the eval rows -> prediction rows (reference fields + `prediction`) and eval loss
     compute_metrics  prediction rows -> metrics: a pure function, so saved predictions can be re-scored
+    check_eval_rows  refuse early what evaluation could not do (e.g. run code without the opt-ins)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Features:
     dataset: Dataset  # tokenised features, one row per model input
     rows: Dataset  # the task-field rows they were built from (after overflow drops)
     report: LengthReport
+    prompts: list[list[int]] | None = None  # generation tasks: prompt token ids, one per row
 
 
 class Task:
@@ -42,6 +44,8 @@ class Task:
     # Task heads trained in full and saved with the adapter.
     head_candidates: tuple[str, ...] = ()
     peft_task_type: str | None = None
+    # Generation tasks build their prompt from `data.template` when a recipe gives one.
+    uses_template: bool = False
 
     # ------------------------------------------------------------ recipe
     def check_recipe(self, recipe) -> list[str]:
@@ -63,6 +67,12 @@ class Task:
         for metric in recipe.eval.gates:
             if not self.knows_metric(metric):
                 problems.append(self._unknown_metric(f"eval.gates.{metric}", metric))
+        if recipe.data.template is not None and not self.uses_template:
+            problems.append(f"data.template: task {self.name} does not build prompts; remove the template")
+        if recipe.data.template is not None and "prompt" in recipe.data.columns:
+            problems.append("data.template: the template builds the prompt; remove data.columns.prompt")
+        if recipe.data.chat_template and not self.uses_template:
+            problems.append(f"data.chat_template: task {self.name} does not generate text")
         if recipe.data.eval is None and recipe.data.eval_split is None:
             problems.append("data: give an eval file (data.eval) or a held-out fraction (data.eval_split)")
         if recipe.data.eval is not None and recipe.data.eval_split is not None:
@@ -93,6 +103,10 @@ class Task:
     def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def peft_task(self, family: str) -> str | None:
+        """peft's task type (SEQ_CLS, CAUSAL_LM, ...), which lets AutoPeftModelFor... reload the adapter."""
+        return self.peft_task_type
+
     def prepare_model(self, model, tokenizer, family: str) -> None:
         """Last touches after loading (pad token id into the config, etc.)."""
         if getattr(model.config, "pad_token_id", None) is None:
@@ -109,9 +123,15 @@ class Task:
     def predict(self, model, tokenizer, features: Features, accelerator, recipe, state) -> tuple[list[dict], float | None]:
         raise NotImplementedError
 
-    def compute_metrics(self, rows: list[dict]) -> dict[str, Any]:
-        """Metrics from prediction rows: {"metrics": {name: fraction}, "details": {...}}."""
+    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+        """Metrics from prediction rows: {"metrics": {name: fraction}, "details": {...}}.
+
+        `settings` is the recipe's eval section (code execution limits, pass@k), or None for defaults.
+        """
         raise NotImplementedError
+
+    def check_eval_rows(self, rows: Dataset, settings) -> None:
+        """Called before any model loads, so a run is refused before it trains rather than after."""
 
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
         """Prediction files re-scored with `eval --predictions` must carry the task's reference fields."""

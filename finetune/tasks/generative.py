@@ -1,0 +1,88 @@
+"""What every text-generation task shares: causal-LM or seq2seq models, completion-only loss, generation.
+
+A subclass names its prompt and answer fields, its metrics and its default
+stop strings; featurize/collate/predict come from here.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from finetune.data import checked_texts
+from finetune.errors import DataError
+from finetune.generation import PadCollator, completion_loss, encode, generate
+from finetune.tasks.base import Features, Task
+
+
+class GenerationTask(Task):
+    prompt_field = "prompt"
+    answer_field = "completion"  # the reference text, trained on and compared with
+    default_stops: tuple[str, ...] = ()
+    uses_template = True
+    refused_families = {"bert": "encoder-only models do not generate text; use a BART or GPT-style checkpoint"}
+
+    def check_recipe(self, recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        settings = recipe.eval
+        if settings.num_samples > 1 and settings.temperature == 0:
+            problems.append("eval.num_samples: several samples per prompt need sampling; set eval.temperature > 0")
+        return problems
+
+    # ------------------------------------------------------------ model
+    def auto_class(self, family: str):
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
+
+    def peft_task(self, family: str) -> str:
+        return "SEQ_2_SEQ_LM" if family == "bart" else "CAUSAL_LM"
+
+    def prepare_model(self, model, tokenizer, family: str) -> None:
+        super().prepare_model(model, tokenizer, family)
+        if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def stops(self, settings) -> list[str]:
+        return list(self.default_stops if settings.stop is None else settings.stop)
+
+    # ------------------------------------------------------------ data
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+        prompts = checked_texts(rows[self.prompt_field], split, self.prompt_field)
+        has_answers = labeled and self.answer_field in rows.column_names
+        if split == "data.train" and not has_answers:
+            raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
+        answers = checked_texts(rows[self.answer_field], split, self.answer_field) if has_answers else None
+        family = state["family"]
+        encoded = encode(prompts, answers, tokenizer, family, recipe, split)
+        rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
+        dataset = encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
+        return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
+
+    def fit_state(self, train_rows: Dataset, recipe) -> dict:
+        return {}
+
+    def collate(self, tokenizer):
+        return PadCollator(tokenizer)
+
+    # ------------------------------------------------------------ evaluation
+    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+        family = state["family"]
+        loss = None
+        if "labels" in features.dataset.column_names:
+            loss = completion_loss(model, features.dataset, tokenizer, family, recipe.eval_batch_size, accelerator)
+        settings = recipe.eval
+        answers = generate(
+            model, tokenizer, family, features.prompts, settings, self.stops(settings), recipe.eval_batch_size, accelerator
+        )
+        out = []
+        for row, samples in zip(features.rows, answers):
+            for index, text in enumerate(samples):
+                entry = dict(row)
+                if settings.num_samples > 1:
+                    entry["sample"] = index
+                entry["prediction"] = text
+                out.append(entry)
+        return out, loss
+
+    def prediction_fields(self) -> tuple[str, ...]:
+        return (self.answer_field, "prediction")
