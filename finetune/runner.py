@@ -99,7 +99,7 @@ def open_session(recipe: Recipe, *, adapter_dir: Path | None = None, splits=("tr
     session = Session(recipe, task, family, path, tokenizer, _with_family(state, family))
     rows = {"train": train_rows, "eval": eval_rows}
     for split in splits:
-        session.features[split] = task.featurize(rows[split], tokenizer, recipe, state, f"data.{split}")
+        session.features[split] = task.featurize(rows[split], tokenizer, recipe, session.state, f"data.{split}")
     return session
 
 
