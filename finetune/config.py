@@ -60,6 +60,9 @@ class DataSection(Section):
     chat_template: bool = Field(
         False, description="Generation tasks: wrap each prompt as a user turn with the tokenizer's chat template."
     )
+    doc_stride: int = Field(
+        128, gt=0, description="Extractive qa: tokens shared by neighbouring windows of a long context."
+    )
     labels: list[str | int] | None = Field(
         None, description="Classification: the label set in a fixed order (default: sorted labels of the training data)."
     )
@@ -131,6 +134,9 @@ class EvalSection(Section):
     stop: list[str] | None = Field(
         None, description="Generation: cut each answer at the first of these strings (default: the task's own)."
     )
+    # Extractive question answering
+    n_best: int = Field(20, gt=0, description="Extractive qa: start and end candidates considered per window.")
+    max_answer_length: int = Field(30, gt=0, description="Extractive qa: longest answer span, in tokens.")
     # Code execution (codegen)
     pass_k: list[int] | None = Field(
         None, description="Codegen: the k of pass@k (default: 1, 2, 4, 8, 10, 16, 32, 64, 100 up to num_samples)."
@@ -170,6 +176,9 @@ class OutputSection(Section):
 
 class Recipe(Section):
     task: TaskName = Field(description="classification | copywriting | codegen | qa")
+    mode: Literal["extractive", "generative"] | None = Field(
+        None, description="qa only: extractive (a span of the context; the default) or generative (a written answer)."
+    )
     model: ModelSection
     data: DataSection
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -278,7 +287,9 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
     try:
         recipe = Recipe.model_validate(raw)
-        problems = get_task(recipe.task).check_recipe(recipe)
+        problems = get_task(recipe.task, recipe.mode).check_recipe(recipe)
+        if recipe.mode is not None and recipe.task != "qa":
+            problems.append(f"mode: only task qa has modes (extractive, generative); remove it for task {recipe.task}")
     except ValidationError as exc:
         problems = [_format_problem(e) for e in exc.errors()]
     if problems:

@@ -18,7 +18,7 @@ from finetune.data import apply_template, file_hashes, load_table, map_columns, 
 from finetune.errors import DataError, RecipeError
 from finetune.lora import apply_lora, count_parameters, head_modules, resolve_targets, summarise_targets
 from finetune.models import detect_family, load_config, load_model, load_tokenizer, resolve_reference
-from finetune.tasks import Features, Task, get_task
+from finetune.tasks import Features, Task, get_task, recipe_task
 
 log = logging.getLogger("finetune")
 
@@ -49,7 +49,7 @@ def resolve_model(recipe: Recipe) -> tuple[str, str]:
     path = resolve_reference(recipe.model.name_or_path)
     config = load_config(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     family = detect_family(config, recipe.model.family)
-    task = get_task(recipe.task)
+    task = recipe_task(recipe)
     if family in task.refused_families:
         raise RecipeError(f"{recipe.model.name_or_path}: {task.refusal(family)}")
     return path, family
@@ -86,7 +86,7 @@ def _shown(spec) -> str:
 
 def open_session(recipe: Recipe, *, adapter_dir: Path | None = None, splits=("train", "eval")) -> Session:
     """Resolve the model, read the data, and tokenise the requested splits. No weights are loaded yet."""
-    task = get_task(recipe.task)
+    task = recipe_task(recipe)
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     train_rows, eval_rows = load_rows(recipe, task)
@@ -338,7 +338,7 @@ def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
     from finetune.train import make_accelerator
 
     recipe, run = finished_run(run_path)
-    task = get_task(recipe.task)
+    task = recipe_task(recipe)
     if not rows:
         raise DataError(f"{source}: no input rows")
     table = Dataset.from_list(rows)
@@ -378,6 +378,6 @@ def trained_session(recipe: Recipe, run: RunDir) -> Session:
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     state = artifacts.read_adapter_meta(run.adapter)["state"]
-    session = Session(recipe, get_task(recipe.task), family, path, tokenizer, _with_family(state, family))
+    session = Session(recipe, recipe_task(recipe), family, path, tokenizer, _with_family(state, family))
     load_session_model(session, adapter_dir=run.adapter, with_lora=False)
     return session

@@ -8,13 +8,13 @@ from finetune.config import load_recipe
 from finetune.data import FILE_SUFFIXES, local_data_path
 from finetune.errors import DataError, RecipeError
 from finetune.models import config_without_weights, detect_family
-from finetune.tasks import get_task
+from finetune.tasks import recipe_task
 
 
 def validate_recipe_file(path: Path) -> str:
     """Raise on the first failing layer (schema, model family, data files); return a one-line summary."""
     recipe = load_recipe(path)
-    task = get_task(recipe.task)
+    task = recipe_task(recipe)
     config = config_without_weights(recipe.model.name_or_path, recipe.model.revision)
     if config is None and recipe.model.family == "auto":
         family_note = "family not checked (hub checkpoint not in the local cache; set model.family to check it)"

@@ -1,4 +1,4 @@
-"""The task registry: one module per task, one entry per module."""
+"""The task registry: one module per task, one entry per module (qa: one per mode)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,31 @@ from finetune.tasks.base import Features, Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.codegen import CodegenTask
 from finetune.tasks.copywriting import CopywritingTask
+from finetune.tasks.qa import ExtractiveQATask, GenerativeQATask
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),
     "copywriting": CopywritingTask(),
     "codegen": CodegenTask(),
+    "qa": ExtractiveQATask(),
+}
+MODES: dict[tuple[str, str], Task] = {
+    ("qa", "extractive"): TASKS["qa"],
+    ("qa", "generative"): GenerativeQATask(),
 }
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, mode: str | None = None) -> Task:
+    """The task of a recipe (`task`, and `mode` for qa). Both qa modes score predictions the same way."""
     from finetune.errors import RecipeError
 
     if name not in TASKS:
-        raise RecipeError(f"task: {name!r} is not available yet (available: {', '.join(TASKS)})")
-    return TASKS[name]
+        raise RecipeError(f"task: {name!r} is not a task (tasks: {', '.join(TASKS)})")
+    return MODES.get((name, mode), TASKS[name])
 
 
-__all__ = ["TASKS", "Features", "Task", "get_task"]
+def recipe_task(recipe) -> Task:
+    return get_task(recipe.task, recipe.mode)
+
+
+__all__ = ["TASKS", "Features", "Task", "get_task", "recipe_task"]

@@ -30,6 +30,7 @@ class Features:
     rows: Dataset  # the task-field rows they were built from (after overflow drops)
     report: LengthReport
     prompts: list[list[int]] | None = None  # generation tasks: prompt token ids, one per row
+    windows: Any = None  # extractive QA: which example and character offsets each window holds
 
 
 class Task:

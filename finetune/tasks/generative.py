@@ -42,6 +42,10 @@ class GenerationTask(Task):
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
+    def completion_text(self, answer: str) -> str:
+        """The text trained on for a reference answer."""
+        return answer
+
     def stops(self, settings) -> list[str]:
         return list(self.default_stops if settings.stop is None else settings.stop)
 
@@ -51,7 +55,9 @@ class GenerationTask(Task):
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
             raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
-        answers = checked_texts(rows[self.answer_field], split, self.answer_field) if has_answers else None
+        answers = None
+        if has_answers:
+            answers = [self.completion_text(a) for a in checked_texts(rows[self.answer_field], split, self.answer_field)]
         family = state["family"]
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows

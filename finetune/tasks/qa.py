@@ -1,0 +1,235 @@
+"""Question answering: extractive spans (SQuAD layout) and generative answers; SQuAD v1.1 EM/F1 for both.
+
+Extractive QA follows transformers' run_qa: the question first, the context
+split into overlapping windows (`data.doc_stride`), offsets mapped back to
+characters, and n-best post-processing (`eval.n_best`, `eval.max_answer_length`).
+The window bookkeeping lives in qa_spans.py.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from finetune.data import checked_texts
+from finetune.errors import DataError
+from finetune.tasks import qa_spans
+from finetune.tasks.base import Features, Task
+from finetune.tasks.generative import GenerationTask
+
+# --------------------------------------------------------------------------- SQuAD v1.1 metrics (official script)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD v1.1)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    prediction_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    common = Counter(prediction_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(prediction_tokens)
+    recall = same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match_score(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def gold_answers(row: dict) -> list[str]:
+    """The reference answers of a row: SQuAD `answers` ({text: [...]}) or a list, or a generative `answer`."""
+    answers = row.get("answers", row.get("answer"))
+    if isinstance(answers, dict):
+        answers = answers.get("text", [])
+    if isinstance(answers, str):
+        answers = [answers]
+    return [a for a in answers or [] if isinstance(a, str)]
+
+
+def squad_metrics(rows: list[dict]) -> dict[str, Any]:
+    exact, f1, unanswerable = 0.0, 0.0, 0
+    for row in rows:
+        golds = gold_answers(row)
+        if not golds:
+            unanswerable += 1
+            continue
+        prediction = row["prediction"] or ""
+        exact += max(exact_match_score(prediction, g) for g in golds)
+        f1 += max(f1_score(prediction, g) for g in golds)
+    scored = len(rows) - unanswerable
+    metrics = {"exact_match": exact / scored if scored else 0.0, "f1": f1 / scored if scored else 0.0}
+    details = {"examples": scored, **({"skipped_without_gold_answers": unanswerable} if unanswerable else {})}
+    return {"metrics": metrics, "details": details}
+
+
+class _SquadScoring:
+    metric_names = ("exact_match", "f1")
+
+    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+        return squad_metrics(rows)
+
+    def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        for number, row in enumerate(rows, start=1):
+            if "prediction" not in row or ("answers" not in row and "answer" not in row):
+                raise DataError(f"{source}:{number}: a qa prediction row needs `prediction` and `answers` (or `answer`)")
+
+
+# --------------------------------------------------------------------------- extractive
+
+
+class ExtractiveQATask(_SquadScoring, Task):
+    name = "qa"
+    required_fields = ("question", "context", "answers")
+    optional_fields = ("id",)
+    reference_fields = ("answers",)
+    head_candidates = ("qa_outputs",)
+    peft_task_type = "QUESTION_ANS"
+
+    def auto_class(self, family: str):
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering
+
+    def check_recipe(self, recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        if recipe.data.doc_stride >= recipe.data.max_length:
+            problems.append(f"data.doc_stride: {recipe.data.doc_stride} must be below data.max_length ({recipe.data.max_length})")
+        return problems
+
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+        questions = checked_texts(rows["question"], split, "question")
+        contexts = checked_texts(rows["context"], split, "context")
+        answers = _checked_answers(rows["answers"], contexts, split) if labeled else None
+        windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, recipe.data.doc_stride, split)
+        report = windows.report
+        columns = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask}
+        if answers is not None:
+            starts, ends, missed = qa_spans.span_labels(windows, answers)
+            columns.update(start_positions=starts, end_positions=ends)
+            if missed:
+                report.notes.append(
+                    f"{missed} answer(s) fall outside every window (trained as 'no answer' like the SQuAD tooling); "
+                    "raise data.max_length or data.doc_stride"
+                )
+        if recipe.data.overflow == "error" and report.truncated:
+            raise DataError(
+                f"{split}: {report.truncated} contexts need more than one window of data.max_length={recipe.data.max_length} "
+                "tokens; raise max_length or set data.overflow to truncate (windows are used either way)"
+            )
+        return Features(Dataset.from_dict(columns), rows, report, windows=windows)
+
+    def collate(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        tokenizer.padding_side = "right"
+        return DataCollatorWithPadding(tokenizer)
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+        from finetune.evaluation import eval_loader
+
+        model.eval()
+        width = recipe.data.max_length
+        starts, ends, losses = [], [], []
+        for batch in eval_loader(features.dataset, self.collate(tokenizer), recipe.eval_batch_size, accelerator):
+            start_positions, end_positions = batch.pop("start_positions", None), batch.pop("end_positions", None)
+            with accelerator.autocast():
+                output = model(**batch)
+            start, end = (_pad_to(x.float(), width) for x in (output.start_logits, output.end_logits))
+            parts = (start, end)
+            if start_positions is not None:
+                parts += (_span_loss(start, end, start_positions, end_positions),)
+            gathered = [x.cpu() for x in accelerator.gather_for_metrics(parts)]
+            starts.append(gathered[0])
+            ends.append(gathered[1])
+            losses.extend(gathered[2:])
+        answers = qa_spans.best_answers(
+            features.windows, torch.cat(starts).numpy(), torch.cat(ends).numpy(), list(features.rows["context"]),
+            n_best=recipe.eval.n_best, max_answer_length=recipe.eval.max_answer_length,
+        )
+        out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
+        loss = torch.cat(losses).mean().item() if losses else None
+        return out, loss
+
+    def prediction_fields(self) -> tuple[str, ...]:
+        return ("answers", "prediction")
+
+
+def _pad_to(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Windows are padded per batch; gathering across processes needs one width."""
+    return torch.nn.functional.pad(logits, (0, width - logits.shape[1]), value=-1e4)
+
+
+def _span_loss(start, end, start_positions, end_positions) -> torch.Tensor:
+    """Per-window span loss (mean of start and end cross-entropy), as the QA heads compute it."""
+    ce = torch.nn.functional.cross_entropy
+    return (ce(start, start_positions, reduction="none") + ce(end, end_positions, reduction="none")) / 2
+
+
+def _checked_answers(values: list, contexts: list[str], split: str) -> list[tuple[str, int] | None]:
+    """The first gold answer of each row as (text, start char), checked against its context."""
+    out = []
+    for number, (value, context) in enumerate(zip(values, contexts), start=1):
+        if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
+            raise DataError(f"{split}: row {number}: answers must be {{text: [...], answer_start: [...]}}, got {value!r}")
+        texts, starts = value["text"], value["answer_start"]
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise DataError(f"{split}: row {number}: answers.text and answers.answer_start must be lists of equal length")
+        if not texts:
+            out.append(None)
+            continue
+        text, start = texts[0], starts[0]
+        if not isinstance(start, int) or context[start : start + len(text)] != text:
+            raise DataError(
+                f"{split}: row {number}: answer {text!r} is not at answer_start={start} in the context "
+                f"(found {context[start : start + len(text)]!r})"
+            )
+        out.append((text, start))
+    return out
+
+
+# --------------------------------------------------------------------------- generative
+
+
+class GenerativeQATask(_SquadScoring, GenerationTask):
+    name = "qa"
+    required_fields = ("question", "answer")
+    optional_fields = ("context", "id", "prompt")  # prompt: built by data.template when one is given
+    reference_fields = ("answer",)
+    answer_field = "answer"
+    default_stops = ("\n",)
+
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+        if "prompt" not in rows.column_names:
+            rows = rows.add_column("prompt", [_default_prompt(r, split, n) for n, r in enumerate(rows, start=1)])
+        return super().featurize(rows, tokenizer, recipe, state, split, labeled)
+
+    def completion_text(self, answer: str) -> str:
+        return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
+
+    def predict(self, model, tokenizer, features, accelerator, recipe, state):
+        rows, loss = super().predict(model, tokenizer, features, accelerator, recipe, state)
+        for row in rows:
+            row["prediction"] = row["prediction"].strip()
+        return rows, loss
+
+
+def _default_prompt(row: dict, split: str, number: int) -> str:
+    question = row["question"]
+    if not isinstance(question, str):
+        raise DataError(f"{split}: row {number}: field 'question' must be text, got {question!r}")
+    context = row.get("context")
+    return f"Context: {context}\nQuestion: {question}\nAnswer:" if context else f"Question: {question}\nAnswer:"

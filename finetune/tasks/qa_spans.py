@@ -1,0 +1,106 @@
+"""Extractive QA bookkeeping: context windows, span labels, and n-best answers back in characters.
+
+The same steps as transformers' run_qa.py (prepare_train_features,
+prepare_validation_features, postprocess_qa_predictions), kept apart because
+this is the messy part of the task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finetune.data import LengthReport
+from finetune.errors import DataError
+
+
+@dataclass
+class Windows:
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    example: list[int]  # window -> index of its example
+    offsets: list[list[tuple[int, int] | None]]  # window -> per token: character span in the context, or None
+    cls_index: list[int]  # the token a window points at for "no answer here"
+    report: LengthReport
+
+
+def windows(questions: list[str], contexts: list[str], tokenizer, max_length: int, stride: int, split: str) -> Windows:
+    """Question first, then overlapping windows of the context (`stride` tokens shared between neighbours)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("extractive qa needs a fast tokenizer (offset mappings)")
+    question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    too_long = [i for i, n in enumerate(question_lengths) if n > max_length // 2]
+    if too_long:
+        raise DataError(
+            f"{split}: row {too_long[0] + 1}: the question takes {question_lengths[too_long[0]]} tokens, more than half "
+            f"of data.max_length={max_length}; shorten it or raise max_length"
+        )
+    single = tokenizer(questions, contexts, truncation=False)["input_ids"]
+    report = LengthReport.from_lengths(split, [len(ids) for ids in single], max_length)
+    report.truncated = sum(len(ids) > max_length for ids in single)  # split into windows, not cut
+    encoded = tokenizer(
+        questions, contexts, truncation="only_second", max_length=max_length, stride=stride,
+        return_overflowing_tokens=True, return_offsets_mapping=True,
+    )
+    offsets, cls_index = [], []
+    for window, ids in enumerate(encoded["input_ids"]):
+        sequence = encoded.sequence_ids(window)
+        offsets.append([tuple(o) if s == 1 else None for o, s in zip(encoded["offset_mapping"][window], sequence)])
+        cls_index.append(ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0)
+    if report.truncated:
+        report.notes.append(
+            f"{report.truncated} context(s) longer than max_length are read in {len(offsets)} overlapping windows "
+            f"(doc_stride {stride}); nothing is cut"
+        )
+    return Windows(
+        list(encoded["input_ids"]), list(encoded["attention_mask"]), list(encoded["overflow_to_sample_mapping"]),
+        offsets, cls_index, report,
+    )
+
+
+def span_labels(w: Windows, answers: list[tuple[str, int] | None]) -> tuple[list[int], list[int], int]:
+    """Start/end token labels per window; a window without the whole answer points at its CLS token.
+
+    Returns (starts, ends, examples whose answer lies in no window).
+    """
+    starts, ends = [], []
+    found: dict[int, bool] = {}
+    for window, example in enumerate(w.example):
+        answer = answers[example]
+        start = end = w.cls_index[window]
+        if answer is not None:
+            text, first_char = answer
+            last_char = first_char + len(text)
+            tokens = [i for i, o in enumerate(w.offsets[window]) if o is not None]
+            if tokens and w.offsets[window][tokens[0]][0] <= first_char and w.offsets[window][tokens[-1]][1] >= last_char:
+                start = next(i for i in tokens if w.offsets[window][i][1] > first_char)
+                end = next(i for i in reversed(tokens) if w.offsets[window][i][0] < last_char)
+                found[example] = True
+            else:
+                found.setdefault(example, False)
+        starts.append(start)
+        ends.append(end)
+    missed = sum(1 for hit in found.values() if not hit)
+    return starts, ends, missed
+
+
+def best_answers(w: Windows, start_logits: np.ndarray, end_logits: np.ndarray, contexts: list[str],
+                 n_best: int, max_answer_length: int) -> list[str]:
+    """The highest-scoring valid span (start + end logit) over all windows of each example, as context text."""
+    best: dict[int, tuple[float, str]] = {}
+    for window, example in enumerate(w.example):
+        offsets = w.offsets[window]
+        start_scores, end_scores = start_logits[window], end_logits[window]
+        top_starts = np.argsort(start_scores)[::-1][:n_best]
+        top_ends = np.argsort(end_scores)[::-1][:n_best]
+        for s in top_starts:
+            for e in top_ends:
+                if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
+                    continue
+                if e < s or e - s + 1 > max_answer_length:
+                    continue
+                score = float(start_scores[s] + end_scores[e])
+                if example not in best or score > best[example][0]:
+                    best[example] = (score, contexts[example][offsets[s][0] : offsets[e][1]])
+    return [best[i][1] if i in best else "" for i in range(len(contexts))]

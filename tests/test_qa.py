@@ -1,0 +1,204 @@
+"""Question answering: SQuAD v1.1 metrics by hand, windows and offsets on long contexts, both modes end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.models import load_tokenizer
+from finetune.tasks import qa_spans
+from finetune.tasks.qa import exact_match_score, f1_score, normalize_answer, squad_metrics
+from tests.conftest import write_jsonl
+
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_squad_normalisation_and_scores_by_hand():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert exact_match_score("the Eiffel tower.", "Eiffel Tower") == 1.0
+    assert f1_score("red big house", "the big red barn") == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+    assert f1_score("", "Paris") == 0.0
+    assert f1_score("a", "the") == 0.0  # both normalise to nothing: 0 in SQuAD v1.1
+
+
+def test_max_over_gold_answers_and_mean_over_examples(tmp_path):
+    rows = [
+        {"answers": {"text": ["Denver Broncos", "Broncos"], "answer_start": [0, 7]}, "prediction": "the Broncos"},
+        {"answers": {"text": ["30 days"], "answer_start": [0]}, "prediction": "within 30 days"},
+        {"answers": {"text": ["Paris"], "answer_start": [0]}, "prediction": ""},
+    ]
+    by_hand_f1 = (1.0 + 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0) + 0.0) / 3
+    metrics = squad_metrics(rows)["metrics"]
+    assert metrics["exact_match"] == pytest.approx(1 / 3)
+    assert metrics["f1"] == pytest.approx(by_hand_f1)
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "qa", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"] == pytest.approx(metrics)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+WORDS = "rain sun cloud storm wind snow forecast cold warm temperature".split()
+
+
+@pytest.fixture()
+def bert_tokenizer(tiny_models):
+    return load_tokenizer(str(tiny_models["bert"]), "bert")
+
+
+def _context(n_words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+
+
+def _char_span(context: str, first_word: int, last_word: int) -> tuple[str, int]:
+    words = context.split(" ")
+    start = sum(len(w) + 1 for w in words[:first_word])
+    text = " ".join(words[first_word : last_word + 1])
+    assert context[start : start + len(text)] == text
+    return text, start
+
+
+def _windows(tokenizer, context, max_length=16, stride=4):
+    return qa_spans.windows(["match"], [context], tokenizer, max_length, stride, "test")
+
+
+def _labelled_text(w, starts, ends, context, window):
+    offsets = w.offsets[window]
+    return context[offsets[starts[window]][0] : offsets[ends[window]][1]]
+
+
+def test_each_word_is_one_token(bert_tokenizer):
+    assert len(bert_tokenizer(_context(30), add_special_tokens=False)["input_ids"]) == 30
+
+
+def test_answer_in_the_second_window(bert_tokenizer):
+    context = _context(30)
+    w = _windows(bert_tokenizer, context)
+    # [CLS] match [SEP] + 12 context tokens + [SEP]: windows of 12 words, each sharing 4 with the next
+    assert len(w.example) > 1 and set(w.example) == {0}
+    answer = _char_span(context, 14, 15)  # only inside the second window (words 8-19)
+    starts, ends, missed = qa_spans.span_labels(w, [answer])
+    assert missed == 0
+    assert (starts[0], ends[0]) == (w.cls_index[0], w.cls_index[0])
+    assert _labelled_text(w, starts, ends, context, 1) == answer[0]
+
+
+def test_answer_at_the_window_edge(bert_tokenizer):
+    context = _context(30)
+    w = _windows(bert_tokenizer, context)
+    answer = _char_span(context, 10, 11)  # the last two context tokens of the first window
+    starts, ends, missed = qa_spans.span_labels(w, [answer])
+    assert missed == 0
+    assert _labelled_text(w, starts, ends, context, 0) == answer[0]
+    assert ends[0] == max(i for i, o in enumerate(w.offsets[0]) if o is not None)
+
+
+def test_answer_spanning_two_windows_is_in_neither(bert_tokenizer):
+    context = _context(30)
+    w = _windows(bert_tokenizer, context)
+    answer = _char_span(context, 6, 13)  # starts in window 1, ends in window 2, longer than the overlap
+    starts, ends, missed = qa_spans.span_labels(w, [answer])
+    assert missed == 1
+    assert all(s == c and e == c for s, e, c in zip(starts, ends, w.cls_index))
+
+
+def test_best_answer_comes_back_as_context_text(bert_tokenizer):
+    context = _context(30)
+    w = _windows(bert_tokenizer, context)
+    answer = _char_span(context, 14, 15)
+    starts, ends, _ = qa_spans.span_labels(w, [answer])
+    width = max(len(ids) for ids in w.input_ids)
+    start_logits = np.zeros((len(w.example), width))
+    end_logits = np.zeros((len(w.example), width))
+    start_logits[1, starts[1]] = end_logits[1, ends[1]] = 5.0
+    start_logits[0, 0] = end_logits[0, 0] = 50.0  # the CLS token is never an answer
+    assert qa_spans.best_answers(w, start_logits, end_logits, [context], n_best=5, max_answer_length=10) == [answer[0]]
+    assert qa_spans.best_answers(w, start_logits, end_logits, [context], n_best=5, max_answer_length=1) != [answer[0]]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _extractive_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        context = _context(12 + i % 7)
+        word = 2 + i % 5
+        text, start = _char_span(context, word, word)
+        rows.append({"question": text, "context": context, "answers": {"text": [text], "answer_start": [start]}})
+    return rows
+
+
+def _recipe(model_dir, data, out, mode, **eval_settings):
+    return {
+        "task": "qa", "mode": mode,
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 24, "doc_stride": 8},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "eval": {"max_new_tokens": 6, **eval_settings},
+        "output": {"dir": str(out)},
+    }
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart"])
+def test_extractive_qa_end_to_end(tiny_models, tmp_path, write_recipe, kind):
+    rows = _extractive_rows(40)
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models[kind], data, out, "extractive")))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"exact_match", "f1", "eval_loss"}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8
+    assert all(p["prediction"] == "" or p["prediction"] in p["context"] for p in predictions)
+    predicted = runner.invoke(app, ["predict", str(out), "--input", "-"],
+                              input=json.dumps({"question": "sun", "context": _context(10)}) + "\n")
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout)["prediction"] in _context(10)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_generative_qa_end_to_end(tiny_models, tmp_path, write_recipe, kind):
+    rows = [{"question": f"{w} forecast?", "answer": w, **({"context": "rain sun"} if i % 2 else {})}
+            for i, w in enumerate(WORDS * 3)]
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:])}
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models[kind], data, out, "generative")))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"exact_match", "f1", "eval_loss"} <= set(metrics)
+    first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["answer"] == rows[24]["answer"] and first["prediction"] == first["prediction"].strip()
+
+
+def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
+    rows = _extractive_rows(10)
+    rows[3]["answers"]["answer_start"] = [1]
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows), "eval": write_jsonl(tmp_path / "eval.jsonl", rows)}
+    result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")))])
+    assert result.exit_code == 3
+    assert "row 4" in result.output and "answer_start=1" in result.output
+
+
+def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_path, write_recipe):
+    rows = [{"question": "q", "answer": "a"}] * 4
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", rows), "eval": write_jsonl(tmp_path / "e.jsonl", rows)}
+    refused = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "r", "generative")))])
+    assert refused.exit_code == 2 and "encoder-only" in refused.output
+    recipe = _recipe(tiny_models["bert"], data, tmp_path / "r", "generative")
+    recipe["task"] = "copywriting"
+    wrong = runner.invoke(app, ["validate", str(write_recipe(recipe, "wrong.yaml"))])
+    assert wrong.exit_code == 2 and "only task qa has modes" in wrong.output
