@@ -1,4 +1,5 @@
-"""Write data/faq/{train,test}.jsonl (extractive, SQuAD layout) and data/faq/{train,test}_generative.jsonl.
+"""Write data/faq/{train,test}.jsonl (extractive, SQuAD layout) and data/faq/{train,test}_generative.jsonl
+(question + the answering paragraph -> answer).
 
 Customer-support FAQs of made-up shops. Each context is the paragraph that
 holds the answer hidden among three other paragraphs of the same shop's FAQ.
@@ -99,6 +100,7 @@ def examples_for(shop: str, rng, per_shop: int) -> list[dict]:
             "question": rng.choice(questions),
             "context": context,
             "answers": {"text": [answer], "answer_start": [start]},
+            "paragraph": paragraph,
         })
     return rows
 
@@ -112,8 +114,9 @@ def main() -> None:
     for split, chosen, per in (("train", shops[6:], 16), ("test", shops[:6], 10)):
         rows = [row for shop in chosen for row in examples_for(shop, rng, per)]
         rng.shuffle(rows)
+        # Generative rows: the question, the one paragraph that answers it, and the answer to write.
+        generative = [{"question": r["question"], "context": r.pop("paragraph"), "answer": r["answers"]["text"][0]} for r in rows]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        generative = [{"question": r["question"], "answer": r["answers"]["text"][0]} for r in rows]
         (out / f"{split}_generative.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generative), encoding="utf-8")
         print(f"{split}: {len(rows)} rows")
 
