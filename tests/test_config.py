@@ -101,6 +101,7 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def test_every_shipped_recipe_validates(monkeypatch):
+    import re
     from pathlib import Path
 
     from finetune.validation import validate_recipe_file
@@ -111,5 +112,6 @@ def test_every_shipped_recipe_validates(monkeypatch):
     assert recipes
     for recipe in recipes:
         text = recipe.read_text()
-        assert text.startswith("#") and "# Run: finetune run" in text, f"{recipe} must open with what it does and how to run it"
+        runs = re.search(r"^# Run: (\w+=\S+ )*finetune run " + re.escape(str(recipe.relative_to(repo))), text, re.M)
+        assert text.startswith("#") and runs, f"{recipe} must open with what it does and the command that runs it"
         validate_recipe_file(recipe.relative_to(repo))

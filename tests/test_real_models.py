@@ -51,3 +51,18 @@ def test_gguf_is_dequantised_once_into_a_trainable_checkpoint(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.slow
+def test_codegen_recipe_evaluates_20_humaneval_problems_on_smollm2(tmp_path, monkeypatch):
+    from finetune.sandbox import OPT_IN_ENV, bubblewrap
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+    sandbox = [] if bubblewrap() else ["--sandbox", "basic"]
+    result = runner.invoke(app, ["eval", "recipes/codegen/smollm2-humaneval.yaml", "--output", str(tmp_path), *sandbox])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["details"]["problems"] == 20 and 0.0 <= metrics["metrics"]["pass@1"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all("passed" in r for r in rows)
