@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from finetune.data import LengthReport
+from finetune.data import LengthReport, apply_overflow
 from finetune.errors import DataError
 
 IGNORE = -100
@@ -80,23 +80,8 @@ def encode(prompts: list[str], completions: list[str] | None, tokenizer, family:
         lengths = [max(len(p), len(c)) for p, c in zip(prompt_ids, completion_ids)]
     else:
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    report = LengthReport.from_lengths(split, lengths, max_length)
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long and policy == "error":
-        shown = ", ".join(str(i + 1) for i in too_long[:5])
-        raise DataError(
-            f"{split}: {len(too_long)} examples exceed data.max_length={max_length} tokens (rows {shown}"
-            f"{', ...' if len(too_long) > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
-        )
-    if policy == "drop":
-        dropped = set(too_long)
-        keep = [i for i in range(len(lengths)) if i not in dropped]
-        report.dropped = len(dropped)
-        if not keep:
-            raise DataError(f"{split}: every row was dropped by data.overflow=drop (max_length={max_length})")
-    else:
-        keep = list(range(len(lengths)))
-        report.truncated = len(too_long)
+    keep, report = apply_overflow(lengths, max_length, policy, split)
+    too_long = report.truncated
 
     cut_completions = 0
     prompts_out, inputs, labels = [], [], []
@@ -124,8 +109,8 @@ def encode(prompts: list[str], completions: list[str] | None, tokenizer, family:
             f"{cut_completions} completion(s) longer than max_length={max_length} were cut (their end and EOS "
             "are not trained on); raise data.max_length or use data.overflow=drop"
         )
-    if too_long and policy == "truncate" and completion_ids is not None and family != "bart":
-        report.notes.append(f"{len(too_long)} prompt(s) were shortened from the start to keep their completions")
+    if too_long and completion_ids is not None and family != "bart":
+        report.notes.append(f"{too_long} prompt(s) were shortened from the start to keep their completions")
     features = None
     if completion_ids is not None:
         features = Dataset.from_dict(
