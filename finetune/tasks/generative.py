@@ -64,9 +64,6 @@ class GenerationTask(Task):
         dataset = encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
         return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
 
-    def fit_state(self, train_rows: Dataset, recipe) -> dict:
-        return {}
-
     def collate(self, tokenizer):
         return PadCollator(tokenizer)
 
