@@ -71,7 +71,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
@@ -100,16 +100,18 @@ def _hardware(accelerator) -> dict:
 
 
 def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = None) -> dict:
-    return {
+    from finetune.secrets import redact_tree
+
+    return redact_tree({
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "seed": recipe.train.seed,
-        "versions": _versions(),
+        "versions": library_versions(),
         "data_files": data_hashes,
         "git_commit": _git_commit(),
         "hardware": _hardware(accelerator),
         **(extra or {}),
-    }
+    })
 
 
 def read_adapter_meta(adapter_dir: Path) -> dict:
@@ -166,4 +168,6 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
         "distribution. The adapter inherits the biases and licence of the base model.",
         "",
     ]
-    write_text_atomic(run.card, "\n".join(lines))
+    from finetune.secrets import redact
+
+    write_text_atomic(run.card, redact("\n".join(lines)))

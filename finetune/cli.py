@@ -12,9 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from finetune import __version__
 from finetune.errors import DataError, FinetuneError, GateFailed, RecipeError
+from finetune.secrets import RedactingFilter, redact
 
 app = typer.Typer(
     add_completion=False,
@@ -58,7 +60,7 @@ def _handled(command):
         except typer.Exit:
             raise
         except FinetuneError as exc:
-            err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -67,7 +69,7 @@ def _handled(command):
             if _debug["on"]:
                 raise
             err_console.print(
-                f"[red]internal error:[/] {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+                f"[red]internal error:[/] {type(exc).__name__}: {escape(redact(str(exc)))}\n(run with --debug for the traceback)",
                 highlight=False, soft_wrap=True,
             )
             raise typer.Exit(1) from None
@@ -90,6 +92,8 @@ def _root(
 ) -> None:
     _debug["on"] = debug
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
 
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides (values parsed as YAML).")]
@@ -117,6 +121,13 @@ def run_command(
         int, typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate.")
     ] = 1,
     allow_code_execution: AllowCode = False,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(help="Continue from a checkpoint: 'auto' (the newest usable one in the run directory, if any) or a path."),
+    ] = None,
+    force_resume: Annotated[
+        bool, typer.Option("--force-resume", help="Resume even though the recipe, data or process count changed (not exact).")
+    ] = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     from finetune.config import load_recipe
@@ -127,9 +138,10 @@ def run_command(
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     loaded = load_recipe(recipe, overrides)  # fail fast, once, before starting processes
     if num_processes > 1 and not inside_launched_process():
-        args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else [])]
+        args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else []),
+                *(["--resume", resume] if resume else []), *(["--force-resume"] if force_resume else [])]
         raise typer.Exit(relaunch(num_processes, args))
-    document = run(loaded, console, dry_run=dry_run)
+    document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume)
     if document is None:
         return
     if _is_main_process():

@@ -118,6 +118,11 @@ class TrainSection(Section):
     checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="How many resumable checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between lines of train_log.jsonl.")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/inf loss or gradient: stop (exit 5, last good checkpoint kept) or skip that update "
+        "(counted in metrics.json).",
+    )
 
 
 class EvalSection(Section):

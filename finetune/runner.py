@@ -16,6 +16,7 @@ from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, load_recipe, recipe_to_yaml
 from finetune.data import apply_template, file_hashes, load_table, map_columns, split_for_eval
 from finetune.errors import DataError, RecipeError
+from finetune.secrets import redact, redact_tree
 from finetune.lora import apply_lora, count_parameters, head_modules, resolve_targets, summarise_targets
 from finetune.models import detect_family, load_config, load_model, load_tokenizer, resolve_reference
 from finetune.tasks import Features, Task, get_task, recipe_task
@@ -139,8 +140,13 @@ def load_session_model(session: Session, adapter_dir: Path | None = None, with_l
 # --------------------------------------------------------------------------- run
 
 
+# A checkpoint of a LoRA run is small; this floor is checked before anything is
+# loaded, and the exact size (from the trainable parameters) once LoRA is applied.
+MIN_FREE_BYTES = 64 << 20
+
+
 def preflight(run: RunDir) -> None:
-    """Fail before loading anything if the run directory cannot be written."""
+    """Fail before loading anything if the run directory cannot be written or its disk is full."""
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         probe = run.path / ".write-test"
@@ -148,6 +154,47 @@ def preflight(run: RunDir) -> None:
         probe.unlink()
     except OSError as exc:
         raise RecipeError(f"output.dir: {run.path} is not writable: {exc.strerror or exc}") from None
+    check_free_space(run.path, MIN_FREE_BYTES)
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise RecipeError(
+            f"output.dir: {path} has {free / 2**20:.0f} MiB free; a checkpoint needs about {needed / 2**20:.0f} MiB"
+        )
+
+
+def checkpoint_bytes(model, keep: int) -> int:
+    """Disk for `keep` checkpoints plus the one being written: trainable weights, two Adam moments, the adapter copy."""
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return (keep + 1) * 4 * trainable + MIN_FREE_BYTES
+
+
+def resume_identity(recipe: Recipe, world_size: int) -> dict:
+    """What must not change between a checkpoint and the run resuming from it, for the result to be exact.
+
+    Evaluation settings, logging and checkpoint cadence may change freely.
+    """
+    free = ("output.", "eval.", "data.eval", "data.max_eval_samples", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.log_every", "train.nonfinite")
+    settings = _flatten(recipe.model_dump(mode="json"))
+    identity = {f"recipe {k}": v for k, v in settings.items() if not k.startswith(free)}
+    identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
+    versions = artifacts.library_versions()
+    identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
+    identity["number of processes"] = world_size
+    return redact_tree(identity)  # it is written into every checkpoint
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "columns" and key != "gates":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def show_plan(console, session: Session, world_size: int) -> None:
@@ -185,11 +232,17 @@ def show_plan(console, session: Session, world_size: int) -> None:
     console.print(table)
 
 
-def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
-    """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run)."""
+def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = None,
+        force_resume: bool = False) -> dict | None:
+    """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run).
+
+    `resume` is "auto" (the newest usable checkpoint in the run directory, if
+    any) or a checkpoint path; the run then continues exactly where it stopped.
+    """
     from accelerate.utils import set_seed
 
-    from finetune.train import make_accelerator, train
+    from finetune import checkpoint
+    from finetune.train import Checkpointing, make_accelerator, train
 
     run_dir = RunDir(recipe.output.dir)
     if not dry_run:
@@ -197,15 +250,25 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     session = open_session(recipe)
+    # LoRA is applied to freshly loaded base weights, also when resuming: a
+    # checkpoint holds the trained values, never a second set of adapters.
     load_session_model(session)
     if main:
         show_plan(console, session, accelerator.num_processes)
     if dry_run:
         return None
+    check_free_space(run_dir.path, checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
 
+    identity = resume_identity(recipe, accelerator.num_processes)
+    resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None
+    if resume_from is not None:
+        checkpoint.check_identity(checkpoint.read_progress(resume_from).identity, identity, force_resume)
+        if main:
+            console.print(f"resuming from {resume_from}", highlight=False)
     if main:
-        _clear_previous_outputs(run_dir)
-        artifacts.write_text_atomic(run_dir.recipe, recipe_to_yaml(recipe))
+        _clear_previous_outputs(run_dir, keep_training_state=resume_from is not None)
+        artifacts.write_text_atomic(run_dir.recipe, redact(recipe_to_yaml(recipe)))
+    accelerator.wait_for_everyone()
     set_seed(recipe.train.seed)
     task = session.task
     result = train(
@@ -216,9 +279,11 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
         accelerator,
         run_dir.train_log,
         console if main else None,
-        checkpoint_dir=run_dir.checkpoints,
-        # Each checkpoint also holds a plain adapter, so `finetune eval --checkpoint` can use it.
-        on_checkpoint=lambda staging: save_adapter(accelerator.unwrap_model(session.model), session, staging / "adapter"),
+        Checkpointing(
+            run_dir.checkpoints, identity, resume_from,
+            # Each checkpoint also holds a plain adapter, so `finetune eval --checkpoint` can use it.
+            on_checkpoint=lambda staging: save_adapter(accelerator.unwrap_model(session.model), session, staging / "adapter"),
+        ),
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
@@ -233,6 +298,8 @@ def run(recipe: Recipe, console, *, dry_run: bool = False) -> dict | None:
         "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_second, 1),
+        "skipped_nonfinite_steps": result.skipped_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
     }
     document = evaluation.metrics_document(recipe.task, scored, gates, {"data": session.reports(), "training": training})
     if main:
@@ -249,12 +316,17 @@ def _data_hashes(recipe: Recipe) -> dict:
     return {**file_hashes(recipe.data.train), **file_hashes(recipe.data.eval)}
 
 
-def _clear_previous_outputs(run: RunDir) -> None:
-    """A new run replaces the outputs of an older one in the same directory, never half of them."""
-    for path in (run.metrics, run.predictions, run.train_log, run.card, run.manifest):
+def _clear_previous_outputs(run: RunDir, keep_training_state: bool) -> None:
+    """A new run replaces the outputs of an older one in the same directory, never half of them.
+
+    A resumed run keeps the checkpoints and the training log it continues.
+    """
+    for path in (run.metrics, run.predictions, run.card, run.manifest):
         path.unlink(missing_ok=True)
     shutil.rmtree(run.adapter, ignore_errors=True)
-    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    if not keep_training_state:
+        run.train_log.unlink(missing_ok=True)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
 
 
 def save_adapter(model, session: Session, adapter_dir: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import signal
 import threading
 import time
@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from finetune.errors import Interrupted, TrainingDiverged
+
+log = logging.getLogger("finetune")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -127,46 +129,41 @@ class TrainResult:
     final_loss: float
     tokens: int
     seconds: float
+    skipped_steps: int = 0
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def save_checkpoint(accelerator, directory: Path, step: int, epoch: int, keep: int, on_checkpoint=None) -> Path:
-    """A resumable state (model, optimizer, scheduler, RNG) in `directory/step-N`, written atomically.
+@dataclass
+class Checkpointing:
+    """Where resumable states go, what they must match, and where to resume from."""
 
-    Everything goes into a hidden staging directory first and is renamed into
-    place only when complete, so a kill at any moment leaves the previous
-    checkpoint intact. Only the newest `keep` checkpoints are kept.
-    """
-    final = directory / f"step-{step:08d}"
-    staging = directory / f".partial-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
-    if accelerator.is_main_process:
-        (staging / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch}))
-        if on_checkpoint is not None:
-            on_checkpoint(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for old in sorted(directory.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    directory: Path
+    identity: dict  # recipe, data and world size a resume must match
+    resume_from: Path | None = None
+    on_checkpoint: object = None  # called with the staging directory (adds the plain adapter)
 
 
 def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None,
-          checkpoint_dir: Path | None = None, on_checkpoint=None) -> TrainResult:
-    """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done."""
+          checkpointing: Checkpointing | None = None) -> TrainResult:
+    """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done.
+
+    The data order is a pure function of (seed, epoch), and every generator state
+    is checkpointed, so a run resumed from a checkpoint continues exactly as if
+    it had never stopped.
+    """
     from transformers import get_scheduler
+
+    from finetune import checkpoint
 
     t = recipe.train
     lengths = [len(ids) for ids in features["input_ids"]]
     sampler = LengthGroupedBatches(lengths, t.batch_size, t.seed, window=64 if t.group_by_length else 1)
-    loader = DataLoader(features, batch_sampler=sampler, collate_fn=collate)
+    # A private generator: creating a loader iterator must not draw from the
+    # global torch generator, or a mid-epoch resume would shift every dropout mask.
+    loader = DataLoader(features, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))
     plan = TrainPlan.build(recipe, len(features), accelerator.num_processes)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -177,50 +174,104 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     # handed to accelerate (which would step it once per process).
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
+    batches_per_epoch = len(loader)
 
+    progress = checkpoint.Progress(identity=checkpointing.identity if checkpointing else {})
     logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
-    step, last_loss = 0, float("nan")
+    if checkpointing and checkpointing.resume_from:
+        progress, window = checkpoint.restore(checkpointing.resume_from, accelerator, model, optimizer, scheduler)
+        progress.identity = checkpointing.identity
+        logger.resume(progress, window)
+        accelerator.step = progress.batches_in_epoch  # gradient-accumulation phase
+
+    guard = NonFiniteGuard(t.nonfinite, accelerator)
     model.train()
     with StopSignals() as stop, progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
-        for epoch in range(plan.epochs):
-            sampler.set_epoch(epoch)
-            for batch in loader:
+        bar.update(progress.step, None)
+        while progress.step < plan.total_steps:
+            sampler.set_epoch(progress.epoch)
+            loader.set_epoch(progress.epoch)
+            batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
+            for batch in batches:
+                progress.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"training diverged at step {step + 1} (epoch {epoch + 1}): loss is {loss.item()}; "
-                            "lower train.lr or check the data"
-                        )
+                    guard.watch(loss)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
-                    optimizer.step()
+                    logger.add(loss.detach(), batch["attention_mask"].sum())
+                    if accelerator.sync_gradients:
+                        # The norm of the gradients summed over processes: the same on every rank.
+                        norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm or math.inf)
+                        healthy, stopping = guard.check(norm, stop, progress)
+                        if healthy:
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                logger.add(loss.detach(), batch["attention_mask"].sum())
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
-                step += 1
-                entry = logger.maybe_log(
-                    step, step / plan.steps_per_epoch, scheduler.get_last_lr()[0], force=step == plan.total_steps
-                )
+                progress.step += 1
+                if progress.batches_in_epoch >= batches_per_epoch:
+                    progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+                done = progress.step >= plan.total_steps
+                entry = logger.maybe_log(progress.step, progress.step / plan.steps_per_epoch, scheduler.get_last_lr()[0], force=done)
                 if entry:
-                    last_loss = entry["loss"]
-                bar.update(step, entry)
-                if step >= plan.total_steps:
-                    break
-                stopping = stop.requested(accelerator)
+                    progress.last_loss = entry["loss"]
+                bar.update(progress.step, entry)
+                epoch_end = progress.batches_in_epoch == 0
                 saved = None
-                if checkpoint_dir is not None and (stopping or step % t.checkpoint_every == 0):
-                    saved = save_checkpoint(accelerator, checkpoint_dir, step, epoch, t.keep_checkpoints, on_checkpoint)
-                if stopping:
+                if checkpointing and (stopping or done or epoch_end or progress.step % t.checkpoint_every == 0):
+                    progress.tokens, progress.skipped_steps = logger.total_tokens, guard.skipped
+                    saved = checkpoint.save(checkpointing.directory, progress, accelerator, model, optimizer,
+                                            scheduler, logger.window_state(), t.keep_checkpoints,
+                                            checkpointing.on_checkpoint)
+                if stopping and not done:
                     where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
-                    raise Interrupted(f"interrupted by {stop.name()} at step {step}; {where}")
-            if step >= plan.total_steps:
-                break
-    return TrainResult(step, last_loss, logger.total_tokens, logger.elapsed())
+                    raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
+                if done or epoch_end:
+                    break
+    return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
+
+
+class NonFiniteGuard:
+    """Catches a NaN/inf loss or gradient before the optimizer step.
+
+    `train.nonfinite: stop` ends the run with exit 5 naming the step (the last
+    good checkpoint stays on disk); `skip` drops that update and counts it. The
+    verdict and the stop-signal flag travel in one all-reduce, so every process
+    takes the same decision at the same step.
+    """
+
+    def __init__(self, policy: str, accelerator):
+        self.policy, self.accelerator = policy, accelerator
+        self.bad_loss = torch.zeros((), device=accelerator.device)
+        self.skipped = 0
+        # With fp16, inf gradients are routine: the gradient scaler skips those steps itself.
+        self.check_gradients = accelerator.scaler is None
+
+    def watch(self, loss: torch.Tensor) -> None:
+        self.bad_loss = torch.maximum(self.bad_loss, (~torch.isfinite(loss.detach())).float())
+
+    def check(self, grad_norm, stop, progress) -> tuple[bool, bool]:
+        """(apply this update?, stop after it?) for the optimizer step about to happen."""
+        bad_grad = 0.0 if not self.check_gradients or grad_norm is None else float(not math.isfinite(float(grad_norm)))
+        flags = torch.stack([self.bad_loss, torch.tensor(bad_grad, device=self.bad_loss.device),
+                             torch.tensor(float(stop.received is not None), device=self.bad_loss.device)])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "max")
+        bad_loss, bad_grad, stopping = (bool(v) for v in flags.tolist())
+        self.bad_loss.zero_()
+        if not (bad_loss or bad_grad):
+            return True, stopping
+        what = "the loss" if bad_loss else "the gradient norm"
+        step = progress.step + 1
+        if self.policy == "skip":
+            self.skipped += 1
+            log.warning("step %d: %s is not finite; update skipped (%d so far)", step, what, self.skipped)
+            return False, stopping
+        raise TrainingDiverged(
+            f"training diverged at step {step} (epoch {progress.epoch + 1}): {what} is not finite (nan or inf); "
+            "the last good checkpoint is kept. Lower train.lr, check the data, or set train.nonfinite: skip"
+        )
 
 
 class StopSignals:
@@ -228,7 +279,7 @@ class StopSignals:
 
     A second signal while the checkpoint is being written is only noted: the
     save completes (and is atomic anyway). Under several processes the flag is
-    all-reduced each step, so every rank stops at the same step.
+    all-reduced each step (NonFiniteGuard.check), so every rank stops at the same step.
     """
 
     def __init__(self):
@@ -243,12 +294,6 @@ class StopSignals:
 
     def _note(self, signum, frame):
         self.received = self.received or signum
-
-    def requested(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor(1.0 if self.received else 0.0, device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal on another rank"
@@ -268,9 +313,7 @@ class StepLogger:
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.batches = torch.zeros((), device=accelerator.device)
         self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        self.total_tokens = 0
-        if path is not None:
-            path.write_text("")
+        self.total_tokens = 0  # logged so far, all processes
 
     def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
         self.loss_sum += loss.float()
@@ -279,6 +322,21 @@ class StepLogger:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def window_state(self) -> dict:
+        """This process's not-yet-logged sums, so a resumed run logs the same numbers."""
+        return {"loss_sum": self.loss_sum.item(), "batches": self.batches.item(), "tokens": int(self.tokens.item())}
+
+    def resume(self, progress, window: dict) -> None:
+        """Continue the log of a checkpointed run: keep its lines up to the checkpoint's step."""
+        self.loss_sum.fill_(window["loss_sum"]), self.batches.fill_(window["batches"]), self.tokens.fill_(window["tokens"])
+        self.total_tokens = progress.tokens
+        if self.path is not None and self.path.is_file():
+            from finetune.artifacts import write_text_atomic
+
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _logged_step(line) <= progress.step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def maybe_log(self, step: int, epoch: float, lr: float, force: bool = False) -> dict | None:
         if step % self.every and not force:
@@ -301,6 +359,14 @@ class StepLogger:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
         return entry
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class progress_bar:

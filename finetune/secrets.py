@@ -1,0 +1,57 @@
+"""Keep credentials out of everything a run writes or prints.
+
+A value is a secret when it is the value of an environment variable whose name
+says so (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...), when it has the
+shape of a well-known token, or when it is the password part of a URL. The
+resolved recipe, the manifest, checkpoint records, the model card and error
+messages all pass through `redact`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+REDACTED = "<redacted>"
+# Whole parts of a name, so HF_TOKEN and AWS_SECRET_ACCESS_KEY match but TOKENIZERS_PARALLELISM and tokens_per_s do not.
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE_KEY|ACCESS_KEY)(_|$)", re.IGNORECASE)
+_TOKEN_SHAPES = re.compile(
+    r"\bhf_[A-Za-z0-9]{20,}"  # Hugging Face
+    r"|\bsk-[A-Za-z0-9_-]{20,}"  # OpenAI-style
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\bgithub_pat_[A-Za-z0-9_]{30,}"  # GitHub
+    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+)
+_URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
+_MIN_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
+
+
+def environment_secrets() -> list[str]:
+    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_LENGTH}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    for value in environment_secrets():
+        text = text.replace(value, REDACTED)
+    text = _TOKEN_SHAPES.sub(REDACTED, text)
+    return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
+
+
+class RedactingFilter:
+    """A logging filter: records are formatted, then redacted, before any handler sees them."""
+
+    def filter(self, record) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+def redact_tree(value):
+    """Redact every string in a JSON-like structure; keys that name a secret lose their value."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_NAME.search(str(k)) and v else redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(v) for v in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
