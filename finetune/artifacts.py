@@ -35,6 +35,8 @@ class RunDir:
     predictions = property(lambda self: self.path / "predictions.jsonl")
     train_log = property(lambda self: self.path / "train_log.jsonl")
     card = property(lambda self: self.path / "README.md")
+    curves = property(lambda self: self.path / "training_curves.png")
+    confusion = property(lambda self: self.path / "confusion_matrix.png")
 
     def is_run(self) -> bool:
         return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
@@ -118,6 +120,28 @@ def read_adapter_meta(adapter_dir: Path) -> dict:
     return json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
 
 
+def write_pictures(run: RunDir, document: dict) -> list[str]:
+    """training_curves.png from the log and, for classification, confusion_matrix.png. Returns the file names."""
+    from finetune import plots
+
+    written = []
+    if run.train_log.is_file() and plots.training_curves(run.train_log, run.curves):
+        written.append(run.curves.name)
+    matrix = document.get("details", {}).get("confusion_matrix")
+    if matrix:
+        plots.confusion_matrix(matrix["labels"], matrix["matrix"], run.confusion)
+        written.append(run.confusion.name)
+    return written
+
+
+def _auto_peft_class(recipe) -> str:
+    if recipe.task == "classification":
+        return "AutoPeftModelForSequenceClassification"
+    if recipe.task == "qa" and recipe.mode != "generative":
+        return "AutoPeftModelForQuestionAnswering"
+    return "AutoPeftModelForCausalLM (GPT) / AutoPeftModelForSeq2SeqLM (BART)"
+
+
 def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict) -> None:
     lines = [
         f"# {run.path.name}",
@@ -137,6 +161,9 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
             value = "missing" if result["value"] is None else f"{result['value']:.4f}"
             lines.append(f"| `{name}` | {value} | {'pass' if result['passed'] else 'FAIL'} |")
         lines.append("")
+    pictures = [p.name for p in (run.curves, run.confusion) if p.is_file()]
+    if pictures:
+        lines += [" ".join(f"![{name}]({name})" for name in pictures), ""]
     lines += ["## Data", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| `{f}` | `{h}` |" for f, h in manifest["data_files"].items()]
     lines += ["", "| split | rows | truncated | dropped | p50 / p95 / max tokens |", "|---|---|---|---|---|"]
@@ -155,6 +182,16 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
         f"- {train.epochs} epochs, batch {train.batch_size} x {train.grad_accum} accumulation, lr {train.lr}, "
         f"{train.scheduler} schedule, warmup {train.warmup}, seed {train.seed}, precision {manifest['hardware']['mixed_precision']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        "",
+        "## Use",
+        "",
+        "```",
+        f"finetune predict {run.path} --input inputs.jsonl",
+        f"finetune merge {run.path} --output merged/   # a plain transformers checkpoint",
+        "```",
+        "",
+        f"`adapter/` loads with peft's `{_auto_peft_class(recipe)}.from_pretrained(\"{run.adapter}\")`; "
+        "`adapter/finetune.json` holds the task, label order and generation settings.",
         "",
         "## Reproduce",
         "",

@@ -172,15 +172,22 @@ def eval_command(
     predictions: Annotated[Optional[str], typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
     task: Annotated[Optional[str], typer.Option(help="The task of --predictions.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of a table.")] = False,
+    compare: Annotated[
+        Optional[str], typer.Option(help="A baseline run (or metrics.json): exit 4 when a metric regresses beyond --tolerance.")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")] = 0.01,
+    junit: Annotated[Optional[str], typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
     allow_code_execution: AllowCode = False,
     sandbox: Annotated[
         Optional[str], typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...).")
     ] = None,
 ) -> None:
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
+    from finetune.ci import read_baseline, write_junit
     from finetune.evaluation import dumps, print_metrics
     from finetune.runner import evaluate, rescore
 
+    baseline = (compare, read_baseline(compare), tolerance) if compare else None
     if sandbox not in (None, "strict", "basic"):
         raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
     overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
@@ -195,7 +202,7 @@ def eval_command(
         if source:
             raise RecipeError("give either a recipe/run or --predictions, not both")
         settings = EvalSection(execute_code=allow_code_execution, sandbox=sandbox or "strict")
-        document = rescore(predictions, task, gate, settings)
+        document = rescore(predictions, task, gate, settings, baseline)
         if output:
             from finetune.artifacts import write_json
 
@@ -203,7 +210,9 @@ def eval_command(
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
-        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides)
+        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides, baseline=baseline)
+    if junit:
+        write_junit(document, junit)
     if as_json:
         print(dumps(document))
     else:

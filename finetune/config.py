@@ -118,6 +118,10 @@ class TrainSection(Section):
     checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="How many resumable checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between lines of train_log.jsonl.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers, through accelerate (none by default; each needs its own package).",
+    )
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/inf loss or gradient: stop (exit 5, last good checkpoint kept) or skip that update "
@@ -307,6 +311,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; a relative data path is taken from the working directory."""
     raw = apply_overrides(read_recipe_file(path), list(overrides or []))
     return build_recipe(raw, source=str(path))
+
+
+def flat_settings(recipe: Recipe) -> dict:
+    """The recipe as {"section.key": value}; the mappings users fill in (columns, gates) stay whole."""
+    flat = {}
+    for section, value in recipe.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            flat.update({f"{section}.{key}": inner for key, inner in value.items()})
+        else:
+            flat[section] = value
+    return flat
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

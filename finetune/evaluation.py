@@ -48,8 +48,25 @@ def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dic
     }
 
 
+def attach_comparison(document: dict, baseline: tuple[str, dict, float] | None) -> dict:
+    """Add `comparison` (each metric against a baseline run's, within a tolerance) to a metrics document."""
+    if baseline is not None:
+        from finetune.ci import compare
+
+        source, baseline_document, tolerance = baseline
+        document["comparison"] = {
+            "baseline": source, "tolerance": tolerance, "metrics": compare(document, baseline_document, tolerance),
+        }
+    return document
+
+
 def failed_gates(document: dict) -> list[str]:
-    return [name for name, result in document["gates"].items() if not result["passed"]]
+    """Failed gates, then metrics that regressed against the baseline."""
+    failed = [name for name, result in document["gates"].items() if not result["passed"]]
+    comparison = document.get("comparison") or {"metrics": {}}
+    failed += [f"{name} regressed against {comparison['baseline']}"
+               for name, result in comparison["metrics"].items() if not result["passed"]]
+    return failed
 
 
 def read_prediction_rows(path: str | Path) -> list[dict]:
@@ -82,6 +99,15 @@ def print_metrics(console, document: dict, title: str = "metrics") -> None:
             value = "missing" if result["value"] is None else f"{result['value']:.4f}"
             gates.add_row(name, value, "[green]pass[/]" if result["passed"] else "[red]FAIL[/]")
         console.print(gates)
+    comparison = document.get("comparison")
+    if comparison:
+        table = Table(title=f"against {comparison['baseline']} (tolerance {comparison['tolerance']:g})", header_style="bold")
+        for column, justify in (("metric", "left"), ("baseline", "right"), ("now", "right"), ("change", "right"), ("result", "left")):
+            table.add_column(column, justify=justify)
+        for name, result in comparison["metrics"].items():
+            table.add_row(name, f"{result['baseline']:.4f}", f"{result['value']:.4f}", f"{result['change']:+.4f}",
+                          "[green]ok[/]" if result["passed"] else "[red]REGRESSED[/]")
+        console.print(table)
 
 
 def dumps(document: dict) -> str:

@@ -11,9 +11,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import artifacts, evaluation
+from finetune import artifacts, evaluation, trackers
 from finetune.artifacts import RunDir
-from finetune.config import EvalSection, Recipe, load_recipe, recipe_to_yaml
+from finetune.config import EvalSection, Recipe, flat_settings, load_recipe, recipe_to_yaml
 from finetune.data import apply_template, file_hashes, load_table, map_columns, split_for_eval
 from finetune.errors import DataError, RecipeError
 from finetune.secrets import redact, redact_tree
@@ -176,25 +176,17 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
 
     Evaluation settings, logging and checkpoint cadence may change freely.
     """
-    free = ("output.", "eval.", "data.eval", "data.max_eval_samples", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.log_every", "train.nonfinite")
-    settings = _flatten(recipe.model_dump(mode="json"))
-    identity = {f"recipe {k}": v for k, v in settings.items() if not k.startswith(free)}
+    free_sections = ("output.", "eval.")
+    free_keys = {"data.eval", "data.max_eval_samples", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.log_every", "train.nonfinite", "train.report_to"}
+    identity = {
+        f"recipe {k}": v for k, v in flat_settings(recipe).items() if not k.startswith(free_sections) and k not in free_keys
+    }
     identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
     versions = artifacts.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size
     return redact_tree(identity)  # it is written into every checkpoint
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "columns" and key != "gates":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def show_plan(console, session: Session, world_size: int) -> None:
@@ -245,9 +237,10 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
     from finetune.train import Checkpointing, make_accelerator, train
 
     run_dir = RunDir(recipe.output.dir)
+    trackers.check_installed(recipe.train.report_to)
     if not dry_run:
         preflight(run_dir)
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
     main = accelerator.is_main_process
     session = open_session(recipe)
     # LoRA is applied to freshly loaded base weights, also when resuming: a
@@ -269,6 +262,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
         _clear_previous_outputs(run_dir, keep_training_state=resume_from is not None)
         artifacts.write_text_atomic(run_dir.recipe, redact(recipe_to_yaml(recipe)))
     accelerator.wait_for_everyone()
+    trackers.start(accelerator, recipe, run_dir.path.name)
     set_seed(recipe.train.seed)
     task = session.task
     result = train(
@@ -288,7 +282,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
     if main:
-        save_adapter(model, session, run_dir.adapter)
+        save_adapter(model, session, run_dir.adapter, for_other_tools=True)
 
     rows, loss = task.predict(model, session.tokenizer, session.features["eval"], accelerator, recipe, session.state)
     scored = evaluation.score(task, rows, recipe.eval, loss)
@@ -307,7 +301,10 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
         artifacts.write_json(run_dir.manifest, manifest)
         artifacts.write_jsonl(run_dir.predictions, rows)
         artifacts.write_json(run_dir.metrics, document)
+        artifacts.write_pictures(run_dir, document)
         artifacts.write_model_card(run_dir, recipe, document, manifest, session.reports())
+    accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     return document
 
@@ -321,7 +318,7 @@ def _clear_previous_outputs(run: RunDir, keep_training_state: bool) -> None:
 
     A resumed run keeps the checkpoints and the training log it continues.
     """
-    for path in (run.metrics, run.predictions, run.card, run.manifest):
+    for path in (run.metrics, run.predictions, run.card, run.manifest, run.curves, run.confusion):
         path.unlink(missing_ok=True)
     shutil.rmtree(run.adapter, ignore_errors=True)
     if not keep_training_state:
@@ -329,20 +326,31 @@ def _clear_previous_outputs(run: RunDir, keep_training_state: bool) -> None:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
 
 
-def save_adapter(model, session: Session, adapter_dir: Path) -> None:
-    """The peft adapter (safetensors), the tokenizer, and what the task needs to use it again."""
+def save_adapter(model, session: Session, adapter_dir: Path, for_other_tools: bool = False) -> None:
+    """The peft adapter (safetensors), the tokenizer, and what the task needs to use it again.
+
+    `for_other_tools` (the run's final adapter) also writes the task's base
+    config, so peft's AutoPeftModel classes load it without extra arguments.
+    """
+    from finetune.export import write_task_base
+
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging), safe_serialization=True)
     session.tokenizer.save_pretrained(str(staging))
+    recipe = session.recipe
     meta = {
-        "task": session.recipe.task,
+        "task": recipe.task,
+        "mode": recipe.mode,
         "family": session.family,
-        "base_model": session.recipe.model.name_or_path,
+        "base_model": recipe.model.name_or_path,
         "base_model_path": session.model_path,
-        "state": session.state,
+        "state": session.state,  # label order for classification, prompt layout for generation
+        "generation": recipe.eval.model_dump(include={"max_new_tokens", "temperature", "top_p", "num_samples", "stop"}),
     }
     artifacts.write_json(staging / artifacts.ADAPTER_META, meta)
+    if for_other_tools:
+        write_task_base(model, session.model_path, recipe.model.revision, staging, adapter_dir)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(staging, adapter_dir)
 
@@ -362,7 +370,7 @@ def recipe_of(source: str | Path, overrides: list[str] | None = None) -> tuple[R
 
 
 def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | None = None,
-             output: str | None = None, overrides: list[str] | None = None) -> dict:
+             output: str | None = None, overrides: list[str] | None = None, baseline=None) -> dict:
     """Evaluate a run (its adapter), a checkpoint, or a recipe's base model; write metrics and predictions."""
     from finetune.train import make_accelerator
 
@@ -387,6 +395,7 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
         {"evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
          "data": session.reports()},
     )
+    evaluation.attach_comparison(document, baseline)
     out_dir = Path(output) if output else (run.path if run else None)
     if out_dir is not None and accelerator.is_main_process:
         artifacts.write_json(out_dir / "metrics.json", document)
@@ -394,13 +403,15 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
     return document
 
 
-def rescore(predictions: str, task_name: str, gates: list[str] | None, settings: EvalSection | None = None) -> dict:
+def rescore(predictions: str, task_name: str, gates: list[str] | None, settings: EvalSection | None = None,
+            baseline=None) -> dict:
     """Metrics from a saved predictions.jsonl alone, without a model."""
     task = get_task(task_name)
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
     scored = evaluation.score(task, rows, settings or EvalSection())
-    return evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
+    document = evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
+    return evaluation.attach_comparison(document, baseline)
 
 
 def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:

@@ -43,7 +43,8 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def make_accelerator(recipe):
+def make_accelerator(recipe, trackers_dir: Path | None = None):
+    """The Accelerator for a recipe; with `trackers_dir`, the recipe's trackers log there (TensorBoard) too."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -54,10 +55,13 @@ def make_accelerator(recipe):
     # cpu=True on machines without an accelerator is what makes accelerate join
     # the processes of `accelerate launch` / torchrun as MULTI_CPU (gloo)
     # instead of running each as an independent single process.
+    report_to = recipe.train.report_to if trackers_dir is not None else []
     return Accelerator(
         mixed_precision=resolve_precision(recipe.train.precision),
         gradient_accumulation_steps=recipe.train.grad_accum,
         cpu=not has_accelerator_device(),
+        log_with=report_to or None,
+        project_dir=str(trackers_dir / "trackers") if report_to else None,
     )
 
 
@@ -353,6 +357,7 @@ class StepLogger:
             "elapsed_s": round(now - self.start, 3),
         }
         self.total_tokens += int(tokens)
+        self.accelerator.log({f"train/{k}": entry[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
         self.loss_sum.zero_(), self.batches.zero_(), self.tokens.zero_()
         self.window_start = now
         if self.path is not None:

@@ -1,0 +1,49 @@
+"""What a run leaves for other tools: an adapter that peft's AutoPeftModel classes load as it is."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("finetune")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:
+    """`base/` in the adapter being written in `adapter_dir` (which becomes `final_dir`): this task's config (label maps, head size, pad token) beside links to the base weights.
+
+    AutoPeftModelFor... loads `base_model_name_or_path` with the checkpoint's own
+    config: two labels and no pad token for a bare encoder or decoder, so a
+    trained 5-label head would not fit. Pointing it here instead gives the model
+    the adapter was trained on, without copying the base weights.
+    """
+    source = _local_snapshot(base_path, revision)
+    if source is None:
+        log.warning("adapter: base weights of %s are not on disk; AutoPeftModel will load the hub config", base_path)
+        return
+    target = adapter_dir / "base"
+    target.mkdir()
+    base = model.get_base_model()
+    base.config.save_pretrained(target)
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.save_pretrained(target)
+    for file in sorted(source.iterdir()):
+        if file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("adapter_"):
+            (target / file.name).symlink_to(file.resolve())
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(final_dir.resolve() / "base")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _local_snapshot(base_path: str, revision: str | None) -> Path | None:
+    if Path(base_path).is_dir():
+        return Path(base_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_path, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or not a hub id: nothing to link
+        return None
