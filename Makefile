@@ -39,5 +39,9 @@ test: install
 demo: install
 	$(BIN)/finetune run recipes/classification/minilm-topics.yaml output.dir=runs/demo
 
+# finetune against HF Trainer + peft on the same recipe; JSON into bench/results/.
+bench: install
+	$(BIN)/python bench/bench.py --rounds 2
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

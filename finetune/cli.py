@@ -118,8 +118,10 @@ def run_command(
     overrides: Overrides = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop before training.")] = False,
     num_processes: Annotated[
-        int, typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate.")
-    ] = 1,
+        Optional[int],
+        typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate "
+                     "(default: distributed.num_processes of the recipe)."),
+    ] = None,
     allow_code_execution: AllowCode = False,
     resume: Annotated[
         Optional[str],
@@ -132,15 +134,16 @@ def run_command(
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     from finetune.config import load_recipe
     from finetune.evaluation import print_metrics
-    from finetune.launch import inside_launched_process, relaunch
+    from finetune.launch import inside_launched_process, processes_wanted, relaunch
     from finetune.runner import run
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     loaded = load_recipe(recipe, overrides)  # fail fast, once, before starting processes
+    num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
     if num_processes > 1 and not inside_launched_process():
         args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else []),
                 *(["--resume", resume] if resume else []), *(["--force-resume"] if force_resume else [])]
-        raise typer.Exit(relaunch(num_processes, args))
+        raise typer.Exit(relaunch(num_processes, args, loaded.distributed.strategy))
     document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume)
     if document is None:
         return

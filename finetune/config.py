@@ -115,6 +115,11 @@ class TrainSection(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, same data each epoch)."
     )
+    packing: bool = Field(
+        False,
+        description="GPT-family generation tasks: concatenate each batch into one row with no padding, attention "
+        "kept within each example (position ids restart per example).",
+    )
     checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="How many resumable checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between lines of train_log.jsonl.")
@@ -179,6 +184,21 @@ class EvalSection(Section):
         return gates
 
 
+class DistributedSection(Section):
+    num_processes: int | Literal["auto"] = Field(
+        1, description="Processes to launch through accelerate (auto: one per GPU, 1 without GPUs); --num-processes wins."
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several GPUs share the work: ddp (replicas), fsdp or deepspeed (ZeRO-2), via accelerate."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes); CUDA only."
+    )
+
+
 class OutputSection(Section):
     dir: str = Field("runs/latest", description="Run directory (created; an existing run is resumed or replaced).")
 
@@ -193,6 +213,7 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @property

@@ -153,6 +153,28 @@ class PadCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
+class PackedCollator:
+    """Concatenates a batch into one row with no padding at all (decoder models, training).
+
+    Position ids restart at each sequence: transformers then builds a
+    block-diagonal causal mask from them (SDPA/eager; flash attention reads them
+    as sequence boundaries), so no token attends across sequences. The first
+    label of each sequence is ignored, so none learns to predict the next one's
+    start. The loss equals that of the padded batch (tests/test_packing.py).
+    """
+
+    def __call__(self, rows: list[dict]) -> dict:
+        input_ids, labels, positions = [], [], []
+        for row in rows:
+            input_ids += row["input_ids"]
+            labels += [IGNORE] + row["labels"][1:]
+            positions += range(len(row["input_ids"]))
+        batch = {name: torch.tensor([values], dtype=torch.long)
+                 for name, values in (("input_ids", input_ids), ("labels", labels), ("position_ids", positions))}
+        # Without a cache object the mask is derived from position ids (transformers' masking_utils).
+        return {**batch, "use_cache": False}
+
+
 @torch.no_grad()
 def completion_loss(model, features: Dataset, tokenizer, family: str, batch_size: int, accelerator) -> float | None:
     """Mean cross-entropy per completion token over the eval set (each example counted once across processes)."""

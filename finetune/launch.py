@@ -9,18 +9,40 @@ def inside_launched_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
-def relaunch(num_processes: int, finetune_args: list[str]) -> int:
+def processes_wanted(setting: int | str) -> int:
+    """distributed.num_processes: a number, or auto = one per GPU (1 without GPUs)."""
+    if setting != "auto":
+        return int(setting)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+STRATEGY_FLAGS = {
+    "ddp": ["--multi_gpu"],
+    "fsdp": ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_use_orig_params", "true"],
+    "deepspeed": ["--use_deepspeed", "--zero_stage", "2"],
+}
+
+
+def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp") -> int:
     """Run `finetune ARGS` in `num_processes` processes on this machine; return the worst exit code.
 
     accelerate's multi-process launcher (torch.distributed.run underneath) is
     used on CPU too: each process then joins a gloo group (see make_accelerator).
     Multi-node runs use `accelerate launch` directly with its machine-rank flags.
     """
+    import torch
+
+    from finetune.errors import RecipeError
+
+    if strategy != "ddp" and not torch.cuda.is_available():
+        raise RecipeError(f"distributed.strategy: {strategy} shards over GPUs; without one use ddp (gloo on CPU)")
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(
-        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        [*STRATEGY_FLAGS[strategy], "--num_processes", str(num_processes), "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *finetune_args]
     )
     try:

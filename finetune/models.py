@@ -230,6 +230,25 @@ def load_tokenizer(path: str, family: str, *, revision=None, trust_remote_code=F
     return tokenizer
 
 
+def quantization_config(setting: str):
+    """transformers' BitsAndBytesConfig for `distributed.quantization`; refused where it cannot run."""
+    if setting == "none":
+        return None
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError("distributed.quantization: 4bit (QLoRA) needs a CUDA GPU; this machine has none. "
+                          "Use quantization: none (LoRA on the full-precision base) here.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("distributed.quantization: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 def load_model(auto_class, path: str, *, revision=None, trust_remote_code=False, **kwargs):
     import torch
 

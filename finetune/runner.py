@@ -18,7 +18,7 @@ from finetune.data import apply_template, file_hashes, load_table, map_columns, 
 from finetune.errors import DataError, RecipeError
 from finetune.secrets import redact, redact_tree
 from finetune.lora import apply_lora, count_parameters, head_modules, resolve_targets, summarise_targets
-from finetune.models import detect_family, load_config, load_model, load_tokenizer, resolve_reference
+from finetune.models import detect_family, load_config, load_model, load_tokenizer, quantization_config, resolve_reference
 from finetune.tasks import Features, Task, get_task, recipe_task
 
 log = logging.getLogger("finetune")
@@ -121,8 +121,17 @@ def load_session_model(session: Session, adapter_dir: Path | None = None, with_l
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
         **task.model_kwargs(session.state),
+        quantization_config=quantization_config(recipe.distributed.quantization),
     )
     task.prepare_model(model, session.tokenizer, session.family)
+    distributed = recipe.distributed
+    if distributed.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=distributed.gradient_checkpointing)
+    elif distributed.gradient_checkpointing and with_lora:
+        # Non-reentrant checkpointing needs no input gradients, so it works with every weight frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -238,11 +247,13 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
 
     run_dir = RunDir(recipe.output.dir)
     trackers.check_installed(recipe.train.report_to)
+    quantization_config(recipe.distributed.quantization)  # refused here, before anything loads
     if not dry_run:
         preflight(run_dir)
     accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
     main = accelerator.is_main_process
     session = open_session(recipe)
+    collate = training_collator(session)
     # LoRA is applied to freshly loaded base weights, also when resuming: a
     # checkpoint holds the trained values, never a second set of adapters.
     load_session_model(session)
@@ -268,7 +279,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
     result = train(
         session.model,
         session.features["train"].dataset,
-        task.collate(session.tokenizer),
+        collate,
         recipe,
         accelerator,
         run_dir.train_log,
@@ -307,6 +318,21 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
     accelerator.end_training()
     accelerator.wait_for_everyone()
     return document
+
+
+def training_collator(session: Session):
+    """The task's padding collator, or one-row packing (train.packing) for decoder generation tasks."""
+    if not session.recipe.train.packing:
+        return session.task.collate(session.tokenizer)
+    from finetune.generation import PackedCollator
+    from finetune.tasks.generative import GenerationTask
+
+    if not isinstance(session.task, GenerationTask) or session.family != "gpt":
+        raise RecipeError(
+            f"train.packing: only for GPT-family models on generation tasks (copywriting, codegen, generative qa); "
+            f"this is {session.recipe.task} on a {session.family}-family model"
+        )
+    return PackedCollator()
 
 
 def _data_hashes(recipe: Recipe) -> dict:

@@ -202,7 +202,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                     loss = model(**batch).loss
                     guard.watch(loss)
                     accelerator.backward(loss)
-                    logger.add(loss.detach(), batch["attention_mask"].sum())
+                    logger.add(loss.detach(), real_tokens(batch))
                     if accelerator.sync_gradients:
                         # The norm of the gradients summed over processes: the same on every rank.
                         norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm or math.inf)
@@ -234,6 +234,13 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                 if done or epoch_end:
                     break
     return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
+
+
+def real_tokens(batch: dict) -> torch.Tensor:
+    """Non-padding tokens of a batch (a packed batch has no padding, and no attention mask)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 class NonFiniteGuard:
