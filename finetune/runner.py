@@ -315,7 +315,7 @@ def run(recipe: Recipe, console, *, dry_run: bool = False, resume: str | None = 
         artifacts.write_pictures(run_dir, document)
         artifacts.write_model_card(run_dir, recipe, document, manifest, session.reports())
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
-    accelerator.end_training()
+    trackers.finish(accelerator)
     accelerator.wait_for_everyone()
     return document
 

@@ -33,3 +33,9 @@ def start(accelerator, recipe, run_name: str) -> None:
     # TensorBoard's hparams accept only scalars and strings.
     settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
     accelerator.init_trackers(run_name, config=settings)
+
+
+def finish(accelerator) -> None:
+    """Close the trackers. (accelerator.end_training would also tear down the process group.)"""
+    for tracker in accelerator.trackers:
+        tracker.finish()
