@@ -57,7 +57,7 @@ def flops_per_token(recipe_path: str, overrides: list[str]) -> tuple[float, dict
     """
     import torch
 
-    from finetune.config import load_recipe
+    from finetune.validation import load_recipe
     from finetune.runner import load_session_model, open_session
 
     recipe = load_recipe(recipe_path, overrides)
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from finetune.artifacts import library_versions
-    from finetune.config import load_recipe
+    from finetune.validation import load_recipe
     from finetune.train import resolve_precision
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402
     AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
 )
 
-from finetune.config import load_recipe  # noqa: E402  (only to read the same settings)
+from finetune.validation import load_recipe  # noqa: E402  (only to read the same settings)
 from finetune.models import resolve_reference  # noqa: E402
 
 

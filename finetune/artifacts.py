@@ -11,8 +11,13 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from finetune.secrets import redact_tree
+from finetune.secrets import redact
+from finetune import plots
 
 ADAPTER_META = "finetune.json"
+# Written first into every run directory: what tells a run (finished or not) from a user's own folder.
+RUN_MARKER = ".finetune-run"
 
 
 def sha256_file(path: Path) -> str:
@@ -38,15 +43,43 @@ class RunDir:
     curves = property(lambda self: self.path / "training_curves.png")
     confusion = property(lambda self: self.path / "confusion_matrix.png")
 
+    evals = property(lambda self: self.path / "evals")
+    marker = property(lambda self: self.path / RUN_MARKER)
+
     def is_run(self) -> bool:
+        """A finished run: its recipe and a trained adapter."""
         return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
+
+    def holds_run(self) -> bool:
+        """A run, finished or not (older runs have no marker: their recipe beside a log, checkpoints or adapter)."""
+        if self.marker.is_file():
+            return True
+        return self.recipe.is_file() and any(p.exists() for p in (self.train_log, self.checkpoints, self.adapter))
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+
+    def contains(self, other: Path) -> bool:
+        """Whether `other` is this run directory or lies inside it."""
+        here, there = self.path.resolve(), other.expanduser().resolve()
+        return there == here or here in there.parents
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+
+    The file gets the user's umask (mkstemp alone would leave it 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -102,8 +135,6 @@ def _hardware(accelerator) -> dict:
 
 
 def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = None) -> dict:
-    from finetune.secrets import redact_tree
-
     return redact_tree({
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -116,14 +147,16 @@ def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = 
     })
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_adapter_meta(adapter_dir: Path) -> dict:
     return json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
 
 
 def write_pictures(run: RunDir, document: dict) -> list[str]:
     """training_curves.png from the log and, for classification, confusion_matrix.png. Returns the file names."""
-    from finetune import plots
-
     written = []
     if run.train_log.is_file() and plots.training_curves(run.train_log, run.curves):
         written.append(run.curves.name)
@@ -205,6 +238,4 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
         "distribution. The adapter inherits the biases and licence of the base model.",
         "",
     ]
-    from finetune.secrets import redact
-
     write_text_atomic(run.card, redact("\n".join(lines)))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.adapter import AdapterSaver
 from finetune.artifacts import sha256_file
 from finetune.errors import DataError, RecipeError
 
@@ -59,7 +60,7 @@ class Progress:
 
 
 def save(directory: Path, progress: Progress, accelerator, model, optimizer, scheduler, logger_state: dict,
-         keep: int, on_checkpoint=None) -> Path:
+         keep: int, adapter: AdapterSaver | None = None) -> Path:
     """Write a checkpoint for `progress.step` atomically and keep only the newest `keep`."""
     final = directory / f"{PREFIX}{progress.step:08d}"
     staging = directory / f"{STAGING_PREFIX}{PREFIX}{progress.step:08d}"
@@ -84,8 +85,8 @@ def save(directory: Path, progress: Progress, accelerator, model, optimizer, sch
         if accelerator.scaler is not None:
             _write_json(staging / "scaler.json", accelerator.scaler.state_dict())
         _write_json(staging / PROGRESS, asdict(progress))
-        if on_checkpoint is not None:
-            on_checkpoint(staging)
+        if adapter is not None:  # a plain adapter too, so `finetune eval --checkpoint` can use it
+            adapter.save(unwrapped, staging / "adapter")
     accelerator.wait_for_everyone()
     if main:
         _write_json(staging / INDEX, {"step": progress.step, "files": _inventory(staging)})

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +61,9 @@ def _handled(command):
         except typer.Exit:
             raise
         except FinetuneError as exc:
+            if _debug["on"]:  # the original error, chained, for what was turned into one line
+                exc.__suppress_context__ = False
+                traceback.print_exception(exc)
             err_console.print(f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -130,21 +134,27 @@ def run_command(
     force_resume: Annotated[
         bool, typer.Option("--force-resume", help="Resume even though the recipe, data or process count changed (not exact).")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run already in output.dir (its checkpoints, adapter and results).")
+    ] = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
-    from finetune.config import load_recipe
+    # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
     from finetune.evaluation import print_metrics
     from finetune.launch import inside_launched_process, processes_wanted, relaunch
-    from finetune.runner import run
+    from finetune.validation import load_and_check
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
-    loaded = load_recipe(recipe, overrides)  # fail fast, once, before starting processes
+    loaded = load_and_check(recipe, overrides).recipe  # every rule, once, before starting processes
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
     if num_processes > 1 and not inside_launched_process():
         args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else []),
-                *(["--resume", resume] if resume else []), *(["--force-resume"] if force_resume else [])]
+                *(["--resume", resume] if resume is not None else []), *(["--force-resume"] if force_resume else []),
+                *(["--overwrite"] if overwrite else [])]
         raise typer.Exit(relaunch(num_processes, args, loaded.distributed.strategy))
-    document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume)
+    from finetune.runner import run
+
+    document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
     if document is None:
         return
     if _is_main_process():
@@ -181,6 +191,7 @@ def eval_command(
     tolerance: Annotated[float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")] = 0.01,
     junit: Annotated[Optional[str], typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
     allow_code_execution: AllowCode = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --output replace an earlier evaluation there.")] = False,
     sandbox: Annotated[
         Optional[str], typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...).")
     ] = None,
@@ -213,13 +224,17 @@ def eval_command(
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
-        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides, baseline=baseline)
+        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides,
+                            baseline=baseline, overwrite=overwrite)
     if junit:
         write_junit(document, junit)
+    written_to = document.pop("written_to", None)
     if as_json:
         print(dumps(document))
     else:
         print_metrics(console, document)
+        if written_to:
+            console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False)
     _exit_on_failed_gates(document)
 
 
@@ -262,6 +277,9 @@ def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe 
             summary = validate_recipe_file(path)
             console.print(f"[green]ok[/]   {path}: {summary}", highlight=False, soft_wrap=True)
         except FinetuneError as exc:
+            if _debug["on"]:  # the original error, chained, for what was turned into one line
+                exc.__suppress_context__ = False
+                traceback.print_exception(exc)
             err_console.print(f"[red]fail[/] {exc}", highlight=False, soft_wrap=True)
             worst = max(worst, exc.exit_code)
     if worst:
@@ -272,13 +290,14 @@ def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe 
 @_handled
 def merge_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
-    output: Annotated[str, typer.Option("--output", help="Directory for the merged checkpoint.")],
+    output: Annotated[str, typer.Option("--output", help="A new or empty directory for the merged checkpoint.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output (never a run).")] = False,
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers checkpoint."""
     from finetune.runner import merge
 
-    merge(run_dir, output)
-    console.print(f"merged checkpoint written to {output}")
+    written = merge(run_dir, output, overwrite=overwrite)
+    console.print(f"merged checkpoint written to {written}", highlight=False)
 
 
 def main() -> None:

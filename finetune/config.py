@@ -6,18 +6,18 @@ recipe and, for a misspelt key, the nearest valid name.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, did_you_mean
 from finetune.gates import parse_gate
 
 TaskName = Literal["classification", "copywriting", "codegen", "qa"]
-Family = Literal["bert", "bart", "gpt"]
+# LoRA target groups, resolved to module names by finetune.lora.
+ABSTRACT_TARGETS = ("attention", "self_attention", "cross_attention", "mlp", "all_linear")
 
 
 class Section(BaseModel):
@@ -78,12 +78,17 @@ class LoraSection(Section):
         "all_linear",
         description="attention | self_attention | cross_attention | mlp | all_linear, or explicit module names.",
     )
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output beside the LoRA direction (peft's use_dora).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (peft's use_rslora).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="LoRA initialisation (peft's init_lora_weights). pissa/olora start from the base weights' principal "
+        "directions; the saved adapter is converted so it applies to the unchanged base.",
+    )
 
     @field_validator("targets")
     @classmethod
     def _known_abstract_target(cls, value: str | list[str]) -> str | list[str]:
-        from finetune.lora import ABSTRACT_TARGETS
-
         if isinstance(value, str) and value not in ABSTRACT_TARGETS:
             raise ValueError(
                 f"unknown target group {value!r}{did_you_mean(value, ABSTRACT_TARGETS)}; "
@@ -127,6 +132,10 @@ class TrainSection(Section):
         default_factory=list,
         description="Experiment trackers, through accelerate (none by default; each needs its own package).",
     )
+    optimizer: Literal["adamw", "loraplus"] = Field(
+        "adamw", description="adamw, or loraplus: AdamW with the LoRA B matrices at lr x loraplus_lr_ratio (peft's LoRA+)."
+    )
+    loraplus_lr_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of the B matrices to the A matrices.")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/inf loss or gradient: stop (exit 5, last good checkpoint kept) or skip that update "
@@ -224,24 +233,6 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
-# Names users bring from transformers/peft/other tools, mapped to ours.
-_KNOWN_ALIASES = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "scheduler",
-    "output_dir": "dir", "model_name_or_path": "name_or_path", "model_name": "name_or_path",
-    "max_seq_length": "max_length", "dtype": "precision", "mixed_precision": "precision",
-}
-
-
-def did_you_mean(name, choices) -> str:
-    choices = [str(c) for c in choices]
-    alias = _KNOWN_ALIASES.get(str(name))
-    close = [alias] if alias in choices else difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _section_fields(loc: tuple) -> list[str]:
     """Valid key names at the place `loc` (a path of field names) in the Recipe."""
     model: type[BaseModel] | None = Recipe
@@ -294,12 +285,33 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML lets the last one win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe_file(path: str | Path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is YAML text") from None
+    if "\x00" in text:
+        raise RecipeError(f"{path}: a binary file, not a YAML recipe")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -312,26 +324,17 @@ def read_recipe_file(path: str | Path) -> dict:
 
 
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    """Validate the structure, then the task's own rules (columns, metrics, family)."""
-    from finetune.tasks import get_task
-
+    """The recipe's structure and types (the schema only; finetune.validation adds every other rule)."""
     try:
-        recipe = Recipe.model_validate(raw)
-        problems = get_task(recipe.task, recipe.mode).check_recipe(recipe)
-        if recipe.mode is not None and recipe.task != "qa":
-            problems.append(f"mode: only task qa has modes (extractive, generative); remove it for task {recipe.task}")
+        return Recipe.model_validate(raw)
     except ValidationError as exc:
         problems = [_format_problem(e) for e in exc.errors()]
-    if problems:
-        noun = "problem" if len(problems) == 1 else "problems"
-        raise RecipeError(f"{source}: {len(problems)} {noun}", problems)
-    return recipe
+    raise recipe_problems_error(source, problems)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; a relative data path is taken from the working directory."""
-    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
-    return build_recipe(raw, source=str(path))
+def recipe_problems_error(source: str, problems: list[str]) -> RecipeError:
+    noun = "problem" if len(problems) == 1 else "problems"
+    return RecipeError(f"{source}: {len(problems)} {noun}", problems)
 
 
 def flat_settings(recipe: Recipe) -> dict:

@@ -17,6 +17,8 @@ from datasets import Dataset, concatenate_datasets
 
 from finetune.artifacts import sha256_file
 from finetune.errors import DataError
+from finetune.models import package_path
+from finetune.errors import did_you_mean
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
 
@@ -102,8 +104,6 @@ def _load_hub(spec: str) -> Dataset:
 def local_data_path(spec: str, key: str) -> Path:
     """A data spec as a path; `pkg:MODULE/PATH` names a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
-        from finetune.models import package_path
-
         return package_path(spec, key)
     return Path(spec)
 
@@ -147,8 +147,6 @@ def map_columns(table: Dataset, columns: dict[str, str], required, optional, key
     """Rename the file's columns to the task's field names; keep only those fields."""
     unknown_fields = [f for f in columns if f not in (*required, *optional)]
     if unknown_fields:
-        from finetune.config import did_you_mean
-
         names = ", ".join(f"{f!r}{did_you_mean(f, (*required, *optional))}" for f in unknown_fields)
         raise DataError(f"data.columns: {names} is not a field of this task (fields: {', '.join((*required, *optional))})")
     present = set(table.column_names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class FinetuneError(Exception):
     """A problem the user can fix; shown as one line, never as a traceback."""
@@ -47,3 +49,22 @@ class Interrupted(FinetuneError):
     """SIGTERM/SIGINT after a resumable checkpoint was saved (exit 75)."""
 
     exit_code = 75
+
+
+# Names users bring from transformers/peft/other tools, mapped to ours.
+_KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "scheduler",
+    "output_dir": "dir", "model_name_or_path": "name_or_path", "model_name": "name_or_path",
+    "max_seq_length": "max_length", "dtype": "precision", "mixed_precision": "precision",
+}
+
+
+def did_you_mean(name, choices) -> str:
+    """` (did you mean 'x'?)` for the nearest valid name, or "" when none is close."""
+    choices = [str(c) for c in choices]
+    alias = _KNOWN_ALIASES.get(str(name))
+    close = [alias] if alias in choices else difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader
 
 from finetune.errors import DataError
 from finetune.gates import Gate, evaluate_gates, parse_gate
+from finetune.ci import compare
+from finetune.data import _read_jsonl
 
 
 def eval_loader(dataset, collate, batch_size: int, accelerator):
@@ -51,8 +53,6 @@ def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dic
 def attach_comparison(document: dict, baseline: tuple[str, dict, float] | None) -> dict:
     """Add `comparison` (each metric against a baseline run's, within a tolerance) to a metrics document."""
     if baseline is not None:
-        from finetune.ci import compare
-
         source, baseline_document, tolerance = baseline
         document["comparison"] = {
             "baseline": source, "tolerance": tolerance, "metrics": compare(document, baseline_document, tolerance),
@@ -70,8 +70,6 @@ def failed_gates(document: dict) -> list[str]:
 
 
 def read_prediction_rows(path: str | Path) -> list[dict]:
-    from finetune.data import _read_jsonl
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")

@@ -21,6 +21,11 @@ class Gate:
     def check(self, value: float) -> bool:
         return _OPERATORS[self.op](value, self.threshold)
 
+    def can_pass_within(self, low: float, high: float) -> bool:
+        """Whether some value in [low, high] passes: a gate `>=1.5` on a fraction never does."""
+        t = self.threshold
+        return {">=": t <= high, ">": t < high, "<=": t >= low, "<": t > low, "==": low <= t <= high}[self.op]
+
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.threshold:g}"
 

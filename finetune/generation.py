@@ -17,6 +17,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from finetune.data import LengthReport, apply_overflow
 from finetune.errors import DataError
+from finetune.families import FamilySpec
+from finetune.evaluation import eval_loader
 
 IGNORE = -100
 
@@ -55,7 +57,7 @@ class Encoded:
     report: LengthReport
 
 
-def encode(prompts: list[str], completions: list[str] | None, tokenizer, family: str, recipe, split: str) -> Encoded:
+def encode(prompts: list[str], completions: list[str] | None, tokenizer, family: FamilySpec, recipe, split: str) -> Encoded:
     """Tokenise prompt/completion pairs for training and evaluation loss, and prompts for generation.
 
     Over-long examples follow `data.overflow`. Truncation never drops a
@@ -69,14 +71,14 @@ def encode(prompts: list[str], completions: list[str] | None, tokenizer, family:
     completion_ids = None
     if completions is not None:
         eos = _eos_id(tokenizer)
-        if family == "bart":
+        if family.encoder_decoder:
             completion_ids = [ids if ids and ids[-1] == eos else ids + [eos] for ids in _targets(completions, tokenizer)]
         else:
             completion_ids = [ids + [eos] for ids in _encode(completions, tokenizer, special=False)]
 
     if completion_ids is None:
         lengths = [len(p) for p in prompt_ids]
-    elif family == "bart":
+    elif family.encoder_decoder:
         lengths = [max(len(p), len(c)) for p, c in zip(prompt_ids, completion_ids)]
     else:
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -88,16 +90,16 @@ def encode(prompts: list[str], completions: list[str] | None, tokenizer, family:
     bos = tokenizer.bos_token_id
     for i in keep:
         prompt = prompt_ids[i]
-        if family == "bart":  # encoder input: cut the end, keep the closing EOS
+        if family.encoder_decoder:  # encoder input: cut the end, keep the closing EOS
             prompt = prompt if len(prompt) <= max_length else prompt[: max_length - 1] + prompt[-1:]
         # Generation sees the prompt alone, so it may use the whole max_length.
-        prompts_out.append(prompt if family == "bart" else _keep_end(prompt, max_length, bos))
+        prompts_out.append(prompt if family.encoder_decoder else _keep_end(prompt, max_length, bos))
         if completion_ids is None:
             continue
         completion = completion_ids[i]
         if len(completion) > max_length:
             completion, cut_completions = completion[:max_length], cut_completions + 1
-        if family == "bart":
+        if family.encoder_decoder:
             inputs.append(prompt)
             labels.append(completion)
         else:
@@ -109,7 +111,7 @@ def encode(prompts: list[str], completions: list[str] | None, tokenizer, family:
             f"{cut_completions} completion(s) longer than max_length={max_length} were cut (their end and EOS "
             "are not trained on); raise data.max_length or use data.overflow=drop"
         )
-    if too_long and completion_ids is not None and family != "bart":
+    if too_long and completion_ids is not None and not family.encoder_decoder:
         report.notes.append(f"{too_long} prompt(s) were shortened from the start to keep their completions")
     features = None
     if completion_ids is not None:
@@ -176,10 +178,8 @@ class PackedCollator:
 
 
 @torch.no_grad()
-def completion_loss(model, features: Dataset, tokenizer, family: str, batch_size: int, accelerator) -> float | None:
+def completion_loss(model, features: Dataset, tokenizer, family: FamilySpec, batch_size: int, accelerator) -> float | None:
     """Mean cross-entropy per completion token over the eval set (each example counted once across processes)."""
-    from finetune.evaluation import eval_loader
-
     if features is None or len(features) == 0:
         return None
     model.eval()
@@ -187,8 +187,8 @@ def completion_loss(model, features: Dataset, tokenizer, family: str, batch_size
     for batch in eval_loader(features, PadCollator(tokenizer), batch_size, accelerator):
         labels = batch.pop("labels")
         with accelerator.autocast():
-            logits = model(**batch, labels=labels if family == "bart" else None).logits.float()
-        if family != "bart":  # a decoder predicts token t+1 at position t
+            logits = model(**batch, labels=labels if family.encoder_decoder else None).logits.float()
+        if not family.encoder_decoder:  # a decoder predicts token t+1 at position t
             logits, labels = logits[:, :-1], labels[:, 1:]
         token_loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
@@ -219,7 +219,7 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, family: str, prompt_ids: list[list[int]], settings, stops: list[str],
+def generate(model, tokenizer, family: FamilySpec, prompt_ids: list[list[int]], settings, stops: list[str],
              batch_size: int, accelerator) -> list[list[str]]:
     """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes."""
     from accelerate.utils import gather_object
@@ -251,9 +251,9 @@ def generate(model, tokenizer, family: str, prompt_ids: list[list[int]], setting
     return [by_index[i] for i in range(len(prompt_ids))]
 
 
-def _generate_batch(model, tokenizer, family, prompts, options, stops, pad_id, accelerator) -> list[str]:
+def _generate_batch(model, tokenizer, family: FamilySpec, prompts, options, stops, pad_id, accelerator) -> list[str]:
     width = max(1, max(len(p) for p in prompts))
-    if family == "bart":  # encoder inputs: right padding
+    if family.prompt_padding == "right":  # encoder inputs
         ids = [p + [pad_id] * (width - len(p)) for p in prompts]
         mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
     else:  # decoder prompts: left padding, so every row continues from its own last token
@@ -261,7 +261,8 @@ def _generate_batch(model, tokenizer, family, prompts, options, stops, pad_id, a
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
     input_ids = torch.tensor(ids, device=accelerator.device)
     attention_mask = torch.tensor(mask, device=accelerator.device)
-    new_from = 0 if family == "bart" else width
+    # A decoder's output repeats the (padded) prompt before the new tokens; an encoder-decoder's does not.
+    new_from = 0 if family.encoder_decoder else width
     criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stops, new_from)]) if stops else None
     with accelerator.autocast():
         output = accelerator.unwrap_model(model).generate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from finetune.errors import RecipeError
 
 
 def inside_launched_process() -> bool:
@@ -33,8 +34,6 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
     Multi-node runs use `accelerate launch` directly with its machine-rank flags.
     """
     import torch
-
-    from finetune.errors import RecipeError
 
     if strategy != "ddp" and not torch.cuda.is_available():
         raise RecipeError(f"distributed.strategy: {strategy} shards over GPUs; without one use ddp (gloo on CPU)")

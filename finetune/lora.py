@@ -15,14 +15,15 @@ from __future__ import annotations
 import re
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
 
-ABSTRACT_TARGETS = ("attention", "self_attention", "cross_attention", "mlp", "all_linear")
+from finetune.config import LoraSection
+from finetune.families import FamilySpec
 
 # Task heads are trained in full (peft's modules_to_save), never wrapped with LoRA.
 HEAD_MODULES = ("classifier", "score", "classification_head", "qa_outputs", "lm_head", "pooler")
 
-_ATTENTION = re.compile(r"(attn|attention)", re.IGNORECASE)
-_CROSS = re.compile(r"(encoder_attn|crossattention|cross_attn|encdecattention)", re.IGNORECASE)
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -41,16 +42,17 @@ def body_linear_layers(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def role_of(name: str) -> str:
-    parts = name.split(".")[:-1]  # the block it sits in, not its own name
-    if any(_CROSS.search(part) for part in parts):
+def role_of(name: str, family: FamilySpec) -> str:
+    """self_attention, cross_attention or mlp, from the blocks the layer sits in (the family names them)."""
+    blocks = name.split(".")[:-1]  # the blocks it sits in, not its own name
+    if any(family.is_cross_attention(part) for part in blocks):
         return "cross_attention"
-    if any(_ATTENTION.search(part) for part in parts):
+    if any(family.is_attention(part) for part in blocks):
         return "self_attention"
     return "mlp"
 
 
-def resolve_targets(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
+def resolve_targets(model: torch.nn.Module, targets: str | list[str], family: FamilySpec) -> list[str]:
     """Full module names to wrap with LoRA. Raises ValueError naming what matched nothing."""
     layers = body_linear_layers(model)
     if isinstance(targets, list):
@@ -70,7 +72,7 @@ def resolve_targets(model: torch.nn.Module, targets: str | list[str]) -> list[st
         "mlp": {"mlp"},
         "all_linear": {"self_attention", "cross_attention", "mlp"},
     }[targets]
-    chosen = [n for n in layers if role_of(n) in wanted]
+    chosen = [n for n in layers if role_of(n, family) in wanted]
     if not chosen:
         raise ValueError(f"lora.targets: {targets!r} matches no layer of this model (it has no {targets} layers)")
     return chosen
@@ -82,29 +84,54 @@ def head_modules(model: torch.nn.Module, candidates: tuple[str, ...]) -> list[st
     return [c for c in candidates if c in present]
 
 
-def summarise_targets(names: list[str]) -> str:
-    """`query, key, value (x6)` style summary of resolved module names."""
-    counts: dict[str, int] = {}
+def group_targets(names: list[str], family: FamilySpec) -> list[str]:
+    """The targets by block, e.g. `encoder self-attention: query, key, value, output x6`.
+
+    The stack (encoder/decoder) comes from the module path, the role from the
+    family's naming, and xN counts the layers each group spans.
+    """
+    groups: dict[str, dict[str, int]] = {}
     for name in names:
-        leaf = ".".join(name.split(".")[-2:]) if name.split(".")[-2] in ("self", "output") else name.split(".")[-1]
-        counts[leaf] = counts.get(leaf, 0) + 1
-    return ", ".join(f"{leaf} x{n}" for leaf, n in counts.items())
+        parts = name.split(".")
+        stack = next((p for p in parts if p in ("encoder", "decoder")), "")
+        role = role_of(name, family).replace("_", "-")
+        leaf = parts[-2] if parts[-1] == "dense" and len(parts) > 1 else parts[-1]  # BERT: attention.output.dense
+        leaves = groups.setdefault(f"{stack} {role}".strip(), {})
+        leaves[leaf] = leaves.get(leaf, 0) + 1
+    lines = []
+    for group, leaves in groups.items():
+        counts = set(leaves.values())
+        if len(counts) == 1:
+            lines.append(f"{group}: {', '.join(leaves)} x{counts.pop()}")
+        else:
+            lines.append(f"{group}: " + ", ".join(f"{leaf} x{n}" for leaf, n in leaves.items()))
+    return lines
 
 
-def apply_lora(model, recipe_lora, targets: list[str], modules_to_save: list[str], task_type: str | None):
-    """Wrap the model; `task_type` (peft's SEQ_CLS, CAUSAL_LM, ...) lets AutoPeftModelFor... reload it."""
-    from peft import LoraConfig, get_peft_model
+INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# These initialisations move the base weights' principal part into the adapter: the base itself changes.
+BASE_CHANGING_INITS = ("pissa", "olora")
 
-    config = LoraConfig(
+
+def lora_config(lora: LoraSection, targets: list[str], modules_to_save: list[str], task_type: str | None) -> LoraConfig:
+    """peft's LoraConfig for the recipe's lora section; `task_type` lets AutoPeftModelFor... reload it."""
+    return LoraConfig(
         task_type=task_type,
-        r=recipe_lora.r,
-        lora_alpha=recipe_lora.alpha,
-        lora_dropout=recipe_lora.dropout,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=targets,
         modules_to_save=modules_to_save or None,
         bias="none",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=INIT_WEIGHTS[lora.init],
     )
-    return get_peft_model(model, config)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSection, targets: list[str], modules_to_save: list[str],
+               task_type: str | None) -> PeftModel:
+    return get_peft_model(model, lora_config(lora, targets, modules_to_save, task_type))
 
 
 def count_parameters(model) -> tuple[int, int]:

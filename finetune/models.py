@@ -17,11 +17,9 @@ from pathlib import Path
 
 from finetune.artifacts import sha256_file
 from finetune.errors import RecipeError
+from finetune.families import FAMILIES, FamilySpec, family_of_config
 
 log = logging.getLogger("finetune")
-
-FAMILIES = ("bert", "bart", "gpt")
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
@@ -139,22 +137,6 @@ def dequantised_gguf(directory: str, file: str) -> Path:
 # --------------------------------------------------------------------------- family
 
 
-def family_of_config(config) -> str | None:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if getattr(config, "is_encoder_decoder", False):
-        return "bart"
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "bert"
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "gpt"
-    return None
-
-
 def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False, local_only=False):
     from transformers import AutoConfig
 
@@ -170,6 +152,8 @@ def config_without_weights(reference: str, revision: str | None = None):
     """The checkpoint's config where it can be read without downloading or converting; else None."""
     from transformers import AutoConfig
 
+    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
+        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
     if not reference_is_local(reference):
         try:
             return AutoConfig.from_pretrained(reference, revision=revision, local_files_only=True)
@@ -189,16 +173,17 @@ def config_without_weights(reference: str, revision: str | None = None):
     return load_config(resolve_reference(reference), local_only=True)
 
 
-def detect_family(config, forced: str = "auto") -> str:
+def detect_family(config, forced: str = "auto") -> FamilySpec:
+    """The family spec of a checkpoint's config; `forced` (model.family) wins when set."""
     if forced != "auto":
-        return forced
-    family = family_of_config(config)
-    if family is None:
+        return FAMILIES[forced]
+    name = family_of_config(config)
+    if name is None:
         raise RecipeError(
             f"model: cannot tell the family of model_type {getattr(config, 'model_type', '?')!r}; "
             "set model.family to bert, bart or gpt"
         )
-    return family
+    return FAMILIES[name]
 
 
 def _first_line(exc: Exception) -> str:

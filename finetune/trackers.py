@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 
-from finetune.errors import RecipeError
+from finetune.config import flat_settings
+from finetune.secrets import redact_tree
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
-def check_installed(names: list[str]) -> None:
+def missing_trackers(names: list[str]) -> list[str]:
+    """One message per tracker whose package is not installed."""
     missing = [n for n in names if not any(importlib.util.find_spec(p) for p in PACKAGES[n])]
-    if missing:
-        raise RecipeError(
-            "train.report_to: " + "; ".join(f"{n} needs the {PACKAGES[n][0]} package (pip install {PACKAGES[n][0]})"
-                                            for n in missing)
-        )
+    return [f"{n} needs the {PACKAGES[n][0]} package (pip install {PACKAGES[n][0]})" for n in missing]
 
 
 def start(accelerator, recipe, run_name: str) -> None:
     """Open the trackers with the recipe (flattened, secrets redacted) as the run's configuration."""
     if not recipe.train.report_to:
         return
-    from finetune.config import flat_settings
-    from finetune.secrets import redact_tree
-
     settings = redact_tree(flat_settings(recipe))
     # TensorBoard's hparams accept only scalars and strings.
     settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}

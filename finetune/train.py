@@ -14,7 +14,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from finetune.config import TrainSection
 from finetune.errors import Interrupted, TrainingDiverged
+from finetune import checkpoint
+from finetune.adapter import AdapterSaver
+from finetune.artifacts import write_text_atomic
 
 log = logging.getLogger("finetune")
 
@@ -147,7 +151,19 @@ class Checkpointing:
     directory: Path
     identity: dict  # recipe, data and world size a resume must match
     resume_from: Path | None = None
-    on_checkpoint: object = None  # called with the staging directory (adds the plain adapter)
+    adapter: AdapterSaver | None = None  # also writes a plain adapter into each checkpoint
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, or peft's LoRA+ (B matrices at lr x ratio)."""
+    fused = torch.cuda.is_available() or None
+    if t.optimizer == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=t.lr, loraplus_lr_ratio=t.loraplus_lr_ratio,
+                                         weight_decay=t.weight_decay, fused=fused)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None,
@@ -160,8 +176,6 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     """
     from transformers import get_scheduler
 
-    from finetune import checkpoint
-
     t = recipe.train
     lengths = [len(ids) for ids in features["input_ids"]]
     sampler = LengthGroupedBatches(lengths, t.batch_size, t.seed, window=64 if t.group_by_length else 1)
@@ -171,9 +185,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     plan = TrainPlan.build(recipe, len(features), accelerator.num_processes)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=t.lr, weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None
-    )
+    optimizer = make_optimizer(model, t)
     # The scheduler is stepped by hand once per optimizer step, so it is not
     # handed to accelerate (which would step it once per process).
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
@@ -227,7 +239,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                     progress.tokens, progress.skipped_steps = logger.total_tokens, guard.skipped
                     saved = checkpoint.save(checkpointing.directory, progress, accelerator, model, optimizer,
                                             scheduler, logger.window_state(), t.keep_checkpoints,
-                                            checkpointing.on_checkpoint)
+                                            checkpointing.adapter)
                 if stopping and not done:
                     where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
                     raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
@@ -343,8 +355,6 @@ class StepLogger:
         self.loss_sum.fill_(window["loss_sum"]), self.batches.fill_(window["batches"]), self.tokens.fill_(window["tokens"])
         self.total_tokens = progress.tokens
         if self.path is not None and self.path.is_file():
-            from finetune.artifacts import write_text_atomic
-
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [line for line in lines if _logged_step(line) <= progress.step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))

@@ -1,6 +1,7 @@
 import pytest
 
-from finetune.config import apply_overrides, build_recipe, load_recipe
+from finetune.config import apply_overrides
+from finetune.validation import build_recipe, load_recipe
 from finetune.errors import RecipeError
 
 BASE = {

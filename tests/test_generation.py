@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.config import build_recipe
+from finetune.validation import build_recipe
 from finetune.generation import IGNORE, PadCollator, cut_at_stops, encode, generate
 from finetune.models import load_tokenizer
 from tests.conftest import WORDS, write_jsonl

@@ -7,6 +7,7 @@ from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.codegen import CodegenTask
 from finetune.tasks.copywriting import CopywritingTask
 from finetune.tasks.qa import ExtractiveQATask, GenerativeQATask
+from finetune.errors import RecipeError
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),
@@ -22,8 +23,6 @@ MODES: dict[tuple[str, str], Task] = {
 
 def get_task(name: str, mode: str | None = None) -> Task:
     """The task of a recipe (`task`, and `mode` for qa). Both qa modes score predictions the same way."""
-    from finetune.errors import RecipeError
-
     if name not in TASKS:
         raise RecipeError(f"task: {name!r} is not a task (tasks: {', '.join(TASKS)})")
     return MODES.get((name, mode), TASKS[name])

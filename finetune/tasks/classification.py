@@ -14,6 +14,7 @@ from datasets import Dataset
 from finetune.data import apply_overflow, checked_texts
 from finetune.errors import DataError
 from finetune.tasks.base import Features, Task
+from finetune.evaluation import eval_loader
 
 
 def _label_key(label) -> str:
@@ -28,7 +29,7 @@ class ClassificationTask(Task):
     reference_fields = ("label",)
     metric_names = ("accuracy", "macro_f1", "weighted_f1")
     head_candidates = ("classifier", "score", "classification_head", "pooler")
-    peft_task_type = "SEQ_CLS"
+    head = "sequence_classification"
 
     # ------------------------------------------------------------ model
     def fit_state(self, train_rows: Dataset, recipe) -> dict[str, Any]:
@@ -45,11 +46,6 @@ class ClassificationTask(Task):
         if len(labels) < 2:
             raise DataError(f"data.train: classification needs at least two classes, found {labels}")
         return {"labels": labels}
-
-    def auto_class(self, family: str):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
 
     def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
         names = [_label_key(x) for x in state["labels"]]
@@ -84,8 +80,6 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
-        from finetune.evaluation import eval_loader
-
         labeled = "labels" in features.dataset.column_names
         logits_parts, label_parts = [], []
         model.eval()

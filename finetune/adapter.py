@@ -1,14 +1,50 @@
-"""What a run leaves for other tools: an adapter that peft's AutoPeftModel classes load as it is."""
+"""Saving a trained adapter: peft's files, the tokenizer, what the task needs to use it again, and a base
+config so that peft's AutoPeftModel classes load it as it is."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from finetune.artifacts import ADAPTER_META, write_json
 
 log = logging.getLogger("finetune")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+@dataclass(frozen=True)
+class AdapterSaver:
+    """Writes the adapter of a model being trained; checkpoints and the end of a run share it."""
+
+    tokenizer: PreTrainedTokenizerBase
+    meta: dict[str, Any]  # task, family, label order / prompt layout, generation settings (finetune.json)
+    base_path: str
+    revision: str | None = None
+    # PiSSA/OLoRA: the adapter as initialised; saving converts the trained one into a plain LoRA on the unchanged base.
+    initial_adapter: Path | None = None
+
+    def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
+        """Atomically replace `adapter_dir`. `for_other_tools` (the run's final adapter) adds `base/`."""
+        staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        conversion = {} if self.initial_adapter is None else {
+            "path_initial_model_for_weight_conversion": str(self.initial_adapter)}
+        model.save_pretrained(str(staging), safe_serialization=True, **conversion)
+        self.tokenizer.save_pretrained(str(staging))
+        write_json(staging / ADAPTER_META, self.meta)
+        if for_other_tools:
+            write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(staging, adapter_dir)
 
 
 def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:

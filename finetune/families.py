@@ -1,0 +1,135 @@
+"""Model families as data: one frozen spec per family replaces every `family == "bart"` comparison.
+
+A family says how a checkpoint is laid out (encoder only, encoder-decoder,
+decoder), which transformers Auto class and peft task type each kind of head
+uses, how its attention blocks are named (for LoRA target groups), and what it
+cannot do. Adding a family is one row in FAMILIES plus its tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The kinds of model a task asks a family for.
+HeadKind = Literal["sequence_classification", "question_answering", "generation"]
+
+_AUTO_CLASSES: dict[str, str] = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+}
+_PEFT_TASK_TYPES: dict[str, str] = {
+    "sequence_classification": "SEQ_CLS",
+    "question_answering": "QUESTION_ANS",
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    architecture: Literal["encoder", "encoder-decoder", "decoder"]
+    examples: str
+    # Generation: the Auto class and peft task type, or None where the family cannot generate.
+    generation_class: str | None
+    generation_peft_task: str | None
+    # Where a prompt sits in a padded generation batch: a decoder continues from its last token (left
+    # padding); an encoder reads the prompt whole (right padding).
+    prompt_padding: Literal["left", "right"]
+    # train.packing: one unpadded row per batch with per-example position ids (decoders only).
+    packs: bool
+    # Module-path fragments naming attention blocks and the cross-attention among them.
+    attention_pattern: str = r"(attn|attention)"
+    cross_attention_pattern: str | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.architecture == "encoder-decoder"
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.architecture == "decoder"
+
+    def supports(self, head: HeadKind) -> bool:
+        return head not in self.refusals
+
+    def auto_class_name(self, head: HeadKind) -> str:
+        if head == "generation":
+            assert self.generation_class, f"{self.name} cannot generate"
+            return self.generation_class
+        return _AUTO_CLASSES[head]
+
+    def auto_class(self, head: HeadKind):
+        import transformers
+
+        return getattr(transformers, self.auto_class_name(head))
+
+    def peft_task_type(self, head: HeadKind) -> str | None:
+        return self.generation_peft_task if head == "generation" else _PEFT_TASK_TYPES[head]
+
+    def is_attention(self, block: str) -> bool:
+        return re.search(self.attention_pattern, block, re.IGNORECASE) is not None
+
+    def is_cross_attention(self, block: str) -> bool:
+        pattern = self.cross_attention_pattern
+        return pattern is not None and re.search(pattern, block, re.IGNORECASE) is not None
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            name="bert",
+            architecture="encoder",
+            examples="BERT, RoBERTa, MiniLM, DeBERTa",
+            generation_class=None,
+            generation_peft_task=None,
+            prompt_padding="right",
+            packs=False,
+            refusals={"generation": "encoder-only models do not generate text; use a BART or GPT-style checkpoint"},
+        ),
+        FamilySpec(
+            name="bart",
+            architecture="encoder-decoder",
+            examples="BART, T5",
+            generation_class="AutoModelForSeq2SeqLM",
+            generation_peft_task="SEQ_2_SEQ_LM",
+            prompt_padding="right",
+            packs=False,
+            # BART `encoder_attn`, T5 `EncDecAttention`, others `crossattention` / `cross_attn`.
+            cross_attention_pattern=r"(encoder_attn|crossattention|cross_attn|encdecattention)",
+        ),
+        FamilySpec(
+            name="gpt",
+            architecture="decoder",
+            examples="GPT-2, Llama, Qwen, SmolLM",
+            generation_class="AutoModelForCausalLM",
+            generation_peft_task="CAUSAL_LM",
+            prompt_padding="left",
+            packs=True,
+        ),
+    )
+}
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def family_spec(name: str) -> FamilySpec:
+    return FAMILIES[name]
+
+
+def family_of_config(config) -> str | None:
+    """The family a checkpoint's config belongs to, or None when it is none of ours."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "bart"
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "bert"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "gpt"
+    return None

@@ -1,0 +1,64 @@
+"""The plan a run shows before it trains (and all `--dry-run` shows): model, LoRA, data, steps, warnings."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from finetune.lora import count_parameters, group_targets
+from finetune.models import reference_is_local
+from finetune.session import Session
+from finetune.train import TrainPlan, resolve_precision
+
+
+def plan_warnings(session: Session, plan: TrainPlan) -> list[str]:
+    """Settings the run will not follow to the letter, said before it starts."""
+    recipe, warnings = session.recipe, []
+    t = recipe.train
+    asked = int(t.warmup * plan.total_steps) if t.warmup < 1 else int(t.warmup)
+    if asked > plan.total_steps:
+        warnings.append(f"train.warmup: {asked} warmup steps asked, but the run has {plan.total_steps}; "
+                        "the learning rate never reaches train.lr")
+    if recipe.model.revision and reference_is_local(recipe.model.name_or_path):
+        warnings.append("model.revision: applies to hub ids only; it is ignored for this local reference")
+    return warnings
+
+
+def show_plan(console: Console, session: Session, world_size: int, output_note: str) -> None:
+    recipe = session.recipe
+    trainable, total = count_parameters(session.model)
+    plan = TrainPlan.build(recipe, len(session.features["train"].dataset), world_size)
+    table = Table(title="plan", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("task", recipe.task)
+    table.add_row("model", f"{recipe.model.name_or_path}  ({session.family.name} family, {session.family.architecture})")
+    lora = recipe.lora
+    method = ["DoRA" if lora.use_dora else "LoRA", *(["rsLoRA scaling"] if lora.use_rslora else []),
+              *([f"{lora.init} init"] if lora.init != "default" else [])]
+    table.add_row("adapter", f"{' + '.join(method)}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}; "
+                             f"optimizer {recipe.train.optimizer}"
+                             + (f" (B lr x{recipe.train.loraplus_lr_ratio:g})" if recipe.train.optimizer == "loraplus" else ""))
+    groups = group_targets(list(session.targets), session.family)
+    table.add_row("LoRA targets", f"{len(session.targets)} modules" + "".join(f"\n{line}" for line in groups))
+    table.add_row("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    for split, features in session.features.items():
+        r = features.report
+        pct = ", ".join(f"{k} {v}" for k, v in r.percentiles.items())
+        table.add_row(
+            f"{split} data",
+            f"{r.rows} rows -> {len(features.dataset)} inputs; tokens {pct}; "
+            f"truncated {r.truncated}, dropped {r.dropped} (max_length {r.max_length}, overflow {recipe.data.overflow})",
+        )
+        for note in r.notes:
+            table.add_row("", note)
+    table.add_row(
+        "steps",
+        f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "
+        f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
+    )
+    table.add_row("precision", resolve_precision(recipe.train.precision))
+    table.add_row("output", output_note)
+    for warning in plan_warnings(session, plan):
+        table.add_row("[yellow]warning[/]", warning)
+    console.print(table)

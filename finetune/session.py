@@ -1,0 +1,179 @@
+"""A session: everything resolved for one recipe (model, family, tokenizer, task state, features, model with
+LoRA), built complete in one call and never changed afterwards.
+
+recipe -> **session** -> train / evaluate / predict -> run directory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from accelerate.utils import set_seed
+from datasets import Dataset
+from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune import artifacts
+from finetune.adapter import AdapterSaver
+from finetune.config import Recipe
+from finetune.data import apply_template, load_table, map_columns, split_for_eval
+from finetune.errors import RecipeError
+from finetune.families import FamilySpec
+from finetune.generation import PackedCollator
+from finetune.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
+from finetune.models import detect_family, load_config, load_model, load_tokenizer, quantization_config, resolve_reference
+from finetune.tasks import Features, Task, recipe_task
+
+
+@dataclass(frozen=True)
+class Session:
+    """One recipe, resolved. `model` carries fresh LoRA (training) or a trained adapter (evaluation)."""
+
+    recipe: Recipe
+    task: Task
+    family: FamilySpec
+    model_path: str  # what from_pretrained reads (a GGUF reference becomes a converted directory)
+    tokenizer: PreTrainedTokenizerBase
+    state: Mapping[str, Any]  # what the task learnt from the training rows (label order, prompt layout) + family
+    model: PeftModel | PreTrainedModel
+    features: Mapping[str, Features] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
+
+    def reports(self) -> dict:
+        return {split: f.report.as_dict() for split, f in self.features.items()}
+
+    def adapter_saver(self, initial_adapter: Path | None = None) -> AdapterSaver:
+        recipe = self.recipe
+        meta = {
+            "task": recipe.task,
+            "mode": recipe.mode,
+            "family": self.family.name,
+            "base_model": recipe.model.name_or_path,
+            "base_model_path": self.model_path,
+            "state": dict(self.state),  # label order for classification, prompt layout for generation
+            "generation": recipe.eval.model_dump(include={"max_new_tokens", "temperature", "top_p", "num_samples", "stop"}),
+        }
+        return AdapterSaver(self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter)
+
+    def featurize(self, rows: Dataset, split: str, labeled: bool = True) -> Features:
+        return self.task.featurize(rows, self.tokenizer, self.recipe, dict(self.state), split, labeled=labeled)
+
+
+# --------------------------------------------------------------------------- the steps, in order
+
+
+def resolve_model(recipe: Recipe) -> tuple[str, FamilySpec]:
+    """(path for from_pretrained, family), refusing unsupported task x family pairs."""
+    path = resolve_reference(recipe.model.name_or_path)
+    config = load_config(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    family = detect_family(config, recipe.model.family)
+    refusal = recipe_task(recipe).refusal(family)
+    if refusal:
+        raise RecipeError(f"{recipe.model.name_or_path}: {refusal}")
+    return path, family
+
+
+def task_rows(table: Dataset, recipe: Recipe, task: Task, key: str, columns: dict[str, str] | None = None,
+              required: tuple[str, ...] | None = None, optional: tuple[str, ...] | None = None) -> Dataset:
+    """A loaded table as the task's fields: the prompt template applied, then the column mapping."""
+    if recipe.data.template is not None:
+        table = apply_template(table, recipe.data.template, key)
+    columns = recipe.data.columns if columns is None else columns
+    required = task.required_fields if required is None else required
+    optional = task.optional_fields if optional is None else optional
+    return map_columns(table, columns, required, optional, key=key)
+
+
+def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset]:
+    """(train rows, eval rows) mapped to the task's field names."""
+    data = recipe.data
+    train = task_rows(load_table(data.train, "data.train"), recipe, task, f"data.train ({_shown(data.train)})")
+    if data.eval is not None:
+        eval_rows = task_rows(load_table(data.eval, "data.eval"), recipe, task, f"data.eval ({_shown(data.eval)})")
+    else:
+        train, eval_rows = split_for_eval(train, data.eval_split, recipe.train.seed)
+    if data.max_train_samples:
+        train = train.select(range(min(len(train), data.max_train_samples)))
+    if data.max_eval_samples:
+        eval_rows = eval_rows.select(range(min(len(eval_rows), data.max_eval_samples)))
+    return train, eval_rows
+
+
+def _shown(spec: str | list[str]) -> str:
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
+def load_task_model(recipe: Recipe, task: Task, family: FamilySpec, model_path: str, tokenizer: PreTrainedTokenizerBase,
+                    state: Mapping[str, Any], *, adapter_dir: Path | None = None,
+                    with_lora: bool = True) -> tuple[PeftModel | PreTrainedModel, tuple[str, ...]]:
+    """The task's model; with fresh LoRA (and the targets it wraps), or with a trained adapter from `adapter_dir`."""
+    set_seed(recipe.train.seed)  # the new head's initial weights
+    model = load_model(
+        task.auto_class(family),
+        model_path,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        **task.model_kwargs(dict(state)),
+        quantization_config=quantization_config(recipe.distributed.quantization),
+    )
+    task.prepare_model(model, tokenizer, family)
+    distributed = recipe.distributed
+    if distributed.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=distributed.gradient_checkpointing)
+    elif distributed.gradient_checkpointing and with_lora:
+        # Non-reentrant checkpointing needs no input gradients, so it works with every weight frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir)), ()
+    if not with_lora:
+        return model, ()
+    try:
+        targets = resolve_targets(model, recipe.lora.targets, family)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+    heads = head_modules(model, task.head_candidates)
+    return apply_lora(model, recipe.lora, targets, heads, task.peft_task(family)), tuple(targets)
+
+
+def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None,
+                 with_lora: bool = True) -> Session:
+    """Resolve the model, read and tokenise the requested splits, load the model. One call, a complete session.
+
+    With `adapter_dir`, the task state (label order, prompt layout) and the weights come from a trained adapter.
+    """
+    task = recipe_task(recipe)
+    path, family = resolve_model(recipe)
+    tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    features: dict[str, Features] = {}
+    train_rows = eval_rows = None
+    if splits:
+        train_rows, eval_rows = load_rows(recipe, task)
+        if "eval" in splits:
+            task.check_eval_rows(eval_rows, recipe.eval)
+    if adapter_dir is not None:
+        state = artifacts.read_adapter_meta(adapter_dir)["state"]
+    else:
+        state = task.fit_state(train_rows, recipe)
+    # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
+    state = MappingProxyType({**state, "family": family.name})
+    rows = {"train": train_rows, "eval": eval_rows} if splits else {}
+    for split in splits:
+        features[split] = task.featurize(rows[split], tokenizer, recipe, dict(state), f"data.{split}")
+    model, targets = load_task_model(recipe, task, family, path, tokenizer, state, adapter_dir=adapter_dir,
+                                     with_lora=with_lora)
+    return Session(recipe, task, family, path, tokenizer, state, model, MappingProxyType(features), targets)
+
+
+def training_collator(session: Session):
+    """The task's padding collator, or one-row packing (train.packing; validation allows it only where it applies)."""
+    if session.recipe.train.packing:
+        return PackedCollator()
+    return session.task.collate(session.tokenizer)
+
+
+def changes_base_weights(recipe: Recipe) -> bool:
+    """PiSSA/OLoRA move the base's principal part into the adapter; the saved adapter must be converted back."""
+    return recipe.lora.init in BASE_CHANGING_INITS

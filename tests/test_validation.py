@@ -1,0 +1,77 @@
+"""One validation layer: `finetune validate` refuses exactly what `finetune run --dry-run` refuses, with the same
+exit code and message, before any weights load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe
+from finetune.cli import app
+
+runner = CliRunner()
+
+
+def _generation(recipe: dict) -> dict:
+    recipe = copy.deepcopy(recipe)
+    recipe["task"] = "copywriting"
+    recipe["data"]["columns"] = {"prompt": "text", "completion": "label"}
+    return recipe
+
+
+# name -> (change to the valid tiny-BERT recipe, exit code, words the message must hold)
+INVALID = {
+    "packing on classification": (lambda r: r["train"].update(packing=True), 2, "train.packing"),
+    "missing local model directory": (lambda r: r["model"].update(name_or_path="./no/such/model"), 2, "no such directory"),
+    "missing data file": (lambda r: r["data"].update(train="missing.jsonl"), 3, "data.train: file not found: missing.jsonl"),
+    "unknown gate metric": (lambda r: r.update(eval={"gates": {"acuracy": ">=0.5"}}), 2, "did you mean 'accuracy'"),
+    "gate that can never pass": (lambda r: r.update(eval={"gates": {"accuracy": ">=1.5"}}), 2, "can never pass"),
+    "two fields on one column": (lambda r: r["data"].update(columns={"text": "text", "text_pair": "text"}), 2,
+                                 "all map to column 'text'"),
+    "duplicate labels": (lambda r: r["data"].update(labels=["sports", "weather", "sports"]), 2, "listed more than once"),
+    "max_length above the positions": (lambda r: r["data"].update(max_length=4096), 2, "128 positions"),
+    "fsdp without a GPU": (lambda r: r.update(distributed={"strategy": "fsdp"}), 2, "shards over GPUs"),
+    "QLoRA without a GPU": (lambda r: r.update(distributed={"quantization": "4bit"}), 2, "needs a CUDA GPU"),
+    "generation on an encoder": (lambda r: r.update(_generation(r)), 2, "not supported on the bert family"),
+    "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID))
+def test_validate_refuses_exactly_what_run_refuses(name, tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    change, code, words = INVALID[name]
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    change(recipe)
+    path = write_recipe(recipe)
+    validated = runner.invoke(app, ["validate", str(path)])
+    dry_run = runner.invoke(app, ["run", str(path), "--dry-run"])
+    assert validated.exit_code == code, validated.output
+    assert dry_run.exit_code == code, dry_run.output
+    assert words in validated.output and words in dry_run.output
+    # The same problems, worded the same: everything after the file name.
+    assert validated.output.split("recipe.yaml", 1)[1] == dry_run.output.split("recipe.yaml", 1)[1]
+    assert "Traceback" not in dry_run.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_every_problem_is_reported_at_once(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["train"]["packing"] = True
+    recipe["data"]["max_length"] = 4096
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and "2 problems" in result.output
+    assert "train.packing" in result.output and "data.max_length" in result.output
+
+
+def test_duplicate_keys_and_binary_recipes_are_refused(tmp_path):
+    duplicated = tmp_path / "dup.yaml"
+    duplicated.write_text("task: classification\ntrain:\n  lr: 0.1\nmodel: {name_or_path: x}\ntrain:\n  epochs: 1\n")
+    result = runner.invoke(app, ["validate", str(duplicated)])
+    assert result.exit_code == 2 and "key 'train' is given twice (first on line 2)" in result.output
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"task: classification\n\xff\xfe\x00")
+    result = runner.invoke(app, ["validate", str(binary)])
+    assert result.exit_code == 2 and "not a UTF-8 text file" in result.output
