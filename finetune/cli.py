@@ -234,7 +234,7 @@ def eval_command(
     else:
         print_metrics(console, document)
         if written_to:
-            console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False)
+            console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True)
     _exit_on_failed_gates(document)
 
 
@@ -297,7 +297,7 @@ def merge_command(
     from finetune.runner import merge
 
     written = merge(run_dir, output, overwrite=overwrite)
-    console.print(f"merged checkpoint written to {written}", highlight=False)
+    console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

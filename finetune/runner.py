@@ -44,13 +44,18 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     """
     check_recipe(recipe, source=recipe.output.dir)
     run_dir = RunDir(Path(recipe.output.dir).expanduser())
-    output_note = preflight.output_decision(run_dir, resume=resume, overwrite=overwrite)
-    if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
-        console.print(f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)", highlight=False)
-        return artifacts.read_json(run_dir.metrics)
-    created = False if dry_run else preflight.claim(run_dir)
+    accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
+    # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
+    created, output_note = False, ""
+    if accelerator.is_main_process:
+        output_note = preflight.output_decision(run_dir, resume=resume, overwrite=overwrite)
+        if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
+            console.print(f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",
+                          highlight=False, soft_wrap=True)
+            return artifacts.read_json(run_dir.metrics)
+        created = False if dry_run else preflight.claim(run_dir)
+    accelerator.wait_for_everyone()
     try:
-        accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
         # LoRA is applied to freshly loaded base weights, also when resuming: a
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(recipe)
@@ -69,7 +74,7 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     main = accelerator.is_main_process
     if main:
         if resume_from is not None:
-            console.print(f"resuming from {resume_from}", highlight=False)
+            console.print(f"resuming from {resume_from}", highlight=False, soft_wrap=True)
         _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None)
     saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()

@@ -95,8 +95,9 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
     rows = [{"sentence": r["text"], "y": i % 3} for i, r in enumerate(__import__("conftest").corpus(90))]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = classification_recipe(tiny_models["bert"], {"train": data, "eval": data}, tmp_path / "run")
-    recipe["data"] = {"train": str(data), "eval_split": 0.2, "columns": {"text": "sentence", "label": "y"}}
-    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    recipe["data"] = {"train": str(data), "eval_split": 0.2, "columns": {"text": "sentence", "label": "y"}, "max_length": 32}
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
     assert meta["state"]["labels"] == [0, 1, 2]
     assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 18

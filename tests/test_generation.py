@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.validation import build_recipe
 from finetune.generation import IGNORE, PadCollator, cut_at_stops, encode, generate
+from finetune.families import FAMILIES
 from finetune.models import load_tokenizer
 from tests.conftest import WORDS, write_jsonl
 
@@ -66,7 +67,7 @@ def copy_data(tmp_path):
 def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
     tokenizer = load_tokenizer(str(tiny_models[kind]), "gpt")
     prompt, completion = "rain sun cloud", "cold warm"
-    encoded = encode([prompt], [completion], tokenizer, "gpt", _recipe(tmp_path), "data.train")
+    encoded = encode([prompt], [completion], tokenizer, FAMILIES["gpt"], _recipe(tmp_path), "data.train")
     p = tokenizer(prompt)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     row = encoded.features[0]
@@ -77,7 +78,7 @@ def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind])
-    batch = PadCollator(tokenizer)([row, encode(["rain"], ["snow"], tokenizer, "gpt", _recipe(tmp_path), "x").features[0]])
+    batch = PadCollator(tokenizer)([row, encode(["rain"], ["snow"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path), "x").features[0]])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits[0]
         loss = model(**{k: v[:1] for k, v in batch.items()}).loss
@@ -89,7 +90,7 @@ def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
 
 def test_bart_targets_end_with_eos_and_prompt_is_the_encoder_input(tiny_models, tmp_path):
     tokenizer = load_tokenizer(str(tiny_models["bart"]), "bart")
-    encoded = encode(["rain sun"], ["cold warm"], tokenizer, "bart", _recipe(tmp_path), "data.train")
+    encoded = encode(["rain sun"], ["cold warm"], tokenizer, FAMILIES["bart"], _recipe(tmp_path), "data.train")
     row = encoded.features[0]
     assert row["input_ids"] == tokenizer("rain sun")["input_ids"]
     assert row["labels"] == tokenizer(text_target="cold warm")["input_ids"]
@@ -100,7 +101,7 @@ def test_truncation_keeps_the_completion_and_reports_it(tiny_models, tmp_path):
     tokenizer = load_tokenizer(str(tiny_models["llama"]), "gpt")
     long_prompt = " ".join(["rain"] * 40)
     recipe = _recipe(tmp_path, max_length=12)
-    encoded = encode([long_prompt, "sun"], ["cold warm", "snow"], tokenizer, "gpt", recipe, "data.train")
+    encoded = encode([long_prompt, "sun"], ["cold warm", "snow"], tokenizer, FAMILIES["gpt"], recipe, "data.train")
     row = encoded.features[0]
     c = tokenizer("cold warm", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(row["input_ids"]) == 12
@@ -109,15 +110,15 @@ def test_truncation_keeps_the_completion_and_reports_it(tiny_models, tmp_path):
     assert encoded.report.truncated == 1
     assert any("shortened" in note for note in encoded.report.notes)
 
-    too_long_completion = encode(["sun"], [" ".join(["snow"] * 40)], tokenizer, "gpt", recipe, "data.train")
+    too_long_completion = encode(["sun"], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
     assert any("completion(s) longer" in note for note in too_long_completion.report.notes)
 
-    dropped = encode([long_prompt, "sun"], ["cold", "snow"], tokenizer, "gpt", _recipe(tmp_path, max_length=12, overflow="drop"), "d")
+    dropped = encode([long_prompt, "sun"], ["cold", "snow"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path, max_length=12, overflow="drop"), "d")
     assert dropped.keep == [1] and dropped.report.dropped == 1
     from finetune.errors import DataError
 
     with pytest.raises(DataError, match="rows 1"):
-        encode([long_prompt], ["cold"], tokenizer, "gpt", _recipe(tmp_path, max_length=12, overflow="error"), "d")
+        encode([long_prompt], ["cold"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path, max_length=12, overflow="error"), "d")
 
 
 # --------------------------------------------------------------------------- generation
@@ -146,7 +147,7 @@ def _generator(tiny_models, kind, no_eos=False):
 
     def run(prompts, stops=(), batch_size=8, **settings):
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-        return generate(model, tokenizer, family, ids, _Settings(**settings), list(stops), batch_size, accelerator)
+        return generate(model, tokenizer, FAMILIES[family], ids, _Settings(**settings), list(stops), batch_size, accelerator)
 
     return run
 
@@ -243,6 +244,7 @@ def test_template_builds_the_prompt_from_columns(tiny_models, tmp_path, write_re
     assert first["prompt"] == f"{rows[24]['product']} in a warm tone:"
 
     recipe["data"]["template"] = "{product} for {audience}"
+    recipe["output"]["dir"] = str(tmp_path / "another-run")
     bad = runner.invoke(app, ["run", str(write_recipe(recipe, "bad.yaml"))])
     assert bad.exit_code == 3
     assert "audience" in bad.output and "columns are" in bad.output

@@ -1,0 +1,142 @@
+"""Nothing a user or an earlier run made is lost without consent: run, eval, merge and predict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe, write_jsonl
+from finetune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` and its sha256: what must stay byte-for-byte intact."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def finished_run(tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, out, epochs=1))
+    result = invoke("run", recipe)
+    assert result.exit_code == 0, result.output
+    return recipe, out
+
+
+def test_a_second_run_into_a_run_is_refused_and_overwrite_replaces_it(finished_run, tmp_path):
+    recipe, out = finished_run
+    before = snapshot(out)
+    again = invoke("run", recipe)
+    assert again.exit_code == 2
+    assert "already holds a finished run" in again.output and "--resume auto" in again.output
+    assert "--overwrite" in again.output and snapshot(out) == before
+    dry = invoke("run", recipe, "--dry-run")
+    assert dry.exit_code == 2 and snapshot(out) == before
+    (out / "notes.txt").write_text("mine")  # inside a run the user consented to replace
+    replaced = invoke("run", recipe, "--overwrite", "train.seed=5")
+    assert replaced.exit_code == 0, replaced.output
+    assert not (out / "notes.txt").exists() and (out / "metrics.json").is_file()
+    assert "seed: 5" in (out / "recipe.yaml").read_text()
+
+
+def test_resume_auto_on_a_finished_run_says_so(finished_run):
+    recipe, out = finished_run
+    before = snapshot(out)
+    result = invoke("run", recipe, "--resume", "auto")
+    assert result.exit_code == 0 and "is a finished run; nothing to resume" in result.output
+    assert snapshot(out) == before
+    empty = invoke("run", recipe, "--resume", "")
+    assert empty.exit_code == 2 and "--resume: give 'auto' or a checkpoint path" in empty.output
+
+
+def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_recipe, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "recipe.yaml").write_text("my recipe")
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, folder))
+    for extra in ([], ["--overwrite"], ["--dry-run"]):
+        result = invoke("run", recipe, *extra)
+        assert result.exit_code == 2 and "holds no finetune run" in result.output
+    assert snapshot(folder) == {"README.md": hashlib.sha256(b"my notes").hexdigest(),
+                                "recipe.yaml": hashlib.sha256(b"my recipe").hexdigest()}
+
+
+def test_a_run_that_fails_before_training_leaves_no_directory(tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "new-run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, out)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}])  # no label column: found while reading the data
+    recipe["data"]["train"] = str(bad)
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == 3 and not out.exists()
+
+
+def test_eval_keeps_the_runs_results_and_says_where_its_own_went(finished_run, tmp_path):
+    recipe, out = finished_run
+    before = snapshot(out)
+    first = invoke("eval", out)
+    assert first.exit_code == 0, first.output
+    second = invoke("eval", out, "--checkpoint", next((out / "checkpoints").iterdir()))
+    assert second.exit_code == 0, second.output
+    evals = sorted((out / "evals").iterdir())
+    assert len(evals) == 2 and all((e / "metrics.json").is_file() for e in evals)
+    assert str(evals[0]) in first.output.replace("\n", "") or str(evals[1]) in first.output.replace("\n", "")
+    after = {k: v for k, v in snapshot(out).items() if not k.startswith("evals/")}
+    assert after == before  # metrics.json, predictions.jsonl, adapter: untouched
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "training" in metrics
+    # The base model's evaluation may not land on the run.
+    onto_run = invoke("eval", recipe, "--output", out)
+    assert onto_run.exit_code == 2 and "holds a training run" in onto_run.output
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("evals/")} == before
+    # An unknown gate metric is refused before any model loads, with a suggestion.
+    gate = invoke("eval", out, "--gate", "acuracy>=0.5")
+    assert gate.exit_code == 2 and "did you mean 'accuracy'" in gate.output
+
+
+def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
+    _, out = finished_run
+    before = snapshot(out)
+    existing = tmp_path / "taken.txt"
+    existing.write_text("keep")
+    refused = invoke("merge", out, "--output", existing)
+    assert refused.exit_code == 2 and existing.read_text() == "keep"
+    for inside in (out / "adapter" / "base", out):
+        refused = invoke("merge", out, "--output", inside, "--overwrite")
+        assert refused.exit_code == 2 and "run" in refused.output
+    assert snapshot(out) == before
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("mine")
+    assert invoke("merge", out, "--output", full).exit_code == 2 and (full / "x").read_text() == "mine"
+    merged = invoke("merge", out, "--output", tmp_path / "merged")
+    assert merged.exit_code == 0 and (tmp_path / "merged" / "config.json").is_file()
+    assert invoke("merge", out, "--output", full, "--overwrite").exit_code == 0
+    assert not (full / "x").exists() and (full / "config.json").is_file()
+
+
+def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, tmp_path):
+    _, out = finished_run
+    eval_rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    labelled = write_jsonl(tmp_path / "test.jsonl",
+                           [{"id": f"r{i}", "text": r["text"], "label": r["label"], "source": "held-out"}
+                            for i, r in enumerate(eval_rows)])
+    result = invoke("predict", out, "--input", labelled)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(eval_rows))]
+    assert all(r["source"] == "held-out" for r in rows)
+    assert list(rows[0])[:4] == ["id", "text", "label", "source"]  # the input's fields first, in order
+    # predict on the eval rows answers what evaluation answered.
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in eval_rows]
