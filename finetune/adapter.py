@@ -36,15 +36,42 @@ class AdapterSaver:
         """Atomically replace `adapter_dir`. `for_other_tools` (the run's final adapter) adds `base/`."""
         staging = adapter_dir.with_name(adapter_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        conversion = {} if self.initial_adapter is None else {
-            "path_initial_model_for_weight_conversion": str(self.initial_adapter)}
-        model.save_pretrained(str(staging), safe_serialization=True, **conversion)
+        model.save_pretrained(str(staging), safe_serialization=True)
+        if self.initial_adapter is not None:
+            convert_to_plain_lora(staging, self.initial_adapter)
         self.tokenizer.save_pretrained(str(staging))
         write_json(staging / ADAPTER_META, self.meta)
         if for_other_tools:
             write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
         shutil.rmtree(adapter_dir, ignore_errors=True)
         os.replace(staging, adapter_dir)
+
+
+def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
+    """A PiSSA/OLoRA adapter rewritten as a plain LoRA on the *unchanged* base, in place.
+
+    These inits move W's principal part into the adapter (W = W_res + B0 A0); after training the model is
+    W_res + B A, so the change to the original W is B A - B0 A0 = [B | -B0] [A ; A0]: a LoRA of rank 2r with
+    the same scale. peft's own conversion (`path_initial_model_for_weight_conversion`) drops trained heads
+    (modules_to_save), so the arithmetic is done here, on the saved tensors; every other tensor is kept.
+    """
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    trained, initial = load_file(weights), load_file(initial_dir / "adapter_model.safetensors")
+    for name, tensor in trained.items():
+        if "lora_A" in name:
+            trained[name] = torch.cat([tensor, initial[name]], dim=0).contiguous()
+        elif "lora_B" in name:
+            trained[name] = torch.cat([tensor, -initial[name]], dim=1).contiguous()
+    save_file(trained, weights, metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["r"] *= 2
+    config["lora_alpha"] *= 2 ** 0.5 if config.get("use_rslora") else 2  # keeps alpha / r (or / sqrt r) unchanged
+    config["init_lora_weights"] = True
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:

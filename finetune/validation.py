@@ -78,6 +78,9 @@ def recipe_rules(recipe: Recipe) -> list[str]:
             problems.append(f"data.labels: {', '.join(map(repr, repeated))} listed more than once")
         if recipe.task != "classification":
             problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
+    if recipe.lora.init in ("pissa", "olora") and recipe.lora.use_dora:
+        problems.append(f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
+                        "unchanged base; use one or the other")
     uses_template = isinstance(task, GenerationTask)
     if data.template is not None and not uses_template:
         problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
