@@ -1,0 +1,140 @@
+"""The unit tier: pure logic with no model and no run (batching, step arithmetic, the step logger, family specs,
+gates). Fast: `pytest -m unit` or this file alone."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from finetune.config import Recipe
+from finetune.families import FAMILIES, family_of_config
+from finetune.gates import parse_gate
+from finetune.train import LengthGroupedBatches, StepLogger, TrainPlan
+
+pytestmark = pytest.mark.unit
+
+
+def recipe(**train) -> Recipe:
+    return Recipe.model_validate({"task": "classification", "model": {"name_or_path": "m"},
+                                  "data": {"train": "t.jsonl", "eval": "e.jsonl"}, "train": train})
+
+
+# --------------------------------------------------------------------------- LengthGroupedBatches
+
+
+def test_every_index_once_per_epoch_and_reproducible():
+    lengths = [i % 17 + 1 for i in range(103)]
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=3, window=4)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert len(batches) == len(sampler) == 13
+    assert LengthGroupedBatches(lengths, 8, 3, 4).batches() == batches  # a pure function of (seed, epoch)
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches  # a fresh order each epoch
+
+
+def test_grouping_reduces_padding_and_window_1_does_not_sort():
+    lengths = [(i * 37) % 100 + 1 for i in range(512)]
+
+    def padding(window):
+        batches = LengthGroupedBatches(lengths, 16, seed=0, window=window).batches()
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(64) < padding(1) / 4
+    batch = LengthGroupedBatches(lengths, 16, seed=0, window=64).batches()[0]
+    assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+
+
+# --------------------------------------------------------------------------- TrainPlan
+
+
+@pytest.mark.parametrize(("examples", "train", "world", "expected"), [
+    (100, {"batch_size": 10, "epochs": 3}, 1, (10, 10, 30)),
+    (101, {"batch_size": 10, "epochs": 1, "grad_accum": 4}, 1, (11, 3, 3)),
+    (100, {"batch_size": 10, "epochs": 2}, 2, (5, 5, 10)),
+    (100, {"batch_size": 10, "epochs": 0.5}, 1, (10, 10, 5)),
+    (100, {"batch_size": 10, "max_steps": 7}, 1, (10, 10, 7)),
+])
+def test_train_plan_step_arithmetic(examples, train, world, expected):
+    plan = TrainPlan.build(recipe(**train), examples, world)
+    assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == expected
+
+
+def test_warmup_fraction_steps_and_clamp():
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=0.1), 100, 1).warmup_steps == 1
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=5), 100, 1).warmup_steps == 5
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=50), 100, 1).warmup_steps == 10
+
+
+# --------------------------------------------------------------------------- StepLogger
+
+
+class _OneProcess:
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, op):
+        return tensor
+
+    def log(self, values, step):
+        self.logged = (values, step)
+
+
+def test_step_logger_means_over_its_window_and_resumes(tmp_path):
+    path = tmp_path / "log.jsonl"
+    logger = StepLogger(path, _OneProcess(), every=2)
+    logger.add(torch.tensor(1.0), torch.tensor(10))
+    assert logger.maybe_log(1, 0.5, 1e-3) is None
+    logger.add(torch.tensor(3.0), torch.tensor(30))
+    entry = logger.maybe_log(2, 1.0, 1e-3)
+    assert entry["loss"] == 2.0 and entry["step"] == 2 and logger.total_tokens == 40
+    logger.add(torch.tensor(5.0), torch.tensor(5))
+    window = logger.window_state()
+    assert window == {"loss_sum": 5.0, "batches": 1.0, "tokens": 5}
+    logger.maybe_log(4, 2.0, 1e-3)
+    # A run resumed from the checkpoint at step 3 keeps the log up to step 3 and the unlogged window.
+    resumed = StepLogger(path, _OneProcess(), every=2)
+    resumed.resume(SimpleNamespace(step=3, tokens=40), window)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2]
+    resumed.add(torch.tensor(7.0), torch.tensor(5))
+    assert resumed.maybe_log(4, 2.0, 1e-3)["loss"] == 6.0
+
+
+# --------------------------------------------------------------------------- family specs
+
+
+def test_family_specs_drive_auto_classes_peft_types_and_refusals():
+    bert, bart, gpt = FAMILIES["bert"], FAMILIES["bart"], FAMILIES["gpt"]
+    assert not bert.supports("generation") and bart.supports("generation") and gpt.supports("generation")
+    assert bart.auto_class_name("generation") == "AutoModelForSeq2SeqLM"
+    assert gpt.auto_class_name("generation") == "AutoModelForCausalLM"
+    assert {f.auto_class_name("sequence_classification") for f in FAMILIES.values()} == {"AutoModelForSequenceClassification"}
+    assert (bart.peft_task_type("generation"), gpt.peft_task_type("generation")) == ("SEQ_2_SEQ_LM", "CAUSAL_LM")
+    assert gpt.peft_task_type("question_answering") == "QUESTION_ANS"
+    assert (bert.prompt_padding, bart.prompt_padding, gpt.prompt_padding) == ("right", "right", "left")
+    assert [f.name for f in FAMILIES.values() if f.packs] == ["gpt"]
+    assert bart.is_cross_attention("encoder_attn") and bart.is_cross_attention("EncDecAttention")
+    assert not bart.is_cross_attention("self_attn") and bart.is_attention("self_attn")
+    assert not gpt.is_cross_attention("attn") and gpt.is_attention("attn") and not gpt.is_attention("mlp")
+
+
+@pytest.mark.parametrize(("config", "family"), [
+    ({"model_type": "bert"}, "bert"), ({"model_type": "roberta"}, "bert"), ({"model_type": "bart", "is_encoder_decoder": True}, "bart"),
+    ({"model_type": "t5", "is_encoder_decoder": True}, "bart"), ({"model_type": "gpt2"}, "gpt"), ({"model_type": "llama"}, "gpt"),
+    ({"model_type": "qwen2"}, "gpt"), ({"model_type": "vit"}, None),
+])
+def test_family_of_config(config, family):
+    assert family_of_config(SimpleNamespace(**config)) == family
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize(("gate", "possible"), [
+    ("accuracy>=0.9", True), ("accuracy>=1.5", False), ("accuracy>1", False), ("accuracy>=1", True),
+    ("accuracy<=0", True), ("accuracy<0", False), ("accuracy==0.5", True), ("accuracy==2", False),
+])
+def test_gates_that_can_never_pass(gate, possible):
+    assert parse_gate(gate).can_pass_within(0.0, 1.0) is possible
