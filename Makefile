@@ -37,7 +37,8 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/finetune run recipes/classification/minilm-topics.yaml output.dir=runs/demo
+	# --overwrite: each `make demo` replaces the previous demo run (and only that directory).
+	$(BIN)/finetune run recipes/classification/minilm-topics.yaml output.dir=runs/demo --overwrite
 
 # finetune against HF Trainer + peft on the same recipe; JSON into bench/results/.
 bench: install

@@ -96,7 +96,8 @@ def measure(command: list[str]) -> tuple[float, float, str]:
 
 def run_finetune(recipe: str, overrides: list[str], scratch: Path) -> dict:
     out = scratch / "finetune-run"
-    wall, rss, _ = measure([sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}"])
+    # --overwrite: every round replaces the previous round's scratch run.
+    wall, rss, _ = measure([sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"])
     document = json.loads((out / "metrics.json").read_text())
     return {"process_seconds": wall, "peak_rss_mib": rss, "accuracy": document["metrics"]["accuracy"],
             "train_seconds": document["training"]["train_seconds"], "tokens_per_s": document["training"]["tokens_per_s"]}

@@ -34,6 +34,13 @@ def test_run_writes_the_run_directory(kind, tiny_models, topic_data, write_recip
     assert len(rows) == 30 and {"text", "label", "prediction"} <= set(rows[0])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 30 and all(entry["tokens_per_s"] > 0 for entry in log)
+    # The reported metrics equal scikit-learn's on the predictions, computed independently here.
+    from sklearn.metrics import accuracy_score, f1_score
+
+    gold, said = [r["label"] for r in rows], [r["prediction"] for r in rows]
+    assert metrics["metrics"]["accuracy"] == pytest.approx(accuracy_score(gold, said))
+    assert metrics["metrics"]["macro_f1"] == pytest.approx(f1_score(gold, said, average="macro", zero_division=0))
+    assert metrics["metrics"]["weighted_f1"] == pytest.approx(f1_score(gold, said, average="weighted", zero_division=0))
     # Metrics are a pure function of predictions.jsonl.
     rescored = invoke("eval", "--predictions", out / "predictions.jsonl", "--task", "classification", "--json")
     assert rescored.exit_code == 0, rescored.output

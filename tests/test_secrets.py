@@ -22,20 +22,25 @@ def test_redact_environment_values_token_shapes_and_url_passwords(monkeypatch):
 
 def test_no_file_a_run_writes_holds_a_secret(monkeypatch, tiny_models, topic_data, write_recipe, tmp_path):
     monkeypatch.setenv("HF_TOKEN", SECRET)
+    # A value with no token shape: only the variable's name (*_API_KEY) says it is a secret.
+    shapeless = "plainvalue9137"
+    monkeypatch.setenv("ACME_API_KEY", shapeless)
     out = tmp_path / "run"
-    # The secret reaches the recipe (as a revision, ignored for a local model) and the command line.
+    # The secrets reach the recipe (as a revision, ignored for a local model) and the command line.
     recipe = classification_recipe(tiny_models["bert"], topic_data, out, checkpoint_every=5)
     recipe["model"]["revision"] = SECRET
     path = write_recipe(recipe)
-    monkeypatch.setattr(sys, "argv", ["finetune", "run", str(path), f"model.revision={SECRET}"])
-    result = CliRunner().invoke(app, ["run", str(path), f"model.revision={SECRET}"])
+    override = f"model.revision={SECRET}/{shapeless}"
+    monkeypatch.setattr(sys, "argv", ["finetune", "run", str(path), override])
+    result = CliRunner().invoke(app, ["run", str(path), override])
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output
     written = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "progress.json" for p in written)
     for file in written:
         assert SECRET.encode() not in file.read_bytes(), file
-    assert f"revision: {REDACTED}" in (out / "recipe.yaml").read_text()
+        assert shapeless.encode() not in file.read_bytes(), file
+    assert f"revision: {REDACTED}/{REDACTED}" in (out / "recipe.yaml").read_text()
 
 
 def test_an_error_message_is_redacted(monkeypatch, tmp_path):
