@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="LoRA fine-tuning of BERT, BART and GPT-style checkpoints from one YAML recipe.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# No emoji or markup in what we print of user data: `name:split` must stay as typed.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 _debug = {"on": False}
 
 
@@ -56,7 +57,6 @@ def _handled(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            _quiet_libraries()
             return command(*args, **kwargs)
         except typer.Exit:
             raise
@@ -140,12 +140,16 @@ def run_command(
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
+    from finetune.config import apply_overrides, build_recipe, read_recipe_file
+
+    build_recipe(apply_overrides(read_recipe_file(recipe), _with_code_opt_in(overrides, allow_code_execution)), str(recipe))
     from finetune.evaluation import print_metrics
     from finetune.launch import inside_launched_process, processes_wanted, relaunch
     from finetune.validation import load_and_check
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     loaded = load_and_check(recipe, overrides).recipe  # every rule, once, before starting processes
+    _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
     if num_processes > 1 and not inside_launched_process():
         args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else []),
@@ -197,6 +201,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
+    _quiet_libraries()
     from finetune.ci import read_baseline, write_junit
     from finetune.evaluation import dumps, print_metrics
     from finetune.runner import evaluate, rescore
@@ -245,6 +250,7 @@ def predict_command(
     input: Annotated[str, typer.Option("--input", help="A JSONL file of inputs, or - for stdin.")] = "-",
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
+    _quiet_libraries()
     from finetune.data import _read_jsonl
     from finetune.runner import predict
 
@@ -268,7 +274,8 @@ def predict_command(
 @app.command("validate")
 @_handled
 def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
-    """Check recipes (schema, task x family, data files) without loading weights."""
+    """Check recipes: every rule `run` checks before it loads weights, every problem at once."""
+    _quiet_libraries()
     from finetune.validation import validate_recipe_file
 
     worst = 0
@@ -294,6 +301,7 @@ def merge_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output (never a run).")] = False,
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers checkpoint."""
+    _quiet_libraries()
     from finetune.runner import merge
 
     written = merge(run_dir, output, overwrite=overwrite)

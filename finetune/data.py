@@ -7,6 +7,7 @@ line is reported with its file and line number.
 from __future__ import annotations
 
 import gzip
+import zlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,29 +30,46 @@ def _suffix(path: Path) -> str:
     return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else path.suffix.lower()
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix.lower() == ".gz" else open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text; a wrong encoding or a broken .gz is a data error naming the place."""
+    with _open_binary(path) as handle:
+        data = _read_bytes(handle, path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte offset {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                        "save the file as UTF-8") from exc
+
+
+def _read_bytes(handle, path: Path) -> bytes:
+    try:
+        return handle.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from exc
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> list[dict]:
-    with _open_text(path) as handle:
-        text = handle.read()
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -69,7 +87,29 @@ def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
     try:
         return Dataset.from_list(rows)
     except Exception as exc:  # mixed types in one column, etc.
-        raise DataError(f"{source}: rows do not form a table: {exc}") from None
+        raise DataError(f"{source}: rows do not form a table: {_first_type_clash(rows) or exc}") from None
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _first_type_clash(rows: list[dict]) -> str | None:
+    """`column 'label' is text in row 1 but a number in row 7`: the first column whose values change kind."""
+    first: dict[str, tuple[str, int]] = {}
+    for number, row in enumerate(rows, start=1):
+        for column, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            seen = first.setdefault(column, (kind, number))
+            if seen[0] != kind:
+                return f"column {column!r} is {seen[0]} in row {seen[1]} but {kind} in row {number}"
+    return None
 
 
 def _load_file(path: Path) -> Dataset:
@@ -78,6 +118,9 @@ def _load_file(path: Path) -> Dataset:
         return _rows_to_dataset(_read_jsonl(path), str(path))
     if suffix == ".json":
         return _rows_to_dataset(_read_json(path), str(path))
+    if suffix not in (".csv", ".tsv", ".parquet"):
+        raise DataError(f"{path}: unknown data file type {suffix or '(no extension)'!r}; "
+                        "use .jsonl, .json, .csv, .tsv or .parquet (optionally .gz)")
     import pandas as pd
 
     try:
@@ -105,7 +148,7 @@ def local_data_path(spec: str, key: str) -> Path:
     """A data spec as a path; `pkg:MODULE/PATH` names a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
         return package_path(spec, key)
-    return Path(spec)
+    return Path(spec).expanduser()
 
 
 def load_table(spec: str | list[str], key: str) -> Dataset:

@@ -17,6 +17,7 @@ error (exit 2).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def environment_rules(recipe: Recipe) -> tuple[list[Problem], FamilySpec | None,
         problems.append(Problem(str(exc)))
         config = None
     if config is None and not problems:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            problems.append(Problem(f"model.name_or_path: {recipe.model.name_or_path!r} is not a local checkpoint and "
+                                    "not in the hub cache, and HF_HUB_OFFLINE forbids downloading it"))
         note = "family not checked (hub checkpoint not in the local cache; set model.family to check it)"
     if config is not None:
         detected = family_of_config(config)
@@ -132,6 +136,11 @@ def environment_rules(recipe: Recipe) -> tuple[list[Problem], FamilySpec | None,
             problems.append(Problem(
                 f"model: cannot tell the family of model_type {getattr(config, 'model_type', '?')!r}; "
                 "set model.family to bert, bart or gpt"
+            ))
+        elif forced != "auto" and detected is not None and detected != forced:
+            problems.append(Problem(
+                f"model.family: {forced} is forced, but {recipe.model.name_or_path} is a {detected}-family checkpoint "
+                f"(model_type {getattr(config, 'model_type', '?')!r}); remove model.family or set it to {detected}"
             ))
         else:
             family = FAMILIES[detected if forced == "auto" else forced]

@@ -35,6 +35,8 @@ INVALID = {
     "fsdp without a GPU": (lambda r: r.update(distributed={"strategy": "fsdp"}), 2, "shards over GPUs"),
     "QLoRA without a GPU": (lambda r: r.update(distributed={"quantization": "4bit"}), 2, "needs a CUDA GPU"),
     "generation on an encoder": (lambda r: r.update(_generation(r)), 2, "not supported on the bert family"),
+    "hub id not cached, offline": (lambda r: r["model"].update(name_or_path="someorg/not-cached"), 2,
+                                   "HF_HUB_OFFLINE forbids downloading it"),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
 }
 
@@ -75,3 +77,38 @@ def test_duplicate_keys_and_binary_recipes_are_refused(tmp_path):
     binary.write_bytes(b"task: classification\n\xff\xfe\x00")
     result = runner.invoke(app, ["validate", str(binary)])
     assert result.exit_code == 2 and "not a UTF-8 text file" in result.output
+
+
+def test_a_forced_family_that_contradicts_the_checkpoint_is_refused(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["llama"], topic_data, tmp_path / "run")
+    recipe["model"]["family"] = "bert"
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and "bert is forced, but" in result.output and "gpt-family" in result.output
+
+
+DATA_MISTAKES = {
+    "latin-1 text": (b'{"text": "caf\xe9", "label": "a"}\n', "train.jsonl", "train.jsonl:1: not UTF-8 text (byte offset 13"),
+    "a fake .gz": (b"not gzip at all", "train.jsonl.gz", "not a readable gzip file"),
+    "an unknown extension": (b"text,label\nx,a\n", "train.txt", "unknown data file type '.txt'"),
+    "mixed types in a column": (b'{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n{"text": "c", "label": [1]}\n',
+                                "train.jsonl", "column 'label' is text in row 1 but a number in row 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_MISTAKES))
+def test_data_mistakes_name_the_file_and_place(case, tiny_models, topic_data, write_recipe, tmp_path):
+    content, name, words = DATA_MISTAKES[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    recipe = classification_recipe(tiny_models["bert"], {**topic_data, "train": path}, tmp_path / "run")
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 3, result.output
+    assert words in result.output.replace("\n", "") and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_text_is_printed_as_typed(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["data"]["train"] = "squad:smile:"  # not a file: a hub id that is not cached, offline
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert "squad:smile:" in result.output and "😄" not in result.output
