@@ -39,6 +39,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.json")
     predictions = property(lambda self: self.path / "predictions.jsonl")
     train_log = property(lambda self: self.path / "train_log.jsonl")
+    eval_log = property(lambda self: self.path / "eval_log.jsonl")
     card = property(lambda self: self.path / "README.md")
     curves = property(lambda self: self.path / "training_curves.png")
     confusion = property(lambda self: self.path / "confusion_matrix.png")
@@ -158,7 +159,7 @@ def read_adapter_meta(adapter_dir: Path) -> dict:
 def write_pictures(run: RunDir, document: dict) -> list[str]:
     """training_curves.png from the log and, for classification, confusion_matrix.png. Returns the file names."""
     written = []
-    if run.train_log.is_file() and plots.training_curves(run.train_log, run.curves):
+    if run.train_log.is_file() and plots.training_curves(run.train_log, run.curves, run.eval_log):
         written.append(run.curves.name)
     matrix = document.get("details", {}).get("confusion_matrix")
     if matrix:

@@ -53,6 +53,7 @@ class Progress:
     tokens: int = 0  # real tokens trained on so far, all processes
     skipped_steps: int = 0  # non-finite steps skipped (train.nonfinite: skip)
     last_loss: float = float("nan")
+    monitor: dict = field(default_factory=dict)  # evaluation during training: history, best so far, patience
     identity: dict = field(default_factory=dict)  # what a resume must match (see resume_identity)
 
 
@@ -60,8 +61,9 @@ class Progress:
 
 
 def save(directory: Path, progress: Progress, accelerator, model, optimizer, scheduler, logger_state: dict,
-         keep: int, adapter: AdapterSaver | None = None) -> Path:
-    """Write a checkpoint for `progress.step` atomically and keep only the newest `keep`."""
+         keep: int, adapter: AdapterSaver | None = None, protect: int | None = None) -> Path:
+    """Write a checkpoint for `progress.step` atomically and keep only the newest `keep`, and step `protect`
+    (the best evaluated so far, which pruning never removes)."""
     final = directory / f"{PREFIX}{progress.step:08d}"
     staging = directory / f"{STAGING_PREFIX}{PREFIX}{progress.step:08d}"
     main, rank = accelerator.is_main_process, accelerator.process_index
@@ -94,7 +96,8 @@ def save(directory: Path, progress: Progress, accelerator, model, optimizer, sch
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in complete_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old.name != f"{PREFIX}{protect:08d}":
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -296,6 +299,16 @@ def restore(path: Path, accelerator, model, optimizer, scheduler) -> tuple[Progr
     kind, keys, position, has_gauss, cached = host["numpy_random"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     return read_progress(path), host["log_window"]
+
+
+def load_trainable(path: Path, model: torch.nn.Module) -> None:
+    """Copy a verified checkpoint's trained values into `model` (eval.keep: best)."""
+    verify(path)
+    saved = _load_tensors(path / "trainable.safetensors")
+    live = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            live[name].copy_(tensor)
 
 
 def _load_tensors(path: Path) -> dict:

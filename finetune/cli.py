@@ -196,6 +196,9 @@ def eval_command(
     junit: Annotated[Optional[str], typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
     allow_code_execution: AllowCode = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --output replace an earlier evaluation there.")] = False,
+    all_checkpoints: Annotated[
+        bool, typer.Option("--all-checkpoints", help="Score every checkpoint and the final adapter, one row per step.")
+    ] = False,
     sandbox: Annotated[
         Optional[str], typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...).")
     ] = None,
@@ -203,8 +206,8 @@ def eval_command(
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
     _quiet_libraries()
     from finetune.ci import read_baseline, write_junit
-    from finetune.evaluation import dumps, print_metrics
-    from finetune.runner import evaluate, rescore
+    from finetune.evaluation import dumps, print_checkpoints, print_metrics
+    from finetune.runner import evaluate, evaluate_all_checkpoints, rescore
 
     baseline = (compare, read_baseline(compare), tolerance) if compare else None
     if sandbox not in (None, "strict", "basic"):
@@ -229,14 +232,22 @@ def eval_command(
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
-        document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides,
-                            baseline=baseline, overwrite=overwrite)
+        if all_checkpoints:
+            if checkpoint:
+                raise RecipeError("--all-checkpoints scores every checkpoint; leave out --checkpoint")
+            document = evaluate_all_checkpoints(source, gates=gate, output=output, overrides=overrides,
+                                                overwrite=overwrite)
+        else:
+            document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides,
+                                baseline=baseline, overwrite=overwrite)
     if junit:
         write_junit(document, junit)
     written_to = document.pop("written_to", None)
     if as_json:
         print(dumps(document))
     else:
+        if "checkpoints" in document:
+            print_checkpoints(console, document["checkpoints"])
         print_metrics(console, document)
         if written_to:
             console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True)

@@ -99,6 +99,11 @@ class LoraSection(Section):
         return value
 
 
+class EarlyStopping(Section):
+    patience: int = Field(gt=0, description="Evaluations without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0, description="The smallest change of eval.best_metric that counts as better.")
+
+
 class TrainSection(Section):
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -136,6 +141,10 @@ class TrainSection(Section):
         "adamw", description="adamw, or loraplus: AdamW with the LoRA B matrices at lr x loraplus_lr_ratio (peft's LoRA+)."
     )
     loraplus_lr_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of the B matrices to the A matrices.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop after `patience` evaluations (eval.every) without an improvement of eval.best_metric "
+        "larger than `min_delta`; a stopped run is a successful run."
+    )
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/inf loss or gradient: stop (exit 5, last good checkpoint kept) or skip that update "
@@ -149,6 +158,20 @@ class EvalSection(Section):
         default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}; a failed gate exits 4.'
     )
     batch_size: int | None = Field(None, gt=0, description="Evaluation batch size (default: 2 x train.batch_size).")
+    every: int | Literal["epoch"] | None = Field(
+        None, description="Evaluate during training: every N optimizer steps, or at each epoch end (null: only after)."
+    )
+    during_max_samples: int | None = Field(
+        None, gt=0, description="Evaluations during training use the first N eval rows (the final one uses all); "
+        "generation tasks default to 64.",
+    )
+    best_metric: str | None = Field(
+        None, description="The metric that decides the best weights (default: the task's main metric; eval_loss: lower "
+        "is better)."
+    )
+    keep: Literal["last", "best"] = Field(
+        "last", description="Which weights become adapter/ and are scored in metrics.json: the last, or the best evaluated."
+    )
     # Generation (copywriting, codegen, generative qa)
     max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per answer.")
     temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy decoding; above 0 samples.")

@@ -79,6 +79,22 @@ def read_prediction_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def print_checkpoints(console, rows: list[dict]) -> None:
+    """`eval --all-checkpoints`: one row per step, a column per metric."""
+    from rich.table import Table
+
+    table = Table(title="checkpoints", show_header=True, header_style="bold")
+    table.add_column("step", justify="right")
+    table.add_column("weights")
+    names = list(rows[0]["metrics"]) if rows else []
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        values = [row["metrics"].get(n) for n in names]
+        table.add_row(str(row["step"]), row["weights"], *("-" if v is None else f"{v:.4f}" for v in values))
+    console.print(table)
+
+
 def print_metrics(console, document: dict, title: str = "metrics") -> None:
     from rich.table import Table
 

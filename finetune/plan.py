@@ -7,7 +7,7 @@ from rich.table import Table
 
 from finetune.lora import count_parameters, group_targets
 from finetune.models import reference_is_local
-from finetune.session import Session
+from finetune.session import Session, during_rows
 from finetune.train import TrainPlan, resolve_precision
 
 
@@ -22,6 +22,26 @@ def plan_warnings(session: Session, plan: TrainPlan) -> list[str]:
     if recipe.model.revision and reference_is_local(recipe.model.name_or_path):
         warnings.append("model.revision: applies to hub ids only; it is ignored for this local reference")
     return warnings
+
+
+def evaluation_plan(session: Session, plan: TrainPlan) -> str:
+    """How often the run evaluates during training, on how many rows, and what it keeps."""
+    settings, recipe = session.recipe.eval, session.recipe
+    if settings.every is None:
+        return "after training only (eval.every: null)"
+    count = plan.epochs if settings.every == "epoch" else plan.total_steps // settings.every
+    if settings.every != "epoch" and plan.total_steps % settings.every:
+        count += 1  # the last step is always evaluated
+    limit = during_rows(session)
+    rows = len(session.features["eval"].rows)
+    shown = f"the first {min(limit, rows)} of {rows} eval rows" if limit is not None and limit < rows else f"all {rows} eval rows"
+    if limit is not None and settings.during_max_samples is None:
+        shown += " (generation: eval.during_max_samples defaults to a bounded sample)"
+    metric = settings.best_metric or session.task.main_metric(settings)
+    stopping = recipe.train.early_stopping
+    return (f"{count} evaluations during training (every {settings.every if settings.every == 'epoch' else f'{settings.every} steps'}) "
+            f"on {shown}; {metric} decides the best; keep {settings.keep}"
+            + (f"; early stopping after {stopping.patience} without improvement > {stopping.min_delta:g}" if stopping else ""))
 
 
 def show_plan(console: Console, session: Session, world_size: int, output_note: str) -> None:
@@ -57,6 +77,7 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
         f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "
         f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
     )
+    table.add_row("evaluation", evaluation_plan(session, plan))
     table.add_row("precision", resolve_precision(recipe.train.precision))
     table.add_row("output", output_note)
     for warning in plan_warnings(session, plan):

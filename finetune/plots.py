@@ -15,17 +15,40 @@ def _pyplot():
     return plt
 
 
-def training_curves(train_log: Path, target: Path) -> bool:
-    """loss and lr against optimizer step, from train_log.jsonl. False when the log is empty."""
-    entries = [json.loads(line) for line in train_log.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_curves(train_log: Path, target: Path, eval_log: Path | None = None) -> bool:
+    """Loss and lr against the optimizer step; with evaluations during training, the eval metric and eval loss
+    beside them. False when the log is empty."""
+    entries = _read_jsonl(train_log)
     if not entries:
         return False
+    evaluations = _read_jsonl(eval_log) if eval_log is not None else []
     plt = _pyplot()
     steps = [e["step"] for e in entries]
-    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    loss_axis.plot(steps, [e["loss"] for e in entries], marker="." if len(steps) < 50 else None)
-    loss_axis.set_ylabel("training loss")
+    rows = 3 if evaluations else 2
+    figure, axes = plt.subplots(rows, 1, figsize=(7, 2.5 * rows), sharex=True)
+    loss_axis, lr_axis = axes[0], axes[-1]
+    loss_axis.plot(steps, [e["loss"] for e in entries], marker="." if len(steps) < 50 else None, label="training loss")
+    if evaluations and any("eval_loss" in e["metrics"] for e in evaluations):
+        loss_axis.plot([e["step"] for e in evaluations], [e["metrics"].get("eval_loss") for e in evaluations],
+                       marker="o", label="eval loss")
+        loss_axis.legend()
+    loss_axis.set_ylabel("loss")
     loss_axis.grid(alpha=0.3)
+    if evaluations:
+        metric_axis = axes[1]
+        names = [n for n in evaluations[0]["metrics"] if n != "eval_loss"]
+        for name in names:
+            metric_axis.plot([e["step"] for e in evaluations], [e["metrics"].get(name) for e in evaluations],
+                             marker="o", label=name)
+        metric_axis.set_ylabel("eval metrics")
+        metric_axis.legend(fontsize="small")
+        metric_axis.grid(alpha=0.3)
     lr_axis.plot(steps, [e["lr"] for e in entries], color="tab:orange")
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("optimizer step")
@@ -52,6 +75,22 @@ def confusion_matrix(labels: list, matrix: list[list[int]], target: Path) -> Non
         for j, count in enumerate(row):
             axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+
+
+def checkpoint_metrics(table: list[dict], target: Path) -> None:
+    """Each metric against the step, one point per checkpoint (`finetune eval RUN --all-checkpoints`)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    rows = sorted(table, key=lambda row: row["step"] or 0)
+    for name in rows[0]["metrics"]:
+        axis.plot([r["step"] for r in rows], [r["metrics"].get(name) for r in rows], marker="o", label=name)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("metric")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(target, dpi=100)
     plt.close(figure)

@@ -101,8 +101,11 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
     free_sections = ("output.", "eval.")
     free_keys = {"data.eval", "data.max_eval_samples", "train.checkpoint_every", "train.keep_checkpoints",
                  "train.log_every", "train.nonfinite", "train.report_to"}
+    # Evaluation during training decides early stopping and the kept weights: those settings must match too.
+    bound = {"eval.every", "eval.best_metric", "eval.during_max_samples", "eval.keep"}
     identity = {
-        f"recipe {k}": v for k, v in flat_settings(recipe).items() if not k.startswith(free_sections) and k not in free_keys
+        f"recipe {k}": v for k, v in flat_settings(recipe).items()
+        if k in bound or (not k.startswith(free_sections) and k not in free_keys)
     }
     identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
     versions = artifacts.library_versions()

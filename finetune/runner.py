@@ -16,15 +16,16 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from rich.console import Console
 
-from finetune import artifacts, checkpoint, evaluation, preflight, trackers
+from finetune import artifacts, checkpoint, evaluation, plots, preflight, trackers
 from finetune.adapter import AdapterSaver
 from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
+from finetune.monitor import Monitor, summary
 from finetune.plan import show_plan
 from finetune.secrets import redact
-from finetune.session import Session, changes_base_weights, open_session, task_rows, training_collator
+from finetune.session import Session, changes_base_weights, during_rows, open_session, task_rows, training_collator
 from finetune.tasks import Features, Task, get_task, recipe_task
 from finetune.train import Checkpointing, make_accelerator, train
 from finetune.validation import check_recipe, load_recipe
@@ -79,13 +80,29 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()
     trackers.start(accelerator, recipe, run_dir.path.name)
+    monitor = build_monitor(session, accelerator, run_dir.eval_log if main else None)
+    if main and resume_from is None:
+        run_dir.eval_log.unlink(missing_ok=True)
     set_seed(recipe.train.seed)
     result = train(
         session.model, session.features["train"].dataset, training_collator(session), recipe, accelerator,
         run_dir.train_log, console if main else None, Checkpointing(run_dir.checkpoints, identity, resume_from, saver),
+        monitor,
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
+    kept_step = result.steps
+    if monitor is not None and recipe.eval.keep == "best" and monitor.state.best_step not in (None, result.steps):
+        kept_step = monitor.state.best_step
+        checkpoint.load_trainable(run_dir.checkpoints / f"{checkpoint.PREFIX}{kept_step:08d}", model)
+    if monitor is not None and main:
+        state = monitor.state
+        if state.stopped_early:
+            console.print(f"stopped early at step {result.steps}: {monitor.metric} did not improve for "
+                          f"{state.evals_without_improvement} evaluations", highlight=False, soft_wrap=True)
+        if recipe.eval.keep == "best" and state.best_step is not None:
+            console.print(f"keeping the weights of step {kept_step}: best {monitor.metric} {state.best_value:.4f}",
+                          highlight=False, soft_wrap=True)
     if main:
         saver.save(model, run_dir.adapter, for_other_tools=True)
     rows, scored = evaluate_features(session, model, session.features["eval"], accelerator)
@@ -96,9 +113,13 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
         "tokens_per_s": round(result.tokens_per_second, 1),
         "skipped_nonfinite_steps": result.skipped_steps,
         "resumed_from": str(resume_from) if resume_from else None,
+        "stopped_early": bool(monitor and monitor.state.stopped_early),
     }
     gates = evaluation.collect_gates(recipe.eval.gates, None)
-    document = evaluation.metrics_document(recipe.task, scored, gates, {"data": session.reports(), "training": training})
+    extra = {"data": session.reports(), "training": training}
+    if monitor is not None:
+        extra["evaluation"] = summary(monitor, kept_step, recipe.eval.keep)
+    document = evaluation.metrics_document(recipe.task, scored, gates, extra)
     if main:
         manifest = artifacts.build_manifest(recipe, _data_hashes(recipe), accelerator, {"family": session.family.name})
         artifacts.write_json(run_dir.manifest, manifest)
@@ -116,6 +137,32 @@ def evaluate_features(session: Session, model, features: Features, accelerator: 
     """The one evaluation step: the task's predictions on `features`, then its metrics."""
     rows, loss = session.task.predict(model, session.tokenizer, features, accelerator, session.recipe, dict(session.state))
     return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
+
+
+class SessionEvaluator:
+    """The task's own predict + metrics on the live model, over the evaluation rows used during training."""
+
+    def __init__(self, session: Session, features: Features, accelerator: Accelerator):
+        self.session, self.features, self.accelerator = session, features, accelerator
+        self.rows = len(features.rows)
+
+    def __call__(self, model) -> dict[str, float]:
+        _, scored = evaluate_features(self.session, model, self.features, self.accelerator)
+        return scored["metrics"]
+
+
+def build_monitor(session: Session, accelerator: Accelerator, log_path: Path | None) -> Monitor | None:
+    """Evaluation during training (eval.every), or None."""
+    recipe = session.recipe
+    if recipe.eval.every is None:
+        return None
+    features = session.features["eval"]
+    limit = during_rows(session)
+    if limit is not None and limit < len(features.rows):
+        features = session.featurize(features.rows.select(range(limit)), "data.eval")
+    metric = recipe.eval.best_metric or session.task.main_metric(recipe.eval)
+    return Monitor(recipe.eval.every, metric, SessionEvaluator(session, features, accelerator), log_path,
+                   recipe.train.early_stopping)
 
 
 def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool) -> None:
@@ -227,6 +274,37 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
                 stale.unlink(missing_ok=True)
         artifacts.write_json(out_dir / "metrics.json", document)
         artifacts.write_jsonl(out_dir / "predictions.jsonl", rows)
+    document["written_to"] = str(out_dir) if out_dir is not None else None
+    return document
+
+
+def evaluate_all_checkpoints(run_path: str, *, gates: list[str] | None = None, output: str | None = None,
+                             overrides: list[str] | None = None, overwrite: bool = False) -> dict:
+    """Every checkpoint on disk and the final adapter, one row per step; the gates apply to the kept weights
+    (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
+    recipe, run = finished_run(run_path)
+    recipe, _ = recipe_of(run_path, overrides)
+    check_gates(recipe_task(recipe), gates)
+    out_dir = evaluation_output(run, output, "all-checkpoints", overwrite)
+    check_recipe(recipe, source=str(run_path))
+    accelerator = make_accelerator(recipe)
+    sources = [(int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name)
+               for c in checkpoint.complete_checkpoints(run.checkpoints) if (c / "adapter" / artifacts.ADAPTER_META).is_file()]
+    trained = artifacts.read_json(run.metrics) if run.metrics.is_file() else {}
+    kept_step = trained.get("evaluation", {}).get("kept_step", trained.get("training", {}).get("steps"))
+    sources.append((kept_step, run.adapter, "adapter (kept)"))
+    table, kept = [], None
+    for step, adapter_dir, label in sources:
+        session = open_session(recipe, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
+        _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
+        table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
+        kept = scored
+    document = evaluation.metrics_document(recipe.task, kept, evaluation.collect_gates(recipe.eval.gates, gates),
+                                           {"evaluated": str(run.adapter), "checkpoints": table})
+    if out_dir is not None and accelerator.is_main_process:
+        artifacts.write_json(out_dir / "checkpoints.json", table)
+        artifacts.write_json(out_dir / "metrics.json", document)
+        plots.checkpoint_metrics(table, out_dir / "checkpoints.png")
     document["written_to"] = str(out_dir) if out_dir is not None else None
     return document
 

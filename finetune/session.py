@@ -26,6 +26,7 @@ from finetune.generation import PackedCollator
 from finetune.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
 from finetune.models import detect_family, load_config, load_model, load_tokenizer, quantization_config, resolve_reference
 from finetune.tasks import Features, Task, recipe_task
+from finetune.tasks.generative import GenerationTask
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,18 @@ def training_collator(session: Session):
     if session.recipe.train.packing:
         return PackedCollator()
     return session.task.collate(session.tokenizer)
+
+
+# Generation is slow: evaluations during training score this many rows unless eval.during_max_samples says otherwise.
+GENERATION_DURING_ROWS = 64
+
+
+def during_rows(session: Session) -> int | None:
+    """How many eval rows an evaluation during training scores (None: all)."""
+    settings = session.recipe.eval
+    if settings.during_max_samples is not None:
+        return settings.during_max_samples
+    return GENERATION_DURING_ROWS if isinstance(session.task, GenerationTask) else None
 
 
 def changes_base_weights(recipe: Recipe) -> bool:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finetune.config import TrainSection
 from finetune.errors import Interrupted, TrainingDiverged
+from finetune.monitor import Monitor
 from finetune import checkpoint
 from finetune.adapter import AdapterSaver
 from finetune.artifacts import write_text_atomic
@@ -167,7 +168,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
 
 
 def train(model, features, collate, recipe, accelerator, log_path: Path | None, console=None,
-          checkpointing: Checkpointing | None = None) -> TrainResult:
+          checkpointing: Checkpointing | None = None, monitor: Monitor | None = None) -> TrainResult:
     """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done.
 
     The data order is a pure function of (seed, epoch), and every generator state
@@ -199,6 +200,8 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
         progress.identity = checkpointing.identity
         logger.resume(progress, window)
         accelerator.step = progress.batches_in_epoch  # gradient-accumulation phase
+        if monitor is not None:
+            monitor.resume(progress.monitor, progress.step)
 
     guard = NonFiniteGuard(t.nonfinite, accelerator)
     model.train()
@@ -234,17 +237,32 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
                     progress.last_loss = entry["loss"]
                 bar.update(progress.step, entry)
                 epoch_end = progress.batches_in_epoch == 0
+                evaluated = monitor is not None and monitor.due(progress.step, epoch_end, done)
+                if evaluated:
+                    result = monitor.evaluate(model, progress.step, progress.step / plan.steps_per_epoch)
+                    accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
+                    bar.note_eval(result, monitor.metric)
+                    if monitor.should_stop():
+                        done = True
+                        if entry is None:  # the last step of a run always has its log line
+                            entry = logger.maybe_log(progress.step, progress.step / plan.steps_per_epoch,
+                                                     scheduler.get_last_lr()[0], force=True)
+                            progress.last_loss = entry["loss"]
+                    progress.monitor = monitor.to_dict()
                 saved = None
-                if checkpointing and (stopping or done or epoch_end or progress.step % t.checkpoint_every == 0):
+                # Every evaluated step is checkpointed, so the best weights are on disk to keep.
+                if checkpointing and (stopping or done or epoch_end or evaluated or progress.step % t.checkpoint_every == 0):
                     progress.tokens, progress.skipped_steps = logger.total_tokens, guard.skipped
                     saved = checkpoint.save(checkpointing.directory, progress, accelerator, model, optimizer,
                                             scheduler, logger.window_state(), t.keep_checkpoints,
-                                            checkpointing.adapter)
+                                            checkpointing.adapter, protect=monitor.state.best_step if monitor else None)
                 if stopping and not done:
                     where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
                     raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
                 if done or epoch_end:
                     break
+            if monitor is not None and monitor.state.stopped_early:
+                break
     return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
 
 
@@ -418,6 +436,14 @@ class progress_bar:
             self.progress.update(self.task, completed=step, status=status)
         else:
             self.progress.update(self.task, completed=step)
+
+    def note_eval(self, entry: dict, metric: str) -> None:
+        """One line per evaluation during training, above the bar."""
+        if self.enabled:
+            value = entry["metrics"].get(metric)
+            shown = "missing" if value is None else f"{value:.4f}"
+            self.console.print(f"eval at step {entry['step']}: {metric} {shown} ({entry['seconds']:.1f} s)",
+                               highlight=False)
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -52,6 +52,9 @@ class CheckedRecipe:
 
 # --------------------------------------------------------------------------- the recipe alone
 
+# Every metric is a fraction in [0, 1] but these two.
+UNBOUNDED_METRICS = ("eval_loss", "mean_length")
+
 
 def recipe_rules(recipe: Recipe) -> list[str]:
     """Rules that need nothing but the recipe."""
@@ -82,6 +85,15 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     if recipe.lora.init in ("pissa", "olora") and recipe.lora.use_dora:
         problems.append(f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
                         "unchanged base; use one or the other")
+    if settings.best_metric is not None and not task.knows_metric(settings.best_metric):
+        problems.append(task.unknown_metric("eval.best_metric", settings.best_metric))
+    if settings.every is None:
+        if settings.keep == "best":
+            problems.append("eval.keep: best needs evaluations during training; set eval.every (N steps or epoch)")
+        if recipe.train.early_stopping is not None:
+            problems.append("train.early_stopping: needs evaluations during training; set eval.every (N steps or epoch)")
+    elif isinstance(settings.every, int) and settings.every < 1:
+        problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
     uses_template = isinstance(task, GenerationTask)
     if data.template is not None and not uses_template:
         problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
@@ -96,7 +108,7 @@ def recipe_rules(recipe: Recipe) -> list[str]:
         )
     for metric, condition in settings.gates.items():
         gate = parse_gate(f"{metric}{condition}")
-        if metric != "eval_loss" and not gate.can_pass_within(0.0, 1.0):
+        if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
             problems.append(f"eval.gates.{metric}: {condition} can never pass: {metric} is a fraction in [0, 1]")
     return problems
 

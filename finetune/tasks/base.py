@@ -71,6 +71,10 @@ class Task:
                 problems.append(self.unknown_metric(f"eval.gates.{metric}", metric))
         return problems
 
+    def main_metric(self, settings: EvalSection) -> str:
+        """The metric that decides "better" by default (eval.best_metric): the task's first."""
+        return self.metric_names[0]
+
     def knows_metric(self, metric: str) -> bool:
         return metric in self.metric_names or metric == "eval_loss"
 

@@ -43,6 +43,10 @@ class CodegenTask(GenerationTask):
     optional_fields = ("completion", "test", "entry_point", "task_id")
     reference_fields = ("completion",)
     metric_names = ("pass@1", "pass@k", "exact_match")
+
+    def main_metric(self, settings) -> str:
+        """pass@1 where the code runs (both opt-ins), else exact match against the reference solution."""
+        return "pass@1" if settings.execute_code else "exact_match"
     default_stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
     def knows_metric(self, metric: str) -> bool:

@@ -13,6 +13,9 @@ class CopywritingTask(GenerationTask):
     reference_fields = ("completion",)
     metric_names = ("rouge1", "rouge2", "rougeL", "bleu", "distinct_2", "mean_length")
 
+    def main_metric(self, settings) -> str:
+        return "rougeL"
+
     def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
         return {"metrics": text_metrics([r["prediction"] for r in rows], [r["completion"] for r in rows]), "details": {}}
 

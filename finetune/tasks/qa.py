@@ -79,6 +79,9 @@ def squad_metrics(rows: list[dict]) -> dict[str, Any]:
 class _SquadScoring:
     metric_names = ("exact_match", "f1")
 
+    def main_metric(self, settings) -> str:
+        return "f1"
+
     def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
         return squad_metrics(rows)
 

@@ -1,0 +1,113 @@
+"""Evaluation during training with the task's real metrics: best weights, early stopping, exact resume,
+and every checkpoint evaluable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe
+from finetune.cli import app
+from test_resume import KILLER, adapter_bytes, log_losses
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
+
+
+def metrics_of(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_evaluating_during_training_changes_nothing_in_training(tiny_models, topic_data, write_recipe, tmp_path):
+    """With eval.keep: last, a run that evaluates has the same losses and adapter bytes as one that does not."""
+    def run(name, **evaluation):
+        recipe = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=3, log_every=1)
+        recipe["lora"]["dropout"] = 0.2  # draws from the RNG every step: evaluation must not shift it
+        recipe["eval"] = evaluation
+        result = invoke("run", write_recipe(recipe, f"{name}.yaml"))
+        assert result.exit_code == 0, result.output
+        return tmp_path / name
+
+    plain, watched = run("plain"), run("watched", every=4)
+    assert log_losses(watched) == log_losses(plain)
+    assert adapter_bytes(watched) == adapter_bytes(plain)
+    history = metrics_of(watched)["evaluation"]["history"]
+    expected = [*range(4, 45, 4), 45]  # 15 steps an epoch x 3: every 4 steps, and the last
+    assert [e["step"] for e in history] == expected
+    assert all({"accuracy", "macro_f1", "eval_loss"} <= set(e["metrics"]) for e in history)
+    lines = (watched / "eval_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == expected
+    # The last evaluation scored the same weights as the final evaluation, on the same rows.
+    assert history[-1]["metrics"]["accuracy"] == pytest.approx(metrics_of(watched)["metrics"]["accuracy"])
+
+
+def test_keep_best_with_early_stopping(tiny_models, topic_data, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, out, epochs=10, lr=3e-2,
+                                   early_stopping={"patience": 2}, keep_checkpoints=1)
+    recipe["eval"] = {"every": "epoch", "keep": "best", "best_metric": "eval_loss"}
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == 0, result.output
+    document = metrics_of(out)
+    evaluation = document["evaluation"]
+    history = evaluation["history"]
+    losses = [e["metrics"]["eval_loss"] for e in history]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert evaluation["best_step"] == history[best]["step"] == evaluation["kept_step"]
+    # Stopped once the metric had not improved for 2 evaluations (or ran the whole schedule).
+    if evaluation["stopped_early"]:
+        assert len(history) - 1 - best == 2 and document["training"]["stopped_early"] is True
+        assert document["training"]["steps"] < 10 * 15 and "stopped early" in result.output
+    # The kept weights score what the best evaluation scored.
+    assert document["metrics"]["eval_loss"] == pytest.approx(evaluation["best_value"], rel=1e-5)
+    # The best checkpoint is never pruned, whatever keep_checkpoints says.
+    on_disk = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert f"step-{evaluation['best_step']:08d}" in on_disk
+    table = invoke("eval", out, "--all-checkpoints", "--json")
+    assert table.exit_code == 0, table.output
+    rows = json.loads(table.output)["checkpoints"]
+    assert len(rows) >= 2 and rows[-1]["weights"] == "adapter (kept)"
+    by_step = {r["step"]: r["metrics"] for r in rows if r["weights"] != "adapter (kept)"}
+    assert by_step[evaluation["best_step"]]["eval_loss"] == pytest.approx(rows[-1]["metrics"]["eval_loss"], rel=1e-5)
+    assert len(list((out / "evals").iterdir())) == 1
+
+
+def test_kill_9_during_a_run_with_evaluation_and_early_stopping_resumes_exactly(tiny_models, topic_data,
+                                                                                 write_recipe, tmp_path):
+    def recipe(name):
+        r = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=6, checkpoint_every=5,
+                                  early_stopping={"patience": 2, "min_delta": 0.0})
+        r["lora"]["dropout"] = 0.1
+        r["eval"] = {"every": 3, "keep": "best"}
+        return write_recipe(r, f"{name}.yaml")
+
+    whole, broken = recipe("whole"), recipe("broken")
+    assert invoke("run", whole).exit_code == 0
+    killed = subprocess.run([sys.executable, "-c", KILLER, "step", "8", "run", str(broken)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = invoke("run", broken, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output
+    assert adapter_bytes(tmp_path / "broken") == adapter_bytes(tmp_path / "whole")
+    assert log_losses(tmp_path / "broken") == log_losses(tmp_path / "whole")
+    history = lambda name: [(e["step"], e["metrics"]) for e in metrics_of(tmp_path / name)["evaluation"]["history"]]
+    assert history("broken") == history("whole")
+    assert (tmp_path / "broken" / "eval_log.jsonl").read_text() != ""
+
+
+def test_evaluation_settings_are_checked(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", early_stopping={"patience": 2})
+    recipe["eval"] = {"keep": "best", "best_metric": "rougeL"}
+    result = invoke("validate", write_recipe(recipe))
+    assert result.exit_code == 2
+    for words in ("eval.keep: best needs evaluations during training", "train.early_stopping: needs evaluations",
+                  "eval.best_metric: unknown metric 'rougeL'"):
+        assert words in result.output
