@@ -240,3 +240,24 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
         "",
     ]
     write_text_atomic(run.card, redact("\n".join(lines)))
+
+
+RUN_ELSEWHERE = "## Run it elsewhere"
+
+
+def add_run_elsewhere(run: RunDir, gguf_file: Path) -> None:
+    """The model card's section on an exported GGUF: llama.cpp and Ollama commands, and a Modelfile."""
+    if not run.card.is_file():
+        return
+    card = run.card.read_text(encoding="utf-8")
+    card = card.split(f"\n{RUN_ELSEWHERE}\n")[0].rstrip("\n")  # one section, for the newest export
+    path = gguf_file.resolve()
+    section = [
+        "", RUN_ELSEWHERE, "",
+        f"Exported as GGUF: `{path}`.", "",
+        "llama.cpp:", "", "```", f'llama-cli -m {path} -p "Your prompt"', "```", "",
+        "Ollama (save the Modelfile below beside the file, then):", "",
+        "```", f"ollama create {run.path.resolve().name} -f Modelfile", f"ollama run {run.path.resolve().name}", "```", "",
+        "Modelfile:", "", "```", f"FROM {path}", "```", "",
+    ]
+    write_text_atomic(run.card, card + "\n" + "\n".join(section))

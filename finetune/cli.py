@@ -319,6 +319,23 @@ def merge_command(
     console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
 
 
+@app.command("export")
+@_handled
+def export_command(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
+    output: Annotated[str, typer.Option("--output", help="FILE.gguf (gguf), or a new or empty directory (hf).")],
+    format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama; Llama/Mistral/Qwen2 decoders) or hf.")] = "gguf",
+    quant: Annotated[str, typer.Option("--quant", help="gguf: f16 (default), bf16 or q8_0 (gguf-py's quantiser).")] = "f16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never a run).")] = False,
+) -> None:
+    """Export the merged model: a GGUF file for llama.cpp/Ollama, or a plain transformers checkpoint."""
+    _quiet_libraries()
+    from finetune.runner import export
+
+    written = export(run_dir, output, format=format, quant=quant, overwrite=overwrite)
+    console.print(f"exported {format} to {written}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 

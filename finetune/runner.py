@@ -22,6 +22,8 @@ from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
+from finetune.gguf_export import QUANTS, export_arch, write_gguf
+from finetune.models import load_config, resolve_reference
 from finetune.monitor import Monitor, summary
 from finetune.plan import show_plan
 from finetune.secrets import redact
@@ -383,6 +385,38 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+    return target
+
+
+def export(run_path: str, output: str, *, format: str, quant: str = "f16", overwrite: bool = False) -> Path:
+    """`finetune export`: `hf` writes what merge writes; `gguf` a merged GGUF file for llama.cpp/Ollama."""
+    if format == "hf":
+        return merge(run_path, output, overwrite=overwrite)
+    if format != "gguf":
+        raise RecipeError(f"--format: {format!r} is not gguf or hf")
+    if quant not in QUANTS:
+        raise RecipeError(f"--quant: {quant!r} is not one of {', '.join(QUANTS)}")
+    recipe, run = finished_run(run_path)
+    target = Path(output).expanduser()
+    if target.suffix != ".gguf":
+        raise RecipeError(f"--output: {target} must be a .gguf file")
+    if target.exists() and (target.is_dir() or not overwrite):
+        raise RecipeError(f"--output: {target} exists; choose a new file, or --overwrite to replace a file")
+    if run.contains(target):
+        raise RecipeError(f"--output: {target} is inside the run; write the export outside it")
+    meta = artifacts.read_adapter_meta(run.adapter)
+    config = load_config(resolve_reference(recipe.model.name_or_path), revision=recipe.model.revision)
+    export_arch(meta["family"], config.model_type)  # refused before any weights load
+    session = open_session(recipe, adapter_dir=run.adapter, splits=(), with_lora=False)
+    merged = session.model.merge_and_unload()
+    card = run.card.read_text(encoding="utf-8") if run.card.is_file() else ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    staging.unlink(missing_ok=True)
+    write_gguf(merged, session.tokenizer, staging, quant=quant, name=run.path.resolve().name, description=card,
+               generation=meta.get("generation", {}))
+    staging.replace(target)
+    artifacts.add_run_elsewhere(run, target)
     return target
 
 

@@ -1,0 +1,111 @@
+"""GGUF out: a fine-tuned Llama-family decoder exported with gguf-py, read back by gguf's reader and by
+transformers' GGUF loader, against the run's merged checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import WORDS, classification_recipe, corpus, write_jsonl
+from finetune.cli import app
+from test_generation import copy_rows, generation_recipe
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def byte_level_llama(tmp_path_factory):
+    """A tiny Llama with a GPT-2-style byte-level BPE tokenizer (SmolLM2's kind) and chat-style special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    texts = [r["text"] for r in corpus(200)] + [" ".join(WORDS[t].split()[:4]) for t in WORDS]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    directory = tmp_path_factory.mktemp("byte-level-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def copy_run(byte_level_llama, tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    rows = copy_rows(48)
+    data = {"train": write_jsonl(root / "train.jsonl", rows[:40]), "eval": write_jsonl(root / "eval.jsonl", rows[40:])}
+    recipe = generation_recipe("copywriting", byte_level_llama, data, root / "run", train={"epochs": 2})
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    merged = invoke("export", root / "run", "--format", "hf", "--output", root / "merged")
+    assert merged.exit_code == 0, merged.output
+    return root
+
+
+@pytest.mark.parametrize(("quant", "atol", "agreement"), [("f16", 2e-2, 1.0), ("q8_0", 0.15, 0.95)])
+def test_gguf_round_trip_matches_the_merged_model(quant, atol, agreement, copy_run):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = copy_run / f"model-{quant}.gguf"
+    result = invoke("export", copy_run / "run", "--format", "gguf", "--quant", quant, "--output", target)
+    assert result.exit_code == 0, result.output
+
+    reader = GGUFReader(str(target))
+    fields = {name: field for name, field in reader.fields.items()}
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    assert arch == "llama"
+    description = bytes(fields["general.description"].parts[-1]).decode()
+    assert "LoRA adapter for **copywriting**" in description
+    assert "finetune.version" in fields and "tokenizer.ggml.merges" in fields
+    assert len(reader.tensors) == 2 * 9 + 3  # 9 tensors a block, embeddings, final norm, output
+
+    merged = AutoModelForCausalLM.from_pretrained(copy_run / "merged").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(copy_run, gguf_file=target.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(copy_run / "merged")
+    gguf_tokenizer = AutoTokenizer.from_pretrained(copy_run, gguf_file=target.name)
+    texts = ["rain sun cloud storm", "match goal team player coach", "recipe oven salt pepper <|im_end|>"]
+    for text in texts:  # the tokenizer round trip: same ids
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    ids = torch.tensor([tokenizer(" ".join(texts))["input_ids"]])
+    with torch.no_grad():
+        want, got = merged(ids).logits[0], loaded(ids).logits[0]
+    assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
+    same_next = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert same_next >= agreement
+    card = (copy_run / "run" / "README.md").read_text()
+    assert "## Run it elsewhere" in card and f"FROM {target.resolve()}" in card
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_not_load(tiny_models, topic_data, write_recipe, tmp_path, copy_run):
+    out = tmp_path / "bert-run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, out, epochs=1)
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    refused = invoke("export", out, "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert refused.exit_code == 2 and "only GPT-family decoders" in refused.output and "llama" in refused.output
+    assert not (tmp_path / "x.gguf").exists()
+    taken = tmp_path / "taken.gguf"
+    taken.write_text("mine")
+    refused = invoke("export", copy_run / "run", "--output", taken)
+    assert refused.exit_code == 2 and taken.read_text() == "mine"
+    refused = invoke("export", copy_run / "run", "--output", tmp_path / "x.gguf", "--quant", "q4")
+    assert refused.exit_code == 2 and "--quant" in refused.output
