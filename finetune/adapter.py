@@ -15,6 +15,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from finetune.artifacts import ADAPTER_META, write_json
+from finetune.config import WatermarkSection
+from finetune.watermark import write_key
 
 log = logging.getLogger("finetune")
 
@@ -31,6 +33,8 @@ class AdapterSaver:
     revision: str | None = None
     # PiSSA/OLoRA: the adapter as initialised; saving converts the trained one into a plain LoRA on the unchanged base.
     initial_adapter: Path | None = None
+    # Generation tasks with eval.watermark: the key goes beside the adapter (0600), never into finetune.json.
+    watermark: WatermarkSection | None = None
 
     def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
         """Atomically replace `adapter_dir`. `for_other_tools` (the run's final adapter) adds `base/`."""
@@ -41,6 +45,8 @@ class AdapterSaver:
             convert_to_plain_lora(staging, self.initial_adapter)
         self.tokenizer.save_pretrained(str(staging))
         write_json(staging / ADAPTER_META, self.meta)
+        if self.watermark is not None:
+            write_key(staging, self.watermark)
         if for_other_tools:
             write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
         shutil.rmtree(adapter_dir, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import platform
@@ -176,6 +177,26 @@ def _auto_peft_class(recipe) -> str:
     return "AutoPeftModelForCausalLM (GPT) / AutoPeftModelForSeq2SeqLM (BART)"
 
 
+def watermark_section(recipe, document: dict) -> list[str]:
+    """What a watermarked run's card says: method, strength, how detectable, and how to measure its cost."""
+    mark = recipe.eval.watermark
+    if mark is None:
+        return []
+    false_positives = 0.5 * math.erfc(mark.z_threshold / math.sqrt(2))
+    detected = document["metrics"].get("watermark_detected")
+    return [
+        "## Watermark",
+        "",
+        f"Every generation is watermarked ({mark.method}: green-list ratio {mark.greenlist_ratio:g}, bias "
+        f"{mark.bias:g} added to green logits, context {mark.context_width} token). `finetune detect` flags a text "
+        f"when its z-score exceeds {mark.z_threshold:g} (false-positive rate about {false_positives:.1e} on "
+        f"unwatermarked text)" + (f"; it flagged {detected:.0%} of this run's evaluation outputs." if detected is not None else "."),
+        "The key is in `adapter/watermark.key` (readable by its owner only); whoever holds it can detect, and forge, "
+        "the mark. Quality cost: `finetune eval RUN eval.watermark=null` scores the same model unwatermarked.",
+        "",
+    ]
+
+
 def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict) -> None:
     lines = [
         f"# {run.path.name}",
@@ -208,6 +229,7 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
             f"{pct.get('p50', '-')} / {pct.get('p95', '-')} / {pct.get('max', '-')} |"
         )
     lora, train = recipe.lora, recipe.train
+    lines += watermark_section(recipe, document)
     lines += [
         "",
         "## Training",

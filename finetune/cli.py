@@ -262,22 +262,9 @@ def predict_command(
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
     _quiet_libraries()
-    from finetune.data import _read_jsonl
     from finetune.runner import predict
 
-    if input == "-":
-        rows = []
-        for number, line in enumerate(sys.stdin, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"stdin:{number}: malformed JSON line ({exc.msg})") from None
-        source = "stdin"
-    else:
-        if not Path(input).is_file():
-            raise DataError(f"{input}: input file not found")
-        rows, source = _read_jsonl(Path(input)), input
+    rows, source = _read_input_rows(input)
     for row in predict(run_dir, rows, source):
         print(json.dumps(row, ensure_ascii=False))
 
@@ -317,6 +304,52 @@ def merge_command(
 
     written = merge(run_dir, output, overwrite=overwrite)
     console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
+
+
+@app.command("detect")
+@_handled
+def detect_command(
+    run_dir: Annotated[str, typer.Argument(help="The watermarked run (its tokenizer and key).")],
+    input: Annotated[str, typer.Option("--input", help="A JSONL file of texts, or - for stdin.")] = "-",
+    field: Annotated[str, typer.Option("--field", help="The field holding each text.")] = "prediction",
+    key: Annotated[Optional[int], typer.Option("--key", help="The watermark key (default: the run's own).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (rows and summary) on stdout.")] = False,
+) -> None:
+    """Score texts for the run's watermark: per-row z-score, p-value and verdict, and how many look watermarked."""
+    _quiet_libraries()
+    from finetune.runner import detect
+
+    rows, source = _read_input_rows(input)
+    scored, summary = detect(run_dir, rows, source, field=field, key=key)
+    if as_json:
+        print(json.dumps({"rows": scored, "summary": summary}, ensure_ascii=False))
+        return
+    for row in scored:
+        print(json.dumps(row, ensure_ascii=False))
+    err_console.print(
+        f"{summary['watermarked']} of {summary['rows']} rows look watermarked (z > {summary['z_threshold']:g}; "
+        f"false-positive rate about {summary['false_positive_rate']:.1e})", highlight=False, soft_wrap=True)
+
+
+def _read_input_rows(input: str) -> tuple[list[dict], str]:
+    """JSONL rows from a file or stdin (-), each a JSON object; a bad line is named."""
+    from finetune.data import _read_jsonl
+
+    if input != "-":
+        if not Path(input).expanduser().is_file():
+            raise DataError(f"{input}: input file not found")
+        return _read_jsonl(Path(input).expanduser()), input
+    rows = []
+    for number, line in enumerate(sys.stdin, start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"stdin:{number}: malformed JSON line ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"stdin:{number}: each line must be a JSON object")
+            rows.append(row)
+    return rows, "stdin"
 
 
 @app.command("export")

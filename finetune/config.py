@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finetune.errors import RecipeError, did_you_mean
 from finetune.gates import parse_gate
+from finetune.secrets import REDACTED
 
 TaskName = Literal["classification", "copywriting", "codegen", "qa"]
 # LoRA target groups, resolved to module names by finetune.lora.
@@ -152,6 +153,20 @@ class TrainSection(Section):
     )
 
 
+class WatermarkSection(Section):
+    method: Literal["kirchenbauer", "synthid"] = Field(
+        "kirchenbauer", description="kirchenbauer: transformers' green-list watermark (Kirchenbauer et al. 2023)."
+    )
+    key: int | Literal["<redacted>"] = Field(
+        description="The secret that seeds the green lists; a run keeps it in adapter/watermark.key (mode 0600), "
+        "never in recipe.yaml, the manifest, logs or the model card."
+    )
+    greenlist_ratio: float = Field(0.25, gt=0, lt=1, description="Fraction of the vocabulary that is green at each step.")
+    bias: float = Field(2.0, gt=0, description="Added to the green tokens' logits: the watermark's strength.")
+    context_width: int = Field(1, gt=0, description="Previous tokens that seed each step's green list.")
+    z_threshold: float = Field(4.0, gt=0, description="A text is flagged when its green-token z-score exceeds this.")
+
+
 class EvalSection(Section):
     metrics: list[str] | None = Field(None, description="Metrics to report (default: all of the task's).")
     gates: dict[str, str] = Field(
@@ -179,6 +194,9 @@ class EvalSection(Section):
     num_samples: int = Field(1, gt=0, description="Generation: samples per prompt (codegen pass@k needs n >= k).")
     stop: list[str] | None = Field(
         None, description="Generation: cut each answer at the first of these strings (default: the task's own)."
+    )
+    watermark: WatermarkSection | None = Field(
+        None, description="Generation tasks: watermark every generation of run, eval and predict (finetune detect finds it)."
     )
     # Extractive question answering
     n_best: int = Field(20, gt=0, description="Extractive qa: start and end candidates considered per window.")
@@ -372,5 +390,9 @@ def flat_settings(recipe: Recipe) -> dict:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML; the watermark key never leaves the adapter's key file."""
+    data = recipe.model_dump(mode="json")
+    if data["eval"].get("watermark"):
+        data["eval"]["watermark"]["key"] = REDACTED
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

@@ -17,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from finetune.data import LengthReport, apply_overflow
 from finetune.errors import DataError
+from finetune import watermark
 from finetune.families import FamilySpec
 from finetune.evaluation import eval_loader
 
@@ -236,6 +237,9 @@ def generate(model, tokenizer, family: FamilySpec, prompt_ids: list[list[int]], 
         "use_cache": True,
         **({"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}),
     }
+    watermarking = watermark.generation_config(settings.watermark)
+    if watermarking is not None:
+        options["watermarking_config"] = watermarking
     # Longest first, so batches hold prompts of similar length (less padding).
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     with accelerator.split_between_processes(order) as mine:

@@ -15,11 +15,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset
 from rich.console import Console
+from transformers import AutoTokenizer
 
-from finetune import artifacts, checkpoint, evaluation, plots, preflight, trackers
+from finetune import artifacts, checkpoint, evaluation, plots, preflight, trackers, watermark
 from finetune.adapter import AdapterSaver
 from finetune.artifacts import RunDir
-from finetune.config import EvalSection, Recipe, recipe_to_yaml
+from finetune.config import EvalSection, Recipe, WatermarkSection, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
 from finetune.gguf_export import QUANTS, export_arch, write_gguf
@@ -138,6 +139,10 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
 def evaluate_features(session: Session, model, features: Features, accelerator: Accelerator) -> tuple[list[dict], dict]:
     """The one evaluation step: the task's predictions on `features`, then its metrics."""
     rows, loss = session.task.predict(model, session.tokenizer, features, accelerator, session.recipe, dict(session.state))
+    mark = session.recipe.eval.watermark
+    if mark is not None:  # each prediction scored on its own tokens
+        detector = watermark.Detector(session.tokenizer, accelerator.unwrap_model(model).config, mark)
+        rows = [{**row, **detector.score(row["prediction"]).as_dict()} for row in rows]
     return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
 
 
@@ -204,8 +209,14 @@ def recipe_of(source: str | Path, overrides: list[str] | None = None) -> tuple[R
         run = RunDir(source)
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
-        return load_recipe(run.recipe, overrides), run
+        return load_recipe(run.recipe, [*_watermark_key_override(run), *(overrides or [])]), run
     return load_recipe(source, overrides), None
+
+
+def _watermark_key_override(run: RunDir) -> list[str]:
+    """A run's recipe.yaml shows its watermark key redacted; the key itself is in the adapter's key file."""
+    key = watermark.read_key(run.adapter)
+    return [] if key is None else [f"eval.watermark.key={key}"]
 
 
 def check_gates(task: Task, gates: list[str] | None) -> None:
@@ -418,6 +429,32 @@ def export(run_path: str, output: str, *, format: str, quant: str = "f16", overw
     staging.replace(target)
     artifacts.add_run_elsewhere(run, target)
     return target
+
+
+def detect(run_path: str, rows: list[dict], source: str, field: str = "prediction",
+           key: int | None = None) -> tuple[list[dict], dict]:
+    """Watermark scores for texts (`field` of each row), with the run's tokenizer and key; rows keep their fields."""
+    recipe, run = finished_run(run_path)
+    settings = recipe.eval.watermark
+    if key is not None:
+        settings = (settings or WatermarkSection(key=key)).model_copy(update={"key": key})
+    if settings is None or not isinstance(settings.key, int):
+        raise RecipeError(f"{run_path}: no watermark key: the run was not watermarked (eval.watermark) or its "
+                          f"adapter/{watermark.KEY_FILE} is gone; give --key")
+    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
+    config = load_config(resolve_reference(recipe.model.name_or_path), revision=recipe.model.revision)
+    detector = watermark.Detector(tokenizer, config, settings)
+    scored = []
+    for number, row in enumerate(rows, start=1):
+        text = row.get(field)
+        if not isinstance(text, str):
+            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(text).__name__}")
+        scored.append({**row, **detector.score(text).as_dict()})
+    flagged = sum(r["watermarked"] for r in scored)
+    summary = {"rows": len(scored), "watermarked": flagged, "fraction": flagged / len(scored) if scored else 0.0,
+               "z_threshold": settings.z_threshold,
+               "false_positive_rate": watermark.false_positive_rate(settings.z_threshold)}
+    return scored, summary
 
 
 def finished_run(run_path: str) -> tuple[Recipe, RunDir]:

@@ -56,8 +56,10 @@ class Session:
             "base_model_path": self.model_path,
             "state": dict(self.state),  # label order for classification, prompt layout for generation
             "generation": recipe.eval.model_dump(include={"max_new_tokens", "temperature", "top_p", "num_samples", "stop"}),
+            "watermark": recipe.eval.watermark.model_dump(exclude={"key"}) if recipe.eval.watermark else None,
         }
-        return AdapterSaver(self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter)
+        return AdapterSaver(self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter,
+                            recipe.eval.watermark)
 
     def featurize(self, rows: Dataset, split: str, labeled: bool = True) -> Features:
         return self.task.featurize(rows, self.tokenizer, self.recipe, dict(self.state), split, labeled=labeled)

@@ -95,6 +95,15 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     elif isinstance(settings.every, int) and settings.every < 1:
         problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
     uses_template = isinstance(task, GenerationTask)
+    mark = settings.watermark
+    if mark is not None:
+        if not uses_template:
+            problems.append(f"eval.watermark: task {task.name} generates no text to watermark")
+        if mark.method == "synthid":
+            problems.append("eval.watermark.method: synthid is not supported yet (its Bayesian detector needs a training "
+                            "run of its own); use kirchenbauer")
+        if not isinstance(mark.key, int):
+            problems.append("eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key")
     if data.template is not None and not uses_template:
         problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
     if data.template is not None and "prompt" in data.columns:

@@ -76,7 +76,7 @@ class Task:
         return self.metric_names[0]
 
     def knows_metric(self, metric: str) -> bool:
-        return metric in self.metric_names or metric == "eval_loss"
+        return metric in self.metric_names or metric in ("eval_loss", "watermark_detected")
 
     def unknown_metric(self, place: str, metric: str) -> str:
         return (

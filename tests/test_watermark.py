@@ -1,0 +1,92 @@
+"""Watermarked generation and its detection (transformers' green-list watermark) with the run's key."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe, write_jsonl
+from finetune.cli import app
+from test_generation import copy_rows, generation_recipe
+
+runner = CliRunner()
+KEY = 987654321
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def detected(result) -> list[bool]:
+    assert result.exit_code == 0, result.output
+    return [r["watermarked"] for r in json.loads(result.stdout)["rows"]]
+
+
+@pytest.fixture(scope="module")
+def marked_run(tiny_models, tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("watermark")
+    rows = copy_rows(40)
+    data = {"train": write_jsonl(root / "train.jsonl", rows[:24]), "eval": write_jsonl(root / "eval.jsonl", rows[24:])}
+    # A barely trained model: its outputs have the entropy a watermark needs (a saturated tiny model has none).
+    recipe = generation_recipe("copywriting", tiny_models["llama"], data, root / "run",
+                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48})
+    recipe["eval"]["watermark"] = {"key": KEY}
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_generations_are_marked_and_the_key_stays_secret(marked_run):
+    metrics = json.loads((marked_run / "metrics.json").read_text())["metrics"]
+    assert metrics["watermark_detected"] >= 0.9 and "rougeL" in metrics
+    key_file = marked_run / "adapter" / "watermark.key"
+    assert key_file.read_text().strip() == str(KEY)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    for file in marked_run.rglob("*"):
+        if file.is_file() and file.name != "watermark.key" and "checkpoints" not in file.parts:
+            assert str(KEY).encode() not in file.read_bytes(), file
+    assert "key: <redacted>" in (marked_run / "recipe.yaml").read_text()
+    assert "## Watermark" in (marked_run / "README.md").read_text()
+
+
+def test_detect_flags_marked_text_and_not_human_or_unmarked_text(marked_run, tmp_path):
+    predictions = marked_run / "predictions.jsonl"
+    marked = detected(invoke("detect", marked_run, "--input", predictions, "--json"))
+    assert sum(marked) / len(marked) >= 0.9
+    human = detected(invoke("detect", marked_run, "--input", predictions, "--field", "completion", "--json"))
+    assert sum(human) / len(human) <= 0.05
+    plain = invoke("eval", marked_run, "eval.watermark=null", "--output", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    unmarked = detected(invoke("detect", marked_run, "--input", tmp_path / "plain" / "predictions.jsonl", "--json"))
+    assert sum(unmarked) / len(unmarked) <= 0.1
+    # Each text is scored on its own tokens: the same row scores the same alone and among others.
+    first = predictions.read_text().splitlines()[0]
+    alone = json.loads(invoke("detect", marked_run, "--json", input=first + "\n").stdout)["rows"][0]
+    among = json.loads(invoke("detect", marked_run, "--input", predictions, "--json").stdout)["rows"][0]
+    assert alone["z_score"] == among["z_score"]
+
+
+def test_predict_keeps_marking(marked_run):
+    prompts = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["rain sun", "oven salt", "goal team"]))
+    result = invoke("predict", marked_run, "--input", "-", input=prompts)
+    assert result.exit_code == 0, result.output
+    verdicts = detected(invoke("detect", marked_run, "--json", input=result.stdout))
+    assert sum(verdicts) >= 2
+
+
+def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "cls", epochs=1)
+    recipe["eval"] = {"watermark": {"key": 1}}
+    result = invoke("validate", write_recipe(recipe, "wm.yaml"))
+    assert result.exit_code == 2 and "generates no text to watermark" in result.output
+    del recipe["eval"]
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    refused = invoke("detect", tmp_path / "cls", "--json", input='{"prediction": "some text here"}\n')
+    assert refused.exit_code == 2 and "no watermark key" in refused.output
