@@ -228,6 +228,9 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
             f"| {split} | {r['rows']} | {r['truncated']} | {r['dropped']} | "
             f"{pct.get('p50', '-')} / {pct.get('p95', '-')} / {pct.get('max', '-')} |"
         )
+    notes = [f"- {split}: {note}" for split, r in reports.items() for note in r.get("notes", [])]
+    if notes:
+        lines += ["", *notes]
     lora, train = recipe.lora, recipe.train
     lines += watermark_section(recipe, document)
     lines += [

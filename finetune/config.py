@@ -61,8 +61,9 @@ class DataSection(Section):
     chat_template: bool = Field(
         False, description="Generation tasks: wrap each prompt as a user turn with the tokenizer's chat template."
     )
-    doc_stride: int = Field(
-        128, gt=0, description="Extractive qa: tokens shared by neighbouring windows of a long context."
+    doc_stride: int | None = Field(
+        None, gt=0, description="Extractive qa: tokens shared by neighbouring windows of a long context (default: derived "
+        "from the training answers, so the longest fits whole in some window).",
     )
     labels: list[str | int] | None = Field(
         None, description="Classification: the label set in a fixed order (default: sorted labels of the training data)."
@@ -200,7 +201,10 @@ class EvalSection(Section):
     )
     # Extractive question answering
     n_best: int = Field(20, gt=0, description="Extractive qa: start and end candidates considered per window.")
-    max_answer_length: int = Field(30, gt=0, description="Extractive qa: longest answer span, in tokens.")
+    max_answer_length: int | None = Field(
+        None, gt=0, description="Extractive qa: longest answer span, in tokens (default: derived from the training "
+        "answers, at least SQuAD's 30)."
+    )
     # Code execution (codegen)
     pass_k: list[int] | None = Field(
         None, description="Codegen: the k of pass@k (default: 1, 2, 4, 8, 10, 16, 32, 64, 100 up to num_samples)."

@@ -159,7 +159,7 @@ def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
     if adapter_dir is not None:
         state = artifacts.read_adapter_meta(adapter_dir)["state"]
     else:
-        state = task.fit_state(train_rows, recipe)
+        state = task.fit_state(train_rows, recipe, tokenizer)
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
     state = MappingProxyType({**state, "family": family.name})
     rows = {"train": train_rows, "eval": eval_rows} if splits else {}

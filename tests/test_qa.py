@@ -202,3 +202,46 @@ def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_
     recipe["task"] = "copywriting"
     wrong = runner.invoke(app, ["validate", str(write_recipe(recipe, "wrong.yaml"))])
     assert wrong.exit_code == 2 and "only task qa has modes" in wrong.output
+
+
+# --------------------------------------------------------------------------- span settings from the data
+
+
+def test_span_settings_come_from_the_training_answers(bert_tokenizer):
+    """Paragraph answers: the answer limit covers the longest, and windows overlap by at least that much."""
+    from finetune.tasks.qa import SQUAD_MAX_ANSWER_TOKENS, span_settings
+    from finetune.validation import build_recipe
+
+    def recipe(**data):
+        return build_recipe({"task": "qa", "model": {"name_or_path": "m"},
+                             "data": {"train": "t.jsonl", "eval": "e.jsonl", "max_length": 128, **data}})
+
+    long_answers = [" ".join(WORDS * 8)[: 70 * (i + 1)] for i in range(4)]
+    lengths = [len(bert_tokenizer(a, add_special_tokens=False)["input_ids"]) for a in long_answers]
+    settings = span_settings(["rain?"], long_answers, bert_tokenizer, recipe())
+    assert settings["max_answer_length"] >= max(lengths) > SQUAD_MAX_ANSWER_TOKENS
+    assert settings["doc_stride"] >= max(lengths) and settings["doc_stride"] < 128
+    assert any("derived from the training answers" in note for note in settings["span_notes"])
+    short = span_settings(["rain?"], ["sun", "cold warm"], bert_tokenizer, recipe())
+    assert short["max_answer_length"] == SQUAD_MAX_ANSWER_TOKENS  # short answers keep SQuAD's limit
+    fixed = span_settings(["rain?"], long_answers, bert_tokenizer, recipe(doc_stride=8))
+    assert fixed["doc_stride"] == 8 and any("longer than data.doc_stride=8" in n for n in fixed["span_notes"])
+
+
+def test_long_answers_that_straddle_windows_are_still_learned(tiny_models, tmp_path, write_recipe, bert_tokenizer):
+    """With derived settings every answer lies whole in some window; with SQuAD-style settings some lie in none."""
+    rows = []
+    for i in range(24):
+        context = _context(60 + i % 9)
+        text, start = _char_span(context, 32 + i % 5, 46 + i % 5)  # across the first window's end
+        rows.append({"question": "sun?", "context": context, "answers": {"text": [text], "answer_start": [start]}})
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:20]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:])}
+    derived = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
+    derived["data"] = {**derived["data"], "max_length": 48}
+    del derived["data"]["doc_stride"]
+    dry = runner.invoke(app, ["run", str(write_recipe(derived)), "--dry-run"], env={"COLUMNS": "400"})
+    assert dry.exit_code == 0, dry.output
+    assert "derived from the training answers" in dry.output and "fall outside every window" not in dry.output
+    squad_like = {**derived, "data": {**derived["data"], "doc_stride": 4}}
+    dry = runner.invoke(app, ["run", str(write_recipe(squad_like, "squad.yaml")), "--dry-run"], env={"COLUMNS": "400"})
+    assert dry.exit_code == 0 and "fall outside every window" in dry.output

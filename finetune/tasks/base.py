@@ -91,7 +91,7 @@ class Task:
         return f"task {self.name} is not supported on the {family.name} family: {family.refusals[self.head]}"
 
     # ------------------------------------------------------------ model
-    def fit_state(self, train_rows: Dataset, recipe: Recipe) -> dict[str, Any]:
+    def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {}
 
     def auto_class(self, family: FamilySpec):

@@ -32,7 +32,7 @@ class ClassificationTask(Task):
     head = "sequence_classification"
 
     # ------------------------------------------------------------ model
-    def fit_state(self, train_rows: Dataset, recipe) -> dict[str, Any]:
+    def fit_state(self, train_rows: Dataset, recipe, tokenizer=None) -> dict[str, Any]:
         seen = _checked_labels(train_rows["label"], "data.train")
         if recipe.data.labels is not None:
             labels = list(recipe.data.labels)

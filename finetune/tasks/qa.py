@@ -8,11 +8,13 @@ The window bookkeeping lives in qa_spans.py.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -104,16 +106,27 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def check_recipe(self, recipe) -> list[str]:
         problems = super().check_recipe(recipe)
-        if recipe.data.doc_stride >= recipe.data.max_length:
-            problems.append(f"data.doc_stride: {recipe.data.doc_stride} must be below data.max_length ({recipe.data.max_length})")
+        stride = recipe.data.doc_stride
+        if stride is not None and stride >= recipe.data.max_length:
+            problems.append(f"data.doc_stride: {stride} must be below data.max_length ({recipe.data.max_length})")
         return problems
+
+    def fit_state(self, train_rows: Dataset, recipe, tokenizer) -> dict[str, Any]:
+        """The span settings the recipe leaves open, from the training answers (see span_settings)."""
+        answers = _checked_answers(train_rows["answers"], checked_texts(train_rows["context"], "data.train", "context"),
+                                   "data.train")
+        questions = checked_texts(train_rows["question"], "data.train", "question")
+        return span_settings(questions, [a[0] for a in answers if a is not None], tokenizer, recipe)
 
     def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
         questions = checked_texts(rows["question"], split, "question")
         contexts = checked_texts(rows["context"], split, "context")
         answers = _checked_answers(rows["answers"], contexts, split) if labeled else None
-        windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, recipe.data.doc_stride, split)
+        stride = recipe.data.doc_stride or state["doc_stride"]
+        windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, stride, split)
         report = windows.report
+        if split == "data.train":
+            report.notes.extend(state.get("span_notes", []))
         columns = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask}
         if answers is not None:
             starts, ends, missed = qa_spans.span_labels(windows, answers)
@@ -155,7 +168,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             losses.extend(gathered[2:])
         answers = qa_spans.best_answers(
             features.windows, torch.cat(starts).numpy(), torch.cat(ends).numpy(), list(features.rows["context"]),
-            n_best=recipe.eval.n_best, max_answer_length=recipe.eval.max_answer_length,
+            n_best=recipe.eval.n_best, max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
         )
         out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
         loss = torch.cat(losses).mean().item() if losses else None
@@ -163,6 +176,46 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def prediction_fields(self) -> tuple[str, ...]:
         return ("answers", "prediction")
+
+
+# SQuAD's answer limit in tokens: the floor of the derived one, since short answers need no more.
+SQUAD_MAX_ANSWER_TOKENS = 30
+# SQuAD's window overlap, used when the answers are short enough.
+SQUAD_DOC_STRIDE = 128
+
+
+def span_settings(questions: list[str], answers: list[str], tokenizer, recipe) -> dict[str, Any]:
+    """eval.max_answer_length and data.doc_stride where the recipe leaves them open, and why.
+
+    SQuAD's defaults (30 answer tokens, 128 overlap) cut paragraph answers. Here the answer limit covers the
+    longest training answer (+10%), and the overlap between windows is at least that long, so every answer
+    lies whole in some window wherever the window has room for it.
+    """
+    lengths = [len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]] if answers else [0]
+    longest = max(lengths)
+    longest_question = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
+    room = recipe.data.max_length - longest_question - 3  # context tokens in a window: the question and specials take the rest
+    notes = []
+    max_answer = recipe.eval.max_answer_length
+    if max_answer is None:
+        max_answer = max(SQUAD_MAX_ANSWER_TOKENS, math.ceil(1.1 * longest))
+        notes.append(f"eval.max_answer_length {max_answer}: derived from the training answers (longest {longest} tokens, "
+                     f"p95 {int(np.percentile(lengths, 95))})")
+    stride = recipe.data.doc_stride
+    if stride is None:
+        stride = max(min(SQUAD_DOC_STRIDE, room // 2), longest + 8)
+        stride = max(1, min(stride, room - 16))  # windows must still move forward
+        notes.append(f"data.doc_stride {stride}: windows overlap by at least the longest answer, so each lies whole "
+                     "in some window")
+    too_long = sum(n > max_answer for n in lengths)
+    if too_long:
+        notes.append(f"warning: {too_long} training answer(s) are longer than eval.max_answer_length={max_answer} tokens "
+                     "and can never be predicted whole")
+    straddling = sum(n > stride for n in lengths)
+    if straddling:
+        notes.append(f"warning: {straddling} training answer(s) are longer than data.doc_stride={stride}; in long "
+                     "contexts they may lie whole in no window (raise data.max_length)")
+    return {"max_answer_length": max_answer, "doc_stride": stride, "longest_answer_tokens": longest, "span_notes": notes}
 
 
 def _pad_to(logits: torch.Tensor, width: int) -> torch.Tensor:
