@@ -259,13 +259,16 @@ def eval_command(
 def predict_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
     input: Annotated[str, typer.Option("--input", help="A JSONL file of inputs, or - for stdin.")] = "-",
+    knowledge_base: Annotated[
+        Optional[str], typer.Option("--knowledge-base", help="qa: answer from these passages instead of the run's own.")
+    ] = None,
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
     _quiet_libraries()
     from finetune.runner import predict
 
     rows, source = _read_input_rows(input)
-    for row in predict(run_dir, rows, source):
+    for row in predict(run_dir, rows, source, knowledge_base=knowledge_base):
         print(json.dumps(row, ensure_ascii=False))
 
 

@@ -38,6 +38,17 @@ class ModelSection(Section):
     )
 
 
+class RetrievalSection(Section):
+    method: Literal["dense", "bm25", "hybrid"] = Field(
+        "dense", description="dense: sentence-transformers embeddings; bm25: bm25s; hybrid: reciprocal-rank fusion of both."
+    )
+    top_k: int = Field(5, gt=0, description="Passages retrieved per question (the reader sees all of them).")
+    model: str | None = Field(
+        None, description="Sentence-embedding model for dense retrieval (default: the shipped all-MiniLM-L6-v2)."
+    )
+    train: bool = Field(False, description="Fine-tune the retriever on the training pairs (not supported yet).")
+
+
 class DataSection(Section):
     train: str | list[str] = Field(
         description="Training file(s) (.jsonl/.json/.csv/.parquet) or a hub dataset id (`id` or `id:split`)."
@@ -68,6 +79,11 @@ class DataSection(Section):
     labels: list[str | int] | None = Field(
         None, description="Classification: the label set in a fixed order (default: sorted labels of the training data)."
     )
+    knowledge_base: str | list[str] | None = Field(
+        None, description="qa: passage file(s) (`text`, optional `title`, `id`); rows then need only question and "
+        "answer, and each question is answered from its retrieved passages.",
+    )
+    retrieval: RetrievalSection = Field(default_factory=RetrievalSection, description="qa with a knowledge base.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training rows.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
 

@@ -28,7 +28,9 @@ from finetune.models import load_config, resolve_reference
 from finetune.monitor import Monitor, summary
 from finetune.plan import show_plan
 from finetune.secrets import redact
-from finetune.session import Session, changes_base_weights, during_rows, open_session, task_rows, training_collator
+from finetune.retrieval import attach_passages
+from finetune.session import (Session, build_retriever, changes_base_weights, during_rows, open_session, task_rows,
+                              training_collator)
 from finetune.tasks import Features, Task, get_task, recipe_task
 from finetune.train import Checkpointing, make_accelerator, train
 from finetune.validation import check_recipe, load_recipe
@@ -334,7 +336,7 @@ def rescore(predictions: str, task_name: str, gates: list[str] | None, settings:
     return evaluation.attach_comparison(document, baseline)
 
 
-def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
+def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None) -> list[dict]:
     """The run's model on new rows; every input field it does not use comes back in the output row, in order.
 
     Input rows may use the training file's column names or the task's field names, and may carry the reference
@@ -348,8 +350,13 @@ def predict(run_path: str, rows: list[dict], source: str) -> list[dict]:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
     table = _input_table(rows, source)
     columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
-    table = task_rows(table, recipe, task, source, columns=columns, required=_inputs_only(task),
-                      optional=(*task.optional_fields, *task.reference_fields))
+    required, optional = task.fields(recipe)
+    table = task_rows(table, recipe, task, source, columns=columns, required=_inputs_only(task, required),
+                      optional=(*optional, *task.reference_fields))
+    if knowledge_base is not None or recipe.data.knowledge_base is not None:  # answers come from retrieved passages
+        retriever = build_retriever(recipe, knowledge_base)
+        table = attach_passages(table, retriever, extractive=task.head == "question_answering", training=False,
+                                split=source)
     session = open_session(recipe, adapter_dir=run.adapter, splits=(), with_lora=False)
     features = session.featurize(table, source, labeled=False)
     out, _ = session.task.predict(session.model, session.tokenizer, features, make_accelerator(recipe), recipe,
@@ -367,9 +374,9 @@ def _input_table(rows: list[dict], source: str) -> Dataset:
                         f"{str(exc).splitlines()[0]}") from exc
 
 
-def _inputs_only(task: Task) -> tuple[str, ...]:
+def _inputs_only(task: Task, required: tuple[str, ...]) -> tuple[str, ...]:
     """Fields needed to predict: the required fields minus the reference answer."""
-    return tuple(f for f in task.required_fields if f not in task.reference_fields)
+    return tuple(f for f in required if f not in task.reference_fields)
 
 
 def merge(run_path: str, output: str, overwrite: bool = False) -> Path:

@@ -24,6 +24,7 @@ from finetune.errors import RecipeError
 from finetune.families import FamilySpec
 from finetune.generation import PackedCollator
 from finetune.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
+from finetune.retrieval import Retriever, attach_passages, knowledge_base_hash, load_passages
 from finetune.models import detect_family, load_config, load_model, load_tokenizer, quantization_config, resolve_reference
 from finetune.tasks import Features, Task, recipe_task
 from finetune.tasks.generative import GenerationTask
@@ -85,13 +86,15 @@ def task_rows(table: Dataset, recipe: Recipe, task: Task, key: str, columns: dic
     if recipe.data.template is not None:
         table = apply_template(table, recipe.data.template, key)
     columns = recipe.data.columns if columns is None else columns
-    required = task.required_fields if required is None else required
-    optional = task.optional_fields if optional is None else optional
+    task_required, task_optional = task.fields(recipe)
+    required = task_required if required is None else required
+    optional = task_optional if optional is None else optional
     return map_columns(table, columns, required, optional, key=key)
 
 
 def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset]:
-    """(train rows, eval rows) mapped to the task's field names."""
+    """(train rows, eval rows) mapped to the task's field names; with a knowledge base, each question gets its
+    retrieved passages as context."""
     data = recipe.data
     train = task_rows(load_table(data.train, "data.train"), recipe, task, f"data.train ({_shown(data.train)})")
     if data.eval is not None:
@@ -102,7 +105,18 @@ def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset]:
         train = train.select(range(min(len(train), data.max_train_samples)))
     if data.max_eval_samples:
         eval_rows = eval_rows.select(range(min(len(eval_rows), data.max_eval_samples)))
+    if data.knowledge_base is not None:
+        retriever = build_retriever(recipe)
+        extractive = task.head == "question_answering"
+        train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
+        eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
     return train, eval_rows
+
+
+def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
+    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`)."""
+    base = knowledge_base or recipe.data.knowledge_base
+    return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
 
 
 def _shown(spec: str | list[str]) -> str:

@@ -95,6 +95,11 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     elif isinstance(settings.every, int) and settings.every < 1:
         problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
     uses_template = isinstance(task, GenerationTask)
+    if data.knowledge_base is not None:
+        if recipe.task != "qa":
+            problems.append(f"data.knowledge_base: only task qa answers from a knowledge base; remove it for {recipe.task}")
+        if data.retrieval.train:
+            problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
     mark = settings.watermark
     if mark is not None:
         if not uses_template:
@@ -217,6 +222,10 @@ def _data_file_rules(recipe: Recipe) -> list[str]:
                 continue
             if _looks_like_file(item) and not path.is_file():
                 problems.append(f"{key}: file not found: {item}")
+    base = recipe.data.knowledge_base
+    for item in [] if base is None else [base] if isinstance(base, str) else base:
+        if not local_data_path(item, "data.knowledge_base").is_file():
+            problems.append(f"data.knowledge_base: file not found: {item}")
     return problems
 
 

@@ -245,3 +245,38 @@ def test_long_answers_that_straddle_windows_are_still_learned(tiny_models, tmp_p
     squad_like = {**derived, "data": {**derived["data"], "doc_stride": 4}}
     dry = runner.invoke(app, ["run", str(write_recipe(squad_like, "squad.yaml")), "--dry-run"], env={"COLUMNS": "400"})
     assert dry.exit_code == 0 and "fall outside every window" in dry.output
+
+
+# --------------------------------------------------------------------------- knowledge base
+
+
+@pytest.mark.parametrize("method", ["bm25", "dense", "hybrid"])
+def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, write_recipe):
+    """Rows hold question + answer; contexts come from retrieved passages; recall and passage ids are reported."""
+    passages, rows = [], []
+    for i in range(30):
+        words = [WORDS[(i + j) % len(WORDS)] for j in range(8)]
+        code = f"code{i:02d}"
+        passages.append({"id": f"p{i}", "title": f"topic {i}", "text": f"{code} " + " ".join(words)})
+        rows.append({"question": f"{code} which word?", "answer": words[3]})
+    base = write_jsonl(tmp_path / "passages.jsonl", passages)
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:])}
+    recipe = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
+    recipe["data"].update(knowledge_base=str(base), retrieval={"method": method, "top_k": 3,
+                                                               "model": str(tiny_models["bert"])}, max_length=48)
+    del recipe["data"]["doc_stride"]
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["retrieval_recall@k"] <= 1.0 and "f1" in metrics
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(p["passage_ids"]) == 3 and set(p["passage_ids"]) <= {q["id"] for q in passages} for p in predictions)
+    recall = sum(p["retrieved_gold"] for p in predictions) / len(predictions)
+    assert metrics["retrieval_recall@k"] == pytest.approx(recall)
+    if method != "dense":  # the exact code word in the question: BM25 finds its passage
+        assert recall == 1.0
+    answered = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", "-"],
+                             input=json.dumps({"id": "q1", "question": "code05 which word?"}) + "\n")
+    assert answered.exit_code == 0, answered.output
+    row = json.loads(answered.stdout)
+    assert row["id"] == "q1" and len(row["passage_ids"]) == 3 and row["prediction"] in row["context"]

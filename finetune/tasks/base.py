@@ -56,7 +56,7 @@ class Task:
     def check_recipe(self, recipe: Recipe) -> list[str]:
         """The task's own rules: its fields, metrics and gates. finetune.validation gathers these with the rest."""
         problems = []
-        fields = (*self.required_fields, *self.optional_fields)
+        fields = (*self.fields(recipe)[0], *self.fields(recipe)[1])
         for name in recipe.data.columns:
             if name not in fields:
                 problems.append(
@@ -75,8 +75,12 @@ class Task:
         """The metric that decides "better" by default (eval.best_metric): the task's first."""
         return self.metric_names[0]
 
+    def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(required, optional) fields of a row under this recipe."""
+        return self.required_fields, self.optional_fields
+
     def knows_metric(self, metric: str) -> bool:
-        return metric in self.metric_names or metric in ("eval_loss", "watermark_detected")
+        return metric in self.metric_names or metric in ("eval_loss", "watermark_detected", "retrieval_recall@k")
 
     def unknown_metric(self, place: str, metric: str) -> str:
         return (

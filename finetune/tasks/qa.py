@@ -100,9 +100,15 @@ class ExtractiveQATask(_SquadScoring, Task):
     name = "qa"
     required_fields = ("question", "context", "answers")
     optional_fields = ("id",)
-    reference_fields = ("answers",)
+    reference_fields = ("answers", "answer")  # `answer`: rows answered from a knowledge base
     head_candidates = ("qa_outputs",)
     head = "question_answering"
+
+    def fields(self, recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """With a knowledge base, rows hold a question and its answer; the context comes from retrieval."""
+        if recipe.data.knowledge_base is not None:
+            return ("question", "answer"), ("id",)
+        return self.required_fields, self.optional_fields
 
     def check_recipe(self, recipe) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -116,7 +122,8 @@ class ExtractiveQATask(_SquadScoring, Task):
         answers = _checked_answers(train_rows["answers"], checked_texts(train_rows["context"], "data.train", "context"),
                                    "data.train")
         questions = checked_texts(train_rows["question"], "data.train", "question")
-        return span_settings(questions, [a[0] for a in answers if a is not None], tokenizer, recipe)
+        answers = [a for a in answers if a is not None and a[1] >= 0]
+        return span_settings(questions, [a[0] for a in answers], tokenizer, recipe)
 
     def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
         questions = checked_texts(rows["question"], split, "question")
@@ -242,6 +249,9 @@ def _checked_answers(values: list, contexts: list[str], split: str) -> list[tupl
             out.append(None)
             continue
         text, start = texts[0], starts[0]
+        if start == -1:  # a knowledge-base row whose retrieved passages miss the answer: nothing to point at
+            out.append(None)
+            continue
         if not isinstance(start, int) or context[start : start + len(text)] != text:
             raise DataError(
                 f"{split}: row {number}: answer {text!r} is not at answer_start={start} in the context "
