@@ -7,6 +7,7 @@ from rich.table import Table
 
 from finetune.lora import count_parameters, group_targets
 from finetune.models import reference_is_local
+from finetune.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.session import Session, during_rows
 from finetune.train import TrainPlan, resolve_precision
 
@@ -61,6 +62,11 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
                              + (f" (B lr x{recipe.train.loraplus_lr_ratio:g})" if recipe.train.optimizer == "loraplus" else ""))
     groups = group_targets(list(session.targets), session.family)
     table.add_row("LoRA targets", f"{len(session.targets)} modules" + "".join(f"\n{line}" for line in groups))
+    if recipe.data.knowledge_base is not None:
+        retrieval = recipe.data.retrieval
+        model = f", embeddings {retrieval.model or DEFAULT_EMBEDDING_MODEL}" if retrieval.method != "bm25" else ""
+        table.add_row("knowledge base", f"{recipe.data.knowledge_base}: {retrieval.method} retrieval, top {retrieval.top_k}"
+                                        f"{model}; training adds the gold passage where retrieval missed it")
     table.add_row("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     for split, features in session.features.items():
         r = features.report

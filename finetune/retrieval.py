@@ -207,13 +207,6 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
 
 
 def _find(context: str, answer: str) -> int:
+    """Where the answer starts in the context (-1: not there); case is ignored only if the exact text is absent."""
     start = context.find(answer)
-    if start >= 0:
-        return start
-    lowered = context.lower().find(answer.lower())
-    return lowered
-
-
-def retrieval_summary(settings: RetrievalSection, base: list[Passage]) -> str:
-    return (f"{settings.method} retrieval (top {settings.top_k} of {len(base)} passages"
-            + (f", embeddings {settings.model or DEFAULT_EMBEDDING_MODEL}" if settings.method != "bm25" else "") + ")")
+    return start if start >= 0 else context.lower().find(answer.lower())

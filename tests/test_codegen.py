@@ -132,6 +132,19 @@ def test_codegen_run_samples_and_scores_pass_at_k(tiny_models, tmp_path, write_r
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [(r["task_id"], r["sample"]) for r in rows] == [(f"toy/{i}", s) for i in range(3) for s in range(2)]
     assert all(isinstance(r["passed"], bool) and r["result"] for r in rows)
+    # pass@1 with n samples per problem is the mean of `passed` (equal n per problem).
+    assert metrics["metrics"]["pass@1"] == pytest.approx(sum(r["passed"] for r in rows) / len(rows))
+    # A correct solution passes in the sandbox: a sandbox that fails everything would fail here.
+    fixed = [dict(r) for r in rows]
+    fixed[0]["prediction"] = "    return x + 0\n"
+    fixed[1]["prediction"] = "    return x - 0 + 0 + 0\n"
+    path = write_jsonl(tmp_path / "fixed.jsonl", fixed)
+    sandbox = [] if bubblewrap() else ["--sandbox", "basic"]
+    rescored = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
+                                   "--json", *sandbox])
+    assert rescored.exit_code == 0, rescored.output
+    expected = (2 + sum(r["passed"] for r in rows[2:])) / len(rows)
+    assert json.loads(rescored.stdout)["metrics"]["pass@1"] == pytest.approx(expected)
 
 
 def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models, tmp_path, write_recipe, monkeypatch):

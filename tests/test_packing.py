@@ -62,8 +62,20 @@ def test_packing_trains_a_decoder_and_is_refused_elsewhere(tiny_models, topic_da
     assert result.exit_code == 2 and "train.packing: only for GPT-family models" in result.output
 
 
-def test_gradient_checkpointing_gives_the_same_training(tiny_models, topic_data, write_recipe, tmp_path):
+def test_gradient_checkpointing_gives_the_same_training(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
     import json
+
+    from transformers import PreTrainedModel
+
+    enabled = []
+    original = PreTrainedModel.gradient_checkpointing_enable
+
+    def spy(self, *args, **kwargs):  # the setting must really switch checkpointing on, not be ignored
+        enabled.append(kwargs.get("gradient_checkpointing_kwargs"))
+        original(self, *args, **kwargs)
+        assert self.is_gradient_checkpointing
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", spy)
 
     def losses(name, checkpointing):
         recipe = classification_recipe(tiny_models["llama"], topic_data, tmp_path / name, log_every=1)
@@ -71,7 +83,10 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_models, topic_data,
         assert invoke("run", write_recipe(recipe, f"{name}.yaml")).exit_code == 0
         return [json.loads(line)["loss"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
 
-    assert losses("with", True) == pytest.approx(losses("without", False), rel=1e-5)
+    with_checkpointing = losses("with", True)
+    assert enabled == [{"use_reentrant": False}]
+    assert with_checkpointing == pytest.approx(losses("without", False), rel=1e-5)
+    assert len(enabled) == 1
 
 
 def test_qlora_and_sharding_strategies_are_refused_without_a_gpu(tiny_models, topic_data, write_recipe, tmp_path):

@@ -87,11 +87,16 @@ def span_labels(w: Windows, answers: list[tuple[str, int] | None]) -> tuple[list
 
 def best_answers(w: Windows, start_logits: np.ndarray, end_logits: np.ndarray, contexts: list[str],
                  n_best: int, max_answer_length: int) -> list[str]:
-    """The highest-scoring valid span (start + end logit) over all windows of each example, as context text."""
+    """The most probable valid span over all windows of each example, as context text.
+
+    Scores are log-probabilities within each window (log-softmax of the start and end logits), so windows
+    compare fairly: a window whose model puts its mass on "no answer here" (the CLS token) scores low, rather
+    than offering its best wrong span at face value as raw logits would.
+    """
     best: dict[int, tuple[float, str]] = {}
     for window, example in enumerate(w.example):
         offsets = w.offsets[window]
-        start_scores, end_scores = start_logits[window], end_logits[window]
+        start_scores, end_scores = _log_softmax(start_logits[window]), _log_softmax(end_logits[window])
         top_starts = np.argsort(start_scores)[::-1][:n_best]
         top_ends = np.argsort(end_scores)[::-1][:n_best]
         for s in top_starts:
@@ -104,3 +109,8 @@ def best_answers(w: Windows, start_logits: np.ndarray, end_logits: np.ndarray, c
                 if example not in best or score > best[example][0]:
                     best[example] = (score, contexts[example][offsets[s][0] : offsets[e][1]])
     return [best[i][1] if i in best else "" for i in range(len(contexts))]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
