@@ -41,6 +41,7 @@ class RunDir:
     predictions = property(lambda self: self.path / "predictions.jsonl")
     train_log = property(lambda self: self.path / "train_log.jsonl")
     eval_log = property(lambda self: self.path / "eval_log.jsonl")
+    data_report = property(lambda self: self.path / "data_report.json")
     card = property(lambda self: self.path / "README.md")
     curves = property(lambda self: self.path / "training_curves.png")
     confusion = property(lambda self: self.path / "confusion_matrix.png")

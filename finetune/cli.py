@@ -309,6 +309,46 @@ def merge_command(
     console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
 
 
+@app.command("data")
+@_handled
+def data_command(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    output: Annotated[str, typer.Option("--output", help="Where data_report.json goes.")] = "data_report.json",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a summary.")] = False,
+) -> None:
+    """The data report: rows, label balance, lengths, duplicates, train/eval overlap, QA spans, the loss mask."""
+    from finetune.validation import load_and_check
+
+    loaded = load_and_check(recipe, overrides).recipe
+    _quiet_libraries()
+    from finetune.artifacts import write_json
+    from finetune.data_report import warnings
+    from finetune.runner import report_data
+
+    target = Path(output).expanduser()
+    if target.exists() and not overwrite:
+        raise RecipeError(f"--output: {target} exists; choose another file or --overwrite")
+    report = report_data(loaded)
+    write_json(target, report)
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    for split, info in report["splits"].items():
+        console.print(f"{split}: {info['rows']} rows; tokens {info['token_length']}; truncated {info['truncated']}, "
+                      f"dropped {info['dropped']} (max_length {info['max_length']})", highlight=False, soft_wrap=True)
+        for note in info.get("notes", []):
+            console.print(f"  {note}", highlight=False, soft_wrap=True)
+    for line in warnings(report) or ["no duplicates, overlap, rare classes or empty texts found"]:
+        console.print(f"- {line}", highlight=False, soft_wrap=True)
+    example = report.get("loss_mask_example")
+    if example:
+        console.print("loss mask of the first training example (⟦trained⟧):", highlight=False)
+        console.print(example.get("rendered") or example, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"report written to {target}", highlight=False, soft_wrap=True)
+
+
 @app.command("detect")
 @_handled
 def detect_command(

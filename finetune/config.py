@@ -83,6 +83,10 @@ class DataSection(Section):
         None, description="qa: passage file(s) (`text`, optional `title`, `id`); rows then need only question and "
         "answer, and each question is answered from its retrieved passages.",
     )
+    on_overlap: Literal["warn", "drop", "error"] = Field(
+        "warn", description="Eval rows that duplicate training rows (exact or near): warn, drop those training rows, "
+        "or error (exit 3)."
+    )
     retrieval: RetrievalSection = Field(default_factory=RetrievalSection, description="qa with a knowledge base.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training rows.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")

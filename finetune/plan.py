@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from finetune.lora import count_parameters, group_targets
@@ -45,7 +46,8 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
             + (f"; early stopping after {stopping.patience} without improvement > {stopping.min_delta:g}" if stopping else ""))
 
 
-def show_plan(console: Console, session: Session, world_size: int, output_note: str) -> None:
+def show_plan(console: Console, session: Session, world_size: int, output_note: str,
+              data_warnings: list[str] | None = None) -> None:
     recipe = session.recipe
     trainable, total = count_parameters(session.model)
     plan = TrainPlan.build(recipe, len(session.features["train"].dataset), world_size)
@@ -86,6 +88,6 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
     table.add_row("evaluation", evaluation_plan(session, plan))
     table.add_row("precision", resolve_precision(recipe.train.precision))
     table.add_row("output", output_note)
-    for warning in plan_warnings(session, plan):
-        table.add_row("[yellow]warning[/]", warning)
+    for warning in [*plan_warnings(session, plan), *(data_warnings or [])]:
+        table.add_row("[yellow]warning[/]", escape(warning))
     console.print(table)

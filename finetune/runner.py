@@ -17,7 +17,7 @@ from datasets import Dataset
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from finetune import artifacts, checkpoint, evaluation, plots, preflight, trackers, watermark
+from finetune import artifacts, checkpoint, data_report, evaluation, plots, preflight, trackers, watermark
 from finetune.adapter import AdapterSaver
 from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, WatermarkSection, recipe_to_yaml
@@ -29,8 +29,8 @@ from finetune.monitor import Monitor, summary
 from finetune.plan import show_plan
 from finetune.secrets import redact
 from finetune.retrieval import attach_passages
-from finetune.session import (Session, build_retriever, changes_base_weights, during_rows, open_session, task_rows,
-                              training_collator)
+from finetune.session import (Session, SessionData, build_retriever, changes_base_weights, during_rows, open_data,
+                              open_session, task_rows, training_collator)
 from finetune.tasks import Features, Task, get_task, recipe_task
 from finetune.train import Checkpointing, make_accelerator, train
 from finetune.validation import check_recipe, load_recipe
@@ -65,8 +65,9 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
         # LoRA is applied to freshly loaded base weights, also when resuming: a
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(recipe)
+        report = session_report(recipe, session)
         if accelerator.is_main_process:
-            show_plan(console, session, accelerator.num_processes, output_note)
+            show_plan(console, session, accelerator.num_processes, output_note, data_report.warnings(report))
         if dry_run:
             return None
         preflight.check_free_space(run_dir.path, preflight.checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
@@ -82,6 +83,7 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
         if resume_from is not None:
             console.print(f"resuming from {resume_from}", highlight=False, soft_wrap=True)
         _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None)
+        artifacts.write_json(run_dir.data_report, report)
     saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()
     trackers.start(accelerator, recipe, run_dir.path.name)
@@ -136,6 +138,19 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()
     return document
+
+
+def session_report(recipe: Recipe, data: Session | SessionData) -> dict:
+    """The data report of what a session read (data_report.json)."""
+    features = data.features
+    return data_report.build_report(recipe, data.task, features["train"].rows, features["eval"].rows, features,
+                                    data.tokenizer, dict(data.overlap))
+
+
+def report_data(recipe: Recipe) -> dict:
+    """`finetune data`: the data report, without loading weights."""
+    check_recipe(recipe, source=recipe.output.dir)
+    return session_report(recipe, open_data(recipe))
 
 
 def evaluate_features(session: Session, model, features: Features, accelerator: Accelerator) -> tuple[list[dict], dict]:

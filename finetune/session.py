@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finetune import artifacts
 from finetune.adapter import AdapterSaver
 from finetune.config import Recipe
+from finetune.data_report import check_overlap
 from finetune.data import apply_template, load_table, map_columns, split_for_eval
 from finetune.errors import RecipeError
 from finetune.families import FamilySpec
@@ -43,6 +44,7 @@ class Session:
     model: PeftModel | PreTrainedModel
     features: Mapping[str, Features] = field(default_factory=dict)
     targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
+    overlap: Mapping[str, Any] = field(default_factory=dict)  # train <-> eval duplicates (data.on_overlap)
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}
@@ -92,9 +94,9 @@ def task_rows(table: Dataset, recipe: Recipe, task: Task, key: str, columns: dic
     return map_columns(table, columns, required, optional, key=key)
 
 
-def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset]:
-    """(train rows, eval rows) mapped to the task's field names; with a knowledge base, each question gets its
-    retrieved passages as context."""
+def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict]:
+    """(train rows, eval rows, train<->eval overlap) mapped to the task's field names; `data.on_overlap` applied;
+    with a knowledge base, each question gets its retrieved passages as context."""
     data = recipe.data
     train = task_rows(load_table(data.train, "data.train"), recipe, task, f"data.train ({_shown(data.train)})")
     if data.eval is not None:
@@ -105,12 +107,13 @@ def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset]:
         train = train.select(range(min(len(train), data.max_train_samples)))
     if data.max_eval_samples:
         eval_rows = eval_rows.select(range(min(len(eval_rows), data.max_eval_samples)))
+    train, overlap = check_overlap(train, eval_rows, task, data.on_overlap)
     if data.knowledge_base is not None:
         retriever = build_retriever(recipe)
         extractive = task.head == "question_answering"
         train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
         eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
-    return train, eval_rows
+    return train, eval_rows, overlap
 
 
 def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
@@ -155,19 +158,30 @@ def load_task_model(recipe: Recipe, task: Task, family: FamilySpec, model_path: 
     return apply_lora(model, recipe.lora, targets, heads, task.peft_task(family)), tuple(targets)
 
 
-def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None,
-                 with_lora: bool = True) -> Session:
-    """Resolve the model, read and tokenise the requested splits, load the model. One call, a complete session.
+@dataclass(frozen=True)
+class SessionData:
+    """Everything about the data, without the model: what `finetune data` reports and a session trains on."""
 
-    With `adapter_dir`, the task state (label order, prompt layout) and the weights come from a trained adapter.
-    """
+    task: Task
+    family: FamilySpec
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    state: Mapping[str, Any]
+    features: Mapping[str, Features]
+    overlap: Mapping[str, Any]  # train <-> eval duplicates (data.on_overlap), empty when no split was read
+
+
+def open_data(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
+              adapter_dir: Path | None = None) -> SessionData:
+    """Resolve the model reference and tokenizer, read and tokenise the requested splits. No weights load."""
     task = recipe_task(recipe)
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     features: dict[str, Features] = {}
     train_rows = eval_rows = None
+    overlap: dict[str, Any] = {}
     if splits:
-        train_rows, eval_rows = load_rows(recipe, task)
+        train_rows, eval_rows, overlap = load_rows(recipe, task)
         if "eval" in splits:
             task.check_eval_rows(eval_rows, recipe.eval)
     if adapter_dir is not None:
@@ -179,9 +193,20 @@ def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
     rows = {"train": train_rows, "eval": eval_rows} if splits else {}
     for split in splits:
         features[split] = task.featurize(rows[split], tokenizer, recipe, dict(state), f"data.{split}")
-    model, targets = load_task_model(recipe, task, family, path, tokenizer, state, adapter_dir=adapter_dir,
-                                     with_lora=with_lora)
-    return Session(recipe, task, family, path, tokenizer, state, model, MappingProxyType(features), targets)
+    return SessionData(task, family, path, tokenizer, state, MappingProxyType(features), MappingProxyType(overlap))
+
+
+def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None,
+                 with_lora: bool = True) -> Session:
+    """Resolve the model, read and tokenise the requested splits, load the model. One call, a complete session.
+
+    With `adapter_dir`, the task state (label order, prompt layout) and the weights come from a trained adapter.
+    """
+    data = open_data(recipe, splits=splits, adapter_dir=adapter_dir)
+    model, targets = load_task_model(recipe, data.task, data.family, data.model_path, data.tokenizer, data.state,
+                                     adapter_dir=adapter_dir, with_lora=with_lora)
+    return Session(recipe, data.task, data.family, data.model_path, data.tokenizer, data.state, model, data.features,
+                   targets, data.overlap)
 
 
 def training_collator(session: Session):

@@ -48,5 +48,5 @@ def test_an_error_message_is_redacted(monkeypatch, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: classification\nmodel: {name_or_path: ./s3cr3t-value-xyz}\ndata: {train: a.jsonl, eval_split: 0.1}\n")
     result = CliRunner().invoke(app, ["run", str(recipe)])
-    assert result.exit_code in (2, 3)
+    assert result.exit_code == 2  # the model directory is missing: a recipe problem (the data file too)
     assert "s3cr3t-value-xyz" not in result.output and REDACTED in result.output

@@ -1,0 +1,207 @@
+"""The data report: what a user should read before spending compute (`finetune data RECIPE`, data_report.json).
+
+Rows per split, empty texts, label balance, token lengths against max_length and what overflow does,
+duplicates inside the training set and overlap between train and eval (exact on normalised text, and
+near-duplicates by MinHash over word shingles with datasketch), QA span checks, and for generation tasks
+one training example showing which tokens count toward the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finetune.config import Recipe
+from finetune.errors import DataError
+from finetune.tasks import Features, Task
+
+NEAR_DUPLICATE_JACCARD = 0.8  # word 3-shingle Jaccard above which two texts count as near-duplicates
+NUM_PERM = 128
+LSH_THRESHOLD = 0.6  # LSH finds candidates generously; each is then checked with the exact Jaccard
+# Near-duplicate search costs time per row; above this many rows only exact duplicates are searched.
+NEAR_DUPLICATE_MAX_ROWS = 50_000
+FEW_EXAMPLES = 5  # a class with fewer training examples than this is warned about
+EXAMPLES_SHOWN = 3
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
+
+
+def input_texts(rows: Dataset, task: Task) -> list[str]:
+    """The text a model reads for each row: what duplicates and overlap are judged on."""
+    fields = [f for f in ("text", "text_pair", "prompt", "question", "context") if f in rows.column_names]
+    columns = [rows[f] for f in fields]
+    return [" ".join(str(v) for v in values if v is not None) for values in zip(*columns)] if columns else []
+
+
+@dataclass
+class Overlap:
+    exact: list[tuple[int, int]] = field(default_factory=list)  # (index in first, index in second)
+    near: list[tuple[int, int]] = field(default_factory=list)
+    near_searched: bool = True
+
+    def rows_of_second(self) -> set[int]:
+        return {j for _, j in self.exact} | {j for _, j in self.near}
+
+    def rows_of_first(self) -> set[int]:
+        return {i for i, _ in self.exact} | {i for i, _ in self.near}
+
+
+def _shingles(text: str) -> list[bytes]:
+    words = _normalise(text).split()
+    if len(words) < 3:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)]
+
+
+def find_overlap(first: list[str], second: list[str] | None = None) -> Overlap:
+    """Exact (normalised) and near duplicates between two lists of texts, or inside one (second=None)."""
+    from datasketch import MinHash, MinHashLSH
+
+    within = second is None
+    second = first if within else second
+    seen: dict[str, int] = {}
+    for i, text in enumerate(first):
+        seen.setdefault(hashlib.sha1(_normalise(text).encode()).hexdigest(), i)
+    overlap = Overlap()
+    exact_second = set()
+    for j, text in enumerate(second):
+        i = seen.get(hashlib.sha1(_normalise(text).encode()).hexdigest())
+        if i is not None and (not within or i < j):
+            overlap.exact.append((i, j))
+            exact_second.add(j)
+    if max(len(first), len(second)) > NEAR_DUPLICATE_MAX_ROWS:
+        overlap.near_searched = False
+        return overlap
+    lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
+    first_shingles = [set(_shingles(t)) for t in first]
+    first_hashes = MinHash.bulk(first_shingles, num_perm=NUM_PERM, seed=1)
+    for i, signature in enumerate(first_hashes):
+        lsh.insert(i, signature, check_duplication=False)
+    second_shingles = first_shingles if within else [set(_shingles(t)) for t in second]
+    second_hashes = first_hashes if within else MinHash.bulk(second_shingles, num_perm=NUM_PERM, seed=1)
+    for j, signature in enumerate(second_hashes):
+        if j in exact_second:
+            continue
+        candidates = [i for i in lsh.query(signature) if (i < j if within else True)]
+        close = [i for i in candidates if _jaccard(first_shingles[i], second_shingles[j]) >= NEAR_DUPLICATE_JACCARD]
+        if close:
+            overlap.near.append((min(close), j))
+    return overlap
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _examples(pairs: list[tuple[int, int]], first: list[str], second: list[str]) -> list[dict]:
+    return [{"first": first[i][:200], "second": second[j][:200]} for i, j in pairs[:EXAMPLES_SHOWN]]
+
+
+def overlap_section(overlap: Overlap, first: list[str], second: list[str]) -> dict:
+    return {
+        "exact": len(overlap.exact),
+        "near": len(overlap.near) if overlap.near_searched else None,
+        "near_searched": overlap.near_searched,
+        "examples": _examples(overlap.exact + overlap.near, first, second),
+    }
+
+
+def check_overlap(train: Dataset, eval_rows: Dataset, task: Task, policy: str) -> tuple[Dataset, dict]:
+    """data.on_overlap: warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
+    train_texts, eval_texts = input_texts(train, task), input_texts(eval_rows, task)
+    overlap = find_overlap(train_texts, eval_texts)
+    section = overlap_section(overlap, train_texts, eval_texts)
+    count = len(overlap.rows_of_second())
+    if count and policy == "error":
+        shown = "; ".join(f"{e['second'][:60]!r}" for e in section["examples"])
+        raise DataError(f"data.eval: {count} eval row(s) also appear in data.train ({section['exact']} exact, "
+                        f"{section['near'] or 0} near-duplicates), e.g. {shown}; data.on_overlap: error")
+    if count and policy == "drop":
+        keep = sorted(set(range(len(train))) - overlap.rows_of_first())
+        section["dropped_train_rows"] = len(train) - len(keep)
+        train = train.select(keep)
+    return train, section
+
+
+def label_balance(rows: Dataset) -> dict:
+    counts: dict[str, int] = {}
+    for label in rows["label"]:
+        counts[str(label)] = counts.get(str(label), 0) + 1
+    rare = sorted(k for k, n in counts.items() if n < FEW_EXAMPLES)
+    return {"counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "rare_classes": rare}
+
+
+def empty_texts(rows: Dataset) -> dict[str, int]:
+    out = {}
+    for name in ("text", "text_pair", "prompt", "completion", "question", "context", "answer"):
+        if name in rows.column_names:
+            out[name] = sum(1 for v in rows[name] if isinstance(v, str) and not v.strip())
+    return {k: v for k, v in out.items() if v}
+
+
+def loss_mask_example(features: Features, tokenizer: PreTrainedTokenizerBase) -> dict | None:
+    """One training example with the tokens that count toward the loss marked ⟦like this⟧."""
+    dataset = features.dataset
+    if "labels" not in dataset.column_names or len(dataset) == 0:
+        return None
+    row = dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    if not isinstance(labels, list):  # a class label, not a token sequence
+        return None
+    if len(labels) != len(ids):  # an encoder-decoder: the labels are the decoder's own sequence
+        return {"encoder_input": tokenizer.decode(ids), "trained_target": tokenizer.decode([t for t in labels if t >= 0])}
+    pieces, trained = [], False
+    for token, label in zip(ids, labels):
+        now = label != -100
+        if now != trained:
+            pieces.append("⟦" if now else "⟧")
+            trained = now
+        pieces.append(tokenizer.decode([token]))
+    if trained:
+        pieces.append("⟧")
+    return {"rendered": "".join(pieces), "trained_tokens": sum(1 for l in labels if l != -100), "tokens": len(ids)}
+
+
+def build_report(recipe: Recipe, task: Task, train: Dataset, eval_rows: Dataset, features: dict[str, Features],
+                 tokenizer: PreTrainedTokenizerBase, overlap: dict) -> dict:
+    train_texts = input_texts(train, task)
+    within = find_overlap(train_texts)
+    report = {
+        "task": recipe.task,
+        "splits": {split: features[split].report.as_dict() for split in features},
+        "empty_texts": {"train": empty_texts(train), "eval": empty_texts(eval_rows)},
+        "train_duplicates": overlap_section(within, train_texts, train_texts),
+        "train_eval_overlap": overlap,
+        "on_overlap": recipe.data.on_overlap,
+    }
+    if "label" in train.column_names:
+        report["label_balance"] = {"train": label_balance(train), "eval": label_balance(eval_rows)}
+    example = loss_mask_example(features["train"], tokenizer)
+    if example is not None:
+        report["loss_mask_example"] = example
+    return report
+
+
+def warnings(report: dict) -> list[str]:
+    """The report's findings worth a line in the plan."""
+    out = []
+    overlap = report["train_eval_overlap"]
+    if overlap["exact"] or overlap.get("near"):
+        out.append(f"{overlap['exact']} eval row(s) duplicate training rows exactly, {overlap.get('near') or 0} nearly "
+                   f"(data.on_overlap: {report['on_overlap']})")
+    duplicates = report["train_duplicates"]
+    if duplicates["exact"] or duplicates.get("near"):
+        out.append(f"{duplicates['exact']} exact and {duplicates.get('near') or 0} near duplicate(s) inside data.train")
+    rare = report.get("label_balance", {}).get("train", {}).get("rare_classes")
+    if rare:
+        out.append(f"classes with fewer than {FEW_EXAMPLES} training examples: {', '.join(rare[:10])}")
+    for split, counts in report["empty_texts"].items():
+        for name, n in counts.items():
+            out.append(f"{n} {split} row(s) with an empty {name}")
+    return out
