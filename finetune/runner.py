@@ -88,8 +88,6 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     accelerator.wait_for_everyone()
     trackers.start(accelerator, recipe, run_dir.path.name)
     monitor = build_monitor(session, accelerator, run_dir.eval_log if main else None)
-    if main and resume_from is None:
-        run_dir.eval_log.unlink(missing_ok=True)
     set_seed(recipe.train.seed)
     result = train(
         session.model, session.features["train"].dataset, training_collator(session), recipe, accelerator,
@@ -98,18 +96,7 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
-    kept_step = result.steps
-    if monitor is not None and recipe.eval.keep == "best" and monitor.state.best_step not in (None, result.steps):
-        kept_step = monitor.state.best_step
-        checkpoint.load_trainable(run_dir.checkpoints / f"{checkpoint.PREFIX}{kept_step:08d}", model)
-    if monitor is not None and main:
-        state = monitor.state
-        if state.stopped_early:
-            console.print(f"stopped early at step {result.steps}: {monitor.metric} did not improve for "
-                          f"{state.evals_without_improvement} evaluations", highlight=False, soft_wrap=True)
-        if recipe.eval.keep == "best" and state.best_step is not None:
-            console.print(f"keeping the weights of step {kept_step}: best {monitor.metric} {state.best_value:.4f}",
-                          highlight=False, soft_wrap=True)
+    kept_step = keep_weights(monitor, recipe, run_dir, model, result.steps, console if main else None)
     if main:
         saver.save(model, run_dir.adapter, for_other_tools=True)
     rows, scored = evaluate_features(session, model, session.features["eval"], accelerator)
@@ -138,6 +125,25 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()
     return document
+
+
+def keep_weights(monitor: Monitor | None, recipe: Recipe, run_dir: RunDir, model, last_step: int,
+                 console: Console | None) -> int:
+    """eval.keep: best loads the best evaluated checkpoint's weights into `model`; returns the step kept."""
+    if monitor is None:
+        return last_step
+    state, kept = monitor.state, last_step
+    if recipe.eval.keep == "best" and state.best_step not in (None, last_step):
+        kept = state.best_step
+        checkpoint.load_trainable(run_dir.checkpoints / f"{checkpoint.PREFIX}{kept:08d}", model)
+    if console is not None:
+        if state.stopped_early:
+            console.print(f"stopped early at step {last_step}: {monitor.metric} did not improve for "
+                          f"{state.evals_without_improvement} evaluations", highlight=False, soft_wrap=True)
+        if recipe.eval.keep == "best" and state.best_step is not None:
+            console.print(f"keeping the weights of step {kept}: best {monitor.metric} {state.best_value:.4f}",
+                          highlight=False, soft_wrap=True)
+    return kept
 
 
 def session_report(recipe: Recipe, data: Session | SessionData) -> dict:

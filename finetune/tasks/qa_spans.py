@@ -25,10 +25,25 @@ class Windows:
     report: LengthReport
 
 
+# What a line break becomes for tokenizers that drop it (BERT's normaliser does): one visible character, so
+# character offsets do not move and paragraph ends, where long answers stop, stay visible to the model.
+LINE_BREAK_MARK = "|"
+
+
+def visible_line_breaks(contexts: list[str], tokenizer) -> list[str]:
+    """The contexts as the model reads them. Answers are still cut from the original text by offset."""
+    probe = tokenizer("a\nb", add_special_tokens=False, return_offsets_mapping=True)
+    keeps_newline = any(start <= 1 < end for start, end in probe["offset_mapping"])
+    if keeps_newline:
+        return contexts
+    return [context.replace("\n", LINE_BREAK_MARK) for context in contexts]
+
+
 def windows(questions: list[str], contexts: list[str], tokenizer, max_length: int, stride: int, split: str) -> Windows:
     """Question first, then overlapping windows of the context (`stride` tokens shared between neighbours)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("extractive qa needs a fast tokenizer (offset mappings)")
+    contexts = visible_line_breaks(contexts, tokenizer)
     question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
     too_long = [i for i, n in enumerate(question_lengths) if n > max_length // 2]
     if too_long:
