@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from xml.etree import ElementTree
 
+from finetune.artifacts import write_text_atomic
 from finetune.errors import RecipeError
 
 LOWER_IS_BETTER = {"eval_loss"}
@@ -70,6 +71,6 @@ def write_junit(document: dict, path: str | Path) -> None:
             ElementTree.SubElement(case, "system-out").text = message
         else:
             ElementTree.SubElement(case, "failure", message=message, type="QualityGate").text = message
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     ElementTree.indent(suites)
-    ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    text = ElementTree.tostring(suites, encoding="unicode", xml_declaration=True)
+    write_text_atomic(Path(path), text + "\n")  # its folder is created as named, like reports/gates.xml

@@ -66,6 +66,11 @@ def _handled(command):
                 traceback.print_exception(exc)
             err_console.print(f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:  # a path the user gave
+            where = f" {exc.filename}" if exc.filename else ""
+            err_console.print(f"[red]error:[/] cannot use{escape(where)}: {escape(exc.strerror or str(exc))}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None

@@ -13,7 +13,7 @@ from finetune.session import Session, during_rows
 from finetune.train import TrainPlan, resolve_precision
 
 
-def plan_warnings(session: Session, plan: TrainPlan) -> list[str]:
+def plan_warnings(session: Session, plan: TrainPlan, world_size: int = 1) -> list[str]:
     """Settings the run will not follow to the letter, said before it starts."""
     recipe, warnings = session.recipe, []
     t = recipe.train
@@ -21,6 +21,9 @@ def plan_warnings(session: Session, plan: TrainPlan) -> list[str]:
     if asked > plan.total_steps:
         warnings.append(f"train.warmup: {asked} warmup steps asked, but the run has {plan.total_steps}; "
                         "the learning rate never reaches train.lr")
+    if recipe.distributed.strategy != "ddp" and world_size == 1:
+        warnings.append(f"distributed.strategy: {recipe.distributed.strategy} shards over processes; with one "
+                        "process it changes nothing")
     if recipe.model.revision and reference_is_local(recipe.model.name_or_path):
         warnings.append("model.revision: applies to hub ids only; it is ignored for this local reference")
     return warnings
@@ -88,6 +91,6 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
     table.add_row("evaluation", evaluation_plan(session, plan))
     table.add_row("precision", resolve_precision(recipe.train.precision))
     table.add_row("output", output_note)
-    for warning in [*plan_warnings(session, plan), *(data_warnings or [])]:
+    for warning in [*plan_warnings(session, plan, world_size), *(data_warnings or [])]:
         table.add_row("[yellow]warning[/]", escape(warning))
     console.print(table)

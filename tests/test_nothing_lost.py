@@ -140,3 +140,19 @@ def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, t
     assert list(rows[0])[:4] == ["id", "text", "label", "source"]  # the input's fields first, in order
     # predict on the eval rows answers what evaluation answered.
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in eval_rows]
+
+
+def test_an_unwritable_output_is_a_usage_error(finished_run, tmp_path):
+    _, out = finished_run
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = invoke("eval", out, "--output", locked / "evaluation")
+        if result.exit_code != 0:  # root ignores directory modes; then the write simply succeeds
+            assert result.exit_code == 2 and "cannot use" in result.output and "Traceback" not in result.output
+        (tmp_path / "report.xml").write_text("a file, not a folder")
+        junit = invoke("eval", out, "--junit", tmp_path / "report.xml" / "x.xml")
+        assert junit.exit_code == 2 and "Traceback" not in junit.output
+    finally:
+        locked.chmod(0o700)
