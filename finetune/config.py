@@ -185,7 +185,9 @@ class WatermarkSection(Section):
     greenlist_ratio: float = Field(0.25, gt=0, lt=1, description="Fraction of the vocabulary that is green at each step.")
     bias: float = Field(2.0, gt=0, description="Added to the green tokens' logits: the watermark's strength.")
     context_width: int = Field(1, gt=0, description="Previous tokens that seed each step's green list.")
-    z_threshold: float = Field(4.0, gt=0, description="A text is flagged when its green-token z-score exceeds this.")
+    # 3.0: a false-positive rate of about 1e-3 on unmarked text; at 4.0 greedy 64-token outputs of a fine-tuned
+    # SmolLM2 were detected only 79% of the time with the default bias (measured; README "Watermarks").
+    z_threshold: float = Field(3.0, gt=0, description="A text is flagged when its green-token z-score exceeds this.")
 
 
 class EvalSection(Section):

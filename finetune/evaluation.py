@@ -24,13 +24,14 @@ def score(task, rows: list[dict], settings, eval_loss: float | None = None) -> d
     metrics = dict(scored["metrics"])
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
+    wanted = settings.metrics
+    if wanted:
+        metrics = {name: metrics[name] for name in wanted if name in metrics}
+    # Reported whenever their feature is on, whatever eval.metrics lists: they describe the run, not the task.
     if rows and "retrieved_gold" in rows[0]:  # knowledge-base rows (finetune.retrieval)
         metrics["retrieval_recall@k"] = sum(bool(r["retrieved_gold"]) for r in rows) / len(rows)
     if rows and "watermarked" in rows[0]:  # rows scored by the watermark detector (finetune.watermark)
         metrics["watermark_detected"] = sum(bool(r["watermarked"]) for r in rows) / len(rows)
-    wanted = settings.metrics
-    if wanted:
-        metrics = {name: metrics[name] for name in wanted if name in metrics}
     return {"metrics": metrics, "details": scored.get("details", {})}
 
 
