@@ -111,3 +111,26 @@ def test_evaluation_settings_are_checked(tiny_models, topic_data, write_recipe, 
     for words in ("eval.keep: best needs evaluations during training", "train.early_stopping: needs evaluations",
                   "eval.best_metric: unknown metric 'rougeL'"):
         assert words in result.output
+
+
+def test_sampling_evaluations_leave_the_training_random_streams_alone(tiny_models, write_recipe, tmp_path):
+    """Sampled generation draws from the RNG during evaluation; training must not notice (dropout masks, order)."""
+    from conftest import write_jsonl
+    from test_generation import copy_rows, generation_recipe
+
+    rows = copy_rows(32)
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "e.jsonl", rows[24:])}
+
+    def run(name, **evaluation):
+        recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / name,
+                                   train={"epochs": 2, "log_every": 1},
+                                   eval={"temperature": 0.9, "max_new_tokens": 6, **evaluation})
+        recipe["lora"]["dropout"] = 0.3
+        result = invoke("run", write_recipe(recipe, f"{name}.yaml"))
+        assert result.exit_code == 0, result.output
+        return tmp_path / name
+
+    plain, watched = run("plain"), run("watched", every=2)
+    assert len(metrics_of(watched)["evaluation"]["history"]) >= 3
+    assert log_losses(watched) == log_losses(plain)
+    assert adapter_bytes(watched) == adapter_bytes(plain)
