@@ -60,18 +60,25 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     """Rules that need nothing but the recipe."""
     task = recipe_task(recipe)
     problems = list(task.check_recipe(recipe))
-    data, settings = recipe.data, recipe.eval
     if recipe.mode is not None and recipe.task != "qa":
         problems.append(f"mode: only task qa has modes (extractive, generative); remove it for task {recipe.task}")
     if recipe.model.family != "auto":
         problems += family_rules(task, FAMILIES[recipe.model.family], recipe, place="model.family")
+    if recipe.lora.init in ("pissa", "olora") and recipe.lora.use_dora:
+        problems.append(f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
+                        "unchanged base; use one or the other")
+    return problems + _data_rules(recipe, task) + _generation_rules(recipe, task) + _evaluation_rules(recipe, task)
+
+
+def _data_rules(recipe: Recipe, task: Task) -> list[str]:
+    data, problems = recipe.data, []
     if data.eval is None and data.eval_split is None:
         problems.append("data: give an eval file (data.eval) or a held-out fraction (data.eval_split)")
     if data.eval is not None and data.eval_split is not None:
         problems.append("data: data.eval and data.eval_split are exclusive; give one (data.eval=null to split)")
     if isinstance(data.train, list) and not data.train:
         problems.append("data.train: the list of training files is empty")
-    mapped = [column for column in data.columns.values()]
+    mapped = list(data.columns.values())
     for column in sorted({c for c in mapped if mapped.count(c) > 1}):
         fields = [f for f, c in data.columns.items() if c == column]
         problems.append(f"data.columns: {', '.join(fields)} all map to column {column!r}; each field needs its own column")
@@ -82,9 +89,43 @@ def recipe_rules(recipe: Recipe) -> list[str]:
             problems.append(f"data.labels: {', '.join(map(repr, repeated))} listed more than once")
         if recipe.task != "classification":
             problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
-    if recipe.lora.init in ("pissa", "olora") and recipe.lora.use_dora:
-        problems.append(f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
-                        "unchanged base; use one or the other")
+    if data.knowledge_base is not None:
+        if recipe.task != "qa":
+            problems.append(f"data.knowledge_base: only task qa answers from a knowledge base; remove it for {recipe.task}")
+        if data.retrieval.train:
+            problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
+    return problems
+
+
+def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
+    """Settings that only text-generating tasks can follow."""
+    data, problems = recipe.data, []
+    generates = isinstance(task, GenerationTask)
+    mark = recipe.eval.watermark
+    if mark is not None:
+        if not generates:
+            problems.append(f"eval.watermark: task {task.name} generates no text to watermark")
+        if mark.method == "synthid":
+            problems.append("eval.watermark.method: synthid is not supported yet (its Bayesian detector needs a training "
+                            "run of its own); use kirchenbauer")
+        if not isinstance(mark.key, int):
+            problems.append("eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key")
+    if data.template is not None and not generates:
+        problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
+    if data.template is not None and "prompt" in data.columns:
+        problems.append("data.template: the template builds the prompt; remove data.columns.prompt")
+    if data.chat_template and not generates:
+        problems.append(f"data.chat_template: task {task.name} does not generate text")
+    if recipe.train.packing and not generates:
+        problems.append(
+            f"train.packing: only for GPT-family models on generation tasks (copywriting, codegen, generative qa); "
+            f"this is {recipe.task}"
+        )
+    return problems
+
+
+def _evaluation_rules(recipe: Recipe, task: Task) -> list[str]:
+    settings, problems = recipe.eval, []
     if settings.best_metric is not None and not task.knows_metric(settings.best_metric):
         problems.append(task.unknown_metric("eval.best_metric", settings.best_metric))
     if settings.every is None:
@@ -94,32 +135,6 @@ def recipe_rules(recipe: Recipe) -> list[str]:
             problems.append("train.early_stopping: needs evaluations during training; set eval.every (N steps or epoch)")
     elif isinstance(settings.every, int) and settings.every < 1:
         problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
-    uses_template = isinstance(task, GenerationTask)
-    if data.knowledge_base is not None:
-        if recipe.task != "qa":
-            problems.append(f"data.knowledge_base: only task qa answers from a knowledge base; remove it for {recipe.task}")
-        if data.retrieval.train:
-            problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
-    mark = settings.watermark
-    if mark is not None:
-        if not uses_template:
-            problems.append(f"eval.watermark: task {task.name} generates no text to watermark")
-        if mark.method == "synthid":
-            problems.append("eval.watermark.method: synthid is not supported yet (its Bayesian detector needs a training "
-                            "run of its own); use kirchenbauer")
-        if not isinstance(mark.key, int):
-            problems.append("eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key")
-    if data.template is not None and not uses_template:
-        problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
-    if data.template is not None and "prompt" in data.columns:
-        problems.append("data.template: the template builds the prompt; remove data.columns.prompt")
-    if data.chat_template and not uses_template:
-        problems.append(f"data.chat_template: task {task.name} does not generate text")
-    if recipe.train.packing and not uses_template:
-        problems.append(
-            f"train.packing: only for GPT-family models on generation tasks (copywriting, codegen, generative qa); "
-            f"this is {recipe.task}"
-        )
     for metric, condition in settings.gates.items():
         gate = parse_gate(f"{metric}{condition}")
         if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
