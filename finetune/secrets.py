@@ -26,8 +26,17 @@ _URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
 _MIN_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
 
 
+# Values this process was told are secret (a watermark key), redacted like the environment's.
+_REGISTERED: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    if len(value) >= 4:  # shorter values would redact ordinary numbers; such keys are weak anyway
+        _REGISTERED.add(value)
+
+
 def environment_secrets() -> list[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_LENGTH}
+    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_LENGTH} | _REGISTERED
     return sorted(values, key=len, reverse=True)
 
 

@@ -29,6 +29,7 @@ from finetune.gates import parse_gate
 from finetune.models import config_without_weights
 from finetune.tasks import Task, recipe_task
 from finetune.tasks.generative import GenerationTask
+from finetune.secrets import register_secret
 from finetune.trackers import missing_trackers
 
 
@@ -253,6 +254,9 @@ def _looks_like_file(spec: str) -> bool:
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
     """Every rule, every problem at once; raises RecipeError (exit 2), or DataError (exit 3) for data files alone."""
+    mark = recipe.eval.watermark
+    if mark is not None and isinstance(mark.key, int):
+        register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
     problems = [Problem(p) for p in recipe_rules(recipe)]
     environment, family, note = environment_rules(recipe)
     problems += environment

@@ -38,7 +38,7 @@ def marked_run(tiny_models, tmp_path_factory):
     recipe["eval"]["watermark"] = {"key": KEY}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = invoke("run", path)
+    result = invoke("run", path, f"eval.watermark.key={KEY}")  # also on the command line: the manifest records it
     assert result.exit_code == 0, result.output
     return root / "run"
 
