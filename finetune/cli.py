@@ -381,23 +381,13 @@ def detect_command(
 
 def _read_input_rows(input: str) -> tuple[list[dict], str]:
     """JSONL rows from a file or stdin (-), each a JSON object; a bad line is named."""
-    from finetune.data import _read_jsonl
+    from finetune.data import _read_jsonl, parse_jsonl
 
     if input != "-":
         if not Path(input).expanduser().is_file():
             raise DataError(f"{input}: input file not found")
         return _read_jsonl(Path(input).expanduser()), input
-    rows = []
-    for number, line in enumerate(sys.stdin, start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"stdin:{number}: malformed JSON line ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"stdin:{number}: each line must be a JSON object")
-            rows.append(row)
-    return rows, "stdin"
+    return parse_jsonl(sys.stdin, "stdin"), "stdin"
 
 
 @app.command("export")

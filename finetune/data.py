@@ -54,16 +54,21 @@ def _read_bytes(handle, path: Path) -> bytes:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    return parse_jsonl(_read_text(path).splitlines(), str(path))
+
+
+def parse_jsonl(lines, source: str) -> list[dict]:
+    """JSON Lines (a file's or stdin's) as row objects; a bad line is named as source:line."""
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{source}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            raise DataError(f"{source}:{number}: each line must be a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 

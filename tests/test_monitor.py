@@ -4,15 +4,13 @@ and every checkpoint evaluable."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import classification_recipe
 from finetune.cli import app
-from test_resume import KILLER, adapter_bytes, log_losses
+from test_resume import adapter_bytes, killed_run, log_losses
 
 runner = CliRunner()
 
@@ -90,9 +88,7 @@ def test_kill_9_during_a_run_with_evaluation_and_early_stopping_resumes_exactly(
 
     whole, broken = recipe("whole"), recipe("broken")
     assert invoke("run", whole).exit_code == 0
-    killed = subprocess.run([sys.executable, "-c", KILLER, "step", "8", "run", str(broken)],
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    killed_run("step", 8, broken)
     resumed = invoke("run", broken, "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.output

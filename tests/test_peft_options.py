@@ -4,15 +4,13 @@ so peft reloads them, exact across a kill -9 and resume."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import classification_recipe
 from finetune.cli import app
-from test_resume import KILLER, adapter_bytes, log_losses
+from test_resume import adapter_bytes, killed_run, log_losses
 
 runner = CliRunner()
 
@@ -91,9 +89,7 @@ def test_dora_and_loraplus_resume_exactly_after_kill_9(tiny_models, topic_data, 
 
     whole, broken = recipe("whole"), recipe("broken")
     assert invoke("run", whole).exit_code == 0
-    killed = subprocess.run([sys.executable, "-c", KILLER, "step", "5", "run", str(broken)],
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    killed_run("step", 5, broken)
     resumed = invoke("run", broken, "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
     assert adapter_bytes(tmp_path / "broken") == adapter_bytes(tmp_path / "whole")
