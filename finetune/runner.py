@@ -318,8 +318,7 @@ def evaluate_all_checkpoints(run_path: str, *, gates: list[str] | None = None, o
                              overrides: list[str] | None = None, overwrite: bool = False) -> dict:
     """Every checkpoint on disk and the final adapter, one row per step; the gates apply to the kept weights
     (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
-    recipe, run = finished_run(run_path)
-    recipe, _ = recipe_of(run_path, overrides)
+    recipe, run = finished_run(run_path, overrides)
     check_gates(recipe_task(recipe), gates)
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite)
     check_recipe(recipe, source=str(run_path))
@@ -485,8 +484,8 @@ def detect(run_path: str, rows: list[dict], source: str, field: str = "predictio
     return scored, summary
 
 
-def finished_run(run_path: str) -> tuple[Recipe, RunDir]:
-    recipe, run = recipe_of(run_path)
+def finished_run(run_path: str, overrides: list[str] | None = None) -> tuple[Recipe, RunDir]:
+    recipe, run = recipe_of(run_path, overrides)
     if run is None or not run.is_run():
         raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
     return recipe, run
