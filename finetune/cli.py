@@ -381,12 +381,12 @@ def detect_command(
 
 def _read_input_rows(input: str) -> tuple[list[dict], str]:
     """JSONL rows from a file or stdin (-), each a JSON object; a bad line is named."""
-    from finetune.data import _read_jsonl, parse_jsonl
+    from finetune.data import parse_jsonl, read_jsonl
 
     if input != "-":
         if not Path(input).expanduser().is_file():
             raise DataError(f"{input}: input file not found")
-        return _read_jsonl(Path(input).expanduser()), input
+        return read_jsonl(Path(input).expanduser()), input
     return parse_jsonl(sys.stdin, "stdin"), "stdin"
 
 

@@ -88,6 +88,10 @@ class DataSection(Section):
         "or error (exit 3)."
     )
     retrieval: RetrievalSection = Field(default_factory=RetrievalSection, description="qa with a knowledge base.")
+    num_workers: int | None = Field(
+        None, gt=0, description="Processes that tokenise large data in parallel (default: the cores this process may "
+        "use). The features are the same for any number.",
+    )
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training rows.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
 

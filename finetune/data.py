@@ -1,20 +1,23 @@
 """Loading rows: local files (JSONL, JSON, CSV, Parquet) or hub datasets, and column mapping.
 
-JSON and JSONL are parsed here rather than by `datasets` so that a malformed
-line is reported with its file and line number.
+JSON Lines go through pyarrow's JSON reader (columnar, no Python object per row);
+a malformed line is still reported with its file and line number.
 """
 
 from __future__ import annotations
 
 import gzip
-import zlib
 import json
+import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
+from datasets.table import InMemoryTable
 
 from finetune.artifacts import sha256_file
 from finetune.errors import DataError
@@ -53,14 +56,24 @@ def _read_bytes(handle, path: Path) -> bytes:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from exc
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return parse_jsonl(_read_text(path).splitlines(), str(path))
+def read_jsonl(path: Path) -> list[dict]:
+    """A small JSON Lines file (predictions, logs) as row objects; a bad line is named as file:line."""
+    return list(iter_jsonl(_lines(path), str(path)))
 
 
 def parse_jsonl(lines, source: str) -> list[dict]:
     """JSON Lines (a file's or stdin's) as row objects; a bad line is named as source:line."""
-    rows = []
+    return list(iter_jsonl(lines, source))
+
+
+def iter_jsonl(lines, source: str) -> Iterator[dict]:
     for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{source}:{number}: not UTF-8 text (byte {exc.start} of the line: "
+                                f"{line[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -69,17 +82,52 @@ def parse_jsonl(lines, source: str) -> list[dict]:
             raise DataError(f"{source}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{source}:{number}: each line must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+        yield row
 
 
-def _read_json(path: Path) -> list[dict]:
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes, streamed (through .gz too); a broken .gz is a data error."""
+    with _open_binary(path) as handle:
+        try:
+            yield from handle
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+# pyarrow reads JSON in blocks and refuses a line longer than one; 16 MiB fits any sane row.
+JSONL_BLOCK_BYTES = 16 << 20
+
+
+def _load_jsonl(path: Path) -> Dataset:
+    """JSON Lines through pyarrow's reader: columnar from the start, no Python object per row.
+
+    pyarrow's errors do not say which line; on any failure one streaming pass over
+    the lines names the line (malformed JSON, not UTF-8, not an object, a column
+    changing type). If that pass finds nothing wrong, the rows are read in Python.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    try:
+        with pa.input_stream(str(path), compression="gzip" if path.suffix.lower() == ".gz" else None) as stream:
+            table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSONL_BLOCK_BYTES))
+        table.validate(full=True)  # the reader does not check that strings are UTF-8; this does
+    except (pa.ArrowException, UnicodeDecodeError, OSError, EOFError, zlib.error):
+        clash = _first_type_clash(iter_jsonl(_lines(path), str(path)))  # raises for a bad line
+        if clash:
+            raise DataError(f"{path}: rows do not form a table: {clash}") from None
+        return _rows_to_dataset(read_jsonl(path), str(path))
+    return Dataset(InMemoryTable(table))
+
+
+def _read_json(path: Path) -> list[dict] | None:
+    """A JSON document's rows; None when the file is JSON Lines saved with a .json suffix."""
     text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines saved with a .json suffix
-            return _read_jsonl(path)
+            return None
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -103,7 +151,7 @@ def _kind(value) -> str:
     return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _first_type_clash(rows: list[dict]) -> str | None:
+def _first_type_clash(rows: Iterable[dict]) -> str | None:
     """`column 'label' is text in row 1 but a number in row 7`: the first column whose values change kind."""
     first: dict[str, tuple[str, int]] = {}
     for number, row in enumerate(rows, start=1):
@@ -120,9 +168,10 @@ def _first_type_clash(rows: list[dict]) -> str | None:
 def _load_file(path: Path) -> Dataset:
     suffix = _suffix(path)
     if suffix == ".jsonl":
-        return _rows_to_dataset(_read_jsonl(path), str(path))
+        return _load_jsonl(path)
     if suffix == ".json":
-        return _rows_to_dataset(_read_json(path), str(path))
+        rows = _read_json(path)
+        return _load_jsonl(path) if rows is None else _rows_to_dataset(rows, str(path))
     if suffix not in (".csv", ".tsv", ".parquet"):
         raise DataError(f"{path}: unknown data file type {suffix or '(no extension)'!r}; "
                         "use .jsonl, .json, .csv, .tsv or .parquet (optionally .gz)")
@@ -215,8 +264,9 @@ def map_columns(table: Dataset, columns: dict[str, str], required, optional, key
     return table.rename_columns(renames) if renames else table
 
 
-def checked_texts(values: list, split: str, field: str) -> list[str]:
-    for number, value in enumerate(values, start=1):
+def checked_texts(values: list, split: str, field: str, first_row: int = 1) -> list[str]:
+    """`values` as a list of texts; anything else is named by its row number (counted from `first_row`)."""
+    for number, value in enumerate(values, start=first_row):
         if not isinstance(value, str):
             raise DataError(f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}")
     return list(values)
@@ -255,8 +305,31 @@ def apply_template(table: Dataset, template: str, key: str) -> Dataset:
     return table.add_column("prompt", prompts)
 
 
+# Below this many rows, starting worker processes costs more than tokenising in one.
+PARALLEL_MIN_ROWS = 20_000
+MAP_BATCH_ROWS = 1000
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its scheduler affinity: a container's or taskset's limit, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def map_batches(rows: Dataset, function, workers: int | None, fingerprint: str, description: str) -> Dataset:
+    """`Dataset.map(function, batched=True, with_indices=True)` over `rows`: in memory, in worker processes when
+    the data is large enough to pay for them. `function(batch, indices)` gets the row indices for error messages."""
+    workers = available_cores() if workers is None else workers
+    workers = workers if len(rows) >= PARALLEL_MIN_ROWS else 1
+    if workers > 1:
+        # Each worker tokenises on one thread; the tokenizer's own thread pool would oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return rows.map(function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
+                    keep_in_memory=True, num_proc=workers if workers > 1 else None, new_fingerprint=fingerprint,
+                    desc=description)
+
+
 def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    parts = table.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    parts = table.train_test_split(test_size=fraction, seed=seed, shuffle=True, keep_in_memory=True)
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:
         raise DataError(f"data.eval_split: {fraction} of {len(table)} rows leaves an empty train or eval set")
     return parts["train"], parts["test"]
@@ -295,27 +368,27 @@ class LengthReport:
         }
 
 
-def apply_overflow(lengths: list[int], max_length: int, policy: str, split: str, what: str = "example") -> tuple[list[int], LengthReport]:
+def apply_overflow(lengths, max_length: int, policy: str, split: str, what: str = "example") -> tuple[np.ndarray, LengthReport]:
     """Indices of rows to keep under `data.overflow`, and the length report.
 
     `lengths` are the untruncated token lengths. `error` names the first rows
     that are too long so the user can find them.
     """
+    lengths = np.asarray(lengths)
     report = LengthReport.from_lengths(split, lengths, max_length)
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long and policy == "error":
+    too_long = np.flatnonzero(lengths > max_length)
+    if too_long.size and policy == "error":
         shown = ", ".join(str(i + 1) for i in too_long[:5])
         raise DataError(
-            f"{split}: {len(too_long)} {what}s exceed data.max_length={max_length} tokens (rows {shown}"
-            f"{', ...' if len(too_long) > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
+            f"{split}: {too_long.size} {what}s exceed data.max_length={max_length} tokens (rows {shown}"
+            f"{', ...' if too_long.size > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
         )
     if policy == "drop":
-        report.dropped = len(too_long)
-        dropped = set(too_long)
-        keep = [i for i in range(len(lengths)) if i not in dropped]
+        report.dropped = int(too_long.size)
+        keep = np.flatnonzero(lengths <= max_length)
     else:
-        report.truncated = len(too_long)
-        keep = list(range(len(lengths)))
-    if not keep:
+        report.truncated = int(too_long.size)
+        keep = np.arange(lengths.size)
+    if not keep.size:
         raise DataError(f"{split}: every row was dropped by data.overflow=drop (max_length={max_length})")
     return keep, report

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from finetune.errors import DataError
 from finetune.gates import Gate, evaluate_gates, parse_gate
 from finetune.ci import compare
-from finetune.data import _read_jsonl
+from finetune.data import read_jsonl
 
 
 def eval_loader(dataset, collate, batch_size: int, accelerator):
@@ -78,7 +78,7 @@ def read_prediction_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: no prediction rows")
     return rows

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from finetune.data import apply_overflow, checked_texts
+from finetune.data import apply_overflow, checked_texts, map_batches
 from finetune.errors import DataError
 from finetune.tasks.base import Features, Task
 from finetune.evaluation import eval_loader
@@ -57,19 +57,39 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ data
     def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
-        texts = checked_texts(rows["text"], split, "text")
-        pairs = checked_texts(rows["text_pair"], split, "text_pair") if "text_pair" in rows.column_names else None
-        label_ids = _label_ids(rows["label"], state["labels"], split) if labeled else None
+        max_length = recipe.data.max_length
+        has_pairs = "text_pair" in rows.column_names
+        label_index = {_label_key(x): i for i, x in enumerate(state["labels"])} if labeled else None
 
-        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
-        keep, report = apply_overflow([len(x) for x in full], recipe.data.max_length, recipe.data.overflow, split)
-        rows = rows.select(keep) if len(keep) < len(texts) else rows
-        texts = [texts[i] for i in keep]
-        pairs = [pairs[i] for i in keep] if pairs is not None else None
-        encoded = dict(tokenizer(texts, pairs, truncation=True, max_length=recipe.data.max_length))
-        if label_ids is not None:
-            encoded["labels"] = [label_ids[i] for i in keep]
-        return Features(Dataset.from_dict(encoded), rows, report)
+        def encode(batch: dict, indices: list[int]) -> dict:
+            first = indices[0] + 1
+            texts = checked_texts(batch["text"], split, "text", first)
+            pairs = checked_texts(batch["text_pair"], split, "text_pair", first) if has_pairs else None
+            encoded = dict(tokenizer(texts, pairs, truncation=False))
+            lengths = [len(ids) for ids in encoded["input_ids"]]
+            # Only the rows over max_length are tokenised again, with the tokenizer's own truncation (which for
+            # pairs cuts the longer text first); every other row is already what truncation would give.
+            long_rows = [i for i, n in enumerate(lengths) if n > max_length]
+            if long_rows:
+                cut = tokenizer([texts[i] for i in long_rows], [pairs[i] for i in long_rows] if has_pairs else None,
+                                truncation=True, max_length=max_length)
+                for name, values in encoded.items():
+                    for j, i in enumerate(long_rows):
+                        values[i] = cut[name][j]
+            encoded[LENGTH_COLUMN] = lengths
+            if label_index is not None:
+                encoded["labels"] = _label_ids(batch["label"], label_index, state["labels"], split, first)
+            return encoded
+
+        features = map_batches(rows, encode, recipe.data.num_workers, fingerprint=f"{rows._fingerprint}-features",
+                               description=f"tokenising {split}")
+        lengths = features.data.column(LENGTH_COLUMN).to_numpy()
+        keep, report = apply_overflow(lengths, max_length, recipe.data.overflow, split)
+        features = features.remove_columns(LENGTH_COLUMN)
+        if len(keep) < len(rows):
+            rows, features = rows.select(keep), features.select(keep)
+        return Features(features, rows, report)
+
 
     def collate(self, tokenizer):
         from transformers import DataCollatorWithPadding
@@ -138,17 +158,20 @@ class ClassificationTask(Task):
         }
 
 
-def _checked_labels(values: list, split: str) -> list:
-    for number, value in enumerate(values, start=1):
+def _checked_labels(values: list, split: str, first_row: int = 1) -> list:
+    for number, value in enumerate(values, start=first_row):
         if value is None or (isinstance(value, str) and not value.strip()) or isinstance(value, (float, list, dict)):
             raise DataError(f"{split}: row {number}: label must be a string or an integer, got {value!r}")
     return list(values)
 
 
-def _label_ids(values: list, labels: list, split: str) -> list[int]:
-    index = {_label_key(x): i for i, x in enumerate(labels)}
+# The untruncated token length of each row, kept while featurising for the length report and data.overflow.
+LENGTH_COLUMN = "untruncated_length"
+
+
+def _label_ids(values: list, index: dict[str, int], labels: list, split: str, first_row: int = 1) -> list[int]:
     ids = []
-    for number, value in enumerate(_checked_labels(values, split), start=1):
+    for number, value in enumerate(_checked_labels(values, split, first_row), start=first_row):
         key = _label_key(value)
         if key not in index:
             raise DataError(
