@@ -6,6 +6,7 @@ a malformed line is still reported with its file and line number.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -117,7 +118,23 @@ def _load_jsonl(path: Path) -> Dataset:
         if clash:
             raise DataError(f"{path}: rows do not form a table: {clash}") from None
         return _rows_to_dataset(read_jsonl(path), str(path))
-    return Dataset(InMemoryTable(table))
+    return _dataset(table, path)
+
+
+def _dataset(table, path: Path) -> Dataset:
+    # The file's content hash as the fingerprint: otherwise `datasets` fingerprints a table by pickling all of it.
+    return Dataset(InMemoryTable(table), fingerprint=content_hash(path)[:32])
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a data file, computed once per process for an unchanged file (loading, manifest and cache key)."""
+    stat = path.stat()
+    return _content_hash(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 def _read_json(path: Path) -> list[dict] | None:
@@ -137,8 +154,10 @@ def _read_json(path: Path) -> list[dict] | None:
 
 
 def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
+    import pyarrow as pa
+
     try:
-        return Dataset.from_list(rows)
+        return _dataset(pa.Table.from_pylist(rows), Path(source))
     except Exception as exc:  # mixed types in one column, etc.
         raise DataError(f"{source}: rows do not form a table: {_first_type_clash(rows) or exc}") from None
 
@@ -184,7 +203,9 @@ def _load_file(path: Path) -> Dataset:
             frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
-    return Dataset.from_pandas(frame, preserve_index=False)
+    import pyarrow as pa
+
+    return _dataset(pa.Table.from_pandas(frame, preserve_index=False), path)
 
 
 def _load_hub(spec: str) -> Dataset:
@@ -234,7 +255,7 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
     for item in specs:
         path = local_data_path(item, "data")
         if path.is_file():
-            hashes[item] = sha256_file(path)
+            hashes[item] = content_hash(path)
         else:
             hashes[item] = "hub dataset"
     return hashes
@@ -315,17 +336,19 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def map_batches(rows: Dataset, function, workers: int | None, fingerprint: str, description: str) -> Dataset:
-    """`Dataset.map(function, batched=True, with_indices=True)` over `rows`: in memory, in worker processes when
-    the data is large enough to pay for them. `function(batch, indices)` gets the row indices for error messages."""
+def map_batches(rows: Dataset, function, workers: int | None, fingerprint: str, description: str,
+                output: Path | None = None) -> Dataset:
+    """`Dataset.map(function, batched=True, with_indices=True)` over `rows`, into the Arrow file `output` (with
+    several workers, one file per worker beside it) or into memory; in worker processes when the data is large
+    enough to pay for them. `function(batch, indices)` gets the row indices for error messages."""
     workers = available_cores() if workers is None else workers
     workers = workers if len(rows) >= PARALLEL_MIN_ROWS else 1
     if workers > 1:
         # Each worker tokenises on one thread; the tokenizer's own thread pool would oversubscribe the cores.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return rows.map(function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
-                    keep_in_memory=True, num_proc=workers if workers > 1 else None, new_fingerprint=fingerprint,
-                    desc=description)
+                    keep_in_memory=output is None, cache_file_name=str(output) if output else None,
+                    num_proc=workers if workers > 1 else None, new_fingerprint=fingerprint, desc=description)
 
 
 def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

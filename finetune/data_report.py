@@ -8,9 +8,11 @@ one training example showing which tokens count toward the loss.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -28,15 +30,30 @@ FEW_EXAMPLES = 5  # a class with fewer training examples than this is warned abo
 EXAMPLES_SHOWN = 3
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
+INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "context")
 
 
-def input_texts(rows: Dataset, task: Task) -> list[str]:
-    """The text a model reads for each row: what duplicates and overlap are judged on."""
-    fields = [f for f in ("text", "text_pair", "prompt", "question", "context") if f in rows.column_names]
-    columns = [rows[f] for f in fields]
-    return [" ".join(str(v) for v in values if v is not None) for values in zip(*columns)] if columns else []
+def input_texts(rows: Dataset, task: Task) -> pa.Array:
+    """The text a model reads for each row (its input fields joined by a space): what duplicates are judged on."""
+    fields = [f for f in INPUT_FIELDS if f in rows.column_names]
+    if not fields:
+        return pa.array([""] * len(rows))
+    table = rows.select_columns(fields).with_format("arrow")[:]  # respects a selection; no Python objects
+    columns = [pc.cast(table.column(f), pa.string()).combine_chunks() for f in fields]
+    return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, " ", null_handling="skip")
+
+
+NORMALISE_CHUNK_ROWS = 20_000  # bounds the copies each step makes
+
+
+def normalised(texts: pa.Array) -> pa.Array:
+    """Lower case, punctuation removed, whitespace runs as one space: vectorised, in Arrow's regex engine."""
+    parts = []
+    for start in range(0, len(texts), NORMALISE_CHUNK_ROWS):
+        chunk = pc.utf8_lower(pc.fill_null(texts.slice(start, NORMALISE_CHUNK_ROWS), ""))
+        chunk = pc.replace_substring_regex(chunk, pattern=r"[^\p{L}\p{N}_\s]", replacement="")
+        parts.append(pc.utf8_trim_whitespace(pc.replace_substring_regex(chunk, pattern=r"\s+", replacement=" ")))
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
 @dataclass
@@ -52,38 +69,46 @@ class Overlap:
         return {i for i, _ in self.exact} | {i for i, _ in self.near}
 
 
-def _shingles(text: str) -> list[bytes]:
-    words = _normalise(text).split()
+def _shingles(normalised_text: str) -> list[bytes]:
+    words = normalised_text.split()
     if len(words) < 3:
         return [" ".join(words).encode()]
     return [" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)]
 
 
-def find_overlap(first: list[str], second: list[str] | None = None) -> Overlap:
-    """Exact (normalised) and near duplicates between two lists of texts, or inside one (second=None)."""
+def exact_duplicates(first: pa.Array, second: pa.Array | None = None) -> list[tuple[int, int]]:
+    """(i, j) pairs of equal normalised texts: each row of `second` (or a later row of `first`) with the first row of
+    `first` it repeats. Dictionary-encoding both gives every distinct text one code, so no hash can collide."""
+    within = second is None
+    both = first if within else pa.concat_arrays([first, second])
+    codes = pc.dictionary_encode(both).indices.to_numpy(zero_copy_only=False)
+    first_codes = codes[: len(first)]
+    distinct, first_row = np.unique(first_codes, return_index=True)
+    earliest = np.full(int(codes.max()) + 1 if codes.size else 0, -1, dtype=np.int64)
+    earliest[distinct] = first_row
+    second_codes = first_codes if within else codes[len(first):]
+    matches = earliest[second_codes]
+    rows = np.flatnonzero(matches < np.arange(len(second_codes))) if within else np.flatnonzero(matches >= 0)
+    return [(int(matches[j]), int(j)) for j in rows]
+
+
+def find_overlap(first: pa.Array, second: pa.Array | None = None) -> Overlap:
+    """Exact and near duplicates between two arrays of normalised texts, or inside one (second=None)."""
     from datasketch import MinHash, MinHashLSH
 
     within = second is None
     second = first if within else second
-    seen: dict[str, int] = {}
-    for i, text in enumerate(first):
-        seen.setdefault(hashlib.sha1(_normalise(text).encode()).hexdigest(), i)
-    overlap = Overlap()
-    exact_second = set()
-    for j, text in enumerate(second):
-        i = seen.get(hashlib.sha1(_normalise(text).encode()).hexdigest())
-        if i is not None and (not within or i < j):
-            overlap.exact.append((i, j))
-            exact_second.add(j)
+    overlap = Overlap(exact=exact_duplicates(first, None if within else second))
     if max(len(first), len(second)) > NEAR_DUPLICATE_MAX_ROWS:
         overlap.near_searched = False
         return overlap
+    exact_second = {j for _, j in overlap.exact}
     lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
-    first_shingles = [set(_shingles(t)) for t in first]
+    first_shingles = [set(_shingles(t)) for t in first.to_pylist()]
     first_hashes = MinHash.bulk(first_shingles, num_perm=NUM_PERM, seed=1)
     for i, signature in enumerate(first_hashes):
         lsh.insert(i, signature, check_duplication=False)
-    second_shingles = first_shingles if within else [set(_shingles(t)) for t in second]
+    second_shingles = first_shingles if within else [set(_shingles(t)) for t in second.to_pylist()]
     second_hashes = first_hashes if within else MinHash.bulk(second_shingles, num_perm=NUM_PERM, seed=1)
     for j, signature in enumerate(second_hashes):
         if j in exact_second:
@@ -99,11 +124,11 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def _examples(pairs: list[tuple[int, int]], first: list[str], second: list[str]) -> list[dict]:
-    return [{"first": first[i][:200], "second": second[j][:200]} for i, j in pairs[:EXAMPLES_SHOWN]]
+def _examples(pairs: list[tuple[int, int]], first: pa.Array, second: pa.Array) -> list[dict]:
+    return [{"first": first[i].as_py()[:200], "second": second[j].as_py()[:200]} for i, j in pairs[:EXAMPLES_SHOWN]]
 
 
-def overlap_section(overlap: Overlap, first: list[str], second: list[str]) -> dict:
+def overlap_section(overlap: Overlap, first: pa.Array, second: pa.Array) -> dict:
     return {
         "exact": len(overlap.exact),
         "near": len(overlap.near) if overlap.near_searched else None,
@@ -113,10 +138,14 @@ def overlap_section(overlap: Overlap, first: list[str], second: list[str]) -> di
 
 
 def check_overlap(train: Dataset, eval_rows: Dataset, task: Task, policy: str) -> tuple[Dataset, dict]:
-    """data.on_overlap: warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
+    """Duplicates inside data.train and between train and eval, each text normalised once; then data.on_overlap:
+    warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
     train_texts, eval_texts = input_texts(train, task), input_texts(eval_rows, task)
-    overlap = find_overlap(train_texts, eval_texts)
+    train_normalised = normalised(train_texts)
+    overlap = find_overlap(train_normalised, normalised(eval_texts))
     section = overlap_section(overlap, train_texts, eval_texts)
+    found = {"train_eval": section,
+             "train_duplicates": overlap_section(find_overlap(train_normalised), train_texts, train_texts)}
     count = len(overlap.rows_of_second())
     if count and policy == "error":
         shown = "; ".join(f"{e['second'][:60]!r}" for e in section["examples"])
@@ -126,12 +155,12 @@ def check_overlap(train: Dataset, eval_rows: Dataset, task: Task, policy: str) -
         keep = sorted(set(range(len(train))) - overlap.rows_of_first())
         section["dropped_train_rows"] = len(train) - len(keep)
         train = train.select(keep)
-    return train, section
+    return train, found
 
 
 def label_balance(rows: Dataset) -> dict:
     counts: dict[str, int] = {}
-    for label in rows["label"]:
+    for label in rows["label"][:]:
         counts[str(label)] = counts.get(str(label), 0) + 1
     rare = sorted(k for k, n in counts.items() if n < FEW_EXAMPLES)
     return {"counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "rare_classes": rare}
@@ -139,9 +168,12 @@ def label_balance(rows: Dataset) -> dict:
 
 def empty_texts(rows: Dataset) -> dict[str, int]:
     out = {}
-    for name in ("text", "text_pair", "prompt", "completion", "question", "context", "answer"):
-        if name in rows.column_names:
-            out[name] = sum(1 for v in rows[name] if isinstance(v, str) and not v.strip())
+    names = [n for n in ("text", "text_pair", "prompt", "completion", "question", "context", "answer") if n in rows.column_names]
+    table = rows.select_columns(names).with_format("arrow")[:]
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            out[name] = pc.sum(pc.equal(pc.utf8_trim_whitespace(column), "")).as_py() or 0
     return {k: v for k, v in out.items() if v}
 
 
@@ -170,14 +202,12 @@ def loss_mask_example(features: Features, tokenizer: PreTrainedTokenizerBase) ->
 
 def build_report(recipe: Recipe, task: Task, train: Dataset, eval_rows: Dataset, features: dict[str, Features],
                  tokenizer: PreTrainedTokenizerBase, overlap: dict) -> dict:
-    train_texts = input_texts(train, task)
-    within = find_overlap(train_texts)
     report = {
         "task": recipe.task,
         "splits": {split: features[split].report.as_dict() for split in features},
         "empty_texts": {"train": empty_texts(train), "eval": empty_texts(eval_rows)},
-        "train_duplicates": overlap_section(within, train_texts, train_texts),
-        "train_eval_overlap": overlap,
+        "train_duplicates": overlap["train_duplicates"],
+        "train_eval_overlap": overlap["train_eval"],
         "on_overlap": recipe.data.on_overlap,
     }
     if "label" in train.column_names:

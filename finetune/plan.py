@@ -83,6 +83,8 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
         )
         for note in r.notes:
             table.add_row("", note)
+    if session.cache_note:
+        table.add_row("feature cache", session.cache_note)
     table.add_row(
         "steps",
         f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "

@@ -180,9 +180,9 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
     Extractive rows get SQuAD `answers` located in the context; every row records `passage_ids` and, when an
     answer is known, `retrieved_gold` (the answer lies in a retrieved passage: retrieval_recall@k).
     """
-    questions = list(rows["question"])
+    questions = rows["question"][:]
     found = retriever.search(questions)
-    answers = list(rows["answer"]) if "answer" in rows.column_names else [None] * len(questions)
+    answers = rows["answer"][:] if "answer" in rows.column_names else [None] * len(questions)
     passages = retriever.passages
     out = []
     for number, (row, indices, answer) in enumerate(zip(rows, found, answers), start=1):

@@ -22,6 +22,7 @@ from finetune.config import Recipe
 from finetune.data_report import check_overlap
 from finetune.data import apply_template, load_table, map_columns, split_for_eval
 from finetune.errors import RecipeError
+from finetune.feature_cache import CachedData, FeatureCache, cache_key
 from finetune.families import FamilySpec
 from finetune.generation import PackedCollator
 from finetune.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
@@ -45,6 +46,7 @@ class Session:
     features: Mapping[str, Features] = field(default_factory=dict)
     targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
     overlap: Mapping[str, Any] = field(default_factory=dict)  # train <-> eval duplicates (data.on_overlap)
+    cache_note: str = ""  # whether the features came from the feature cache
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}
@@ -169,31 +171,47 @@ class SessionData:
     state: Mapping[str, Any]
     features: Mapping[str, Features]
     overlap: Mapping[str, Any]  # train <-> eval duplicates (data.on_overlap), empty when no split was read
+    cache_note: str = ""  # whether the features came from the feature cache
 
 
 def open_data(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
               adapter_dir: Path | None = None) -> SessionData:
-    """Resolve the model reference and tokenizer, read and tokenise the requested splits. No weights load."""
+    """Resolve the model reference and tokenizer, read and tokenise the requested splits (or reuse them from the
+    feature cache). No weights load."""
     task = recipe_task(recipe)
     path, family = resolve_model(recipe)
     tokenizer = load_tokenizer(path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    features: dict[str, Features] = {}
-    train_rows = eval_rows = None
-    overlap: dict[str, Any] = {}
+    adapter_state = artifacts.read_adapter_meta(adapter_dir)["state"] if adapter_dir is not None else None
+    built, note = CachedData({}, {}, {}), ""
     if splits:
-        train_rows, eval_rows, overlap = load_rows(recipe, task)
+        cache = FeatureCache(cache_key(recipe, tokenizer, family.name, splits, adapter_state))
+        built = cache.load() or _read_and_featurize(recipe, task, family, tokenizer, splits, adapter_state, cache)
+        note = cache.note
         if "eval" in splits:
-            task.check_eval_rows(eval_rows, recipe.eval)
-    if adapter_dir is not None:
-        state = artifacts.read_adapter_meta(adapter_dir)["state"]
+            task.check_eval_rows(built.features["eval"].rows, recipe.eval)
     else:
-        state = task.fit_state(train_rows, recipe, tokenizer)
+        built.state = dict(adapter_state) if adapter_state is not None else {}
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
-    state = MappingProxyType({**state, "family": family.name})
-    rows = {"train": train_rows, "eval": eval_rows} if splits else {}
+    state = MappingProxyType({**built.state, "family": family.name})
+    return SessionData(task, family, path, tokenizer, state, MappingProxyType(built.features),
+                       MappingProxyType(built.overlap), note)
+
+
+def _read_and_featurize(recipe: Recipe, task: Task, family: FamilySpec, tokenizer: PreTrainedTokenizerBase,
+                        splits: tuple[str, ...], adapter_state: dict | None, cache: FeatureCache) -> CachedData:
+    train_rows, eval_rows, overlap = load_rows(recipe, task)
+    if "eval" in splits:
+        task.check_eval_rows(eval_rows, recipe.eval)
+    state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
+    workdir = cache.workdir()
+    rows = {"train": train_rows, "eval": eval_rows}
+    features = {}
     for split in splits:
-        features[split] = task.featurize(rows[split], tokenizer, recipe, dict(state), f"data.{split}")
-    return SessionData(task, family, path, tokenizer, state, MappingProxyType(features), MappingProxyType(overlap))
+        # The rows go to disk first: workers then read them memory-mapped instead of receiving pickled copies.
+        on_disk = rows[split].flatten_indices(cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False)
+        features[split] = task.featurize(on_disk, tokenizer, recipe, {**state, "family": family.name}, f"data.{split}",
+                                         workdir=workdir)
+    return cache.publish(workdir, CachedData(features, state, overlap))
 
 
 def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None,
@@ -206,7 +224,7 @@ def open_session(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
     model, targets = load_task_model(recipe, data.task, data.family, data.model_path, data.tokenizer, data.state,
                                      adapter_dir=adapter_dir, with_lora=with_lora)
     return Session(recipe, data.task, data.family, data.model_path, data.tokenizer, data.state, model, data.features,
-                   targets, data.overlap)
+                   targets, data.overlap, data.cache_note)
 
 
 def training_collator(session: Session):

@@ -19,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Feature cache, GGUF conversions and embeddings go to this session's own directory, never the user's."""
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+
 WORDS = {
     "sports": "match goal team player coach league score season win stadium",
     "weather": "rain sun cloud storm wind snow forecast cold warm temperature",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+
 from typer.testing import CliRunner
 
 from conftest import classification_recipe, corpus, write_jsonl
 from finetune.cli import app
-from finetune.data_report import find_overlap
+from finetune.data_report import find_overlap, normalised
 from test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
@@ -31,10 +33,10 @@ def planted(tmp_path):
 def test_overlap_finds_exact_and_near_duplicates():
     first = ["The cat sat on the mat today in the sun", "a b c d e f g", "completely different words here now"]
     second = ["the cat sat on the mat today in the sun!", "a b c d e f x", "nothing alike at all anywhere"]
-    overlap = find_overlap(first, second)
+    overlap = find_overlap(normalised(pa.array(first)), normalised(pa.array(second)))
     assert overlap.exact == [(0, 0)]
     assert overlap.rows_of_second() == {0} | {j for _, j in overlap.near}
-    inside = find_overlap(["one two three four five six", "one two three four five six", "x y z"])
+    inside = find_overlap(normalised(pa.array(["one two three four five six", "one two Three four, five six", "x y z"])))
     assert inside.exact == [(0, 1)]
 
 

@@ -15,6 +15,7 @@ The loop never asks which task it runs; it calls these hooks:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from accelerate import Accelerator
@@ -115,7 +116,8 @@ class Task:
 
     # ------------------------------------------------------------ data
     def featurize(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase, recipe: Recipe, state: dict[str, Any],
-                  split: str, labeled: bool = True) -> Features:
+                  split: str, labeled: bool = True, workdir: Path | None = None) -> Features:
+        """`workdir`: where large outputs may be written as Arrow files (the feature cache's entry), else memory."""
         raise NotImplementedError
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:

@@ -6,6 +6,7 @@ GPT-style models the last non-pad token (the pad token is set on the config).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ model
     def fit_state(self, train_rows: Dataset, recipe, tokenizer=None) -> dict[str, Any]:
-        seen = _checked_labels(train_rows["label"], "data.train")
+        seen = _checked_labels(train_rows["label"][:], "data.train")
         if recipe.data.labels is not None:
             labels = list(recipe.data.labels)
             known = {_label_key(x) for x in labels}
@@ -56,40 +57,32 @@ class ClassificationTask(Task):
         }
 
     # ------------------------------------------------------------ data
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
+                  workdir: Path | None = None) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
         label_index = {_label_key(x): i for i, x in enumerate(state["labels"])} if labeled else None
+        truncate = Truncation(tokenizer, max_length)
 
         def encode(batch: dict, indices: list[int]) -> dict:
             first = indices[0] + 1
             texts = checked_texts(batch["text"], split, "text", first)
             pairs = checked_texts(batch["text_pair"], split, "text_pair", first) if has_pairs else None
-            encoded = dict(tokenizer(texts, pairs, truncation=False))
-            lengths = [len(ids) for ids in encoded["input_ids"]]
-            # Only the rows over max_length are tokenised again, with the tokenizer's own truncation (which for
-            # pairs cuts the longer text first); every other row is already what truncation would give.
-            long_rows = [i for i, n in enumerate(lengths) if n > max_length]
-            if long_rows:
-                cut = tokenizer([texts[i] for i in long_rows], [pairs[i] for i in long_rows] if has_pairs else None,
-                                truncation=True, max_length=max_length)
-                for name, values in encoded.items():
-                    for j, i in enumerate(long_rows):
-                        values[i] = cut[name][j]
+            encoded, lengths = truncate(texts, pairs)
             encoded[LENGTH_COLUMN] = lengths
             if label_index is not None:
                 encoded["labels"] = _label_ids(batch["label"], label_index, state["labels"], split, first)
             return encoded
 
         features = map_batches(rows, encode, recipe.data.num_workers, fingerprint=f"{rows._fingerprint}-features",
-                               description=f"tokenising {split}")
+                               description=f"tokenising {split}",
+                               output=workdir / f"{split.removeprefix('data.')}-features.arrow" if workdir else None)
         lengths = features.data.column(LENGTH_COLUMN).to_numpy()
         keep, report = apply_overflow(lengths, max_length, recipe.data.overflow, split)
         features = features.remove_columns(LENGTH_COLUMN)
         if len(keep) < len(rows):
             rows, features = rows.select(keep), features.select(keep)
         return Features(features, rows, report)
-
 
     def collate(self, tokenizer):
         from transformers import DataCollatorWithPadding
@@ -163,6 +156,47 @@ def _checked_labels(values: list, split: str, first_row: int = 1) -> list:
         if value is None or (isinstance(value, str) and not value.strip()) or isinstance(value, (float, list, dict)):
             raise DataError(f"{split}: row {number}: label must be a string or an integer, got {value!r}")
     return list(values)
+
+
+class Truncation:
+    """The tokenizer's own truncation at max_length, and each row's untruncated token length, from one tokenisation.
+
+    For single texts on a fast tokenizer it runs the Rust tokenizer directly: its encodings keep what truncation
+    cut off (`overflowing`, stride 0), so the untruncated length is counted without turning those tokens into
+    Python lists (the tokenizer's Python wrapper would). tests/test_units.py checks the result against the
+    wrapper's `truncation=True` output on BERT, BART, GPT-2 and Llama tokenizers. Text pairs (which truncation
+    cuts longest-first) and slow tokenizers: untruncated, then only the long rows again with truncation.
+    """
+
+    FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+    def __init__(self, tokenizer, max_length: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.keys = list(tokenizer("probe").keys())
+        self.backend = None
+        if tokenizer.is_fast and all(key in self.FIELDS for key in self.keys):
+            self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            self.backend.no_padding()
+            self.backend.enable_truncation(max_length)
+            self.specials = self.backend.num_special_tokens_to_add(False)
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> tuple[dict, list[int]]:
+        if pairs is None and self.backend is not None:
+            encodings = self.backend.encode_batch(texts)
+            lengths = [len(e) + sum(len(o) - self.specials for o in e.overflowing) for e in encodings]
+            return {key: [getattr(e, self.FIELDS[key]) for e in encodings] for key in self.keys}, lengths
+        encoded = dict(self.tokenizer(texts, pairs, truncation=False))
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        long_rows = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if long_rows:
+            cut = self.tokenizer([texts[i] for i in long_rows], [pairs[i] for i in long_rows] if pairs is not None else None,
+                                 truncation=True, max_length=self.max_length)
+            for name, values in encoded.items():
+                for j, i in enumerate(long_rows):
+                    values[i] = cut[name][j]
+        return encoded, lengths
 
 
 # The untruncated token length of each row, kept while featurising for the length report and data.overflow.

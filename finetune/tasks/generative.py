@@ -6,6 +6,8 @@ stop strings; featurize/collate/predict come from here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Dataset
 
 from finetune.data import checked_texts
@@ -43,14 +45,15 @@ class GenerationTask(Task):
         return list(self.default_stops if settings.stop is None else settings.stop)
 
     # ------------------------------------------------------------ data
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
-        prompts = checked_texts(rows[self.prompt_field], split, self.prompt_field)
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
+                  workdir: Path | None = None) -> Features:
+        prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
             raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
         answers = None
         if has_answers:
-            answers = [self.completion_text(a) for a in checked_texts(rows[self.answer_field], split, self.answer_field)]
+            answers = [self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)]
         family = FAMILIES[state["family"]]
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows

@@ -8,6 +8,8 @@ The window bookkeeping lives in qa_spans.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 import re
 import string
@@ -119,16 +121,17 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def fit_state(self, train_rows: Dataset, recipe, tokenizer) -> dict[str, Any]:
         """The span settings the recipe leaves open, from the training answers (see span_settings)."""
-        answers = _checked_answers(train_rows["answers"], checked_texts(train_rows["context"], "data.train", "context"),
+        answers = _checked_answers(train_rows["answers"][:], checked_texts(train_rows["context"][:], "data.train", "context"),
                                    "data.train")
-        questions = checked_texts(train_rows["question"], "data.train", "question")
+        questions = checked_texts(train_rows["question"][:], "data.train", "question")
         answers = [a for a in answers if a is not None and a[1] >= 0]
         return span_settings(questions, [a[0] for a in answers], tokenizer, recipe)
 
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
-        questions = checked_texts(rows["question"], split, "question")
-        contexts = checked_texts(rows["context"], split, "context")
-        answers = _checked_answers(rows["answers"], contexts, split) if labeled else None
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
+                  workdir: Path | None = None) -> Features:
+        questions = checked_texts(rows["question"][:], split, "question")
+        contexts = checked_texts(rows["context"][:], split, "context")
+        answers = _checked_answers(rows["answers"][:], contexts, split) if labeled else None
         stride = recipe.data.doc_stride or state["doc_stride"]
         windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, stride, split)
         report = windows.report
@@ -174,7 +177,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             ends.append(gathered[1])
             losses.extend(gathered[2:])
         answers = qa_spans.best_answers(
-            features.windows, torch.cat(starts).numpy(), torch.cat(ends).numpy(), list(features.rows["context"]),
+            features.windows, torch.cat(starts).numpy(), torch.cat(ends).numpy(), features.rows["context"][:],
             n_best=recipe.eval.n_best, max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
         )
         out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
@@ -272,10 +275,11 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     answer_field = "answer"
     default_stops = ("\n",)
 
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True) -> Features:
+    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
+                  workdir: Path | None = None) -> Features:
         if "prompt" not in rows.column_names:
             rows = rows.add_column("prompt", [_default_prompt(r, split, n) for n, r in enumerate(rows, start=1)])
-        return super().featurize(rows, tokenizer, recipe, state, split, labeled)
+        return super().featurize(rows, tokenizer, recipe, state, split, labeled, workdir)
 
     def completion_text(self, answer: str) -> str:
         return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
