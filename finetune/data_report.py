@@ -33,27 +33,59 @@ EXAMPLES_SHOWN = 3
 INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "context")
 
 
-def input_texts(rows: Dataset, task: Task) -> pa.Array:
+def input_texts(rows: Dataset, task: Task) -> pa.ChunkedArray:
     """The text a model reads for each row (its input fields joined by a space): what duplicates are judged on."""
     fields = [f for f in INPUT_FIELDS if f in rows.column_names]
     if not fields:
-        return pa.array([""] * len(rows))
+        return pa.chunked_array([pa.array([""] * len(rows))])
     table = rows.select_columns(fields).with_format("arrow")[:]  # respects a selection; no Python objects
-    columns = [pc.cast(table.column(f), pa.string()).combine_chunks() for f in fields]
+    columns = [pc.cast(table.column(f), pa.string()) for f in fields]
     return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, " ", null_handling="skip")
 
 
-NORMALISE_CHUNK_ROWS = 20_000  # bounds the copies each step makes
+CHUNK_ROWS = 20_000  # texts are normalised and hashed this many at a time, so no step copies the whole column
 
 
-def normalised(texts: pa.Array) -> pa.Array:
-    """Lower case, punctuation removed, whitespace runs as one space: vectorised, in Arrow's regex engine."""
-    parts = []
-    for start in range(0, len(texts), NORMALISE_CHUNK_ROWS):
-        chunk = pc.utf8_lower(pc.fill_null(texts.slice(start, NORMALISE_CHUNK_ROWS), ""))
-        chunk = pc.replace_substring_regex(chunk, pattern=r"[^\p{L}\p{N}_\s]", replacement="")
-        parts.append(pc.utf8_trim_whitespace(pc.replace_substring_regex(chunk, pattern=r"\s+", replacement=" ")))
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+def _normalise(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    texts = pc.utf8_lower(pc.fill_null(texts, ""))
+    texts = pc.replace_substring_regex(texts, pattern=r"[^\p{L}\p{N}_\s]", replacement="")
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, pattern=r"\s+", replacement=" "))
+
+
+def normalised(texts: pa.Array | pa.ChunkedArray) -> list[str]:
+    """Lower case, punctuation removed, whitespace runs as one space (vectorised, in Arrow's regex engine)."""
+    return [text for start in range(0, len(texts), CHUNK_ROWS)
+            for text in _normalise(texts.slice(start, CHUNK_ROWS)).to_pylist()]
+
+
+def text_hashes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each normalised text, computed a chunk at a time."""
+    from pandas.util import hash_array
+
+    parts = [hash_array(_normalise(texts.slice(start, CHUNK_ROWS)).to_numpy(zero_copy_only=False))
+             for start in range(0, len(texts), CHUNK_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def exact_duplicates(first: pa.ChunkedArray, second: pa.ChunkedArray | None = None,
+                     first_hashes: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """(i, j) pairs of equal normalised texts: each row of `second` (or a later row of `first`) with the first row of
+    `first` it repeats. Rows are matched by hash, and each match is confirmed on the texts (no hash collision counts)."""
+    within = second is None
+    first_hashes = text_hashes(first) if first_hashes is None else first_hashes
+    second_hashes = first_hashes if within else text_hashes(second)
+    distinct, first_row = np.unique(first_hashes, return_index=True)
+    position = np.searchsorted(distinct, second_hashes).clip(max=max(len(distinct) - 1, 0))
+    found = (distinct[position] == second_hashes) if len(distinct) else np.zeros(len(second_hashes), bool)
+    matches = np.where(found, first_row[position], -1)
+    rows = np.flatnonzero((matches >= 0) & (matches < np.arange(len(second_hashes)) if within else matches >= 0))
+    pairs = [(int(matches[j]), int(j)) for j in rows]
+    if not pairs:
+        return []
+    second = first if within else second
+    left = normalised(first.take([i for i, _ in pairs]))
+    right = normalised(second.take([j for _, j in pairs]))
+    return [pair for pair, a, b in zip(pairs, left, right) if a == b]
 
 
 @dataclass
@@ -76,39 +108,24 @@ def _shingles(normalised_text: str) -> list[bytes]:
     return [" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)]
 
 
-def exact_duplicates(first: pa.Array, second: pa.Array | None = None) -> list[tuple[int, int]]:
-    """(i, j) pairs of equal normalised texts: each row of `second` (or a later row of `first`) with the first row of
-    `first` it repeats. Dictionary-encoding both gives every distinct text one code, so no hash can collide."""
-    within = second is None
-    both = first if within else pa.concat_arrays([first, second])
-    codes = pc.dictionary_encode(both).indices.to_numpy(zero_copy_only=False)
-    first_codes = codes[: len(first)]
-    distinct, first_row = np.unique(first_codes, return_index=True)
-    earliest = np.full(int(codes.max()) + 1 if codes.size else 0, -1, dtype=np.int64)
-    earliest[distinct] = first_row
-    second_codes = first_codes if within else codes[len(first):]
-    matches = earliest[second_codes]
-    rows = np.flatnonzero(matches < np.arange(len(second_codes))) if within else np.flatnonzero(matches >= 0)
-    return [(int(matches[j]), int(j)) for j in rows]
-
-
-def find_overlap(first: pa.Array, second: pa.Array | None = None) -> Overlap:
-    """Exact and near duplicates between two arrays of normalised texts, or inside one (second=None)."""
+def find_overlap(first: pa.ChunkedArray, second: pa.ChunkedArray | None = None,
+                 first_hashes: np.ndarray | None = None) -> Overlap:
+    """Exact and near duplicates between two arrays of texts, or inside one (second=None)."""
     from datasketch import MinHash, MinHashLSH
 
     within = second is None
+    overlap = Overlap(exact=exact_duplicates(first, second, first_hashes))
     second = first if within else second
-    overlap = Overlap(exact=exact_duplicates(first, None if within else second))
     if max(len(first), len(second)) > NEAR_DUPLICATE_MAX_ROWS:
         overlap.near_searched = False
         return overlap
     exact_second = {j for _, j in overlap.exact}
     lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
-    first_shingles = [set(_shingles(t)) for t in first.to_pylist()]
+    first_shingles = [set(_shingles(t)) for t in normalised(first)]
     first_hashes = MinHash.bulk(first_shingles, num_perm=NUM_PERM, seed=1)
     for i, signature in enumerate(first_hashes):
         lsh.insert(i, signature, check_duplication=False)
-    second_shingles = first_shingles if within else [set(_shingles(t)) for t in second.to_pylist()]
+    second_shingles = first_shingles if within else [set(_shingles(t)) for t in normalised(second)]
     second_hashes = first_hashes if within else MinHash.bulk(second_shingles, num_perm=NUM_PERM, seed=1)
     for j, signature in enumerate(second_hashes):
         if j in exact_second:
@@ -124,11 +141,11 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def _examples(pairs: list[tuple[int, int]], first: pa.Array, second: pa.Array) -> list[dict]:
+def _examples(pairs: list[tuple[int, int]], first: pa.ChunkedArray, second: pa.ChunkedArray) -> list[dict]:
     return [{"first": first[i].as_py()[:200], "second": second[j].as_py()[:200]} for i, j in pairs[:EXAMPLES_SHOWN]]
 
 
-def overlap_section(overlap: Overlap, first: pa.Array, second: pa.Array) -> dict:
+def overlap_section(overlap: Overlap, first: pa.ChunkedArray, second: pa.ChunkedArray) -> dict:
     return {
         "exact": len(overlap.exact),
         "near": len(overlap.near) if overlap.near_searched else None,
@@ -141,11 +158,12 @@ def check_overlap(train: Dataset, eval_rows: Dataset, task: Task, policy: str) -
     """Duplicates inside data.train and between train and eval, each text normalised once; then data.on_overlap:
     warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
     train_texts, eval_texts = input_texts(train, task), input_texts(eval_rows, task)
-    train_normalised = normalised(train_texts)
-    overlap = find_overlap(train_normalised, normalised(eval_texts))
+    train_hashes = text_hashes(train_texts)
+    overlap = find_overlap(train_texts, eval_texts, train_hashes)
     section = overlap_section(overlap, train_texts, eval_texts)
     found = {"train_eval": section,
-             "train_duplicates": overlap_section(find_overlap(train_normalised), train_texts, train_texts)}
+             "train_duplicates": overlap_section(find_overlap(train_texts, first_hashes=train_hashes), train_texts,
+                                                 train_texts)}
     count = len(overlap.rows_of_second())
     if count and policy == "error":
         shown = "; ".join(f"{e['second'][:60]!r}" for e in section["examples"])

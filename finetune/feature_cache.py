@@ -18,6 +18,7 @@ base) is not cached.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -136,7 +137,10 @@ class FeatureCache:
             except OSError as exc:
                 log.warning("feature cache %s is not writable (%s); features are not cached", self.root, exc)
                 self.entry = None
-        return Path(tempfile.mkdtemp(prefix="finetune-features-"))
+        # Not cached: the tables still go to disk (memory-mapped, not held in memory), removed when the process ends.
+        scratch = tempfile.mkdtemp(prefix="finetune-features-")
+        atexit.register(shutil.rmtree, scratch, True)
+        return Path(scratch)
 
     def publish(self, workdir: Path, built: CachedData) -> CachedData:
         """Write the entry's tables, extras and manifest into `workdir`, then move it into place."""

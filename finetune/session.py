@@ -11,6 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import pyarrow as pa
 from accelerate.utils import set_seed
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
@@ -204,13 +205,15 @@ def _read_and_featurize(recipe: Recipe, task: Task, family: FamilySpec, tokenize
         task.check_eval_rows(eval_rows, recipe.eval)
     state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     workdir = cache.workdir()
-    rows = {"train": train_rows, "eval": eval_rows}
-    features = {}
-    for split in splits:
-        # The rows go to disk first: workers then read them memory-mapped instead of receiving pickled copies.
-        on_disk = rows[split].flatten_indices(cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False)
-        features[split] = task.featurize(on_disk, tokenizer, recipe, {**state, "family": family.name}, f"data.{split}",
-                                         workdir=workdir)
+    # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
+    # and worker processes read the rows from the file instead of receiving pickled copies.
+    rows = {split: split_rows.flatten_indices(cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False)
+            for split, split_rows in (("train", train_rows), ("eval", eval_rows)) if split in splits}
+    del train_rows, eval_rows
+    pa.default_memory_pool().release_unused()
+    features = {split: task.featurize(rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}",
+                                      workdir=workdir)
+                for split in splits}
     return cache.publish(workdir, CachedData(features, state, overlap))
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import classification_recipe, corpus, write_jsonl
 from finetune.cli import app
-from finetune.data_report import find_overlap, normalised
+from finetune.data_report import find_overlap
 from test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
@@ -33,11 +33,11 @@ def planted(tmp_path):
 def test_overlap_finds_exact_and_near_duplicates():
     first = ["The cat sat on the mat today in the sun", "a b c d e f g", "completely different words here now"]
     second = ["the cat sat on the mat today in the sun!", "a b c d e f x", "nothing alike at all anywhere"]
-    overlap = find_overlap(normalised(pa.array(first)), normalised(pa.array(second)))
+    overlap = find_overlap(pa.chunked_array([first]), pa.chunked_array([second]))
     assert overlap.exact == [(0, 0)]
     assert overlap.rows_of_second() == {0} | {j for _, j in overlap.near}
-    inside = find_overlap(normalised(pa.array(["one two three four five six", "one two Three four, five six", "x y z"])))
-    assert inside.exact == [(0, 1)]
+    inside = find_overlap(pa.chunked_array([["one two three four five six", "x y z", "one two Three four, five six"]]))
+    assert inside.exact == [(0, 2)]
 
 
 def test_data_report_and_on_overlap(tiny_models, write_recipe, tmp_path, monkeypatch):
