@@ -351,6 +351,16 @@ def map_batches(rows: Dataset, function, workers: int | None, fingerprint: str, 
                     num_proc=workers if workers > 1 else None, new_fingerprint=fingerprint, desc=description)
 
 
+def token_lengths(features: Dataset) -> np.ndarray:
+    """Tokens per row of a features table, read from Arrow's list offsets (no row becomes a Python list)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(features.data.column("input_ids")).to_numpy()
+    if features._indices is not None:  # a selection of the table's rows
+        lengths = lengths[features._indices.column(0).to_numpy()]
+    return lengths
+
+
 def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     parts = table.train_test_split(test_size=fraction, seed=seed, shuffle=True, keep_in_memory=True)
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:

@@ -22,7 +22,7 @@ from finetune.errors import DataError
 from finetune.tasks import Features, Task
 
 NEAR_DUPLICATE_JACCARD = 0.8  # word 3-shingle Jaccard above which two texts count as near-duplicates
-NUM_PERM = 128
+NUM_PERM = 64  # candidates only: every one is confirmed with the exact Jaccard
 LSH_THRESHOLD = 0.6  # LSH finds candidates generously; each is then checked with the exact Jaccard
 # Near-duplicate search costs time per row; above this many rows only exact duplicates are searched.
 NEAR_DUPLICATE_MAX_ROWS = 50_000
@@ -108,33 +108,64 @@ def _shingles(normalised_text: str) -> list[bytes]:
     return [" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)]
 
 
-def find_overlap(first: pa.ChunkedArray, second: pa.ChunkedArray | None = None,
-                 first_hashes: np.ndarray | None = None) -> Overlap:
-    """Exact and near duplicates between two arrays of texts, or inside one (second=None)."""
-    from datasketch import MinHash, MinHashLSH
+class TextIndex:
+    """The training texts, indexed once for both questions: duplicates inside them, and eval rows that repeat them.
 
-    within = second is None
-    overlap = Overlap(exact=exact_duplicates(first, second, first_hashes))
-    second = first if within else second
-    if max(len(first), len(second)) > NEAR_DUPLICATE_MAX_ROWS:
-        overlap.near_searched = False
+    Exact duplicates by a hash of the normalised text; near-duplicates (small enough data only) by MinHash over
+    word 3-shingles in a datasketch LSH index, each candidate then checked with the exact Jaccard similarity.
+    """
+
+    def __init__(self, texts: pa.ChunkedArray):
+        self.texts = texts
+        self.hashes = text_hashes(texts)
+        self.near_searched = len(texts) <= NEAR_DUPLICATE_MAX_ROWS
+        if self.near_searched:
+            from datasketch import MinHashLSH
+
+            self.shingles = [set(_shingles(t)) for t in normalised(texts)]
+            self.signatures = _signatures(self.shingles)
+            self.lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
+            with self.lsh.insertion_session() as session:
+                for i, signature in enumerate(self.signatures):
+                    session.insert(i, signature, check_duplication=False)
+
+    def duplicates(self) -> Overlap:
+        """Later training rows that repeat an earlier one."""
+        overlap = Overlap(exact=exact_duplicates(self.texts, first_hashes=self.hashes), near_searched=self.near_searched)
+        if self.near_searched:
+            self._near(overlap, self.shingles, self.signatures, within=True)
         return overlap
-    exact_second = {j for _, j in overlap.exact}
-    lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
-    first_shingles = [set(_shingles(t)) for t in normalised(first)]
-    first_hashes = MinHash.bulk(first_shingles, num_perm=NUM_PERM, seed=1)
-    for i, signature in enumerate(first_hashes):
-        lsh.insert(i, signature, check_duplication=False)
-    second_shingles = first_shingles if within else [set(_shingles(t)) for t in normalised(second)]
-    second_hashes = first_hashes if within else MinHash.bulk(second_shingles, num_perm=NUM_PERM, seed=1)
-    for j, signature in enumerate(second_hashes):
-        if j in exact_second:
-            continue
-        candidates = [i for i in lsh.query(signature) if (i < j if within else True)]
-        close = [i for i in candidates if _jaccard(first_shingles[i], second_shingles[j]) >= NEAR_DUPLICATE_JACCARD]
-        if close:
-            overlap.near.append((min(close), j))
-    return overlap
+
+    def overlap(self, texts: pa.ChunkedArray) -> Overlap:
+        """Rows of `texts` that repeat a training row."""
+        overlap = Overlap(exact=exact_duplicates(self.texts, texts, self.hashes),
+                          near_searched=self.near_searched and len(texts) <= NEAR_DUPLICATE_MAX_ROWS)
+        if overlap.near_searched:
+            shingles = [set(_shingles(t)) for t in normalised(texts)]
+            self._near(overlap, shingles, _signatures(shingles), within=False)
+        return overlap
+
+    def _near(self, overlap: Overlap, shingles: list[set], signatures, within: bool) -> None:
+        exact = {j for _, j in overlap.exact}
+        for j, signature in enumerate(signatures):
+            if j in exact:
+                continue
+            candidates = [i for i in self.lsh.query(signature) if not within or i < j]
+            close = [i for i in candidates if _jaccard(self.shingles[i], shingles[j]) >= NEAR_DUPLICATE_JACCARD]
+            if close:
+                overlap.near.append((min(close), j))
+
+
+def _signatures(shingles: list[set]):
+    from datasketch import MinHash
+
+    return MinHash.bulk(shingles, num_perm=NUM_PERM, seed=1)
+
+
+def find_overlap(first: pa.ChunkedArray, second: pa.ChunkedArray | None = None) -> Overlap:
+    """Exact and near duplicates between two arrays of texts, or inside one (second=None)."""
+    index = TextIndex(first)
+    return index.duplicates() if second is None else index.overlap(second)
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -158,12 +189,10 @@ def check_overlap(train: Dataset, eval_rows: Dataset, task: Task, policy: str) -
     """Duplicates inside data.train and between train and eval, each text normalised once; then data.on_overlap:
     warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
     train_texts, eval_texts = input_texts(train, task), input_texts(eval_rows, task)
-    train_hashes = text_hashes(train_texts)
-    overlap = find_overlap(train_texts, eval_texts, train_hashes)
+    index = TextIndex(train_texts)
+    overlap = index.overlap(eval_texts)
     section = overlap_section(overlap, train_texts, eval_texts)
-    found = {"train_eval": section,
-             "train_duplicates": overlap_section(find_overlap(train_texts, first_hashes=train_hashes), train_texts,
-                                                 train_texts)}
+    found = {"train_eval": section, "train_duplicates": overlap_section(index.duplicates(), train_texts, train_texts)}
     count = len(overlap.rows_of_second())
     if count and policy == "error":
         shown = "; ".join(f"{e['second'][:60]!r}" for e in section["examples"])

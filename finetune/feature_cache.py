@@ -162,7 +162,7 @@ class FeatureCache:
         except OSError:  # another process published the same entry first: use theirs, drop ours
             shutil.rmtree(workdir, ignore_errors=True)
             return self.load() or built
-        self.note = f"tokenised features cached in {self.entry}"
+        self.note = self.note or f"tokenised features cached in {self.entry}"  # a damaged entry's note says "rebuilt"
         return self._reopen(self.entry, manifest, extras)
 
     @staticmethod

@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from finetune.data import token_lengths
 from finetune.config import TrainSection
 from finetune.errors import Interrupted, TrainingDiverged
 from finetune.monitor import Monitor
@@ -79,8 +81,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
     Without grouping (`window=1`) it is a plain shuffled batcher.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 64):
-        self.lengths = lengths
+    def __init__(self, lengths, batch_size: int, seed: int, window: int = 64):
+        self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.window = window
@@ -91,13 +93,14 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
         span = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), span):
             chunk = order[start : start + span]
-            if self.window > 1:
-                chunk.sort(key=lambda i: self.lengths[i], reverse=True)
+            if self.window > 1:  # longest first; a stable sort keeps equal lengths in their shuffled order
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            chunk = chunk.tolist()
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
@@ -178,8 +181,7 @@ def train(model, features, collate, recipe, accelerator, log_path: Path | None, 
     from transformers import get_scheduler
 
     t = recipe.train
-    lengths = [len(ids) for ids in features["input_ids"]]
-    sampler = LengthGroupedBatches(lengths, t.batch_size, t.seed, window=64 if t.group_by_length else 1)
+    sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
     # A private generator: creating a loader iterator must not draw from the
     # global torch generator, or a mid-epoch resume would shift every dropout mask.
     loader = DataLoader(features, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))

@@ -1,0 +1,136 @@
+"""The columnar data path: one-pass truncation equals the tokenizer's own, the feature cache is reused, verified
+and rebuilt, workers give the same features as one process, and bad files are still named exactly."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from typer.testing import CliRunner
+from transformers import AutoTokenizer
+
+from conftest import classification_recipe, corpus, write_jsonl
+from finetune import data
+from finetune.cli import app
+from finetune.data import load_table
+from finetune.errors import DataError
+from finetune.feature_cache import FeatureCache
+from finetune.session import open_data
+from finetune.tasks.classification import Truncation
+from finetune.validation import load_recipe
+
+runner = CliRunner()
+
+TEXTS = ["short", "", "a much longer text " * 20, "héllo wörld\nnew line  spaces", "<s> looks special </s>",
+         "match goal team player coach league score season win stadium " * 3]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])
+@pytest.mark.parametrize("max_length", [4, 16, 64])
+def test_one_pass_truncation_equals_the_tokenizers(kind, max_length, tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    truncate = Truncation(tokenizer, max_length)
+    assert truncate.backend is not None  # the fast path is the one under test
+    encoded, lengths = truncate(TEXTS)
+    assert encoded == dict(tokenizer(TEXTS, truncation=True, max_length=max_length))
+    assert lengths == [len(ids) for ids in tokenizer(TEXTS, truncation=False)["input_ids"]]
+    assert any(n > max_length for n in lengths)
+    pairs = list(reversed(TEXTS))
+    encoded, lengths = truncate(TEXTS, pairs)
+    assert encoded == dict(tokenizer(TEXTS, pairs, truncation=True, max_length=max_length))
+    assert lengths == [len(ids) for ids in tokenizer(TEXTS, pairs, truncation=False)["input_ids"]]
+
+
+def _features(recipe_path):
+    session = open_data(load_recipe(recipe_path, []))
+    return session, {split: (f.dataset.to_list(), f.rows.to_list()) for split, f in session.features.items()}
+
+
+def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    path = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    first, built = _features(path)
+    assert first.cache_note.startswith("tokenised features cached in")
+    second, reused = _features(path)
+    assert second.cache_note.startswith("reused tokenised features") and reused == built
+    assert second.state == first.state and dict(second.overlap) == dict(first.overlap)
+
+    entry = FeatureCache(None).root / second.cache_note.split()[-1].rsplit("/", 1)[-1]
+    damaged = next(entry.glob("train-features*.arrow"))
+    damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+    third, rebuilt = _features(path)
+    assert "damaged" in third.cache_note and rebuilt == built
+    fourth, _ = _features(path)
+    assert fourth.cache_note.startswith("reused")  # the rebuilt entry was published again
+
+    # A setting that shapes features is part of the key: a new entry, never the old one.
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["data"]["max_length"] = 8
+    other, _ = _features(write_recipe(recipe, "short.yaml"))
+    assert other.cache_note.startswith("tokenised features cached in")
+
+
+def test_cached_run_trains_the_same_adapter_bytes(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    adapters = []
+    for name in ("cold", "warm"):
+        recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / name, epochs=1)
+        result = runner.invoke(app, ["run", str(write_recipe(recipe, f"{name}.yaml"))])
+        assert result.exit_code == 0, result.output
+        adapters.append((tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert "reused tokenised features" in result.output
+    assert adapters[0] == adapters[1]
+
+
+def test_workers_give_the_same_features_as_one_process(tiny_models, tmp_path, write_recipe, monkeypatch):
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)  # tiny data, real worker processes
+    rows = corpus(400)
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:300]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[300:])}
+    results = []
+    for workers in (1, 2):
+        monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / f"cache-{workers}"))
+        recipe = classification_recipe(tiny_models["bert"], files, tmp_path / "run")
+        recipe["data"]["num_workers"] = workers
+        results.append(_features(write_recipe(recipe, f"w{workers}.yaml"))[1])
+    assert results[0] == results[1]
+
+
+def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recipe, monkeypatch):
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    rows = corpus(200)
+    rows[150]["text"] = None
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:20] + rows[100:]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:40])}
+    recipe = classification_recipe(tiny_models["bert"], files, tmp_path / "run")
+    recipe["data"]["num_workers"] = 2
+    result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
+    assert result.exit_code == 3, result.output
+    assert "row 71: field 'text' must be text, got NoneType None" in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "a", "label": 1}\n{"text": "\xff", "label": 2}\n', r"d.jsonl:2: not UTF-8 text"),
+    (b'{"text": "a", "label": 1}\n\n{"text": "b" "label": 2}\n', r"d.jsonl:3: malformed JSON line"),
+    (b'{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: each line must be a JSON object, got list"),
+    (b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n', r"column 'label' is a number in row 1 but text in row 2"),
+])
+def test_bad_jsonl_is_named_by_line(content, message, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_table(str(path), "data.train")
+    zipped = tmp_path / "d.jsonl.gz"
+    zipped.write_bytes(gzip.compress(content))
+    with pytest.raises(DataError, match=message.replace("d.jsonl", "d.jsonl.gz")):
+        load_table(str(zipped), "data.train")
+
+
+def test_jsonl_through_arrow_keeps_types_and_long_rows(tmp_path):
+    rows = [{"text": "x" * 5_000_000, "label": 1, "meta": {"a": [1, 2]}}, {"text": "y", "label": 2, "meta": None}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = load_table(str(path), "data.train")
+    assert table.to_list() == rows
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+        load_table(str(tmp_path / "broken.jsonl.gz"), "data.train")
