@@ -346,9 +346,16 @@ def map_batches(rows: Dataset, function, workers: int | None, fingerprint: str, 
     if workers > 1:
         # Each worker tokenises on one thread; the tokenizer's own thread pool would oversubscribe the cores.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return rows.map(function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
-                    keep_in_memory=output is None, cache_file_name=str(output) if output else None,
-                    num_proc=workers if workers > 1 else None, new_fingerprint=fingerprint, desc=description)
+    environ = os.environ
+    try:
+        return rows.map(function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
+                        remove_columns=rows.column_names, keep_in_memory=output is None,
+                        cache_file_name=str(output) if output else None, num_proc=workers if workers > 1 else None,
+                        new_fingerprint=fingerprint, desc=description)
+    finally:
+        # `datasets` replaces os.environ with a copy when it starts workers; whatever holds the original (a
+        # console reading COLUMNS, a test's monkeypatch) would no longer see the process environment.
+        os.environ = environ
 
 
 def token_lengths(features: Dataset) -> np.ndarray:

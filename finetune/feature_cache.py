@@ -121,11 +121,11 @@ class FeatureCache:
                                         **extras["features"][split])
                         for split, files in manifest["splits"].items()}
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
-            self.note = f"feature cache entry {self.entry} was damaged ({exc}); rebuilt"
-            log.warning(self.note)
+            log.warning("feature cache entry %s was damaged (%s); rebuilding it", self.entry, exc)
+            self.note = f"entry {self.key} was damaged ({exc}); rebuilt"
             _remove(self.entry)
             return None
-        self.note = f"reused tokenised features from {self.entry}"
+        self.note = f"reused tokenised features (entry {self.key})"
         return CachedData(features, extras["state"], extras["overlap"])
 
     def workdir(self) -> Path:
@@ -162,7 +162,7 @@ class FeatureCache:
         except OSError:  # another process published the same entry first: use theirs, drop ours
             shutil.rmtree(workdir, ignore_errors=True)
             return self.load() or built
-        self.note = self.note or f"tokenised features cached in {self.entry}"  # a damaged entry's note says "rebuilt"
+        self.note = self.note or f"tokenised features cached (entry {self.key})"  # a damaged entry's says "rebuilt"
         return self._reopen(self.entry, manifest, extras)
 
     @staticmethod

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from finetune.models import cache_root
 from finetune.lora import count_parameters, group_targets
 from finetune.models import reference_is_local
 from finetune.retrieval import DEFAULT_EMBEDDING_MODEL
@@ -84,7 +85,7 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
         for note in r.notes:
             table.add_row("", note)
     if session.cache_note:
-        table.add_row("feature cache", session.cache_note)
+        table.add_row("data cache", f"{session.cache_note} in {cache_root() / 'features'}")
     table.add_row(
         "steps",
         f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "

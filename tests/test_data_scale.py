@@ -51,12 +51,12 @@ def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, w
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     path = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
     first, built = _features(path)
-    assert first.cache_note.startswith("tokenised features cached in")
+    assert first.cache_note.startswith("tokenised features cached (entry")
     second, reused = _features(path)
     assert second.cache_note.startswith("reused tokenised features") and reused == built
     assert second.state == first.state and dict(second.overlap) == dict(first.overlap)
 
-    entry = FeatureCache(None).root / second.cache_note.split()[-1].rsplit("/", 1)[-1]
+    entry = FeatureCache(None).root / second.cache_note.removesuffix(")").split()[-1]
     damaged = next(entry.glob("train-features*.arrow"))
     damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
     third, rebuilt = _features(path)
@@ -68,7 +68,7 @@ def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, w
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
     recipe["data"]["max_length"] = 8
     other, _ = _features(write_recipe(recipe, "short.yaml"))
-    assert other.cache_note.startswith("tokenised features cached in")
+    assert other.cache_note.startswith("tokenised features cached (entry")
 
 
 def test_cached_run_trains_the_same_adapter_bytes(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):

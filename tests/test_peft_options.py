@@ -26,7 +26,7 @@ def test_dora_rslora_loraplus_train_on_every_family(kind, tiny_models, topic_dat
                                    loraplus_lr_ratio=4)
     recipe["lora"].update(use_dora=True, use_rslora=True)
     dry = invoke("run", write_recipe(recipe), "--dry-run")
-    assert dry.exit_code == 0 and "DoRA + rsLoRA scaling" in dry.output and "optimizer loraplus" in dry.output
+    assert dry.exit_code == 0 and "DoRA + rsLoRA scaling" in dry.output and "optimizer loraplus" in dry.output, dry.output
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -87,7 +87,7 @@ def test_a_forced_family_that_contradicts_the_checkpoint_is_refused(tiny_models,
 
 
 DATA_MISTAKES = {
-    "latin-1 text": (b'{"text": "caf\xe9", "label": "a"}\n', "train.jsonl", "train.jsonl:1: not UTF-8 text (byte offset 13"),
+    "latin-1 text": (b'{"text": "caf\xe9", "label": "a"}\n', "train.jsonl", "train.jsonl:1: not UTF-8 text (byte 13 of the line"),
     "a fake .gz": (b"not gzip at all", "train.jsonl.gz", "not a readable gzip file"),
     "an unknown extension": (b"text,label\nx,a\n", "train.txt", "unknown data file type '.txt'"),
     "mixed types in a column": (b'{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n{"text": "c", "label": [1]}\n',
