@@ -42,7 +42,7 @@ demo: install
 
 # finetune against HF Trainer + peft on the same recipe; JSON into bench/results/.
 bench: install
-	$(BIN)/python bench/bench.py --rounds 2
+	$(BIN)/python bench/bench.py --rounds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

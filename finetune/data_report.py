@@ -220,7 +220,8 @@ def empty_texts(rows: Dataset) -> dict[str, int]:
     for name in names:
         column = table.column(name)
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            out[name] = pc.sum(pc.equal(pc.utf8_trim_whitespace(column), "")).as_py() or 0
+            out[name] = sum(pc.sum(pc.equal(pc.utf8_trim_whitespace(column.slice(start, CHUNK_ROWS)), "")).as_py() or 0
+                            for start in range(0, len(column), CHUNK_ROWS))
     return {k: v for k, v in out.items() if v}
 
 

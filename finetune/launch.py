@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+
 from finetune.errors import RecipeError
 
 
@@ -17,6 +19,13 @@ def processes_wanted(setting: int | str) -> int:
     import torch
 
     return max(1, torch.cuda.device_count())
+
+
+def free_port() -> int:
+    """A port nothing listens on now: two runs on one machine must not both take torch's default 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 STRATEGY_FLAGS = {
@@ -42,7 +51,8 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
 
     args = launch_command_parser().parse_args(
         [*STRATEGY_FLAGS[strategy], "--num_processes", str(num_processes), "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *finetune_args]
+         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "finetune", *finetune_args]
     )
     try:
         launch_command(args)

@@ -188,7 +188,7 @@ def open_data(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
         cache = FeatureCache(cache_key(recipe, tokenizer, family.name, splits, adapter_state))
         built = cache.load() or _read_and_featurize(recipe, task, family, tokenizer, splits, adapter_state, cache)
         note = cache.note
-        if "eval" in splits:
+        if "eval" in splits:  # on the evaluated rows, also when they come from the cache
             task.check_eval_rows(built.features["eval"].rows, recipe.eval)
     else:
         built.state = dict(adapter_state) if adapter_state is not None else {}
@@ -201,8 +201,6 @@ def open_data(recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"),
 def _read_and_featurize(recipe: Recipe, task: Task, family: FamilySpec, tokenizer: PreTrainedTokenizerBase,
                         splits: tuple[str, ...], adapter_state: dict | None, cache: FeatureCache) -> CachedData:
     train_rows, eval_rows, overlap = load_rows(recipe, task)
-    if "eval" in splits:
-        task.check_eval_rows(eval_rows, recipe.eval)
     state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     workdir = cache.workdir()
     # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,

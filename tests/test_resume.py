@@ -216,8 +216,13 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tiny_models, topic_dat
     process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(broken)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "broken" / "train_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 20):
+    # The handler is installed before the first step, so a logged step proves it is there; no wall-clock
+    # guess decides when to signal, and a run that never gets that far fails the test by name.
+    deadline = time.time() + 600
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"training never logged a step: {process.communicate()[1][-2000:]}")
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
