@@ -179,7 +179,10 @@ def _table_files(dataset: Dataset, workdir: Path, name: str) -> list[str]:
     files = [Path(f["filename"]) for f in dataset.cache_files]
     if dataset._indices is None and files and all(f.parent == workdir for f in files):
         return [f.name for f in files]
-    target = workdir / f"{name}.arrow"
+    # A name of its own: `datasets` would load an existing file of that name (e.g. the unselected rows) as a cache.
+    target = workdir / f"{name}-written.arrow"
+    if target.exists():
+        raise FileExistsError(target)
     dataset.flatten_indices(cache_file_name=str(target), keep_in_memory=False)
     return [target.name]
 

@@ -64,7 +64,7 @@ def test_overflow_drop_end_to_end(tiny_models, write_recipe, tmp_path):
     recipe["data"].update(overflow="drop", max_length=16)
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
-    assert "120 rows -> 119 inputs" in result.output and "dropped 1" in result.output
+    assert "120 rows -> 119 inputs" in result.output and "dropped 1" in result.output, [l for l in result.output.splitlines() if "rows" in l]
     rows_out = predictions(tmp_path / "run")
     assert len(rows_out) == 29 and all(r["text"] != long_text for r in rows_out)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -88,10 +88,11 @@ def test_text_pair_and_a_fixed_label_order(tiny_models, write_recipe, tmp_path):
     assert [r["text_pair"] for r in out] == [r["hypothesis"] for r in rows[120:]]
 
 
-def test_chat_template_is_required_and_used(tiny_models, write_recipe, tmp_path):
+def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_recipe, tmp_path):
     rows = copy_rows(40)
     data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
-    recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "run", data={"chat_template": True})
+    recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "run")
+    recipe["data"]["chat_template"] = True
     refused = invoke("run", write_recipe(recipe), "--dry-run")
     assert refused.exit_code == 3 and "has no chat template" in refused.output
 
