@@ -158,10 +158,28 @@ def _world_executable(path: Path) -> bool:
     return all(parent.stat().st_mode & 0o001 for parent in path.parents)
 
 
+def _traversable(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
+def _scratch_base(uid: int | None) -> str:
+    """Where a sample's directory goes: the temporary directory (TMPDIR), unless the sample's own uid could not
+    reach it (a private TMPDIR inside a 0700 directory); then the shared /tmp or /var/tmp, never a silent
+    failure of every sample."""
+    base = Path(tempfile.gettempdir()).resolve()
+    if uid is None or _traversable(base):
+        return str(base)
+    for shared in (Path("/tmp"), Path("/var/tmp")):
+        if shared.is_dir() and _traversable(shared) and shared.stat().st_mode & 0o1000:  # world-writable, sticky
+            return str(shared)
+    raise RecipeError(f"eval.sandbox: the samples' user cannot reach the temporary directory {base} (a parent is "
+                      "not world-searchable); set TMPDIR to a directory like /tmp")
+
+
 def _run_one(program: str, level: str, limits: Limits, slot: int) -> Outcome:
     python, own_uid = _interpreter()
     uid = _UID_BASE + slot if own_uid else None
-    root = Path(tempfile.mkdtemp(prefix="finetune-sandbox-"))
+    root = Path(tempfile.mkdtemp(prefix="finetune-sandbox-", dir=_scratch_base(uid)))
     try:
         root.chmod(0o711)  # the sample's uid may pass through to its working directory, nothing more
         workdir = root / "work"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,6 +48,11 @@ def test_strict_level_runs_ordinary_code():
 def test_hostile_samples_all_fail_and_leave_nothing_behind(tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
+    # This test's own temporary directory (under TMPDIR, searchable by the samples' uid): nothing another run
+    # made is looked at.
+    private_tmp = Path(tempfile.mkdtemp(prefix="sandbox-test-"))
+    private_tmp.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     monkeypatch.setenv("FINETUNE_TEST_SECRET", "s3cr3t-value")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -90,12 +96,40 @@ def test_hostile_samples_all_fail_and_leave_nothing_behind(tmp_path, monkeypatch
 
     results = {name: outcome for name, outcome in zip(hostile, outcomes)}
     assert not [name for name, o in results.items() if o.passed], results
+    # Each sample fails for its own reason, not by running into the timeout: dropping one limit or one
+    # isolation step changes that sample's reason, and this fails.
+    reasons = {
+        "infinite loop": ("killed after",),
+        "memory hog": ("MemoryError",),
+        "write outside": ("PermissionError", "Read-only file system", "FileNotFoundError"),
+        "os.system": ("AssertionError",),
+        "network": ("ConnectionRefusedError", "Network is unreachable"),
+        "environment secret": ("KeyError: 'FINETUNE_TEST_SECRET'",),
+        "sys.exit(0) before the tests": ("SystemExit: 0",),
+        "os._exit(0) before the tests": ("exited before the tests finished",),
+        "fake verdict on stdout": ("exited before the tests finished",),
+        "fork bomb": ("BlockingIOError", "Resource temporarily unavailable"),
+    }
+    wrong = {name: results[name].detail for name, words in reasons.items()
+             if not any(w in results[name].detail for w in words)}
+    assert not wrong, wrong
     assert results["infinite loop"].status == "timeout"
+    assert [name for name, o in results.items() if o.status == "timeout"] == ["infinite loop"]
     assert list(outside.iterdir()) == []
     assert accepted == []
     time.sleep(0.2)
     assert _processes_with(marker) == []
-    assert not list(Path("/tmp").glob("finetune-sandbox-*"))
+    assert list(private_tmp.iterdir()) == []  # the sandbox's scratch directories are gone
+    private_tmp.rmdir()
+
+
+@strict_available
+def test_a_private_tmpdir_the_samples_cannot_reach_is_not_a_silent_failure(tmp_path, monkeypatch):
+    private = tmp_path / "private"  # pytest's directories are 0700: another uid cannot pass through
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    outcomes = sandbox.run_programs(["assert 1 + 1 == 2", "assert False"], "strict", LIMITS)
+    assert [o.passed for o in outcomes] == [True, False], outcomes
 
 
 def test_basic_level_still_scrubs_the_environment_and_owns_the_verdict(monkeypatch):
