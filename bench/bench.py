@@ -57,19 +57,18 @@ def flops_per_token(recipe_path: str, overrides: list[str]) -> tuple[float, dict
     """
     import torch
 
+    from finetune.data import token_lengths
+    from finetune.session import open_session
     from finetune.validation import load_recipe
-    from finetune.runner import load_session_model, open_session
 
     recipe = load_recipe(recipe_path, overrides)
     session = open_session(recipe, splits=("train",))
-    load_session_model(session)
     model = session.model
     frozen = sum(m.weight.numel() for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.get_base_model().config
-    lengths = [len(ids) for ids in session.features["train"].dataset["input_ids"]]
-    mean_length = sum(lengths) / len(lengths)
+    mean_length = float(token_lengths(session.features["train"].dataset).mean())
     attention = 12 * config.num_hidden_layers * mean_length * config.hidden_size
     per_token = 4 * frozen + 6 * trainable + attention
     return per_token, {"frozen_matmul_params": frozen, "trainable_params": trainable,

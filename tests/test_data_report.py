@@ -77,3 +77,13 @@ def test_generation_report_shows_the_loss_mask(tiny_models, write_recipe, tmp_pa
     prompt, trained = rendered.split("⟦")
     assert rows[0]["prompt"].split()[0] in prompt and rows[0]["completion"].split()[0] in trained
     assert trained.endswith("⟧") and example["trained_tokens"] < example["tokens"]
+
+
+def test_a_hash_collision_is_not_a_duplicate(monkeypatch):
+    import numpy as np
+
+    from finetune import data_report
+
+    texts = pa.chunked_array([["alpha beta gamma", "delta epsilon zeta", "alpha beta gamma"]])
+    monkeypatch.setattr(data_report, "text_hashes", lambda values: np.zeros(len(values), dtype=np.uint64))
+    assert data_report.exact_duplicates(texts) == [(0, 2)]  # every hash equal: only the equal texts count
