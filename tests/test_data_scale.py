@@ -58,7 +58,9 @@ def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, w
 
     entry = FeatureCache(None).root / second.cache_note.removesuffix(")").split()[-1]
     damaged = next(entry.glob("train-features*.arrow"))
-    damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # one flipped byte in the token ids: still a readable Arrow file
+    damaged.write_bytes(bytes(content))
     third, rebuilt = _features(path)
     assert "damaged" in third.cache_note and rebuilt == built
     fourth, _ = _features(path)
