@@ -170,6 +170,7 @@ def test_validate_command(tiny_models, topic_data, write_recipe, tmp_path):
     assert bad.exit_code == 2
 
 
+@pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_no_traceback_in_a_real_process(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: classification\nmodel: {name_or_path: x}\ndata: {train: a.jsonl, eval: b.jsonl}\nlora: {rank: 4}\n")

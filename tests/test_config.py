@@ -101,6 +101,7 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_every_shipped_recipe_validates(monkeypatch):
     import re
     from pathlib import Path

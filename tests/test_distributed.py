@@ -6,8 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import classification_recipe
 from finetune.launch import free_port
+
+# Subprocesses, signals and kill -9: `make test` runs these, the fast loop (`-m "not slow"`) does not.
+pytestmark = pytest.mark.slow
 
 
 def isolated_env(tmp_path: Path) -> dict:

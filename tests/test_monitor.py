@@ -77,6 +77,7 @@ def test_keep_best_with_early_stopping(tiny_models, topic_data, write_recipe, tm
     assert len(list((out / "evals").iterdir())) == 1
 
 
+@pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_kill_9_during_a_run_with_evaluation_and_early_stopping_resumes_exactly(tiny_models, topic_data,
                                                                                  write_recipe, tmp_path):
     def recipe(name):

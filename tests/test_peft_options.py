@@ -80,6 +80,7 @@ def test_pissa_and_olora_adapters_apply_to_the_unchanged_base(init, tiny_models,
     assert json.loads(evaluated.output)["metrics"]["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_dora_and_loraplus_resume_exactly_after_kill_9(tiny_models, topic_data, write_recipe, tmp_path):
     def recipe(name):
         r = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=2, checkpoint_every=3,

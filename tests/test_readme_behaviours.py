@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import gzip
 import json
 
@@ -97,6 +99,7 @@ def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_
     assert refused.exit_code == 3 and "has no chat template" in refused.output
 
 
+@pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_resume_accepts_the_run_directory(pair):
     from test_resume import adapter_bytes, killed_run
 

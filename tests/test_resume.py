@@ -21,6 +21,9 @@ from finetune.cli import app
 
 runner = CliRunner()
 
+# Subprocesses, signals and kill -9: `make test` runs these, the fast loop (`-m "not slow"`) does not.
+pytestmark = pytest.mark.slow
+
 # Runs `finetune ARGS` and SIGKILLs itself: at the N-th optimizer step, after the
 # forward and backward passes and before the update ("step"), or while writing
 # the checkpoint of step N, after its tensors and before the rest ("checkpoint").
