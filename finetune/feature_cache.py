@@ -117,16 +117,14 @@ class FeatureCache:
                     raise ValueError(f"{name} does not match its checksum")
             with open(self.entry / "extras.pkl", "rb") as handle:
                 extras = pickle.load(handle)
-            features = {split: Features(_open(self.entry, files["features"]), _open(self.entry, files["rows"]),
-                                        **extras["features"][split])
-                        for split, files in manifest["splits"].items()}
+            loaded = self._reopen(self.entry, manifest, extras)
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("feature cache entry %s was damaged (%s); rebuilding it", self.entry, exc)
             self.note = f"entry {self.key} was damaged ({exc}); rebuilt"
             _remove(self.entry)
             return None
         self.note = f"reused tokenised features (entry {self.key})"
-        return CachedData(features, extras["state"], extras["overlap"])
+        return loaded
 
     def workdir(self) -> Path:
         """A fresh directory to build in: beside the entry (so publishing is a rename), or a temporary one."""
