@@ -136,3 +136,16 @@ def test_jsonl_through_arrow_keeps_types_and_long_rows(tmp_path):
     with pytest.raises(DataError, match="not a readable gzip file"):
         (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
         load_table(str(tmp_path / "broken.jsonl.gz"), "data.train")
+
+
+@pytest.mark.parametrize("max_length, stride", [(24, 4), (32, 12), (64, 20)])
+def test_qa_lengths_come_from_the_windows_exactly(max_length, stride, tiny_models):
+    from finetune.tasks import qa_spans
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    context = " ".join(corpus(40)[i]["text"] for i in range(40))
+    for words in (3, 10, 40, 120, 400):
+        question, text = "which team won the match", " ".join(context.split()[:words])
+        report = qa_spans.windows([question], [text], tokenizer, max_length, stride, "data.train").report
+        whole = len(tokenizer(question, text, truncation=False)["input_ids"])  # one example: max is its length
+        assert report.percentiles["max"] == whole and report.truncated == int(whole > max_length)

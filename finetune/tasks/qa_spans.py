@@ -51,18 +51,24 @@ def windows(questions: list[str], contexts: list[str], tokenizer, max_length: in
             f"{split}: row {too_long[0] + 1}: the question takes {question_lengths[too_long[0]]} tokens, more than half "
             f"of data.max_length={max_length}; shorten it or raise max_length"
         )
-    single = tokenizer(questions, contexts, truncation=False)["input_ids"]
-    report = LengthReport.from_lengths(split, [len(ids) for ids in single], max_length)
-    report.truncated = sum(len(ids) > max_length for ids in single)  # split into windows, not cut
     encoded = tokenizer(
         questions, contexts, truncation="only_second", max_length=max_length, stride=stride,
         return_overflowing_tokens=True, return_offsets_mapping=True,
     )
     offsets, cls_index = [], []
+    context_tokens = [0] * len(questions)  # each example's whole context, counted from its windows
     for window, ids in enumerate(encoded["input_ids"]):
         sequence = encoded.sequence_ids(window)
         offsets.append([tuple(o) if s == 1 else None for o, s in zip(encoded["offset_mapping"][window], sequence)])
         cls_index.append(ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0)
+        example = encoded["overflow_to_sample_mapping"][window]
+        # A window after the first starts `stride` tokens before the end of the one before it.
+        context_tokens[example] += sum(1 for s in sequence if s == 1) - (stride if context_tokens[example] else 0)
+    # The untruncated length without tokenising again: question + whole context + the pair's special tokens.
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [q + c + specials for q, c in zip(question_lengths, context_tokens)]
+    report = LengthReport.from_lengths(split, lengths, max_length)
+    report.truncated = sum(n > max_length for n in lengths)  # split into windows, not cut
     if report.truncated:
         report.notes.append(
             f"{report.truncated} context(s) longer than max_length are read in {len(offsets)} overlapping windows "
