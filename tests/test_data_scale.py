@@ -28,8 +28,10 @@ TEXTS = ["short", "", "a much longer text " * 20, "héllo wörld\nnew line  spac
 
 @pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])
 @pytest.mark.parametrize("max_length", [4, 16, 64])
-def test_one_pass_truncation_equals_the_tokenizers(kind, max_length, tiny_models):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_one_pass_truncation_equals_the_tokenizers(kind, max_length, side, tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    tokenizer.truncation_side = side
     truncate = Truncation(tokenizer, max_length)
     assert truncate.backend is not None  # the fast path is the one under test
     encoded, lengths = truncate(TEXTS)

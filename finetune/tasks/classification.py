@@ -179,7 +179,7 @@ class Truncation:
         if tokenizer.is_fast and all(key in self.FIELDS for key in self.keys):
             self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
             self.backend.no_padding()
-            self.backend.enable_truncation(max_length)
+            self.backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
             self.specials = self.backend.num_special_tokens_to_add(False)
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> tuple[dict, list[int]]:
