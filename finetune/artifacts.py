@@ -183,14 +183,19 @@ def watermark_section(recipe, document: dict) -> list[str]:
     mark = recipe.eval.watermark
     if mark is None:
         return []
-    false_positives = 0.5 * math.erfc(mark.z_threshold / math.sqrt(2))
     detected = document["metrics"].get("watermark_detected")
+    false_positives = 0.5 * math.erfc(mark.z_threshold / math.sqrt(2))  # the one-sided normal tail
+    if mark.method == "synthid":
+        how = (f"synthid: tournament sampling with {mark.depth} layers, contexts of {mark.ngram_len - 1} tokens; "
+               "detected by the z-score of the mean g-value")
+    else:
+        how = (f"kirchenbauer: green-list ratio {mark.greenlist_ratio:g}, bias {mark.bias:g} added to green logits, "
+               f"context {mark.context_width} token; detected by the z-score of the green-token count")
     return [
         "## Watermark",
         "",
-        f"Every generation is watermarked ({mark.method}: green-list ratio {mark.greenlist_ratio:g}, bias "
-        f"{mark.bias:g} added to green logits, context {mark.context_width} token). `finetune detect` flags a text "
-        f"when its z-score exceeds {mark.z_threshold:g} (false-positive rate about {false_positives:.1e} on "
+        f"Every generation is watermarked ({how}). `finetune detect` flags a text when its z-score exceeds "
+        f"{mark.z_threshold:g} (false-positive rate about {false_positives:.1e} on "
         f"unwatermarked text)" + (f"; it flagged {detected:.0%} of this run's evaluation outputs." if detected is not None else "."),
         "The key is in `adapter/watermark.key` (readable by its owner only); whoever holds it can detect, and forge, "
         "the mark. Quality cost: `finetune eval RUN eval.watermark=null` scores the same model unwatermarked.",

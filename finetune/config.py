@@ -7,7 +7,7 @@ recipe and, for a misspelt key, the nearest valid name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -180,18 +180,31 @@ class TrainSection(Section):
 
 class WatermarkSection(Section):
     method: Literal["kirchenbauer", "synthid"] = Field(
-        "kirchenbauer", description="kirchenbauer: transformers' green-list watermark (Kirchenbauer et al. 2023)."
+        "kirchenbauer", description="kirchenbauer: transformers' green-list watermark (Kirchenbauer et al. 2023); "
+        "synthid: transformers' SynthID Text tournament sampling (Dathathri et al. 2024; needs eval.temperature > 0)."
     )
     key: int | Literal["<redacted>"] = Field(
-        description="The secret that seeds the green lists; a run keeps it in adapter/watermark.key (mode 0600), "
-        "never in recipe.yaml, the manifest, logs or the model card."
+        description="The secret that seeds the green lists (kirchenbauer) or the tournament keys (synthid); a run keeps "
+        "it in adapter/watermark.key (mode 0600), never in recipe.yaml, the manifest, logs or the model card."
     )
-    greenlist_ratio: float = Field(0.25, gt=0, lt=1, description="Fraction of the vocabulary that is green at each step.")
-    bias: float = Field(2.0, gt=0, description="Added to the green tokens' logits: the watermark's strength.")
-    context_width: int = Field(1, gt=0, description="Previous tokens that seed each step's green list.")
+    greenlist_ratio: float = Field(0.25, gt=0, lt=1, description="kirchenbauer: fraction of the vocabulary that is "
+                                   "green at each step.")
+    bias: float = Field(2.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength.")
+    context_width: int = Field(1, gt=0, description="kirchenbauer: previous tokens that seed each step's green list.")
+    ngram_len: int = Field(5, ge=2, description="synthid: each token's g-values are seeded by the ngram_len - 1 tokens "
+                           "before it.")
+    depth: int = Field(30, gt=0, le=64, description="synthid: tournament layers (one derived key each): more layers, a "
+                       "stronger mark at the same distortion.")
     # 3.0: a false-positive rate of about 1e-3 on unmarked text; at 4.0 greedy 64-token outputs of a fine-tuned
     # SmolLM2 were detected only 79% of the time with the default bias (measured; README "Watermarks").
-    z_threshold: float = Field(3.0, gt=0, description="A text is flagged when its green-token z-score exceeds this.")
+    z_threshold: float = Field(3.0, gt=0, description="A text is flagged when its z-score (green tokens, or synthid's "
+                               "mean g-value) exceeds this.")
+
+    # Which settings belong to which method: a setting of the other method is an error, never ignored.
+    METHOD_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kirchenbauer": ("greenlist_ratio", "bias", "context_width"),
+        "synthid": ("ngram_len", "depth"),
+    }
 
 
 class EvalSection(Section):
@@ -422,7 +435,12 @@ def flat_settings(recipe: Recipe) -> dict:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML; the watermark key never leaves the adapter's key file."""
     data = recipe.model_dump(mode="json")
-    if data["eval"].get("watermark"):
+    mark = recipe.eval.watermark
+    if mark is not None:
         data["eval"]["watermark"]["key"] = REDACTED
+        for method, keys in mark.METHOD_KEYS.items():  # only the settings the method uses
+            if method != mark.method:
+                for key in keys:
+                    data["eval"]["watermark"].pop(key)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

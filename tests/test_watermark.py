@@ -1,4 +1,4 @@
-"""Watermarked generation and its detection (transformers' green-list watermark) with the run's key."""
+"""Watermarked generation and its detection (transformers' green-list and SynthID watermarks) with the run's key."""
 
 from __future__ import annotations
 
@@ -25,17 +25,21 @@ def detected(result) -> list[bool]:
     return [r["watermarked"] for r in json.loads(result.stdout)["rows"]]
 
 
-@pytest.fixture(scope="module")
-def marked_run(tiny_models, tmp_path_factory):
+# synthid marks through sampling: its runs sample at temperature 0.7 (the unmarked comparison too).
+METHODS = {"kirchenbauer": {}, "synthid": {"temperature": 0.7}}
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def marked_run(request, tiny_models, tmp_path_factory):
     import yaml
 
-    root = tmp_path_factory.mktemp("watermark")
+    root = tmp_path_factory.mktemp(f"watermark-{request.param}")
     rows = copy_rows(40)
     data = {"train": write_jsonl(root / "train.jsonl", rows[:24]), "eval": write_jsonl(root / "eval.jsonl", rows[24:])}
     # A barely trained model: its outputs have the entropy a watermark needs (a saturated tiny model has none).
     recipe = generation_recipe("copywriting", tiny_models["llama"], data, root / "run",
-                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48})
-    recipe["eval"]["watermark"] = {"key": KEY}
+                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48, **METHODS[request.param]})
+    recipe["eval"]["watermark"] = {"method": request.param, "key": KEY}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = invoke("run", path, f"eval.watermark.key={KEY}")  # also on the command line: the manifest records it
@@ -53,7 +57,14 @@ def test_generations_are_marked_and_the_key_stays_secret(marked_run):
         if file.is_file() and file.name != "watermark.key" and "checkpoints" not in file.parts:
             assert str(KEY).encode() not in file.read_bytes(), file
     assert "key: <redacted>" in (marked_run / "recipe.yaml").read_text()
-    assert "## Watermark" in (marked_run / "README.md").read_text()
+    card = (marked_run / "README.md").read_text()
+    assert "## Watermark" in card and recipe_method(marked_run) in card
+
+
+def recipe_method(run) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "recipe.yaml").read_text())["eval"]["watermark"]["method"]
 
 
 def test_detect_flags_marked_text_and_not_human_or_unmarked_text(marked_run, tmp_path):
@@ -90,3 +101,35 @@ def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
     assert invoke("run", write_recipe(recipe)).exit_code == 0
     refused = invoke("detect", tmp_path / "cls", "--json", input='{"prediction": "some text here"}\n')
     assert refused.exit_code == 2 and "no watermark key" in refused.output
+    for settings, message in [
+        ({"method": "synthid", "key": 1}, "synthid marks text through sampling; set eval.temperature above 0"),
+        ({"method": "synthid", "key": 1, "bias": 4.0}, "eval.watermark.bias: a kirchenbauer setting; method synthid"),
+        ({"key": 1, "ngram_len": 4}, "eval.watermark.ngram_len: a synthid setting; method kirchenbauer"),
+    ]:
+        recipe = generation_recipe("copywriting", tiny_models["llama"], topic_data, tmp_path / "gen",
+                                   eval={"watermark": settings})
+        result = invoke("validate", write_recipe(recipe, "wm.yaml"))
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_synthid_detection_is_a_calibrated_z_test(tiny_models):
+    """On text it did not mark, the mean g-value's z-score behaves like a standard normal: the false-positive
+    rate the card states is the one users get (marked text is detected in the run tests above)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune.config import WatermarkSection
+    from finetune.watermark import Detector
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    config = AutoConfig.from_pretrained(tiny_models["llama"])
+    detector = Detector(tokenizer, config, WatermarkSection(method="synthid", key=KEY))
+    generator = torch.Generator().manual_seed(0)
+    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    z_scores = []
+    for _ in range(300):
+        ids = [vocab[i] for i in torch.randint(len(vocab), (64,), generator=generator).tolist()]
+        z_scores.append(detector._score_synthid(ids).z_score)
+    z = torch.tensor(z_scores)
+    assert abs(float(z.mean())) < 0.25 and 0.8 < float(z.std()) < 1.2
+    assert float((z > 3.0).float().mean()) <= 0.02
