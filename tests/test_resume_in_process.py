@@ -1,0 +1,71 @@
+"""Exact resume inside one process: a stop asked for at step N checkpoints and exits 75, and `--resume auto`
+then gives the adapter bytes and the losses of an uninterrupted run.
+
+test_resume.py proves the same across kill -9 in real subprocesses (slow tier); this one runs in the fast
+tier and in-process, so mutation testing (tests/README.md) sees checkpoint.py's save, verify and restore.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import classification_recipe
+from finetune import train
+from finetune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def adapter_bytes(run_dir) -> bytes:
+    return (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())]
+
+
+def stop_at_step(monkeypatch, step: int) -> None:
+    """Ask the loop to stop (as SIGTERM would) at optimizer step `step`, in this process."""
+    original, calls = train.NonFiniteGuard.check, [0]
+
+    def check(self, grad_norm, stop, progress):
+        calls[0] += 1
+        if calls[0] == step:
+            stop.received = signal.SIGTERM
+        return original(self, grad_norm, stop, progress)
+
+    monkeypatch.setattr(train.NonFiniteGuard, "check", check)
+
+
+@pytest.mark.parametrize("kind, stop_step", [("gpt2", 5), ("bert", 10)])
+def test_a_stopped_run_resumes_to_the_same_adapter_bytes(kind, stop_step, monkeypatch, tiny_models, topic_data,
+                                                         write_recipe, tmp_path):
+    # Dropout on (random masks to restore), accumulation over 2 batches, 2 epochs of 8 steps.
+    settings = dict(checkpoint_every=3, keep_checkpoints=2, grad_accum=2, log_every=1)
+    whole_recipe = write_recipe(classification_recipe(tiny_models[kind], topic_data, tmp_path / "whole", **settings),
+                                "whole.yaml")
+    stopped_recipe = write_recipe(classification_recipe(tiny_models[kind], topic_data, tmp_path / "stopped", **settings),
+                                  "stopped.yaml")
+    assert invoke("run", whole_recipe).exit_code == 0
+
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, stop_step)
+        stopped = invoke("run", stopped_recipe)
+    assert stopped.exit_code == 75, stopped.output
+    assert f"step-{stop_step:08d}" in stopped.output
+    assert not (tmp_path / "stopped" / "adapter").exists()
+
+    resumed = invoke("run", stopped_recipe, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    metrics = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert metrics["training"]["resumed_from"].endswith(f"step-{stop_step:08d}")
+    assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "whole")
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
