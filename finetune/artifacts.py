@@ -203,7 +203,9 @@ def watermark_section(recipe, document: dict) -> list[str]:
     ]
 
 
-def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict) -> None:
+def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict,
+                     data_findings: list[str]) -> None:
+    """README.md of the run: metrics, gates, data (files, lengths, the data report's findings), training, use."""
     lines = [
         f"# {run.path.name}",
         "",
@@ -235,8 +237,10 @@ def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, report
             f"{pct.get('p50', '-')} / {pct.get('p95', '-')} / {pct.get('max', '-')} |"
         )
     notes = [f"- {split}: {note}" for split, r in reports.items() for note in r.get("notes", [])]
+    notes += [f"- data report: {finding}" for finding in data_findings]
     if notes:
         lines += ["", *notes]
+    lines += ["", "Duplicates, train/eval overlap, label balance and lengths in full: `data_report.json`."]
     lora, train = recipe.lora, recipe.train
     lines += watermark_section(recipe, document)
     lines += [

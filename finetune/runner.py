@@ -120,7 +120,8 @@ def run(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: str 
         artifacts.write_jsonl(run_dir.predictions, rows)
         artifacts.write_json(run_dir.metrics, document)
         artifacts.write_pictures(run_dir, document)
-        artifacts.write_model_card(run_dir, recipe, document, manifest, session.reports())
+        artifacts.write_model_card(run_dir, recipe, document, manifest, session.reports(),
+                                     data_report.warnings(report))
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()

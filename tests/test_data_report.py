@@ -64,6 +64,9 @@ def test_data_report_and_on_overlap(tiny_models, write_recipe, tmp_path, monkeyp
     written = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert written["train_eval_overlap"]["dropped_train_rows"] == 3
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["train"]["rows"] == 125 - 3
+    card = (tmp_path / "run" / "README.md").read_text()  # the model card carries the report's findings
+    assert "- data report: 2 eval row(s) duplicate training rows exactly, 1 nearly (data.on_overlap: drop)" in card
+    assert "near duplicate(s) inside data.train" in card
 
 
 def test_generation_report_shows_the_loss_mask(tiny_models, write_recipe, tmp_path):
