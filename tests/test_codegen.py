@@ -100,11 +100,12 @@ def test_without_both_opt_ins_nothing_runs(problems, tmp_path, monkeypatch):
 
 def test_exact_match_where_no_tests_exist(tmp_path):
     rows = [{"prompt": "def f():\n", "completion": "    return 1\n", "prediction": "    return 1"},
-            {"prompt": "def g():\n", "completion": "    return 2\n", "prediction": "    return 3\n"}]
+            {"prompt": "def g():\n", "completion": "    return 2\n", "prediction": "    return 3\n"},
+            {"prompt": "def h():\n", "completion": "    return 4\n", "prediction": "    return 4\n\n"}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["metrics"] == {"exact_match": 0.5}
+    assert json.loads(result.stdout)["metrics"] == {"exact_match": pytest.approx(2 / 3)}  # 2 of 3 match
 
 
 TOY_TRAIN = [

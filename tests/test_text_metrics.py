@@ -14,7 +14,7 @@ from finetune.tasks.copywriting import distinct_n, text_metrics
 from tests.conftest import write_jsonl
 
 ROWS = [
-    {"prompt": "p1", "completion": "The cat sat on the mat.", "prediction": "the cat sat"},
+    {"prompt": "p1", "completion": "The cat sat on the mat.", "prediction": "the cats sat"},  # cats: stemmed to cat
     {"prompt": "p2", "completion": "Running shoes that run as far as you do", "prediction": "Shoes that ran far with you"},
     {"prompt": "p3", "completion": "Fresh coffee, every morning", "prediction": ""},
 ]
@@ -27,6 +27,9 @@ def test_hand_computed_values():
     assert m["mean_length"] == 3
     assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
     assert distinct_n(["a", ""], 2) == 0.0
+    # n-grams counted over every prediction: (a b), (a b), (b c) -> 2 distinct of 3
+    assert distinct_n(["a b", "A B c"], 2) == pytest.approx(2 / 3)
+    assert text_metrics(["a b", "a b c"], ["x", "y"])["distinct_2"] == pytest.approx(2 / 3)
 
 
 def test_equal_to_rouge_score_and_sacrebleu_on_the_same_rows(tmp_path):
@@ -41,7 +44,9 @@ def test_equal_to_rouge_score_and_sacrebleu_on_the_same_rows(tmp_path):
         assert metrics[name] == pytest.approx(expected, abs=1e-12)
     bleu = sacrebleu.corpus_bleu([r["prediction"] for r in ROWS], [[r["completion"] for r in ROWS]]).score / 100
     assert metrics["bleu"] == pytest.approx(bleu, abs=1e-12)
-    assert metrics["rouge1"] > 0.3  # "ran" stems to "run": the stemmer is on
+    unstemmed = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    plain = sum(unstemmed.score(r["completion"], r["prediction"])["rouge1"].fmeasure for r in ROWS) / len(ROWS)
+    assert metrics["rouge1"] > plain  # "cats" matches "cat" only through the stemmer: it is on
 
 
 def test_missing_reference_field_is_a_data_error(tmp_path):
