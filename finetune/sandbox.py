@@ -197,11 +197,14 @@ def _run_one(program: str, level: str, limits: Limits, slot: int) -> Outcome:
         if level == "strict":
             command = _bubblewrap_command(workdir) + command
         with open(output, "wb") as stdout, open(root / "stderr", "wb") as stderr:
-            process = subprocess.Popen(
-                command, cwd=workdir, env=_clean_environment(workdir), stdin=subprocess.PIPE,
-                stdout=stdout, stderr=stderr, start_new_session=True,
-                user=uid, group=uid, extra_groups=[] if uid is not None else None,
-            )
+            try:
+                process = subprocess.Popen(
+                    command, cwd=workdir, env=_clean_environment(workdir), stdin=subprocess.PIPE,
+                    stdout=stdout, stderr=stderr, start_new_session=True,
+                    user=uid, group=uid, extra_groups=[] if uid is not None else None,
+                )
+            except OSError as error:  # the sandbox itself cannot start: the sample fails, nothing runs unconfined
+                return Outcome(False, "failed", f"could not start {command[0]}: {error}")
             try:
                 process.stdin.write((token + "\n").encode())
                 process.stdin.close()

@@ -161,6 +161,18 @@ def test_strict_level_fails_closed_without_bubblewrap(monkeypatch):
     sandbox.check_level("basic")  # an explicit choice of the weaker level is allowed
 
 
+def test_strict_level_fails_closed_when_bubblewrap_cannot_run(monkeypatch, tmp_path):
+    """bwrap is installed but cannot create namespaces (a container without user namespaces), or cannot be
+    started at all: refused with the reason before any sample runs, never a fall back to the basic level."""
+    monkeypatch.setattr(sandbox, "_bubblewrap_command", lambda workdir: [
+        "/bin/sh", "-c", "echo 'bwrap: No permissions to create new namespace' >&2; exit 1", "sh"])
+    with pytest.raises(RecipeError, match="cannot create its namespaces here .*No permissions to create new namespace"):
+        sandbox.check_level("strict")
+    monkeypatch.setattr(sandbox, "_bubblewrap_command", lambda workdir: [str(tmp_path / "no-such-bwrap")])
+    with pytest.raises(RecipeError, match="cannot create its namespaces here .*could not start"):
+        sandbox.check_level("strict")
+
+
 def test_samples_run_in_parallel():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core")

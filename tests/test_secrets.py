@@ -50,3 +50,16 @@ def test_an_error_message_is_redacted(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2  # the model directory is missing: a recipe problem (the data file too)
     assert "s3cr3t-value-xyz" not in result.output and REDACTED in result.output
+
+
+def test_log_records_are_redacted_and_still_emitted(monkeypatch, caplog):
+    import logging
+
+    from finetune.secrets import RedactingFilter
+
+    monkeypatch.setenv("SERVICE_API_KEY", "plainvalue123")
+    logger = logging.getLogger("finetune.test-redaction")
+    logger.addFilter(RedactingFilter())
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("calling with %s", "plainvalue123")
+    assert [r.getMessage() for r in caplog.records] == ["calling with <redacted>"]
