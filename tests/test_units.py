@@ -138,3 +138,17 @@ def test_family_of_config(config, family):
 ])
 def test_gates_that_can_never_pass(gate, possible):
     assert parse_gate(gate).can_pass_within(0.0, 1.0) is possible
+
+
+@pytest.mark.parametrize("precision, native_bf16, expected", [
+    ("auto", True, {"attn_implementation": "eager"}),  # bf16 on this CPU: eager (CPU flash backward is slow)
+    ("bf16", True, {"attn_implementation": "eager"}),
+    ("auto", False, {}),  # fp32 here: transformers' default
+    ("fp32", True, {}),
+])
+def test_attention_implementation_follows_the_precision(monkeypatch, precision, native_bf16, expected):
+    from finetune import session, train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(session, "has_accelerator_device", lambda: False)
+    assert session.attention_kwargs(recipe(precision=precision)) == expected
