@@ -60,6 +60,8 @@ def show_plan(console: Console, session: Session, world_size: int, output_note: 
     table.add_column()
     table.add_row("task", recipe.task)
     table.add_row("model", f"{recipe.model.name_or_path}  ({session.family.name} family, {session.family.architecture})")
+    base_dropout = "the checkpoint's own" if recipe.model.dropout is None else f"{recipe.model.dropout:g}"
+    table.add_row("base dropout", f"{base_dropout} (model.dropout)")
     lora = recipe.lora
     method = ["DoRA" if lora.use_dora else "LoRA", *(["rsLoRA scaling"] if lora.use_rslora else []),
               *([f"{lora.init} init"] if lora.init != "default" else [])]

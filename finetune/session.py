@@ -142,6 +142,19 @@ def attention_kwargs(recipe: Recipe) -> dict[str, str]:
     return {}
 
 
+def dropout_kwargs(recipe: Recipe, model_path: str) -> dict[str, float]:
+    """`model.dropout`: every dropout probability in the base model's config set to one value (null: keep them).
+
+    The names differ by architecture (BERT's hidden_dropout_prob, GPT-2's attn_pdrop, BART's attention_dropout),
+    so they are read from the config; from_pretrained applies them before building the modules.
+    """
+    if recipe.model.dropout is None:
+        return {}
+    config = load_config(model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    return {name: recipe.model.dropout for name, value in config.to_dict().items()
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name)}
+
+
 def load_task_model(recipe: Recipe, task: Task, family: FamilySpec, model_path: str, tokenizer: PreTrainedTokenizerBase,
                     state: Mapping[str, Any], *, adapter_dir: Path | None = None,
                     with_lora: bool = True) -> tuple[PeftModel | PreTrainedModel, tuple[str, ...]]:
@@ -154,6 +167,7 @@ def load_task_model(recipe: Recipe, task: Task, family: FamilySpec, model_path: 
         trust_remote_code=recipe.model.trust_remote_code,
         **task.model_kwargs(dict(state)),
         **attention_kwargs(recipe),
+        **(dropout_kwargs(recipe, model_path) if with_lora and adapter_dir is None else {}),
         quantization_config=quantization_config(recipe.distributed.quantization),
     )
     task.prepare_model(model, tokenizer, family)
@@ -246,7 +260,7 @@ def training_collator(session: Session):
     """The task's padding collator, or one-row packing (train.packing; validation allows it only where it applies)."""
     if session.recipe.train.packing:
         return PackedCollator()
-    return session.task.collate(session.tokenizer)
+    return session.task.collate(session.tokenizer, session.recipe.data.max_length)
 
 
 # Generation is slow: evaluations during training score this many rows unless eval.during_max_samples says otherwise.

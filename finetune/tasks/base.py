@@ -120,7 +120,8 @@ class Task:
         """`workdir`: where large outputs may be written as Arrow files (the feature cache's entry), else memory."""
         raise NotImplementedError
 
-    def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
+    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> Callable[[list[dict]], dict]:
+        """Batches of features; `max_length` (data.max_length) bounds any extra padding a collator adds."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ evaluation

@@ -17,6 +17,8 @@ from finetune.errors import DataError
 from finetune.tasks.base import Features, Task
 from finetune.evaluation import eval_loader
 
+BATCH_WIDTH_MULTIPLE = 32  # padded batch widths come in multiples of this (see collate)
+
 
 def _label_key(label) -> str:
     """Labels compare as text, so 3 in one file and "3" in another are the same class."""
@@ -84,11 +86,15 @@ class ClassificationTask(Task):
             rows, features = rows.select(keep), features.select(keep)
         return Features(features, rows, report)
 
-    def collate(self, tokenizer):
+    def collate(self, tokenizer, max_length=None):
         from transformers import DataCollatorWithPadding
 
         tokenizer.padding_side = "right"
-        return DataCollatorWithPadding(tokenizer)
+        # Widths rounded up to a multiple of 32 (never past max_length): length-grouped batches then come in a few
+        # shapes instead of dozens, and the CPU allocator and oneDNN's primitive cache stop growing with each new
+        # shape (peak RSS 2.2 -> 1.35 GB over 60 MiniLM steps at the same speed; bench/README.md).
+        multiple = BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -96,7 +102,7 @@ class ClassificationTask(Task):
         labeled = "labels" in features.dataset.column_names
         logits_parts, label_parts = [], []
         model.eval()
-        for batch in eval_loader(features.dataset, self.collate(tokenizer), recipe.eval_batch_size, accelerator):
+        for batch in eval_loader(features.dataset, self.collate(tokenizer, recipe.data.max_length), recipe.eval_batch_size, accelerator):
             labels = batch.pop("labels", None)
             with accelerator.autocast():
                 logits = model(**batch).logits.float()

@@ -60,7 +60,7 @@ class GenerationTask(Task):
         dataset = encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
         return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
 
-    def collate(self, tokenizer):
+    def collate(self, tokenizer, max_length=None):
         return PadCollator(tokenizer)
 
     # ------------------------------------------------------------ evaluation

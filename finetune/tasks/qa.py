@@ -153,7 +153,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             )
         return Features(Dataset.from_dict(columns), rows, report, windows=windows)
 
-    def collate(self, tokenizer):
+    def collate(self, tokenizer, max_length=None):
         from transformers import DataCollatorWithPadding
 
         tokenizer.padding_side = "right"
