@@ -164,3 +164,21 @@ def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, wri
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2
     assert "pass@5 needs at least 5 samples" in result.output and "temperature" in result.output
+
+
+def test_the_recipe_time_limit_reaches_the_sandbox(monkeypatch):
+    """eval.timeout_s is the limit each sample runs under (a 3 s sample under a 1 s limit times out, and the
+    pass@k row says why), and a passing sample's result is plain `passed`."""
+    from finetune.config import EvalSection
+    from finetune.tasks.codegen import CodegenTask
+
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+    rows = [{"prompt": "def f():\n", "prediction": "    import time\n    time.sleep(3)\n    return 1\n",
+             "test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f", "task_id": "slow"},
+            {"prompt": "def g():\n", "prediction": "    return 2\n",
+             "test": "def check(candidate):\n    assert candidate() == 2\n", "entry_point": "g", "task_id": "fast"}]
+    settings = EvalSection(execute_code=True, sandbox="basic", timeout_s=1.0)
+    metrics = CodegenTask().compute_metrics(rows, settings)["metrics"]
+    assert metrics["pass@1"] == 0.5
+    assert rows[0]["result"].startswith("timeout: killed after 1 s")
+    assert rows[1]["result"] == "passed"
