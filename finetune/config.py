@@ -212,6 +212,10 @@ class WatermarkSection(Section):
         "synthid": ("ngram_len", "depth"),
     }
 
+    def other_method_keys(self) -> tuple[str, ...]:
+        """The settings that belong to the other methods, not to this one."""
+        return tuple(key for method, keys in self.METHOD_KEYS.items() if method != self.method for key in keys)
+
 
 class EvalSection(Section):
     metrics: list[str] | None = Field(None, description="Metrics to report (default: all of the task's).")
@@ -444,9 +448,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     mark = recipe.eval.watermark
     if mark is not None:
         data["eval"]["watermark"]["key"] = REDACTED
-        for method, keys in mark.METHOD_KEYS.items():  # only the settings the method uses
-            if method != mark.method:
-                for key in keys:
-                    data["eval"]["watermark"].pop(key)
+        for key in mark.other_method_keys():  # only the settings the method uses
+            del data["eval"]["watermark"][key]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

@@ -106,9 +106,9 @@ def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
     if mark is not None:
         if not generates:
             problems.append(f"eval.watermark: task {task.name} generates no text to watermark")
-        for method, keys in mark.METHOD_KEYS.items():
-            for name in sorted(set(keys) & mark.model_fields_set - set(mark.METHOD_KEYS[mark.method])):
-                problems.append(f"eval.watermark.{name}: a {method} setting; method {mark.method} does not use it")
+        for name in sorted(set(mark.other_method_keys()) & mark.model_fields_set):
+            owner = next(method for method, keys in mark.METHOD_KEYS.items() if name in keys)
+            problems.append(f"eval.watermark.{name}: a {owner} setting; method {mark.method} does not use it")
         if mark.method == "synthid" and recipe.eval.temperature == 0:
             problems.append("eval.watermark.method: synthid marks text through sampling; set eval.temperature above 0 "
                             "(e.g. 0.7), or use kirchenbauer, which also marks greedy decoding")

@@ -16,20 +16,13 @@ from typer.testing import CliRunner
 from conftest import classification_recipe
 from finetune import train
 from finetune.cli import app
+from test_resume import adapter_bytes, log_losses
 
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def adapter_bytes(run_dir) -> bytes:
-    return (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-
-
-def losses(run_dir) -> list[tuple[int, float]]:
-    return [(e["step"], e["loss"]) for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())]
 
 
 def stop_at_step(monkeypatch, step: int) -> None:
@@ -68,4 +61,4 @@ def test_a_stopped_run_resumes_to_the_same_adapter_bytes(kind, stop_step, monkey
     metrics = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
     assert metrics["training"]["resumed_from"].endswith(f"step-{stop_step:08d}")
     assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "whole")
-    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
+    assert log_losses(tmp_path / "stopped") == log_losses(tmp_path / "whole")
