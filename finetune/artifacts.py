@@ -191,6 +191,9 @@ def watermark_section(recipe, document: dict) -> list[str]:
     else:
         how = (f"kirchenbauer: green-list ratio {mark.greenlist_ratio:g}, bias {mark.bias:g} added to green logits, "
                f"context {mark.context_width} token; detected by the z-score of the green-token count")
+        if mark.entropy_threshold > 0:
+            how += (f", both only where the model's next-token entropy is at least {mark.entropy_threshold:g} nats "
+                    "(detection loads the model to find them)")
     return [
         "## Watermark",
         "",

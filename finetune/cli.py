@@ -374,9 +374,16 @@ def detect_command(
         return
     for row in scored:
         print(json.dumps(row, ensure_ascii=False))
+    notes = []
+    if summary["unscored"]:
+        notes.append(f"{summary['unscored']} had no token to test (too short, or the model was sure of every token)")
+    if summary.get("without_prompt"):
+        notes.append(f"{summary['without_prompt']} were scored without their prompt (no 'prompt' field), so with "
+                     "entropies from the text alone")
     err_console.print(
         f"{summary['watermarked']} of {summary['rows']} rows look watermarked (z > {summary['z_threshold']:g}; "
-        f"false-positive rate about {summary['false_positive_rate']:.1e})", highlight=False, soft_wrap=True)
+        f"false-positive rate about {summary['false_positive_rate']:.1e})" + "".join(f"; {n}" for n in notes),
+        highlight=False, soft_wrap=True)
 
 
 def _read_input_rows(input: str) -> tuple[list[dict], str]:

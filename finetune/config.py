@@ -197,6 +197,10 @@ class WatermarkSection(Section):
                                    "green at each step.")
     bias: float = Field(2.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength.")
     context_width: int = Field(1, gt=0, description="kirchenbauer: previous tokens that seed each step's green list.")
+    entropy_threshold: float = Field(
+        0.6, ge=0, description="kirchenbauer: mark and count only tokens where the model's next-token entropy is at "
+        "least this many nats (SWEET): a token the model is sure of cannot carry the mark. Detection then loads the "
+        "run's model. 0: every token (plain Kirchenbauer; detection needs only the tokenizer).")
     ngram_len: int = Field(5, ge=2, description="synthid: each token's g-values are seeded by the ngram_len - 1 tokens "
                            "before it.")
     depth: int = Field(30, gt=0, le=64, description="synthid: tournament layers (one derived key each): more layers, a "
@@ -208,7 +212,7 @@ class WatermarkSection(Section):
 
     # Which settings belong to which method: a setting of the other method is an error, never ignored.
     METHOD_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "kirchenbauer": ("greenlist_ratio", "bias", "context_width"),
+        "kirchenbauer": ("greenlist_ratio", "bias", "context_width", "entropy_threshold"),
         "synthid": ("ngram_len", "depth"),
     }
 

@@ -237,9 +237,8 @@ def generate(model, tokenizer, family: FamilySpec, prompt_ids: list[list[int]], 
         "use_cache": True,
         **({"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}),
     }
-    watermarking = watermark.generation_config(settings.watermark)
-    if watermarking is not None:
-        options["watermarking_config"] = watermarking
+    vocab_size = accelerator.unwrap_model(model).config.get_text_config().vocab_size
+    options.update(watermark.generate_options(settings.watermark, vocab_size, accelerator.device))
     # Longest first, so batches hold prompts of similar length (less padding).
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     with accelerator.split_between_processes(order) as mine:
@@ -274,3 +273,30 @@ def _generate_batch(model, tokenizer, family: FamilySpec, prompts, options, stop
         )
     texts = tokenizer.batch_decode(output[:, new_from:], skip_special_tokens=True)
     return [cut_at_stops(t, stops) for t in texts]
+
+
+class CompletionEntropy:
+    """The model's next-token entropy (nats) before each token of a completion, given its prompt as generation
+    encodes it: what an entropy-gated watermark saw when it chose which tokens to mark."""
+
+    def __init__(self, model, tokenizer, family: FamilySpec, recipe, accelerator):
+        self.model, self.tokenizer, self.family, self.accelerator = model, tokenizer, family, accelerator
+        # Generation never drops a prompt (predict truncates too): neither does scoring.
+        self.recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, ids: list[int]) -> torch.Tensor:
+        prompt_ids = encode([prompt], None, self.tokenizer, self.family, self.recipe, "watermark detection").prompt_ids[0]
+        if not prompt_ids:  # a decoder needs one position to predict the first token from
+            prompt_ids = [_eos_id(self.tokenizer) if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id]
+        device = self.accelerator.device
+        self.model.eval()
+        with self.accelerator.autocast():
+            if self.family.encoder_decoder:  # the decoder starts from its start token; logit t predicts token t
+                start = self.model.config.decoder_start_token_id
+                logits = self.model(input_ids=torch.tensor([prompt_ids], device=device),
+                                    decoder_input_ids=torch.tensor([[start] + ids], device=device)).logits[0, : len(ids)]
+            else:  # logit t predicts token t + 1: the prompt's last position predicts the completion's first token
+                logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=device)).logits[0]
+                logits = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(ids)]
+        return watermark.entropy(logits).cpu()

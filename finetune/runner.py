@@ -23,6 +23,7 @@ from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, WatermarkSection, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
+from finetune.generation import CompletionEntropy
 from finetune.gguf_export import QUANTS, export_arch, write_gguf
 from finetune.models import load_config, resolve_reference
 from finetune.monitor import Monitor, summary
@@ -165,9 +166,17 @@ def evaluate_features(session: Session, model, features: Features, accelerator: 
     rows, loss = session.task.predict(model, session.tokenizer, features, accelerator, session.recipe, dict(session.state))
     mark = session.recipe.eval.watermark
     if mark is not None:  # each prediction scored on its own tokens
-        detector = watermark.Detector(session.tokenizer, accelerator.unwrap_model(model).config, mark)
-        rows = [{**row, **detector.score(row["prediction"]).as_dict()} for row in rows]
+        detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)
+        rows = [{**row, **detector.score(row["prediction"], row["prompt"]).as_dict()} for row in rows]
     return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
+
+
+def watermark_detector(session: Session, model, settings: WatermarkSection, accelerator: Accelerator) -> watermark.Detector:
+    """The run's detector; an entropy-gated watermark's also reads the model's entropies."""
+    entropies = None
+    if watermark.gated(settings):
+        entropies = CompletionEntropy(model, session.tokenizer, session.family, session.recipe, accelerator)
+    return watermark.Detector(session.tokenizer, model.config, settings, entropies)
 
 
 class SessionEvaluator:
@@ -469,19 +478,30 @@ def detect(run_path: str, rows: list[dict], source: str, field: str = "predictio
     if settings is None or not isinstance(settings.key, int):
         raise RecipeError(f"{run_path}: no watermark key: the run was not watermarked (eval.watermark) or its "
                           f"adapter/{watermark.KEY_FILE} is gone; give --key")
-    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
-    config = load_config(resolve_reference(recipe.model.name_or_path), revision=recipe.model.revision)
-    detector = watermark.Detector(tokenizer, config, settings)
-    scored = []
     for number, row in enumerate(rows, start=1):
-        text = row.get(field)
-        if not isinstance(text, str):
-            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(text).__name__}")
-        scored.append({**row, **detector.score(text).as_dict()})
+        if not isinstance(row.get(field), str):
+            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(row.get(field)).__name__}")
+    if watermark.gated(settings):  # the model's entropies choose the tokens to count
+        session = open_session(recipe, adapter_dir=run.adapter, splits=(), with_lora=False)
+        detector = watermark_detector(session, session.model, settings, make_accelerator(recipe))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
+        config = load_config(resolve_reference(recipe.model.name_or_path), revision=recipe.model.revision)
+        detector = watermark.Detector(tokenizer, config, settings)
+    # The prompt each text answers: the task's field, or the recipe's column for it.
+    prompt_fields = ("prompt", recipe.data.columns.get("prompt", "prompt"))
+    scored, without_prompt = [], 0
+    for row in rows:
+        prompt = next((row[f] for f in prompt_fields if isinstance(row.get(f), str)), None)
+        without_prompt += prompt is None
+        scored.append({**row, **detector.score(row[field], prompt or "").as_dict()})
     flagged = sum(r["watermarked"] for r in scored)
     summary = {"rows": len(scored), "watermarked": flagged, "fraction": flagged / len(scored) if scored else 0.0,
+               "unscored": sum(r["z_score"] is None for r in scored),
                "z_threshold": settings.z_threshold,
                "false_positive_rate": watermark.false_positive_rate(settings.z_threshold)}
+    if watermark.gated(settings):
+        summary["without_prompt"] = without_prompt
     return scored, summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import stat
 
 import pytest
@@ -25,21 +26,25 @@ def detected(result) -> list[bool]:
     return [r["watermarked"] for r in json.loads(result.stdout)["rows"]]
 
 
-# synthid marks through sampling: its runs sample at temperature 0.7 (the unmarked comparison too).
-METHODS = {"kirchenbauer": {}, "synthid": {"temperature": 0.7}}
+# Each watermark with its own generation settings and extra watermark settings. synthid marks through
+# sampling: its runs sample at temperature 0.7 (the unmarked comparison too). kirchenbauer is entropy-gated by
+# default (detection loads the model); "plain" marks and counts every token (detection reads the tokenizer only).
+METHODS = {"kirchenbauer": ({}, {}), "plain": ({}, {"entropy_threshold": 0.0}), "synthid": ({"temperature": 0.7}, {})}
 
 
 @pytest.fixture(scope="module", params=sorted(METHODS))
 def marked_run(request, tiny_models, tmp_path_factory):
     import yaml
 
+    generation, settings = METHODS[request.param]
     root = tmp_path_factory.mktemp(f"watermark-{request.param}")
     rows = copy_rows(40)
     data = {"train": write_jsonl(root / "train.jsonl", rows[:24]), "eval": write_jsonl(root / "eval.jsonl", rows[24:])}
     # A barely trained model: its outputs have the entropy a watermark needs (a saturated tiny model has none).
     recipe = generation_recipe("copywriting", tiny_models["llama"], data, root / "run",
-                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48, **METHODS[request.param]})
-    recipe["eval"]["watermark"] = {"method": request.param, "key": KEY}
+                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48, **generation})
+    method = "kirchenbauer" if request.param == "plain" else request.param
+    recipe["eval"]["watermark"] = {"method": method, "key": KEY, **settings}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = invoke("run", path, f"eval.watermark.key={KEY}")  # also on the command line: the manifest records it
@@ -105,6 +110,7 @@ def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
         ({"method": "synthid", "key": 1}, "synthid marks text through sampling; set eval.temperature above 0"),
         ({"method": "synthid", "key": 1, "bias": 4.0}, "eval.watermark.bias: a kirchenbauer setting; method synthid"),
         ({"key": 1, "ngram_len": 4}, "eval.watermark.ngram_len: a synthid setting; method kirchenbauer"),
+        ({"method": "synthid", "key": 1, "entropy_threshold": 1.0}, "eval.watermark.entropy_threshold: a kirchenbauer"),
     ]:
         recipe = generation_recipe("copywriting", tiny_models["llama"], topic_data, tmp_path / "gen",
                                    eval={"watermark": settings})
@@ -133,3 +139,97 @@ def test_synthid_detection_is_a_calibrated_z_test(tiny_models):
     z = torch.tensor(z_scores)
     assert abs(float(z.mean())) < 0.25 and 0.8 < float(z.std()) < 1.2
     assert float((z > 3.0).float().mean()) <= 0.02
+
+
+def test_gated_watermark_leaves_tokens_the_model_is_sure_of_alone():
+    """SWEET's generation half: a peaked next-token distribution passes unchanged, a flat one gets the bias on
+    exactly transformers' green list."""
+    import torch
+    from transformers import WatermarkLogitsProcessor
+
+    from finetune.config import WatermarkSection
+    from finetune.watermark import EntropyGatedWatermark, entropy
+
+    settings = WatermarkSection(key=KEY, entropy_threshold=1.0)
+    vocab = 50
+    sure = torch.full((vocab,), -20.0)
+    sure[7] = 20.0
+    flat = torch.zeros(vocab)
+    scores, input_ids = torch.stack([sure, flat]), torch.tensor([[3, 4], [3, 4]])
+    assert entropy(scores)[0] < 0.01 and abs(float(entropy(scores)[1]) - math.log(vocab)) < 1e-4
+    out = EntropyGatedWatermark(settings, vocab, "cpu")(input_ids, scores.clone())
+    assert torch.equal(out[0], sure)
+    plain = WatermarkLogitsProcessor(vocab_size=vocab, device="cpu", greenlist_ratio=0.25, bias=settings.bias,
+                                     hashing_key=KEY, seeding_scheme="lefthash", context_width=1)
+    expected = plain(input_ids[1:], flat[None].clone())[0]
+    assert torch.equal(out[1], expected) and int((out[1] > 0).sum()) == int(vocab * 0.25)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
+    """CompletionEntropy(prompt, generated ids) gives, token for token, the entropy the logits processor saw while
+    generating them: an off-by-one here would gate the wrong tokens."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessor
+
+    from finetune.families import FAMILIES
+    from finetune.generation import CompletionEntropy, encode
+    from finetune.validation import build_recipe
+    from finetune.watermark import entropy
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(entropy(scores)[0])
+            return scores
+
+    family = FAMILIES["bart" if kind == "bart" else "gpt"]
+    auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
+    model = auto.from_pretrained(tiny_models[kind]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    recipe = build_recipe(generation_recipe("copywriting", tiny_models[kind], {"train": "t", "eval": "e"}, "out"))
+    prompt = "a sunny day by the sea"
+    prompt_ids = encode([prompt], None, tokenizer, family, recipe, "test").prompt_ids[0]
+    recorder = Recorder()
+    # Never stopped by EOS (min_new_tokens instead would hide EOS from the entropy the recorder sees).
+    model.generation_config.eos_token_id = None
+    output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
+                            logits_processor=[recorder], pad_token_id=tokenizer.pad_token_id)[0].tolist()
+    new_ids = output[1:] if kind == "bart" else output[len(prompt_ids):]  # bart's output starts with its start token
+    assert len(new_ids) == len(recorder.seen) >= 8
+    entropies = CompletionEntropy(model, tokenizer, family, recipe, Accelerator(cpu=True))(prompt, new_ids)
+    assert torch.allclose(entropies, torch.stack(recorder.seen), atol=1e-4)
+
+
+def test_gated_detection_is_a_calibrated_z_test_that_counts_only_unsure_tokens(tiny_models):
+    """On text the key did not mark, the gated z-score is standard normal whichever tokens the entropies pick;
+    where the model was sure of every token there is nothing to test and nothing is flagged."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune.config import WatermarkSection
+    from finetune.watermark import Detector
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    config = AutoConfig.from_pretrained(tiny_models["llama"])
+    generator = torch.Generator().manual_seed(1)
+    settings = WatermarkSection(key=KEY, entropy_threshold=1.0)
+    # Half the positions "unsure", chosen at random: the test must stay calibrated on the subset it counts.
+    detector = Detector(tokenizer, config, settings, lambda prompt, ids: 2.0 * torch.rand(len(ids), generator=generator))
+    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    scores = []
+    for _ in range(300):
+        ids = [vocab[i] for i in torch.randint(len(vocab), (64,), generator=generator).tolist()]
+        scores.append(detector._score_green_list(ids, ""))
+    z = torch.tensor([s.z_score for s in scores])
+    assert abs(float(z.mean())) < 0.25 and 0.8 < float(z.std()) < 1.2
+    assert float((z > 3.0).float().mean()) <= 0.02
+    assert 20 <= sum(s.tokens for s in scores) / len(scores) <= 44  # about half of the 63 scorable tokens
+    sure = Detector(tokenizer, config, settings, lambda prompt, ids: torch.zeros(len(ids)))._score_green_list(ids, "")
+    assert (sure.tokens, sure.z_score, sure.watermarked) == (0, None, False)
+    # A loop is one piece of evidence: each (context, token) pair counts once.
+    loop = Detector(tokenizer, config, settings, lambda prompt, ids: torch.full((len(ids),), 5.0))
+    assert loop._score_green_list(vocab[:3] * 20, "").tokens == 3
