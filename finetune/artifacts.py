@@ -201,9 +201,35 @@ def watermark_section(recipe, document: dict) -> list[str]:
         f"{mark.z_threshold:g} (false-positive rate about {false_positives:.1e} on "
         f"unwatermarked text)" + (f"; it flagged {detected:.0%} of this run's evaluation outputs." if detected is not None else "."),
         "The key is in `adapter/watermark.key` (readable by its owner only); whoever holds it can detect, and forge, "
-        "the mark. Quality cost: `finetune eval RUN eval.watermark=null` scores the same model unwatermarked.",
+        "the mark.",
+        "",
+        WATERMARK_COST_UNMEASURED,
         "",
     ]
+
+
+# The card's quality-cost line: this placeholder until `finetune eval RUN eval.watermark=null` measures it.
+WATERMARK_COST_UNMEASURED = ("Quality cost: not measured yet. `finetune eval RUN eval.watermark=null` scores the same "
+                             "model unwatermarked and writes the difference here.")
+WATERMARK_COST_MEASURED = "Quality cost, measured by `finetune eval RUN eval.watermark=null`"
+
+
+def record_watermark_cost(run: RunDir, cost: dict, evaluation_dir: Path) -> bool:
+    """Put the measured cost in the card, in place of the cost line finetune wrote there (the placeholder or an
+    earlier measurement). A card without such a line (edited by hand) is left as it is: False."""
+    if not run.card.is_file() or not cost:
+        return False
+    lines = run.card.read_text(encoding="utf-8").split("\n")
+    mine = [i for i, line in enumerate(lines)
+            if line == WATERMARK_COST_UNMEASURED or line.startswith(WATERMARK_COST_MEASURED)]
+    if not mine:
+        return False
+    shown = ", ".join(f"{name} {c['watermarked']:.4f} watermarked vs {c['unwatermarked']:.4f} unwatermarked "
+                      f"({c['difference']:+.4f})" for name, c in cost.items())
+    where = evaluation_dir.relative_to(run.path) if evaluation_dir.is_relative_to(run.path) else evaluation_dir
+    lines[mine[0]] = f"{WATERMARK_COST_MEASURED} (`{where}`): {shown}."
+    write_text_atomic(run.card, "\n".join(lines))
+    return True
 
 
 def write_model_card(run: RunDir, recipe, document: dict, manifest: dict, reports: dict,

@@ -254,6 +254,10 @@ def eval_command(
         if "checkpoints" in document:
             print_checkpoints(console, document["checkpoints"])
         print_metrics(console, document)
+        if document.get("watermark_cost"):
+            cost = ", ".join(f"{name} {c['difference']:+.4f}" for name, c in document["watermark_cost"].items())
+            console.print(f"watermark cost (the run's watermarked metrics minus these): {cost}", highlight=False,
+                          soft_wrap=True)
         if written_to:
             console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True)
     _exit_on_failed_gates(document)
@@ -380,9 +384,31 @@ def detect_command(
     if summary.get("without_prompt"):
         notes.append(f"{summary['without_prompt']} were scored without their prompt (no 'prompt' field), so with "
                      "entropies from the text alone")
-    err_console.print(
-        f"{summary['watermarked']} of {summary['rows']} rows look watermarked (z > {summary['z_threshold']:g}; "
-        f"false-positive rate about {summary['false_positive_rate']:.1e})" + "".join(f"; {n}" for n in notes),
+    if summary.get("detector") == "bayesian":
+        rule = (f"the trained Bayesian detector's posterior > 0.5; false-positive rate {summary['false_positive_rate']:.1%} "
+                f"on its {summary['false_positive_rate_measured_on']} held-out unmarked texts")
+    else:
+        rule = f"z > {summary['z_threshold']:g}; false-positive rate about {summary['false_positive_rate']:.1e}"
+    err_console.print(f"{summary['watermarked']} of {summary['rows']} rows look watermarked ({rule})"
+                      + "".join(f"; {n}" for n in notes), highlight=False, soft_wrap=True)
+
+
+@app.command("train-detector")
+@_handled
+def train_detector_command(
+    run_dir: Annotated[str, typer.Argument(help="A run watermarked with method synthid.")],
+    samples: Annotated[int, typer.Option("--samples", min=2, help="Training prompts to generate from (marked and unmarked each).")] = 200,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run's trained detector.")] = False,
+) -> None:
+    """Train SynthID's Bayesian detector for the run (its weights go to RUN/watermark_detector/); detect then uses it."""
+    _quiet_libraries()
+    from finetune.runner import train_watermark_detector
+
+    report = train_watermark_detector(run_dir, samples, overwrite=overwrite)
+    console.print(
+        f"trained on {report['train_texts']} texts ({report['prompts']} prompts, marked and unmarked); on "
+        f"{report['validation_texts']} held-out texts: {report['validation_true_positive_rate']:.0%} of marked and "
+        f"{report['validation_false_positive_rate']:.0%} of unmarked flagged; written to {report['written_to']}",
         highlight=False, soft_wrap=True)
 
 

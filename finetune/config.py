@@ -195,18 +195,19 @@ class WatermarkSection(Section):
     )
     greenlist_ratio: float = Field(0.25, gt=0, lt=1, description="kirchenbauer: fraction of the vocabulary that is "
                                    "green at each step.")
-    bias: float = Field(2.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength.")
+    # 3.0 with the entropy gate: 57 of 57 held-out 64-token generations detected at ROUGE-L -0.042; 2.0 detected
+    # 45 of 57 (README "Watermarks").
+    bias: float = Field(3.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength.")
     context_width: int = Field(1, gt=0, description="kirchenbauer: previous tokens that seed each step's green list.")
     entropy_threshold: float = Field(
-        0.6, ge=0, description="kirchenbauer: mark and count only tokens where the model's next-token entropy is at "
+        1.0, ge=0, description="kirchenbauer: mark and count only tokens where the model's next-token entropy is at "
         "least this many nats (SWEET): a token the model is sure of cannot carry the mark. Detection then loads the "
         "run's model. 0: every token (plain Kirchenbauer; detection needs only the tokenizer).")
     ngram_len: int = Field(5, ge=2, description="synthid: each token's g-values are seeded by the ngram_len - 1 tokens "
                            "before it.")
     depth: int = Field(30, gt=0, le=64, description="synthid: tournament layers (one derived key each): more layers, a "
                        "stronger mark at the same distortion.")
-    # 3.0: a false-positive rate of about 1e-3 on unmarked text; at 4.0 greedy 64-token outputs of a fine-tuned
-    # SmolLM2 were detected only 79% of the time with the default bias (measured; README "Watermarks").
+    # 3.0: a false-positive rate of about 1e-3 on unmarked text (at 4.0, 52 of the 57 above were detected).
     z_threshold: float = Field(3.0, gt=0, description="A text is flagged when its z-score (green tokens, or synthid's "
                                "mean g-value) exceeds this.")
 

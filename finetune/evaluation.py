@@ -35,6 +35,15 @@ def score(task, rows: list[dict], settings, eval_loss: float | None = None) -> d
     return {"metrics": metrics, "details": scored.get("details", {})}
 
 
+def watermark_cost(marked: dict, unmarked: dict) -> dict:
+    """Each metric both evaluations of one model report: watermarked, unwatermarked, and what the mark cost."""
+    return {
+        name: {"watermarked": marked[name], "unwatermarked": value, "difference": marked[name] - value}
+        for name, value in unmarked.items()
+        if name != "watermark_detected" and isinstance(marked.get(name), (int, float)) and isinstance(value, (int, float))
+    }
+
+
 def collect_gates(recipe_gates: dict[str, str] | None, cli_gates: list[str] | None) -> list[Gate]:
     """Recipe gates, then command-line gates; a command-line gate on the same metric and operator wins."""
     gates = {}

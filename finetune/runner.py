@@ -7,6 +7,7 @@ cli.py parses arguments and calls these; the steps they share live in their own 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +18,14 @@ from datasets import Dataset
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from finetune import artifacts, checkpoint, data_report, evaluation, plots, preflight, trackers, watermark
+from finetune import (artifacts, checkpoint, data_report, evaluation, plots, preflight, synthid_detector, trackers,
+                      watermark)
 from finetune.adapter import AdapterSaver
 from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, WatermarkSection, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
-from finetune.generation import CompletionEntropy
+from finetune.generation import CompletionEntropy, generate
 from finetune.gguf_export import QUANTS, export_arch, write_gguf
 from finetune.models import load_config, resolve_reference
 from finetune.monitor import Monitor, summary
@@ -314,14 +316,31 @@ def evaluate(source: str, *, checkpoint: str | None = None, gates: list[str] | N
          "data": session.reports()},
     )
     evaluation.attach_comparison(document, baseline)
+    marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
+    if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
+        document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
     if out_dir is not None and accelerator.is_main_process:
         if overwrite and out_dir.is_dir():
             for stale in (out_dir / "metrics.json", out_dir / "predictions.jsonl"):
                 stale.unlink(missing_ok=True)
         artifacts.write_json(out_dir / "metrics.json", document)
         artifacts.write_jsonl(out_dir / "predictions.jsonl", rows)
+        if marked is not None:
+            artifacts.record_watermark_cost(run, document["watermark_cost"], out_dir)
     document["written_to"] = str(out_dir) if out_dir is not None else None
     return document
+
+
+def _watermarked_metrics(run: RunDir | None, recipe: Recipe, adapter_dir: Path | None,
+                         overrides: list[str] | None) -> dict | None:
+    """The run's watermarked metrics, when this evaluation scores the same adapter the same way, unwatermarked."""
+    if run is None or adapter_dir != run.adapter or recipe.eval.watermark is not None or not run.metrics.is_file():
+        return None
+    # Comparable only when nothing else changed (other rows, other generation settings).
+    if not all(o.split("=")[0].strip().startswith("eval.watermark") for o in overrides or []):
+        return None
+    metrics = artifacts.read_json(run.metrics).get("metrics", {})
+    return metrics if "watermark_detected" in metrics else None
 
 
 def evaluate_all_checkpoints(run_path: str, *, gates: list[str] | None = None, output: str | None = None,
@@ -487,7 +506,7 @@ def detect(run_path: str, rows: list[dict], source: str, field: str = "predictio
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
         config = load_config(resolve_reference(recipe.model.name_or_path), revision=recipe.model.revision)
-        detector = watermark.Detector(tokenizer, config, settings)
+        detector = watermark.Detector(tokenizer, config, settings, bayesian=_trained_detector(run, settings))
     # The prompt each text answers: the task's field, or the recipe's column for it.
     prompt_fields = ("prompt", recipe.data.columns.get("prompt", "prompt"))
     scored, without_prompt = [], 0
@@ -502,7 +521,54 @@ def detect(run_path: str, rows: list[dict], source: str, field: str = "predictio
                "false_positive_rate": watermark.false_positive_rate(settings.z_threshold)}
     if watermark.gated(settings):
         summary["without_prompt"] = without_prompt
+    if detector.bayesian is not None:  # its verdict; the false-positive rate its training measured on held-out text
+        trained = artifacts.read_json(run.path / synthid_detector.DETECTOR_DIR / synthid_detector.REPORT_FILE)
+        summary.update(detector="bayesian", false_positive_rate=trained["validation_false_positive_rate"],
+                       false_positive_rate_measured_on=trained["validation_unmarked_texts"])
     return scored, summary
+
+
+def _trained_detector(run: RunDir, settings: WatermarkSection):
+    """The run's trained SynthID Bayesian detector (`finetune train-detector`), if there is one."""
+    directory = run.path / synthid_detector.DETECTOR_DIR
+    if settings.method != "synthid" or not directory.is_dir():
+        return None
+    from transformers import BayesianDetectorModel
+
+    return BayesianDetectorModel.from_pretrained(str(directory)).eval()
+
+
+def train_watermark_detector(run_path: str, samples: int, overwrite: bool = False) -> dict:
+    """Train the SynthID Bayesian detector of a run on its own marked and unmarked generations of its training
+    prompts; the weights go to RUN/watermark_detector/ (written beside, then renamed into place)."""
+    recipe, run = finished_run(run_path)
+    settings = recipe.eval.watermark
+    if settings is None or settings.method != "synthid":
+        raise RecipeError(f"{run_path}: train-detector is for synthid watermarks; a kirchenbauer watermark's z-test "
+                          "needs no training" if settings else f"{run_path}: the run was not watermarked")
+    target = run.path / synthid_detector.DETECTOR_DIR
+    if target.exists() and not overwrite:
+        raise RecipeError(f"{target}: a trained detector is already there; --overwrite replaces it")
+    session = open_session(recipe, adapter_dir=run.adapter, splits=("train",), with_lora=False)
+    prompts = list(session.features["train"].prompts)
+    random.Random(recipe.train.seed).shuffle(prompts)
+    prompts = prompts[:samples]
+    accelerator = make_accelerator(recipe)
+    texts = {}
+    for label, settings_ in (("marked", recipe.eval), ("unmarked", recipe.eval.model_copy(update={"watermark": None}))):
+        answers = generate(session.model, session.tokenizer, session.family, prompts, settings_,
+                           session.task.stops(settings_), recipe.eval_batch_size, accelerator)
+        texts[label] = [session.tokenizer(t, add_special_tokens=False)["input_ids"] for group in answers for t in group]
+    processor = watermark.generation_config(settings).construct_processor(session.model.config.vocab_size, "cpu")
+    data = synthid_detector.evidence(processor, session.tokenizer, texts["marked"], texts["unmarked"])
+    model, report = synthid_detector.train_detector(data, settings.depth, recipe.train.seed)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    artifacts.write_json(staging / synthid_detector.REPORT_FILE, {"prompts": len(prompts), **report})
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return {"written_to": str(target), "prompts": len(prompts), **report}
 
 
 def finished_run(run_path: str, overrides: list[str] | None = None) -> tuple[Recipe, RunDir]:

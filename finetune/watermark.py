@@ -122,11 +122,15 @@ class Score:
     watermarked: bool
     statistic_name: str = "green_fraction"
     text_tokens: int | None = None  # all of the text's tokens, when the test counts only some
+    probability: float | None = None  # synthid with a trained Bayesian detector: P(watermarked | g-values)
 
     def as_dict(self) -> dict:
-        return {"text_tokens": self.tokens if self.text_tokens is None else self.text_tokens,
-                "watermark_tokens": self.tokens, self.statistic_name: self.statistic, "z_score": self.z_score,
-                "p_value": self.p_value, "watermarked": self.watermarked}
+        scores = {"text_tokens": self.tokens if self.text_tokens is None else self.text_tokens,
+                  "watermark_tokens": self.tokens, self.statistic_name: self.statistic, "z_score": self.z_score,
+                  "p_value": self.p_value}
+        if self.probability is not None:
+            scores["probability"] = self.probability
+        return {**scores, "watermarked": self.watermarked}
 
 
 # (prompt, the text's token ids) -> the model's next-token entropy before each of those tokens (nats).
@@ -136,13 +140,14 @@ EntropyFunction = Callable[[str, list[int]], torch.Tensor]
 class Detector:
     """The detector of the run's watermark with the run's key, scoring one text at a time.
 
-    An entropy-gated watermark needs `entropies` (the run's model on the text and its prompt)."""
+    An entropy-gated watermark needs `entropies` (the run's model on the text and its prompt); a synthid one may
+    bring its trained Bayesian detector (`bayesian`, transformers' BayesianDetectorModel)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, model_config, settings: WatermarkSection,
-                 entropies: EntropyFunction | None = None):
+                 entropies: EntropyFunction | None = None, bayesian=None):
         if gated(settings) and entropies is None:
             raise ValueError("an entropy-gated watermark is detected with the model's entropies")
-        self.tokenizer, self.settings, self.entropies = tokenizer, settings, entropies
+        self.tokenizer, self.settings, self.entropies, self.bayesian = tokenizer, settings, entropies, bayesian
         config = generation_config(settings)
         if settings.method == "synthid":
             self.processor = config.construct_processor(model_config.vocab_size, "cpu")
@@ -163,12 +168,14 @@ class Detector:
         piece of evidence: counted again and again, unmarked loops look marked; measured, README "Watermarks"),
         over the tokens the model was unsure of when the watermark is entropy-gated."""
         width, ratio = self.settings.context_width, self.settings.greenlist_ratio
+        if len(ids) <= width:  # nothing to test after the seeding context
+            return Score(0, None, None, None, False, text_tokens=len(ids))
         if gated(self.settings):
             unsure = (self.entropies(prompt, ids) >= self.settings.entropy_threshold).tolist()
         else:
             unsure = [True] * len(ids)
         counted = {tuple(ids[i - width : i + 1]) for i in range(width, len(ids)) if unsure[i]}
-        if not counted:  # too short, or the model was sure of every token: nothing to test
+        if not counted:  # the model was sure of every token: nothing to test
             return Score(0, None, None, None, False, text_tokens=len(ids))
         green = sum(self._is_green(ngram) for ngram in counted)
         n = len(counted)
@@ -180,24 +187,34 @@ class Detector:
         return bool(self.detector._get_ngram_score(torch.tensor(ngram[:-1]), ngram[-1]))
 
     def _score_synthid(self, ids: list[int]) -> Score:
-        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score)."""
-        skip = self.settings.ngram_len - 1  # the first tokens have no full context
-        if len(ids) <= skip:
-            return Score(len(ids), None, None, None, False, "mean_g_value")
-        tokens = torch.tensor([ids])
-        g_values = self.processor.compute_g_values(tokens)[0]  # (positions, depth)
-        # A repeated context repeats its g-values: counted once, as transformers' own detector does.
-        keep = self.processor.compute_context_repetition_mask(tokens)[0].bool()
-        eos = self.tokenizer.eos_token_id
-        if eos is not None:  # nothing after an end of text counts
-            keep &= self.processor.compute_eos_token_mask(tokens, eos)[0, skip:].bool()
+        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), and with a trained
+        Bayesian detector its posterior probability, which then gives the verdict."""
+        g_values, keep = synthid_evidence(self.processor, self.tokenizer, ids)
         values = g_values[keep].double()
-        if values.numel() == 0:
+        if values.numel() == 0:  # too short for one full context
             return Score(len(ids), None, None, None, False, "mean_g_value")
         mean = float(values.mean())
         p = self.null_mean
         z = (mean - p) / math.sqrt(p * (1 - p) / values.numel())
-        return Score(len(ids), mean, z, normal_tail(z), z > self.settings.z_threshold, "mean_g_value")
+        if self.bayesian is None:
+            return Score(len(ids), mean, z, normal_tail(z), z > self.settings.z_threshold, "mean_g_value")
+        with torch.no_grad():
+            probability = float(self.bayesian(g_values[None].float(), keep[None].float())[0][0])
+        return Score(len(ids), mean, z, normal_tail(z), probability > 0.5, "mean_g_value", probability=probability)
+
+
+def synthid_evidence(processor, tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text's g-values (positions, depth) and which positions count: a repeated context repeats its g-values, so
+    only its first counts (as in transformers' detector), and nothing after an end of text counts."""
+    skip = processor.ngram_len - 1  # the first tokens have no full context
+    if len(ids) <= skip:
+        return torch.zeros(0, len(processor.keys)), torch.zeros(0, dtype=torch.bool)
+    tokens = torch.tensor([ids])
+    g_values = processor.compute_g_values(tokens)[0]
+    keep = processor.compute_context_repetition_mask(tokens)[0].bool()
+    if tokenizer.eos_token_id is not None:
+        keep &= processor.compute_eos_token_mask(tokens, tokenizer.eos_token_id)[0, skip:].bool()
+    return g_values, keep
 
 
 def normal_tail(z: float) -> float:

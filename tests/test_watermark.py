@@ -78,8 +78,17 @@ def test_detect_flags_marked_text_and_not_human_or_unmarked_text(marked_run, tmp
     assert sum(marked) / len(marked) >= 0.9
     human = detected(invoke("detect", marked_run, "--input", predictions, "--field", "completion", "--json"))
     assert sum(human) / len(human) <= 0.05
+    card = (marked_run / "README.md").read_text()
     plain = invoke("eval", marked_run, "eval.watermark=null", "--output", tmp_path / "plain")
     assert plain.exit_code == 0, plain.output
+    # The same model unwatermarked: the difference is the mark's cost, in the evaluation and on the card.
+    cost = json.loads((tmp_path / "plain" / "metrics.json").read_text())["watermark_cost"]["rougeL"]
+    assert cost["difference"] == pytest.approx(cost["watermarked"] - cost["unwatermarked"])
+    marked_rouge = json.loads((marked_run / "metrics.json").read_text())["metrics"]["rougeL"]
+    assert cost["watermarked"] == marked_rouge
+    measured = (marked_run / "README.md").read_text()
+    assert "Quality cost: not measured yet" in card and "Quality cost: not measured yet" not in measured
+    assert f"rougeL {marked_rouge:.4f} watermarked vs {cost['unwatermarked']:.4f} unwatermarked" in measured
     unmarked = detected(invoke("detect", marked_run, "--input", tmp_path / "plain" / "predictions.jsonl", "--json"))
     assert sum(unmarked) / len(unmarked) <= 0.1
     # Each text is scored on its own tokens: the same row scores the same alone and among others.
@@ -90,11 +99,39 @@ def test_detect_flags_marked_text_and_not_human_or_unmarked_text(marked_run, tmp
 
 
 def test_predict_keeps_marking(marked_run):
-    prompts = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["rain sun", "oven salt", "goal team"]))
+    # The evaluation's prompts (without their references): predict marks its answers as the run's evaluation did.
+    rows = [json.loads(line) for line in (marked_run / "predictions.jsonl").read_text().splitlines()]
+    prompts = "".join(json.dumps({"id": i, "prompt": r["prompt"]}) + "\n" for i, r in enumerate(rows))
     result = invoke("predict", marked_run, "--input", "-", input=prompts)
     assert result.exit_code == 0, result.output
     verdicts = detected(invoke("detect", marked_run, "--json", input=result.stdout))
-    assert sum(verdicts) >= 2
+    assert len(verdicts) == len(rows) and sum(verdicts) / len(verdicts) >= 0.8
+
+
+def test_synthid_bayesian_detector_is_trained_for_the_run(marked_run, tmp_path):
+    result = invoke("train-detector", marked_run, "--samples", 24)
+    if recipe_method(marked_run) != "synthid":  # the green list's z-test is exact: nothing to train
+        assert result.exit_code == 2 and "needs no training" in result.output, result.output
+        return
+    assert result.exit_code == 0, result.output
+    trained = marked_run / "watermark_detector"
+    assert (trained / "config.json").is_file() and (trained / "model.safetensors").is_file()
+    report = json.loads((trained / "training.json").read_text())
+    assert report["prompts"] == 24 and report["train_texts"] + report["validation_texts"] == 48
+    weights = (trained / "model.safetensors").read_bytes()
+    again = invoke("train-detector", marked_run, "--samples", 24)  # nothing lost without --overwrite
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert (trained / "model.safetensors").read_bytes() == weights
+    predictions = marked_run / "predictions.jsonl"
+    marked = json.loads(invoke("detect", marked_run, "--input", predictions, "--json").stdout)
+    human = json.loads(invoke("detect", marked_run, "--input", predictions, "--field", "completion", "--json").stdout)
+    assert marked["summary"]["detector"] == "bayesian"
+    assert marked["summary"]["false_positive_rate"] == report["validation_false_positive_rate"]
+    # (a text too short for one full context has no probability, and is not flagged)
+    marked_p = [r.get("probability", 0.0) for r in marked["rows"]]
+    human_p = [r.get("probability", 0.0) for r in human["rows"]]
+    assert sum(marked_p) / len(marked_p) > 0.8 and sum(human_p) / len(human_p) < 0.1
+    assert [r["watermarked"] for r in marked["rows"]] == [p > 0.5 for p in marked_p]
 
 
 def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
@@ -233,3 +270,21 @@ def test_gated_detection_is_a_calibrated_z_test_that_counts_only_unsure_tokens(t
     # A loop is one piece of evidence: each (context, token) pair counts once.
     loop = Detector(tokenizer, config, settings, lambda prompt, ids: torch.full((len(ids),), 5.0))
     assert loop._score_green_list(vocab[:3] * 20, "").tokens == 3
+
+
+def test_the_cost_line_replaces_only_finetunes_own_line(tmp_path):
+    from finetune.artifacts import WATERMARK_COST_UNMEASURED, RunDir, record_watermark_cost
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    cost = {"rougeL": {"watermarked": 0.5, "unwatermarked": 0.6, "difference": -0.1}}
+    run.card.write_text(f"# card\n\n{WATERMARK_COST_UNMEASURED}\n\nmy notes\n")
+    assert record_watermark_cost(run, cost, run.path / "evals" / "x")
+    first = run.card.read_text()
+    assert "(`evals/x`): rougeL 0.5000 watermarked vs 0.6000 unwatermarked (-0.1000)." in first and "my notes" in first
+    cost["rougeL"]["unwatermarked"] = 0.7
+    assert record_watermark_cost(run, cost, run.path / "evals" / "y")  # a newer measurement replaces its own line
+    assert "vs 0.7000 unwatermarked" in run.card.read_text() and "0.6000" not in run.card.read_text()
+    run.card.write_text("# card edited by hand\n")
+    assert not record_watermark_cost(run, cost, run.path / "evals" / "z")
+    assert run.card.read_text() == "# card edited by hand\n"
