@@ -25,7 +25,7 @@ from finetune.artifacts import RunDir
 from finetune.config import EvalSection, Recipe, WatermarkSection, recipe_to_yaml
 from finetune.data import file_hashes
 from finetune.errors import DataError, RecipeError
-from finetune.generation import CompletionEntropy, generate
+from finetune.generation import CompletionEntropy
 from finetune.gguf_export import QUANTS, export_arch, write_gguf
 from finetune.models import load_config, resolve_reference
 from finetune.monitor import Monitor, summary
@@ -552,23 +552,9 @@ def train_watermark_detector(run_path: str, samples: int, overwrite: bool = Fals
     session = open_session(recipe, adapter_dir=run.adapter, splits=("train",), with_lora=False)
     prompts = list(session.features["train"].prompts)
     random.Random(recipe.train.seed).shuffle(prompts)
-    prompts = prompts[:samples]
-    accelerator = make_accelerator(recipe)
-    texts = {}
-    for label, settings_ in (("marked", recipe.eval), ("unmarked", recipe.eval.model_copy(update={"watermark": None}))):
-        answers = generate(session.model, session.tokenizer, session.family, prompts, settings_,
-                           session.task.stops(settings_), recipe.eval_batch_size, accelerator)
-        texts[label] = [session.tokenizer(t, add_special_tokens=False)["input_ids"] for group in answers for t in group]
-    processor = watermark.generation_config(settings).construct_processor(session.model.config.vocab_size, "cpu")
-    data = synthid_detector.evidence(processor, session.tokenizer, texts["marked"], texts["unmarked"])
-    model, report = synthid_detector.train_detector(data, settings.depth, recipe.train.seed)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    artifacts.write_json(staging / synthid_detector.REPORT_FILE, {"prompts": len(prompts), **report})
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return {"written_to": str(target), "prompts": len(prompts), **report}
+    model, report = synthid_detector.train_for_model(session, prompts[:samples], make_accelerator(recipe))
+    synthid_detector.save(model, report, target)
+    return {"written_to": str(target), **report}
 
 
 def finished_run(run_path: str, overrides: list[str] | None = None) -> tuple[Recipe, RunDir]:

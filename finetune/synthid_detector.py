@@ -13,12 +13,16 @@ the 0.5 posterior the verdict uses).
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import BayesianDetectorConfig, BayesianDetectorModel, PreTrainedTokenizerBase
 
-from finetune.watermark import synthid_evidence
+from finetune.artifacts import write_json
+from finetune.generation import generate
+from finetune.watermark import generation_config, synthid_evidence
 
 DETECTOR_DIR = "watermark_detector"
 REPORT_FILE = "training.json"
@@ -39,6 +43,31 @@ class Evidence:
 
     def take(self, index: list[int]) -> "Evidence":
         return Evidence(self.g_values[index], self.mask[index], self.labels[index])
+
+
+def train_for_model(session, prompts: list[list[int]], accelerator) -> tuple[BayesianDetectorModel, dict]:
+    """Generate from `prompts` (token ids) with and without the session's synthid watermark, then train on both."""
+    recipe, tokenizer = session.recipe, session.tokenizer
+    settings = recipe.eval.watermark
+    texts = {}
+    for label, generation in (("marked", recipe.eval), ("unmarked", recipe.eval.model_copy(update={"watermark": None}))):
+        answers = generate(session.model, tokenizer, session.family, prompts, generation, session.task.stops(generation),
+                           recipe.eval_batch_size, accelerator)
+        texts[label] = [tokenizer(text, add_special_tokens=False)["input_ids"] for group in answers for text in group]
+    processor = generation_config(settings).construct_processor(session.model.config.vocab_size, "cpu")
+    data = evidence(processor, tokenizer, texts["marked"], texts["unmarked"])
+    model, report = train_detector(data, settings.depth, recipe.train.seed)
+    return model, {"prompts": len(prompts), **report}
+
+
+def save(model: BayesianDetectorModel, report: dict, target: Path) -> None:
+    """The weights and training.json, written beside `target` and renamed into place."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    write_json(staging / REPORT_FILE, report)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def evidence(processor, tokenizer: PreTrainedTokenizerBase, marked: list[list[int]], unmarked: list[list[int]]) -> Evidence:
