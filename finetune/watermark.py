@@ -2,19 +2,19 @@
 
 Two of transformers' watermarks:
 - kirchenbauer: the green-list watermark (Kirchenbauer et al. 2023), detected with the green-list test of
-  transformers' `WatermarkDetector`: a z-test on the fraction of green tokens, each (context, token) pair counted
-  once (Kirchenbauer et al.'s "reliability" paper: repeats break the test's independence). With `entropy_threshold` > 0 (the default), marked and counted
-  only where the model was unsure of the next token (SWEET, Lee et al. 2023, "Who Wrote this Code?"): a token
-  the model was sure of cannot be moved into the green list, so counting it only dilutes the mark, and a
-  fine-tuned model is sure of most of its tokens. Detection then needs the run's model, to recompute each
-  token's entropy from its prompt and the text before it. The test stays exact on unmarked text: which
-  positions count depends only on the text before them, and an unmarked token is green with probability
-  `greenlist_ratio` whatever came before it.
+  transformers' `WatermarkDetector`: a z-test on the fraction of green tokens, each (context, token) pair
+  counted once (repeats, as in a greedy loop, break the test's independence). With `entropy_threshold` > 0 (the
+  default), marked and counted only where the model was unsure of the next token (SWEET, Lee et al. 2023, "Who
+  Wrote this Code?"): a token the model was sure of cannot be moved into the green list, so counting it only
+  dilutes the mark, and a fine-tuned model is sure of most of its tokens. Detection then needs the run's model,
+  to recompute each token's entropy from its prompt and the text before it. The test stays exact on unmarked
+  text: which positions count depends only on the text before them, and an unmarked token is green with
+  probability `greenlist_ratio` whatever came before it.
 - synthid: SynthID Text's tournament sampling (Dathathri et al. 2024). Its detector here is the paper's mean
   score as a z-test: on unmarked text each g-value is a fair coin (Bernoulli with the sampling table's own mean)
   once repeated contexts are masked, so the mean g-value over a text has a known null distribution and the
-  threshold a known false-positive rate, with no detector to train. (transformers' Bayesian detector would need
-  a training set of marked and unmarked generations of this model first.)
+  threshold a known false-positive rate, with no detector to train. With a Bayesian detector trained for the
+  run (`synthid_detector.py`, `finetune train-detector`), its posterior gives the verdict instead.
 
 Each text is scored on its own tokens, never inside a padded batch: padding (often EOS repeated) would be
 scored too and make human text look watermarked.
