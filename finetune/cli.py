@@ -384,13 +384,15 @@ def detect_command(
     if summary.get("without_prompt"):
         notes.append(f"{summary['without_prompt']} were scored without their prompt (no 'prompt' field), so with "
                      "entropies from the text alone")
-    if summary.get("detector") == "bayesian":
-        rule = (f"the trained Bayesian detector's posterior > 0.5; false-positive rate {summary['false_positive_rate']:.1%} "
-                f"on its {summary['false_positive_rate_measured_on']} held-out unmarked texts")
-    else:
-        rule = f"z > {summary['z_threshold']:g}; false-positive rate about {summary['false_positive_rate']:.1e}"
-    err_console.print(f"{summary['watermarked']} of {summary['rows']} rows look watermarked ({rule})"
-                      + "".join(f"; {n}" for n in notes), highlight=False, soft_wrap=True)
+    if "bayesian" in summary:
+        bayes = summary["bayesian"]
+        notes.append(f"the trained Bayesian detector gives {bayes['probability_above_half']} a probability above 0.5 "
+                     f"(on its held-out texts it flagged {bayes['validation_true_positive_rate']:.0%} of marked and "
+                     f"{bayes['validation_false_positive_rate']:.0%} of unmarked)")
+    err_console.print(
+        f"{summary['watermarked']} of {summary['rows']} rows look watermarked (z > {summary['z_threshold']:g}; "
+        f"false-positive rate about {summary['false_positive_rate']:.1e})" + "".join(f"; {n}" for n in notes),
+        highlight=False, soft_wrap=True)
 
 
 @app.command("train-detector")

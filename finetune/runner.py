@@ -521,10 +521,10 @@ def detect(run_path: str, rows: list[dict], source: str, field: str = "predictio
                "false_positive_rate": watermark.false_positive_rate(settings.z_threshold)}
     if watermark.gated(settings):
         summary["without_prompt"] = without_prompt
-    if detector.bayesian is not None:  # its verdict; the false-positive rate its training measured on held-out text
+    if detector.bayesian is not None:  # its probabilities beside the verdicts, and what its training measured
         trained = artifacts.read_json(run.path / synthid_detector.DETECTOR_DIR / synthid_detector.REPORT_FILE)
-        summary.update(detector="bayesian", false_positive_rate=trained["validation_false_positive_rate"],
-                       false_positive_rate_measured_on=trained["validation_unmarked_texts"])
+        summary["bayesian"] = {"probability_above_half": sum((r.get("probability") or 0) > 0.5 for r in scored),
+                               **{k: v for k, v in trained.items() if k.startswith("validation_")}}
     return scored, summary
 
 

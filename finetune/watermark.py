@@ -13,8 +13,9 @@ Two of transformers' watermarks:
 - synthid: SynthID Text's tournament sampling (Dathathri et al. 2024). Its detector here is the paper's mean
   score as a z-test: on unmarked text each g-value is a fair coin (Bernoulli with the sampling table's own mean)
   once repeated contexts are masked, so the mean g-value over a text has a known null distribution and the
-  threshold a known false-positive rate, with no detector to train. With a Bayesian detector trained for the
-  run (`synthid_detector.py`, `finetune train-detector`), its posterior gives the verdict instead.
+  threshold a known false-positive rate, with no detector to train. A Bayesian detector trained for the run
+  (`synthid_detector.py`, `finetune train-detector`) adds its posterior probability to each score; the verdict
+  stays the z-test's, whose false-positive rate is known (the trained one's was not: README "Watermarks").
 
 Each text is scored on its own tokens, never inside a padded batch: padding (often EOS repeated) would be
 scored too and make human text look watermarked.
@@ -187,8 +188,8 @@ class Detector:
         return bool(self.detector._get_ngram_score(torch.tensor(ngram[:-1]), ngram[-1]))
 
     def _score_synthid(self, ids: list[int]) -> Score:
-        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), and with a trained
-        Bayesian detector its posterior probability, which then gives the verdict."""
+        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), which gives the
+        verdict, and with a trained Bayesian detector its posterior probability beside it."""
         g_values, keep = synthid_evidence(self.processor, self.tokenizer, ids)
         values = g_values[keep].double()
         if values.numel() == 0:  # too short for one full context
@@ -196,11 +197,12 @@ class Detector:
         mean = float(values.mean())
         p = self.null_mean
         z = (mean - p) / math.sqrt(p * (1 - p) / values.numel())
-        if self.bayesian is None:
-            return Score(len(ids), mean, z, normal_tail(z), z > self.settings.z_threshold, "mean_g_value")
-        with torch.no_grad():
-            probability = float(self.bayesian(g_values[None].float(), keep[None].float())[0][0])
-        return Score(len(ids), mean, z, normal_tail(z), probability > 0.5, "mean_g_value", probability=probability)
+        probability = None
+        if self.bayesian is not None:
+            with torch.no_grad():
+                probability = float(self.bayesian(g_values[None].float(), keep[None].float())[0][0])
+        return Score(len(ids), mean, z, normal_tail(z), z > self.settings.z_threshold, "mean_g_value",
+                     probability=probability)
 
 
 def synthid_evidence(processor, tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,13 +125,15 @@ def test_synthid_bayesian_detector_is_trained_for_the_run(marked_run, tmp_path):
     predictions = marked_run / "predictions.jsonl"
     marked = json.loads(invoke("detect", marked_run, "--input", predictions, "--json").stdout)
     human = json.loads(invoke("detect", marked_run, "--input", predictions, "--field", "completion", "--json").stdout)
-    assert marked["summary"]["detector"] == "bayesian"
-    assert marked["summary"]["false_positive_rate"] == report["validation_false_positive_rate"]
-    # (a text too short for one full context has no probability, and is not flagged)
+    bayes = marked["summary"]["bayesian"]
+    assert bayes["validation_false_positive_rate"] == report["validation_false_positive_rate"]
+    # (a text too short for one full context has no probability)
     marked_p = [r.get("probability", 0.0) for r in marked["rows"]]
     human_p = [r.get("probability", 0.0) for r in human["rows"]]
     assert sum(marked_p) / len(marked_p) > 0.8 and sum(human_p) / len(human_p) < 0.1
-    assert [r["watermarked"] for r in marked["rows"]] == [p > 0.5 for p in marked_p]
+    assert bayes["probability_above_half"] == sum(p > 0.5 for p in marked_p)
+    # The verdict stays the calibrated z-test's.
+    assert [r["watermarked"] for r in marked["rows"]] == [(r["z_score"] or 0) > 3.0 for r in marked["rows"]]
 
 
 def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
