@@ -289,14 +289,28 @@ class CompletionEntropy:
         prompt_ids = encode([prompt], None, self.tokenizer, self.family, self.recipe, "watermark detection").prompt_ids[0]
         if not prompt_ids:  # a decoder needs one position to predict the first token from
             prompt_ids = [_eos_id(self.tokenizer) if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id]
-        device = self.accelerator.device
+        # The sequence the (decoder of the) model reads, and where the text starts in it; logit t predicts token t + 1.
+        if self.family.encoder_decoder:
+            sequence, first = [self.model.config.decoder_start_token_id] + ids, 1
+        else:
+            sequence, first = prompt_ids + ids, len(prompt_ids)
+        # A text longer than the model's positions (a long human document) is read in stretches of half of them,
+        # each with as much of what precedes it as fits: an approximation of its entropies, never an error.
+        limit = getattr(self.model.config, "max_position_embeddings", None) or len(sequence)
+        step = len(sequence) if len(sequence) <= limit else max(1, limit // 2)
         self.model.eval()
+        parts = []
+        for begin in range(first, len(sequence), step):
+            end = min(begin + step, len(sequence))
+            low = max(0, end - limit)
+            logits = self._logits(prompt_ids, sequence[low:end])
+            parts.append(watermark.entropy(logits[begin - 1 - low : end - 1 - low]).cpu())
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def _logits(self, prompt_ids: list[int], window: list[int]) -> torch.Tensor:
+        device = self.accelerator.device
         with self.accelerator.autocast():
-            if self.family.encoder_decoder:  # the decoder starts from its start token; logit t predicts token t
-                start = self.model.config.decoder_start_token_id
-                logits = self.model(input_ids=torch.tensor([prompt_ids], device=device),
-                                    decoder_input_ids=torch.tensor([[start] + ids], device=device)).logits[0, : len(ids)]
-            else:  # logit t predicts token t + 1: the prompt's last position predicts the completion's first token
-                logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=device)).logits[0]
-                logits = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(ids)]
-        return watermark.entropy(logits).cpu()
+            if self.family.encoder_decoder:
+                return self.model(input_ids=torch.tensor([prompt_ids], device=device),
+                                  decoder_input_ids=torch.tensor([window], device=device)).logits[0]
+            return self.model(input_ids=torch.tensor([window], device=device)).logits[0]

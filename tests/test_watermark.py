@@ -243,6 +243,31 @@ def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
     assert torch.allclose(entropies, torch.stack(recorder.seen), atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_a_text_longer_than_the_model_is_scored_in_stretches(kind, tiny_models):
+    """GPT-2 and BART have 128 learned positions here: a 300-token human text still gets one entropy per token,
+    and the first stretch's are exactly those of a single pass."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from finetune.families import FAMILIES
+    from finetune.generation import CompletionEntropy
+    from finetune.validation import build_recipe
+
+    auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
+    model = auto.from_pretrained(tiny_models[kind]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    recipe = build_recipe(generation_recipe("copywriting", tiny_models[kind], {"train": "t", "eval": "e"}, "out"))
+    entropies = CompletionEntropy(model, tokenizer, FAMILIES["bart" if kind == "bart" else "gpt"], recipe,
+                                  Accelerator(cpu=True))
+    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    ids = [vocab[i % len(vocab)] for i in torch.randint(len(vocab), (300,), generator=torch.Generator().manual_seed(0))]
+    long = entropies("a prompt", ids)
+    assert long.shape == (300,) and torch.isfinite(long).all()
+    assert torch.allclose(long[:40], entropies("a prompt", ids[:40]), atol=1e-5)
+
+
 def test_gated_detection_is_a_calibrated_z_test_that_counts_only_unsure_tokens(tiny_models):
     """On text the key did not mark, the gated z-score is standard normal whichever tokens the entropies pick;
     where the model was sure of every token there is nothing to test and nothing is flagged."""
