@@ -116,7 +116,7 @@ def read_key(adapter_dir: Path) -> int | None:
 
 @dataclass(frozen=True)
 class Score:
-    tokens: int  # the tokens the test counted
+    tokens: int  # green list: the (context, token) pairs the test counted; synthid: the text's tokens
     statistic: float | None  # the fraction of green tokens (kirchenbauer) or the mean g-value (synthid)
     z_score: float | None
     p_value: float | None

@@ -204,17 +204,31 @@ def test_gated_watermark_leaves_tokens_the_model_is_sure_of_alone():
     assert torch.equal(out[1], expected) and int((out[1] > 0).sum()) == int(vocab * 0.25)
 
 
+def entropy_setup(kind, tiny_models):
+    """A tiny model of `kind` with its tokenizer, family and a copywriting recipe, and its CompletionEntropy."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from finetune.families import FAMILIES
+    from finetune.generation import CompletionEntropy
+    from finetune.validation import build_recipe
+
+    family = FAMILIES["bart" if kind == "bart" else "gpt"]
+    auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
+    model = auto.from_pretrained(tiny_models[kind]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    recipe = build_recipe(generation_recipe("copywriting", tiny_models[kind], {"train": "t", "eval": "e"}, "out"))
+    return model, tokenizer, family, recipe, CompletionEntropy(model, tokenizer, family, recipe, Accelerator(cpu=True))
+
+
 @pytest.mark.parametrize("kind", ["llama", "bart"])
 def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
     """CompletionEntropy(prompt, generated ids) gives, token for token, the entropy the logits processor saw while
     generating them: an off-by-one here would gate the wrong tokens."""
     import torch
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessor
+    from transformers import LogitsProcessor
 
-    from finetune.families import FAMILIES
-    from finetune.generation import CompletionEntropy, encode
-    from finetune.validation import build_recipe
+    from finetune.generation import encode
     from finetune.watermark import entropy
 
     class Recorder(LogitsProcessor):
@@ -225,11 +239,7 @@ def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
             self.seen.append(entropy(scores)[0])
             return scores
 
-    family = FAMILIES["bart" if kind == "bart" else "gpt"]
-    auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
-    model = auto.from_pretrained(tiny_models[kind]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
-    recipe = build_recipe(generation_recipe("copywriting", tiny_models[kind], {"train": "t", "eval": "e"}, "out"))
+    model, tokenizer, family, recipe, entropies = entropy_setup(kind, tiny_models)
     prompt = "a sunny day by the sea"
     prompt_ids = encode([prompt], None, tokenizer, family, recipe, "test").prompt_ids[0]
     recorder = Recorder()
@@ -239,8 +249,7 @@ def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
                             logits_processor=[recorder], pad_token_id=tokenizer.pad_token_id)[0].tolist()
     new_ids = output[1:] if kind == "bart" else output[len(prompt_ids):]  # bart's output starts with its start token
     assert len(new_ids) == len(recorder.seen) >= 8
-    entropies = CompletionEntropy(model, tokenizer, family, recipe, Accelerator(cpu=True))(prompt, new_ids)
-    assert torch.allclose(entropies, torch.stack(recorder.seen), atol=1e-4)
+    assert torch.allclose(entropies(prompt, new_ids), torch.stack(recorder.seen), atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])
@@ -248,19 +257,8 @@ def test_a_text_longer_than_the_model_is_scored_in_stretches(kind, tiny_models):
     """GPT-2 and BART have 128 learned positions here: a 300-token human text still gets one entropy per token,
     and the first stretch's are exactly those of a single pass."""
     import torch
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from finetune.families import FAMILIES
-    from finetune.generation import CompletionEntropy
-    from finetune.validation import build_recipe
-
-    auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
-    model = auto.from_pretrained(tiny_models[kind]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
-    recipe = build_recipe(generation_recipe("copywriting", tiny_models[kind], {"train": "t", "eval": "e"}, "out"))
-    entropies = CompletionEntropy(model, tokenizer, FAMILIES["bart" if kind == "bart" else "gpt"], recipe,
-                                  Accelerator(cpu=True))
+    _, tokenizer, _, _, entropies = entropy_setup(kind, tiny_models)
     vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
     ids = [vocab[i % len(vocab)] for i in torch.randint(len(vocab), (300,), generator=torch.Generator().manual_seed(0))]
     long = entropies("a prompt", ids)
