@@ -57,22 +57,27 @@ def flops_per_token(recipe_path: str, overrides: list[str]) -> tuple[float, dict
     """
     import torch
 
-    from finetune.data import token_lengths
-    from finetune.session import open_session
-    from finetune.validation import load_recipe
+    from finetune.data.tables import token_lengths
+    from finetune.flows.resolve import load_recipe
+    from finetune.flows.session import open_session
 
     recipe = load_recipe(recipe_path, overrides)
     session = open_session(recipe, splits=("train",))
     model = session.model
-    frozen = sum(m.weight.numel() for m in model.modules()
-                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    frozen = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.get_base_model().config
     mean_length = float(token_lengths(session.features["train"].dataset).mean())
     attention = 12 * config.num_hidden_layers * mean_length * config.hidden_size
     per_token = 4 * frozen + 6 * trainable + attention
-    return per_token, {"frozen_matmul_params": frozen, "trainable_params": trainable,
-                       "mean_tokens_per_example": round(mean_length, 1), "flops_per_token": per_token}
+    return per_token, {
+        "frozen_matmul_params": frozen,
+        "trainable_params": trainable,
+        "mean_tokens_per_example": round(mean_length, 1),
+        "flops_per_token": per_token,
+    }
 
 
 def measure(command: list[str]) -> tuple[float, float, str]:
@@ -96,17 +101,29 @@ def measure(command: list[str]) -> tuple[float, float, str]:
 def run_finetune(recipe: str, overrides: list[str], scratch: Path) -> dict:
     out = scratch / "finetune-run"
     # --overwrite: every round replaces the previous round's scratch run.
-    wall, rss, _ = measure([sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"])
+    wall, rss, _ = measure(
+        [sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"]
+    )
     document = json.loads((out / "metrics.json").read_text())
-    return {"process_seconds": wall, "peak_rss_mib": rss, "accuracy": document["metrics"]["accuracy"],
-            "train_seconds": document["training"]["train_seconds"], "tokens_per_s": document["training"]["tokens_per_s"]}
+    return {
+        "process_seconds": wall,
+        "peak_rss_mib": rss,
+        "accuracy": document["metrics"]["accuracy"],
+        "train_seconds": document["training"]["train_seconds"],
+        "tokens_per_s": document["training"]["tokens_per_s"],
+    }
 
 
 def run_peer(recipe: str, overrides: list[str]) -> dict:
     wall, rss, stdout = measure([sys.executable, str(ROOT / "bench" / "peer_trainer.py"), recipe, *overrides])
     report = json.loads(stdout.strip().splitlines()[-1])
-    return {"process_seconds": wall, "peak_rss_mib": rss, "accuracy": report["accuracy"],
-            "train_seconds": report["train_seconds"], "tokens_per_s": report["tokens_per_s"]}
+    return {
+        "process_seconds": wall,
+        "peak_rss_mib": rss,
+        "accuracy": report["accuracy"],
+        "train_seconds": report["train_seconds"],
+        "tokens_per_s": report["tokens_per_s"],
+    }
 
 
 def device_description() -> dict:
@@ -114,8 +131,11 @@ def device_description() -> dict:
 
     info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     try:
-        model = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        model = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         info["cpu"] = model[0] if model else platform.processor()
     except OSError:
         info["cpu"] = platform.processor()
@@ -131,9 +151,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both contenders")
     args = parser.parse_args()
 
-    from finetune.artifacts import library_versions
-    from finetune.validation import load_recipe
-    from finetune.train import resolve_precision
+    from finetune.flows.resolve import load_recipe
+    from finetune.outputs.manifest import library_versions
+    from finetune.training.loop import resolve_precision
 
     recipe = load_recipe(args.recipe, args.overrides)
     precision = resolve_precision(recipe.train.precision)
@@ -148,8 +168,11 @@ def main() -> None:
             order = ["finetune", "peer"] if number % 2 == 0 else ["peer", "finetune"]
             results = {}
             for name in order:
-                results[name] = (run_finetune(args.recipe, args.overrides, Path(scratch)) if name == "finetune"
-                                 else run_peer(args.recipe, args.overrides))
+                results[name] = (
+                    run_finetune(args.recipe, args.overrides, Path(scratch))
+                    if name == "finetune"
+                    else run_peer(args.recipe, args.overrides)
+                )
                 print(f"round {number + 1} {name}: {json.dumps(results[name])}", flush=True)
             rounds.append(results)
 
@@ -172,13 +195,21 @@ def main() -> None:
     document = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "recipe": args.recipe, "overrides": args.overrides, "precision": {"finetune": precision, "peer": "fp32"},
-        "device": device_description(), "versions": library_versions(),
-        "measured_peak_flops": peaks, "model": model_facts,
-        "rounds": rounds, "median": summary, "ratios": ratios,
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "precision": {"finetune": precision, "peer": "fp32"},
+        "device": device_description(),
+        "versions": library_versions(),
+        "measured_peak_flops": peaks,
+        "model": model_facts,
+        "rounds": rounds,
+        "median": summary,
+        "ratios": ratios,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{'gpu' if 'gpu' in document['device'] else 'cpu'}.json"
+    target = (
+        RESULTS / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{'gpu' if 'gpu' in document['device'] else 'cpu'}.json"
+    )
     target.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps({"median": summary, "ratios": ratios}, indent=2))
     print(f"written to {target.relative_to(ROOT)}")

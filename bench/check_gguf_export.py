@@ -49,8 +49,11 @@ def main() -> None:
                     want, got = merged(ids).logits[0].argmax(-1), loaded(ids).logits[0].argmax(-1)
                     same += int((want == got).sum())
                     total += ids.shape[1]
-            results[quant] = {"positions": total, "same_next_token": round(same / total, 4),
-                              "file_mib": round(target.stat().st_size / 2**20, 1)}
+            results[quant] = {
+                "positions": total,
+                "same_next_token": round(same / total, 4),
+                "file_mib": round(target.stat().st_size / 2**20, 1),
+            }
     print(json.dumps({"run": str(args.run), "rows": len(texts), "agreement": results}, indent=2))
 
 

@@ -19,16 +19,109 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = (
-    "argparse ast asyncio base64 bisect bz2 calendar codecs collections colorsys concurrent.futures configparser "
-    "contextlib copy csv dataclasses datetime decimal difflib dis doctest email enum filecmp fnmatch fractions "
-    "ftplib functools gc gettext glob gzip hashlib heapq hmac html imaplib importlib inspect io ipaddress itertools "
-    "json locale logging lzma mimetypes mmap multiprocessing netrc numbers operator os pathlib pdb pickle pkgutil "
-    "platform plistlib poplib pprint pydoc queue random re runpy sched secrets selectors shlex shutil signal "
-    "smtplib socket sqlite3 ssl stat statistics string struct subprocess sysconfig tarfile tempfile textwrap "
-    "threading timeit tokenize trace traceback typing unittest urllib.parse urllib.request uuid warnings wave "
-    "weakref zipapp zipfile zlib"
-).split()
+MODULES = [
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "codecs",
+    "collections",
+    "colorsys",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "gc",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "imaplib",
+    "importlib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "locale",
+    "logging",
+    "lzma",
+    "mimetypes",
+    "mmap",
+    "multiprocessing",
+    "netrc",
+    "numbers",
+    "operator",
+    "os",
+    "pathlib",
+    "pdb",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "pydoc",
+    "queue",
+    "random",
+    "re",
+    "runpy",
+    "sched",
+    "secrets",
+    "selectors",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "sqlite3",
+    "ssl",
+    "stat",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "sysconfig",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "zipapp",
+    "zipfile",
+    "zlib",
+]
 MIN_WORDS, TARGET_WORDS = 50, 100
 HELD_OUT_FRACTION = 0.2
 
@@ -79,8 +172,10 @@ def main(out_dir: str) -> None:
     for module_name in MODULES:
         for qualified, signature, doc in documented(module_name):
             kind = "class" if signature and qualified.split(".")[-1][:1].isupper() else "function"
-            row = {"brief": f"Write the documentation of the Python {kind} {qualified}{signature}.",
-                   "copy": cut_at_sentence(doc, TARGET_WORDS)}
+            row = {
+                "brief": f"Write the documentation of the Python {kind} {qualified}{signature}.",
+                "copy": cut_at_sentence(doc, TARGET_WORDS),
+            }
             splits["test" if held_out(module_name) else "train"].append(row)
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_ticket_data import TOPICS, ticket  # noqa: E402
+from make_ticket_data import TOPICS, ticket
 
 
 def thread(rng: random.Random, topic: str) -> str:

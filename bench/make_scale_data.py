@@ -38,8 +38,10 @@ def main() -> None:
             target = min(2000, max(40, int(rng.lognormvariate(6.2, 0.6))))
             length = 0
             while length < target:
-                words = [rng.choice(topic_words[label]) if rng.random() < 0.15 else rng.choice(vocabulary)
-                         for _ in range(rng.randint(5, 16))]
+                words = [
+                    rng.choice(topic_words[label]) if rng.random() < 0.15 else rng.choice(vocabulary)
+                    for _ in range(rng.randint(5, 16))
+                ]
                 sentence = " ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"])
                 sentences.append(sentence)
                 length += len(sentence) + 1

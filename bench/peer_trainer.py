@@ -21,11 +21,15 @@ import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
 )
 
-from finetune.validation import load_recipe  # noqa: E402  (only to read the same settings)
-from finetune.models import resolve_reference  # noqa: E402
+from finetune.flows.resolve import load_recipe  # noqa: E402  (only to read the same settings)
+from finetune.models.references import resolve_reference  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +53,13 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
     )
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
-                      lora_dropout=recipe.lora.dropout, target_modules="all-linear")
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules="all-linear",
+    )
     model = get_peft_model(model, lora)
 
     def accuracy(prediction):
@@ -60,25 +69,47 @@ def main() -> None:
     t = recipe.train
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
-            output_dir=output_dir, learning_rate=t.lr, per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size, num_train_epochs=t.epochs, weight_decay=t.weight_decay,
-            warmup_steps=t.warmup, lr_scheduler_type=t.scheduler, max_grad_norm=t.max_grad_norm or 0.0,
-            eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, seed=t.seed,
-            report_to=[], logging_steps=50, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+            output_dir=output_dir,
+            learning_rate=t.lr,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            num_train_epochs=t.epochs,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup,
+            lr_scheduler_type=t.scheduler,
+            max_grad_norm=t.max_grad_norm or 0.0,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            load_best_model_at_end=True,
+            seed=t.seed,
+            report_to=[],
+            logging_steps=50,
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["test"],
-                          processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                          compute_metrics=accuracy)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["test"],
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=accuracy,
+        )
         train_output = trainer.train()
         evaluation = trainer.evaluate()
     real_tokens = sum(len(ids) for ids in tokenized["train"]["input_ids"]) * t.epochs
-    print(json.dumps({
-        "accuracy": evaluation["eval_accuracy"],
-        "train_seconds": train_output.metrics["train_runtime"],
-        "train_tokens": real_tokens,
-        "tokens_per_s": real_tokens / train_output.metrics["train_runtime"],
-        "process_seconds": time.perf_counter() - START,
-    }))
+    print(
+        json.dumps(
+            {
+                "accuracy": evaluation["eval_accuracy"],
+                "train_seconds": train_output.metrics["train_runtime"],
+                "train_tokens": real_tokens,
+                "tokens_per_s": real_tokens / train_output.metrics["train_runtime"],
+                "process_seconds": time.perf_counter() - START,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -64,12 +64,17 @@ def _handled(command):
             if _debug["on"]:  # the original error, chained, for what was turned into one line
                 exc.__suppress_context__ = False
                 traceback.print_exception(exc)
-            err_console.print(f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:  # a path the user gave
             where = f" {exc.filename}" if exc.filename else ""
-            err_console.print(f"[red]error:[/] cannot use{escape(where)}: {escape(exc.strerror or str(exc))}",
-                              highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[red]error:[/] cannot use{escape(where)}: {escape(exc.strerror or str(exc))}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -79,7 +84,8 @@ def _handled(command):
                 raise
             err_console.print(
                 f"[red]internal error:[/] {type(exc).__name__}: {escape(redact(str(exc)))}\n(run with --debug for the traceback)",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
@@ -96,7 +102,7 @@ def _version(value: bool) -> None:
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = None,
 ) -> None:
     _debug["on"] = debug
@@ -105,7 +111,7 @@ def _root(
         handler.addFilter(RedactingFilter())
 
 
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides (values parsed as YAML).")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides (values parsed as YAML).")]
 AllowCode = Annotated[
     bool,
     typer.Option(
@@ -127,41 +133,61 @@ def run_command(
     overrides: Overrides = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop before training.")] = False,
     num_processes: Annotated[
-        Optional[int],
-        typer.Option("--num-processes", min=1, help="Processes (GPUs, or CPU processes) to launch through accelerate "
-                     "(default: distributed.num_processes of the recipe)."),
+        int | None,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Processes (GPUs, or CPU processes) to launch through accelerate "
+            "(default: distributed.num_processes of the recipe).",
+        ),
     ] = None,
     allow_code_execution: AllowCode = False,
     resume: Annotated[
-        Optional[str],
-        typer.Option(help="Continue from a checkpoint: 'auto' (the newest usable one in the run directory, if any) or a path."),
+        str | None,
+        typer.Option(
+            help="Continue from a checkpoint: 'auto' (the newest usable one in the run directory, if any) or a path."
+        ),
     ] = None,
     force_resume: Annotated[
-        bool, typer.Option("--force-resume", help="Resume even though the recipe, data or process count changed (not exact).")
+        bool,
+        typer.Option(
+            "--force-resume", help="Resume even though the recipe, data or process count changed (not exact)."
+        ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run already in output.dir (its checkpoints, adapter and results).")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace the run already in output.dir (its checkpoints, adapter and results)."
+        ),
     ] = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
-    from finetune.config import apply_overrides, build_recipe, read_recipe_file
+    from finetune.recipe.schema import apply_overrides, build_recipe, read_recipe_file
 
-    build_recipe(apply_overrides(read_recipe_file(recipe), _with_code_opt_in(overrides, allow_code_execution)), str(recipe))
-    from finetune.evaluation import print_metrics
+    build_recipe(
+        apply_overrides(read_recipe_file(recipe), _with_code_opt_in(overrides, allow_code_execution)), str(recipe)
+    )
+    from finetune.evaluation.scoring import print_metrics
+    from finetune.flows.resolve import load_and_check
     from finetune.launch import inside_launched_process, processes_wanted, relaunch
-    from finetune.validation import load_and_check
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     loaded = load_and_check(recipe, overrides).recipe  # every rule, once, before starting processes
     _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
     if num_processes > 1 and not inside_launched_process():
-        args = ["run", str(recipe), *(overrides or []), *(["--dry-run"] if dry_run else []),
-                *(["--resume", resume] if resume is not None else []), *(["--force-resume"] if force_resume else []),
-                *(["--overwrite"] if overwrite else [])]
+        args = [
+            "run",
+            str(recipe),
+            *(overrides or []),
+            *(["--dry-run"] if dry_run else []),
+            *(["--resume", resume] if resume is not None else []),
+            *(["--force-resume"] if force_resume else []),
+            *(["--overwrite"] if overwrite else []),
+        ]
         raise typer.Exit(relaunch(num_processes, args, loaded.distributed.strategy))
-    from finetune.runner import run
+    from finetune.flows.run import run
 
     document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
     if document is None:
@@ -176,7 +202,7 @@ def _is_main_process() -> bool:
 
 
 def _exit_on_failed_gates(document: dict) -> None:
-    from finetune.evaluation import failed_gates
+    from finetune.evaluation.scoring import failed_gates
 
     failed = failed_gates(document)
     if failed:
@@ -186,40 +212,48 @@ def _exit_on_failed_gates(document: dict) -> None:
 @app.command("eval")
 @_handled
 def eval_command(
-    source: Annotated[Optional[str], typer.Argument(help="A recipe (base model) or a run directory.")] = None,
+    source: Annotated[str | None, typer.Argument(help="A recipe (base model) or a run directory.")] = None,
     overrides: Overrides = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="Evaluate this checkpoint or adapter directory.")] = None,
-    gate: Annotated[Optional[list[str]], typer.Option("--gate", help="METRIC>=VALUE; repeatable. Exit 4 on failure.")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Write metrics.json and predictions.jsonl here.")] = None,
-    predictions: Annotated[Optional[str], typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="The task of --predictions.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Evaluate this checkpoint or adapter directory.")] = None,
+    gate: Annotated[
+        list[str] | None, typer.Option("--gate", help="METRIC>=VALUE; repeatable. Exit 4 on failure.")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Write metrics.json and predictions.jsonl here.")] = None,
+    predictions: Annotated[str | None, typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
+    task: Annotated[str | None, typer.Option(help="The task of --predictions.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of a table.")] = False,
     compare: Annotated[
-        Optional[str], typer.Option(help="A baseline run (or metrics.json): exit 4 when a metric regresses beyond --tolerance.")
+        str | None,
+        typer.Option(help="A baseline run (or metrics.json): exit 4 when a metric regresses beyond --tolerance."),
     ] = None,
-    tolerance: Annotated[float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")] = 0.01,
-    junit: Annotated[Optional[str], typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")
+    ] = 0.01,
+    junit: Annotated[str | None, typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
     allow_code_execution: AllowCode = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --output replace an earlier evaluation there.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Let --output replace an earlier evaluation there.")
+    ] = False,
     all_checkpoints: Annotated[
         bool, typer.Option("--all-checkpoints", help="Score every checkpoint and the final adapter, one row per step.")
     ] = False,
     sandbox: Annotated[
-        Optional[str], typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...).")
+        str | None,
+        typer.Option(help="Codegen: strict (bubblewrap, default) or basic isolation (same as eval.sandbox=...)."),
     ] = None,
 ) -> None:
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
     _quiet_libraries()
-    from finetune.ci import read_baseline, write_junit
-    from finetune.evaluation import dumps, print_checkpoints, print_metrics
-    from finetune.runner import evaluate, evaluate_all_checkpoints, rescore
+    from finetune.evaluation.compare import read_baseline, write_junit
+    from finetune.evaluation.scoring import dumps, print_checkpoints, print_metrics
+    from finetune.flows.run import evaluate, evaluate_all_checkpoints, rescore
 
     baseline = (compare, read_baseline(compare), tolerance) if compare else None
     if sandbox not in (None, "strict", "basic"):
         raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
     overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
     if predictions:
-        from finetune.config import EvalSection
+        from finetune.recipe.schema import EvalSection
         from finetune.tasks import TASKS
 
         if not task:
@@ -231,7 +265,7 @@ def eval_command(
         settings = EvalSection(execute_code=allow_code_execution, sandbox=sandbox or "strict")
         document = rescore(predictions, task, gate, settings, baseline)
         if output:
-            from finetune.artifacts import write_json
+            from finetune.files import write_json
 
             write_json(Path(output) / "metrics.json", document)
     else:
@@ -240,11 +274,19 @@ def eval_command(
         if all_checkpoints:
             if checkpoint:
                 raise RecipeError("--all-checkpoints scores every checkpoint; leave out --checkpoint")
-            document = evaluate_all_checkpoints(source, gates=gate, output=output, overrides=overrides,
-                                                overwrite=overwrite)
+            document = evaluate_all_checkpoints(
+                source, gates=gate, output=output, overrides=overrides, overwrite=overwrite
+            )
         else:
-            document = evaluate(source, checkpoint=checkpoint, gates=gate, output=output, overrides=overrides,
-                                baseline=baseline, overwrite=overwrite)
+            document = evaluate(
+                source,
+                checkpoint=checkpoint,
+                gates=gate,
+                output=output,
+                overrides=overrides,
+                baseline=baseline,
+                overwrite=overwrite,
+            )
     if junit:
         write_junit(document, junit)
     written_to = document.pop("written_to", None)
@@ -256,10 +298,13 @@ def eval_command(
         print_metrics(console, document)
         if document.get("watermark_cost"):
             cost = ", ".join(f"{name} {c['difference']:+.4f}" for name, c in document["watermark_cost"].items())
-            console.print(f"watermark cost (the run's watermarked metrics minus these): {cost}", highlight=False,
-                          soft_wrap=True)
+            console.print(
+                f"watermark cost (the run's watermarked metrics minus these): {cost}", highlight=False, soft_wrap=True
+            )
         if written_to:
-            console.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True)
+            console.print(
+                f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True
+            )
     _exit_on_failed_gates(document)
 
 
@@ -269,12 +314,12 @@ def predict_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
     input: Annotated[str, typer.Option("--input", help="A JSONL file of inputs, or - for stdin.")] = "-",
     knowledge_base: Annotated[
-        Optional[str], typer.Option("--knowledge-base", help="qa: answer from these passages instead of the run's own.")
+        str | None, typer.Option("--knowledge-base", help="qa: answer from these passages instead of the run's own.")
     ] = None,
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
     _quiet_libraries()
-    from finetune.runner import predict
+    from finetune.flows.run import predict
 
     rows, source = _read_input_rows(input)
     for row in predict(run_dir, rows, source, knowledge_base=knowledge_base):
@@ -286,7 +331,7 @@ def predict_command(
 def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes: every rule `run` checks before it loads weights, every problem at once."""
     _quiet_libraries()
-    from finetune.validation import validate_recipe_file
+    from finetune.flows.resolve import validate_recipe_file
 
     worst = 0
     for path in recipes:
@@ -312,7 +357,7 @@ def merge_command(
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers checkpoint."""
     _quiet_libraries()
-    from finetune.runner import merge
+    from finetune.flows.run import merge
 
     written = merge(run_dir, output, overwrite=overwrite)
     console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
@@ -328,13 +373,13 @@ def data_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a summary.")] = False,
 ) -> None:
     """The data report: rows, label balance, lengths, duplicates, train/eval overlap, QA spans, the loss mask."""
-    from finetune.validation import load_and_check
+    from finetune.flows.resolve import load_and_check
 
     loaded = load_and_check(recipe, overrides).recipe
     _quiet_libraries()
-    from finetune.artifacts import write_json
-    from finetune.data_report import warnings
-    from finetune.runner import report_data
+    from finetune.data.report import warnings
+    from finetune.files import write_json
+    from finetune.flows.run import report_data
 
     target = Path(output).expanduser()
     if target.exists() and not overwrite:
@@ -345,8 +390,12 @@ def data_command(
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return
     for split, info in report["splits"].items():
-        console.print(f"{split}: {info['rows']} rows; tokens {info['token_length']}; truncated {info['truncated']}, "
-                      f"dropped {info['dropped']} (max_length {info['max_length']})", highlight=False, soft_wrap=True)
+        console.print(
+            f"{split}: {info['rows']} rows; tokens {info['token_length']}; truncated {info['truncated']}, "
+            f"dropped {info['dropped']} (max_length {info['max_length']})",
+            highlight=False,
+            soft_wrap=True,
+        )
         for note in info.get("notes", []):
             console.print(f"  {note}", highlight=False, soft_wrap=True)
     for line in warnings(report) or ["no duplicates, overlap, rare classes or empty texts found"]:
@@ -364,12 +413,12 @@ def detect_command(
     run_dir: Annotated[str, typer.Argument(help="The watermarked run (its tokenizer and key).")],
     input: Annotated[str, typer.Option("--input", help="A JSONL file of texts, or - for stdin.")] = "-",
     field: Annotated[str, typer.Option("--field", help="The field holding each text.")] = "prediction",
-    key: Annotated[Optional[int], typer.Option("--key", help="The watermark key (default: the run's own).")] = None,
+    key: Annotated[int | None, typer.Option("--key", help="The watermark key (default: the run's own).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (rows and summary) on stdout.")] = False,
 ) -> None:
     """Score texts for the run's watermark: per-row z-score, p-value and verdict, and how many look watermarked."""
     _quiet_libraries()
-    from finetune.runner import detect
+    from finetune.flows.run import detect
 
     rows, source = _read_input_rows(input)
     scored, summary = detect(run_dir, rows, source, field=field, key=key)
@@ -382,41 +431,51 @@ def detect_command(
     if summary["unscored"]:
         notes.append(f"{summary['unscored']} had no token to test (too short, or the model was sure of every token)")
     if summary.get("without_prompt"):
-        notes.append(f"{summary['without_prompt']} were scored without their prompt (no 'prompt' field), so with "
-                     "entropies from the text alone")
+        notes.append(
+            f"{summary['without_prompt']} were scored without their prompt (no 'prompt' field), so with "
+            "entropies from the text alone"
+        )
     if "bayesian" in summary:
         bayes = summary["bayesian"]
-        notes.append(f"the trained Bayesian detector gives {bayes['probability_above_half']} a probability above 0.5 "
-                     f"(on its held-out texts it flagged {bayes['validation_true_positive_rate']:.0%} of marked and "
-                     f"{bayes['validation_false_positive_rate']:.0%} of unmarked)")
+        notes.append(
+            f"the trained Bayesian detector gives {bayes['probability_above_half']} a probability above 0.5 "
+            f"(on its held-out texts it flagged {bayes['validation_true_positive_rate']:.0%} of marked and "
+            f"{bayes['validation_false_positive_rate']:.0%} of unmarked)"
+        )
     err_console.print(
         f"{summary['watermarked']} of {summary['rows']} rows look watermarked (z > {summary['z_threshold']:g}; "
         f"false-positive rate about {summary['false_positive_rate']:.1e})" + "".join(f"; {n}" for n in notes),
-        highlight=False, soft_wrap=True)
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("train-detector")
 @_handled
 def train_detector_command(
     run_dir: Annotated[str, typer.Argument(help="A run watermarked with method synthid.")],
-    samples: Annotated[int, typer.Option("--samples", min=2, help="Training prompts to generate from (marked and unmarked each).")] = 200,
+    samples: Annotated[
+        int, typer.Option("--samples", min=2, help="Training prompts to generate from (marked and unmarked each).")
+    ] = 200,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run's trained detector.")] = False,
 ) -> None:
     """Train SynthID's Bayesian detector for the run (its weights go to RUN/watermark_detector/); detect then uses it."""
     _quiet_libraries()
-    from finetune.runner import train_watermark_detector
+    from finetune.flows.run import train_watermark_detector
 
     report = train_watermark_detector(run_dir, samples, overwrite=overwrite)
     console.print(
         f"trained on {report['train_texts']} texts ({report['prompts']} prompts, marked and unmarked); on "
         f"{report['validation_texts']} held-out texts: {report['validation_true_positive_rate']:.0%} of marked and "
         f"{report['validation_false_positive_rate']:.0%} of unmarked flagged; written to {report['written_to']}",
-        highlight=False, soft_wrap=True)
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _read_input_rows(input: str) -> tuple[list[dict], str]:
     """JSONL rows from a file or stdin (-), each a JSON object; a bad line is named."""
-    from finetune.data import parse_jsonl, read_jsonl
+    from finetune.data.tables import parse_jsonl, read_jsonl
 
     if input != "-":
         if not Path(input).expanduser().is_file():
@@ -430,13 +489,17 @@ def _read_input_rows(input: str) -> tuple[list[dict], str]:
 def export_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
     output: Annotated[str, typer.Option("--output", help="FILE.gguf (gguf), or a new or empty directory (hf).")],
-    format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama; Llama/Mistral/Qwen2 decoders) or hf.")] = "gguf",
-    quant: Annotated[str, typer.Option("--quant", help="gguf: f16 (default), bf16 or q8_0 (gguf-py's quantiser).")] = "f16",
+    format: Annotated[
+        str, typer.Option("--format", help="gguf (llama.cpp, Ollama; Llama/Mistral/Qwen2 decoders) or hf.")
+    ] = "gguf",
+    quant: Annotated[
+        str, typer.Option("--quant", help="gguf: f16 (default), bf16 or q8_0 (gguf-py's quantiser).")
+    ] = "f16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never a run).")] = False,
 ) -> None:
     """Export the merged model: a GGUF file for llama.cpp/Ollama, or a plain transformers checkpoint."""
     _quiet_libraries()
-    from finetune.runner import export
+    from finetune.flows.run import export
 
     written = export(run_dir, output, format=format, quant=quant, overwrite=overwrite)
     console.print(f"exported {format} to {written}", highlight=False, soft_wrap=True)

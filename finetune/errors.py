@@ -53,12 +53,25 @@ class Interrupted(FinetuneError):
 
 # Names users bring from transformers/peft/other tools, mapped to ours.
 _KNOWN_ALIASES = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "scheduler",
-    "output_dir": "dir", "model_name_or_path": "name_or_path", "model_name": "name_or_path",
-    "max_seq_length": "max_length", "dtype": "precision", "mixed_precision": "precision",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "lr_scheduler_type": "scheduler",
+    "output_dir": "dir",
+    "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path",
+    "max_seq_length": "max_length",
+    "dtype": "precision",
+    "mixed_precision": "precision",
 }
 
 

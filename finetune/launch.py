@@ -50,9 +50,22 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(
-        [*STRATEGY_FLAGS[strategy], "--num_processes", str(num_processes), "--num_machines", "1",
-         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "finetune", *finetune_args]
+        [
+            *STRATEGY_FLAGS[strategy],
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "finetune",
+            *finetune_args,
+        ]
     )
     try:
         launch_command(args)

@@ -14,7 +14,9 @@ import re
 
 REDACTED = "<redacted>"
 # Whole parts of a name, so HF_TOKEN and AWS_SECRET_ACCESS_KEY match but TOKENIZERS_PARALLELISM and tokens_per_s do not.
-_SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE_KEY|ACCESS_KEY)(_|$)", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"(^|_)(TOKEN|API_?KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE_KEY|ACCESS_KEY)(_|$)", re.IGNORECASE
+)
 _TOKEN_SHAPES = re.compile(
     r"\bhf_[A-Za-z0-9]{20,}"  # Hugging Face
     r"|\bsk-[A-Za-z0-9_-]{20,}"  # OpenAI-style

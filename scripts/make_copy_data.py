@@ -50,9 +50,13 @@ PRODUCTS = [
     ("Fable", "kids' audiobook player", "tells bedtime stories without a screen", "is built for small hands"),
 ]
 AUDIENCES = [
-    ("students", "study late"), ("busy parents", "never stop"), ("remote workers", "work from anywhere"),
-    ("frequent travellers", "live out of a suitcase"), ("home cooks", "love a good meal"),
-    ("outdoor lovers", "head out every weekend"), ("new homeowners", "are making a house a home"),
+    ("students", "study late"),
+    ("busy parents", "never stop"),
+    ("remote workers", "work from anywhere"),
+    ("frequent travellers", "live out of a suitcase"),
+    ("home cooks", "love a good meal"),
+    ("outdoor lovers", "head out every weekend"),
+    ("new homeowners", "are making a house a home"),
 ]
 TONES = ["playful", "professional", "warm"]
 
@@ -66,8 +70,10 @@ def copy_for(name, category, benefit, extra, audience, habit, tone) -> str:
 
 
 def brief_for(name, category, benefit, extra, audience, tone) -> str:
-    return (f"Product: {name}, a {category}. Audience: {audience}. Key benefit: it {benefit}. "
-            f"Also: it {extra}. Tone: {tone}.")
+    return (
+        f"Product: {name}, a {category}. Audience: {audience}. Key benefit: it {benefit}. "
+        f"Also: it {extra}. Tone: {tone}."
+    )
 
 
 def rows_for(products, rng, per_product) -> list[dict]:
@@ -75,10 +81,12 @@ def rows_for(products, rng, per_product) -> list[dict]:
     for name, category, benefit, extra in products:
         for audience, habit in rng.sample(AUDIENCES, per_product):
             tone = rng.choice(TONES)
-            rows.append({
-                "brief": brief_for(name, category, benefit, extra, audience, tone),
-                "copy": copy_for(name, category, benefit, extra, audience, habit, tone),
-            })
+            rows.append(
+                {
+                    "brief": brief_for(name, category, benefit, extra, audience, tone),
+                    "copy": copy_for(name, category, benefit, extra, audience, habit, tone),
+                }
+            )
     rng.shuffle(rows)
     return rows
 

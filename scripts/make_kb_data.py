@@ -15,8 +15,18 @@ from pathlib import Path
 
 from make_paragraph_faq_data import COMPANIES, TOPICS, paragraph
 
-TOPIC_NAMES = ["claims", "billing", "cancelling a contract", "emergencies", "moving house", "premium discounts",
-               "personal data", "missed payments", "complaints", "travel cover"]
+TOPIC_NAMES = [
+    "claims",
+    "billing",
+    "cancelling a contract",
+    "emergencies",
+    "moving house",
+    "premium discounts",
+    "personal data",
+    "missed payments",
+    "complaints",
+    "travel cover",
+]
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ def _private_cache(tmp_path_factory):
     """Feature cache, GGUF conversions and embeddings go to this session's own directory, never the user's."""
     os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
 
+
 WORDS = {
     "sports": "match goal team player coach league score season win stadium",
     "weather": "rain sun cloud storm wind snow forecast cold warm temperature",
@@ -62,14 +63,22 @@ def _train_tokenizer(kind: str):
         start, end = ("[CLS]", "[SEP]") if kind == "bert" else ("<s>", "</s>")
         pair = f"{start} $A {end} $B {end}" if kind == "bert" else f"{start} $A {end} {end} $B {end}"
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{start} $A {end}", pair=pair,
+            single=f"{start} $A {end}",
+            pair=pair,
             special_tokens=[(start, tokenizer.token_to_id(start)), (end, tokenizer.token_to_id(end))],
         )
-        names = ("pad_token", "unk_token", "cls_token" if kind == "bert" else "bos_token",
-                 "sep_token" if kind == "bert" else "eos_token", "mask_token")
+        names = (
+            "pad_token",
+            "unk_token",
+            "cls_token" if kind == "bert" else "bos_token",
+            "sep_token" if kind == "bert" else "eos_token",
+            "mask_token",
+        )
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **dict(zip(names, specials)))
     # GPT-style: no pad token, like GPT-2 and many decoders.
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
 
 
 def build_tiny(kind: str, directory: Path) -> Path:
@@ -89,24 +98,57 @@ def build_tiny(kind: str, directory: Path) -> Path:
     tokenizer = _train_tokenizer(family)
     vocab = len(tokenizer)
     if kind == "bert":
-        config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = AutoModel.from_config(config)
     elif kind == "bart":
-        config = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=2, decoder_layers=2,
-                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                            decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None)
+        config = BartConfig(
+            vocab_size=vocab,
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.eos_token_id,
+            forced_eos_token_id=None,
+        )
         model = AutoModelForSeq2SeqLM.from_config(config)
     elif kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=128,
-                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = AutoModelForCausalLM.from_config(config)
     else:
-        config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = AutoModelForCausalLM.from_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

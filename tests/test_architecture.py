@@ -51,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -78,3 +78,54 @@ def test_no_import_cycle_in_the_package():
         deps.discard("finetune")
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Bottom to top: a module may import its own layer or a lower one, never a higher one.
+# The base modules (errors, secrets, files) and the package itself are layer 0; the command line is the top.
+LAYERS = [
+    {"finetune", "finetune.errors", "finetune.secrets", "finetune.files"},
+    {"finetune.recipe"},
+    {"finetune.models"},
+    {"finetune.data"},
+    {"finetune.evaluation"},
+    {"finetune.watermark"},
+    {"finetune.tasks"},
+    {"finetune.outputs"},
+    {"finetune.training"},
+    {"finetune.flows"},
+    {"finetune.cli", "finetune.launch", "finetune.__main__"},
+]
+
+
+def layer_of(module: str) -> int:
+    for index, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members if m != "finetune") or module == "finetune":
+            return index
+    raise AssertionError(f"{module} belongs to no layer: add its folder to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{name} (layer {layer_of(name)}) imports {dep} (layer {layer_of(dep)})"
+        for name, deps in graph.items()
+        for dep in deps
+        if layer_of(dep) > layer_of(name)
+    )
+
+
+def test_the_checker_finds_a_planted_upward_import():
+    assert upward_imports({"finetune.recipe.schema": {"finetune.flows.run"}}) == [
+        "finetune.recipe.schema (layer 1) imports finetune.flows.run (layer 9)"
+    ]
+    assert upward_imports({"finetune.flows.run": {"finetune.recipe.schema"}}) == []
+
+
+def test_every_module_imports_only_its_own_layer_or_lower():
+    graph = import_graph()
+    assert upward_imports(graph) == []
+
+
+def test_the_package_is_folders_of_layers():
+    """No flat module beside the layers but the base and the command line."""
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top <= {"__init__", "__main__", "errors", "secrets", "files", "cli", "launch"}, top

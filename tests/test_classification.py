@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import classification_recipe, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, write_jsonl
 from finetune.cli import app
 
 runner = CliRunner()
@@ -53,7 +53,9 @@ def test_training_learns_and_is_reproducible(tiny_models, topic_data, write_reci
         out = tmp_path / name
         recipe = classification_recipe(tiny_models["gpt2"], topic_data, out, epochs=4, seed=seed)
         assert invoke("run", write_recipe(recipe, f"{name}.yaml")).exit_code == 0
-        return json.loads((out / "metrics.json").read_text())["metrics"], (out / "adapter" / "adapter_model.safetensors").read_bytes()
+        return json.loads((out / "metrics.json").read_text())["metrics"], (
+            out / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
 
     first, adapter_a = run("a", 0)
     second, adapter_b = run("b", 0)
@@ -88,8 +90,8 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
 
     merged_dir = tmp_path / "merged"
     assert invoke("merge", out, "--output", merged_dir).exit_code == 0
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -102,7 +104,12 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
     rows = [{"sentence": r["text"], "y": i % 3} for i, r in enumerate(__import__("conftest").corpus(90))]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = classification_recipe(tiny_models["bert"], {"train": data, "eval": data}, tmp_path / "run")
-    recipe["data"] = {"train": str(data), "eval_split": 0.2, "columns": {"text": "sentence", "label": "y"}, "max_length": 32}
+    recipe["data"] = {
+        "train": str(data),
+        "eval_split": 0.2,
+        "columns": {"text": "sentence", "label": "y"},
+        "max_length": 32,
+    }
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
@@ -173,9 +180,9 @@ def test_validate_command(tiny_models, topic_data, write_recipe, tmp_path):
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_no_traceback_in_a_real_process(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: classification\nmodel: {name_or_path: x}\ndata: {train: a.jsonl, eval: b.jsonl}\nlora: {rank: 4}\n")
+    recipe.write_text(
+        "task: classification\nmodel: {name_or_path: x}\ndata: {train: a.jsonl, eval: b.jsonl}\nlora: {rank: 4}\n"
+    )
     result = subprocess.run([sys.executable, "-m", "finetune", "validate", str(recipe)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "lora.rank: unknown key (did you mean 'r'?)" in result.stderr and "Traceback" not in result.stderr
-
-

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import load_table
-from finetune.sandbox import OPT_IN_ENV, bubblewrap
+from finetune.data.tables import load_table
 from finetune.tasks.codegen import HUMAN_EVAL, pass_at_k
+from finetune.tasks.sandbox import OPT_IN_ENV, bubblewrap
 from tests.conftest import write_jsonl
 from tests.test_generation import generation_recipe
 
@@ -52,8 +52,10 @@ def _samples(problems, count: int, pattern: str) -> tuple[list[dict], list[int]]
         kinds = pattern[index % len(pattern) :] + pattern[: index % len(pattern)]  # vary the mix per problem
         for sample, kind in enumerate(kinds):
             completion = problem["canonical_solution"] if kind == "c" else BROKEN
-            rows.append({k: problem[k] for k in ("task_id", "prompt", "test", "entry_point")}
-                        | {"sample": sample, "prediction": completion})
+            rows.append(
+                {k: problem[k] for k in ("task_id", "prompt", "test", "entry_point")}
+                | {"sample": sample, "prediction": completion}
+            )
         correct.append(kinds.count("c"))
     return rows, correct
 
@@ -63,8 +65,19 @@ def test_rescoring_humaneval_samples_equals_the_reference_estimator(problems, tm
 
     rows, correct = _samples(problems, 12, "ccbb")
     path = write_jsonl(tmp_path / "predictions.jsonl", rows)
-    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
-                                 "--json", *_sandbox_flags()])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--predictions",
+            str(path),
+            "--task",
+            "codegen",
+            "--allow-code-execution",
+            "--json",
+            *_sandbox_flags(),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
     assert set(metrics) == {"pass@1", "pass@2", "pass@4"}
@@ -77,16 +90,29 @@ def test_human_eval_sample_layout_is_accepted(problems, tmp_path, opted_in):
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems[:3]]
     rows.append({"task_id": problems[3]["task_id"], "completion": BROKEN})
     path = write_jsonl(tmp_path / "samples.jsonl", rows)
-    result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
-                                 "--json", *_sandbox_flags()])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--predictions",
+            str(path),
+            "--task",
+            "codegen",
+            "--allow-code-execution",
+            "--json",
+            *_sandbox_flags(),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["metrics"]["pass@1"] == pytest.approx(0.75)
 
 
 def test_without_both_opt_ins_nothing_runs(problems, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
-    rows = [{k: problems[0][k] for k in ("prompt", "test", "entry_point")}
-            | {"prediction": f"    open({str(marker)!r}, 'w').write('x')\n"}]
+    rows = [
+        {k: problems[0][k] for k in ("prompt", "test", "entry_point")}
+        | {"prediction": f"    open({str(marker)!r}, 'w').write('x')\n"}
+    ]
     path = write_jsonl(tmp_path / "predictions.jsonl", rows)
     command = ["eval", "--predictions", str(path), "--task", "codegen", "--sandbox", "basic"]
     monkeypatch.delenv(OPT_IN_ENV, raising=False)
@@ -99,9 +125,11 @@ def test_without_both_opt_ins_nothing_runs(problems, tmp_path, monkeypatch):
 
 
 def test_exact_match_where_no_tests_exist(tmp_path):
-    rows = [{"prompt": "def f():\n", "completion": "    return 1\n", "prediction": "    return 1"},
-            {"prompt": "def g():\n", "completion": "    return 2\n", "prediction": "    return 3\n"},
-            {"prompt": "def h():\n", "completion": "    return 4\n", "prediction": "    return 4\n\n"}]
+    rows = [
+        {"prompt": "def f():\n", "completion": "    return 1\n", "prediction": "    return 1"},
+        {"prompt": "def g():\n", "completion": "    return 2\n", "prediction": "    return 3\n"},
+        {"prompt": "def h():\n", "completion": "    return 4\n", "prediction": "    return 4\n\n"},
+    ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     result = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--json"])
     assert result.exit_code == 0, result.output
@@ -109,22 +137,40 @@ def test_exact_match_where_no_tests_exist(tmp_path):
 
 
 TOY_TRAIN = [
-    {"prompt": f"def add_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n", "completion": f"    return x + {i}\n"}
+    {"prompt": f'def add_{i}(x):\n    """Return x plus {i}."""\n', "completion": f"    return x + {i}\n"}
     for i in range(24)
 ]
 TOY_EVAL = [
-    {"task_id": f"toy/{i}", "prompt": f"def add_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n",
-     "test": f"def check(candidate):\n    assert candidate(1) == {i + 1}\n", "entry_point": f"add_{i}"}
+    {
+        "task_id": f"toy/{i}",
+        "prompt": f'def add_{i}(x):\n    """Return x plus {i}."""\n',
+        "test": f"def check(candidate):\n    assert candidate(1) == {i + 1}\n",
+        "entry_point": f"add_{i}",
+    }
     for i in range(3)
 ]
 
 
 def test_codegen_run_samples_and_scores_pass_at_k(tiny_models, tmp_path, write_recipe, opted_in):
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL),
+    }
     out = tmp_path / "run"
-    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, out, train={"epochs": 1},
-                               eval={"num_samples": 2, "temperature": 0.8, "execute_code": True,
-                                     "sandbox": "strict" if bubblewrap() else "basic", "timeout_s": 5})
+    recipe = generation_recipe(
+        "codegen",
+        tiny_models["gpt2"],
+        data,
+        out,
+        train={"epochs": 1},
+        eval={
+            "num_samples": 2,
+            "temperature": 0.8,
+            "execute_code": True,
+            "sandbox": "strict" if bubblewrap() else "basic",
+            "timeout_s": 5,
+        },
+    )
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -141,8 +187,9 @@ def test_codegen_run_samples_and_scores_pass_at_k(tiny_models, tmp_path, write_r
     fixed[1]["prediction"] = "    return x - 0 + 0 + 0\n"
     path = write_jsonl(tmp_path / "fixed.jsonl", fixed)
     sandbox = [] if bubblewrap() else ["--sandbox", "basic"]
-    rescored = runner.invoke(app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution",
-                                   "--json", *sandbox])
+    rescored = runner.invoke(
+        app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution", "--json", *sandbox]
+    )
     assert rescored.exit_code == 0, rescored.output
     expected = (2 + sum(r["passed"] for r in rows[2:])) / len(rows)
     assert json.loads(rescored.stdout)["metrics"]["pass@1"] == pytest.approx(expected)
@@ -150,7 +197,10 @@ def test_codegen_run_samples_and_scores_pass_at_k(tiny_models, tmp_path, write_r
 
 def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models, tmp_path, write_recipe, monkeypatch):
     monkeypatch.delenv(OPT_IN_ENV, raising=False)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL),
+    }
     out = tmp_path / "run"
     recipe = generation_recipe("codegen", tiny_models["gpt2"], data, out, eval={"execute_code": True})
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
@@ -159,8 +209,13 @@ def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models,
 
 
 def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, write_recipe):
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN), "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL)}
-    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, tmp_path / "run", eval={"pass_k": [1, 5], "num_samples": 2})
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL),
+    }
+    recipe = generation_recipe(
+        "codegen", tiny_models["gpt2"], data, tmp_path / "run", eval={"pass_k": [1, 5], "num_samples": 2}
+    )
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2
     assert "pass@5 needs at least 5 samples" in result.output and "temperature" in result.output
@@ -169,14 +224,26 @@ def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, wri
 def test_the_recipe_time_limit_reaches_the_sandbox(monkeypatch):
     """eval.timeout_s is the limit each sample runs under (a 3 s sample under a 1 s limit times out, and the
     pass@k row says why), and a passing sample's result is plain `passed`."""
-    from finetune.config import EvalSection
+    from finetune.recipe.schema import EvalSection
     from finetune.tasks.codegen import CodegenTask
 
     monkeypatch.setenv(OPT_IN_ENV, "1")
-    rows = [{"prompt": "def f():\n", "prediction": "    import time\n    time.sleep(3)\n    return 1\n",
-             "test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f", "task_id": "slow"},
-            {"prompt": "def g():\n", "prediction": "    return 2\n",
-             "test": "def check(candidate):\n    assert candidate() == 2\n", "entry_point": "g", "task_id": "fast"}]
+    rows = [
+        {
+            "prompt": "def f():\n",
+            "prediction": "    import time\n    time.sleep(3)\n    return 1\n",
+            "test": "def check(candidate):\n    assert candidate() == 1\n",
+            "entry_point": "f",
+            "task_id": "slow",
+        },
+        {
+            "prompt": "def g():\n",
+            "prediction": "    return 2\n",
+            "test": "def check(candidate):\n    assert candidate() == 2\n",
+            "entry_point": "g",
+            "task_id": "fast",
+        },
+    ]
     settings = EvalSection(execute_code=True, sandbox="basic", timeout_s=1.0)
     metrics = CodegenTask().compute_metrics(rows, settings)["metrics"]
     assert metrics["pass@1"] == 0.5

@@ -1,8 +1,8 @@
 import pytest
 
-from finetune.config import apply_overrides
-from finetune.validation import build_recipe, load_recipe
 from finetune.errors import RecipeError
+from finetune.flows.resolve import build_recipe, load_recipe
+from finetune.recipe.schema import apply_overrides
 
 BASE = {
     "task": "classification",
@@ -106,7 +106,7 @@ def test_every_shipped_recipe_validates(monkeypatch):
     import re
     from pathlib import Path
 
-    from finetune.validation import validate_recipe_file
+    from finetune.flows.resolve import validate_recipe_file
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)

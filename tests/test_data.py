@@ -1,7 +1,7 @@
 import pytest
 from datasets import Dataset
 
-from finetune.data import apply_overflow, load_table, map_columns
+from finetune.data.tables import apply_overflow, load_table, map_columns
 from finetune.errors import DataError
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-
+from conftest import classification_recipe, corpus, write_jsonl
+from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, corpus, write_jsonl
 from finetune.cli import app
-from finetune.data_report import find_overlap
-from test_generation import copy_rows, generation_recipe
+from finetune.data.report import find_overlap
 
 runner = CliRunner()
 
@@ -20,14 +19,23 @@ runner = CliRunner()
 def planted(tmp_path):
     """Training rows with 2 exact copies of eval rows, 2 near copies (a word changed), and 1 duplicate inside."""
     rows = [{"text": f"{r['text']} {i}", "label": r["label"]} for i, r in enumerate(corpus(120))]
-    eval_rows = [{"text": f"unique eval sentence number {i} about storms and goals and ovens", "label": rows[i]["label"]}
-                 for i in range(10)]
+    eval_rows = [
+        {"text": f"unique eval sentence number {i} about storms and goals and ovens", "label": rows[i]["label"]}
+        for i in range(10)
+    ]
     long = "the match ended with a late goal by the home team after a long rain delay in the cold"
-    train = rows + [dict(eval_rows[0]), {"text": eval_rows[1]["text"].upper() + "!", "label": "sports"},
-                    {"text": long, "label": "sports"}, {"text": long.replace("cold", "wind"), "label": "sports"},
-                    dict(rows[5])]
+    train = rows + [
+        dict(eval_rows[0]),
+        {"text": eval_rows[1]["text"].upper() + "!", "label": "sports"},
+        {"text": long, "label": "sports"},
+        {"text": long.replace("cold", "wind"), "label": "sports"},
+        dict(rows[5]),
+    ]
     eval_rows += [{"text": long.replace("cold", "snow"), "label": "sports"}]
-    return {"train": write_jsonl(tmp_path / "train.jsonl", train), "eval": write_jsonl(tmp_path / "eval.jsonl", eval_rows)}
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", train),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", eval_rows),
+    }
 
 
 def test_overlap_finds_exact_and_near_duplicates():
@@ -85,7 +93,7 @@ def test_generation_report_shows_the_loss_mask(tiny_models, write_recipe, tmp_pa
 def test_a_hash_collision_is_not_a_duplicate(monkeypatch):
     import numpy as np
 
-    from finetune import data_report
+    from finetune.data import report as data_report
 
     texts = pa.chunked_array([["alpha beta gamma", "delta epsilon zeta", "alpha beta gamma"]])
     monkeypatch.setattr(data_report, "text_hashes", lambda values: np.zeros(len(values), dtype=np.uint64))

@@ -7,23 +7,29 @@ import gzip
 import json
 
 import pytest
-from typer.testing import CliRunner
-from transformers import AutoTokenizer
-
 from conftest import classification_recipe, corpus, write_jsonl
-from finetune import data
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
 from finetune.cli import app
-from finetune.data import load_table
+from finetune.data import tables as data
+from finetune.data.cache import FeatureCache
+from finetune.data.tables import load_table
 from finetune.errors import DataError
-from finetune.feature_cache import FeatureCache
-from finetune.session import open_data
+from finetune.flows.resolve import load_recipe
+from finetune.flows.session import open_data
 from finetune.tasks.classification import Truncation
-from finetune.validation import load_recipe
 
 runner = CliRunner()
 
-TEXTS = ["short", "", "a much longer text " * 20, "héllo wörld\nnew line  spaces", "<s> looks special </s>",
-         "match goal team player coach league score season win stadium " * 3]
+TEXTS = [
+    "short",
+    "",
+    "a much longer text " * 20,
+    "héllo wörld\nnew line  spaces",
+    "<s> looks special </s>",
+    "match goal team player coach league score season win stadium " * 3,
+]
 
 
 @pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])
@@ -90,7 +96,10 @@ def test_cached_run_trains_the_same_adapter_bytes(tiny_models, topic_data, write
 def test_workers_give_the_same_features_as_one_process(tiny_models, tmp_path, write_recipe, monkeypatch):
     monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)  # tiny data, real worker processes
     rows = corpus(400)
-    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:300]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[300:])}
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:300]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[300:]),
+    }
     results = []
     for workers in (1, 2):
         monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / f"cache-{workers}"))
@@ -104,7 +113,10 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
     monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
     rows = corpus(200)
     rows[150]["text"] = None
-    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:20] + rows[100:]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:40])}
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:20] + rows[100:]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:40]),
+    }
     recipe = classification_recipe(tiny_models["bert"], files, tmp_path / "run")
     recipe["data"]["num_workers"] = 2
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
@@ -112,12 +124,18 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
     assert "row 71: field 'text' must be text, got NoneType None" in result.output
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"text": "a", "label": 1}\n{"text": "\xff", "label": 2}\n', r"d.jsonl:2: not UTF-8 text"),
-    (b'{"text": "a", "label": 1}\n\n{"text": "b" "label": 2}\n', r"d.jsonl:3: malformed JSON line"),
-    (b'{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: each line must be a JSON object, got list"),
-    (b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n', r"column 'label' is a number in row 1 but text in row 2"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "a", "label": 1}\n{"text": "\xff", "label": 2}\n', r"d.jsonl:2: not UTF-8 text"),
+        (b'{"text": "a", "label": 1}\n\n{"text": "b" "label": 2}\n', r"d.jsonl:3: malformed JSON line"),
+        (b'{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: each line must be a JSON object, got list"),
+        (
+            b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n',
+            r"column 'label' is a number in row 1 but text in row 2",
+        ),
+    ],
+)
 def test_bad_jsonl_is_named_by_line(content, message, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(content)

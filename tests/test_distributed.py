@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import classification_recipe
+
 from finetune.launch import free_port
 
 # Subprocesses, signals and kill -9: `make test` runs these, the fast loop (`-m "not slow"`) does not.
@@ -29,16 +29,41 @@ def test_accelerate_launch_two_cpu_processes(tiny_models, topic_data, write_reci
     single = tmp_path / "single"
     double = tmp_path / "double"
     # Same global batch: 8 per process x 2 processes vs 16 in one.
-    one = write_recipe(classification_recipe(tiny_models["gpt2"], topic_data, single, batch_size=16, epochs=4), "one.yaml")
-    two = write_recipe(classification_recipe(tiny_models["gpt2"], topic_data, double, batch_size=8, epochs=4), "two.yaml")
+    one = write_recipe(
+        classification_recipe(tiny_models["gpt2"], topic_data, single, batch_size=16, epochs=4), "one.yaml"
+    )
+    two = write_recipe(
+        classification_recipe(tiny_models["gpt2"], topic_data, double, batch_size=8, epochs=4), "two.yaml"
+    )
     env = isolated_env(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "finetune", "run", str(one)], env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-m", "finetune", "run", str(one)], env=env, capture_output=True).returncode
+        == 0
+    )
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-         "--dynamo_backend", "no",
-         "-m", "finetune", "run", str(two)],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "finetune",
+            "run",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     manifest = json.loads((double / "manifest.json").read_text())
@@ -59,8 +84,19 @@ def test_num_processes_option_keeps_exit_codes(tiny_models, topic_data, write_re
     recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", epochs=1))
     env = isolated_env(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "finetune", "run", str(recipe), "--num-processes", "2", "eval.gates={eval_loss: '<=0.000001'}"],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "run",
+            str(recipe),
+            "--num-processes",
+            "2",
+            "eval.gates={eval_loss: '<=0.000001'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 4, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["hardware"]["num_processes"] == 2

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.validation import build_recipe
-from finetune.generation import IGNORE, PadCollator, cut_at_stops, encode, generate
-from finetune.families import FAMILIES
-from finetune.models import load_tokenizer
+from finetune.flows.resolve import build_recipe
+from finetune.models.families import FAMILIES
+from finetune.models.references import load_tokenizer
+from finetune.tasks.text2text import IGNORE, PadCollator, cut_at_stops, encode, generate
 from tests.conftest import WORDS, write_jsonl
 
 runner = CliRunner()
@@ -28,8 +28,9 @@ def copy_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         topic = topics[i % len(topics)]
         words = WORDS[topic].split()
-        rows.append({"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 6))),
-                     "completion": " ".join(words[:4])})
+        rows.append(
+            {"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 6))), "completion": " ".join(words[:4])}
+        )
     return rows
 
 
@@ -49,15 +50,21 @@ def generation_recipe(task: str, model_dir, data, out, **sections) -> dict:
 
 
 def _recipe(tmp_path, **data):
-    raw = {"task": "copywriting", "model": {"name_or_path": "x"},
-           "data": {"train": "t.jsonl", "eval": "e.jsonl", "max_length": 32, **data}}
+    raw = {
+        "task": "copywriting",
+        "model": {"name_or_path": "x"},
+        "data": {"train": "t.jsonl", "eval": "e.jsonl", "max_length": 32, **data},
+    }
     return build_recipe(raw)
 
 
 @pytest.fixture()
 def copy_data(tmp_path):
     rows = copy_rows(60)
-    return {"train": write_jsonl(tmp_path / "train.jsonl", rows[:48]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[48:])}
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:48]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[48:]),
+    }
 
 
 # --------------------------------------------------------------------------- features
@@ -78,7 +85,9 @@ def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind])
-    batch = PadCollator(tokenizer)([row, encode(["rain"], ["snow"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path), "x").features[0]])
+    batch = PadCollator(tokenizer)(
+        [row, encode(["rain"], ["snow"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path), "x").features[0]]
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits[0]
         loss = model(**{k: v[:1] for k, v in batch.items()}).loss
@@ -105,20 +114,29 @@ def test_truncation_keeps_the_completion_and_reports_it(tiny_models, tmp_path):
     row = encoded.features[0]
     c = tokenizer("cold warm", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(row["input_ids"]) == 12
-    assert row["input_ids"][-len(c):] == c and row["labels"][-len(c):] == c
-    assert row["input_ids"][: 12 - len(c)] == tokenizer(long_prompt)["input_ids"][-(12 - len(c)):]  # the start is cut
+    assert row["input_ids"][-len(c) :] == c and row["labels"][-len(c) :] == c
+    assert row["input_ids"][: 12 - len(c)] == tokenizer(long_prompt)["input_ids"][-(12 - len(c)) :]  # the start is cut
     assert encoded.report.truncated == 1
     assert any("shortened" in note for note in encoded.report.notes)
 
     too_long_completion = encode(["sun"], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
     assert any("completion(s) longer" in note for note in too_long_completion.report.notes)
 
-    dropped = encode([long_prompt, "sun"], ["cold", "snow"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path, max_length=12, overflow="drop"), "d")
+    dropped = encode(
+        [long_prompt, "sun"],
+        ["cold", "snow"],
+        tokenizer,
+        FAMILIES["gpt"],
+        _recipe(tmp_path, max_length=12, overflow="drop"),
+        "d",
+    )
     assert dropped.keep == [1] and dropped.report.dropped == 1
     from finetune.errors import DataError
 
     with pytest.raises(DataError, match="rows 1"):
-        encode([long_prompt], ["cold"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path, max_length=12, overflow="error"), "d")
+        encode(
+            [long_prompt], ["cold"], tokenizer, FAMILIES["gpt"], _recipe(tmp_path, max_length=12, overflow="error"), "d"
+        )
 
 
 # --------------------------------------------------------------------------- generation
@@ -148,7 +166,9 @@ def _generator(tiny_models, kind, no_eos=False):
 
     def run(prompts, stops=(), batch_size=8, **settings):
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-        return generate(model, tokenizer, FAMILIES[family], ids, _Settings(**settings), list(stops), batch_size, accelerator)
+        return generate(
+            model, tokenizer, FAMILIES[family], ids, _Settings(**settings), list(stops), batch_size, accelerator
+        )
 
     return run
 
@@ -177,7 +197,7 @@ def test_generation_stops_at_a_stop_string(tiny_models, kind):
 
 
 def test_cutting_a_prompt_keeps_its_bos():
-    from finetune.generation import _keep_end
+    from finetune.tasks.text2text import _keep_end
 
     assert _keep_end([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
     assert _keep_end([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]
@@ -200,8 +220,9 @@ def test_sampling_gives_num_samples_per_prompt(tiny_models):
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
 def test_copywriting_trains_and_generates(tiny_models, copy_data, tmp_path, write_recipe, kind):
     out = tmp_path / "run"
-    recipe = write_recipe(generation_recipe("copywriting", tiny_models[kind], copy_data, out,
-                                            train={"epochs": 6, "lr": 1e-2}))
+    recipe = write_recipe(
+        generation_recipe("copywriting", tiny_models[kind], copy_data, out, train={"epochs": 6, "lr": 1e-2})
+    )
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -216,7 +237,9 @@ def test_copywriting_trains_and_generates(tiny_models, copy_data, tmp_path, writ
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == ("SEQ_2_SEQ_LM" if kind == "bart" else "CAUSAL_LM")
     # Re-scoring the saved predictions gives the same metrics.
-    again = runner.invoke(app, ["eval", "--predictions", str(out / "predictions.jsonl"), "--task", "copywriting", "--json"])
+    again = runner.invoke(
+        app, ["eval", "--predictions", str(out / "predictions.jsonl"), "--task", "copywriting", "--json"]
+    )
     assert again.exit_code == 0, again.output
     rescored = json.loads(again.stdout)["metrics"]
     assert all(rescored[k] == pytest.approx(metrics["metrics"][k]) for k in rescored)
@@ -226,7 +249,9 @@ def test_predict_generates_for_new_prompts(tiny_models, copy_data, tmp_path, wri
     out = tmp_path / "run"
     recipe = write_recipe(generation_recipe("copywriting", tiny_models["gpt2"], copy_data, out, train={"epochs": 1}))
     assert runner.invoke(app, ["run", str(recipe)]).exit_code == 0
-    result = runner.invoke(app, ["predict", str(out), "--input", "-"], input='{"prompt": "rain sun"}\n{"prompt": "oven"}\n')
+    result = runner.invoke(
+        app, ["predict", str(out), "--input", "-"], input='{"prompt": "rain sun"}\n{"prompt": "oven"}\n'
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["rain sun", "oven"]

@@ -3,15 +3,13 @@ transformers' GGUF loader, against the run's merged checkpoint."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import WORDS, classification_recipe, corpus, write_jsonl
+from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
-from conftest import WORDS, classification_recipe, corpus, write_jsonl
 from finetune.cli import app
-from test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
 
@@ -31,13 +29,26 @@ def byte_level_llama(tmp_path_factory):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
+    )
     directory = tmp_path_factory.mktemp("byte-level-llama")
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     fast.save_pretrained(directory)

@@ -1,8 +1,8 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from finetune.families import FAMILIES
-from finetune.lora import count_parameters, group_targets, resolve_targets, role_of
+from finetune.models.families import FAMILIES
+from finetune.models.lora import count_parameters, group_targets, resolve_targets, role_of
 
 
 def leaves(names):
@@ -35,7 +35,11 @@ def test_gpt2_conv1d_and_llama(tiny_models):
     assert {n.rsplit(".", 1)[-1] for n in resolve_targets(gpt2, "attention", FAMILIES["gpt"])} == {"c_attn", "c_proj"}
     assert {n.rsplit(".", 1)[-1] for n in resolve_targets(gpt2, "mlp", FAMILIES["gpt"])} == {"c_fc", "c_proj"}
     llama = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    assert {n.rsplit(".", 1)[-1] for n in resolve_targets(llama, "mlp", FAMILIES["gpt"])} == {"gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in resolve_targets(llama, "mlp", FAMILIES["gpt"])} == {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     with pytest.raises(ValueError, match="no cross_attention layers"):
         resolve_targets(llama, "cross_attention", FAMILIES["gpt"])
 
@@ -48,13 +52,15 @@ def test_explicit_names_and_unknown_name(tiny_models):
 
 
 def test_classification_head_is_trained_and_base_frozen(tiny_models):
-    from finetune.config import LoraSection
-    from finetune.lora import apply_lora, head_modules
+    from finetune.models.lora import apply_lora, head_modules
+    from finetune.recipe.schema import LoraSection
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
     heads = head_modules(model, ("classifier", "score", "pooler"))
     assert heads == ["classifier", "pooler"]
-    peft_model = apply_lora(model, LoraSection(r=2), resolve_targets(model, "attention", FAMILIES["bert"]), heads, "SEQ_CLS")
+    peft_model = apply_lora(
+        model, LoraSection(r=2), resolve_targets(model, "attention", FAMILIES["bert"]), heads, "SEQ_CLS"
+    )
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable) and any("lora_A" in n for n in trainable)
     assert not any("word_embeddings" in n for n in trainable)
@@ -74,4 +80,7 @@ def test_plan_groups_targets_by_block(tiny_models):
     bert = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
     lines = group_targets(resolve_targets(bert, "all_linear", FAMILIES["bert"]), FAMILIES["bert"])
     n = bert.config.num_hidden_layers
-    assert lines == [f"encoder self-attention: query, key, value, output x{n}", f"encoder mlp: intermediate, output x{n}"]
+    assert lines == [
+        f"encoder self-attention: query, key, value, output x{n}",
+        f"encoder mlp: intermediate, output x{n}",
+    ]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import classification_recipe
+from test_resume import adapter_bytes, killed_run, log_losses
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
 from finetune.cli import app
-from test_resume import adapter_bytes, killed_run, log_losses
 
 runner = CliRunner()
 
@@ -25,6 +25,7 @@ def metrics_of(run):
 
 def test_evaluating_during_training_changes_nothing_in_training(tiny_models, topic_data, write_recipe, tmp_path):
     """With eval.keep: last, a run that evaluates has the same losses and adapter bytes as one that does not."""
+
     def run(name, **evaluation):
         recipe = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=3, log_every=1)
         recipe["lora"]["dropout"] = 0.2  # draws from the RNG every step: evaluation must not shift it
@@ -48,8 +49,9 @@ def test_evaluating_during_training_changes_nothing_in_training(tiny_models, top
 
 def test_keep_best_with_early_stopping(tiny_models, topic_data, write_recipe, tmp_path):
     out = tmp_path / "run"
-    recipe = classification_recipe(tiny_models["bert"], topic_data, out, epochs=10, lr=3e-2,
-                                   early_stopping={"patience": 2}, keep_checkpoints=1)
+    recipe = classification_recipe(
+        tiny_models["bert"], topic_data, out, epochs=10, lr=3e-2, early_stopping={"patience": 2}, keep_checkpoints=1
+    )
     recipe["eval"] = {"every": "epoch", "keep": "best", "best_metric": "eval_loss"}
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
@@ -78,11 +80,18 @@ def test_keep_best_with_early_stopping(tiny_models, topic_data, write_recipe, tm
 
 
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
-def test_kill_9_during_a_run_with_evaluation_and_early_stopping_resumes_exactly(tiny_models, topic_data,
-                                                                                 write_recipe, tmp_path):
+def test_kill_9_during_a_run_with_evaluation_and_early_stopping_resumes_exactly(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
     def recipe(name):
-        r = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=6, checkpoint_every=5,
-                                  early_stopping={"patience": 2, "min_delta": 0.0})
+        r = classification_recipe(
+            tiny_models["gpt2"],
+            topic_data,
+            tmp_path / name,
+            epochs=6,
+            checkpoint_every=5,
+            early_stopping={"patience": 2, "min_delta": 0.0},
+        )
         r["lora"]["dropout"] = 0.1
         r["eval"] = {"every": 3, "keep": "best"}
         return write_recipe(r, f"{name}.yaml")
@@ -105,8 +114,11 @@ def test_evaluation_settings_are_checked(tiny_models, topic_data, write_recipe, 
     recipe["eval"] = {"keep": "best", "best_metric": "rougeL"}
     result = invoke("validate", write_recipe(recipe))
     assert result.exit_code == 2
-    for words in ("eval.keep: best needs evaluations during training", "train.early_stopping: needs evaluations",
-                  "eval.best_metric: unknown metric 'rougeL'"):
+    for words in (
+        "eval.keep: best needs evaluations during training",
+        "train.early_stopping: needs evaluations",
+        "eval.best_metric: unknown metric 'rougeL'",
+    ):
         assert words in result.output
 
 
@@ -119,9 +131,14 @@ def test_sampling_evaluations_leave_the_training_random_streams_alone(tiny_model
     data = {"train": write_jsonl(tmp_path / "t.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "e.jsonl", rows[24:])}
 
     def run(name, **evaluation):
-        recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / name,
-                                   train={"epochs": 2, "log_every": 1},
-                                   eval={"temperature": 0.9, "max_new_tokens": 6, **evaluation})
+        recipe = generation_recipe(
+            "copywriting",
+            tiny_models["llama"],
+            data,
+            tmp_path / name,
+            train={"epochs": 2, "log_every": 1},
+            eval={"temperature": 0.9, "max_new_tokens": 6, **evaluation},
+        )
         recipe["lora"]["dropout"] = 0.3
         result = invoke("run", write_recipe(recipe, f"{name}.yaml"))
         assert result.exit_code == 0, result.output

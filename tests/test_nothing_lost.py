@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import classification_recipe, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, write_jsonl
 from finetune.cli import app
 
 runner = CliRunner()
@@ -21,8 +21,11 @@ def invoke(*args, input=None):
 
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file under `directory` and its sha256: what must stay byte-for-byte intact."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -69,8 +72,10 @@ def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_rec
     for extra in ([], ["--overwrite"], ["--dry-run"]):
         result = invoke("run", recipe, *extra)
         assert result.exit_code == 2 and "holds no finetune run" in result.output
-    assert snapshot(folder) == {"README.md": hashlib.sha256(b"my notes").hexdigest(),
-                                "recipe.yaml": hashlib.sha256(b"my recipe").hexdigest()}
+    assert snapshot(folder) == {
+        "README.md": hashlib.sha256(b"my notes").hexdigest(),
+        "recipe.yaml": hashlib.sha256(b"my recipe").hexdigest(),
+    }
 
 
 def test_a_run_that_fails_before_training_leaves_no_directory(tiny_models, topic_data, write_recipe, tmp_path):
@@ -129,9 +134,13 @@ def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
 def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, tmp_path):
     _, out = finished_run
     eval_rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    labelled = write_jsonl(tmp_path / "test.jsonl",
-                           [{"id": f"r{i}", "text": r["text"], "label": r["label"], "source": "held-out"}
-                            for i, r in enumerate(eval_rows)])
+    labelled = write_jsonl(
+        tmp_path / "test.jsonl",
+        [
+            {"id": f"r{i}", "text": r["text"], "label": r["label"], "source": "held-out"}
+            for i, r in enumerate(eval_rows)
+        ],
+    )
     result = invoke("predict", out, "--input", labelled)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]

@@ -5,11 +5,11 @@ from xml.etree import ElementTree
 
 import pytest
 import torch
+from conftest import classification_recipe, corpus, write_jsonl
+from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, corpus, write_jsonl
 from finetune.cli import app
-from test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
 
@@ -23,7 +23,10 @@ def classification_run(tiny_models, tmp_path_factory):
     """A finished tiny-GPT-2 classification run (3 labels; GPT needs its pad token to classify)."""
     root = tmp_path_factory.mktemp("outputs")
     rows = corpus(150)
-    data = {"train": write_jsonl(root / "train.jsonl", rows[:120]), "eval": write_jsonl(root / "eval.jsonl", rows[120:])}
+    data = {
+        "train": write_jsonl(root / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(root / "eval.jsonl", rows[120:]),
+    }
     recipe = classification_recipe(tiny_models["gpt2"], data, root / "run", epochs=3)
     path = root / "recipe.yaml"
     path.write_text(json.dumps(recipe))
@@ -69,7 +72,9 @@ def test_merged_checkpoint_predicts_like_the_adapter(classification_run, tmp_pat
     adapter = AutoPeftModelForSequenceClassification.from_pretrained(str(run / "adapter"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     texts = eval_texts(data)
-    torch.testing.assert_close(logits_of(merged, tokenizer, texts), logits_of(adapter, tokenizer, texts), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits_of(merged, tokenizer, texts), logits_of(adapter, tokenizer, texts), rtol=1e-4, atol=1e-5
+    )
     assert merged.config.id2label == adapter.config.id2label
 
 
@@ -78,8 +83,16 @@ def test_model_card_and_pictures(classification_run):
     card = (run / "README.md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
-    for needed in ("## Data", "sha256", "LoRA: r=4", "## Reproduce", "finetune run", "## Limitations",
-                   "AutoPeftModelForSequenceClassification", "![training_curves.png]"):
+    for needed in (
+        "## Data",
+        "sha256",
+        "LoRA: r=4",
+        "## Reproduce",
+        "finetune run",
+        "## Limitations",
+        "AutoPeftModelForSequenceClassification",
+        "![training_curves.png]",
+    ):
         assert needed in card, needed
     for picture in ("training_curves.png", "confusion_matrix.png"):
         assert (run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,20 +115,46 @@ def test_gates_compare_and_junit(classification_run, tmp_path):
     better["metrics"]["accuracy"] += 0.05
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(better))
-    rescored = invoke("eval", "--predictions", run / "predictions.jsonl", "--task", "classification",
-                      "--compare", baseline, "--tolerance", "0.02", "--junit", report)
+    rescored = invoke(
+        "eval",
+        "--predictions",
+        run / "predictions.jsonl",
+        "--task",
+        "classification",
+        "--compare",
+        baseline,
+        "--tolerance",
+        "0.02",
+        "--junit",
+        report,
+    )
     assert rescored.exit_code == 4 and "accuracy regressed against" in rescored.output
-    failure = next(c for c in ElementTree.parse(report).getroot().iter("testcase") if c.get("name") == "accuracy vs baseline")
+    failure = next(
+        c for c in ElementTree.parse(report).getroot().iter("testcase") if c.get("name") == "accuracy vs baseline"
+    )
     assert failure.find("failure") is not None
-    loose = invoke("eval", "--predictions", run / "predictions.jsonl", "--task", "classification",
-                   "--compare", baseline, "--tolerance", "0.1")
+    loose = invoke(
+        "eval",
+        "--predictions",
+        run / "predictions.jsonl",
+        "--task",
+        "classification",
+        "--compare",
+        baseline,
+        "--tolerance",
+        "0.1",
+    )
     assert loose.exit_code == 0, loose.output
     missing = invoke("eval", run, "--compare", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "no metrics.json there" in missing.output
 
 
-def test_tensorboard_tracker_and_a_missing_tracker_package(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard", reason="the tensorboard tracker needs the tensorboard package (finetune[trackers])")
+def test_tensorboard_tracker_and_a_missing_tracker_package(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    pytest.importorskip(
+        "tensorboard", reason="the tensorboard tracker needs the tensorboard package (finetune[trackers])"
+    )
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", report_to=["tensorboard"])
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
@@ -135,7 +174,10 @@ def test_causal_lm_adapter_loads_with_auto_peft(tiny_models, write_recipe, tmp_p
     from peft import AutoPeftModelForCausalLM
 
     rows = copy_rows(40)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:]),
+    }
     out = tmp_path / "run"
     result = invoke("run", write_recipe(generation_recipe("copywriting", tiny_models["gpt2"], data, out)))
     assert result.exit_code == 0, result.output
@@ -151,6 +193,11 @@ def test_causal_lm_adapter_loads_with_auto_peft(tiny_models, write_recipe, tmp_p
     assert len(predicted) == 8 and any(row["prediction"].strip() for row in predicted)
     for row in predicted:
         ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        assert tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True) == row["prediction"]
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True) == row["prediction"]

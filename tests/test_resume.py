@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import classification_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
 from finetune.cli import app
 
 runner = CliRunner()
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 # the checkpoint of step N, after its tensors and before the rest ("checkpoint").
 KILLER = r"""
 import os, signal, sys
-import finetune.checkpoint as checkpoint
-import finetune.train as train
+import finetune.training.checkpoint as checkpoint
+import finetune.training.loop as train
 
 where, at = sys.argv[1], int(sys.argv[2])
 if where == "step":
@@ -59,8 +59,9 @@ def invoke(*args):
 
 
 def killed_run(where: str, at: int, recipe) -> None:
-    result = subprocess.run([sys.executable, "-c", KILLER, where, str(at), "run", str(recipe)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLER, where, str(at), "run", str(recipe)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
 
@@ -122,8 +123,13 @@ def test_checkpoints_are_complete_verified_and_pruned(pair):
     assert steps_on_disk(whole) == ["step-00000015", "step-00000016"]  # every 3rd and each epoch end, newest two
     state = whole / "checkpoints" / "step-00000015"
     index = json.loads((state / "checkpoint.json").read_text())
-    assert {"trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "progress.json",
-            "adapter/adapter_model.safetensors"} <= set(index["files"])
+    assert {
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "rng-0.safetensors",
+        "progress.json",
+        "adapter/adapter_model.safetensors",
+    } <= set(index["files"])
     assert not [p for p in state.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # nothing to unpickle
     evaluated = invoke("eval", whole, "--checkpoint", state, "--output", whole.parent / "ckpt-eval", "--json")
     assert evaluated.exit_code == 0, evaluated.output
@@ -155,8 +161,8 @@ def test_resume_refuses_a_changed_recipe_or_data_unless_forced(pair, topic_data)
 
 
 def test_a_different_process_count_is_named(pair):
-    from finetune.checkpoint import check_identity
     from finetune.errors import RecipeError
+    from finetune.training.checkpoint import check_identity
 
     with pytest.raises(RecipeError) as refused:
         check_identity({"number of processes": 2}, {"number of processes": 1}, force=False)
@@ -195,7 +201,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_executes(pair, tmp_path):
     (state / "random_states_0.pkl").write_bytes(pickle.dumps(Payload()))  # accelerate's name: never read
     # The attacker also rewrites the index so the checksums match.
     index = json.loads((state / "checkpoint.json").read_text())
-    from finetune.artifacts import sha256_file
+    from finetune.files import sha256_file
 
     for name in ("optimizer.safetensors", "trainable.safetensors"):
         index["files"][name] = {"bytes": (state / name).stat().st_size, "sha256": sha256_file(state / name)}
@@ -214,10 +220,18 @@ def test_a_pickle_payload_in_a_checkpoint_never_executes(pair, tmp_path):
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tiny_models, topic_data, write_recipe, tmp_path):
     settings = dict(epochs=12, log_every=1, checkpoint_every=1000)
-    whole = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "whole", **settings), "w.yaml")
-    broken = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "broken", **settings), "b.yaml")
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(broken)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    whole = write_recipe(
+        classification_recipe(tiny_models["bert"], topic_data, tmp_path / "whole", **settings), "w.yaml"
+    )
+    broken = write_recipe(
+        classification_recipe(tiny_models["bert"], topic_data, tmp_path / "broken", **settings), "b.yaml"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(broken)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / "broken" / "train_log.jsonl"
     # The handler is installed before the first step, so a logged step proves it is there; no wall-clock
     # guess decides when to signal, and a run that never gets that far fails the test by name.
@@ -266,7 +280,8 @@ class NaNInjection:
 
 @pytest.mark.parametrize("gradient_only, what", [(False, "the loss"), (True, "the gradient norm")])
 def test_an_injected_nan_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
-        gradient_only, what, monkeypatch, tiny_models, topic_data, write_recipe, tmp_path):
+    gradient_only, what, monkeypatch, tiny_models, topic_data, write_recipe, tmp_path
+):
     NaNInjection(monkeypatch, at=7, gradient_only=gradient_only)
     out = tmp_path / "run"
     recipe = classification_recipe(tiny_models["gpt2"], topic_data, out, checkpoint_every=4)
@@ -293,7 +308,9 @@ def test_a_learning_rate_that_blows_up_exits_5(tiny_models, topic_data, write_re
     assert "training diverged at step" in result.output
 
 
-def test_preflight_names_an_unwritable_output_and_a_full_disk(monkeypatch, tiny_models, topic_data, write_recipe, tmp_path):
+def test_preflight_names_an_unwritable_output_and_a_full_disk(
+    monkeypatch, tiny_models, topic_data, write_recipe, tmp_path
+):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     recipe = classification_recipe(tiny_models["bert"], topic_data, blocker / "run")
@@ -302,6 +319,8 @@ def test_preflight_names_an_unwritable_output_and_a_full_disk(monkeypatch, tiny_
 
     import finetune.runner
 
-    monkeypatch.setattr(finetune.runner.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(
+        finetune.runner.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20)
+    )
     result = invoke("run", write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")))
     assert result.exit_code == 2 and "1 MiB free; a checkpoint needs about" in result.output

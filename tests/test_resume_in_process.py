@@ -11,12 +11,12 @@ import json
 import signal
 
 import pytest
+from conftest import classification_recipe
+from test_resume import adapter_bytes, log_losses
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
-from finetune import train
 from finetune.cli import app
-from test_resume import adapter_bytes, log_losses
+from finetune.training import loop as train
 
 runner = CliRunner()
 
@@ -39,14 +39,17 @@ def stop_at_step(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.parametrize("kind, stop_step", [("gpt2", 5), ("bert", 10)])
-def test_a_stopped_run_resumes_to_the_same_adapter_bytes(kind, stop_step, monkeypatch, tiny_models, topic_data,
-                                                         write_recipe, tmp_path):
+def test_a_stopped_run_resumes_to_the_same_adapter_bytes(
+    kind, stop_step, monkeypatch, tiny_models, topic_data, write_recipe, tmp_path
+):
     # Dropout on (random masks to restore), accumulation over 2 batches, 2 epochs of 8 steps.
     settings = dict(checkpoint_every=3, keep_checkpoints=2, grad_accum=2, log_every=1)
-    whole_recipe = write_recipe(classification_recipe(tiny_models[kind], topic_data, tmp_path / "whole", **settings),
-                                "whole.yaml")
-    stopped_recipe = write_recipe(classification_recipe(tiny_models[kind], topic_data, tmp_path / "stopped", **settings),
-                                  "stopped.yaml")
+    whole_recipe = write_recipe(
+        classification_recipe(tiny_models[kind], topic_data, tmp_path / "whole", **settings), "whole.yaml"
+    )
+    stopped_recipe = write_recipe(
+        classification_recipe(tiny_models[kind], topic_data, tmp_path / "stopped", **settings), "stopped.yaml"
+    )
     assert invoke("run", whole_recipe).exit_code == 0
 
     with monkeypatch.context() as patch:

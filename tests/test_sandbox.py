@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import sandbox
 from finetune.errors import RecipeError
+from finetune.tasks import sandbox
 
 strict_available = pytest.mark.skipif(
     sandbox.bubblewrap() is None, reason="bubblewrap is not installed (make install sets it up as root)"
@@ -110,8 +110,11 @@ def test_hostile_samples_all_fail_and_leave_nothing_behind(tmp_path, monkeypatch
         "fake verdict on stdout": ("exited before the tests finished",),
         "fork bomb": ("BlockingIOError", "Resource temporarily unavailable"),
     }
-    wrong = {name: results[name].detail for name, words in reasons.items()
-             if not any(w in results[name].detail for w in words)}
+    wrong = {
+        name: results[name].detail
+        for name, words in reasons.items()
+        if not any(w in results[name].detail for w in words)
+    }
     assert not wrong, wrong
     assert results["infinite loop"].status == "timeout"
     assert [name for name, o in results.items() if o.status == "timeout"] == ["infinite loop"]
@@ -164,8 +167,11 @@ def test_strict_level_fails_closed_without_bubblewrap(monkeypatch):
 def test_strict_level_fails_closed_when_bubblewrap_cannot_run(monkeypatch, tmp_path):
     """bwrap is installed but cannot create namespaces (a container without user namespaces), or cannot be
     started at all: refused with the reason before any sample runs, never a fall back to the basic level."""
-    monkeypatch.setattr(sandbox, "_bubblewrap_command", lambda workdir: [
-        "/bin/sh", "-c", "echo 'bwrap: No permissions to create new namespace' >&2; exit 1", "sh"])
+    monkeypatch.setattr(
+        sandbox,
+        "_bubblewrap_command",
+        lambda workdir: ["/bin/sh", "-c", "echo 'bwrap: No permissions to create new namespace' >&2; exit 1", "sh"],
+    )
     with pytest.raises(RecipeError, match="cannot create its namespaces here .*No permissions to create new namespace"):
         sandbox.check_level("strict")
     monkeypatch.setattr(sandbox, "_bubblewrap_command", lambda workdir: [str(tmp_path / "no-such-bwrap")])

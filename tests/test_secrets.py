@@ -2,9 +2,9 @@
 
 import sys
 
+from conftest import classification_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
 from finetune.cli import app
 from finetune.secrets import REDACTED, redact, redact_tree
 
@@ -17,7 +17,11 @@ def test_redact_environment_values_token_shapes_and_url_passwords(monkeypatch):
     text = f"key plain-looking-value-42, {SECRET}, https://me:pa55word@example.org/x, falsefalse"
     assert redact(text) == f"key {REDACTED}, {REDACTED}, https://me:{REDACTED}@example.org/x, falsefalse"
     tree = {"token": "abc", "tokens_per_s": 12.5, "nested": [{"api_key": "k", "note": SECRET}]}
-    assert redact_tree(tree) == {"token": REDACTED, "tokens_per_s": 12.5, "nested": [{"api_key": REDACTED, "note": REDACTED}]}
+    assert redact_tree(tree) == {
+        "token": REDACTED,
+        "tokens_per_s": 12.5,
+        "nested": [{"api_key": REDACTED, "note": REDACTED}],
+    }
 
 
 def test_no_file_a_run_writes_holds_a_secret(monkeypatch, tiny_models, topic_data, write_recipe, tmp_path):
@@ -46,7 +50,9 @@ def test_no_file_a_run_writes_holds_a_secret(monkeypatch, tiny_models, topic_dat
 def test_an_error_message_is_redacted(monkeypatch, tmp_path):
     monkeypatch.setenv("MY_SERVICE_TOKEN", "s3cr3t-value-xyz")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: classification\nmodel: {name_or_path: ./s3cr3t-value-xyz}\ndata: {train: a.jsonl, eval_split: 0.1}\n")
+    recipe.write_text(
+        "task: classification\nmodel: {name_or_path: ./s3cr3t-value-xyz}\ndata: {train: a.jsonl, eval_split: 0.1}\n"
+    )
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2  # the model directory is missing: a recipe problem (the data file too)
     assert "s3cr3t-value-xyz" not in result.output and REDACTED in result.output

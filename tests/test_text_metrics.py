@@ -15,7 +15,11 @@ from tests.conftest import write_jsonl
 
 ROWS = [
     {"prompt": "p1", "completion": "The cat sat on the mat.", "prediction": "the cats sat"},  # cats: stemmed to cat
-    {"prompt": "p2", "completion": "Running shoes that run as far as you do", "prediction": "Shoes that ran far with you"},
+    {
+        "prompt": "p2",
+        "completion": "Running shoes that run as far as you do",
+        "prediction": "Shoes that ran far with you",
+    },
     {"prompt": "p3", "completion": "Fresh coffee, every morning", "prediction": ""},
 ]
 

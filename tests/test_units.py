@@ -9,17 +9,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.config import Recipe
-from finetune.families import FAMILIES, family_of_config
-from finetune.gates import parse_gate
-from finetune.train import LengthGroupedBatches, StepLogger, TrainPlan
+from finetune.models.families import FAMILIES, family_of_config
+from finetune.recipe.gates import parse_gate
+from finetune.recipe.schema import Recipe
+from finetune.training.loop import LengthGroupedBatches, StepLogger, TrainPlan
 
 pytestmark = pytest.mark.unit
 
 
 def recipe(**train) -> Recipe:
-    return Recipe.model_validate({"task": "classification", "model": {"name_or_path": "m"},
-                                  "data": {"train": "t.jsonl", "eval": "e.jsonl"}, "train": train})
+    return Recipe.model_validate(
+        {
+            "task": "classification",
+            "model": {"name_or_path": "m"},
+            "data": {"train": "t.jsonl", "eval": "e.jsonl"},
+            "train": train,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- LengthGroupedBatches
@@ -51,13 +57,16 @@ def test_grouping_reduces_padding_and_window_1_does_not_sort():
 # --------------------------------------------------------------------------- TrainPlan
 
 
-@pytest.mark.parametrize(("examples", "train", "world", "expected"), [
-    (100, {"batch_size": 10, "epochs": 3}, 1, (10, 10, 30)),
-    (101, {"batch_size": 10, "epochs": 1, "grad_accum": 4}, 1, (11, 3, 3)),
-    (100, {"batch_size": 10, "epochs": 2}, 2, (5, 5, 10)),
-    (100, {"batch_size": 10, "epochs": 0.5}, 1, (10, 10, 5)),
-    (100, {"batch_size": 10, "max_steps": 7}, 1, (10, 10, 7)),
-])
+@pytest.mark.parametrize(
+    ("examples", "train", "world", "expected"),
+    [
+        (100, {"batch_size": 10, "epochs": 3}, 1, (10, 10, 30)),
+        (101, {"batch_size": 10, "epochs": 1, "grad_accum": 4}, 1, (11, 3, 3)),
+        (100, {"batch_size": 10, "epochs": 2}, 2, (5, 5, 10)),
+        (100, {"batch_size": 10, "epochs": 0.5}, 1, (10, 10, 5)),
+        (100, {"batch_size": 10, "max_steps": 7}, 1, (10, 10, 7)),
+    ],
+)
 def test_train_plan_step_arithmetic(examples, train, world, expected):
     plan = TrainPlan.build(recipe(**train), examples, world)
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == expected
@@ -110,7 +119,9 @@ def test_family_specs_drive_auto_classes_peft_types_and_refusals():
     assert not bert.supports("generation") and bart.supports("generation") and gpt.supports("generation")
     assert bart.auto_class_name("generation") == "AutoModelForSeq2SeqLM"
     assert gpt.auto_class_name("generation") == "AutoModelForCausalLM"
-    assert {f.auto_class_name("sequence_classification") for f in FAMILIES.values()} == {"AutoModelForSequenceClassification"}
+    assert {f.auto_class_name("sequence_classification") for f in FAMILIES.values()} == {
+        "AutoModelForSequenceClassification"
+    }
     assert (bart.peft_task_type("generation"), gpt.peft_task_type("generation")) == ("SEQ_2_SEQ_LM", "CAUSAL_LM")
     assert gpt.peft_task_type("question_answering") == "QUESTION_ANS"
     assert (bert.prompt_padding, bart.prompt_padding, gpt.prompt_padding) == ("right", "right", "left")
@@ -120,11 +131,19 @@ def test_family_specs_drive_auto_classes_peft_types_and_refusals():
     assert not gpt.is_cross_attention("attn") and gpt.is_attention("attn") and not gpt.is_attention("mlp")
 
 
-@pytest.mark.parametrize(("config", "family"), [
-    ({"model_type": "bert"}, "bert"), ({"model_type": "roberta"}, "bert"), ({"model_type": "bart", "is_encoder_decoder": True}, "bart"),
-    ({"model_type": "t5", "is_encoder_decoder": True}, "bart"), ({"model_type": "gpt2"}, "gpt"), ({"model_type": "llama"}, "gpt"),
-    ({"model_type": "qwen2"}, "gpt"), ({"model_type": "vit"}, None),
-])
+@pytest.mark.parametrize(
+    ("config", "family"),
+    [
+        ({"model_type": "bert"}, "bert"),
+        ({"model_type": "roberta"}, "bert"),
+        ({"model_type": "bart", "is_encoder_decoder": True}, "bart"),
+        ({"model_type": "t5", "is_encoder_decoder": True}, "bart"),
+        ({"model_type": "gpt2"}, "gpt"),
+        ({"model_type": "llama"}, "gpt"),
+        ({"model_type": "qwen2"}, "gpt"),
+        ({"model_type": "vit"}, None),
+    ],
+)
 def test_family_of_config(config, family):
     assert family_of_config(SimpleNamespace(**config)) == family
 
@@ -132,22 +151,35 @@ def test_family_of_config(config, family):
 # --------------------------------------------------------------------------- gates
 
 
-@pytest.mark.parametrize(("gate", "possible"), [
-    ("accuracy>=0.9", True), ("accuracy>=1.5", False), ("accuracy>1", False), ("accuracy>=1", True),
-    ("accuracy<=0", True), ("accuracy<0", False), ("accuracy==0.5", True), ("accuracy==2", False),
-])
+@pytest.mark.parametrize(
+    ("gate", "possible"),
+    [
+        ("accuracy>=0.9", True),
+        ("accuracy>=1.5", False),
+        ("accuracy>1", False),
+        ("accuracy>=1", True),
+        ("accuracy<=0", True),
+        ("accuracy<0", False),
+        ("accuracy==0.5", True),
+        ("accuracy==2", False),
+    ],
+)
 def test_gates_that_can_never_pass(gate, possible):
     assert parse_gate(gate).can_pass_within(0.0, 1.0) is possible
 
 
-@pytest.mark.parametrize("precision, native_bf16, expected", [
-    ("auto", True, {"attn_implementation": "eager"}),  # bf16 on this CPU: eager (CPU flash backward is slow)
-    ("bf16", True, {"attn_implementation": "eager"}),
-    ("auto", False, {}),  # fp32 here: transformers' default
-    ("fp32", True, {}),
-])
+@pytest.mark.parametrize(
+    "precision, native_bf16, expected",
+    [
+        ("auto", True, {"attn_implementation": "eager"}),  # bf16 on this CPU: eager (CPU flash backward is slow)
+        ("bf16", True, {"attn_implementation": "eager"}),
+        ("auto", False, {}),  # fp32 here: transformers' default
+        ("fp32", True, {}),
+    ],
+)
 def test_attention_implementation_follows_the_precision(monkeypatch, precision, native_bf16, expected):
-    from finetune import session, train
+    from finetune.flows import session
+    from finetune.training import loop as train
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(session, "has_accelerator_device", lambda: False)

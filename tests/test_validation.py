@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import classification_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe
 from finetune.cli import app
 
 runner = CliRunner()
@@ -24,19 +24,37 @@ def _generation(recipe: dict) -> dict:
 # name -> (change to the valid tiny-BERT recipe, exit code, words the message must hold)
 INVALID = {
     "packing on classification": (lambda r: r["train"].update(packing=True), 2, "train.packing"),
-    "missing local model directory": (lambda r: r["model"].update(name_or_path="./no/such/model"), 2, "no such directory"),
-    "missing data file": (lambda r: r["data"].update(train="missing.jsonl"), 3, "data.train: file not found: missing.jsonl"),
+    "missing local model directory": (
+        lambda r: r["model"].update(name_or_path="./no/such/model"),
+        2,
+        "no such directory",
+    ),
+    "missing data file": (
+        lambda r: r["data"].update(train="missing.jsonl"),
+        3,
+        "data.train: file not found: missing.jsonl",
+    ),
     "unknown gate metric": (lambda r: r.update(eval={"gates": {"acuracy": ">=0.5"}}), 2, "did you mean 'accuracy'"),
     "gate that can never pass": (lambda r: r.update(eval={"gates": {"accuracy": ">=1.5"}}), 2, "can never pass"),
-    "two fields on one column": (lambda r: r["data"].update(columns={"text": "text", "text_pair": "text"}), 2,
-                                 "all map to column 'text'"),
-    "duplicate labels": (lambda r: r["data"].update(labels=["sports", "weather", "sports"]), 2, "listed more than once"),
+    "two fields on one column": (
+        lambda r: r["data"].update(columns={"text": "text", "text_pair": "text"}),
+        2,
+        "all map to column 'text'",
+    ),
+    "duplicate labels": (
+        lambda r: r["data"].update(labels=["sports", "weather", "sports"]),
+        2,
+        "listed more than once",
+    ),
     "max_length above the positions": (lambda r: r["data"].update(max_length=4096), 2, "128 positions"),
     "fsdp without a GPU": (lambda r: r.update(distributed={"strategy": "fsdp"}), 2, "shards over GPUs"),
     "QLoRA without a GPU": (lambda r: r.update(distributed={"quantization": "4bit"}), 2, "needs a CUDA GPU"),
     "generation on an encoder": (lambda r: r.update(_generation(r)), 2, "not supported on the bert family"),
-    "hub id not cached, offline": (lambda r: r["model"].update(name_or_path="someorg/not-cached"), 2,
-                                   "HF_HUB_OFFLINE forbids downloading it"),
+    "hub id not cached, offline": (
+        lambda r: r["model"].update(name_or_path="someorg/not-cached"),
+        2,
+        "HF_HUB_OFFLINE forbids downloading it",
+    ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
 }
 
@@ -95,11 +113,18 @@ def test_a_forced_family_that_contradicts_the_checkpoint_is_refused(tiny_models,
 
 
 DATA_MISTAKES = {
-    "latin-1 text": (b'{"text": "caf\xe9", "label": "a"}\n', "train.jsonl", "train.jsonl:1: not UTF-8 text (byte 13 of the line"),
+    "latin-1 text": (
+        b'{"text": "caf\xe9", "label": "a"}\n',
+        "train.jsonl",
+        "train.jsonl:1: not UTF-8 text (byte 13 of the line",
+    ),
     "a fake .gz": (b"not gzip at all", "train.jsonl.gz", "not a readable gzip file"),
     "an unknown extension": (b"text,label\nx,a\n", "train.txt", "unknown data file type '.txt'"),
-    "mixed types in a column": (b'{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n{"text": "c", "label": [1]}\n',
-                                "train.jsonl", "column 'label' is text in row 1 but a number in row 2"),
+    "mixed types in a column": (
+        b'{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n{"text": "c", "label": [1]}\n',
+        "train.jsonl",
+        "column 'label' is text in row 1 but a number in row 2",
+    ),
 }
 
 

@@ -7,11 +7,11 @@ import math
 import stat
 
 import pytest
+from conftest import classification_recipe, write_jsonl
+from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
-from conftest import classification_recipe, write_jsonl
 from finetune.cli import app
-from test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
 KEY = 987654321
@@ -41,8 +41,14 @@ def marked_run(request, tiny_models, tmp_path_factory):
     rows = copy_rows(40)
     data = {"train": write_jsonl(root / "train.jsonl", rows[:24]), "eval": write_jsonl(root / "eval.jsonl", rows[24:])}
     # A barely trained model: its outputs have the entropy a watermark needs (a saturated tiny model has none).
-    recipe = generation_recipe("copywriting", tiny_models["llama"], data, root / "run",
-                               train={"epochs": 1, "lr": 1e-6}, eval={"max_new_tokens": 48, **generation})
+    recipe = generation_recipe(
+        "copywriting",
+        tiny_models["llama"],
+        data,
+        root / "run",
+        train={"epochs": 1, "lr": 1e-6},
+        eval={"max_new_tokens": 48, **generation},
+    )
     method = "kirchenbauer" if request.param == "plain" else request.param
     recipe["eval"]["watermark"] = {"method": method, "key": KEY, **settings}
     path = root / "recipe.yaml"
@@ -151,8 +157,9 @@ def test_watermark_refusals(tiny_models, topic_data, write_recipe, tmp_path):
         ({"key": 1, "ngram_len": 4}, "eval.watermark.ngram_len: a synthid setting; method kirchenbauer"),
         ({"method": "synthid", "key": 1, "entropy_threshold": 1.0}, "eval.watermark.entropy_threshold: a kirchenbauer"),
     ]:
-        recipe = generation_recipe("copywriting", tiny_models["llama"], topic_data, tmp_path / "gen",
-                                   eval={"watermark": settings})
+        recipe = generation_recipe(
+            "copywriting", tiny_models["llama"], topic_data, tmp_path / "gen", eval={"watermark": settings}
+        )
         result = invoke("validate", write_recipe(recipe, "wm.yaml"))
         assert result.exit_code == 2 and message in result.output, result.output
 
@@ -163,8 +170,8 @@ def test_synthid_detection_is_a_calibrated_z_test(tiny_models):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from finetune.config import WatermarkSection
-    from finetune.watermark import Detector
+    from finetune.recipe.schema import WatermarkSection
+    from finetune.watermark.marking import Detector
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     config = AutoConfig.from_pretrained(tiny_models["llama"])
@@ -186,8 +193,8 @@ def test_gated_watermark_leaves_tokens_the_model_is_sure_of_alone():
     import torch
     from transformers import WatermarkLogitsProcessor
 
-    from finetune.config import WatermarkSection
-    from finetune.watermark import EntropyGatedWatermark, entropy
+    from finetune.recipe.schema import WatermarkSection
+    from finetune.watermark.marking import EntropyGatedWatermark, entropy
 
     settings = WatermarkSection(key=KEY, entropy_threshold=1.0)
     vocab = 50
@@ -198,8 +205,15 @@ def test_gated_watermark_leaves_tokens_the_model_is_sure_of_alone():
     assert entropy(scores)[0] < 0.01 and abs(float(entropy(scores)[1]) - math.log(vocab)) < 1e-4
     out = EntropyGatedWatermark(settings, vocab, "cpu")(input_ids, scores.clone())
     assert torch.equal(out[0], sure)
-    plain = WatermarkLogitsProcessor(vocab_size=vocab, device="cpu", greenlist_ratio=0.25, bias=settings.bias,
-                                     hashing_key=KEY, seeding_scheme="lefthash", context_width=1)
+    plain = WatermarkLogitsProcessor(
+        vocab_size=vocab,
+        device="cpu",
+        greenlist_ratio=0.25,
+        bias=settings.bias,
+        hashing_key=KEY,
+        seeding_scheme="lefthash",
+        context_width=1,
+    )
     expected = plain(input_ids[1:], flat[None].clone())[0]
     assert torch.equal(out[1], expected) and int((out[1] > 0).sum()) == int(vocab * 0.25)
 
@@ -209,9 +223,9 @@ def entropy_setup(kind, tiny_models):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from finetune.families import FAMILIES
-    from finetune.generation import CompletionEntropy
-    from finetune.validation import build_recipe
+    from finetune.flows.resolve import build_recipe
+    from finetune.models.families import FAMILIES
+    from finetune.tasks.text2text import CompletionEntropy
 
     family = FAMILIES["bart" if kind == "bart" else "gpt"]
     auto = AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
@@ -228,8 +242,8 @@ def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
     import torch
     from transformers import LogitsProcessor
 
-    from finetune.generation import encode
-    from finetune.watermark import entropy
+    from finetune.tasks.text2text import encode
+    from finetune.watermark.marking import entropy
 
     class Recorder(LogitsProcessor):
         def __init__(self):
@@ -245,9 +259,14 @@ def test_detection_recomputes_the_entropies_generation_saw(kind, tiny_models):
     recorder = Recorder()
     # Never stopped by EOS (min_new_tokens instead would hide EOS from the entropy the recorder sees).
     model.generation_config.eos_token_id = None
-    output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
-                            logits_processor=[recorder], pad_token_id=tokenizer.pad_token_id)[0].tolist()
-    new_ids = output[1:] if kind == "bart" else output[len(prompt_ids):]  # bart's output starts with its start token
+    output = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=12,
+        do_sample=False,
+        logits_processor=[recorder],
+        pad_token_id=tokenizer.pad_token_id,
+    )[0].tolist()
+    new_ids = output[1:] if kind == "bart" else output[len(prompt_ids) :]  # bart's output starts with its start token
     assert len(new_ids) == len(recorder.seen) >= 8
     assert torch.allclose(entropies(prompt, new_ids), torch.stack(recorder.seen), atol=1e-4)
 
@@ -272,15 +291,17 @@ def test_gated_detection_is_a_calibrated_z_test_that_counts_only_unsure_tokens(t
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from finetune.config import WatermarkSection
-    from finetune.watermark import Detector
+    from finetune.recipe.schema import WatermarkSection
+    from finetune.watermark.marking import Detector
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     config = AutoConfig.from_pretrained(tiny_models["llama"])
     generator = torch.Generator().manual_seed(1)
     settings = WatermarkSection(key=KEY, entropy_threshold=1.0)
     # Half the positions "unsure", chosen at random: the test must stay calibrated on the subset it counts.
-    detector = Detector(tokenizer, config, settings, lambda prompt, ids: 2.0 * torch.rand(len(ids), generator=generator))
+    detector = Detector(
+        tokenizer, config, settings, lambda prompt, ids: 2.0 * torch.rand(len(ids), generator=generator)
+    )
     vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
     scores = []
     for _ in range(300):
@@ -298,7 +319,8 @@ def test_gated_detection_is_a_calibrated_z_test_that_counts_only_unsure_tokens(t
 
 
 def test_the_cost_line_replaces_only_finetunes_own_line(tmp_path):
-    from finetune.artifacts import WATERMARK_COST_UNMEASURED, RunDir, record_watermark_cost
+    from finetune.outputs.card import WATERMARK_COST_UNMEASURED, record_watermark_cost
+    from finetune.outputs.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()

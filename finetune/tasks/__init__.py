@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from finetune.tasks.base import Features, Task
+from finetune.errors import RecipeError
+from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.codegen import CodegenTask
 from finetune.tasks.copywriting import CopywritingTask
 from finetune.tasks.qa import ExtractiveQATask, GenerativeQATask
-from finetune.errors import RecipeError
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),

@@ -14,29 +14,18 @@ The loop never asks which task it runs; it calls these hooks:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from accelerate import Accelerator
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.config import EvalSection, Recipe
-from finetune.data import LengthReport
+from finetune.data.features import Features
 from finetune.errors import DataError, did_you_mean
-from finetune.families import FamilySpec, HeadKind
-
-
-@dataclass
-class Features:
-    """Model inputs for one split, aligned with the rows they came from."""
-
-    dataset: Dataset  # tokenised features, one row per model input
-    rows: Dataset  # the task-field rows they were built from (after overflow drops)
-    report: LengthReport
-    prompts: list[list[int]] | None = None  # generation tasks: prompt token ids, one per row
-    windows: Any = None  # extractive QA: which example and character offsets each window holds
+from finetune.models.families import FamilySpec, HeadKind
+from finetune.recipe.schema import EvalSection, Recipe
 
 
 class Task:
@@ -115,18 +104,35 @@ class Task:
             model.config.pad_token_id = tokenizer.pad_token_id
 
     # ------------------------------------------------------------ data
-    def featurize(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase, recipe: Recipe, state: dict[str, Any],
-                  split: str, labeled: bool = True, workdir: Path | None = None) -> Features:
+    def featurize(
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
+    ) -> Features:
         """`workdir`: where large outputs may be written as Arrow files (the feature cache's entry), else memory."""
         raise NotImplementedError
 
-    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> Callable[[list[dict]], dict]:
+    def collate(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+    ) -> Callable[[list[dict]], dict]:
         """Batches of features; `max_length` (data.max_length) bounds any extra padding a collator adds."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ evaluation
-    def predict(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features: Features,
-                accelerator: Accelerator, recipe: Recipe, state: dict[str, Any]) -> tuple[list[dict], float | None]:
+    def predict(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
         raise NotImplementedError
 
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from finetune.data import apply_overflow, checked_texts, map_batches
+from finetune.data.features import Features
+from finetune.data.tables import apply_overflow, checked_texts, map_batches
 from finetune.errors import DataError
-from finetune.tasks.base import Features, Task
-from finetune.evaluation import eval_loader
+from finetune.evaluation.scoring import eval_loader
+from finetune.tasks.base import Task
 
 BATCH_WIDTH_MULTIPLE = 32  # padded batch widths come in multiples of this (see collate)
 
@@ -45,7 +46,9 @@ class ClassificationTask(Task):
                 raise DataError(f"data.train: labels {unknown} are not in data.labels {labels}")
         else:
             distinct = {_label_key(x): x for x in seen}
-            labels = sorted(distinct.values(), key=lambda x: (not isinstance(x, int), x if isinstance(x, int) else str(x)))
+            labels = sorted(
+                distinct.values(), key=lambda x: (not isinstance(x, int), x if isinstance(x, int) else str(x))
+            )
         if len(labels) < 2:
             raise DataError(f"data.train: classification needs at least two classes, found {labels}")
         return {"labels": labels}
@@ -59,8 +62,9 @@ class ClassificationTask(Task):
         }
 
     # ------------------------------------------------------------ data
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
-                  workdir: Path | None = None) -> Features:
+    def featurize(
+        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+    ) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
         label_index = {_label_key(x): i for i, x in enumerate(state["labels"])} if labeled else None
@@ -76,9 +80,14 @@ class ClassificationTask(Task):
                 encoded["labels"] = _label_ids(batch["label"], label_index, state["labels"], split, first)
             return encoded
 
-        features = map_batches(rows, encode, recipe.data.num_workers, fingerprint=f"{rows._fingerprint}-features",
-                               description=f"tokenising {split}",
-                               output=workdir / f"{split.removeprefix('data.')}-features.arrow" if workdir else None)
+        features = map_batches(
+            rows,
+            encode,
+            recipe.data.num_workers,
+            fingerprint=f"{rows._fingerprint}-features",
+            description=f"tokenising {split}",
+            output=workdir / f"{split.removeprefix('data.')}-features.arrow" if workdir else None,
+        )
         lengths = features.data.column(LENGTH_COLUMN).to_numpy()
         keep, report = apply_overflow(lengths, max_length, recipe.data.overflow, split)
         features = features.remove_columns(LENGTH_COLUMN)
@@ -102,7 +111,9 @@ class ClassificationTask(Task):
         labeled = "labels" in features.dataset.column_names
         logits_parts, label_parts = [], []
         model.eval()
-        for batch in eval_loader(features.dataset, self.collate(tokenizer, recipe.data.max_length), recipe.eval_batch_size, accelerator):
+        for batch in eval_loader(
+            features.dataset, self.collate(tokenizer, recipe.data.max_length), recipe.eval_batch_size, accelerator
+        ):
             labels = batch.pop("labels", None)
             with accelerator.autocast():
                 logits = model(**batch).logits.float()
@@ -197,8 +208,12 @@ class Truncation:
         lengths = [len(ids) for ids in encoded["input_ids"]]
         long_rows = [i for i, n in enumerate(lengths) if n > self.max_length]
         if long_rows:
-            cut = self.tokenizer([texts[i] for i in long_rows], [pairs[i] for i in long_rows] if pairs is not None else None,
-                                 truncation=True, max_length=self.max_length)
+            cut = self.tokenizer(
+                [texts[i] for i in long_rows],
+                [pairs[i] for i in long_rows] if pairs is not None else None,
+                truncation=True,
+                max_length=self.max_length,
+            )
             for name, values in encoded.items():
                 for j, i in enumerate(long_rows):
                     values[i] = cut[name][j]

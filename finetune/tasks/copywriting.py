@@ -17,7 +17,10 @@ class CopywritingTask(GenerationTask):
         return "rougeL"
 
     def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
-        return {"metrics": text_metrics([r["prediction"] for r in rows], [r["completion"] for r in rows]), "details": {}}
+        return {
+            "metrics": text_metrics([r["prediction"] for r in rows], [r["completion"] for r in rows]),
+            "details": {},
+        }
 
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:

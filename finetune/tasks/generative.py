@@ -10,11 +10,12 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from finetune.data import checked_texts
+from finetune.data.features import Features
+from finetune.data.tables import checked_texts
 from finetune.errors import DataError
-from finetune.families import FAMILIES
-from finetune.generation import PadCollator, completion_loss, encode, generate
-from finetune.tasks.base import Features, Task
+from finetune.models.families import FAMILIES
+from finetune.tasks.base import Task
+from finetune.tasks.text2text import PadCollator, completion_loss, encode, generate
 
 
 class GenerationTask(Task):
@@ -45,19 +46,24 @@ class GenerationTask(Task):
         return list(self.default_stops if settings.stop is None else settings.stop)
 
     # ------------------------------------------------------------ data
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
-                  workdir: Path | None = None) -> Features:
+    def featurize(
+        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+    ) -> Features:
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
             raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
         answers = None
         if has_answers:
-            answers = [self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)]
+            answers = [
+                self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)
+            ]
         family = FAMILIES[state["family"]]
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
-        dataset = encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
+        dataset = (
+            encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
+        )
         return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
 
     def collate(self, tokenizer, max_length=None):
@@ -71,7 +77,14 @@ class GenerationTask(Task):
             loss = completion_loss(model, features.dataset, tokenizer, family, recipe.eval_batch_size, accelerator)
         settings = recipe.eval
         answers = generate(
-            model, tokenizer, family, features.prompts, settings, self.stops(settings), recipe.eval_batch_size, accelerator
+            model,
+            tokenizer,
+            family,
+            features.prompts,
+            settings,
+            self.stops(settings),
+            recipe.eval_batch_size,
+            accelerator,
         )
         out = []
         for row, samples in zip(features.rows, answers):

@@ -8,24 +8,24 @@ The window bookkeeping lives in qa_spans.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
 import re
 import string
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-from finetune.data import checked_texts
-from finetune.errors import DataError
 import finetune.tasks.qa_spans as qa_spans
-from finetune.tasks.base import Features, Task
+from finetune.data.features import Features
+from finetune.data.tables import checked_texts
+from finetune.errors import DataError
+from finetune.evaluation.scoring import eval_loader
+from finetune.tasks.base import Task
 from finetune.tasks.generative import GenerationTask
-from finetune.evaluation import eval_loader
 
 # --------------------------------------------------------------------------- SQuAD v1.1 metrics (official script)
 
@@ -92,7 +92,9 @@ class _SquadScoring:
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
         for number, row in enumerate(rows, start=1):
             if "prediction" not in row or ("answers" not in row and "answer" not in row):
-                raise DataError(f"{source}:{number}: a qa prediction row needs `prediction` and `answers` (or `answer`)")
+                raise DataError(
+                    f"{source}:{number}: a qa prediction row needs `prediction` and `answers` (or `answer`)"
+                )
 
 
 # --------------------------------------------------------------------------- extractive
@@ -121,14 +123,16 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def fit_state(self, train_rows: Dataset, recipe, tokenizer) -> dict[str, Any]:
         """The span settings the recipe leaves open, from the training answers (see span_settings)."""
-        answers = _checked_answers(train_rows["answers"][:], checked_texts(train_rows["context"][:], "data.train", "context"),
-                                   "data.train")
+        answers = _checked_answers(
+            train_rows["answers"][:], checked_texts(train_rows["context"][:], "data.train", "context"), "data.train"
+        )
         questions = checked_texts(train_rows["question"][:], "data.train", "question")
         answers = [a for a in answers if a is not None and a[1] >= 0]
         return span_settings(questions, [a[0] for a in answers], tokenizer, recipe)
 
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
-                  workdir: Path | None = None) -> Features:
+    def featurize(
+        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+    ) -> Features:
         questions = checked_texts(rows["question"][:], split, "question")
         contexts = checked_texts(rows["context"][:], split, "context")
         answers = _checked_answers(rows["answers"][:], contexts, split) if labeled else None
@@ -177,8 +181,12 @@ class ExtractiveQATask(_SquadScoring, Task):
             ends.append(gathered[1])
             losses.extend(gathered[2:])
         answers = qa_spans.best_answers(
-            features.windows, torch.cat(starts).numpy(), torch.cat(ends).numpy(), features.rows["context"][:],
-            n_best=recipe.eval.n_best, max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
+            features.windows,
+            torch.cat(starts).numpy(),
+            torch.cat(ends).numpy(),
+            features.rows["context"][:],
+            n_best=recipe.eval.n_best,
+            max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
         )
         out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
         loss = torch.cat(losses).mean().item() if losses else None
@@ -204,28 +212,43 @@ def span_settings(questions: list[str], answers: list[str], tokenizer, recipe) -
     lengths = [len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]] if answers else [0]
     longest = max(lengths)
     longest_question = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
-    room = recipe.data.max_length - longest_question - 3  # context tokens in a window: the question and specials take the rest
+    room = (
+        recipe.data.max_length - longest_question - 3
+    )  # context tokens in a window: the question and specials take the rest
     notes = []
     max_answer = recipe.eval.max_answer_length
     if max_answer is None:
         max_answer = max(SQUAD_MAX_ANSWER_TOKENS, math.ceil(1.1 * longest))
-        notes.append(f"eval.max_answer_length {max_answer}: derived from the training answers (longest {longest} tokens, "
-                     f"p95 {int(np.percentile(lengths, 95))})")
+        notes.append(
+            f"eval.max_answer_length {max_answer}: derived from the training answers (longest {longest} tokens, "
+            f"p95 {int(np.percentile(lengths, 95))})"
+        )
     stride = recipe.data.doc_stride
     if stride is None:
         stride = max(min(SQUAD_DOC_STRIDE, room // 2), longest + 8)
         stride = max(1, min(stride, room - 16))  # windows must still move forward
-        notes.append(f"data.doc_stride {stride}: windows overlap by at least the longest answer, so each lies whole "
-                     "in some window")
+        notes.append(
+            f"data.doc_stride {stride}: windows overlap by at least the longest answer, so each lies whole "
+            "in some window"
+        )
     too_long = sum(n > max_answer for n in lengths)
     if too_long:
-        notes.append(f"warning: {too_long} training answer(s) are longer than eval.max_answer_length={max_answer} tokens "
-                     "and can never be predicted whole")
+        notes.append(
+            f"warning: {too_long} training answer(s) are longer than eval.max_answer_length={max_answer} tokens "
+            "and can never be predicted whole"
+        )
     straddling = sum(n > stride for n in lengths)
     if straddling:
-        notes.append(f"warning: {straddling} training answer(s) are longer than data.doc_stride={stride}; in long "
-                     "contexts they may lie whole in no window (raise data.max_length)")
-    return {"max_answer_length": max_answer, "doc_stride": stride, "longest_answer_tokens": longest, "span_notes": notes}
+        notes.append(
+            f"warning: {straddling} training answer(s) are longer than data.doc_stride={stride}; in long "
+            "contexts they may lie whole in no window (raise data.max_length)"
+        )
+    return {
+        "max_answer_length": max_answer,
+        "doc_stride": stride,
+        "longest_answer_tokens": longest,
+        "span_notes": notes,
+    }
 
 
 def _pad_to(logits: torch.Tensor, width: int) -> torch.Tensor:
@@ -244,10 +267,14 @@ def _checked_answers(values: list, contexts: list[str], split: str) -> list[tupl
     out = []
     for number, (value, context) in enumerate(zip(values, contexts), start=1):
         if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
-            raise DataError(f"{split}: row {number}: answers must be {{text: [...], answer_start: [...]}}, got {value!r}")
+            raise DataError(
+                f"{split}: row {number}: answers must be {{text: [...], answer_start: [...]}}, got {value!r}"
+            )
         texts, starts = value["text"], value["answer_start"]
         if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-            raise DataError(f"{split}: row {number}: answers.text and answers.answer_start must be lists of equal length")
+            raise DataError(
+                f"{split}: row {number}: answers.text and answers.answer_start must be lists of equal length"
+            )
         if not texts:
             out.append(None)
             continue
@@ -275,8 +302,9 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     answer_field = "answer"
     default_stops = ("\n",)
 
-    def featurize(self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True,
-                  workdir: Path | None = None) -> Features:
+    def featurize(
+        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+    ) -> Features:
         if "prompt" not in rows.column_names:
             rows = rows.add_column("prompt", [_default_prompt(r, split, n) for n, r in enumerate(rows, start=1)])
         return super().featurize(rows, tokenizer, recipe, state, split, labeled, workdir)

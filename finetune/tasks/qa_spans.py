@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.data import LengthReport
+from finetune.data.tables import LengthReport
 from finetune.errors import DataError
 
 
@@ -52,8 +52,13 @@ def windows(questions: list[str], contexts: list[str], tokenizer, max_length: in
             f"of data.max_length={max_length}; shorten it or raise max_length"
         )
     encoded = tokenizer(
-        questions, contexts, truncation="only_second", max_length=max_length, stride=stride,
-        return_overflowing_tokens=True, return_offsets_mapping=True,
+        questions,
+        contexts,
+        truncation="only_second",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
     )
     offsets, cls_index = [], []
     context_tokens = [0] * len(questions)  # each example's whole context, counted from its windows
@@ -75,8 +80,12 @@ def windows(questions: list[str], contexts: list[str], tokenizer, max_length: in
             f"(doc_stride {stride}); nothing is cut"
         )
     return Windows(
-        list(encoded["input_ids"]), list(encoded["attention_mask"]), list(encoded["overflow_to_sample_mapping"]),
-        offsets, cls_index, report,
+        list(encoded["input_ids"]),
+        list(encoded["attention_mask"]),
+        list(encoded["overflow_to_sample_mapping"]),
+        offsets,
+        cls_index,
+        report,
     )
 
 
@@ -94,7 +103,11 @@ def span_labels(w: Windows, answers: list[tuple[str, int] | None]) -> tuple[list
             text, first_char = answer
             last_char = first_char + len(text)
             tokens = [i for i, o in enumerate(w.offsets[window]) if o is not None]
-            if tokens and w.offsets[window][tokens[0]][0] <= first_char and w.offsets[window][tokens[-1]][1] >= last_char:
+            if (
+                tokens
+                and w.offsets[window][tokens[0]][0] <= first_char
+                and w.offsets[window][tokens[-1]][1] >= last_char
+            ):
                 start = next(i for i in tokens if w.offsets[window][i][1] > first_char)
                 end = next(i for i in reversed(tokens) if w.offsets[window][i][0] < last_char)
                 found[example] = True
@@ -106,8 +119,14 @@ def span_labels(w: Windows, answers: list[tuple[str, int] | None]) -> tuple[list
     return starts, ends, missed
 
 
-def best_answers(w: Windows, start_logits: np.ndarray, end_logits: np.ndarray, contexts: list[str],
-                 n_best: int, max_answer_length: int) -> list[str]:
+def best_answers(
+    w: Windows,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    contexts: list[str],
+    n_best: int,
+    max_answer_length: int,
+) -> list[str]:
     """The highest-scoring valid span (start + end logit) over all windows of each example, as context text.
 
     Raw logits, as transformers' postprocess_qa_predictions compares them: normalising each window's scores
@@ -129,4 +148,3 @@ def best_answers(w: Windows, start_logits: np.ndarray, end_logits: np.ndarray, c
                 if example not in best or score > best[example][0]:
                     best[example] = (score, contexts[example][offsets[s][0] : offsets[e][1]])
     return [best[i][1] if i in best else "" for i in range(len(contexts))]
-

@@ -1,0 +1,313 @@
+"""The data report: what a user should read before spending compute (`finetune data RECIPE`, data_report.json).
+
+Rows per split, empty texts, label balance, token lengths against max_length and what overflow does,
+duplicates inside the training set and overlap between train and eval (exact on normalised text, and
+near-duplicates by MinHash over word shingles with datasketch), QA span checks, and for generation tasks
+one training example showing which tokens count toward the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finetune.data.features import Features
+from finetune.errors import DataError
+from finetune.recipe.schema import Recipe
+
+NEAR_DUPLICATE_JACCARD = 0.8  # word 3-shingle Jaccard above which two texts count as near-duplicates
+NUM_PERM = 64  # candidates only: every one is confirmed with the exact Jaccard
+LSH_THRESHOLD = 0.6  # LSH finds candidates generously; each is then checked with the exact Jaccard
+# Near-duplicate search costs time per row; above this many rows only exact duplicates are searched.
+NEAR_DUPLICATE_MAX_ROWS = 50_000
+FEW_EXAMPLES = 5  # a class with fewer training examples than this is warned about
+EXAMPLES_SHOWN = 3
+
+
+INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "context")
+
+
+def input_texts(rows: Dataset) -> pa.ChunkedArray:
+    """The text a model reads for each row (its input fields joined by a space): what duplicates are judged on."""
+    fields = [f for f in INPUT_FIELDS if f in rows.column_names]
+    if not fields:
+        return pa.chunked_array([pa.array([""] * len(rows))])
+    table = rows.select_columns(fields).with_format("arrow")[:]  # respects a selection; no Python objects
+    columns = [pc.cast(table.column(f), pa.string()) for f in fields]
+    return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, " ", null_handling="skip")
+
+
+CHUNK_ROWS = 20_000  # texts are normalised and hashed this many at a time, so no step copies the whole column
+
+
+def _normalise(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    texts = pc.utf8_lower(pc.fill_null(texts, ""))
+    texts = pc.replace_substring_regex(texts, pattern=r"[^\p{L}\p{N}_\s]", replacement="")
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, pattern=r"\s+", replacement=" "))
+
+
+def normalised(texts: pa.Array | pa.ChunkedArray) -> list[str]:
+    """Lower case, punctuation removed, whitespace runs as one space (vectorised, in Arrow's regex engine)."""
+    return [
+        text
+        for start in range(0, len(texts), CHUNK_ROWS)
+        for text in _normalise(texts.slice(start, CHUNK_ROWS)).to_pylist()
+    ]
+
+
+def text_hashes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each normalised text, computed a chunk at a time."""
+    from pandas.util import hash_array
+
+    parts = [
+        hash_array(_normalise(texts.slice(start, CHUNK_ROWS)).to_numpy(zero_copy_only=False))
+        for start in range(0, len(texts), CHUNK_ROWS)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def exact_duplicates(
+    first: pa.ChunkedArray, second: pa.ChunkedArray | None = None, first_hashes: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+    """(i, j) pairs of equal normalised texts: each row of `second` (or a later row of `first`) with the first row of
+    `first` it repeats. Rows are matched by hash, and each match is confirmed on the texts (no hash collision counts)."""
+    within = second is None
+    first_hashes = text_hashes(first) if first_hashes is None else first_hashes
+    second_hashes = first_hashes if within else text_hashes(second)
+    distinct, first_row = np.unique(first_hashes, return_index=True)
+    position = np.searchsorted(distinct, second_hashes).clip(max=max(len(distinct) - 1, 0))
+    found = (distinct[position] == second_hashes) if len(distinct) else np.zeros(len(second_hashes), bool)
+    matches = np.where(found, first_row[position], -1)
+    rows = np.flatnonzero((matches >= 0) & (matches < np.arange(len(second_hashes)) if within else matches >= 0))
+    pairs = [(int(matches[j]), int(j)) for j in rows]
+    if not pairs:
+        return []
+    second = first if within else second
+    left = normalised(first.take([i for i, _ in pairs]))
+    right = normalised(second.take([j for _, j in pairs]))
+    return [pair for pair, a, b in zip(pairs, left, right) if a == b]
+
+
+@dataclass
+class Overlap:
+    exact: list[tuple[int, int]] = field(default_factory=list)  # (index in first, index in second)
+    near: list[tuple[int, int]] = field(default_factory=list)
+    near_searched: bool = True
+
+    def rows_of_second(self) -> set[int]:
+        return {j for _, j in self.exact} | {j for _, j in self.near}
+
+    def rows_of_first(self) -> set[int]:
+        return {i for i, _ in self.exact} | {i for i, _ in self.near}
+
+
+def _shingles(normalised_text: str) -> list[bytes]:
+    words = normalised_text.split()
+    if len(words) < 3:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i : i + 3]).encode() for i in range(len(words) - 2)]
+
+
+class TextIndex:
+    """The training texts, indexed once for both questions: duplicates inside them, and eval rows that repeat them.
+
+    Exact duplicates by a hash of the normalised text; near-duplicates (small enough data only) by MinHash over
+    word 3-shingles in a datasketch LSH index, each candidate then checked with the exact Jaccard similarity.
+    """
+
+    def __init__(self, texts: pa.ChunkedArray):
+        self.texts = texts
+        self.hashes = text_hashes(texts)
+        self.near_searched = len(texts) <= NEAR_DUPLICATE_MAX_ROWS
+        if self.near_searched:
+            from datasketch import MinHashLSH
+
+            self.shingles = [set(_shingles(t)) for t in normalised(texts)]
+            self.signatures = _signatures(self.shingles)
+            self.lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
+            with self.lsh.insertion_session() as session:
+                for i, signature in enumerate(self.signatures):
+                    session.insert(i, signature, check_duplication=False)
+
+    def duplicates(self) -> Overlap:
+        """Later training rows that repeat an earlier one."""
+        overlap = Overlap(
+            exact=exact_duplicates(self.texts, first_hashes=self.hashes), near_searched=self.near_searched
+        )
+        if self.near_searched:
+            self._near(overlap, self.shingles, self.signatures, within=True)
+        return overlap
+
+    def overlap(self, texts: pa.ChunkedArray) -> Overlap:
+        """Rows of `texts` that repeat a training row."""
+        overlap = Overlap(
+            exact=exact_duplicates(self.texts, texts, self.hashes),
+            near_searched=self.near_searched and len(texts) <= NEAR_DUPLICATE_MAX_ROWS,
+        )
+        if overlap.near_searched:
+            shingles = [set(_shingles(t)) for t in normalised(texts)]
+            self._near(overlap, shingles, _signatures(shingles), within=False)
+        return overlap
+
+    def _near(self, overlap: Overlap, shingles: list[set], signatures, within: bool) -> None:
+        exact = {j for _, j in overlap.exact}
+        for j, signature in enumerate(signatures):
+            if j in exact:
+                continue
+            candidates = [i for i in self.lsh.query(signature) if not within or i < j]
+            close = [i for i in candidates if _jaccard(self.shingles[i], shingles[j]) >= NEAR_DUPLICATE_JACCARD]
+            if close:
+                overlap.near.append((min(close), j))
+
+
+def _signatures(shingles: list[set]):
+    from datasketch import MinHash
+
+    return MinHash.bulk(shingles, num_perm=NUM_PERM, seed=1)
+
+
+def find_overlap(first: pa.ChunkedArray, second: pa.ChunkedArray | None = None) -> Overlap:
+    """Exact and near duplicates between two arrays of texts, or inside one (second=None)."""
+    index = TextIndex(first)
+    return index.duplicates() if second is None else index.overlap(second)
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _examples(pairs: list[tuple[int, int]], first: pa.ChunkedArray, second: pa.ChunkedArray) -> list[dict]:
+    return [{"first": first[i].as_py()[:200], "second": second[j].as_py()[:200]} for i, j in pairs[:EXAMPLES_SHOWN]]
+
+
+def overlap_section(overlap: Overlap, first: pa.ChunkedArray, second: pa.ChunkedArray) -> dict:
+    return {
+        "exact": len(overlap.exact),
+        "near": len(overlap.near) if overlap.near_searched else None,
+        "near_searched": overlap.near_searched,
+        "examples": _examples(overlap.exact + overlap.near, first, second),
+    }
+
+
+def check_overlap(train: Dataset, eval_rows: Dataset, policy: str) -> tuple[Dataset, dict]:
+    """Duplicates inside data.train and between train and eval, each text normalised once; then data.on_overlap:
+    warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
+    train_texts, eval_texts = input_texts(train), input_texts(eval_rows)
+    index = TextIndex(train_texts)
+    overlap = index.overlap(eval_texts)
+    section = overlap_section(overlap, train_texts, eval_texts)
+    found = {"train_eval": section, "train_duplicates": overlap_section(index.duplicates(), train_texts, train_texts)}
+    count = len(overlap.rows_of_second())
+    if count and policy == "error":
+        shown = "; ".join(f"{e['second'][:60]!r}" for e in section["examples"])
+        raise DataError(
+            f"data.eval: {count} eval row(s) also appear in data.train ({section['exact']} exact, "
+            f"{section['near'] or 0} near-duplicates), e.g. {shown}; data.on_overlap: error"
+        )
+    if count and policy == "drop":
+        keep = sorted(set(range(len(train))) - overlap.rows_of_first())
+        section["dropped_train_rows"] = len(train) - len(keep)
+        train = train.select(keep)
+    return train, found
+
+
+def label_balance(rows: Dataset) -> dict:
+    counts: dict[str, int] = {}
+    for label in rows["label"][:]:
+        counts[str(label)] = counts.get(str(label), 0) + 1
+    rare = sorted(k for k, n in counts.items() if n < FEW_EXAMPLES)
+    return {"counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "rare_classes": rare}
+
+
+def empty_texts(rows: Dataset) -> dict[str, int]:
+    out = {}
+    names = [
+        n
+        for n in ("text", "text_pair", "prompt", "completion", "question", "context", "answer")
+        if n in rows.column_names
+    ]
+    table = rows.select_columns(names).with_format("arrow")[:]
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            out[name] = sum(
+                pc.sum(pc.equal(pc.utf8_trim_whitespace(column.slice(start, CHUNK_ROWS)), "")).as_py() or 0
+                for start in range(0, len(column), CHUNK_ROWS)
+            )
+    return {k: v for k, v in out.items() if v}
+
+
+def loss_mask_example(features: Features, tokenizer: PreTrainedTokenizerBase) -> dict | None:
+    """One training example with the tokens that count toward the loss marked ⟦like this⟧."""
+    dataset = features.dataset
+    if "labels" not in dataset.column_names or len(dataset) == 0:
+        return None
+    row = dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    if not isinstance(labels, list):  # a class label, not a token sequence
+        return None
+    if len(labels) != len(ids):  # an encoder-decoder: the labels are the decoder's own sequence
+        return {
+            "encoder_input": tokenizer.decode(ids),
+            "trained_target": tokenizer.decode([t for t in labels if t >= 0]),
+        }
+    pieces, trained = [], False
+    for token, label in zip(ids, labels):
+        now = label != -100
+        if now != trained:
+            pieces.append("⟦" if now else "⟧")
+            trained = now
+        pieces.append(tokenizer.decode([token]))
+    if trained:
+        pieces.append("⟧")
+    return {"rendered": "".join(pieces), "trained_tokens": sum(1 for l in labels if l != -100), "tokens": len(ids)}
+
+
+def build_report(
+    recipe: Recipe,
+    train: Dataset,
+    eval_rows: Dataset,
+    features: dict[str, Features],
+    tokenizer: PreTrainedTokenizerBase,
+    overlap: dict,
+) -> dict:
+    report = {
+        "task": recipe.task,
+        "splits": {split: features[split].report.as_dict() for split in features},
+        "empty_texts": {"train": empty_texts(train), "eval": empty_texts(eval_rows)},
+        "train_duplicates": overlap["train_duplicates"],
+        "train_eval_overlap": overlap["train_eval"],
+        "on_overlap": recipe.data.on_overlap,
+    }
+    if "label" in train.column_names:
+        report["label_balance"] = {"train": label_balance(train), "eval": label_balance(eval_rows)}
+    example = loss_mask_example(features["train"], tokenizer)
+    if example is not None:
+        report["loss_mask_example"] = example
+    return report
+
+
+def warnings(report: dict) -> list[str]:
+    """The report's findings worth a line in the plan."""
+    out = []
+    overlap = report["train_eval_overlap"]
+    if overlap["exact"] or overlap.get("near"):
+        out.append(
+            f"{overlap['exact']} eval row(s) duplicate training rows exactly, {overlap.get('near') or 0} nearly "
+            f"(data.on_overlap: {report['on_overlap']})"
+        )
+    duplicates = report["train_duplicates"]
+    if duplicates["exact"] or duplicates.get("near"):
+        out.append(f"{duplicates['exact']} exact and {duplicates.get('near') or 0} near duplicate(s) inside data.train")
+    rare = report.get("label_balance", {}).get("train", {}).get("rare_classes")
+    if rare:
+        out.append(f"classes with fewer than {FEW_EXAMPLES} training examples: {', '.join(rare[:10])}")
+    for split, counts in report["empty_texts"].items():
+        for name, n in counts.items():
+            out.append(f"{n} {split} row(s) with an empty {name}")
+    return out

@@ -1,0 +1,126 @@
+"""The plan a run shows before it trains (and all `--dry-run` shows): model, LoRA, data, steps, warnings."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
+from finetune.flows.session import Session, during_rows
+from finetune.models.lora import count_parameters, group_targets
+from finetune.models.references import cache_root, reference_is_local
+from finetune.training.loop import TrainPlan, resolve_precision
+
+
+def plan_warnings(session: Session, plan: TrainPlan, world_size: int = 1) -> list[str]:
+    """Settings the run will not follow to the letter, said before it starts."""
+    recipe, warnings = session.recipe, []
+    t = recipe.train
+    asked = int(t.warmup * plan.total_steps) if t.warmup < 1 else int(t.warmup)
+    if asked > plan.total_steps:
+        warnings.append(
+            f"train.warmup: {asked} warmup steps asked, but the run has {plan.total_steps}; "
+            "the learning rate never reaches train.lr"
+        )
+    if recipe.distributed.strategy != "ddp" and world_size == 1:
+        warnings.append(
+            f"distributed.strategy: {recipe.distributed.strategy} shards over processes; with one "
+            "process it changes nothing"
+        )
+    if recipe.model.revision and reference_is_local(recipe.model.name_or_path):
+        warnings.append("model.revision: applies to hub ids only; it is ignored for this local reference")
+    return warnings
+
+
+def evaluation_plan(session: Session, plan: TrainPlan) -> str:
+    """How often the run evaluates during training, on how many rows, and what it keeps."""
+    settings, recipe = session.recipe.eval, session.recipe
+    if settings.every is None:
+        return "after training only (eval.every: null)"
+    count = plan.epochs if settings.every == "epoch" else plan.total_steps // settings.every
+    if settings.every != "epoch" and plan.total_steps % settings.every:
+        count += 1  # the last step is always evaluated
+    limit = during_rows(session)
+    rows = len(session.features["eval"].rows)
+    shown = (
+        f"the first {min(limit, rows)} of {rows} eval rows"
+        if limit is not None and limit < rows
+        else f"all {rows} eval rows"
+    )
+    if limit is not None and settings.during_max_samples is None:
+        shown += " (generation: eval.during_max_samples defaults to a bounded sample)"
+    metric = settings.best_metric or session.task.main_metric(settings)
+    stopping = recipe.train.early_stopping
+    return (
+        f"{count} evaluations during training (every {settings.every if settings.every == 'epoch' else f'{settings.every} steps'}) "
+        f"on {shown}; {metric} decides the best; keep {settings.keep}"
+        + (
+            f"; early stopping after {stopping.patience} without improvement > {stopping.min_delta:g}"
+            if stopping
+            else ""
+        )
+    )
+
+
+def show_plan(
+    console: Console, session: Session, world_size: int, output_note: str, data_warnings: list[str] | None = None
+) -> None:
+    recipe = session.recipe
+    trainable, total = count_parameters(session.model)
+    plan = TrainPlan.build(recipe, len(session.features["train"].dataset), world_size)
+    table = Table(title="plan", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("task", recipe.task)
+    table.add_row(
+        "model", f"{recipe.model.name_or_path}  ({session.family.name} family, {session.family.architecture})"
+    )
+    base_dropout = "the checkpoint's own" if recipe.model.dropout is None else f"{recipe.model.dropout:g}"
+    table.add_row("base dropout", f"{base_dropout} (model.dropout)")
+    lora = recipe.lora
+    method = [
+        "DoRA" if lora.use_dora else "LoRA",
+        *(["rsLoRA scaling"] if lora.use_rslora else []),
+        *([f"{lora.init} init"] if lora.init != "default" else []),
+    ]
+    table.add_row(
+        "adapter",
+        f"{' + '.join(method)}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}; "
+        f"optimizer {recipe.train.optimizer}"
+        + (f" (B lr x{recipe.train.loraplus_lr_ratio:g})" if recipe.train.optimizer == "loraplus" else ""),
+    )
+    groups = group_targets(list(session.targets), session.family)
+    table.add_row("LoRA targets", f"{len(session.targets)} modules" + "".join(f"\n{line}" for line in groups))
+    if recipe.data.knowledge_base is not None:
+        retrieval = recipe.data.retrieval
+        model = f", embeddings {retrieval.model or DEFAULT_EMBEDDING_MODEL}" if retrieval.method != "bm25" else ""
+        table.add_row(
+            "knowledge base",
+            f"{recipe.data.knowledge_base}: {retrieval.method} retrieval, top {retrieval.top_k}"
+            f"{model}; training adds the gold passage where retrieval missed it",
+        )
+    table.add_row("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    for split, features in session.features.items():
+        r = features.report
+        pct = ", ".join(f"{k} {v}" for k, v in r.percentiles.items())
+        table.add_row(
+            f"{split} data",
+            f"{r.rows} rows -> {len(features.dataset)} inputs; tokens {pct}; "
+            f"truncated {r.truncated}, dropped {r.dropped} (max_length {r.max_length}, overflow {recipe.data.overflow})",
+        )
+        for note in r.notes:
+            table.add_row("", note)
+    if session.cache_note:
+        table.add_row("data cache", f"{session.cache_note} in {cache_root() / 'features'}")
+    table.add_row(
+        "steps",
+        f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "
+        f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
+    )
+    table.add_row("evaluation", evaluation_plan(session, plan))
+    table.add_row("precision", resolve_precision(recipe.train.precision))
+    table.add_row("output", output_note)
+    for warning in [*plan_warnings(session, plan, world_size), *(data_warnings or [])]:
+        table.add_row("[yellow]warning[/]", escape(warning))
+    console.print(table)

@@ -1,0 +1,330 @@
+"""Every rule a recipe must meet, in one place.
+
+`finetune validate` and `finetune run` (before any weights load) both call
+`check_recipe`, so validate refuses exactly what run refuses. Rules come in two
+layers, both gathered here and reported together:
+
+- the recipe alone (`recipe_rules`): the schema (finetune.config), the task's
+  fields and metrics, task x forced family, packing, templates, eval sources;
+- the recipe against this machine (`environment_rules`): the model reference
+  and its config (family, position limit), data files, optional packages and
+  devices (trackers, QLoRA, sharded strategies).
+
+A problem about data files alone is a data error (exit 3); any other is a recipe
+error (exit 2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.data.tables import FILE_SUFFIXES, local_data_path
+from finetune.errors import DataError, FinetuneError
+from finetune.models.families import FAMILIES, FamilySpec, family_of_config
+from finetune.models.references import config_without_weights
+from finetune.recipe.gates import parse_gate
+from finetune.recipe.schema import Recipe, apply_overrides, read_recipe_file, recipe_problems_error
+from finetune.recipe.schema import build_recipe as parse_recipe
+from finetune.secrets import register_secret
+from finetune.tasks import Task, recipe_task
+from finetune.tasks.generative import GenerationTask
+from finetune.training.trackers import missing_trackers
+
+
+@dataclass(frozen=True)
+class Problem:
+    text: str
+    data: bool = False  # a missing or unreadable data file (exit 3) rather than a recipe mistake (exit 2)
+
+
+@dataclass(frozen=True)
+class CheckedRecipe:
+    """What validation learnt on the way: the family where it could be read without weights."""
+
+    recipe: Recipe
+    family: FamilySpec | None
+    family_note: str
+
+    def summary(self) -> str:
+        return f"{self.recipe.task} on {self.recipe.model.name_or_path} ({self.family_note})"
+
+
+# --------------------------------------------------------------------------- the recipe alone
+
+# Every metric is a fraction in [0, 1] but these two.
+UNBOUNDED_METRICS = ("eval_loss", "mean_length")
+
+
+def recipe_rules(recipe: Recipe) -> list[str]:
+    """Rules that need nothing but the recipe."""
+    task = recipe_task(recipe)
+    problems = list(task.check_recipe(recipe))
+    if recipe.mode is not None and recipe.task != "qa":
+        problems.append(f"mode: only task qa has modes (extractive, generative); remove it for task {recipe.task}")
+    if recipe.model.family != "auto":
+        problems += family_rules(task, FAMILIES[recipe.model.family], recipe, place="model.family")
+    if recipe.lora.init in ("pissa", "olora") and recipe.lora.use_dora:
+        problems.append(
+            f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
+            "unchanged base; use one or the other"
+        )
+    return problems + _data_rules(recipe, task) + _generation_rules(recipe, task) + _evaluation_rules(recipe, task)
+
+
+def _data_rules(recipe: Recipe, task: Task) -> list[str]:
+    data, problems = recipe.data, []
+    if data.eval is None and data.eval_split is None:
+        problems.append("data: give an eval file (data.eval) or a held-out fraction (data.eval_split)")
+    if data.eval is not None and data.eval_split is not None:
+        problems.append("data: data.eval and data.eval_split are exclusive; give one (data.eval=null to split)")
+    if isinstance(data.train, list) and not data.train:
+        problems.append("data.train: the list of training files is empty")
+    mapped = list(data.columns.values())
+    for column in sorted({c for c in mapped if mapped.count(c) > 1}):
+        fields = [f for f, c in data.columns.items() if c == column]
+        problems.append(
+            f"data.columns: {', '.join(fields)} all map to column {column!r}; each field needs its own column"
+        )
+    if data.labels is not None:
+        keys = [str(label) for label in data.labels]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            problems.append(f"data.labels: {', '.join(map(repr, repeated))} listed more than once")
+        if recipe.task != "classification":
+            problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
+    if data.knowledge_base is not None:
+        if recipe.task != "qa":
+            problems.append(
+                f"data.knowledge_base: only task qa answers from a knowledge base; remove it for {recipe.task}"
+            )
+        if data.retrieval.train:
+            problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
+    return problems
+
+
+def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
+    """Settings that only text-generating tasks can follow."""
+    data, problems = recipe.data, []
+    generates = isinstance(task, GenerationTask)
+    mark = recipe.eval.watermark
+    if mark is not None:
+        if not generates:
+            problems.append(f"eval.watermark: task {task.name} generates no text to watermark")
+        for name in sorted(set(mark.other_method_keys()) & mark.model_fields_set):
+            owner = next(method for method, keys in mark.METHOD_KEYS.items() if name in keys)
+            problems.append(f"eval.watermark.{name}: a {owner} setting; method {mark.method} does not use it")
+        if mark.method == "synthid" and recipe.eval.temperature == 0:
+            problems.append(
+                "eval.watermark.method: synthid marks text through sampling; set eval.temperature above 0 "
+                "(e.g. 0.7), or use kirchenbauer, which also marks greedy decoding"
+            )
+        if not isinstance(mark.key, int):
+            problems.append(
+                "eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key"
+            )
+    if data.template is not None and not generates:
+        problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
+    if data.template is not None and "prompt" in data.columns:
+        problems.append("data.template: the template builds the prompt; remove data.columns.prompt")
+    if data.chat_template and not generates:
+        problems.append(f"data.chat_template: task {task.name} does not generate text")
+    if recipe.train.packing and not generates:
+        problems.append(
+            f"train.packing: only for GPT-family models on generation tasks (copywriting, codegen, generative qa); "
+            f"this is {recipe.task}"
+        )
+    return problems
+
+
+def _evaluation_rules(recipe: Recipe, task: Task) -> list[str]:
+    settings, problems = recipe.eval, []
+    if settings.best_metric is not None and not task.knows_metric(settings.best_metric):
+        problems.append(task.unknown_metric("eval.best_metric", settings.best_metric))
+    if settings.every is None:
+        if settings.keep == "best":
+            problems.append("eval.keep: best needs evaluations during training; set eval.every (N steps or epoch)")
+        if recipe.train.early_stopping is not None:
+            problems.append(
+                "train.early_stopping: needs evaluations during training; set eval.every (N steps or epoch)"
+            )
+    elif isinstance(settings.every, int) and settings.every < 1:
+        problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
+    for metric, condition in settings.gates.items():
+        gate = parse_gate(f"{metric}{condition}")
+        if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
+            problems.append(f"eval.gates.{metric}: {condition} can never pass: {metric} is a fraction in [0, 1]")
+    return problems
+
+
+def family_rules(task: Task, family: FamilySpec, recipe: Recipe, place: str) -> list[str]:
+    """Task x family: refusals, and packing only where the family packs."""
+    problems = []
+    refusal = task.refusal(family)
+    if refusal:
+        problems.append(f"{place}: {refusal}")
+    if recipe.train.packing and not family.packs and isinstance(task, GenerationTask):
+        problems.append(f"train.packing: only for GPT-family models; this is a {family.name}-family model")
+    return problems
+
+
+# --------------------------------------------------------------------------- the recipe on this machine
+
+
+def environment_rules(recipe: Recipe) -> tuple[list[Problem], FamilySpec | None, str]:
+    """Rules that look at files, packages and devices (never at weights). Also returns the family found."""
+    problems = [Problem(p) for p in _package_and_device_rules(recipe)]
+    family, note = None, "family not checked"
+    try:
+        config = config_without_weights(recipe.model.name_or_path, recipe.model.revision)
+    except FinetuneError as exc:
+        problems.append(Problem(str(exc)))
+        config = None
+    if config is None and not problems:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            problems.append(
+                Problem(
+                    f"model.name_or_path: {recipe.model.name_or_path!r} is not a local checkpoint and "
+                    "not in the hub cache, and HF_HUB_OFFLINE forbids downloading it"
+                )
+            )
+        note = "family not checked (hub checkpoint not in the local cache; set model.family to check it)"
+    if config is not None:
+        detected = family_of_config(config)
+        forced = recipe.model.family
+        if forced == "auto" and detected is None:
+            problems.append(
+                Problem(
+                    f"model: cannot tell the family of model_type {getattr(config, 'model_type', '?')!r}; "
+                    "set model.family to bert, bart or gpt"
+                )
+            )
+        elif forced != "auto" and detected is not None and detected != forced:
+            problems.append(
+                Problem(
+                    f"model.family: {forced} is forced, but {recipe.model.name_or_path} is a {detected}-family checkpoint "
+                    f"(model_type {getattr(config, 'model_type', '?')!r}); remove model.family or set it to {detected}"
+                )
+            )
+        else:
+            family = FAMILIES[detected if forced == "auto" else forced]
+            note = f"{family.name} family"
+            if forced == "auto":  # a forced family was checked with the recipe alone
+                problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
+            problems += [Problem(p) for p in _position_rules(recipe, config)]
+    problems += [Problem(p, data=True) for p in _data_file_rules(recipe)]
+    return problems, family, note
+
+
+def _package_and_device_rules(recipe: Recipe) -> list[str]:
+    import torch
+
+    problems = [f"train.report_to: {message}" for message in missing_trackers(recipe.train.report_to)]
+    distributed = recipe.distributed
+    cuda = torch.cuda.is_available()
+    if distributed.quantization == "4bit":
+        if not cuda:
+            problems.append(
+                "distributed.quantization: 4bit (QLoRA) needs a CUDA GPU; this machine has none. "
+                "Use quantization: none (LoRA on the full-precision base) here."
+            )
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                "distributed.quantization: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)"
+            )
+    if distributed.strategy != "ddp" and not cuda:
+        problems.append(
+            f"distributed.strategy: {distributed.strategy} shards over GPUs; without one use ddp (gloo on CPU)"
+        )
+    if distributed.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            "distributed.strategy: deepspeed needs the deepspeed package (pip install 'finetune[deepspeed]')"
+        )
+    return problems
+
+
+def _position_rules(recipe: Recipe, config) -> list[str]:
+    """data.max_length above the model's position embeddings would crash at the first step."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return []
+    if "roberta" in getattr(config, "model_type", "") or getattr(config, "model_type", "") == "camembert":
+        limit -= 2  # RoBERTa-style positions start after the padding index
+    if recipe.data.max_length > limit:
+        return [
+            f"data.max_length: {recipe.data.max_length} is above what {recipe.model.name_or_path} allows "
+            f"({limit} positions); use data.max_length <= {limit}"
+        ]
+    return []
+
+
+def _data_file_rules(recipe: Recipe) -> list[str]:
+    problems = []
+    for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        for item in [] if spec is None else [spec] if isinstance(spec, str) else spec:
+            try:
+                path = local_data_path(item, key)
+            except FinetuneError as exc:
+                problems.append(str(exc))
+                continue
+            if _looks_like_file(item) and not path.is_file():
+                problems.append(f"{key}: file not found: {item}")
+    base = recipe.data.knowledge_base
+    for item in [] if base is None else [base] if isinstance(base, str) else base:
+        if not local_data_path(item, "data.knowledge_base").is_file():
+            problems.append(f"data.knowledge_base: file not found: {item}")
+    return problems
+
+
+def _looks_like_file(spec: str) -> bool:
+    return spec.startswith(("pkg:", "/", "./", "../", "~")) or Path(spec).suffix.lower() in FILE_SUFFIXES
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
+    """Every rule, every problem at once; raises RecipeError (exit 2), or DataError (exit 3) for data files alone."""
+    mark = recipe.eval.watermark
+    if mark is not None and isinstance(mark.key, int):
+        register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
+    problems = [Problem(p) for p in recipe_rules(recipe)]
+    environment, family, note = environment_rules(recipe)
+    problems += environment
+    if problems:
+        error = recipe_problems_error(source, [p.text for p in problems])
+        if all(p.data for p in problems):
+            raise DataError(str(error))
+        raise error
+    return CheckedRecipe(recipe, family, note)
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """The schema and the rules that need nothing but the recipe (no files, no packages)."""
+    recipe = parse_recipe(raw, source)
+    problems = recipe_rules(recipe)
+    if problems:
+        raise recipe_problems_error(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply `section.key=value` overrides, and check the recipe-alone rules."""
+    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
+    return build_recipe(raw, source=str(path))
+
+
+def load_and_check(path: str | Path, overrides: list[str] | None = None) -> CheckedRecipe:
+    """What `validate` and `run` both do first: every rule, before any weights load, every problem at once."""
+    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
+    return check_recipe(parse_recipe(raw, str(path)), source=str(path))
+
+
+def validate_recipe_file(path: Path) -> str:
+    """`finetune validate` for one file: a one-line summary, or the error run would give."""
+    return load_and_check(path).summary()
+
+
+__all__ = ["CheckedRecipe", "build_recipe", "check_recipe", "load_and_check", "load_recipe", "validate_recipe_file"]

@@ -1,0 +1,351 @@
+"""A session: everything resolved for one recipe (model, family, tokenizer, task state, features, model with
+LoRA), built complete in one call and never changed afterwards.
+
+recipe -> **session** -> train / evaluate / predict -> run directory
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pyarrow as pa
+from accelerate.utils import set_seed
+from datasets import Dataset
+from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.data.cache import CachedData, FeatureCache, cache_key
+from finetune.data.features import Features
+from finetune.data.report import check_overlap
+from finetune.data.retrieval import Retriever, attach_passages, knowledge_base_hash, load_passages
+from finetune.data.tables import apply_template, load_table, map_columns, split_for_eval
+from finetune.errors import RecipeError
+from finetune.models.families import FamilySpec
+from finetune.models.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
+from finetune.models.references import (
+    detect_family,
+    load_config,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    resolve_reference,
+)
+from finetune.outputs import adapter as adapter_files
+from finetune.outputs.adapter import AdapterSaver
+from finetune.recipe.schema import Recipe
+from finetune.tasks import Task, recipe_task
+from finetune.tasks.generative import GenerationTask
+from finetune.tasks.text2text import PackedCollator
+from finetune.training.loop import has_accelerator_device, resolve_precision
+
+
+@dataclass(frozen=True)
+class Session:
+    """One recipe, resolved. `model` carries fresh LoRA (training) or a trained adapter (evaluation)."""
+
+    recipe: Recipe
+    task: Task
+    family: FamilySpec
+    model_path: str  # what from_pretrained reads (a GGUF reference becomes a converted directory)
+    tokenizer: PreTrainedTokenizerBase
+    state: Mapping[str, Any]  # what the task learnt from the training rows (label order, prompt layout) + family
+    model: PeftModel | PreTrainedModel
+    features: Mapping[str, Features] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
+    overlap: Mapping[str, Any] = field(default_factory=dict)  # train <-> eval duplicates (data.on_overlap)
+    cache_note: str = ""  # whether the features came from the feature cache
+
+    def reports(self) -> dict:
+        return {split: f.report.as_dict() for split, f in self.features.items()}
+
+    def adapter_saver(self, initial_adapter: Path | None = None) -> AdapterSaver:
+        recipe = self.recipe
+        meta = {
+            "task": recipe.task,
+            "mode": recipe.mode,
+            "family": self.family.name,
+            "base_model": recipe.model.name_or_path,
+            "base_model_path": self.model_path,
+            "state": dict(self.state),  # label order for classification, prompt layout for generation
+            "generation": recipe.eval.model_dump(
+                include={"max_new_tokens", "temperature", "top_p", "num_samples", "stop"}
+            ),
+            "watermark": recipe.eval.watermark.model_dump(exclude={"key"}) if recipe.eval.watermark else None,
+        }
+        return AdapterSaver(
+            self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter, recipe.eval.watermark
+        )
+
+    def featurize(self, rows: Dataset, split: str, labeled: bool = True) -> Features:
+        return self.task.featurize(rows, self.tokenizer, self.recipe, dict(self.state), split, labeled=labeled)
+
+
+# --------------------------------------------------------------------------- the steps, in order
+
+
+def resolve_model(recipe: Recipe) -> tuple[str, FamilySpec]:
+    """(path for from_pretrained, family), refusing unsupported task x family pairs."""
+    path = resolve_reference(recipe.model.name_or_path)
+    config = load_config(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    family = detect_family(config, recipe.model.family)
+    refusal = recipe_task(recipe).refusal(family)
+    if refusal:
+        raise RecipeError(f"{recipe.model.name_or_path}: {refusal}")
+    return path, family
+
+
+def task_rows(
+    table: Dataset,
+    recipe: Recipe,
+    task: Task,
+    key: str,
+    columns: dict[str, str] | None = None,
+    required: tuple[str, ...] | None = None,
+    optional: tuple[str, ...] | None = None,
+) -> Dataset:
+    """A loaded table as the task's fields: the prompt template applied, then the column mapping."""
+    if recipe.data.template is not None:
+        table = apply_template(table, recipe.data.template, key)
+    columns = recipe.data.columns if columns is None else columns
+    task_required, task_optional = task.fields(recipe)
+    required = task_required if required is None else required
+    optional = task_optional if optional is None else optional
+    return map_columns(table, columns, required, optional, key=key)
+
+
+def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict]:
+    """(train rows, eval rows, train<->eval overlap) mapped to the task's field names; `data.on_overlap` applied;
+    with a knowledge base, each question gets its retrieved passages as context."""
+    data = recipe.data
+    train = task_rows(load_table(data.train, "data.train"), recipe, task, f"data.train ({_shown(data.train)})")
+    if data.eval is not None:
+        eval_rows = task_rows(load_table(data.eval, "data.eval"), recipe, task, f"data.eval ({_shown(data.eval)})")
+    else:
+        train, eval_rows = split_for_eval(train, data.eval_split, recipe.train.seed)
+    if data.max_train_samples:
+        train = train.select(range(min(len(train), data.max_train_samples)))
+    if data.max_eval_samples:
+        eval_rows = eval_rows.select(range(min(len(eval_rows), data.max_eval_samples)))
+    train, overlap = check_overlap(train, eval_rows, data.on_overlap)
+    if data.knowledge_base is not None:
+        retriever = build_retriever(recipe)
+        extractive = task.head == "question_answering"
+        train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
+        eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
+    return train, eval_rows, overlap
+
+
+def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
+    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`)."""
+    base = knowledge_base or recipe.data.knowledge_base
+    return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
+
+
+def _shown(spec: str | list[str]) -> str:
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
+def attention_kwargs(recipe: Recipe) -> dict[str, str]:
+    """Eager attention where a CPU trains in bf16, transformers' default (SDPA) elsewhere.
+
+    PyTorch's CPU flash-attention backward in bf16 took 43% of a MiniLM training step on this CPU (profiled);
+    with eager attention the step is 1.5x faster (526 -> 352 ms at 16 x 128 tokens; in fp32 the two are equal,
+    591 vs 599 ms). Measured in bench/README.md.
+    """
+    if not has_accelerator_device() and resolve_precision(recipe.train.precision) == "bf16":
+        return {"attn_implementation": "eager"}
+    return {}
+
+
+def dropout_kwargs(recipe: Recipe, model_path: str) -> dict[str, float]:
+    """`model.dropout`: every dropout probability in the base model's config set to one value (null: keep them).
+
+    The names differ by architecture (BERT's hidden_dropout_prob, GPT-2's attn_pdrop, BART's attention_dropout),
+    so they are read from the config; from_pretrained applies them before building the modules.
+    """
+    if recipe.model.dropout is None:
+        return {}
+    config = load_config(model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    return {
+        name: recipe.model.dropout
+        for name, value in config.to_dict().items()
+        if isinstance(value, float) and ("dropout" in name or "pdrop" in name)
+    }
+
+
+def load_task_model(
+    recipe: Recipe,
+    task: Task,
+    family: FamilySpec,
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    state: Mapping[str, Any],
+    *,
+    adapter_dir: Path | None = None,
+    with_lora: bool = True,
+) -> tuple[PeftModel | PreTrainedModel, tuple[str, ...]]:
+    """The task's model; with fresh LoRA (and the targets it wraps), or with a trained adapter from `adapter_dir`."""
+    set_seed(recipe.train.seed)  # the new head's initial weights
+    model = load_model(
+        task.auto_class(family),
+        model_path,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        **task.model_kwargs(dict(state)),
+        **attention_kwargs(recipe),
+        **(dropout_kwargs(recipe, model_path) if with_lora and adapter_dir is None else {}),
+        quantization_config=quantization_config(recipe.distributed.quantization),
+    )
+    task.prepare_model(model, tokenizer, family)
+    distributed = recipe.distributed
+    if distributed.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=distributed.gradient_checkpointing)
+    elif distributed.gradient_checkpointing and with_lora:
+        # Non-reentrant checkpointing needs no input gradients, so it works with every weight frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir)), ()
+    if not with_lora:
+        return model, ()
+    try:
+        targets = resolve_targets(model, recipe.lora.targets, family)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+    heads = head_modules(model, task.head_candidates)
+    return apply_lora(model, recipe.lora, targets, heads, task.peft_task(family)), tuple(targets)
+
+
+@dataclass(frozen=True)
+class SessionData:
+    """Everything about the data, without the model: what `finetune data` reports and a session trains on."""
+
+    task: Task
+    family: FamilySpec
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    state: Mapping[str, Any]
+    features: Mapping[str, Features]
+    overlap: Mapping[str, Any]  # train <-> eval duplicates (data.on_overlap), empty when no split was read
+    cache_note: str = ""  # whether the features came from the feature cache
+
+
+def open_data(
+    recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None
+) -> SessionData:
+    """Resolve the model reference and tokenizer, read and tokenise the requested splits (or reuse them from the
+    feature cache). No weights load."""
+    task = recipe_task(recipe)
+    path, family = resolve_model(recipe)
+    tokenizer = load_tokenizer(
+        path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    adapter_state = adapter_files.read_adapter_meta(adapter_dir)["state"] if adapter_dir is not None else None
+    built, note = CachedData({}, {}, {}), ""
+    if splits:
+        cache = FeatureCache(cache_key(recipe, tokenizer, family.name, splits, adapter_state))
+        built = cache.load() or _read_and_featurize(recipe, task, family, tokenizer, splits, adapter_state, cache)
+        note = cache.note
+        if "eval" in splits:  # on the evaluated rows, also when they come from the cache
+            task.check_eval_rows(built.features["eval"].rows, recipe.eval)
+    else:
+        built.state = dict(adapter_state) if adapter_state is not None else {}
+    # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
+    state = MappingProxyType({**built.state, "family": family.name})
+    return SessionData(
+        task, family, path, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
+    )
+
+
+def _read_and_featurize(
+    recipe: Recipe,
+    task: Task,
+    family: FamilySpec,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: tuple[str, ...],
+    adapter_state: dict | None,
+    cache: FeatureCache,
+) -> CachedData:
+    train_rows, eval_rows, overlap = load_rows(recipe, task)
+    state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
+    workdir = cache.workdir()
+    # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
+    # and worker processes read the rows from the file instead of receiving pickled copies.
+    rows = {
+        split: split_rows.flatten_indices(cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False)
+        for split, split_rows in (("train", train_rows), ("eval", eval_rows))
+        if split in splits
+    }
+    del train_rows, eval_rows
+    pa.default_memory_pool().release_unused()
+    features = {
+        split: task.featurize(
+            rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}", workdir=workdir
+        )
+        for split in splits
+    }
+    return cache.publish(workdir, CachedData(features, state, overlap))
+
+
+def open_session(
+    recipe: Recipe,
+    *,
+    splits: tuple[str, ...] = ("train", "eval"),
+    adapter_dir: Path | None = None,
+    with_lora: bool = True,
+) -> Session:
+    """Resolve the model, read and tokenise the requested splits, load the model. One call, a complete session.
+
+    With `adapter_dir`, the task state (label order, prompt layout) and the weights come from a trained adapter.
+    """
+    data = open_data(recipe, splits=splits, adapter_dir=adapter_dir)
+    model, targets = load_task_model(
+        recipe,
+        data.task,
+        data.family,
+        data.model_path,
+        data.tokenizer,
+        data.state,
+        adapter_dir=adapter_dir,
+        with_lora=with_lora,
+    )
+    return Session(
+        recipe,
+        data.task,
+        data.family,
+        data.model_path,
+        data.tokenizer,
+        data.state,
+        model,
+        data.features,
+        targets,
+        data.overlap,
+        data.cache_note,
+    )
+
+
+def training_collator(session: Session):
+    """The task's padding collator, or one-row packing (train.packing; validation allows it only where it applies)."""
+    if session.recipe.train.packing:
+        return PackedCollator()
+    return session.task.collate(session.tokenizer, session.recipe.data.max_length)
+
+
+# Generation is slow: evaluations during training score this many rows unless eval.during_max_samples says otherwise.
+GENERATION_DURING_ROWS = 64
+
+
+def during_rows(session: Session) -> int | None:
+    """How many eval rows an evaluation during training scores (None: all)."""
+    settings = session.recipe.eval
+    if settings.during_max_samples is not None:
+        return settings.during_max_samples
+    return GENERATION_DURING_ROWS if isinstance(session.task, GenerationTask) else None
+
+
+def changes_base_weights(recipe: Recipe) -> bool:
+    """PiSSA/OLoRA move the base's principal part into the adapter; the saved adapter must be converted back."""
+    return recipe.lora.init in BASE_CHANGING_INITS

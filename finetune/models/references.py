@@ -1,0 +1,258 @@
+"""Model references, family detection, and loading the task's Auto class.
+
+References (PRODUCT.md): a hub id, a local `save_pretrained` directory,
+`pkg:MODULE/SUBDIR` (a checkpoint inside an installed package, found without
+importing it), or a GGUF file (`FILE.gguf` or `DIR::FILE.gguf`), which is
+dequantised once into a plain float checkpoint cached by the file's hash.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.errors import RecipeError
+from finetune.files import sha256_file
+from finetune.models.families import FAMILIES, FamilySpec, family_of_config
+
+log = logging.getLogger("finetune")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def _package_dir(module: str, key: str = "model.name_or_path") -> Path:
+    """Where an installed package lives, without running its __init__ (some import missing modules)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"{key}: package {module!r} is not installed (pkg:{module}/...)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_path(reference: str, key: str) -> Path:
+    """`pkg:MODULE/SUB/PATH` -> the path inside the installed package (data files, checkpoints)."""
+    module, _, subpath = reference[4:].partition("/")
+    return _package_dir(module, key) / subpath
+
+
+def _split_gguf(reference: str) -> tuple[str, str] | None:
+    """`DIR::FILE.gguf` or `path/FILE.gguf` -> (directory or hub id, file name)."""
+    if "::" in reference:
+        directory, file = reference.split("::", 1)
+        return directory, file
+    if reference.endswith(".gguf"):
+        path = Path(reference)
+        return str(path.parent), path.name
+    return None
+
+
+def resolve_reference(reference: str) -> str:
+    """Turn a model reference into something `from_pretrained` accepts (a directory or a hub id).
+
+    GGUF files are converted (once) into a cached float checkpoint directory.
+    """
+    if reference.startswith("pkg:"):
+        path = package_path(reference, "model.name_or_path")
+        if not path.exists():
+            raise RecipeError(f"model.name_or_path: {reference}: not found inside its package ({path})")
+        reference = str(path)
+        if path.is_dir():
+            return reference
+    gguf = _split_gguf(reference)
+    if gguf:
+        directory, file = gguf
+        if directory.startswith("pkg:"):
+            directory = resolve_reference(directory)
+        return str(dequantised_gguf(directory, file))
+    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
+        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
+    if Path(reference).exists() and not Path(reference).is_dir():
+        raise RecipeError(f"model.name_or_path: {reference} is a file; give a checkpoint directory or a .gguf file")
+    return reference
+
+
+def reference_is_local(reference: str) -> bool:
+    """True where loading the reference needs no download (pkg:, a directory, a local GGUF file)."""
+    if reference.startswith("pkg:"):
+        return True
+    gguf = _split_gguf(reference)
+    path = Path(os.path.join(*gguf)) if gguf else Path(reference)
+    return path.exists()
+
+
+def dequantised_gguf(directory: str, file: str) -> Path:
+    """A plain float checkpoint rebuilt from a GGUF file, cached under the file's SHA-256.
+
+    transformers dequantises GGUF on load but marks the model quantized (it will
+    not train or save as a normal checkpoint), so the weights are moved into a
+    model built from the config alone and saved with its tokenizer.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(directory) / file
+    if not local.is_file():
+        if Path(directory).exists():
+            raise RecipeError(f"model.name_or_path: GGUF file not found: {local}")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            local = Path(hf_hub_download(directory, file))
+        except Exception as exc:  # network or missing repo: a reference problem
+            raise RecipeError(f"model.name_or_path: cannot fetch {file} from {directory}: {exc}") from None
+    target = cache_root() / "gguf" / sha256_file(local)[:24]
+    if (target / "config.json").is_file():
+        return target
+
+    log.info("dequantising %s into %s (once)", local, target)
+    try:
+        config = AutoConfig.from_pretrained(str(local.parent), gguf_file=local.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(local.parent), gguf_file=local.name, dtype=torch.float32)
+    except Exception as exc:
+        raise RecipeError(f"model.name_or_path: cannot read GGUF file {local}: {exc}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "SOURCE").write_text(f"{local}\n", encoding="utf-8")
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first; theirs is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- family
+
+
+def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False, local_only=False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+    except Exception as exc:
+        raise RecipeError(f"model.name_or_path: cannot load a model config from {path!r}: {_first_line(exc)}") from None
+
+
+def config_without_weights(reference: str, revision: str | None = None):
+    """The checkpoint's config where it can be read without downloading or converting; else None."""
+    from transformers import AutoConfig
+
+    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
+        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
+    if not reference_is_local(reference):
+        try:
+            return AutoConfig.from_pretrained(reference, revision=revision, local_files_only=True)
+        except Exception:
+            return None
+    gguf = _split_gguf(reference)
+    if gguf:
+        directory, file = gguf
+        if directory.startswith("pkg:"):
+            directory = resolve_reference(directory)
+        if not (Path(directory) / file).is_file():
+            raise RecipeError(f"model.name_or_path: GGUF file not found: {Path(directory) / file}")
+        try:
+            return AutoConfig.from_pretrained(directory, gguf_file=file)
+        except Exception as exc:
+            raise RecipeError(f"model.name_or_path: cannot read GGUF file {file}: {_first_line(exc)}") from None
+    return load_config(resolve_reference(reference), local_only=True)
+
+
+def detect_family(config, forced: str = "auto") -> FamilySpec:
+    """The family spec of a checkpoint's config; `forced` (model.family) wins when set."""
+    if forced != "auto":
+        return FAMILIES[forced]
+    name = family_of_config(config)
+    if name is None:
+        raise RecipeError(
+            f"model: cannot tell the family of model_type {getattr(config, 'model_type', '?')!r}; "
+            "set model.family to bert, bart or gpt"
+        )
+    return FAMILIES[name]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str, family: str, *, revision=None, trust_remote_code=False):
+    """The checkpoint's tokenizer, with a pad token for GPT-style models.
+
+    GPT-style checkpoints often have no pad token. We reuse EOS as the pad token
+    rather than adding a new embedding row: padded positions are masked out of
+    attention and loss, and the classification head reads the last non-pad
+    token, which is never EOS because inputs are not terminated with EOS there.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RecipeError(f"model: tokenizer of {path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(setting: str):
+    """transformers' BitsAndBytesConfig for `distributed.quantization`; refused where it cannot run."""
+    if setting == "none":
+        return None
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            "distributed.quantization: 4bit (QLoRA) needs a CUDA GPU; this machine has none. "
+            "Use quantization: none (LoRA on the full-precision base) here."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(
+            "distributed.quantization: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
+def load_model(auto_class, path: str, *, revision=None, trust_remote_code=False, **kwargs):
+    import torch
+
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run", path)
+    try:
+        return auto_class.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
+        )
+    except ValueError as exc:  # e.g. no head of this kind for the architecture
+        raise RecipeError(f"model: {path!r} cannot be loaded as {auto_class.__name__}: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise RecipeError(f"model.name_or_path: cannot load {path!r}: {_first_line(exc)}") from None

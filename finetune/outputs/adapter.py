@@ -1,0 +1,123 @@
+"""Saving a trained adapter: peft's files, the tokenizer, what the task needs to use it again, and a base
+config so that peft's AutoPeftModel classes load it as it is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from finetune.files import write_json
+from finetune.outputs.rundir import ADAPTER_META
+from finetune.recipe.schema import WatermarkSection
+from finetune.watermark.marking import write_key
+
+log = logging.getLogger("finetune")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+@dataclass(frozen=True)
+class AdapterSaver:
+    """Writes the adapter of a model being trained; checkpoints and the end of a run share it."""
+
+    tokenizer: PreTrainedTokenizerBase
+    meta: dict[str, Any]  # task, family, label order / prompt layout, generation settings (finetune.json)
+    base_path: str
+    revision: str | None = None
+    # PiSSA/OLoRA: the adapter as initialised; saving converts the trained one into a plain LoRA on the unchanged base.
+    initial_adapter: Path | None = None
+    # Generation tasks with eval.watermark: the key goes beside the adapter (0600), never into finetune.json.
+    watermark: WatermarkSection | None = None
+
+    def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
+        """Atomically replace `adapter_dir`. `for_other_tools` (the run's final adapter) adds `base/`."""
+        staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), safe_serialization=True)
+        if self.initial_adapter is not None:
+            convert_to_plain_lora(staging, self.initial_adapter)
+        self.tokenizer.save_pretrained(str(staging))
+        write_json(staging / ADAPTER_META, self.meta)
+        if self.watermark is not None:
+            write_key(staging, self.watermark)
+        if for_other_tools:
+            write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(staging, adapter_dir)
+
+
+def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
+    """A PiSSA/OLoRA adapter rewritten as a plain LoRA on the *unchanged* base, in place.
+
+    These inits move W's principal part into the adapter (W = W_res + B0 A0); after training the model is
+    W_res + B A, so the change to the original W is B A - B0 A0 = [B | -B0] [A ; A0]: a LoRA of rank 2r with
+    the same scale. peft's own conversion (`path_initial_model_for_weight_conversion`) drops trained heads
+    (modules_to_save), so the arithmetic is done here, on the saved tensors; every other tensor is kept.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    trained, initial = load_file(weights), load_file(initial_dir / "adapter_model.safetensors")
+    for name, tensor in trained.items():
+        if "lora_A" in name:
+            trained[name] = torch.cat([tensor, initial[name]], dim=0).contiguous()
+        elif "lora_B" in name:
+            trained[name] = torch.cat([tensor, -initial[name]], dim=1).contiguous()
+    save_file(trained, weights, metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["r"] *= 2
+    config["lora_alpha"] *= 2**0.5 if config.get("use_rslora") else 2  # keeps alpha / r (or / sqrt r) unchanged
+    config["init_lora_weights"] = True
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:
+    """`base/` in the adapter being written in `adapter_dir` (which becomes `final_dir`): this task's config (label maps, head size, pad token) beside links to the base weights.
+
+    AutoPeftModelFor... loads `base_model_name_or_path` with the checkpoint's own
+    config: two labels and no pad token for a bare encoder or decoder, so a
+    trained 5-label head would not fit. Pointing it here instead gives the model
+    the adapter was trained on, without copying the base weights.
+    """
+    source = _local_snapshot(base_path, revision)
+    if source is None:
+        log.warning("adapter: base weights of %s are not on disk; AutoPeftModel will load the hub config", base_path)
+        return
+    target = adapter_dir / "base"
+    target.mkdir()
+    base = model.get_base_model()
+    base.config.save_pretrained(target)
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.save_pretrained(target)
+    for file in sorted(source.iterdir()):
+        if file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("adapter_"):
+            (target / file.name).symlink_to(file.resolve())
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(final_dir.resolve() / "base")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _local_snapshot(base_path: str, revision: str | None) -> Path | None:
+    if Path(base_path).is_dir():
+        return Path(base_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_path, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or not a hub id: nothing to link
+        return None
+
+
+def read_adapter_meta(adapter_dir: Path) -> dict:
+    return json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))

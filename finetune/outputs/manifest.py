@@ -1,0 +1,62 @@
+"""manifest.json: what produced a run (command, seed, versions, data hashes, commit, hardware)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+from finetune.secrets import redact_tree
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("finetune", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _hardware(accelerator) -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": str(accelerator.device) if accelerator else "cpu",
+        "num_processes": accelerator.num_processes if accelerator else 1,
+        "mixed_precision": accelerator.mixed_precision if accelerator else "no",
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = None) -> dict:
+    return redact_tree(
+        {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "seed": recipe.train.seed,
+            "versions": library_versions(),
+            "data_files": data_hashes,
+            "git_commit": _git_commit(),
+            "hardware": _hardware(accelerator),
+            **(extra or {}),
+        }
+    )

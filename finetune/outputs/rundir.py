@@ -1,0 +1,166 @@
+"""Before a run writes anything: is the output directory ours to write, writable, with room; may it resume?"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from finetune import files
+from finetune.data.tables import file_hashes
+from finetune.errors import RecipeError
+from finetune.outputs import manifest as provenance
+from finetune.recipe.schema import Recipe, flat_settings
+from finetune.secrets import redact_tree
+
+# A checkpoint of a LoRA run is small; this floor is checked before anything is
+# loaded, and the exact size (from the trainable parameters) once LoRA is applied.
+MIN_FREE_BYTES = 64 << 20
+
+
+def output_decision(run: RunDir, *, resume: str | None, overwrite: bool) -> str:
+    """What a run does with its output directory, or a RecipeError when it may not write there.
+
+    Never without consent: a directory holding a run is continued (--resume) or
+    replaced (--overwrite); a non-empty directory that is not a run is never written into.
+    """
+    if resume is not None and not resume.strip():
+        raise RecipeError("--resume: give 'auto' or a checkpoint path (an empty value is not a fresh start)")
+    if resume is not None and overwrite:
+        raise RecipeError("--resume and --overwrite are exclusive: continue the run, or replace it")
+    where = run.path
+    if where.exists() and not where.is_dir():
+        raise RecipeError(f"output.dir: {where} is a file, not a directory")
+    if run.is_empty():
+        return f"{where} (new)"
+    if not run.holds_run():
+        raise RecipeError(
+            f"output.dir: {where} is not empty and holds no finetune run; finetune never writes into another "
+            "folder's files. Choose a new or empty output.dir."
+        )
+    kind = "a finished run" if run.is_run() else "an unfinished run"
+    if resume is not None:
+        return f"{where} ({kind}: continued from its checkpoint)"
+    if overwrite:
+        return f"{where} ({kind}: replaced, as --overwrite asks)"
+    raise RecipeError(
+        f"output.dir: {where} already holds {kind}. Use --resume auto to continue it, --overwrite to replace it, "
+        "or choose another output.dir."
+    )
+
+
+def claim(run: RunDir) -> bool:
+    """Create the run directory with its marker; fail before loading anything if it is not writable or full.
+
+    Returns whether the directory was created here (so a failure before training can remove it again).
+    """
+    created = not run.path.exists()
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        files.write_text_atomic(run.marker, "a finetune run directory\n")
+    except OSError as exc:
+        raise RecipeError(f"output.dir: {run.path} is not writable: {exc.strerror or exc}") from exc
+    check_free_space(run.path, MIN_FREE_BYTES)
+    return created
+
+
+def release(run: RunDir, created: bool) -> None:
+    """Undo `claim` after a failure before training: remove the directory if this run made it and wrote nothing else."""
+    if created and run.path.is_dir() and {p.name for p in run.path.iterdir()} <= {RUN_MARKER}:
+        shutil.rmtree(run.path, ignore_errors=True)
+
+
+def clear_previous_run(run: RunDir) -> None:
+    """--overwrite: remove what an earlier run left (the user asked for it), keeping the marker."""
+    for path in run.path.iterdir():
+        if path.name == RUN_MARKER:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise RecipeError(
+            f"output.dir: {path} has {free / 2**20:.0f} MiB free; a checkpoint needs about {needed / 2**20:.0f} MiB"
+        )
+
+
+def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:
+    """Disk for `keep` checkpoints plus the one being written: trainable weights, two Adam moments, the adapter copy."""
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return (keep + 1) * 4 * trainable + MIN_FREE_BYTES
+
+
+def resume_identity(recipe: Recipe, world_size: int) -> dict:
+    """What must not change between a checkpoint and the run resuming from it, for the result to be exact.
+
+    Evaluation settings, logging and checkpoint cadence may change freely.
+    """
+    free_sections = ("output.", "eval.")
+    free_keys = {
+        "data.eval",
+        "data.max_eval_samples",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        "train.nonfinite",
+        "train.report_to",
+    }
+    # Evaluation during training decides early stopping and the kept weights: those settings must match too.
+    bound = {"eval.every", "eval.best_metric", "eval.during_max_samples", "eval.keep"}
+    identity = {
+        f"recipe {k}": v
+        for k, v in flat_settings(recipe).items()
+        if k in bound or (not k.startswith(free_sections) and k not in free_keys)
+    }
+    identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
+    versions = provenance.library_versions()
+    identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
+    identity["number of processes"] = world_size
+    return redact_tree(identity)  # it is written into every checkpoint
+
+
+ADAPTER_META = "finetune.json"
+# Written first into every run directory: what tells a run (finished or not) from a user's own folder.
+RUN_MARKER = ".finetune-run"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    manifest = property(lambda self: self.path / "manifest.json")
+    adapter = property(lambda self: self.path / "adapter")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    metrics = property(lambda self: self.path / "metrics.json")
+    predictions = property(lambda self: self.path / "predictions.jsonl")
+    train_log = property(lambda self: self.path / "train_log.jsonl")
+    eval_log = property(lambda self: self.path / "eval_log.jsonl")
+    data_report = property(lambda self: self.path / "data_report.json")
+    card = property(lambda self: self.path / "README.md")
+    curves = property(lambda self: self.path / "training_curves.png")
+    confusion = property(lambda self: self.path / "confusion_matrix.png")
+
+    evals = property(lambda self: self.path / "evals")
+    marker = property(lambda self: self.path / RUN_MARKER)
+
+    def is_run(self) -> bool:
+        """A finished run: its recipe and a trained adapter."""
+        return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
+
+    def holds_run(self) -> bool:
+        """A run, finished or not (older runs have no marker: their recipe beside a log, checkpoints or adapter)."""
+        if self.marker.is_file():
+            return True
+        return self.recipe.is_file() and any(p.exists() for p in (self.train_log, self.checkpoints, self.adapter))
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+
+    def contains(self, other: Path) -> bool:
+        """Whether `other` is this run directory or lies inside it."""
+        here, there = self.path.resolve(), other.expanduser().resolve()
+        return there == here or here in there.parents

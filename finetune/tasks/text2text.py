@@ -1,0 +1,340 @@
+"""Prompt -> completion machinery shared by the generation tasks (copywriting, codegen, generative QA).
+
+Training features put the loss on completion tokens only: for GPT-style
+models the prompt and padding positions carry label -100; for BART the prompt
+is the encoder input and the completion (ending in EOS) the decoder target.
+Generation is batched, left-padded for decoders, with the KV cache, and cut
+at stop strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from finetune.data.tables import LengthReport, apply_overflow
+from finetune.errors import DataError
+from finetune.evaluation.scoring import eval_loader
+from finetune.models.families import FamilySpec
+from finetune.watermark import marking as watermark
+
+IGNORE = -100
+
+
+def prompt_texts(prompts: list[str], tokenizer, recipe) -> list[str]:
+    """The prompts as the model sees them: raw, or as a user turn of the chat template."""
+    if not recipe.data.chat_template:
+        return prompts
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"data.chat_template: the tokenizer of {recipe.model.name_or_path} has no chat template")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def _encode(texts: list[str], tokenizer, *, special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("model: the tokenizer has no EOS token, so completions cannot be terminated")
+    return tokenizer.eos_token_id
+
+
+@dataclass
+class Encoded:
+    """Token ids for prompts (and completions), after `data.overflow`."""
+
+    prompt_ids: list[list[int]]
+    features: Dataset | None  # input_ids / attention_mask / labels, when completions were given
+    keep: list[int]  # indices of the input rows that survived overflow=drop
+    report: LengthReport
+
+
+def encode(
+    prompts: list[str], completions: list[str] | None, tokenizer, family: FamilySpec, recipe, split: str
+) -> Encoded:
+    """Tokenise prompt/completion pairs for training and evaluation loss, and prompts for generation.
+
+    Over-long examples follow `data.overflow`. Truncation never drops a
+    completion silently: a decoder keeps the end of the prompt next to the whole
+    completion; only a completion longer than max_length itself is cut, and
+    those are counted in the report's notes.
+    """
+    max_length, policy = recipe.data.max_length, recipe.data.overflow
+    text = prompt_texts(prompts, tokenizer, recipe)
+    prompt_ids = _encode(text, tokenizer, special=not recipe.data.chat_template)
+    completion_ids = None
+    if completions is not None:
+        eos = _eos_id(tokenizer)
+        if family.encoder_decoder:
+            completion_ids = [
+                ids if ids and ids[-1] == eos else ids + [eos] for ids in _targets(completions, tokenizer)
+            ]
+        else:
+            completion_ids = [ids + [eos] for ids in _encode(completions, tokenizer, special=False)]
+
+    if completion_ids is None:
+        lengths = [len(p) for p in prompt_ids]
+    elif family.encoder_decoder:
+        lengths = [max(len(p), len(c)) for p, c in zip(prompt_ids, completion_ids)]
+    else:
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    keep, report = apply_overflow(lengths, max_length, policy, split)
+    too_long = report.truncated
+
+    cut_completions = 0
+    prompts_out, inputs, labels = [], [], []
+    bos = tokenizer.bos_token_id
+    for i in keep:
+        prompt = prompt_ids[i]
+        if family.encoder_decoder:  # encoder input: cut the end, keep the closing EOS
+            prompt = prompt if len(prompt) <= max_length else prompt[: max_length - 1] + prompt[-1:]
+        # Generation sees the prompt alone, so it may use the whole max_length.
+        prompts_out.append(prompt if family.encoder_decoder else _keep_end(prompt, max_length, bos))
+        if completion_ids is None:
+            continue
+        completion = completion_ids[i]
+        if len(completion) > max_length:
+            completion, cut_completions = completion[:max_length], cut_completions + 1
+        if family.encoder_decoder:
+            inputs.append(prompt)
+            labels.append(completion)
+        else:
+            prompt = _keep_end(prompt, max_length - len(completion), bos)
+            inputs.append(prompt + completion)
+            labels.append([IGNORE] * len(prompt) + completion)
+    if cut_completions:
+        report.notes.append(
+            f"{cut_completions} completion(s) longer than max_length={max_length} were cut (their end and EOS "
+            "are not trained on); raise data.max_length or use data.overflow=drop"
+        )
+    if too_long and completion_ids is not None and not family.encoder_decoder:
+        report.notes.append(f"{too_long} prompt(s) were shortened from the start to keep their completions")
+    features = None
+    if completion_ids is not None:
+        features = Dataset.from_dict(
+            {"input_ids": inputs, "attention_mask": [[1] * len(x) for x in inputs], "labels": labels}
+        )
+    return Encoded(prompts_out, features, keep, report)
+
+
+def _targets(completions: list[str], tokenizer) -> list[list[int]]:
+    """Decoder targets for encoder-decoder models, with the tokenizer's own special tokens (BART: <s> ... </s>)."""
+    return tokenizer(text_target=completions)["input_ids"]
+
+
+def _keep_end(ids: list[int], room: int, bos_id: int | None) -> list[int]:
+    """The last `room` tokens, keeping a leading BOS when the start is cut."""
+    if len(ids) <= room:
+        return ids
+    if room <= 0:
+        return []
+    if bos_id is not None and ids[0] == bos_id and room > 1:
+        return ids[:1] + ids[len(ids) - room + 1 :]
+    return ids[len(ids) - room :]
+
+
+class PadCollator:
+    """Pads input_ids/attention_mask with the pad id and labels with -100, on the right (training, loss)."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": [r["input_ids"] + [self.pad_id] * (width - len(r["input_ids"])) for r in rows],
+            "attention_mask": [r["attention_mask"] + [0] * (width - len(r["attention_mask"])) for r in rows],
+        }
+        if "labels" in rows[0]:
+            label_width = max(len(r["labels"]) for r in rows)
+            batch["labels"] = [r["labels"] + [IGNORE] * (label_width - len(r["labels"])) for r in rows]
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+class PackedCollator:
+    """Concatenates a batch into one row with no padding at all (decoder models, training).
+
+    Position ids restart at each sequence: transformers then builds a
+    block-diagonal causal mask from them (SDPA/eager; flash attention reads them
+    as sequence boundaries), so no token attends across sequences. The first
+    label of each sequence is ignored, so none learns to predict the next one's
+    start. The loss equals that of the padded batch (tests/test_packing.py).
+    """
+
+    def __call__(self, rows: list[dict]) -> dict:
+        input_ids, labels, positions = [], [], []
+        for row in rows:
+            input_ids += row["input_ids"]
+            labels += [IGNORE] + row["labels"][1:]
+            positions += range(len(row["input_ids"]))
+        batch = {
+            name: torch.tensor([values], dtype=torch.long)
+            for name, values in (("input_ids", input_ids), ("labels", labels), ("position_ids", positions))
+        }
+        # Without a cache object the mask is derived from position ids (transformers' masking_utils).
+        return {**batch, "use_cache": False}
+
+
+@torch.no_grad()
+def completion_loss(
+    model, features: Dataset, tokenizer, family: FamilySpec, batch_size: int, accelerator
+) -> float | None:
+    """Mean cross-entropy per completion token over the eval set (each example counted once across processes)."""
+    if features is None or len(features) == 0:
+        return None
+    model.eval()
+    sums, counts = [], []
+    for batch in eval_loader(features, PadCollator(tokenizer), batch_size, accelerator):
+        labels = batch.pop("labels")
+        with accelerator.autocast():
+            logits = model(**batch, labels=labels if family.encoder_decoder else None).logits.float()
+        if not family.encoder_decoder:  # a decoder predicts token t+1 at position t
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+        )
+        mask = labels != IGNORE
+        batch_sums, batch_counts = accelerator.gather_for_metrics(((token_loss * mask).sum(1), mask.sum(1)))
+        sums.append(batch_sums.cpu())
+        counts.append(batch_counts.cpu())
+    total = torch.cat(counts).sum().item()
+    return torch.cat(sums).sum().item() / total if total else None
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-sequence stop once the generated text contains any stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """The text up to the first stop string (the stop itself excluded)."""
+    positions = [text.find(s) for s in stops if s and s in text]
+    return text[: min(positions)] if positions else text
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    family: FamilySpec,
+    prompt_ids: list[list[int]],
+    settings,
+    stops: list[str],
+    batch_size: int,
+    accelerator,
+) -> list[list[str]]:
+    """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    sampling = settings.temperature > 0
+    options = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": sampling,
+        "num_return_sequences": settings.num_samples,
+        "pad_token_id": pad_id,
+        "eos_token_id": _eos_id(tokenizer),
+        "use_cache": True,
+        **({"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}),
+    }
+    vocab_size = accelerator.unwrap_model(model).config.get_text_config().vocab_size
+    options.update(watermark.generate_options(settings.watermark, vocab_size, accelerator.device))
+    # Longest first, so batches hold prompts of similar length (less padding).
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    with accelerator.split_between_processes(order) as mine:
+        answers = []
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            texts = _generate_batch(
+                model, tokenizer, family, [prompt_ids[i] for i in chunk], options, stops, pad_id, accelerator
+            )
+            n = settings.num_samples
+            answers.extend((index, texts[j * n : (j + 1) * n]) for j, index in enumerate(chunk))
+    if accelerator.num_processes > 1:
+        answers = gather_object(answers)
+    by_index = dict(answers)
+    return [by_index[i] for i in range(len(prompt_ids))]
+
+
+def _generate_batch(model, tokenizer, family: FamilySpec, prompts, options, stops, pad_id, accelerator) -> list[str]:
+    width = max(1, max(len(p) for p in prompts))
+    if family.prompt_padding == "right":  # encoder inputs
+        ids = [p + [pad_id] * (width - len(p)) for p in prompts]
+        mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
+    else:  # decoder prompts: left padding, so every row continues from its own last token
+        ids = [[pad_id] * (width - len(p)) + p for p in prompts]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    input_ids = torch.tensor(ids, device=accelerator.device)
+    attention_mask = torch.tensor(mask, device=accelerator.device)
+    # A decoder's output repeats the (padded) prompt before the new tokens; an encoder-decoder's does not.
+    new_from = 0 if family.encoder_decoder else width
+    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stops, new_from)]) if stops else None
+    with accelerator.autocast():
+        output = accelerator.unwrap_model(model).generate(
+            input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria, **options
+        )
+    texts = tokenizer.batch_decode(output[:, new_from:], skip_special_tokens=True)
+    return [cut_at_stops(t, stops) for t in texts]
+
+
+class CompletionEntropy:
+    """The model's next-token entropy (nats) before each token of a completion, given its prompt as generation
+    encodes it: what an entropy-gated watermark saw when it chose which tokens to mark."""
+
+    def __init__(self, model, tokenizer, family: FamilySpec, recipe, accelerator):
+        self.model, self.tokenizer, self.family, self.accelerator = model, tokenizer, family, accelerator
+        # Generation never drops a prompt (predict truncates too): neither does scoring.
+        self.recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, ids: list[int]) -> torch.Tensor:
+        prompt_ids = encode([prompt], None, self.tokenizer, self.family, self.recipe, "watermark detection").prompt_ids[
+            0
+        ]
+        if not prompt_ids:  # a decoder needs one position to predict the first token from
+            prompt_ids = [
+                _eos_id(self.tokenizer) if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id
+            ]
+        # The sequence the (decoder of the) model reads, and where the text starts in it; logit t predicts token t + 1.
+        if self.family.encoder_decoder:
+            sequence, first = [self.model.config.decoder_start_token_id] + ids, 1
+        else:
+            sequence, first = prompt_ids + ids, len(prompt_ids)
+        # A text longer than the model's positions (a long human document) is read in stretches of half of them,
+        # each with as much of what precedes it as fits: an approximation of its entropies, never an error.
+        limit = getattr(self.model.config, "max_position_embeddings", None) or len(sequence)
+        step = len(sequence) if len(sequence) <= limit else max(1, limit // 2)
+        self.model.eval()
+        parts = []
+        for begin in range(first, len(sequence), step):
+            end = min(begin + step, len(sequence))
+            low = max(0, end - limit)
+            logits = self._logits(prompt_ids, sequence[low:end])
+            parts.append(watermark.entropy(logits[begin - 1 - low : end - 1 - low]).cpu())
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def _logits(self, prompt_ids: list[int], window: list[int]) -> torch.Tensor:
+        device = self.accelerator.device
+        with self.accelerator.autocast():
+            if self.family.encoder_decoder:
+                return self.model(
+                    input_ids=torch.tensor([prompt_ids], device=device),
+                    decoder_input_ids=torch.tensor([window], device=device),
+                ).logits[0]
+            return self.model(input_ids=torch.tensor([window], device=device)).logits[0]

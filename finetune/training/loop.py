@@ -1,0 +1,516 @@
+"""One accelerate training loop, the same for every task: the task only supplies features and a collator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from finetune.data.tables import token_lengths
+from finetune.errors import Interrupted, TrainingDiverged
+from finetune.files import write_text_atomic
+from finetune.outputs.adapter import AdapterSaver
+from finetune.recipe.schema import TrainSection
+from finetune.training import checkpoint
+from finetune.training.monitor import Monitor
+
+log = logging.getLogger("finetune")
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str) -> str:
+    """accelerate's mixed_precision value for `train.precision`."""
+    if setting == "fp32":
+        return "no"
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def make_accelerator(recipe, trackers_dir: Path | None = None):
+    """The Accelerator for a recipe; with `trackers_dir`, the recipe's trackers log there (TensorBoard) too."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Precision lives in a per-process singleton; a second run or eval in the
+    # same process (library use, tests) may ask for another one. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # cpu=True on machines without an accelerator is what makes accelerate join
+    # the processes of `accelerate launch` / torchrun as MULTI_CPU (gloo)
+    # instead of running each as an independent single process.
+    report_to = recipe.train.report_to if trackers_dir is not None else []
+    return Accelerator(
+        mixed_precision=resolve_precision(recipe.train.precision),
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        cpu=not has_accelerator_device(),
+        log_with=report_to or None,
+        project_dir=str(trackers_dir / "trackers") if report_to else None,
+    )
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of similar-length examples, reproducible from (seed, epoch).
+
+    Indices are shuffled, cut into windows of `window` batches, sorted by length
+    inside each window, cut into batches, and the batches shuffled again: padding
+    shrinks while each epoch still sees the data in a fresh random order.
+    Without grouping (`window=1`) it is a plain shuffled batcher.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, window: int = 64):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            if self.window > 1:  # longest first; a stable sort keeps equal lengths in their shuffled order
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            chunk = chunk.tolist()
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+@dataclass
+class TrainPlan:
+    """Step arithmetic, shown by --dry-run and used by the loop."""
+
+    examples: int
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    warmup_steps: int
+    epochs: int  # passes started (the last may be partial)
+    world_size: int
+
+    @classmethod
+    def build(cls, recipe, examples: int, world_size: int) -> TrainPlan:
+        t = recipe.train
+        batches = math.ceil(examples / t.batch_size)
+        per_process = math.ceil(batches / world_size)
+        steps_per_epoch = max(1, math.ceil(per_process / t.grad_accum))
+        total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
+        return cls(
+            examples,
+            per_process,
+            steps_per_epoch,
+            total,
+            min(warmup, total),
+            math.ceil(total / steps_per_epoch),
+            world_size,
+        )
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    skipped_steps: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Checkpointing:
+    """Where resumable states go, what they must match, and where to resume from."""
+
+    directory: Path
+    identity: dict  # recipe, data and world size a resume must match
+    resume_from: Path | None = None
+    adapter: AdapterSaver | None = None  # also writes a plain adapter into each checkpoint
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, or peft's LoRA+ (B matrices at lr x ratio)."""
+    fused = torch.cuda.is_available() or None
+    if t.optimizer == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=t.lr,
+            loraplus_lr_ratio=t.loraplus_lr_ratio,
+            weight_decay=t.weight_decay,
+            fused=fused,
+        )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+
+
+def train(
+    model,
+    features,
+    collate,
+    recipe,
+    accelerator,
+    log_path: Path | None,
+    console=None,
+    checkpointing: Checkpointing | None = None,
+    monitor: Monitor | None = None,
+) -> TrainResult:
+    """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done.
+
+    The data order is a pure function of (seed, epoch), and every generator state
+    is checkpointed, so a run resumed from a checkpoint continues exactly as if
+    it had never stopped.
+    """
+    from transformers import get_scheduler
+
+    t = recipe.train
+    sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
+    # A private generator: creating a loader iterator must not draw from the
+    # global torch generator, or a mid-epoch resume would shift every dropout mask.
+    loader = DataLoader(
+        features, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed)
+    )
+    plan = TrainPlan.build(recipe, len(features), accelerator.num_processes)
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, t)
+    # The scheduler is stepped by hand once per optimizer step, so it is not
+    # handed to accelerate (which would step it once per process).
+    scheduler = get_scheduler(
+        t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    batches_per_epoch = len(loader)
+
+    progress = checkpoint.Progress(identity=checkpointing.identity if checkpointing else {})
+    logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
+    if checkpointing and checkpointing.resume_from:
+        progress, window = checkpoint.restore(checkpointing.resume_from, accelerator, model, optimizer, scheduler)
+        progress.identity = checkpointing.identity
+        logger.resume(progress, window)
+        accelerator.step = progress.batches_in_epoch  # gradient-accumulation phase
+        if monitor is not None:
+            monitor.resume(progress.monitor, progress.step)
+
+    guard = NonFiniteGuard(t.nonfinite, accelerator)
+    model.train()
+    with StopSignals() as stop, progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
+        bar.update(progress.step, None)
+        while progress.step < plan.total_steps:
+            sampler.set_epoch(progress.epoch)
+            loader.set_epoch(progress.epoch)
+            batches = (
+                accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+                if progress.batches_in_epoch
+                else loader
+            )
+            for batch in batches:
+                progress.batches_in_epoch += 1
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    guard.watch(loss)
+                    accelerator.backward(loss)
+                    logger.add(loss.detach(), real_tokens(batch))
+                    if accelerator.sync_gradients:
+                        # The norm of the gradients summed over processes: the same on every rank.
+                        norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm or math.inf)
+                        healthy, stopping = guard.check(norm, stop, progress)
+                        if healthy:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress.step += 1
+                if progress.batches_in_epoch >= batches_per_epoch:
+                    progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+                done = progress.step >= plan.total_steps
+                entry = logger.maybe_log(
+                    progress.step, progress.step / plan.steps_per_epoch, scheduler.get_last_lr()[0], force=done
+                )
+                if entry:
+                    progress.last_loss = entry["loss"]
+                bar.update(progress.step, entry)
+                epoch_end = progress.batches_in_epoch == 0
+                evaluated = monitor is not None and monitor.due(progress.step, epoch_end, done)
+                if evaluated:
+                    result = monitor.evaluate(model, progress.step, progress.step / plan.steps_per_epoch)
+                    accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
+                    bar.note_eval(result, monitor.metric)
+                    if monitor.should_stop():
+                        done = True
+                        if entry is None:  # the last step of a run always has its log line
+                            entry = logger.maybe_log(
+                                progress.step,
+                                progress.step / plan.steps_per_epoch,
+                                scheduler.get_last_lr()[0],
+                                force=True,
+                            )
+                            progress.last_loss = entry["loss"]
+                    progress.monitor = monitor.to_dict()
+                saved = None
+                # Every evaluated step is checkpointed, so the best weights are on disk to keep.
+                if checkpointing and (
+                    stopping or done or epoch_end or evaluated or progress.step % t.checkpoint_every == 0
+                ):
+                    progress.tokens, progress.skipped_steps = logger.total_tokens, guard.skipped
+                    saved = checkpoint.save(
+                        checkpointing.directory,
+                        progress,
+                        accelerator,
+                        model,
+                        optimizer,
+                        scheduler,
+                        logger.window_state(),
+                        t.keep_checkpoints,
+                        checkpointing.adapter,
+                        protect=monitor.state.best_step if monitor else None,
+                    )
+                if stopping and not done:
+                    where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
+                    raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
+                if done or epoch_end:
+                    break
+            if monitor is not None and monitor.state.stopped_early:
+                break
+    return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
+
+
+def real_tokens(batch: dict) -> torch.Tensor:
+    """Non-padding tokens of a batch (a packed batch has no padding, and no attention mask)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
+class NonFiniteGuard:
+    """Catches a NaN/inf loss or gradient before the optimizer step.
+
+    `train.nonfinite: stop` ends the run with exit 5 naming the step (the last
+    good checkpoint stays on disk); `skip` drops that update and counts it. The
+    verdict and the stop-signal flag travel in one all-reduce, so every process
+    takes the same decision at the same step.
+    """
+
+    def __init__(self, policy: str, accelerator):
+        self.policy, self.accelerator = policy, accelerator
+        self.bad_loss = torch.zeros((), device=accelerator.device)
+        self.skipped = 0
+        # With fp16, inf gradients are routine: the gradient scaler skips those steps itself.
+        self.check_gradients = accelerator.scaler is None
+
+    def watch(self, loss: torch.Tensor) -> None:
+        self.bad_loss = torch.maximum(self.bad_loss, (~torch.isfinite(loss.detach())).float())
+
+    def check(self, grad_norm, stop, progress) -> tuple[bool, bool]:
+        """(apply this update?, stop after it?) for the optimizer step about to happen."""
+        bad_grad = 0.0 if not self.check_gradients or grad_norm is None else float(not math.isfinite(float(grad_norm)))
+        flags = torch.stack(
+            [
+                self.bad_loss,
+                torch.tensor(bad_grad, device=self.bad_loss.device),
+                torch.tensor(float(stop.received is not None), device=self.bad_loss.device),
+            ]
+        )
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "max")
+        bad_loss, bad_grad, stopping = (bool(v) for v in flags.tolist())
+        self.bad_loss.zero_()
+        if not (bad_loss or bad_grad):
+            return True, stopping
+        what = "the loss" if bad_loss else "the gradient norm"
+        step = progress.step + 1
+        if self.policy == "skip":
+            self.skipped += 1
+            log.warning("step %d: %s is not finite; update skipped (%d so far)", step, what, self.skipped)
+            return False, stopping
+        raise TrainingDiverged(
+            f"training diverged at step {step} (epoch {progress.epoch + 1}): {what} is not finite (nan or inf); "
+            "the last good checkpoint is kept. Lower train.lr, check the data, or set train.nonfinite: skip"
+        )
+
+
+class StopSignals:
+    """SIGTERM/SIGINT during training ask the loop to stop after the current optimizer step.
+
+    A second signal while the checkpoint is being written is only noted: the
+    save completes (and is atomic anyway). Under several processes the flag is
+    all-reduced each step (NonFiniteGuard.check), so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = self.received or signum
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another rank"
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class StepLogger:
+    """Mean loss and real (non-padding) tokens/s over each logging window, summed over processes."""
+
+    def __init__(self, path: Path | None, accelerator, every: int):
+        self.path, self.accelerator, self.every = path, accelerator, every
+        self.start = self.window_start = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.batches = torch.zeros((), device=accelerator.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.total_tokens = 0  # logged so far, all processes
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss_sum += loss.float()
+        self.batches += 1
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def window_state(self) -> dict:
+        """This process's not-yet-logged sums, so a resumed run logs the same numbers."""
+        return {"loss_sum": self.loss_sum.item(), "batches": self.batches.item(), "tokens": int(self.tokens.item())}
+
+    def resume(self, progress, window: dict) -> None:
+        """Continue the log of a checkpointed run: keep its lines up to the checkpoint's step."""
+        (
+            self.loss_sum.fill_(window["loss_sum"]),
+            self.batches.fill_(window["batches"]),
+            self.tokens.fill_(window["tokens"]),
+        )
+        self.total_tokens = progress.tokens
+        if self.path is not None and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _logged_step(line) <= progress.step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def maybe_log(self, step: int, epoch: float, lr: float, force: bool = False) -> dict | None:
+        if step % self.every and not force:
+            return None
+        totals = self.accelerator.reduce(torch.stack([self.loss_sum, self.batches, self.tokens.float()]), "sum")
+        loss_sum, batches, tokens = totals.tolist()
+        now = time.perf_counter()
+        entry = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss_sum / max(batches, 1),
+            "lr": lr,
+            "tokens_per_s": round(tokens / max(now - self.window_start, 1e-9), 1),
+            "elapsed_s": round(now - self.start, 3),
+        }
+        self.total_tokens += int(tokens)
+        self.accelerator.log({f"train/{k}": entry[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
+        self.loss_sum.zero_(), self.batches.zero_(), self.tokens.zero_()
+        self.window_start = now
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        return entry
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class progress_bar:
+    """A rich progress bar on the main process showing loss and tokens/s; silent elsewhere."""
+
+    def __init__(self, console, total: int, enabled: bool):
+        self.enabled = enabled and console is not None
+        self.console, self.total = console, total
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.total, status="")
+        return self
+
+    def update(self, step: int, entry: dict | None) -> None:
+        if not self.enabled:
+            return
+        if entry:
+            status = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, status=status)
+        else:
+            self.progress.update(self.task, completed=step)
+
+    def note_eval(self, entry: dict, metric: str) -> None:
+        """One line per evaluation during training, above the bar."""
+        if self.enabled:
+            value = entry["metrics"].get(metric)
+            shown = "missing" if value is None else f"{value:.4f}"
+            self.console.print(
+                f"eval at step {entry['step']}: {metric} {shown} ({entry['seconds']:.1f} s)", highlight=False
+            )
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False

@@ -1,0 +1,263 @@
+"""Watermarking what a fine-tuned model generates, and finding the mark again, with the run's tokenizer and key.
+
+Two of transformers' watermarks:
+- kirchenbauer: the green-list watermark (Kirchenbauer et al. 2023), detected with the green-list test of
+  transformers' `WatermarkDetector`: a z-test on the fraction of green tokens, each (context, token) pair
+  counted once (repeats, as in a greedy loop, break the test's independence). With `entropy_threshold` > 0 (the
+  default), marked and counted only where the model was unsure of the next token (SWEET, Lee et al. 2023, "Who
+  Wrote this Code?"): a token the model was sure of cannot be moved into the green list, so counting it only
+  dilutes the mark, and a fine-tuned model is sure of most of its tokens. Detection then needs the run's model,
+  to recompute each token's entropy from its prompt and the text before it. The test stays exact on unmarked
+  text: which positions count depends only on the text before them, and an unmarked token is green with
+  probability `greenlist_ratio` whatever came before it.
+- synthid: SynthID Text's tournament sampling (Dathathri et al. 2024). Its detector here is the paper's mean
+  score as a z-test: on unmarked text each g-value is a fair coin (Bernoulli with the sampling table's own mean)
+  once repeated contexts are masked, so the mean g-value over a text has a known null distribution and the
+  threshold a known false-positive rate, with no detector to train. A Bayesian detector trained for the run
+  (`synthid_detector.py`, `finetune train-detector`) adds its posterior probability to each score; the verdict
+  stays the z-test's, whose false-positive rate is known (the trained one's was not: README "Watermarks").
+
+Each text is scored on its own tokens, never inside a padded batch: padding (often EOS repeated) would be
+scored too and make human text look watermarked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    SynthIDTextWatermarkingConfig,
+    WatermarkDetector,
+    WatermarkingConfig,
+    WatermarkLogitsProcessor,
+)
+
+from finetune.errors import RecipeError
+from finetune.recipe.schema import WatermarkSection
+
+KEY_FILE = "watermark.key"
+
+
+def generation_config(settings: WatermarkSection | None) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None:
+    """What `model.generate` needs to mark its output, or None without a watermark."""
+    if settings is None:
+        return None
+    if not isinstance(settings.key, int):
+        raise RecipeError(
+            "eval.watermark.key: the key is redacted here; evaluate the run directory (its adapter "
+            "holds the key) or give the key"
+        )
+    if settings.method == "synthid":
+        return SynthIDTextWatermarkingConfig(
+            ngram_len=settings.ngram_len, keys=synthid_keys(settings.key, settings.depth)
+        )
+    return WatermarkingConfig(
+        greenlist_ratio=settings.greenlist_ratio,
+        bias=settings.bias,
+        hashing_key=settings.key,
+        seeding_scheme="lefthash",
+        context_width=settings.context_width,
+    )
+
+
+def generate_options(settings: WatermarkSection | None, vocab_size: int, device) -> dict:
+    """The `model.generate` arguments that mark its output: transformers' own watermarking config, or the
+    entropy-gated green-list processor (which runs before temperature and top-p, on the raw logits whose entropy
+    detection recomputes)."""
+    config = generation_config(settings)
+    if config is None:
+        return {}
+    if gated(settings):
+        return {"logits_processor": LogitsProcessorList([EntropyGatedWatermark(settings, vocab_size, device)])}
+    return {"watermarking_config": config}
+
+
+def gated(settings: WatermarkSection) -> bool:
+    """Whether marking and detection look at the model's entropy (and detection so needs the model)."""
+    return settings.method == "kirchenbauer" and settings.entropy_threshold > 0
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the next-token distribution of each row of logits."""
+    return torch.distributions.Categorical(logits=logits.float()).entropy()
+
+
+class EntropyGatedWatermark(WatermarkLogitsProcessor):
+    """transformers' green-list processor, applied only where the model's next-token entropy is at least
+    `entropy_threshold` nats (SWEET); elsewhere the logits pass unchanged."""
+
+    def __init__(self, settings: WatermarkSection, vocab_size: int, device):
+        super().__init__(
+            vocab_size=vocab_size,
+            device=device,
+            greenlist_ratio=settings.greenlist_ratio,
+            bias=settings.bias,
+            hashing_key=settings.key,
+            seeding_scheme="lefthash",
+            context_width=settings.context_width,
+        )
+        self.threshold = settings.entropy_threshold
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        unsure = entropy(scores) >= self.threshold
+        return torch.where(unsure[:, None], super().__call__(input_ids, scores), scores)
+
+
+def synthid_keys(key: int, depth: int) -> list[int]:
+    """One key per tournament layer, derived from the one secret (the same secret always gives the same keys)."""
+    generator = random.Random(key)
+    return [generator.randrange(1, 2**31) for _ in range(depth)]
+
+
+def write_key(adapter_dir: Path, settings: WatermarkSection) -> None:
+    """The key beside the adapter, readable by its owner only."""
+    path = adapter_dir / KEY_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(f"{settings.key}\n")
+
+
+def read_key(adapter_dir: Path) -> int | None:
+    path = adapter_dir / KEY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return int(path.read_text(encoding="utf-8").strip())
+    except ValueError:
+        raise RecipeError(f"{path}: not a watermark key (an integer)") from None
+
+
+@dataclass(frozen=True)
+class Score:
+    tokens: int  # green list: the (context, token) pairs the test counted; synthid: the text's tokens
+    statistic: float | None  # the fraction of green tokens (kirchenbauer) or the mean g-value (synthid)
+    z_score: float | None
+    p_value: float | None
+    watermarked: bool
+    statistic_name: str = "green_fraction"
+    text_tokens: int | None = None  # all of the text's tokens, when the test counts only some
+    probability: float | None = None  # synthid with a trained Bayesian detector: P(watermarked | g-values)
+
+    def as_dict(self) -> dict:
+        scores = {
+            "text_tokens": self.tokens if self.text_tokens is None else self.text_tokens,
+            "watermark_tokens": self.tokens,
+            self.statistic_name: self.statistic,
+            "z_score": self.z_score,
+            "p_value": self.p_value,
+        }
+        if self.probability is not None:
+            scores["probability"] = self.probability
+        return {**scores, "watermarked": self.watermarked}
+
+
+# (prompt, the text's token ids) -> the model's next-token entropy before each of those tokens (nats).
+EntropyFunction = Callable[[str, list[int]], torch.Tensor]
+
+
+class Detector:
+    """The detector of the run's watermark with the run's key, scoring one text at a time.
+
+    An entropy-gated watermark needs `entropies` (the run's model on the text and its prompt); a synthid one may
+    bring its trained Bayesian detector (`bayesian`, transformers' BayesianDetectorModel)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model_config,
+        settings: WatermarkSection,
+        entropies: EntropyFunction | None = None,
+        bayesian=None,
+    ):
+        if gated(settings) and entropies is None:
+            raise ValueError("an entropy-gated watermark is detected with the model's entropies")
+        self.tokenizer, self.settings, self.entropies, self.bayesian = tokenizer, settings, entropies, bayesian
+        config = generation_config(settings)
+        if settings.method == "synthid":
+            self.processor = config.construct_processor(model_config.vocab_size, "cpu")
+            # The null mean of a g-value is the sampling table's own mean (0.5 up to the table's sampling noise).
+            self.null_mean = float(self.processor.sampling_table.float().mean())
+        else:
+            self.detector = WatermarkDetector(model_config, "cpu", config)  # its green-list test
+
+    def score(self, text: str, prompt: str = "") -> Score:
+        """The text's score; `prompt` (what the text answers) sharpens an entropy-gated test's choice of tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.settings.method == "synthid":
+            return self._score_synthid(ids)
+        return self._score_green_list(ids, prompt)
+
+    def _score_green_list(self, ids: list[int], prompt: str) -> Score:
+        """The green-token z-test, each (context, token) pair counted once (a phrase repeated in a loop is one
+        piece of evidence: counted again and again, unmarked loops look marked; measured, README "Watermarks"),
+        over the tokens the model was unsure of when the watermark is entropy-gated."""
+        width, ratio = self.settings.context_width, self.settings.greenlist_ratio
+        if len(ids) <= width:  # nothing to test after the seeding context
+            return Score(0, None, None, None, False, text_tokens=len(ids))
+        if gated(self.settings):
+            unsure = (self.entropies(prompt, ids) >= self.settings.entropy_threshold).tolist()
+        else:
+            unsure = [True] * len(ids)
+        counted = {tuple(ids[i - width : i + 1]) for i in range(width, len(ids)) if unsure[i]}
+        if not counted:  # the model was sure of every token: nothing to test
+            return Score(0, None, None, None, False, text_tokens=len(ids))
+        green = sum(self._is_green(ngram) for ngram in counted)
+        n = len(counted)
+        z = (green - ratio * n) / math.sqrt(n * ratio * (1 - ratio))
+        return Score(n, green / n, z, normal_tail(z), z > self.settings.z_threshold, text_tokens=len(ids))
+
+    def _is_green(self, ngram: tuple[int, ...]) -> bool:
+        """transformers' own green-list test for the last token of the n-gram, seeded by the tokens before it."""
+        return bool(self.detector._get_ngram_score(torch.tensor(ngram[:-1]), ngram[-1]))
+
+    def _score_synthid(self, ids: list[int]) -> Score:
+        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), which gives the
+        verdict, and with a trained Bayesian detector its posterior probability beside it."""
+        g_values, keep = synthid_evidence(self.processor, self.tokenizer, ids)
+        values = g_values[keep].double()
+        if values.numel() == 0:  # too short for one full context
+            return Score(len(ids), None, None, None, False, "mean_g_value")
+        mean = float(values.mean())
+        p = self.null_mean
+        z = (mean - p) / math.sqrt(p * (1 - p) / values.numel())
+        probability = None
+        if self.bayesian is not None:
+            with torch.no_grad():
+                probability = float(self.bayesian(g_values[None].float(), keep[None].float())[0][0])
+        return Score(
+            len(ids), mean, z, normal_tail(z), z > self.settings.z_threshold, "mean_g_value", probability=probability
+        )
+
+
+def synthid_evidence(
+    processor, tokenizer: PreTrainedTokenizerBase, ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text's g-values (positions, depth) and which positions count: a repeated context repeats its g-values, so
+    only its first counts (as in transformers' detector), and nothing after an end of text counts."""
+    skip = processor.ngram_len - 1  # the first tokens have no full context
+    if len(ids) <= skip:
+        return torch.zeros(0, len(processor.keys)), torch.zeros(0, dtype=torch.bool)
+    tokens = torch.tensor([ids])
+    g_values = processor.compute_g_values(tokens)[0]
+    keep = processor.compute_context_repetition_mask(tokens)[0].bool()
+    if tokenizer.eos_token_id is not None:
+        keep &= processor.compute_eos_token_mask(tokens, tokenizer.eos_token_id)[0, skip:].bool()
+    return g_values, keep
+
+
+def normal_tail(z: float) -> float:
+    """One-sided normal tail P(Z > z)."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def false_positive_rate(z_threshold: float) -> float:
+    """How often unwatermarked text scores above the threshold."""
+    return normal_tail(z_threshold)
