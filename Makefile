@@ -33,7 +33,11 @@ sandbox-tools:
 	    echo "warning: bubblewrap (bwrap) is not installed; codegen code execution needs it (or eval.sandbox: basic)"; \
 	  fi; }
 
+# Lint, format, types, then the tests: a style slip or a type error fails `make test` like a failing test.
 test: install
+	$(BIN)/ruff check finetune tests bench scripts
+	$(BIN)/ruff format --check finetune tests bench scripts
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 demo: install

@@ -58,11 +58,10 @@ def flops_per_token(recipe_path: str, overrides: list[str]) -> tuple[float, dict
     import torch
 
     from finetune.data.tables import token_lengths
-    from finetune.flows.resolve import load_recipe
+    from finetune.flows.resolve import resolve
     from finetune.flows.session import open_session
 
-    recipe = load_recipe(recipe_path, overrides)
-    session = open_session(recipe, splits=("train",))
+    session = open_session(resolve(recipe_path, overrides), splits=("train",))
     model = session.model
     frozen = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
@@ -151,12 +150,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both contenders")
     args = parser.parse_args()
 
-    from finetune.flows.resolve import load_recipe
+    from finetune.flows.resolve import resolve
     from finetune.outputs.manifest import library_versions
-    from finetune.training.loop import resolve_precision
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    precision = resolve_precision(recipe.train.precision)
+    precision = resolve(args.recipe, args.overrides).precision
     peaks = {"fp32": measured_peak_flops("fp32")}
     if precision == "bf16":
         peaks["bf16"] = measured_peak_flops("bf16")

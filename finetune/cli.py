@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -22,6 +23,7 @@ from finetune.secrets import RedactingFilter, redact
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     help="LoRA fine-tuning of BERT, BART and GPT-style checkpoints from one YAML recipe.",
 )
@@ -29,6 +31,11 @@ app = typer.Typer(
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 _debug = {"on": False}
+# Conditions of the machine a user can fix (full disk, quota, read-only filesystem): exit 2 with the path, never
+# "internal error".
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# The reader closed our output pipe (`finetune predict ... | head`): 128 + SIGPIPE, as a shell reports it.
+PIPE_CLOSED = 141
 
 
 def _quiet_libraries() -> None:
@@ -79,6 +86,24 @@ def _handled(command):
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of ours, nothing to show
+            try:  # so that flushing at exit does not raise again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # stdout is no file (a test runner's buffer)
+                pass
+            raise typer.Exit(PIPE_CLOSED) from None
+        except OSError as exc:
+            if exc.errno not in MACHINE_ERRNOS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            err_console.print(
+                f"[red]error:[/] cannot write{escape(where)}: {escape(exc.strerror or str(exc))}. Nothing half-written "
+                "was left; free space (or fix the disk) and run again (`finetune run ... --resume auto` continues "
+                "a training run from its last checkpoint)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
         except Exception as exc:  # a bug, not a user mistake
             if _debug["on"]:
                 raise
@@ -165,15 +190,15 @@ def run_command(
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
     from finetune.recipe.schema import apply_overrides, build_recipe, read_recipe_file
 
-    build_recipe(
-        apply_overrides(read_recipe_file(recipe), _with_code_opt_in(overrides, allow_code_execution)), str(recipe)
-    )
+    overrides = _with_code_opt_in(overrides, allow_code_execution)
+    # The file is read once; schema mistakes answer here, before torch loads.
+    parsed = build_recipe(apply_overrides(read_recipe_file(recipe), overrides), str(recipe))
     from finetune.evaluation.scoring import print_metrics
-    from finetune.flows.resolve import load_and_check
+    from finetune.flows.resolve import resolve_recipe
     from finetune.launch import inside_launched_process, processes_wanted, relaunch
 
-    overrides = _with_code_opt_in(overrides, allow_code_execution)
-    loaded = load_and_check(recipe, overrides).recipe  # every rule, once, before starting processes
+    resolved = resolve_recipe(parsed, str(recipe))  # every rule, once, before starting processes
+    loaded = resolved.recipe
     _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
     if num_processes > 1 and not inside_launched_process():
@@ -187,13 +212,21 @@ def run_command(
             *(["--overwrite"] if overwrite else []),
         ]
         raise typer.Exit(relaunch(num_processes, args, loaded.distributed.strategy))
-    from finetune.flows.run import run
+    from finetune.flows.train import run
 
-    document = run(loaded, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
+    document = run(resolved, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
     if document is None:
         return
     if _is_main_process():
         print_metrics(console, document, title=f"metrics ({loaded.output.dir})")
+        out = loaded.output.dir
+        console.print(
+            f"results in {out}/: metrics.json, predictions.jsonl, adapter/, README.md (the model card)\n"
+            f"next: finetune eval {out}  |  finetune predict {out} --input FILE.jsonl  |  "
+            f"finetune export {out} --format gguf --output model.gguf",
+            highlight=False,
+            soft_wrap=True,
+        )
     _exit_on_failed_gates(document)
 
 
@@ -246,7 +279,7 @@ def eval_command(
     _quiet_libraries()
     from finetune.evaluation.compare import read_baseline, write_junit
     from finetune.evaluation.scoring import dumps, print_checkpoints, print_metrics
-    from finetune.flows.run import evaluate, evaluate_all_checkpoints, rescore
+    from finetune.flows.evaluate import evaluate, evaluate_all_checkpoints, rescore
 
     baseline = (compare, read_baseline(compare), tolerance) if compare else None
     if sandbox not in (None, "strict", "basic"):
@@ -316,13 +349,29 @@ def predict_command(
     knowledge_base: Annotated[
         str | None, typer.Option("--knowledge-base", help="qa: answer from these passages instead of the run's own.")
     ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Write the predictions to this new JSONL file instead of stdout.")
+    ] = None,
 ) -> None:
-    """Classify / generate / answer for new inputs; JSONL in, JSONL out."""
+    """Classify / generate / answer for new inputs; JSONL in, JSONL out (stdout, or --output)."""
     _quiet_libraries()
-    from finetune.flows.run import predict
+    from finetune.files import write_jsonl
+    from finetune.flows.evaluate import predict
+    from finetune.outputs.rundir import claim_output
 
+    target = None
+    if output is not None:  # checked before any model loads
+        inputs = (Path(run_dir), *([Path(input)] if input != "-" else []))
+        target = claim_output(
+            output, key="--output", what="predictions", directory=False, overwrite=False, inputs=inputs
+        )
     rows, source = _read_input_rows(input)
-    for row in predict(run_dir, rows, source, knowledge_base=knowledge_base):
+    predicted = predict(run_dir, rows, source, knowledge_base=knowledge_base)
+    if target is not None:
+        write_jsonl(target, predicted)
+        err_console.print(f"{len(predicted)} predictions written to {target}", highlight=False, soft_wrap=True)
+        return
+    for row in predicted:
         print(json.dumps(row, ensure_ascii=False))
 
 
@@ -357,7 +406,7 @@ def merge_command(
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers checkpoint."""
     _quiet_libraries()
-    from finetune.flows.run import merge
+    from finetune.flows.export import merge
 
     written = merge(run_dir, output, overwrite=overwrite)
     console.print(f"merged checkpoint written to {written}", highlight=False, soft_wrap=True)
@@ -373,19 +422,21 @@ def data_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a summary.")] = False,
 ) -> None:
     """The data report: rows, label balance, lengths, duplicates, train/eval overlap, QA spans, the loss mask."""
-    from finetune.flows.resolve import load_and_check
+    from finetune.flows.resolve import resolve
 
-    loaded = load_and_check(recipe, overrides).recipe
+    resolved = resolve(recipe, overrides)
     _quiet_libraries()
     from finetune.data.report import warnings
     from finetune.files import write_json
-    from finetune.flows.run import report_data
+    from finetune.flows.train import report_data
+    from finetune.outputs.rundir import claim_output
 
-    target = Path(output).expanduser()
-    if target.exists() and not overwrite:
-        raise RecipeError(f"--output: {target} exists; choose another file or --overwrite")
-    report = report_data(loaded)
-    write_json(target, report)
+    what = "data report"
+    target = claim_output(
+        output, key="--output", what=what, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
+    )
+    report = report_data(resolved)
+    write_json(target, {**report, "written_by": what})
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return
@@ -418,7 +469,7 @@ def detect_command(
 ) -> None:
     """Score texts for the run's watermark: per-row z-score, p-value and verdict, and how many look watermarked."""
     _quiet_libraries()
-    from finetune.flows.run import detect
+    from finetune.flows.watermark import detect
 
     rows, source = _read_input_rows(input)
     scored, summary = detect(run_dir, rows, source, field=field, key=key)
@@ -461,7 +512,7 @@ def train_detector_command(
 ) -> None:
     """Train SynthID's Bayesian detector for the run (its weights go to RUN/watermark_detector/); detect then uses it."""
     _quiet_libraries()
-    from finetune.flows.run import train_watermark_detector
+    from finetune.flows.watermark import train_watermark_detector
 
     report = train_watermark_detector(run_dir, samples, overwrite=overwrite)
     console.print(
@@ -499,13 +550,17 @@ def export_command(
 ) -> None:
     """Export the merged model: a GGUF file for llama.cpp/Ollama, or a plain transformers checkpoint."""
     _quiet_libraries()
-    from finetune.flows.run import export
+    from finetune.flows.export import export
 
     written = export(run_dir, output, format=format, quant=quant, overwrite=overwrite)
     console.print(f"exported {format} to {written}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
+    # --debug is a root option; accept it anywhere on the line, as users type it (`finetune run r.yaml --debug`).
+    if "--debug" in sys.argv[2:]:
+        sys.argv.remove("--debug")
+        sys.argv.insert(1, "--debug")
     app()
 
 

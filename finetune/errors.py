@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 
 
 class FinetuneError(Exception):
@@ -75,9 +76,9 @@ _KNOWN_ALIASES = {
 }
 
 
-def did_you_mean(name, choices) -> str:
+def did_you_mean(name: object, choices: Iterable[object]) -> str:
     """` (did you mean 'x'?)` for the nearest valid name, or "" when none is close."""
-    choices = [str(c) for c in choices]
+    names = [str(c) for c in choices]
     alias = _KNOWN_ALIASES.get(str(name))
-    close = [alias] if alias in choices else difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    close = [alias] if alias in names else difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""

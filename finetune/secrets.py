@@ -9,8 +9,10 @@ messages all pass through `redact`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from typing import Any
 
 REDACTED = "<redacted>"
 # Whole parts of a name, so HF_TOKEN and AWS_SECRET_ACCESS_KEY match but TOKENIZERS_PARALLELISM and tokens_per_s do not.
@@ -52,12 +54,12 @@ def redact(text: str) -> str:
 class RedactingFilter:
     """A logging filter: records are formatted, then redacted, before any handler sees them."""
 
-    def filter(self, record) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage()), ()
         return True
 
 
-def redact_tree(value):
+def redact_tree(value: Any) -> Any:
     """Redact every string in a JSON-like structure; keys that name a secret lose their value."""
     if isinstance(value, dict):
         return {k: REDACTED if _SECRET_NAME.search(str(k)) and v else redact_tree(v) for k, v in value.items()}

@@ -16,7 +16,7 @@ from finetune.data import tables as data
 from finetune.data.cache import FeatureCache
 from finetune.data.tables import load_table
 from finetune.errors import DataError
-from finetune.flows.resolve import load_recipe
+from finetune.flows.resolve import resolve
 from finetune.flows.session import open_data
 from finetune.tasks.classification import Truncation
 
@@ -51,7 +51,7 @@ def test_one_pass_truncation_equals_the_tokenizers(kind, max_length, side, tiny_
 
 
 def _features(recipe_path):
-    session = open_data(load_recipe(recipe_path, []))
+    session = open_data(resolve(recipe_path, []))
     return session, {split: (f.dataset.to_list(), f.rows.to_list()) for split, f in session.features.items()}
 
 

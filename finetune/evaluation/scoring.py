@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from finetune.data.tables import read_jsonl
 from finetune.errors import DataError
 from finetune.evaluation.compare import compare
 from finetune.recipe.gates import Gate, evaluate_gates, parse_gate
+from finetune.recipe.schema import EvalSection
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from rich.console import Console, JustifyMethod
 
 
-def eval_loader(dataset, collate, batch_size: int, accelerator):
+class ScoresRows(Protocol):
+    """What scoring needs of a task (finetune.tasks sits above this layer): metrics from prediction rows."""
+
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]: ...
+
+
+def eval_loader(
+    dataset: Dataset, collate: Callable[[list[dict]], dict], batch_size: int, accelerator: Accelerator
+) -> DataLoader:
     """In-order batches, sharded over processes; gather_for_metrics drops the padding duplicates."""
     return accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
 
 
-def score(task, rows: list[dict], settings, eval_loss: float | None = None) -> dict:
+def score(task: ScoresRows, rows: list[dict], settings: EvalSection, eval_loss: float | None = None) -> dict:
     """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics."""
     scored = task.compute_metrics(rows, settings)
     metrics = dict(scored["metrics"])
@@ -100,7 +116,7 @@ def read_prediction_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def print_checkpoints(console, rows: list[dict]) -> None:
+def print_checkpoints(console: Console, rows: list[dict]) -> None:
     """`eval --all-checkpoints`: one row per step, a column per metric."""
     from rich.table import Table
 
@@ -116,7 +132,7 @@ def print_checkpoints(console, rows: list[dict]) -> None:
     console.print(table)
 
 
-def print_metrics(console, document: dict, title: str = "metrics") -> None:
+def print_metrics(console: Console, document: dict, title: str = "metrics") -> None:
     from rich.table import Table
 
     table = Table(title=title, show_header=True, header_style="bold")
@@ -139,13 +155,14 @@ def print_metrics(console, document: dict, title: str = "metrics") -> None:
         table = Table(
             title=f"against {comparison['baseline']} (tolerance {comparison['tolerance']:g})", header_style="bold"
         )
-        for column, justify in (
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
             ("metric", "left"),
             ("baseline", "right"),
             ("now", "right"),
             ("change", "right"),
             ("result", "left"),
-        ):
+        )
+        for column, justify in columns:
             table.add_column(column, justify=justify)
         for name, result in comparison["metrics"].items():
             table.add_row(

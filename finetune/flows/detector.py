@@ -108,6 +108,7 @@ def train_detector(data: Evidence, depth: int, seed: int) -> tuple[BayesianDetec
         loss = _fit(model, train, validation, l2)
         if loss < best_loss:
             best, best_loss, best_l2 = model, loss, l2
+    assert best is not None, "L2_WEIGHTS is never empty"
     best.eval()
     with torch.no_grad():
         verdicts = best(validation.g_values, validation.mask)[0] > 0.5
@@ -141,6 +142,7 @@ def _fit(model: BayesianDetectorModel, train: Evidence, validation: Evidence, l2
             _, loss = model(validation.g_values, validation.mask, labels=validation.labels, loss_batch_weight=0)
         if float(loss) < best_loss:
             best_loss, best_state = float(loss), {k: v.clone() for k, v in model.state_dict().items()}
+    assert best_state is not None, "at least one epoch ran"
     model.load_state_dict(best_state)
     return best_loss
 

@@ -10,7 +10,7 @@ from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.flows.session import Session, during_rows
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
-from finetune.training.loop import TrainPlan, resolve_precision
+from finetune.training.loop import TrainPlan
 
 
 def plan_warnings(session: Session, plan: TrainPlan, world_size: int = 1) -> list[str]:
@@ -119,7 +119,7 @@ def show_plan(
         f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
     )
     table.add_row("evaluation", evaluation_plan(session, plan))
-    table.add_row("precision", resolve_precision(recipe.train.precision))
+    table.add_row("precision", session.precision)
     table.add_row("output", output_note)
     for warning in [*plan_warnings(session, plan, world_size), *(data_warnings or [])]:
         table.add_row("[yellow]warning[/]", escape(warning))

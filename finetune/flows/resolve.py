@@ -21,17 +21,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PretrainedConfig
+
 from finetune.data.tables import FILE_SUFFIXES, local_data_path
-from finetune.errors import DataError, FinetuneError
+from finetune.errors import DataError, FinetuneError, RecipeError
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
-from finetune.models.references import config_without_weights
+from finetune.models.references import config_without_weights, detect_family, load_config, resolve_reference
+from finetune.outputs.rundir import RunDir
 from finetune.recipe.gates import parse_gate
 from finetune.recipe.schema import Recipe, apply_overrides, read_recipe_file, recipe_problems_error
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import Task, recipe_task
 from finetune.tasks.generative import GenerationTask
+from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
+from finetune.watermark import marking as watermark
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class CheckedRecipe:
     def summary(self) -> str:
         return f"{self.recipe.task} on {self.recipe.model.name_or_path} ({self.family_note})"
 
+
+# The data splits a training run reads; evaluation reads ("eval",), predict and export none.
+SPLITS = ("train", "eval")
 
 # --------------------------------------------------------------------------- the recipe alone
 
@@ -173,15 +181,21 @@ def family_rules(task: Task, family: FamilySpec, recipe: Recipe, place: str) -> 
 # --------------------------------------------------------------------------- the recipe on this machine
 
 
-def environment_rules(recipe: Recipe) -> tuple[list[Problem], FamilySpec | None, str]:
-    """Rules that look at files, packages and devices (never at weights). Also returns the family found."""
+def environment_rules(
+    recipe: Recipe,
+    config: PretrainedConfig | None,
+    config_problem: str | None,
+    splits: tuple[str, ...] = SPLITS,
+) -> tuple[list[Problem], FamilySpec | None, str]:
+    """Rules that look at files, packages and devices (never at weights). Also returns the family found.
+
+    `config` is the checkpoint's config as `read_model_config` found it (None: not readable without downloading,
+    or `config_problem` says why not).
+    """
     problems = [Problem(p) for p in _package_and_device_rules(recipe)]
     family, note = None, "family not checked"
-    try:
-        config = config_without_weights(recipe.model.name_or_path, recipe.model.revision)
-    except FinetuneError as exc:
-        problems.append(Problem(str(exc)))
-        config = None
+    if config_problem is not None:
+        problems.append(Problem(config_problem))
     if config is None and not problems:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             problems.append(
@@ -209,12 +223,14 @@ def environment_rules(recipe: Recipe) -> tuple[list[Problem], FamilySpec | None,
                 )
             )
         else:
-            family = FAMILIES[detected if forced == "auto" else forced]
+            name = detected if forced == "auto" else forced
+            assert name is not None  # an undetectable auto family was refused just above
+            family = FAMILIES[name]
             note = f"{family.name} family"
             if forced == "auto":  # a forced family was checked with the recipe alone
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
             problems += [Problem(p) for p in _position_rules(recipe, config)]
-    problems += [Problem(p, data=True) for p in _data_file_rules(recipe)]
+    problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
 
 
@@ -260,9 +276,17 @@ def _position_rules(recipe: Recipe, config) -> list[str]:
     return []
 
 
-def _data_file_rules(recipe: Recipe) -> list[str]:
+def _data_keys(recipe: Recipe, splits: tuple[str, ...]) -> list[tuple[str, str | list[str] | None]]:
+    """The data files a command reads for `splits`: evaluation rows split off data.train need data.train."""
+    keys = {f"data.{s}" for s in splits}
+    if "data.eval" in keys and recipe.data.eval is None:
+        keys.add("data.train")
+    return [(k, spec) for k, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)) if k in keys]
+
+
+def _data_file_rules(recipe: Recipe, splits: tuple[str, ...]) -> list[str]:
     problems = []
-    for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+    for key, spec in _data_keys(recipe, splits):
         for item in [] if spec is None else [spec] if isinstance(spec, str) else spec:
             try:
                 path = local_data_path(item, key)
@@ -285,20 +309,100 @@ def _looks_like_file(spec: str) -> bool:
 # --------------------------------------------------------------------------- entry points
 
 
-def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
-    """Every rule, every problem at once; raises RecipeError (exit 2), or DataError (exit 3) for data files alone."""
+def read_model_config(recipe: Recipe) -> tuple[PretrainedConfig | None, str | None]:
+    """The checkpoint's config where it can be read without weights or downloads: (config, None), (None, None) for a
+    hub checkpoint not in the local cache, or (None, why) when the reference is wrong. The one read of config.json."""
+    try:
+        return config_without_weights(recipe.model.name_or_path, recipe.model.revision), None
+    except FinetuneError as exc:
+        return None, str(exc)
+
+
+def _problems(
+    recipe: Recipe, config: PretrainedConfig | None, config_problem: str | None, splits: tuple[str, ...] = SPLITS
+) -> tuple[list[Problem], FamilySpec | None, str]:
     mark = recipe.eval.watermark
     if mark is not None and isinstance(mark.key, int):
         register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
     problems = [Problem(p) for p in recipe_rules(recipe)]
-    environment, family, note = environment_rules(recipe)
-    problems += environment
+    environment, family, note = environment_rules(recipe, config, config_problem, splits)
+    return problems + environment, family, note
+
+
+def _raise(source: str, problems: list[Problem]) -> None:
+    """Every problem at once: RecipeError (exit 2), or DataError (exit 3) when only data files are wrong."""
     if problems:
         error = recipe_problems_error(source, [p.text for p in problems])
         if all(p.data for p in problems):
             raise DataError(str(error))
         raise error
+
+
+def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
+    """Every rule, every problem at once, without weights or downloads (`finetune validate`).
+
+    Raises RecipeError (exit 2), or DataError (exit 3) for data files alone.
+    """
+    config, config_problem = read_model_config(recipe)
+    problems, family, note = _problems(recipe, config, config_problem)
+    _raise(source, problems)
     return CheckedRecipe(recipe, family, note)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A recipe that met every rule on this machine, with everything decided about it, once.
+
+    Every flow starts from one of these (`resolve` or `resolve_recipe`); nothing after it re-reads the recipe or the
+    model's config, or decides the task, the family or the precision again.
+    """
+
+    recipe: Recipe
+    source: str  # the recipe file (or run directory) it came from, as messages name it
+    task: Task
+    family: FamilySpec
+    model_path: str  # what from_pretrained reads (a GGUF reference becomes a converted directory)
+    model_config: PretrainedConfig  # read once; copied, never changed, where a model is built from it
+    precision: str  # accelerate's mixed_precision: no, fp16 or bf16
+
+    def summary(self) -> str:
+        return f"{self.recipe.task} on {self.recipe.model.name_or_path} ({self.family.name} family)"
+
+    def input_paths(self) -> tuple[Path, ...]:
+        """What this recipe reads from disk (its file, data files, knowledge base, a local base model): never a
+        command's output."""
+        data = self.recipe.data
+        specs = [("data.train", data.train), ("data.eval", data.eval), ("data.knowledge_base", data.knowledge_base)]
+        paths = [Path(self.source)]
+        for key, spec in specs:
+            for item in [] if spec is None else [spec] if isinstance(spec, str) else spec:
+                path = local_data_path(item, key)
+                if path.exists():
+                    paths.append(path)
+        if Path(self.model_path).exists():
+            paths.append(Path(self.model_path))
+        return tuple(paths)
+
+
+def resolve_recipe(recipe: Recipe, source: str = "recipe", splits: tuple[str, ...] = SPLITS) -> Resolved:
+    """Every rule, then the model reference, its config and family, and the precision: a Resolved, or every problem.
+
+    Unlike `check_recipe`, a hub checkpoint missing from the local cache is fetched (its config, here; weights later).
+    Only the data files of `splits` are checked: a command reads and checks only what it uses.
+    """
+    config, config_problem = read_model_config(recipe)
+    problems, family, _ = _problems(recipe, config, config_problem, splits)
+    _raise(source, problems)
+    model = recipe.model
+    path = resolve_reference(model.name_or_path)
+    if config is None:  # a hub checkpoint not cached yet (validation could not check it without downloading)
+        config = load_config(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if family is None:
+        family = detect_family(config, model.family)
+        _raise(source, [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")])
+    return Resolved(
+        recipe, source, recipe_task(recipe), family, path, config, resolve_precision(recipe.train.precision)
+    )
 
 
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
@@ -316,15 +420,60 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return build_recipe(raw, source=str(path))
 
 
-def load_and_check(path: str | Path, overrides: list[str] | None = None) -> CheckedRecipe:
-    """What `validate` and `run` both do first: every rule, before any weights load, every problem at once."""
+def resolve(path: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> Resolved:
+    """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
+    once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
     raw = apply_overrides(read_recipe_file(path), list(overrides or []))
-    return check_recipe(parse_recipe(raw, str(path)), source=str(path))
+    return resolve_recipe(parse_recipe(raw, str(path)), str(path), splits)
+
+
+def resolve_source(
+    source: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = ("eval",)
+) -> tuple[Resolved, RunDir | None]:
+    """A recipe file, or a run directory's own recipe (with its watermark key), resolved for a command that reads
+    the data of `splits`; with the run directory when there is one."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        run = RunDir(path)
+        if not run.recipe.is_file():
+            raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
+        return resolve(run.recipe, [*_watermark_key_override(run), *(overrides or [])], splits), run
+    return resolve(path, overrides, splits), None
+
+
+def _watermark_key_override(run: RunDir) -> list[str]:
+    """A run's recipe.yaml shows its watermark key redacted; the key itself is in the adapter's key file."""
+    key = watermark.read_key(run.adapter)
+    return [] if key is None else [f"eval.watermark.key={key}"]
+
+
+def resolve_run(
+    run_path: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = ()
+) -> tuple[Resolved, RunDir]:
+    """A finished run directory (its recipe.yaml and adapter/), resolved for a command that reads `splits`."""
+    path = Path(run_path).expanduser()
+    run = RunDir(path)
+    if not path.is_dir() or not run.is_run():
+        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
+    resolved, _ = resolve_source(path, overrides, splits)
+    return resolved, run
 
 
 def validate_recipe_file(path: Path) -> str:
     """`finetune validate` for one file: a one-line summary, or the error run would give."""
-    return load_and_check(path).summary()
+    raw = read_recipe_file(path)
+    return check_recipe(parse_recipe(raw, str(path)), source=str(path)).summary()
 
 
-__all__ = ["CheckedRecipe", "build_recipe", "check_recipe", "load_and_check", "load_recipe", "validate_recipe_file"]
+__all__ = [
+    "CheckedRecipe",
+    "Resolved",
+    "build_recipe",
+    "check_recipe",
+    "load_recipe",
+    "resolve",
+    "resolve_recipe",
+    "resolve_run",
+    "resolve_source",
+    "validate_recipe_file",
+]

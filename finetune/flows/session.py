@@ -6,6 +6,7 @@ recipe -> **session** -> train / evaluate / predict -> run directory
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow as pa
 from accelerate.utils import set_seed
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.cache import CachedData, FeatureCache, cache_key
 from finetune.data.features import Features
@@ -24,23 +25,21 @@ from finetune.data.report import check_overlap
 from finetune.data.retrieval import Retriever, attach_passages, knowledge_base_hash, load_passages
 from finetune.data.tables import apply_template, load_table, map_columns, split_for_eval
 from finetune.errors import RecipeError
+from finetune.flows.resolve import Resolved
 from finetune.models.families import FamilySpec
 from finetune.models.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
 from finetune.models.references import (
-    detect_family,
-    load_config,
     load_model,
     load_tokenizer,
     quantization_config,
-    resolve_reference,
 )
 from finetune.outputs import adapter as adapter_files
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
-from finetune.tasks import Task, recipe_task
+from finetune.tasks import Task
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.text2text import PackedCollator
-from finetune.training.loop import has_accelerator_device, resolve_precision
+from finetune.training.loop import has_accelerator_device
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,7 @@ class Session:
     targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
     overlap: Mapping[str, Any] = field(default_factory=dict)  # train <-> eval duplicates (data.on_overlap)
     cache_note: str = ""  # whether the features came from the feature cache
+    precision: str = "no"  # accelerate's mixed_precision, decided when the recipe was resolved
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}
@@ -87,17 +87,6 @@ class Session:
 # --------------------------------------------------------------------------- the steps, in order
 
 
-def resolve_model(recipe: Recipe) -> tuple[str, FamilySpec]:
-    """(path for from_pretrained, family), refusing unsupported task x family pairs."""
-    path = resolve_reference(recipe.model.name_or_path)
-    config = load_config(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    family = detect_family(config, recipe.model.family)
-    refusal = recipe_task(recipe).refusal(family)
-    if refusal:
-        raise RecipeError(f"{recipe.model.name_or_path}: {refusal}")
-    return path, family
-
-
 def task_rows(
     table: Dataset,
     recipe: Recipe,
@@ -125,6 +114,7 @@ def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict]:
     if data.eval is not None:
         eval_rows = task_rows(load_table(data.eval, "data.eval"), recipe, task, f"data.eval ({_shown(data.eval)})")
     else:
+        assert data.eval_split is not None  # the rules require data.eval or data.eval_split
         train, eval_rows = split_for_eval(train, data.eval_split, recipe.train.seed)
     if data.max_train_samples:
         train = train.select(range(min(len(train), data.max_train_samples)))
@@ -142,6 +132,8 @@ def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict]:
 def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
     """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`)."""
     base = knowledge_base or recipe.data.knowledge_base
+    if base is None:
+        raise RecipeError("data.knowledge_base: this recipe answers from no knowledge base; give --knowledge-base")
     return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
 
 
@@ -149,39 +141,35 @@ def _shown(spec: str | list[str]) -> str:
     return spec if isinstance(spec, str) else ", ".join(spec)
 
 
-def attention_kwargs(recipe: Recipe) -> dict[str, str]:
+def attention_kwargs(precision: str) -> dict[str, str]:
     """Eager attention where a CPU trains in bf16, transformers' default (SDPA) elsewhere.
 
     PyTorch's CPU flash-attention backward in bf16 took 43% of a MiniLM training step on this CPU (profiled);
     with eager attention the step is 1.5x faster (526 -> 352 ms at 16 x 128 tokens; in fp32 the two are equal,
     591 vs 599 ms). Measured in bench/README.md.
     """
-    if not has_accelerator_device() and resolve_precision(recipe.train.precision) == "bf16":
+    if not has_accelerator_device() and precision == "bf16":
         return {"attn_implementation": "eager"}
     return {}
 
 
-def dropout_kwargs(recipe: Recipe, model_path: str) -> dict[str, float]:
+def dropout_kwargs(dropout: float | None, config: PretrainedConfig) -> dict[str, float]:
     """`model.dropout`: every dropout probability in the base model's config set to one value (null: keep them).
 
     The names differ by architecture (BERT's hidden_dropout_prob, GPT-2's attn_pdrop, BART's attention_dropout),
     so they are read from the config; from_pretrained applies them before building the modules.
     """
-    if recipe.model.dropout is None:
+    if dropout is None:
         return {}
-    config = load_config(model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     return {
-        name: recipe.model.dropout
+        name: dropout
         for name, value in config.to_dict().items()
         if isinstance(value, float) and ("dropout" in name or "pdrop" in name)
     }
 
 
 def load_task_model(
-    recipe: Recipe,
-    task: Task,
-    family: FamilySpec,
-    model_path: str,
+    resolved: Resolved,
     tokenizer: PreTrainedTokenizerBase,
     state: Mapping[str, Any],
     *,
@@ -189,15 +177,20 @@ def load_task_model(
     with_lora: bool = True,
 ) -> tuple[PeftModel | PreTrainedModel, tuple[str, ...]]:
     """The task's model; with fresh LoRA (and the targets it wraps), or with a trained adapter from `adapter_dir`."""
+    recipe, task, family = resolved.recipe, resolved.task, resolved.family
     set_seed(recipe.train.seed)  # the new head's initial weights
+    # The config read when the recipe was resolved, with the task's settings (labels) and model.dropout: what
+    # from_pretrained would have made of its keyword arguments, without reading config.json again.
+    config = copy.deepcopy(resolved.model_config)
+    dropouts = dropout_kwargs(recipe.model.dropout, config) if with_lora and adapter_dir is None else {}
+    config.update({**task.model_kwargs(dict(state)), **dropouts})
     model = load_model(
         task.auto_class(family),
-        model_path,
+        resolved.model_path,
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
-        **task.model_kwargs(dict(state)),
-        **attention_kwargs(recipe),
-        **(dropout_kwargs(recipe, model_path) if with_lora and adapter_dir is None else {}),
+        config=config,
+        **attention_kwargs(resolved.precision),
         quantization_config=quantization_config(recipe.distributed.quantization),
     )
     task.prepare_model(model, tokenizer, family)
@@ -234,14 +227,17 @@ class SessionData:
 
 
 def open_data(
-    recipe: Recipe, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None
+    resolved: Resolved, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None
 ) -> SessionData:
-    """Resolve the model reference and tokenizer, read and tokenise the requested splits (or reuse them from the
-    feature cache). No weights load."""
-    task = recipe_task(recipe)
-    path, family = resolve_model(recipe)
+    """Load the tokenizer, read and tokenise the requested splits (or reuse them from the feature cache).
+    No weights load."""
+    recipe, task, family, path = resolved.recipe, resolved.task, resolved.family, resolved.model_path
     tokenizer = load_tokenizer(
-        path, family, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        path,
+        family,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        config=resolved.model_config,
     )
     adapter_state = adapter_files.read_adapter_meta(adapter_dir)["state"] if adapter_dir is not None else None
     built, note = CachedData({}, {}, {}), ""
@@ -291,29 +287,20 @@ def _read_and_featurize(
 
 
 def open_session(
-    recipe: Recipe,
+    resolved: Resolved,
     *,
     splits: tuple[str, ...] = ("train", "eval"),
     adapter_dir: Path | None = None,
     with_lora: bool = True,
 ) -> Session:
-    """Resolve the model, read and tokenise the requested splits, load the model. One call, a complete session.
+    """Read and tokenise the requested splits, load the model. One call, a complete session.
 
     With `adapter_dir`, the task state (label order, prompt layout) and the weights come from a trained adapter.
     """
-    data = open_data(recipe, splits=splits, adapter_dir=adapter_dir)
-    model, targets = load_task_model(
-        recipe,
-        data.task,
-        data.family,
-        data.model_path,
-        data.tokenizer,
-        data.state,
-        adapter_dir=adapter_dir,
-        with_lora=with_lora,
-    )
+    data = open_data(resolved, splits=splits, adapter_dir=adapter_dir)
+    model, targets = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=adapter_dir, with_lora=with_lora)
     return Session(
-        recipe,
+        resolved.recipe,
         data.task,
         data.family,
         data.model_path,
@@ -324,6 +311,7 @@ def open_session(
         targets,
         data.overlap,
         data.cache_note,
+        resolved.precision,
     )
 
 

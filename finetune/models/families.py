@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # The kinds of model a task asks a family for.
 HeadKind = Literal["sequence_classification", "question_answering", "generation"]
@@ -60,7 +63,7 @@ class FamilySpec:
             return self.generation_class
         return _AUTO_CLASSES[head]
 
-    def auto_class(self, head: HeadKind):
+    def auto_class(self, head: HeadKind) -> type[Any]:
         import transformers
 
         return getattr(transformers, self.auto_class_name(head))
@@ -118,7 +121,7 @@ def family_spec(name: str) -> FamilySpec:
     return FAMILIES[name]
 
 
-def family_of_config(config) -> str | None:
+def family_of_config(config: PretrainedConfig) -> str | None:
     """The family a checkpoint's config belongs to, or None when it is none of ours."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,

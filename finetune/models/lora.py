@@ -12,6 +12,8 @@ other linear layer of the transformer body is MLP. This covers BERT
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
@@ -105,7 +107,12 @@ def group_targets(names: list[str], family: FamilySpec) -> list[str]:
     return lines
 
 
-INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+INIT_WEIGHTS: dict[str, bool | Literal["gaussian", "pissa", "olora"]] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+}
 # These initialisations move the base weights' principal part into the adapter: the base itself changes.
 BASE_CHANGING_INITS = ("pissa", "olora")
 
@@ -115,7 +122,8 @@ def lora_config(lora: LoraSection, targets: list[str], modules_to_save: list[str
     return LoraConfig(
         task_type=task_type,
         r=lora.r,
-        lora_alpha=lora.alpha,
+        # peft annotates lora_alpha as int, but only divides by it (alpha / r): a float alpha is meant.
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=lora.dropout,
         target_modules=targets,
         modules_to_save=modules_to_save or None,
@@ -132,7 +140,7 @@ def apply_lora(
     return get_peft_model(model, lora_config(lora, targets, modules_to_save, task_type))
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -14,10 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import RecipeError
 from finetune.files import sha256_file
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("finetune")
 
@@ -138,7 +142,9 @@ def dequantised_gguf(directory: str, file: str) -> Path:
 # --------------------------------------------------------------------------- family
 
 
-def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False, local_only=False):
+def load_config(
+    path: str, *, revision: str | None = None, trust_remote_code: bool = False, local_only: bool = False
+) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
@@ -149,7 +155,7 @@ def load_config(path: str, *, revision: str | None = None, trust_remote_code: bo
         raise RecipeError(f"model.name_or_path: cannot load a model config from {path!r}: {_first_line(exc)}") from None
 
 
-def config_without_weights(reference: str, revision: str | None = None):
+def config_without_weights(reference: str, revision: str | None = None) -> PretrainedConfig | None:
     """The checkpoint's config where it can be read without downloading or converting; else None."""
     from transformers import AutoConfig
 
@@ -174,7 +180,7 @@ def config_without_weights(reference: str, revision: str | None = None):
     return load_config(resolve_reference(reference), local_only=True)
 
 
-def detect_family(config, forced: str = "auto") -> FamilySpec:
+def detect_family(config: PretrainedConfig, forced: str = "auto") -> FamilySpec:
     """The family spec of a checkpoint's config; `forced` (model.family) wins when set."""
     if forced != "auto":
         return FAMILIES[forced]
@@ -195,7 +201,14 @@ def _first_line(exc: Exception) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: str, family: str, *, revision=None, trust_remote_code=False):
+def load_tokenizer(
+    path: str,
+    family: FamilySpec | str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    config: PretrainedConfig | None = None,
+) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, with a pad token for GPT-style models.
 
     GPT-style checkpoints often have no pad token. We reuse EOS as the pad token
@@ -206,7 +219,9 @@ def load_tokenizer(path: str, family: str, *, revision=None, trust_remote_code=F
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        # `config`, when the caller has read it, spares AutoTokenizer a second read of config.json.
+        extra = {"config": config} if config is not None else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except Exception as exc:
         raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
@@ -216,7 +231,7 @@ def load_tokenizer(path: str, family: str, *, revision=None, trust_remote_code=F
     return tokenizer
 
 
-def quantization_config(setting: str):
+def quantization_config(setting: str) -> BitsAndBytesConfig | None:
     """transformers' BitsAndBytesConfig for `distributed.quantization`; refused where it cannot run."""
     if setting == "none":
         return None
@@ -243,7 +258,14 @@ def quantization_config(setting: str):
     )
 
 
-def load_model(auto_class, path: str, *, revision=None, trust_remote_code=False, **kwargs):
+def load_model(
+    auto_class: type[Any],
+    path: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
     import torch
 
     if trust_remote_code:

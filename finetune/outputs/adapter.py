@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.files import write_json
 from finetune.outputs.rundir import ADAPTER_META
@@ -81,7 +81,7 @@ def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:
+def write_task_base(model: PeftModel, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:
     """`base/` in the adapter being written in `adapter_dir` (which becomes `final_dir`): this task's config (label maps, head size, pad token) beside links to the base weights.
 
     AutoPeftModelFor... loads `base_model_name_or_path` with the checkpoint's own
@@ -96,6 +96,7 @@ def write_task_base(model, base_path: str, revision: str | None, adapter_dir: Pa
     target = adapter_dir / "base"
     target.mkdir()
     base = model.get_base_model()
+    assert isinstance(base, PreTrainedModel)  # peft wraps the transformers model finetune loaded
     base.config.save_pretrained(target)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(target)

@@ -8,6 +8,7 @@ from pathlib import Path
 from finetune.files import write_text_atomic
 from finetune.outputs import plots
 from finetune.outputs.rundir import RunDir
+from finetune.recipe.schema import Recipe
 from finetune.secrets import redact
 
 
@@ -23,7 +24,7 @@ def write_pictures(run: RunDir, document: dict) -> list[str]:
     return written
 
 
-def _auto_peft_class(recipe) -> str:
+def _auto_peft_class(recipe: Recipe) -> str:
     if recipe.task == "classification":
         return "AutoPeftModelForSequenceClassification"
     if recipe.task == "qa" and recipe.mode != "generative":
@@ -31,7 +32,7 @@ def _auto_peft_class(recipe) -> str:
     return "AutoPeftModelForCausalLM (GPT) / AutoPeftModelForSeq2SeqLM (BART)"
 
 
-def watermark_section(recipe, document: dict) -> list[str]:
+def watermark_section(recipe: Recipe, document: dict) -> list[str]:
     """What a watermarked run's card says: method, strength, how detectable, and how to measure its cost."""
     mark = recipe.eval.watermark
     if mark is None:
@@ -101,7 +102,7 @@ def record_watermark_cost(run: RunDir, cost: dict, evaluation_dir: Path) -> bool
 
 
 def write_model_card(
-    run: RunDir, recipe, document: dict, manifest: dict, reports: dict, data_findings: list[str]
+    run: RunDir, recipe: Recipe, document: dict, manifest: dict, reports: dict, data_findings: list[str]
 ) -> None:
     """README.md of the run: metrics, gates, data (files, lengths, the data report's findings), training, use."""
     lines = [

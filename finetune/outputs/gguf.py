@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import __version__
 from finetune.errors import RecipeError
@@ -95,7 +95,9 @@ def write_gguf(
     writer.close()
 
 
-def _write_metadata(writer: gguf.GGUFWriter, config, quant: str, name: str, description: str, generation: dict) -> None:
+def _write_metadata(
+    writer: gguf.GGUFWriter, config: PretrainedConfig, quant: str, name: str, description: str, generation: dict
+) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_description(description)

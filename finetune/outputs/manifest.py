@@ -7,8 +7,13 @@ import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
+from finetune.recipe.schema import Recipe
 from finetune.secrets import redact_tree
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def _git_commit() -> str | None:
@@ -31,7 +36,7 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def _hardware(accelerator) -> dict:
+def _hardware(accelerator: Accelerator | None) -> dict[str, Any]:
     import torch
 
     info = {
@@ -47,7 +52,9 @@ def _hardware(accelerator) -> dict:
     return info
 
 
-def build_manifest(recipe, data_hashes: dict, accelerator, extra: dict | None = None) -> dict:
+def build_manifest(
+    recipe: Recipe, data_hashes: dict, accelerator: Accelerator | None, extra: dict | None = None
+) -> dict:
     return redact_tree(
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -71,12 +72,133 @@ def release(run: RunDir, created: bool) -> None:
         shutil.rmtree(run.path, ignore_errors=True)
 
 
-def clear_previous_run(run: RunDir) -> None:
-    """--overwrite: remove what an earlier run left (the user asked for it), keeping the marker."""
+def clear_previous_run(run: RunDir) -> list[str]:
+    """--overwrite: remove what an earlier run wrote (the user asked for it), keeping the marker.
+
+    Only the names a run writes go; anything else in the directory is the user's and stays. Returns what stayed.
+    """
+    kept = []
     for path in run.path.iterdir():
         if path.name == RUN_MARKER:
             continue
+        if path.name not in RUN_OUTPUT_NAMES:
+            kept.append(path.name)
+            continue
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return kept
+
+
+# --------------------------------------------------------------------------- the one write policy
+
+# Written into every directory a command other than `run` makes (merged checkpoint, evaluation, detector): what
+# it is, so that --overwrite can tell finetune's own output from a user's folder.
+OUTPUT_MARKER = ".finetune-output"
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _runs_around(target: Path) -> Path | None:
+    """The run directory that `target` is, lies in, or holds (one level down), if any."""
+    for candidate in (target, *target.parents):
+        if RunDir(candidate).holds_run():
+            return candidate
+    if target.is_dir():
+        for child in target.iterdir():
+            if child.is_dir() and not child.is_symlink() and RunDir(child).holds_run():
+                return child
+    return None
+
+
+def made_by_finetune(target: Path, what: str) -> bool:
+    """Whether `target` is a `what` that finetune wrote and recorded (a directory's marker, a file's own record)."""
+    if target.is_dir():
+        marker = target / OUTPUT_MARKER
+        return marker.is_file() and marker.read_text(encoding="utf-8").strip() == what
+    if target.suffix == ".json":
+        try:
+            return json.loads(target.read_text(encoding="utf-8")).get("written_by") == what
+        except (OSError, ValueError, AttributeError):
+            return False
+    if target.suffix == ".gguf":
+        try:
+            from gguf import GGUFReader
+
+            return "finetune.version" in GGUFReader(str(target)).fields
+        except Exception:  # not a GGUF file at all
+            return False
+    return False
+
+
+def claim_output(
+    target: str | Path,
+    *,
+    key: str,
+    what: str,
+    directory: bool,
+    overwrite: bool,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
+    """The one policy for where a command may write its `--output` (eval, merge, export, data, train-detector).
+
+    Allowed: a new path, an empty directory, or, with --overwrite, a `what` that finetune itself wrote and recorded.
+    Refused (RecipeError, exit 2, naming the path and what is there): an input of the same command or a folder
+    holding one; a run directory, anything inside one or a folder holding one (a run's own evaluations go to
+    RUN/evals/); the wrong kind (a file for a directory); anything else already there.
+    Returns the expanded path. `run`'s own output.dir goes through `output_decision`.
+    """
+    path = Path(target).expanduser()
+    where = path.resolve()
+    for source in inputs:
+        source = source.expanduser().resolve()
+        if _is_within(source, where) or _is_within(where, source):
+            raise RecipeError(f"{key}: {path} is or holds {source}, an input of this command; write elsewhere")
+    run = _runs_around(where)
+    if run is not None:
+        raise RecipeError(
+            f"{key}: {path} is, holds or lies inside the finetune run {run}; a run's files are never replaced by "
+            "another command (evaluations of a run go to RUN/evals/). Choose a path outside any run."
+        )
+    if not path.exists():
+        if path.is_symlink():
+            raise RecipeError(f"{key}: {path} is a link to a missing place; remove it or choose another path")
+        return path
+    if directory and not path.is_dir():
+        raise RecipeError(f"{key}: {path} is a file; give a new or empty directory")
+    if not directory and path.is_dir():
+        raise RecipeError(f"{key}: {path} is a directory; give a file path")
+    if path.is_dir() and not any(path.iterdir()):
+        return path
+    if not path.is_dir() and not path.is_file():
+        raise RecipeError(f"{key}: {path} is not a regular file (a device, pipe or socket); choose a file path")
+    if not made_by_finetune(path, what):
+        raise RecipeError(
+            f"{key}: {path} exists and is not a {what} that finetune wrote; finetune never replaces what it did not "
+            "make. Choose a new path."
+        )
+    if not overwrite:
+        raise RecipeError(f"{key}: {path} holds an earlier {what}; choose a new path, or --overwrite to replace it")
+    return path
+
+
+def mark_output(directory: Path, what: str) -> None:
+    """Record that finetune wrote `directory` as a `what` (what `claim_output` checks before --overwrite)."""
+    files.write_text_atomic(directory / OUTPUT_MARKER, what + "\n")
+
+
+def publish_directory(staging: Path, target: Path, what: str) -> None:
+    """Move a finished staging directory into place (`claim_output` allowed `target`): recorded, then renamed;
+    an earlier output of the same kind is replaced only once the new one is complete."""
+    mark_output(staging, what)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
 
 
 def check_free_space(path: Path, needed: int) -> None:
@@ -125,6 +247,29 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
 ADAPTER_META = "finetune.json"
 # Written first into every run directory: what tells a run (finished or not) from a user's own folder.
 RUN_MARKER = ".finetune-run"
+# Everything a run writes at its top level: what --overwrite may remove. Anything else there is the user's.
+RUN_OUTPUT_NAMES = frozenset(
+    {
+        "recipe.yaml",
+        "manifest.json",
+        "adapter",
+        "checkpoints",
+        "metrics.json",
+        "predictions.jsonl",
+        "train_log.jsonl",
+        "eval_log.jsonl",
+        "data_report.json",
+        "README.md",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "confusion_matrix.csv",
+        "evals",
+        "lora_init",
+        "trackers",
+        "watermark_detector",
+        ".finetune-lock",
+    }
+)
 
 
 class RunDir:

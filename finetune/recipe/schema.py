@@ -6,11 +6,23 @@ recipe and, for a misspelt key, the nearest valid name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from finetune.errors import RecipeError, did_you_mean
 from finetune.recipe.gates import parse_gate
@@ -21,24 +33,86 @@ TaskName = Literal["classification", "copywriting", "codegen", "qa"]
 ABSTRACT_TARGETS = ("attention", "self_attention", "cross_attention", "mlp", "all_linear")
 
 
+# --------------------------------------------------------------------------- value types
+#
+# YAML 1.1 reads an unquoted yes/no, on/off, true/false as a boolean, and pydantic's lax mode would turn that into
+# 1 or 0 for a number (and 1/0 into true/false for a switch). Numbers here refuse booleans and switches accept
+# only booleans; numbers still accept numeric text, because YAML reads `lr: 1e-3` (no dot) as the string '1e-3'.
+# Every float refuses inf and nan (Section's allow_inf_nan).
+
+BOOL_FOR_NUMBER = "bool_for_number"
+
+
+def _refuse_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            BOOL_FOR_NUMBER,
+            "Input should be a number, not a boolean (YAML reads an unquoted yes/no, on/off or true/false as a "
+            "boolean)",
+        )
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_refuse_bool)]
+Float = Annotated[float, BeforeValidator(_refuse_bool)]
+Bool = Annotated[bool, Strict()]
+
+
+def _number_or(*words: str, secret: bool = False) -> WrapValidator:
+    """A whole number or one of `words`, reported as one problem at the key (pydantic reports one per alternative,
+    at places like `eval.every.int`). A secret's problem never shows the value given."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        _refuse_bool(value)
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            number = next((e for e in exc.errors() if e["type"] != "literal_error"), None)
+            if number is None or (isinstance(value, str) and number["type"] == "int_parsing"):
+                choices = " or ".join(repr(word) for word in words)
+                message = f"Input should be a whole number or {choices}{did_you_mean(value, words)}"
+            else:  # a number out of range, a fraction, a list...: what the number alternative said
+                message = number["msg"]
+        if secret:
+            raise ValueError(message)  # shown without the value (see _format_problem)
+        raise PydanticCustomError("number_or_word", "{message}", {"message": message})
+
+    return WrapValidator(validate)
+
+
+# Bounds shared by several settings (docs/recipe.md shows each setting's own).
+SEED_MAX = 2**32 - 1  # numpy's global seed (accelerate's set_seed) takes 0 .. 2**32 - 1
+KEY_MAX = 2**64 - 1  # torch.Generator.manual_seed (transformers' green lists) takes up to 2**64 - 1
+# Above every model's context today (Llama 4 Scout: 10M positions); the model's own limit is checked against its
+# config by `finetune validate`.
+TOKENS_MAX = 2**24
+MIN_LENGTH = 8  # below this the special tokens (2-4) leave nothing to learn from; at 1-2 tokens runs crash
+MAX_RANK = 16384  # the widest hidden size of current dense models (Llama 3.1 405B); a larger rank adds nothing
+MAX_PROCESSES = 1024
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
     name_or_path: str = Field(
-        description="Hub id, local directory, `pkg:MODULE/SUBDIR`, a `.gguf` file or `DIR::FILE.gguf`."
+        description="The base model: a hub id, a local directory, `pkg:MODULE/SUBDIR`, a `.gguf` file or "
+        "`DIR::FILE.gguf` (required)."
     )
     family: Literal["auto", "bert", "bart", "gpt"] = Field(
-        "auto", description="Model family; `auto` reads it from the checkpoint's config."
+        "auto",
+        description="Model family (encoder, encoder-decoder or decoder); `auto` reads it from the checkpoint's config.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
-    trust_remote_code: bool = Field(
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) for hub ids; null takes the default branch."
+    )
+    trust_remote_code: Bool = Field(
         False, description="Allow code shipped with a hub checkpoint to run. Off unless set; logged when on."
     )
     # 0 by default: with LoRA the frozen base needs no dropout, and on a CPU its random masks cost 40% of a
     # MiniLM training step (bench/README.md: same or better accuracy, 1.6x faster training).
-    dropout: float | None = Field(
+    dropout: Float | None = Field(
         0.0,
         ge=0,
         lt=1,
@@ -52,45 +126,64 @@ class RetrievalSection(Section):
         "dense",
         description="dense: sentence-transformers embeddings; bm25: bm25s; hybrid: reciprocal-rank fusion of both.",
     )
-    top_k: int = Field(5, gt=0, description="Passages retrieved per question (the reader sees all of them).")
-    model: str | None = Field(
-        None, description="Sentence-embedding model for dense retrieval (default: the shipped all-MiniLM-L6-v2)."
+    top_k: Int = Field(
+        5,
+        ge=1,
+        description="Passages retrieved per question, all of which the reader sees (at most the passages there are).",
     )
-    train: bool = Field(False, description="Fine-tune the retriever on the training pairs (not supported yet).")
+    model: str | None = Field(
+        None,
+        description="Sentence-embedding model for dense retrieval; null uses the shipped all-MiniLM-L6-v2.",
+    )
+    train: Bool = Field(False, description="Fine-tune the retriever on the training pairs (not supported yet).")
 
 
 class DataSection(Section):
     train: str | list[str] = Field(
-        description="Training file(s) (.jsonl/.json/.csv/.parquet) or a hub dataset id (`id` or `id:split`)."
+        description="Training file(s) (.jsonl/.json/.csv/.parquet) or a hub dataset id (`id` or `id:split`) (required)."
     )
-    eval: str | list[str] | None = Field(None, description="Evaluation file(s) or hub dataset id.")
-    eval_split: float | None = Field(
-        None, gt=0, lt=1, description="Fraction of the training rows held out for evaluation when no `eval` is given."
+    eval: str | list[str] | None = Field(
+        None, description="Evaluation file(s) or hub dataset id; null holds out `eval_split` of the training rows."
+    )
+    eval_split: Float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of the training rows held out for evaluation (chosen with train.seed) when no `eval` "
+        "is given.",
     )
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Map the task's field names to the file's column names."
+        default_factory=dict,
+        description="Map the task's field names to the file's column names; empty: the columns carry the field names.",
     )
-    max_length: int = Field(256, gt=0, description="Maximum tokens per example.")
+    max_length: Int = Field(
+        256,
+        ge=MIN_LENGTH,
+        le=TOKENS_MAX,
+        description="Maximum tokens per example, special tokens included (at most the model's positions).",
+    )
     overflow: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with examples longer than `max_length`; counts are always reported."
     )
     template: str | None = Field(
         None,
         description="Generation tasks: a Python format string over any columns that builds the prompt, "
-        "e.g. 'Write copy for {product} aimed at {audience}:'.",
+        "e.g. 'Write copy for {product} aimed at {audience}:'; null uses the prompt column as it is.",
     )
-    chat_template: bool = Field(
+    chat_template: Bool = Field(
         False, description="Generation tasks: wrap each prompt as a user turn with the tokenizer's chat template."
     )
-    doc_stride: int | None = Field(
+    doc_stride: Int | None = Field(
         None,
-        gt=0,
-        description="Extractive qa: tokens shared by neighbouring windows of a long context (default: derived "
-        "from the training answers, so the longest fits whole in some window).",
+        ge=1,
+        le=TOKENS_MAX,
+        description="Extractive qa: tokens shared by neighbouring windows of a long context, below max_length "
+        "(null: derived from the training answers, so the longest fits whole in some window).",
     )
     labels: list[str | int] | None = Field(
         None,
-        description="Classification: the label set in a fixed order (default: sorted labels of the training data).",
+        description="Classification: the label set in a fixed order (null: sorted labels of the training data); "
+        "quote yes/no labels, which YAML reads as booleans.",
     )
     knowledge_base: str | list[str] | None = Field(
         None,
@@ -102,29 +195,54 @@ class DataSection(Section):
         description="Eval rows that duplicate training rows (exact or near): warn, drop those training rows, "
         "or error (exit 3).",
     )
-    retrieval: RetrievalSection = Field(default_factory=RetrievalSection, description="qa with a knowledge base.")
-    num_workers: int | None = Field(
-        None,
-        gt=0,
-        description="Processes that tokenise large data in parallel (default: the cores this process may "
-        "use). The features are the same for any number.",
+    retrieval: RetrievalSection = Field(
+        default_factory=RetrievalSection, description="qa with a knowledge base: how passages are retrieved."
     )
-    max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training rows.")
-    max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
+    num_workers: Int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Processes that tokenise large data (20,000 rows or more) in parallel; null: the cores this "
+        "process may use. The features are the same for any number.",
+    )
+    max_train_samples: Int | None = Field(
+        None, ge=1, description="Use only the first N training rows; null uses them all."
+    )
+    max_eval_samples: Int | None = Field(
+        None, ge=1, description="Use only the first N evaluation rows; null uses them all."
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_boolean_labels(cls, value: object) -> object:
+        if isinstance(value, list):
+            for index, label in enumerate(value):
+                if isinstance(label, bool):
+                    raise ValueError(
+                        f"label {index + 1} is the boolean {str(label).lower()}: YAML reads an unquoted yes/no, "
+                        f"on/off or true/false as a boolean; quote it ('{'yes' if label else 'no'}')"
+                    )
+        return value
 
 
 class LoraSection(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    r: Int = Field(
+        16,
+        ge=1,
+        le=MAX_RANK,
+        description="LoRA rank: the inner dimension of each adapter's two matrices (trainable parameters grow "
+        "with it).",
+    )
+    alpha: Float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    dropout: Float = Field(0.05, ge=0, lt=1, description="Dropout probability on the LoRA path while training.")
     targets: str | list[str] = Field(
         "all_linear",
         description="attention | self_attention | cross_attention | mlp | all_linear, or explicit module names.",
     )
-    use_dora: bool = Field(
+    use_dora: Bool = Field(
         False, description="DoRA: learn a magnitude per output beside the LoRA direction (peft's use_dora)."
     )
-    use_rslora: bool = Field(
+    use_rslora: Bool = Field(
         False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (peft's use_rslora)."
     )
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
@@ -147,39 +265,64 @@ class LoraSection(Section):
 
 
 class EarlyStopping(Section):
-    patience: int = Field(gt=0, description="Evaluations without improvement before training stops.")
-    min_delta: float = Field(0.0, ge=0, description="The smallest change of eval.best_metric that counts as better.")
+    patience: Int = Field(
+        ge=1, description="Evaluations (eval.every) without improvement before training stops (required)."
+    )
+    min_delta: Float = Field(
+        0.0, ge=0, description="The smallest change of eval.best_metric that counts as better; 0: any change."
+    )
 
 
 class TrainSection(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training data.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(16, gt=0, description="Examples per device per forward pass.")
-    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
-    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: Float = Field(
+        3,
+        gt=0,
+        description="Passes over the training data; a fraction ends partway through the last pass. Ignored when "
+        "max_steps is set.",
+    )
+    max_steps: Int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs); null: epochs decide."
+    )
+    batch_size: Int = Field(16, ge=1, description="Examples per process per forward pass.")
+    grad_accum: Int = Field(
+        1,
+        ge=1,
+        description="Forward passes per optimizer step (effective batch = batch_size x grad_accum x processes).",
+    )
+    lr: Float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW), reached after warmup.")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW decoupled weight decay; 0 turns it off.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"] = Field(
         "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler names)."
     )
-    warmup: float = Field(
-        0.06, ge=0, description="Warmup: a fraction of all optimizer steps when < 1, else a number of steps."
+    warmup: Float = Field(
+        0.06,
+        ge=0,
+        description="Warmup: a fraction of all optimizer steps when < 1, else a number of steps; 0: no warmup.",
     )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns it off.")
-    seed: int = Field(42, description="Seed for model head init, shuffling and dropout.")
+    max_grad_norm: Float | None = Field(
+        1.0, gt=0, description="Gradient clipping: the largest total L2 norm of the gradients; null turns it off."
+    )
+    seed: Int = Field(
+        42,
+        ge=0,
+        le=SEED_MAX,
+        description="Seed for head initialisation, shuffling, the eval_split hold-out and dropout (0 .. 2**32 - 1, "
+        "numpy's range).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware runs it natively (CUDA or AVX-512 BF16 CPUs), else fp32."
     )
-    group_by_length: bool = Field(
+    group_by_length: Bool = Field(
         True, description="Batch examples of similar length together (less padding, same data each epoch)."
     )
-    packing: bool = Field(
+    packing: Bool = Field(
         False,
         description="GPT-family generation tasks: concatenate each batch into one row with no padding, attention "
         "kept within each example (position ids restart per example).",
     )
-    checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between resumable checkpoints.")
-    keep_checkpoints: int = Field(2, gt=0, description="How many resumable checkpoints to keep.")
-    log_every: int = Field(10, gt=0, description="Optimizer steps between lines of train_log.jsonl.")
+    checkpoint_every: Int = Field(100, ge=1, description="Optimizer steps between resumable checkpoints.")
+    keep_checkpoints: Int = Field(2, ge=1, description="How many resumable checkpoints to keep (the newest).")
+    log_every: Int = Field(10, ge=1, description="Optimizer steps between lines of train_log.jsonl.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers, through accelerate (none by default; each needs its own package).",
@@ -188,13 +331,13 @@ class TrainSection(Section):
         "adamw",
         description="adamw, or loraplus: AdamW with the LoRA B matrices at lr x loraplus_lr_ratio (peft's LoRA+).",
     )
-    loraplus_lr_ratio: float = Field(
+    loraplus_lr_ratio: Float = Field(
         16.0, gt=0, description="LoRA+: learning-rate ratio of the B matrices to the A matrices."
     )
     early_stopping: EarlyStopping | None = Field(
         None,
         description="Stop after `patience` evaluations (eval.every) without an improvement of eval.best_metric "
-        "larger than `min_delta`; a stopped run is a successful run.",
+        "larger than `min_delta`; a stopped run is a successful run. Null: train to the end.",
     )
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
@@ -209,38 +352,43 @@ class WatermarkSection(Section):
         description="kirchenbauer: transformers' green-list watermark (Kirchenbauer et al. 2023); "
         "synthid: transformers' SynthID Text tournament sampling (Dathathri et al. 2024; needs eval.temperature > 0).",
     )
-    key: int | Literal["<redacted>"] = Field(
-        description="The secret that seeds the green lists (kirchenbauer) or the tournament keys (synthid); a run keeps "
-        "it in adapter/watermark.key (mode 0600), never in recipe.yaml, the manifest, logs or the model card."
+    # Not negative: synthid derives its layer keys with random.Random, which seeds from abs(key), so -k would
+    # mark exactly as k does.
+    key: Annotated[
+        Annotated[int, Field(ge=0, le=KEY_MAX)] | Literal["<redacted>"], _number_or("<redacted>", secret=True)
+    ] = Field(
+        description="The secret (0 .. 2**64 - 1) that seeds the green lists (kirchenbauer) or the tournament keys "
+        "(synthid); a run keeps it in adapter/watermark.key (mode 0600), never in recipe.yaml, the manifest, logs "
+        "or the model card, which show <redacted> (required)."
     )
-    greenlist_ratio: float = Field(
+    greenlist_ratio: Float = Field(
         0.25, gt=0, lt=1, description="kirchenbauer: fraction of the vocabulary that is green at each step."
     )
     # 3.0 with the entropy gate: 57 of 57 held-out 64-token generations detected at ROUGE-L -0.042; 2.0 detected
     # 45 of 57 (README "Watermarks").
-    bias: float = Field(
+    bias: Float = Field(
         3.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength."
     )
-    context_width: int = Field(1, gt=0, description="kirchenbauer: previous tokens that seed each step's green list.")
-    entropy_threshold: float = Field(
+    context_width: Int = Field(1, ge=1, description="kirchenbauer: previous tokens that seed each step's green list.")
+    entropy_threshold: Float = Field(
         1.0,
         ge=0,
         description="kirchenbauer: mark and count only tokens where the model's next-token entropy is at "
         "least this many nats (SWEET): a token the model is sure of cannot carry the mark. Detection then loads the "
         "run's model. 0: every token (plain Kirchenbauer; detection needs only the tokenizer).",
     )
-    ngram_len: int = Field(
+    ngram_len: Int = Field(
         5, ge=2, description="synthid: each token's g-values are seeded by the ngram_len - 1 tokens before it."
     )
-    depth: int = Field(
+    depth: Int = Field(
         30,
-        gt=0,
+        ge=1,
         le=64,
         description="synthid: tournament layers (one derived key each): more layers, a "
         "stronger mark at the same distortion.",
     )
     # 3.0: a false-positive rate of about 1e-3 on unmarked text (at 4.0, 52 of the 57 above were detected).
-    z_threshold: float = Field(
+    z_threshold: Float = Field(
         3.0,
         gt=0,
         description="A text is flagged when its z-score (green tokens, or synthid's mean g-value) exceeds this.",
@@ -258,23 +406,27 @@ class WatermarkSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[str] | None = Field(None, description="Metrics to report (default: all of the task's).")
+    metrics: list[str] | None = Field(None, description="Metrics to report; null: all of the task's.")
     gates: dict[str, str] = Field(
         default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}; a failed gate exits 4.'
     )
-    batch_size: int | None = Field(None, gt=0, description="Evaluation batch size (default: 2 x train.batch_size).")
-    every: int | Literal["epoch"] | None = Field(
-        None, description="Evaluate during training: every N optimizer steps, or at each epoch end (null: only after)."
+    batch_size: Int | None = Field(
+        None, ge=1, description="Evaluation batch size per process; null: 2 x train.batch_size."
     )
-    during_max_samples: int | None = Field(
+    every: Annotated[Annotated[int, Field(ge=1)] | Literal["epoch"], _number_or("epoch")] | None = Field(
         None,
-        gt=0,
+        description="Evaluate during training: every N optimizer steps, or at each epoch end; null: only after "
+        "training.",
+    )
+    during_max_samples: Int | None = Field(
+        None,
+        ge=1,
         description="Evaluations during training use the first N eval rows (the final one uses all); "
-        "generation tasks default to 64.",
+        "null: all for classification and extractive qa, 64 for generation tasks.",
     )
     best_metric: str | None = Field(
         None,
-        description="The metric that decides the best weights (default: the task's main metric; eval_loss: lower "
+        description="The metric that decides the best weights (null: the task's main metric; eval_loss: lower "
         "is better).",
     )
     keep: Literal["last", "best"] = Field(
@@ -282,30 +434,39 @@ class EvalSection(Section):
         description="Which weights become adapter/ and are scored in metrics.json: the last, or the best evaluated.",
     )
     # Generation (copywriting, codegen, generative qa)
-    max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per answer.")
-    temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy decoding; above 0 samples.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling mass (with temperature > 0).")
-    num_samples: int = Field(1, gt=0, description="Generation: samples per prompt (codegen pass@k needs n >= k).")
+    max_new_tokens: Int = Field(128, ge=1, le=TOKENS_MAX, description="Generation: most new tokens per answer.")
+    temperature: Float = Field(
+        0.0, ge=0, description="Generation: 0 is greedy decoding; above 0 samples at that softmax temperature."
+    )
+    top_p: Float = Field(
+        1.0, gt=0, le=1, description="Generation: nucleus sampling mass (with temperature > 0); 1 keeps every token."
+    )
+    num_samples: Int = Field(
+        1, ge=1, description="Generation: samples per prompt (codegen pass@k needs n >= k; above 1 needs sampling)."
+    )
     stop: list[str] | None = Field(
-        None, description="Generation: cut each answer at the first of these strings (default: the task's own)."
+        None, description="Generation: cut each answer at the first of these strings; null: the task's own."
     )
     watermark: WatermarkSection | None = Field(
         None,
-        description="Generation tasks: watermark every generation of run, eval and predict (finetune detect finds it).",
+        description="Generation tasks: watermark every generation of run, eval and predict (finetune detect finds "
+        "it); null: no watermark.",
     )
     # Extractive question answering
-    n_best: int = Field(20, gt=0, description="Extractive qa: start and end candidates considered per window.")
-    max_answer_length: int | None = Field(
+    n_best: Int = Field(20, ge=1, description="Extractive qa: start and end candidates considered per window.")
+    max_answer_length: Int | None = Field(
         None,
-        gt=0,
-        description="Extractive qa: longest answer span, in tokens (default: derived from the training "
+        ge=1,
+        description="Extractive qa: longest answer span, in tokens (null: derived from the training "
         "answers, at least SQuAD's 30).",
     )
     # Code execution (codegen)
-    pass_k: list[int] | None = Field(
-        None, description="Codegen: the k of pass@k (default: 1, 2, 4, 8, 10, 16, 32, 64, 100 up to num_samples)."
+    pass_k: list[Int] | None = Field(
+        None,
+        description="Codegen: the k of pass@k, each at least 1 (null: 1, 2, 4, 8, 10, 16, 32, 64, 100 up to "
+        "num_samples).",
     )
-    execute_code: bool = Field(
+    execute_code: Bool = Field(
         False, description="Codegen: run generated code against the tests (also needs FINETUNE_ALLOW_CODE_EXECUTION=1)."
     )
     sandbox: Literal["strict", "basic"] = Field(
@@ -313,8 +474,10 @@ class EvalSection(Section):
         description="Codegen: strict = bubblewrap namespaces (no network, read-only filesystem, own PIDs), required "
         "unless you choose basic = resource limits and a scrubbed environment only.",
     )
-    timeout_s: float = Field(10.0, gt=0, description="Codegen: wall-clock seconds per sample before it is killed.")
-    memory_mb: int = Field(1024, gt=0, description="Codegen: address-space limit per sample, in MiB.")
+    timeout_s: Float = Field(
+        10.0, gt=0, le=1e9, description="Codegen: wall-clock seconds per sample before it is killed."
+    )
+    memory_mb: Int = Field(1024, ge=1, description="Codegen: address-space limit per sample, in MiB.")
 
     @field_validator("pass_k")
     @classmethod
@@ -335,15 +498,18 @@ class EvalSection(Section):
 
 
 class DistributedSection(Section):
-    num_processes: int | Literal["auto"] = Field(
-        1,
-        description="Processes to launch through accelerate (auto: one per GPU, 1 without GPUs); --num-processes wins.",
+    num_processes: Annotated[Annotated[int, Field(ge=1, le=MAX_PROCESSES)] | Literal["auto"], _number_or("auto")] = (
+        Field(
+            1,
+            description="Processes to launch through accelerate (auto: one per GPU, 1 without GPUs); --num-processes "
+            "wins.",
+        )
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="How several GPUs share the work: ddp (replicas), fsdp or deepspeed (ZeRO-2), via accelerate.",
     )
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: Bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a third more compute."
     )
     quantization: Literal["none", "4bit"] = Field(
@@ -356,17 +522,21 @@ class OutputSection(Section):
 
 
 class Recipe(Section):
-    task: TaskName = Field(description="classification | copywriting | codegen | qa")
+    task: TaskName = Field(description="What the model learns: classification | copywriting | codegen | qa (required).")
     mode: Literal["extractive", "generative"] | None = Field(
         None, description="qa only: extractive (a span of the context; the default) or generative (a written answer)."
     )
-    model: ModelSection
-    data: DataSection
-    lora: LoraSection = Field(default_factory=LoraSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    distributed: DistributedSection = Field(default_factory=DistributedSection)
-    output: OutputSection = Field(default_factory=OutputSection)
+    model: ModelSection = Field(description="The base model (required).")
+    data: DataSection = Field(description="Training and evaluation data (required).")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation and checkpoints.")
+    eval: EvalSection = Field(
+        default_factory=EvalSection, description="Evaluation, quality gates, generation and code execution."
+    )
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Processes, sharding, memory savers and quantisation."
+    )
+    output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
 
     @property
     def eval_batch_size(self) -> int:
@@ -386,7 +556,7 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _format_problem(error: dict) -> str:
+def _format_problem(error: Mapping[str, Any]) -> str:
     loc = tuple(str(p) for p in error["loc"])
     place = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -397,12 +567,23 @@ def _format_problem(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "literal_error" and loc:
         message += did_you_mean(error.get("input"), _literal_choices(error))
+    if error["type"] == "string_type" and isinstance(error.get("input"), bool):
+        message += " (YAML reads an unquoted yes/no, on/off or true/false as a boolean; quote it)"
     if error["type"] not in ("value_error", "assertion_error") and "input" in error:
-        return f"{place}: {message} (got {error['input']!r})"
+        return f"{place}: {message} (got {_shown(error['input'])})"
     return f"{place}: {message}"
 
 
-def _literal_choices(error: dict) -> list[str]:
+def _shown(value: object) -> str:
+    """A value as the recipe's YAML spells it: true, false and null, other values as Python writes them."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _literal_choices(error: Mapping[str, Any]) -> list[str]:
     expected = (error.get("ctx") or {}).get("expected", "")
     return [part.strip(" '") for part in expected.replace(" or ", ",").split(",") if part.strip()]
 
@@ -417,7 +598,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise RecipeError(f"override {override!r}: value is not valid YAML ({exc.problem})") from None
+            raise RecipeError(
+                f"override {override!r}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
+            ) from None
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

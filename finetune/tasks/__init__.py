@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from finetune.errors import RecipeError
+from finetune.recipe.schema import Recipe
 from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.codegen import CodegenTask
@@ -15,7 +16,7 @@ TASKS: dict[str, Task] = {
     "codegen": CodegenTask(),
     "qa": ExtractiveQATask(),
 }
-MODES: dict[tuple[str, str], Task] = {
+MODES: dict[tuple[str, str | None], Task] = {
     ("qa", "extractive"): TASKS["qa"],
     ("qa", "generative"): GenerativeQATask(),
 }
@@ -28,7 +29,7 @@ def get_task(name: str, mode: str | None = None) -> Task:
     return MODES.get((name, mode), TASKS[name])
 
 
-def recipe_task(recipe) -> Task:
+def recipe_task(recipe: Recipe) -> Task:
     return get_task(recipe.task, recipe.mode)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 from datasets import Dataset
@@ -26,6 +26,9 @@ from finetune.data.features import Features
 from finetune.errors import DataError, did_you_mean
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class Task:
@@ -88,7 +91,7 @@ class Task:
     def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {}
 
-    def auto_class(self, family: FamilySpec):
+    def auto_class(self, family: FamilySpec) -> type[Any]:
         return family.auto_class(self.head)
 
     def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +129,7 @@ class Task:
     # ------------------------------------------------------------ evaluation
     def predict(
         self,
-        model: PreTrainedModel,
+        model: PeftModel | PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         features: Features,
         accelerator: Accelerator,

@@ -7,21 +7,28 @@ GPT-style models the last non-pad token (the pad token is set on the config).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
 from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
 from finetune.data.tables import apply_overflow, checked_texts, map_batches
 from finetune.errors import DataError
 from finetune.evaluation.scoring import eval_loader
+from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.base import Task
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding
 
 BATCH_WIDTH_MULTIPLE = 32  # padded batch widths come in multiples of this (see collate)
 
 
-def _label_key(label) -> str:
+def _label_key(label: object) -> str:
     """Labels compare as text, so 3 in one file and "3" in another are the same class."""
     return str(label)
 
@@ -36,7 +43,9 @@ class ClassificationTask(Task):
     head = "sequence_classification"
 
     # ------------------------------------------------------------ model
-    def fit_state(self, train_rows: Dataset, recipe, tokenizer=None) -> dict[str, Any]:
+    def fit_state(
+        self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> dict[str, Any]:
         seen = _checked_labels(train_rows["label"][:], "data.train")
         if recipe.data.labels is not None:
             labels = list(recipe.data.labels)
@@ -63,7 +72,14 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ data
     def featurize(
-        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
     ) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
@@ -95,7 +111,7 @@ class ClassificationTask(Task):
             rows, features = rows.select(keep), features.select(keep)
         return Features(features, rows, report)
 
-    def collate(self, tokenizer, max_length=None):
+    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> DataCollatorWithPadding:
         from transformers import DataCollatorWithPadding
 
         tokenizer.padding_side = "right"
@@ -107,7 +123,15 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+    def predict(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
         labeled = "labels" in features.dataset.column_names
         logits_parts, label_parts = [], []
         model.eval()
@@ -143,7 +167,7 @@ class ClassificationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return ("label", "prediction")
 
-    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
         y_true = [_label_key(r["label"]) for r in rows]
@@ -187,7 +211,7 @@ class Truncation:
 
     FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
         from tokenizers import Tokenizer
 
         self.tokenizer, self.max_length = tokenizer, max_length

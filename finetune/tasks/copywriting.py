@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.recipe.schema import EvalSection
 from finetune.tasks.generative import GenerationTask
 
 
@@ -13,10 +14,10 @@ class CopywritingTask(GenerationTask):
     reference_fields = ("completion",)
     metric_names = ("rouge1", "rouge2", "rougeL", "bleu", "distinct_2", "mean_length")
 
-    def main_metric(self, settings) -> str:
+    def main_metric(self, settings: EvalSection) -> str:
         return "rougeL"
 
-    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         return {
             "metrics": text_metrics([r["prediction"] for r in rows], [r["completion"] for r in rows]),
             "details": {},
@@ -47,7 +48,8 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct word n-grams over all n-grams across the predictions (lower-cased, whitespace words)."""
-    seen, total = set(), 0
+    seen: set[tuple[str, ...]] = set()
+    total = 0
     for text in texts:
         words = text.lower().split()
         grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]

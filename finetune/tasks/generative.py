@@ -7,15 +7,22 @@ stop strings; featurize/collate/predict come from here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from accelerate import Accelerator
 from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
 from finetune.data.tables import checked_texts
 from finetune.errors import DataError
-from finetune.models.families import FAMILIES
+from finetune.models.families import FAMILIES, FamilySpec
+from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.base import Task
 from finetune.tasks.text2text import PadCollator, completion_loss, encode, generate
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class GenerationTask(Task):
@@ -25,7 +32,7 @@ class GenerationTask(Task):
     uses_template = True
     head = "generation"
 
-    def check_recipe(self, recipe) -> list[str]:
+    def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         settings = recipe.eval
         if settings.num_samples > 1 and settings.temperature == 0:
@@ -33,7 +40,7 @@ class GenerationTask(Task):
         return problems
 
     # ------------------------------------------------------------ model
-    def prepare_model(self, model, tokenizer, family: str) -> None:
+    def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
         super().prepare_model(model, tokenizer, family)
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -42,12 +49,19 @@ class GenerationTask(Task):
         """The text trained on for a reference answer."""
         return answer
 
-    def stops(self, settings) -> list[str]:
+    def stops(self, settings: EvalSection) -> list[str]:
         return list(self.default_stops if settings.stop is None else settings.stop)
 
     # ------------------------------------------------------------ data
     def featurize(
-        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
     ) -> Features:
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
@@ -66,12 +80,21 @@ class GenerationTask(Task):
         )
         return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
 
-    def collate(self, tokenizer, max_length=None):
+    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> PadCollator:
         return PadCollator(tokenizer)
 
     # ------------------------------------------------------------ evaluation
-    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+    def predict(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
         family = FAMILIES[state["family"]]
+        assert features.prompts is not None  # featurize gives a generation task's features their prompts
         loss = None
         if "labels" in features.dataset.column_names:
             loss = completion_loss(model, features.dataset, tokenizer, family, recipe.eval_batch_size, accelerator)

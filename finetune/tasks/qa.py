@@ -13,19 +13,26 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import finetune.tasks.qa_spans as qa_spans
 from finetune.data.features import Features
 from finetune.data.tables import checked_texts
 from finetune.errors import DataError
 from finetune.evaluation.scoring import eval_loader
+from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.base import Task
 from finetune.tasks.generative import GenerationTask
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding
 
 # --------------------------------------------------------------------------- SQuAD v1.1 metrics (official script)
 
@@ -81,12 +88,12 @@ def squad_metrics(rows: list[dict]) -> dict[str, Any]:
 
 
 class _SquadScoring:
-    metric_names = ("exact_match", "f1")
+    metric_names: tuple[str, ...] = ("exact_match", "f1")
 
-    def main_metric(self, settings) -> str:
+    def main_metric(self, settings: EvalSection) -> str:
         return "f1"
 
-    def compute_metrics(self, rows: list[dict], settings=None) -> dict[str, Any]:
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         return squad_metrics(rows)
 
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
@@ -108,30 +115,37 @@ class ExtractiveQATask(_SquadScoring, Task):
     head_candidates = ("qa_outputs",)
     head = "question_answering"
 
-    def fields(self, recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """With a knowledge base, rows hold a question and its answer; the context comes from retrieval."""
         if recipe.data.knowledge_base is not None:
             return ("question", "answer"), ("id",)
         return self.required_fields, self.optional_fields
 
-    def check_recipe(self, recipe) -> list[str]:
+    def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         stride = recipe.data.doc_stride
         if stride is not None and stride >= recipe.data.max_length:
             problems.append(f"data.doc_stride: {stride} must be below data.max_length ({recipe.data.max_length})")
         return problems
 
-    def fit_state(self, train_rows: Dataset, recipe, tokenizer) -> dict[str, Any]:
+    def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The span settings the recipe leaves open, from the training answers (see span_settings)."""
         answers = _checked_answers(
             train_rows["answers"][:], checked_texts(train_rows["context"][:], "data.train", "context"), "data.train"
         )
         questions = checked_texts(train_rows["question"][:], "data.train", "question")
-        answers = [a for a in answers if a is not None and a[1] >= 0]
-        return span_settings(questions, [a[0] for a in answers], tokenizer, recipe)
+        found = [a for a in answers if a is not None and a[1] >= 0]
+        return span_settings(questions, [a[0] for a in found], tokenizer, recipe)
 
     def featurize(
-        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
     ) -> Features:
         questions = checked_texts(rows["question"][:], split, "question")
         contexts = checked_texts(rows["context"][:], split, "context")
@@ -141,7 +155,7 @@ class ExtractiveQATask(_SquadScoring, Task):
         report = windows.report
         if split == "data.train":
             report.notes.extend(state.get("span_notes", []))
-        columns = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask}
+        columns: dict[str, list] = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask}
         if answers is not None:
             starts, ends, missed = qa_spans.span_labels(windows, answers)
             columns.update(start_positions=starts, end_positions=ends)
@@ -157,14 +171,22 @@ class ExtractiveQATask(_SquadScoring, Task):
             )
         return Features(Dataset.from_dict(columns), rows, report, windows=windows)
 
-    def collate(self, tokenizer, max_length=None):
+    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> DataCollatorWithPadding:
         from transformers import DataCollatorWithPadding
 
         tokenizer.padding_side = "right"
         return DataCollatorWithPadding(tokenizer)
 
     @torch.no_grad()
-    def predict(self, model, tokenizer, features: Features, accelerator, recipe, state):
+    def predict(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
         model.eval()
         width = recipe.data.max_length
         starts, ends, losses = [], [], []
@@ -173,7 +195,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             with accelerator.autocast():
                 output = model(**batch)
             start, end = (_pad_to(x.float(), width) for x in (output.start_logits, output.end_logits))
-            parts = (start, end)
+            parts: tuple[torch.Tensor, ...] = (start, end)
             if start_positions is not None:
                 parts += (_span_loss(start, end, start_positions, end_positions),)
             gathered = [x.cpu() for x in accelerator.gather_for_metrics(parts)]
@@ -202,7 +224,9 @@ SQUAD_MAX_ANSWER_TOKENS = 30
 SQUAD_DOC_STRIDE = 128
 
 
-def span_settings(questions: list[str], answers: list[str], tokenizer, recipe) -> dict[str, Any]:
+def span_settings(
+    questions: list[str], answers: list[str], tokenizer: PreTrainedTokenizerBase, recipe: Recipe
+) -> dict[str, Any]:
     """eval.max_answer_length and data.doc_stride where the recipe leaves them open, and why.
 
     SQuAD's defaults (30 answer tokens, 128 overlap) cut paragraph answers. Here the answer limit covers the
@@ -256,7 +280,9 @@ def _pad_to(logits: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(logits, (0, width - logits.shape[1]), value=-1e4)
 
 
-def _span_loss(start, end, start_positions, end_positions) -> torch.Tensor:
+def _span_loss(
+    start: torch.Tensor, end: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
+) -> torch.Tensor:
     """Per-window span loss (mean of start and end cross-entropy), as the QA heads compute it."""
     ce = torch.nn.functional.cross_entropy
     return (ce(start, start_positions, reduction="none") + ce(end, end_positions, reduction="none")) / 2
@@ -264,7 +290,7 @@ def _span_loss(start, end, start_positions, end_positions) -> torch.Tensor:
 
 def _checked_answers(values: list, contexts: list[str], split: str) -> list[tuple[str, int] | None]:
     """The first gold answer of each row as (text, start char), checked against its context."""
-    out = []
+    out: list[tuple[str, int] | None] = []
     for number, (value, context) in enumerate(zip(values, contexts), start=1):
         if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
             raise DataError(
@@ -303,7 +329,14 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     default_stops = ("\n",)
 
     def featurize(
-        self, rows: Dataset, tokenizer, recipe, state, split: str, labeled: bool = True, workdir: Path | None = None
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
     ) -> Features:
         if "prompt" not in rows.column_names:
             rows = rows.add_column("prompt", [_default_prompt(r, split, n) for n, r in enumerate(rows, start=1)])
@@ -312,7 +345,15 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     def completion_text(self, answer: str) -> str:
         return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
 
-    def predict(self, model, tokenizer, features, accelerator, recipe, state):
+    def predict(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
         rows, loss = super().predict(model, tokenizer, features, accelerator, recipe, state)
         for row in rows:
             row["prediction"] = row["prediction"].strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from finetune.data.tables import LengthReport
 from finetune.errors import DataError
@@ -30,7 +31,7 @@ class Windows:
 LINE_BREAK_MARK = "|"
 
 
-def visible_line_breaks(contexts: list[str], tokenizer) -> list[str]:
+def visible_line_breaks(contexts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The contexts as the model reads them. Answers are still cut from the original text by offset."""
     probe = tokenizer("a\nb", add_special_tokens=False, return_offsets_mapping=True)
     keeps_newline = any(start <= 1 < end for start, end in probe["offset_mapping"])
@@ -39,7 +40,14 @@ def visible_line_breaks(contexts: list[str], tokenizer) -> list[str]:
     return [context.replace("\n", LINE_BREAK_MARK) for context in contexts]
 
 
-def windows(questions: list[str], contexts: list[str], tokenizer, max_length: int, stride: int, split: str) -> Windows:
+def windows(
+    questions: list[str],
+    contexts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    stride: int,
+    split: str,
+) -> Windows:
     """Question first, then overlapping windows of the context (`stride` tokens shared between neighbours)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("extractive qa needs a fast tokenizer (offset mappings)")
@@ -102,14 +110,11 @@ def span_labels(w: Windows, answers: list[tuple[str, int] | None]) -> tuple[list
         if answer is not None:
             text, first_char = answer
             last_char = first_char + len(text)
-            tokens = [i for i, o in enumerate(w.offsets[window]) if o is not None]
-            if (
-                tokens
-                and w.offsets[window][tokens[0]][0] <= first_char
-                and w.offsets[window][tokens[-1]][1] >= last_char
-            ):
-                start = next(i for i in tokens if w.offsets[window][i][1] > first_char)
-                end = next(i for i in reversed(tokens) if w.offsets[window][i][0] < last_char)
+            spans = {i: o for i, o in enumerate(w.offsets[window]) if o is not None}  # the context's tokens
+            tokens = list(spans)
+            if tokens and spans[tokens[0]][0] <= first_char and spans[tokens[-1]][1] >= last_char:
+                start = next(i for i in tokens if spans[i][1] > first_char)
+                end = next(i for i in reversed(tokens) if spans[i][0] < last_char)
                 found[example] = True
             else:
                 found.setdefault(example, False)

@@ -220,6 +220,7 @@ def _run_one(program: str, level: str, limits: Limits, slot: int) -> Outcome:
                 )
             except OSError as error:  # the sandbox itself cannot start: the sample fails, nothing runs unconfined
                 return Outcome(False, "failed", f"could not start {command[0]}: {error}")
+            assert process.stdin is not None  # stdin=subprocess.PIPE
             try:
                 process.stdin.write((token + "\n").encode())
                 process.stdin.close()

@@ -10,39 +10,50 @@ at stop strings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
+from accelerate import Accelerator
 from datasets import Dataset
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from finetune.data.tables import LengthReport, apply_overflow
 from finetune.errors import DataError
 from finetune.evaluation.scoring import eval_loader
 from finetune.models.families import FamilySpec
+from finetune.recipe.schema import EvalSection, Recipe
 from finetune.watermark import marking as watermark
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 IGNORE = -100
 
 
-def prompt_texts(prompts: list[str], tokenizer, recipe) -> list[str]:
+def prompt_texts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> list[str]:
     """The prompts as the model sees them: raw, or as a user turn of the chat template."""
     if not recipe.data.chat_template:
         return prompts
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"data.chat_template: the tokenizer of {recipe.model.name_or_path} has no chat template")
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        # tokenize=False renders the conversation as text (transformers annotates every form it can return).
+        cast(
+            str,
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+        )
         for p in prompts
     ]
 
 
-def _encode(texts: list[str], tokenizer, *, special: bool) -> list[list[int]]:
+def _encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, *, special: bool) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
-def _eos_id(tokenizer) -> int:
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError("model: the tokenizer has no EOS token, so completions cannot be terminated")
     return tokenizer.eos_token_id
@@ -54,12 +65,17 @@ class Encoded:
 
     prompt_ids: list[list[int]]
     features: Dataset | None  # input_ids / attention_mask / labels, when completions were given
-    keep: list[int]  # indices of the input rows that survived overflow=drop
+    keep: np.ndarray  # indices of the input rows that survived overflow=drop
     report: LengthReport
 
 
 def encode(
-    prompts: list[str], completions: list[str] | None, tokenizer, family: FamilySpec, recipe, split: str
+    prompts: list[str],
+    completions: list[str] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
 ) -> Encoded:
     """Tokenise prompt/completion pairs for training and evaluation loss, and prompts for generation.
 
@@ -126,7 +142,7 @@ def encode(
     return Encoded(prompts_out, features, keep, report)
 
 
-def _targets(completions: list[str], tokenizer) -> list[list[int]]:
+def _targets(completions: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Decoder targets for encoder-decoder models, with the tokenizer's own special tokens (BART: <s> ... </s>)."""
     return tokenizer(text_target=completions)["input_ids"]
 
@@ -145,7 +161,7 @@ def _keep_end(ids: list[int], room: int, bos_id: int | None) -> list[int]:
 class PadCollator:
     """Pads input_ids/attention_mask with the pad id and labels with -100, on the right (training, loss)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.pad_id = tokenizer.pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -171,7 +187,9 @@ class PackedCollator:
     """
 
     def __call__(self, rows: list[dict]) -> dict:
-        input_ids, labels, positions = [], [], []
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
         for row in rows:
             input_ids += row["input_ids"]
             labels += [IGNORE] + row["labels"][1:]
@@ -186,7 +204,12 @@ class PackedCollator:
 
 @torch.no_grad()
 def completion_loss(
-    model, features: Dataset, tokenizer, family: FamilySpec, batch_size: int, accelerator
+    model: PeftModel | PreTrainedModel,
+    features: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    batch_size: int,
+    accelerator: Accelerator,
 ) -> float | None:
     """Mean cross-entropy per completion token over the eval set (each example counted once across processes)."""
     if features is None or len(features) == 0:
@@ -213,10 +236,10 @@ def completion_loss(
 class StopOnStrings(StoppingCriteria):
     """Per-sequence stop once the generated text contains any stop string."""
 
-    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_width: int):
         self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
@@ -229,14 +252,14 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
+    model: PeftModel | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     family: FamilySpec,
     prompt_ids: list[list[int]],
-    settings,
+    settings: EvalSection,
     stops: list[str],
     batch_size: int,
-    accelerator,
+    accelerator: Accelerator,
 ) -> list[list[str]]:
     """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes."""
     from accelerate.utils import gather_object
@@ -258,7 +281,7 @@ def generate(
     # Longest first, so batches hold prompts of similar length (less padding).
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     with accelerator.split_between_processes(order) as mine:
-        answers = []
+        answers: list[tuple[int, list[str]]] = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             texts = _generate_batch(
@@ -272,13 +295,22 @@ def generate(
     return [by_index[i] for i in range(len(prompt_ids))]
 
 
-def _generate_batch(model, tokenizer, family: FamilySpec, prompts, options, stops, pad_id, accelerator) -> list[str]:
+def _generate_batch(
+    model: PeftModel | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    prompts: list[list[int]],
+    options: dict[str, Any],
+    stops: list[str],
+    pad_id: int | None,
+    accelerator: Accelerator,
+) -> list[str]:
     width = max(1, max(len(p) for p in prompts))
     if family.prompt_padding == "right":  # encoder inputs
-        ids = [p + [pad_id] * (width - len(p)) for p in prompts]
+        ids = [[*p, *[pad_id] * (width - len(p))] for p in prompts]
         mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
     else:  # decoder prompts: left padding, so every row continues from its own last token
-        ids = [[pad_id] * (width - len(p)) + p for p in prompts]
+        ids = [[*[pad_id] * (width - len(p)), *p] for p in prompts]
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
     input_ids = torch.tensor(ids, device=accelerator.device)
     attention_mask = torch.tensor(mask, device=accelerator.device)
@@ -297,7 +329,14 @@ class CompletionEntropy:
     """The model's next-token entropy (nats) before each token of a completion, given its prompt as generation
     encodes it: what an entropy-gated watermark saw when it chose which tokens to mark."""
 
-    def __init__(self, model, tokenizer, family: FamilySpec, recipe, accelerator):
+    def __init__(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        family: FamilySpec,
+        recipe: Recipe,
+        accelerator: Accelerator,
+    ):
         self.model, self.tokenizer, self.family, self.accelerator = model, tokenizer, family, accelerator
         # Generation never drops a prompt (predict truncates too): neither does scoring.
         self.recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})

@@ -27,6 +27,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,12 +36,23 @@ from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.outputs.adapter import AdapterSaver
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 log = logging.getLogger("finetune")
 
 INDEX = "checkpoint.json"
 PROGRESS = "progress.json"
 PREFIX = "step-"
 STAGING_PREFIX = ".partial-"
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores of the optimizer and the learning-rate schedule."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -63,10 +75,10 @@ class Progress:
 def save(
     directory: Path,
     progress: Progress,
-    accelerator,
-    model,
-    optimizer,
-    scheduler,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: Stateful,
+    scheduler: Stateful,
     logger_state: dict,
     keep: int,
     adapter: AdapterSaver | None = None,
@@ -117,13 +129,13 @@ def save(
     return final
 
 
-def _save_tensors(tensors: dict, path: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
-def _write_json(path: Path, data) -> None:
+def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
@@ -145,7 +157,8 @@ def _fsync_tree(directory: Path) -> None:
 
 def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
     """torch optimizer state -> (tensors for safetensors, everything else for JSON)."""
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
@@ -177,7 +190,10 @@ def _python_rng_state() -> list:
 
 
 def _numpy_rng_state() -> list:
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    # legacy=True is numpy's default; spelled out because numpy's stubs give the default call the dict form.
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)  # the legacy form, which the global generator (MT19937) always has
+    kind, keys, position, has_gauss, cached = state
     return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
 
 
@@ -272,7 +288,7 @@ def check_identity(saved: dict, current: dict, force: bool) -> list[str]:
     return differences
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -280,7 +296,9 @@ def _short(value) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def restore(path: Path, accelerator, model, optimizer, scheduler) -> tuple[Progress, dict]:
+def restore(
+    path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Stateful, scheduler: Stateful
+) -> tuple[Progress, dict]:
     """Load a verified checkpoint into the live objects; returns (progress, this rank's log window)."""
     rank = accelerator.process_index
     rank_files = [path / f"rng-{rank}.safetensors", path / f"rank-{rank}.json"]
@@ -339,7 +357,7 @@ def _load_tensors(path: Path) -> dict:
         raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -29,12 +29,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast, overload
 
 import torch
 from transformers import (
+    BayesianDetectorModel,
     LogitsProcessorList,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     SynthIDTextWatermarkingConfig,
+    SynthIDTextWatermarkLogitsProcessor,
     WatermarkDetector,
     WatermarkingConfig,
     WatermarkLogitsProcessor,
@@ -46,35 +50,47 @@ from finetune.recipe.schema import WatermarkSection
 KEY_FILE = "watermark.key"
 
 
-def generation_config(settings: WatermarkSection | None) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None:
-    """What `model.generate` needs to mark its output, or None without a watermark."""
-    if settings is None:
-        return None
+def _key(settings: WatermarkSection) -> int:
+    """The watermark key; a key redacted out of a saved recipe cannot mark or detect."""
     if not isinstance(settings.key, int):
         raise RecipeError(
             "eval.watermark.key: the key is redacted here; evaluate the run directory (its adapter "
             "holds the key) or give the key"
         )
+    return settings.key
+
+
+@overload
+def generation_config(settings: WatermarkSection) -> WatermarkingConfig | SynthIDTextWatermarkingConfig: ...
+@overload
+def generation_config(settings: None) -> None: ...
+@overload
+def generation_config(
+    settings: WatermarkSection | None,
+) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None: ...
+def generation_config(settings: WatermarkSection | None) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None:
+    """What `model.generate` needs to mark its output, or None without a watermark."""
+    if settings is None:
+        return None
+    key = _key(settings)
     if settings.method == "synthid":
-        return SynthIDTextWatermarkingConfig(
-            ngram_len=settings.ngram_len, keys=synthid_keys(settings.key, settings.depth)
-        )
+        return SynthIDTextWatermarkingConfig(ngram_len=settings.ngram_len, keys=synthid_keys(key, settings.depth))
     return WatermarkingConfig(
         greenlist_ratio=settings.greenlist_ratio,
         bias=settings.bias,
-        hashing_key=settings.key,
+        hashing_key=key,
         seeding_scheme="lefthash",
         context_width=settings.context_width,
     )
 
 
-def generate_options(settings: WatermarkSection | None, vocab_size: int, device) -> dict:
+def generate_options(settings: WatermarkSection | None, vocab_size: int, device: torch.device | str) -> dict:
     """The `model.generate` arguments that mark its output: transformers' own watermarking config, or the
     entropy-gated green-list processor (which runs before temperature and top-p, on the raw logits whose entropy
     detection recomputes)."""
-    config = generation_config(settings)
-    if config is None:
+    if settings is None:
         return {}
+    config = generation_config(settings)
     if gated(settings):
         return {"logits_processor": LogitsProcessorList([EntropyGatedWatermark(settings, vocab_size, device)])}
     return {"watermarking_config": config}
@@ -94,13 +110,13 @@ class EntropyGatedWatermark(WatermarkLogitsProcessor):
     """transformers' green-list processor, applied only where the model's next-token entropy is at least
     `entropy_threshold` nats (SWEET); elsewhere the logits pass unchanged."""
 
-    def __init__(self, settings: WatermarkSection, vocab_size: int, device):
+    def __init__(self, settings: WatermarkSection, vocab_size: int, device: torch.device | str):
         super().__init__(
             vocab_size=vocab_size,
             device=device,
             greenlist_ratio=settings.greenlist_ratio,
             bias=settings.bias,
-            hashing_key=settings.key,
+            hashing_key=_key(settings),
             seeding_scheme="lefthash",
             context_width=settings.context_width,
         )
@@ -172,17 +188,20 @@ class Detector:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        model_config,
+        model_config: PretrainedConfig,
         settings: WatermarkSection,
         entropies: EntropyFunction | None = None,
-        bayesian=None,
+        bayesian: BayesianDetectorModel | None = None,
     ):
         if gated(settings) and entropies is None:
             raise ValueError("an entropy-gated watermark is detected with the model's entropies")
         self.tokenizer, self.settings, self.entropies, self.bayesian = tokenizer, settings, entropies, bayesian
         config = generation_config(settings)
-        if settings.method == "synthid":
-            self.processor = config.construct_processor(model_config.vocab_size, "cpu")
+        if isinstance(config, SynthIDTextWatermarkingConfig):  # settings.method == "synthid"
+            processor = config.construct_processor(model_config.vocab_size, "cpu")
+            # transformers annotates it as WatermarkLogitsProcessor; synthid's config builds its own processor.
+            assert isinstance(processor, SynthIDTextWatermarkLogitsProcessor)
+            self.processor = processor
             # The null mean of a g-value is the sampling table's own mean (0.5 up to the table's sampling noise).
             self.null_mean = float(self.processor.sampling_table.float().mean())
         else:
@@ -203,6 +222,7 @@ class Detector:
         if len(ids) <= width:  # nothing to test after the seeding context
             return Score(0, None, None, None, False, text_tokens=len(ids))
         if gated(self.settings):
+            assert self.entropies is not None  # the constructor refuses a gated watermark without them
             unsure = (self.entropies(prompt, ids) >= self.settings.entropy_threshold).tolist()
         else:
             unsure = [True] * len(ids)
@@ -216,7 +236,8 @@ class Detector:
 
     def _is_green(self, ngram: tuple[int, ...]) -> bool:
         """transformers' own green-list test for the last token of the n-gram, seeded by the tokens before it."""
-        return bool(self.detector._get_ngram_score(torch.tensor(ngram[:-1]), ngram[-1]))
+        prefix = cast(torch.LongTensor, torch.tensor(ngram[:-1]))  # token ids: an int64 tensor
+        return bool(self.detector._get_ngram_score(prefix, ngram[-1]))
 
     def _score_synthid(self, ids: list[int]) -> Score:
         """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), which gives the
@@ -238,14 +259,14 @@ class Detector:
 
 
 def synthid_evidence(
-    processor, tokenizer: PreTrainedTokenizerBase, ids: list[int]
+    processor: SynthIDTextWatermarkLogitsProcessor, tokenizer: PreTrainedTokenizerBase, ids: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A text's g-values (positions, depth) and which positions count: a repeated context repeats its g-values, so
     only its first counts (as in transformers' detector), and nothing after an end of text counts."""
     skip = processor.ngram_len - 1  # the first tokens have no full context
     if len(ids) <= skip:
         return torch.zeros(0, len(processor.keys)), torch.zeros(0, dtype=torch.bool)
-    tokens = torch.tensor([ids])
+    tokens = cast(torch.LongTensor, torch.tensor([ids]))  # token ids: an int64 tensor
     g_values = processor.compute_g_values(tokens)[0]
     keep = processor.compute_context_repetition_mask(tokens)[0].bool()
     if tokenizer.eos_token_id is not None:

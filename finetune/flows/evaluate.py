@@ -1,0 +1,299 @@
+"""`finetune eval` and `finetune predict`: a run's (or a base model's) predictions and metrics; the one
+evaluation step that training also uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from accelerate import Accelerator
+from datasets import Dataset
+
+from finetune import files
+from finetune.data.features import Features
+from finetune.data.retrieval import attach_passages
+from finetune.errors import DataError, RecipeError
+from finetune.evaluation import scoring as evaluation
+from finetune.flows.resolve import Resolved, resolve_run, resolve_source
+from finetune.flows.session import (
+    Session,
+    build_retriever,
+    open_session,
+    task_rows,
+)
+from finetune.outputs import card, plots, rundir
+from finetune.outputs.rundir import RunDir
+from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
+from finetune.tasks import Task, get_task
+from finetune.tasks.text2text import CompletionEntropy
+from finetune.training import checkpoint
+from finetune.training.loop import make_accelerator
+from finetune.watermark import marking as watermark
+
+log = logging.getLogger("finetune")
+
+
+def evaluate_features(session: Session, model, features: Features, accelerator: Accelerator) -> tuple[list[dict], dict]:
+    """The one evaluation step: the task's predictions on `features`, then its metrics."""
+    rows, loss = session.task.predict(
+        model, session.tokenizer, features, accelerator, session.recipe, dict(session.state)
+    )
+    mark = session.recipe.eval.watermark
+    if mark is not None:  # each prediction scored on its own tokens
+        detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)
+        rows = [{**row, **detector.score(row["prediction"], row["prompt"]).as_dict()} for row in rows]
+    return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
+
+
+def watermark_detector(
+    session: Session, model, settings: WatermarkSection, accelerator: Accelerator
+) -> watermark.Detector:
+    """The run's detector; an entropy-gated watermark's also reads the model's entropies."""
+    entropies = None
+    if watermark.gated(settings):
+        entropies = CompletionEntropy(model, session.tokenizer, session.family, session.recipe, accelerator)
+    return watermark.Detector(session.tokenizer, model.config, settings, entropies)
+
+
+class SessionEvaluator:
+    """The task's own predict + metrics on the live model, over the evaluation rows used during training."""
+
+    def __init__(self, session: Session, features: Features, accelerator: Accelerator):
+        self.session, self.features, self.accelerator = session, features, accelerator
+        self.rows = len(features.rows)
+
+    def __call__(self, model) -> dict[str, float]:
+        _, scored = evaluate_features(self.session, model, self.features, self.accelerator)
+        return scored["metrics"]
+
+
+def check_gates(task: Task, gates: list[str] | None) -> None:
+    """Command-line gates: well formed and on a metric the task reports, before any model loads."""
+    problems = []
+    for gate in evaluation.collect_gates(None, gates):
+        if not task.knows_metric(gate.metric):
+            problems.append(task.unknown_metric(f"--gate {gate}", gate.metric))
+    if problems:
+        raise RecipeError("; ".join(problems))
+
+
+def evaluation_output(
+    run: RunDir | None, output: str | None, label: str, overwrite: bool, inputs: tuple[Path, ...]
+) -> Path | None:
+    """Where an evaluation's files go: `--output` (as the write policy allows), else a new
+    `RUN/evals/<time>-<label>/`; never over a run's results or the evaluation's own inputs."""
+    if output is not None:
+        return rundir.claim_output(
+            output, key="--output", what=EVALUATION, directory=True, overwrite=overwrite, inputs=inputs
+        )
+    if run is None:
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run.evals / f"{stamp}-{label}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = run.evals / f"{stamp}-{label}-{suffix}"
+    return target
+
+
+EVALUATION = "evaluation"
+
+
+def evaluate(
+    source: str,
+    *,
+    checkpoint: str | None = None,
+    gates: list[str] | None = None,
+    output: str | None = None,
+    overrides: list[str] | None = None,
+    baseline=None,
+    overwrite: bool = False,
+) -> dict:
+    """Evaluate a run (its adapter), a checkpoint, or a recipe's base model. Files go where evaluation_output says;
+    the document's `written_to` names the place."""
+    resolved, run = resolve_source(source, overrides)
+    recipe = resolved.recipe
+    check_gates(resolved.task, gates)
+    adapter_dir = None
+    if checkpoint:
+        adapter_dir = Path(checkpoint).expanduser()
+        adapter_dir = adapter_dir / "adapter" if (adapter_dir / "adapter").is_dir() else adapter_dir
+    elif run is not None:
+        adapter_dir = run.adapter
+    if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
+        raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
+    label = (
+        "base"
+        if adapter_dir is None
+        else adapter_dir.parent.name
+        if adapter_dir.name == "adapter" and checkpoint
+        else "adapter"
+    )
+    out_dir = evaluation_output(run, output, label, overwrite, _inputs(resolved, run, baseline))
+
+    accelerator = make_accelerator(recipe)
+    session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
+    rows, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
+    document = evaluation.metrics_document(
+        recipe.task,
+        scored,
+        evaluation.collect_gates(recipe.eval.gates, gates),
+        {
+            "evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
+            "data": session.reports(),
+        },
+    )
+    evaluation.attach_comparison(document, baseline)
+    marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
+    if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
+        document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
+    if out_dir is not None and accelerator.is_main_process:
+        if overwrite and out_dir.is_dir():
+            for stale in (out_dir / "metrics.json", out_dir / "predictions.jsonl"):
+                stale.unlink(missing_ok=True)
+        files.write_json(out_dir / "metrics.json", document)
+        files.write_jsonl(out_dir / "predictions.jsonl", rows)
+        rundir.mark_output(out_dir, EVALUATION)
+        if marked is not None and run is not None:
+            card.record_watermark_cost(run, document["watermark_cost"], out_dir)
+    document["written_to"] = str(out_dir) if out_dir is not None else None
+    return document
+
+
+def _inputs(resolved: Resolved, run: RunDir | None, baseline: object) -> tuple[Path, ...]:
+    """What an evaluation reads: never where it writes."""
+    extra = [run.path] if run is not None else []
+    if isinstance(baseline, tuple):  # (--compare path, its metrics, tolerance)
+        extra.append(Path(baseline[0]))
+    return (*resolved.input_paths(), *extra)
+
+
+def _watermarked_metrics(
+    run: RunDir | None, recipe: Recipe, adapter_dir: Path | None, overrides: list[str] | None
+) -> dict | None:
+    """The run's watermarked metrics, when this evaluation scores the same adapter the same way, unwatermarked."""
+    if run is None or adapter_dir != run.adapter or recipe.eval.watermark is not None or not run.metrics.is_file():
+        return None
+    # Comparable only when nothing else changed (other rows, other generation settings).
+    if not all(o.split("=")[0].strip().startswith("eval.watermark") for o in overrides or []):
+        return None
+    metrics = files.read_json(run.metrics).get("metrics", {})
+    return metrics if "watermark_detected" in metrics else None
+
+
+def evaluate_all_checkpoints(
+    run_path: str,
+    *,
+    gates: list[str] | None = None,
+    output: str | None = None,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Every checkpoint on disk and the final adapter, one row per step; the gates apply to the kept weights
+    (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
+    resolved, run = resolve_run(run_path, overrides, ("eval",))
+    recipe = resolved.recipe
+    check_gates(resolved.task, gates)
+    out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
+    accelerator = make_accelerator(recipe)
+    sources = [
+        (int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name)
+        for c in checkpoint.complete_checkpoints(run.checkpoints)
+        if (c / "adapter" / rundir.ADAPTER_META).is_file()
+    ]
+    trained = files.read_json(run.metrics) if run.metrics.is_file() else {}
+    kept_step = trained.get("evaluation", {}).get("kept_step", trained.get("training", {}).get("steps"))
+    sources.append((kept_step, run.adapter, "adapter (kept)"))
+    table: list[dict] = []
+    kept: dict = {}
+    for step, adapter_dir, label in sources:
+        session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
+        _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
+        table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
+        kept = scored
+    document = evaluation.metrics_document(
+        recipe.task,
+        kept,
+        evaluation.collect_gates(recipe.eval.gates, gates),
+        {"evaluated": str(run.adapter), "checkpoints": table},
+    )
+    if out_dir is not None and accelerator.is_main_process:
+        files.write_json(out_dir / "checkpoints.json", table)
+        files.write_json(out_dir / "metrics.json", document)
+        rundir.mark_output(out_dir, EVALUATION)
+        plots.checkpoint_metrics(table, out_dir / "checkpoints.png")
+    document["written_to"] = str(out_dir) if out_dir is not None else None
+    return document
+
+
+def rescore(
+    predictions: str, task_name: str, gates: list[str] | None, settings: EvalSection | None = None, baseline=None
+) -> dict:
+    """Metrics from a saved predictions.jsonl alone, without a model."""
+    task = get_task(task_name)
+    check_gates(task, gates)
+    rows = evaluation.read_prediction_rows(predictions)
+    task.check_prediction_rows(rows, predictions)
+    scored = evaluation.score(task, rows, settings or EvalSection())
+    document = evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
+    return evaluation.attach_comparison(document, baseline)
+
+
+def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None) -> list[dict]:
+    """The run's model on new rows; every input field it does not use comes back in the output row, in order.
+
+    Input rows may use the training file's column names or the task's field names, and may carry the reference
+    answer (a labelled test file): it is passed through, never used.
+    """
+    resolved, run = resolve_run(run_path)
+    recipe, task = resolved.recipe, resolved.task
+    if not rows:
+        raise DataError(f"{source}: no input rows")
+    if recipe.data.overflow == "drop":  # every input gets an answer: over-long ones are truncated, not dropped
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
+        resolved = dataclasses.replace(resolved, recipe=recipe)
+    table = _input_table(rows, source)
+    columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
+    required, optional = task.fields(recipe)
+    table = task_rows(
+        table,
+        recipe,
+        task,
+        source,
+        columns=columns,
+        required=_inputs_only(task, required),
+        optional=(*optional, *task.reference_fields),
+    )
+    if knowledge_base is not None or recipe.data.knowledge_base is not None:  # answers come from retrieved passages
+        retriever = build_retriever(recipe, knowledge_base)
+        table = attach_passages(
+            table, retriever, extractive=task.head == "question_answering", training=False, split=source
+        )
+    session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
+    features = session.featurize(table, source, labeled=False)
+    out, _ = session.task.predict(
+        session.model, session.tokenizer, features, make_accelerator(recipe), recipe, dict(session.state)
+    )
+    per_row = len(out) // len(rows)  # codegen: one row per sample
+    return [
+        {**rows[i // per_row], **{k: v for k, v in row.items() if k not in rows[i // per_row] or k == "prediction"}}
+        for i, row in enumerate(out)
+    ]
+
+
+def _input_table(rows: list[dict], source: str) -> Dataset:
+    try:
+        return Dataset.from_list(rows)
+    except Exception as exc:  # mixed types in one field: name it
+        raise DataError(
+            f"{source}: the input rows do not form a table (a field holds values of different types): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def _inputs_only(task: Task, required: tuple[str, ...]) -> tuple[str, ...]:
+    """Fields needed to predict: the required fields minus the reference answer."""
+    return tuple(f for f in required if f not in task.reference_fields)

@@ -1,0 +1,227 @@
+"""`finetune run` and `finetune data`: recipe -> session -> train -> evaluate -> run directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from finetune import files
+from finetune.data import report as data_report
+from finetune.data.tables import file_hashes
+from finetune.evaluation import scoring as evaluation
+from finetune.flows.evaluate import SessionEvaluator, evaluate_features
+from finetune.flows.plan import show_plan
+from finetune.flows.resolve import Resolved
+from finetune.flows.session import (
+    Session,
+    SessionData,
+    changes_base_weights,
+    during_rows,
+    open_data,
+    open_session,
+    training_collator,
+)
+from finetune.outputs import card, rundir
+from finetune.outputs import manifest as provenance
+from finetune.outputs.adapter import AdapterSaver
+from finetune.outputs.rundir import RunDir
+from finetune.recipe.schema import Recipe, recipe_to_yaml
+from finetune.secrets import redact
+from finetune.training import checkpoint, trackers
+from finetune.training.loop import Checkpointing, make_accelerator, train
+from finetune.training.monitor import Monitor, summary
+
+log = logging.getLogger("finetune")
+
+
+def run(
+    resolved: Resolved,
+    console: Console,
+    *,
+    dry_run: bool = False,
+    resume: str | None = None,
+    force_resume: bool = False,
+    overwrite: bool = False,
+) -> dict | None:
+    """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run).
+
+    `resume` is "auto" (the newest usable checkpoint in the run directory, if
+    any) or a checkpoint path; the run then continues exactly where it stopped.
+    """
+    recipe = resolved.recipe
+    run_dir = RunDir(Path(recipe.output.dir).expanduser())
+    accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
+    # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
+    created, output_note = False, ""
+    if accelerator.is_main_process:
+        output_note = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite)
+        if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
+            console.print(
+                f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return files.read_json(run_dir.metrics)
+        created = False if dry_run else rundir.claim(run_dir)
+    accelerator.wait_for_everyone()
+    try:
+        # LoRA is applied to freshly loaded base weights, also when resuming: a
+        # checkpoint holds the trained values, never a second set of adapters.
+        session = open_session(resolved)
+        report = session_report(recipe, session)
+        if accelerator.is_main_process:
+            show_plan(console, session, accelerator.num_processes, output_note, data_report.warnings(report))
+        if dry_run:
+            return None
+        rundir.check_free_space(run_dir.path, rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
+        identity = rundir.resume_identity(recipe, accelerator.num_processes)
+        resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None
+        if resume_from is not None:
+            checkpoint.check_identity(checkpoint.read_progress(resume_from).identity, identity, force_resume)
+    except BaseException:
+        rundir.release(run_dir, created)
+        raise
+    main = accelerator.is_main_process
+    if main:
+        if resume_from is not None:
+            console.print(f"resuming from {resume_from}", highlight=False, soft_wrap=True)
+        _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None)
+        files.write_json(run_dir.data_report, report)
+    saver = _adapter_saver(session, run_dir, write_initial=main)
+    accelerator.wait_for_everyone()
+    trackers.start(accelerator, recipe, run_dir.path.name)
+    monitor = build_monitor(session, accelerator, run_dir.eval_log if main else None)
+    set_seed(recipe.train.seed)
+    result = train(
+        session.model,
+        session.features["train"].dataset,
+        training_collator(session),
+        recipe,
+        accelerator,
+        run_dir.train_log,
+        console if main else None,
+        Checkpointing(run_dir.checkpoints, identity, resume_from, saver),
+        monitor,
+    )
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(session.model)
+    kept_step = keep_weights(monitor, recipe, run_dir, model, result.steps, console if main else None)
+    if main:
+        saver.save(model, run_dir.adapter, for_other_tools=True)
+    rows, scored = evaluate_features(session, model, session.features["eval"], accelerator)
+    training = {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "train_seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_second, 1),
+        "skipped_nonfinite_steps": result.skipped_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "stopped_early": bool(monitor and monitor.state.stopped_early),
+    }
+    gates = evaluation.collect_gates(recipe.eval.gates, None)
+    extra = {"data": session.reports(), "training": training}
+    if monitor is not None:
+        extra["evaluation"] = summary(monitor, kept_step, recipe.eval.keep)
+    document = evaluation.metrics_document(recipe.task, scored, gates, extra)
+    if main:
+        manifest = provenance.build_manifest(recipe, _data_hashes(recipe), accelerator, {"family": session.family.name})
+        files.write_json(run_dir.manifest, manifest)
+        files.write_jsonl(run_dir.predictions, rows)
+        files.write_json(run_dir.metrics, document)
+        card.write_pictures(run_dir, document)
+        card.write_model_card(run_dir, recipe, document, manifest, session.reports(), data_report.warnings(report))
+    accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
+    trackers.finish(accelerator)
+    accelerator.wait_for_everyone()
+    return document
+
+
+def keep_weights(
+    monitor: Monitor | None, recipe: Recipe, run_dir: RunDir, model, last_step: int, console: Console | None
+) -> int:
+    """eval.keep: best loads the best evaluated checkpoint's weights into `model`; returns the step kept."""
+    if monitor is None:
+        return last_step
+    state, kept = monitor.state, last_step
+    if recipe.eval.keep == "best" and state.best_step not in (None, last_step):
+        kept = state.best_step
+        checkpoint.load_trainable(run_dir.checkpoints / f"{checkpoint.PREFIX}{kept:08d}", model)
+    if console is not None:
+        if state.stopped_early:
+            console.print(
+                f"stopped early at step {last_step}: {monitor.metric} did not improve for "
+                f"{state.evals_without_improvement} evaluations",
+                highlight=False,
+                soft_wrap=True,
+            )
+        if recipe.eval.keep == "best" and state.best_step is not None:
+            console.print(
+                f"keeping the weights of step {kept}: best {monitor.metric} {state.best_value:.4f}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    return kept
+
+
+def session_report(recipe: Recipe, data: Session | SessionData) -> dict:
+    """The data report of what a session read (data_report.json)."""
+    features = data.features
+    return data_report.build_report(
+        recipe, features["train"].rows, features["eval"].rows, features, data.tokenizer, dict(data.overlap)
+    )
+
+
+def report_data(resolved: Resolved) -> dict:
+    """`finetune data`: the data report, without loading weights."""
+    return session_report(resolved.recipe, open_data(resolved))
+
+
+def build_monitor(session: Session, accelerator: Accelerator, log_path: Path | None) -> Monitor | None:
+    """Evaluation during training (eval.every), or None."""
+    recipe = session.recipe
+    if recipe.eval.every is None:
+        return None
+    features = session.features["eval"]
+    limit = during_rows(session)
+    if limit is not None and limit < len(features.rows):
+        features = session.featurize(features.rows.select(range(limit)), "data.eval")
+    metric = recipe.eval.best_metric or session.task.main_metric(recipe.eval)
+    return Monitor(
+        recipe.eval.every,
+        metric,
+        SessionEvaluator(session, features, accelerator),
+        log_path,
+        recipe.train.early_stopping,
+    )
+
+
+def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool) -> None:
+    """A fresh run (after --overwrite's consent) starts from an empty directory; a resumed one keeps its
+    checkpoints and log and drops only the outputs it is about to write again."""
+    if keep_training_state:
+        for path in (run.metrics, run.predictions, run.card, run.manifest, run.curves, run.confusion):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(run.adapter, ignore_errors=True)
+    else:
+        rundir.clear_previous_run(run)
+    files.write_text_atomic(run.recipe, redact(recipe_to_yaml(recipe)))
+
+
+def _adapter_saver(session: Session, run: RunDir, write_initial: bool) -> AdapterSaver:
+    """The saver for checkpoints and the final adapter. PiSSA/OLoRA first keep the adapter as initialised, which
+    saving needs to convert the trained one into a LoRA on the unchanged base."""
+    if not changes_base_weights(session.recipe):
+        return session.adapter_saver()
+    initial = run.path / "lora_init"
+    if write_initial and not initial.is_dir():  # a resumed run kept it; the initialisation is deterministic
+        session.model.save_pretrained(str(initial), safe_serialization=True)
+    return session.adapter_saver(initial_adapter=initial)
+
+
+def _data_hashes(recipe: Recipe) -> dict:
+    return {**file_hashes(recipe.data.train), **file_hashes(recipe.data.eval)}

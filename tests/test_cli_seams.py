@@ -1,0 +1,56 @@
+"""The command line at its seams: help and debug flags as users type them, a full disk, a closed pipe."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import PIPE_CLOSED, app
+
+runner = CliRunner()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args", [["-h"], ["run", "-h"], ["eval", "-h"], ["predict", "-h"]])
+def test_short_help_everywhere(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "validate", str(missing), "--debug"], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "No such option" not in done.stderr and "missing.yaml" in done.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_is_exit_2_naming_the_file(monkeypatch, tmp_path, code):
+    import finetune.flows.resolve as resolve
+
+    def full(*args, **kwargs):
+        raise OSError(code, "No space left on device", str(tmp_path / "report.json"))
+
+    monkeypatch.setattr(resolve, "resolve", full)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "report.json" in result.output and "internal error" not in result.output
+
+
+@pytest.mark.unit
+def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
+    import finetune.flows.resolve as resolve
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(resolve, "resolve", closed)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == PIPE_CLOSED and "internal error" not in result.output

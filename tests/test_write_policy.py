@@ -1,0 +1,117 @@
+"""The one write policy (`rundir.claim_output`): what a command's --output may replace, and what it never touches."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from test_nothing_lost import finished_run, invoke, snapshot  # noqa: F401  (fixture)
+
+from finetune.errors import RecipeError
+from finetune.outputs.rundir import RUN_MARKER, RunDir, claim_output, clear_previous_run, mark_output
+
+pytestmark = pytest.mark.unit
+
+
+def claim(target, *, directory=True, overwrite=False, inputs=(), what="evaluation"):
+    return claim_output(target, key="--output", what=what, directory=directory, overwrite=overwrite, inputs=inputs)
+
+
+def a_run(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / RUN_MARKER).write_text("a finetune run directory\n")
+    return path
+
+
+def test_new_paths_and_empty_folders_are_allowed(tmp_path):
+    assert claim(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert claim(tmp_path / "empty") == tmp_path / "empty"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_users_folder_or_file_is_never_replaced_even_with_overwrite(tmp_path, overwrite):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=r"--output: .*mine exists and is not a evaluation that finetune wrote"):
+        claim(folder, overwrite=overwrite)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"mine": 1}))
+    with pytest.raises(RecipeError, match="not a data report that finetune wrote"):
+        claim(report, directory=False, overwrite=overwrite, what="data report")
+
+
+def test_finetunes_own_output_needs_overwrite(tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "metrics.json").write_text("{}")
+    mark_output(folder, "evaluation")
+    with pytest.raises(RecipeError, match="holds an earlier evaluation; choose a new path, or --overwrite"):
+        claim(folder)
+    assert claim(folder, overwrite=True) == folder
+    # ... but only as the same kind of output
+    with pytest.raises(RecipeError, match="not a merged checkpoint that finetune wrote"):
+        claim(folder, overwrite=True, what="merged checkpoint")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"written_by": "data report"}))
+    assert claim(report, directory=False, overwrite=True, what="data report") == report
+
+
+def test_runs_are_never_an_output(tmp_path):
+    run = a_run(tmp_path / "runs" / "a")
+    for target in (run, run / "evals" / "x", tmp_path / "runs"):  # the run, inside it, a folder holding it
+        with pytest.raises(RecipeError, match="finetune run"):
+            claim(target, overwrite=True)
+
+
+def test_an_input_of_the_command_is_never_an_output(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    train.write_text('{"text": "a", "label": "b"}\n')
+    for target, directory in ((train, False), (data, True)):
+        with pytest.raises(RecipeError, match="an input of this command"):
+            claim(target, directory=directory, overwrite=True, inputs=(train,))
+
+
+def test_kinds_links_and_special_files_are_named(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RecipeError, match="is a file; give a new or empty directory"):
+        claim(tmp_path / "f")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(RecipeError, match="is a directory; give a file path"):
+        claim(tmp_path / "d", directory=False)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(RecipeError, match="link to a missing place"):
+        claim(tmp_path / "dangling", directory=False)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(RecipeError, match="not a regular file"):
+        claim(tmp_path / "fifo", directory=False, overwrite=True)
+
+
+def test_overwriting_a_run_keeps_the_users_own_files(tmp_path):
+    run = RunDir(a_run(tmp_path / "run"))
+    (run.path / "metrics.json").write_text("{}")
+    (run.path / "checkpoints").mkdir()
+    (run.path / "my-notes.md").write_text("mine")
+    kept = clear_previous_run(run)
+    assert kept == ["my-notes.md"]
+    assert sorted(p.name for p in run.path.iterdir()) == sorted([RUN_MARKER, "my-notes.md"])
+
+
+@pytest.mark.slow
+def test_data_report_never_over_its_own_data_or_a_run(finished_run, tmp_path):  # noqa: F811
+    recipe, out = finished_run
+    train = Path(yaml.safe_load(Path(recipe).read_text())["data"]["train"])
+    before, run_before = train.read_bytes(), snapshot(out)
+    for target in (train, out / "metrics.json", recipe):
+        result = invoke("data", recipe, "--output", target, "--overwrite")
+        assert result.exit_code == 2, result.output
+        assert str(target.name) in result.output
+    assert train.read_bytes() == before and snapshot(out) == run_before
+    merged = invoke("merge", out, "--output", out / "merged")
+    assert merged.exit_code == 2 and "an input of this command" in merged.output
