@@ -1,4 +1,4 @@
-"""The `finetune` command line: thin commands over runner.py; known errors become one line and an exit code."""
+"""The `finetune` command line: thin commands over the flows (finetune/flows/); known errors become one line and an exit code."""
 
 from __future__ import annotations
 
@@ -188,16 +188,12 @@ def run_command(
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
-    from finetune.recipe.schema import apply_overrides, build_recipe, read_recipe_file
-
-    overrides = _with_code_opt_in(overrides, allow_code_execution)
-    # The file is read once; schema mistakes answer here, before torch loads.
-    parsed = build_recipe(apply_overrides(read_recipe_file(recipe), overrides), str(recipe))
     from finetune.evaluation.scoring import print_metrics
-    from finetune.flows.resolve import resolve_recipe
+    from finetune.flows.resolve import resolve
     from finetune.launch import inside_launched_process, processes_wanted, relaunch
 
-    resolved = resolve_recipe(parsed, str(recipe))  # every rule, once, before starting processes
+    overrides = _with_code_opt_in(overrides, allow_code_execution)
+    resolved = resolve(recipe, overrides)  # the file read once, every rule, once, before starting processes
     loaded = resolved.recipe
     _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
@@ -290,7 +286,7 @@ def eval_command(
         from finetune.tasks import TASKS
 
         if not task:
-            raise RecipeError("--predictions needs --task (classification, copywriting, codegen or qa)")
+            raise RecipeError(f"--predictions needs --task ({', '.join(TASKS)})")
         if task not in TASKS:
             raise RecipeError(f"--task: unknown task {task!r} (tasks: {', '.join(TASKS)})")
         if source:

@@ -6,15 +6,7 @@ import sys
 
 import pytest
 from conftest import classification_recipe, write_jsonl
-from typer.testing import CliRunner
-
-from finetune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
+from helpers import invoke
 
 
 @pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])

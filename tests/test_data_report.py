@@ -60,7 +60,7 @@ def test_data_report_and_on_overlap(tiny_models, write_recipe, tmp_path, monkeyp
     assert report["train_duplicates"]["exact"] >= 1 and report["train_duplicates"]["near"] >= 1
     assert set(report["label_balance"]["train"]["counts"]) == {"sports", "weather", "cooking"}
     again = runner.invoke(app, ["data", str(write_recipe(recipe))])
-    assert again.exit_code == 2 and "exists" in again.output  # the earlier report is kept
+    assert again.exit_code == 2 and "holds an earlier data report" in again.output  # the earlier report is kept
 
     recipe["data"]["on_overlap"] = "error"
     refused = runner.invoke(app, ["run", str(write_recipe(recipe, "strict.yaml"))])

@@ -7,16 +7,8 @@ import json
 
 import pytest
 from conftest import classification_recipe
+from helpers import invoke_wide as invoke
 from test_resume import adapter_bytes, killed_run, log_losses
-from typer.testing import CliRunner
-
-from finetune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
 
 
 def metrics_of(run):

@@ -8,15 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import classification_recipe, write_jsonl
-from typer.testing import CliRunner
-
-from finetune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
+from helpers import invoke
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -6,16 +6,8 @@ from xml.etree import ElementTree
 import pytest
 import torch
 from conftest import classification_recipe, corpus, write_jsonl
+from helpers import invoke
 from test_generation import copy_rows, generation_recipe
-from typer.testing import CliRunner
-
-from finetune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 @pytest.fixture(scope="module")

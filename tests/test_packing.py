@@ -6,17 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import classification_recipe, write_jsonl
+from helpers import invoke
 from test_generation import copy_rows, generation_recipe
-from typer.testing import CliRunner
 
-from finetune.cli import app
 from finetune.tasks.text2text import IGNORE, PackedCollator, PadCollator
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def examples(vocab: int, seed: int = 0) -> list[dict]:

@@ -7,18 +7,11 @@ import json
 
 import pytest
 from conftest import classification_recipe, corpus, write_jsonl
+from helpers import invoke_wide as invoke
 from test_generation import copy_rows, generation_recipe
 from test_resume import pair  # noqa: F401  (fixture)
-from typer.testing import CliRunner
 
 from finetune import __version__
-from finetune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
 
 
 def predictions(run) -> list[dict]:

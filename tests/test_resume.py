@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import classification_recipe
-from typer.testing import CliRunner
-
-from finetune.cli import app
-
-runner = CliRunner()
+from helpers import invoke
 
 # Subprocesses, signals and kill -9: `make test` runs these, the fast loop (`-m "not slow"`) does not.
 pytestmark = pytest.mark.slow
@@ -52,10 +48,6 @@ from finetune.cli import main
 sys.argv = ["finetune", *sys.argv[3:]]
 main()
 """
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def killed_run(where: str, at: int, recipe) -> None:

@@ -12,17 +12,10 @@ import signal
 
 import pytest
 from conftest import classification_recipe
+from helpers import invoke
 from test_resume import adapter_bytes, log_losses
-from typer.testing import CliRunner
 
-from finetune.cli import app
 from finetune.training import loop as train
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def stop_at_step(monkeypatch, step: int) -> None:

@@ -8,17 +8,10 @@ import stat
 
 import pytest
 from conftest import classification_recipe, write_jsonl
+from helpers import invoke
 from test_generation import copy_rows, generation_recipe
-from typer.testing import CliRunner
 
-from finetune.cli import app
-
-runner = CliRunner()
 KEY = 987654321
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def detected(result) -> list[bool]:

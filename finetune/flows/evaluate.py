@@ -24,6 +24,7 @@ from finetune.flows.session import (
     task_rows,
 )
 from finetune.outputs import card, plots, rundir
+from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
@@ -135,32 +136,40 @@ def evaluate(
     out_dir = evaluation_output(run, output, label, overwrite, _inputs(resolved, run, baseline))
 
     accelerator = make_accelerator(recipe)
-    session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
-    rows, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
-    document = evaluation.metrics_document(
-        recipe.task,
-        scored,
-        evaluation.collect_gates(recipe.eval.gates, gates),
-        {
-            "evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
-            "data": session.reports(),
-        },
-    )
-    evaluation.attach_comparison(document, baseline)
-    marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
-    if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
-        document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
-    if out_dir is not None and accelerator.is_main_process:
-        if overwrite and out_dir.is_dir():
-            for stale in (out_dir / "metrics.json", out_dir / "predictions.jsonl"):
-                stale.unlink(missing_ok=True)
-        files.write_json(out_dir / "metrics.json", document)
-        files.write_jsonl(out_dir / "predictions.jsonl", rows)
-        rundir.mark_output(out_dir, EVALUATION)
-        if marked is not None and run is not None:
-            card.record_watermark_cost(run, document["watermark_cost"], out_dir)
-    document["written_to"] = str(out_dir) if out_dir is not None else None
-    return document
+    # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.
+    lock = RunLock(run.path, label=str(source)) if run is not None and accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
+        rows, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
+        document = evaluation.metrics_document(
+            recipe.task,
+            scored,
+            evaluation.collect_gates(recipe.eval.gates, gates),
+            {
+                "evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
+                "data": session.reports(),
+            },
+        )
+        evaluation.attach_comparison(document, baseline)
+        marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
+        if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
+            document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
+        if out_dir is not None and accelerator.is_main_process:
+            if overwrite and out_dir.is_dir():
+                for stale in (out_dir / "metrics.json", out_dir / "predictions.jsonl"):
+                    stale.unlink(missing_ok=True)
+            files.write_json(out_dir / "metrics.json", document)
+            files.write_jsonl(out_dir / "predictions.jsonl", rows)
+            rundir.mark_output(out_dir, EVALUATION)
+            if marked is not None and run is not None:
+                card.record_watermark_cost(run, document["watermark_cost"], out_dir)
+        document["written_to"] = str(out_dir) if out_dir is not None else None
+        return document
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _inputs(resolved: Resolved, run: RunDir | None, baseline: object) -> tuple[Path, ...]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from finetune.data.tables import FILE_SUFFIXES, local_data_path
-from finetune.errors import DataError, FinetuneError, RecipeError
+from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.references import config_without_weights, detect_family, load_config, resolve_reference
 from finetune.outputs.rundir import RunDir
@@ -32,7 +32,7 @@ from finetune.recipe.gates import parse_gate
 from finetune.recipe.schema import Recipe, apply_overrides, read_recipe_file, recipe_problems_error
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
-from finetune.tasks import Task, recipe_task
+from finetune.tasks import TASKS, Task, recipe_task
 from finetune.tasks.generative import GenerationTask
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
@@ -227,7 +227,7 @@ def environment_rules(
             assert name is not None  # an undetectable auto family was refused just above
             family = FAMILIES[name]
             note = f"{family.name} family"
-            if forced == "auto":  # a forced family was checked with the recipe alone
+            if forced == "auto" and recipe.task in TASKS:  # a forced family was checked with the recipe alone
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
             problems += [Problem(p) for p in _position_rules(recipe, config)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
@@ -405,9 +405,36 @@ def resolve_recipe(recipe: Recipe, source: str = "recipe", splits: tuple[str, ..
     )
 
 
+def _registry_problems(raw: dict) -> list[str]:
+    """The task and family names, checked against their registries (the schema takes any name)."""
+    problems = []
+    task = raw.get("task")
+    if isinstance(task, str) and task not in TASKS:
+        problems.append(f"task: {task!r} is not a task{did_you_mean(task, TASKS)} (tasks: {', '.join(TASKS)})")
+    model = raw.get("model")
+    family = model.get("family", "auto") if isinstance(model, dict) else "auto"
+    if isinstance(family, str) and family != "auto" and family not in FAMILIES:
+        problems.append(
+            f"model.family: {family!r} is not a family{did_you_mean(family, FAMILIES)} (auto, {', '.join(FAMILIES)})"
+        )
+    return problems
+
+
+def _parse(raw: dict, source: str) -> Recipe:
+    """The schema, with the registries' names checked in the same pass: every problem at once."""
+    names = _registry_problems(raw)
+    try:
+        recipe = parse_recipe(raw, source)
+    except RecipeError as exc:
+        raise recipe_problems_error(source, names + exc.problems) from None
+    if names:
+        raise recipe_problems_error(source, names)
+    return recipe
+
+
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     """The schema and the rules that need nothing but the recipe (no files, no packages)."""
-    recipe = parse_recipe(raw, source)
+    recipe = _parse(raw, source)
     problems = recipe_rules(recipe)
     if problems:
         raise recipe_problems_error(source, problems)
@@ -424,7 +451,7 @@ def resolve(path: str | Path, overrides: list[str] | None = None, splits: tuple[
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
     once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
     raw = apply_overrides(read_recipe_file(path), list(overrides or []))
-    return resolve_recipe(parse_recipe(raw, str(path)), str(path), splits)
+    return resolve_recipe(_parse(raw, str(path)), str(path), splits)
 
 
 def resolve_source(
@@ -462,7 +489,7 @@ def resolve_run(
 def validate_recipe_file(path: Path) -> str:
     """`finetune validate` for one file: a one-line summary, or the error run would give."""
     raw = read_recipe_file(path)
-    return check_recipe(parse_recipe(raw, str(path)), source=str(path)).summary()
+    return check_recipe(_parse(raw, str(path)), source=str(path)).summary()
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from finetune.flows.session import (
 from finetune.outputs import card, rundir
 from finetune.outputs import manifest as provenance
 from finetune.outputs.adapter import AdapterSaver
+from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import Recipe, recipe_to_yaml
 from finetune.secrets import redact
@@ -53,12 +54,34 @@ def run(
     `resume` is "auto" (the newest usable checkpoint in the run directory, if
     any) or a checkpoint path; the run then continues exactly where it stopped.
     """
+    run_dir = RunDir(Path(resolved.recipe.output.dir).expanduser())
+    accelerator = make_accelerator(resolved.recipe, trackers_dir=None if dry_run else run_dir.path)
+    # One writer per run directory: the main process holds the lock from its claim to the last file written.
+    lock = RunLock(run_dir.path) if accelerator.is_main_process and not dry_run else None
+    try:
+        return _run(resolved, console, accelerator, run_dir, lock, dry_run, resume, force_resume, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(
+    resolved: Resolved,
+    console: Console,
+    accelerator: Accelerator,
+    run_dir: RunDir,
+    lock: RunLock | None,
+    dry_run: bool,
+    resume: str | None,
+    force_resume: bool,
+    overwrite: bool,
+) -> dict | None:
     recipe = resolved.recipe
-    run_dir = RunDir(Path(recipe.output.dir).expanduser())
-    accelerator = make_accelerator(recipe, trackers_dir=None if dry_run else run_dir.path)
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
+        if lock is not None:  # a live run is named as such, not mistaken for an unfinished one
+            lock.refuse_if_held()
         output_note = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite)
         if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
             console.print(
@@ -68,6 +91,8 @@ def run(
             )
             return files.read_json(run_dir.metrics)
         created = False if dry_run else rundir.claim(run_dir)
+        if lock is not None:
+            lock.acquire()  # before anything is removed or written
     accelerator.wait_for_everyone()
     try:
         # LoRA is applied to freshly loaded base weights, also when resuming: a
@@ -134,7 +159,15 @@ def run(
         files.write_jsonl(run_dir.predictions, rows)
         files.write_json(run_dir.metrics, document)
         card.write_pictures(run_dir, document)
-        card.write_model_card(run_dir, recipe, document, manifest, session.reports(), data_report.warnings(report))
+        card.write_model_card(
+            run_dir,
+            recipe,
+            document,
+            manifest,
+            session.reports(),
+            data_report.warnings(report),
+            "AutoPeft" + session.family.auto_class_name(session.task.head).removeprefix("Auto"),
+        )
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()

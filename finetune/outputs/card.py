@@ -24,14 +24,6 @@ def write_pictures(run: RunDir, document: dict) -> list[str]:
     return written
 
 
-def _auto_peft_class(recipe: Recipe) -> str:
-    if recipe.task == "classification":
-        return "AutoPeftModelForSequenceClassification"
-    if recipe.task == "qa" and recipe.mode != "generative":
-        return "AutoPeftModelForQuestionAnswering"
-    return "AutoPeftModelForCausalLM (GPT) / AutoPeftModelForSeq2SeqLM (BART)"
-
-
 def watermark_section(recipe: Recipe, document: dict) -> list[str]:
     """What a watermarked run's card says: method, strength, how detectable, and how to measure its cost."""
     mark = recipe.eval.watermark
@@ -102,9 +94,17 @@ def record_watermark_cost(run: RunDir, cost: dict, evaluation_dir: Path) -> bool
 
 
 def write_model_card(
-    run: RunDir, recipe: Recipe, document: dict, manifest: dict, reports: dict, data_findings: list[str]
+    run: RunDir,
+    recipe: Recipe,
+    document: dict,
+    manifest: dict,
+    reports: dict,
+    data_findings: list[str],
+    auto_peft_class: str,
 ) -> None:
-    """README.md of the run: metrics, gates, data (files, lengths, the data report's findings), training, use."""
+    """README.md of the run: metrics, gates, data (files, lengths, the data report's findings), training, use.
+
+    `auto_peft_class` is peft's class that loads the adapter (the family spec knows it for the task's head)."""
     lines = [
         f"# {run.path.name}",
         "",
@@ -158,7 +158,7 @@ def write_model_card(
         f"finetune merge {run.path} --output merged/   # a plain transformers checkpoint",
         "```",
         "",
-        f'`adapter/` loads with peft\'s `{_auto_peft_class(recipe)}.from_pretrained("{run.adapter}")`; '
+        f'`adapter/` loads with peft\'s `{auto_peft_class}.from_pretrained("{run.adapter}")`; '
         "`adapter/finetune.json` holds the task, label order and generation settings.",
         "",
         "## Reproduce",

@@ -12,6 +12,7 @@ from finetune import files
 from finetune.data.tables import file_hashes
 from finetune.errors import RecipeError
 from finetune.outputs import manifest as provenance
+from finetune.outputs.lock import LOCK_NAME
 from finetune.recipe.schema import Recipe, flat_settings
 from finetune.secrets import redact_tree
 
@@ -68,7 +69,7 @@ def claim(run: RunDir) -> bool:
 
 def release(run: RunDir, created: bool) -> None:
     """Undo `claim` after a failure before training: remove the directory if this run made it and wrote nothing else."""
-    if created and run.path.is_dir() and {p.name for p in run.path.iterdir()} <= {RUN_MARKER}:
+    if created and run.path.is_dir() and {p.name for p in run.path.iterdir()} <= {RUN_MARKER, LOCK_NAME}:
         shutil.rmtree(run.path, ignore_errors=True)
 
 
@@ -79,7 +80,7 @@ def clear_previous_run(run: RunDir) -> list[str]:
     """
     kept = []
     for path in run.path.iterdir():
-        if path.name == RUN_MARKER:
+        if path.name in (RUN_MARKER, LOCK_NAME):  # the marker stays; the lock is this run's own, held
             continue
         if path.name not in RUN_OUTPUT_NAMES:
             kept.append(path.name)
@@ -267,7 +268,6 @@ RUN_OUTPUT_NAMES = frozenset(
         "lora_init",
         "trackers",
         "watermark_detector",
-        ".finetune-lock",
     }
 )
 

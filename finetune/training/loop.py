@@ -68,7 +68,7 @@ def make_accelerator(recipe, trackers_dir: Path | None = None):
         gradient_accumulation_steps=recipe.train.grad_accum,
         cpu=not has_accelerator_device(),
         log_with=report_to or None,
-        project_dir=str(trackers_dir / "trackers") if report_to else None,
+        project_dir=str(trackers_dir / "trackers") if report_to and trackers_dir is not None else None,
     )
 
 
@@ -95,7 +95,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).numpy()
         span = self.batch_size * self.window
-        batches = []
+        batches: list[list[int]] = []
         for start in range(0, len(order), span):
             chunk = order[start : start + span]
             if self.window > 1:  # longest first; a stable sort keeps equal lengths in their shuffled order
@@ -170,8 +170,10 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
     """AdamW over the trainable parameters, or peft's LoRA+ (B matrices at lr x ratio)."""
     fused = torch.cuda.is_available() or None
     if t.optimizer == "loraplus":
+        from peft import PeftModel
         from peft.optimizers import create_loraplus_optimizer
 
+        assert isinstance(model, PeftModel), "LoRA+ groups the adapter's A and B matrices"
         return create_loraplus_optimizer(
             model,
             torch.optim.AdamW,
@@ -234,7 +236,8 @@ def train(
 
     guard = NonFiniteGuard(t.nonfinite, accelerator)
     model.train()
-    with StopSignals() as stop, progress_bar(console, plan.total_steps, accelerator.is_main_process) as bar:
+    display = progress_bar(console, plan, accelerator.is_main_process, logger)
+    with StopSignals() as stop, display as bar:
         bar.update(progress.step, None)
         while progress.step < plan.total_steps:
             sampler.set_epoch(progress.epoch)
@@ -270,10 +273,10 @@ def train(
                 )
                 if entry:
                     progress.last_loss = entry["loss"]
-                bar.update(progress.step, entry)
+                bar.update(progress.step, entry, scheduler.get_last_lr()[0])
                 epoch_end = progress.batches_in_epoch == 0
                 evaluated = monitor is not None and monitor.due(progress.step, epoch_end, done)
-                if evaluated:
+                if evaluated and monitor is not None:
                     result = monitor.evaluate(model, progress.step, progress.step / plan.steps_per_epoch)
                     accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
                     bar.note_eval(result, monitor.metric)
@@ -286,7 +289,7 @@ def train(
                                 scheduler.get_last_lr()[0],
                                 force=True,
                             )
-                            progress.last_loss = entry["loss"]
+                            progress.last_loss = entry["loss"] if entry else progress.last_loss
                     progress.monitor = monitor.to_dict()
                 saved = None
                 # Every evaluated step is checkpointed, so the best weights are on disk to keep.
@@ -410,6 +413,7 @@ class StepLogger:
         self.batches = torch.zeros((), device=accelerator.device)
         self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
         self.total_tokens = 0  # logged so far, all processes
+        self.last_entry: dict | None = None  # the latest train_log line (the main process shows it)
 
     def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
         self.loss_sum += loss.float()
@@ -436,6 +440,17 @@ class StepLogger:
             kept = [line for line in lines if _logged_step(line) <= progress.step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
+    def window_view(self) -> dict | None:
+        """This process's not-yet-logged window as loss and tokens/s, for display only: no collective, so only
+        the main process may call it. Tokens/s counts this process's tokens once per process (an estimate
+        under several processes). None when the window is empty."""
+        batches = self.batches.item()
+        if not batches:
+            return None
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        processes = getattr(self.accelerator, "num_processes", 1)
+        return {"loss": self.loss_sum.item() / batches, "tokens_per_s": self.tokens.item() * processes / seconds}
+
     def maybe_log(self, step: int, epoch: float, lr: float, force: bool = False) -> dict | None:
         if step % self.every and not force:
             return None
@@ -453,7 +468,7 @@ class StepLogger:
         self.total_tokens += int(tokens)
         self.accelerator.log({f"train/{k}": entry[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
         self.loss_sum.zero_(), self.batches.zero_(), self.tokens.zero_()
-        self.window_start = now
+        self.window_start, self.last_entry = now, entry
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
@@ -468,15 +483,34 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-class progress_bar:
-    """A rich progress bar on the main process showing loss and tokens/s; silent elsewhere."""
+# Progress lines when the console is not a live terminal (CI logs, `> file`, a pipe): one at the first step,
+# then every ~5% of the plan's steps or every PLAIN_EVERY_SECONDS, whichever comes first, and one at the end.
+PLAIN_LINES = 20
+PLAIN_EVERY_SECONDS = 30.0
 
-    def __init__(self, console, total: int, enabled: bool):
+
+def live_console(console) -> bool:
+    """Whether `console` can redraw a progress bar in place (a terminal that understands escape codes)."""
+    return bool(console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal))
+
+
+class progress_bar:
+    """Training progress on the main process; silent elsewhere.
+
+    On a terminal, a rich progress bar showing loss and tokens/s. Otherwise (stdout redirected to a file or a
+    pipe, as in CI) plain lines, written and flushed as they happen, that a log shows while the run trains.
+    Only displays: nothing here feeds back into training.
+    """
+
+    def __init__(self, console, plan: TrainPlan, enabled: bool, logger: StepLogger | None = None, clock=None):
         self.enabled = enabled and console is not None
-        self.console, self.total = console, total
+        self.console, self.total = console, plan.total_steps
+        self.plain = None
+        if self.enabled and not live_console(console):
+            self.plain = PlainProgress(console, plan, logger, clock=clock)
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and self.plain is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
@@ -492,10 +526,12 @@ class progress_bar:
             self.task = self.progress.add_task("train", total=self.total, status="")
         return self
 
-    def update(self, step: int, entry: dict | None) -> None:
+    def update(self, step: int, entry: dict | None, lr: float | None = None) -> None:
         if not self.enabled:
             return
-        if entry:
+        if self.plain is not None:
+            self.plain.update(step, entry, lr)
+        elif entry:
             status = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, completed=step, status=status)
         else:
@@ -511,6 +547,87 @@ class progress_bar:
             )
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.enabled and self.plain is None:
             self.progress.__exit__(*exc)
+        elif self.plain is not None and exc[0] is None:
+            self.plain.finish()
         return False
+
+
+class PlainProgress:
+    """`training step 12/200 (6%)  epoch 0.24/4  loss 2.3412  lr 1.98e-04  1234 tok/s  elapsed 0:00:31  eta 0:08:10`
+
+    Loss and tokens/s are those of the step's train_log line when it has one; between log lines, the main
+    process's own running window (read without any collective, so the other processes never wait on it).
+    """
+
+    def __init__(self, console, plan: TrainPlan, logger: StepLogger | None, clock=None):
+        self.console, self.logger = console, logger
+        self.total, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
+        self.every_steps = max(1, math.ceil(plan.total_steps / PLAIN_LINES))
+        self.every_seconds = PLAIN_EVERY_SECONDS
+        self.clock = clock or time.monotonic
+        self.first_step: int | None = None  # the step this process started from (a resume starts later)
+        self.printed_step = -1
+        self.started = self.printed_at = self.clock()
+        self.step: int = 0
+        self.entry: dict | None = None
+        self.lr: float | None = None
+
+    def update(self, step: int, entry: dict | None, lr: float | None) -> None:
+        now = self.clock()
+        if self.first_step is None:
+            self.first_step, self.printed_step, self.started, self.printed_at = step, step, now, now
+            return
+        self.step, self.entry, self.lr = step, entry, lr
+        due = (
+            step == self.first_step + 1
+            or step >= self.total
+            or step % self.every_steps == 0
+            or now - self.printed_at >= self.every_seconds
+        )
+        if due and step > self.printed_step:
+            self.print_line(now)
+
+    def finish(self) -> None:
+        """The last line, when the run ended on a step that had none (early stop)."""
+        if self.first_step is not None and self.step > self.printed_step:
+            self.print_line(self.clock())
+
+    def print_line(self, now: float) -> None:
+        self.printed_step, self.printed_at = self.step, now
+        self.write(self.line(now))
+
+    def line(self, now: float) -> str:
+        step, total = self.step, self.total
+        parts = [
+            f"training step {step}/{total} ({100 * step / total:.0f}%)",
+            f"epoch {step / self.steps_per_epoch:.2f}/{total / self.steps_per_epoch:.3g}",
+        ]
+        values = self.entry
+        if values is None and self.logger is not None:
+            values = self.logger.window_view() or self.logger.last_entry
+        if values:
+            parts.append(f"loss {values['loss']:.4f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.2e}")
+        if values:
+            parts.append(f"{values['tokens_per_s']:.0f} tok/s")
+        elapsed = now - self.started
+        done = step - (self.first_step or 0)
+        parts.append(f"elapsed {_clock_time(elapsed)}")
+        parts.append(f"eta {_clock_time(elapsed / done * (total - step)) if done > 0 else '?'}")
+        return "  ".join(parts)
+
+    def write(self, text: str) -> None:
+        """Straight to the console's stream, with no markup or escape codes, flushed at once."""
+        if self.console.quiet:
+            return
+        stream = self.console.file
+        stream.write(text + "\n")
+        stream.flush()
+
+
+def _clock_time(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
