@@ -38,10 +38,10 @@ def test_a_second_run_into_a_run_is_refused_and_overwrite_replaces_it(finished_r
     assert "--overwrite" in again.output and snapshot(out) == before
     dry = invoke("run", recipe, "--dry-run")
     assert dry.exit_code == 2 and snapshot(out) == before
-    (out / "notes.txt").write_text("mine")  # inside a run the user consented to replace
+    (out / "notes.txt").write_text("mine")  # the user's own file inside the run: --overwrite replaces only the run's
     replaced = invoke("run", recipe, "--overwrite", "train.seed=5")
     assert replaced.exit_code == 0, replaced.output
-    assert not (out / "notes.txt").exists() and (out / "metrics.json").is_file()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").is_file()
     assert "seed: 5" in (out / "recipe.yaml").read_text()
 
 
@@ -95,7 +95,7 @@ def test_eval_keeps_the_runs_results_and_says_where_its_own_went(finished_run, t
     assert "training" in metrics
     # The base model's evaluation may not land on the run.
     onto_run = invoke("eval", recipe, "--output", out)
-    assert onto_run.exit_code == 2 and "holds a training run" in onto_run.output
+    assert onto_run.exit_code == 2 and "finetune run" in onto_run.output
     assert {k: v for k, v in snapshot(out).items() if not k.startswith("evals/")} == before
     # An unknown gate metric is refused before any model loads, with a suggestion.
     gate = invoke("eval", out, "--gate", "acuracy>=0.5")
@@ -119,8 +119,11 @@ def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
     assert invoke("merge", out, "--output", full).exit_code == 2 and (full / "x").read_text() == "mine"
     merged = invoke("merge", out, "--output", tmp_path / "merged")
     assert merged.exit_code == 0 and (tmp_path / "merged" / "config.json").is_file()
-    assert invoke("merge", out, "--output", full, "--overwrite").exit_code == 0
-    assert not (full / "x").exists() and (full / "config.json").is_file()
+    # --overwrite replaces only an earlier merged checkpoint, never the user's folder
+    assert invoke("merge", out, "--output", full, "--overwrite").exit_code == 2 and (full / "x").read_text() == "mine"
+    assert invoke("merge", out, "--output", tmp_path / "merged").exit_code == 2
+    assert invoke("merge", out, "--output", tmp_path / "merged", "--overwrite").exit_code == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / ".merged.old").exists()
 
 
 def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, tmp_path):
