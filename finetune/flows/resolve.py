@@ -4,7 +4,7 @@
 `check_recipe`, so validate refuses exactly what run refuses. Rules come in two
 layers, both gathered here and reported together:
 
-- the recipe alone (`recipe_rules`): the schema (finetune.config), the task's
+- the recipe alone (`recipe_rules`): the schema (finetune.recipe.schema), the task's
   fields and metrics, task x forced family, packing, templates, eval sources;
 - the recipe against this machine (`environment_rules`): the model reference
   and its config (family, position limit), data files, optional packages and

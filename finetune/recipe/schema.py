@@ -652,7 +652,7 @@ def read_recipe_file(path: str | Path) -> dict:
 
 
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    """The recipe's structure and types (the schema only; finetune.validation adds every other rule)."""
+    """The recipe's structure and types (the schema only; finetune.flows.resolve adds every other rule)."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:

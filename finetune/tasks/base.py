@@ -2,7 +2,7 @@
 
 The loop never asks which task it runs; it calls these hooks:
 
-    check_recipe   the task's recipe rules (fields, metrics); finetune.validation adds the rest
+    check_recipe   the task's recipe rules (fields, metrics); finetune.flows.resolve adds the rest
     fit_state      what the task learns from the training rows (e.g. the label set); saved with the adapter
     auto_class     the transformers Auto class for a family (from `head`), with model_kwargs from the state
     featurize      rows -> model features (+ a length report), under data.max_length / data.overflow
@@ -47,7 +47,7 @@ class Task:
 
     # ------------------------------------------------------------ recipe
     def check_recipe(self, recipe: Recipe) -> list[str]:
-        """The task's own rules: its fields, metrics and gates. finetune.validation gathers these with the rest."""
+        """The task's own rules: its fields, metrics and gates. finetune.flows.resolve gathers these with the rest."""
         problems = []
         fields = (*self.fields(recipe)[0], *self.fields(recipe)[1])
         for name in recipe.data.columns:
