@@ -25,7 +25,6 @@ from finetune.files import write_json
 from finetune.tasks.text2text import generate
 from finetune.watermark.marking import generation_config, synthid_evidence
 
-DETECTOR_DIR = "watermark_detector"
 REPORT_FILE = "training.json"
 VALIDATION_FRACTION = 0.3
 EPOCHS = 50

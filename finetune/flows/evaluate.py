@@ -135,7 +135,7 @@ def evaluate(
     )
     out_dir = evaluation_output(run, output, label, overwrite, _inputs(resolved, run, baseline))
 
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe.train, resolved.precision)
     # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.
     lock = RunLock(run.path, label=str(source)) if run is not None and accelerator.is_main_process else None
     if lock is not None:
@@ -207,7 +207,7 @@ def evaluate_all_checkpoints(
     recipe = resolved.recipe
     check_gates(resolved.task, gates)
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe.train, resolved.precision)
     sources = [
         (int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name)
         for c in checkpoint.complete_checkpoints(run.checkpoints)
@@ -284,7 +284,12 @@ def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | 
     session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
     features = session.featurize(table, source, labeled=False)
     out, _ = session.task.predict(
-        session.model, session.tokenizer, features, make_accelerator(recipe), recipe, dict(session.state)
+        session.model,
+        session.tokenizer,
+        features,
+        make_accelerator(recipe.train, resolved.precision),
+        recipe,
+        dict(session.state),
     )
     per_row = len(out) // len(rows)  # codegen: one row per sample
     return [

@@ -318,15 +318,19 @@ def read_model_config(recipe: Recipe) -> tuple[PretrainedConfig | None, str | No
         return None, str(exc)
 
 
-def _problems(
-    recipe: Recipe, config: PretrainedConfig | None, config_problem: str | None, splits: tuple[str, ...] = SPLITS
-) -> tuple[list[Problem], FamilySpec | None, str]:
+def _check(
+    recipe: Recipe, source: str, splits: tuple[str, ...]
+) -> tuple[PretrainedConfig | None, FamilySpec | None, str]:
+    """Every rule, with the model's config read once (no weights, no downloads); raises every problem at once.
+    Returns the config, the family where it could be told, and how it was told."""
     mark = recipe.eval.watermark
     if mark is not None and isinstance(mark.key, int):
         register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
+    config, config_problem = read_model_config(recipe)
     problems = [Problem(p) for p in recipe_rules(recipe)]
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
-    return problems + environment, family, note
+    _raise(source, problems + environment)
+    return config, family, note
 
 
 def _raise(source: str, problems: list[Problem]) -> None:
@@ -343,9 +347,7 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
 
     Raises RecipeError (exit 2), or DataError (exit 3) for data files alone.
     """
-    config, config_problem = read_model_config(recipe)
-    problems, family, note = _problems(recipe, config, config_problem)
-    _raise(source, problems)
+    _, family, note = _check(recipe, source, SPLITS)
     return CheckedRecipe(recipe, family, note)
 
 
@@ -390,19 +392,15 @@ def resolve_recipe(recipe: Recipe, source: str = "recipe", splits: tuple[str, ..
     Unlike `check_recipe`, a hub checkpoint missing from the local cache is fetched (its config, here; weights later).
     Only the data files of `splits` are checked: a command reads and checks only what it uses.
     """
-    config, config_problem = read_model_config(recipe)
-    problems, family, _ = _problems(recipe, config, config_problem, splits)
-    _raise(source, problems)
-    model = recipe.model
+    config, family, _ = _check(recipe, source, splits)
+    model, task = recipe.model, recipe_task(recipe)
     path = resolve_reference(model.name_or_path)
     if config is None:  # a hub checkpoint not cached yet (validation could not check it without downloading)
         config = load_config(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     if family is None:
         family = detect_family(config, model.family)
-        _raise(source, [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")])
-    return Resolved(
-        recipe, source, recipe_task(recipe), family, path, config, resolve_precision(recipe.train.precision)
-    )
+        _raise(source, [Problem(p) for p in family_rules(task, family, recipe, place="model")])
+    return Resolved(recipe, source, task, family, path, config, resolve_precision(recipe.train.precision))
 
 
 def _registry_problems(raw: dict) -> list[str]:

@@ -44,12 +44,10 @@ from finetune.training.loop import has_accelerator_device
 
 @dataclass(frozen=True)
 class Session:
-    """One recipe, resolved. `model` carries fresh LoRA (training) or a trained adapter (evaluation)."""
+    """One recipe, resolved, with its data and model. `model` carries fresh LoRA (training) or a trained adapter
+    (evaluation). What the recipe resolved to (task, family, model path, precision) is read from `resolved`."""
 
-    recipe: Recipe
-    task: Task
-    family: FamilySpec
-    model_path: str  # what from_pretrained reads (a GGUF reference becomes a converted directory)
+    resolved: Resolved
     tokenizer: PreTrainedTokenizerBase
     state: Mapping[str, Any]  # what the task learnt from the training rows (label order, prompt layout) + family
     model: PeftModel | PreTrainedModel
@@ -57,7 +55,26 @@ class Session:
     targets: tuple[str, ...] = ()  # module names wrapped with fresh LoRA
     overlap: Mapping[str, Any] = field(default_factory=dict)  # train <-> eval duplicates (data.on_overlap)
     cache_note: str = ""  # whether the features came from the feature cache
-    precision: str = "no"  # accelerate's mixed_precision, decided when the recipe was resolved
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.resolved.recipe
+
+    @property
+    def task(self) -> Task:
+        return self.resolved.task
+
+    @property
+    def family(self) -> FamilySpec:
+        return self.resolved.family
+
+    @property
+    def model_path(self) -> str:
+        return self.resolved.model_path
+
+    @property
+    def precision(self) -> str:
+        return self.resolved.precision
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}
@@ -216,14 +233,16 @@ def load_task_model(
 class SessionData:
     """Everything about the data, without the model: what `finetune data` reports and a session trains on."""
 
-    task: Task
-    family: FamilySpec
-    model_path: str
+    resolved: Resolved
     tokenizer: PreTrainedTokenizerBase
     state: Mapping[str, Any]
     features: Mapping[str, Features]
     overlap: Mapping[str, Any]  # train <-> eval duplicates (data.on_overlap), empty when no split was read
     cache_note: str = ""  # whether the features came from the feature cache
+
+    @property
+    def task(self) -> Task:
+        return self.resolved.task
 
 
 def open_data(
@@ -252,7 +271,7 @@ def open_data(
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
     state = MappingProxyType({**built.state, "family": family.name})
     return SessionData(
-        task, family, path, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
+        resolved, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
     )
 
 
@@ -299,20 +318,7 @@ def open_session(
     """
     data = open_data(resolved, splits=splits, adapter_dir=adapter_dir)
     model, targets = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=adapter_dir, with_lora=with_lora)
-    return Session(
-        resolved.recipe,
-        data.task,
-        data.family,
-        data.model_path,
-        data.tokenizer,
-        data.state,
-        model,
-        data.features,
-        targets,
-        data.overlap,
-        data.cache_note,
-        resolved.precision,
-    )
+    return Session(resolved, data.tokenizer, data.state, model, data.features, targets, data.overlap, data.cache_note)
 
 
 def training_collator(session: Session):

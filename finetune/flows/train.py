@@ -55,11 +55,23 @@ def run(
     any) or a checkpoint path; the run then continues exactly where it stopped.
     """
     run_dir = RunDir(Path(resolved.recipe.output.dir).expanduser())
-    accelerator = make_accelerator(resolved.recipe, trackers_dir=None if dry_run else run_dir.path)
+    accelerator = make_accelerator(
+        resolved.recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
+    )
     # One writer per run directory: the main process holds the lock from its claim to the last file written.
     lock = RunLock(run_dir.path) if accelerator.is_main_process and not dry_run else None
     try:
-        return _run(resolved, console, accelerator, run_dir, lock, dry_run, resume, force_resume, overwrite)
+        return _run(
+            resolved,
+            console,
+            accelerator,
+            run_dir,
+            lock,
+            dry_run=dry_run,
+            resume=resume,
+            force_resume=force_resume,
+            overwrite=overwrite,
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -71,6 +83,7 @@ def _run(
     accelerator: Accelerator,
     run_dir: RunDir,
     lock: RunLock | None,
+    *,
     dry_run: bool,
     resume: str | None,
     force_resume: bool,
@@ -250,7 +263,7 @@ def _adapter_saver(session: Session, run: RunDir, write_initial: bool) -> Adapte
     saving needs to convert the trained one into a LoRA on the unchanged base."""
     if not changes_base_weights(session.recipe):
         return session.adapter_saver()
-    initial = run.path / "lora_init"
+    initial = run.lora_init
     if write_initial and not initial.is_dir():  # a resumed run kept it; the initialisation is deterministic
         session.model.save_pretrained(str(initial), safe_serialization=True)
     return session.adapter_saver(initial_adapter=initial)

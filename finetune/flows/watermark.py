@@ -42,7 +42,9 @@ def detect(
             raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(row.get(field)).__name__}")
     if watermark.gated(settings):  # the model's entropies choose the tokens to count
         session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
-        detector = watermark_detector(session, session.model, settings, make_accelerator(recipe))
+        detector = watermark_detector(
+            session, session.model, settings, make_accelerator(recipe.train, resolved.precision)
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
         detector = watermark.Detector(
@@ -67,7 +69,7 @@ def detect(
     if watermark.gated(settings):
         summary["without_prompt"] = without_prompt
     if detector.bayesian is not None:  # its probabilities beside the verdicts, and what its training measured
-        trained = files.read_json(run.path / synthid_detector.DETECTOR_DIR / synthid_detector.REPORT_FILE)
+        trained = files.read_json(run.detector / synthid_detector.REPORT_FILE)
         summary["bayesian"] = {
             "probability_above_half": sum((r.get("probability") or 0) > 0.5 for r in scored),
             **{k: v for k, v in trained.items() if k.startswith("validation_")},
@@ -77,7 +79,7 @@ def detect(
 
 def _trained_detector(run: RunDir, settings: WatermarkSection):
     """The run's trained SynthID Bayesian detector (`finetune train-detector`), if there is one."""
-    directory = run.path / synthid_detector.DETECTOR_DIR
+    directory = run.detector
     if settings.method != "synthid" or not directory.is_dir():
         return None
     from transformers import BayesianDetectorModel
@@ -97,12 +99,14 @@ def train_watermark_detector(run_path: str, samples: int, overwrite: bool = Fals
             if settings
             else f"{run_path}: the run was not watermarked"
         )
-    target = run.path / synthid_detector.DETECTOR_DIR
+    target = run.detector
     if target.exists() and not overwrite:
         raise RecipeError(f"{target}: a trained detector is already there; --overwrite replaces it")
     session = open_session(resolved, adapter_dir=run.adapter, splits=("train",), with_lora=False)
     prompts = list(session.features["train"].prompts or [])
     random.Random(recipe.train.seed).shuffle(prompts)
-    model, report = synthid_detector.train_for_model(session, prompts[:samples], make_accelerator(recipe))
+    model, report = synthid_detector.train_for_model(
+        session, prompts[:samples], make_accelerator(recipe.train, resolved.precision)
+    )
     synthid_detector.save(model, report, target)
     return {"written_to": str(target), **report}

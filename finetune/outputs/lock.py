@@ -45,11 +45,6 @@ _BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
 _BUSY_TRIES, _BUSY_WAIT = 4, 0.05
 
 
-def is_lock_file(path: str | Path) -> bool:
-    """Whether `path` names a run lock (for code that decides whether a directory is empty)."""
-    return Path(path).name == LOCK_NAME
-
-
 class RunLock:
     """Exclusive, non-blocking hold on a run directory; a second holder gets a RecipeError naming the first.
 

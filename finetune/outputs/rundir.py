@@ -248,28 +248,6 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
 ADAPTER_META = "finetune.json"
 # Written first into every run directory: what tells a run (finished or not) from a user's own folder.
 RUN_MARKER = ".finetune-run"
-# Everything a run writes at its top level: what --overwrite may remove. Anything else there is the user's.
-RUN_OUTPUT_NAMES = frozenset(
-    {
-        "recipe.yaml",
-        "manifest.json",
-        "adapter",
-        "checkpoints",
-        "metrics.json",
-        "predictions.jsonl",
-        "train_log.jsonl",
-        "eval_log.jsonl",
-        "data_report.json",
-        "README.md",
-        "training_curves.png",
-        "confusion_matrix.png",
-        "confusion_matrix.csv",
-        "evals",
-        "lora_init",
-        "trackers",
-        "watermark_detector",
-    }
-)
 
 
 class RunDir:
@@ -290,6 +268,9 @@ class RunDir:
     confusion = property(lambda self: self.path / "confusion_matrix.png")
 
     evals = property(lambda self: self.path / "evals")
+    lora_init = property(lambda self: self.path / "lora_init")  # PiSSA/OLoRA: the adapter as initialised
+    trackers = property(lambda self: self.path / "trackers")  # experiment trackers' own files (TensorBoard)
+    detector = property(lambda self: self.path / "watermark_detector")  # `finetune train-detector`
     marker = property(lambda self: self.path / RUN_MARKER)
 
     def is_run(self) -> bool:
@@ -309,3 +290,12 @@ class RunDir:
         """Whether `other` is this run directory or lies inside it."""
         here, there = self.path.resolve(), other.expanduser().resolve()
         return there == here or here in there.parents
+
+
+# Everything a run writes at its top level (RunDir's layout, the marker aside): what --overwrite may remove.
+# Anything else there is the user's.
+RUN_OUTPUT_NAMES = frozenset(
+    getattr(RunDir("."), name).name
+    for name, member in vars(RunDir).items()
+    if isinstance(member, property) and name != "marker"
+)

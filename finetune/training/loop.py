@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import TrainSection
 from finetune.training import checkpoint
 from finetune.training.monitor import Monitor
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("finetune")
 
@@ -50,8 +54,9 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def make_accelerator(recipe, trackers_dir: Path | None = None):
-    """The Accelerator for a recipe; with `trackers_dir`, the recipe's trackers log there (TensorBoard) too."""
+def make_accelerator(settings: TrainSection, precision: str, trackers_dir: Path | None = None) -> Accelerator:
+    """The Accelerator for a train section and the precision resolved with the recipe (`resolve_precision`); with
+    `trackers_dir` (the run's), the section's trackers write their files there (TensorBoard)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -62,13 +67,13 @@ def make_accelerator(recipe, trackers_dir: Path | None = None):
     # cpu=True on machines without an accelerator is what makes accelerate join
     # the processes of `accelerate launch` / torchrun as MULTI_CPU (gloo)
     # instead of running each as an independent single process.
-    report_to = recipe.train.report_to if trackers_dir is not None else []
+    report_to = settings.report_to if trackers_dir is not None else []
     return Accelerator(
-        mixed_precision=resolve_precision(recipe.train.precision),
-        gradient_accumulation_steps=recipe.train.grad_accum,
+        mixed_precision=precision,
+        gradient_accumulation_steps=settings.grad_accum,
         cpu=not has_accelerator_device(),
         log_with=report_to or None,
-        project_dir=str(trackers_dir / "trackers") if report_to and trackers_dir is not None else None,
+        project_dir=str(trackers_dir) if report_to and trackers_dir is not None else None,
     )
 
 
