@@ -58,6 +58,67 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
 
+# Data files by their suffix: a missing one is refused as missing, never looked for on the hub.
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
+
+
+def _is_local(reference: str, data: bool = False) -> bool:
+    """A reference on this machine: `pkg:`, an existing path (`DIR::FILE.gguf` by its directory), a path written as
+    one, or (data) a file name; anything else may be a hub id."""
+    if reference.startswith("pkg:") or reference.startswith(("/", "./", "../", "~")):
+        return True
+    path = Path(reference.split("::", 1)[0]).expanduser()
+    return path.exists() or (data and path.suffix.lower() in _DATA_SUFFIXES)
+
+
+def _hub_references(raw: dict) -> list[str]:
+    """What a raw recipe names that may live on the hub: the model, an earlier adapter, data, the retrieval model."""
+
+    def section(parent: dict, name: str) -> dict:
+        value = parent.get(name)
+        return value if isinstance(value, dict) else {}
+
+    model, data = section(raw, "model"), section(raw, "data")
+    retrieval = section(data, "retrieval")
+    found = [r for r in (model.get("name_or_path"), model.get("adapter")) if isinstance(r, str) and not _is_local(r)]
+    for key in ("train", "eval", "knowledge_base"):
+        items = data.get(key)
+        for item in [items] if isinstance(items, str) else items if isinstance(items, list) else []:
+            if isinstance(item, str) and not _is_local(item, data=True):
+                found.append(item)
+    embedding = retrieval.get("model")
+    if data.get("knowledge_base") and isinstance(embedding, str) and not _is_local(embedding):
+        found.append(embedding)
+    return found
+
+
+def _offline_unless_hub(*sources: str | Path | None, overrides: list[str] | None = None) -> None:
+    """Offline by default: when everything a command's recipes (or runs' recipes) name is on this machine (a
+    checkpoint directory, `pkg:`, local data), HF_HUB_OFFLINE=1, so that no library reaches for the network, with
+    or without the Makefile. A hub id keeps the hub reachable; HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set by the
+    user is left as it is. Called before the libraries load (they read it once, on import)."""
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        return
+    from finetune.recipe.schema import apply_overrides, read_recipe_file
+
+    for source in sources:
+        if source is None:
+            continue
+        path = Path(source).expanduser()
+        try:
+            raw = apply_overrides(
+                read_recipe_file(path / "recipe.yaml" if path.is_dir() else path), list(overrides or [])
+            )
+        except Exception:  # the command itself reports an unreadable recipe; nothing is decided here
+            return
+        if not isinstance(raw, dict) or _hub_references(raw):
+            return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):  # already imported (in-process callers)
+        if module in sys.modules:
+            setattr(sys.modules[module], "HF_HUB_OFFLINE", True)  # noqa: B010 (the module is known only by name)
+
+
 def _handled(command):
     """Run a command: user errors -> one line on stderr and their exit code; a bug -> exit 1."""
 
@@ -187,6 +248,7 @@ def run_command(
     ] = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
+    _offline_unless_hub(recipe, overrides=overrides)
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
     from finetune.evaluation.scoring import print_metrics
     from finetune.flows.resolve import resolve
@@ -258,6 +320,14 @@ def eval_command(
     tolerance: Annotated[
         float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")
     ] = 0.01,
+    allow_different_data: Annotated[
+        bool,
+        typer.Option(
+            "--allow-different-data",
+            help="Let --compare compare against a baseline evaluated on other data (refused otherwise, exit 2); "
+            "a warning says so.",
+        ),
+    ] = False,
     junit: Annotated[str | None, typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
     allow_code_execution: AllowCode = False,
     overwrite: Annotated[
@@ -272,12 +342,15 @@ def eval_command(
     ] = None,
 ) -> None:
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
+    _offline_unless_hub(source, overrides=overrides)
     _quiet_libraries()
-    from finetune.evaluation.compare import read_baseline, write_junit
+    from finetune.evaluation.compare import Baseline, read_baseline, write_junit
     from finetune.evaluation.scoring import dumps, print_checkpoints, print_metrics
     from finetune.flows.evaluate import evaluate, evaluate_all_checkpoints, rescore
 
-    baseline = (compare, read_baseline(compare), tolerance) if compare else None
+    if allow_different_data and not compare:
+        raise RecipeError("--allow-different-data goes with --compare BASELINE")
+    baseline = Baseline(compare, read_baseline(compare), tolerance, allow_different_data) if compare else None
     if sandbox not in (None, "strict", "basic"):
         raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
     overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
@@ -318,6 +391,13 @@ def eval_command(
             )
     if junit:
         write_junit(document, junit)
+    if (document.get("comparison") or {}).get("same_data") is False:
+        err_console.print(
+            f"[bold red]warning:[/] the baseline {escape(str(compare))} was evaluated on different data than this "
+            "evaluation (--allow-different-data): its metrics are not like for like",
+            highlight=False,
+            soft_wrap=True,
+        )
     written_to = document.pop("written_to", None)
     if as_json:
         print(dumps(document))
@@ -350,6 +430,7 @@ def predict_command(
     ] = None,
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out (stdout, or --output)."""
+    _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.files import write_jsonl
     from finetune.flows.evaluate import predict
@@ -375,6 +456,7 @@ def predict_command(
 @_handled
 def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes: every rule `run` checks before it loads weights, every problem at once."""
+    _offline_unless_hub(*recipes)
     _quiet_libraries()
     from finetune.flows.resolve import validate_recipe_file
 
@@ -401,6 +483,7 @@ def merge_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output (never a run).")] = False,
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers checkpoint."""
+    _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.flows.export import merge
 
@@ -416,8 +499,17 @@ def data_command(
     output: Annotated[str, typer.Option("--output", help="Where data_report.json goes.")] = "data_report.json",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a summary.")] = False,
+    tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--tokens",
+            help="Also write every training row's input_ids and labels (-100 where no loss falls), before packing, "
+            "one JSON line each in the training file's order (with its row number there).",
+        ),
+    ] = None,
 ) -> None:
     """The data report: rows, label balance, lengths, duplicates, train/eval overlap, QA spans, the loss mask."""
+    _offline_unless_hub(recipe, overrides=overrides)
     from finetune.flows.resolve import resolve
 
     resolved = resolve(recipe, overrides)
@@ -425,13 +517,20 @@ def data_command(
     from finetune.data.report import warnings
     from finetune.files import write_json
     from finetune.flows.train import report_data
-    from finetune.outputs.rundir import claim_output
+    from finetune.outputs.rundir import TOKEN_FILE, claim_output
 
     what = "data report"
     target = claim_output(
         output, key="--output", what=what, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
     )
-    report = report_data(resolved)
+    token_file = None
+    if tokens is not None:
+        token_file = claim_output(
+            tokens, key="--tokens", what=TOKEN_FILE, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
+        )
+        if token_file.resolve() == target.resolve():
+            raise RecipeError(f"--tokens: {tokens} is also --output; give the token file its own path")
+    report = report_data(resolved, token_file)
     write_json(target, {**report, "written_by": what})
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
@@ -452,6 +551,8 @@ def data_command(
         console.print("loss mask of the first training example (⟦trained⟧):", highlight=False)
         console.print(example.get("rendered") or example, highlight=False, soft_wrap=True, markup=False)
     console.print(f"report written to {target}", highlight=False, soft_wrap=True)
+    if token_file is not None:
+        console.print(f"training tokens and labels written to {token_file}", highlight=False, soft_wrap=True)
 
 
 @app.command("detect")
@@ -464,6 +565,7 @@ def detect_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (rows and summary) on stdout.")] = False,
 ) -> None:
     """Score texts for the run's watermark: per-row z-score, p-value and verdict, and how many look watermarked."""
+    _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.flows.watermark import detect
 
@@ -507,6 +609,7 @@ def train_detector_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run's trained detector.")] = False,
 ) -> None:
     """Train SynthID's Bayesian detector for the run (its weights go to RUN/watermark_detector/); detect then uses it."""
+    _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.flows.watermark import train_watermark_detector
 
@@ -545,6 +648,7 @@ def export_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never a run).")] = False,
 ) -> None:
     """Export the merged model: a GGUF file for llama.cpp/Ollama, or a plain transformers checkpoint."""
+    _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.flows.export import export
 

@@ -1,4 +1,4 @@
-"""User-facing errors. Each carries the exit code documented in PRODUCT.md."""
+"""User-facing errors. Each carries its exit code, the table in README.md "Exit codes"."""
 
 from __future__ import annotations
 

@@ -44,6 +44,11 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
     """
     import torch
 
+    from finetune.flows.resolve import too_many_processes
+
+    problems = too_many_processes(num_processes, "--num-processes")
+    if problems:
+        raise RecipeError(problems[0])
     if strategy != "ddp" and not torch.cuda.is_available():
         raise RecipeError(f"distributed.strategy: {strategy} shards over GPUs; without one use ddp (gloo on CPU)")
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -70,6 +75,17 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
     try:
         launch_command(args)
     except ChildFailedError as exc:
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        return max(codes) if codes else 1
+        failures = sorted(exc.failures.values(), key=lambda failure: failure.timestamp)
+        return worst_exit_code([failure.exitcode for failure in failures])
     return 0
+
+
+def worst_exit_code(codes: list[int]) -> int:
+    """The exit code of several processes (in the order they failed): the worst code a process chose itself. When
+    none did, the first process killed by a signal (torch reports signal N as -N) gives 128 + N, as a shell reports
+    it (137 for kill -9, often the out-of-memory killer); the launcher's own SIGTERM to the others comes later."""
+    chosen = [code for code in codes if code > 0]
+    if chosen:
+        return max(chosen)
+    killed = [code for code in codes if code < 0]
+    return 128 - killed[0] if killed else 1

@@ -27,6 +27,11 @@ _TOKEN_SHAPES = re.compile(
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
 )
 _URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
+# A watermark key typed on a command line, whatever its length: `eval.watermark.key=K`, `--key K` / `--key=K`
+# (finetune detect), and `key: K` inside an override's YAML mapping (`eval.watermark={method: synthid, key: K}`).
+_KEY_ARGUMENTS = re.compile(
+    r"(watermark\.key\s*=\s*|--key[=\s]\s*|watermark[^\s=:]*\s*[:=]\s*\{[^}]*?\bkey\s*:\s*)([^\s,}'\"]+)"
+)
 _MIN_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
 
 
@@ -48,6 +53,7 @@ def redact(text: str) -> str:
     for value in environment_secrets():
         text = text.replace(value, REDACTED)
     text = _TOKEN_SHAPES.sub(REDACTED, text)
+    text = _KEY_ARGUMENTS.sub(rf"\1{REDACTED}", text)
     return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
 
 
@@ -59,12 +65,21 @@ class RedactingFilter:
         return True
 
 
-def redact_tree(value: Any) -> Any:
-    """Redact every string in a JSON-like structure; keys that name a secret lose their value."""
+def _hides(name: str, parent: str, value: Any) -> bool:
+    """Whether a value is a secret by its key: a non-empty value of an HF_TOKEN-like name, or a watermark's `key`
+    (any number, 0 too; `eval.watermark.key` when flattened)."""
+    if name.endswith("watermark.key") or (name == "key" and parent.endswith("watermark")):
+        return value is not None
+    return bool(_SECRET_NAME.search(name)) and bool(value)
+
+
+def redact_tree(value: Any, _parent: str = "") -> Any:
+    """Redact every string in a JSON-like structure; keys that name a secret (and a watermark's key, a number)
+    lose their value."""
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_NAME.search(str(k)) and v else redact_tree(v) for k, v in value.items()}
+        return {k: REDACTED if _hides(str(k), _parent, v) else redact_tree(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact_tree(v) for v in value]
+        return [redact_tree(v, _parent) for v in value]
     if isinstance(value, str):
         return redact(value)
     return value

@@ -226,6 +226,7 @@ def examples_for(shop: str, rng, per_shop: int) -> list[dict]:
                 "context": context,
                 "answers": {"text": [answer], "answer_start": [start]},
                 "paragraph": paragraph,
+                "shop": shop,
             }
         )
     return rows
@@ -240,9 +241,16 @@ def main() -> None:
     for split, chosen, per in (("train", shops[6:], 16), ("test", shops[:6], 10)):
         rows = [row for shop in chosen for row in examples_for(shop, rng, per)]
         rng.shuffle(rows)
-        # Generative rows: the question, the one paragraph that answers it, and the answer to write.
+        # Generative rows: the question, the one paragraph that answers it (under its shop's name: shops share the
+        # wording of their FAQs, and without the name two shops with the same policy would be one row twice), and
+        # the answer to write.
         generative = [
-            {"question": r["question"], "context": r.pop("paragraph"), "answer": r["answers"]["text"][0]} for r in rows
+            {
+                "question": r["question"],
+                "context": f"{r.pop('shop')} FAQ. {r.pop('paragraph')}",
+                "answer": r["answers"]["text"][0],
+            }
+            for r in rows
         ]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (out / f"{split}_generative.jsonl").write_text(

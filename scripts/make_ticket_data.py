@@ -4,14 +4,20 @@
 
 Six topics, imbalanced, tickets of one to four sentences built from per-topic
 situations mixed with openers and closers shared by all topics, so that a
-model has to read the situation rather than a fixed phrase.
+model has to read the situation rather than a fixed phrase. A ticket that
+repeats an earlier one (in either file), exactly or nearly (word 3-shingle
+Jaccard at or above NEAR, the data report's threshold with a margin), is drawn
+again: `finetune data` finds no duplicates and no train/test overlap.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
+
+NEAR = 0.7  # the data report calls texts near-duplicates from a word 3-shingle Jaccard of 0.8
 
 OPENERS = [
     "Hi team,",
@@ -149,18 +155,35 @@ def ticket(rng: random.Random, situations: list[str], others: list[str]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def shingles(text: str) -> frozenset[str]:
+    """Word 3-shingles of the text normalised as the data report normalises it."""
+    words = re.sub(r"[^\w\s]", "", text.lower()).split()
+    return frozenset(" ".join(words[i : i + 3]) for i in range(max(len(words) - 2, 1)))
+
+
+def is_repeat(candidate: frozenset[str], kept: list[frozenset[str]]) -> bool:
+    return any(len(candidate & other) / len(candidate | other) >= NEAR for other in kept)
+
+
 def main(train_rows: int = 480, test_rows: int = 160, seed: int = 7) -> None:
     rng = random.Random(seed)
     names = list(TOPICS)
     weights = [TOPICS[n][0] for n in names]
     out = Path(__file__).resolve().parents[1] / "data" / "tickets"
     out.mkdir(parents=True, exist_ok=True)
+    kept: list[frozenset[str]] = []
     for split, count in (("train", train_rows), ("test", test_rows)):
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            for _ in range(count):
+            written = 0
+            while written < count:
                 topic = rng.choices(names, weights)[0]
                 others = [s for n in names if n != topic for s in TOPICS[n][1]]
-                handle.write(json.dumps({"body": ticket(rng, TOPICS[topic][1], others), "topic": topic}) + "\n")
+                body = ticket(rng, TOPICS[topic][1], others)
+                if is_repeat(shingles(body), kept):
+                    continue
+                kept.append(shingles(body))
+                handle.write(json.dumps({"body": body, "topic": topic}) + "\n")
+                written += 1
 
 
 if __name__ == "__main__":

@@ -142,10 +142,13 @@ def test_bad_data_rows(tiny_models, topic_data, write_recipe, tmp_path):
     assert result.exit_code == 3 and "has no rows" in result.output
     unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "rain", "label": "politics"}])
     result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "eval": str(unseen)}}))
-    assert result.exit_code == 3 and "row 1: label 'politics' is not one of the 3 training labels" in result.output
+    assert result.exit_code == 3 and "'politics': 1 row(s), first at " in result.output
+    assert "unseen.jsonl:1" in result.output.replace("\n", "")
     null_text = write_jsonl(tmp_path / "null.jsonl", [{"text": None, "label": "a"}, {"text": "x", "label": "b"}])
     result = invoke("run", write_recipe({**recipe, "data": {**recipe["data"], "train": str(null_text)}}))
-    assert result.exit_code == 3 and "row 1: field 'text' must be text, got NoneType None" in result.output
+    assert result.exit_code == 3 and "null.jsonl:1: column 'text' must be text, got no value" in result.output.replace(
+        "\n", ""
+    )
 
 
 def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, tmp_path):

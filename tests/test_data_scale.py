@@ -111,8 +111,8 @@ def test_workers_give_the_same_features_as_one_process(tiny_models, tmp_path, wr
 
 def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recipe, monkeypatch):
     monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
-    rows = corpus(200)
-    rows[150]["text"] = None
+    rows = [{**row, "text_pair": "and more"} for row in corpus(200)]
+    rows[150]["text_pair"] = None  # an optional field: the task finds it, in a worker, and the file's line is named
     files = {
         "train": write_jsonl(tmp_path / "train.jsonl", rows[:20] + rows[100:]),
         "eval": write_jsonl(tmp_path / "eval.jsonl", rows[20:40]),
@@ -121,7 +121,7 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
     recipe["data"]["num_workers"] = 2
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
     assert result.exit_code == 3, result.output
-    assert "row 71: field 'text' must be text, got NoneType None" in result.output
+    assert "train.jsonl:71: field 'text_pair' must be text, got NoneType None" in result.output
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
         (b'{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: each line must be a JSON object, got list"),
         (
             b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n',
-            r"column 'label' is a number in row 1 but text in row 2",
+            r"column 'label' is a number on line 1 but text on line 2",
         ),
     ],
 )

@@ -68,14 +68,14 @@ def test_grouping_reduces_padding_and_window_1_does_not_sort():
     ],
 )
 def test_train_plan_step_arithmetic(examples, train, world, expected):
-    plan = TrainPlan.build(recipe(**train), examples, world)
+    plan = TrainPlan.build(recipe(**train).train, examples, world)
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == expected
 
 
 def test_warmup_fraction_steps_and_clamp():
-    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=0.1), 100, 1).warmup_steps == 1
-    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=5), 100, 1).warmup_steps == 5
-    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=50), 100, 1).warmup_steps == 10
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=0.1).train, 100, 1).warmup_steps == 1
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=5).train, 100, 1).warmup_steps == 5
+    assert TrainPlan.build(recipe(batch_size=10, epochs=1, warmup=50).train, 100, 1).warmup_steps == 10
 
 
 # --------------------------------------------------------------------------- StepLogger

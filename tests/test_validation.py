@@ -123,7 +123,7 @@ DATA_MISTAKES = {
     "mixed types in a column": (
         b'{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n{"text": "c", "label": [1]}\n',
         "train.jsonl",
-        "column 'label' is text in row 1 but a number in row 2",
+        "column 'label' is text on line 1 but a number on line 2",
     ),
 }
 

@@ -77,6 +77,7 @@ def cache_key(
         "format": FORMAT,
         "finetune": __version__,
         "task": recipe.task,
+        "objective": recipe.train.objective,  # pairs and thumbs are featurised unlike supervised rows
         "data": data.model_dump(mode="json"),
         "seed": recipe.train.seed,
         "family": family,

@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from finetune.data.conversations import conversation_texts
 from finetune.data.features import Features
+from finetune.data.tables import SplitRows, check_eval_labels, read_splits
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
@@ -37,6 +39,8 @@ INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "context")
 def input_texts(rows: Dataset) -> pa.ChunkedArray:
     """The text a model reads for each row (its input fields joined by a space): what duplicates are judged on."""
     fields = [f for f in INPUT_FIELDS if f in rows.column_names]
+    if not fields and "messages" in rows.column_names:  # conversations: all their turns
+        return conversation_texts(rows)
     if not fields:
         return pa.chunked_array([pa.array([""] * len(rows))])
     table = rows.select_columns(fields).with_format("arrow")[:]  # respects a selection; no Python objects
@@ -199,6 +203,12 @@ def overlap_section(overlap: Overlap, first: pa.ChunkedArray, second: pa.Chunked
 def check_overlap(train: Dataset, eval_rows: Dataset, policy: str) -> tuple[Dataset, dict]:
     """Duplicates inside data.train and between train and eval, each text normalised once; then data.on_overlap:
     warn (report only), drop (remove the overlapping training rows), error (exit 3)."""
+    found, keep = overlap_rows(train, eval_rows, policy)
+    return (train if keep is None else train.select(keep)), found
+
+
+def overlap_rows(train: Dataset, eval_rows: Dataset, policy: str) -> tuple[dict, list[int] | None]:
+    """check_overlap's findings, and the training rows data.on_overlap: drop keeps (None: all of them)."""
     train_texts, eval_texts = input_texts(train), input_texts(eval_rows)
     index = TextIndex(train_texts)
     overlap = index.overlap(eval_texts)
@@ -214,14 +224,40 @@ def check_overlap(train: Dataset, eval_rows: Dataset, policy: str) -> tuple[Data
     if count and policy == "drop":
         keep = sorted(set(range(len(train))) - overlap.rows_of_first())
         section["dropped_train_rows"] = len(train) - len(keep)
-        train = train.select(keep)
-    return train, found
+        if not keep:
+            raise DataError(
+                f"data.on_overlap: drop removed every one of the {len(train)} training rows (each repeats an eval "
+                "row); the eval rows are a copy of the training data"
+            )
+        return found, keep
+    return found, None
 
 
-def label_balance(rows: Dataset) -> dict:
+def read_rows(
+    recipe: Recipe, required: tuple[str, ...], optional: tuple[str, ...], classify: bool, conversations: bool = False
+) -> tuple[SplitRows, dict]:
+    """Every row check that needs no tokenizer, in the order a run makes them (what `validate` and a run share):
+    the files read and typed, the eval split drawn, data.on_overlap applied, then (single-label classification)
+    eval labels that no training row has. Returns the rows and the findings (overlap, the split) for the report."""
+    rows = read_splits(recipe, required, optional, classify, conversations)
+    found, keep = overlap_rows(rows.train, rows.eval, recipe.data.on_overlap)
+    if keep is not None:
+        rows.select("data.train", keep)
+    if classify:
+        check_eval_labels(rows, recipe.data)
+    if rows.eval_split is not None:
+        found["eval_split"] = rows.eval_split
+    return rows, found
+
+
+def label_balance(rows: Dataset, separator: str | None = None) -> dict:
+    """Rows per class (several labels per text: rows carrying each), and every class with fewer than FEW_EXAMPLES."""
     counts: dict[str, int] = {}
-    for label in rows["label"][:]:
-        counts[str(label)] = counts.get(str(label), 0) + 1
+    for value in rows["label"][:]:
+        if isinstance(value, str) and separator is not None:
+            value = [part.strip() for part in value.split(separator) if part.strip()]
+        for label in value if isinstance(value, list) else [value]:
+            counts[str(label)] = counts.get(str(label), 0) + 1
     rare = sorted(k for k, n in counts.items() if n < FEW_EXAMPLES)
     return {"counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "rare_classes": rare}
 
@@ -289,8 +325,16 @@ def build_report(
         "train_eval_overlap": overlap["train_eval"],
         "on_overlap": recipe.data.on_overlap,
     }
-    if "label" in train.column_names:
-        report["label_balance"] = {"train": label_balance(train), "eval": label_balance(eval_rows)}
+    if overlap.get("eval_split"):
+        report["eval_split"] = overlap["eval_split"]
+    if recipe.task == "classification" and "label" in train.column_names:  # (a KTO thumb is a label too)
+        separator = getattr(recipe.data, "label_separator", None)
+        balance: dict[str, Any] = {
+            "train": label_balance(train, separator),
+            "eval": label_balance(eval_rows, separator),
+        }
+        balance["only_in_eval"] = sorted(set(balance["eval"]["counts"]) - set(balance["train"]["counts"]))
+        report["label_balance"] = balance
     example = loss_mask_example(features["train"], tokenizer)
     if example is not None:
         report["loss_mask_example"] = example
@@ -309,10 +353,57 @@ def warnings(report: dict) -> list[str]:
     duplicates = report["train_duplicates"]
     if duplicates["exact"] or duplicates.get("near"):
         out.append(f"{duplicates['exact']} exact and {duplicates.get('near') or 0} near duplicate(s) inside data.train")
-    rare = report.get("label_balance", {}).get("train", {}).get("rare_classes")
+    balance = report.get("label_balance", {})
+    rare = balance.get("train", {}).get("rare_classes")
     if rare:
-        out.append(f"classes with fewer than {FEW_EXAMPLES} training examples: {', '.join(rare[:10])}")
+        counts = balance["train"]["counts"]
+        out.append(
+            f"{len(rare)} class(es) with fewer than {FEW_EXAMPLES} training rows: "
+            + ", ".join(f"{label} ({counts[label]})" for label in rare)
+        )
+    only_in_eval = balance.get("only_in_eval")
+    if only_in_eval:
+        counts = balance["eval"]["counts"]
+        out.append(
+            f"{len(only_in_eval)} class(es) only in eval, with no training row (the model never learns them; they "
+            "count as errors): " + ", ".join(f"{label} ({counts[label]} eval rows)" for label in only_in_eval)
+        )
+    split = report.get("eval_split")
+    if split and report["task"] == "classification" and split.get("method") != "stratified":
+        out.append(f"data.eval_split: {split['note']}")
     for split, counts in report["empty_texts"].items():
         for name, n in counts.items():
             out.append(f"{n} {split} row(s) with an empty {name}")
     return out
+
+
+# --------------------------------------------------------------------------- `finetune data --tokens FILE`
+
+
+def token_lines(features: Features, file_rows: Dataset) -> list[dict]:
+    """Every training row's `input_ids` and `labels` (-100 where no loss falls) as training reads them, before
+    packing, in the order of the training file(s): each with `row`, its number there (from 1), found by its
+    content among `file_rows` (the file's rows as the task reads them). Rows training leaves out (held out by
+    data.eval_split, dropped by data.overflow or data.on_overlap) have no line."""
+    import json
+
+    dataset = features.dataset
+    columns = [c for c in file_rows.column_names if c in features.rows.column_names]
+    numbers: list[int | None] = [None] * len(dataset)
+    if len(dataset) == len(features.rows) and columns:  # one feature row per data row (not QA windows)
+
+        def key(row: dict) -> str:
+            return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+
+        positions: dict[str, list[int]] = {}
+        for number, row in enumerate(file_rows.select_columns(columns), start=1):
+            positions.setdefault(key(row), []).append(number)
+        for numbered in positions.values():
+            numbered.reverse()  # popped from the end: duplicates take their numbers in file order
+        for index, row in enumerate(features.rows.select_columns(columns)):
+            found = positions.get(key(row))
+            numbers[index] = found.pop() if found else None
+    order = sorted(range(len(dataset)), key=lambda i: (numbers[i] is None, numbers[i] or 0, i))
+    labels = dataset["labels"][:] if "labels" in dataset.column_names else [None] * len(dataset)
+    inputs = dataset["input_ids"][:]
+    return [{"row": numbers[i], "input_ids": inputs[i], "labels": labels[i]} for i in order]

@@ -6,12 +6,15 @@ a malformed line is still reported with its file and line number.
 
 from __future__ import annotations
 
+import csv
 import functools
 import gzip
 import io
 import json
+import math
 import os
 import re
+import string
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +26,15 @@ from datasets import Dataset, concatenate_datasets
 from datasets.table import InMemoryTable
 from numpy.typing import ArrayLike
 
-from finetune.errors import DataError, did_you_mean
+from finetune.data.conversations import as_messages, conversation_problems, layout_fields, table_layout
+from finetune.errors import DataError, RecipeError, did_you_mean
 from finetune.files import sha256_file
 from finetune.models.references import package_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from finetune.recipe.schema import Recipe
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
 
@@ -75,6 +81,12 @@ def parse_jsonl(lines: Iterable[str | bytes], source: str) -> list[dict]:
 
 
 def iter_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[dict]:
+    for _, row in numbered_jsonl(lines, source):
+        yield row
+
+
+def numbered_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row object) of each non-blank line; a bad line is named as source:line."""
     for number, line in enumerate(lines, start=1):
         if isinstance(line, bytes):
             try:
@@ -92,7 +104,7 @@ def iter_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[dict]:
             raise DataError(f"{source}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{source}:{number}: each line must be a JSON object, got {type(row).__name__}")
-        yield row
+        yield number, row
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -123,9 +135,9 @@ def _load_jsonl(path: Path) -> Dataset:
             table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSONL_BLOCK_BYTES))
         table.validate(full=True)  # the reader does not check that strings are UTF-8; this does
     except (pa.ArrowException, UnicodeDecodeError, OSError, EOFError, zlib.error):
-        clash = _first_type_clash(iter_jsonl(_lines(path), str(path)))  # raises for a bad line
+        clash = _first_type_clash(numbered_jsonl(_lines(path), str(path)), "line")  # raises for a bad line
         if clash:
-            raise DataError(f"{path}: rows do not form a table: {clash}") from None
+            raise TableClash(f"{path}: rows do not form a table: {clash}") from None
         return _rows_to_dataset(read_jsonl(path), str(path))
     return _dataset(table, path)
 
@@ -162,13 +174,18 @@ def _read_json(path: Path) -> list[dict] | None:
     return data
 
 
-def _rows_to_dataset(rows: list[dict], source: str) -> Dataset:
+def _rows_to_dataset(rows: list[dict], source: str, word: str = "line") -> Dataset:
     import pyarrow as pa
 
     try:
         return _dataset(pa.Table.from_pylist(rows), Path(source))
     except Exception as exc:  # mixed types in one column, etc.
-        raise DataError(f"{source}: rows do not form a table: {_first_type_clash(rows) or exc}") from None
+        clash = _first_type_clash(enumerate(rows, start=1), word)
+        raise TableClash(f"{source}: rows do not form a table: {clash or exc}") from None
+
+
+class TableClash(DataError):
+    """A JSON file whose values change kind within a column (exit 3)."""
 
 
 _KIND_NAMES: dict[type, str] = {str: "text", list: "a list", dict: "an object"}
@@ -182,27 +199,48 @@ def _kind(value: object) -> str:
     return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
-def _first_type_clash(rows: Iterable[dict]) -> str | None:
-    """`column 'label' is text in row 1 but a number in row 7`: the first column whose values change kind."""
+def _first_type_clash(rows: Iterable[tuple[int, dict]], word: str) -> str | None:
+    """`column 'label' is text on line 1 but a number on line 7`: the first column whose values change kind,
+    numbered as the file numbers its rows (`word`: line, or record for a JSON list)."""
     first: dict[str, tuple[str, int]] = {}
-    for number, row in enumerate(rows, start=1):
+    at = "on" if word == "line" else "in"
+    for number, row in rows:
         for column, value in row.items():
             if value is None:
                 continue
             kind = _kind(value)
             seen = first.setdefault(column, (kind, number))
             if seen[0] != kind:
-                return f"column {column!r} is {seen[0]} in row {seen[1]} but {kind} in row {number}"
+                return f"column {column!r} is {seen[0]} {at} {word} {seen[1]} but {kind} {at} {word} {number}"
+            for place, inner in _inner_kinds(column, value):
+                seen = first.setdefault(place, (inner, number))
+                if seen[0] != inner:
+                    return f"{place} is {seen[0]} {at} {word} {seen[1]} but {inner} {at} {word} {number}"
     return None
 
 
-def _load_file(path: Path) -> Dataset:
+def _inner_kinds(column: str, value: object) -> Iterator[tuple[str, str]]:
+    """The kinds inside a list of objects (conversation turns), each named by its key: a `content` that is text in
+    one turn and a number in another is named by its line, like a top-level column."""
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                for key, inner in item.items():
+                    if inner is not None:
+                        yield f"column {column!r} (its objects' {key!r})", _kind(inner)
+
+
+def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, str]:
+    """The file's rows, and how it numbers them (a `Source` layout). `text_columns` of a CSV/TSV file are read as
+    the text they are (a column of numbers that a task reads as text stays text)."""
     suffix = _suffix(path)
     if suffix == ".jsonl":
-        return _load_jsonl(path)
+        return _load_jsonl(path), "lines"
     if suffix == ".json":
         rows = _read_json(path)
-        return _load_jsonl(path) if rows is None else _rows_to_dataset(rows, str(path))
+        if rows is None:
+            return _load_jsonl(path), "lines"
+        return _rows_to_dataset(rows, str(path), "record"), "records"
     if suffix not in (".csv", ".tsv", ".parquet"):
         raise DataError(
             f"{path}: unknown data file type {suffix or '(no extension)'!r}; "
@@ -214,12 +252,21 @@ def _load_file(path: Path) -> Dataset:
         if suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
+            frame = pd.read_csv(
+                path,
+                sep=_CSV_SEPARATORS[suffix],
+                keep_default_na=False,
+                dtype=dict.fromkeys(text_columns, str),  # names not in the file are ignored
+            )
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
     import pyarrow as pa
 
-    return _dataset(pa.Table.from_pandas(frame, preserve_index=False), path)
+    table = _dataset(pa.Table.from_pandas(frame, preserve_index=False), path)
+    return table, "rows" if suffix == ".parquet" else "csv"
+
+
+_CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 
 
 def _load_hub(spec: str) -> Dataset:
@@ -233,6 +280,105 @@ def _load_hub(spec: str) -> Dataset:
         raise DataError(f"{spec}: not a local file, and loading it as a hub dataset failed: {first}") from None
 
 
+# --------------------------------------------------------------------------- where each row came from
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data file (or hub dataset) as the recipe names it, and how messages number its records.
+
+    `layout`: "lines" (JSON Lines: the line a row is on), "csv" (CSV/TSV: the line a record starts on),
+    "records" (a JSON list: the record's 1-based index) or "rows" (Parquet, a hub dataset: the 1-based row).
+    """
+
+    name: str  # as the recipe wrote it
+    path: Path | None  # None: a hub dataset
+    layout: str
+    separator: str = ","  # CSV/TSV
+
+    def place(self, record: int) -> str:
+        """`file:line`, `file: record N` or `file: row N` for the source's 0-based `record`."""
+        if self.layout in ("lines", "csv") and self.path is not None:
+            starts = _record_lines(self.path, self.layout, self.separator)
+            if record < len(starts):
+                return f"{self.name}:{starts[record]}"
+        word = "record" if self.layout == "records" else "row"
+        return f"{self.name}: {word} {record + 1}"
+
+
+def _record_lines(path: Path, layout: str, separator: str) -> np.ndarray:
+    stat = path.stat()
+    return _record_lines_cached(path.resolve(), stat.st_size, stat.st_mtime_ns, layout, separator)
+
+
+@functools.lru_cache(maxsize=16)
+def _record_lines_cached(path: Path, size: int, mtime_ns: int, layout: str, separator: str) -> np.ndarray:
+    """The line each record of a file starts on (read only when a message needs one: blank lines are skipped by
+    the readers, and a quoted CSV field may span lines, so a row's index is not its line)."""
+    if layout == "lines":
+        return np.array([number for number, line in enumerate(_lines(path), start=1) if line.strip()], np.int64)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=separator)
+    starts, end = [], 0
+    for record in reader:
+        if record:  # pandas skips blank lines too
+            starts.append(end + 1)
+        end = reader.line_num
+    return np.array(starts[1:], np.int64)  # the first record is the header
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where each row of a split came from: its source and its record there (0-based), so every message about a
+    row names the user's file and the file's own line, whatever splitting, sampling or filtering did since."""
+
+    sources: tuple[Source, ...]
+    source: np.ndarray  # per row: index into `sources`
+    record: np.ndarray  # per row: the record in that source
+
+    @classmethod
+    def of(cls, source: Source, rows: int) -> Origins:
+        return cls((source,), np.zeros(rows, np.int32), np.arange(rows, dtype=np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Origins]) -> Origins:
+        sources: list[Source] = []
+        ids, records = [], []
+        for part in parts:
+            ids.append(part.source + len(sources))
+            records.append(part.record)
+            sources.extend(part.sources)
+        return cls(tuple(sources), np.concatenate(ids), np.concatenate(records))
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def take(self, indices: ArrayLike) -> Origins:
+        indices = np.asarray(indices, dtype=np.int64)
+        return Origins(self.sources, self.source[indices], self.record[indices])
+
+    def place(self, row: int) -> str:
+        """The row's place in its file (`row` counts from 0 in this split)."""
+        return self.sources[int(self.source[row])].place(int(self.record[row]))
+
+    def explain(self, error: DataError, split: str) -> DataError:
+        """A task's `split: row N: ...` (N counting this split's rows from 1), or the `(rows N, M, ...)` of
+        data.overflow: error, with the file's own places instead of the split's row numbers."""
+        text, head = str(error), f"{split}: "
+        if not text.startswith(head):
+            return error
+        rest = text[len(head) :]
+        one = re.match(r"row (\d+): ", rest)
+        if one and 1 <= int(one[1]) <= len(self):
+            return DataError(f"{head}{self.place(int(one[1]) - 1)}: {rest[one.end() :]}")
+        several = re.search(r"\(rows (\d+(?:, \d+)*)", rest)
+        if several:
+            numbers = [int(n) for n in several[1].split(", ")]
+            if all(1 <= n <= len(self) for n in numbers):
+                places = "; ".join(self.place(n - 1) for n in numbers)
+                return DataError(f"{head}{rest[: several.start()]}({places}{rest[several.end() :]}")
+        return error
+
+
 def local_data_path(spec: str, key: str) -> Path:
     """A data spec as a path; `pkg:MODULE/PATH` names a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
@@ -240,21 +386,25 @@ def local_data_path(spec: str, key: str) -> Path:
     return Path(spec).expanduser()
 
 
+def load_source(item: str, key: str, text_columns: Sequence[str] = ()) -> tuple[Dataset, Source]:
+    """The rows of one file or hub dataset, and the `Source` that names their places in messages."""
+    path = local_data_path(item, key)
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"{key}: file not found: {item}")
+        table, layout = _load_file(path, text_columns)
+        source = Source(item, path, layout, _CSV_SEPARATORS.get(_suffix(path), ","))
+    else:
+        table, source = _load_hub(item), Source(item, None, "rows")
+    if len(table) == 0:
+        raise DataError(f"{key}: {item} has no rows")
+    return table, source
+
+
 def load_table(spec: str | list[str], key: str) -> Dataset:
     """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    parts = []
-    for item in specs:
-        path = local_data_path(item, key)
-        if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-            if not path.is_file():
-                raise DataError(f"{key}: file not found: {item}")
-            table = _load_file(path)
-        else:
-            table = _load_hub(item)
-        if len(table) == 0:
-            raise DataError(f"{key}: {item} has no rows")
-        parts.append(table)
+    parts = [load_source(item, key)[0] for item in specs]
     columns = set(parts[0].column_names)
     for item, table in zip(specs[1:], parts[1:]):
         if set(table.column_names) != columns:
@@ -315,37 +465,372 @@ def checked_texts(values: list, split: str, field: str, first_row: int = 1) -> l
     return list(values)
 
 
-def apply_template(table: Dataset, template: str, key: str) -> Dataset:
-    """Add a `prompt` column built from `data.template` (a Python format string over the file's columns)."""
-    import string
+# A filled data.template longer than this is refused before any row is filled (about 250,000 tokens: beyond any
+# data.max_length a LoRA run trains with). Template bombs (`{text}` repeated, `{text:>999999999}`) stop here.
+MAX_PROMPT_CHARS = 1 << 20
 
+
+def template_fields(template: str) -> list[tuple[str, str]]:
+    """(field, format spec) of each replacement field of data.template; a malformed template is a RecipeError."""
     try:
-        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        return [(name, spec or "") for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
-        raise DataError(f"data.template: not a valid format string ({exc})") from None
-    columns = []
-    for name in names:
-        column = re.split(r"[.\[]", name, maxsplit=1)[0]
+        raise RecipeError(f"data.template: not a valid format string ({exc})") from None
+
+
+def _template_column(name: str) -> str:
+    return re.split(r"[.\[]", name, maxsplit=1)[0]
+
+
+def template_problems(template: str) -> list[str]:
+    """What is wrong with data.template before any row is read: its syntax, positional fields, fields inside a
+    format spec, and widths or precisions that would make every prompt gigantic."""
+    try:
+        fields = template_fields(template)
+    except RecipeError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    for name, spec in fields:
+        column = _template_column(name)
         if not column or column.isdigit():
-            raise DataError(f"data.template: use column names in braces, e.g. {{product}}, not {{{name}}}")
+            problem = f"data.template: use column names in braces, e.g. {{product}}, not {{{name}}}"
+        elif "{" in spec or "}" in spec:
+            problem = f"data.template: {{{name}:{spec}}}: a format spec cannot hold another field"
+        elif _spec_width(spec) > MAX_PROMPT_CHARS:
+            problem = (
+                f"data.template: {{{name}:{spec}}} asks for {_spec_width(spec):,} characters in every prompt; "
+                f"a filled prompt may have at most {MAX_PROMPT_CHARS:,}"
+            )
+        else:
+            continue
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _spec_width(spec: str) -> int:
+    """The largest width or precision a format spec asks for (0: none)."""
+    return max((int(n) for n in re.findall(r"\d+", spec)), default=0)
+
+
+def _longest_text(table: Dataset, column: str) -> int:
+    """The longest value of a column as text (0 where it cannot be told, e.g. nested values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = table.data.column(column)
+    try:
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            values = pc.cast(values, pa.string())
+        return int(pc.max(pc.utf8_length(values)).as_py() or 0)
+    except (pa.ArrowException, ValueError, TypeError):
+        return 0
+
+
+def _check_filled_size(table: Dataset, template: str, fields: list[tuple[str, str]], key: str) -> None:
+    """Refuse (exit 2) a template whose filled prompts could exceed MAX_PROMPT_CHARS, before filling any."""
+    literal = sum(len(text) for text, *_ in string.Formatter().parse(template))
+    uses: dict[str, list[int]] = {}
+    for name, spec in fields:
+        uses.setdefault(_template_column(name), []).append(_spec_width(spec))
+    longest = {column: _longest_text(table, column) for column in uses}
+    size = literal + sum(max(width, longest[column]) for column, widths in uses.items() for width in widths)
+    if size > MAX_PROMPT_CHARS:
+        parts = ", ".join(
+            f"{{{column}}} {len(widths)} time{'s' if len(widths) > 1 else ''} (longest value {longest[column]:,})"
+            for column, widths in uses.items()
+        )
+        raise RecipeError(
+            f"data.template: filled with the rows of {key}, a prompt could reach {size:,} characters ({parts}); "
+            f"a filled prompt may have at most {MAX_PROMPT_CHARS:,}: shorten the template"
+        )
+
+
+def apply_template(table: Dataset, template: str, key: str, place: Callable[[int], str] | None = None) -> Dataset:
+    """Add a `prompt` column built from `data.template` (a Python format string over the file's columns).
+
+    The template is checked before any row is filled (template_problems, and the longest prompt it could make
+    from these rows); `place(i)` names row i in messages (default: `row i+1`)."""
+    problems = template_problems(template)
+    if problems:
+        raise RecipeError(problems[0])
+    fields = template_fields(template)
+    place = place or (lambda index: f"row {index + 1}")
+    columns = []
+    for name, _ in fields:
+        column = _template_column(name)
         if column not in table.column_names:
             raise DataError(
                 f"{key}: data.template uses column {column!r}, which is not in the file; "
                 f"columns are: {', '.join(sorted(table.column_names))}"
             )
         columns.append(column)
+    _check_filled_size(table, template, fields, key)
     prompts = []
-    for number, row in enumerate(table, start=1):
+    for index, row in enumerate(table):
         empty = [c for c in columns if row[c] is None]
         if empty:
-            raise DataError(f"{key}: row {number}: column {empty[0]!r} is empty, and data.template needs it")
+            raise DataError(f"{key}: {place(index)}: column {empty[0]!r} is empty, and data.template needs it")
         try:
             prompts.append(template.format_map(row))
         except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
-            raise DataError(f"{key}: row {number}: data.template cannot be filled: {exc}") from None
+            raise DataError(f"{key}: {place(index)}: data.template cannot be filled: {exc}") from None
     if "prompt" in table.column_names:
         table = table.remove_columns("prompt")
     return table.add_column("prompt", prompts)
+
+
+# --------------------------------------------------------------------------- a recipe's rows, checked
+
+# Fields every task reads as text. A CSV/TSV column mapped to one is read as text (a column of numbers a task
+# reads as text stays text); in every other file a value of another kind is refused, naming its place.
+TEXT_FIELDS = ("text", "text_pair", "prompt", "completion", "question", "context", "answer", "chosen", "rejected")
+
+EXPECTED = {
+    "text": "text",
+    "single": "a class name (text or an integer)",
+    "multi": "class names (a list, text or an integer)",
+}
+
+
+def _wrong(value: object, expected: str, required: bool) -> bool:
+    """Whether `value` is not what a field of kind `expected` holds."""
+    if value is None:
+        return required and expected != "multi"
+    if expected == "text":
+        return not isinstance(value, str)
+    if isinstance(value, (float, dict)):
+        return True
+    return expected == "single" and isinstance(value, str) and not value.strip()
+
+
+def _described(value: object) -> str:
+    if value is None:
+        return "no value (missing or null)"
+    if isinstance(value, str) and not value.strip():
+        return "an empty text"
+    shown = repr(value)
+    return f"{_kind(value)} ({shown[:60]}{'...' if len(shown) > 60 else ''})"
+
+
+def _csv_value(text: str) -> object:
+    """A CSV cell as pandas reads it in a column of its kind: an integer, a number, or text."""
+    if re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _raw_values(source: Source, column: str) -> Iterator[tuple[int, object]]:
+    """(record, value) of one column as the file itself holds it (before a reader made one type of the column)."""
+    assert source.path is not None
+    if source.layout == "lines":
+        for record, (_, row) in enumerate(numbered_jsonl(_lines(source.path), source.name)):
+            yield record, row.get(column)
+    elif source.layout == "records":
+        yield from enumerate(row.get(column) for row in _read_json(source.path) or [])
+    elif source.layout == "csv":
+        reader = csv.DictReader(io.StringIO(_read_text(source.path), newline=""), delimiter=source.separator)
+        for record, row in enumerate(reader):  # DictReader skips blank lines, as pandas does
+            value = row.get(column)
+            yield record, None if value is None else _csv_value(value)
+
+
+def _label_kind(values: pa.ChunkedArray, data: Any) -> str:
+    """single or multi: as classification decides it (data.multi_label, data.label_separator, list labels)."""
+    import pyarrow as pa
+
+    multi = getattr(data, "multi_label", None)
+    if multi is None:
+        multi = getattr(data, "label_separator", None) is not None or pa.types.is_list(values.type)
+    return "multi" if multi else "single"
+
+
+def check_fields(
+    table: Dataset, source: Source, key: str, columns: dict[str, str], required: Sequence[str], data: Any = None
+) -> None:
+    """Each field against the type its task reads: a text field holds text (a required one in every row); with
+    `data` (classification's data section), the label holds a class name (text or an integer; a list where
+    several labels per text). The first offending row is named by its place in the file, with its column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for field_name in table.column_names:
+        values = table.data.column(field_name)
+        if field_name in TEXT_FIELDS:
+            expected = "text"
+            suspect = not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type))
+        elif field_name == "label" and data is not None:
+            expected = _label_kind(values, data)
+            suspect = pa.types.is_floating(values.type) or pa.types.is_struct(values.type)
+            if expected == "single" and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                suspect = suspect or bool(pc.any(pc.equal(pc.utf8_trim_whitespace(values), "")).as_py())
+        else:
+            continue
+        required_here = field_name in required
+        suspect = suspect or (required_here and values.null_count > 0)
+        if not suspect:
+            continue
+        column = columns.get(field_name, field_name)
+        found = None
+        if source.path is not None and source.layout != "rows":  # the file's own values, before a reader typed them
+            found = next(((r, v) for r, v in _raw_values(source, column) if _wrong(v, expected, required_here)), None)
+        if found is None:
+            found = next(((r, v) for r, v in enumerate(values.to_pylist()) if _wrong(v, expected, required_here)), None)
+        if found is None:
+            continue
+        typed = f" (the column's type is {values.type})" if source.layout == "rows" and found[1] is not None else ""
+        raise _type_error(key, source, column, field_name, expected, *found, typed)
+
+
+def _type_error(
+    key: str, source: Source, column: str, field_name: str, expected: str, record: int, value: object, typed: str = ""
+) -> DataError:
+    name = f"column {column!r}" + (f" (data.columns.{field_name})" if column != field_name else "")
+    return DataError(
+        f"{key}: {source.place(record)}: {name} must be {EXPECTED[expected]}, got {_described(value)}{typed}"
+    )
+
+
+def _first_typed_clash(
+    item: str, key: str, columns: dict[str, str], fields: Sequence[str], required: Sequence[str], data: Any
+) -> DataError | None:
+    """For a JSON file whose rows do not form a table: the first value of a task field that is not of the kind the
+    task reads (a clash in a column no field uses, or between two kinds a field accepts, stays the reader's)."""
+    path = local_data_path(item, key)
+    layout = "records" if _suffix(path) == ".json" and _read_json(path) is not None else "lines"
+    source = Source(item, path, layout)
+    for field_name in fields:
+        column = columns.get(field_name, field_name)
+        values = list(_raw_values(source, column))
+        if field_name in TEXT_FIELDS:
+            expected = "text"
+        elif field_name == "label" and data is not None:
+            multi = getattr(data, "multi_label", None)
+            if multi is None:
+                multi = getattr(data, "label_separator", None) is not None or any(
+                    isinstance(v, list) for _, v in values
+                )
+            expected = "multi" if multi else "single"
+        else:
+            continue
+        found = next(((r, v) for r, v in values if _wrong(v, expected, field_name in required)), None)
+        if found is not None:
+            return _type_error(key, source, column, field_name, expected, *found)
+    return None
+
+
+def _arrow_kind(data_type: pa.DataType) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return "text"
+    if pa.types.is_boolean(data_type):
+        return "a boolean"
+    if pa.types.is_integer(data_type) or pa.types.is_floating(data_type):
+        return "a number"
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        return "a list"
+    if pa.types.is_struct(data_type):
+        return "an object"
+    return str(data_type)
+
+
+def _common_type(types: list[pa.DataType]) -> pa.DataType | None:
+    """One type for a field that several files give: theirs when they agree; a number where integers meet
+    fractions; text where text meets integers (labels compare as text); None when they cannot meet."""
+    import pyarrow as pa
+
+    known = [t for t in types if not pa.types.is_null(t)]
+    if not known:
+        return types[0]
+    if all(t == known[0] for t in known):
+        return known[0]
+    kinds = {_arrow_kind(t) for t in known}
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in known):
+        return pa.float64()
+    if kinds <= {"text", "a number", "a boolean"} and not any(pa.types.is_floating(t) for t in known):
+        return pa.large_string() if any(pa.types.is_large_string(t) for t in known) else pa.string()
+    return None
+
+
+def _combine(parts: list[Dataset], names: list[str], key: str) -> Dataset:
+    """The rows of several files as one table: the same task fields in each, one type per field."""
+    import hashlib
+
+    import pyarrow as pa
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for name, table in zip(names[1:], parts[1:]):
+        if set(table.column_names) != set(first.column_names):
+            raise DataError(
+                f"{key}: {name} gives the fields {', '.join(sorted(table.column_names))} but {names[0]} gives "
+                f"{', '.join(sorted(first.column_names))}; every file needs a column for the same fields"
+            )
+    tables = [table.with_format("arrow")[:].select(first.column_names).replace_schema_metadata(None) for table in parts]
+    for column in first.column_names:
+        types = [t.schema.field(column).type for t in tables]
+        common = _common_type(types)
+        if common is None:
+            i = next(i for i, t in enumerate(types) if _arrow_kind(t) != _arrow_kind(types[0]))
+            raise DataError(
+                f"{key}: field {column!r} is {_arrow_kind(types[0])} in {names[0]} but {_arrow_kind(types[i])} in "
+                f"{names[i]}; give it one type in every file"
+            )
+        for index, table in enumerate(tables):
+            if table.schema.field(column).type != common:
+                position = table.schema.get_field_index(column)
+                tables[index] = table.set_column(position, column, table.column(column).cast(common))
+    fingerprint = hashlib.sha256("".join(p._fingerprint for p in parts).encode()).hexdigest()[:32]
+    return Dataset(InMemoryTable(pa.concat_tables(tables)), fingerprint=fingerprint)
+
+
+def read_split(
+    spec: str | list[str],
+    key: str,
+    recipe: Recipe,
+    required: Sequence[str],
+    optional: Sequence[str],
+    classify: bool = False,
+    conversations: bool = False,
+) -> tuple[Dataset, Origins]:
+    """One split's files as the task's fields, with where each row came from. File by file: read (a bad line
+    named as file:line), the template filled, the columns mapped, every field's type checked; then the files
+    joined (JSON Lines, JSON, CSV/TSV and Parquet may be mixed). `conversations` (generation tasks): a file in a
+    conversation layout becomes checked `messages` rows (data/conversations.py)."""
+    data = recipe.data
+    items = [spec] if isinstance(spec, str) else list(spec)
+    text_columns = [data.columns.get(f, f) for f in (*required, *optional) if f in TEXT_FIELDS]
+    parts, origins = [], []
+    for item in items:
+        try:
+            table, source = load_source(item, key, text_columns)
+        except TableClash as exc:
+            fields = (*required, *optional)
+            typed = _first_typed_clash(item, key, data.columns, fields, required, data if classify else None)
+            if typed is not None:
+                raise typed from exc
+            raise
+        layout = table_layout(data, table.column_names, data.columns, required) if conversations else None
+        if layout is not None:
+            problems = conversation_problems(recipe, conversations=True)  # the recipe did not say: the file did
+            if problems:
+                raise RecipeError(f"{key} ({item}): the rows are conversations ({layout})", problems)
+            table = map_columns(table, data.columns, *layout_fields(layout), key=f"{key} ({item})")
+            parts.append(as_messages(table, layout, key, source.place))
+            origins.append(Origins.of(source, len(table)))
+            continue
+        if data.template is not None:
+            table = apply_template(table, data.template, key, source.place)
+        table = map_columns(table, data.columns, required, optional, key=f"{key} ({item})")
+        check_fields(table, source, key, data.columns, required, data if classify else None)
+        parts.append(table)
+        origins.append(Origins.of(source, len(table)))
+    return _combine(parts, items, key), Origins.concat(origins)
 
 
 # Below this many rows, starting worker processes costs more than tokenising in one.
@@ -398,17 +883,181 @@ def token_lengths(features: Dataset) -> np.ndarray:
     """Tokens per row of a features table, read from Arrow's list offsets (no row becomes a Python list)."""
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(features.data.column("input_ids")).to_numpy()
+    # Preference features hold a pair (or a row and its KL sequence): their first sequence stands for the row.
+    column = next(name for name in features.column_names if name.endswith("input_ids"))
+    lengths = pc.list_value_length(features.data.column(column)).to_numpy()
     if features._indices is not None:  # a selection of the table's rows
         lengths = lengths[features._indices.column(0).to_numpy()]
     return lengths
 
 
-def split_for_eval(table: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    parts = table.train_test_split(test_size=fraction, seed=seed, shuffle=True, keep_in_memory=True)
-    if len(parts["train"]) == 0 or len(parts["test"]) == 0:
-        raise DataError(f"data.eval_split: {fraction} of {len(table)} rows leaves an empty train or eval set")
-    return parts["train"], parts["test"]
+def draw_eval_split(
+    labels: LabelCodes | None, rows: int, fraction: float, seed: int, stratify: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(training rows, eval rows, how they were drawn) for data.eval_split, a pure function of the seed.
+
+    Stratified by label (`labels`: single-label classification; None otherwise) when every class has two rows or
+    more: each class gives the eval split its share of rows, rounded by largest remainder, and keeps at least one
+    training row. Otherwise random (the permutation `datasets` draws for the same seed); in classification the rows
+    of a class with a single row stay in training, where the model can learn it.
+    """
+    held_out = math.ceil(fraction * rows)
+    if rows - held_out < 1:
+        most = (rows - 1) / rows if rows > 1 else 0
+        fix = f"use data.eval_split <= {math.floor(most * 1000) / 1000:g}" if most >= 0.001 else "add rows"
+        raise DataError(
+            f"data.eval_split: {fraction:g} of the {rows} training row(s) holds out {held_out} for evaluation and "
+            f"leaves {rows - held_out} to train on; {fix}, or give an eval file (data.eval)"
+        )
+    rng = np.random.default_rng(seed)
+    info: dict[str, Any] = {"fraction": fraction, "seed": seed, "rows": rows}
+    lone: list[str] = []
+    if labels is None and stratify is True:
+        raise DataError("data.stratify: only single-label classification is stratified by label; remove it")
+    if labels is not None:
+        counts = np.bincount(labels.codes, minlength=len(labels.names))
+        lone = sorted(labels.names[k] for k in np.flatnonzero(counts == 1))
+        if stratify is True and lone:
+            raise DataError(
+                f"data.stratify: a stratified split needs two rows of every class; {len(lone)} class(es) have one: "
+                f"{', '.join(map(repr, lone))}"
+            )
+        if stratify is not False and not lone:
+            train, held = _stratified(labels.codes, counts, held_out, rng)
+            info.update(method="stratified", note=f"stratified by label over {int((counts > 0).sum())} classes")
+            return train, held, {**info, "train_rows": len(train), "eval_rows": len(held)}
+    permutation = rng.permutation(rows)
+    if labels is not None and lone:  # a class with one row cannot be both learnt and evaluated: it stays in training
+        single = (np.bincount(labels.codes, minlength=len(labels.names)) == 1)[labels.codes][permutation]
+        permutation = np.concatenate([permutation[~single], permutation[single]])
+    held, train = permutation[:held_out], permutation[held_out:]
+    if labels is None:
+        note = "random"
+    elif stratify is False:
+        note = "random (data.stratify: false)"
+    else:
+        note = f"random, not stratified: {len(lone)} class(es) have a single row ({', '.join(lone)}), kept in training"
+    info.update(method="random", note=note)
+    return train, held, {**info, "train_rows": len(train), "eval_rows": len(held)}
+
+
+def _stratified(
+    codes: np.ndarray, counts: np.ndarray, held_out: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    classes = np.flatnonzero(counts)
+    quota = counts[classes] * held_out / len(codes)
+    take = np.minimum(np.floor(quota).astype(np.int64), counts[classes] - 1)
+    order = np.lexsort((rng.random(len(classes)), -(quota - np.floor(quota))))  # largest remainder first
+    left = held_out - int(take.sum())
+    while left > 0:
+        room = [k for k in order if take[k] < counts[classes[k]] - 1]
+        if not room:
+            break
+        for k in room[:left]:
+            take[k] += 1
+        left = held_out - int(take.sum())
+    rows_of = np.split(np.argsort(codes, kind="stable"), np.cumsum(counts)[:-1])
+    chosen = [rng.permutation(rows_of[c])[: take[k]] for k, c in enumerate(classes)]
+    held = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(codes)), held), held
+
+
+@dataclass(frozen=True)
+class LabelCodes:
+    """A label column as one code per row and the class names (as classes compare: text), read column-wise."""
+
+    codes: np.ndarray
+    names: list[str]
+
+
+def single_labels(rows: Dataset, data: Any) -> LabelCodes | None:
+    """Classification's labels, or None where a text has several (or there are none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "label" not in rows.column_names:
+        return None
+    values = rows.data.column("label") if rows._indices is None else rows.with_format("arrow")[:].column("label")
+    if _label_kind(values, data) == "multi":
+        return None
+    if pa.types.is_boolean(values.type):  # as str() names them, the way classification compares labels
+        values = pa.chunked_array([pc.if_else(values, "True", "False")])
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = pc.cast(values, pa.string())
+    encoded = pc.fill_null(values, "").combine_chunks().dictionary_encode()
+    return LabelCodes(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist())
+
+
+@dataclass
+class SplitRows:
+    """A recipe's training and eval rows as the task's fields, where each came from, and how data.eval_split drew
+    them (None: an eval file)."""
+
+    train: Dataset
+    eval: Dataset
+    origins: dict[str, Origins]  # by split key: data.train, data.eval
+    eval_split: dict[str, Any] | None = None
+
+    def select(self, split: str, indices: ArrayLike) -> None:
+        """Keep only these rows of a split (and their origins)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if split == "data.train":
+            self.train = self.train.select(indices, keep_in_memory=True)
+        else:
+            self.eval = self.eval.select(indices, keep_in_memory=True)
+        self.origins[split] = self.origins[split].take(indices)
+
+
+def read_splits(
+    recipe: Recipe, required: Sequence[str], optional: Sequence[str], classify: bool, conversations: bool = False
+) -> SplitRows:
+    """The rows a recipe trains and evaluates on (data.train, data.eval or data.eval_split, the sample limits),
+    as the task's fields, each field's type checked, each row's place in its file kept."""
+    data = recipe.data
+    train, train_origins = read_split(data.train, "data.train", recipe, required, optional, classify, conversations)
+    if data.eval is not None:
+        eval_rows, eval_origins = read_split(
+            data.eval, "data.eval", recipe, required, optional, classify, conversations
+        )
+        rows = SplitRows(train, eval_rows, {"data.train": train_origins, "data.eval": eval_origins})
+    else:
+        assert data.eval_split is not None  # the rules require data.eval or data.eval_split
+        labels = single_labels(train, data) if classify else None
+        stratify = data.stratify
+        kept, held, drawn = draw_eval_split(labels, len(train), data.eval_split, recipe.train.seed, stratify)
+        rows = SplitRows(train, train, {"data.train": train_origins, "data.eval": train_origins}, drawn)
+        rows.select("data.eval", held)
+        rows.select("data.train", kept)
+    if data.max_train_samples:
+        rows.select("data.train", range(min(len(rows.train), data.max_train_samples)))
+    if data.max_eval_samples:
+        rows.select("data.eval", range(min(len(rows.eval), data.max_eval_samples)))
+    return rows
+
+
+def check_eval_labels(rows: SplitRows, data: Any) -> list[str]:
+    """Single-label classification: eval labels that no training row has. Those data.labels lists are returned
+    (the model has them as classes, never trained: the data report warns); any other is refused (exit 3), named
+    with its rows, since nothing could ever predict it."""
+    train_labels, eval_labels = single_labels(rows.train, data), single_labels(rows.eval, data)
+    if train_labels is None or eval_labels is None:
+        return []
+    trained = {train_labels.names[c] for c in np.unique(train_labels.codes)}
+    listed = None if data.labels is None else {str(label) for label in data.labels}
+    missing = [(eval_labels.names[c], c) for c in np.unique(eval_labels.codes) if eval_labels.names[c] not in trained]
+    refused = [(label, code) for label, code in missing if listed is None or label not in listed]
+    if refused:
+        origins = rows.origins["data.eval"]
+        shown = []
+        for label, code in refused:
+            where = np.flatnonzero(eval_labels.codes == code)
+            shown.append(f"{label!r}: {len(where)} row(s), first at {origins.place(int(where[0]))}")
+        if listed is None:
+            fix = "give data.train rows of these classes, or list every class in data.labels to evaluate them untrained"
+        else:
+            fix = "they are not in data.labels either; add them there or remove those rows"
+        raise DataError(f"data.eval: label(s) that no training row has ({'; '.join(shown)}); {fix}")
+    return sorted(label for label, _ in missing)
 
 
 @dataclass

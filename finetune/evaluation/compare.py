@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
 from finetune.errors import RecipeError
 from finetune.files import write_text_atomic
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from finetune.recipe.schema import Recipe
+
 LOWER_IS_BETTER = {"eval_loss"}
 NOT_A_QUALITY = {"mean_length"}  # a description of the outputs, neither better nor worse when it moves
+
+
+class Baseline(NamedTuple):
+    """`--compare`: where the baseline came from, its metrics.json, the tolerance, and whether a baseline evaluated
+    on other data may be compared anyway (`--allow-different-data`)."""
+
+    source: str
+    document: dict
+    tolerance: float
+    allow_different_data: bool = False
+
+
+def eval_data_record(recipe: Recipe, rows: Dataset) -> dict:
+    """What an evaluation was scored on, for `--compare` to tell like from unlike: the eval source as the recipe
+    names it, the number of rows, and a SHA-256 of the rows themselves (every field, in order)."""
+    data = recipe.data
+    if data.eval is not None:
+        source = data.eval if isinstance(data.eval, str) else ", ".join(data.eval)
+    else:
+        train = data.train if isinstance(data.train, str) else ", ".join(data.train)
+        source = f"{train} (data.eval_split {data.eval_split}, seed {recipe.train.seed})"
+    digest = hashlib.sha256()
+    for batch in rows.iter(batch_size=1000):
+        digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+    return {"source": source, "rows": len(rows), "sha256": digest.hexdigest()}
+
+
+def _describe(record: dict) -> str:
+    return f"{record.get('source', '?')} ({record.get('rows', '?')} rows, sha256 {str(record.get('sha256'))[:12]})"
+
+
+def same_data(document: dict, baseline: Baseline) -> bool | None:
+    """Whether this evaluation and the baseline scored the same rows: None when either did not record them (saved
+    predictions re-scored, or a metrics.json from before finetune recorded them). Refuses (exit 2), naming both,
+    when they differ, unless the baseline allows different data."""
+    ours, theirs = document.get("eval_data"), baseline.document.get("eval_data")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict) or not ours.get("sha256") or not theirs.get("sha256"):
+        return None
+    if ours["sha256"] == theirs["sha256"]:
+        return True
+    if not baseline.allow_different_data:
+        raise RecipeError(
+            f"--compare: the baseline {baseline.source} was evaluated on {_describe(theirs)}, this evaluation on "
+            f"{_describe(ours)}; metrics on different data are not comparable. Evaluate on the baseline's data, "
+            "or give --allow-different-data to compare anyway"
+        )
+    return False
 
 
 def read_baseline(source: str) -> dict:

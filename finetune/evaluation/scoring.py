@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from finetune.data.tables import read_jsonl
 from finetune.errors import DataError
-from finetune.evaluation.compare import compare
+from finetune.evaluation.compare import Baseline, compare, same_data
+from finetune.evaluation.preference import has_preferences, preference_metrics
 from finetune.recipe.gates import Gate, evaluate_gates, parse_gate
 from finetune.recipe.schema import EvalSection
 
@@ -34,9 +35,14 @@ def eval_loader(
     return accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
 
 
-def score(task: ScoresRows, rows: list[dict], settings: EvalSection, eval_loss: float | None = None) -> dict:
-    """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics."""
-    scored = task.compute_metrics(rows, settings)
+def score(
+    task: ScoresRows, rows: list[dict], settings: EvalSection, eval_loss: float | None = None, generated: bool = True
+) -> dict:
+    """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics.
+
+    `generated=False`: the rows hold no predictions (judged preference rows only), so the task's metrics are skipped.
+    """
+    scored = task.compute_metrics(rows, settings) if generated else {"metrics": {}, "details": {}}
     metrics = dict(scored["metrics"])
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
@@ -46,9 +52,50 @@ def score(task: ScoresRows, rows: list[dict], settings: EvalSection, eval_loss: 
     # Reported whenever their feature is on, whatever eval.metrics lists: they describe the run, not the task.
     if rows and "retrieved_gold" in rows[0]:  # knowledge-base rows (finetune.retrieval)
         metrics["retrieval_recall@k"] = sum(bool(r["retrieved_gold"]) for r in rows) / len(rows)
+    if has_preferences(rows):  # rows judged by a preference objective (finetune.training.objectives)
+        metrics.update(preference_metrics(rows))
     if rows and "watermarked" in rows[0]:  # rows scored by the watermark detector (finetune.watermark)
         metrics["watermark_detected"] = sum(bool(r["watermarked"]) for r in rows) / len(rows)
     return {"metrics": metrics, "details": scored.get("details", {})}
+
+
+def multi_label_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
+    """Multi-label classification metrics (scikit-learn) from each row's reference and chosen labels.
+
+    The labels scored are those that occur in either (as single-label classification scores its classes).
+    """
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    classes = sorted({label for labels in (*gold, *predicted) for label in labels})
+    if not classes:  # no label anywhere: every row rightly has none
+        metrics = {"micro_f1": 0.0, "macro_f1": 0.0, "weighted_f1": 0.0, "subset_accuracy": 1.0, "hamming_loss": 0.0}
+        return {"metrics": metrics, "details": {"per_label": {}}}
+    binarizer = MultiLabelBinarizer(classes=classes)
+    y_true, y_pred = binarizer.fit_transform(gold), binarizer.transform(predicted)
+    metrics = {
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(hamming_loss(y_true, y_pred)),
+    }
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    per_label = {
+        c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for c, p, r, f, n in zip(classes, precision, recall, f1, support)
+    }
+    rows = max(len(gold), 1)
+    return {
+        "metrics": metrics,
+        "details": {
+            "per_label": per_label,
+            "labels_per_text": {
+                "reference": sum(map(len, gold)) / rows,
+                "predicted": sum(map(len, predicted)) / rows,
+            },
+        },
+    }
 
 
 def watermark_cost(marked: dict, unmarked: dict) -> dict:
@@ -82,14 +129,16 @@ def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dic
     }
 
 
-def attach_comparison(document: dict, baseline: tuple[str, dict, float] | None) -> dict:
-    """Add `comparison` (each metric against a baseline run's, within a tolerance) to a metrics document."""
+def attach_comparison(document: dict, baseline: Baseline | None) -> dict:
+    """Add `comparison` (each metric against a baseline run's, within a tolerance) to a metrics document; a
+    baseline evaluated on other data is refused (exit 2) unless it allows that, and then marked `same_data: false`."""
     if baseline is not None:
-        source, baseline_document, tolerance = baseline
+        metrics = compare(document, baseline.document, baseline.tolerance)
         document["comparison"] = {
-            "baseline": source,
-            "tolerance": tolerance,
-            "metrics": compare(document, baseline_document, tolerance),
+            "baseline": baseline.source,
+            "tolerance": baseline.tolerance,
+            "same_data": same_data(document, baseline),
+            "metrics": metrics,
         }
     return document
 

@@ -8,7 +8,7 @@ transformers' SynthID research example: Adam at 2.1e-2, a few L2 weights on the 
 one with the lowest validation loss kept. Its weights go to `RUN/watermark_detector/` (`save_pretrained`), with
 `training.json` (samples, loss, and the held-out true- and false-positive rates at a 0.5 posterior). `detect`
 reports its probability beside the z-test's verdict: measured on short sampled copy, its false-positive rate
-was far from the z-test's (README "Watermarks").
+was far from the z-test's (docs/watermarks.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
@@ -16,8 +17,11 @@ from finetune.data.features import Features
 from finetune.data.retrieval import attach_passages
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
+from finetune.evaluation.compare import eval_data_record
+from finetune.evaluation.scoring import eval_loader
 from finetune.flows.resolve import Resolved, resolve_run, resolve_source
 from finetune.flows.session import (
+    REFERENCE_ADAPTER,
     Session,
     build_retriever,
     open_session,
@@ -28,24 +32,97 @@ from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
+from finetune.tasks.preference import REFERENCE_COLUMNS, PreferenceCollator
 from finetune.tasks.text2text import CompletionEntropy
 from finetune.training import checkpoint
 from finetune.training.loop import make_accelerator
+from finetune.training.objectives import make_objective, reference_logps, reference_policy, with_columns
 from finetune.watermark import marking as watermark
 
 log = logging.getLogger("finetune")
 
 
-def evaluate_features(session: Session, model, features: Features, accelerator: Accelerator) -> tuple[list[dict], dict]:
-    """The one evaluation step: the task's predictions on `features`, then its metrics."""
+def evaluate_features(
+    session: Session, model, features: Features, accelerator: Accelerator, *, generate: bool = True
+) -> tuple[list[dict], dict]:
+    """The one evaluation step: the task's predictions on `features`, then its metrics. Under a preference
+    objective each judged row also carries the policy's rewards; `generate=False` scores those alone (cheap, for
+    evaluations during training)."""
+    judged: list[dict] | None = None
+    preference_loss = None
+    if is_preference_data(features.dataset):
+        judged, preference_loss = judge_preferences(session, model, features, accelerator)
+    if not generate and judged is not None:
+        rows = [{**row, **judgement} for row, judgement in zip(features.rows, judged)]
+        return rows, evaluation.score(session.task, rows, session.recipe.eval, preference_loss, generated=False)
     rows, loss = session.task.predict(
         model, session.tokenizer, features, accelerator, session.recipe, dict(session.state)
     )
+    if judged is not None:  # generation keeps the rows' order; several samples of a row share its judgement
+        rows = [{**row, **judged[index]} for index, row in zip(_row_indices(rows), rows)]
+        loss = preference_loss
     mark = session.recipe.eval.watermark
     if mark is not None:  # each prediction scored on its own tokens
         detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)
         rows = [{**row, **detector.score(row["prediction"], row["prompt"]).as_dict()} for row in rows]
     return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
+
+
+def _row_indices(rows: list[dict]) -> list[int]:
+    """The eval row each prediction row came from (a row generated n times gives n prediction rows)."""
+    out, index = [], -1
+    for row in rows:
+        index += 1 if row.get("sample", 0) == 0 else 0
+        out.append(index)
+    return out
+
+
+def is_preference_data(dataset: Dataset) -> bool:
+    return "chosen_input_ids" in dataset.column_names or "completion_input_ids" in dataset.column_names
+
+
+@torch.no_grad()
+def judge_preferences(
+    session: Session, model, features: Features, accelerator: Accelerator
+) -> tuple[list[dict], float | None]:
+    """Each pair's (or thumb's) rewards under the policy, and the objective's mean loss (the eval loss).
+
+    The reference log-probabilities come with the features when training computed them; otherwise from the
+    reference policy (the starting adapter loaded beside the trained one, or the base with adapters disabled).
+    A KTO run judged on pairs reports rewards alone: its loss is defined on thumbs.
+    """
+    recipe, family = session.recipe, session.family
+    objective = session.objective
+    pairs = "chosen_input_ids" in features.dataset.column_names
+    if objective.name == "kto" and pairs:
+        objective = make_objective("dpo", recipe.train.preference, family.encoder_decoder)
+    dataset = features.dataset
+    collate = PreferenceCollator(session.tokenizer)
+    if objective.needs_reference and not any(name in dataset.column_names for name in REFERENCE_COLUMNS):
+        adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) else None
+        policy = reference_policy(model, adapter)
+        columns = reference_logps(
+            model, dataset, collate, recipe.eval_batch_size, accelerator, family.encoder_decoder, policy
+        )
+        dataset = with_columns(dataset, columns)
+    was_training = model.training
+    model.eval()
+    judged: dict[str, list] = {}
+    total, count = 0.0, 0
+    try:
+        for batch in eval_loader(dataset, collate, recipe.eval_batch_size, accelerator):
+            with accelerator.autocast():
+                step = objective.step(model, batch)
+            size = len(batch["input_ids"]) // 2
+            total, count = total + float(step.loss) * size, count + size
+            for name, values in accelerator.gather_for_metrics(step.rows).items():
+                judged.setdefault(name, []).extend(values.cpu().tolist())
+    finally:
+        model.train(was_training)
+    names = list(judged)
+    rows = [dict(zip(names, values)) for values in zip(*(judged[n] for n in names))]
+    loss = total / count if count and not (session.objective.name == "kto" and pairs) else None
+    return rows, loss
 
 
 def watermark_detector(
@@ -61,12 +138,13 @@ def watermark_detector(
 class SessionEvaluator:
     """The task's own predict + metrics on the live model, over the evaluation rows used during training."""
 
-    def __init__(self, session: Session, features: Features, accelerator: Accelerator):
+    def __init__(self, session: Session, features: Features, accelerator: Accelerator, generate: bool = True):
         self.session, self.features, self.accelerator = session, features, accelerator
+        self.generate = generate
         self.rows = len(features.rows)
 
     def __call__(self, model) -> dict[str, float]:
-        _, scored = evaluate_features(self.session, model, self.features, self.accelerator)
+        _, scored = evaluate_features(self.session, model, self.features, self.accelerator, generate=self.generate)
         return scored["metrics"]
 
 
@@ -150,6 +228,7 @@ def evaluate(
             {
                 "evaluated": str(adapter_dir) if adapter_dir else f"base model {recipe.model.name_or_path}",
                 "data": session.reports(),
+                "eval_data": eval_data_record(recipe, session.features["eval"].rows),  # what --compare checks
             },
         )
         evaluation.attach_comparison(document, baseline)
@@ -275,6 +354,7 @@ def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | 
         columns=columns,
         required=_inputs_only(task, required),
         optional=(*optional, *task.reference_fields),
+        labeled=False,
     )
     if knowledge_base is not None or recipe.data.knowledge_base is not None:  # answers come from retrieved passages
         retriever = build_retriever(recipe, knowledge_base)

@@ -44,6 +44,9 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(str(staging), safe_serialization=True)
     session.tokenizer.save_pretrained(str(staging))
+    for name in adapter_files.TASK_STATE_FILES:  # multi-label thresholds travel with the merged model
+        if (run.adapter / f"{name}.json").is_file():
+            shutil.copyfile(run.adapter / f"{name}.json", staging / f"{name}.json")
     rundir.publish_directory(staging, target, MERGED)
     return target
 

@@ -7,9 +7,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
-from finetune.flows.session import Session, during_rows
+from finetune.flows.session import Session, during_rows, generates_during
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
+from finetune.recipe.schema import Recipe
 from finetune.training.loop import TrainPlan
 
 
@@ -48,9 +49,11 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
         if limit is not None and limit < rows
         else f"all {rows} eval rows"
     )
-    if limit is not None and settings.during_max_samples is None:
+    if not generates_during(session):
+        shown += " (judged, no generation)"
+    elif limit is not None and settings.during_max_samples is None:
         shown += " (generation: eval.during_max_samples defaults to a bounded sample)"
-    metric = settings.best_metric or session.task.main_metric(settings)
+    metric = session.resolved.best_metric
     stopping = recipe.train.early_stopping
     return (
         f"{count} evaluations during training (every {settings.every if settings.every == 'epoch' else f'{settings.every} steps'}) "
@@ -63,12 +66,41 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
     )
 
 
+def objective_plan(recipe: Recipe) -> str:
+    """What training optimises, and against which reference policy."""
+    train = recipe.train
+    preference = train.preference
+    if train.objective == "sft":
+        return "sft: cross-entropy on the reference completions"
+    reference = (
+        f"the starting adapter {recipe.model.adapter}" if recipe.model.adapter else "the base model (fresh LoRA)"
+    )
+    if train.objective == "dpo":
+        loss = preference.loss + (
+            f", label_smoothing {preference.label_smoothing:g}" if preference.loss == "robust" else ""
+        )
+        return f"dpo ({loss} loss), beta {preference.beta:g}; reference: {reference}, log-probs computed once"
+    if train.objective == "kto":
+        return (
+            f"kto, beta {preference.beta:g}, weights desirable {preference.desirable_weight:g} / undesirable "
+            f"{preference.undesirable_weight:g}; reference: {reference}, log-probs computed once"
+        )
+    if train.objective == "grpo":
+        g = train.grpo
+        return (
+            f"grpo: {g.group_size} samples per prompt (temperature {g.temperature:g}, top_p {g.top_p:g}, up to "
+            f"{g.max_new_tokens} tokens), rewarded by the task's own score; {g.loss_type} loss, clip "
+            f"{g.epsilon:g}, KL beta {g.beta:g}" + (f" to {reference}" if g.beta else "")
+        )
+    return f"orpo, beta {preference.beta:g} (odds-ratio term beside the chosen answers' NLL); no reference model"
+
+
 def show_plan(
     console: Console, session: Session, world_size: int, output_note: str, data_warnings: list[str] | None = None
 ) -> None:
     recipe = session.recipe
     trainable, total = count_parameters(session.model)
-    plan = TrainPlan.build(recipe, len(session.features["train"].dataset), world_size)
+    plan = TrainPlan.build(recipe.train, len(session.features["train"].dataset), world_size)
     table = Table(title="plan", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -90,6 +122,9 @@ def show_plan(
         f"optimizer {recipe.train.optimizer}"
         + (f" (B lr x{recipe.train.loraplus_lr_ratio:g})" if recipe.train.optimizer == "loraplus" else ""),
     )
+    if recipe.model.adapter is not None:
+        table.add_row("starts from", f"{recipe.model.adapter} (model.adapter; its LoRA settings)")
+    table.add_row("objective", objective_plan(recipe))
     groups = group_targets(list(session.targets), session.family)
     table.add_row("LoRA targets", f"{len(session.targets)} modules" + "".join(f"\n{line}" for line in groups))
     if recipe.data.knowledge_base is not None:

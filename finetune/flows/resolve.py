@@ -23,7 +23,9 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from finetune.data.tables import FILE_SUFFIXES, local_data_path
+from finetune.data.conversations import conversation_fields, encoder_decoder_problem
+from finetune.data.report import read_rows
+from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.references import config_without_weights, detect_family, load_config, resolve_reference
@@ -79,7 +81,51 @@ def recipe_rules(recipe: Recipe) -> list[str]:
             f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
             "unchanged base; use one or the other"
         )
-    return problems + _data_rules(recipe, task) + _generation_rules(recipe, task) + _evaluation_rules(recipe, task)
+    return (
+        problems
+        + _data_rules(recipe, task)
+        + _generation_rules(recipe, task)
+        + _evaluation_rules(recipe, task)
+        + _objective_rules(recipe, task)
+    )
+
+
+def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
+    """train.objective: preference objectives train generation tasks on pairs or thumbs; model.adapter exists."""
+    objective, problems = recipe.train.objective, []
+    if objective != "sft":
+        if task.head != "generation":
+            problems.append(
+                f"train.objective: {objective} trains a generation task (copywriting, codegen, qa mode generative) "
+                f"on judged or scored answers; task {task.name}{f' mode {recipe.mode}' if recipe.mode else ''} "
+                "has no completions to judge (use sft)"
+            )
+        if recipe.train.packing:
+            problems.append(f"train.packing: packing applies to sft only; remove it for train.objective {objective}")
+        if objective == "kto" and recipe.train.batch_size < 2:
+            problems.append("train.batch_size: kto needs at least 2 rows per batch (its KL baseline is a batch mean)")
+        if objective == "grpo" and task.name == "codegen" and not recipe.eval.execute_code:
+            problems.append(
+                "train.objective: grpo on codegen rewards the share of a problem's tests its samples pass, which "
+                "runs generated code: set eval.execute_code: true (the sandbox and its limits apply)"
+            )
+    if recipe.model.adapter is not None:
+        try:
+            start_adapter_dir(recipe.model.adapter)
+        except RecipeError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def start_adapter_dir(reference: str) -> Path:
+    """`model.adapter`: a run directory (its adapter/) or an adapter directory, holding a peft adapter."""
+    path = Path(reference).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    if (path / "adapter_config.json").is_file():
+        return path
+    what = "not found" if not path.exists() else "no peft adapter here (adapter_config.json missing)"
+    raise RecipeError(f"model.adapter: {reference}: {what}; name a finished run or its adapter/ directory")
 
 
 def _data_rules(recipe: Recipe, task: Task) -> list[str]:
@@ -103,6 +149,22 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
             problems.append(f"data.labels: {', '.join(map(repr, repeated))} listed more than once")
         if recipe.task != "classification":
             problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
+    if recipe.task != "classification":  # classification's settings, at other than their defaults
+        for place, value, default in (
+            ("data.multi_label", data.multi_label, None),
+            ("data.label_separator", data.label_separator, None),
+            ("train.class_weights", recipe.train.class_weights, "auto"),
+            ("eval.threshold", recipe.eval.threshold, "tune"),
+        ):
+            if value != default:
+                problems.append(f"{place}: a classification setting; remove it for task {recipe.task}")
+    if data.template is not None:
+        problems += template_problems(data.template)
+    stratify = data.stratify
+    if stratify is not None and data.eval is not None:
+        problems.append("data.stratify: decides how data.eval_split is drawn; with an eval file (data.eval) remove it")
+    if stratify and recipe.task != "classification":
+        problems.append(f"data.stratify: only classification is stratified (by label); remove it for {recipe.task}")
     if data.knowledge_base is not None:
         if recipe.task != "qa":
             problems.append(
@@ -111,6 +173,10 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
         if data.retrieval.train:
             problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
     return problems
+
+
+# Sampling below this temperature is greedy decoding in all but name, and far below it the scaled logits overflow.
+MIN_TEMPERATURE = 0.01
 
 
 def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
@@ -133,12 +199,22 @@ def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
             problems.append(
                 "eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key"
             )
+    temperature = recipe.eval.temperature
+    if 0 < temperature < MIN_TEMPERATURE:
+        problems.append(
+            f"eval.temperature: {temperature:g} is too small to sample with (greedy decoding in all but name, and "
+            f"far below it the scaled logits overflow); use 0 for greedy decoding, or at least {MIN_TEMPERATURE:g}"
+        )
     if data.template is not None and not generates:
         problems.append(f"data.template: task {task.name} does not build prompts; remove the template")
     if data.template is not None and "prompt" in data.columns:
         problems.append("data.template: the template builds the prompt; remove data.columns.prompt")
     if data.chat_template and not generates:
         problems.append(f"data.chat_template: task {task.name} does not generate text")
+    if data.format not in ("auto", "prompt") and not generates:
+        problems.append(f"data.format: {data.format} rows are conversations; task {task.name} does not generate text")
+    if data.assistant_turns != "all" and not generates:
+        problems.append(f"data.assistant_turns: task {task.name} has no conversations; remove it")
     if recipe.train.packing and not generates:
         problems.append(
             f"train.packing: only for GPT-family models on generation tasks (copywriting, codegen, generative qa); "
@@ -175,6 +251,13 @@ def family_rules(task: Task, family: FamilySpec, recipe: Recipe, place: str) -> 
         problems.append(f"{place}: {refusal}")
     if recipe.train.packing and not family.packs and isinstance(task, GenerationTask):
         problems.append(f"train.packing: only for GPT-family models; this is a {family.name}-family model")
+    if isinstance(task, GenerationTask) and family.encoder_decoder and conversation_fields(recipe.data) is not None:
+        problems.append(encoder_decoder_problem(family.name, place))
+    if recipe.train.objective == "grpo" and family.encoder_decoder:
+        problems.append(
+            f"train.objective: grpo samples and scores continuations of GPT-style models; this is a "
+            f"{family.name}-family model (use sft, dpo, orpo or kto)"
+        )
     return problems
 
 
@@ -229,7 +312,7 @@ def environment_rules(
             note = f"{family.name} family"
             if forced == "auto" and recipe.task in TASKS:  # a forced family was checked with the recipe alone
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
-            problems += [Problem(p) for p in _position_rules(recipe, config)]
+            problems += [Problem(p) for p in _position_rules(recipe, config, family) + _size_rules(recipe, config)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
 
@@ -258,20 +341,73 @@ def _package_and_device_rules(recipe: Recipe) -> list[str]:
         problems.append(
             "distributed.strategy: deepspeed needs the deepspeed package (pip install 'finetune[deepspeed]')"
         )
+    if isinstance(distributed.num_processes, int):
+        problems += too_many_processes(distributed.num_processes, "distributed.num_processes")
     return problems
 
 
-def _position_rules(recipe: Recipe, config) -> list[str]:
-    """data.max_length above the model's position embeddings would crash at the first step."""
+def machine_processes() -> tuple[int, str]:
+    """How many processes this machine runs side by side: one per GPU, or one per usable CPU core without GPUs."""
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return gpus, f"{gpus} GPU{'s' if gpus != 1 else ''}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores, f"{cores} usable CPU core{'s' if cores != 1 else ''}"
+
+
+def too_many_processes(wanted: int, place: str) -> list[str]:
+    """A process count beyond this machine (`distributed.num_processes`, `--num-processes`), as a problem."""
+    limit, what = machine_processes()
+    if wanted <= max(limit, 1):
+        return []
+    return [
+        f"{place}: {wanted} processes, but this machine has {what}; use at most {max(limit, 1)} (one process per "
+        "GPU, or per CPU core without GPUs)"
+    ]
+
+
+def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) -> list[str]:
+    """data.max_length above the model's position embeddings would crash at the first step; so would generation
+    that runs past them: a decoder continues its prompt (up to data.max_length tokens) by eval.max_new_tokens, an
+    encoder-decoder's decoder holds the new tokens alone."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int):
         return []
     if "roberta" in getattr(config, "model_type", "") or getattr(config, "model_type", "") == "camembert":
         limit -= 2  # RoBERTa-style positions start after the padding index
-    if recipe.data.max_length > limit:
+    name, max_length, new_tokens = recipe.model.name_or_path, recipe.data.max_length, recipe.eval.max_new_tokens
+    if max_length > limit:
         return [
-            f"data.max_length: {recipe.data.max_length} is above what {recipe.model.name_or_path} allows "
-            f"({limit} positions); use data.max_length <= {limit}"
+            f"data.max_length: {max_length} is above what {name} allows ({limit} positions); "
+            f"use data.max_length <= {limit}"
+        ]
+    if family is None or recipe.task not in TASKS or not isinstance(recipe_task(recipe), GenerationTask):
+        return []
+    if family.decoder_only and max_length + new_tokens > limit:
+        room = limit - max_length
+        return [
+            f"eval.max_new_tokens: {new_tokens} new tokens after a prompt of up to data.max_length={max_length} "
+            f"tokens run past the {limit} positions of {name}; use eval.max_new_tokens <= {room}"
+            + (f" or data.max_length <= {limit - new_tokens}" if new_tokens < limit else "")
+        ]
+    if family.encoder_decoder and new_tokens + 1 > limit:  # the decoder's start token comes first
+        return [
+            f"eval.max_new_tokens: {new_tokens} is more than the decoder of {name} can hold ({limit} positions, "
+            f"its start token included); use eval.max_new_tokens <= {limit - 1}"
+        ]
+    return []
+
+
+def _size_rules(recipe: Recipe, config) -> list[str]:
+    """A LoRA rank above the model's hidden size: each adapter would be larger than the weight it adapts, and
+    no more expressive than a rank equal to it."""
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(hidden, int) and recipe.lora.r > hidden:
+        return [
+            f"lora.r: {recipe.lora.r} is above the hidden size of {recipe.model.name_or_path} ({hidden}); a rank "
+            f"above it adds parameters but no capacity; use lora.r <= {hidden} (commonly 8 to 64)"
         ]
     return []
 
@@ -348,7 +484,28 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
     Raises RecipeError (exit 2), or DataError (exit 3) for data files alone.
     """
     _, family, note = _check(recipe, source, SPLITS)
+    check_rows(recipe, source, family)
     return CheckedRecipe(recipe, family, note)
+
+
+def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None = None) -> None:
+    """Read and check the data rows a run reads, as the run does (data.report.read_rows): malformed lines, missing
+    columns, values of the wrong type, the template filled, the eval split, data.on_overlap: error, eval labels no
+    training row has; the same error and exit code as `run`, the recipe named. What needs the tokenizer (token
+    lengths under data.overflow: error, QA answer spans) and knowledge-base retrieval is checked by `run --dry-run`
+    and `finetune data`."""
+    task = recipe_task(recipe)
+    required, optional = task.fields(recipe)
+    try:
+        rows, _ = read_rows(
+            recipe, required, optional, classify=task.name == "classification", conversations=task.head == "generation"
+        )
+        if family is not None and family.encoder_decoder and "messages" in rows.train.column_names:
+            raise RecipeError(encoder_decoder_problem(family.name))  # the file's columns made them conversations
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}", exc.problems) from exc
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -367,6 +524,16 @@ class Resolved:
     model_config: PretrainedConfig  # read once; copied, never changed, where a model is built from it
     precision: str  # accelerate's mixed_precision: no, fp16 or bf16
 
+    @property
+    def best_metric(self) -> str:
+        """The metric that decides "better" (eval.best_metric): the recipe's, else the objective's or the task's."""
+        settings = self.recipe.eval
+        if settings.best_metric:
+            return settings.best_metric
+        if self.recipe.train.learns_from_judgements:
+            return "preference_accuracy"
+        return self.task.main_metric(settings)
+
     def summary(self) -> str:
         return f"{self.recipe.task} on {self.recipe.model.name_or_path} ({self.family.name} family)"
 
@@ -383,6 +550,8 @@ class Resolved:
                     paths.append(path)
         if Path(self.model_path).exists():
             paths.append(Path(self.model_path))
+        if self.recipe.model.adapter is not None:
+            paths.append(start_adapter_dir(self.recipe.model.adapter))
         return tuple(paths)
 
 

@@ -7,25 +7,30 @@ recipe -> **session** -> train / evaluate / predict -> run directory
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
+import torch
 from accelerate.utils import set_seed
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from finetune.data.cache import CachedData, FeatureCache, cache_key
+from finetune.data.conversations import as_messages, layout_fields
 from finetune.data.features import Features
-from finetune.data.report import check_overlap
+from finetune.data.report import read_rows
 from finetune.data.retrieval import Retriever, attach_passages, knowledge_base_hash, load_passages
-from finetune.data.tables import apply_template, load_table, map_columns, split_for_eval
-from finetune.errors import RecipeError
-from finetune.flows.resolve import Resolved
+from finetune.data.tables import Origins, apply_template, map_columns
+from finetune.errors import DataError, RecipeError
+from finetune.evaluation.preference import PREFERENCE_METRICS
+from finetune.flows.resolve import Resolved, start_adapter_dir
 from finetune.models.families import FamilySpec
 from finetune.models.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
 from finetune.models.references import (
@@ -38,8 +43,13 @@ from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
 from finetune.tasks import Task
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.text2text import PackedCollator
+from finetune.tasks.preference import PreferenceCollator, PromptCollator
+from finetune.tasks.text2text import PackedCollator, StopOnStrings, cut_at_stops
 from finetune.training.loop import has_accelerator_device
+from finetune.training.objectives import GRPO, Objective, make_objective
+
+# The name of the starting adapter (model.adapter) when it is loaded beside a trained one as the reference policy.
+REFERENCE_ADAPTER = "reference"
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,65 @@ class Session:
     @property
     def precision(self) -> str:
         return self.resolved.precision
+
+    @functools.cached_property
+    def objective(self) -> Objective:
+        """What training minimises (train.objective); one instance per session."""
+        train = self.recipe.train
+        if train.objective == "grpo":
+            return self._grpo()
+        return make_objective(train.objective, train.preference, self.family.encoder_decoder)
+
+    def _grpo(self) -> GRPO:
+        """GRPO with its sampler (the model's own generate, the task's stop strings) and its rewarder (the task's
+        score of each completion against its training row)."""
+        settings, tokenizer, task = self.recipe.train.grpo, self.tokenizer, self.task
+        assert isinstance(task, GenerationTask)
+        rows = self.features["train"].rows
+        stops = task.stops(self.recipe.eval)
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+        @torch.no_grad()
+        def sample(model, prompt_ids, prompt_mask, group: int) -> list[list[int]]:
+            policy = getattr(model, "module", model)  # generate on the model itself, not a DDP wrapper
+            was_training = policy.training
+            policy.eval()
+            width = prompt_ids.shape[1]
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stops, width)]) if stops else None
+            try:
+                output = policy.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    do_sample=True,
+                    temperature=settings.temperature,
+                    top_p=settings.top_p,
+                    max_new_tokens=settings.max_new_tokens,
+                    num_return_sequences=group,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    stopping_criteria=criteria,
+                    use_cache=True,
+                )
+            finally:
+                policy.train(was_training)
+            completions = []
+            for ids in output[:, width:].tolist():
+                end = ids.index(eos) + 1 if eos in ids else len(ids)
+                ids = ids[:end]
+                while len(ids) > 1 and ids[-1] == pad and pad != eos:  # a row stopped early is padded
+                    ids.pop()
+                completions.append(ids)
+            return completions
+
+        def reward(owners: list[int], completions: list[list[int]]) -> tuple[list[float], dict[str, int]]:
+            texts = [cut_at_stops(t, stops) for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+            scored = [{**rows[owner], "prediction": text} for owner, text in zip(owners, texts)]
+            result = task.rewards(scored, self.recipe.eval)
+            return result.values, result.reasons
+
+        adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}) else None
+        return GRPO(settings, sample, reward, (eos,), pad, adapter)
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}
@@ -112,38 +181,52 @@ def task_rows(
     columns: dict[str, str] | None = None,
     required: tuple[str, ...] | None = None,
     optional: tuple[str, ...] | None = None,
+    labeled: bool = True,
 ) -> Dataset:
-    """A loaded table as the task's fields: the prompt template applied, then the column mapping."""
-    if recipe.data.template is not None:
-        table = apply_template(table, recipe.data.template, key)
+    """A loaded table as the task's fields: the prompt template applied, then the column mapping; conversations
+    (generation tasks) become checked `messages` rows, which need an assistant turn when `labeled`."""
     columns = recipe.data.columns if columns is None else columns
     task_required, task_optional = task.fields(recipe)
     required = task_required if required is None else required
+    layout = task.conversation_layout(recipe, table.column_names, columns, required)
+    if layout is not None:
+        mapped = map_columns(table, columns, *layout_fields(layout, labeled), key=key)
+        return as_messages(mapped, layout, key, labeled=labeled)
+    if recipe.data.template is not None:
+        table = apply_template(table, recipe.data.template, key)
     optional = task_optional if optional is None else optional
     return map_columns(table, columns, required, optional, key=key)
 
 
-def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict]:
-    """(train rows, eval rows, train<->eval overlap) mapped to the task's field names; `data.on_overlap` applied;
-    with a knowledge base, each question gets its retrieved passages as context."""
-    data = recipe.data
-    train = task_rows(load_table(data.train, "data.train"), recipe, task, f"data.train ({_shown(data.train)})")
-    if data.eval is not None:
-        eval_rows = task_rows(load_table(data.eval, "data.eval"), recipe, task, f"data.eval ({_shown(data.eval)})")
-    else:
-        assert data.eval_split is not None  # the rules require data.eval or data.eval_split
-        train, eval_rows = split_for_eval(train, data.eval_split, recipe.train.seed)
-    if data.max_train_samples:
-        train = train.select(range(min(len(train), data.max_train_samples)))
-    if data.max_eval_samples:
-        eval_rows = eval_rows.select(range(min(len(eval_rows), data.max_eval_samples)))
-    train, overlap = check_overlap(train, eval_rows, data.on_overlap)
-    if data.knowledge_base is not None:
+def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict, dict[str, Origins]]:
+    """(train rows, eval rows, findings for the report, where each row came from) mapped to the task's field names,
+    typed, split, `data.on_overlap` applied (data.report.read_rows: what `validate` checks too); with a knowledge
+    base, each question gets its retrieved passages as context."""
+    required, optional = task.fields(recipe)
+    rows, found = read_rows(
+        recipe, required, optional, classify=task.name == "classification", conversations=task.head == "generation"
+    )
+    train, eval_rows = rows.train, rows.eval
+    if recipe.data.knowledge_base is not None:
         retriever = build_retriever(recipe)
         extractive = task.head == "question_answering"
-        train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
-        eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
-    return train, eval_rows, overlap
+        with placed_errors(rows.origins):
+            train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
+            eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
+    return train, eval_rows, found, rows.origins
+
+
+@contextmanager
+def placed_errors(origins: Mapping[str, Origins]) -> Iterator[None]:
+    """A task's `data.train: row N: ...` (N counting the split's rows) re-raised with the row's place in its file."""
+    try:
+        yield
+    except DataError as exc:
+        for split, where in origins.items():
+            placed = where.explain(exc, split)
+            if placed is not exc:
+                raise placed from exc
+        raise
 
 
 def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
@@ -152,10 +235,6 @@ def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = Non
     if base is None:
         raise RecipeError("data.knowledge_base: this recipe answers from no knowledge base; give --knowledge-base")
     return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
-
-
-def _shown(spec: str | list[str]) -> str:
-    return spec if isinstance(spec, str) else ", ".join(spec)
 
 
 def attention_kwargs(precision: str) -> dict[str, str]:
@@ -211,16 +290,30 @@ def load_task_model(
         quantization_config=quantization_config(recipe.distributed.quantization),
     )
     task.prepare_model(model, tokenizer, family)
+    task.set_loss(model, recipe, state)
     distributed = recipe.distributed
     if distributed.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=distributed.gradient_checkpointing)
     elif distributed.gradient_checkpointing and with_lora:
         # Non-reentrant checkpointing needs no input gradients, so it works with every weight frozen.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    start = None if recipe.model.adapter is None else start_adapter_dir(recipe.model.adapter)
     if adapter_dir is not None:
-        return PeftModel.from_pretrained(model, str(adapter_dir)), ()
+        trained = PeftModel.from_pretrained(model, str(adapter_dir))
+        if start is not None and recipe.train.objective in ("dpo", "kto"):
+            # The reference policy of a run that started from an earlier adapter: that adapter, frozen beside it.
+            trained.load_adapter(str(start), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        return trained, ()
     if not with_lora:
         return model, ()
+    if start is not None:  # continue from an earlier run's adapter: its weights and its LoRA settings
+        peft_model = PeftModel.from_pretrained(model, str(start), is_trainable=True)
+        if recipe.train.objective == "grpo" and recipe.train.grpo.beta != 0:
+            # GRPO's reference is scored on fresh samples each step: the starting adapter stays loaded, frozen.
+            peft_model.load_adapter(str(start), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            peft_model.set_adapter("default")
+        named = getattr(peft_model.peft_config["default"], "target_modules", None) or ()
+        return peft_model, (named,) if isinstance(named, str) else tuple(sorted(named))
     try:
         targets = resolve_targets(model, recipe.lora.targets, family)
     except ValueError as exc:
@@ -270,6 +363,7 @@ def open_data(
         built.state = dict(adapter_state) if adapter_state is not None else {}
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
     state = MappingProxyType({**built.state, "family": family.name})
+    task.check_state(recipe, state)
     return SessionData(
         resolved, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
     )
@@ -284,8 +378,9 @@ def _read_and_featurize(
     adapter_state: dict | None,
     cache: FeatureCache,
 ) -> CachedData:
-    train_rows, eval_rows, overlap = load_rows(recipe, task)
-    state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
+    train_rows, eval_rows, overlap, origins = load_rows(recipe, task)
+    with placed_errors(origins):
+        state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     workdir = cache.workdir()
     # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
     # and worker processes read the rows from the file instead of receiving pickled copies.
@@ -296,12 +391,13 @@ def _read_and_featurize(
     }
     del train_rows, eval_rows
     pa.default_memory_pool().release_unused()
-    features = {
-        split: task.featurize(
-            rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}", workdir=workdir
-        )
-        for split in splits
-    }
+    with placed_errors(origins):
+        features = {
+            split: task.featurize(
+                rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}", workdir=workdir
+            )
+            for split in splits
+        }
     return cache.publish(workdir, CachedData(features, state, overlap))
 
 
@@ -323,6 +419,10 @@ def open_session(
 
 def training_collator(session: Session):
     """The task's padding collator, or one-row packing (train.packing; validation allows it only where it applies)."""
+    if session.recipe.train.learns_from_judgements:
+        return PreferenceCollator(session.tokenizer)
+    if session.recipe.train.objective == "grpo":
+        return PromptCollator(session.tokenizer)
     if session.recipe.train.packing:
         return PackedCollator()
     return session.task.collate(session.tokenizer, session.recipe.data.max_length)
@@ -337,7 +437,19 @@ def during_rows(session: Session) -> int | None:
     settings = session.recipe.eval
     if settings.during_max_samples is not None:
         return settings.during_max_samples
+    if not generates_during(session):
+        return None
     return GENERATION_DURING_ROWS if isinstance(session.task, GenerationTask) else None
+
+
+def generates_during(session: Session) -> bool:
+    """Whether evaluations during training generate. A preference objective whose best metric is a judgement
+    (preference_accuracy, eval_loss, ...) judges every eval row and generates nothing: generation is what makes
+    evaluation slow."""
+    if not session.recipe.train.learns_from_judgements:
+        return True
+    metric = session.resolved.best_metric
+    return not (metric in PREFERENCE_METRICS or metric == "eval_loss")
 
 
 def changes_base_weights(recipe: Recipe) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -12,8 +13,10 @@ from rich.console import Console
 
 from finetune import files
 from finetune.data import report as data_report
-from finetune.data.tables import file_hashes
+from finetune.data.features import Features
+from finetune.data.tables import file_hashes, read_split
 from finetune.evaluation import scoring as evaluation
+from finetune.evaluation.compare import eval_data_record
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
 from finetune.flows.plan import show_plan
 from finetune.flows.resolve import Resolved
@@ -22,13 +25,14 @@ from finetune.flows.session import (
     SessionData,
     changes_base_weights,
     during_rows,
+    generates_during,
     open_data,
     open_session,
     training_collator,
 )
 from finetune.outputs import card, rundir
 from finetune.outputs import manifest as provenance
-from finetune.outputs.adapter import AdapterSaver
+from finetune.outputs.adapter import AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import Recipe, recipe_to_yaml
@@ -36,6 +40,7 @@ from finetune.secrets import redact
 from finetune.training import checkpoint, trackers
 from finetune.training.loop import Checkpointing, make_accelerator, train
 from finetune.training.monitor import Monitor, summary
+from finetune.training.objectives import reference_logps, with_columns
 
 log = logging.getLogger("finetune")
 
@@ -133,25 +138,31 @@ def _run(
     saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()
     trackers.start(accelerator, recipe, run_dir.path.name)
-    monitor = build_monitor(session, accelerator, run_dir.eval_log if main else None)
+    train_features, eval_features = session.features["train"], session.features["eval"]
+    if session.objective.needs_reference:
+        train_features, eval_features = with_reference(session, run_dir, accelerator, resume_from is not None)
+    monitor = build_monitor(session, eval_features, accelerator, run_dir.eval_log if main else None)
     set_seed(recipe.train.seed)
     result = train(
         session.model,
-        session.features["train"].dataset,
+        train_features.dataset,
         training_collator(session),
-        recipe,
+        recipe.train,
         accelerator,
         run_dir.train_log,
         console if main else None,
         Checkpointing(run_dir.checkpoints, identity, resume_from, saver),
         monitor,
+        session.objective,
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)
     kept_step = keep_weights(monitor, recipe, run_dir, model, result.steps, console if main else None)
     if main:
         saver.save(model, run_dir.adapter, for_other_tools=True)
-    rows, scored = evaluate_features(session, model, session.features["eval"], accelerator)
+    rows, scored = evaluate_features(session, model, eval_features, accelerator)
+    if main:  # what the final evaluation decided for the adapter (multi-label thresholds), beside it
+        write_task_files(run_dir.adapter, session.task.adapter_files(rows, recipe, session.state))
     training = {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -162,7 +173,11 @@ def _run(
         "stopped_early": bool(monitor and monitor.state.stopped_early),
     }
     gates = evaluation.collect_gates(recipe.eval.gates, None)
-    extra = {"data": session.reports(), "training": training}
+    extra = {
+        "data": session.reports(),
+        "eval_data": eval_data_record(recipe, session.features["eval"].rows),  # what --compare checks
+        "training": training,
+    }
     if monitor is not None:
         extra["evaluation"] = summary(monitor, kept_step, recipe.eval.keep)
     document = evaluation.metrics_document(recipe.task, scored, gates, extra)
@@ -222,27 +237,83 @@ def session_report(recipe: Recipe, data: Session | SessionData) -> dict:
     )
 
 
-def report_data(resolved: Resolved) -> dict:
-    """`finetune data`: the data report, without loading weights."""
-    return session_report(resolved.recipe, open_data(resolved))
+def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
+    """`finetune data`: the data report, without loading weights. With `tokens`, also every training row's
+    input_ids and labels there (JSON Lines, in the training file's order, before packing)."""
+    data = open_data(resolved)
+    if tokens is not None:
+        recipe, task = resolved.recipe, resolved.task
+        required, optional = task.fields(recipe)
+        file_rows, _ = read_split(  # the training file(s) as the run reads them, in their order
+            recipe.data.train,
+            "data.train",
+            recipe,
+            required,
+            optional,
+            classify=task.name == "classification",
+            conversations=task.head == "generation",
+        )
+        files.write_jsonl(tokens, data_report.token_lines(data.features["train"], file_rows))
+    return session_report(resolved.recipe, data)
 
 
-def build_monitor(session: Session, accelerator: Accelerator, log_path: Path | None) -> Monitor | None:
+def build_monitor(
+    session: Session, features: Features, accelerator: Accelerator, log_path: Path | None
+) -> Monitor | None:
     """Evaluation during training (eval.every), or None."""
     recipe = session.recipe
     if recipe.eval.every is None:
         return None
-    features = session.features["eval"]
+    metric = session.resolved.best_metric
+    generate = generates_during(session)
     limit = during_rows(session)
     if limit is not None and limit < len(features.rows):
-        features = session.featurize(features.rows.select(range(limit)), "data.eval")
-    metric = recipe.eval.best_metric or session.task.main_metric(recipe.eval)
+        if not recipe.train.learns_from_judgements:
+            features = session.featurize(features.rows.select(range(limit)), "data.eval")
+        else:  # one judged row per feature row; slicing keeps the reference log-probabilities
+            features = dataclasses.replace(
+                features,
+                dataset=features.dataset.select(range(limit)),
+                rows=features.rows.select(range(limit)),
+                prompts=features.prompts[:limit] if features.prompts is not None else None,
+            )
     return Monitor(
         recipe.eval.every,
         metric,
-        SessionEvaluator(session, features, accelerator),
+        SessionEvaluator(session, features, accelerator, generate=generate),
         log_path,
         recipe.train.early_stopping,
+    )
+
+
+def with_reference(
+    session: Session, run_dir: RunDir, accelerator: Accelerator, resumed: bool
+) -> tuple[Features, Features]:
+    """The train and eval features with the reference policy's log-probabilities (DPO, KTO).
+
+    Computed once, before the first step, from the model as it starts (fresh LoRA is the base model; a
+    model.adapter run starts from that adapter), and kept in the run directory: a resumed run reads them back
+    instead of recomputing them from weights that have moved."""
+    path = run_dir.reference_logps
+    if resumed and path.is_file():
+        saved = files.read_json(path)
+    else:
+        saved = {
+            split: reference_logps(
+                session.model,
+                session.features[split].dataset,
+                training_collator(session),
+                session.recipe.eval_batch_size,
+                accelerator,
+                session.family.encoder_decoder,
+            )
+            for split in ("train", "eval")
+        }
+        if accelerator.is_main_process:
+            files.write_json(path, saved)
+    return tuple(  # type: ignore[return-value]
+        dataclasses.replace(features, dataset=with_columns(features.dataset, saved[split]))
+        for split, features in (("train", session.features["train"]), ("eval", session.features["eval"]))
     )
 
 
@@ -250,7 +321,15 @@ def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool) -> No
     """A fresh run (after --overwrite's consent) starts from an empty directory; a resumed one keeps its
     checkpoints and log and drops only the outputs it is about to write again."""
     if keep_training_state:
-        for path in (run.metrics, run.predictions, run.card, run.manifest, run.curves, run.confusion):
+        for path in (
+            run.metrics,
+            run.predictions,
+            run.card,
+            run.manifest,
+            run.curves,
+            run.confusion,
+            run.confusion_csv,
+        ):
             path.unlink(missing_ok=True)
         shutil.rmtree(run.adapter, ignore_errors=True)
     else:

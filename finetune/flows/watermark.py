@@ -27,6 +27,8 @@ def detect(
     run_path: str, rows: list[dict], source: str, field: str = "prediction", key: int | None = None
 ) -> tuple[list[dict], dict]:
     """Watermark scores for texts (`field` of each row), with the run's tokenizer and key; rows keep their fields."""
+    if key is not None:  # refused before the run is read
+        watermark.check_key(key, "--key")
     resolved, run = resolve_run(run_path)
     recipe = resolved.recipe
     settings = recipe.eval.watermark

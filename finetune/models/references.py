@@ -1,6 +1,6 @@
 """Model references, family detection, and loading the task's Auto class.
 
-References (PRODUCT.md): a hub id, a local `save_pretrained` directory,
+References (docs/guide.md "Model references"): a hub id, a local `save_pretrained` directory,
 `pkg:MODULE/SUBDIR` (a checkpoint inside an installed package, found without
 importing it), or a GGUF file (`FILE.gguf` or `DIR::FILE.gguf`), which is
 dequantised once into a plain float checkpoint cached by the file's hash.

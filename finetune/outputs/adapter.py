@@ -120,5 +120,23 @@ def _local_snapshot(base_path: str, revision: str | None) -> Path | None:
         return None
 
 
+# What a task decides from the final evaluation and keeps beside the adapter (Task.adapter_files), each read back
+# into the task state under its name: multi-label classification's per-label decision thresholds.
+TASK_STATE_FILES = ("thresholds",)
+
+
+def write_task_files(adapter_dir: Path, documents: dict[str, Any]) -> None:
+    """`adapter/<name>.json` for each document a task keeps with its adapter (TASK_STATE_FILES)."""
+    for name, document in documents.items():
+        assert name in TASK_STATE_FILES, name  # read_adapter_meta reads back only these
+        write_json(adapter_dir / f"{name}.json", document)
+
+
 def read_adapter_meta(adapter_dir: Path) -> dict:
-    return json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
+    """finetune.json, with the task's files beside the adapter (TASK_STATE_FILES) in its `state`."""
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
+    for name in TASK_STATE_FILES:
+        path = adapter_dir / f"{name}.json"
+        if path.is_file():
+            meta["state"] = {**meta.get("state", {}), name: json.loads(path.read_text(encoding="utf-8"))[name]}
+    return meta

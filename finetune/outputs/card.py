@@ -13,14 +13,16 @@ from finetune.secrets import redact
 
 
 def write_pictures(run: RunDir, document: dict) -> list[str]:
-    """training_curves.png from the log and, for classification, confusion_matrix.png. Returns the file names."""
+    """training_curves.png from the log and, for classification, confusion_matrix.png (bounded) with the whole
+    matrix in confusion_matrix.csv. Returns the file names."""
     written = []
     if run.train_log.is_file() and plots.training_curves(run.train_log, run.curves, run.eval_log):
         written.append(run.curves.name)
     matrix = document.get("details", {}).get("confusion_matrix")
     if matrix:
         plots.confusion_matrix(matrix["labels"], matrix["matrix"], run.confusion)
-        written.append(run.confusion.name)
+        plots.confusion_csv(matrix["labels"], matrix["matrix"], run.confusion_csv)
+        written += [run.confusion.name, run.confusion_csv.name]
     return written
 
 

@@ -1,10 +1,15 @@
-"""Pictures in the run directory: the loss and learning-rate curves, and a confusion matrix."""
+"""Pictures in the run directory: the loss and learning-rate curves, and a confusion matrix (bounded, with the whole
+matrix as CSV beside it)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from types import ModuleType
+
+from finetune import files
 
 
 def _pyplot() -> ModuleType:
@@ -65,25 +70,69 @@ def training_curves(train_log: Path, target: Path, eval_log: Path | None = None)
     return True
 
 
-def confusion_matrix(labels: list, matrix: list[list[int]], target: Path) -> None:
-    """Rows are the true labels, columns the predicted ones; each cell shows its count."""
+# The confusion picture shows at most this many classes (the most confused ones) in at most this many inches (at
+# 100 dpi), whatever the number of classes: 200 classes would otherwise make a 12,200-pixel picture. The whole
+# matrix goes to a CSV file beside it.
+MAX_PICTURE_CLASSES = 20
+MAX_PICTURE_INCHES = 14.0
+_LABEL_CHARS = 24
+
+
+def most_confused(matrix: list[list[int]], k: int) -> list[int]:
+    """The indices of the `k` classes with the most errors (wrong predictions of them plus wrong predictions as
+    them), in their original order; every class when there are at most `k`."""
+    n = len(matrix)
+    if n <= k:
+        return list(range(n))
+    errors = [sum(matrix[i]) + sum(row[i] for row in matrix) - 2 * matrix[i][i] for i in range(n)]
+    chosen = sorted(range(n), key=lambda i: (-errors[i], i))[:k]
+    return sorted(chosen)
+
+
+def _short(label: object) -> str:
+    text = str(label)
+    return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
+
+
+def confusion_matrix(labels: list, matrix: list[list[int]], target: Path) -> list:
+    """Rows are the true labels, columns the predicted ones; each cell shows its count. Bounded: with more than
+    MAX_PICTURE_CLASSES classes only the most confused are drawn (the title says so), never more than
+    MAX_PICTURE_INCHES square. Returns the labels drawn."""
     plt = _pyplot()
-    size = max(4.0, 0.6 * len(labels) + 2)
+    shown = most_confused(matrix, MAX_PICTURE_CLASSES)
+    sub = [[matrix[i][j] for j in shown] for i in shown]
+    size = min(MAX_PICTURE_INCHES, max(4.0, 0.6 * len(shown) + 2))
     figure, axis = plt.subplots(figsize=(size, size))
-    image = axis.imshow(matrix, cmap="Blues")
-    names = [str(label) for label in labels]
+    image = axis.imshow(sub, cmap="Blues")
+    names = [_short(labels[i]) for i in shown]
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axis.set_yticks(range(len(names)), names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    peak = max((max(row) for row in matrix), default=0)
-    for i, row in enumerate(matrix):
+    if len(shown) < len(labels):
+        axis.set_title(
+            f"the {len(shown)} most confused of {len(labels)} classes (all: {target.with_suffix('.csv').name})",
+            fontsize="small",
+        )
+    peak = max((max(row) for row in sub), default=0)
+    for i, row in enumerate(sub):
         for j, count in enumerate(row):
             axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     figure.savefig(target, dpi=100)
     plt.close(figure)
+    return [labels[i] for i in shown]
+
+
+def confusion_csv(labels: list, matrix: list[list[int]], target: Path) -> None:
+    """The whole confusion matrix as CSV: a header of the predicted labels, then one row per true label."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *map(str, labels)])
+    for label, row in zip(labels, matrix, strict=True):
+        writer.writerow([str(label), *row])
+    files.write_text_atomic(target, buffer.getvalue())
 
 
 def checkpoint_metrics(table: list[dict], target: Path) -> None:

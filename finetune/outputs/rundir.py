@@ -94,6 +94,9 @@ def clear_previous_run(run: RunDir) -> list[str]:
 # Written into every directory a command other than `run` makes (merged checkpoint, evaluation, detector): what
 # it is, so that --overwrite can tell finetune's own output from a user's folder.
 OUTPUT_MARKER = ".finetune-output"
+# `finetune data --tokens FILE`: JSON Lines, one training row each, with these fields and no record of its own.
+TOKEN_FILE = "token file"
+TOKEN_FILE_FIELDS = ("row", "input_ids", "labels")
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -121,6 +124,13 @@ def made_by_finetune(target: Path, what: str) -> bool:
         try:
             return json.loads(target.read_text(encoding="utf-8")).get("written_by") == what
         except (OSError, ValueError, AttributeError):
+            return False
+    if target.suffix == ".jsonl" and what == TOKEN_FILE:  # `finetune data --tokens`: recognised by its lines' shape
+        try:
+            with open(target, encoding="utf-8") as handle:
+                first = json.loads(handle.readline() or "{}")
+            return isinstance(first, dict) and set(first) == set(TOKEN_FILE_FIELDS)
+        except (OSError, ValueError):
             return False
     if target.suffix == ".gguf":
         try:
@@ -266,11 +276,14 @@ class RunDir:
     card = property(lambda self: self.path / "README.md")
     curves = property(lambda self: self.path / "training_curves.png")
     confusion = property(lambda self: self.path / "confusion_matrix.png")
+    confusion_csv = property(lambda self: self.path / "confusion_matrix.csv")  # the whole matrix, any class count
 
     evals = property(lambda self: self.path / "evals")
     lora_init = property(lambda self: self.path / "lora_init")  # PiSSA/OLoRA: the adapter as initialised
     trackers = property(lambda self: self.path / "trackers")  # experiment trackers' own files (TensorBoard)
     detector = property(lambda self: self.path / "watermark_detector")  # `finetune train-detector`
+    # Preference objectives: the reference policy's log-probabilities, computed once before training, read on resume.
+    reference_logps = property(lambda self: self.path / "reference_logps.json")
     marker = property(lambda self: self.path / RUN_MARKER)
 
     def is_run(self) -> bool:

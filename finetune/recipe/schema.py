@@ -79,6 +79,23 @@ def _number_or(*words: str, secret: bool = False) -> WrapValidator:
     return WrapValidator(validate)
 
 
+def _threshold(value: object) -> object:
+    """eval.threshold: a probability in [0, 1] or `tune`, as one problem at the key (a union reports one per
+    alternative)."""
+    if value == "tune":
+        return value
+    _refuse_bool(value)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PydanticCustomError(
+            "threshold", "Input should be a number in [0, 1] or 'tune'{hint}", {"hint": did_you_mean(value, ["tune"])}
+        ) from None
+    if not 0 <= number <= 1:  # nan fails both comparisons
+        raise PydanticCustomError("threshold", "Input should be a number in [0, 1] (a probability) or 'tune'")
+    return number
+
+
 # Bounds shared by several settings (docs/recipe.md shows each setting's own).
 SEED_MAX = 2**32 - 1  # numpy's global seed (accelerate's set_seed) takes 0 .. 2**32 - 1
 KEY_MAX = 2**64 - 1  # torch.Generator.manual_seed (transformers' green lists) takes up to 2**64 - 1
@@ -121,6 +138,13 @@ class ModelSection(Section):
         "attention, ...) set to this value; null keeps the checkpoint's own. LoRA's own dropout is lora.dropout.",
     )
 
+    adapter: str | None = Field(
+        None,
+        description="Start from an earlier run's adapter (its run directory or adapter/ directory) instead of "
+        "fresh LoRA: its LoRA settings replace the lora section, and preference objectives use it as the "
+        "reference policy (the usual SFT -> DPO path). Null: fresh LoRA on the base model.",
+    )
+
 
 class RetrievalSection(Section):
     method: Literal["dense", "bm25", "hybrid"] = Field(
@@ -153,6 +177,13 @@ class DataSection(Section):
         description="Fraction of the training rows held out for evaluation (chosen with train.seed) when no `eval` "
         "is given.",
     )
+    stratify: Bool | None = Field(
+        None,
+        description="How `eval_split` draws the eval rows in classification: true: stratified by label (each class "
+        "gives its share, and keeps a training row); false: at random. null: stratified for single-label "
+        "classification when every class has two rows or more, else random (a class with one row stays in "
+        "training); the data report says which.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map the task's field names to the file's column names; empty: the columns carry the field names.",
@@ -169,10 +200,26 @@ class DataSection(Section):
     template: str | None = Field(
         None,
         description="Generation tasks: a Python format string over any columns that builds the prompt, "
-        "e.g. 'Write copy for {product} aimed at {audience}:'; null uses the prompt column as it is.",
+        "e.g. 'Write copy for {product} aimed at {audience}:'; null uses the prompt column as it is. A template "
+        "whose filled prompts could pass 1,048,576 characters (a field repeated, a huge width) is refused (exit 2) "
+        "before any row is filled.",
     )
     chat_template: Bool = Field(
         False, description="Generation tasks: wrap each prompt as a user turn with the tokenizer's chat template."
+    )
+    format: Literal["auto", "prompt", "messages", "alpaca", "sharegpt"] = Field(
+        "auto",
+        description="Generation tasks: the rows' layout. prompt: the task's own fields (prompt/completion, "
+        "question/answer). messages: a list of {role, content} turns (system, user, assistant). alpaca: "
+        "instruction, optional input, output (and system). sharegpt: `conversations` of {from, value} turns "
+        "(human, gpt, system). Conversations go through the tokenizer's chat template (GPT family). auto: the "
+        "fields data.columns maps decide, else the file's columns (the task's own fields, then messages, "
+        "conversations, instruction + output).",
+    )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Conversations: the assistant turns the loss falls on (their content and end-of-turn token): "
+        "all of them, or the last one only.",
     )
     doc_stride: Int | None = Field(
         None,
@@ -185,6 +232,18 @@ class DataSection(Section):
         None,
         description="Classification: the label set in a fixed order (null: sorted labels of the training data); "
         "quote yes/no labels, which YAML reads as booleans.",
+    )
+    multi_label: Bool | None = Field(
+        None,
+        description="Classification: several labels per text (a sigmoid head, one yes/no per label, binary "
+        "cross-entropy). null: decided from the data: on when the training label column holds lists or "
+        "label_separator is set; false refuses list labels (exit 3).",
+    )
+    label_separator: str | None = Field(
+        None,
+        min_length=1,
+        description="Classification: the label column is text holding several labels split on this string "
+        "(e.g. ';'), each stripped; an empty text is a text with no labels. Implies multi_label.",
     )
     knowledge_base: str | list[str] | None = Field(
         None,
@@ -274,7 +333,75 @@ class EarlyStopping(Section):
     )
 
 
+class PreferenceSection(Section):
+    """How the preference objectives weigh their judgements (train.objective dpo, orpo or kto)."""
+
+    beta: Float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="DPO/KTO: strength of the pull towards the reference policy (the KL penalty's inverse "
+        "temperature); ORPO: weight of the odds-ratio term against the chosen answers' NLL.",
+    )
+    loss: Literal["sigmoid", "ipo", "robust", "hinge"] = Field(
+        "sigmoid",
+        description="DPO's loss: sigmoid (the DPO paper), ipo (squared, length-normalised), robust (noisy "
+        "labels, with label_smoothing) or hinge (SLiC). Each equals TRL's loss of the same name.",
+    )
+    label_smoothing: Float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="DPO robust loss: the assumed share of pairs whose judgement is flipped (0 .. 0.5).",
+    )
+    desirable_weight: Float = Field(1.0, gt=0, le=1000, description="KTO: weight of the desirable rows' losses.")
+    undesirable_weight: Float = Field(1.0, gt=0, le=1000, description="KTO: weight of the undesirable rows' losses.")
+
+
+class GRPOSection(Section):
+    """Group-relative policy optimisation: sample a group per prompt, score it with the task, learn from the
+    differences within each group (train.objective grpo)."""
+
+    group_size: Int = Field(4, ge=2, le=64, description="Completions sampled per prompt (a group).")
+    max_new_tokens: Int = Field(64, ge=1, le=4096, description="Longest sampled completion, in tokens.")
+    temperature: Float = Field(
+        1.0, ge=0.05, le=5, description="Sampling temperature; the log-probabilities are taken at it too (as TRL)."
+    )
+    top_p: Float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this mass.")
+    beta: Float = Field(
+        0.04, ge=0, le=10, description="Weight of the KL penalty to the reference policy (0: no reference pass)."
+    )
+    epsilon: Float = Field(0.2, gt=0, lt=1, description="Clipping range of the policy ratio, 1 +- epsilon.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        "grpo",
+        description="Loss normalisation: grpo (mean over each completion's tokens, then over completions), bnpo "
+        "(over all tokens of the batch, as DAPO), dr_grpo (over batch x max_new_tokens, Dr. GRPO). Equal to "
+        "TRL's of the same name.",
+    )
+    scale_rewards: Bool = Field(
+        True, description="Divide each group's advantages by its reward spread (false: Dr. GRPO's unscaled)."
+    )
+
+
 class TrainSection(Section):
+    # The names are training/objectives.py's OBJECTIVES (a test checks they agree).
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(
+        "sft",
+        description="What training optimises. sft: cross-entropy on the reference completion. dpo / orpo: "
+        "pairs (prompt, chosen, rejected); kto: thumbs (prompt, completion, label true/false); grpo: the task's "
+        "own score of sampled completions as the reward (GPT-style models). Generation tasks only; the adapter "
+        "stays a plain peft adapter.",
+    )
+    preference: PreferenceSection = Field(
+        default_factory=PreferenceSection, description="Settings of the preference objectives (dpo, orpo, kto)."
+    )
+    grpo: GRPOSection = Field(default_factory=GRPOSection, description="Settings of train.objective grpo.")
+
+    @property
+    def learns_from_judgements(self) -> bool:
+        """dpo, orpo, kto: trained on pairs or thumbs instead of one reference completion per prompt."""
+        return self.objective in ("dpo", "orpo", "kto")
+
     epochs: Float = Field(
         3,
         gt=0,
@@ -345,6 +472,14 @@ class TrainSection(Section):
         description="A NaN/inf loss or gradient: stop (exit 5, last good checkpoint kept) or skip that update "
         "(counted in metrics.json).",
     )
+    # inverse_sqrt, not inverse: a class with 3 rows beside one with 100 gets 5.8x, not 33x, the weight.
+    class_weights: Literal["auto", "none", "inverse", "inverse_sqrt"] = Field(
+        "auto",
+        description="Classification: weight the loss by the training distribution (single-label: per-class "
+        "cross-entropy weights; multi-label: BCE pos_weight per label). inverse: n_max / n_class (multi-label: "
+        "negatives / positives); inverse_sqrt: its square root; none: unweighted. auto: inverse_sqrt when the most "
+        "frequent class has at least 4x the training rows of the rarest, else none.",
+    )
 
 
 class WatermarkSection(Section):
@@ -366,7 +501,7 @@ class WatermarkSection(Section):
         0.25, gt=0, lt=1, description="kirchenbauer: fraction of the vocabulary that is green at each step."
     )
     # 3.0 with the entropy gate: 57 of 57 held-out 64-token generations detected at ROUGE-L -0.042; 2.0 detected
-    # 45 of 57 (README "Watermarks").
+    # 45 of 57 (docs/watermarks.md).
     bias: Float = Field(
         3.0, gt=0, description="kirchenbauer: added to the green tokens' logits: the watermark's strength."
     )
@@ -433,6 +568,13 @@ class EvalSection(Section):
     keep: Literal["last", "best"] = Field(
         "last",
         description="Which weights become adapter/ and are scored in metrics.json: the last, or the best evaluated.",
+    )
+    threshold: Annotated[Annotated[float, Field(ge=0, le=1)] | Literal["tune"], BeforeValidator(_threshold)] = Field(
+        "tune",
+        description="Multi-label classification: a label is chosen when its sigmoid score is at least its "
+        "threshold. A number in [0, 1]: that threshold for every label. tune: per label, the one that maximises "
+        "the label's F1 on the eval split after training, saved as adapter/thresholds.json and used by eval and "
+        "predict (a label with no eval positives keeps 0.5).",
     )
     # Generation (copywriting, codegen, generative qa)
     max_new_tokens: Int = Field(128, ge=1, le=TOKENS_MAX, description="Generation: most new tokens per answer.")

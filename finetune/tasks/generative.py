@@ -6,6 +6,8 @@ stop strings; featurize/collate/predict come from here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,16 +15,28 @@ from accelerate import Accelerator
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune.data.conversations import conversation_fields, conversation_problems, table_layout
 from finetune.data.features import Features
 from finetune.data.tables import checked_texts
-from finetune.errors import DataError
+from finetune.errors import DataError, RecipeError
+from finetune.evaluation.preference import PREFERENCE_METRICS
 from finetune.models.families import FAMILIES, FamilySpec
 from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.base import Task
+from finetune.tasks.conversations import ConversationEncoder, featurize_conversations, references
+from finetune.tasks.preference import featurize_preferences, preference_fields, rollout_prompts
 from finetune.tasks.text2text import PadCollator, completion_loss, encode, generate
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+
+@dataclass
+class Rewards:
+    """One reward per prediction row, and why rows scored what they did (e.g. sandbox outcomes), counted."""
+
+    values: list[float]
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 class GenerationTask(Task):
@@ -35,15 +49,43 @@ class GenerationTask(Task):
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         settings = recipe.eval
+        if not recipe.train.learns_from_judgements:
+            named = [("eval.best_metric", settings.best_metric), *((f"eval.gates.{m}", m) for m in settings.gates)]
+            problems += [
+                f"{place}: {metric} is reported by the preference objectives (train.objective dpo, orpo, kto)"
+                for place, metric in named
+                if metric in PREFERENCE_METRICS
+            ]
         if settings.num_samples > 1 and settings.temperature == 0:
             problems.append("eval.num_samples: several samples per prompt need sampling; set eval.temperature > 0")
-        return problems
+        return problems + conversation_problems(recipe)
 
     # ------------------------------------------------------------ model
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
         super().prepare_model(model, tokenizer, family)
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Under a preference objective the rows are pairs or thumbs; the task's reference becomes optional.
+        Conversations (data.format, or the fields data.columns maps) have their layout's fields."""
+        conversation = conversation_fields(recipe.data)
+        if conversation is not None:
+            return conversation
+        required, optional = super().fields(recipe)
+        if not recipe.train.learns_from_judgements:
+            return required, optional
+        wanted, extra = preference_fields(recipe.train.objective, self.prompt_field, self.answer_field)
+        rest = [name for name in (*required, *optional) if name not in wanted]
+        return wanted, tuple(dict.fromkeys((*extra, *rest)))
+
+    def knows_metric(self, metric: str) -> bool:
+        return super().knows_metric(metric) or metric in PREFERENCE_METRICS
+
+    def conversation_layout(
+        self, recipe: Recipe, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]
+    ) -> str | None:
+        return table_layout(recipe.data, column_names, columns, required)
 
     def completion_text(self, answer: str) -> str:
         """The text trained on for a reference answer."""
@@ -63,6 +105,17 @@ class GenerationTask(Task):
         labeled: bool = True,
         workdir: Path | None = None,
     ) -> Features:
+        family = FAMILIES[state["family"]]
+        if "messages" in rows.column_names:  # conversations (data/conversations.py made every layout this column)
+            for problem in conversation_problems(recipe, conversations=True):
+                raise RecipeError(problem)
+            return featurize_conversations(rows, tokenizer, family, recipe, split, labeled)
+        if labeled and recipe.train.learns_from_judgements:
+            return featurize_preferences(rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field)
+        if labeled and split == "data.train" and recipe.train.objective == "grpo":
+            # GRPO samples its own completions: the training features are the prompts, with each row's index
+            # for the reward (the row holds the reference: tests, answers, the reference copy).
+            return rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field)
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
@@ -72,7 +125,6 @@ class GenerationTask(Task):
             answers = [
                 self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)
             ]
-        family = FAMILIES[state["family"]]
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
         dataset = (
@@ -99,6 +151,7 @@ class GenerationTask(Task):
         if "labels" in features.dataset.column_names:
             loss = completion_loss(model, features.dataset, tokenizer, family, recipe.eval_batch_size, accelerator)
         settings = recipe.eval
+        conversations = "messages" in features.rows.column_names
         answers = generate(
             model,
             tokenizer,
@@ -108,6 +161,7 @@ class GenerationTask(Task):
             self.stops(settings),
             recipe.eval_batch_size,
             accelerator,
+            ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),
         )
         out = []
         for row, samples in zip(features.rows, answers):
@@ -117,7 +171,14 @@ class GenerationTask(Task):
                     entry["sample"] = index
                 entry["prediction"] = text
                 out.append(entry)
+        if conversations and "labels" in features.dataset.column_names:  # evaluation: the final assistant turn
+            references(out, self.answer_field)
         return out, loss
 
     def prediction_fields(self) -> tuple[str, ...]:
         return (self.answer_field, "prediction")
+
+    # ------------------------------------------------------------ rewards (train.objective grpo)
+    def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
+        """Each prediction row's reward: the task's own score of it, in [0, 1] (the metric the gates judge)."""
+        raise NotImplementedError(f"task {self.name} has no reward")

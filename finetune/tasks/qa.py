@@ -28,7 +28,7 @@ from finetune.errors import DataError
 from finetune.evaluation.scoring import eval_loader
 from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks.base import Task
-from finetune.tasks.generative import GenerationTask
+from finetune.tasks.generative import GenerationTask, Rewards
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -338,12 +338,18 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
         labeled: bool = True,
         workdir: Path | None = None,
     ) -> Features:
-        if "prompt" not in rows.column_names:
+        if "prompt" not in rows.column_names and "messages" not in rows.column_names:  # messages: conversations
             rows = rows.add_column("prompt", [_default_prompt(r, split, n) for n, r in enumerate(rows, start=1)])
         return super().featurize(rows, tokenizer, recipe, state, split, labeled, workdir)
 
     def completion_text(self, answer: str) -> str:
-        return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
+        return " " + answer.strip()
+
+    def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
+        """SQuAD F1 of the answer (stripped, as predict strips it), the best over the row's gold answers."""
+        return Rewards(
+            [max((f1_score(r["prediction"].strip(), gold) for gold in gold_answers(r)), default=0.0) for r in rows]
+        )  # the answer follows "Answer:" after a space, as text would
 
     def predict(
         self,

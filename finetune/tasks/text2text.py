@@ -9,6 +9,7 @@ at stop strings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -260,8 +261,10 @@ def generate(
     stops: list[str],
     batch_size: int,
     accelerator: Accelerator,
+    end_ids: Sequence[int] = (),
 ) -> list[list[str]]:
-    """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes."""
+    """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes.
+    `end_ids`: tokens that end an answer besides EOS (a chat template's end-of-turn token)."""
     from accelerate.utils import gather_object
 
     model.eval()
@@ -272,7 +275,7 @@ def generate(
         "do_sample": sampling,
         "num_return_sequences": settings.num_samples,
         "pad_token_id": pad_id,
-        "eos_token_id": _eos_id(tokenizer),
+        "eos_token_id": list(dict.fromkeys([_eos_id(tokenizer), *end_ids])) if end_ids else _eos_id(tokenizer),
         "use_cache": True,
         **({"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}),
     }

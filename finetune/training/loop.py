@@ -8,21 +8,24 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 
 from finetune.data.tables import token_lengths
 from finetune.errors import Interrupted, TrainingDiverged
 from finetune.files import write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
-from finetune.recipe.schema import TrainSection
+from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training import checkpoint
 from finetune.training.monitor import Monitor
+from finetune.training.objectives import Objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -130,8 +133,7 @@ class TrainPlan:
     world_size: int
 
     @classmethod
-    def build(cls, recipe, examples: int, world_size: int) -> TrainPlan:
-        t = recipe.train
+    def build(cls, t: TrainSection, examples: int, world_size: int) -> TrainPlan:
         batches = math.ceil(examples / t.batch_size)
         per_process = math.ceil(batches / world_size)
         steps_per_epoch = max(1, math.ceil(per_process / t.grad_accum))
@@ -192,15 +194,16 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
 
 
 def train(
-    model,
-    features,
-    collate,
-    recipe,
-    accelerator,
+    model: torch.nn.Module,
+    features: Dataset,
+    collate: Callable[[list[dict]], dict],
+    t: TrainSection,
+    accelerator: Accelerator,
     log_path: Path | None,
     console=None,
     checkpointing: Checkpointing | None = None,
     monitor: Monitor | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done.
 
@@ -210,14 +213,14 @@ def train(
     """
     from transformers import get_scheduler
 
-    t = recipe.train
+    objective = objective or Objective(PreferenceSection(), encoder_decoder=False)
     sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
     # A private generator: creating a loader iterator must not draw from the
     # global torch generator, or a mid-epoch resume would shift every dropout mask.
     loader = DataLoader(
         features, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed)
     )
-    plan = TrainPlan.build(recipe, len(features), accelerator.num_processes)
+    plan = TrainPlan.build(t, len(features), accelerator.num_processes)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, t)
@@ -255,10 +258,11 @@ def train(
             for batch in batches:
                 progress.batches_in_epoch += 1
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    step = objective.step(model, batch)
+                    loss = step.loss
                     guard.watch(loss)
                     accelerator.backward(loss)
-                    logger.add(loss.detach(), real_tokens(batch))
+                    logger.add(loss.detach(), real_tokens(batch) if step.tokens is None else step.tokens, step.stats)
                     if accelerator.sync_gradients:
                         # The norm of the gradients summed over processes: the same on every rank.
                         norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm or math.inf)
@@ -419,18 +423,27 @@ class StepLogger:
         self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
         self.total_tokens = 0  # logged so far, all processes
         self.last_entry: dict | None = None  # the latest train_log line (the main process shows it)
+        # The objective's own per-batch figures (rewards, KL, ...), summed over the window.
+        self.stat_sums: dict[str, float] = {}
 
-    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor, stats: dict[str, float] | None = None) -> None:
         self.loss_sum += loss.float()
         self.batches += 1
         self.tokens += tokens
+        for name, value in (stats or {}).items():
+            self.stat_sums[name] = self.stat_sums.get(name, 0.0) + value
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def window_state(self) -> dict:
         """This process's not-yet-logged sums, so a resumed run logs the same numbers."""
-        return {"loss_sum": self.loss_sum.item(), "batches": self.batches.item(), "tokens": int(self.tokens.item())}
+        return {
+            "loss_sum": self.loss_sum.item(),
+            "batches": self.batches.item(),
+            "tokens": int(self.tokens.item()),
+            "stats": dict(self.stat_sums),
+        }
 
     def resume(self, progress, window: dict) -> None:
         """Continue the log of a checkpointed run: keep its lines up to the checkpoint's step."""
@@ -439,6 +452,7 @@ class StepLogger:
             self.batches.fill_(window["batches"]),
             self.tokens.fill_(window["tokens"]),
         )
+        self.stat_sums = dict(window.get("stats", {}))
         self.total_tokens = progress.tokens
         if self.path is not None and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines()
@@ -456,6 +470,14 @@ class StepLogger:
         processes = getattr(self.accelerator, "num_processes", 1)
         return {"loss": self.loss_sum.item() / batches, "tokens_per_s": self.tokens.item() * processes / seconds}
 
+    def _stats(self, batches: float) -> dict[str, float]:
+        """The window's mean of each objective figure; counts (reward_reason_*) stay totals."""
+        sums = _merged_sums(self.accelerator, self.stat_sums)
+        return {
+            name: round(value if name.startswith("reward_reason_") else value / max(batches, 1), 6)
+            for name, value in sorted(sums.items())
+        }
+
     def maybe_log(self, step: int, epoch: float, lr: float, force: bool = False) -> dict | None:
         if step % self.every and not force:
             return None
@@ -470,14 +492,29 @@ class StepLogger:
             "tokens_per_s": round(tokens / max(now - self.window_start, 1e-9), 1),
             "elapsed_s": round(now - self.start, 3),
         }
+        entry.update(self._stats(batches))
         self.total_tokens += int(tokens)
         self.accelerator.log({f"train/{k}": entry[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
         self.loss_sum.zero_(), self.batches.zero_(), self.tokens.zero_()
+        self.stat_sums = {}
         self.window_start, self.last_entry = now, entry
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
         return entry
+
+
+def _merged_sums(accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Every process's stat sums added up (the names may differ between processes, e.g. sandbox outcomes)."""
+    if getattr(accelerator, "num_processes", 1) == 1:
+        return sums
+    from accelerate.utils import gather_object
+
+    merged: dict[str, float] = {}
+    for part in gather_object([sums]):
+        for name, value in part.items():
+            merged[name] = merged.get(name, 0.0) + value
+    return merged
 
 
 def _logged_step(line: str) -> float:

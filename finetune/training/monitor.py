@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from finetune.evaluation.compare import LOWER_IS_BETTER
 from finetune.recipe.schema import EarlyStopping
 
 
@@ -52,7 +53,7 @@ class Monitor:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "eval_loss"
+        return self.metric not in LOWER_IS_BETTER
 
     def due(self, step: int, epoch_end: bool, last: bool) -> bool:
         """Evaluate at the schedule's steps, and at the last step so the final weights are a candidate too."""

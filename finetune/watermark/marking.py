@@ -15,7 +15,7 @@ Two of transformers' watermarks:
   once repeated contexts are masked, so the mean g-value over a text has a known null distribution and the
   threshold a known false-positive rate, with no detector to train. A Bayesian detector trained for the run
   (`synthid_detector.py`, `finetune train-detector`) adds its posterior probability to each score; the verdict
-  stays the z-test's, whose false-positive rate is known (the trained one's was not: README "Watermarks").
+  stays the z-test's, whose false-positive rate is known (the trained one's was not: docs/watermarks.md).
 
 Each text is scored on its own tokens, never inside a padded batch: padding (often EOS repeated) would be
 scored too and make human text look watermarked.
@@ -45,9 +45,17 @@ from transformers import (
 )
 
 from finetune.errors import RecipeError
-from finetune.recipe.schema import WatermarkSection
+from finetune.recipe.schema import KEY_MAX, WatermarkSection
 
 KEY_FILE = "watermark.key"
+
+
+def check_key(key: int, where: str) -> int:
+    """A key in the range every method can seed from (0 .. 2**64 - 1), or a RecipeError (exit 2) naming `where`
+    (never the key itself)."""
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= KEY_MAX:
+        raise RecipeError(f"{where}: a watermark key is a whole number from 0 to 2**64 - 1 ({KEY_MAX})")
+    return key
 
 
 def _key(settings: WatermarkSection) -> int:
@@ -57,7 +65,7 @@ def _key(settings: WatermarkSection) -> int:
             "eval.watermark.key: the key is redacted here; evaluate the run directory (its adapter "
             "holds the key) or give the key"
         )
-    return settings.key
+    return check_key(settings.key, "eval.watermark.key")
 
 
 @overload
@@ -142,13 +150,16 @@ def write_key(adapter_dir: Path, settings: WatermarkSection) -> None:
 
 
 def read_key(adapter_dir: Path) -> int | None:
+    """The key a run keeps beside its adapter, or None without one; a damaged or out-of-range key is refused
+    (exit 2) naming the file."""
     path = adapter_dir / KEY_FILE
     if not path.is_file():
         return None
     try:
-        return int(path.read_text(encoding="utf-8").strip())
-    except ValueError:
+        key = int(path.read_text(encoding="utf-8").strip())
+    except (ValueError, UnicodeDecodeError):
         raise RecipeError(f"{path}: not a watermark key (an integer)") from None
+    return check_key(key, str(path))
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,7 @@ class Detector:
 
     def _score_green_list(self, ids: list[int], prompt: str) -> Score:
         """The green-token z-test, each (context, token) pair counted once (a phrase repeated in a loop is one
-        piece of evidence: counted again and again, unmarked loops look marked; measured, README "Watermarks"),
+        piece of evidence: counted again and again, unmarked loops look marked; measured, docs/watermarks.md),
         over the tokens the model was unsure of when the watermark is entropy-gated."""
         width, ratio = self.settings.context_width, self.settings.greenlist_ratio
         if len(ids) <= width:  # nothing to test after the seeding context

@@ -1,0 +1,260 @@
+"""Conversations as rows: a `messages` column of {role, content} turns, for the generation tasks.
+
+Rows come in three layouts (`data.format`, or detected from the file's columns when it is `auto`):
+
+- messages: a list of {role, content} turns, roles system / user / assistant, several assistant turns per row;
+- alpaca: `instruction`, optional `input`, `output` (and optional `system`): one user turn (the instruction, then
+  a blank line and the input when there is one) and one assistant turn;
+- sharegpt: `conversations`, a list of {from, value} turns with from human / gpt / system (user / assistant too),
+  and an optional `system` column.
+
+Each is mapped by `data.columns` (its own field names to the file's columns) and becomes a `messages` column,
+every row checked on the way: a turn that is not an object, an unknown role, content that is not text, and (for
+training and evaluation) a conversation without an assistant turn are data errors naming the file and the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+from datasets import Dataset
+
+from finetune.errors import DataError
+from finetune.recipe.schema import DataSection, Recipe
+
+ROLES = ("system", "user", "assistant")
+# data.format values that are conversations; `prompt` is the task's own fields (prompt/completion, question/answer).
+CONVERSATION_FORMATS = ("messages", "alpaca", "sharegpt")
+# (required, optional) fields of each layout, as data.columns names them.
+LAYOUT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "messages": (("messages",), ("id",)),
+    "alpaca": (("instruction", "output"), ("input", "system", "id")),
+    "sharegpt": (("conversations",), ("system", "id")),
+}
+# The fields that tell a layout apart (`system` and `id` belong to several).
+_DISTINCT = {"messages": {"messages"}, "alpaca": {"instruction", "input", "output"}, "sharegpt": {"conversations"}}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROWS_PER_BATCH = 10_000
+
+
+def recipe_layout(data: DataSection) -> str | None:
+    """The layout a recipe decides by itself: `data.format`, else (auto) the fields `data.columns` maps or a prompt
+    template. `prompt` for the task's own fields; None when the file's columns decide (auto, nothing mapped)."""
+    if data.format != "auto":
+        return data.format
+    keys = set(data.columns)
+    for layout in CONVERSATION_FORMATS:
+        if keys & _DISTINCT[layout]:
+            return layout
+    return "prompt" if keys or data.template is not None else None
+
+
+def conversation_fields(data: DataSection) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(required, optional) fields of the conversation layout the recipe names, or None (the task's own fields)."""
+    layout = recipe_layout(data)
+    return LAYOUT_FIELDS.get(layout) if layout is not None else None
+
+
+def conversation_problems(recipe: Recipe, conversations: bool = False) -> list[str]:
+    """What conversations (`messages`, alpaca or sharegpt rows) cannot be combined with; `conversations`: the rows
+    are conversations whatever the recipe says (data.format auto, decided by the file's columns)."""
+    data, problems = recipe.data, []
+    layout = recipe_layout(data)
+    if conversations or layout in CONVERSATION_FORMATS:
+        if data.template is not None:
+            problems.append("data.template: conversations carry their own turns; remove the template")
+        if recipe.train.objective != "sft":
+            problems.append(
+                f"train.objective: {recipe.train.objective} trains on prompts and judged completions; conversations "
+                "train with sft"
+            )
+        if recipe.eval.watermark is not None:
+            problems.append("eval.watermark: watermarking conversations is not supported yet; remove eval.watermark")
+    elif layout == "prompt" and data.assistant_turns != "all":
+        problems.append(
+            "data.assistant_turns: only conversations have assistant turns (data.format messages, alpaca or "
+            "sharegpt); remove it"
+        )
+    return problems
+
+
+def encoder_decoder_problem(family: str, place: str = "model") -> str:
+    """Conversations on an encoder-decoder: refused in the same words by validate and run."""
+    return (
+        f"{place}: conversations are trained through a decoder's chat template (GPT family); this is a "
+        f"{family}-family model"
+    )
+
+
+def table_layout(
+    data: DataSection, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]
+) -> str | None:
+    """The conversation layout of a table's rows, or None for the task's own fields.
+
+    What the recipe decides wins; otherwise (`auto` with nothing mapped) the task's own fields win when the table has
+    them all, then a `messages` column, a `conversations` column (ShareGPT), `instruction` and `output` (Alpaca).
+    `columns` is the mapping in force (predict passes the recipe's, kept to the columns its input has).
+    """
+    decided = recipe_layout(data)
+    if decided is not None:
+        return None if decided == "prompt" else decided
+    names = set(column_names)
+    if columns or all(columns.get(f, f) in names for f in required):
+        return None
+    if "messages" in names:
+        return "messages"
+    if "conversations" in names:
+        return "sharegpt"
+    if {"instruction", "output"} <= names:
+        return "alpaca"
+    return None
+
+
+def layout_fields(layout: str, labeled: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) fields of a layout's rows; predict's (`labeled` False) Alpaca rows need no output."""
+    required, optional = LAYOUT_FIELDS[layout]
+    if layout == "alpaca" and not labeled:
+        return ("instruction",), ("output", *optional)
+    return required, optional
+
+
+def as_messages(
+    table: Dataset, layout: str, key: str, place: Callable[[int], str] | None = None, *, labeled: bool = True
+) -> Dataset:
+    """A layout's rows (its fields already mapped by data.columns) as checked `messages` rows (and `id` where the
+    file has one). A bad row is a DataError `key: place: ...`, `place(i)` naming the row at 0-based index i in the
+    file (default `row i+1`). `labeled`: training and evaluation rows, which need an assistant turn (predict's do
+    not)."""
+    where = place or (lambda index: f"row {index + 1}")
+    convert = {"messages": _checked_messages, "alpaca": _alpaca, "sharegpt": _sharegpt}[layout]
+    messages = []
+    index = 0
+    for batch in _batches(table):
+        for row in _row_dicts(batch):
+            named = f"{key}: {where(index)}"
+            turns = convert(row, named)
+            if labeled and not any(t["role"] == "assistant" for t in turns):
+                raise DataError(
+                    f"{named}: no assistant turn, so there is nothing to learn or score; every training and "
+                    "evaluation conversation needs at least one"
+                )
+            messages.append(turns)
+            index += 1
+    out: dict[str, Any] = {"messages": messages}
+    if "id" in table.column_names:
+        out["id"] = table["id"][:]
+    return Dataset.from_dict(out)
+
+
+def _batches(table: Dataset) -> Iterator[dict[str, list]]:
+    for start in range(0, len(table), ROWS_PER_BATCH):
+        yield table[start : start + ROWS_PER_BATCH]
+
+
+def _row_dicts(batch: dict[str, list]) -> Iterator[dict[str, Any]]:
+    names = list(batch)
+    for values in zip(*(batch[n] for n in names)):
+        yield dict(zip(names, values))
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _turns(value: object, field: str, named: str) -> list:
+    if not isinstance(value, list):
+        raise DataError(
+            f"{named}: field {field!r} must be a list of turns, got {_kind(value)}"
+            + ("; text holding JSON is not read as turns" if isinstance(value, str) else "")
+        )
+    if not value:
+        raise DataError(f"{named}: field {field!r} holds no turns")
+    return value
+
+
+def _checked_messages(row: dict[str, Any], named: str) -> list[dict[str, str]]:
+    out = []
+    for index, turn in enumerate(_turns(row["messages"], "messages", named), start=1):
+        if not isinstance(turn, dict):
+            raise DataError(f"{named}: turn {index} must be an object with role and content, got {_kind(turn)}")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise DataError(
+                f"{named}: turn {index} has role {role!r}; roles are {', '.join(ROLES)}"
+                + ("" if "role" in turn else " (the turn has no role)")
+            )
+        if not isinstance(content, str):
+            raise DataError(f"{named}: turn {index} ({role}): content must be text, got {_kind(content)}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _sharegpt(row: dict[str, Any], named: str) -> list[dict[str, str]]:
+    out = _system_turn(row, named)
+    for index, turn in enumerate(_turns(row["conversations"], "conversations", named), start=1):
+        if not isinstance(turn, dict):
+            raise DataError(f"{named}: turn {index} must be an object with from and value, got {_kind(turn)}")
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(
+                f"{named}: turn {index} is from {speaker!r}; ShareGPT turns are from {', '.join(SHAREGPT_ROLES)}"
+            )
+        if not isinstance(value, str):
+            raise DataError(f"{named}: turn {index} ({speaker}): value must be text, got {_kind(value)}")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return out
+
+
+def _alpaca(row: dict[str, Any], named: str) -> list[dict[str, str]]:
+    texts = {}
+    for field in ("instruction", "input", "output"):
+        value = row.get(field)
+        if field != "instruction" and value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{named}: field {field!r} must be text, got {_kind(value)}")
+        texts[field] = value
+    user = texts["instruction"] + (f"\n\n{texts['input']}" if texts.get("input", "").strip() else "")
+    out = [*_system_turn(row, named), {"role": "user", "content": user}]
+    if "output" in texts:
+        out.append({"role": "assistant", "content": texts["output"]})
+    return out
+
+
+def _system_turn(row: dict[str, Any], named: str) -> list[dict[str, str]]:
+    """A `system` column's text as the first turn (none when the column is absent, null or empty)."""
+    value = row.get("system")
+    if value is None or value == "":
+        return []
+    if not isinstance(value, str):
+        raise DataError(f"{named}: field 'system' must be text, got {_kind(value)}")
+    return [{"role": "system", "content": value}]
+
+
+def final_turn(messages: Sequence[Mapping[str, str]]) -> int | None:
+    """Index of the assistant turn evaluation generates (the last one), or None when there is none."""
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), None)
+
+
+def conversation_texts(rows: Dataset) -> pa.ChunkedArray:
+    """Each conversation's turns as one text (`role: content` lines): what duplicates and overlap are judged on."""
+    texts = [
+        "\n".join(f"{turn['role']}: {turn['content']}" for turn in turns or [])
+        for batch in _batches(rows.select_columns(["messages"]))
+        for turns in batch["messages"]
+    ]
+    return pa.chunked_array([pa.array(texts, pa.string())])

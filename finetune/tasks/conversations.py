@@ -1,0 +1,344 @@
+"""Conversations through the tokenizer's chat template: which tokens are the assistant's (the loss), and the prompt
+that asks for the final assistant turn (evaluation, predict).
+
+The assistant spans come from the template itself:
+
+- a template with `{% generation %}` markers: transformers' `return_assistant_tokens_mask`, the spans the markers
+  enclose (what TRL's assistant-only loss trains on);
+- any other template: the conversation is rendered prefix by prefix. An assistant turn starts where the turns before
+  it, rendered with the generation prompt (the role header), end, and ends where the conversation up to and
+  including it ends, trailing whitespace left out: its content and the end-of-turn token (`<|im_end|>` for
+  ChatML). Every prefix must be a prefix of the whole rendering; a template that renders earlier turns differently
+  once later ones follow cannot be split this way and is refused (RecipeError, exit 2) rather than trained with a
+  wrong mask.
+
+Either way a token is trained when its characters overlap a span, as transformers maps generation spans to tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finetune.data.conversations import encoder_decoder_problem, final_turn
+from finetune.data.features import Features
+from finetune.data.tables import apply_overflow, map_batches
+from finetune.errors import DataError, RecipeError
+from finetune.models.families import FamilySpec
+from finetune.recipe.schema import Recipe
+from finetune.tasks.text2text import IGNORE, _keep_end
+
+# `{% generation %}`, `{%- generation %}`, `{%- generation -%}`: the markers transformers reads.
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+Messages = Sequence[dict[str, str]]
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and GENERATION_MARKER.search(cast(str, template)) is not None
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase, model_name: str) -> str:
+    """The tokenizer's chat template; conversations need one, and a fast tokenizer (token offsets)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named variants: the default one renders plain conversations
+        template = template.get("default")
+    if not isinstance(template, str) or not template:
+        raise RecipeError(
+            f"model: the tokenizer of {model_name} has no chat template, and conversations are rendered through "
+            "one; use a chat (instruct) checkpoint, or rows with the task's own fields (data.format: prompt)"
+        )
+    if not tokenizer.is_fast:
+        raise RecipeError(
+            f"model: the tokenizer of {model_name} is not a fast tokenizer; conversations need its token offsets"
+        )
+    return template
+
+
+@dataclass
+class Encoded:
+    """One batch of conversations as tokens."""
+
+    input_ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)  # -100 where no loss falls
+    prompt_ids: list[list[int]] = field(default_factory=list)  # the turns before the final assistant turn
+
+
+class ConversationEncoder:
+    """Tokens, loss labels and generation prompts of conversations under one tokenizer's chat template.
+
+    `turns`: the assistant turns the loss falls on, `all` or `last`. `model_name` names the model in refusals.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, turns: str, model_name: str):
+        self.tokenizer, self.turns, self.model_name = tokenizer, turns, model_name
+        self.markers = has_generation_markers(chat_template(tokenizer, model_name))
+
+    @property
+    def method(self) -> str:
+        """How the assistant tokens are found, for the data report."""
+        return (
+            "the chat template's {% generation %} markers"
+            if self.markers
+            else "rendering each conversation turn by turn (the template has no {% generation %} markers)"
+        )
+
+    def render(self, messages: Messages, generation_prompt: bool, where: str) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as exc:  # jinja's TemplateError and raise_exception(...) in the template
+            raise DataError(
+                f"{where}: the chat template of {self.model_name} cannot render this conversation: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        return cast(str, text)
+
+    def encode(self, conversations: Sequence[Messages], split: str, first_row: int, labeled: bool) -> Encoded:
+        """Each conversation's tokens and labels (`labeled`), and the prompt for its final assistant turn (or, when
+        it has none, for the next one). Rows are named `split: row N` from `first_row` in refusals."""
+        out = Encoded()
+        texts = []
+        spans: list[list[tuple[int, int]]] = []
+        for number, messages in enumerate(conversations, start=first_row):
+            where = f"{split}: row {number}"
+            # Evaluation generates the final assistant turn from the turns before it; predict does too when the
+            # conversation ends with one (its reference), else it generates the next assistant turn.
+            final = final_turn(messages)
+            ends_with_answer = final is not None and (labeled or final == len(messages) - 1)
+            before = messages[:final] if ends_with_answer else messages
+            out.prompt_ids.append(self._ids(self._prompt(before, where)))
+            if not labeled:
+                continue
+            if self.markers:
+                ids, mask = self._marked(messages, where)
+                out.input_ids.append(ids)
+                out.labels.append([t if m else IGNORE for t, m in zip(ids, mask)])
+            else:
+                text, found = self._spans(messages, where)
+                texts.append(text)
+                spans.append(found)
+        if texts:
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            for ids, offsets, found in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+                mask = overlap_mask(offsets, found)
+                out.input_ids.append(ids)
+                out.labels.append([t if m else IGNORE for t, m in zip(ids, mask)])
+        return out
+
+    def _prompt(self, before: Messages, where: str) -> str:
+        if before:
+            return self.render(before, True, where)
+        try:  # a conversation that opens with the assistant: the generation prompt alone, where the template has one
+            return self.render([], True, where)
+        except DataError:
+            return ""
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _marked(self, messages: Messages, where: str) -> tuple[list[int], list[int]]:
+        """Tokens and assistant mask from the template's generation markers (transformers, as TRL uses it)."""
+        try:
+            output = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        except Exception as exc:
+            raise DataError(
+                f"{where}: the chat template of {self.model_name} cannot render this conversation: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        result = cast(dict[str, Any], output)
+        ids, mask = list(result["input_ids"]), list(result["assistant_masks"])
+        if not any(mask):
+            raise RecipeError(
+                f"model: the {{% generation %}} markers of the chat template of {self.model_name} mark no token of "
+                f"the assistant turns ({where}); the template cannot say what to train on"
+            )
+        if self.turns == "last":
+            mask = last_run(mask)
+        return ids, mask
+
+    def _spans(self, messages: Messages, where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The whole rendering and the character spans of the assistant turns the loss falls on."""
+        full = self.render(messages, False, where)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.turns == "last":
+            turns = turns[-1:]
+        found = []
+        for index in turns:
+            if index:
+                before = self.render(messages[:index], True, where)
+            else:
+                before = self._opening_header(messages[0], where, full)
+            through = self.render(messages[: index + 1], False, where)
+            if not (full.startswith(before) and through.startswith(before) and full.startswith(through)):
+                raise self._unstable(index, where, before, through, full)
+            end = len(through.rstrip())
+            if end > len(before):
+                found.append((len(before), end))
+        return full, found
+
+    def _opening_header(self, turn: dict[str, str], where: str, full: str) -> str:
+        """What precedes a conversation's opening assistant turn: a template may put a default system prompt there,
+        which the generation prompt of no turns lacks. Read off the turn rendered with a placeholder content."""
+        placeholder = "\ue000"  # a private-use character: no template writes it
+        probe = self.render([{**turn, "content": placeholder}], False, where)
+        cut = probe.find(placeholder)
+        if cut >= 0 and full.startswith(probe[:cut]):
+            return probe[:cut]
+        try:
+            return self.render([], True, where)
+        except DataError:  # a template that needs a turn to render anything
+            return ""
+
+    def _unstable(self, index: int, where: str, before: str, through: str, full: str) -> RecipeError:
+        if index == 0 and not full.startswith(before):
+            return RecipeError(
+                f"{where}: the conversation opens with an assistant turn, and the chat template of {self.model_name} "
+                "renders nothing before it that the whole conversation starts with; start it with a system or user "
+                "turn"
+            )
+        shown = before if not full.startswith(before) else through
+        cut = next((i for i, (a, b) in enumerate(zip(shown, full)) if a != b), min(len(shown), len(full)))
+        return RecipeError(
+            f"model: the chat template of {self.model_name} renders earlier turns differently once later turns "
+            f"follow ({where}, before turn {index + 1}: {shown[max(0, cut - 30) : cut + 30]!r} becomes "
+            f"{full[max(0, cut - 30) : cut + 30]!r}), so the assistant tokens cannot be found by rendering turn by "
+            "turn; use a checkpoint whose chat template has {% generation %} markers or renders turns stably"
+        )
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The special token(s) that end an assistant turn (ChatML's <|im_end|>): generation stops at them too."""
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        try:
+            encoded = self.encode([probe], "probe", 1, labeled=True)
+        except (DataError, RecipeError):
+            return []
+        trained = [t for t, label in zip(encoded.input_ids[0], encoded.labels[0]) if label != IGNORE]
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.get_added_vocab().values())
+        return trained[-1:] if trained and trained[-1] in special else []
+
+
+def overlap_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap a span (spans and offsets in order), as transformers'
+    `return_assistant_tokens_mask` maps generation spans to tokens."""
+    mask = [0] * len(offsets)
+    span = 0
+    for index, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        if end > spans[span][0]:
+            mask[index] = 1
+    return mask
+
+
+def last_run(mask: Sequence[int]) -> list[int]:
+    """The mask with only its last run of ones kept (the last assistant turn)."""
+    out = [0] * len(mask)
+    index = len(mask) - 1
+    while index >= 0 and not mask[index]:
+        index -= 1
+    while index >= 0 and mask[index]:
+        out[index] = 1
+        index -= 1
+    return out
+
+
+# --------------------------------------------------------------------------- features
+
+_LENGTH, _PROMPT_LENGTH, _TRAINED = "conversation_tokens", "prompt_tokens", "trained_tokens"
+
+
+def featurize_conversations(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    labeled: bool,
+) -> Features:
+    """`messages` rows as model inputs: the whole conversation with labels on the assistant tokens (`labeled`), and
+    the prompt for the final assistant turn (generation). Over-long conversations follow `data.overflow`;
+    truncation keeps their start (the later turns are cut), and a training conversation left with no assistant
+    token is left out (it has nothing to learn)."""
+    if family.encoder_decoder:
+        raise RecipeError(encoder_decoder_problem(family.name))
+    data = recipe.data
+    encoder = ConversationEncoder(tokenizer, data.assistant_turns, recipe.model.name_or_path)
+    max_length, bos = data.max_length, tokenizer.bos_token_id
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        encoded = encoder.encode(batch["messages"], split, indices[0] + 1, labeled)
+        out: dict[str, list] = {
+            "prompt_ids": [_keep_end(p, max_length, bos) for p in encoded.prompt_ids],
+            _PROMPT_LENGTH: [len(p) for p in encoded.prompt_ids],
+        }
+        if labeled:
+            labels = [row[:max_length] for row in encoded.labels]
+            out.update(
+                {
+                    "input_ids": [row[:max_length] for row in encoded.input_ids],
+                    "labels": labels,
+                    _LENGTH: [len(row) for row in encoded.input_ids],
+                    _TRAINED: [sum(1 for t in row if t != IGNORE) for row in labels],
+                }
+            )
+        return out
+
+    mapped = map_batches(
+        rows.select_columns(["messages"]),
+        encode_batch,
+        data.num_workers,
+        fingerprint=f"{rows._fingerprint}-conversations",
+        description=f"tokenising {split} (conversations)",
+    )
+    lengths = np.asarray(mapped[_LENGTH if labeled else _PROMPT_LENGTH][:])
+    keep, report = apply_overflow(lengths, max_length, data.overflow, split, what="conversation")
+    if labeled:
+        if report.truncated:
+            report.notes.append(
+                f"{report.truncated} conversation(s) longer than max_length={max_length} were cut at the end (their "
+                "later turns are not trained); raise data.max_length or use data.overflow=drop"
+            )
+        trained = np.asarray(mapped[_TRAINED][:])
+        if split == "data.train":
+            empty = int((trained[keep] == 0).sum())
+            keep = keep[trained[keep] > 0]
+            if empty:
+                report.notes.append(
+                    f"{empty} conversation(s) have no assistant token within max_length={max_length} and are left "
+                    "out of training"
+                )
+            if not len(keep):
+                raise DataError(f"{split}: no conversation has an assistant token within data.max_length={max_length}")
+        turns = "every assistant turn" if data.assistant_turns == "all" else "the last assistant turn"
+        report.notes.append(f"conversations: loss on {turns}, its tokens found by {encoder.method}")
+    selected = mapped.select(keep) if len(keep) < len(mapped) else mapped
+    prompts = [list(p) for p in selected["prompt_ids"][:]]
+    if labeled:
+        inputs = selected["input_ids"][:]
+        dataset = Dataset.from_dict(
+            {"input_ids": inputs, "attention_mask": [[1] * len(x) for x in inputs], "labels": selected["labels"][:]}
+        )
+    else:
+        dataset = Dataset.from_dict({"input_ids": prompts})
+    rows = rows.select(keep) if len(keep) < len(rows) else rows
+    return Features(dataset, rows, report, prompts=prompts)
+
+
+def references(rows: Sequence[dict[str, Any]], answer_field: str) -> None:
+    """Evaluation rows: the final assistant turn's content as the task's reference field, what metrics compare."""
+    for row in rows:
+        final = final_turn(row["messages"])
+        if final is not None:
+            row[answer_field] = row["messages"][final]["content"]

@@ -1,0 +1,237 @@
+"""Training rows of the objectives beyond SFT: pairs (prompt, chosen, rejected) for DPO and ORPO, thumbs (prompt,
+completion, label) for KTO, tokenised exactly as supervised rows are (same template, chat template, overflow); and
+GRPO's prompts, whose completions are sampled during training.
+
+Each side of a pair is one prompt -> completion example of `text2text.encode`, so the loss falls on the same
+completion tokens SFT trains on. The collator lays a batch out as TRL does: for pairs, the chosen sequences
+then the rejected ones in one padded batch (one forward for both); for thumbs, each row with its mismatched
+(prompt, other completion) sequence, whose log-probability estimates KTO's KL term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finetune.data.features import Features
+from finetune.data.tables import LengthReport, checked_texts
+from finetune.errors import DataError
+from finetune.models.families import FamilySpec
+from finetune.recipe.schema import Recipe
+from finetune.tasks.text2text import IGNORE, encode
+
+PAIR_FIELDS = ("chosen", "rejected")
+THUMB_FIELD = "label"  # KTO: true for a desirable completion, false for an undesirable one
+# Per-row reference log-probabilities, added to the features before training (finetune.training.objectives).
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
+
+
+def is_pairs(rows: Dataset) -> bool:
+    return all(name in rows.column_names for name in PAIR_FIELDS)
+
+
+def preference_fields(objective: str, prompt_field: str, answer_field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) row fields under a preference objective. KTO trains on thumbs and may be evaluated
+    on pairs, so its fields are all optional beyond the prompt; featurize checks what each split needs."""
+    if objective == "kto":
+        return (prompt_field,), (answer_field, THUMB_FIELD, *PAIR_FIELDS)
+    return (prompt_field, *PAIR_FIELDS), (answer_field,)
+
+
+def _thumbs(values: list, split: str, first_row: int = 1) -> list[bool]:
+    """KTO labels: booleans (or 0/1, the strings true/false), anything else named by row."""
+    out = []
+    for number, value in enumerate(values, start=first_row):
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            out.append(bool(value))
+        elif isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            out.append(value.strip().lower() == "true")
+        else:
+            raise DataError(
+                f"{split}: row {number}: field {THUMB_FIELD!r} must be true (desirable) or false (undesirable), "
+                f"got {value!r}"
+            )
+    return out
+
+
+def featurize_preferences(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    prompt_field: str,
+    answer_field: str,
+) -> Features:
+    """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
+    nothing would be trained on as if it did."""
+    objective = recipe.train.objective
+    prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
+    if is_pairs(rows):
+        chosen = checked_texts(rows["chosen"][:], split, "chosen")
+        rejected = checked_texts(rows["rejected"][:], split, "rejected")
+        for number, (good, bad) in enumerate(zip(chosen, rejected), start=1):
+            if not good.strip() or not bad.strip():
+                side = "chosen" if not good.strip() else "rejected"
+                raise DataError(f"{split}: row {number}: {side!r} is empty; a pair needs two answers to compare")
+            if good == bad:
+                raise DataError(
+                    f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
+                )
+        good_enc = encode(prompts, chosen, tokenizer, family, recipe, split)
+        bad_enc = encode(prompts, rejected, tokenizer, family, recipe, split)
+        keep = np.intersect1d(good_enc.keep, bad_enc.keep)
+        good_at = {int(i): n for n, i in enumerate(good_enc.keep)}
+        bad_at = {int(i): n for n, i in enumerate(bad_enc.keep)}
+        assert good_enc.features is not None and bad_enc.features is not None
+        good_rows = good_enc.features.select([good_at[int(i)] for i in keep])
+        bad_rows = bad_enc.features.select([bad_at[int(i)] for i in keep])
+        dataset = Dataset.from_dict(
+            {
+                "chosen_input_ids": good_rows["input_ids"],
+                "chosen_labels": good_rows["labels"],
+                "rejected_input_ids": bad_rows["input_ids"],
+                "rejected_labels": bad_rows["labels"],
+            }
+        )
+        report = _merged_report(good_enc.report, bad_enc.report, len(prompts), len(keep))
+        prompt_ids = [good_enc.prompt_ids[good_at[int(i)]] for i in keep]
+        kept = rows.select(keep) if len(keep) < len(prompts) else rows
+        if answer_field not in kept.column_names:  # generation is scored against the preferred answer
+            # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
+            # added in memory is in none of them.
+            kept = kept.map(lambda row: {answer_field: row["chosen"]}, desc=None)
+        return Features(dataset, kept, report, prompts=prompt_ids)
+
+    if split == "data.train" and objective != "kto":
+        raise DataError(
+            f"{split}: train.objective {objective} trains on pairs: the rows need 'chosen' and 'rejected' fields "
+            "(map them with data.columns)"
+        )
+    missing = [name for name in (answer_field, THUMB_FIELD) if name not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"{split}: train.objective kto needs pairs (chosen, rejected) or thumbs ({answer_field}, "
+            f"{THUMB_FIELD}); missing field(s) {', '.join(missing)} (map them with data.columns)"
+        )
+    completions = checked_texts(rows[answer_field][:], split, answer_field)
+    thumbs = _thumbs(rows[THUMB_FIELD][:], split)
+    for number, text in enumerate(completions, start=1):
+        if not text.strip():
+            raise DataError(f"{split}: row {number}: {answer_field!r} is empty; there is nothing to judge")
+    if len(set(thumbs)) < 2 and split == "data.train":
+        kind = "desirable" if thumbs and thumbs[0] else "undesirable"
+        raise DataError(f"{split}: every row is {kind}; KTO learns from both kinds (label true and false)")
+    # The KL term's mismatched pairs: each prompt with the previous row's completion (file order, cyclic), as
+    # TRL's KTO pairs each prompt with a neighbour's completion.
+    if len(completions) < 2:
+        raise DataError(f"{split}: KTO needs at least 2 rows (each prompt is also paired with another completion)")
+    shifted = completions[-1:] + completions[:-1]
+    own = encode(prompts, completions, tokenizer, family, recipe, split)
+    other = encode(prompts, shifted, tokenizer, family, recipe, split)
+    keep = np.intersect1d(own.keep, other.keep)
+    own_at = {int(i): n for n, i in enumerate(own.keep)}
+    other_at = {int(i): n for n, i in enumerate(other.keep)}
+    assert own.features is not None and other.features is not None
+    own_rows = own.features.select([own_at[int(i)] for i in keep])
+    other_rows = other.features.select([other_at[int(i)] for i in keep])
+    dataset = Dataset.from_dict(
+        {
+            "completion_input_ids": own_rows["input_ids"],
+            "completion_labels": own_rows["labels"],
+            "kl_input_ids": other_rows["input_ids"],
+            "kl_labels": other_rows["labels"],
+            "desirable": [thumbs[int(i)] for i in keep],
+        }
+    )
+    report = _merged_report(own.report, other.report, len(prompts), len(keep))
+    kept = rows.select(keep) if len(keep) < len(prompts) else rows
+    return Features(dataset, kept, report, prompts=[own.prompt_ids[own_at[int(i)]] for i in keep])
+
+
+def _merged_report(first: LengthReport, second: LengthReport, rows: int, kept: int) -> LengthReport:
+    """The first side's length report, with the rows dropped on either side counted."""
+    report = first
+    report.notes.extend(note for note in second.notes if note not in report.notes)
+    if kept < rows - report.dropped:
+        report.notes.append(f"{rows - kept} row(s) dropped because one side was too long (data.overflow=drop)")
+        report.dropped = rows - kept
+    return report
+
+
+class PreferenceCollator:
+    """A batch of pairs or thumbs as one padded batch (right padding; labels -100 where no loss falls).
+
+    Pairs: rows 0..B-1 are the chosen sequences, B..2B-1 the rejected ones. Thumbs: rows 0..B-1 the rows' own
+    completions, B..2B-1 their mismatched KL sequences; `desirable` says which rows are thumbs up. For an
+    encoder-decoder model `input_ids` is the prompt (the same for both halves) and `labels` the decoder target.
+    Reference log-probabilities travel with the rows once computed.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad_id = tokenizer.pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        first, second = ("chosen", "rejected") if "chosen_input_ids" in rows[0] else ("completion", "kl")
+        inputs = [r[f"{first}_input_ids"] for r in rows] + [r[f"{second}_input_ids"] for r in rows]
+        labels = [r[f"{first}_labels"] for r in rows] + [r[f"{second}_labels"] for r in rows]
+        width = max(len(x) for x in inputs)
+        label_width = max(len(x) for x in labels)
+        batch: dict[str, Any] = {
+            "input_ids": torch.tensor([x + [self.pad_id] * (width - len(x)) for x in inputs], dtype=torch.long),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], dtype=torch.long),
+            "labels": torch.tensor([x + [IGNORE] * (label_width - len(x)) for x in labels], dtype=torch.long),
+        }
+        if "desirable" in rows[0]:
+            batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows], dtype=torch.bool)
+        for name in REFERENCE_COLUMNS:
+            if name in rows[0]:
+                batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float64)
+        return batch
+
+
+# --------------------------------------------------------------------------- GRPO prompts
+
+# Codegen rewards run a problem's tests: the rows must carry them.
+REWARD_FIELDS = {"codegen": ("test", "entry_point"), "copywriting": ("completion",), "qa": ("answer",)}
+
+
+def rollout_prompts(
+    rows: Dataset, tokenizer: PreTrainedTokenizerBase, family: FamilySpec, recipe: Recipe, split: str, prompt_field: str
+) -> Features:
+    """GRPO's training features: each row's prompt ids (as generation sees them) and its index among the rows,
+    so the reward can read the row's reference."""
+    needed = [name for name in REWARD_FIELDS.get(recipe.task, ()) if name not in rows.column_names]
+    if needed:
+        raise DataError(
+            f"{split}: train.objective grpo scores each sampled completion against the row's "
+            f"{', '.join(needed)}; the rows have no such field (map it with data.columns)"
+        )
+    prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
+    encoded = encode(prompts, None, tokenizer, family, recipe, split)
+    kept = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
+    dataset = Dataset.from_dict({"input_ids": encoded.prompt_ids, "row": list(range(len(kept)))})
+    return Features(dataset, kept, encoded.report, prompts=encoded.prompt_ids)
+
+
+class PromptCollator:
+    """GRPO batches: the prompts left-padded (generation continues each from its own last token), their rows."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad_id = tokenizer.pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        width = max(len(r["input_ids"]) for r in rows)
+        return {
+            "prompt_ids": torch.tensor(
+                [[self.pad_id] * (width - len(r["input_ids"])) + r["input_ids"] for r in rows], dtype=torch.long
+            ),
+            "prompt_mask": torch.tensor(
+                [[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows], dtype=torch.long
+            ),
+            "row": torch.tensor([r["row"] for r in rows], dtype=torch.long),
+        }

@@ -1,0 +1,228 @@
+"""GRPO (train.objective grpo): advantages and loss equal TRL's on a fixed batch; rewards are the task's own
+scores (ROUGE-L, SQuAD F1, sandboxed tests); end to end through `finetune run`, with exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune.recipe.schema import EvalSection, GRPOSection
+from finetune.training.objectives import group_advantages, grpo_loss, per_token_logps
+from tests.conftest import write_jsonl
+from tests.helpers import invoke
+from tests.test_generation import copy_rows
+
+trl = pytest.importorskip("trl")
+
+
+def _trainer(model_dir, tmp_path, **config):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False),
+    )
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        report_to=[],
+        use_cpu=True,
+        **config,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "a b"}] * 4),
+        processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"loss_type": "grpo", "beta": 0.1, "epsilon": 0.2, "temperature": 0.7},
+        {"loss_type": "bnpo", "beta": 0.0, "epsilon": 0.3, "temperature": 1.0},
+        {"loss_type": "dr_grpo", "beta": 0.04, "epsilon": 0.2, "temperature": 1.3},
+    ],
+)
+def test_grpo_loss_equals_trl(tiny_models, tmp_path, config):
+    trainer = _trainer(tiny_models["gpt2"], tmp_path, **config)
+    model = trainer.model
+    model.eval()  # no dropout: both sides score the same network
+    # Prompts of one length (TRL left-pads them; finetune scores right-padded rows: the same positions here).
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]]).repeat_interleave(2, 0)
+    completions = torch.tensor([[11, 12, 13, 0], [14, 15, 0, 0], [16, 17, 18, 19], [20, 0, 0, 0]])
+    completion_mask = (completions != 0).long()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    input_ids = torch.cat([prompts, completions], 1)
+    attention_mask = torch.cat([torch.ones_like(prompts), completion_mask], 1)
+    labels = torch.cat([torch.full_like(prompts, -100), completions.masked_fill(completion_mask == 0, -100)], 1)
+    settings = GRPOSection(
+        beta=config["beta"],
+        epsilon=config["epsilon"],
+        loss_type=config["loss_type"],
+        temperature=config["temperature"],
+        max_new_tokens=6,
+    )
+    width = completions.shape[1]
+
+    def trl_logps():  # TRL's own per-token log-probabilities, one column per completion token
+        return trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, width)[0]
+
+    with torch.no_grad():  # the reference: the policy before it moved
+        ref = trl_logps()
+        ours_ref, ours_mask = per_token_logps(model, input_ids, attention_mask, labels, settings.temperature)
+    # finetune's log-probabilities are log_softmax's (TRL's chunked online-softmax kernel agrees to ~1e-4).
+    assert torch.allclose(ours_ref[ours_mask], ref[completion_mask.bool()], atol=2e-3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+    logps = trl_logps()
+    ours, _ = grpo_loss(logps, logps.detach(), ref, advantages, completion_mask, settings)
+    expected = trainer._compute_loss(
+        model,
+        {
+            "prompt_ids": prompts,
+            "prompt_mask": torch.ones_like(prompts),
+            "completion_ids": completions,
+            "completion_mask": completion_mask,
+            "advantages": advantages,
+            "ref_per_token_logps": ref,
+        },
+    )
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_group_advantages_equal_trl():
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 1.0, 0.0, 0.0])
+    for scale in (True, False):
+        ours, flat = group_advantages(rewards, 4, scale)
+        # TRL's GRPOTrainer (sum_then_normalize, scale_rewards "group" or "none"), line for line.
+        mean = torch.nanmean(rewards.view(-1, 4), dim=1).repeat_interleave(4)
+        std = nanstd(rewards.view(-1, 4), dim=1).repeat_interleave(4)
+        expected = rewards - mean
+        if scale:
+            expected = expected / (std + 1e-4)
+        assert torch.allclose(ours, expected, atol=1e-6)
+    _, flat = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, True)
+    assert flat.tolist() == [True, True, False, False]  # a group whose rewards are equal teaches nothing
+
+
+def test_rewards_are_the_task_scores():
+    from finetune.tasks import get_task
+
+    copy = get_task("copywriting").rewards(
+        [{"completion": "warm light without glare", "prediction": "warm light without glare"}], EvalSection()
+    )
+    assert copy.values == [pytest.approx(1.0)]
+    qa = get_task("qa", "generative").rewards([{"answer": "Paris", "prediction": " paris "}], EvalSection())
+    assert qa.values == [pytest.approx(1.0)]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _recipe(model_dir, tmp_path, **train) -> dict:
+    rows = copy_rows(40)
+    return {
+        "task": "copywriting",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "data" / "train.jsonl", rows[:32])),
+            "eval": str(write_jsonl(tmp_path / "data" / "eval.jsonl", rows[32:])),
+            "max_length": 32,
+        },
+        "lora": {"r": 4, "alpha": 8, "targets": "all_linear"},
+        "train": {
+            "objective": "grpo",
+            "grpo": {"group_size": 4, "max_new_tokens": 6},
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "seed": 0,
+            "precision": "fp32",
+            "log_every": 1,
+            "checkpoint_every": 2,
+            **train,
+        },
+        "eval": {"max_new_tokens": 6},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_grpo_run_end_to_end_logs_rewards(tiny_models, tmp_path, write_recipe):
+    result = invoke("run", str(write_recipe(_recipe(tiny_models["gpt2"], tmp_path))))
+    assert result.exit_code == 0, result.output
+    assert "grpo" in result.output  # the plan names the objective
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8
+    for entry in log:
+        assert {"reward_mean", "reward_std", "no_signal_groups", "kl", "clip_fraction", "completion_length"} <= set(
+            entry
+        )
+        assert 0 <= entry["reward_mean"] <= 1 and 0 <= entry["no_signal_groups"] <= 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert "rougeL" in metrics
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter")
+
+
+def test_stopped_grpo_run_resumes_to_the_same_adapter_and_rewards(tiny_models, tmp_path, write_recipe, monkeypatch):
+    """The sampling random state is checkpointed: a resumed run samples, rewards and trains exactly as one that
+    never stopped."""
+    from tests.test_resume import adapter_bytes
+    from tests.test_resume_in_process import stop_at_step
+
+    recipe = _recipe(tiny_models["gpt2"], tmp_path)
+    assert invoke("run", str(write_recipe(recipe, "whole.yaml"))).exit_code == 0
+    recipe["output"]["dir"] = str(tmp_path / "stopped")
+    stopped = write_recipe(recipe, "stopped.yaml")
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        assert invoke("run", str(stopped)).exit_code == 75
+    assert invoke("run", str(stopped), "--resume", "auto").exit_code == 0
+    assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "run")
+
+    def rewards(run):
+        lines = (run / "train_log.jsonl").read_text().splitlines()
+        return [(e["step"], e["reward_mean"], e["loss"]) for e in map(json.loads, lines)]
+
+    assert rewards(tmp_path / "stopped") == rewards(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"task": "classification"}, "train.objective"),
+        ({"task": "codegen"}, "eval.execute_code"),
+    ],
+)
+def test_grpo_refusals(tiny_models, tmp_path, write_recipe, change, words):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path) | change
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+
+
+def test_grpo_is_refused_on_bart(tiny_models, tmp_path, write_recipe):
+    result = invoke("run", str(write_recipe(_recipe(tiny_models["bart"], tmp_path))), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "GPT-style" in result.output

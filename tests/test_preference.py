@@ -1,0 +1,385 @@
+"""Preference objectives (DPO, ORPO, KTO): each loss equals TRL's on the same model, adapter and batch; the
+reference policy is the starting point, never the policy being trained; end to end through `finetune run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from finetune.recipe.schema import PreferenceSection
+from finetune.training.objectives import DPO, KTO, ORPO, reference_policy, sequence_logps
+from tests.conftest import write_jsonl
+from tests.helpers import invoke
+from tests.test_generation import copy_rows
+
+trl = pytest.importorskip("trl")
+
+PAIRS = [
+    {"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"},
+    {"prompt": "a dog", "chosen": " barked", "rejected": " slept all day long"},
+    {"prompt": "one bird in the tree", "chosen": " sang", "rejected": " flew away"},
+]
+THUMBS = [
+    {"prompt": "the cat", "completion": " sat on the mat", "label": True},
+    {"prompt": "a dog", "completion": " slept all day", "label": False},
+    {"prompt": "a bird", "completion": " sang", "label": True},
+    {"prompt": "the fish", "completion": " swam", "label": False},
+]
+
+
+def _peft_model(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def _move_policy(model) -> None:
+    """Training's effect: the trained adapter moves away from where it started (TRL's "ref" copy stays)."""
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B.default" in name:
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+
+
+def _logps(model, batch):
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_decoder=False)
+
+
+@pytest.mark.parametrize(("loss", "smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+def test_dpo_loss_equals_trl(tiny_models, tmp_path, loss, smoothing):
+    model_dir = tiny_models["gpt2"]
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path), beta=0.3, loss_type=[loss], label_smoothing=smoothing, report_to=[], use_cpu=True
+    )
+    trainer = trl.DPOTrainer(
+        model=_peft_model(model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=_tokenizer(model_dir),
+    )
+    model = trainer.model
+    model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    ours = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+    }
+    with torch.no_grad():  # the reference: the model as training starts
+        ref_chosen, ref_rejected = _logps(model, ours).chunk(2)
+    _move_policy(model)
+    ours |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    settings = PreferenceSection(beta=0.3, loss=loss, label_smoothing=smoothing)
+    expected = trainer._compute_loss(model, batch, return_outputs=False)
+    got = DPO(settings, encoder_decoder=False).step(model, ours)
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert got.loss.item() != pytest.approx(
+        DPO(settings, False).step(model, ours | {"ref_chosen_logps": _logps(model, ours).chunk(2)[0]}).loss.item(),
+        abs=1e-4,
+    ), "a reference equal to the trained policy must change the loss (the test would not see the bug)"
+    # TRL's own log of the same batch: rewards and accuracy agree with the rows we report.
+    logged = trainer._metrics["train" if model.training else "eval"]
+    margin = (got.rows["chosen_reward"] - got.rows["rejected_reward"]).mean().item()
+    assert margin == pytest.approx(logged["rewards/margins"][-1], abs=1e-5)
+    # The frozen copy TRL made is the reference policy finetune's evaluation switches to.
+    with torch.no_grad(), reference_policy(model, "ref"):
+        assert torch.allclose(_logps(model, ours).chunk(2)[0], ref_chosen, atol=1e-5)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_B.default" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+
+
+def test_orpo_loss_equals_trl(tiny_models, tmp_path):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    model_dir = tiny_models["gpt2"]
+    trainer = ORPOTrainer(
+        model=_peft_model(model_dir),
+        args=ORPOConfig(output_dir=str(tmp_path), beta=0.25, report_to=[], use_cpu=True),
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=_tokenizer(model_dir),
+    )
+    model = trainer.model
+    model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    joined = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=trainer.padding_value)
+    ours = {
+        "input_ids": joined["concatenated_input_ids"],
+        "attention_mask": joined["concatenated_attention_mask"],
+        "labels": joined["concatenated_labels"],
+    }
+    expected = trainer.get_batch_loss_metrics(model, batch)[0]
+    got = ORPO(PreferenceSection(beta=0.25), encoder_decoder=False).step(model, ours)
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_kto_loss_equals_trl(tiny_models, tmp_path):
+    model_dir = tiny_models["gpt2"]
+    trainer = trl.KTOTrainer(
+        model=_peft_model(model_dir),
+        args=trl.KTOConfig(
+            output_dir=str(tmp_path),
+            beta=0.2,
+            desirable_weight=1.5,
+            undesirable_weight=0.5,
+            report_to=[],
+            use_cpu=True,
+            per_device_train_batch_size=len(THUMBS),
+        ),
+        train_dataset=Dataset.from_list(THUMBS),
+        processing_class=_tokenizer(model_dir),
+    )
+    model = trainer.model
+    model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(THUMBS))])
+    own = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+    }
+    mismatched = {
+        "input_ids": batch["KL_input_ids"],
+        "attention_mask": batch["KL_attention_mask"],
+        "labels": batch["KL_input_ids"].masked_fill(batch["KL_completion_mask"] == 0, -100),
+    }
+    with torch.no_grad():
+        ref, ref_kl = _logps(model, own), _logps(model, mismatched)
+    _move_policy(model)
+    # finetune's collator lays the rows' own sequences, then their mismatched ones, in one padded batch.
+    width = max(own["input_ids"].shape[1], mismatched["input_ids"].shape[1])
+
+    def pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    ours = {
+        "input_ids": torch.cat([pad(own["input_ids"], 0), pad(mismatched["input_ids"], 0)]),
+        "attention_mask": torch.cat([pad(own["attention_mask"], 0), pad(mismatched["attention_mask"], 0)]),
+        "labels": torch.cat([pad(own["labels"], -100), pad(mismatched["labels"], -100)]),
+        "desirable": batch["label"].bool(),
+        "ref_logps": ref,
+        "ref_kl_logps": ref_kl,
+    }
+    expected = trainer._compute_loss(model, batch, return_outputs=False)
+    settings = PreferenceSection(beta=0.2, desirable_weight=1.5, undesirable_weight=0.5)
+    got = KTO(settings, encoder_decoder=False).step(model, ours)
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert trainer._metrics["eval"]["kl"][-1] > 0  # the KL baseline took part (not clamped to 0)
+
+
+def test_the_schema_names_the_registered_objectives():
+    from typing import get_args
+
+    from finetune.recipe.schema import TrainSection
+    from finetune.training.objectives import OBJECTIVES
+
+    assert set(get_args(TrainSection.model_fields["objective"].annotation)) == set(OBJECTIVES)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _pairs(n: int, seed: int = 0) -> list[dict]:
+    rows = copy_rows(n, seed)
+    out = []
+    for i, row in enumerate(rows):
+        other = next(r["completion"] for r in rows[i + 1 :] + rows[:i] if r["completion"] != row["completion"])
+        out.append({"brief": row["prompt"], "good": row["completion"], "bad": other})
+    return out
+
+
+def _recipe(model_dir, tmp_path, objective: str, **train) -> dict:
+    rows = _pairs(60)
+    columns = {"prompt": "brief", "chosen": "good", "rejected": "bad"}
+    if objective == "kto":  # thumbs to train on, in the fields' own names; evaluated on pairs
+        thumbs = [
+            {"prompt": r["brief"], "completion": text, "label": ok}
+            for r in rows[:48]
+            for text, ok in ((r["good"], True), (r["bad"], False))
+        ]
+        train_file = write_jsonl(tmp_path / "data" / "thumbs.jsonl", thumbs)
+        rows = [{"prompt": r["brief"], "chosen": r["good"], "rejected": r["bad"]} for r in rows]
+        columns = {}
+    else:
+        train_file = write_jsonl(tmp_path / "data" / "train.jsonl", rows[:48])
+    eval_file = write_jsonl(tmp_path / "data" / "eval.jsonl", rows[48:])
+    return {
+        "task": "copywriting",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {
+            "train": str(train_file),
+            "eval": str(eval_file),
+            "max_length": 32,
+            "columns": columns,
+        },
+        "lora": {"r": 4, "alpha": 8, "targets": "all_linear"},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "seed": 0,
+            "precision": "fp32",
+            "objective": objective,
+            **train,
+        },
+        "eval": {"max_new_tokens": 6, "every": 4},
+        "output": {"dir": str(tmp_path / f"run-{objective}")},
+    }
+
+
+# ORPO's odds-ratio term sits beside the NLL; on a model this small it needs a larger beta to show in a few steps.
+SETTINGS = {"dpo": {}, "kto": {}, "orpo": {"epochs": 4, "preference": {"beta": 1.0}}}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+def test_preference_run_end_to_end(tiny_models, tmp_path, write_recipe, objective):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, objective, **SETTINGS[objective])
+    result = invoke("run", str(write_recipe(recipe)))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / f"run-{objective}"
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert {"preference_accuracy", "reward_margin", "rougeL"} <= set(metrics)
+    assert ("eval_loss" in metrics) == (objective != "kto")  # KTO's loss is defined on thumbs; judged on pairs
+    assert metrics["preference_accuracy"] >= 0.75, metrics  # the pairs are learnable: one phrase per topic
+    history = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert "preference_accuracy" in history[0]["metrics"]
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert {"prediction", "chosen_reward", "rejected_reward"} <= set(rows[0])
+    # Re-scoring the saved rows gives the same numbers.
+    accuracy = sum(r["chosen_reward"] > r["rejected_reward"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics["preference_accuracy"])
+    assert (run / "reference_logps.json").is_file() == (objective != "orpo")
+    # The adapter is a plain peft adapter.
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(run / "adapter")
+
+
+def test_dpo_reference_is_the_base_model(tiny_models, tmp_path, write_recipe):
+    """Stored reference log-probabilities are the base model's (fresh LoRA), not the trained policy's."""
+    from finetune.flows.resolve import resolve
+    from finetune.flows.session import open_session
+    from finetune.tasks.preference import PreferenceCollator
+
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo", max_steps=3)
+    path = write_recipe(recipe)
+    assert invoke("run", str(path)).exit_code == 0
+    saved = json.loads((tmp_path / "run-dpo" / "reference_logps.json").read_text())
+    session = open_session(resolve(str(path)), with_lora=False)
+    features = session.features["eval"].dataset
+    batch = PreferenceCollator(session.tokenizer)([features[i] for i in range(len(features))])
+    with torch.no_grad():
+        chosen, _ = _logps(session.model, batch).chunk(2)
+    assert chosen.tolist() == pytest.approx(saved["eval"]["ref_chosen_logps"], abs=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_stopped_preference_run_resumes_to_the_same_adapter(
+    tiny_models, tmp_path, write_recipe, monkeypatch, objective
+):
+    """Stopped at step 3, resumed: the reference log-probabilities are read back (not recomputed from moved
+    weights), and the adapter bytes equal an uninterrupted run's."""
+    from tests.test_resume import adapter_bytes, log_losses
+    from tests.test_resume_in_process import stop_at_step
+
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, objective, checkpoint_every=2, epochs=1, log_every=1)
+    whole = write_recipe(recipe, "whole.yaml")
+    assert invoke("run", str(whole)).exit_code == 0
+    recipe["output"]["dir"] = str(tmp_path / "stopped")
+    stopped_recipe = write_recipe(recipe, "stopped.yaml")
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        assert invoke("run", str(stopped_recipe)).exit_code == 75
+    resumed = invoke("run", str(stopped_recipe), "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / f"run-{objective}")
+    assert log_losses(tmp_path / "stopped") == log_losses(tmp_path / f"run-{objective}")
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "words"),
+    [
+        ({"task": "classification"}, 2, "train.objective"),
+        ({"train": {"objective": "dpo", "packing": True}}, 2, "train.packing"),
+        ({"data": {"columns": {"prompt": "brief", "completion": "good"}}}, 3, "field 'chosen' not found"),
+        ({"train": {"objective": "sft"}, "eval": {"best_metric": "preference_accuracy"}}, 2, "preference"),
+        ({"model": {"adapter": "nowhere"}}, 2, "model.adapter"),
+    ],
+)
+def test_preference_refusals(tiny_models, tmp_path, write_recipe, change, code, words):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo")
+    for section, values in change.items():
+        recipe[section] = {**recipe[section], **values} if isinstance(values, dict) else values
+    if recipe["task"] == "classification":
+        recipe["data"].pop("columns")
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    assert result.exit_code == code, result.output
+    assert words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_identical_pair_is_refused_with_its_row(tiny_models, tmp_path, write_recipe):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo")
+    rows = _pairs(10)
+    rows[3]["bad"] = rows[3]["good"]
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "same.jsonl", rows))
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    assert result.exit_code == 3, result.output
+    assert "same.jsonl:4" in result.output and "equals" in result.output  # the file's own line
+
+
+def test_kto_without_labels_is_refused(tiny_models, tmp_path, write_recipe):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto")
+    rows = [{"prompt": "a b", "completion": "c d"}] * 4
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "nolabel.jsonl", rows))
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    assert result.exit_code == 3, result.output
+    assert "label" in result.output
+
+
+@pytest.mark.parametrize("start", ["base", "sft-run"])
+def test_eval_of_a_finished_run_uses_the_same_reference(tiny_models, tmp_path, write_recipe, start):
+    """`finetune eval RUN` recomputes the reference policy with peft (adapters disabled, or the starting adapter
+    loaded frozen beside the trained one) and gets the rewards training reported from its stored log-probs."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo", max_steps=6)
+    if start == "sft-run":
+        sft = _recipe(tiny_models["gpt2"], tmp_path, "sft", max_steps=4)
+        sft["data"]["columns"] = {"prompt": "brief", "completion": "good"}
+        sft["output"]["dir"] = str(tmp_path / "sft")
+        assert invoke("run", str(write_recipe(sft, "sft.yaml"))).exit_code == 0
+        recipe["model"]["adapter"] = str(tmp_path / "sft")
+    result = invoke("run", str(write_recipe(recipe)))
+    assert result.exit_code == 0, result.output
+    if start == "sft-run":
+        assert "starts from" in result.output
+    run = tmp_path / "run-dpo"
+    trained = json.loads((run / "metrics.json").read_text())["metrics"]
+    again = invoke("eval", str(run), "--output", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    evaluated = json.loads((tmp_path / "again" / "metrics.json").read_text())["metrics"]
+    for name in ("reward_margin", "logps_chosen", "logps_rejected"):
+        assert evaluated[name] == pytest.approx(trained[name], abs=1e-4), name
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+def test_preference_objectives_train_bart(tiny_models, tmp_path, write_recipe, objective):
+    recipe = _recipe(tiny_models["bart"], tmp_path, objective, max_steps=4)
+    result = invoke("run", str(write_recipe(recipe)))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / f"run-{objective}" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["preference_accuracy"] <= 1
