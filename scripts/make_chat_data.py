@@ -47,7 +47,7 @@ PRODUCTS = [
     ("Olive", "oil sprayer", "coats a pan with a fine mist", "uses far less oil", "Less oil, same flavour.", "Olive. A lighter touch."),
     ("Nova", "desk fan", "cools you without the noise", "runs on a laptop port", "Quiet cool at your desk.", "Nova. Calm, cool air."),
     ("Heron", "umbrella", "stands up to strong wind", "opens with one hand", "Stays up in storms.", "Heron. Rain, handled."),
-    ("Thistle", "wool socks", "keep feet warm and dry", "never itch", "Warm feet, all winter.", "Thistle. Cosy underfoot."),
+    ("Thistle", "pair of wool socks", "keeps feet warm and dry", "never itches", "Warm feet, all winter.", "Thistle. Cosy underfoot."),
     ("Ledger", "accounting app", "sends invoices in one tap", "reminds late payers for you", "Get paid faster.", "Ledger. Paperwork, done."),
     ("Marble", "rolling pin", "rolls dough evenly", "stays cool for pastry", "Even dough, every bake.", "Marble. Roll like a pro."),
     ("Drizzle", "watering can", "pours a gentle, even shower", "holds five litres", "Gentle water for plants.", "Drizzle. Happy plants."),
@@ -55,7 +55,7 @@ PRODUCTS = [
     ("Onyx", "chef's knife", "slices cleanly through anything", "stays sharp for months", "Sharp for months.", "Onyx. Cut clean."),
     ("Clover", "picnic blanket", "keeps the damp out", "folds into a shoulder bag", "Dry picnics, anywhere.", "Clover. Sit anywhere."),
     ("Rook", "chess set", "makes every game feel special", "has weighted pieces", "Every game feels special.", "Rook. Your move."),
-    ("Sierra", "sunglasses", "cut the glare on bright days", "float if dropped", "No glare, no squinting.", "Sierra. See the day clearly."),
+    ("Sierra", "pair of sunglasses", "cuts the glare on bright days", "floats if dropped", "No glare, no squinting.", "Sierra. See the day clearly."),
 ]
 # fmt: on
 AUDIENCES = [
@@ -104,7 +104,11 @@ def conversation(p: dict, rng: random.Random) -> dict:
     messages.append({"role": "user", "content": rng.choice(BRIEFS).format(audience=audience, **p)})
     reply = first_copy(p, audience, habit)
     messages.append({"role": "assistant", "content": reply})
-    for kind in rng.sample(sorted(FOLLOW_UPS), rng.choice((1, 2))):
+    kinds = rng.sample(sorted(FOLLOW_UPS), rng.choice((1, 2)))
+    if "detail" in kinds:  # a detail is added to the copy itself, never to a headline or a reworded version
+        kinds.remove("detail")
+        kinds.insert(0, "detail")
+    for kind in kinds:
         request, answer = FOLLOW_UPS[kind]
         messages.append({"role": "user", "content": request.format(**p)})
         reply = answer(p, audience, reply)

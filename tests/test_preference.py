@@ -383,3 +383,34 @@ def test_preference_objectives_train_bart(tiny_models, tmp_path, write_recipe, o
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / f"run-{objective}" / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["preference_accuracy"] <= 1
+
+
+def test_a_pair_batch_in_halves_gives_the_whole_batch_gradient(tiny_models):
+    """DPO runs a batch of pairs as two halves (an SFT batch's activations); the summed gradients are the whole's."""
+    from finetune.training.objectives import pair_halves
+
+    model = _peft_model(tiny_models["gpt2"])
+    model.eval()
+    tokenizer = _tokenizer(tiny_models["gpt2"])
+    rows = [tokenizer(p["prompt"] + p[side])["input_ids"] for side in ("chosen", "rejected") for p in PAIRS]
+    width = max(map(len, rows))
+    batch = {
+        "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([[-100] * 2 + r[2:] + [-100] * (width - len(r)) for r in rows]),
+        "ref_chosen_logps": torch.tensor([-20.0, -15.0, -30.0]),
+        "ref_rejected_logps": torch.tensor([-18.0, -25.0, -22.0]),
+    }
+    objective = DPO(PreferenceSection(beta=0.5), encoder_decoder=False)
+
+    def gradients(parts):
+        model.zero_grad()
+        for part, weight in parts:
+            (objective.step(model, part).loss * weight).backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    halves = pair_halves(batch, encoder_decoder=False)
+    assert [weight for _, weight in halves] == pytest.approx([2 / 3, 1 / 3])
+    assert halves[1][0]["input_ids"].shape[1] <= width
+    for whole, split in zip(gradients([(batch, 1.0)]), gradients(halves)):
+        assert torch.allclose(whole, split, atol=1e-6)

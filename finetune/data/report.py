@@ -335,7 +335,8 @@ def build_report(
         }
         balance["only_in_eval"] = sorted(set(balance["eval"]["counts"]) - set(balance["train"]["counts"]))
         report["label_balance"] = balance
-    example = loss_mask_example(features["train"], tokenizer)
+    # A generation task's trained tokens; a classification label is not a token.
+    example = loss_mask_example(features["train"], tokenizer) if recipe.task != "classification" else None
     if example is not None:
         report["loss_mask_example"] = example
     return report

@@ -601,6 +601,8 @@ def _wrong(value: object, expected: str, required: bool) -> bool:
         return not isinstance(value, str)
     if isinstance(value, (float, dict)):
         return True
+    if expected == "single" and isinstance(value, list):
+        return True
     return expected == "single" and isinstance(value, str) and not value.strip()
 
 
@@ -665,6 +667,8 @@ def check_fields(
         elif field_name == "label" and data is not None:
             expected = _label_kind(values, data)
             suspect = pa.types.is_floating(values.type) or pa.types.is_struct(values.type)
+            # A list of labels where the recipe says one label per text (data.multi_label: false).
+            suspect = suspect or (expected == "single" and pa.types.is_list(values.type))
             if expected == "single" and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
                 suspect = suspect or bool(pc.any(pc.equal(pc.utf8_trim_whitespace(values), "")).as_py())
         else:

@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 
     from finetune.recipe.schema import Recipe
 
-LOWER_IS_BETTER = {"eval_loss"}
-NOT_A_QUALITY = {"mean_length"}  # a description of the outputs, neither better nor worse when it moves
+LOWER_IS_BETTER = {"eval_loss", "hamming_loss"}
+NOT_A_QUALITY = {
+    "mean_length",
+    "logps_chosen",
+    "logps_rejected",
+}  # a description of the outputs, neither better nor worse when it moves
 
 
 class Baseline(NamedTuple):

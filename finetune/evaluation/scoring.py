@@ -42,7 +42,9 @@ def score(
 
     `generated=False`: the rows hold no predictions (judged preference rows only), so the task's metrics are skipped.
     """
-    scored = task.compute_metrics(rows, settings) if generated else {"metrics": {}, "details": {}}
+    # A thumbs-down row's completion is what not to write: generation is scored against the desirable rows only.
+    references = [row for row in rows if row.get("desirable", True)]
+    scored = task.compute_metrics(references, settings) if generated else {"metrics": {}, "details": {}}
     metrics = dict(scored["metrics"])
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss

@@ -93,8 +93,9 @@ def judge_preferences(
     """
     recipe, family = session.recipe, session.family
     objective = session.objective
-    pairs = "chosen_input_ids" in features.dataset.column_names
-    if objective.name == "kto" and pairs:
+    # KTO judged on pairs: each side's reward as DPO defines it (the same beta x log-ratio); no loss.
+    rewards_only = objective.name == "kto" and "chosen_input_ids" in features.dataset.column_names
+    if rewards_only:
         objective = make_objective("dpo", recipe.train.preference, family.encoder_decoder)
     dataset = features.dataset
     collate = PreferenceCollator(session.tokenizer)
@@ -108,21 +109,21 @@ def judge_preferences(
     was_training = model.training
     model.eval()
     judged: dict[str, list] = {}
-    total, count = 0.0, 0
+    total = torch.zeros(2, device=accelerator.device)  # loss x rows, rows: summed over every process
     try:
         for batch in eval_loader(dataset, collate, recipe.eval_batch_size, accelerator):
             with accelerator.autocast():
                 step = objective.step(model, batch)
             size = len(batch["input_ids"]) // 2
-            total, count = total + float(step.loss) * size, count + size
+            total += torch.stack([step.loss.detach().float() * size, torch.tensor(float(size), device=total.device)])
             for name, values in accelerator.gather_for_metrics(step.rows).items():
                 judged.setdefault(name, []).extend(values.cpu().tolist())
     finally:
         model.train(was_training)
     names = list(judged)
     rows = [dict(zip(names, values)) for values in zip(*(judged[n] for n in names))]
-    loss = total / count if count and not (session.objective.name == "kto" and pairs) else None
-    return rows, loss
+    loss_sum, count = accelerator.reduce(total, "sum").tolist()
+    return rows, (loss_sum / count if count and not rewards_only else None)
 
 
 def watermark_detector(
@@ -345,7 +346,9 @@ def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | 
         resolved = dataclasses.replace(resolved, recipe=recipe)
     table = _input_table(rows, source)
     columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
-    required, optional = task.fields(recipe)
+    # New prompts to answer: a preference recipe's rows are pairs, but what predict reads is prompts, as for sft.
+    as_sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"objective": "sft"})})
+    required, optional = task.fields(as_sft)
     table = task_rows(
         table,
         recipe,

@@ -29,7 +29,7 @@ from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_proble
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.references import config_without_weights, detect_family, load_config, resolve_reference
-from finetune.outputs.rundir import RunDir
+from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import parse_gate
 from finetune.recipe.schema import Recipe, apply_overrides, read_recipe_file, recipe_problems_error
 from finetune.recipe.schema import build_recipe as parse_recipe
@@ -104,6 +104,11 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
             problems.append(f"train.packing: packing applies to sft only; remove it for train.objective {objective}")
         if objective == "kto" and recipe.train.batch_size < 2:
             problems.append("train.batch_size: kto needs at least 2 rows per batch (its KL baseline is a batch mean)")
+        if objective == "grpo" and recipe.distributed.strategy in ("fsdp", "deepspeed"):
+            problems.append(
+                f"distributed.strategy: grpo generates with the whole model on each process; {recipe.distributed.strategy} "
+                "shards it (use ddp)"
+            )
         if objective == "grpo" and task.name == "codegen" and not recipe.eval.execute_code:
             problems.append(
                 "train.objective: grpo on codegen rewards the share of a problem's tests its samples pass, which "
@@ -111,9 +116,33 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
             )
     if recipe.model.adapter is not None:
         try:
-            start_adapter_dir(recipe.model.adapter)
+            problems += _start_adapter_problems(recipe, start_adapter_dir(recipe.model.adapter))
         except RecipeError as exc:
             problems.append(str(exc))
+    return problems
+
+
+def _start_adapter_problems(recipe: Recipe, directory: Path) -> list[str]:
+    """A starting adapter must be one finetune trained for this task on this base model."""
+    import json
+
+    problems = []
+    if recipe.lora.init != "default":
+        problems.append(
+            f"lora.init: {recipe.lora.init} initialises fresh LoRA; with model.adapter training continues from that "
+            "adapter (remove lora.init)"
+        )
+    meta_path = directory / ADAPTER_META
+    if not meta_path.is_file():
+        return problems + [f"model.adapter: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("task") != recipe.task:
+        problems.append(f"model.adapter: {directory} was trained for task {meta.get('task')}, not {recipe.task}")
+    if meta.get("base_model") not in (None, recipe.model.name_or_path):
+        problems.append(
+            f"model.adapter: {directory} was trained on {meta.get('base_model')}, not on model.name_or_path "
+            f"{recipe.model.name_or_path}"
+        )
     return problems
 
 
@@ -385,6 +414,16 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
         ]
     if family is None or recipe.task not in TASKS or not isinstance(recipe_task(recipe), GenerationTask):
         return []
+    if (
+        recipe.train.objective == "grpo"
+        and family.decoder_only
+        and max_length + recipe.train.grpo.max_new_tokens > limit
+    ):
+        return [
+            f"train.grpo.max_new_tokens: {recipe.train.grpo.max_new_tokens} sampled tokens after a prompt of up to "
+            f"data.max_length={max_length} tokens run past the {limit} positions of {name}; use "
+            f"train.grpo.max_new_tokens <= {limit - max_length}"
+        ]
     if family.decoder_only and max_length + new_tokens > limit:
         room = limit - max_length
         return [

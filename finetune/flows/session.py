@@ -46,7 +46,7 @@ from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import PreferenceCollator, PromptCollator
 from finetune.tasks.text2text import PackedCollator, StopOnStrings, cut_at_stops
 from finetune.training.loop import has_accelerator_device
-from finetune.training.objectives import GRPO, Objective, make_objective
+from finetune.training.objectives import GRPO, OBJECTIVES, Objective, make_objective
 
 # The name of the starting adapter (model.adapter) when it is loaded beside a trained one as the reference policy.
 REFERENCE_ADAPTER = "reference"
@@ -118,6 +118,9 @@ class Session:
                     do_sample=True,
                     temperature=settings.temperature,
                     top_p=settings.top_p,
+                    # The distribution the loss scores: no top-k cut or penalty from the checkpoint's defaults.
+                    top_k=0,
+                    repetition_penalty=1.0,
                     max_new_tokens=settings.max_new_tokens,
                     num_return_sequences=group,
                     pad_token_id=pad,
@@ -300,7 +303,7 @@ def load_task_model(
     start = None if recipe.model.adapter is None else start_adapter_dir(recipe.model.adapter)
     if adapter_dir is not None:
         trained = PeftModel.from_pretrained(model, str(adapter_dir))
-        if start is not None and recipe.train.objective in ("dpo", "kto"):
+        if start is not None and OBJECTIVES[recipe.train.objective].needs_reference:
             # The reference policy of a run that started from an earlier adapter: that adapter, frozen beside it.
             trained.load_adapter(str(start), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         return trained, ()

@@ -15,6 +15,7 @@ from finetune import files
 from finetune.data import report as data_report
 from finetune.data.features import Features
 from finetune.data.tables import file_hashes, read_split
+from finetune.errors import RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
@@ -240,6 +241,11 @@ def session_report(recipe: Recipe, data: Session | SessionData) -> dict:
 def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
     """`finetune data`: the data report, without loading weights. With `tokens`, also every training row's
     input_ids and labels there (JSON Lines, in the training file's order, before packing)."""
+    if tokens is not None and resolved.recipe.train.objective != "sft":
+        raise RecipeError(
+            f"--tokens: writes supervised rows (input_ids, labels); train.objective {resolved.recipe.train.objective} "
+            "trains on pairs, thumbs or sampled completions (use train.objective=sft to see its rows)"
+        )
     data = open_data(resolved)
     if tokens is not None:
         recipe, task = resolved.recipe, resolved.task
@@ -298,6 +304,8 @@ def with_reference(
     if resumed and path.is_file():
         saved = files.read_json(path)
     else:
+        if session.recipe.distributed.quantization == "none":  # quantised weights are placed when they load
+            session.model.to(accelerator.device)  # the batches are: the pass runs before accelerate.prepare
         saved = {
             split: reference_logps(
                 session.model,

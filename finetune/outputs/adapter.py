@@ -41,7 +41,8 @@ class AdapterSaver:
         """Atomically replace `adapter_dir`. `for_other_tools` (the run's final adapter) adds `base/`."""
         staging = adapter_dir.with_name(adapter_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(str(staging), safe_serialization=True)
+        # Only the trained adapter: a frozen reference adapter loaded beside it (model.adapter) is not the result.
+        model.save_pretrained(str(staging), safe_serialization=True, selected_adapters=["default"])
         if self.initial_adapter is not None:
             convert_to_plain_lora(staging, self.initial_adapter)
         self.tokenizer.save_pretrained(str(staging))

@@ -86,6 +86,8 @@ class CodegenTask(GenerationTask):
             metrics["exact_match"] = sum(same) / len(same)
         return {"metrics": metrics, "details": details}
 
+    reward_fields = ("test", "entry_point")
+
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """1 when a sample passes its problem's tests in the sandbox, else 0 (a timeout or crash is 0, counted by
         reason, never an error of the run). Both opt-ins and every limit apply, as for pass@k."""

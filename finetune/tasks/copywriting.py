@@ -17,6 +17,8 @@ class CopywritingTask(GenerationTask):
     def main_metric(self, settings: EvalSection) -> str:
         return "rougeL"
 
+    reward_fields = ("completion",)
+
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """ROUGE-L F-measure against the row's reference copy, as the rougeL metric scores it."""
         from rouge_score import rouge_scorer

@@ -49,6 +49,11 @@ class GenerationTask(Task):
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         settings = recipe.eval
+        if settings.best_metric in ("logps_chosen", "logps_rejected"):
+            problems.append(
+                f"eval.best_metric: {settings.best_metric} describes the answers, it is no measure of better; use "
+                "preference_accuracy or reward_margin"
+            )
         if not recipe.train.learns_from_judgements:
             named = [("eval.best_metric", settings.best_metric), *((f"eval.gates.{m}", m) for m in settings.gates)]
             problems += [
@@ -111,11 +116,13 @@ class GenerationTask(Task):
                 raise RecipeError(problem)
             return featurize_conversations(rows, tokenizer, family, recipe, split, labeled)
         if labeled and recipe.train.learns_from_judgements:
-            return featurize_preferences(rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field)
+            return featurize_preferences(
+                rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field, self.completion_text
+            )
         if labeled and split == "data.train" and recipe.train.objective == "grpo":
             # GRPO samples its own completions: the training features are the prompts, with each row's index
             # for the reward (the row holds the reference: tests, answers, the reference copy).
-            return rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field)
+            return rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field, self.reward_fields)
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
@@ -179,6 +186,9 @@ class GenerationTask(Task):
         return (self.answer_field, "prediction")
 
     # ------------------------------------------------------------ rewards (train.objective grpo)
+    # The fields a row's reward reads (its reference): every training row must hold them.
+    reward_fields: tuple[str, ...] = ()
+
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """Each prediction row's reward: the task's own score of it, in [0, 1] (the metric the gates judge)."""
         raise NotImplementedError(f"task {self.name} has no reward")

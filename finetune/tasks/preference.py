@@ -10,6 +10,7 @@ then the rejected ones in one padded batch (one forward for both); for thumbs, e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,9 +67,11 @@ def featurize_preferences(
     split: str,
     prompt_field: str,
     answer_field: str,
+    completion_text: Callable[[str], str] = lambda text: text,
 ) -> Features:
     """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
-    nothing would be trained on as if it did."""
+    nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
+    leading space), applied to every side as supervised training applies it."""
     objective = recipe.train.objective
     prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
     if is_pairs(rows):
@@ -82,9 +85,9 @@ def featurize_preferences(
                 raise DataError(
                     f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
                 )
-        good_enc = encode(prompts, chosen, tokenizer, family, recipe, split)
-        bad_enc = encode(prompts, rejected, tokenizer, family, recipe, split)
-        keep = np.intersect1d(good_enc.keep, bad_enc.keep)
+        good_enc = encode(prompts, [completion_text(t) for t in chosen], tokenizer, family, recipe, split)
+        bad_enc = encode(prompts, [completion_text(t) for t in rejected], tokenizer, family, recipe, split)
+        keep = _kept(good_enc.keep, bad_enc.keep, split)
         good_at = {int(i): n for n, i in enumerate(good_enc.keep)}
         bad_at = {int(i): n for n, i in enumerate(bad_enc.keep)}
         assert good_enc.features is not None and bad_enc.features is not None
@@ -126,14 +129,18 @@ def featurize_preferences(
     if len(set(thumbs)) < 2 and split == "data.train":
         kind = "desirable" if thumbs and thumbs[0] else "undesirable"
         raise DataError(f"{split}: every row is {kind}; KTO learns from both kinds (label true and false)")
-    # The KL term's mismatched pairs: each prompt with the previous row's completion (file order, cyclic), as
-    # TRL's KTO pairs each prompt with a neighbour's completion.
-    if len(completions) < 2:
-        raise DataError(f"{split}: KTO needs at least 2 rows (each prompt is also paired with another completion)")
-    shifted = completions[-1:] + completions[:-1]
-    own = encode(prompts, completions, tokenizer, family, recipe, split)
+    # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
+    # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
+    if len(set(prompts)) < 2:
+        raise DataError(
+            f"{split}: KTO needs rows with at least 2 different prompts (each prompt is also paired "
+            "with another prompt's completion)"
+        )
+    texts = [completion_text(t) for t in completions]
+    shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
+    own = encode(prompts, texts, tokenizer, family, recipe, split)
     other = encode(prompts, shifted, tokenizer, family, recipe, split)
-    keep = np.intersect1d(own.keep, other.keep)
+    keep = _kept(own.keep, other.keep, split)
     own_at = {int(i): n for n, i in enumerate(own.keep)}
     other_at = {int(i): n for n, i in enumerate(other.keep)}
     assert own.features is not None and other.features is not None
@@ -151,6 +158,23 @@ def featurize_preferences(
     report = _merged_report(own.report, other.report, len(prompts), len(keep))
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
     return Features(dataset, kept, report, prompts=[own.prompt_ids[own_at[int(i)]] for i in keep])
+
+
+def _other_prompt(prompts: list[str], index: int) -> int:
+    """The nearest earlier row (cyclic) whose prompt differs from row `index`'s."""
+    for step in range(1, len(prompts)):
+        other = (index - step) % len(prompts)
+        if prompts[other] != prompts[index]:
+            return other
+    return (index - 1) % len(prompts)
+
+
+def _kept(first: np.ndarray, second: np.ndarray, split: str) -> np.ndarray:
+    """Rows both of whose sequences survived data.overflow; none left is an error, not an empty run."""
+    keep = np.intersect1d(first, second)
+    if not keep.size:
+        raise DataError(f"{split}: data.overflow=drop dropped every row (one side of each was too long)")
+    return keep
 
 
 def _merged_report(first: LengthReport, second: LengthReport, rows: int, kept: int) -> LengthReport:
@@ -190,27 +214,37 @@ class PreferenceCollator:
             batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows], dtype=torch.bool)
         for name in REFERENCE_COLUMNS:
             if name in rows[0]:
-                batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float64)
+                batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float32)
         return batch
 
 
 # --------------------------------------------------------------------------- GRPO prompts
 
-# Codegen rewards run a problem's tests: the rows must carry them.
-REWARD_FIELDS = {"codegen": ("test", "entry_point"), "copywriting": ("completion",), "qa": ("answer",)}
-
 
 def rollout_prompts(
-    rows: Dataset, tokenizer: PreTrainedTokenizerBase, family: FamilySpec, recipe: Recipe, split: str, prompt_field: str
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    prompt_field: str,
+    reward_fields: tuple[str, ...],
 ) -> Features:
     """GRPO's training features: each row's prompt ids (as generation sees them) and its index among the rows,
-    so the reward can read the row's reference."""
-    needed = [name for name in REWARD_FIELDS.get(recipe.task, ()) if name not in rows.column_names]
+    so the reward can read the row's reference (`reward_fields`, text in every row)."""
+    needed = [name for name in reward_fields if name not in rows.column_names]
     if needed:
         raise DataError(
             f"{split}: train.objective grpo scores each sampled completion against the row's "
             f"{', '.join(needed)}; the rows have no such field (map it with data.columns)"
         )
+    for name in reward_fields:
+        checked_texts(rows[name][:], split, name)
+    if "test" in reward_fields:  # rewards run generated code: both opt-ins before any weights load
+        from finetune.tasks import sandbox
+
+        sandbox.require_opt_in(recipe.eval.execute_code)
+        sandbox.check_level(recipe.eval.sandbox)
     prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
     encoded = encode(prompts, None, tokenizer, family, recipe, split)
     kept = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows

@@ -343,13 +343,15 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
         return super().featurize(rows, tokenizer, recipe, state, split, labeled, workdir)
 
     def completion_text(self, answer: str) -> str:
-        return " " + answer.strip()
+        return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
+
+    reward_fields = ("answer",)
 
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """SQuAD F1 of the answer (stripped, as predict strips it), the best over the row's gold answers."""
         return Rewards(
             [max((f1_score(r["prediction"].strip(), gold) for gold in gold_answers(r)), default=0.0) for r in rows]
-        )  # the answer follows "Answer:" after a space, as text would
+        )
 
     def predict(
         self,

@@ -258,11 +258,7 @@ def train(
             for batch in batches:
                 progress.batches_in_epoch += 1
                 with accelerator.accumulate(model):
-                    step = objective.step(model, batch)
-                    loss = step.loss
-                    guard.watch(loss)
-                    accelerator.backward(loss)
-                    logger.add(loss.detach(), real_tokens(batch) if step.tokens is None else step.tokens, step.stats)
+                    train_step(objective, model, batch, accelerator, guard, logger)
                     if accelerator.sync_gradients:
                         # The norm of the gradients summed over processes: the same on every rank.
                         norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm or math.inf)
@@ -326,6 +322,25 @@ def train(
             if monitor is not None and monitor.state.stopped_early:
                 break
     return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
+
+
+def train_step(objective: Objective, model, batch: dict, accelerator, guard: NonFiniteGuard, logger: StepLogger):
+    """Forward and backward of one batch, in the objective's parts (a pair batch runs as two halves, so its
+    activations are those of one supervised batch); the parts' gradients add up to the whole batch's."""
+    total, tokens, stats = None, None, dict[str, float]()
+    for part, weight in objective.parts(batch):
+        step = objective.step(model, part)
+        loss = step.loss * weight
+        guard.watch(loss)
+        accelerator.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+        counted = real_tokens(part) if step.tokens is None else step.tokens
+        tokens = counted if tokens is None else tokens + counted
+        for name, value in step.stats.items():
+            stats[name] = stats.get(name, 0.0) + value * weight
+    assert total is not None and tokens is not None
+    logger.add(total, tokens, stats)
+    return total
 
 
 def real_tokens(batch: dict) -> torch.Tensor:

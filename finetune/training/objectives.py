@@ -93,18 +93,47 @@ class Objective:
     def step(self, model: torch.nn.Module, batch: dict) -> Step:
         return Step(model(**batch).loss, {})
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return self.step(model, batch).loss
+    def parts(self, batch: dict) -> list[tuple[dict, float]]:
+        """The batch as the loop runs it: parts, each with its weight in the batch's mean loss."""
+        return [(batch, 1.0)]
 
-    def logps(self, model: torch.nn.Module, batch: dict, average: bool = False) -> torch.Tensor:
-        return sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.encoder_decoder, average
-        )
+    def logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.encoder_decoder)
+
+
+def pair_halves(batch: dict, encoder_decoder: bool) -> list[tuple[dict, float]]:
+    """A batch of B pairs (2B sequences: chosen, then rejected) as two batches of about B/2 pairs, weighted by
+    their share of the pairs. Each pair's loss depends on that pair alone, so the halves' weighted gradients sum
+    to the whole batch's, while the activations held at once are those of B sequences: an SFT batch's."""
+    pairs = batch["input_ids"].shape[0] // 2
+    if pairs < 2:
+        return [(batch, 1.0)]
+    middle = (pairs + 1) // 2
+    out = []
+    for start, stop in ((0, middle), (middle, pairs)):
+        rows = torch.cat([torch.arange(start, stop), torch.arange(pairs + start, pairs + stop)])
+        part = {}
+        for name, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                part[name] = value
+            elif value.shape[0] == 2 * pairs:  # the sequences
+                part[name] = value[rows.to(value.device)]
+            else:  # per pair (reference log-probabilities)
+                part[name] = value[start:stop]
+        if not encoder_decoder:  # a decoder's rows (right-padded): drop the half's padding columns
+            width = int(part["attention_mask"].sum(-1).max())
+            for name in ("input_ids", "attention_mask", "labels"):
+                part[name] = part[name][:, :width].contiguous()
+        out.append((part, (stop - start) / pairs))
+    return out
 
 
 class DPO(Objective):
     name = "dpo"
     needs_reference = True
+
+    def parts(self, batch: dict) -> list[tuple[dict, float]]:
+        return pair_halves(batch, self.encoder_decoder)
 
     def step(self, model: torch.nn.Module, batch: dict) -> Step:
         s = self.settings
@@ -134,7 +163,7 @@ class ORPO(Objective):
     token), the decoder target for an encoder-decoder.
     """
 
-    name = "orpo"
+    name = "orpo"  # not split into halves: its NLL is a token mean over the whole batch, as TRL's
 
     def step(self, model: torch.nn.Module, batch: dict) -> Step:
         beta = self.settings.beta
@@ -268,7 +297,7 @@ Rewarder = Callable[[list[int], list[list[int]]], tuple[list[float], dict[str, i
 
 class GRPO(Objective):
     """For each prompt, sample a group, reward each completion with the task's own score, and push up what scored
-    above its group. One optimisation step per sampled batch, so the old policy is the current one (ratio 1);
+    above its group. Each sampled batch is trained on once, so the old policy is the current one (ratio 1);
     the reference policy (the base, or the starting adapter) is a peft switch, not a second model."""
 
     name = "grpo"
@@ -347,22 +376,24 @@ def reference_policy(model: torch.nn.Module, adapter: str | None) -> Iterator[No
     name), or with every adapter disabled (the base model). Restores the trained adapter on the way out."""
     from peft import PeftModel
 
+    model = getattr(model, "module", model)  # the model itself, not a DDP wrapper
     if not isinstance(model, PeftModel):
-        raise TypeError("the reference policy needs a peft model")
+        yield  # a model without adapters (a base model evaluated as such) is its own reference
+        return
     if adapter is None:
         with model.disable_adapter():
             yield
         return
     active = model.active_adapter
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.set_adapter(adapter)
     try:
         yield
     finally:
         model.set_adapter(active)
-        # set_adapter makes the active adapter trainable and freezes the others; the reference stays frozen.
+        # set_adapter changes which adapter is trainable: every flag goes back to what it was.
         for name, parameter in model.named_parameters():
-            if f".{adapter}." in name:
-                parameter.requires_grad_(False)
+            parameter.requires_grad_(trainable[name])
 
 
 @torch.no_grad()
