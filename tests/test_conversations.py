@@ -77,6 +77,28 @@ DIALOGUES = [
 ]
 
 
+# Pieces random dialogues are made of: whitespace at either end, newlines, tabs, code, JSON, non-Latin scripts,
+# emoji, and the template's own control strings inside a turn.
+PIECES = ["hello", " world", "trailing ", "\n", "\n\n", "  ", "naïve café", "東京", "🙂👍", "def f(x):\n    return x*2",
+          '{"a": [1, 2]}', "<|im_end|>", "<|im_start|>user", "a\tb", "1.5e-3", "", "—", "end.\n"]  # fmt: skip
+
+
+def random_dialogues(count: int, seed: int = 0) -> list[list[dict]]:
+    """Conversations of random shape: an optional system turn, runs of user and assistant turns (repeated roles, an
+    assistant opening, a system turn mid-way), sometimes a user turn last; every one has an assistant turn."""
+    rng = random.Random(seed)
+    shapes = [["user", "assistant"], ["user", "user", "assistant"], ["user", "assistant", "assistant"], ["assistant"],
+              ["system", "user", "assistant"]]  # fmt: skip
+    out = []
+    for _ in range(count):
+        roles = (["system"] if rng.random() < 0.4 else []) + [
+            r for _ in range(rng.randint(1, 4)) for r in rng.choice(shapes)
+        ]
+        roles += ["user"] if rng.random() < 0.3 else []
+        out.append([{"role": r, "content": "".join(rng.choices(PIECES, k=rng.randint(0, 6)))} for r in roles])
+    return out
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     """The bundled SmolLM2 checkpoint's tokenizer (its ChatML template, no generation markers), from its GGUF file."""
@@ -129,14 +151,16 @@ def test_prefix_rendering_mask_equals_trls_assistant_only_mask_on_smollm2(smollm
     """SmolLM2's own template has no generation markers: its spans come from rendering turn by turn. TRL needs
     markers, so it reads the same template with markers added (which renders every dialogue identically)."""
     marked = with_template(smollm2_tokenizer, SMOLLM2_MARKED)
-    for dialogue in DIALOGUES:
+    dialogues = DIALOGUES + random_dialogues(150)
+    for dialogue in dialogues:
         assert smollm2_tokenizer.apply_chat_template(dialogue, tokenize=False) == marked.apply_chat_template(
             dialogue, tokenize=False
         )
     encoder = ConversationEncoder(smollm2_tokenizer, "all", "SmolLM2")
     assert not encoder.markers
-    ours = encoder.encode(DIALOGUES, "data.train", 1, labeled=True)
-    reference = trl_assistant_only(marked, DIALOGUES, tmp_path)
+    ours = encoder.encode(dialogues, "data.train", 1, labeled=True)
+    reference = trl_assistant_only(marked, dialogues, tmp_path)
+    assert len(reference) == len(dialogues)
     for mine_ids, mine_labels, theirs in zip(ours.input_ids, ours.labels, reference):
         assert mine_ids == theirs["input_ids"]
         assert mine_labels == theirs["labels"]  # token for token
@@ -156,13 +180,14 @@ def test_generation_markers_give_trls_mask_and_last_keeps_the_final_turn(smollm2
     marked = with_template(smollm2_tokenizer, SMOLLM2_MARKED)
     encoder = ConversationEncoder(marked, "all", "SmolLM2 (marked)")
     assert encoder.markers
-    ours = encoder.encode(DIALOGUES, "data.train", 1, labeled=True)
-    reference = trl_assistant_only(marked, DIALOGUES, tmp_path)
+    dialogues = DIALOGUES + random_dialogues(50, seed=1)
+    ours = encoder.encode(dialogues, "data.train", 1, labeled=True)
+    reference = trl_assistant_only(marked, dialogues, tmp_path)
     assert ours.input_ids == [r["input_ids"] for r in reference]
     assert ours.labels == [r["labels"] for r in reference]
     # `last`: the final assistant turn's tokens alone, from the markers and from rendering turn by turn alike.
     for tokenizer in (marked, smollm2_tokenizer):
-        last = ConversationEncoder(tokenizer, "last", "SmolLM2").encode(DIALOGUES, "data.train", 1, labeled=True)
+        last = ConversationEncoder(tokenizer, "last", "SmolLM2").encode(dialogues, "data.train", 1, labeled=True)
         for labels, theirs in zip(last.labels, reference):
             kept = last_run([int(label != IGNORE) for label in theirs["labels"]])
             assert labels == [t if k else IGNORE for t, k in zip(theirs["input_ids"], kept)]

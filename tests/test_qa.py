@@ -204,7 +204,7 @@ def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
         app, ["run", str(write_recipe(_recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")))]
     )
     assert result.exit_code == 3
-    assert "row 4" in result.output and "answer_start=1" in result.output
+    assert "train.jsonl:4" in result.output and "answer_start=1" in result.output  # the file's own line
 
 
 def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_path, write_recipe):

@@ -99,16 +99,24 @@ def test_step_logger_means_over_its_window_and_resumes(tmp_path):
     logger.add(torch.tensor(3.0), torch.tensor(30))
     entry = logger.maybe_log(2, 1.0, 1e-3)
     assert entry["loss"] == 2.0 and entry["step"] == 2 and logger.total_tokens == 40
-    logger.add(torch.tensor(5.0), torch.tensor(5))
+    # An objective's own figures (rewards, KL) are means over the window too; reason counts stay totals.
+    logger.add(torch.tensor(5.0), torch.tensor(5), {"reward_mean": 0.5, "reward_reason_timeout": 1.0})
     window = logger.window_state()
-    assert window == {"loss_sum": 5.0, "batches": 1.0, "tokens": 5}
+    assert window == {
+        "loss_sum": 5.0,
+        "batches": 1.0,
+        "tokens": 5,
+        "stats": {"reward_mean": 0.5, "reward_reason_timeout": 1.0},
+    }
     logger.maybe_log(4, 2.0, 1e-3)
     # A run resumed from the checkpoint at step 3 keeps the log up to step 3 and the unlogged window.
     resumed = StepLogger(path, _OneProcess(), every=2)
     resumed.resume(SimpleNamespace(step=3, tokens=40), window)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2]
-    resumed.add(torch.tensor(7.0), torch.tensor(5))
-    assert resumed.maybe_log(4, 2.0, 1e-3)["loss"] == 6.0
+    resumed.add(torch.tensor(7.0), torch.tensor(5), {"reward_mean": 1.0, "reward_reason_timeout": 2.0})
+    entry = resumed.maybe_log(4, 2.0, 1e-3)
+    assert entry["loss"] == 6.0
+    assert entry["reward_mean"] == 0.75 and entry["reward_reason_timeout"] == 3.0
 
 
 # --------------------------------------------------------------------------- family specs

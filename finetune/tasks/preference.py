@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+import finetune.tasks.sandbox as sandbox
 from finetune.data.features import Features
 from finetune.data.tables import LengthReport, checked_texts
 from finetune.errors import DataError
@@ -241,8 +242,6 @@ def rollout_prompts(
     for name in reward_fields:
         checked_texts(rows[name][:], split, name)
     if "test" in reward_fields:  # rewards run generated code: both opt-ins before any weights load
-        from finetune.tasks import sandbox
-
         sandbox.require_opt_in(recipe.eval.execute_code)
         sandbox.check_level(recipe.eval.sandbox)
     prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
