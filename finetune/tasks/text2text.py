@@ -184,7 +184,7 @@ class PackedCollator:
     block-diagonal causal mask from them (SDPA/eager; flash attention reads them
     as sequence boundaries), so no token attends across sequences. The first
     label of each sequence is ignored, so none learns to predict the next one's
-    start. The loss equals that of the padded batch (tests/test_packing.py).
+    start. The loss equals that of the padded batch (tests/tasks/test_packing.py).
     """
 
     def __call__(self, rows: list[dict]) -> dict:

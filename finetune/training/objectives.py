@@ -5,7 +5,7 @@ completions by their summed token log-probabilities (DPO, KTO) or their mean (OR
 DPO and KTO, under the reference policy: the starting point of training (the base model with fresh LoRA, or
 the adapter named by `model.adapter`), whose log-probabilities are computed once before training
 (`reference_logps`) so no second copy of the model is ever held. Each loss equals TRL's implementation of the
-same name on the same batch (tests/test_preference.py compares them).
+same name on the same batch (tests/training/test_preference.py compares them).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import classification_recipe, corpus, write_jsonl
 from helpers import invoke
-from test_generation import copy_rows, generation_recipe
+
+from tests.tasks.test_generation import copy_rows, generation_recipe
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ import pytest
 import yaml
 from conftest import REPO, classification_recipe, corpus, write_jsonl
 from helpers import invoke
-from test_generation import copy_rows, generation_recipe
 
 from finetune import files
 from finetune.errors import FinetuneError, RecipeError
 from finetune.evaluation.compare import Baseline, compare, same_data
 from finetune.evaluation.scoring import attach_comparison, failed_gates
 from finetune.recipe.gates import evaluate_gates, parse_gate
+from tests.tasks.test_generation import copy_rows, generation_recipe
 
 # --------------------------------------------------------------------------- 1. a value exactly at its gate
 

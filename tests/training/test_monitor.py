@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import classification_recipe
 from helpers import invoke_wide as invoke
-from test_resume import adapter_bytes, killed_run, log_losses
+
+from tests.training.test_resume import adapter_bytes, killed_run, log_losses
 
 
 def metrics_of(run):
@@ -117,7 +118,8 @@ def test_evaluation_settings_are_checked(tiny_models, topic_data, write_recipe, 
 def test_sampling_evaluations_leave_the_training_random_streams_alone(tiny_models, write_recipe, tmp_path):
     """Sampled generation draws from the RNG during evaluation; training must not notice (dropout masks, order)."""
     from conftest import write_jsonl
-    from test_generation import copy_rows, generation_recipe
+
+    from tests.tasks.test_generation import copy_rows, generation_recipe
 
     rows = copy_rows(32)
     data = {"train": write_jsonl(tmp_path / "t.jsonl", rows[:24]), "eval": write_jsonl(tmp_path / "e.jsonl", rows[24:])}

@@ -12,7 +12,7 @@ from finetune.recipe.schema import EvalSection, GRPOSection
 from finetune.training.objectives import group_advantages, grpo_loss, per_token_logps
 from tests.conftest import write_jsonl
 from tests.helpers import invoke
-from tests.test_generation import copy_rows
+from tests.tasks.test_generation import copy_rows
 
 trl = pytest.importorskip("trl")
 
@@ -188,8 +188,8 @@ def test_grpo_run_end_to_end_logs_rewards(tiny_models, tmp_path, write_recipe):
 def test_stopped_grpo_run_resumes_to_the_same_adapter_and_rewards(tiny_models, tmp_path, write_recipe, monkeypatch):
     """The sampling random state is checkpointed: a resumed run samples, rewards and trains exactly as one that
     never stopped."""
-    from tests.test_resume import adapter_bytes
-    from tests.test_resume_in_process import stop_at_step
+    from tests.training.test_resume import adapter_bytes
+    from tests.training.test_resume_in_process import stop_at_step
 
     recipe = _recipe(tiny_models["gpt2"], tmp_path)
     assert invoke("run", str(write_recipe(recipe, "whole.yaml"))).exit_code == 0

@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import classification_recipe
 from helpers import invoke_wide as invoke
-from test_resume import adapter_bytes, killed_run, log_losses
+
+from tests.training.test_resume import adapter_bytes, killed_run, log_losses
 
 
 @pytest.mark.parametrize("kind", ["bert", "bart", "gpt2", "llama"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_nothing_lost import finished_run, invoke, snapshot  # noqa: F401  (fixture)
 
 from finetune.errors import RecipeError
 from finetune.outputs.rundir import RUN_MARKER, RunDir, claim_output, clear_previous_run, mark_output
+from tests.cli.test_nothing_lost import finished_run, invoke, snapshot  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.unit
 

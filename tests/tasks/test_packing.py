@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import classification_recipe, write_jsonl
 from helpers import invoke
-from test_generation import copy_rows, generation_recipe
 
 from finetune.tasks.text2text import IGNORE, PackedCollator, PadCollator
+from tests.tasks.test_generation import copy_rows, generation_recipe
 
 
 def examples(vocab: int, seed: int = 0) -> list[dict]:

@@ -13,7 +13,7 @@ from finetune.recipe.schema import PreferenceSection
 from finetune.training.objectives import DPO, KTO, ORPO, reference_policy, sequence_logps
 from tests.conftest import write_jsonl
 from tests.helpers import invoke
-from tests.test_generation import copy_rows
+from tests.tasks.test_generation import copy_rows
 
 trl = pytest.importorskip("trl")
 
@@ -294,8 +294,8 @@ def test_stopped_preference_run_resumes_to_the_same_adapter(
 ):
     """Stopped at step 3, resumed: the reference log-probabilities are read back (not recomputed from moved
     weights), and the adapter bytes equal an uninterrupted run's."""
-    from tests.test_resume import adapter_bytes, log_losses
-    from tests.test_resume_in_process import stop_at_step
+    from tests.training.test_resume import adapter_bytes, log_losses
+    from tests.training.test_resume_in_process import stop_at_step
 
     recipe = _recipe(tiny_models["gpt2"], tmp_path, objective, checkpoint_every=2, epochs=1, log_every=1)
     whole = write_recipe(recipe, "whole.yaml")

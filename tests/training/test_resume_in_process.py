@@ -13,9 +13,9 @@ import signal
 import pytest
 from conftest import classification_recipe
 from helpers import invoke
-from test_resume import adapter_bytes, log_losses
 
 from finetune.training import loop as train
+from tests.training.test_resume import adapter_bytes, log_losses
 
 
 def stop_at_step(monkeypatch, step: int) -> None:

@@ -108,7 +108,7 @@ def test_every_shipped_recipe_validates(monkeypatch):
 
     from finetune.flows.resolve import validate_recipe_file
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
     # The BART recipes name a hub id that is not cached here: offline, validate rightly refuses them (tested in
     # test_validation); online it checks everything but the family, without downloading.

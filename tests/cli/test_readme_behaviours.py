@@ -8,10 +8,10 @@ import json
 import pytest
 from conftest import classification_recipe, corpus, write_jsonl
 from helpers import invoke_wide as invoke
-from test_generation import copy_rows, generation_recipe
-from test_resume import pair  # noqa: F401  (fixture)
 
 from finetune import __version__
+from tests.tasks.test_generation import copy_rows, generation_recipe
+from tests.training.test_resume import pair  # noqa: F401  (fixture)
 
 
 def predictions(run) -> list[dict]:
@@ -112,7 +112,7 @@ def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_
 
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_resume_accepts_the_run_directory(pair):  # noqa: F811  (the fixture)
-    from test_resume import adapter_bytes, killed_run
+    from tests.training.test_resume import adapter_bytes, killed_run
 
     _, whole, broken_recipe, broken = pair
     killed_run("step", 11, broken_recipe)

@@ -9,7 +9,8 @@ import stat
 import pytest
 from conftest import classification_recipe, write_jsonl
 from helpers import invoke
-from test_generation import copy_rows, generation_recipe
+
+from tests.tasks.test_generation import copy_rows, generation_recipe
 
 KEY = 987654321
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

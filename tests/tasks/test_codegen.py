@@ -13,7 +13,7 @@ from finetune.data.tables import load_table
 from finetune.tasks.codegen import HUMAN_EVAL, pass_at_k
 from finetune.tasks.sandbox import OPT_IN_ENV, bubblewrap
 from tests.conftest import write_jsonl
-from tests.test_generation import generation_recipe
+from tests.tasks.test_generation import generation_recipe
 
 runner = CliRunner()
 BROKEN = "    return None\n"

