@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -328,11 +329,14 @@ def train_step(objective: Objective, model, batch: dict, accelerator, guard: Non
     """Forward and backward of one batch, in the objective's parts (a pair batch runs as two halves, so its
     activations are those of one supervised batch); the parts' gradients add up to the whole batch's."""
     total, tokens, stats = None, None, dict[str, float]()
-    for part, weight in objective.parts(batch):
+    parts = objective.parts(batch)
+    for index, (part, weight) in enumerate(parts):
         step = objective.step(model, part)
         loss = step.loss * weight
         guard.watch(loss)
-        accelerator.backward(loss)
+        # Processes exchange gradients once per batch, after its last part (no_sync: none for the ones before).
+        with accelerator.no_sync(model) if index < len(parts) - 1 else contextlib.nullcontext():
+            accelerator.backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
         counted = real_tokens(part) if step.tokens is None else step.tokens
         tokens = counted if tokens is None else tokens + counted
