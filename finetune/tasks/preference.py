@@ -86,24 +86,11 @@ def featurize_preferences(
                 raise DataError(
                     f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
                 )
-        good_enc = encode(prompts, [completion_text(t) for t in chosen], tokenizer, family, recipe, split)
-        bad_enc = encode(prompts, [completion_text(t) for t in rejected], tokenizer, family, recipe, split)
-        keep = _kept(good_enc.keep, bad_enc.keep, split)
-        good_at = {int(i): n for n, i in enumerate(good_enc.keep)}
-        bad_at = {int(i): n for n, i in enumerate(bad_enc.keep)}
-        assert good_enc.features is not None and bad_enc.features is not None
-        good_rows = good_enc.features.select([good_at[int(i)] for i in keep])
-        bad_rows = bad_enc.features.select([bad_at[int(i)] for i in keep])
-        dataset = Dataset.from_dict(
-            {
-                "chosen_input_ids": good_rows["input_ids"],
-                "chosen_labels": good_rows["labels"],
-                "rejected_input_ids": bad_rows["input_ids"],
-                "rejected_labels": bad_rows["labels"],
-            }
+        sides = [[completion_text(t) for t in chosen], [completion_text(t) for t in rejected]]
+        columns, keep, report, prompt_ids = _encode_sides(
+            prompts, sides, ("chosen", "rejected"), tokenizer, family, recipe, split
         )
-        report = _merged_report(good_enc.report, bad_enc.report, len(prompts), len(keep))
-        prompt_ids = [good_enc.prompt_ids[good_at[int(i)]] for i in keep]
+        dataset = Dataset.from_dict(columns)
         kept = rows.select(keep) if len(keep) < len(prompts) else rows
         if answer_field not in kept.column_names:  # generation is scored against the preferred answer
             # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
@@ -139,26 +126,12 @@ def featurize_preferences(
         )
     texts = [completion_text(t) for t in completions]
     shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
-    own = encode(prompts, texts, tokenizer, family, recipe, split)
-    other = encode(prompts, shifted, tokenizer, family, recipe, split)
-    keep = _kept(own.keep, other.keep, split)
-    own_at = {int(i): n for n, i in enumerate(own.keep)}
-    other_at = {int(i): n for n, i in enumerate(other.keep)}
-    assert own.features is not None and other.features is not None
-    own_rows = own.features.select([own_at[int(i)] for i in keep])
-    other_rows = other.features.select([other_at[int(i)] for i in keep])
-    dataset = Dataset.from_dict(
-        {
-            "completion_input_ids": own_rows["input_ids"],
-            "completion_labels": own_rows["labels"],
-            "kl_input_ids": other_rows["input_ids"],
-            "kl_labels": other_rows["labels"],
-            "desirable": [thumbs[int(i)] for i in keep],
-        }
+    columns, keep, report, prompt_ids = _encode_sides(
+        prompts, [texts, shifted], ("completion", "kl"), tokenizer, family, recipe, split
     )
-    report = _merged_report(own.report, other.report, len(prompts), len(keep))
+    dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
-    return Features(dataset, kept, report, prompts=[own.prompt_ids[own_at[int(i)]] for i in keep])
+    return Features(dataset, kept, report, prompts=prompt_ids)
 
 
 def _other_prompt(prompts: list[str], index: int) -> int:
@@ -170,12 +143,31 @@ def _other_prompt(prompts: list[str], index: int) -> int:
     return (index - 1) % len(prompts)
 
 
-def _kept(first: np.ndarray, second: np.ndarray, split: str) -> np.ndarray:
-    """Rows both of whose sequences survived data.overflow; none left is an error, not an empty run."""
-    keep = np.intersect1d(first, second)
+def _encode_sides(
+    prompts: list[str],
+    sides: list[list[str]],
+    names: tuple[str, str],
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+) -> tuple[dict[str, list], np.ndarray, LengthReport, list[list[int]]]:
+    """Each prompt with each of two completions, as SFT examples: the `<name>_input_ids` / `<name>_labels`
+    columns of the rows both of whose sequences survived data.overflow (none left is an error, not an empty
+    run), those rows' indices, the length report and the prompts' ids."""
+    first, second = (encode(prompts, texts, tokenizer, family, recipe, split) for texts in sides)
+    keep = np.intersect1d(first.keep, second.keep)
     if not keep.size:
         raise DataError(f"{split}: data.overflow=drop dropped every row (one side of each was too long)")
-    return keep
+    columns: dict[str, list] = {}
+    for name, encoded in zip(names, (first, second)):
+        assert encoded.features is not None  # completions were given
+        at = {int(i): n for n, i in enumerate(encoded.keep)}
+        selected = encoded.features.select([at[int(i)] for i in keep])
+        columns[f"{name}_input_ids"], columns[f"{name}_labels"] = selected["input_ids"], selected["labels"]
+    at = {int(i): n for n, i in enumerate(first.keep)}
+    report = _merged_report(first.report, second.report, len(prompts), len(keep))
+    return columns, keep, report, [first.prompt_ids[at[int(i)]] for i in keep]
 
 
 def _merged_report(first: LengthReport, second: LengthReport, rows: int, kept: int) -> LengthReport:
