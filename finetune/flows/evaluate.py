@@ -32,7 +32,7 @@ from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
-from finetune.tasks.preference import REFERENCE_COLUMNS, PreferenceCollator
+from finetune.tasks.preference import PAIR_SIDES, REFERENCE_COLUMNS, PreferenceCollator, sides_of
 from finetune.tasks.text2text import CompletionEntropy
 from finetune.training import checkpoint
 from finetune.training.loop import make_accelerator
@@ -78,7 +78,7 @@ def _row_indices(rows: list[dict]) -> list[int]:
 
 
 def is_preference_data(dataset: Dataset) -> bool:
-    return "chosen_input_ids" in dataset.column_names or "completion_input_ids" in dataset.column_names
+    return sides_of(dataset.column_names) is not None
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def judge_preferences(
     recipe, family = session.recipe, session.family
     objective = session.objective
     # KTO judged on pairs: each side's reward as DPO defines it (the same beta x log-ratio); no loss.
-    rewards_only = objective.name == "kto" and "chosen_input_ids" in features.dataset.column_names
+    rewards_only = objective.name == "kto" and sides_of(features.dataset.column_names) == PAIR_SIDES
     if rewards_only:
         objective = make_objective("dpo", recipe.train.preference, family.encoder_decoder)
     dataset = features.dataset

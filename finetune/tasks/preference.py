@@ -10,7 +10,7 @@ then the rejected ones in one padded batch (one forward for both); for thumbs, e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,18 @@ PAIR_FIELDS = ("chosen", "rejected")
 THUMB_FIELD = "label"  # KTO: true for a desirable completion, false for an undesirable one
 # Per-row reference log-probabilities, added to the features before training (finetune.training.objectives).
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
+
+
+# The two sides of a preference feature row: a pair's answers, or a thumb's completion and its KL sequence.
+PAIR_SIDES, THUMB_SIDES = ("chosen", "rejected"), ("completion", "kl")
+
+
+def sides_of(columns: Iterable[str]) -> tuple[str, str] | None:
+    """Which sides preference features hold, read from their column names; None: not preference features."""
+    for sides in (PAIR_SIDES, THUMB_SIDES):
+        if f"{sides[0]}_input_ids" in columns:
+            return sides
+    return None
 
 
 def is_pairs(rows: Dataset) -> bool:
@@ -87,9 +99,7 @@ def featurize_preferences(
                     f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
                 )
         sides = [[completion_text(t) for t in chosen], [completion_text(t) for t in rejected]]
-        columns, keep, report, prompt_ids = _encode_sides(
-            prompts, sides, ("chosen", "rejected"), tokenizer, family, recipe, split
-        )
+        columns, keep, report, prompt_ids = _encode_sides(prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split)
         dataset = Dataset.from_dict(columns)
         kept = rows.select(keep) if len(keep) < len(prompts) else rows
         if answer_field not in kept.column_names:  # generation is scored against the preferred answer
@@ -127,7 +137,7 @@ def featurize_preferences(
     texts = [completion_text(t) for t in completions]
     shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
     columns, keep, report, prompt_ids = _encode_sides(
-        prompts, [texts, shifted], ("completion", "kl"), tokenizer, family, recipe, split
+        prompts, [texts, shifted], THUMB_SIDES, tokenizer, family, recipe, split
     )
     dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
@@ -193,7 +203,7 @@ class PreferenceCollator:
         self.pad_id = tokenizer.pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        first, second = ("chosen", "rejected") if "chosen_input_ids" in rows[0] else ("completion", "kl")
+        first, second = sides_of(rows[0]) or PAIR_SIDES
         inputs = [r[f"{first}_input_ids"] for r in rows] + [r[f"{second}_input_ids"] for r in rows]
         labels = [r[f"{first}_labels"] for r in rows] + [r[f"{second}_labels"] for r in rows]
         width = max(len(x) for x in inputs)

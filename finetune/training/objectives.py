@@ -22,6 +22,7 @@ from datasets import Dataset
 
 from finetune.evaluation.scoring import eval_loader
 from finetune.recipe.schema import GRPOSection, PreferenceSection
+from finetune.tasks.preference import PAIR_SIDES, sides_of
 
 IGNORE = -100
 
@@ -412,7 +413,7 @@ def reference_logps(
     training, the starting point itself)."""
     was_training = model.training
     model.eval()
-    pairs = "chosen_input_ids" in features.column_names
+    pairs = sides_of(features.column_names) == PAIR_SIDES
     first, second = [], []
     try:
         with policy if policy is not None else nullcontext():
