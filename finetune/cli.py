@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune import __version__
-from finetune.errors import DataError, FinetuneError, GateFailed, RecipeError
+from finetune.errors import DataError, FinetuneError, GateFailed, PeerLost, RecipeError
 from finetune.secrets import RedactingFilter, redact
 
 app = typer.Typer(
@@ -165,9 +165,18 @@ def _handled(command):
                 soft_wrap=True,
             )
             raise typer.Exit(2) from None
-        except Exception as exc:  # a bug, not a user mistake
+        except Exception as exc:  # a bug, not a user mistake, unless a peer of a multi-process run was lost
             if _debug["on"]:
                 raise
+            if _peer_lost(exc):
+                err_console.print(
+                    f"[red]error:[/] another process or node of this run was lost ({escape(redact(str(exc))[:300])}); "
+                    "this one stopped. Start the same command on every node with --resume auto to continue from "
+                    "the last checkpoint",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(PeerLost.exit_code) from None
             err_console.print(
                 f"[red]internal error:[/] {type(exc).__name__}: {escape(redact(str(exc)))}\n(run with --debug for the traceback)",
                 highlight=False,
@@ -176,6 +185,22 @@ def _handled(command):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away: torch's distributed errors (NCCL, the store), or gloo's
+    broken connection or timeout, which reach Python as a plain RuntimeError naming gloo."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if isinstance(exc, getattr(dist, "DistError", ())):
+            return True
+    text = str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and "gloo" in text
+        and any(word in text for word in ("Connection closed", "Connection reset", "Timed out", "timed out", "peer"))
+    )
 
 
 def _version(value: bool) -> None:
@@ -227,6 +252,24 @@ def run_command(
             "(default: distributed.num_processes of the recipe).",
         ),
     ] = None,
+    nnodes: Annotated[
+        int | None,
+        typer.Option(
+            "--nnodes",
+            min=1,
+            help="Machines taking part (each runs this same command; default: what Slurm, SkyPilot or PBS set, else 1).",
+        ),
+    ] = None,
+    node_rank: Annotated[
+        int | None, typer.Option("--node-rank", min=0, help="This machine's rank among --nnodes (0: the first).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option("--rdzv-endpoint", help="HOST:PORT of the first node, where the nodes meet (several nodes)."),
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", min=0, help="Elastic restarts of the node's processes after a failure.")
+    ] = 0,
     allow_code_execution: AllowCode = False,
     resume: Annotated[
         str | None,
@@ -252,14 +295,19 @@ def run_command(
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
     from finetune.evaluation.scoring import print_metrics
     from finetune.flows.resolve import resolve
-    from finetune.launch import inside_launched_process, processes_wanted, relaunch
+    from finetune.launch import Topology, inside_launched_process, processes_wanted, relaunch
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     resolved = resolve(recipe, overrides)  # the file read once, every rule, once, before starting processes
     loaded = resolved.recipe
     _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
-    if num_processes > 1 and not inside_launched_process():
+    topology = (
+        Topology(per_node=num_processes)
+        if inside_launched_process()
+        else Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
+    )
+    if topology.world_size > 1 and not inside_launched_process():
         args = [
             "run",
             str(recipe),
@@ -269,7 +317,7 @@ def run_command(
             *(["--force-resume"] if force_resume else []),
             *(["--overwrite"] if overwrite else []),
         ]
-        raise typer.Exit(relaunch(num_processes, args, loaded.distributed.strategy))
+        raise typer.Exit(relaunch(topology, args, loaded.distributed.strategy, max_restarts))
     from finetune.flows.train import run
 
     document = run(resolved, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
@@ -307,7 +355,12 @@ def eval_command(
     overrides: Overrides = None,
     checkpoint: Annotated[str | None, typer.Option(help="Evaluate this checkpoint or adapter directory.")] = None,
     gate: Annotated[
-        list[str] | None, typer.Option("--gate", help="METRIC>=VALUE; repeatable. Exit 4 on failure.")
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            help="METRIC>=VALUE, or METRIC>=VALUE@95 (the bound of its 95% interval must pass); repeatable. "
+            "Exit 4 on failure.",
+        ),
     ] = None,
     output: Annotated[str | None, typer.Option(help="Write metrics.json and predictions.jsonl here.")] = None,
     predictions: Annotated[str | None, typer.Option(help="Re-score a predictions.jsonl without a model.")] = None,
@@ -315,8 +368,14 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of a table.")] = False,
     compare: Annotated[
         str | None,
-        typer.Option(help="A baseline run (or metrics.json): exit 4 when a metric regresses beyond --tolerance."),
+        typer.Option(
+            help="A baseline run (or metrics.json): exit 4 when a metric regresses beyond --tolerance; a paired test "
+            "per metric (McNemar / paired bootstrap) over the rows both evaluated."
+        ),
     ] = None,
+    level: Annotated[
+        float, typer.Option(min=50, max=99.99, help="Confidence level (%) of --compare's paired tests.")
+    ] = 95.0,
     tolerance: Annotated[
         float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")
     ] = 0.01,
@@ -350,7 +409,9 @@ def eval_command(
 
     if allow_different_data and not compare:
         raise RecipeError("--allow-different-data goes with --compare BASELINE")
-    baseline = Baseline(compare, read_baseline(compare), tolerance, allow_different_data) if compare else None
+    baseline = (
+        Baseline(compare, read_baseline(compare), tolerance, allow_different_data, level / 100) if compare else None
+    )
     if sandbox not in (None, "strict", "basic"):
         raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
     overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
@@ -640,20 +701,43 @@ def export_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
     output: Annotated[str, typer.Option("--output", help="FILE.gguf (gguf), or a new or empty directory (hf).")],
     format: Annotated[
-        str, typer.Option("--format", help="gguf (llama.cpp, Ollama; Llama/Mistral/Qwen2 decoders) or hf.")
+        str,
+        typer.Option(
+            "--format",
+            help="gguf (llama.cpp, Ollama, LM Studio; the decoders docs/export.md lists, others refused naming "
+            "them) or hf.",
+        ),
     ] = "gguf",
     quant: Annotated[
         str, typer.Option("--quant", help="gguf: f16 (default), bf16 or q8_0 (gguf-py's quantiser).")
     ] = "f16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never a run).")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="gguf: load the file in llama.cpp (llama-cpp-python) and compare it with the merged model on the "
+            "run's eval data: tokenization, greedy continuations (f16), next-token agreement; exit 4 if it falls short.",
+        ),
+    ] = False,
 ) -> None:
     """Export the merged model: a GGUF file for llama.cpp/Ollama, or a plain transformers checkpoint."""
     _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.flows.export import export
 
-    written = export(run_dir, output, format=format, quant=quant, overwrite=overwrite)
-    console.print(f"exported {format} to {written}", highlight=False, soft_wrap=True)
+    exported = export(run_dir, output, format=format, quant=quant, overwrite=overwrite, verify=verify)
+    console.print(f"exported {format} to {exported.path}", highlight=False, soft_wrap=True)
+    if exported.parity is not None:
+        parity = exported.parity
+        console.print(
+            f"llama.cpp parity ({parity.quant}): tokenization {parity.texts_identical}/{parity.texts} identical, "
+            f"greedy continuations {parity.continuations_identical}/{parity.prompts} identical "
+            f"({parity.continuations_near_tie} more parted at a near-tie), next token {parity.next_token:.1%} of "
+            f"{parity.positions} positions",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def main() -> None:

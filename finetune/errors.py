@@ -46,6 +46,12 @@ class TrainingDiverged(FinetuneError):
     exit_code = 5
 
 
+class PeerLost(FinetuneError):
+    """Another process or node of a multi-process run was lost, so this one stopped (exit 76)."""
+
+    exit_code = 76
+
+
 class Interrupted(FinetuneError):
     """SIGTERM/SIGINT after a resumable checkpoint was saved (exit 75)."""
 

@@ -1,11 +1,137 @@
-"""`finetune run --num-processes N`: start N processes through accelerate's own launcher."""
+"""`finetune run --num-processes N`: start N processes through accelerate's own launcher, on one machine or on
+several (`--nnodes`, or the topology a scheduler's environment describes: Slurm, SkyPilot, PBS, torchrun).
+
+One owner decides the topology: `Topology.find` (flags first, then the scheduler's variables), and every node
+runs the same command; only the node rank differs, and the scheduler supplies it.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from finetune.errors import RecipeError
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this run's processes are: `nodes` machines with `per_node` processes each, this one being
+    `node_rank`, meeting at `address:port` (the first node), found from `source`."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    per_node: int = 1
+    address: str = "127.0.0.1"
+    port: int = 0
+    source: str = "this machine"
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.per_node
+
+    def describe(self) -> str:
+        if self.nodes == 1:
+            return f"{self.per_node} process{'es' if self.per_node > 1 else ''} on this machine"
+        return (
+            f"{self.nodes} nodes x {self.per_node} process{'es' if self.per_node > 1 else ''} (this is node "
+            f"{self.node_rank}), rendezvous {self.address}:{self.port}, from {self.source}"
+        )
+
+    @staticmethod
+    def find(
+        per_node: int,
+        nnodes: int | None = None,
+        node_rank: int | None = None,
+        endpoint: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Topology:
+        """The topology the flags give (`--nnodes`, `--node-rank`, `--rdzv-endpoint`), else the one a scheduler's
+        environment describes, else this machine alone. A flag wins over the environment, key by key."""
+        environ = os.environ if environ is None else environ
+        found = _from_scheduler(environ) if nnodes is None else None
+        source = found.source if found else "--nnodes"
+        nodes = nnodes if nnodes is not None else found.nodes if found else 1
+        if nodes == 1 and node_rank in (None, 0) and endpoint is None:
+            return Topology(per_node=per_node)
+        rank = node_rank if node_rank is not None else found.node_rank if found else None
+        if rank is None:
+            raise RecipeError("--node-rank: a run on several nodes needs each node's rank (0 on the first node)")
+        if not 0 <= rank < nodes:
+            raise RecipeError(f"--node-rank: {rank} is not a node of {nodes} (0 to {nodes - 1})")
+        if endpoint is not None:
+            address, port = _endpoint(endpoint)
+        elif found is not None:
+            address, port = found.address, found.port
+        else:
+            raise RecipeError("--rdzv-endpoint: a run on several nodes needs HOST:PORT of the first node")
+        return Topology(nodes, rank, per_node, address, port, source)
+
+
+def _endpoint(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RecipeError(f"--rdzv-endpoint: {value!r} is not HOST:PORT (e.g. node01:29500)")
+    return host.strip("[]"), int(port)
+
+
+def _from_scheduler(environ: Mapping[str, str]) -> Topology | None:
+    """The topology a scheduler set in the environment of a one-task-per-node job, or None outside one."""
+    port = int(environ.get("MASTER_PORT") or 0)
+    if "SLURM_NNODES" in environ and "SLURM_NODEID" in environ:
+        nodes = int(environ["SLURM_NNODES"])
+        tasks = int(environ.get("SLURM_NTASKS") or nodes)
+        if tasks > nodes:
+            raise RecipeError(
+                f"Slurm: {tasks} tasks on {nodes} nodes; finetune starts the processes of each node itself, so run "
+                "one task per node (srun --ntasks-per-node=1 finetune run RECIPE --num-processes P)"
+            )
+        hosts = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+        # The same port on every node without talking to each other: derived from the job id.
+        job = environ.get("SLURM_JOB_ID", "")
+        return Topology(
+            nodes,
+            int(environ["SLURM_NODEID"]),
+            address=environ.get("MASTER_ADDR") or first_host(hosts),
+            port=port or (DEFAULT_PORT + int(job) % 10000 if job.isdigit() else DEFAULT_PORT),
+            source="Slurm",
+        )
+    if "SKYPILOT_NODE_RANK" in environ and "SKYPILOT_NODE_IPS" in environ:
+        ips = environ["SKYPILOT_NODE_IPS"].split()
+        return Topology(
+            int(environ.get("SKYPILOT_NUM_NODES") or len(ips)),
+            int(environ["SKYPILOT_NODE_RANK"]),
+            address=ips[0],
+            port=port or DEFAULT_PORT,
+            source="SkyPilot",
+        )
+    if environ.get("PBS_NODEFILE"):
+        nodes = list(dict.fromkeys(Path(environ["PBS_NODEFILE"]).read_text().split()))  # one line per slot
+        here = socket.gethostname()
+        names = [h.split(".")[0] for h in nodes]
+        if here.split(".")[0] not in names:
+            raise RecipeError(f"PBS_NODEFILE: this machine ({here}) is not among the job's nodes: {', '.join(nodes)}")
+        return Topology(
+            len(nodes), names.index(here.split(".")[0]), address=nodes[0], port=port or DEFAULT_PORT, source="PBS"
+        )
+    return None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `node[03-05,07],gpu1` -> node03 (as `scontrol show hostnames`)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise RecipeError(f"SLURM_JOB_NODELIST: cannot read the first node of {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
 
 
 def inside_launched_process() -> bool:
@@ -35,18 +161,18 @@ STRATEGY_FLAGS = {
 }
 
 
-def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp") -> int:
-    """Run `finetune ARGS` in `num_processes` processes on this machine; return the worst exit code.
+def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp", max_restarts: int = 0) -> int:
+    """Run `finetune ARGS` in this node's processes of `topology`; return the worst exit code.
 
     accelerate's multi-process launcher (torch.distributed.run underneath) is
     used on CPU too: each process then joins a gloo group (see make_accelerator).
-    Multi-node runs use `accelerate launch` directly with its machine-rank flags.
+    On several nodes every node runs this with its own rank; they meet at the first node's address.
     """
     import torch
 
     from finetune.flows.resolve import too_many_processes
 
-    problems = too_many_processes(num_processes, "--num-processes")
+    problems = too_many_processes(topology.per_node, "--num-processes")
     if problems:
         raise RecipeError(problems[0])
     if strategy != "ddp" and not torch.cuda.is_available():
@@ -54,15 +180,27 @@ def relaunch(num_processes: int, finetune_args: list[str], strategy: str = "ddp"
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if topology.nodes == 1:
+        where = ["--num_machines", "1", "--main_process_port", str(free_port())]
+    else:
+        where = [
+            "--num_machines",
+            str(topology.nodes),
+            "--machine_rank",
+            str(topology.node_rank),
+            "--main_process_ip",
+            topology.address,
+            "--main_process_port",
+            str(topology.port),
+            "--max_restarts",
+            str(max_restarts),
+        ]
     args = launch_command_parser().parse_args(
         [
             *STRATEGY_FLAGS[strategy],
             "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
+            str(topology.world_size),  # accelerate counts the processes of all machines
+            *where,
             "--mixed_precision",
             "no",
             "--dynamo_backend",

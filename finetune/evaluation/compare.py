@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
+from finetune.data.tables import read_jsonl
 from finetune.errors import RecipeError
+from finetune.evaluation.intervals import LEVEL
 from finetune.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -25,13 +27,14 @@ NOT_A_QUALITY = {
 
 
 class Baseline(NamedTuple):
-    """`--compare`: where the baseline came from, its metrics.json, the tolerance, and whether a baseline evaluated
-    on other data may be compared anyway (`--allow-different-data`)."""
+    """`--compare`: where the baseline came from, its metrics.json, the tolerance, whether a baseline evaluated
+    on other data may be compared anyway (`--allow-different-data`), and the level of the paired tests."""
 
     source: str
     document: dict
     tolerance: float
     allow_different_data: bool = False
+    level: float = LEVEL
 
 
 def eval_data_record(recipe: Recipe, rows: Dataset) -> dict:
@@ -85,6 +88,14 @@ def read_baseline(source: str) -> dict:
     return document
 
 
+def baseline_rows(source: str) -> list[dict] | None:
+    """The baseline's prediction rows: predictions.jsonl beside its metrics.json (a run directory and an
+    evaluation's output both hold one), for the paired tests; None when there is none."""
+    path = Path(source)
+    predictions = (path if path.is_dir() else path.parent) / "predictions.jsonl"
+    return read_jsonl(predictions) if predictions.is_file() else None
+
+
 def compare(document: dict, baseline: dict, tolerance: float) -> dict[str, dict]:
     """Per metric of both documents: did this evaluation regress by more than `tolerance` (absolute)?
 
@@ -112,6 +123,12 @@ def write_junit(document: dict, path: str | Path) -> None:
     for name, result in document.get("gates", {}).items():
         value = result["value"]
         message = f"{result['metric']} is {'missing' if value is None else f'{value:.6g}'}; the gate is {name}"
+        if result.get("level") is not None:
+            bound = result.get("bound")
+            message += (
+                f", judged on its {result['level'] * 100:g}% interval's {result['side']} bound "
+                f"({'none: no interval' if bound is None else f'{bound:.6g}'})"
+            )
         cases.append(("finetune.gates", name, result["passed"], message))
     comparison = document.get("comparison")
     if comparison:
@@ -120,6 +137,9 @@ def write_junit(document: dict, path: str | Path) -> None:
                 f"{metric} {result['value']} against baseline {result['baseline']} ({result['change']:+.6g}; "
                 f"tolerance {comparison['tolerance']})"
             )
+            if result.get("p_value") is not None:
+                verdict = "significant" if result["significant"] else "not significant"
+                message += f"; {result['method']} p={result['p_value']:.4g}, {verdict}"
             cases.append(("finetune.compare", f"{metric} vs baseline", result["passed"], message))
     failures = sum(1 for *_, passed, _ in cases if not passed)
     suites = ElementTree.Element("testsuites", tests=str(len(cases)), failures=str(failures))

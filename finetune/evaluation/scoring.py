@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -12,8 +13,15 @@ from torch.utils.data import DataLoader
 
 from finetune.data.tables import read_jsonl
 from finetune.errors import DataError
-from finetune.evaluation.compare import Baseline, compare, same_data
-from finetune.evaluation.preference import has_preferences, preference_metrics
+from finetune.evaluation.compare import LOWER_IS_BETTER, Baseline, baseline_rows, compare, same_data
+from finetune.evaluation.intervals import (
+    LEVEL,
+    Intervals,
+    Scorer,
+    estimate_intervals,
+    paired_tests,
+)
+from finetune.evaluation.preference import PREFERENCE_METRICS, has_preferences, preference_metrics
 from finetune.recipe.gates import Gate, evaluate_gates, parse_gate
 from finetune.recipe.schema import EvalSection
 
@@ -36,15 +44,50 @@ def eval_loader(
 
 
 def score(
-    task: ScoresRows, rows: list[dict], settings: EvalSection, eval_loss: float | None = None, generated: bool = True
+    task: ScoresRows,
+    rows: list[dict],
+    settings: EvalSection,
+    eval_loss: float | None = None,
+    generated: bool = True,
+    intervals: bool = False,
 ) -> dict:
     """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics.
 
     `generated=False`: the rows hold no predictions (judged preference rows only), so the task's metrics are skipped.
+    `intervals`: also "intervals", each metric's interval estimate (finetune.evaluation.intervals), for the final
+    evaluation of a run and `finetune eval` (not for evaluations during training: they only pick weights).
     """
-    # A thumbs-down row's completion is what not to write: generation is scored against the desirable rows only.
-    references = [row for row in rows if row.get("desirable", True)]
-    scored = task.compute_metrics(references, settings) if generated else {"metrics": {}, "details": {}}
+    metrics, details = _metrics(task, rows, settings, generated, eval_loss=eval_loss)
+    scored: dict[str, Any] = {"metrics": metrics, "details": details}
+    if intervals:
+        scored["intervals"] = estimate_intervals(row_scorer(task, settings, generated), rows, metrics)
+    return scored
+
+
+# Metrics scoring adds to the task's own, from fields other features leave on the rows.
+ADDED_METRICS = frozenset({"retrieval_recall@k", "watermark_detected", *PREFERENCE_METRICS})
+
+
+def _counted(row: dict) -> bool:
+    """Whether the task's metrics count a row: a thumbs-down row's completion is what not to write, so generation
+    is scored against the desirable rows only."""
+    return bool(row.get("desirable", True))
+
+
+def _metrics(
+    task: ScoresRows,
+    rows: list[dict],
+    settings: EvalSection,
+    generated: bool,
+    eval_loss: float | None = None,
+    names: frozenset[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics and the task's details; `names` (resampling) skips the task's scoring when none of its metrics
+    is wanted, and a resample the task counts no row of (thumbs-down rows only) has none of the task's metrics."""
+    references = [row for row in rows if _counted(row)]
+    wants_task = names is None or bool(names - ADDED_METRICS)
+    skip = not generated or not wants_task or (names is not None and not references)
+    scored = {"metrics": {}, "details": {}} if skip else task.compute_metrics(references, settings)
     metrics = dict(scored["metrics"])
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
@@ -58,7 +101,16 @@ def score(
         metrics.update(preference_metrics(rows))
     if rows and "watermarked" in rows[0]:  # rows scored by the watermark detector (finetune.watermark)
         metrics["watermark_detected"] = sum(bool(r["watermarked"]) for r in rows) / len(rows)
-    return {"metrics": metrics, "details": scored.get("details", {})}
+    return metrics, scored.get("details", {})
+
+
+def row_scorer(task: ScoresRows, settings: EvalSection, generated: bool = True) -> Scorer:
+    """This evaluation's scoring of any rows, for resampling (intervals, paired tests)."""
+
+    def rescore(rows: list[dict], names: frozenset[str]) -> dict[str, Any]:
+        return _metrics(task, rows, settings, generated, names=names)[0]
+
+    return Scorer(rescore, _counted)
 
 
 def multi_label_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
@@ -112,42 +164,149 @@ def watermark_cost(marked: dict, unmarked: dict) -> dict:
 
 
 def collect_gates(recipe_gates: dict[str, str] | None, cli_gates: list[str] | None) -> list[Gate]:
-    """Recipe gates, then command-line gates; a command-line gate on the same metric and operator wins."""
+    """Recipe gates, then command-line gates; a command-line gate on the same metric and operator wins (an interval
+    gate replaces an interval gate, a plain one a plain one: both may hold)."""
     gates = {}
     for text in [f"{m}{c}" for m, c in (recipe_gates or {}).items()] + list(cli_gates or []):
         gate = parse_gate(text)
-        gates[(gate.metric, gate.op)] = gate
+        gates[(gate.metric, gate.op, gate.level is not None)] = gate
     return list(gates.values())
 
 
 def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dict | None = None) -> dict:
-    return {
+    """metrics.json: the metrics, their intervals (when scored with them), the gates, and what was evaluated;
+    `warnings` when a gate's verdict is within the noise of the eval set."""
+    metrics = scored["metrics"]
+    intervals: Intervals | None = scored.get("intervals")
+    document = {
         "schema": 1,
         "task": task_name,
-        "metrics": scored["metrics"],
-        "gates": evaluate_gates(gates, scored["metrics"]),
+        "metrics": metrics,
+        **({"intervals": intervals.document(), "interval_settings": intervals.settings()} if intervals else {}),
+        "gates": evaluate_gates(gates, metrics, intervals.bounds if intervals else None),
         **(extra or {}),
         "details": scored["details"],
     }
+    warnings = gate_warnings(gates, metrics, intervals)
+    if warnings:
+        document["warnings"] = warnings
+    return document
 
 
-def attach_comparison(document: dict, baseline: Baseline | None) -> dict:
+def _rows_needed(units: int, half_width: float, margin: float) -> str:
+    """How many rows would shrink an interval's half-width to the margin (half-widths scale as 1/sqrt(rows))."""
+    if margin <= 0:
+        return ""
+    return f"; about {math.ceil(units * (half_width / margin) ** 2)} rows would resolve a margin of {margin:.4g}"
+
+
+def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None) -> list[str]:
+    """A gate whose threshold lies inside the metric's interval (at the gate's level, else LEVEL) is decided by
+    noise: the eval set is too small for the margin between the value and the threshold."""
+    out = []
+    for gate in gates:
+        value = metrics.get(gate.metric)
+        level = gate.level or LEVEL
+        interval = intervals.get(gate.metric, level) if intervals is not None else None
+        if interval is None or not isinstance(value, (int, float)) or not interval.low < gate.threshold < interval.high:
+            continue
+        assert intervals is not None
+        margin = abs(value - gate.threshold)
+        needed = _rows_needed(intervals.units, (interval.high - interval.low) / 2, margin)
+        out.append(
+            f"gate {gate}: the eval set ({intervals.units} rows) is too small for its margin: {gate.metric} "
+            f"{value:.4f} has the {_percent(level)} interval [{interval.low:.4f}, {interval.high:.4f}], which holds "
+            f"{gate.threshold:g}{needed}"
+        )
+    return out
+
+
+def _percent(level: float) -> str:
+    return f"{level * 100:g}%"
+
+
+def attach_comparison(
+    document: dict,
+    baseline: Baseline | None,
+    task: ScoresRows | None = None,
+    rows: list[dict] | None = None,
+    settings: EvalSection | None = None,
+    fields: tuple[str, ...] = (),
+) -> dict:
     """Add `comparison` (each metric against a baseline run's, within a tolerance) to a metrics document; a
-    baseline evaluated on other data is refused (exit 2) unless it allows that, and then marked `same_data: false`."""
-    if baseline is not None:
-        metrics = compare(document, baseline.document, baseline.tolerance)
-        document["comparison"] = {
-            "baseline": baseline.source,
-            "tolerance": baseline.tolerance,
-            "same_data": same_data(document, baseline),
-            "metrics": metrics,
-        }
+    baseline evaluated on other data is refused (exit 2) unless it allows that, and then marked `same_data: false`.
+
+    With this evaluation's prediction rows (and the task, its eval settings and input `fields`, which say which
+    rows are the same), each metric also gets a paired test over the rows both evaluated, from the baseline's
+    predictions.jsonl: `p_value`, `method` (mcnemar_exact, paired_bootstrap), `significant` at the baseline's
+    level, and the interval of the difference; a warning when that interval holds the tolerance's limit (the
+    eval set is too small to tell a regression beyond the tolerance from noise)."""
+    if baseline is None:
+        return document
+    metrics = compare(document, baseline.document, baseline.tolerance)
+    comparison: dict[str, Any] = {
+        "baseline": baseline.source,
+        "tolerance": baseline.tolerance,
+        "same_data": same_data(document, baseline),
+        "level": baseline.level,
+        "metrics": metrics,
+    }
+    document["comparison"] = comparison
+    theirs = baseline_rows(baseline.source) if rows is not None and task is not None else None
+    if rows is None or task is None:
+        comparison["paired"] = {"note": "re-scored without prediction rows: no paired test"}
+    elif theirs is None:
+        comparison["paired"] = {"note": f"no predictions.jsonl beside {baseline.source}'s metrics.json: no paired test"}
+    else:
+        matched, results = paired_tests(
+            row_scorer(task, settings or EvalSection()),
+            rows,
+            document["metrics"],
+            theirs,
+            baseline.document["metrics"],
+            list(metrics),
+            fields,
+            baseline.level,
+        )
+        comparison["paired"] = {"rows": matched}
+        for name, result in results.items():
+            metrics[name].update(
+                {
+                    "p_value": result.p_value,
+                    "method": result.method,
+                    "significant": None if result.p_value is None else result.p_value < 1 - baseline.level,
+                    "difference_interval": list(result.interval) if result.interval else None,
+                    **({"note": result.note} if result.note else {}),
+                }
+            )
+            if result.interval is not None and result.difference is not None:
+                # The regression gate's limit: a drop of `tolerance` (a rise, for lower-is-better metrics).
+                limit = baseline.tolerance if name in LOWER_IS_BETTER else -baseline.tolerance
+                low, high = result.interval
+                if low < limit < high:
+                    needed = _rows_needed(matched, (high - low) / 2, abs(result.difference - limit))
+                    document.setdefault("warnings", []).append(
+                        f"--compare: {name}: the {_percent(baseline.level)} interval of its change, [{low:+.4f}, "
+                        f"{high:+.4f}], holds the tolerance's limit {limit:+g}: the eval set ({matched} rows) is too "
+                        f"small to tell a regression beyond {baseline.tolerance:g} from noise{needed}"
+                    )
     return document
 
 
 def failed_gates(document: dict) -> list[str]:
     """Failed gates, then metrics that regressed against the baseline."""
-    failed = [name for name, result in document["gates"].items() if not result["passed"]]
+    failed = []
+    for name, result in document["gates"].items():
+        if result["passed"]:
+            continue
+        if result.get("level") is not None:
+            bound = result.get("bound")
+            side = "upper" if result.get("side") == "high" else "lower"
+            failed.append(
+                f"{name} ({'no interval' if bound is None else f'{side} bound {bound:.4f}'} at {_percent(result['level'])})"
+            )
+        else:
+            failed.append(name)
     comparison = document.get("comparison") or {"metrics": {}}
     failed += [
         f"{name} regressed against {comparison['baseline']}"
@@ -184,46 +343,77 @@ def print_checkpoints(console: Console, rows: list[dict]) -> None:
 
 
 def print_metrics(console: Console, document: dict, title: str = "metrics") -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    intervals = document.get("intervals") or {}
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if intervals:
+        level = next(iter(intervals.values()))["level"]
+        table.add_column(f"{_percent(level)} interval", justify="right")
+        table.add_column("method")
     for name, value in document["metrics"].items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+        cells = [name, f"{value:.4f}" if isinstance(value, float) else str(value)]
+        if intervals:
+            interval = intervals.get(name)
+            cells += [f"[{interval['low']:.4f}, {interval['high']:.4f}]", interval["method"]] if interval else ["-", ""]
+        table.add_row(*cells)
     console.print(table)
     if document["gates"]:
         gates = Table(title="gates", show_header=True, header_style="bold")
         gates.add_column("gate")
         gates.add_column("value", justify="right")
+        gates.add_column("judged on", justify="right")
         gates.add_column("result")
         for name, result in document["gates"].items():
             value = "missing" if result["value"] is None else f"{result['value']:.4f}"
-            gates.add_row(name, value, "[green]pass[/]" if result["passed"] else "[red]FAIL[/]")
+            judged = "value"
+            if result.get("level") is not None:
+                bound = result.get("bound")
+                judged = "no interval" if bound is None else f"{result['side']} {bound:.4f}"
+            gates.add_row(name, value, judged, "[green]pass[/]" if result["passed"] else "[red]FAIL[/]")
         console.print(gates)
     comparison = document.get("comparison")
     if comparison:
+        paired = comparison.get("paired") or {}
+        tested = (
+            f"; paired tests at {_percent(comparison.get('level', LEVEL))} over {paired['rows']} rows"
+            if "rows" in paired
+            else ""
+        )
         table = Table(
-            title=f"against {comparison['baseline']} (tolerance {comparison['tolerance']:g})", header_style="bold"
+            title=f"against {comparison['baseline']} (tolerance {comparison['tolerance']:g}{tested})",
+            header_style="bold",
         )
         columns: tuple[tuple[str, JustifyMethod], ...] = (
             ("metric", "left"),
             ("baseline", "right"),
             ("now", "right"),
             ("change", "right"),
+            ("p", "right"),
+            ("significant", "left"),
             ("result", "left"),
         )
         for column, justify in columns:
             table.add_column(column, justify=justify)
         for name, result in comparison["metrics"].items():
+            p_value, significant = result.get("p_value"), result.get("significant")
             table.add_row(
                 name,
                 f"{result['baseline']:.4f}",
                 f"{result['value']:.4f}",
                 f"{result['change']:+.4f}",
+                "-" if p_value is None else f"{p_value:.3g}",
+                "-" if significant is None else ("yes" if significant else "no"),
                 "[green]ok[/]" if result["passed"] else "[red]REGRESSED[/]",
             )
         console.print(table)
+        if "note" in paired:
+            console.print(f"paired tests: {paired['note']}", highlight=False, soft_wrap=True)
+    for warning in document.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def dumps(document: dict) -> str:

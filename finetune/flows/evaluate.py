@@ -18,6 +18,7 @@ from finetune.data.retrieval import attach_passages
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
+from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.evaluation.scoring import eval_loader
 from finetune.flows.resolve import Resolved, resolve_run, resolve_source
 from finetune.flows.session import (
@@ -43,9 +44,16 @@ log = logging.getLogger("finetune")
 
 
 def evaluate_features(
-    session: Session, model, features: Features, accelerator: Accelerator, *, generate: bool = True
+    session: Session,
+    model,
+    features: Features,
+    accelerator: Accelerator,
+    *,
+    generate: bool = True,
+    intervals: bool = True,
 ) -> tuple[list[dict], dict]:
-    """The one evaluation step: the task's predictions on `features`, then its metrics. Under a preference
+    """The one evaluation step: the task's predictions on `features`, then its metrics (with each metric's interval
+    estimate unless `intervals=False`: evaluations during training only pick weights). Under a preference
     objective each judged row also carries the policy's rewards; `generate=False` scores those alone (cheap, for
     evaluations during training)."""
     judged: list[dict] | None = None
@@ -54,7 +62,9 @@ def evaluate_features(
         judged, preference_loss = judge_preferences(session, model, features, accelerator)
     if not generate and judged is not None:
         rows = [{**row, **judgement} for row, judgement in zip(features.rows, judged)]
-        return rows, evaluation.score(session.task, rows, session.recipe.eval, preference_loss, generated=False)
+        return rows, evaluation.score(
+            session.task, rows, session.recipe.eval, preference_loss, generated=False, intervals=intervals
+        )
     rows, loss = session.task.predict(
         model, session.tokenizer, features, accelerator, session.recipe, dict(session.state)
     )
@@ -65,7 +75,7 @@ def evaluate_features(
     if mark is not None:  # each prediction scored on its own tokens
         detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)
         rows = [{**row, **detector.score(row["prediction"], row["prompt"]).as_dict()} for row in rows]
-    return rows, evaluation.score(session.task, rows, session.recipe.eval, loss)
+    return rows, evaluation.score(session.task, rows, session.recipe.eval, loss, intervals=intervals)
 
 
 def _row_indices(rows: list[dict]) -> list[int]:
@@ -145,16 +155,24 @@ class SessionEvaluator:
         self.rows = len(features.rows)
 
     def __call__(self, model) -> dict[str, float]:
-        _, scored = evaluate_features(self.session, model, self.features, self.accelerator, generate=self.generate)
+        _, scored = evaluate_features(
+            self.session, model, self.features, self.accelerator, generate=self.generate, intervals=False
+        )
         return scored["metrics"]
 
 
 def check_gates(task: Task, gates: list[str] | None) -> None:
-    """Command-line gates: well formed and on a metric the task reports, before any model loads."""
+    """Command-line gates: well formed, on a metric the task reports, and interval gates (@LEVEL) only on metrics
+    that have an interval, before any model loads."""
     problems = []
     for gate in evaluation.collect_gates(None, gates):
         if not task.knows_metric(gate.metric):
             problems.append(task.unknown_metric(f"--gate {gate}", gate.metric))
+        elif gate.level is not None and gate.metric in NO_INTERVAL:
+            problems.append(
+                f"--gate {gate}: {gate.metric} has no interval ({NO_INTERVAL[gate.metric]}); gate its value "
+                f"({str(gate).rsplit('@', 1)[0]})"
+            )
     if problems:
         raise RecipeError("; ".join(problems))
 
@@ -232,7 +250,8 @@ def evaluate(
                 "eval_data": eval_data_record(recipe, session.features["eval"].rows),  # what --compare checks
             },
         )
-        evaluation.attach_comparison(document, baseline)
+        required, optional = session.task.fields(recipe)
+        evaluation.attach_comparison(document, baseline, session.task, rows, recipe.eval, (*required, *optional))
         marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
         if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
             document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
@@ -298,9 +317,12 @@ def evaluate_all_checkpoints(
     sources.append((kept_step, run.adapter, "adapter (kept)"))
     table: list[dict] = []
     kept: dict = {}
-    for step, adapter_dir, label in sources:
+    for number, (step, adapter_dir, label) in enumerate(sources, start=1):
         session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
-        _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
+        kept_weights = number == len(sources)  # the gates judge the kept weights: only they need intervals
+        _, scored = evaluate_features(
+            session, session.model, session.features["eval"], accelerator, intervals=kept_weights
+        )
         table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
         kept = scored
     document = evaluation.metrics_document(
@@ -326,9 +348,11 @@ def rescore(
     check_gates(task, gates)
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
-    scored = evaluation.score(task, rows, settings or EvalSection())
+    settings = settings or EvalSection()
+    scored = evaluation.score(task, rows, settings, intervals=True)
     document = evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
-    return evaluation.attach_comparison(document, baseline)
+    fields = (*task.required_fields, *task.optional_fields)
+    return evaluation.attach_comparison(document, baseline, task, rows, settings, fields)
 
 
 def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None) -> list[dict]:

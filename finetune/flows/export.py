@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from finetune.errors import RecipeError
+from finetune.errors import GateFailed, RecipeError
 from finetune.flows.resolve import resolve_run
 from finetune.flows.session import (
     Session,
+    SessionData,
+    load_task_model,
+    open_data,
     open_session,
 )
 from finetune.outputs import adapter as adapter_files
 from finetune.outputs import card, rundir
 from finetune.outputs.gguf import QUANTS, export_arch, write_gguf
+from finetune.outputs.gguf.architectures import check_config
+from finetune.outputs.gguf.parity import Parity, check_parity, eval_texts, require_llama_cpp
+from finetune.outputs.gguf.vocab import read_vocabulary
 
 log = logging.getLogger("finetune")
 
@@ -61,14 +68,34 @@ MERGED = "merged checkpoint"
 GGUF = "GGUF file"
 
 
-def export(run_path: str, output: str, *, format: str, quant: str = "f16", overwrite: bool = False) -> Path:
-    """`finetune export`: `hf` writes what merge writes; `gguf` a merged GGUF file for llama.cpp/Ollama."""
+# --verify: at most this many eval prompts, continued by at most this many tokens (the run's own
+# eval.max_new_tokens when smaller), so that a check on a real checkpoint takes minutes, not the whole eval.
+VERIFY_PROMPTS = 64
+VERIFY_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    parity: Parity | None = None  # --verify's comparison through llama.cpp
+
+
+def export(
+    run_path: str, output: str, *, format: str, quant: str = "f16", overwrite: bool = False, verify: bool = False
+) -> Exported:
+    """`finetune export`: `hf` writes what merge writes; `gguf` a merged GGUF file for llama.cpp/Ollama, and with
+    `verify` that file loaded in llama.cpp against the merged model on the run's eval data (GateFailed, exit 4,
+    when it falls short; the file stays: it was written as asked)."""
     if format == "hf":
-        return merge(run_path, output, overwrite=overwrite)
+        if verify:
+            raise RecipeError("--verify: checks a GGUF file through llama.cpp; it has no meaning with --format hf")
+        return Exported(merge(run_path, output, overwrite=overwrite))
     if format != "gguf":
         raise RecipeError(f"--format: {format!r} is not gguf or hf")
     if quant not in QUANTS:
         raise RecipeError(f"--quant: {quant!r} is not one of {', '.join(QUANTS)}")
+    if verify:
+        require_llama_cpp()
     resolved, run = resolve_run(run_path)
     if Path(output).suffix != ".gguf":
         raise RecipeError(f"--output: {output} must be a .gguf file")
@@ -81,22 +108,53 @@ def export(run_path: str, output: str, *, format: str, quant: str = "f16", overw
         inputs=(run.path, *resolved.input_paths()),
     )
     meta = adapter_files.read_adapter_meta(run.adapter)
-    export_arch(meta["family"], resolved.model_config.model_type)  # refused before any weights load
-    session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
-    merged = _merged(session)
+    # What llama.cpp cannot run as trained (architecture, config, tokenizer) is refused before any weights load.
+    config = resolved.model_config
+    check_config(export_arch(meta["family"], config.model_type, resolved.task.head), config)
+    data = open_data(resolved, splits=("eval",) if verify else (), adapter_dir=run.adapter)
+    read_vocabulary(data.tokenizer, config.vocab_size)
+    model, _ = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=run.adapter, with_lora=False)
+    assert isinstance(model, PeftModel), "opened with the run's adapter"
+    merged = model.merge_and_unload()
     card_text = run.card.read_text(encoding="utf-8") if run.card.is_file() else ""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial")
     staging.unlink(missing_ok=True)
-    write_gguf(
-        merged,
-        session.tokenizer,
-        staging,
-        quant=quant,
-        name=run.path.resolve().name,
-        description=card_text,
-        generation=meta.get("generation", {}),
-    )
+    try:
+        write_gguf(
+            merged,
+            data.tokenizer,
+            staging,
+            quant=quant,
+            name=run.path.resolve().name,
+            description=card_text,
+            generation=meta.get("generation", {}),
+        )
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a refusal or a failure leaves nothing behind
+        raise
     staging.replace(target)
     card.add_run_elsewhere(run, target)
-    return target
+    if not verify:
+        return Exported(target)
+    parity = _verify(data, merged, target, quant)
+    if failures := parity.failures():
+        raise GateFailed(f"--verify: {target} differs from the merged model in llama.cpp: {'; '.join(failures)}")
+    return Exported(target, parity)
+
+
+def _verify(data: SessionData, merged: PreTrainedModel, target: Path, quant: str) -> Parity:
+    """The exported file in llama.cpp against the merged model, on the run's eval rows and prompts."""
+    features = data.features["eval"]
+    if not features.prompts:
+        raise RecipeError("--verify: the run's eval data gives no prompts to continue")
+    rows = features.rows.select(range(min(VERIFY_PROMPTS, len(features.rows))))
+    return check_parity(
+        target,
+        merged,
+        data.tokenizer,
+        quant=quant,
+        texts=eval_texts(rows),
+        prompts=features.prompts[:VERIFY_PROMPTS],
+        max_new_tokens=min(VERIFY_NEW_TOKENS, data.resolved.recipe.eval.max_new_tokens),
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -95,6 +98,17 @@ def objective_plan(recipe: Recipe) -> str:
     return f"orpo, beta {preference.beta:g} (odds-ratio term beside the chosen answers' NLL); no reference model"
 
 
+def topology_plan(world_size: int) -> str:
+    """Where the processes are, as the launcher (torchrun, under accelerate) told each one."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    nodes = max(1, world_size // max(per_node, 1))
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    where = f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if nodes == 1:
+        return f"{world_size} on this machine, backend {backend}, {where}"
+    return f"{world_size} = {nodes} nodes x {per_node} per node, backend {backend}, {where}"
+
+
 def show_plan(
     console: Console, session: Session, world_size: int, output_note: str, data_warnings: list[str] | None = None
 ) -> None:
@@ -153,6 +167,8 @@ def show_plan(
         f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps}); "
         f"batch {recipe.train.batch_size} x {recipe.train.grad_accum} accumulation x {world_size} processes",
     )
+    if world_size > 1:
+        table.add_row("processes", topology_plan(world_size))
     table.add_row("evaluation", evaluation_plan(session, plan))
     table.add_row("precision", session.precision)
     table.add_row("output", output_note)

@@ -25,17 +25,27 @@ from transformers import PretrainedConfig
 
 from finetune.data.conversations import conversation_fields, encoder_decoder_problem
 from finetune.data.report import read_rows
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
+from finetune.evaluation.intervals import NO_INTERVAL
+from finetune.models.embedding import embedding_layout
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
-from finetune.models.references import config_without_weights, detect_family, load_config, resolve_reference
+from finetune.models.references import (
+    config_without_weights,
+    detect_family,
+    load_config,
+    package_path,
+    resolve_reference,
+)
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import parse_gate
-from finetune.recipe.schema import Recipe, apply_overrides, read_recipe_file, recipe_problems_error
+from finetune.recipe.schema import EvalSection, Recipe, apply_overrides, read_recipe_file, recipe_problems_error
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
 from finetune.tasks.generative import GenerationTask
+from finetune.tasks.rewards import load_reward_function
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
 from finetune.watermark import marking as watermark
@@ -90,6 +100,22 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     )
 
 
+def _reward_function_problems(recipe: Recipe) -> list[str]:
+    """train.grpo.reward.function: found and defined (read, never imported), and allowed to run (it runs in the
+    code sandbox, so the recipe's opt-in is needed as for generated code)."""
+    problems = []
+    try:
+        load_reward_function(recipe.train.grpo.reward.function or "")
+    except RecipeError as exc:
+        problems.append(str(exc))
+    if not recipe.eval.execute_code:
+        problems.append(
+            "train.grpo.reward.function: your reward function runs in the code sandbox, which needs "
+            "eval.execute_code: true (and FINETUNE_ALLOW_CODE_EXECUTION=1 in the environment)"
+        )
+    return problems
+
+
 def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
     """train.objective: preference objectives train generation tasks on pairs or thumbs; model.adapter exists."""
     objective, problems = recipe.train.objective, []
@@ -109,6 +135,8 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
                 f"distributed.strategy: grpo generates with the whole model on each process; {recipe.distributed.strategy} "
                 "shards it (use ddp)"
             )
+        if objective == "grpo" and recipe.train.grpo.reward.function:
+            problems += _reward_function_problems(recipe)
         if objective == "grpo" and task.name == "codegen" and not recipe.eval.execute_code:
             problems.append(
                 "train.objective: grpo on codegen rewards the share of a problem's tests its samples pass, which "
@@ -194,14 +222,80 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
         problems.append("data.stratify: decides how data.eval_split is drawn; with an eval file (data.eval) remove it")
     if stratify and recipe.task != "classification":
         problems.append(f"data.stratify: only classification is stratified (by label); remove it for {recipe.task}")
-    if data.knowledge_base is not None:
-        if recipe.task != "qa":
-            problems.append(
-                f"data.knowledge_base: only task qa answers from a knowledge base; remove it for {recipe.task}"
-            )
-        if data.retrieval.train:
-            problems.append("data.retrieval.train: fine-tuning the retriever is not supported yet; remove it")
+    if data.knowledge_base is not None and recipe.task not in ("qa", "retrieval", "rerank"):
+        problems.append(
+            "data.knowledge_base: only task qa answers from a knowledge base (and tasks retrieval and rerank search "
+            f"one); remove it for {recipe.task}"
+        )
+    if recipe.task == "qa":
+        problems += _retriever_training_rules(recipe)
     return problems
+
+
+def _retriever_training_rules(recipe: Recipe) -> list[str]:
+    """data.retrieval.train: a dense retriever to train, over a knowledge base; the retriever's own recipe (task
+    retrieval, derived from this one) meets its rules too, so validate refuses what its run would."""
+    data, settings = recipe.data, recipe.data.retrieval
+    if settings.train and data.knowledge_base is None:
+        return ["data.retrieval.train: fine-tunes the retriever of a knowledge base; give data.knowledge_base"]
+    if settings.train and settings.method == "bm25":
+        return ["data.retrieval.train: bm25 has no weights to train; use method dense or hybrid, or remove train"]
+    derived = retriever_recipe(recipe, Path("RUN"))
+    if derived is None:
+        return []
+    return [f"data.retrieval (the retriever's own run): {p}" for p in recipe_task(derived).check_recipe(derived)]
+
+
+def trains_retriever(recipe: Recipe) -> bool:
+    """Whether a knowledge-base qa run fine-tunes its retriever first (data.retrieval.train; null: dense and hybrid)."""
+    settings = recipe.data.retrieval
+    if recipe.task != "qa" or recipe.data.knowledge_base is None:
+        return False
+    return settings.train if settings.train is not None else settings.method in ("dense", "hybrid")
+
+
+# Where a knowledge-base qa run keeps its retriever's own run (a `task: retrieval` run directory).
+RETRIEVER_RUN = "retriever"
+
+
+def retriever_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
+    """The `task: retrieval` recipe that fine-tunes a knowledge-base qa run's retriever, into RUN/retriever, or None
+    when the run does not train its retriever.
+
+    Its rows are the qa rows: each question a query, its gold passage the one holding its answer (the same test
+    retrieval_recall@k applies); the model is data.retrieval.model; epochs, lr and batch size come from
+    data.retrieval, every other setting (seed, precision, LoRA, data split) from this recipe.
+    """
+    if not trains_retriever(recipe):
+        return None
+    data, settings = recipe.data, recipe.data.retrieval
+    columns = {"query": data.columns.get("question", "question"), "answer": data.columns.get("answer", "answer")}
+    if "id" in data.columns:
+        columns["id"] = data.columns["id"]
+    retrieval = settings.model_copy(update={"train": None, "model": None, "method": "dense"})
+    derived_data = data.model_copy(update={"columns": columns, "retrieval": retrieval, "doc_stride": None})
+    train = recipe.train.model_copy(
+        update={
+            "epochs": settings.epochs,
+            "max_steps": None,
+            "lr": settings.lr,
+            "batch_size": settings.batch_size,
+            "early_stopping": None,
+        }
+    )
+    return recipe.model_copy(
+        update={
+            "task": "retrieval",
+            "mode": None,
+            "model": recipe.model.model_copy(
+                update={"name_or_path": settings.model or DEFAULT_EMBEDDING_MODEL, "family": "auto", "adapter": None}
+            ),
+            "data": derived_data,
+            "train": train,
+            "eval": EvalSection(),
+            "output": recipe.output.model_copy(update={"dir": str(run_dir / RETRIEVER_RUN)}),
+        }
+    )
 
 
 # Sampling below this temperature is greedy decoding in all but name, and far below it the scaled logits overflow.
@@ -269,6 +363,11 @@ def _evaluation_rules(recipe: Recipe, task: Task) -> list[str]:
         gate = parse_gate(f"{metric}{condition}")
         if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
             problems.append(f"eval.gates.{metric}: {condition} can never pass: {metric} is a fraction in [0, 1]")
+        if gate.level is not None and metric in NO_INTERVAL:
+            problems.append(
+                f"eval.gates.{metric}: {condition} judges an interval and {metric} has none "
+                f"({NO_INTERVAL[metric]}); gate its value"
+            )
     return problems
 
 
@@ -342,8 +441,30 @@ def environment_rules(
             if forced == "auto" and recipe.task in TASKS:  # a forced family was checked with the recipe alone
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
             problems += [Problem(p) for p in _position_rules(recipe, config, family) + _size_rules(recipe, config)]
+            problems += [Problem(p) for p in _embedding_rules(recipe, family, config)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
+
+
+def _embedding_rules(recipe: Recipe, family: FamilySpec, config: PretrainedConfig) -> list[str]:
+    """A bi-encoder's pooling must be decidable (a decoder without a sentence-transformers config is told), and
+    Matryoshka sizes fit in its embedding."""
+    if recipe.task not in TASKS or recipe_task(recipe).head != "embedding":
+        return []
+    problems = []
+    reference = recipe.model.name_or_path
+    directory = str(package_path(reference, "model.name_or_path")) if reference.startswith("pkg:") else reference
+    try:
+        embedding_layout(directory, family, recipe.data.retrieval.pooling, "data.retrieval.pooling")
+    except RecipeError as exc:
+        problems.append(str(exc))
+    hidden = getattr(config, "hidden_size", None)
+    dims = recipe.data.retrieval.matryoshka_dims or []
+    if isinstance(hidden, int) and any(d > hidden for d in dims):
+        problems.append(
+            f"data.retrieval.matryoshka_dims: {max(dims)} is above the embedding size of {reference} ({hidden})"
+        )
+    return problems
 
 
 def _package_and_device_rules(recipe: Recipe) -> list[str]:
@@ -504,8 +625,19 @@ def _check(
     config, config_problem = read_model_config(recipe)
     problems = [Problem(p) for p in recipe_rules(recipe)]
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
-    _raise(source, problems + environment)
+    _raise(source, problems + environment + _retriever_environment_rules(recipe))
     return config, family, note
+
+
+def _retriever_environment_rules(recipe: Recipe) -> list[Problem]:
+    """The retriever's own run (data.retrieval.train) against this machine: its model, family and pooling, so
+    validate refuses what that run would (its data files are this recipe's, checked already)."""
+    derived = retriever_recipe(recipe, Path("RUN"))
+    if derived is None or recipe_rules(derived):  # recipe-alone problems were reported with the recipe's own
+        return []
+    config, problem = read_model_config(derived)
+    found, _, _ = environment_rules(derived, config, problem, ())
+    return [Problem(f"data.retrieval (the retriever's run): {p.text}", p.data) for p in found]
 
 
 def _raise(source: str, problems: list[Problem]) -> None:

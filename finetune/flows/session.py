@@ -26,11 +26,21 @@ from finetune.data.cache import CachedData, FeatureCache, cache_key
 from finetune.data.conversations import as_messages, layout_fields
 from finetune.data.features import Features
 from finetune.data.report import read_rows
-from finetune.data.retrieval import Retriever, attach_passages, knowledge_base_hash, load_passages
+from finetune.data.retrieval import (
+    DEFAULT_EMBEDDING_MODEL,
+    DenseIndex,
+    Retriever,
+    attach_passages,
+    knowledge_base_hash,
+    load_passages,
+    mine_negatives,
+    relevant_passages,
+)
 from finetune.data.tables import Origins, apply_template, map_columns
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.preference import PREFERENCE_METRICS
 from finetune.flows.resolve import Resolved, start_adapter_dir
+from finetune.models.embedding import EmbeddingLayout, embedding_layout
 from finetune.models.families import FamilySpec
 from finetune.models.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
 from finetune.models.references import (
@@ -44,6 +54,9 @@ from finetune.recipe.schema import Recipe
 from finetune.tasks import Task
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import PreferenceCollator, PromptCollator
+from finetune.tasks.rerank import RerankTask
+from finetune.tasks.retrieval import RetrievalTask, layout_of
+from finetune.tasks.rewards import Rewarder
 from finetune.tasks.text2text import PackedCollator, StopOnStrings, cut_at_stops
 from finetune.training.loop import has_accelerator_device
 from finetune.training.objectives import GRPO, OBJECTIVES, Objective, make_objective
@@ -139,10 +152,12 @@ class Session:
                 completions.append(ids)
             return completions
 
+        rewarder = Rewarder(task, settings.reward, self.recipe.eval)
+
         def reward(owners: list[int], completions: list[list[int]]) -> tuple[list[float], dict[str, int]]:
             texts = [cut_at_stops(t, stops) for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
             scored = [{**rows[owner], "prediction": text} for owner, text in zip(owners, texts)]
-            result = task.rewards(scored, self.recipe.eval)
+            result = rewarder(scored, [len(ids) for ids in completions])
             return result.values, result.reasons
 
         adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}) else None
@@ -201,22 +216,85 @@ def task_rows(
     return map_columns(table, columns, required, optional, key=key)
 
 
-def load_rows(recipe: Recipe, task: Task) -> tuple[Dataset, Dataset, dict, dict[str, Origins]]:
+def load_rows(
+    recipe: Recipe, task: Task, layout: EmbeddingLayout | None = None, mine: bool = False
+) -> tuple[Dataset, Dataset, dict, dict[str, Origins]]:
     """(train rows, eval rows, findings for the report, where each row came from) mapped to the task's field names,
     typed, split, `data.on_overlap` applied (data.report.read_rows: what `validate` checks too); with a knowledge
-    base, each question gets its retrieved passages as context."""
+    base, each question gets its retrieved passages as context, or (task retrieval, `layout`: its bi-encoder's)
+    each query its relevant passages, and with `mine` its training rows their hard negatives."""
     required, optional = task.fields(recipe)
     rows, found = read_rows(
         recipe, required, optional, classify=task.name == "classification", conversations=task.head == "generation"
     )
     train, eval_rows = rows.train, rows.eval
-    if recipe.data.knowledge_base is not None:
+    if recipe.data.knowledge_base is not None and isinstance(task, RetrievalTask):
+        with placed_errors(rows.origins):
+            train, eval_rows = retrieval_rows(recipe, train, eval_rows, layout, mine)
+    elif recipe.data.knowledge_base is not None:
         retriever = build_retriever(recipe)
         extractive = task.head == "question_answering"
         with placed_errors(rows.origins):
             train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
             eval_rows = attach_passages(eval_rows, retriever, extractive=extractive, training=False, split="data.eval")
     return train, eval_rows, found, rows.origins
+
+
+def retrieval_rows(
+    recipe: Recipe, train: Dataset, eval_rows: Dataset, layout: EmbeddingLayout | None, mine: bool
+) -> tuple[Dataset, Dataset]:
+    """Task retrieval (and rerank): each row's relevant passages and positive; the training rows' negatives (their
+    own `negative` texts first, then passages mined with the starting model: model.name_or_path as it loads,
+    before any training, pooled by `layout`; for rerank, the first stage data.retrieval.model, `layout` None),
+    the same number for every row."""
+    base = recipe.data.knowledge_base
+    assert base is not None
+    passages = load_passages(base)
+    train = relevant_passages(train, passages, "data.train")
+    eval_rows = relevant_passages(eval_rows, passages, "data.eval")
+    given = [_texts(value) for value in (train["negative"][:] if "negative" in train.column_names else [])]
+    for number, texts in enumerate(given, start=1):
+        if texts is None:
+            raise DataError(f"data.train: row {number}: field 'negative' must be a text or a list of texts")
+    wanted = max([recipe.data.retrieval.hard_negatives, *(len(t or []) for t in given)])
+    if wanted == 0 or not mine:
+        return train.add_column("negatives", [[] for _ in range(len(train))]), eval_rows
+    own = given or [[] for _ in range(len(train))]
+    mined: list[list[str]] = [[] for _ in range(len(train))]
+    hard = [len(texts or []) for texts in own]
+    if any(len(texts or []) < wanted for texts in own):
+        miner = (
+            recipe.model.name_or_path if layout is not None else recipe.data.retrieval.model or DEFAULT_EMBEDDING_MODEL
+        )
+        index = DenseIndex(passages, miner, knowledge_base_hash(base), layout)
+        text_of = {p.id: p.text for p in passages}
+        found, hard_found = mine_negatives(
+            train["query"][:],
+            train["relevant_ids"][:],
+            train["positive"][:],
+            index,
+            passages,
+            wanted,
+            recipe.data.retrieval.negative_margin,
+        )
+        mined = [[text_of[i] for i in ids] for ids in found]
+        hard = [min(wanted, len(texts or []) + n) for texts, n in zip(own, hard_found)]
+    negatives = [
+        ((texts or []) + [t for t in extra if t not in (texts or [])])[:wanted] for texts, extra in zip(own, mined)
+    ]
+    # How many of each row's negatives are its own or hard (the rest: the least similar passages); the report says.
+    return train.add_column("negatives", negatives).add_column("hard_negatives", hard), eval_rows
+
+
+def _texts(value: object) -> list[str] | None:
+    """A row's `negative`: one text or a list of texts (None when it is neither)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
 
 
 @contextmanager
@@ -306,9 +384,9 @@ def load_task_model(
         if start is not None and OBJECTIVES[recipe.train.objective].needs_reference:
             # The reference policy of a run that started from an earlier adapter: that adapter, frozen beside it.
             trained.load_adapter(str(start), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        return trained, ()
+        return _task_module(task, trained, recipe, state), ()
     if not with_lora:
-        return model, ()
+        return _task_module(task, model, recipe, state), ()
     if start is not None:  # continue from an earlier run's adapter: its weights and its LoRA settings
         peft_model = PeftModel.from_pretrained(model, str(start), is_trainable=True)
         if recipe.train.objective == "grpo" and recipe.train.grpo.beta != 0:
@@ -316,13 +394,28 @@ def load_task_model(
             peft_model.load_adapter(str(start), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             peft_model.set_adapter("default")
         named = getattr(peft_model.peft_config["default"], "target_modules", None) or ()
-        return peft_model, (named,) if isinstance(named, str) else tuple(sorted(named))
+        return _task_module(task, peft_model, recipe, state), (named,) if isinstance(named, str) else tuple(
+            sorted(named)
+        )
     try:
         targets = resolve_targets(model, recipe.lora.targets, family)
     except ValueError as exc:
         raise RecipeError(str(exc)) from exc
     heads = head_modules(model, task.head_candidates)
-    return apply_lora(model, recipe.lora, targets, heads, task.peft_task(family)), tuple(targets)
+    fresh = apply_lora(model, recipe.lora, targets, heads, task.peft_task(family))
+    return _task_module(task, fresh, recipe, state), tuple(targets)
+
+
+def _task_module(
+    task: Task, model: PeftModel | PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]
+) -> PeftModel | PreTrainedModel:
+    """The module the loop trains and the task predicts with: the model itself, or (task retrieval) the
+    bi-encoder around it, whose forward is the ranking loss."""
+    if isinstance(task, RerankTask):
+        return task.scorer(model, recipe, state)  # type: ignore[return-value]
+    if isinstance(task, RetrievalTask):
+        return task.bi_encoder(model, recipe, state)  # type: ignore[return-value]
+    return model
 
 
 @dataclass(frozen=True)
@@ -358,7 +451,7 @@ def open_data(
     built, note = CachedData({}, {}, {}), ""
     if splits:
         cache = FeatureCache(cache_key(recipe, tokenizer, family.name, splits, adapter_state))
-        built = cache.load() or _read_and_featurize(recipe, task, family, tokenizer, splits, adapter_state, cache)
+        built = cache.load() or _read_and_featurize(resolved, tokenizer, splits, adapter_state, cache)
         note = cache.note
         if "eval" in splits:  # on the evaluated rows, also when they come from the cache
             task.check_eval_rows(built.features["eval"].rows, recipe.eval)
@@ -373,17 +466,27 @@ def open_data(
 
 
 def _read_and_featurize(
-    recipe: Recipe,
-    task: Task,
-    family: FamilySpec,
+    resolved: Resolved,
     tokenizer: PreTrainedTokenizerBase,
     splits: tuple[str, ...],
     adapter_state: dict | None,
     cache: FeatureCache,
 ) -> CachedData:
-    train_rows, eval_rows, overlap, origins = load_rows(recipe, task)
+    recipe, task, family = resolved.recipe, resolved.task, resolved.family
+    layout = None
+    if isinstance(task, RerankTask):  # its negatives come from the first stage, as its own config pools it
+        layout = None
+    elif isinstance(task, RetrievalTask):  # the bi-encoder's pooling: the trained adapter's, else decided here
+        layout = (
+            layout_of(adapter_state)
+            if adapter_state is not None
+            else embedding_layout(resolved.model_path, family, recipe.data.retrieval.pooling, "data.retrieval.pooling")
+        )
+    train_rows, eval_rows, overlap, origins = load_rows(recipe, task, layout, mine="train" in splits)
     with placed_errors(origins):
         state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
+    if layout is not None:
+        state["embedding"] = layout.as_dict()
     workdir = cache.workdir()
     # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
     # and worker processes read the rows from the file instead of receiving pickled copies.

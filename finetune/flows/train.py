@@ -20,7 +20,7 @@ from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
 from finetune.flows.plan import show_plan
-from finetune.flows.resolve import Resolved
+from finetune.flows.resolve import RETRIEVER_RUN, Resolved, resolve_recipe, retriever_recipe
 from finetune.flows.session import (
     Session,
     SessionData,
@@ -31,6 +31,7 @@ from finetune.flows.session import (
     open_session,
     training_collator,
 )
+from finetune.models.embedding import BiEncoder, write_sentence_transformer_files
 from finetune.outputs import card, rundir
 from finetune.outputs import manifest as provenance
 from finetune.outputs.adapter import AdapterSaver, write_task_files
@@ -113,7 +114,23 @@ def _run(
         if lock is not None:
             lock.acquire()  # before anything is removed or written
     accelerator.wait_for_everyone()
+    retriever: dict | None = None
     try:
+        if retriever_recipe(recipe, run_dir.path) is not None:
+            resolved, retriever = train_retriever(
+                resolved,
+                console,
+                run_dir,
+                dry_run=dry_run,
+                resume=resume,
+                force_resume=force_resume,
+                overwrite=overwrite,
+            )
+            recipe = resolved.recipe
+            # The retriever's run made its own accelerator (accelerate's state is one per process): this run's again.
+            accelerator = make_accelerator(
+                recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
+            )
         # LoRA is applied to freshly loaded base weights, also when resuming: a
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(resolved)
@@ -161,6 +178,14 @@ def _run(
     kept_step = keep_weights(monitor, recipe, run_dir, model, result.steps, console if main else None)
     if main:
         saver.save(model, run_dir.adapter, for_other_tools=True)
+        if isinstance(model, BiEncoder):  # SentenceTransformer(RUN/adapter) loads the trained bi-encoder
+            write_sentence_transformer_files(
+                model.embedder.encoder,
+                session.model_path,
+                model.embedder.layout,
+                recipe.data.max_length,
+                run_dir.adapter,
+            )
     rows, scored = evaluate_features(session, model, eval_features, accelerator)
     if main:  # what the final evaluation decided for the adapter (multi-label thresholds), beside it
         write_task_files(run_dir.adapter, session.task.adapter_files(rows, recipe, session.state))
@@ -179,6 +204,8 @@ def _run(
         "eval_data": eval_data_record(recipe, session.features["eval"].rows),  # what --compare checks
         "training": training,
     }
+    if retriever is not None:  # knowledge-base qa: the retriever's own run, trained first
+        extra["retriever"] = retriever
     if monitor is not None:
         extra["evaluation"] = summary(monitor, kept_step, recipe.eval.keep)
     document = evaluation.metrics_document(recipe.task, scored, gates, extra)
@@ -201,6 +228,47 @@ def _run(
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()
     return document
+
+
+def train_retriever(
+    resolved: Resolved,
+    console: Console,
+    run_dir: RunDir,
+    *,
+    dry_run: bool,
+    resume: str | None,
+    force_resume: bool,
+    overwrite: bool,
+) -> tuple[Resolved, dict | None]:
+    """Knowledge-base qa with data.retrieval.train: fine-tune the retriever first, as a `task: retrieval` run of its
+    own in RUN/retriever (the questions as queries, each one's gold passage the one holding its answer), then
+    answer from it: the returned recipe retrieves with the trained retriever (`data.retrieval.model` is its
+    adapter, which sentence-transformers loads), so the reader trains on what it returns, and eval and predict
+    (which read RUN/recipe.yaml) use it too. The retriever's run resumes, is replaced or is kept as this run is.
+
+    A dry run shows the retriever's plan and the reader's with the untrained retriever."""
+    derived = retriever_recipe(resolved.recipe, run_dir.path)
+    assert derived is not None
+    inner = resolve_recipe(derived, f"{resolved.source} (data.retrieval: the retriever's run)")
+    directory = run_dir.path / RETRIEVER_RUN
+    if console is not None:
+        console.print(f"fine-tuning the retriever first: {directory}", highlight=False, soft_wrap=True)
+    document = run(
+        inner,
+        console,
+        dry_run=dry_run,
+        resume="auto" if resume is not None and directory.exists() else None,
+        force_resume=force_resume,
+        overwrite=overwrite,
+    )
+    if dry_run or document is None:
+        return resolved, None
+    trained = str((directory / "adapter").resolve())
+    retrieval = resolved.recipe.data.retrieval.model_copy(update={"model": trained, "train": False})
+    data = resolved.recipe.data.model_copy(update={"retrieval": retrieval})
+    recipe = resolved.recipe.model_copy(update={"data": data})
+    summary = {"run": str(directory), "model": trained, "metrics": document["metrics"]}
+    return dataclasses.replace(resolved, recipe=recipe), summary
 
 
 def keep_weights(

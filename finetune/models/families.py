@@ -16,15 +16,18 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 # The kinds of model a task asks a family for.
-HeadKind = Literal["sequence_classification", "question_answering", "generation"]
+# embedding: the bare model, whose token vectors a bi-encoder pools into one vector per text (task retrieval).
+HeadKind = Literal["sequence_classification", "question_answering", "generation", "embedding"]
 
 _AUTO_CLASSES: dict[str, str] = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "question_answering": "AutoModelForQuestionAnswering",
+    "embedding": "AutoModel",
 }
 _PEFT_TASK_TYPES: dict[str, str] = {
     "sequence_classification": "SEQ_CLS",
     "question_answering": "QUESTION_ANS",
+    "embedding": "FEATURE_EXTRACTION",
 }
 
 
@@ -102,6 +105,10 @@ FAMILIES: dict[str, FamilySpec] = {
             packs=False,
             # BART `encoder_attn`, T5 `EncDecAttention`, others `crossattention` / `cross_attn`.
             cross_attention_pattern=r"(encoder_attn|crossattention|cross_attn|encdecattention)",
+            refusals={
+                "embedding": "an encoder-decoder's bare model needs decoder inputs to give token vectors; embed "
+                "with an encoder (BERT family) or a decoder (GPT family, last-token pooling)"
+            },
         ),
         FamilySpec(
             name="gpt",

@@ -6,6 +6,7 @@ recipe and, for a misspelt key, the nearest valid name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -21,6 +22,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -154,13 +156,87 @@ class RetrievalSection(Section):
     top_k: Int = Field(
         5,
         ge=1,
-        description="Passages retrieved per question, all of which the reader sees (at most the passages there are).",
+        description="Passages retrieved per question, all of which the reader sees (at most the passages there are); "
+        "task retrieval: the k of its recall@k.",
     )
     model: str | None = Field(
         None,
-        description="Sentence-embedding model for dense retrieval; null uses the shipped all-MiniLM-L6-v2.",
+        description="Sentence-embedding model for dense retrieval; null uses the shipped all-MiniLM-L6-v2. Task "
+        "rerank: the first-stage retriever whose candidates the cross-encoder reorders (e.g. a retrieval run's "
+        "adapter/).",
     )
-    train: Bool = Field(False, description="Fine-tune the retriever on the training pairs (not supported yet).")
+    candidates: Int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Task rerank: passages the first-stage retriever hands the cross-encoder per query; the "
+        "cross-encoder reorders them, the rest keep the first stage's order below them.",
+    )
+    train: Bool | None = Field(
+        None,
+        description="qa with a knowledge base: fine-tune the dense retriever on the training questions first (the "
+        "gold passage of a question is the one holding its answer; a `task: retrieval` run in RUN/retriever), then "
+        "train the reader on what the trained retriever returns. null: on for dense and hybrid retrieval, off for "
+        "bm25 (nothing to train).",
+    )
+    pooling: Literal["auto", "mean", "cls", "lasttoken"] = Field(
+        "auto",
+        description="How a bi-encoder turns token vectors into one embedding. auto: the checkpoint's "
+        "sentence-transformers config, else mean for encoders; a decoder without one is refused (choose lasttoken "
+        "or mean).",
+    )
+    temperature: Float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Bi-encoder training: the InfoNCE temperature of the multiple-negatives ranking loss "
+        "(sentence-transformers' scale = 1 / temperature; 0.05 is its default scale of 20).",
+    )
+    hard_negatives: Int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Bi-encoder training: negatives per training row mined from the knowledge base with the "
+        "starting model, beside the in-batch ones (a row's own `negative` texts count first); 0: in-batch only.",
+    )
+    negative_margin: Float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Hard-negative mining skips near-duplicates of the positive: a passage is a negative only if "
+        "its score is below the positive's by at least this share of the positive's score "
+        "(sentence-transformers' relative_margin; the row's relevant passages are never negatives).",
+    )
+    matryoshka_dims: list[Int] | None = Field(
+        None,
+        description="Bi-encoder training: also train these truncated embedding sizes (sentence-transformers' "
+        "MatryoshkaLoss), e.g. [384, 256, 128, 64]; null: the full size only.",
+    )
+    epochs: Float = Field(
+        3,
+        gt=0,
+        description="qa with a knowledge base: passes over the training questions when the retriever is "
+        "fine-tuned first (data.retrieval.train); task retrieval uses train.epochs.",
+    )
+    lr: Float = Field(
+        1.0e-3,
+        gt=0,
+        description="qa with a knowledge base: the retriever's peak learning rate (LoRA) when it is fine-tuned "
+        "first; task retrieval uses train.lr.",
+    )
+    batch_size: Int = Field(
+        32,
+        ge=2,
+        description="qa with a knowledge base: questions per batch when the retriever is fine-tuned first (each "
+        "question's in-batch negatives are the other questions' passages); task retrieval uses train.batch_size.",
+    )
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _positive_dims(cls, values: list[int] | None) -> list[int] | None:
+        if values is not None and (not values or any(d < 1 for d in values) or len(set(values)) != len(values)):
+            raise ValueError("matryoshka_dims must list distinct positive sizes, e.g. [384, 256, 128, 64]")
+        return values
 
 
 class DataSection(Section):
@@ -248,7 +324,8 @@ class DataSection(Section):
     knowledge_base: str | list[str] | None = Field(
         None,
         description="qa: passage file(s) (`text`, optional `title`, `id`); rows then need only question and "
-        "answer, and each question is answered from its retrieved passages.",
+        "answer, and each question is answered from its retrieved passages. retrieval: the corpus searched (ids "
+        "unique, at least one passage).",
     )
     on_overlap: Literal["warn", "drop", "error"] = Field(
         "warn",
@@ -358,6 +435,52 @@ class PreferenceSection(Section):
     undesirable_weight: Float = Field(1.0, gt=0, le=1000, description="KTO: weight of the undesirable rows' losses.")
 
 
+class RewardSection(Section):
+    """What a sampled completion scores under GRPO: the task's own score (the metric the gates judge), plus
+    optional terms, each weighted; the reward is their weighted sum."""
+
+    task: Float = Field(1.0, ge=0, le=100, description="Weight of the task's own score (test share, F1, ROUGE-L).")
+    length_target: Int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="A completion length to aim at, in tokens: the term is 1 - |length - target| / target (at "
+        "least 0). Null: no length term.",
+    )
+    length_weight: Float = Field(0.1, ge=0, le=100, description="Weight of the length term.")
+    pattern: str | None = Field(
+        None,
+        description="A regular expression a completion should contain (Python `re.search`, e.g. '```python'): the "
+        "term is 1 when it does, else 0. Null: no pattern term.",
+    )
+    pattern_weight: Float = Field(0.1, ge=0, le=100, description="Weight of the pattern term.")
+    function: str | None = Field(
+        None,
+        description="Your own reward, `module:function` (a .py path or a module on the path, e.g. "
+        "rewards.py:score), called as TRL calls one: function(prompts=[...], completions=[...], **row_fields) -> "
+        "one number per completion. It runs in the code sandbox, never in finetune's process, so it needs the "
+        "same two opt-ins as generated code (eval.execute_code and FINETUNE_ALLOW_CODE_EXECUTION=1).",
+    )
+    function_weight: Float = Field(1.0, ge=0, le=100, description="Weight of the function's reward.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _names_a_function(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^:]+:[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not `module:function` (e.g. rewards.py:score or my_rewards:score)")
+        return value
+
+
 class GRPOSection(Section):
     """Group-relative policy optimisation: sample a group per prompt, score it with the task, learn from the
     differences within each group (train.objective grpo)."""
@@ -380,6 +503,9 @@ class GRPOSection(Section):
     )
     scale_rewards: Bool = Field(
         True, description="Divide each group's advantages by its reward spread (false: Dr. GRPO's unscaled)."
+    )
+    reward: RewardSection = Field(
+        default_factory=RewardSection, description="What a completion scores: the task's score and optional terms."
     )
 
 
@@ -544,7 +670,8 @@ class WatermarkSection(Section):
 class EvalSection(Section):
     metrics: list[str] | None = Field(None, description="Metrics to report; null: all of the task's.")
     gates: dict[str, str] = Field(
-        default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}; a failed gate exits 4.'
+        default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}, or {accuracy: ">=0.85@95"} to judge the lower bound '
+        "of its 95% interval; a failed gate exits 4.",
     )
     batch_size: Int | None = Field(
         None, ge=1, description="Evaluation batch size per process; null: 2 x train.batch_size."
@@ -664,6 +791,82 @@ class OutputSection(Section):
     dir: str = Field("runs/latest", description="Run directory (created; an existing run is resumed or replaced).")
 
 
+def _seconds(value: object) -> object:
+    """A duration: seconds as a number, or a string with a unit (90s, 40m, 2h, 1h30m)."""
+    if isinstance(value, str):
+        parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", value)
+        if not value.strip() or parts is None:
+            raise ValueError(f"{value!r} is not a duration (e.g. 90s, 40m, 2h, 1h30m)")
+        hours, minutes, seconds = (float(x) if x else 0.0 for x in parts.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    return value
+
+
+class SweepRange(Section):
+    """A numeric setting's range: from `low` to `high`, on a log scale or in steps."""
+
+    low: Float = Field(description="The smallest value tried.")
+    high: Float = Field(description="The largest value tried.")
+    log: Bool = Field(False, description="Sample on a log scale (learning rates).")
+    step: Float | None = Field(None, gt=0, description="Only multiples of this step above `low` (null: continuous).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        return self
+
+
+class SweepSection(Section):
+    """`finetune sweep`: the settings to vary, how many trials, what "best" means (Optuna)."""
+
+    trials: Int = Field(12, ge=1, le=100000, description="How many trials at most.")
+    time_budget: Annotated[float | None, BeforeValidator(_seconds)] = Field(
+        None, gt=0, description="Stop starting trials after this long (e.g. 40m, 2h); null: no limit."
+    )
+    objective: list[str] = Field(
+        default_factory=list,
+        max_length=2,
+        description="What a trial is judged by: a metric (default: eval.best_metric), and optionally a cost to "
+        "minimise as a second objective (train_seconds or trainable_params), which gives a Pareto front.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Recipe settings to vary, by their dotted key (train.lr, lora.r, ...): a range "
+        "{low, high, log, step} or a list of choices.",
+    )
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna's sampler.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="Stop a trial early when its evaluations during training trail the others' (median)."
+    )
+    seed: Int = Field(0, description="The sampler's seed: the same sweep proposes the same trials.")
+
+    @field_validator("params")
+    @classmethod
+    def _ranges_or_choices(cls, params: dict[str, Any]) -> dict[str, SweepRange | list[Any]]:
+        checked: dict[str, SweepRange | list[Any]] = {}
+        problems = []
+        for key, value in params.items():
+            if isinstance(value, list) and value:
+                checked[key] = value
+            elif isinstance(value, Mapping):
+                try:
+                    checked[key] = SweepRange.model_validate(value)
+                except ValidationError as exc:
+                    for error in exc.errors():
+                        where = ".".join(str(part) for part in error["loc"])
+                        problems.append(
+                            f"{key}{'.' + where if where else ''}: {error['msg'].removeprefix('Value error, ')}"
+                        )
+            else:
+                problems.append(f"{key}: give a range {{low, high}} or a non-empty list of choices, not {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return checked
+
+
 class Recipe(Section):
     # The names come from the task registry (tasks/__init__.py TASKS); the rules check them.
     task: str = Field(description="What the model learns: one of the registered tasks, e.g. classification (required).")
@@ -681,6 +884,9 @@ class Recipe(Section):
         default_factory=DistributedSection, description="Processes, sharding, memory savers and quantisation."
     )
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
+    sweep: SweepSection | None = Field(
+        None, description="`finetune sweep`: settings to vary and the trial budget; `finetune run` ignores it."
+    )
 
     @property
     def eval_batch_size(self) -> int:

@@ -9,12 +9,16 @@ from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.codegen import CodegenTask
 from finetune.tasks.copywriting import CopywritingTask
 from finetune.tasks.qa import ExtractiveQATask, GenerativeQATask
+from finetune.tasks.rerank import RerankTask
+from finetune.tasks.retrieval import RetrievalTask
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),
     "copywriting": CopywritingTask(),
     "codegen": CodegenTask(),
     "qa": ExtractiveQATask(),
+    "retrieval": RetrievalTask(),
+    "rerank": RerankTask(),
 }
 MODES: dict[tuple[str, str | None], Task] = {
     ("qa", "extractive"): TASKS["qa"],

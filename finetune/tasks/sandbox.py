@@ -22,6 +22,7 @@ verdict and kills the whole process group at the wall-clock limit.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -63,7 +64,14 @@ def _main():
             sys.stderr.flush()
         finally:
             os._exit(1)
-    os.write(out, ("\n" + token + "\n").encode())
+    # A counted test (finetune's own tail, run after the sample) leaves (passed, total) behind for the verdict.
+    try:
+        sys.stdout.flush()  # what the program printed comes before the verdict
+    except BaseException:
+        pass
+    counted = namespace.get("__finetune_tests__")
+    verdict = token if counted is None else "%s %d %d" % (token, int(counted[0]), int(counted[1]))
+    os.write(out, ("\n" + verdict + "\n").encode())
     os._exit(0)
 _main()
 """
@@ -82,6 +90,29 @@ class Outcome:
     passed: bool
     status: str  # passed | failed | timeout
     detail: str = ""
+    tests: tuple[int, int] | None = None  # (passed, total) when the program counted its tests (counted_tests)
+    output: str = ""  # what the program printed before the verdict (the last `output_bytes` of it)
+
+    @property
+    def score(self) -> float:
+        """The share of tests passed: counted, or all-or-nothing."""
+        if self.tests is not None and self.status == "passed":
+            passed, total = self.tests
+            return passed / total if total else 0.0
+        return 1.0 if self.passed else 0.0
+
+    @property
+    def reason(self) -> str:
+        """Why it scored what it did, in one word for counting: passed, partial, no_test_passed, timeout, or the
+        exception's name
+        (AssertionError, SyntaxError, MemoryError, ...), or `crashed` for a death without one (a signal, an exit)."""
+        if self.status == "passed":
+            score = self.score
+            return "passed" if score == 1.0 else "partial" if score > 0 else "no_test_passed"
+        if self.status == "timeout":
+            return "timeout"
+        name = self.detail.split(":", 1)[0].strip()
+        return name if name.isidentifier() else "crashed"
 
 
 def require_opt_in(execute_code: bool) -> None:
@@ -118,8 +149,11 @@ def check_level(level: str) -> None:
         )
 
 
-def run_programs(programs: list[str], level: str, limits: Limits, workers: int | None = None) -> list[Outcome]:
-    """Run each program in its own sandbox, in parallel across cores; outcomes in input order."""
+def run_programs(
+    programs: list[str], level: str, limits: Limits, workers: int | None = None, output_bytes: int = 0
+) -> list[Outcome]:
+    """Run each program in its own sandbox, in parallel across cores; outcomes in input order (each with the last
+    `output_bytes` of what it printed, for programs whose output is their result)."""
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(programs) or 1))
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
@@ -128,7 +162,7 @@ def run_programs(programs: list[str], level: str, limits: Limits, workers: int |
     def one(program: str) -> Outcome:
         slot = slots.get()
         try:
-            return _run_one(program, level, limits, slot)
+            return _run_one(program, level, limits, slot, output_bytes)
         finally:
             slots.put(slot)
 
@@ -178,7 +212,7 @@ def _scratch_base(uid: int | None) -> str:
     )
 
 
-def _run_one(program: str, level: str, limits: Limits, slot: int) -> Outcome:
+def _run_one(program: str, level: str, limits: Limits, slot: int, output_bytes: int = 0) -> Outcome:
     python, own_uid = _interpreter()
     uid = _UID_BASE + slot if own_uid else None
     root = Path(tempfile.mkdtemp(prefix="finetune-sandbox-", dir=_scratch_base(uid)))
@@ -236,9 +270,13 @@ def _run_one(program: str, level: str, limits: Limits, slot: int) -> Outcome:
                 process.wait()
         if timed_out:
             return Outcome(False, "timeout", f"killed after {limits.timeout_s:g} s")
-        lines = _tail(output).splitlines()
-        if code == 0 and lines and lines[-1].strip() == token:
-            return Outcome(True, "passed")
+        text = _tail(output, 4096 + output_bytes)
+        lines = text.rstrip("\n").splitlines()
+        verdict = lines[-1].split() if lines else []
+        if code == 0 and verdict and verdict[0] == token:
+            tests = (int(verdict[1]), int(verdict[2])) if len(verdict) == 3 else None
+            printed = text[: text.rstrip("\n").rfind("\n")] if output_bytes else ""
+            return Outcome(True, "passed", tests=tests, output=printed[-output_bytes:] if output_bytes else "")
         detail = _tail(root / "stderr").strip().splitlines()
         why = detail[-1] if detail else f"exit code {code}" if code else "exited before the tests finished"
         return Outcome(False, "failed", why)
@@ -316,3 +354,34 @@ def _processes_of_user() -> int:
             except OSError:
                 pass
     return count
+
+
+_CALL = """
+import json, math, types
+_module = types.ModuleType({name!r})
+_module.__file__ = {name!r} + ".py"
+exec(compile({source!r}, {filename!r}, "exec"), _module.__dict__)
+_values = list(getattr(_module, {function!r})(**json.loads({arguments!r})))
+print(json.dumps([float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None for v in _values]))
+"""
+
+
+def run_function(
+    source: str, filename: str, function: str, arguments: dict, level: str, limits: Limits
+) -> tuple[list[float | None] | None, Outcome]:
+    """Call `function(**arguments)` of a user's module (its source) in one sandboxed process: its list of numbers
+    (None where a value is not a finite number), or None when it failed (the outcome says why)."""
+    program = _CALL.format(
+        name=Path(filename).stem, source=source, filename=filename, function=function, arguments=json.dumps(arguments)
+    )
+    size = 64 + 32 * max((len(v) for v in arguments.values() if isinstance(v, list)), default=1)
+    outcome = run_programs([program], level, limits, workers=1, output_bytes=size)[0]
+    if not outcome.passed:
+        return None, outcome
+    try:
+        values = json.loads(outcome.output.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, Outcome(False, "failed", "BadOutput: the function's result is not a list of numbers")
+    if not isinstance(values, list):
+        return None, Outcome(False, "failed", "BadOutput: the function's result is not a list of numbers")
+    return values, outcome

@@ -9,6 +9,7 @@ at stop strings.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -17,7 +18,17 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_outputs import BaseModelOutput
 
 from finetune.data.tables import LengthReport, apply_overflow
 from finetune.errors import DataError
@@ -259,38 +270,32 @@ def generate(
     prompt_ids: list[list[int]],
     settings: EvalSection,
     stops: list[str],
-    batch_size: int,
+    batch_size: int | None,
     accelerator: Accelerator,
     end_ids: Sequence[int] = (),
 ) -> list[list[str]]:
     """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes.
-    `end_ids`: tokens that end an answer besides EOS (a chat template's end-of-turn token)."""
+    `end_ids`: tokens that end an answer besides EOS (a chat template's end-of-turn token). `batch_size`: rows
+    decoded together (a prompt's samples count one each); None: as many as fit in memory
+    (`generation_batch_size`).
+
+    Prompts are decoded longest first, so each batch holds prompts of similar length (little padding), and the
+    answers come back in the prompts' order."""
     from accelerate.utils import gather_object
 
     model.eval()
-    pad_id = tokenizer.pad_token_id
-    sampling = settings.temperature > 0
-    options = {
-        "max_new_tokens": settings.max_new_tokens,
-        "do_sample": sampling,
-        "num_return_sequences": settings.num_samples,
-        "pad_token_id": pad_id,
-        "eos_token_id": list(dict.fromkeys([_eos_id(tokenizer), *end_ids])) if end_ids else _eos_id(tokenizer),
-        "use_cache": True,
-        **({"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}),
-    }
-    vocab_size = accelerator.unwrap_model(model).config.get_text_config().vocab_size
-    options.update(watermark.generate_options(settings.watermark, vocab_size, accelerator.device))
-    # Longest first, so batches hold prompts of similar length (less padding).
+    decoder = Decoder(accelerator.unwrap_model(model), tokenizer, family, settings, stops, end_ids, accelerator.device)
+    n = settings.num_samples
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     with accelerator.split_between_processes(order) as mine:
+        if batch_size is None:
+            longest = max((len(prompt_ids[i]) for i in mine), default=0)
+            batch_size = generation_batch_size(decoder.config, longest, settings, accelerator.device)
+        per_batch = max(1, batch_size // n)
         answers: list[tuple[int, list[str]]] = []
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            texts = _generate_batch(
-                model, tokenizer, family, [prompt_ids[i] for i in chunk], options, stops, pad_id, accelerator
-            )
-            n = settings.num_samples
+        for start in range(0, len(mine), per_batch):
+            chunk = mine[start : start + per_batch]
+            texts = decoder([prompt_ids[i] for i in chunk])
             answers.extend((index, texts[j * n : (j + 1) * n]) for j, index in enumerate(chunk))
     if accelerator.num_processes > 1:
         answers = gather_object(answers)
@@ -298,34 +303,192 @@ def generate(
     return [by_index[i] for i in range(len(prompt_ids))]
 
 
-def _generate_batch(
-    model: PeftModel | PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    family: FamilySpec,
-    prompts: list[list[int]],
-    options: dict[str, Any],
-    stops: list[str],
-    pad_id: int | None,
-    accelerator: Accelerator,
-) -> list[str]:
-    width = max(1, max(len(p) for p in prompts))
-    if family.prompt_padding == "right":  # encoder inputs
-        ids = [[*p, *[pad_id] * (width - len(p))] for p in prompts]
-        mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
-    else:  # decoder prompts: left padding, so every row continues from its own last token
-        ids = [[*[pad_id] * (width - len(p)), *p] for p in prompts]
-        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    input_ids = torch.tensor(ids, device=accelerator.device)
-    attention_mask = torch.tensor(mask, device=accelerator.device)
-    # A decoder's output repeats the (padded) prompt before the new tokens; an encoder-decoder's does not.
-    new_from = 0 if family.encoder_decoder else width
-    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stops, new_from)]) if stops else None
-    with accelerator.autocast():
-        output = accelerator.unwrap_model(model).generate(
-            input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria, **options
+# Share of the free memory one generation batch may take: the rest stays for the evaluation around it (the eval
+# loss, scoring) and for whatever else runs on the machine; the estimate below is rough, this is its margin.
+MEMORY_SHARE = 0.25
+
+
+def generation_batch_size(config: PretrainedConfig, longest_prompt: int, settings: EvalSection, device: Any) -> int:
+    """How many rows (prompts x samples) to decode together: as many as fit in a share of the device's free memory.
+
+    A row holds its key/value cache for the prompt and every new token, and while the prompt is read, its
+    activations (hidden states, the MLP, attention scores) and a row of logits; all in float32.
+    """
+    from accelerate.utils import get_max_memory
+
+    place = torch.device(device)
+    free = get_max_memory()  # bytes free on each device: {"cpu": ...} or {0: ..., 1: ..., "cpu": ...}
+    budget = free.get(place.type if place.type in ("cpu", "mps") else place.index or 0) or free.get("cpu", 0)
+    row = row_bytes(config, longest_prompt, settings.max_new_tokens)
+    return max(1, int(budget * MEMORY_SHARE // row))
+
+
+def row_bytes(config: PretrainedConfig, prompt: int, new_tokens: int) -> int:
+    """Peak bytes one generated row needs in float32 (see `generation_batch_size`)."""
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    heads = getattr(text, "decoder_attention_heads", None) or text.num_attention_heads
+    layers = getattr(text, "decoder_layers", None) or text.num_hidden_layers
+    kv_width = (getattr(text, "num_key_value_heads", None) or heads) * (
+        getattr(text, "head_dim", None) or hidden // heads
+    )
+    # The MLP's width has a name per architecture (Llama, GPT-2, BART); 4 x hidden is GPT-2's default.
+    mlp = next(
+        (w for w in (getattr(text, k, None) for k in ("intermediate_size", "n_inner", "decoder_ffn_dim")) if w),
+        4 * hidden,
+    )
+    positions = prompt + new_tokens
+    cache = 2 * layers * kv_width * positions  # keys and values; an encoder-decoder's cross-attention too
+    reading = prompt * (4 * hidden + 2 * mlp + heads * prompt)  # one layer's activations at a time
+    return 4 * (cache + reading + 2 * text.vocab_size)
+
+
+class Decoder:
+    """Batched decoding with the key/value cache, greedy or sampled, each row ending at its own end token.
+
+    Decoder prompts are padded on the left (every row continues from its own last token, with positions counted
+    from its first real token), encoder inputs on the right. Decoding runs in the weights' own precision
+    (float32 as finetune loads them; no autocast), so greedy answers are those of float32 decoding one prompt at a
+    time. A row that ends (an end token, or a stop string in its text) leaves the batch and its cache, so the
+    others no longer carry it; only a watermark that keeps per-row state keeps it in place to the end. The
+    recipe's settings alone choose tokens (temperature, top-p, the watermark), never a checkpoint's own
+    generation defaults (beams, top-k, repetition penalties)."""
+
+    def __init__(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        family: FamilySpec,
+        settings: EvalSection,
+        stops: list[str],
+        end_ids: Sequence[int],
+        device: torch.device,
+    ):
+        self.model, self.tokenizer, self.settings, self.device = model, tokenizer, settings, device
+        self.encoder_decoder = family.encoder_decoder
+        # The transformers model under a peft wrapper: its config, and the arguments its forward takes.
+        unwrap = getattr(model, "get_base_model", None)
+        base = cast(PreTrainedModel, unwrap() if unwrap is not None else model)
+        self.config: PretrainedConfig = base.config
+        eos = _eos_id(tokenizer)
+        self.pad_id = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.ends = torch.tensor(list(dict.fromkeys([eos, *end_ids])), device=device)
+        self.stop = StopOnStrings(tokenizer, stops, 0) if stops else None
+        takes = inspect.signature(base.forward).parameters
+        # Logits for the last prompt position only, where the model can (a [rows x prompt x vocab] tensor otherwise).
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
+        self.cache_name = "cache" if "cache" in takes else "past_key_values"
+
+    def processors(self) -> LogitsProcessorList:
+        """transformers' processors in `generate`'s order: marking on raw logits, temperature, top-p, marking last.
+        New for each batch (SynthID keeps per-row state)."""
+        settings = self.settings
+        raw, final = watermark.logits_processors(
+            settings.watermark, self.config.get_text_config().vocab_size, self.device
         )
-    texts = tokenizer.batch_decode(output[:, new_from:], skip_special_tokens=True)
-    return [cut_at_stops(t, stops) for t in texts]
+        warpers: list[LogitsProcessor] = []
+        if settings.temperature > 0:
+            if settings.temperature != 1:
+                warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_p < 1:
+                warpers.append(TopPLogitsWarper(settings.top_p))
+        return LogitsProcessorList([*raw, *warpers, *final])
+
+    def __call__(self, prompts: list[list[int]]) -> list[str]:
+        """`num_samples` answers per prompt, in order (a prompt's samples side by side), cut at the stop strings."""
+        ids = self._decode(prompts)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [cut_at_stops(t, self.stop.stops if self.stop else []) for t in texts]
+
+    def _decode(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The new token ids of every row (its end token included, as `generate` returns them)."""
+        settings, device = self.settings, self.device
+        samples = settings.num_samples
+        width = max(1, max(len(p) for p in prompts))
+        pads = [width - len(p) for p in prompts]
+        if self.encoder_decoder:
+            ids = torch.tensor([[*p, *[self.pad_id] * k] for p, k in zip(prompts, pads)], device=device)
+            mask = torch.tensor([[1] * len(p) + [0] * k for p, k in zip(prompts, pads)], device=device)
+            encoder = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+            hidden = encoder.last_hidden_state.repeat_interleave(samples, 0)
+            mask = mask.repeat_interleave(samples, 0)
+            context = torch.full((len(hidden), 1), self.config.decoder_start_token_id, device=device)
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=mask,
+                decoder_input_ids=context,
+                use_cache=True,
+            )
+            cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
+        else:
+            ids = torch.tensor([[*[self.pad_id] * k, *p] for p, k in zip(prompts, pads)], device=device)
+            mask = torch.tensor([[0] * k + [1] * len(p) for p, k in zip(prompts, pads)], device=device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_logits
+            )
+            cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
+            if samples > 1:  # the prompt is read once; its samples share its cache from here
+                cache.batch_repeat_interleave(samples)
+                logits = logits.repeat_interleave(samples, 0)
+            context = ids.repeat_interleave(samples, 0)
+            mask = mask.repeat_interleave(samples, 0)
+            position = positions[:, -1].repeat_interleave(samples, 0)
+
+        processors = self.processors()
+        compact = not watermark.keeps_row_state(settings.watermark)
+        rows = len(context)
+        row_of = torch.arange(rows, device=device)  # the answer each batch row writes
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        new = context[:, :0]
+        answers: list[list[int]] = [[] for _ in range(rows)]
+        for step in range(settings.max_new_tokens):
+            scores = processors(cast(torch.LongTensor, context), logits)
+            if settings.temperature > 0:
+                token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            context = torch.cat([context, token[:, None]], 1)
+            new = torch.cat([new, token[:, None]], 1)
+            ended = torch.isin(token, self.ends)
+            if self.stop is not None:
+                ended |= self.stop(new, scores)
+            for r in (ended & ~done).nonzero().flatten().tolist():
+                answers[int(row_of[r])] = new[r].tolist()
+            done |= ended
+            if bool(done.all()) or step == settings.max_new_tokens - 1:
+                break
+            if compact and bool(done.any()):  # finished rows leave the batch, its cache and its inputs
+                keep = (~done).nonzero().flatten()
+                cache.batch_select_indices(keep)
+                context, new, token, row_of, done, mask = (t[keep] for t in (context, new, token, row_of, done, mask))
+                if self.encoder_decoder:
+                    hidden = hidden[keep]
+                else:
+                    position = position[keep]
+            if self.encoder_decoder:
+                out = self.model(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                    attention_mask=mask,
+                    decoder_input_ids=token[:, None],
+                    use_cache=True,
+                    **{self.cache_name: cache},
+                )
+            else:
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+                position = position + 1
+                out = self.model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=position[:, None],
+                    use_cache=True,
+                    **{self.cache_name: cache},
+                )
+            logits = out.logits[:, -1]
+        for r in (~done).nonzero().flatten().tolist():  # rows that ran to max_new_tokens
+            answers[int(row_of[r])] = new[r].tolist()
+        return answers
 
 
 class CompletionEntropy:

@@ -92,16 +92,25 @@ def generation_config(settings: WatermarkSection | None) -> WatermarkingConfig |
     )
 
 
-def generate_options(settings: WatermarkSection | None, vocab_size: int, device: torch.device | str) -> dict:
-    """The `model.generate` arguments that mark its output: transformers' own watermarking config, or the
-    entropy-gated green-list processor (which runs before temperature and top-p, on the raw logits whose entropy
-    detection recomputes)."""
+def logits_processors(
+    settings: WatermarkSection | None, vocab_size: int, device: torch.device | str
+) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+    """The processors that mark generated text, as (on the raw logits, after temperature and top-p): the
+    entropy-gated green list reads the raw logits whose entropy detection recomputes; transformers' own watermarks
+    come last, where `model.generate` puts them (after every other processor, transformers #34630). Fresh
+    processors for each batch: SynthID's keeps per-row state."""
     if settings is None:
-        return {}
+        return LogitsProcessorList(), LogitsProcessorList()
     config = generation_config(settings)
     if gated(settings):
-        return {"logits_processor": LogitsProcessorList([EntropyGatedWatermark(settings, vocab_size, device)])}
-    return {"watermarking_config": config}
+        return LogitsProcessorList([EntropyGatedWatermark(settings, vocab_size, device)]), LogitsProcessorList()
+    return LogitsProcessorList(), LogitsProcessorList([config.construct_processor(vocab_size, device)])
+
+
+def keeps_row_state(settings: WatermarkSection | None) -> bool:
+    """Whether the marking processors remember each row by its place in the batch (SynthID keeps each row's recent
+    contexts), so that a finished row may not leave the batch while the others generate."""
+    return settings is not None and settings.method == "synthid"
 
 
 def gated(settings: WatermarkSection) -> bool:

@@ -113,3 +113,44 @@ def test_gguf_export_refuses_what_llama_cpp_would_not_load(tiny_models, topic_da
     assert refused.exit_code == 2 and taken.read_text() == "mine"
     refused = invoke("export", copy_run / "run", "--output", tmp_path / "x.gguf", "--quant", "q4")
     assert refused.exit_code == 2 and "--quant" in refused.output
+
+
+def test_verify_refuses_clearly_without_llama_cpp(copy_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # importlib finds no llama_cpp
+    refused = invoke("export", copy_run / "run", "--output", tmp_path / "v.gguf", "--verify")
+    assert refused.exit_code == 2 and "llama-cpp-python is not installed" in refused.output
+    assert not (tmp_path / "v.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_verify_compares_the_file_in_llama_cpp_with_the_merged_model(quant, copy_run, tmp_path):
+    pytest.importorskip("llama_cpp")
+    target = tmp_path / f"verified-{quant}.gguf"
+    result = invoke("export", copy_run / "run", "--quant", quant, "--output", target, "--verify")
+    assert result.exit_code == 0, result.output
+    assert f"llama.cpp parity ({quant}): tokenization" in result.output
+    if quant == "f16":
+        assert "greedy continuations" in result.output and "/8 identical" in result.output
+
+
+@pytest.mark.slow
+def test_verify_fails_a_broken_file(copy_run, tmp_path, monkeypatch):
+    """A file with one tensor's rows permuted (each block's MLP output projection): exit 4, the file kept."""
+    pytest.importorskip("llama_cpp")
+    from finetune.outputs.gguf import architectures
+
+    converted = architectures._converted
+
+    def permuted(arch, hf_name, data, n_head, n_kv):
+        data = converted(arch, hf_name, data, n_head, n_kv)
+        return data.flip(0) if hf_name.endswith("mlp.down_proj.weight") else data
+
+    monkeypatch.setattr(architectures, "_converted", permuted)
+    target = tmp_path / "broken.gguf"
+    result = invoke("export", copy_run / "run", "--output", target, "--verify")
+    assert result.exit_code == 4, result.output
+    assert "differs from the merged model in llama.cpp" in result.output and "greedy continuations" in result.output
+    assert target.exists()

@@ -249,3 +249,46 @@ def test_the_recipe_time_limit_reaches_the_sandbox(monkeypatch):
     assert metrics["pass@1"] == 0.5
     assert rows[0]["result"].startswith("timeout: killed after 1 s")
     assert rows[1]["result"] == "passed"
+
+
+# --------------------------------------------------------------------------- an instruct model's code
+
+
+PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
+TESTS = "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n    assert candidate([5]) == 5\n"
+
+
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        "    return sum(xs)\n",  # a body, continuing the prompt
+        "    return sum(xs)\n```\n\nThis adds the numbers.",  # a continuation that closes a fence it never opened
+        "Here it is:\n```python\ndef total(xs):\n    return sum(xs)\n```\nIt uses sum.",  # markdown
+        "```python\nimport math\n\ndef helper(x):\n    return x\n```\n```python\ndef total(xs):\n    return sum(xs)\n```",
+        # the signature repeated, then the model's own example calls and (wrong) asserts, cut off mid-line
+        "def total(xs: List[int]) -> int:\n    return sum(xs)\n\nprint(total([1]))\nassert total([1]) == 7\nprint(total(",
+    ],
+)
+def test_code_is_taken_from_what_an_instruct_model_writes(prediction):
+    from finetune.tasks.codegen import program_of
+
+    row = {"prompt": PROMPT, "prediction": prediction, "test": TESTS, "entry_point": "total"}
+    namespace: dict = {}
+    exec(program_of(row), namespace)  # the tests pass: raises otherwise
+
+
+def test_counted_tests_score_the_share_that_pass(monkeypatch):
+    import finetune.tasks.sandbox as sandbox
+    from finetune.tasks.codegen import counted_program_of
+
+    rows = [
+        {"prompt": PROMPT, "prediction": "    return sum(xs)\n"},
+        {"prompt": PROMPT, "prediction": "    return 3\n"},  # passes 1 of 3
+        {"prompt": PROMPT, "prediction": "    return xs[0] + xs[1]\n"},  # IndexError on two: 1 of 3
+        {"prompt": PROMPT, "prediction": "    while True:\n        pass\n"},
+        {"prompt": PROMPT, "prediction": "    import os; os._exit(0)\n"},  # exits before the tests finished
+    ]
+    programs = [counted_program_of(r | {"test": TESTS, "entry_point": "total"}) for r in rows]
+    outcomes = sandbox.run_programs(programs, "basic", sandbox.Limits(timeout_s=2))
+    assert [o.score for o in outcomes] == [1.0, pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0, 0.0]
+    assert [o.reason for o in outcomes] == ["passed", "partial", "partial", "timeout", "crashed"]

@@ -149,39 +149,182 @@ class _Settings:
         self.__dict__.update(kw)
 
 
-def _generator(tiny_models, kind, no_eos=False):
-    from accelerate import Accelerator
+def _tiny(tiny_models, kind, no_eos=False, lively=False):
+    """A tiny model of `kind` in float32, its tokenizer and family. `lively`: weights drawn wider than the init, so
+    greedy answers differ from prompt to prompt (at the init, a tiny BART says the same to every prompt)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     family = FAMILY[kind]
     tokenizer = load_tokenizer(str(tiny_models[kind]), family)
     auto = AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
-    model = auto.from_pretrained(tiny_models[kind])
-    if no_eos:  # an untrained model may end at once; keep it talking so there is text to stop in
-        with torch.no_grad():
+    model = auto.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
+    with torch.no_grad():
+        if lively:
+            generator = torch.Generator().manual_seed(0)
+            for weight in model.parameters():
+                if weight.dim() > 1:
+                    weight.copy_(0.3 * torch.randn(weight.shape, generator=generator))
+        if no_eos:  # an untrained model may end at once; keep it talking so there is text to stop in
             model.get_output_embeddings().weight[tokenizer.eos_token_id] = 0
             if hasattr(model, "final_logits_bias"):
                 model.final_logits_bias[0, tokenizer.eos_token_id] = -1e4
+    return model, tokenizer, FAMILIES[family]
+
+
+def _generator(tiny_models, kind, no_eos=False):
+    from accelerate import Accelerator
+
+    model, tokenizer, family = _tiny(tiny_models, kind, no_eos)
     accelerator = Accelerator(cpu=True)
 
     def run(prompts, stops=(), batch_size=8, **settings):
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-        return generate(
-            model, tokenizer, FAMILIES[family], ids, _Settings(**settings), list(stops), batch_size, accelerator
-        )
+        return generate(model, tokenizer, family, ids, _Settings(**settings), list(stops), batch_size, accelerator)
 
     return run
 
 
+def _reference(model, tokenizer, family, prompts, ends, max_new_tokens=12, **options) -> list[str]:
+    """transformers' own generate, one prompt at a time, in float32: the reference text."""
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(ends),
+            pad_token_id=tokenizer.pad_token_id,
+            **{"do_sample": False, **options},
+        )[0]
+        new = output[1:] if family.encoder_decoder else output[ids.shape[1] :]  # bart's output starts with its start
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
+# Prompts of different lengths (1 to 10 words), so a batch pads them.
+PROMPTS = [
+    "rain",
+    "match goal team player coach league",
+    "oven salt pepper",
+    "storm wind snow forecast cold warm temperature recipe bake boil",
+    "score season",
+]
+
+
+def _staggered_end(model, tokenizer, family, prompts) -> int:
+    """A token the greedy answers reach at different steps (or never): as an end token, rows end one by one."""
+    free = _reference(model, tokenizer, family, prompts, [tokenizer.eos_token_id])
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in free]
+
+    def first_steps(token):
+        return {row.index(token) if token in row else None for row in rows}
+
+    return max(sorted({t for row in rows for t in row}), key=lambda t: len(first_steps(t)))
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
-def test_batched_generation_equals_one_by_one(tiny_models, kind):
-    """Left padding (decoders) / right padding (encoder-decoder) must not change greedy outputs."""
-    generate_texts = _generator(tiny_models, kind, no_eos=True)  # text to compare: an untrained BART says "" at once
-    prompts = ["rain", "match goal team player coach league", "oven salt pepper"]
-    batched = generate_texts(prompts, batch_size=3)
-    single = [generate_texts([p], batch_size=1)[0] for p in prompts]
-    assert all(len(samples) == 1 and samples[0].strip() for samples in batched), batched
-    assert batched == single
+def test_batched_generation_equals_transformers_one_prompt_at_a_time(tiny_models, kind):
+    """Prompts of different lengths, rows ending at their own end token at different steps (leaving the batch as
+    they end), batches of 1, 2 and all: every answer equals transformers' `generate` on its prompt alone, greedy,
+    float32. Also with mixed precision on (decoding never autocasts) and with the batch size chosen from memory."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, tokenizer, family = _tiny(tiny_models, kind, lively=True)
+    end = _staggered_end(model, tokenizer, family, PROMPTS)
+    ends = [tokenizer.eos_token_id, end]
+    expected = _reference(model, tokenizer, family, PROMPTS, ends)
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in expected}
+    assert len(lengths) >= 2, expected  # rows really end at different steps
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    for batch_size, precision in ((1, "no"), (2, "no"), (len(PROMPTS), "no"), (None, "bf16")):
+        AcceleratorState._reset_state(reset_partial_state=False)  # precision is a per-process singleton
+        accelerator = Accelerator(cpu=True, mixed_precision=precision)
+        answers = generate(model, tokenizer, family, ids, _Settings(), [], batch_size, accelerator, [end])
+        assert [a[0] for a in answers] == expected, (batch_size, precision)
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_sampling_draws_what_transformers_draws(tiny_models):
+    """Temperature and top-p as transformers applies them: with the same seed, the same sampled tokens. No top-k
+    cut (transformers' default of 50 is not the recipe's): top_k=0 for the reference."""
+    from accelerate import Accelerator
+
+    model, tokenizer, family = _tiny(tiny_models, "llama", no_eos=True, lively=True)
+    settings = {"temperature": 0.7, "top_p": 0.9}
+    torch.manual_seed(3)
+    expected = _reference(
+        model, tokenizer, family, PROMPTS[1:2], [tokenizer.eos_token_id], do_sample=True, top_k=0, **settings
+    )
+    ids = [tokenizer(PROMPTS[1])["input_ids"]]
+    torch.manual_seed(3)
+    answers = generate(model, tokenizer, family, ids, _Settings(**settings), [], 1, Accelerator(cpu=True))
+    assert answers == [expected]
+    torch.manual_seed(4)
+    assert generate(model, tokenizer, family, ids, _Settings(**settings), [], 1, Accelerator(cpu=True)) != answers
+
+
+@pytest.mark.parametrize("method", ["kirchenbauer", "gated", "synthid"])
+def test_watermarked_generation_equals_transformers(tiny_models, method):
+    """Each watermark marks as transformers' generate marks (its config, or the gated processor passed to it), one
+    prompt at a time and in a batch whose rows end at different steps (SynthID keeps per-row state: its rows stay
+    in place)."""
+    from accelerate import Accelerator
+
+    from finetune.recipe.schema import WatermarkSection
+    from finetune.watermark.marking import EntropyGatedWatermark, generation_config
+
+    model, tokenizer, family = _tiny(tiny_models, "llama", lively=True)
+    extra = {"kirchenbauer": {"entropy_threshold": 0.0}, "gated": {"entropy_threshold": 0.5}, "synthid": {}}[method]
+    settings = WatermarkSection(method="synthid" if method == "synthid" else "kirchenbauer", key=12345, **extra)
+    if method == "gated":
+        marking = {"logits_processor": [EntropyGatedWatermark(settings, model.config.vocab_size, "cpu")]}
+    else:
+        marking = {"watermarking_config": generation_config(settings)}
+    end = _staggered_end(model, tokenizer, family, PROMPTS)
+    ends = [tokenizer.eos_token_id, end]
+    expected = _reference(model, tokenizer, family, PROMPTS, ends, **marking)
+    assert expected != _reference(model, tokenizer, family, PROMPTS, ends)  # the mark changes the text
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    for batch_size in (1, len(PROMPTS)):
+        answers = generate(
+            model, tokenizer, family, ids, _Settings(watermark=settings), [], batch_size, Accelerator(cpu=True), [end]
+        )
+        assert [a[0] for a in answers] == expected, batch_size
+
+
+def _cache_bytes(cache) -> int:
+    parts = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if hasattr(cache, "cross_attention_cache")
+        else [cache]
+    )
+    return sum(layer.keys.nbytes + layer.values.nbytes for part in parts for layer in part.layers)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+def test_the_memory_estimate_counts_the_real_cache(tiny_models, kind):
+    """`row_bytes` holds a row's key/value cache exactly as the model builds it (for BART the decoder's own and
+    the cross-attention's), and the batch size chosen from memory shrinks as prompts grow."""
+    from finetune.tasks.text2text import generation_batch_size, row_bytes
+
+    model, _, family = _tiny(tiny_models, kind)
+    prompt, new, rows = 9, 5, 3
+    with torch.no_grad():
+        if family.encoder_decoder:
+            decoder = torch.randint(5, 100, (rows, new))
+            out = model(input_ids=torch.randint(5, 100, (rows, prompt)), decoder_input_ids=decoder, use_cache=True)
+        else:
+            out = model(input_ids=torch.randint(5, 100, (rows, prompt + new)), use_cache=True)
+    # The cache grows with positions alone: row_bytes(0 prompt, N new) - row_bytes(0, 0) is N positions' cache.
+    assert (
+        row_bytes(model.config, 0, prompt + new) - row_bytes(model.config, 0, 0)
+        == _cache_bytes(out.past_key_values) // rows
+    )
+    short = generation_batch_size(model.config, 8, _Settings(max_new_tokens=16), "cpu")
+    long = generation_batch_size(model.config, 128, _Settings(max_new_tokens=16), "cpu")
+    assert short > long >= 1
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])

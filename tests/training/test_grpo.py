@@ -226,3 +226,81 @@ def test_grpo_is_refused_on_bart(tiny_models, tmp_path, write_recipe):
     result = invoke("run", str(write_recipe(_recipe(tiny_models["bart"], tmp_path))), "--dry-run")
     assert result.exit_code == 2, result.output
     assert "GPT-style" in result.output
+
+
+# --------------------------------------------------------------------------- reward terms and the user's function
+
+
+def _rewarder(reward: dict, **evaluation):
+    from finetune.recipe.schema import RewardSection
+    from finetune.tasks import get_task
+    from finetune.tasks.rewards import Rewarder
+
+    return Rewarder(get_task("copywriting"), RewardSection(**reward), EvalSection(**evaluation))
+
+
+def test_reward_terms_are_weighted_and_summed():
+    rows = [
+        {"completion": "warm light", "prediction": "warm light"},
+        {"completion": "warm light", "prediction": "```python\ncold"},
+    ]
+    rewarder = _rewarder({"task": 0.5, "length_target": 4, "length_weight": 0.2, "pattern": "```python"})
+    values = rewarder(rows, [4, 8]).values
+    # row 1: ROUGE-L 1.0 * 0.5 + length exactly on target 1.0 * 0.2 + no pattern
+    # row 2: ROUGE-L 0 + length 8 vs 4 -> max(0, 1 - 4/4) = 0 + pattern 1 * 0.1
+    assert values == [pytest.approx(0.7), pytest.approx(0.1)]
+
+
+@pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="the strict sandbox needs bubblewrap")
+def test_user_reward_function_runs_in_the_sandbox_with_trl_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    module = tmp_path / "my_rewards.py"
+    module.write_text(
+        "import os\n"
+        "def score(prompts, completions, completion, **kwargs):\n"
+        "    # inside the sandbox: no environment of the caller, and the reference rows arrive as keyword lists\n"
+        "    assert 'FINETUNE_ALLOW_CODE_EXECUTION' not in os.environ\n"
+        "    return [float(len(c) == len(r)) for c, r in zip(completions, completion)]\n"
+    )
+    rows = [
+        {"prompt": "p", "completion": "abcd", "prediction": "wxyz"},
+        {"prompt": "q", "completion": "abcd", "prediction": "w"},
+    ]
+    rewarder = _rewarder({"task": 0.0, "function": f"{module}:score"}, execute_code=True)
+    result = rewarder(rows, [1, 1])
+    assert result.values == [1.0, 0.0] and result.reasons == {}
+    hostile = tmp_path / "hostile.py"
+    hostile.write_text("def score(**kwargs):\n    open('/etc/owned', 'w').write('x')\n    return [1.0] * 2\n")
+    rewarder = _rewarder({"task": 0.0, "function": f"{hostile}:score"}, execute_code=True)
+    result = rewarder(rows, [1, 1])
+    assert result.values == [0.0, 0.0] and sum(result.reasons.values()) == 2  # refused writes: 0, counted
+    assert not __import__("os").path.exists("/etc/owned")
+
+
+@pytest.mark.parametrize(
+    ("function", "words"),
+    [
+        ("missing_module_xyz:score", "cannot find module"),
+        ("{dir}/rewards.py:nothing", "defines no function 'nothing'"),
+        ("{dir}/broken.py:score", "not valid Python"),
+    ],
+)
+def test_reward_function_that_cannot_load_is_refused_before_training(
+    tiny_models, tmp_path, write_recipe, function, words
+):
+    (tmp_path / "rewards.py").write_text("def score(**kwargs):\n    return []\n")
+    (tmp_path / "broken.py").write_text("def score(:\n")
+    recipe = _recipe(tiny_models["gpt2"], tmp_path)
+    recipe["train"]["grpo"]["reward"] = {"function": function.format(dir=tmp_path)}
+    recipe["eval"]["execute_code"] = True
+    result = invoke("validate", str(write_recipe(recipe)))
+    assert result.exit_code == 2, result.output
+    assert "train.grpo.reward.function" in result.output and words in result.output
+
+
+def test_reward_function_needs_the_code_opt_in(tiny_models, tmp_path, write_recipe):
+    (tmp_path / "rewards.py").write_text("def score(**kwargs):\n    return []\n")
+    recipe = _recipe(tiny_models["gpt2"], tmp_path)
+    recipe["train"]["grpo"]["reward"] = {"function": f"{tmp_path}/rewards.py:score"}
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    assert result.exit_code == 2 and "eval.execute_code" in result.output, result.output

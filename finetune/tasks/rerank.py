@@ -1,0 +1,218 @@
+"""Rerank: a cross-encoder that reorders a first-stage retriever's candidates, trained on retrieval rows.
+
+Rows are task retrieval's (a `query` and its positive; optionally `negative` texts); the corpus is
+`data.knowledge_base`, the first stage `data.retrieval.model` (a sentence-embedding model, e.g. a trained
+retrieval run's adapter/). Each training query is read together with its positive and with hard negatives the
+first stage ranks high (mined as task retrieval mines them, so the cross-encoder learns what the first stage
+confuses): one score per (query, passage) pair from a sequence-classification head with one output, and a
+softmax cross-entropy over each query's group, the positive the target (the listwise loss of sentence-transformers'
+cross-encoder multiple-negatives ranking loss, without the other queries' passages). Evaluation takes the first
+stage's top `data.retrieval.candidates` for every eval query, reorders them by the cross-encoder's score, and
+scores the ranking as task retrieval does (recall@k, MRR@10, nDCG@10, MAP@100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.data.features import Features
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, DenseIndex, knowledge_base_hash
+from finetune.data.tables import LengthReport, checked_texts
+from finetune.errors import DataError
+from finetune.evaluation import retrieval as ir
+from finetune.evaluation.scoring import eval_loader
+from finetune.models.embedding import CrossEncoderRanker
+from finetune.models.families import FamilySpec, HeadKind
+from finetune.recipe.schema import EvalSection, Recipe
+from finetune.tasks.retrieval import BATCH_WIDTH_MULTIPLE, RetrievalTask, corpus
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+class RerankTask(RetrievalTask):
+    name = "rerank"
+    head: HeadKind = "sequence_classification"
+    head_candidates = ("classifier", "score", "pooler")
+    uses_first_stage = True
+
+    def check_recipe(self, recipe: Recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        if recipe.data.retrieval.hard_negatives < 1:
+            problems.append(
+                "data.retrieval.hard_negatives: task rerank learns to put each positive above passages the first "
+                "stage ranks high; mine at least 1 per row"
+            )
+        return problems
+
+    def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"num_labels": 1}  # one relevance score per (query, passage) pair
+
+    def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    def scorer(
+        self, model: PeftModel | PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]
+    ) -> CrossEncoderRanker:
+        return CrossEncoderRanker(model)
+
+    # ------------------------------------------------------------ data
+    def featurize(
+        self,
+        rows: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        recipe: Recipe,
+        state: dict[str, Any],
+        split: str,
+        labeled: bool = True,
+        workdir: Path | None = None,
+    ) -> Features:
+        """Training rows: each query paired with its positive, then with each negative (`input_ids`: one group
+        of pairs per row). Eval rows: the queries alone; their candidates come from the first stage."""
+        width = recipe.data.max_length
+        queries = checked_texts(rows["query"][:], split, "query")
+        negatives = rows["negatives"][:] if "negatives" in rows.column_names else None
+        grouped = labeled and negatives is not None and bool(negatives and negatives[0])
+        if not grouped:
+            ids = tokenizer(queries, truncation=True, max_length=width)["input_ids"]
+            report = LengthReport.from_lengths(split, [len(i) for i in ids], width)
+            return Features(Dataset.from_dict({"input_ids": ids}), rows, report)
+        assert negatives is not None
+        positives = rows["positive"][:]
+        size = 1 + len(negatives[0])
+        firsts = [q for q in queries for _ in range(size)]
+        seconds = [text for pos, negs in zip(positives, negatives) for text in (pos, *negs)]
+        pairs = tokenizer(firsts, seconds, truncation="only_second", max_length=width)
+        full = tokenizer(firsts, seconds, truncation=False)["input_ids"]
+        lengths = np.array([len(i) for i in full])
+        report = LengthReport.from_lengths(split, lengths, width)
+        report.truncated = int((lengths.reshape(-1, size) > width).any(axis=1).sum())
+        if recipe.data.overflow == "error" and report.truncated:
+            raise DataError(
+                f"{split}: {report.truncated} rows pair their query with a passage over data.max_length={width} "
+                "tokens; raise max_length or set data.overflow to truncate"
+            )
+        report.notes.append(f"each query read with its positive and {size - 1} negative(s) mined by the first stage")
+        columns = {
+            name: [pairs[name][r * size : (r + 1) * size] for r in range(len(queries))]
+            for name in ("input_ids", "attention_mask", "token_type_ids")
+            if name in pairs
+        }
+        return Features(Dataset.from_dict(columns), rows, report)
+
+    def collate(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+    ) -> Callable[[list[dict]], dict]:
+        multiple = BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
+        return GroupCollator(tokenizer, multiple)
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(
+        self,
+        model: PeftModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        features: Features,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        state: dict[str, Any],
+    ) -> tuple[list[dict], float | None]:
+        """The first stage's ranking, its top `candidates` reordered by the cross-encoder (scores: the
+        cross-encoder's; the passages after them keep the first stage's order, scored below every one)."""
+        ranker = _ranker(model)
+        settings = recipe.data.retrieval
+        passages = corpus(recipe)
+        assert recipe.data.knowledge_base is not None
+        first = DenseIndex(
+            passages, settings.model or DEFAULT_EMBEDDING_MODEL, knowledge_base_hash(recipe.data.knowledge_base)
+        )
+        queries = features.rows["query"][:]
+        depth = ir.ranked_depth(settings.top_k)
+        found = first.search(queries, min(depth, len(passages)))
+        count = min(settings.candidates, len(passages))
+        pairs = [(query, passages[i].text) for query, indices in zip(queries, found) for i in indices[:count]]
+        scores = score_pairs(ranker, tokenizer, pairs, recipe, accelerator)
+        out = []
+        for number, (row, indices) in enumerate(zip(features.rows, found)):
+            mine = scores[number * count : (number + 1) * count]
+            order = sorted(range(count), key=lambda j: (-mine[j], passages[indices[j]].id))
+            ids = [passages[indices[j]].id for j in order]
+            values = [float(mine[j]) for j in order]
+            floor = min(values) if values else 0.0
+            tail = indices[count:]
+            ids += [passages[i].id for i in tail]
+            values += [floor - 1.0 - position for position in range(len(tail))]
+            item = {k: v for k, v in row.items() if k not in ("negatives", "hard_negatives")}
+            item.update(passage_ids=ids, scores=values, top_k=settings.top_k, reranked=count)
+            item.setdefault("relevant_ids", [])
+            out.append(item)
+        return out, None
+
+    def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
+        return ir.ir_metrics(rows)
+
+
+def score_pairs(
+    ranker: CrossEncoderRanker,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    recipe: Recipe,
+    accelerator: Accelerator,
+) -> list[float]:
+    """The cross-encoder's score of each (query, passage) pair, in order, sharded over processes."""
+    if not pairs:
+        return []
+    encoded = tokenizer(
+        [q for q, _ in pairs], [p for _, p in pairs], truncation="only_second", max_length=recipe.data.max_length
+    )
+    keep = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in encoded]
+    dataset = Dataset.from_dict({n: encoded[n] for n in keep})
+    collate = GroupCollator(tokenizer, None)
+    was_training = ranker.training
+    ranker.eval()
+    out: list[float] = []
+    try:
+        for batch in eval_loader(dataset, collate, recipe.eval_batch_size, accelerator):
+            with accelerator.autocast():
+                logits = ranker.scores(batch).float()
+            out += accelerator.gather_for_metrics(logits).cpu().tolist()
+    finally:
+        ranker.train(was_training)
+    return out
+
+
+def _ranker(model: Any) -> CrossEncoderRanker:
+    model = getattr(model, "module", model)
+    if not isinstance(model, CrossEncoderRanker):
+        raise TypeError(f"task rerank predicts with a cross-encoder, not {type(model).__name__}")
+    return model
+
+
+class GroupCollator:
+    """Pairs padded as one batch: a training row's group (positive first), or single pairs for scoring;
+    `labels` (zeros, one per group) says how many groups the batch holds."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, multiple: int | None):
+        self.tokenizer, self.multiple = tokenizer, multiple
+        tokenizer.padding_side = "right"
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        grouped = isinstance(features[0]["input_ids"][0], list)
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in features[0]]
+        if grouped:
+            flat = [{n: f[n][j] for n in names} for f in features for j in range(len(f["input_ids"]))]
+        else:
+            flat = [{n: f[n] for n in names} for f in features]
+        batch = dict(self.tokenizer.pad(flat, pad_to_multiple_of=self.multiple, return_tensors="pt"))
+        if grouped:
+            batch["labels"] = torch.zeros(len(features), dtype=torch.long)
+        return batch

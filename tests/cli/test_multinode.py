@@ -1,0 +1,149 @@
+"""Several nodes: the topology from flags or a scheduler's environment, and two "nodes" on the loopback address."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import classification_recipe
+
+from finetune.errors import RecipeError
+from finetune.launch import Topology, first_host, free_port
+from tests.cli.test_distributed import isolated_env, last_step
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("node01", "node01"), ("node[03-05,07],gpu1", "node03"), ("gpu-a[7,9]", "gpu-a7"), ("a,b", "a")],
+)
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.unit
+def test_slurm_environment_gives_the_topology_without_flags():
+    environ = {
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "2",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[10-13]",
+    }
+    topology = Topology.find(8, environ=environ)
+    assert (topology.nodes, topology.node_rank, topology.per_node, topology.address) == (4, 2, 8, "gpu10")
+    assert topology.port == 29500 + 123456 % 10000 and topology.source == "Slurm"
+    assert Topology.find(8, environ=environ | {"MASTER_PORT": "40000"}).port == 40000
+    with pytest.raises(RecipeError, match="one task per node"):
+        Topology.find(1, environ=environ | {"SLURM_NTASKS": "32"})
+
+
+@pytest.mark.unit
+def test_skypilot_and_pbs_environments_give_the_topology(tmp_path, monkeypatch):
+    sky = {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6\n", "SKYPILOT_NUM_NODES": "2"}
+    topology = Topology.find(2, environ=sky)
+    assert (topology.nodes, topology.node_rank, topology.address, topology.source) == (2, 1, "10.0.0.5", "SkyPilot")
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("n1\nn1\nn2\nn2\nn3\n")  # one line per slot
+    monkeypatch.setattr("socket.gethostname", lambda: "n2.cluster")
+    topology = Topology.find(1, environ={"PBS_NODEFILE": str(nodefile)})
+    assert (topology.nodes, topology.node_rank, topology.address) == (3, 1, "n1")
+
+
+@pytest.mark.unit
+def test_flags_win_and_mistakes_are_named():
+    assert Topology.find(2, environ={}) == Topology(per_node=2)  # one machine: nothing to meet
+    flagged = Topology.find(1, 2, 1, "head:1234", environ={"SLURM_NNODES": "8", "SLURM_NODEID": "5"})
+    assert (flagged.nodes, flagged.node_rank, flagged.address, flagged.port) == (2, 1, "head", 1234)
+    with pytest.raises(RecipeError, match="--node-rank"):
+        Topology.find(1, 2, None, "head:1234", environ={})
+    with pytest.raises(RecipeError, match="--node-rank: 2 is not a node of 2"):
+        Topology.find(1, 2, 2, "head:1234", environ={})
+    with pytest.raises(RecipeError, match="--rdzv-endpoint"):
+        Topology.find(1, 2, 0, None, environ={})
+    with pytest.raises(RecipeError, match="HOST:PORT"):
+        Topology.find(1, 2, 0, "head", environ={})
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_node_with_two_processes(tiny_models, topic_data, write_recipe, tmp_path):
+    """Two launchers (one per "node", one process each) meet on 127.0.0.1 and train the same steps as one launcher
+    with two processes; one run directory, written by the first node's process."""
+    env = isolated_env(tmp_path)
+    recipe = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / "one-node", batch_size=8, epochs=2)
+    one = write_recipe(recipe, "one.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(one), "--num-processes", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe["output"]["dir"] = str(tmp_path / "two-nodes")
+    two = write_recipe(recipe, "two.yaml")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "finetune", "run", str(two), "--nnodes", "2", "--node-rank", str(rank)]
+            + ["--num-processes", "1", "--rdzv-endpoint", endpoint],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [out[1][-3000:] for out in outputs]
+    assert "2 = 2 nodes x 1 per node, backend gloo" in outputs[0][0]  # the plan names the topology
+    a = json.loads((tmp_path / "one-node" / "metrics.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "two-nodes" / "metrics.json").read_text())["metrics"]
+    assert last_step(tmp_path / "one-node") == last_step(tmp_path / "two-nodes") > 0
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= 0.01 * a["eval_loss"], (a, b)
+    assert abs(a["accuracy"] - b["accuracy"]) <= 0.01
+    assert json.loads((tmp_path / "two-nodes" / "manifest.json").read_text())["hardware"]["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_a_lost_node_ends_the_other_with_a_clear_exit(tiny_models, topic_data, write_recipe, tmp_path):
+    import os
+    import signal
+    import time
+
+    env = isolated_env(tmp_path) | {"FINETUNE_COLLECTIVE_TIMEOUT": "60"}
+    recipe = classification_recipe(tiny_models["gpt2"], topic_data, tmp_path / "run", batch_size=2, epochs=50)
+    path = write_recipe(recipe, "nodes.yaml")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "finetune", "run", str(path), "--nnodes", "2", "--node-rank", str(rank)]
+            + ["--num-processes", "1", "--rdzv-endpoint", endpoint],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        log = tmp_path / "run" / "train_log.jsonl"
+        deadline = time.monotonic() + 300
+        while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert log.exists(), "no training step logged"
+        os.killpg(nodes[1].pid, signal.SIGKILL)  # the second node is lost, launcher and all
+        started = time.monotonic()
+        out, err = nodes[0].communicate(timeout=180)
+        assert time.monotonic() - started < 120
+        assert nodes[0].returncode not in (0, None), err[-2000:]
+        assert "Traceback" not in out
+    finally:
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,358 @@
+"""task: retrieval (a bi-encoder over data.knowledge_base) and knowledge-base qa that trains its retriever first."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.data.retrieval import Passage, mine_negatives
+from finetune.evaluation.retrieval import ir_metrics
+from tests.conftest import WORDS, write_jsonl
+
+runner = CliRunner()
+
+VOCAB = [word for words in WORDS.values() for word in words.split()]
+
+
+def _corpus(n: int = 36, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Passages of in-vocabulary words, no two alike, and a query per passage made of some of its words."""
+    rng = random.Random(seed)
+    combos = list(itertools.combinations(VOCAB, 5))
+    rng.shuffle(combos)
+    passages, queries = [], []
+    for i, words in enumerate(combos[:n]):
+        passages.append({"id": f"doc-{i:03d}", "text": " ".join(words)})
+        queries.append({"query": " ".join(rng.sample(words, 3)), "positive_id": f"doc-{i:03d}"})
+    return passages, queries
+
+
+def _recipe(model_dir, tmp_path, queries, passages, **data) -> dict:
+    return {
+        "task": "retrieval",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", queries[:28])),
+            "eval": str(write_jsonl(tmp_path / "eval.jsonl", queries[28:])),
+            "knowledge_base": str(write_jsonl(tmp_path / "passages.jsonl", passages)),
+            "max_length": 32,
+            **data,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path, write_recipe):
+    """Train, then: metrics.json recomputes from predictions.jsonl, SentenceTransformer(RUN/adapter) loads the
+    trained retriever with the same embeddings, and its InformationRetrievalEvaluator reports the same metrics."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    passages, queries = _corpus()
+    result = runner.invoke(app, ["run", str(write_recipe(_recipe(tiny_models["bert"], tmp_path, queries, passages)))])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    document = json.loads((run / "metrics.json").read_text())
+    metrics = document["metrics"]
+    assert set(metrics) == {"ndcg@10", "recall@5", "mrr@10", "map@100", "eval_loss"}
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    ids = {p["id"] for p in passages}
+    for row in rows:
+        assert len(row["passage_ids"]) == len(passages) and set(row["passage_ids"]) == ids  # the whole corpus
+        assert row["scores"] == sorted(row["scores"], reverse=True) and row["relevant_ids"] == [row["positive_id"]]
+    recomputed = ir_metrics(rows)["metrics"]
+    assert all(recomputed[name] == pytest.approx(value, abs=1e-12) for name, value in recomputed.items())
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed, abs=1e-12)
+    rescored = runner.invoke(
+        app, ["eval", "--predictions", str(run / "predictions.jsonl"), "--task", "retrieval", "--json"]
+    )
+    assert rescored.exit_code == 0, rescored.output
+    assert json.loads(rescored.stdout)["metrics"] == pytest.approx(recomputed, abs=1e-12)
+
+    model = SentenceTransformer(str(run / "adapter"), device="cpu")
+    evaluator = InformationRetrievalEvaluator(
+        {str(i): r["query"] for i, r in enumerate(rows)},
+        {p["id"]: p["text"] for p in passages},
+        {str(i): set(r["relevant_ids"]) for i, r in enumerate(rows)},
+        write_csv=False,
+    )
+    theirs = evaluator(model)
+    for name in ("ndcg@10", "recall@5", "mrr@10", "map@100"):
+        assert metrics[name] == pytest.approx(theirs[f"cosine_{name}"], abs=1e-9), name
+    # The library's embeddings of the saved retriever are the run's own scores.
+    query = model.encode([rows[0]["query"]], convert_to_tensor=True)
+    best = model.encode([{p["id"]: p["text"] for p in passages}[rows[0]["passage_ids"][0]]], convert_to_tensor=True)
+    assert float(model.similarity(query, best)) == pytest.approx(rows[0]["scores"][0], abs=1e-5)
+    data_report = json.loads((run / "data_report.json").read_text())
+    assert any("negative(s) per row" in note for note in data_report["splits"]["train"].get("notes", []))
+
+    found = runner.invoke(
+        app, ["predict", str(run), "--input", "-"], input=json.dumps({"id": "x", "query": rows[0]["query"]}) + "\n"
+    )
+    assert found.exit_code == 0, found.output
+    answer = json.loads(found.stdout)
+    assert answer["id"] == "x" and answer["passage_ids"][:3] == rows[0]["passage_ids"][:3]
+
+
+def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_path, write_recipe):
+    """`finetune eval RECIPE` scores the base model as a bi-encoder (the untrained baseline)."""
+    passages, queries = _corpus()
+    path = write_recipe(_recipe(tiny_models["bert"], tmp_path, queries, passages))
+    result = runner.invoke(app, ["eval", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["metrics"]) >= {"ndcg@10", "recall@5", "mrr@10", "map@100"}
+
+
+@pytest.mark.parametrize(
+    "change, code, words",
+    [
+        ("positive", 3, ["train.jsonl:1", "is the text of no passage"]),
+        ("unknown_id", 3, ["train.jsonl:2", "is not the id of"]),
+        ("duplicate_id", 3, ["passage 2", "already the id of passage 1"]),
+        ("empty_corpus", 3, ["passages.jsonl", "has no rows"]),
+        ("bm25", 2, ["data.retrieval.method", "use dense"]),
+        ("gate_k", 2, ["recall@3 is not reported", "recall@5"]),
+        ("no_corpus", 2, ["task retrieval searches a corpus"]),
+    ],
+)
+def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, write_recipe):
+    passages, queries = _corpus()
+    extra: dict = {}
+    if change == "positive":
+        queries[0] = {"query": queries[0]["query"], "positive": "a text the corpus does not hold"}
+    elif change == "unknown_id":
+        queries[1]["positive_id"] = "doc-999"
+    elif change == "duplicate_id":
+        passages[1]["id"] = passages[0]["id"]
+    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages, **extra)
+    if change == "empty_corpus":
+        (tmp_path / "passages.jsonl").write_text("")
+    elif change == "bm25":
+        recipe["data"]["retrieval"] = {"method": "bm25"}
+    elif change == "gate_k":
+        recipe["eval"] = {"gates": {"recall@3": ">=0.5"}}
+    elif change == "no_corpus":
+        del recipe["data"]["knowledge_base"]
+    path = write_recipe(recipe)
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == code, result.output
+    assert all(w in result.output for w in words), result.output
+    if code == 2:  # validate refuses exactly what run refuses
+        checked = runner.invoke(app, ["validate", str(path)])
+        assert checked.exit_code == 2 and all(w in checked.output for w in words), checked.output
+
+
+def test_a_decoder_needs_its_pooling_named(tiny_models, tmp_path, write_recipe):
+    """A decoder without a sentence-transformers config is refused (exit 2) until pooling is set; with
+    last-token pooling it trains and its adapter loads in sentence-transformers."""
+    passages, queries = _corpus()
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, queries, passages)
+    refused = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert refused.exit_code == 2 and "data.retrieval.pooling" in refused.output, refused.output
+    recipe["data"]["retrieval"] = {"pooling": "lasttoken"}
+    recipe["train"]["epochs"] = 1
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((tmp_path / "run" / "adapter" / "1_Pooling" / "config.json").read_text())["pooling_mode"]
+        == "lasttoken"
+    )
+
+
+class _Index:
+    """A DenseIndex stand-in with fixed vectors (the query is the first basis vector)."""
+
+    def __init__(self, scores: list[float]):
+        self.vectors = np.array([[s, (1 - s * s) ** 0.5] for s in scores], dtype=np.float32)
+
+    def encode(self, texts):
+        return np.array([[1.0, 0.0]] * len(texts), dtype=np.float32)
+
+
+def test_mining_skips_relevant_passages_and_near_duplicates_of_the_positive():
+    passages = [Passage(f"p{i}", f"text {i}") for i in range(6)] + [Passage("p6", "text 0")]
+    scores = [0.80, 0.95, 0.93, 0.70, 0.60, 0.10, 0.99]  # p0 positive; p1 relevant too; p6 the positive's text
+    mined, hard = mine_negatives(["q"], [["p0", "p1"]], ["text 0"], _Index(scores), passages, 2, 0.05)
+    # 0.79 is within 5% of the best positive (0.95): a likely unlabelled positive; 0.70 and 0.60 are hard.
+    assert mined == [["p3", "p4"]] and hard == [2]
+    mined, hard = mine_negatives(["q"], [["p5"]], ["text 5"], _Index(scores), passages, 2, 0.05)
+    # The positive scores lowest: nothing is safely below it, so the least similar passages fill in.
+    assert hard == [0] and mined == [["p4", "p3"]]
+
+
+def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, write_recipe):
+    """data.retrieval.train (on by default for dense retrieval): RUN/retriever is a retrieval run on the questions,
+    the reader retrieves with its adapter, recipe.yaml says so, and a resumed finished run keeps it."""
+    rows, passages = [], []
+    for i, words in enumerate(itertools.islice(itertools.combinations(VOCAB, 6), 0, 600, 20)):
+        passages.append({"id": f"p{i}", "text": " ".join(words)})
+        rows.append({"question": f"{words[0]} {words[5]} which?", "answer": f"{words[2]} {words[3]}"})
+    recipe = {
+        "task": "qa",
+        "mode": "extractive",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
+            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
+            "knowledge_base": str(write_jsonl(tmp_path / "passages.jsonl", passages)),
+            "retrieval": {"top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8},
+            "max_length": 48,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = write_recipe(recipe)
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    inner = json.loads((run / "retriever" / "metrics.json").read_text())
+    assert inner["task"] == "retrieval" and "ndcg@10" in inner["metrics"]
+    outer = json.loads((run / "metrics.json").read_text())
+    assert outer["retriever"]["metrics"] == inner["metrics"] and "retrieval_recall@k" in outer["metrics"]
+    import yaml
+
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())["data"]["retrieval"]
+    assert saved["model"] == str((run / "retriever" / "adapter").resolve()) and saved["train"] is False
+    inner_rows = [json.loads(line) for line in (run / "retriever" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["relevant_ids"] for r in inner_rows)  # each question's gold passage: the one holding its answer
+    stamp = (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = runner.invoke(app, ["run", str(path), "--resume", "auto"])
+    assert again.exit_code == 0, again.output
+    assert (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bi_encoder_loss_is_sentence_transformers_mnrl(tiny_models):
+    """The training loss equals MultipleNegativesRankingLoss computed by hand (InfoNCE at scale 1/temperature)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from finetune.models.embedding import BiEncoder, Embedder, EmbeddingLayout
+    from finetune.recipe.schema import RetrievalSection
+    from finetune.tasks.retrieval import PairCollator, ranking_loss
+
+    encoder = AutoModel.from_pretrained(str(tiny_models["bert"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert"]))
+    embedder = Embedder(encoder, EmbeddingLayout("mean", True, "cosine", "test"))
+    settings = RetrievalSection(temperature=0.1)
+    model = BiEncoder(embedder, ranking_loss(embedder, settings))
+    texts = [
+        tokenizer(t)["input_ids"]
+        for t in ("rain sun", "cold snow", "match goal", "oven salt", "wind storm", "team win")
+    ]
+    batch = PairCollator(tokenizer, None)(
+        [
+            {"input_ids": texts[i], "positive_input_ids": texts[i + 2], "negative_input_ids": [texts[(i + 4) % 6]]}
+            for i in range(2)
+        ]
+    )
+    loss = model(**batch).loss
+    with torch.no_grad():
+        q = embedder.embed(batch["input_ids"], batch["attention_mask"])
+        d = embedder.embed(batch["passage_input_ids"], batch["passage_attention_mask"])
+    logits = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T / 0.1
+    assert float(loss.detach()) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.arange(2))), abs=1e-5
+    )
+
+
+def test_matryoshka_adds_the_loss_of_each_truncated_size(tiny_models):
+    """MatryoshkaLoss (sentence-transformers') around the ranking loss: the full size's loss plus each truncated
+    size's, the truncated embeddings compared by cosine again."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from finetune.models.embedding import BiEncoder, Embedder, EmbeddingLayout
+    from finetune.recipe.schema import RetrievalSection
+    from finetune.tasks.retrieval import PairCollator, ranking_loss
+
+    encoder = AutoModel.from_pretrained(str(tiny_models["bert"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert"]))
+    embedder = Embedder(encoder, EmbeddingLayout("mean", True, "cosine", "test"))
+    model = BiEncoder(embedder, ranking_loss(embedder, RetrievalSection(matryoshka_dims=[16, 8])))
+    texts = [tokenizer(t)["input_ids"] for t in ("rain sun", "cold snow", "match goal", "oven salt")]
+    batch = PairCollator(tokenizer, None)(
+        [{"input_ids": texts[i], "positive_input_ids": texts[i + 2]} for i in range(2)]
+    )
+    loss = float(model(**batch).loss.detach())
+    with torch.no_grad():
+        q = embedder.embed(batch["input_ids"], batch["attention_mask"])
+        d = embedder.embed(batch["passage_input_ids"], batch["passage_attention_mask"])
+
+    def infonce(a, b):
+        logits = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T * 20
+        return float(torch.nn.functional.cross_entropy(logits, torch.arange(len(a))))
+
+    assert loss == pytest.approx(infonce(q, d) + infonce(q[:, :8], d[:, :8]), abs=1e-5)
+
+
+def test_validate_checks_the_retrievers_own_run(tiny_models, tmp_path, write_recipe):
+    """Knowledge-base qa that trains its retriever: validate refuses what the retriever's run would (a decoder
+    retriever with no pooling), and bm25 with train: true."""
+    passages, queries = _corpus()
+    rows = [{"question": q["query"], "answer": passages[i]["text"].split()[2]} for i, q in enumerate(queries)]
+    recipe = {
+        "task": "qa",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:28])),
+            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[28:])),
+            "knowledge_base": str(write_jsonl(tmp_path / "passages.jsonl", passages)),
+            "retrieval": {"model": str(tiny_models["gpt2"])},
+        },
+    }
+    refused = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert refused.exit_code == 2, refused.output
+    assert "the retriever's run" in refused.output and "data.retrieval.pooling" in refused.output
+    recipe["data"]["retrieval"] = {"method": "bm25", "train": True}
+    refused = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert refused.exit_code == 2 and "bm25 has no weights to train" in refused.output, refused.output
+
+
+def test_rerank_reorders_the_first_stages_candidates(tiny_models, tmp_path, write_recipe):
+    """task rerank: a cross-encoder trained on the retrieval rows reorders the first stage's top candidates; the
+    passages after them keep the first stage's order, and the metrics recompute from predictions.jsonl."""
+    passages, queries = _corpus()
+    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
+    recipe["task"] = "rerank"
+    recipe["data"]["retrieval"] = {"model": str(tiny_models["bert"]), "candidates": 5, "hard_negatives": 2}
+    recipe["data"]["max_length"] = 48
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert {k: metrics[k] for k in ir_metrics(rows)["metrics"]} == pytest.approx(ir_metrics(rows)["metrics"])
+    for row in rows:
+        assert row["reranked"] == 5 and row["scores"] == sorted(row["scores"], reverse=True)
+        assert set(row["passage_ids"]) == {p["id"] for p in passages}
+
+
+def test_a_stopped_retrieval_run_resumes_to_the_same_adapter_bytes(monkeypatch, tiny_models, tmp_path, write_recipe):
+    """Exact resume: mined negatives, the data order and the ranking loss give a resumed run the bytes and losses
+    of an uninterrupted one."""
+    from tests.training.test_resume import adapter_bytes, log_losses
+    from tests.training.test_resume_in_process import stop_at_step
+
+    passages, queries = _corpus()
+    paths = {}
+    for name in ("whole", "stopped"):
+        recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
+        recipe["train"].update(checkpoint_every=2, log_every=1, epochs=2)
+        recipe["output"]["dir"] = str(tmp_path / name)
+        paths[name] = write_recipe(recipe, f"{name}.yaml")
+    assert runner.invoke(app, ["run", str(paths["whole"])]).exit_code == 0
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        stopped = runner.invoke(app, ["run", str(paths["stopped"])])
+    assert stopped.exit_code == 75, stopped.output
+    resumed = runner.invoke(app, ["run", str(paths["stopped"]), "--resume", "auto"])
+    assert resumed.exit_code == 0, resumed.output
+    assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "whole")
+    assert log_losses(tmp_path / "stopped") == log_losses(tmp_path / "whole")
