@@ -111,13 +111,13 @@ def _from_scheduler(environ: Mapping[str, str]) -> Topology | None:
             source="SkyPilot",
         )
     if environ.get("PBS_NODEFILE"):
-        nodes = list(dict.fromkeys(Path(environ["PBS_NODEFILE"]).read_text().split()))  # one line per slot
+        listed = list(dict.fromkeys(Path(environ["PBS_NODEFILE"]).read_text().split()))  # one line per slot
         here = socket.gethostname()
-        names = [h.split(".")[0] for h in nodes]
+        names = [h.split(".")[0] for h in listed]
         if here.split(".")[0] not in names:
-            raise RecipeError(f"PBS_NODEFILE: this machine ({here}) is not among the job's nodes: {', '.join(nodes)}")
+            raise RecipeError(f"PBS_NODEFILE: this machine ({here}) is not among the job's nodes: {', '.join(listed)}")
         return Topology(
-            len(nodes), names.index(here.split(".")[0]), address=nodes[0], port=port or DEFAULT_PORT, source="PBS"
+            len(listed), names.index(here.split(".")[0]), address=listed[0], port=port or DEFAULT_PORT, source="PBS"
         )
     return None
 

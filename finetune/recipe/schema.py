@@ -670,7 +670,8 @@ class WatermarkSection(Section):
 class EvalSection(Section):
     metrics: list[str] | None = Field(None, description="Metrics to report; null: all of the task's.")
     gates: dict[str, str] = Field(
-        default_factory=dict, description='Quality gates, e.g. {accuracy: ">=0.85"}, or {accuracy: ">=0.85@95"} to judge the lower bound '
+        default_factory=dict,
+        description='Quality gates, e.g. {accuracy: ">=0.85"}, or {accuracy: ">=0.85@95"} to judge the lower bound '
         "of its 95% interval; a failed gate exits 4.",
     )
     batch_size: Int | None = Field(
