@@ -348,6 +348,43 @@ def _exit_on_failed_gates(document: dict) -> None:
         raise GateFailed(f"quality gate(s) failed: {', '.join(failed)}")
 
 
+@app.command("sweep")
+@_handled
+def sweep_command(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file, with a sweep section.")],
+    overrides: Overrides = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print sweep.json to stdout instead of a table (the trials' output: stderr)."),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start the sweep in output.dir again instead of continuing it (only what a sweep wrote goes).",
+        ),
+    ] = False,
+    allow_code_execution: AllowCode = False,
+) -> None:
+    """Search the settings of the recipe's sweep section with Optuna, every trial a normal run; name the best and the
+    cheapest trial that pass the gates, and write best.yaml. The same command again continues the sweep."""
+    _offline_unless_hub(recipe, overrides=overrides)
+    # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
+    from finetune.flows.sweep import show_sweep, sweep
+
+    overrides = _with_code_opt_in(overrides, allow_code_execution)
+    _quiet_libraries()
+    document = sweep(recipe, overrides, err_console if as_json else console, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(document, ensure_ascii=False, indent=2, default=str))
+    else:
+        show_sweep(console, document)
+    if not document["best_passed"]:
+        gates = ", ".join(document["gates"])
+        what = f"no trial passed the gates ({gates})" if gates else "no trial finished"
+        raise GateFailed(f"{what}; see {document['directory']}/sweep.json")
+
+
 @app.command("eval")
 @_handled
 def eval_command(

@@ -597,8 +597,9 @@ class Sweeping:
                 f"output.dir: {where} exists but the study has no trial there; the sweep directory was changed by "
                 "hand. Choose a new output.dir, or --overwrite to start the sweep again"
             )
+        feed = PrunerFeed(trial, self.objective.metric) if self._prunes() else None
         try:
-            document = run(resolved, self.console, resume="auto" if retry is not None else None)
+            document = run(resolved, self.console, resume="auto" if retry is not None else None, judge=feed)
         except TrainingDiverged as exc:  # a learning rate too high is an outcome of the settings, not an error
             self._fail(trial, f"diverged: {exc}")
             return
@@ -609,7 +610,11 @@ class Sweeping:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
         assert document is not None  # not a dry run
-        self._tell(trial, document, where)
+        self._tell(trial, document, where, feed)
+
+    def _prunes(self) -> bool:
+        """Whether trials report their evaluations to the pruner as they happen (Optuna prunes one objective)."""
+        return self.settings.pruner != "none" and self.objective.cost is None
 
     def _finished_with(self, overrides: list[str], number: int) -> FrozenTrial | None:
         for other in self.study.get_trials(deepcopy=False):
@@ -633,7 +638,7 @@ class Sweeping:
         trial.set_user_attr(FAILURE, redact(why))
         self.study.tell(trial, state=TrialState.FAIL)
 
-    def _tell(self, trial: Trial, document: dict, where: Path) -> None:
+    def _tell(self, trial: Trial, document: dict, where: Path, feed: PrunerFeed | None = None) -> None:
         metrics = document.get("metrics", {})
         gates = document.get("gates", {})
         training = document.get("training", {})
@@ -643,14 +648,10 @@ class Sweeping:
         trial.set_user_attr("passed", all(entry["passed"] for entry in gates.values()))
         trial.set_user_attr("costs", costs)
         trial.set_user_attr("constraints", constraints(self.gates, gates))
-        history = (document.get("evaluation") or {}).get("history") or []
-        if self.objective.cost is None:
-            # The evaluations during training, for the median pruner to compare later trials against. Stopping
-            # this trial early needs a hook in the training loop (see docs/sweep.md), so it is not asked here.
-            for entry in history:
-                value = entry["metrics"].get(self.objective.metric)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    trial.report(float(value), int(entry["step"]))
+        if feed is not None and feed.pruned:  # stopped by the pruner: its outputs are an early-stopped run's
+            self.console.print(f"trial {trial.number} pruned at step {feed.step}", highlight=False)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return
         value = metrics.get(self.objective.metric)
         if not isinstance(value, int | float) or not math.isfinite(value):
             self._fail(trial, f"metrics.json has no finite {self.objective.metric}")
@@ -663,6 +664,23 @@ class Sweeping:
                 return
             values.append(float(cost))
         self.study.tell(trial, values)
+
+
+class PrunerFeed:
+    """The judge a trial's run asks after each evaluation during training (training/monitor.py): the value of the
+    objective's metric is reported to Optuna at that step, and the pruner says whether to stop the trial there."""
+
+    def __init__(self, trial: Trial, metric: str):
+        self.trial, self.metric = trial, metric
+        self.pruned, self.step = False, 0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        self.trial.report(float(value), step)
+        self.pruned, self.step = self.trial.should_prune(), step
+        return self.pruned
 
 
 def trainable_params(document: dict, run_dir: Path) -> int | None:

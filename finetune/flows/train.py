@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -55,6 +56,7 @@ def run(
     resume: str | None = None,
     force_resume: bool = False,
     overwrite: bool = False,
+    judge: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> dict | None:
     """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run).
 
@@ -78,6 +80,7 @@ def run(
             resume=resume,
             force_resume=force_resume,
             overwrite=overwrite,
+            judge=judge,
         )
     finally:
         if lock is not None:
@@ -95,6 +98,7 @@ def _run(
     resume: str | None,
     force_resume: bool,
     overwrite: bool,
+    judge: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> dict | None:
     recipe = resolved.recipe
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
@@ -159,7 +163,7 @@ def _run(
     train_features, eval_features = session.features["train"], session.features["eval"]
     if session.objective.needs_reference:
         train_features, eval_features = with_reference(session, run_dir, accelerator, resume_from is not None)
-    monitor = build_monitor(session, eval_features, accelerator, run_dir.eval_log if main else None)
+    monitor = build_monitor(session, eval_features, accelerator, run_dir.eval_log if main else None, judge)
     set_seed(recipe.train.seed)
     result = train(
         session.model,
@@ -332,7 +336,11 @@ def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
 
 
 def build_monitor(
-    session: Session, features: Features, accelerator: Accelerator, log_path: Path | None
+    session: Session,
+    features: Features,
+    accelerator: Accelerator,
+    log_path: Path | None,
+    judge: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> Monitor | None:
     """Evaluation during training (eval.every), or None."""
     recipe = session.recipe
@@ -357,6 +365,7 @@ def build_monitor(
         SessionEvaluator(session, features, accelerator, generate=generate),
         log_path,
         recipe.train.early_stopping,
+        judge=judge,
     )
 
 

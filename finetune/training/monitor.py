@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +41,7 @@ class MonitorState:
     best_value: float | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    pruned: bool = False  # the judge (a sweep's pruner) stopped the run
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Monitor:
     log_path: Path | None  # eval_log.jsonl (main process only)
     early_stopping: EarlyStopping | None = None
     state: MonitorState = field(default_factory=MonitorState)
+    # Asked after each evaluation, with (step, metrics), whether to stop now: `finetune sweep`'s pruner.
+    judge: Callable[[int, dict[str, float]], bool] | None = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -79,6 +83,8 @@ class Monitor:
         }
         self.state.history.append(entry)
         self._update_best(step, metrics.get(self.metric))
+        if self.judge is not None and self.judge(step, metrics):
+            self.state.pruned = True
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
@@ -102,6 +108,9 @@ class Monitor:
             state.evals_without_improvement += 1
 
     def should_stop(self) -> bool:
+        if self.state.pruned:
+            self.state.stopped_early = True
+            return True
         if self.early_stopping is None or self.state.evals_without_improvement < self.early_stopping.patience:
             return False
         self.state.stopped_early = True
@@ -158,4 +167,5 @@ def summary(monitor: Monitor | None, kept_step: int, keep: str) -> dict:
         "kept_step": kept_step,
         "kept_because": why,
         "stopped_early": state.stopped_early,
+        "pruned": state.pruned,
     }

@@ -277,6 +277,56 @@ def test_a_sweep_killed_mid_trial_resumes_without_repeating_a_finished_trial(tin
     assert sorted(r["params"]["lora.r"] for r in document["trials"] if r["state"] == "complete") == [2, 8]
 
 
+def test_the_median_pruner_stops_trials_that_trail_at_the_same_step(tiny_models, tmp_path):
+    """Reference: each trial's eval_log.jsonl; a trial is pruned at step s exactly when, once 5 trials finished, its
+    best value up to s is below the median of the finished trials' values at s (Optuna's MedianPruner)."""
+    import statistics
+
+    rows = corpus(150)
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:120]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:]),
+    }
+    recipe = classification_recipe(tiny_models["gpt2"], data, tmp_path / "sweep", epochs=1)
+    recipe["eval"] = {"every": 5}
+    recipe["sweep"] = {
+        "trials": 8,
+        "sampler": "random",
+        "pruner": "median",
+        "objective": ["accuracy"],
+        "params": {"train.lr": {"low": 1.0e-5, "high": 5.0e-2, "log": True}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    document = sweep(path, [], quiet())
+
+    def history(record: dict) -> dict[int, float]:
+        lines = (Path(record["dir"]) / "eval_log.jsonl").read_text().splitlines()
+        return {entry["step"]: entry["metrics"]["accuracy"] for entry in map(json.loads, lines)}
+
+    finished: list[dict[int, float]] = []
+    pruned = []
+    for record in document["trials"]:
+        values = history(record)
+        expected_stop = None
+        if len(finished) >= 5:
+            best = -math.inf
+            for step, value in sorted(values.items()):
+                best = max(best, value)
+                earlier = [h[step] for h in finished if step in h]
+                if earlier and best < statistics.median(earlier):
+                    expected_stop = step
+                    break
+        assert (record["state"] == "pruned") == (expected_stop is not None), (record["number"], values)
+        if expected_stop is not None:
+            assert max(values) == expected_stop  # it trained no further
+            pruned.append(record["number"])
+        else:
+            finished.append(values)
+    assert pruned, "no trial was pruned: the test would not tell a pruner that never prunes"
+    assert document["best"] not in pruned and document["cheapest"] not in pruned
+
+
 # --------------------------------------------------------------------------- rules and pure parts (no training)
 
 
