@@ -6,11 +6,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +22,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 
 from finetune.data.tables import token_lengths
-from finetune.errors import Interrupted, TrainingDiverged
+from finetune.errors import Interrupted, RecipeError, TrainingDiverged
 from finetune.files import write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import PreferenceSection, TrainSection
@@ -58,11 +60,20 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def collective_timeout() -> int:
+    """Seconds a process waits in a collective for the others (FINETUNE_COLLECTIVE_TIMEOUT, default 600)."""
+    value = os.environ.get("FINETUNE_COLLECTIVE_TIMEOUT", "600")
+    if not value.isdigit() or int(value) < 1:
+        raise RecipeError(f"FINETUNE_COLLECTIVE_TIMEOUT: {value!r} is not a whole number of seconds")
+    return int(value)
+
+
 def make_accelerator(settings: TrainSection, precision: str, trackers_dir: Path | None = None) -> Accelerator:
     """The Accelerator for a train section and the precision resolved with the recipe (`resolve_precision`); with
     `trackers_dir` (the run's), the section's trackers write their files there (TensorBoard)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     # Precision lives in a per-process singleton; a second run or eval in the
     # same process (library use, tests) may ask for another one. The process
@@ -73,6 +84,8 @@ def make_accelerator(settings: TrainSection, precision: str, trackers_dir: Path 
     # instead of running each as an independent single process.
     report_to = settings.report_to if trackers_dir is not None else []
     return Accelerator(
+        # A lost peer must end the others with an error, not hang them in a collective for torch's 30 minutes.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout()))],
         mixed_precision=precision,
         gradient_accumulation_steps=settings.grad_accum,
         cpu=not has_accelerator_device(),
