@@ -33,7 +33,7 @@ FEW_EXAMPLES = 5  # a class with fewer training examples than this is warned abo
 EXAMPLES_SHOWN = 3
 
 
-INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "context")
+INPUT_FIELDS = ("text", "text_pair", "prompt", "question", "query", "context")
 
 
 def input_texts(rows: Dataset) -> pa.ChunkedArray:
