@@ -109,7 +109,12 @@ def run_contender(name: str, recipe: str, overrides: list[str], spec_path: Path,
     command = [sys.executable, __file__, "--peer", name, "--spec", str(spec_path), "--batch", str(batch)]
     wall, rss, stdout = measure(command)
     report = json.loads(stdout.strip().splitlines()[-1])
-    return {"process_seconds": wall, "peak_rss_mib": rss, "generate_seconds": report["generate_s"], **report}
+    return {
+        "process_seconds": wall,
+        "peak_rss_mib": rss,
+        "generate_seconds": report["generate_s"],
+        "texts": report["texts"],
+    }
 
 
 def main() -> None:
@@ -120,6 +125,9 @@ def main() -> None:
     parser.add_argument("--peer", choices=["generate_one", "generate_batched"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS / "generation.json")
+    parser.add_argument(
+        "--contenders", default="finetune,generate_one,generate_batched", help="a comma-separated subset, in order"
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every contender (KEY=VALUE)")
     args = parser.parse_args()
     if args.peer:
@@ -132,7 +140,7 @@ def main() -> None:
 
     spec = prompt_spec(args.recipe, args.overrides)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    names = ["finetune", "generate_one", "generate_batched"]
+    names = args.contenders.split(",")
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"
@@ -147,16 +155,11 @@ def main() -> None:
                 result["tokens_per_s"] = result["tokens"] / result["process_seconds"]
                 results[name] = (result, texts)
                 print(f"round {index + 1} {name}: {result}", file=sys.stderr)
-            reference = results["generate_one"][1]
-            rounds.append(
-                {
-                    name: {
-                        **result,
-                        "answers_equal_to_generate_one": sum(a == b for a, b in zip(texts, reference)),
-                    }
-                    for name, (result, texts) in results.items()
-                }
-            )
+            reference = results["generate_one"][1] if "generate_one" in results else None
+            for result, texts in results.values():
+                if reference is not None:
+                    result["answers_equal_to_generate_one"] = sum(a == b for a, b in zip(texts, reference))
+            rounds.append({name: result for name, (result, _) in results.items()})
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[name][key] for r in rounds)
@@ -166,6 +169,11 @@ def main() -> None:
         for name in names
     }
     speed = {name: medians[name]["tokens_per_s"] for name in names}
+    ratios = {
+        f"finetune_over_{peer}": speed["finetune"] / speed[peer]
+        for peer in ("generate_one", "generate_batched")
+        if "finetune" in speed and peer in speed
+    }
     document = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -177,10 +185,7 @@ def main() -> None:
         "batched_peer_batch": args.batch,
         "rounds": rounds,
         "medians": medians,
-        "ratios": {
-            "finetune_over_generate_one": speed["finetune"] / speed["generate_one"],
-            "finetune_over_generate_batched": speed["finetune"] / speed["generate_batched"],
-        },
+        "ratios": ratios,
     }
     write_json(args.output, document)
     print(json.dumps({"medians": medians, "ratios": document["ratios"]}, indent=2))

@@ -294,6 +294,20 @@ def test_watermarked_generation_equals_transformers(tiny_models, method):
         assert [a[0] for a in answers] == expected, batch_size
 
 
+def test_decoding_reads_with_sdpa_and_gives_eager_back(tiny_models):
+    """A session that chose eager attention (bf16 training on a CPU) decodes with SDPA, and trains on with eager."""
+    from accelerate import Accelerator
+
+    model, tokenizer, family = _tiny(tiny_models, "llama", lively=True)
+    model.set_attn_implementation("eager")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    answers = generate(model, tokenizer, family, ids, _Settings(), [], None, Accelerator(cpu=True))
+    assert set(seen) == {"sdpa"} and model.config._attn_implementation == "eager"
+    assert [a[0] for a in answers] == _reference(model, tokenizer, family, PROMPTS, [tokenizer.eos_token_id])
+
+
 def _cache_bytes(cache) -> int:
     parts = (
         [cache.self_attention_cache, cache.cross_attention_cache]

@@ -1,0 +1,68 @@
+"""The training loop's memory measures change no number: `MaskedDropout` draws the same masks as `nn.Dropout` and
+gives the same outputs and gradients, bit for bit, while keeping a 1-byte mask for the backward pass where PyTorch
+keeps noise in the input's dtype (a quarter of the bytes in float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.training.loop import MaskedDropout, masked_dropouts
+
+
+def _saved_bytes(run) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_dropout_is_nn_dropout_bit_for_bit_with_a_quarter_of_the_memory(dtype):
+    x = torch.randn(8, 33, 64).to(dtype)
+    upstream = torch.randn(8, 33, 64).to(dtype)
+    results = []
+    for module in (torch.nn.Dropout(0.05), MaskedDropout(0.05)):
+        torch.manual_seed(123)
+        leaf = x.clone().requires_grad_()
+        out, saved = _saved_bytes(lambda: module(leaf))  # noqa: B023
+        out.backward(upstream)
+        results.append((out.detach(), leaf.grad, saved, torch.rand(1)))
+    (ref_out, ref_grad, ref_saved, ref_next), (out, grad, saved, next_draw) = results
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert torch.equal(next_draw, ref_next)  # the generator moved on exactly as far
+    assert saved * x.element_size() <= ref_saved  # a 1-byte mask where PyTorch keeps noise in x's dtype
+    assert torch.equal(MaskedDropout(0.05).eval()(x), x)
+
+
+def test_masked_dropouts_swap_lora_dropout_while_training_and_put_it_back(tiny_models):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def lora_grads(swap: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(model, config).train()
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(7)
+        if swap:
+            with masked_dropouts(model):
+                assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Dropout, MaskedDropout))} == {
+                    MaskedDropout
+                }
+                model(input_ids=ids, labels=ids).loss.backward()
+            assert not any(isinstance(m, MaskedDropout) for m in model.modules())  # put back
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, masked = lora_grads(False), lora_grads(True)
+    assert plain.keys() == masked.keys()
+    assert all(torch.equal(plain[name], masked[name]) for name in plain)
