@@ -295,18 +295,18 @@ def run_command(
     # Imported here, not at the top: `finetune --help` and recipe mistakes answer before torch loads.
     from finetune.evaluation.scoring import print_metrics
     from finetune.flows.resolve import resolve
-    from finetune.launch import Topology, inside_launched_process, processes_wanted, relaunch
+    from finetune.launch import Topology, follow_launcher, inside_launched_process, processes_wanted, relaunch
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     resolved = resolve(recipe, overrides)  # the file read once, every rule, once, before starting processes
     loaded = resolved.recipe
     _quiet_libraries()
     num_processes = num_processes or processes_wanted(loaded.distributed.num_processes)
-    topology = (
-        Topology(per_node=num_processes)
-        if inside_launched_process()
-        else Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
-    )
+    if inside_launched_process():
+        follow_launcher()
+        topology = Topology(per_node=num_processes)
+    else:
+        topology = Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
     if topology.world_size > 1 and not inside_launched_process():
         args = [
             "run",

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import RecipeError
+from finetune.errors import PeerLost, RecipeError
 
 DEFAULT_PORT = 29500
 
@@ -136,6 +139,26 @@ def first_host(nodelist: str) -> str:
 
 def inside_launched_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+def follow_launcher(poll_seconds: float = 1.0) -> None:
+    """End this launched process when its launcher ends.
+
+    torch's elastic agent starts each process in a session of its own, so a node whose launcher was killed
+    (`kill -9` of its process group, a scheduler cancelling the step) kept its processes training as orphans: the
+    other nodes then finished the run beside a node nobody could stop, and waited in the agents' exit barrier for
+    a launcher that was gone. A process whose parent changes has lost its launcher: it stops at once, with the
+    lost-peer code, and the other nodes see the connection close (gloo) and stop too.
+    """
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        sys.stderr.write("error: the launcher of this process was lost; this process stopped\n")
+        os._exit(PeerLost.exit_code)
+
+    threading.Thread(target=watch, name="finetune-follow-launcher", daemon=True).start()
 
 
 def processes_wanted(setting: int | str) -> int:

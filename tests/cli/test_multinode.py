@@ -108,12 +108,10 @@ def test_two_nodes_on_loopback_train_as_one_node_with_two_processes(tiny_models,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    run=False,
-    reason="known gap: the surviving node still waits in gloo after its peer is killed; the process group is "
-    "created before make_accelerator's timeout applies (issue 36 left open)",
-)
 def test_a_lost_node_ends_the_other_with_a_clear_exit(tiny_models, topic_data, write_recipe, tmp_path):
+    """The second node's launcher is killed with its process group (its worker lives in a session of its own, as
+    torch's agent starts it, and follows its launcher); the first node stops with the lost-peer code, not after
+    the agents' 300 s exit barrier or gloo's 30 minutes."""
     import os
     import signal
     import time
@@ -153,3 +151,38 @@ def test_a_lost_node_ends_the_other_with_a_clear_exit(tiny_models, topic_data, w
                 os.killpg(node.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.unit
+def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
+    """What torch's agent does (a worker in a session of its own), with `follow_launcher` in the worker: killing the
+    launcher ends the worker within seconds instead of leaving it training as an orphan."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    worker = "from finetune.launch import follow_launcher; import time; follow_launcher(0.1); time.sleep(60)"
+    said = tmp_path / "worker.err"
+    launcher = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True, stderr=open({str(said)!r}, 'w'))"
+        "; time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (child,) = psutil.Process(parent.pid).children()
+        time.sleep(1)  # the worker has imported finetune and started watching
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        started = time.monotonic()
+        gone, _ = psutil.wait_procs([child], timeout=10)
+        assert gone and time.monotonic() - started < 10  # (its exit code, 76, is its launcher's to read)
+        assert said.read_text() == "error: the launcher of this process was lost; this process stopped\n"
+    finally:
+        for process in psutil.Process().children(recursive=True):
+            process.kill()
