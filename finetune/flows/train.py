@@ -226,7 +226,10 @@ def _run(
             manifest,
             session.reports(),
             data_report.warnings(report),
-            "AutoPeft" + session.family.auto_class_name(session.task.head).removeprefix("Auto"),
+            f'sentence-transformers\' `SentenceTransformer("{run_dir.adapter}")`'
+            if isinstance(model, BiEncoder)
+            else f"peft's `AutoPeft{session.family.auto_class_name(session.task.head).removeprefix('Auto')}"
+            f'.from_pretrained("{run_dir.adapter}")`',
         )
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
     trackers.finish(accelerator)

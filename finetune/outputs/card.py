@@ -102,11 +102,12 @@ def write_model_card(
     manifest: dict,
     reports: dict,
     data_findings: list[str],
-    auto_peft_class: str,
+    loader: str,
 ) -> None:
     """README.md of the run: metrics, gates, data (files, lengths, the data report's findings), training, use.
 
-    `auto_peft_class` is peft's class that loads the adapter (the family spec knows it for the task's head)."""
+    `loader` is the call that loads `adapter/` in another program (peft's Auto class for the task's head, or
+    sentence-transformers for a trained retriever)."""
     lines = [
         f"# {run.path.name}",
         "",
@@ -160,7 +161,7 @@ def write_model_card(
         f"finetune merge {run.path} --output merged/   # a plain transformers checkpoint",
         "```",
         "",
-        f'`adapter/` loads with peft\'s `{auto_peft_class}.from_pretrained("{run.adapter}")`; '
+        f"`adapter/` loads with {loader}; "
         "`adapter/finetune.json` holds the task, label order and generation settings.",
         "",
         "## Reproduce",
