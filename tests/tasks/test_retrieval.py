@@ -91,7 +91,8 @@ def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path
     query = model.encode([rows[0]["query"]], convert_to_tensor=True)
     best = model.encode([{p["id"]: p["text"] for p in passages}[rows[0]["passage_ids"][0]]], convert_to_tensor=True)
     assert float(model.similarity(query, best)) == pytest.approx(rows[0]["scores"][0], abs=1e-5)
-    assert f'`SentenceTransformer("{run / 'adapter'}")`' in (run / "README.md").read_text()  # the card says so
+    adapter = run / "adapter"
+    assert f'`SentenceTransformer("{adapter}")`' in (run / "README.md").read_text()  # the card says so
     data_report = json.loads((run / "data_report.json").read_text())
     assert any("negative(s) per row" in note for note in data_report["splits"]["train"].get("notes", []))
 
