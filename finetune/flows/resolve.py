@@ -16,11 +16,16 @@ error (exit 2).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import yaml
+from pydantic import BaseModel
 from transformers import PretrainedConfig
 
 from finetune.data.conversations import conversation_fields, encoder_decoder_problem
@@ -28,6 +33,7 @@ from finetune.data.report import read_rows
 from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
+from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.models.embedding import embedding_layout
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
@@ -40,7 +46,15 @@ from finetune.models.references import (
 )
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import parse_gate
-from finetune.recipe.schema import EvalSection, Recipe, apply_overrides, read_recipe_file, recipe_problems_error
+from finetune.recipe.schema import (
+    EvalSection,
+    Recipe,
+    SweepRange,
+    SweepSection,
+    apply_overrides,
+    read_recipe_file,
+    recipe_problems_error,
+)
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
@@ -230,6 +244,130 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
     if recipe.task == "qa":
         problems += _retriever_training_rules(recipe)
     return problems
+
+
+# The second objectives a sweep may minimise beside its metric (sweep.objective).
+COSTS = ("train_seconds", "trainable_params")
+# Settings a trial may not vary: where it writes is the sweep's decision, and a trial has no sweep of its own.
+FIXED_SECTIONS = ("output", "sweep")
+
+
+def yaml_text(value: Any) -> str:
+    """`value` as YAML text that `apply_overrides` reads back as the same value: a float keeps its dot (`1.0e-05`;
+    YAML reads `1e-05` as a string), a string that YAML would read as something else is quoted."""
+    return yaml.safe_dump([value], default_flow_style=True, width=1 << 20).strip()[1:-1]
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field's annotation accepts, with unions and Annotated unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _field_annotation(key: str) -> Any:
+    """The annotation of the recipe setting at a dotted key (None when there is no such setting)."""
+    model: type[BaseModel] | None = Recipe
+    annotation = None
+    for part in key.split("."):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = next((m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    return annotation
+
+
+def whole_numbers(key: str) -> bool:
+    """Whether the schema takes only whole numbers at `key` (lora.r, train.batch_size): its range is sampled as
+    integers. A float setting (train.epochs, train.lr) is sampled continuously unless its range has a step."""
+    members = [m for m in _members(_field_annotation(key)) if get_origin(m) is not Literal]
+    return int in members and float not in members
+
+
+def sweep_rules(recipe: Recipe, task: Task) -> list[str]:
+    """Problems of the recipe's sweep section, each at its place: the objective; each swept key and every
+    value it can take (its choices, a range's ends) tried in the recipe through the schema and the recipe rules,
+    so that no trial is refused hours into a sweep."""
+    settings = recipe.sweep
+    if settings is None:
+        return []
+    problems = _objective_problems(settings, task)
+    if not settings.params:
+        problems.append(
+            "sweep.params: name at least one setting to vary, e.g. train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}"
+        )
+    processes = recipe.distributed.num_processes
+    if isinstance(processes, int) and processes > 1:
+        problems.append(
+            f"distributed.num_processes: {processes}: a sweep runs each trial in this one process; use 1 (or auto)"
+        )
+    base = recipe.model_dump(mode="json", exclude={"sweep"})
+    for key, spec in settings.params.items():
+        place = f"sweep.params.{key}"
+        if key.split(".")[0] in FIXED_SECTIONS:
+            problems.append(f"{place}: a trial writes to the sweep's output.dir/trials/N and has no sweep of its own")
+            continue
+        values: list[Any]
+        if isinstance(spec, SweepRange):
+            found = _range_problems(key, spec, settings.sampler, place)
+            problems += found
+            if found:
+                continue
+            whole = whole_numbers(key)
+            values = [int(spec.low), int(spec.high)] if whole else [spec.low, spec.high]
+        else:
+            values = list(spec)
+        for problem in dict.fromkeys(p for value in values for p in _value_problems(base, key, value)):
+            problems.append(f"{place}: {problem}")
+    return problems
+
+
+def _objective_problems(settings: SweepSection, task: Task) -> list[str]:
+    names = settings.objective
+    problems = []
+    if names:
+        metric = names[0]
+        if metric in COSTS:
+            problems.append(
+                f"sweep.objective: {metric} is a cost; the first objective is the metric to improve, the cost second "
+                f"(e.g. [{task.metric_names[0]}, {metric}])"
+            )
+        elif not task.knows_metric(metric):
+            problems.append(task.unknown_metric("sweep.objective", metric))
+        elif metric in NOT_A_QUALITY:
+            problems.append(f"sweep.objective: {metric} describes the outputs; it is neither better nor worse")
+    if len(names) > 1 and names[1] not in COSTS:
+        problems.append(
+            f"sweep.objective: {names[1]!r} is not a cost{did_you_mean(names[1], COSTS)}; the second objective is "
+            f"one of {', '.join(COSTS)}"
+        )
+    return problems
+
+
+def _range_problems(key: str, spec: SweepRange, sampler: str, place: str) -> list[str]:
+    problems = []
+    if spec.log and spec.step is not None:
+        problems.append(f"{place}: log and step cannot be combined (Optuna samples on a log scale or in steps)")
+    if whole_numbers(key) and any(v is not None and v != int(v) for v in (spec.low, spec.high, spec.step)):
+        problems.append(f"{place}: {key} takes whole numbers; give whole low, high and step")
+    if sampler == "grid" and spec.step is None and not whole_numbers(key):
+        problems.append(f"{place}: sampler grid tries every value; give this range a step, or a list of choices")
+    return problems
+
+
+def _value_problems(base: dict, key: str, value: Any) -> list[str]:
+    """What the recipe's own rules say about `key` set to `value` (nothing when it is accepted)."""
+    try:
+        build_recipe(apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep")
+    except RecipeError as exc:
+        details = [problem.removeprefix(key + ": ") for problem in exc.problems or [str(exc)]]
+        # A key the recipe does not have is wrong whatever its value; any other problem is the value's.
+        return [d if d.startswith("unknown key") else f"{yaml_text(value)}: {d}" for d in details]
+    return []
 
 
 def _retriever_training_rules(recipe: Recipe) -> list[str]:
@@ -624,6 +762,8 @@ def _check(
         register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
     config, config_problem = read_model_config(recipe)
     problems = [Problem(p) for p in recipe_rules(recipe)]
+    if not problems:  # each swept value is tried in the recipe, whose own problems would repeat for each
+        problems = [Problem(p) for p in sweep_rules(recipe, recipe_task(recipe))]
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
     _raise(source, problems + environment + _retriever_environment_rules(recipe))
     return config, family, note

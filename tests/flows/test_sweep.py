@@ -21,13 +21,16 @@ import pytest
 import yaml
 from conftest import classification_recipe, corpus, write_jsonl
 from rich.console import Console
+from typer.testing import CliRunner
 
+from finetune.cli import app
 from finetune.errors import Interrupted, RecipeError
 from finetune.flows import sweep as sweeping
-from finetune.flows.resolve import load_recipe, resolve
-from finetune.flows.sweep import SweepDir, choose, search_space, sweep, sweep_rules, yaml_text
+from finetune.flows.resolve import load_recipe, resolve, sweep_rules
+from finetune.flows.sweep import SweepDir, choose, search_space, sweep, yaml_text
 from finetune.flows.train import run
 from finetune.recipe.schema import SweepSection, apply_overrides
+from finetune.tasks import recipe_task
 from finetune.training import loop
 
 GATE = ">=0.7"  # macro_f1: lora.r 1 stays below it on this data, 2 and 8 pass (the test checks it is informative)
@@ -340,7 +343,7 @@ def rules_of(tiny_models, tmp_path, sweep_section: dict, **changes) -> list[str]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     recipe = load_recipe(path)
-    return sweep_rules(recipe, resolve(path).task)
+    return sweep_rules(recipe, recipe_task(recipe))
 
 
 @pytest.mark.parametrize(
@@ -367,6 +370,14 @@ def rules_of(tiny_models, tmp_path, sweep_section: dict, **changes) -> list[str]
 def test_sweep_rules_name_the_place(section, changes, expected, tiny_models, tmp_path):
     problems = rules_of(tiny_models, tmp_path, section, **changes)
     assert any(expected in p for p in problems), problems
+
+
+def test_validate_and_run_refuse_what_sweep_refuses(tiny_models, tmp_path):
+    """The sweep section's rules are the recipe's: validate names the place as sweep does, with exit 2."""
+    rules_of(tiny_models, tmp_path, {"params": {"lora.r": {"low": 0, "high": 8}}})
+    for command in (["validate"], ["run", "--dry-run"], ["sweep"]):
+        result = CliRunner().invoke(app, [*command, str(tmp_path / "r.yaml")])
+        assert result.exit_code == 2 and "sweep.params.lora.r: 0: " in result.output, (command, result.output)
 
 
 def test_a_valid_sweep_section_has_no_problems(tiny_models, tmp_path):
