@@ -198,6 +198,8 @@ def _run(
         "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_second, 1),
+        # what was trained (LoRA matrices, a head, a watermark embedder): a sweep's cost, a reader's scale
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "skipped_nonfinite_steps": result.skipped_steps,
         "resumed_from": str(resume_from) if resume_from else None,
         "stopped_early": bool(monitor and monitor.state.stopped_early),
