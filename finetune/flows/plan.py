@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.flows.session import Session, during_rows, generates_during
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
@@ -69,12 +68,12 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
     )
 
 
-def objective_plan(recipe: Recipe) -> str:
-    """What training optimises, and against which reference policy."""
+def objective_plan(recipe: Recipe, supervised: str) -> str:
+    """What training optimises, and against which reference policy; `supervised` is the task's own loss (sft)."""
     train = recipe.train
     preference = train.preference
     if train.objective == "sft":
-        return "sft: cross-entropy on the reference completions"
+        return supervised
     reference = (
         f"the starting adapter {recipe.model.adapter}" if recipe.model.adapter else "the base model (fresh LoRA)"
     )
@@ -138,17 +137,11 @@ def show_plan(
     )
     if recipe.model.adapter is not None:
         table.add_row("starts from", f"{recipe.model.adapter} (model.adapter; its LoRA settings)")
-    table.add_row("objective", objective_plan(recipe))
+    table.add_row("objective", objective_plan(recipe, session.task.loss_plan(recipe, session.state)))
     groups = group_targets(list(session.targets), session.family)
     table.add_row("LoRA targets", f"{len(session.targets)} modules" + "".join(f"\n{line}" for line in groups))
     if recipe.data.knowledge_base is not None:
-        retrieval = recipe.data.retrieval
-        model = f", embeddings {retrieval.model or DEFAULT_EMBEDDING_MODEL}" if retrieval.method != "bm25" else ""
-        table.add_row(
-            "knowledge base",
-            f"{recipe.data.knowledge_base}: {retrieval.method} retrieval, top {retrieval.top_k}"
-            f"{model}; training adds the gold passage where retrieval missed it",
-        )
+        table.add_row("knowledge base", session.task.knowledge_base_plan(recipe))
     table.add_row("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     for split, features in session.features.items():
         r = features.report

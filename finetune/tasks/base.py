@@ -26,6 +26,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.errors import DataError, did_you_mean
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe
@@ -113,6 +114,19 @@ class Task:
     def peft_task(self, family: FamilySpec) -> str | None:
         """peft's task type (SEQ_CLS, CAUSAL_LM, ...), which lets AutoPeftModelFor... reload the adapter."""
         return family.peft_task_type(self.head)
+
+    def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
+        """What supervised training optimises, in the plan's words (generation tasks: the completions' tokens)."""
+        return "cross-entropy on the reference completions' tokens"
+
+    def knowledge_base_plan(self, recipe: Recipe) -> str:
+        """What `data.knowledge_base` is to this task, in the plan's words (qa: where answers come from)."""
+        retrieval = recipe.data.retrieval
+        model = f", embeddings {retrieval.model or DEFAULT_EMBEDDING_MODEL}" if retrieval.method != "bm25" else ""
+        return (
+            f"{recipe.data.knowledge_base}: {retrieval.method} retrieval, top {retrieval.top_k}{model}; "
+            "training adds the gold passage where retrieval missed it"
+        )
 
     def set_loss(self, model: PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]) -> None:
         """Where the task's training loss differs from the model's own (classification's class weights)."""

@@ -132,6 +132,15 @@ class ClassificationTask(Task):
             kwargs["problem_type"] = "multi_label_classification"
         return kwargs
 
+    def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
+        weighted = loss_weights(state, recipe.train.class_weights) is not None
+        loss = (
+            "binary cross-entropy per label (multi-label)"
+            if state.get("multi_label")
+            else "cross-entropy on the labels"
+        )
+        return loss + (", weighted by the training distribution (train.class_weights)" if weighted else "")
+
     def set_loss(self, model: PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]) -> None:
         """Class-weighted loss (train.class_weights): computed from the logits after the model's forward pass.
 

@@ -12,6 +12,7 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +121,9 @@ class ExtractiveQATask(_SquadScoring, Task):
         if recipe.data.knowledge_base is not None:
             return ("question", "answer"), ("id",)
         return self.required_fields, self.optional_fields
+
+    def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
+        return "cross-entropy on the answer span's start and end tokens"
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)

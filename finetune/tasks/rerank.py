@@ -44,6 +44,19 @@ class RerankTask(RetrievalTask):
     head_candidates = ("classifier", "score", "pooler")
     uses_first_stage = True
 
+    def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
+        return (
+            f"listwise cross-entropy over each query's positive and {recipe.data.retrieval.hard_negatives} mined "
+            "negative(s), the positive the target"
+        )
+
+    def knowledge_base_plan(self, recipe: Recipe) -> str:
+        settings = recipe.data.retrieval
+        return (
+            f"{recipe.data.knowledge_base}: the corpus; the first stage ({settings.model}) hands over its top "
+            f"{settings.candidates} per query for the cross-encoder to reorder"
+        )
+
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         if recipe.data.retrieval.hard_negatives < 1:

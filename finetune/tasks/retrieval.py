@@ -55,6 +55,18 @@ class RetrievalTask(Task):
     uses_first_stage = False
 
     # ------------------------------------------------------------ recipe
+    def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
+        settings = recipe.data.retrieval
+        negatives = f" + {settings.hard_negatives} mined hard negative(s) per query" if settings.hard_negatives else ""
+        sizes = settings.matryoshka_dims
+        return (
+            f"multiple-negatives ranking (InfoNCE over in-batch negatives{negatives}), temperature "
+            f"{settings.temperature:g}" + (f"; Matryoshka sizes {', '.join(map(str, sizes))}" if sizes else "")
+        )
+
+    def knowledge_base_plan(self, recipe: Recipe) -> str:
+        return f"{recipe.data.knowledge_base}: the corpus searched (each query ranks every passage)"
+
     def knows_metric(self, metric: str) -> bool:
         return (
             metric in ir.FIXED_METRICS or re.fullmatch(r"recall@[1-9]\d*", metric) is not None or metric == "eval_loss"

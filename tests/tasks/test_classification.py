@@ -158,6 +158,7 @@ def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, t
     dry = invoke("run", recipe, "--dry-run", "lora.targets=attention")
     assert dry.exit_code == 0, dry.output
     assert "trainable of" in dry.output and "query" in dry.output and "truncated 0" in dry.output
+    assert "cross-entropy on the labels" in " ".join(dry.output.split())  # the task's loss, not a generic one
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

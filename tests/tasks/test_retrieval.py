@@ -104,6 +104,17 @@ def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path
     assert answer["id"] == "x" and answer["passage_ids"][:3] == rows[0]["passage_ids"][:3]
 
 
+def test_the_plan_names_the_loss_and_what_the_corpus_is(tiny_models, tmp_path, write_recipe):
+    passages, queries = _corpus()
+    result = runner.invoke(
+        app, ["run", str(write_recipe(_recipe(tiny_models["bert"], tmp_path, queries, passages))), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.output.replace("│", " ").split())
+    assert "multiple-negatives ranking (InfoNCE over in-batch negatives" in words
+    assert "the corpus searched" in words and "gold passage" not in words and "completions" not in words
+
+
 def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_path, write_recipe):
     """`finetune eval RECIPE` scores the base model as a bi-encoder (the untrained baseline)."""
     passages, queries = _corpus()
