@@ -5,7 +5,9 @@ settings, each as a fresh process (so wall time includes imports, loading,
 training and evaluation), alternating order round by round so drift on a noisy
 machine hits both. Reported per contender: whole-process wall time, real
 (non-padding) training tokens/s, peak resident memory, accuracy, and model
-FLOPs utilisation against a peak measured here, in the precision used.
+FLOPs utilisation against a peak measured here, in the precision used (a 2048² matmul), and for finetune
+also against the model's shape limit: its own training matmuls at their real shapes, timed alone
+(bench/shapes.py).
 
     python bench/bench.py [--recipe R] [--rounds N] [KEY=VALUE ...]
 """
@@ -47,39 +49,7 @@ def measured_peak_flops(dtype_name: str, size: int = 2048, seconds: float = 2.0)
     return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
-def flops_per_token(recipe_path: str, overrides: list[str]) -> tuple[float, dict]:
-    """Training FLOPs per real token: 4 x frozen matmul params + 6 x trainable params + attention.
-
-    Frozen weights need the forward (2N) and the gradient w.r.t. their input
-    (2N), not their own gradient; trainable ones all three (6N). Attention:
-    QK^T and AV, 4·T·d forward per token and layer, x3 with the backward, T
-    the mean real sequence length.
-    """
-    import torch
-
-    from finetune.data.tables import token_lengths
-    from finetune.flows.resolve import resolve
-    from finetune.flows.session import open_session
-
-    session = open_session(resolve(recipe_path, overrides), splits=("train",))
-    model = session.model
-    frozen = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
-    )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = model.get_base_model().config
-    mean_length = float(token_lengths(session.features["train"].dataset).mean())
-    attention = 12 * config.num_hidden_layers * mean_length * config.hidden_size
-    per_token = 4 * frozen + 6 * trainable + attention
-    return per_token, {
-        "frozen_matmul_params": frozen,
-        "trainable_params": trainable,
-        "mean_tokens_per_example": round(mean_length, 1),
-        "flops_per_token": per_token,
-    }
-
-
-def measure(command: list[str]) -> tuple[float, float, str]:
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Run `command` under a helper that reports its own child's peak RSS (ru_maxrss of one child)."""
     helper = (
         "import json, resource, subprocess, sys, time\n"
@@ -90,7 +60,7 @@ def measure(command: list[str]) -> tuple[float, float, str]:
         "sys.stderr.write(p.stderr)\n"
         "print(json.dumps({'rc': p.returncode, 'wall': wall, 'rss_mib': rss, 'stdout': p.stdout}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", helper, *command], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", helper, *command], capture_output=True, text=True, cwd=ROOT, env=env)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     if report["rc"] != 0:
         sys.exit(f"{' '.join(command)} failed ({report['rc']}):\n{result.stderr[-3000:]}")
@@ -150,6 +120,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both contenders")
     args = parser.parse_args()
 
+    from shapes import shape_limit  # bench/shapes.py, beside this file
+
     from finetune.flows.resolve import resolve
     from finetune.outputs.manifest import library_versions
 
@@ -157,7 +129,9 @@ def main() -> None:
     peaks = {"fp32": measured_peak_flops("fp32")}
     if precision == "bf16":
         peaks["bf16"] = measured_peak_flops("bf16")
-    per_token, model_facts = flops_per_token(args.recipe, args.overrides)
+    # The model's own matmuls at their real shapes, timed alone: the limit MFU is also reported against.
+    limit = shape_limit(args.recipe, args.overrides)
+    per_token, model_facts = limit["model"]["flops_per_token"], limit["model"]
 
     rounds = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -177,6 +151,8 @@ def main() -> None:
     for name, peak in (("finetune", peaks.get(precision if precision == "bf16" else "fp32")), ("peer", peaks["fp32"])):
         values = {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
         values["mfu"] = per_token * values["tokens_per_s"] / peak
+        if name == "finetune":  # the shapes are finetune's steps (its batches, precision and head)
+            values["mfu_shape_limit"] = per_token * values["tokens_per_s"] / limit["shape_limit_flops"]
         summary[name] = values
     per_round = [r["peer"]["process_seconds"] / r["finetune"]["process_seconds"] for r in rounds]
     ratios = {
@@ -199,6 +175,7 @@ def main() -> None:
         "versions": library_versions(),
         "measured_peak_flops": peaks,
         "model": model_facts,
+        "shape_limit": limit,
         "rounds": rounds,
         "median": summary,
         "ratios": ratios,

@@ -6,15 +6,19 @@ process so that its peak resident memory is its own, alternating the order round
 machine hits both. finetune runs its whole command (`finetune run`: data report, training, held-out evaluation
 with generation, the run directory); the peer trains only (`bench/peer_sft_trl.py`). Reported per contender:
 whole-process wall time, training seconds and real (non-padding) training tokens/s, peak RSS; and the ratios
-finetune / peer. Written to `bench/results/<time>-sft-trl.json` with the machine's description.
+finetune / peer; MFU against the 2048² bf16/fp32 peak and, for finetune, against the model's shape limit (its own
+training matmuls at their real shapes, timed alone: bench/shapes.py). `--variant LABEL=DIR` also runs finetune from
+another source tree (e.g. the code before a change, `DIR/finetune`), in the same rounds, so a before/after pair is
+measured beside the same peer. Written to `bench/results/<time>-sft-trl.json` with the machine's description.
 
-    python bench/sft_trl.py [--recipe R] [--rounds N] [KEY=VALUE ...]
+    python bench/sft_trl.py [--recipe R] [--rounds N] [--variant LABEL=DIR ...] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +27,9 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import device_description, measure
+from shapes import shape_limit
+
+from bench import device_description, measure, measured_peak_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -32,11 +38,13 @@ RECIPE = "recipes/qa/smollm2-faq-generative.yaml"
 DEFAULTS = ["train.epochs=1"]
 
 
-def run_finetune(recipe: str, overrides: list[str], scratch: Path) -> dict:
+def run_finetune(recipe: str, overrides: list[str], scratch: Path, source: str | None = None) -> dict:
     out = scratch / "finetune-run"
+    # `source`: a directory holding another `finetune` package, imported first (PYTHONPATH beats the editable install).
+    env = None if source is None else {**os.environ, "PYTHONPATH": source}
     # --overwrite: every round replaces the previous round's scratch run.
     wall, rss, _ = measure(
-        [sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"]
+        [sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"], env
     )
     document = json.loads((out / "metrics.json").read_text())
     training = document["training"]
@@ -67,6 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=RECIPE)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--variant", action="append", default=[], help="LABEL=DIR: also run finetune from DIR/finetune (repeatable)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both contenders")
     args = parser.parse_args()
     overrides = [*DEFAULTS, *args.overrides]
@@ -75,37 +86,53 @@ def main() -> None:
     from finetune.outputs.manifest import library_versions
 
     precision = resolve(args.recipe, overrides).precision
+    variants = dict(v.split("=", 1) for v in args.variant)
+    finetunes = ["finetune", *variants]
+    peak = measured_peak_flops("bf16" if precision == "bf16" else "fp32")
     rounds = []
     with tempfile.TemporaryDirectory() as scratch:
         for number in range(args.rounds):
-            order = ["finetune", "peer"] if number % 2 == 0 else ["peer", "finetune"]
+            order = [*finetunes, "peer"] if number % 2 == 0 else ["peer", *finetunes[::-1]]
             results = {}
             for name in order:
                 results[name] = (
-                    run_finetune(args.recipe, overrides, Path(scratch))
-                    if name == "finetune"
-                    else run_peer(args.recipe, overrides)
+                    run_peer(args.recipe, overrides)
+                    if name == "peer"
+                    else run_finetune(args.recipe, overrides, Path(scratch), variants.get(name))
                 )
                 print(f"round {number + 1} {name}: {json.dumps(results[name])}", flush=True)
             rounds.append(results)
 
+    # The model's own training matmuls at their real shapes, timed alone: the limit MFU is also reported against.
+    # Measured after the rounds, so that the parent holds no model while the contenders' memory is measured.
+    limit = shape_limit(args.recipe, overrides)
+    per_token = limit["model"]["flops_per_token"]
     numeric = ("process_seconds", "peak_rss_mib", "train_seconds", "tokens_per_s", "final_loss")
-    summary = {
-        name: {key: statistics.median(r[name][key] for r in rounds) for key in numeric} for name in ("finetune", "peer")
-    }
-    per_round = [r["finetune"]["tokens_per_s"] / r["peer"]["tokens_per_s"] for r in rounds]
-    ratios = {
-        "train_tokens_per_s_ratio": summary["finetune"]["tokens_per_s"] / summary["peer"]["tokens_per_s"],
-        "train_tokens_per_s_ratio_per_round": {"min": min(per_round), "max": max(per_round)},
-        "peak_rss_ratio": summary["finetune"]["peak_rss_mib"] / summary["peer"]["peak_rss_mib"],
-        "process_speedup": summary["peer"]["process_seconds"] / summary["finetune"]["process_seconds"],
-    }
+    names = [*finetunes, "peer"]
+    summary = {name: {key: statistics.median(r[name][key] for r in rounds) for key in numeric} for name in names}
+    for name in names:
+        achieved = per_token * summary[name]["tokens_per_s"]
+        summary[name]["mfu_peak_2048"] = achieved / peak
+        if name != "peer":  # the shapes are finetune's steps (its batches, precision and head)
+            summary[name]["mfu_shape_limit"] = achieved / limit["shape_limit_flops"]
+    ratios = {}
+    for name in finetunes:
+        per_round = [r[name]["tokens_per_s"] / r["peer"]["tokens_per_s"] for r in rounds]
+        ratios[name] = {
+            "train_tokens_per_s_ratio": summary[name]["tokens_per_s"] / summary["peer"]["tokens_per_s"],
+            "train_tokens_per_s_ratio_per_round": {"min": min(per_round), "max": max(per_round)},
+            "peak_rss_ratio": summary[name]["peak_rss_mib"] / summary["peer"]["peak_rss_mib"],
+            "process_speedup": summary["peer"]["process_seconds"] / summary[name]["process_seconds"],
+        }
     document = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "recipe": args.recipe,
         "overrides": overrides,
         "precision": {"finetune": precision, "peer": rounds[0]["peer"]["precision"]},
+        "variants": variants,
+        "measured_peak_flops": peak,
+        "shape_limit": limit,
         "contenders": {
             "finetune": "finetune run (whole command: training, held-out evaluation with generation, run directory)",
             "peer": "TRL SFTTrainer + peft LoraConfig(all-linear), prompt-completion rows (bench/peer_sft_trl.py)",

@@ -289,6 +289,18 @@ def run_command(
             "--overwrite", help="Replace the run already in output.dir (its checkpoints, adapter and results)."
         ),
     ] = False,
+    estimate: Annotated[
+        bool | None,
+        typer.Option(
+            "--estimate/--no-estimate",
+            help="Measure a few training steps and evaluation batches here for the plan's time and memory "
+            "estimate (default: with --dry-run; a real run measures only when asked, as it costs its own time).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the plan (--dry-run, with its estimate) or metrics.json to stdout as JSON."),
+    ] = False,
 ) -> None:
     """Validate, train with LoRA through accelerate, evaluate, and write the run directory."""
     _offline_unless_hub(recipe, overrides=overrides)
@@ -316,12 +328,30 @@ def run_command(
             *(["--resume", resume] if resume is not None else []),
             *(["--force-resume"] if force_resume else []),
             *(["--overwrite"] if overwrite else []),
+            *({True: ["--estimate"], False: ["--no-estimate"], None: []}[estimate]),
+            *(["--json"] if as_json else []),
         ]
         raise typer.Exit(relaunch(topology, args, loaded.distributed.strategy, max_restarts))
     from finetune.flows.train import run
 
-    document = run(resolved, console, dry_run=dry_run, resume=resume, force_resume=force_resume, overwrite=overwrite)
+    document = run(
+        resolved,
+        err_console if as_json else console,
+        dry_run=dry_run,
+        resume=resume,
+        force_resume=force_resume,
+        overwrite=overwrite,
+        estimate=dry_run if estimate is None else estimate,
+    )
     if document is None:
+        return
+    if as_json:
+        if _is_main_process():
+            print(json.dumps(document, indent=2))
+        if not dry_run:
+            _exit_on_failed_gates(document)
+        return
+    if dry_run:
         return
     if _is_main_process():
         print_metrics(console, document, title=f"metrics ({loaded.output.dir})")
@@ -526,6 +556,10 @@ def predict_command(
     output: Annotated[
         str | None, typer.Option("--output", help="Write the predictions to this new JSONL file instead of stdout.")
     ] = None,
+    message: Annotated[
+        str | None,
+        typer.Option("--message", help="A learned watermark: mark with this message (default: the run's own)."),
+    ] = None,
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out (stdout, or --output)."""
     _offline_unless_hub(run_dir)
@@ -541,7 +575,7 @@ def predict_command(
             output, key="--output", what="predictions", directory=False, overwrite=False, inputs=inputs
         )
     rows, source = _read_input_rows(input)
-    predicted = predict(run_dir, rows, source, knowledge_base=knowledge_base)
+    predicted = predict(run_dir, rows, source, knowledge_base=knowledge_base, message=message)
     if target is not None:
         write_jsonl(target, predicted)
         err_console.print(f"{len(predicted)} predictions written to {target}", highlight=False, soft_wrap=True)
@@ -660,6 +694,10 @@ def detect_command(
     input: Annotated[str, typer.Option("--input", help="A JSONL file of texts, or - for stdin.")] = "-",
     field: Annotated[str, typer.Option("--field", help="The field holding each text.")] = "prediction",
     key: Annotated[int | None, typer.Option("--key", help="The watermark key (default: the run's own).")] = None,
+    message: Annotated[
+        str | None,
+        typer.Option("--message", help="A learned watermark: the message to test for (default: the run's own)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (rows and summary) on stdout.")] = False,
 ) -> None:
     """Score texts for the run's watermark: per-row z-score, p-value and verdict, and how many look watermarked."""
@@ -668,12 +706,22 @@ def detect_command(
     from finetune.flows.watermark import detect
 
     rows, source = _read_input_rows(input)
-    scored, summary = detect(run_dir, rows, source, field=field, key=key)
+    scored, summary = detect(run_dir, rows, source, field=field, key=key, message=message)
     if as_json:
         print(json.dumps({"rows": scored, "summary": summary}, ensure_ascii=False))
         return
     for row in scored:
         print(json.dumps(row, ensure_ascii=False))
+    if "p_threshold" in summary:  # a learned watermark: bits read back, a binomial test per text
+        accuracy = summary["watermark_bit_accuracy"]
+        err_console.print(
+            f"{summary['watermarked']} of {summary['rows']} rows carry {summary['message']} message "
+            f"(p < {summary['p_threshold']:g}; false-positive rate {summary['false_positive_rate']:.1e}); "
+            f"bit accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     notes = []
     if summary["unscored"]:
         notes.append(f"{summary['unscored']} had no token to test (too short, or the model was sure of every token)")

@@ -27,10 +27,12 @@ _TOKEN_SHAPES = re.compile(
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
 )
 _URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
-# A watermark key typed on a command line, whatever its length: `eval.watermark.key=K`, `--key K` / `--key=K`
-# (finetune detect), and `key: K` inside an override's YAML mapping (`eval.watermark={method: synthid, key: K}`).
+# A watermark key (or a learned watermark's message) typed on a command line, whatever its length:
+# `eval.watermark.key=K`, `--key K` / `--key=K` (finetune detect), and `key: K` inside an override's YAML mapping
+# (`eval.watermark={method: synthid, key: K}`); the same for `message`.
 _KEY_ARGUMENTS = re.compile(
-    r"(watermark\.key\s*=\s*|--key[=\s]\s*|watermark[^\s=:]*\s*[:=]\s*\{[^}]*?\bkey\s*:\s*)([^\s,}'\"]+)"
+    r"(watermark\.(?:key|message)\s*=\s*|--(?:key|message)[=\s]\s*"
+    r"|watermark[^\s=:]*\s*[:=]\s*\{[^}]*?\b(?:key|message)\s*:\s*)([^\s,}'\"]+)"
 )
 _MIN_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
 
@@ -67,8 +69,10 @@ class RedactingFilter:
 
 def _hides(name: str, parent: str, value: Any) -> bool:
     """Whether a value is a secret by its key: a non-empty value of an HF_TOKEN-like name, or a watermark's `key`
-    (any number, 0 too; `eval.watermark.key` when flattened)."""
-    if name.endswith("watermark.key") or (name == "key" and parent.endswith("watermark")):
+    (any number, 0 too; `eval.watermark.key` when flattened) or learned `message`."""
+    if name.endswith(("watermark.key", "watermark.message")) or (
+        name in ("key", "message") and parent.endswith("watermark")
+    ):
         return value is not None
     return bool(_SECRET_NAME.search(name)) and bool(value)
 

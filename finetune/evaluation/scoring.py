@@ -65,7 +65,7 @@ def score(
 
 
 # Metrics scoring adds to the task's own, from fields other features leave on the rows.
-ADDED_METRICS = frozenset({"retrieval_recall@k", "watermark_detected", *PREFERENCE_METRICS})
+ADDED_METRICS = frozenset({"retrieval_recall@k", "watermark_detected", "watermark_bit_accuracy", *PREFERENCE_METRICS})
 
 
 def _counted(row: dict) -> bool:
@@ -101,6 +101,9 @@ def _metrics(
         metrics.update(preference_metrics(rows))
     if rows and "watermarked" in rows[0]:  # rows scored by the watermark detector (finetune.watermark)
         metrics["watermark_detected"] = sum(bool(r["watermarked"]) for r in rows) / len(rows)
+    accuracies = [r["bit_accuracy"] for r in rows if r.get("bit_accuracy") is not None]
+    if accuracies:  # a learned watermark's rows: the share of the message's bits read back
+        metrics["watermark_bit_accuracy"] = sum(accuracies) / len(accuracies)
     return metrics, scored.get("details", {})
 
 

@@ -38,6 +38,7 @@ from finetune.tasks.text2text import CompletionEntropy
 from finetune.training import checkpoint
 from finetune.training.loop import make_accelerator
 from finetune.training.objectives import make_objective, reference_logps, reference_policy, with_columns
+from finetune.watermark import learned
 from finetune.watermark import marking as watermark
 
 log = logging.getLogger("finetune")
@@ -138,8 +139,12 @@ def judge_preferences(
 
 def watermark_detector(
     session: Session, model, settings: WatermarkSection, accelerator: Accelerator
-) -> watermark.Detector:
-    """The run's detector; an entropy-gated watermark's also reads the model's entropies."""
+) -> watermark.Detector | learned.BitDetector:
+    """The run's detector; an entropy-gated watermark's also reads the model's entropies; a learned one is its
+    extractor, against the message the model marks with."""
+    found = learned.find(model)
+    if learned.is_learned(settings) and found is not None:
+        return learned.BitDetector(session.tokenizer, found, found.message_text(), settings.p_threshold)
     entropies = None
     if watermark.gated(settings):
         entropies = CompletionEntropy(model, session.tokenizer, session.family, session.recipe, accelerator)
@@ -355,13 +360,17 @@ def rescore(
     return evaluation.attach_comparison(document, baseline, task, rows, settings, fields)
 
 
-def predict(run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None) -> list[dict]:
+def predict(
+    run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None, message: str | None = None
+) -> list[dict]:
     """The run's model on new rows; every input field it does not use comes back in the output row, in order.
 
     Input rows may use the training file's column names or the task's field names, and may carry the reference
-    answer (a labelled test file): it is passed through, never used.
+    answer (a labelled test file): it is passed through, never used. A learned watermark marks with the run's
+    message, or `message`.
     """
-    resolved, run = resolve_run(run_path)
+    # Quoted: YAML would read 0101 as a number.
+    resolved, run = resolve_run(run_path, [f"eval.watermark.message='{message}'"] if message is not None else None)
     recipe, task = resolved.recipe, resolved.task
     if not rows:
         raise DataError(f"{source}: no input rows")

@@ -25,6 +25,7 @@ from finetune.outputs.gguf import QUANTS, export_arch, write_gguf
 from finetune.outputs.gguf.architectures import check_config
 from finetune.outputs.gguf.parity import Parity, check_parity, eval_texts, require_llama_cpp
 from finetune.outputs.gguf.vocab import read_vocabulary
+from finetune.watermark import learned
 
 log = logging.getLogger("finetune")
 
@@ -36,6 +37,7 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     beside it and renamed into place, so a failure leaves nothing half-written.
     """
     resolved, run = resolve_run(run_path)
+    learned.refuse_export(resolved.recipe.eval.watermark, f"{run_path}")
     target = rundir.claim_output(
         output,
         key="--output",
@@ -97,6 +99,7 @@ def export(
     if verify:
         require_llama_cpp()
     resolved, run = resolve_run(run_path)
+    learned.refuse_export(resolved.recipe.eval.watermark, f"{run_path}")
     if Path(output).suffix != ".gguf":
         raise RecipeError(f"--output: {output} must be a .gguf file")
     target = rundir.claim_output(

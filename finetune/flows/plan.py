@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from finetune.flows.estimate import Estimate
 from finetune.flows.session import Session, during_rows, generates_during
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
@@ -108,8 +109,55 @@ def topology_plan(world_size: int) -> str:
     return f"{world_size} = {nodes} nodes x {per_node} per node, backend {backend}, {where}"
 
 
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def estimate_rows(estimate: Estimate) -> list[tuple[str, str]]:
+    """The plan's lines for the estimate: the figures, then how each was obtained."""
+    gpu = f", GPU {estimate.peak_gpu_bytes / 2**30:.2f} GiB" if estimate.peak_gpu_bytes is not None else ""
+    rows = [
+        (
+            "estimate",
+            f"{duration(estimate.total_seconds)} in all (training {duration(estimate.train_seconds)}, final "
+            f"evaluation {duration(estimate.eval_seconds)}, start-up and loading {duration(estimate.startup_seconds)}, "
+            f"measuring {duration(estimate.measure_seconds)}, writing {duration(estimate.writing_seconds)}"
+            + (f", reference {duration(estimate.reference_seconds)}" if estimate.reference_seconds else "")
+            + f"); peak memory {estimate.peak_rss_bytes / 2**30:.2f} GiB resident{gpu}",
+        )
+    ]
+    rows.extend(("", escape(line)) for line in estimate.how)
+    return rows
+
+
+def plan_document(session: Session, world_size: int, output_note: str, estimate: Estimate | None) -> dict:
+    """What `run --dry-run --json` prints: the plan's numbers and the estimate."""
+    recipe = session.recipe
+    trainable, total = count_parameters(session.model)
+    plan = TrainPlan.build(recipe.train, len(session.features["train"].dataset), world_size)
+    return {
+        "task": recipe.task,
+        "model": recipe.model.name_or_path,
+        "family": session.family.name,
+        "parameters": {"trainable": trainable, "total": total},
+        "data": {split: {"rows": f.report.rows, "inputs": len(f.dataset)} for split, f in session.features.items()},
+        "steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "processes": world_size,
+        "precision": session.precision,
+        "output": output_note,
+        "estimate": estimate.as_dict() if estimate is not None else None,
+    }
+
+
 def show_plan(
-    console: Console, session: Session, world_size: int, output_note: str, data_warnings: list[str] | None = None
+    console: Console,
+    session: Session,
+    world_size: int,
+    output_note: str,
+    data_warnings: list[str] | None = None,
+    estimate: Estimate | None = None,
 ) -> None:
     recipe = session.recipe
     trainable, total = count_parameters(session.model)
@@ -165,6 +213,8 @@ def show_plan(
     table.add_row("evaluation", evaluation_plan(session, plan))
     table.add_row("precision", session.precision)
     table.add_row("output", output_note)
+    for name, value in estimate_rows(estimate) if estimate is not None else []:
+        table.add_row(name, value)
     for warning in [*plan_warnings(session, plan, world_size), *(data_warnings or [])]:
         table.add_row("[yellow]warning[/]", escape(warning))
     console.print(table)

@@ -62,6 +62,7 @@ from finetune.tasks.generative import GenerationTask
 from finetune.tasks.rewards import load_reward_function
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
+from finetune.watermark import learned
 from finetune.watermark import marking as watermark
 
 
@@ -460,6 +461,7 @@ def _generation_rules(recipe: Recipe, task: Task) -> list[str]:
             problems.append(
                 "eval.watermark.key: give the key (an integer); a run directory keeps it in adapter/watermark.key"
             )
+        problems += learned.recipe_problems(recipe)
     temperature = recipe.eval.temperature
     if 0 < temperature < MIN_TEMPERATURE:
         problems.append(
@@ -519,6 +521,7 @@ def family_rules(task: Task, family: FamilySpec, recipe: Recipe, place: str) -> 
         problems.append(f"train.packing: only for GPT-family models; this is a {family.name}-family model")
     if isinstance(task, GenerationTask) and family.encoder_decoder and conversation_fields(recipe.data) is not None:
         problems.append(encoder_decoder_problem(family.name, place))
+    problems += learned.family_problems(recipe.eval.watermark, family, place)
     if recipe.train.objective == "grpo" and family.encoder_decoder:
         problems.append(
             f"train.objective: grpo samples and scores continuations of GPT-style models; this is a "

@@ -60,6 +60,8 @@ from finetune.tasks.rewards import Rewarder
 from finetune.tasks.text2text import PackedCollator, StopOnStrings, cut_at_stops
 from finetune.training.loop import has_accelerator_device
 from finetune.training.objectives import GRPO, OBJECTIVES, Objective, make_objective
+from finetune.training.watermark_objective import LearnedWatermarkObjective
+from finetune.watermark import learned
 
 # The name of the starting adapter (model.adapter) when it is loaded beside a trained one as the reference policy.
 REFERENCE_ADAPTER = "reference"
@@ -105,7 +107,12 @@ class Session:
         train = self.recipe.train
         if train.objective == "grpo":
             return self._grpo()
-        return make_objective(train.objective, train.preference, self.family.encoder_decoder)
+        objective = make_objective(train.objective, train.preference, self.family.encoder_decoder)
+        mark = self.recipe.eval.watermark
+        if mark is not None and learned.is_learned(mark) and learned.find(self.model) is not None:
+            # A learned watermark trains with the task: its bits and KL beside the task's own loss.
+            return LearnedWatermarkObjective(objective, mark)
+        return objective
 
     def _grpo(self) -> GRPO:
         """GRPO with its sampler (the model's own generate, the task's stop strings) and its rewarder (the task's
@@ -113,7 +120,7 @@ class Session:
         settings, tokenizer, task = self.recipe.train.grpo, self.tokenizer, self.task
         assert isinstance(task, GenerationTask)
         rows = self.features["train"].rows
-        stops = task.stops(self.recipe.eval)
+        stops = task.stops(self.recipe.eval, chat=self.recipe.data.chat_template)
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
@@ -178,14 +185,33 @@ class Session:
             "generation": recipe.eval.model_dump(
                 include={"max_new_tokens", "temperature", "top_p", "num_samples", "stop"}
             ),
-            "watermark": recipe.eval.watermark.model_dump(exclude={"key"}) if recipe.eval.watermark else None,
+            # The key and a learned watermark's message stay in their own files (0600), never here.
+            "watermark": recipe.eval.watermark.model_dump(exclude={"key", "message"})
+            if recipe.eval.watermark
+            else None,
         }
-        return AdapterSaver(
+        saver = LearnedWatermarkSaver if learned.is_learned(recipe.eval.watermark) else AdapterSaver
+        return saver(
             self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter, recipe.eval.watermark
         )
 
     def featurize(self, rows: Dataset, split: str, labeled: bool = True) -> Features:
         return self.task.featurize(rows, self.tokenizer, self.recipe, dict(self.state), split, labeled=labeled)
+
+
+@dataclass(frozen=True)
+class LearnedWatermarkSaver(AdapterSaver):
+    """The adapter, and beside it a learned watermark's blocks and extractor and the run's message (0600).
+
+    Written after the adapter is in place, each file atomically; an adapter whose watermark files are missing
+    (a kill between the two) is refused when loaded, naming them, never used unmarked."""
+
+    def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
+        super().save(model, adapter_dir, for_other_tools)
+        watermark = learned.find(model)
+        if watermark is not None and self.watermark is not None:
+            learned.save(watermark, adapter_dir)
+            learned.write_message(adapter_dir, self.watermark)
 
 
 # --------------------------------------------------------------------------- the steps, in order
@@ -520,7 +546,28 @@ def open_session(
     """
     data = open_data(resolved, splits=splits, adapter_dir=adapter_dir)
     model, targets = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=adapter_dir, with_lora=with_lora)
+    attach_learned_watermark(resolved.recipe, model, adapter_dir, training=with_lora and adapter_dir is None)
     return Session(resolved, data.tokenizer, data.state, model, data.features, targets, data.overlap, data.cache_note)
+
+
+def attach_learned_watermark(
+    recipe: Recipe, model: PeftModel | PreTrainedModel, adapter_dir: Path | None, training: bool
+) -> None:
+    """eval.watermark.method learned: fresh blocks and extractor to train (after the LoRA, from the run's seed), or
+    the trained ones from the adapter, marking every generation with the run's message (the recipe's or the
+    command line's, else the adapter's). `eval.watermark=null` loads none: the same adapter, unmarked."""
+    mark = recipe.eval.watermark
+    if mark is None or not learned.is_learned(mark):
+        return
+    if training:
+        learned.fresh(model, mark, learned.run_message(mark))
+    elif adapter_dir is not None:
+        learned.load(model, adapter_dir, mark, learned.run_message(mark, adapter_dir))
+    else:
+        raise RecipeError(
+            "eval.watermark.method: a learned watermark is trained with a run; evaluate the run directory, or "
+            "remove eval.watermark to evaluate the base model"
+        )
 
 
 def training_collator(session: Session):

@@ -19,8 +19,9 @@ from finetune.data.tables import file_hashes, read_split
 from finetune.errors import RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
+from finetune.flows.estimate import measure
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
-from finetune.flows.plan import show_plan
+from finetune.flows.plan import plan_document, show_plan
 from finetune.flows.resolve import RETRIEVER_RUN, Resolved, resolve_recipe, retriever_recipe
 from finetune.flows.session import (
     Session,
@@ -57,11 +58,15 @@ def run(
     force_resume: bool = False,
     overwrite: bool = False,
     judge: Callable[[int, dict[str, float]], bool] | None = None,
+    estimate: bool = False,
 ) -> dict | None:
-    """Train, evaluate and write the run directory. Returns the metrics document (None for a dry run).
+    """Train, evaluate and write the run directory. Returns the metrics document (a dry run: the plan's, with
+    the estimate).
 
     `resume` is "auto" (the newest usable checkpoint in the run directory, if
     any) or a checkpoint path; the run then continues exactly where it stopped.
+    `estimate`: measure a few steps and evaluation batches here first and show the expected time and memory
+    (`flows/estimate.py`).
     """
     run_dir = RunDir(Path(resolved.recipe.output.dir).expanduser())
     accelerator = make_accelerator(
@@ -81,6 +86,7 @@ def run(
             force_resume=force_resume,
             overwrite=overwrite,
             judge=judge,
+            estimate=estimate,
         )
     finally:
         if lock is not None:
@@ -99,6 +105,7 @@ def _run(
     force_resume: bool,
     overwrite: bool,
     judge: Callable[[int, dict[str, float]], bool] | None = None,
+    estimate: bool = False,
 ) -> dict | None:
     recipe = resolved.recipe
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
@@ -139,10 +146,33 @@ def _run(
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(resolved)
         report = session_report(recipe, session)
+        measured = None
+        if estimate and accelerator.num_processes > 1:
+            estimate = False  # each process would measure beside the others: the figures would not be this run's
+            if accelerator.is_main_process:
+                console.print(
+                    "note: no time and memory estimate for a run of several processes; measure it with one "
+                    "(--num-processes 1 --dry-run)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        if estimate:
+            if accelerator.is_main_process:
+                console.print(
+                    "estimating time and memory: a few training steps and evaluation batches on this machine "
+                    "(--no-estimate skips this)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            measured = measure(session, accelerator.num_processes, accelerator.process_index)
+            # The measurement made its own accelerator (accelerate's state is one per process): this run's again.
+            accelerator = make_accelerator(
+                recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
+            )
         if accelerator.is_main_process:
-            show_plan(console, session, accelerator.num_processes, output_note, data_report.warnings(report))
+            show_plan(console, session, accelerator.num_processes, output_note, data_report.warnings(report), measured)
         if dry_run:
-            return None
+            return plan_document(session, accelerator.num_processes, output_note, measured)
         rundir.check_free_space(run_dir.path, rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
         identity = rundir.resume_identity(recipe, accelerator.num_processes)
         resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None

@@ -11,27 +11,41 @@ from finetune import files
 from finetune.errors import DataError, RecipeError
 from finetune.flows import detector as synthid_detector
 from finetune.flows.evaluate import watermark_detector
-from finetune.flows.resolve import resolve_run
+from finetune.flows.resolve import Resolved, resolve_run
 from finetune.flows.session import (
     open_session,
 )
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import WatermarkSection
 from finetune.training.loop import make_accelerator
+from finetune.watermark import learned
 from finetune.watermark import marking as watermark
 
 log = logging.getLogger("finetune")
 
 
 def detect(
-    run_path: str, rows: list[dict], source: str, field: str = "prediction", key: int | None = None
+    run_path: str,
+    rows: list[dict],
+    source: str,
+    field: str = "prediction",
+    key: int | None = None,
+    message: str | None = None,
 ) -> tuple[list[dict], dict]:
-    """Watermark scores for texts (`field` of each row), with the run's tokenizer and key; rows keep their fields."""
+    """Watermark scores for texts (`field` of each row), with the run's tokenizer and key; rows keep their fields.
+    A learned watermark's rows carry the decoded message, its bit accuracy against the run's message (or
+    `message`) and the binomial test's p-value."""
     if key is not None:  # refused before the run is read
         watermark.check_key(key, "--key")
     resolved, run = resolve_run(run_path)
     recipe = resolved.recipe
     settings = recipe.eval.watermark
+    if learned.is_learned(settings):
+        assert settings is not None
+        _check_rows(rows, source, field)
+        return _detect_learned(resolved, run, settings, rows, field, message)
+    if message is not None:
+        raise RecipeError(f"--message: {run_path} carries no learned watermark (eval.watermark.method learned)")
     if key is not None:
         settings = (settings or WatermarkSection(key=key)).model_copy(update={"key": key})
     if settings is None or not isinstance(settings.key, int):
@@ -39,9 +53,7 @@ def detect(
             f"{run_path}: no watermark key: the run was not watermarked (eval.watermark) or its "
             f"adapter/{watermark.KEY_FILE} is gone; give --key"
         )
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row.get(field), str):
-            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(row.get(field)).__name__}")
+    _check_rows(rows, source, field)
     if watermark.gated(settings):  # the model's entropies choose the tokens to count
         session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
         detector = watermark_detector(
@@ -76,6 +88,45 @@ def detect(
             "probability_above_half": sum((r.get("probability") or 0) > 0.5 for r in scored),
             **{k: v for k, v in trained.items() if k.startswith("validation_")},
         }
+    return scored, summary
+
+
+def _check_rows(rows: list[dict], source: str, field: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get(field), str):
+            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(row.get(field)).__name__}")
+
+
+def _detect_learned(
+    resolved: Resolved,
+    run: RunDir,
+    settings: WatermarkSection,
+    rows: list[dict],
+    field: str,
+    message: str | None,
+) -> tuple[list[dict], dict]:
+    """The run's extractor reads each text's bits; each is tested against the run's message or `message`."""
+    if message is not None:
+        learned.check_message(message, settings.bits, "--message")
+    session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
+    found = learned.find(session.model)
+    assert found is not None  # the session attaches the run's trained watermark or refuses
+    expected = message if message is not None else found.message_text()
+    detector = learned.BitDetector(session.tokenizer, found, expected, settings.p_threshold)
+    scored = [{**row, **detector.score(row[field]).as_dict()} for row in rows]
+    accuracies = [r["bit_accuracy"] for r in scored if r["bit_accuracy"] is not None]
+    flagged = sum(r["watermarked"] for r in scored)
+    summary = {
+        "rows": len(scored),
+        "watermarked": flagged,
+        "fraction": flagged / len(scored) if scored else 0.0,
+        "unscored": len(scored) - len(accuracies),
+        "bits": settings.bits,
+        "watermark_bit_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+        "p_threshold": settings.p_threshold,
+        "false_positive_rate": learned.false_positive_rate(settings.bits, settings.p_threshold),
+        "message": "given (--message)" if message is not None else "the run's",
+    }
     return scored, summary
 
 

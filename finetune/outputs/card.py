@@ -8,7 +8,7 @@ from pathlib import Path
 from finetune.files import write_text_atomic
 from finetune.outputs import plots
 from finetune.outputs.rundir import RunDir
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import Recipe, WatermarkSection
 from finetune.secrets import redact
 
 
@@ -32,6 +32,8 @@ def watermark_section(recipe: Recipe, document: dict) -> list[str]:
     if mark is None:
         return []
     detected = document["metrics"].get("watermark_detected")
+    if mark.method == "learned":
+        return learned_watermark_section(mark, document["metrics"])
     false_positives = 0.5 * math.erfc(mark.z_threshold / math.sqrt(2))  # the one-sided normal tail
     if mark.method == "synthid":
         how = (
@@ -57,6 +59,30 @@ def watermark_section(recipe: Recipe, document: dict) -> list[str]:
         + (f"; it flagged {detected:.0%} of this run's evaluation outputs." if detected is not None else "."),
         "The key is in `adapter/watermark.key` (readable by its owner only); whoever holds it can detect, and forge, "
         "the mark.",
+        "",
+        WATERMARK_COST_UNMEASURED,
+        "",
+    ]
+
+
+def learned_watermark_section(mark: WatermarkSection, metrics: dict) -> list[str]:
+    """A learned watermark's card: the message it carries, how it is read, what was read back here."""
+    accuracy, detected = metrics.get("watermark_bit_accuracy"), metrics.get("watermark_detected")
+    measured = (
+        f"; on this run's evaluation outputs {accuracy:.1%} of the bits were read back and {detected:.0%} of the "
+        "texts flagged."
+        if accuracy is not None and detected is not None
+        else "."
+    )
+    return [
+        "## Watermark",
+        "",
+        f"Every generation carries a learned {mark.bits}-bit message (gated cross-attention blocks in the top "
+        f"{mark.embedder_layers} decoder layers, read back from the text by a jointly trained extractor). "
+        f"`finetune detect` flags a text when a binomial test of its matching bits gives p < {mark.p_threshold:g}"
+        + measured,
+        "The message and the key are in `adapter/watermark.message` and `adapter/watermark.key` (readable by their "
+        "owner only). Merge and export refuse this run: the blocks cannot live in a merged checkpoint or a GGUF file.",
         "",
         WATERMARK_COST_UNMEASURED,
         "",
@@ -161,8 +187,7 @@ def write_model_card(
         f"finetune merge {run.path} --output merged/   # a plain transformers checkpoint",
         "```",
         "",
-        f"`adapter/` loads with {loader}; "
-        "`adapter/finetune.json` holds the task, label order and generation settings.",
+        f"`adapter/` loads with {loader}; `adapter/finetune.json` holds the task, label order and generation settings.",
         "",
         "## Reproduce",
         "",

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
@@ -609,10 +610,12 @@ class TrainSection(Section):
 
 
 class WatermarkSection(Section):
-    method: Literal["kirchenbauer", "synthid"] = Field(
+    method: Literal["kirchenbauer", "synthid", "learned"] = Field(
         "kirchenbauer",
         description="kirchenbauer: transformers' green-list watermark (Kirchenbauer et al. 2023); "
-        "synthid: transformers' SynthID Text tournament sampling (Dathathri et al. 2024; needs eval.temperature > 0).",
+        "synthid: transformers' SynthID Text tournament sampling (Dathathri et al. 2024; needs eval.temperature > 0); "
+        "learned: a k-bit message written by gated cross-attention blocks trained with the run and read back by a "
+        "jointly trained extractor (Baldassini et al. 2024; GPT-family decoders, train.objective sft).",
     )
     # Not negative: synthid derives its layer keys with random.Random, which seeds from abs(key), so -k would
     # mark exactly as k does.
@@ -656,15 +659,97 @@ class WatermarkSection(Section):
         description="A text is flagged when its z-score (green tokens, or synthid's mean g-value) exceeds this.",
     )
 
+    # learned: the message, the blocks that write it, the extractor that reads it, and the joint loss.
+    bits: Int = Field(16, ge=1, le=256, description="learned: the message's length k in bits.")
+    message: str | None = Field(
+        None,
+        description="learned: the run's message, a quoted string of `bits` characters 0/1; null: drawn from the key. "
+        "Kept in adapter/watermark.message (mode 0600) and shown <redacted> in recipe.yaml like the key.",
+    )
+    extractor: Literal["embeddings"] = Field(
+        "embeddings",
+        description="learned: what reads the message back. embeddings: a few bidirectional transformer layers over "
+        "the decoder's own frozen token embeddings (no vocabulary mapping needed).",
+    )
+    extractor_layers: Int = Field(2, ge=1, le=12, description="learned: the extractor's transformer layers.")
+    extractor_width: Int = Field(256, ge=8, le=4096, description="learned: the extractor's hidden width.")
+    embedder_layers: Int = Field(
+        2, ge=1, description="learned: how many of the decoder's top layers attend to the message (one block each)."
+    )
+    gate_scale: Float = Field(
+        10.0,
+        gt=0,
+        description="learned: each block adds tanh(gate x gate_scale) x its attention; the gate starts at 0 (the "
+        "unchanged model) and, scaled, opens within the LoRA's learning rate.",
+    )
+    bit_weight: Float = Field(1.0, ge=0, description="learned: weight of the bits' binary cross-entropy in the loss.")
+    kl_weight: Float = Field(
+        1.0,
+        ge=0,
+        description="learned: weight of KL(marked || unmarked) per completion token: the fluency the mark may cost.",
+    )
+    gumbel_temperature: Float = Field(
+        1.0, gt=0, description="learned: temperature of the straight-through Gumbel-softmax tokens in training."
+    )
+    noise: Float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="learned: in training, this fraction of the tokens the extractor reads is substituted at random "
+        "(robustness to edits).",
+    )
+    p_threshold: Float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="learned: a text is flagged when its binomial-test p-value (matching bits) is below this.",
+    )
+
     # Which settings belong to which method: a setting of the other method is an error, never ignored.
     METHOD_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "kirchenbauer": ("greenlist_ratio", "bias", "context_width", "entropy_threshold"),
-        "synthid": ("ngram_len", "depth"),
+        "kirchenbauer": ("greenlist_ratio", "bias", "context_width", "entropy_threshold", "z_threshold"),
+        "synthid": ("ngram_len", "depth", "z_threshold"),
+        "learned": (
+            "bits",
+            "message",
+            "extractor",
+            "extractor_layers",
+            "extractor_width",
+            "embedder_layers",
+            "gate_scale",
+            "bit_weight",
+            "kl_weight",
+            "gumbel_temperature",
+            "noise",
+            "p_threshold",
+        ),
     }
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _message_bits(cls, value: object, info: ValidationInfo) -> object:
+        """k characters 0/1 (k = bits), or <redacted> in a run's recipe.yaml; the value is never shown."""
+        if value is None or value == REDACTED:
+            return value
+        if not isinstance(value, str):
+            raise ValueError("a message is a quoted string of 0/1 characters (YAML reads 0101 unquoted as a number)")
+        bits = info.data.get("bits")
+        if set(value) - {"0", "1"} or (isinstance(bits, int) and len(value) != bits):
+            raise ValueError(f"a message is a string of exactly bits ({bits}) characters 0 or 1")
+        return value
 
     def other_method_keys(self) -> tuple[str, ...]:
         """The settings that belong to the other methods, not to this one."""
-        return tuple(key for method, keys in self.METHOD_KEYS.items() if method != self.method for key in keys)
+        own = self.METHOD_KEYS[self.method]
+        return tuple(
+            dict.fromkeys(
+                key
+                for method, keys in self.METHOD_KEYS.items()
+                if method != self.method
+                for key in keys
+                if key not in own
+            )
+        )
 
 
 class EvalSection(Section):
@@ -1031,6 +1116,8 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     mark = recipe.eval.watermark
     if mark is not None:
         data["eval"]["watermark"]["key"] = REDACTED
+        if mark.message is not None:  # a learned watermark's message: kept beside the key, never here
+            data["eval"]["watermark"]["message"] = REDACTED
         for key in mark.other_method_keys():  # only the settings the method uses
             del data["eval"]["watermark"][key]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -87,7 +87,12 @@ class Task:
         return None
 
     def knows_metric(self, metric: str) -> bool:
-        return metric in self.metric_names or metric in ("eval_loss", "watermark_detected", "retrieval_recall@k")
+        return metric in self.metric_names or metric in (
+            "eval_loss",
+            "watermark_detected",
+            "watermark_bit_accuracy",
+            "retrieval_recall@k",
+        )
 
     def unknown_metric(self, place: str, metric: str) -> str:
         return (

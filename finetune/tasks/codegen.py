@@ -169,7 +169,19 @@ class CodegenTask(GenerationTask):
         """pass@1 where the code runs (both opt-ins), else exact match against the reference solution."""
         return "pass@1" if settings.execute_code else "exact_match"
 
+    # A prompt continued as plain code (the function body) ends where the next top-level statement starts.
     default_stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+    # An answer through the chat template is markdown: a fenced block that may hold helper functions before the
+    # asked one, so "\ndef" would cut it right after its opening fence. It ends where its block closes: a fence
+    # alone on its line, after a newline (an opening fence starts the answer or names its language, as asked).
+    chat_stops = ("\n```\n",)
+
+    def stops(self, settings: EvalSection, chat: bool = False) -> list[str]:
+        """The recipe's `eval.stop`, else the defaults of how the prompt is asked (`chat`: data.chat_template or
+        conversations)."""
+        if settings.stop is not None:
+            return list(settings.stop)
+        return list(self.chat_stops if chat else self.default_stops)
 
     def knows_metric(self, metric: str) -> bool:
         return bool(_PASS_AT.match(metric)) or super().knows_metric(metric)

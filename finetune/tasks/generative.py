@@ -96,7 +96,10 @@ class GenerationTask(Task):
         """The text trained on for a reference answer."""
         return answer
 
-    def stops(self, settings: EvalSection) -> list[str]:
+    def stops(self, settings: EvalSection, chat: bool = False) -> list[str]:
+        """Where a generated answer ends: the recipe's `eval.stop`, else the task's defaults. `chat`: the prompt
+        went through the chat template or is a conversation (a task whose answers then end elsewhere, e.g.
+        codegen's fenced block, overrides this)."""
         return list(self.default_stops if settings.stop is None else settings.stop)
 
     # ------------------------------------------------------------ data
@@ -165,7 +168,7 @@ class GenerationTask(Task):
             family,
             features.prompts,
             settings,
-            self.stops(settings),
+            self.stops(settings, chat=recipe.data.chat_template or conversations),
             recipe.eval_batch_size,
             accelerator,
             ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),

@@ -228,22 +228,50 @@ def completion_loss(
     if features is None or len(features) == 0:
         return None
     model.eval()
+    inner = accelerator.unwrap_model(model)
+    unwrap = getattr(inner, "get_base_model", None)
+    base = unwrap() if unwrap is not None else inner
+    # A decoder's logits only at the positions some row scores (its head, applied where it is asked to); the
+    # prompt positions before them would be [rows x width x vocabulary] float32 logits that no loss reads.
+    keeps = not family.encoder_decoder and "logits_to_keep" in inspect.signature(base.forward).parameters
     sums, counts = [], []
     for batch in eval_loader(features, PadCollator(tokenizer), batch_size, accelerator):
         labels = batch.pop("labels")
-        with accelerator.autocast():
-            logits = model(**batch, labels=labels if family.encoder_decoder else None).logits.float()
-        if not family.encoder_decoder:  # a decoder predicts token t+1 at position t
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
-        )
+        if family.encoder_decoder:
+            with accelerator.autocast():
+                logits = model(**batch, labels=labels).logits
+        else:  # a decoder predicts token t+1 at position t
+            labels = labels[:, 1:]
+            scored = (labels != IGNORE).any(0).nonzero().flatten()
+            extra = {"logits_to_keep": scored} if keeps else {}
+            with accelerator.autocast():
+                logits = model(**batch, **extra).logits
+            logits, labels = (logits, labels[:, scored]) if keeps else (logits[:, :-1], labels)
         mask = labels != IGNORE
+        token_loss = scored_cross_entropy(logits, labels, mask)
         batch_sums, batch_counts = accelerator.gather_for_metrics(((token_loss * mask).sum(1), mask.sum(1)))
         sums.append(batch_sums.cpu())
         counts.append(batch_counts.cpu())
     total = torch.cat(counts).sum().item()
     return torch.cat(sums).sum().item() / total if total else None
+
+
+# Scored positions whose float32 log-softmax is made at once in `scored_cross_entropy` (x the vocabulary).
+LOSS_ROWS = 256
+
+
+def scored_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy [rows x width] (0 where `mask` is off) in float32, made only at the masked
+    positions and `LOSS_ROWS` of them at a time: the same values as `cross_entropy(logits.float())` at those
+    positions, without a float32 copy of the whole logits and a second one for the log-softmax."""
+    chosen, targets = logits[mask], labels[mask]
+    losses = chosen.new_empty(len(targets), dtype=torch.float32)
+    for start in range(0, len(targets), LOSS_ROWS):
+        stop = start + LOSS_ROWS
+        losses[start:stop] = torch.nn.functional.cross_entropy(
+            chosen[start:stop].float(), targets[start:stop], reduction="none"
+        )
+    return losses.new_zeros(mask.shape).masked_scatter(mask, losses)
 
 
 class StopOnStrings(StoppingCriteria):

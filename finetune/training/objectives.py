@@ -154,9 +154,12 @@ def next_token_logps(
         return label_logps(logits.float() / temperature, targets)
     mask = targets != IGNORE
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, :-1][mask]
+    hidden, dtype = out.hidden_states[-1][:, :-1][mask], out.logits.dtype
+    # The model's one position of logits keeps its own low-precision copy of the head's weight for a backward pass
+    # that never comes (a vocabulary x hidden tensor: 56 MB for SmolLM2 in bf16): dropped before the chunks make theirs.
+    del out
     grads = torch.is_grad_enabled() and hidden.requires_grad
-    nll = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets[mask], temperature, out.logits.dtype, grads)
+    nll = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets[mask], temperature, dtype, grads)
     # masked_scatter keeps a batch without any target connected to the graph (a zero loss, not a failed backward).
     return (-nll).new_zeros(mask.shape).masked_scatter(mask, -nll), mask
 

@@ -69,16 +69,15 @@ def _key(settings: WatermarkSection) -> int:
 
 
 @overload
-def generation_config(settings: WatermarkSection) -> WatermarkingConfig | SynthIDTextWatermarkingConfig: ...
-@overload
 def generation_config(settings: None) -> None: ...
 @overload
 def generation_config(
     settings: WatermarkSection | None,
 ) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None: ...
 def generation_config(settings: WatermarkSection | None) -> WatermarkingConfig | SynthIDTextWatermarkingConfig | None:
-    """What `model.generate` needs to mark its output, or None without a watermark."""
-    if settings is None:
+    """What `model.generate` needs to mark its output, or None without a watermark (or with a learned one, which
+    the model itself writes: finetune.watermark.learned)."""
+    if settings is None or settings.method == "learned":
         return None
     key = _key(settings)
     if settings.method == "synthid":
@@ -99,9 +98,9 @@ def logits_processors(
     entropy-gated green list reads the raw logits whose entropy detection recomputes; transformers' own watermarks
     come last, where `model.generate` puts them (after every other processor, transformers #34630). Fresh
     processors for each batch: SynthID's keeps per-row state."""
-    if settings is None:
-        return LogitsProcessorList(), LogitsProcessorList()
     config = generation_config(settings)
+    if settings is None or config is None:  # no watermark, or one the model writes itself
+        return LogitsProcessorList(), LogitsProcessorList()
     if gated(settings):
         return LogitsProcessorList([EntropyGatedWatermark(settings, vocab_size, device)]), LogitsProcessorList()
     return LogitsProcessorList(), LogitsProcessorList([config.construct_processor(vocab_size, device)])
@@ -217,6 +216,8 @@ class Detector:
             raise ValueError("an entropy-gated watermark is detected with the model's entropies")
         self.tokenizer, self.settings, self.entropies, self.bayesian = tokenizer, settings, entropies, bayesian
         config = generation_config(settings)
+        if config is None:
+            raise ValueError("a learned watermark is read by its extractor (finetune.watermark.learned.BitDetector)")
         if isinstance(config, SynthIDTextWatermarkingConfig):  # settings.method == "synthid"
             processor = config.construct_processor(model_config.vocab_size, "cpu")
             # transformers annotates it as WatermarkLogitsProcessor; synthid's config builds its own processor.

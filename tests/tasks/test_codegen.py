@@ -292,3 +292,32 @@ def test_counted_tests_score_the_share_that_pass(monkeypatch):
     outcomes = sandbox.run_programs(programs, "basic", sandbox.Limits(timeout_s=2))
     assert [o.score for o in outcomes] == [1.0, pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0, 0.0]
     assert [o.reason for o in outcomes] == ["passed", "partial", "partial", "timeout", "crashed"]
+
+
+# --------------------------------------------------------------------------- where an answer ends
+
+
+HELPER_ANSWER = (
+    "```python\ndef _digits(n):\n    return [int(c) for c in str(abs(n))]\n\n\ndef total(n):\n"
+    "    return sum(_digits(n))\n```\nThis sums the digits.\n```python\nprint(total(12))\n```\n"
+)
+
+
+def test_a_chat_answer_ends_at_its_closing_fence_not_at_its_helpers():
+    """Asked through the chat template, an answer is a fenced block that may define helpers first: its stop is the
+    closing fence (the default "\\ndef" would cut it right after the opening fence); plain continuations keep the
+    top-level stops; the recipe's eval.stop wins over both."""
+    from finetune.recipe.schema import EvalSection
+    from finetune.tasks.codegen import CodegenTask, code_of
+    from finetune.tasks.text2text import cut_at_stops
+
+    task, defaults = CodegenTask(), EvalSection()
+    chat = cut_at_stops(HELPER_ANSWER, task.stops(defaults, chat=True))
+    assert chat == HELPER_ANSWER[: HELPER_ANSWER.index("\n```\n")]  # the whole first block, helper included
+    namespace: dict = {}
+    exec(code_of(chat, "total"), namespace)
+    assert namespace["total"](-123) == 6
+    assert cut_at_stops(HELPER_ANSWER, task.stops(defaults)) == "```python"  # what "\ndef" leaves of it
+    body = "    return sum(xs)\n\ndef other():\n    pass\n"
+    assert cut_at_stops(body, task.stops(defaults)) == "    return sum(xs)\n"
+    assert task.stops(EvalSection(stop=["\n\n"]), chat=True) == ["\n\n"]

@@ -13,7 +13,7 @@ from finetune.cli import app
 from finetune.flows.resolve import build_recipe
 from finetune.models.families import FAMILIES
 from finetune.models.references import load_tokenizer
-from finetune.tasks.text2text import IGNORE, PadCollator, cut_at_stops, encode, generate
+from finetune.tasks.text2text import IGNORE, PadCollator, completion_loss, cut_at_stops, encode, generate
 from tests.conftest import WORDS, write_jsonl
 
 runner = CliRunner()
@@ -95,6 +95,33 @@ def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
     by_hand = torch.stack([-logits[t].log_softmax(-1)[row["input_ids"][t + 1]] for t in positions]).mean()
     assert torch.allclose(loss, by_hand, atol=1e-5)
     assert batch["labels"][1, -1] == IGNORE  # padding is masked too
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+def test_eval_loss_equals_cross_entropy_of_the_full_logits(tiny_models, tmp_path, kind):
+    """completion_loss makes logits only where some row is scored (and its log-softmax a few positions at a time);
+    the mean is that of cross-entropy over the model's full logits, computed directly."""
+    from accelerate import Accelerator
+
+    model, tokenizer, family = _tiny(tiny_models, kind, lively=True)
+    rng, words = random.Random(1), " ".join(WORDS.values()).split()
+    prompts = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(7)]
+    completions = [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(7)]
+    features = encode(prompts, completions, tokenizer, family, _recipe(tmp_path), "data.eval").features
+    loss = completion_loss(model, features, tokenizer, family, 3, Accelerator(cpu=True))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(features), 3):
+            batch = PadCollator(tokenizer)([features[i] for i in range(start, min(start + 3, len(features)))])
+            labels = batch.pop("labels")
+            if family.encoder_decoder:
+                logits = model(**batch, labels=labels).logits
+            else:
+                logits, labels = model(**batch).logits[:, :-1], labels[:, 1:]
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            total += per_token[labels != IGNORE].sum().item()
+            count += int((labels != IGNORE).sum())
+    assert loss == pytest.approx(total / count, rel=1e-5)
 
 
 def test_bart_targets_end_with_eos_and_prompt_is_the_encoder_input(tiny_models, tmp_path):

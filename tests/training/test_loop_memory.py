@@ -1,13 +1,14 @@
 """The training loop's memory measures change no number: `MaskedDropout` draws the same masks as `nn.Dropout` and
 gives the same outputs and gradients, bit for bit, while keeping a 1-byte mask for the backward pass where PyTorch
-keeps noise in the input's dtype (a quarter of the bytes in float32)."""
+keeps noise in the input's dtype (a quarter of the bytes in float32); `recast_frozen_weights` gives autocast's
+outputs and gradients, bit for bit, without keeping a low-precision copy of any frozen weight for the backward pass."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune.training.loop import MaskedDropout, masked_dropouts
+from finetune.training.loop import MaskedDropout, masked_dropouts, recast_frozen_weights
 
 
 def _saved_bytes(run) -> int:
@@ -66,3 +67,40 @@ def test_masked_dropouts_swap_lora_dropout_while_training_and_put_it_back(tiny_m
     plain, masked = lora_grads(False), lora_grads(True)
     assert plain.keys() == masked.keys()
     assert all(torch.equal(plain[name], masked[name]) for name in plain)
+
+
+def test_recast_frozen_weights_is_autocast_bit_for_bit_without_its_weight_copies(tiny_models):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, config).train()
+    frozen = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    shapes = {tuple(w.shape) for w in frozen} | {tuple(w.t().shape) for w in frozen}
+    ids = torch.randint(3, 100, (3, 14), generator=torch.Generator().manual_seed(1))
+
+    def step(recast: bool):
+        model.zero_grad(set_to_none=True)
+        copies = []
+
+        def pack(tensor):
+            if tensor.dtype == torch.bfloat16 and tuple(tensor.shape) in shapes:
+                copies.append(tuple(tensor.shape))
+            return tensor
+
+        with recast_frozen_weights(model, recast), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, copies
+
+    plain_loss, plain_grads, plain_copies = step(False)
+    loss, grads, copies = step(True)
+    assert plain_copies  # autocast keeps bf16 copies of the frozen weights (the check sees them)
+    assert copies == []
+    assert torch.equal(loss, plain_loss)
+    assert plain_grads.keys() == grads.keys() and all(torch.equal(plain_grads[n], grads[n]) for n in grads)
+    assert all("forward" not in vars(m) for m in model.modules())  # put back

@@ -191,3 +191,35 @@ def test_no_vocabulary_sized_activation_is_kept_for_the_backward(tiny_models):
     rows = batch["input_ids"].shape[0]
     assert theirs >= batch["input_ids"].numel()  # the check sees the full logits where they are kept
     assert ours <= rows
+
+
+def test_the_models_own_head_copy_is_freed_before_the_chunks_make_theirs(tiny_models, monkeypatch):
+    """Under bf16 autocast the model's one position of logits keeps a bf16 copy of the head's weight for its
+    backward pass; `next_token_logps` drops that output before `LinearCrossEntropy` casts the weight again, so the
+    two vocabulary x hidden copies never coexist at the step's peak (the end of the forward pass)."""
+    import weakref
+
+    model = _lora_model(tiny_models["llama"], ["q_proj", "v_proj"])
+    weight = model.get_output_embeddings().weight
+    copies: list[weakref.ref] = []  # every bf16 copy of the head weight saved for a backward pass
+
+    def pack(tensor):
+        # (saved as the transposed view the matmul reads)
+        if tensor.shape in (weight.shape, weight.t().shape) and tensor.dtype == torch.bfloat16:
+            copies.append(weakref.ref(tensor))
+        return tensor
+
+    alive_at_chunks: list[int] = []
+    forward = LinearCrossEntropy.forward
+
+    def watched(ctx, *args):
+        alive_at_chunks.append(sum(ref() is not None for ref in copies))
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(LinearCrossEntropy, "forward", staticmethod(watched))
+    batch = _padded_batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.autocast("cpu", torch.bfloat16):
+        loss = Objective(PreferenceSection(), encoder_decoder=False).step(model, batch).loss
+    assert copies  # the model's head did keep one (the check sees it)
+    assert alive_at_chunks == [0]
+    loss.backward()
