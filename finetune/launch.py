@@ -150,6 +150,10 @@ def follow_launcher(poll_seconds: float = 1.0) -> None:
     a launcher that was gone. A process whose parent changes has lost its launcher: it stops at once, with the
     lost-peer code, and the other nodes see the connection close (gloo) and stop too.
     """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Started by something other than torch's agent (a scheduler's own launcher, a shell with LOCAL_RANK set
+        # in its environment): its parent may end normally (`nohup … &`), and that is no lost node.
+        return
     launcher = os.getppid()
 
     def watch() -> None:

@@ -29,10 +29,10 @@ _TOKEN_SHAPES = re.compile(
 _URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
 # A watermark key (or a learned watermark's message) typed on a command line, whatever its length:
 # `eval.watermark.key=K`, `--key K` / `--key=K` (finetune detect), and `key: K` inside an override's YAML mapping
-# (`eval.watermark={method: synthid, key: K}`); the same for `message`.
+# (`eval.watermark={method: synthid, key: K}`); the same for `message`, quoted or not (YAML reads 0101 as a number).
 _KEY_ARGUMENTS = re.compile(
-    r"(watermark\.(?:key|message)\s*=\s*|--(?:key|message)[=\s]\s*"
-    r"|watermark[^\s=:]*\s*[:=]\s*\{[^}]*?\b(?:key|message)\s*:\s*)([^\s,}'\"]+)"
+    r"((?:watermark\.(?:key|message)\s*=\s*|--(?:key|message)[=\s]\s*"
+    r"|watermark[^\s=:]*\s*[:=]\s*\{[^}]*?\b(?:key|message)\s*:\s*)['\"]?)([^\s,}'\"]+)"
 )
 _MIN_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
 

@@ -246,13 +246,14 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     # the one nearest its median cost. Step time is not a straight line of the tokens (kernels work in tiles: a
     # few more tokens can cost a whole tile more), so every part of the distribution gets its own measurement.
     strata = np.minimum(np.argsort(np.argsort(costs, kind="stable")) * STRATA // max(len(costs), 1), STRATA - 1)
-    representatives = [
-        int(np.argmin(np.abs(epoch_costs - np.median(costs[strata == k]))))
+    representatives = {  # stratum -> its measured batch (a run of few batches leaves some strata empty)
+        k: int(np.argmin(np.abs(epoch_costs - np.median(costs[strata == k]))))
         for k in range(STRATA)
         if (strata == k).any()
-    ]
+    }
     longest, short = int(np.argmax(epoch_costs)), int(np.argmin(epoch_costs))
-    timed = list(dict.fromkeys([longest, *representatives]))  # the longest first: the memory peak; distinct only
+    # The longest first (the memory peak); the short one last, the baseline of the checkpoint step; distinct only.
+    timed = list(dict.fromkeys([longest, *representatives.values(), short]))
     how: list[str] = []
     # One optimizer step per call, on exactly one batch of the run (no shuffle can regroup its rows).
     settings = t.model_copy(
@@ -311,7 +312,7 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
             scratch_run.train_log,
             Checkpointing(scratch_run.checkpoints, identity, None, saver),
         )
-        same = seconds[timed.index(short)] if short in timed else seconds[-1]
+        same = seconds[timed.index(short)]
         checkpoint_seconds = max(0.0, with_checkpoint - same)
 
         # Evaluation: a sample of rows in the run's eval batches, through the one evaluation step.
@@ -334,9 +335,8 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         card.write_pictures(scratch_run, metrics_document(recipe.task, scored, [], {}))
         writing_seconds = time.perf_counter() - begun
 
-    priced = {i: seconds[timed.index(i)] for i in representatives}
-    per_stratum = [priced[i] for i in representatives]
-    steps_seconds = float(sum(per_stratum[k] * int((strata == k).sum()) for k in range(len(per_stratum))))
+    per_stratum = {k: seconds[timed.index(i)] for k, i in representatives.items()}
+    steps_seconds = float(sum(seconds_k * int((strata == k).sum()) for k, seconds_k in per_stratum.items()))
     saves, evaluations = checkpoints_written(session, plan)
     limit = during_rows(session)
     during = min(limit, eval_rows) if limit is not None else eval_rows

@@ -75,7 +75,9 @@ def evaluate_features(
     mark = session.recipe.eval.watermark
     if mark is not None:  # each prediction scored on its own tokens
         detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)
-        rows = [{**row, **detector.score(row["prediction"], row["prompt"]).as_dict()} for row in rows]
+        # A learned watermark's decoded bits stay out of predictions.jsonl: their majority is the run's message.
+        scored = (detector.score(row["prediction"], row["prompt"]).as_dict() for row in rows)
+        rows = [{**row, **{k: v for k, v in found.items() if k != "message"}} for row, found in zip(rows, scored)]
     return rows, evaluation.score(session.task, rows, session.recipe.eval, loss, intervals=intervals)
 
 

@@ -763,6 +763,8 @@ def _check(
     mark = recipe.eval.watermark
     if mark is not None and isinstance(mark.key, int):
         register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
+    if mark is not None and isinstance(mark.message, str) and set(mark.message) <= {"0", "1"}:
+        register_secret(mark.message)  # a learned watermark's message, kept as the key is
     config, config_problem = read_model_config(recipe)
     problems = [Problem(p) for p in recipe_rules(recipe)]
     if not problems:  # each swept value is tried in the recipe, whose own problems would repeat for each

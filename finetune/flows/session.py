@@ -203,15 +203,17 @@ class Session:
 class LearnedWatermarkSaver(AdapterSaver):
     """The adapter, and beside it a learned watermark's blocks and extractor and the run's message (0600).
 
-    Written after the adapter is in place, each file atomically; an adapter whose watermark files are missing
-    (a kill between the two) is refused when loaded, naming them, never used unmarked."""
+    Written after the adapter is in place, the message before the weights; an adapter whose watermark files are
+    missing (a kill between the two) is refused when loaded, naming them, never used unmarked or with another
+    message."""
 
     def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
         super().save(model, adapter_dir, for_other_tools)
         watermark = learned.find(model)
         if watermark is not None and self.watermark is not None:
-            learned.save(watermark, adapter_dir)
+            # The message first: weights without their message would be read against the key's message instead.
             learned.write_message(adapter_dir, self.watermark)
+            learned.save(watermark, adapter_dir)
 
 
 # --------------------------------------------------------------------------- the steps, in order

@@ -80,6 +80,9 @@ def run_message(settings: WatermarkSection, adapter_dir: Path | None = None) -> 
         return check_message(settings.message, settings.bits, "eval.watermark.message")
     if adapter_dir is not None and (adapter_dir / MESSAGE_FILE).is_file():
         return read_message(adapter_dir, settings.bits)
+    if settings.message == REDACTED:  # the run chose a message and it is not beside the adapter: never another one
+        where = adapter_dir / MESSAGE_FILE if adapter_dir is not None else MESSAGE_FILE
+        raise RecipeError(f"{where}: the run's message is missing; give it as eval.watermark.message (or --message)")
     if not isinstance(settings.key, int):
         raise RecipeError("eval.watermark.message: no message and no key to draw it from; give eval.watermark.message")
     return message_from_key(settings.key, settings.bits)

@@ -163,7 +163,10 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
 
     import psutil
 
-    worker = "from finetune.launch import follow_launcher; import time; follow_launcher(0.1); time.sleep(60)"
+    worker = (
+        "import os, time; os.environ['TORCHELASTIC_RUN_ID'] = 'test'; "  # as torch's agent sets for its workers
+        "from finetune.launch import follow_launcher; follow_launcher(0.1); time.sleep(60)"
+    )
     said = tmp_path / "worker.err"
     launcher = (
         "import subprocess, sys, time; "
@@ -186,3 +189,15 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
     finally:
         for process in psutil.Process().children(recursive=True):
             process.kill()
+
+
+@pytest.mark.unit
+def test_a_process_not_started_by_torchs_agent_is_not_watched(monkeypatch):
+    """LOCAL_RANK in a login shell's environment, `nohup finetune run … &`: the parent may end, nothing was lost."""
+    import threading
+
+    from finetune.launch import follow_launcher
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    follow_launcher(0.1)
+    assert not any(t.name == "finetune-follow-launcher" for t in threading.enumerate())

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from finetune.errors import RecipeError
 from finetune.models.families import FAMILIES
 from finetune.recipe.schema import PreferenceSection, Recipe, WatermarkSection, build_recipe, recipe_to_yaml
+from finetune.secrets import REDACTED, redact
 from finetune.training.objectives import Objective
 from finetune.training.watermark_objective import LearnedWatermarkObjective, completion_order, substitute
 from finetune.watermark import learned
@@ -215,6 +216,10 @@ def test_the_message_is_checked_drawn_kept_and_redacted(tmp_path):
     learned.write_message(tmp_path, mark)
     assert (tmp_path / learned.MESSAGE_FILE).stat().st_mode & 0o777 == 0o600
     assert learned.read_message(tmp_path, 8) == "10110010"
+    chosen = settings(bits=8).model_copy(update={"message": REDACTED})  # a run's recipe.yaml, its message chosen
+    assert learned.run_message(chosen, tmp_path) == "10110010"
+    with pytest.raises(RecipeError, match="the run's message is missing"):  # never the key's message instead
+        learned.run_message(chosen, tmp_path / "elsewhere")
     with pytest.raises(RecipeError, match="exactly 16 characters"):
         learned.read_message(tmp_path, 16)
     recipe = build_recipe(
@@ -222,6 +227,8 @@ def test_the_message_is_checked_drawn_kept_and_redacted(tmp_path):
     )
     text = recipe_to_yaml(recipe)
     assert "10110010" not in text and "message: <redacted>" in text
+    for typed in ("eval.watermark.message='10110010'", 'eval.watermark={method: learned, message: "10110010"}'):
+        assert "10110010" not in redact(typed)  # quoted, as YAML needs it, on a command line
     assert "z_threshold" not in text and "greenlist_ratio" not in text  # the other methods' settings
     assert set(WatermarkSection(key=1).other_method_keys()) >= {"bits", "message", "noise"}
     assert "z_threshold" not in WatermarkSection(key=1, method="synthid").other_method_keys()
