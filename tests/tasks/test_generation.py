@@ -101,14 +101,16 @@ def test_decoder_loss_is_on_completion_tokens_only(tiny_models, tmp_path, kind):
 def test_eval_loss_equals_cross_entropy_of_the_full_logits(tiny_models, tmp_path, kind):
     """completion_loss makes logits only where some row is scored (and its log-softmax a few positions at a time);
     the mean is that of cross-entropy over the model's full logits, computed directly."""
-    from accelerate import Accelerator
+    from finetune.recipe.schema import TrainSection
+    from finetune.training.loop import make_accelerator
 
     model, tokenizer, family = _tiny(tiny_models, kind, lively=True)
     rng, words = random.Random(1), " ".join(WORDS.values()).split()
     prompts = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(7)]
     completions = [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(7)]
     features = encode(prompts, completions, tokenizer, family, _recipe(tmp_path), "data.eval").features
-    loss = completion_loss(model, features, tokenizer, family, 3, Accelerator(cpu=True))
+    accelerator = make_accelerator(TrainSection(), "no")  # float32, whatever an earlier test left in accelerate
+    loss = completion_loss(model, features, tokenizer, family, 3, accelerator)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(features), 3):
