@@ -30,14 +30,12 @@ from finetune.data.tables import apply_overflow, checked_texts, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.scoring import eval_loader, multi_label_metrics
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
-from finetune.tasks.base import Task
+from finetune.tasks.base import Task, width_multiple
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 log = logging.getLogger("finetune")
-
-BATCH_WIDTH_MULTIPLE = 32  # padded batch widths come in multiples of this (see collate)
 
 # train.class_weights auto weights the loss when the most frequent class has at least this many times the training
 # rows of the rarest (multi-label: rows carrying the label). Below it the classes are near enough balanced.
@@ -216,11 +214,7 @@ class ClassificationTask(Task):
         from transformers import DataCollatorWithPadding
 
         tokenizer.padding_side = "right"
-        # Widths rounded up to a multiple of 32 (never past max_length): length-grouped batches then come in a few
-        # shapes instead of dozens, and the CPU allocator and oneDNN's primitive cache stop growing with each new
-        # shape (peak RSS 2.2 -> 1.35 GB over 60 MiniLM steps at the same speed; bench/README.md).
-        multiple = BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
-        return LabelCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple))
+        return LabelCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=width_multiple(max_length)))
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -32,7 +32,8 @@ from finetune.evaluation.scoring import eval_loader
 from finetune.models.embedding import CrossEncoderRanker
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe
-from finetune.tasks.retrieval import BATCH_WIDTH_MULTIPLE, RetrievalTask, corpus
+from finetune.tasks.base import width_multiple
+from finetune.tasks.retrieval import RetrievalTask, corpus
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -125,8 +126,7 @@ class RerankTask(RetrievalTask):
     def collate(
         self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
     ) -> Callable[[list[dict]], dict]:
-        multiple = BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
-        return GroupCollator(tokenizer, multiple)
+        return GroupCollator(tokenizer, width_multiple(max_length))
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()

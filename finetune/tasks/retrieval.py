@@ -32,13 +32,11 @@ from finetune.evaluation.scoring import eval_loader
 from finetune.models.embedding import BiEncoder, Embedder, EmbeddingLayout
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe, RetrievalSection
-from finetune.tasks.base import Task
+from finetune.tasks.base import Task, width_multiple
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-# Padded batch widths come in multiples of this (as classification's: fewer shapes, a steadier CPU allocator).
-BATCH_WIDTH_MULTIPLE = 32
 # Passages embedded per forward pass when the corpus is encoded for evaluation.
 CORPUS_BATCH = 64
 
@@ -202,8 +200,7 @@ class RetrievalTask(Task):
     def collate(
         self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
     ) -> Callable[[list[dict]], dict]:
-        multiple = BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
-        return PairCollator(tokenizer, multiple)
+        return PairCollator(tokenizer, width_multiple(max_length))
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
