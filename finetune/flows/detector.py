@@ -60,7 +60,7 @@ def train_for_model(session, prompts: list[list[int]], accelerator) -> tuple[Bay
             session.family,
             prompts,
             generation,
-            session.task.stops(generation, chat=recipe.data.chat_template),
+            session.task.answer_stops(generation, recipe.data, session.features["train"].rows),
             recipe.eval_batch_size,
             accelerator,
         )

@@ -120,7 +120,7 @@ class Session:
         settings, tokenizer, task = self.recipe.train.grpo, self.tokenizer, self.task
         assert isinstance(task, GenerationTask)
         rows = self.features["train"].rows
-        stops = task.stops(self.recipe.eval, chat=self.recipe.data.chat_template)
+        stops = task.answer_stops(self.recipe.eval, self.recipe.data, rows)
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 

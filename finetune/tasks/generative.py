@@ -21,7 +21,7 @@ from finetune.data.tables import checked_texts
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.preference import PREFERENCE_METRICS
 from finetune.models.families import FAMILIES, FamilySpec
-from finetune.recipe.schema import EvalSection, Recipe
+from finetune.recipe.schema import DataSection, EvalSection, Recipe
 from finetune.tasks.base import Task
 from finetune.tasks.conversations import ConversationEncoder, featurize_conversations, references
 from finetune.tasks.preference import featurize_preferences, preference_fields, rollout_prompts
@@ -99,8 +99,19 @@ class GenerationTask(Task):
     def stops(self, settings: EvalSection, chat: bool = False) -> list[str]:
         """Where a generated answer ends: the recipe's `eval.stop`, else the task's defaults. `chat`: the prompt
         went through the chat template or is a conversation (a task whose answers then end elsewhere, e.g.
-        codegen's fenced block, overrides this)."""
+        codegen's fenced block, overrides this). Callers ask `answer_stops`, which decides `chat`."""
         return list(self.default_stops if settings.stop is None else settings.stop)
+
+    @staticmethod
+    def asked_in_chat(data: DataSection, rows: Dataset) -> bool:
+        """Whether the prompts of `rows` are asked as chat turns: through the chat template, or as conversations
+        (data/conversations.py gives every conversation layout the "messages" column). The one place this is
+        decided: evaluation, GRPO's sampler and the watermark detector's generations all end answers by it."""
+        return bool(data.chat_template) or "messages" in rows.column_names
+
+    def answer_stops(self, settings: EvalSection, data: DataSection, rows: Dataset) -> list[str]:
+        """The stop strings of answers generated for `rows`."""
+        return self.stops(settings, chat=self.asked_in_chat(data, rows))
 
     # ------------------------------------------------------------ data
     def featurize(
@@ -168,7 +179,7 @@ class GenerationTask(Task):
             family,
             features.prompts,
             settings,
-            self.stops(settings, chat=recipe.data.chat_template or conversations),
+            self.answer_stops(settings, recipe.data, features.rows),
             recipe.eval_batch_size,
             accelerator,
             ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),

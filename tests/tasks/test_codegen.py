@@ -321,3 +321,21 @@ def test_a_chat_answer_ends_at_its_closing_fence_not_at_its_helpers():
     body = "    return sum(xs)\n\ndef other():\n    pass\n"
     assert cut_at_stops(body, task.stops(defaults)) == "    return sum(xs)\n"
     assert task.stops(EvalSection(stop=["\n\n"]), chat=True) == ["\n\n"]
+
+
+def test_whether_prompts_are_chat_is_decided_once_from_the_template_or_the_conversation_rows():
+    """Evaluation, GRPO's sampler and the watermark detector all end answers by `answer_stops`: chat stops when
+    the recipe uses the chat template or the rows are conversations, plain stops otherwise."""
+    from datasets import Dataset
+
+    from finetune.recipe.schema import DataSection, EvalSection
+    from finetune.tasks.codegen import CodegenTask
+
+    task, defaults = CodegenTask(), EvalSection()
+    plain = Dataset.from_dict({"prompt": ["def f():"], "completion": ["    pass"]})
+    talk = Dataset.from_dict({"messages": [[{"role": "user", "content": "write f"}]]})
+    data = DataSection(train="t.jsonl")
+    assert task.answer_stops(defaults, data, plain) == list(task.default_stops)
+    assert task.answer_stops(defaults, data, talk) == list(task.chat_stops)
+    templated = data.model_copy(update={"chat_template": True})
+    assert task.answer_stops(defaults, templated, plain) == list(task.chat_stops)
