@@ -181,10 +181,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# `--use_fsdp` sets ACCELERATE_USE_FSDP in every process: accelerate wraps the model in FSDP on GPUs, and the
+# training loop shards it with torch's FSDP2 on CPU processes (finetune/training/sharding.py, `shards_on_cpu`).
 STRATEGY_FLAGS = {
     "ddp": ["--multi_gpu"],
     "fsdp": ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_use_orig_params", "true"],
     "deepspeed": ["--use_deepspeed", "--zero_stage", "2"],
+}
+# On CPU only the FSDP switch: accelerate's FSDP plugin, which every process still builds from the launcher's
+# variables, refuses its defaults there (rank 0's weights broadcast at wrapping, which RAM-efficient loading
+# implies); the loop's processes start from the same seeded weights, as under ddp.
+CPU_STRATEGY_FLAGS = {
+    "fsdp": ["--use_fsdp", "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_sync_module_states", "false"]
 }
 
 
@@ -195,15 +203,11 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
     used on CPU too: each process then joins a gloo group (see make_accelerator).
     On several nodes every node runs this with its own rank; they meet at the first node's address.
     """
-    import torch
+    from finetune.flows.resolve import strategy_problems, too_many_processes
 
-    from finetune.flows.resolve import too_many_processes
-
-    problems = too_many_processes(topology.per_node, "--num-processes")
+    problems = too_many_processes(topology.per_node, "--num-processes") + strategy_problems(strategy)
     if problems:
         raise RecipeError(problems[0])
-    if strategy != "ddp" and not torch.cuda.is_available():
-        raise RecipeError(f"distributed.strategy: {strategy} shards over GPUs; without one use ddp (gloo on CPU)")
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -222,9 +226,14 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
             "--max_restarts",
             str(max_restarts),
         ]
+    import torch
+
+    flags = STRATEGY_FLAGS[strategy]
+    if not torch.cuda.is_available():
+        flags = CPU_STRATEGY_FLAGS.get(strategy, flags)
     args = launch_command_parser().parse_args(
         [
-            *STRATEGY_FLAGS[strategy],
+            *flags,
             "--num_processes",
             str(topology.world_size),  # accelerate counts the processes of all machines
             *where,

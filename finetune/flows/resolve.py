@@ -624,17 +624,31 @@ def _package_and_device_rules(recipe: Recipe) -> list[str]:
             problems.append(
                 "distributed.quantization: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)"
             )
-    if distributed.strategy != "ddp" and not cuda:
+    problems += strategy_problems(distributed.strategy)
+    if distributed.strategy == "fsdp" and not cuda and learned.is_learned(recipe.eval.watermark):
         problems.append(
-            f"distributed.strategy: {distributed.strategy} shards over GPUs; without one use ddp (gloo on CPU)"
+            "distributed.strategy: fsdp on CPU trains a sharded copy of the model, and a learned watermark's blocks "
+            "are hooked onto the original's layers (eval.watermark.method: learned); use ddp"
         )
-    if distributed.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    if distributed.strategy == "deepspeed" and cuda and importlib.util.find_spec("deepspeed") is None:
         problems.append(
             "distributed.strategy: deepspeed needs the deepspeed package (pip install 'finetune[deepspeed]')"
         )
     if isinstance(distributed.num_processes, int):
         problems += too_many_processes(distributed.num_processes, "distributed.num_processes")
     return problems
+
+
+def strategy_problems(strategy: str) -> list[str]:
+    """`distributed.strategy` on this machine (the recipe's, or what `finetune.launch` is asked to start).
+
+    DeepSpeed runs on GPUs only. FSDP runs on GPUs through accelerate, and on CPU processes (gloo) through torch's
+    own FSDP2 (`training/sharding.py`, `CpuShards`), since accelerate (1.x) enables FSDP for GPU process groups only."""
+    import torch
+
+    if strategy == "deepspeed" and not torch.cuda.is_available():
+        return ["distributed.strategy: deepspeed (ZeRO) runs on GPUs; without one use ddp or fsdp (gloo on CPU)"]
+    return []
 
 
 def machine_processes() -> tuple[int, str]:

@@ -863,7 +863,9 @@ class DistributedSection(Section):
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
-        description="How several GPUs share the work: ddp (replicas), fsdp or deepspeed (ZeRO-2), via accelerate.",
+        description="How several processes share the work: ddp (a replica each), fsdp (weights, gradients and "
+        "optimizer state sharded: accelerate's FSDP on GPUs, torch's FSDP2 over gloo on CPU) or deepspeed (ZeRO-2, "
+        "GPUs only).",
     )
     gradient_checkpointing: Bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a third more compute."

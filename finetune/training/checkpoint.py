@@ -103,11 +103,13 @@ def save(
             "log_window": logger_state,
         },
     )
+    # On every process: a sharded optimizer (fsdp on CPU) gathers its state from all of them.
+    optimizer_state = optimizer.state_dict()
     if main:
         unwrapped = accelerator.unwrap_model(model)
         trainable = {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
         _save_tensors(trainable, staging / "trainable.safetensors")
-        tensors, rest = _split_optimizer_state(optimizer.state_dict())
+        tensors, rest = _split_optimizer_state(optimizer_state)
         _save_tensors(tensors, staging / "optimizer.safetensors")
         _write_json(staging / "optimizer.json", rest)
         _write_json(staging / "scheduler.json", scheduler.state_dict())
@@ -313,13 +315,12 @@ def restore(
             f"{path}: its trained parameters do not match this model's LoRA layout "
             f"(missing {missing[:3]}, unexpected {extra[:3]})"
         )
-    with torch.no_grad():
-        for name, parameter in trainable.items():
-            if saved[name].shape != parameter.shape:
-                raise RecipeError(
-                    f"{path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(parameter.shape)}"
-                )
-            parameter.copy_(saved[name])
+    for name, parameter in trainable.items():
+        if saved[name].shape != parameter.shape:
+            raise RecipeError(
+                f"{path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(parameter.shape)}"
+            )
+    _load_trainable(unwrapped, trainable, saved)
     rest = _read_json(path / "optimizer.json")
     optimizer.load_state_dict(_join_optimizer_state(_load_tensors(path / "optimizer.safetensors"), rest))
     scheduler.load_state_dict(_read_json(path / "scheduler.json"))
@@ -335,6 +336,21 @@ def restore(
     kind, keys, position, has_gauss, cached = host["numpy_random"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     return read_progress(path), host["log_window"]
+
+
+def _load_trainable(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], saved: dict) -> None:
+    """The saved (whole) values into the live parameters. A model sharded by FSDP2 (fsdp on CPU) holds each
+    parameter as a DTensor shard: torch's state-dict loader scatters the whole values to the shards."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(parameter, DTensor) for parameter in trainable.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(saved[name])
 
 
 def load_trainable(path: Path, model: torch.nn.Module) -> None:

@@ -29,6 +29,7 @@ from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training import checkpoint
 from finetune.training.monitor import Monitor
 from finetune.training.objectives import Objective
+from finetune.training.sharding import CpuShards, shards_on_cpu
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -352,6 +353,11 @@ def train(
     )
     plan = TrainPlan.build(t, len(features), accelerator.num_processes)
 
+    # fsdp on CPU: the sharded copy trains (its optimizer over its sharded parameters); accelerate still splits
+    # the data, accumulates and reduces, but does not wrap the model (it would wrap it in DDP).
+    shards = CpuShards(model, accelerator) if shards_on_cpu(accelerator) else None
+    if shards is not None:
+        model = shards.model
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, t)
     # The scheduler is stepped by hand once per optimizer step, so it is not
@@ -359,13 +365,17 @@ def train(
     scheduler = get_scheduler(
         t.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if shards is None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    optimizer_state = optimizer if shards is None else shards.optimizer_state(optimizer)
     batches_per_epoch = len(loader)
 
     progress = checkpoint.Progress(identity=checkpointing.identity if checkpointing else {})
     logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
     if checkpointing and checkpointing.resume_from:
-        progress, window = checkpoint.restore(checkpointing.resume_from, accelerator, model, optimizer, scheduler)
+        progress, window = checkpoint.restore(checkpointing.resume_from, accelerator, model, optimizer_state, scheduler)
         progress.identity = checkpointing.identity
         logger.resume(progress, window)
         accelerator.step = progress.batches_in_epoch  # gradient-accumulation phase
@@ -411,8 +421,12 @@ def train(
                 bar.update(progress.step, entry, scheduler.get_last_lr()[0])
                 epoch_end = progress.batches_in_epoch == 0
                 evaluated = monitor is not None and monitor.due(progress.step, epoch_end, done)
+                whole = None  # fsdp on CPU: the weights gathered for this step's evaluation and checkpoint
                 if evaluated and monitor is not None:
-                    result = monitor.evaluate(model, progress.step, progress.step / plan.steps_per_epoch)
+                    whole = shards.gather() if shards is not None else None
+                    result = monitor.evaluate(
+                        model if whole is None else whole, progress.step, progress.step / plan.steps_per_epoch
+                    )
                     accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
                     bar.note_eval(result, monitor.metric)
                     if monitor.should_stop():
@@ -432,18 +446,22 @@ def train(
                     stopping or done or epoch_end or evaluated or progress.step % t.checkpoint_every == 0
                 ):
                     progress.tokens, progress.skipped_steps = logger.total_tokens, guard.skipped
+                    if shards is not None and whole is None:
+                        whole = shards.gather(frozen=False)
                     saved = checkpoint.save(
                         checkpointing.directory,
                         progress,
                         accelerator,
-                        model,
-                        optimizer,
+                        model if whole is None else whole,
+                        optimizer_state,
                         scheduler,
                         logger.window_state(),
                         t.keep_checkpoints,
                         checkpointing.adapter,
                         protect=monitor.state.best_step if monitor else None,
                     )
+                if shards is not None and whole is not None:
+                    shards.release()
                 if stopping and not done:
                     where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
                     raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
@@ -451,6 +469,8 @@ def train(
                     break
             if monitor is not None and monitor.state.stopped_early:
                 break
+    if shards is not None:  # the caller's model, whole again, for what follows training (evaluation, the adapter)
+        shards.gather()
     return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
 
 
@@ -464,7 +484,7 @@ def train_step(objective: Objective, model, batch: dict, accelerator, guard: Non
         loss = step.loss * weight
         guard.watch(loss)
         # Processes exchange gradients once per batch, after its last part (no_sync: none for the ones before).
-        with accelerator.no_sync(model) if index < len(parts) - 1 else contextlib.nullcontext():
+        with gradient_sync(accelerator, model, last=index == len(parts) - 1):
             accelerator.backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
         counted = real_tokens(part) if step.tokens is None else step.tokens
@@ -474,6 +494,19 @@ def train_step(objective: Objective, model, batch: dict, accelerator, guard: Non
     assert total is not None and tokens is not None
     logger.add(total, tokens, stats)
     return total
+
+
+def gradient_sync(accelerator: Accelerator, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Around one backward pass: gradients are exchanged only after a batch's last part, and only at the end of
+    an accumulation (accelerate's `accumulate` decides `sync_gradients`). DDP skips the exchange inside `no_sync`
+    (accumulate enters it for the batches before); an FSDP2 model is told by `set_requires_gradient_sync`, which
+    accelerate does not call on a CPU group (it never made the model FSDP), so it is set here for every part."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(accelerator.sync_gradients and last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
 def real_tokens(batch: dict) -> torch.Tensor:

@@ -47,7 +47,7 @@ INVALID = {
         "listed more than once",
     ),
     "max_length above the positions": (lambda r: r["data"].update(max_length=4096), 2, "128 positions"),
-    "fsdp without a GPU": (lambda r: r.update(distributed={"strategy": "fsdp"}), 2, "shards over GPUs"),
+    "deepspeed without a GPU": (lambda r: r.update(distributed={"strategy": "deepspeed"}), 2, "runs on GPUs"),
     "QLoRA without a GPU": (lambda r: r.update(distributed={"quantization": "4bit"}), 2, "needs a CUDA GPU"),
     "generation on an encoder": (lambda r: r.update(_generation(r)), 2, "not supported on the bert family"),
     "hub id not cached, offline": (
@@ -59,7 +59,7 @@ INVALID = {
 }
 
 
-GPU_ONLY = {"fsdp without a GPU", "QLoRA without a GPU"}
+GPU_ONLY = {"deepspeed without a GPU", "QLoRA without a GPU"}
 
 
 @pytest.mark.parametrize("name", list(INVALID))
@@ -83,6 +83,24 @@ def test_validate_refuses_exactly_what_run_refuses(name, tiny_models, topic_data
     assert validated.output.split("recipe.yaml", 1)[1] == dry_run.output.split("recipe.yaml", 1)[1]
     assert "Traceback" not in dry_run.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_fsdp_is_valid_on_cpu_but_not_with_a_learned_watermark(tiny_models, topic_data, write_recipe, tmp_path):
+    """fsdp on CPU processes shards through torch's FSDP2 (training/loop.py); a learned watermark, whose blocks are
+    hooked onto the unsharded model's layers, is refused with it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, fsdp goes through accelerate's own FSDP")
+    recipe = classification_recipe(tiny_models["llama"], topic_data, tmp_path / "run")
+    recipe["distributed"] = {"strategy": "fsdp", "num_processes": 2}
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    marked = _generation(recipe)
+    marked["eval"] = {"max_new_tokens": 8, "watermark": {"method": "learned", "key": 7, "bits": 8}}
+    result = runner.invoke(app, ["validate", str(write_recipe(marked, "marked.yaml"))])
+    assert result.exit_code == 2 and "1 problem" in result.output, result.output
+    assert "distributed.strategy: fsdp on CPU trains a sharded copy" in result.output.replace("\n", " ")
 
 
 def test_every_problem_is_reported_at_once(tiny_models, topic_data, write_recipe, tmp_path):

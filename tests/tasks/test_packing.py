@@ -85,11 +85,12 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_models, topic_data,
     assert len(enabled) == 1
 
 
-def test_qlora_and_sharding_strategies_are_refused_without_a_gpu(tiny_models, topic_data, write_recipe, tmp_path):
+def test_qlora_and_deepspeed_are_refused_without_a_gpu(tiny_models, topic_data, write_recipe, tmp_path):
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
     recipe["distributed"] = {"quantization": "4bit"}
     result = invoke("run", write_recipe(recipe, "qlora.yaml"))
     assert result.exit_code == 2 and "4bit (QLoRA) needs a CUDA GPU" in result.output
-    recipe["distributed"] = {"strategy": "fsdp", "num_processes": 2}
-    result = invoke("run", write_recipe(recipe, "fsdp.yaml"))
-    assert result.exit_code == 2 and "fsdp shards over GPUs" in result.output
+    # fsdp runs on CPU processes too (torch's FSDP2, tests/training/test_fsdp_cpu.py); DeepSpeed needs GPUs.
+    recipe["distributed"] = {"strategy": "deepspeed", "num_processes": 2}
+    result = invoke("run", write_recipe(recipe, "deepspeed.yaml"))
+    assert result.exit_code == 2 and "deepspeed (ZeRO) runs on GPUs" in result.output
