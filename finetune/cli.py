@@ -596,12 +596,12 @@ def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe 
     for path in recipes:
         try:
             summary = validate_recipe_file(path)
-            console.print(f"[green]ok[/]   {path}: {summary}", highlight=False, soft_wrap=True)
+            console.print(f"[green]ok[/]   {escape(str(path))}: {escape(summary)}", highlight=False, soft_wrap=True)
         except FinetuneError as exc:
             if _debug["on"]:  # the original error, chained, for what was turned into one line
                 exc.__suppress_context__ = False
                 traceback.print_exception(exc)
-            err_console.print(f"[red]fail[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]fail[/] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
             worst = max(worst, exc.exit_code)
     if worst:
         raise typer.Exit(worst)

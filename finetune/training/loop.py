@@ -125,8 +125,12 @@ class LengthGroupedBatches(Sampler[list[int]]):
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             chunk = chunk.tolist()
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        # A short batch (the rows left over) stays last: accelerate deals batches out to processes in turn and
+        # evens them out by the last one only; a short batch in the middle would take a batch from one process and
+        # leave it fewer than len(loader) (its epoch never ends: a run of several processes spun forever).
+        short = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
+        return [batches[i] for i in shuffle] + ([short] if short else [])
 
     def __iter__(self):
         return iter(self.batches())
@@ -467,6 +471,11 @@ def train(
                     raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
                 if done or epoch_end:
                     break
+            else:  # the loader ran out before the epoch's batches_per_epoch: never wait for batches that never come
+                raise RuntimeError(
+                    f"the training data loader gave {progress.batches_in_epoch} of its {batches_per_epoch} batches "
+                    f"in epoch {progress.epoch + 1}"
+                )
             if monitor is not None and monitor.state.stopped_early:
                 break
     if shards is not None:  # the caller's model, whole again, for what follows training (evaluation, the adapter)
