@@ -159,8 +159,11 @@ def follow_launcher(poll_seconds: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(poll_seconds)
-        sys.stderr.write("error: the launcher of this process was lost; this process stopped\n")
-        os._exit(PeerLost.exit_code)
+        try:  # the launcher held the other end of our stderr: writing may raise (closed pipe); stop all the same
+            sys.stderr.write("error: the launcher of this process was lost; this process stopped\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(PeerLost.exit_code)
 
     threading.Thread(target=watch, name="finetune-follow-launcher", daemon=True).start()
 

@@ -154,9 +154,11 @@ def test_a_lost_node_ends_the_other_with_a_clear_exit(tiny_models, topic_data, w
 
 
 @pytest.mark.unit
-def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
+@pytest.mark.parametrize("stderr", ["file", "pipe"])
+def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path, stderr):
     """What torch's agent does (a worker in a session of its own), with `follow_launcher` in the worker: killing the
-    launcher ends the worker within seconds instead of leaving it training as an orphan."""
+    launcher ends the worker within seconds instead of leaving it training as an orphan, also when its stderr was
+    a pipe that only the launcher read (the last words then fail with a closed pipe; they must not keep it alive)."""
     import os
     import signal
     import time
@@ -168,9 +170,10 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
         "from finetune.launch import follow_launcher; follow_launcher(0.1); time.sleep(60)"
     )
     said = tmp_path / "worker.err"
+    target = f"open({str(said)!r}, 'w')" if stderr == "file" else "subprocess.PIPE"
     launcher = (
         "import subprocess, sys, time; "
-        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True, stderr=open({str(said)!r}, 'w'))"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True, stderr={target})"
         "; time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", launcher])
@@ -185,7 +188,8 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path):
         started = time.monotonic()
         gone, _ = psutil.wait_procs([child], timeout=10)
         assert gone and time.monotonic() - started < 10  # (its exit code, 76, is its launcher's to read)
-        assert said.read_text() == "error: the launcher of this process was lost; this process stopped\n"
+        if stderr == "file":
+            assert said.read_text() == "error: the launcher of this process was lost; this process stopped\n"
     finally:
         for process in psutil.Process().children(recursive=True):
             process.kill()
