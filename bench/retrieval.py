@@ -2,6 +2,7 @@
 
     python bench/retrieval.py [--rows N] [KEY=VALUE ...]   (KEY=VALUE: overrides of the shipped recipe for finetune)
     python bench/retrieval.py --rerank    (afterwards: a cross-encoder over the retriever it trained)
+    python bench/retrieval.py --kb        (knowledge-base answering: the shipped KB recipe on a public FAQ)
 
 The data: Python's standard library, NumPy, SciPy, pandas, NetworkX and SymPy docstrings (installed packages,
 offline). A query is a docstring's summary line, its passage the docstring's following prose (the description,
@@ -24,6 +25,12 @@ It also checks that finetune's metrics.json equals the metrics recomputed from i
 sentence-transformers' evaluator run on `SentenceTransformer(RUN/adapter)` (the saved retriever loaded by the
 library itself). Results go to bench/results/retrieval-<time>.json. The machine is shared and noisy: compare
 the wall times of one run with each other, not across runs.
+
+`--kb` runs the shipped knowledge-base recipe (recipes/qa/minilm-kb.yaml, its defaults) on a FAQ nobody here
+wrote: the frequently-asked-questions files Debian installs with lsof, zlib, procps and Perl's modules (plain
+text and POD). Each question's passage is its answer text; the answer span is that passage's first sentence; a
+fifth of the questions are held out (their passages never trained on). Results go to
+bench/results/retrieval-kb-<time>.json.
 """
 
 from __future__ import annotations
@@ -201,6 +208,131 @@ print(json.dumps({**{k.removeprefix("cosine_"): v for k, v in evaluator(model).i
 """
 
 
+FAQ_SOURCES = {
+    "lsof": Path("/usr/share/doc/lsof/00FAQ.gz"),
+    "zlib": Path("/usr/share/doc/zlib1g-dev/FAQ.gz"),
+    "procps": Path("/usr/share/doc/procps/FAQ.gz"),
+    "perl": Path("/usr/share/perl/5.36.0"),
+}
+PERL_FAQS = ("ExtUtils/MakeMaker/FAQ.pod", "Net/libnetFAQ.pod", "IO/Compress/FAQ.pod")
+
+
+def faq_pairs() -> list[tuple[str, str, str]]:
+    """(question, answer passage, its first sentence) from the FAQs installed here; the same on every machine."""
+    import gzip
+
+    pairs: list[tuple[str, str, str]] = []
+
+    def add(question: str, answer: str) -> None:
+        question, answer = " ".join(question.split()), " ".join(answer.split())[:1500]
+        first = re.match(r"(.+?[.!?])(\s|$)", answer)
+        sentence = first.group(1) if first else answer
+        if len(answer.split()) >= 8 and len(question.split()) >= 3 and len(sentence.split()) >= 4:
+            pairs.append((question, answer, sentence))
+
+    def read(path: Path) -> str:
+        return gzip.open(path, "rt", errors="replace").read() if path.suffix == ".gz" else path.read_text("utf-8")
+
+    if FAQ_SOURCES["lsof"].is_file():  # numbered questions; the table of contents repeats them first
+        text = read(FAQ_SOURCES["lsof"])
+        marker = "1.0\tGeneral Concepts"
+        body = text[text.index(marker, text.index(marker) + len(marker)) :]
+        for block in re.split(r"\n(?=\d+(?:\.\d+)+\s+\S)", body):
+            found = re.match(r"\d+(?:\.\d+)+\s+(.*?\?)\s*\n\s*\n(.*)", block, re.S)
+            if found:
+                add(found.group(1), found.group(2))
+    if FAQ_SOURCES["zlib"].is_file():
+        for block in re.split(r"\n(?= ?\d+\. )", read(FAQ_SOURCES["zlib"])):
+            found = re.match(r" ?\d+\. (.*?)\n\s*\n(.*)", block, re.S)
+            if found:
+                add(found.group(1), found.group(2))
+    if FAQ_SOURCES["procps"].is_file():
+        for found in re.finditer(r"^(\S.*\?)\n\n((?:\t.*\n|\n)+)", read(FAQ_SOURCES["procps"]), re.M):
+            add(found.group(1), found.group(2))
+    for name in PERL_FAQS:
+        path = FAQ_SOURCES["perl"] / name
+        if not path.is_file():
+            continue
+        for found in re.finditer(r"^=head[23] (.*?)\n\n(.*?)(?=^=)", read(path), re.S | re.M):
+            prose = [p for p in found.group(2).split("\n\n") if p.strip() and not p.startswith((" ", "\t", "="))]
+            if prose:
+                add(found.group(1), " ".join(prose))
+    seen: set[str] = set()
+    unique = []
+    for question, answer, sentence in pairs:
+        if question not in seen and answer not in seen:
+            seen.update((question, answer))
+            unique.append((question, answer, sentence))
+    return unique
+
+
+def build_faq(out: Path) -> dict[str, Path]:
+    """passages.jsonl (id, title, text), train.jsonl and test.jsonl (question, answer): a fifth held out."""
+    pairs = faq_pairs()
+    if len(pairs) < 100:
+        raise SystemExit(f"only {len(pairs)} FAQ entries found under {', '.join(map(str, FAQ_SOURCES.values()))}")
+    random.Random(0).shuffle(pairs)
+    held = len(pairs) // 5
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / f"{name}.jsonl" for name in ("passages", "train", "test")}
+    write = {
+        "passages": [{"id": f"faq{i:04d}", "text": a} for i, (_, a, _) in enumerate(pairs)],
+        "test": [{"id": f"faq{i:04d}", "question": q, "answer": s} for i, (q, _, s) in enumerate(pairs)][:held],
+        "train": [{"id": f"faq{i:04d}", "question": q, "answer": s} for i, (q, _, s) in enumerate(pairs)][held:],
+    }
+    for name, rows in write.items():
+        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return files
+
+
+KB_RECIPE = REPO / "recipes" / "qa" / "minilm-kb.yaml"
+
+
+def knowledge_base(work: Path, options: argparse.Namespace) -> None:
+    """The shipped KB recipe, its defaults, on the installed FAQs: retrieval recall@k, answer F1, wall time."""
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    ENV["FINETUNE_CACHE"] = str(cache)
+    files = build_faq(work / "faq")
+    run_dir = work / "kb-run"
+    overrides = [
+        f"data.train={files['train']}",
+        f"data.eval={files['test']}",
+        f"data.knowledge_base={files['passages']}",
+        f"output.dir={run_dir}",
+        *options.overrides,
+    ]
+    started = time.perf_counter()
+    with open(work / "kb.log", "w", encoding="utf-8") as handle:
+        done = subprocess.run(
+            [PYTHON, "-m", "finetune", "run", str(KB_RECIPE), "--overwrite", *overrides],
+            cwd=REPO,
+            env=ENV,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 4):  # 4: a gate failed; the metrics are still written
+        raise SystemExit(f"the KB run failed ({done.returncode}); see {work / 'kb.log'}")
+    document = json.loads((run_dir / "metrics.json").read_text())
+    result = {
+        "recipe": str(KB_RECIPE.relative_to(REPO)),
+        "data": {k: str(v) for k, v in files.items()},
+        "passages": sum(1 for _ in open(files["passages"], encoding="utf-8")),
+        "train_questions": sum(1 for _ in open(files["train"], encoding="utf-8")),
+        "held_out_questions": sum(1 for _ in open(files["test"], encoding="utf-8")),
+        "overrides": options.overrides,
+        "exit_code": done.returncode,
+        "wall_s": round(seconds, 1),
+        "metrics": document["metrics"],
+        "retriever": document.get("retriever"),
+    }
+    out = REPO / "bench" / "results" / f"retrieval-kb-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=600, help="training rows")
@@ -210,9 +342,22 @@ def main() -> None:
         action="store_true",
         help="only: train a cross-encoder (task rerank) over an earlier run's trained retriever and compare MRR@10",
     )
+    parser.add_argument(
+        "--kb", action="store_true", help="only: the shipped KB recipe on the installed public FAQs (see above)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also run finetune with these overrides, in the same run (repeatable; ENV:NAME=VALUE sets a variable)",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for finetune (section.key=value)")
     options = parser.parse_args()
     work = Path(options.work)
+    if options.kb:
+        knowledge_base(work, options)
+        return
     if options.rerank:
         rerank(work, options)
         return
@@ -300,7 +445,40 @@ def main() -> None:
     }
     out = REPO / "bench" / "results" / f"retrieval-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    # Variants last, each written as it ends: the main comparison is complete whatever happens to them.
+    for variant in options.variant:
+        name, _, settings_text = variant.partition(":")
+        extra = [item for item in settings_text.split(",") if item]
+        env = dict(item[4:].split("=", 1) for item in extra if item.startswith("ENV:"))
+        changes = [item for item in extra if not item.startswith("ENV:")]
+        variant_dir = work / f"variant-{name}"
+        saved = dict(ENV)
+        ENV.update(env)
+        shutil.rmtree(cache, ignore_errors=True)  # cold, as the main contender's
+        seconds = timed(
+            [
+                *finetune,
+                "run",
+                str(recipe_file),
+                "--overwrite",
+                f"output.dir={variant_dir}",
+                *options.overrides,
+                *changes,
+            ],
+            work / f"variant-{name}.log",
+        )
+        ENV.clear()
+        ENV.update(saved)
+        found = json.loads((variant_dir / "metrics.json").read_text())
+        result.setdefault("variants", {})[name] = {
+            "overrides": extra,
+            "wall_s": round(seconds, 1),
+            "train_s": found["training"]["train_seconds"],
+            "metrics": found["metrics"],
+        }
+        print(json.dumps({name: result["variants"][name]}), flush=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"written to {out}")
 
 

@@ -143,6 +143,7 @@ class DenseIndex:
         # layout None: the checkpoint's own sentence-transformers config decides (mean pooling for a plain one).
         self.model: SentenceTransformer = sentence_transformer(path, layout)
         self.layout = layout
+        self.passages = passages
         self.vectors = self._embeddings(passages, path, source_hash)
         self.faiss = _faiss_index(self.vectors)
 
@@ -171,12 +172,30 @@ class DenseIndex:
         ).astype(np.float32)
 
     def search(self, questions: list[str], k: int) -> list[list[int]]:
+        return self.search_scored(questions, k)[0]
+
+    def search_scored(self, questions: list[str], k: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Passage indices per question, best first, and their similarities (inner products of the unit
+        vectors: cosine)."""
         queries = self.encode(questions)
         if self.faiss is not None:
-            _, found = self.faiss.search(queries, k)
-            return found.tolist()
+            values, found = self.faiss.search(queries, k)
+            return found.tolist(), values.tolist()
         scores = queries @ self.vectors.T
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k].tolist()
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return order.tolist(), np.take_along_axis(scores, order, axis=1).tolist()
+
+    def similarities(self, questions: list[str], texts: list[list[str]]) -> list[list[float]]:
+        """Each question's similarity to each of its texts: a passage of the index by its stored vector, any
+        other text embedded here."""
+        vector_of = {p.text: i for i, p in enumerate(self.passages)}
+        unknown = sorted({t for group in texts for t in group if t not in vector_of})
+        extra = dict(zip(unknown, self.encode(unknown))) if unknown else {}
+        queries = self.encode(questions)
+        return [
+            [float(q @ (self.vectors[vector_of[t]] if t in vector_of else extra[t])) for t in group]
+            for q, group in zip(queries, texts)
+        ]
 
 
 def _faiss_index(vectors: np.ndarray) -> Any:

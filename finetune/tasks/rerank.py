@@ -7,8 +7,16 @@ first stage ranks high (mined as task retrieval mines them, so the cross-encoder
 confuses): one score per (query, passage) pair from a sequence-classification head with one output, and a
 softmax cross-entropy over each query's group, the positive the target (the listwise loss of sentence-transformers'
 cross-encoder multiple-negatives ranking loss, without the other queries' passages). Evaluation takes the first
-stage's top `data.retrieval.candidates` for every eval query, reorders them by the cross-encoder's score, and
-scores the ranking as task retrieval does (recall@k, MRR@10, nDCG@10, MAP@100).
+stage's top `data.retrieval.candidates` for every eval query, reorders them, and scores the ranking as task
+retrieval does (recall@k, MRR@10, nDCG@10, MAP@100).
+
+The score that orders the candidates is the first stage's similarity at its training scale (1 / temperature, the
+multiple-negatives ranking loss's) plus the cross-encoder's output, in training as in evaluation: the cross-encoder
+learns a correction to the first stage rather than a ranking of its own. A cross-encoder started from a
+sentence-embedding checkpoint (its one-output head untrained) and trained on a few hundred queries ranks worse
+than the bi-encoder it follows, and reordering by its score alone threw that ranking away (bench: MRR@10 0.674 ->
+0.497); with the first stage's score inside the loss, an untrained head leaves the first stage's order nearly as it
+was, and training moves a candidate only where the pairs read together say so.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import ModelOutput
 
 from finetune.data.features import Features
 from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, DenseIndex, knowledge_base_hash
@@ -48,7 +57,8 @@ class RerankTask(RetrievalTask):
     def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:
         return (
             f"listwise cross-entropy over each query's positive and {recipe.data.retrieval.hard_negatives} mined "
-            "negative(s), the positive the target"
+            f"negative(s), the positive the target; each pair scored by the first stage's similarity x "
+            f"{first_stage_scale(recipe):g} plus the cross-encoder's output"
         )
 
     def knowledge_base_plan(self, recipe: Recipe) -> str:
@@ -77,7 +87,7 @@ class RerankTask(RetrievalTask):
     def scorer(
         self, model: PeftModel | PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]
     ) -> CrossEncoderRanker:
-        return CrossEncoderRanker(model)
+        return FusedRanker(model, first_stage_scale(recipe))
 
     # ------------------------------------------------------------ data
     def featurize(
@@ -116,11 +126,13 @@ class RerankTask(RetrievalTask):
                 "tokens; raise max_length or set data.overflow to truncate"
             )
         report.notes.append(f"each query read with its positive and {size - 1} negative(s) mined by the first stage")
-        columns = {
+        columns: dict[str, list] = {
             name: [pairs[name][r * size : (r + 1) * size] for r in range(len(queries))]
             for name in ("input_ids", "attention_mask", "token_type_ids")
             if name in pairs
         }
+        groups = [[pos, *negs] for pos, negs in zip(positives, negatives)]
+        columns["first_stage"] = first_stage(recipe).similarities(queries, groups)
         return Features(Dataset.from_dict(columns), rows, report)
 
     def collate(
@@ -139,24 +151,28 @@ class RerankTask(RetrievalTask):
         recipe: Recipe,
         state: dict[str, Any],
     ) -> tuple[list[dict], float | None]:
-        """The first stage's ranking, its top `candidates` reordered by the cross-encoder (scores: the
-        cross-encoder's; the passages after them keep the first stage's order, scored below every one)."""
+        """The first stage's ranking, its top `candidates` reordered by the fused score (the first stage's scaled
+        similarity plus the cross-encoder's correction: `scores`); the passages after them keep the first stage's
+        order, scored below every one."""
         ranker = _ranker(model)
         settings = recipe.data.retrieval
-        passages = corpus(recipe)
-        assert recipe.data.knowledge_base is not None
-        first = DenseIndex(
-            passages, settings.model or DEFAULT_EMBEDDING_MODEL, knowledge_base_hash(recipe.data.knowledge_base)
-        )
+        first = first_stage(recipe)
+        passages = first.passages
         queries = features.rows["query"][:]
         depth = ir.ranked_depth(settings.top_k)
-        found = first.search(queries, min(depth, len(passages)))
+        found, similarities = first.search_scored(queries, min(depth, len(passages)))
         count = min(settings.candidates, len(passages))
         pairs = [(query, passages[i].text) for query, indices in zip(queries, found) for i in indices[:count]]
-        scores = score_pairs(ranker, tokenizer, pairs, recipe, accelerator)
+        corrections = score_pairs(ranker, tokenizer, pairs, recipe, accelerator)
+        scale = first_stage_scale(recipe)
         out = []
         for number, (row, indices) in enumerate(zip(features.rows, found)):
-            mine = scores[number * count : (number + 1) * count]
+            mine = [
+                scale * similarity + correction
+                for similarity, correction in zip(
+                    similarities[number][:count], corrections[number * count : (number + 1) * count]
+                )
+            ]
             order = sorted(range(count), key=lambda j: (-mine[j], passages[indices[j]].id))
             ids = [passages[indices[j]].id for j in order]
             values = [float(mine[j]) for j in order]
@@ -172,6 +188,41 @@ class RerankTask(RetrievalTask):
 
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         return ir.ir_metrics(rows)
+
+
+def first_stage_scale(recipe: Recipe) -> float:
+    """What the first stage's similarity is multiplied by in the fused score: the scale its ranking loss trained
+    it at (1 / data.retrieval.temperature), so the cross-encoder's output adds to logits of that loss's size."""
+    return 1.0 / recipe.data.retrieval.temperature
+
+
+def first_stage(recipe: Recipe) -> DenseIndex:
+    """The first-stage retriever (data.retrieval.model) over the corpus; its passage embeddings come from the
+    cache the hard-negative mining filled."""
+    assert recipe.data.knowledge_base is not None  # check_recipe requires it
+    return DenseIndex(
+        corpus(recipe),
+        recipe.data.retrieval.model or DEFAULT_EMBEDDING_MODEL,
+        knowledge_base_hash(recipe.data.knowledge_base),
+    )
+
+
+class FusedRanker(CrossEncoderRanker):
+    """The cross-encoder's output added to the first stage's scaled similarity of each pair (`first_stage`, one
+    row per group), then the listwise cross-entropy of CrossEncoderRanker over each group."""
+
+    def __init__(self, scorer: PeftModel | PreTrainedModel, scale: float):
+        super().__init__(scorer)
+        self.scale = scale
+
+    def forward(
+        self, labels: torch.Tensor, first_stage: torch.Tensor | None = None, **batch: torch.Tensor
+    ) -> ModelOutput:
+        groups = labels.shape[0]
+        logits = self.scores(batch).view(groups, -1).float()
+        if first_stage is not None:
+            logits = logits + self.scale * first_stage.view(groups, -1).float()
+        return ModelOutput(loss=torch.nn.functional.cross_entropy(logits, labels))
 
 
 def score_pairs(
@@ -228,4 +279,6 @@ class GroupCollator:
         batch = dict(self.tokenizer.pad(flat, pad_to_multiple_of=self.multiple, return_tensors="pt"))
         if grouped:
             batch["labels"] = torch.zeros(len(features), dtype=torch.long)
+            if "first_stage" in features[0]:
+                batch["first_stage"] = torch.tensor([f["first_stage"] for f in features], dtype=torch.float32)
         return batch

@@ -347,6 +347,64 @@ def test_rerank_reorders_the_first_stages_candidates(tiny_models, tmp_path, writ
         assert set(row["passage_ids"]) == {p["id"] for p in passages}
 
 
+def test_rerank_adds_its_correction_to_the_first_stages_scaled_similarity(
+    monkeypatch, tiny_models, tmp_path, write_recipe
+):
+    """The candidates are ordered by the first stage's similarity x 1/temperature plus the cross-encoder's output:
+    with that output zero, the reranked order and scores are the first stage's own (nothing it knew is lost)."""
+    from finetune.data.retrieval import DenseIndex, knowledge_base_hash
+    from finetune.tasks import rerank
+
+    monkeypatch.setattr(rerank, "score_pairs", lambda ranker, tokenizer, pairs, recipe, accelerator: [0.0] * len(pairs))
+    passages, queries = _corpus()
+    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
+    recipe["task"] = "rerank"
+    recipe["data"]["retrieval"] = {
+        "model": str(tiny_models["bert"]),
+        "candidates": 6,
+        "hard_negatives": 1,
+        "temperature": 0.1,
+    }
+    result = runner.invoke(app, ["run", str(write_recipe(recipe)), "train.max_steps=1"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    kb = tmp_path / "passages.jsonl"
+    first = DenseIndex(
+        [Passage(p["id"], p["text"]) for p in passages], str(tiny_models["bert"]), knowledge_base_hash(str(kb))
+    )
+    found, similarity = first.search_scored([r["query"] for r in rows], 6)
+    for row, indices, values in zip(rows, found, similarity):
+        assert row["passage_ids"][:6] == [passages[i]["id"] for i in indices]
+        assert row["scores"][:6] == pytest.approx([10.0 * v for v in values], abs=1e-4)
+
+
+def test_fused_ranker_loss_is_the_listwise_cross_entropy_of_the_fused_scores(tiny_models):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.tasks.rerank import FusedRanker, GroupCollator
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert"]))
+    groups = [
+        [("rain sun", "cold snow"), ("rain sun", "match goal")],
+        [("oven salt", "wind storm"), ("oven salt", "team win")],
+    ]
+    features = []
+    for number, group in enumerate(groups):
+        encoded = tokenizer([q for q, _ in group], [p for _, p in group])
+        features.append(
+            {**{k: encoded[k] for k in ("input_ids", "attention_mask")}, "first_stage": [0.5, 0.2 * number]}
+        )
+    batch = GroupCollator(tokenizer, None)(features)
+    loss = FusedRanker(scorer, 20.0)(**batch).loss
+    with torch.no_grad():
+        own = scorer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.view(2, 2)
+    expected = torch.nn.functional.cross_entropy(
+        own + 20.0 * torch.tensor([[0.5, 0.0], [0.5, 0.2]]), torch.zeros(2, dtype=torch.long)
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_a_stopped_retrieval_run_resumes_to_the_same_adapter_bytes(monkeypatch, tiny_models, tmp_path, write_recipe):
     """Exact resume: mined negatives, the data order and the ranking loss give a resumed run the bytes and losses
     of an uninterrupted one."""
