@@ -13,8 +13,10 @@ saved, as the run saves it, to a temporary directory. Start-up: the seconds this
 (interpreter, imports, data, model loading), which the run spends the same way.
 
 Peak memory is what the operating system saw: this process's peak resident set (`ru_maxrss`) once the
-measurement has run its longest batches, its evaluation batches and the adapter save; on CUDA, the caching
-allocator's peak reservation.
+measurement has run its steps (the longest again after the others, as a run meets its widest batch on a heap that
+earlier steps have grown), its evaluation batches and the adapter save, plus what each batch shape it did not meet
+would leave resident (measured on the shapes it met after the widest); on CUDA, the caching allocator's peak
+reservation.
 
 Nothing lands in the run directory: no log, no checkpoint, no lock. Afterwards the trainable weights, the
 model's mode and forward, and every random generator are as they were, so a run that follows is unchanged.
@@ -127,6 +129,11 @@ def run_batches(session: Session, world_size: int, rank: int = 0) -> list[np.nda
 def padded_tokens(lengths: np.ndarray, batch: np.ndarray) -> int:
     """What one batch costs: its rows padded to its longest (a packed row has no padding: its length)."""
     return int(len(batch) * lengths[batch].max())
+
+
+def shape(lengths: np.ndarray, batch: np.ndarray) -> tuple[int, int]:
+    """A batch's shape before the collator pads it: (rows, longest row)."""
+    return len(batch), int(lengths[batch].max())
 
 
 def checkpoints_written(session: Session, plan: TrainPlan) -> tuple[int, int]:
@@ -252,7 +259,9 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         if (strata == k).any()
     }
     longest, short = int(np.argmax(epoch_costs)), int(np.argmin(epoch_costs))
-    # The longest first (the memory peak); the short one last, the baseline of the checkpoint step; distinct only.
+    # The longest first: the heap grows to what the widest batch needs, so what each later new shape leaves
+    # resident is its own (kernels, buffers), not the heap growing batch by batch towards the widest. The short one
+    # last, the baseline of the checkpoint step that follows it. Distinct batches only.
     timed = list(dict.fromkeys([longest, *representatives.values(), short]))
     how: list[str] = []
     # One optimizer step per call, on exactly one batch of the run (no shuffle can regroup its rows).
@@ -294,11 +303,18 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         _one_step(
             session, rows_of(first_epoch[short]), settings, accelerator, scratch_run.train_log
         )  # warm-up: first-call costs
-        seconds, kept = [], []
-        for i in timed:  # what each step leaves resident: kernels and buffers made for a shape seen the first time
-            before = current_rss_bytes()
+        seconds, kept = [], []  # kept: what a step of a shape not met before left resident (kernels, buffers)
+        seen = {shape(lengths, first_epoch[short])}
+        for i in timed:
+            before, fresh = current_rss_bytes(), shape(lengths, first_epoch[i]) not in seen
             seconds.append(_one_step(session, rows_of(first_epoch[i]), settings, accelerator, scratch_run.train_log))
-            kept.append(max(0, current_rss_bytes() - before))
+            if fresh and i != longest:  # the widest step's own rise is its peak, not what a new shape leaves
+                kept.append(max(0, current_rss_bytes() - before))
+            seen.add(shape(lengths, first_epoch[i]))
+        # The longest once more, after the others: a run meets its widest batch with what earlier steps left behind
+        # (allocator pages, kernels and buffers of other shapes), and its peak is that batch on top of them; the
+        # first time, the widest step found a fresh heap and its peak was lower than the run's.
+        _one_step(session, rows_of(first_epoch[longest]), settings, accelerator, scratch_run.train_log)
         tokens = [padded_tokens(lengths, first_epoch[i]) for i in timed]
         train_peak = peak_rss_bytes()
         # The same short step again, now writing a checkpoint as the loop does (to a scratch directory).
@@ -350,7 +366,8 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     how.insert(
         0,
         f"training: measured {len(timed)} steps after a warm-up step ({span}; the longest batch of the run "
-        f"first); the run's {len(batches)} batches ({plan.total_steps} steps) priced in {len(per_stratum)} groups "
+        f"first, and again after the others for the peak); the run's {len(batches)} batches "
+        f"({plan.total_steps} steps) priced in {len(per_stratum)} groups "
         "by padded tokens, each at its measured batch",
     )
     how.append(
@@ -374,10 +391,9 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     measured_peak = peak_rss_bytes()
     # Each new batch shape leaves memory behind (the CPU kernels and buffers made for it, allocator pages): the
     # run meets shapes the measurement did not, in training and in the final evaluation's other batches.
-    shapes = {(len(b), int(lengths[b].max())) for b in batches}
-    unseen = max(0, len(shapes) - len({(len(first_epoch[i]), int(lengths[first_epoch[i]].max())) for i in timed}))
+    unseen = len({shape(lengths, b) for b in batches} - seen)
     unseen_eval = max(0, math.ceil(eval_rows / batch_size) - math.ceil(len(sample) / batch_size))
-    per_shape = float(np.median(kept[1:])) if len(kept) > 1 else 0.0  # the longest step's own peak aside
+    per_shape = float(np.median(kept)) if kept else 0.0
     growth = int(per_shape * (unseen + unseen_eval))
     peak = measured_peak + growth
     how.append(
