@@ -184,19 +184,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-# `--use_fsdp` sets ACCELERATE_USE_FSDP in every process: accelerate wraps the model in FSDP on GPUs, and the
-# training loop shards it with torch's FSDP2 on CPU processes (finetune/training/sharding.py, `shards_on_cpu`).
+# What accelerate's launcher is told for each strategy. On GPUs accelerate wraps the model (FSDP, DeepSpeed) itself.
 STRATEGY_FLAGS = {
     "ddp": ["--multi_gpu"],
     "fsdp": ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_use_orig_params", "true"],
     "deepspeed": ["--use_deepspeed", "--zero_stage", "2"],
 }
-# On CPU only the FSDP switch: accelerate's FSDP plugin, which every process still builds from the launcher's
-# variables, refuses its defaults there (rank 0's weights broadcast at wrapping, which RAM-efficient loading
-# implies); the loop's processes start from the same seeded weights, as under ddp.
-CPU_STRATEGY_FLAGS = {
-    "fsdp": ["--use_fsdp", "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_sync_module_states", "false"]
-}
+# On CPU accelerate (1.x) shards nothing (its FSDP plugin would even refuse its own defaults there): the processes
+# start as for ddp, and the training loop shards the model itself because the recipe says fsdp
+# (finetune/training/sharding.py, `shards_on_cpu`).
+CPU_STRATEGY_FLAGS = {"fsdp": STRATEGY_FLAGS["ddp"]}
 
 
 def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp", max_restarts: int = 0) -> int:

@@ -206,6 +206,7 @@ def _run(
         Checkpointing(run_dir.checkpoints, identity, resume_from, saver),
         monitor,
         session.objective,
+        recipe.distributed.strategy,
     )
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(session.model)

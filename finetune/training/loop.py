@@ -339,8 +339,10 @@ def train(
     checkpointing: Checkpointing | None = None,
     monitor: Monitor | None = None,
     objective: Objective | None = None,
+    strategy: str = "ddp",
 ) -> TrainResult:
     """Fit `model` on `features` (a datasets.Dataset of model inputs). Returns when the plan's steps are done.
+    `strategy`: the recipe's distributed.strategy (fsdp on CPU processes shards the model here).
 
     The data order is a pure function of (seed, epoch), and every generator state
     is checkpointed, so a run resumed from a checkpoint continues exactly as if
@@ -359,7 +361,7 @@ def train(
 
     # fsdp on CPU: the sharded copy trains (its optimizer over its sharded parameters); accelerate still splits
     # the data, accumulates and reduces, but does not wrap the model (it would wrap it in DDP).
-    shards = CpuShards(model, accelerator) if shards_on_cpu(accelerator) else None
+    shards = CpuShards(model, accelerator) if shards_on_cpu(accelerator, strategy) else None
     if shards is not None:
         model = shards.model
     parameters = [p for p in model.parameters() if p.requires_grad]

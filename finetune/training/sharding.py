@@ -18,19 +18,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("finetune")
 
 
-def shards_on_cpu(accelerator: Accelerator) -> bool:
-    """Whether this process trains a model sharded by finetune itself: `distributed.strategy: fsdp` on CPU processes.
-
-    The launch decides, as on GPUs: `finetune run --num-processes N` starts accelerate's launcher with `--use_fsdp`
-    for fsdp (finetune/launch.py), which sets ACCELERATE_USE_FSDP in every process. On GPU process groups accelerate
-    then wraps the model in FSDP itself; accelerate (1.x) does that for GPU groups only, so on gloo (CPU) groups it
-    would fall back to DDP, and `CpuShards` shards the model with torch's own FSDP2 instead."""
-    from accelerate.utils import DistributedType, parse_flag_from_env
+def shards_on_cpu(accelerator: Accelerator, strategy: str) -> bool:
+    """Whether this process trains a model sharded by finetune itself: the recipe's `distributed.strategy: fsdp`
+    on several CPU processes. The recipe decides, not the launcher's environment (ACCELERATE_USE_FSDP): every rule
+    about fsdp (flows/resolve.py: no GRPO sampling through shards, no learned watermark) is keyed on the recipe,
+    and a recipe run under torchrun shards without an exported variable. On GPU process groups accelerate wraps
+    the model in FSDP itself (`finetune run` launches with `--use_fsdp`); accelerate (1.x) does that for GPU
+    groups only, so on gloo (CPU) groups `CpuShards` shards it with torch's own FSDP2."""
+    from accelerate.utils import DistributedType
 
     return (
-        accelerator.distributed_type == DistributedType.MULTI_CPU
+        strategy == "fsdp"
+        and accelerator.distributed_type == DistributedType.MULTI_CPU
         and accelerator.num_processes > 1
-        and parse_flag_from_env("ACCELERATE_USE_FSDP")
     )
 
 
@@ -136,6 +136,11 @@ class ShardedOptimizerState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        if not self.optimizer.state:
+            # No update yet (a checkpoint at a skipped first step): torch's getter would initialise the state with
+            # a real step at lr 0 (AdamW's step count 1), and the run would then differ from ddp's. An empty
+            # state is keyed by index already, as under ddp; every process agrees it is empty (skips are agreed).
+            return self.optimizer.state_dict()
         state: dict[str, Any] = dict(
             get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
         )
@@ -148,6 +153,9 @@ class ShardedOptimizerState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if not state_dict["state"]:  # saved before any update: nothing to scatter (and no state to initialise)
+            self.optimizer.load_state_dict(state_dict)
+            return
         named: dict[str, Any] = {
             "state": {self.order[int(i)]: values for i, values in state_dict["state"].items()},
             "param_groups": [

@@ -73,33 +73,40 @@ def test_fsdp_on_cpu_trains_the_ddp_adapter_and_resumes_exactly(tiny_models, top
     fsdp_recipe = recipe("fsdp", "fsdp")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    killed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            *CPU_STRATEGY_FLAGS["fsdp"],  # what `finetune run` gives accelerate's launcher for fsdp on CPU
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(driver),
-            "7",  # both processes killed in step 7, after the checkpoint of step 6
-            str(tmp_path),
-            "run",
-            str(fsdp_recipe),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def launched(at: int, *args: str) -> subprocess.CompletedProcess:
+        """The recipe through accelerate's launcher as `finetune run` starts it, each process recording its shards
+        and killed in its `at`-th optimizer step."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                *CPU_STRATEGY_FLAGS["fsdp"],  # what `finetune run` gives accelerate's launcher for fsdp on CPU
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--main_process_port",
+                str(free_port()),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(driver),
+                str(at),
+                str(tmp_path),
+                "run",
+                str(fsdp_recipe),
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    killed = launched(7)  # both processes killed in step 7, after the checkpoint of step 6
     assert killed.returncode != 0, killed.stderr[-3000:]
     fsdp = tmp_path / "fsdp"
     assert sorted(p.name for p in (fsdp / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
@@ -115,8 +122,11 @@ def test_fsdp_on_cpu_trains_the_ddp_adapter_and_resumes_exactly(tiny_models, top
             expected = min(math.ceil(rows / 2), rows - rank * math.ceil(rows / 2))
             assert shape == [expected, *whole[name].shape[1:]], (name, shape, rank)
 
-    resumed = finetune("run", str(fsdp_recipe), "--resume", "auto")
+    for rank in (0, 1):
+        (tmp_path / f"shards-{rank}.json").unlink()
+    resumed = launched(10**6, "--resume", "auto")  # never killed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all((tmp_path / f"shards-{rank}.json").exists() for rank in (0, 1))  # the resumed run trained sharded
     assert f"resuming from {fsdp / 'checkpoints' / 'step-00000006'}" in resumed.stdout.replace("\n", "")
 
     # The same adapter, tensor by tensor (only the order of float additions differs), in the plain peft layout.
