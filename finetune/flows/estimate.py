@@ -261,7 +261,7 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     longest, short = int(np.argmax(epoch_costs)), int(np.argmin(epoch_costs))
     # The longest first: the heap grows to what the widest batch needs, so what each later new shape leaves
     # resident is its own (kernels, buffers), not the heap growing batch by batch towards the widest. The short one
-    # last, the baseline of the checkpoint step that follows it. Distinct batches only.
+    # last. Distinct batches only.
     timed = list(dict.fromkeys([longest, *representatives.values(), short]))
     how: list[str] = []
     # One optimizer step per call, on exactly one batch of the run (no shuffle can regroup its rows).
@@ -317,7 +317,9 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         _one_step(session, rows_of(first_epoch[longest]), settings, accelerator, scratch_run.train_log)
         tokens = [padded_tokens(lengths, first_epoch[i]) for i in timed]
         train_peak = peak_rss_bytes()
-        # The same short step again, now writing a checkpoint as the loop does (to a scratch directory).
+        # The short step twice more, back to back: plain (the baseline), then writing a checkpoint as the loop does
+        # (to a scratch directory); the difference is the checkpoint's cost.
+        same = _one_step(session, rows_of(first_epoch[short]), settings, accelerator, scratch_run.train_log)
         saver = None if changes_base_weights(recipe) else session.adapter_saver()
         identity = resume_identity(recipe, world_size)
         with_checkpoint = _one_step(
@@ -328,7 +330,6 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
             scratch_run.train_log,
             Checkpointing(scratch_run.checkpoints, identity, None, saver),
         )
-        same = seconds[timed.index(short)]
         checkpoint_seconds = max(0.0, with_checkpoint - same)
 
         # Evaluation: a sample of rows in the run's eval batches, through the one evaluation step.

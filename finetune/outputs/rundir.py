@@ -226,6 +226,11 @@ def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:
     return (keep + 1) * 4 * trainable + MIN_FREE_BYTES
 
 
+# The version of how training batches are drawn for a (seed, epoch) (training/loop.py, LengthGroupedBatches): a
+# checkpoint resumed with another order would skip other rows than it trained on. 2: the short batch stays last.
+BATCH_ORDER = 2
+
+
 def resume_identity(recipe: Recipe, world_size: int) -> dict:
     """What must not change between a checkpoint and the run resuming from it, for the result to be exact.
 
@@ -252,6 +257,7 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size
+    identity["order of training batches"] = BATCH_ORDER
     return redact_tree(identity)  # it is written into every checkpoint
 
 

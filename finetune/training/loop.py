@@ -125,6 +125,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             chunk = chunk.tolist()
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        # (Any change to this order bumps outputs/rundir.BATCH_ORDER, so older checkpoints are not resumed into it.)
         # A short batch (the rows left over) stays last: accelerate deals batches out to processes in turn and
         # evens them out by the last one only; a short batch in the middle would take a batch from one process and
         # leave it fewer than len(loader) (its epoch never ends: a run of several processes spun forever).
