@@ -21,6 +21,26 @@ def isolated_env(tmp_path: Path) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf-home")}
 
 
+def accelerate_launch(*flags: str, processes: int = 2) -> list[str]:
+    """accelerate's launcher on this machine, on a free port, with no mixed precision or dynamo of its own."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *flags,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+
+
 def last_step(run: Path) -> int:
     return json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"]
 
@@ -41,26 +61,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_models, topic_data, write_reci
         == 0
     )
     launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "finetune",
-            "run",
-            str(two),
-        ],
+        [*accelerate_launch("--multi_gpu"), "-m", "finetune", "run", str(two)],
         env=env,
         capture_output=True,
         text=True,

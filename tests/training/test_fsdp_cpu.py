@@ -11,8 +11,8 @@ import torch
 from conftest import classification_recipe
 from safetensors.torch import load_file
 
-from finetune.launch import CPU_STRATEGY_FLAGS, free_port
-from tests.cli.test_distributed import isolated_env
+from finetune.launch import CPU_STRATEGY_FLAGS
+from tests.cli.test_distributed import accelerate_launch, isolated_env
 
 # Three launches of two processes each (about 20 s apiece): `make test` runs it, the fast loop does not.
 pytestmark = pytest.mark.slow
@@ -79,20 +79,8 @@ def test_fsdp_on_cpu_trains_the_ddp_adapter_and_resumes_exactly(tiny_models, top
         and killed in its `at`-th optimizer step."""
         return subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                *CPU_STRATEGY_FLAGS["fsdp"],  # what `finetune run` gives accelerate's launcher for fsdp on CPU
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--main_process_port",
-                str(free_port()),
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
+                # what `finetune run` gives accelerate's launcher for fsdp on CPU
+                *accelerate_launch(*CPU_STRATEGY_FLAGS["fsdp"]),
                 str(driver),
                 str(at),
                 str(tmp_path),
