@@ -306,11 +306,11 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         seconds, kept = [], []  # kept: what a step of a shape not met before left resident (kernels, buffers)
         seen = {shape(lengths, first_epoch[short])}
         for i in timed:
-            before, fresh = current_rss_bytes(), shape(lengths, first_epoch[i]) not in seen
+            before, this = current_rss_bytes(), shape(lengths, first_epoch[i])
             seconds.append(_one_step(session, rows_of(first_epoch[i]), settings, accelerator, scratch_run.train_log))
-            if fresh and i != longest:  # the widest step's own rise is its peak, not what a new shape leaves
+            if this not in seen and i != longest:  # the widest step's own rise is its peak, not what a shape leaves
                 kept.append(max(0, current_rss_bytes() - before))
-            seen.add(shape(lengths, first_epoch[i]))
+            seen.add(this)
         # The longest once more, after the others: a run meets its widest batch with what earlier steps left behind
         # (allocator pages, kernels and buffers of other shapes), and its peak is that batch on top of them; the
         # first time, the widest step found a fresh heap and its peak was lower than the run's.
