@@ -150,13 +150,18 @@ def recipe(files: dict[str, Path], run_dir: Path) -> dict:
     return shipped
 
 
-def timed(command: list[str], log: Path) -> float:
+def run_logged(command: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> tuple[float, int]:
+    """Run `command` from the repository with its output in `log`: its wall seconds and exit code (one of `ok`)."""
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
         done = subprocess.run(command, cwd=REPO, env=ENV, stdout=handle, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    if done.returncode not in ok:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}); see {log}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, done.returncode
+
+
+def timed(command: list[str], log: Path) -> float:
+    return run_logged(command, log)[0]
 
 
 ST_TRAINER = r"""
@@ -302,18 +307,9 @@ def knowledge_base(work: Path, options: argparse.Namespace) -> None:
         f"output.dir={run_dir}",
         *options.overrides,
     ]
-    started = time.perf_counter()
-    with open(work / "kb.log", "w", encoding="utf-8") as handle:
-        done = subprocess.run(
-            [PYTHON, "-m", "finetune", "run", str(KB_RECIPE), "--overwrite", *overrides],
-            cwd=REPO,
-            env=ENV,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    seconds = time.perf_counter() - started
-    if done.returncode not in (0, 4):  # 4: a gate failed; the metrics are still written
-        raise SystemExit(f"the KB run failed ({done.returncode}); see {work / 'kb.log'}")
+    seconds, code = run_logged(  # 4: a gate failed; the metrics are still written
+        [PYTHON, "-m", "finetune", "run", str(KB_RECIPE), "--overwrite", *overrides], work / "kb.log", ok=(0, 4)
+    )
     document = json.loads((run_dir / "metrics.json").read_text())
     result = {
         "recipe": str(KB_RECIPE.relative_to(REPO)),
@@ -322,7 +318,7 @@ def knowledge_base(work: Path, options: argparse.Namespace) -> None:
         "train_questions": sum(1 for _ in open(files["train"], encoding="utf-8")),
         "held_out_questions": sum(1 for _ in open(files["test"], encoding="utf-8")),
         "overrides": options.overrides,
-        "exit_code": done.returncode,
+        "exit_code": code,
         "wall_s": round(seconds, 1),
         "metrics": document["metrics"],
         "retriever": document.get("retriever"),
