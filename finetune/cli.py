@@ -320,6 +320,15 @@ def run_command(
     else:
         topology = Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
     if topology.world_size > 1 and not inside_launched_process():
+        if topology.node_rank == 0:
+            # Refused here, before any process starts (else the main process refuses and the others report a lost
+            # peer); the first node only, as its main process alone writes the directory.
+            from finetune.flows.train import check_output
+            from finetune.outputs.lock import RunLock
+            from finetune.outputs.rundir import RunDir
+
+            where = Path(loaded.output.dir).expanduser()
+            check_output(RunDir(where), None if dry_run else RunLock(where), resume=resume, overwrite=overwrite)
         args = [
             "run",
             str(recipe),

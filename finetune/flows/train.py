@@ -93,6 +93,14 @@ def run(
             lock.release()
 
 
+def check_output(run_dir: RunDir, lock: RunLock | None, *, resume: str | None, overwrite: bool) -> str:
+    """What the run does with its output directory, or the RecipeError refusing it: a live run there is named as
+    such (not mistaken for an unfinished one), then `rundir.output_decision`. `lock`: None for a dry run."""
+    if lock is not None:
+        lock.refuse_if_held()
+    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite)
+
+
 def _run(
     resolved: Resolved,
     console: Console,
@@ -111,9 +119,7 @@ def _run(
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
-        if lock is not None:  # a live run is named as such, not mistaken for an unfinished one
-            lock.refuse_if_held()
-        output_note = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite)
+        output_note = check_output(run_dir, lock, resume=resume, overwrite=overwrite)
         if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
             console.print(
                 f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",

@@ -101,3 +101,24 @@ def test_num_processes_option_keeps_exit_codes(tiny_models, topic_data, write_re
     )
     assert result.returncode == 4, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["hardware"]["num_processes"] == 2
+
+
+def test_a_refused_output_dir_is_refused_once_before_any_process_starts(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """A run of several processes into a directory it may not write: the one clear refusal (exit 2), from the
+    launching process, not the main process's refusal followed by the others reporting a lost peer."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's own file\n")
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, taken, epochs=1))
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(recipe), "--num-processes", "2"],
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("error:") == 1 and "holds no finetune run" in result.stderr, result.stderr[-3000:]
+    assert "lost" not in result.stderr
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
