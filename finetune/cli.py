@@ -319,16 +319,21 @@ def run_command(
         topology = Topology(per_node=num_processes)
     else:
         topology = Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
-    if topology.world_size > 1 and not inside_launched_process():
-        if topology.node_rank == 0:
-            # Refused here, before any process starts (else the main process refuses and the others report a lost
-            # peer); the first node only, as its main process alone writes the directory.
-            from finetune.flows.train import check_output
-            from finetune.outputs.lock import RunLock
-            from finetune.outputs.rundir import RunDir
+    launch = topology.world_size > 1 and not inside_launched_process()
+    if launch and topology.node_rank == 0:
+        # Decided here, before any process starts (else the main process refuses, or finds nothing to resume, and
+        # the others report a lost peer); the first node only, as its main process alone writes the directory.
+        from finetune.flows.train import check_output
+        from finetune.outputs.lock import RunLock
+        from finetune.outputs.rundir import RunDir
 
-            where = Path(loaded.output.dir).expanduser()
-            check_output(RunDir(where), None if dry_run else RunLock(where), resume=resume, overwrite=overwrite)
+        where = RunDir(Path(loaded.output.dir).expanduser())
+        check_output(where, None if dry_run else RunLock(where.path), resume=resume, overwrite=overwrite)
+        # A finished run asked to resume on this machine alone: nothing to train; this process shows its metrics, as
+        # one process would (other nodes, started by their own launchers, would wait for processes never started).
+        finished = resume == "auto" and where.is_run() and where.metrics.is_file()
+        launch = not (finished and topology.nodes == 1)
+    if launch:
         args = [
             "run",
             str(recipe),

@@ -122,3 +122,25 @@ def test_a_refused_output_dir_is_refused_once_before_any_process_starts(
     assert result.stderr.count("error:") == 1 and "holds no finetune run" in result.stderr, result.stderr[-3000:]
     assert "lost" not in result.stderr
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+
+def test_resume_auto_of_a_finished_run_with_several_processes_shows_its_metrics(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """`--resume auto` of a finished run: nothing to train, its metrics shown, exit 0, as with one process (the
+    main process used to return while the other reported a lost peer, exit 76)."""
+    run = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, run, epochs=1))
+    env = isolated_env(tmp_path)
+    first = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe)], env=env, capture_output=True)
+    assert first.returncode == 0
+    before = (run / "metrics.json").read_bytes()
+    again = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(recipe), "--num-processes", "2", "--resume", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to resume" in again.stdout.replace("\n", " ") and "lost" not in again.stderr
+    assert (run / "metrics.json").read_bytes() == before
