@@ -44,9 +44,10 @@ demo: install
 	# --overwrite: each `make demo` replaces the previous demo run (and only that directory).
 	$(BIN)/finetune run recipes/classification/minilm-topics.yaml output.dir=runs/demo --overwrite
 
-# finetune against HF Trainer + peft on the same recipe; JSON into bench/results/.
+# finetune against HF Trainer + peft (classification), TRL (generative SFT) and generate (decoding), side by side;
+# JSON into bench/results/ and the table in bench/README.md (bench/suite.py).
 bench: install
-	$(BIN)/python bench/bench.py --rounds 3
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
