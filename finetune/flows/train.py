@@ -42,7 +42,7 @@ from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import Recipe, recipe_to_yaml
 from finetune.secrets import redact
 from finetune.training import checkpoint, trackers
-from finetune.training.loop import Checkpointing, make_accelerator, train
+from finetune.training.loop import Checkpointing, make_accelerator, return_freed_memory, train
 from finetune.training.monitor import Monitor, summary
 from finetune.training.objectives import reference_logps, with_columns
 
@@ -227,6 +227,9 @@ def _run(
                 recipe.data.max_length,
                 run_dir.adapter,
             )
+    # The training step's heap, free now, goes back to the system: the evaluation's own peak (generation's cache,
+    # the loss's chunks) then starts from the model's footprint, not from training's high-water mark on top of it.
+    return_freed_memory()
     rows, scored = evaluate_features(session, model, eval_features, accelerator)
     if main:  # what the final evaluation decided for the adapter (multi-label thresholds), beside it
         write_task_files(run_dir.adapter, session.task.adapter_files(rows, recipe, session.state))

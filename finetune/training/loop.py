@@ -229,12 +229,11 @@ def recast_frozen_weights(model: torch.nn.Module, enabled: bool = True):
     """Every frozen float32 CPU `nn.Linear` of `model` runs through `_recast_forward` while inside, so the
     backward pass casts its weight again instead of keeping autocast's copy from the forward pass: the same numbers
     bit for bit, 255 MB less kept by a SmolLM2-135M step (its ~210 MB of bf16 weight copies and the head's), one
-    more cast of each frozen weight a step. Put back afterwards.
+    more cast of each frozen weight a step (+4% step time). Put back afterwards.
 
-    Not entered by `train` yet: with it, `finetune run`'s whole-command peak RSS did not move (3,354 -> 3,410 MiB,
-    docs/performance.md), so the command's peak lies outside the training step, and the extra cast's cost on the
-    step has not been measured on a quiet machine. For callers (and the next measurement) that need a step's
-    memory down; not for FSDP (a shard's weight is whole only inside its forward)."""
+    `train` enters it for every CPU run but FSDP's (a shard's weight is whole only inside its forward): the
+    training step holds the generative SFT command's peak RSS once the heap is returned after training
+    (`return_freed_memory`), so what a step keeps is what the command needs."""
     swapped = []
     if enabled:
         for module in model.modules():
@@ -254,6 +253,25 @@ def recast_frozen_weights(model: torch.nn.Module, enabled: bool = True):
     finally:
         for module in swapped:
             del module.forward
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed since the last collection back to the system, between phases of a command.
+
+    glibc keeps what a process frees in its heap for later allocations; after training that is the whole
+    training step's working set (activations, autocast's casts, gradients: ~1.2 GB for SmolLM2-135M at batch 8),
+    which the evaluation after it, with other shapes, reuses badly and piles its own peak on top of. `gc.collect`
+    first frees what only reference cycles still hold (autograd graphs), then glibc's `malloc_trim(0)` returns
+    every free page of every arena. Elsewhere than glibc (musl, macOS) only the collection runs."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # the process's own symbols: libc's, without ctypes.util.find_library's subprocess
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: no malloc_trim to call
+        return
+    trim(0)
 
 
 @dataclass
@@ -392,7 +410,8 @@ def train(
     guard = NonFiniteGuard(t.nonfinite, accelerator)
     model.train()
     display = progress_bar(console, plan, accelerator.is_main_process, logger)
-    with StopSignals() as stop, display as bar, masked_dropouts(model):
+    # FSDP's shards are whole only inside their own forward: their frozen weights are not recast.
+    with StopSignals() as stop, display as bar, masked_dropouts(model), recast_frozen_weights(model, shards is None):
         bar.update(progress.step, None)
         while progress.step < plan.total_steps:
             sampler.set_epoch(progress.epoch)
