@@ -13,7 +13,8 @@ tokens are counted the same way for all three, by re-tokenising the final answer
 whole-process seconds, tokens/s, peak RSS, and for the peers the seconds spent inside `generate`; the ratios of
 finetune's tokens/s to each peer's; how many of finetune's answers equal each peer's, word for word (greedy
 float32 decoding one prompt at a time is the reference text). Rounds alternate the order, so drift on a shared
-machine hits every contender; the medians and the machine's description go to bench/results/generation.json.
+machine hits every contender; the medians, the machine's description and the last round's answers of each
+contender go to bench/results/generation.json.
 
     python bench/generation.py [--recipe R] [--rounds N] [--batch 16] [KEY=VALUE ...]
 """
@@ -142,6 +143,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     names = args.contenders.split(",")
     rounds: list[dict] = []
+    answers: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -160,6 +162,7 @@ def main() -> None:
                 if reference is not None:
                     result["answers_equal_to_generate_one"] = sum(a == b for a, b in zip(texts, reference))
             rounds.append({name: result for name, (result, _) in results.items()})
+            answers = {name: texts for name, (_, texts) in results.items()}  # the last round's, to diff by hand
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[name][key] for r in rounds)
@@ -186,6 +189,7 @@ def main() -> None:
         "rounds": rounds,
         "medians": medians,
         "ratios": ratios,
+        "answers": answers,
     }
     write_json(args.output, document)
     print(json.dumps({"medians": medians, "ratios": document["ratios"]}, indent=2))

@@ -61,7 +61,7 @@ def train_for_model(session, prompts: list[list[int]], accelerator) -> tuple[Bay
             prompts,
             generation,
             session.task.answer_stops(generation, recipe.data, session.features["train"].rows),
-            recipe.eval_batch_size,
+            recipe.eval.batch_size,  # None: as many rows as fit in memory, as evaluation decodes
             accelerator,
         )
         texts[label] = [tokenizer(text, add_special_tokens=False)["input_ids"] for group in answers for text in group]

@@ -14,6 +14,8 @@ from finetune.flows.session import Session, during_rows, generates_during
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
 from finetune.recipe.schema import Recipe
+from finetune.tasks.generative import GenerationTask
+from finetune.tasks.text2text import MEMORY_CHOICE, batch_plan, generation_batch_size
 from finetune.training.loop import TrainPlan
 
 
@@ -67,6 +69,18 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
             else ""
         )
     )
+
+
+def generation_plan(session: Session) -> str | None:
+    """How the final evaluation batches its generation (a generation task): the rows decoded together."""
+    if not isinstance(session.task, GenerationTask) or "eval" not in session.features:
+        return None
+    settings = session.recipe.eval
+    if settings.batch_size is not None:
+        return batch_plan(settings.batch_size, "eval.batch_size")
+    longest = max((len(p) for p in session.features["eval"].prompts or []), default=0)
+    rows = generation_batch_size(session.model.config, longest, settings, session.model.device)
+    return batch_plan(rows, f"{MEMORY_CHOICE} now; eval.batch_size sets it")
 
 
 def objective_plan(recipe: Recipe, supervised: str) -> str:
@@ -211,6 +225,9 @@ def show_plan(
     if world_size > 1:
         table.add_row("processes", topology_plan(world_size))
     table.add_row("evaluation", evaluation_plan(session, plan))
+    generation = generation_plan(session)
+    if generation is not None:
+        table.add_row("generation", generation)
     table.add_row("precision", session.precision)
     table.add_row("output", output_note)
     for name, value in estimate_rows(estimate) if estimate is not None else []:

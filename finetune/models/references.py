@@ -92,6 +92,11 @@ def reference_is_local(reference: str) -> bool:
     return path.exists()
 
 
+def gguf_checkpoint(local: Path) -> Path:
+    """Where the float checkpoint converted from a GGUF file is cached: by the file's SHA-256."""
+    return cache_root() / "gguf" / sha256_file(local)[:24]
+
+
 def dequantised_gguf(directory: str, file: str) -> Path:
     """A plain float checkpoint rebuilt from a GGUF file, cached under the file's SHA-256.
 
@@ -112,7 +117,7 @@ def dequantised_gguf(directory: str, file: str) -> Path:
             local = Path(hf_hub_download(directory, file))
         except Exception as exc:  # network or missing repo: a reference problem
             raise RecipeError(f"model.name_or_path: cannot fetch {file} from {directory}: {exc}") from None
-    target = cache_root() / "gguf" / sha256_file(local)[:24]
+    target = gguf_checkpoint(local)
     if (target / "config.json").is_file():
         return target
 
@@ -173,6 +178,9 @@ def config_without_weights(reference: str, revision: str | None = None) -> Pretr
             directory = resolve_reference(directory)
         if not (Path(directory) / file).is_file():
             raise RecipeError(f"model.name_or_path: GGUF file not found: {Path(directory) / file}")
+        converted = gguf_checkpoint(Path(directory) / file)
+        if (converted / "config.json").is_file():  # converted before: its config.json, not the GGUF's metadata parse
+            return load_config(str(converted), local_only=True)
         try:
             return AutoConfig.from_pretrained(directory, gguf_file=file)
         except Exception as exc:

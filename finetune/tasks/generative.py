@@ -180,7 +180,9 @@ class GenerationTask(Task):
             features.prompts,
             settings,
             self.answer_stops(settings, recipe.data, features.rows),
-            recipe.eval_batch_size,
+            # The recipe's eval.batch_size when it sets one; else as many rows as fit in memory (not the loss's
+            # 2 x train.batch_size): decoding is bound by reading the weights once a step, so rows come almost free.
+            settings.batch_size,
             accelerator,
             ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 IGNORE = -100
+
+log = logging.getLogger("finetune")
 
 
 def prompt_texts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> list[str]:
@@ -306,7 +309,9 @@ def generate(
     """`settings.num_samples` completions per prompt, cut at `stops`; prompts are sharded over processes.
     `end_ids`: tokens that end an answer besides EOS (a chat template's end-of-turn token). `batch_size`: rows
     decoded together (a prompt's samples count one each); None: as many as fit in memory
-    (`generation_batch_size`).
+    (`generation_batch_size`): a decoding step reads every weight whatever the batch, so the fewer batches the
+    faster (the SmolLM2 copywriting eval's 32 prompts, 2-core CPU, in one process: 16.4 s in 2 batches of 16,
+    10.8 s in 1 of 32, the same text).
 
     Prompts are decoded longest first, so each batch holds prompts of similar length (little padding), and the
     answers come back in the prompts' order."""
@@ -317,9 +322,11 @@ def generate(
     n = settings.num_samples
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     with accelerator.split_between_processes(order) as mine, decoder.attention():
+        from_memory = batch_size is None
         if batch_size is None:
             longest = max((len(prompt_ids[i]) for i in mine), default=0)
             batch_size = generation_batch_size(decoder.config, longest, settings, accelerator.device)
+        log.info("generation: %s", batch_plan(batch_size, MEMORY_CHOICE if from_memory else "as asked"))
         per_batch = max(1, batch_size // n)
         answers: list[tuple[int, list[str]]] = []
         for start in range(0, len(mine), per_batch):
@@ -352,6 +359,14 @@ def generation_batch_size(config: PretrainedConfig, longest_prompt: int, setting
     return max(1, int(budget * MEMORY_SHARE // row))
 
 
+MEMORY_CHOICE = f"as many as fit in {MEMORY_SHARE:.0%} of the free memory"
+
+
+def batch_plan(rows: int, how: str) -> str:
+    """How generation batches its rows (`how`: who chose their number), as the plan and the log say it."""
+    return f"{rows} rows per batch ({how}); prompts grouped by length, each row leaving the batch at its end"
+
+
 def row_bytes(config: PretrainedConfig, prompt: int, new_tokens: int) -> int:
     """Peak bytes one generated row needs in float32 (see `generation_batch_size`)."""
     text = config.get_text_config()
@@ -381,7 +396,11 @@ class Decoder:
     time. A row that ends (an end token, or a stop string in its text) leaves the batch and its cache, so the
     others no longer carry it; only a watermark that keeps per-row state keeps it in place to the end. The
     recipe's settings alone choose tokens (temperature, top-p, the watermark), never a checkpoint's own
-    generation defaults (beams, top-k, repetition penalties)."""
+    generation defaults (beams, top-k, repetition penalties).
+
+    The cache is transformers' dynamic one: its preallocated `StaticCache` did not pay off on this torch (2.13,
+    CPU): the SmolLM2 copywriting eval's 32 prompts decoded in 12.2 s with it against 12.1 s without, in one
+    process, as it attends over every preallocated position and cannot drop the rows that ended."""
 
     def __init__(
         self,

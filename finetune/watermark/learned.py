@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.stats import binomtest
 from torch import nn
 from torch.nn import functional as F
 
@@ -395,6 +394,9 @@ class BitScore:
 
 
 def binomial_p_value(matches: int, bits: int) -> float:
+    # Imported here: scipy.stats costs ~0.8 s of every command's start-up and serves only this detector.
+    from scipy.stats import binomtest
+
     return float(binomtest(matches, bits, 0.5, alternative="greater").pvalue)
 
 
