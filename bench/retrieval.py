@@ -3,6 +3,8 @@
     python bench/retrieval.py [--rows N] [KEY=VALUE ...]   (KEY=VALUE: overrides of the shipped recipe for finetune)
     python bench/retrieval.py --rerank    (afterwards: a cross-encoder over the retriever it trained)
     python bench/retrieval.py --kb        (knowledge-base answering: the shipped KB recipe on a public FAQ)
+    python bench/retrieval.py --kb --kb-data docstrings   (the same on a knowledge base of the docstrings below)
+    python bench/retrieval.py --kb-step-times --work bench/.data/retrieval-kb   (one retriever step, each setting)
 
 The data: Python's standard library, NumPy, SciPy, pandas, NetworkX and SymPy docstrings (installed packages,
 offline). A query is a docstring's summary line, its passage the docstring's following prose (the description,
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -107,8 +110,8 @@ def summary_and_description(doc: str) -> tuple[str, str] | None:
     return summary, " ".join(words[:120])
 
 
-def build_data(out: Path, train_rows: int) -> dict[str, Path]:
-    """passages.jsonl (the corpus), train.jsonl and test.jsonl (query, positive_id); the same on every machine."""
+def _docstring_pairs() -> dict[str, tuple[str, str]]:
+    """description -> (summary line, description) of the installed modules' public callables."""
     pairs: dict[str, tuple[str, str]] = {}
     for name in [*MODULES, *PACKAGES]:
         try:
@@ -122,6 +125,12 @@ def build_data(out: Path, train_rows: int) -> dict[str, Path]:
             found = summary_and_description(doc) if doc else None
             if found and found[1] not in pairs:
                 pairs[found[1]] = found
+    return pairs
+
+
+def build_data(out: Path, train_rows: int) -> dict[str, Path]:
+    """passages.jsonl (the corpus), train.jsonl and test.jsonl (query, positive_id); the same on every machine."""
+    pairs = _docstring_pairs()
     items = [{"id": f"doc{i:05d}", "query": q, "text": t} for i, (q, t) in enumerate(sorted(pairs.values()))]
     random.Random(0).shuffle(items)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,6 +299,31 @@ def build_faq(out: Path) -> dict[str, Path]:
     return files
 
 
+def build_docstring_kb(out: Path, passages: int = 503) -> dict[str, Path]:
+    """The knowledge base of docstrings shaped like issue 32's (503 passages, a fifth of their questions held out):
+    the first `passages` docstring pairs of `build_data`'s shuffled order whose description opens with a sentence;
+    the question is the summary line, the answer span that first sentence, the passage the description."""
+    items = []
+    for question, answer in sorted(_docstring_pairs().values()):
+        first = re.match(r"(.+?[.!?])(\s|$)", answer)
+        if first and len(first.group(1).split()) >= 4:
+            items.append((question, answer, first.group(1)))
+    random.Random(0).shuffle(items)
+    items = items[:passages]
+    held = round(len(items) / 5)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / f"{name}.jsonl" for name in ("passages", "train", "test")}
+    questions = [{"id": f"doc{i:04d}", "question": q, "answer": s} for i, (q, _, s) in enumerate(items)]
+    write = {
+        "passages": [{"id": f"doc{i:04d}", "text": a} for i, (_, a, _) in enumerate(items)],
+        "test": questions[:held],
+        "train": questions[held:],
+    }
+    for name, rows in write.items():
+        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return files
+
+
 KB_RECIPE = REPO / "recipes" / "qa" / "minilm-kb.yaml"
 
 
@@ -298,7 +332,7 @@ def knowledge_base(work: Path, options: argparse.Namespace) -> None:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     ENV["FINETUNE_CACHE"] = str(cache)
-    files = build_faq(work / "faq")
+    files = build_docstring_kb(work / "docstrings") if options.kb_data == "docstrings" else build_faq(work / "faq")
     run_dir = work / "kb-run"
     overrides = [
         f"data.train={files['train']}",
@@ -313,6 +347,7 @@ def knowledge_base(work: Path, options: argparse.Namespace) -> None:
     document = json.loads((run_dir / "metrics.json").read_text())
     result = {
         "recipe": str(KB_RECIPE.relative_to(REPO)),
+        "kb_data": options.kb_data,
         "data": {k: str(v) for k, v in files.items()},
         "passages": sum(1 for _ in open(files["passages"], encoding="utf-8")),
         "train_questions": sum(1 for _ in open(files["train"], encoding="utf-8")),
@@ -329,6 +364,96 @@ def knowledge_base(work: Path, options: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def kb_step_times(work: Path, options: argparse.Namespace) -> None:
+    """One retriever training step of the KB recipe on the FAQ, timed in this process under each setting: the 32
+    longest-passage rows, passages cut at 384 / 256 / 128 tokens (384 also with the mined negative column), eager
+    or SDPA attention, LoRA dropout 0.05 or none; forward + backward, best of two. The table in docs/retrieval.md."""
+    os.environ.update({k: v for k, v in ENV.items() if k.endswith("OFFLINE") or k == "TOKENIZERS_PARALLELISM"})
+    os.environ["FINETUNE_CACHE"] = str(work / "cache")
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from finetune.flows.resolve import resolve_recipe, retriever_recipe
+    from finetune.flows.session import open_session, training_collator
+    from finetune.recipe.schema import apply_overrides, build_recipe, read_recipe_file
+    from finetune.training.loop import make_accelerator
+
+    files = build_faq(work / "faq")
+    overrides = [
+        f"data.train={files['train']}",
+        f"data.eval={files['test']}",
+        f"data.knowledge_base={files['passages']}",
+        "data.retrieval.hard_negatives=1",
+        *options.overrides,
+    ]
+    recipe = build_recipe(apply_overrides(read_recipe_file(KB_RECIPE), overrides))
+    derived = retriever_recipe(recipe, work / "step-times")
+    assert derived is not None
+    resolved = resolve_recipe(derived)
+    session = open_session(resolved)
+    accelerator = make_accelerator(derived.train, resolved.precision)
+    features = session.features["train"].dataset
+    collate = training_collator(session)
+    model: Any = session.model  # a BiEncoder: the embedder around the peft model
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    longest = sorted(range(len(features)), key=lambda i: -len(features[i]["positive_input_ids"]))[:32]
+
+    def batch(width: int, negatives: bool) -> dict:
+        rows = []
+        for i in longest:
+            row = dict(features[i])
+            row["positive_input_ids"] = row["positive_input_ids"][:width]
+            if negatives:
+                row["negative_input_ids"] = [n[:width] for n in row["negative_input_ids"]]
+            else:
+                row.pop("negative_input_ids", None)
+            rows.append(row)
+        return collate(rows)
+
+    def step(inputs: dict) -> float:
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            with accelerator.autocast():
+                loss = model(**inputs).loss
+            loss.backward()
+            for p in trained:
+                p.grad = None
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    def lora_dropout(p: float) -> None:
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name in list(dropouts.keys()):
+                    dropouts[name] = torch.nn.Dropout(p) if p else torch.nn.Identity()
+
+    base = model.embedder.encoder.get_base_model()
+    rows = []
+    for attention in ("eager", "sdpa"):
+        base.set_attn_implementation(attention)
+        for dropout in (0.05, 0.0):
+            lora_dropout(dropout)
+            for width, negatives in ((384, True), (384, False), (256, False), (128, False)):
+                inputs = batch(width, negatives)
+                seconds = step(inputs)
+                rows.append(
+                    {
+                        "attention": attention,
+                        "lora_dropout": dropout,
+                        "passages": list(inputs["passage_input_ids"].shape),
+                        "queries": list(inputs["input_ids"].shape),
+                        "step_s": round(seconds, 2),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    out = REPO / "bench" / "results" / f"retrieval-kb-steps-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"recipe": str(KB_RECIPE.relative_to(REPO)), "steps": rows}, indent=2) + "\n")
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=600, help="training rows")
@@ -342,6 +467,17 @@ def main() -> None:
         "--kb", action="store_true", help="only: the shipped KB recipe on the installed public FAQs (see above)"
     )
     parser.add_argument(
+        "--kb-step-times",
+        action="store_true",
+        help="only: time one retriever step of the KB recipe on the FAQ under each width, attention and dropout",
+    )
+    parser.add_argument(
+        "--kb-data",
+        choices=("faq", "docstrings"),
+        default="faq",
+        help="with --kb: the installed FAQs (long passages), or a knowledge base of the docstrings above",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -351,6 +487,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides for finetune (section.key=value)")
     options = parser.parse_args()
     work = Path(options.work)
+    if options.kb_step_times:
+        kb_step_times(work, options)
+        return
     if options.kb:
         knowledge_base(work, options)
         return

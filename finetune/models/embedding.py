@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import torch
 from transformers.modeling_outputs import ModelOutput
 
 from finetune.errors import RecipeError
+from finetune.files import write_json
 from finetune.models.families import FamilySpec
 
 if TYPE_CHECKING:
@@ -47,9 +48,21 @@ class EmbeddingLayout:
     normalize: bool  # unit length after pooling (sentence-transformers' Normalize module)
     similarity: str  # sentence-transformers' similarity function name: cosine or dot
     source: str  # where the decision came from, for the plan and the model card
+    # The checkpoint's own `max_seq_length` (sentence_bert_config.json), or None where it declares none: the width
+    # it was trained and is served at (sentence-transformers' encode cuts there), so training cuts there too.
+    max_seq_length: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pooling": self.pooling, "normalize": self.normalize, "similarity": self.similarity}
+        return {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "similarity": self.similarity,
+            "max_seq_length": self.max_seq_length,
+        }
+
+    def width(self, max_length: int) -> int:
+        """Tokens a text keeps: `max_length` (data.max_length), or the checkpoint's max_seq_length if smaller."""
+        return min(max_length, self.max_seq_length) if self.max_seq_length else max_length
 
 
 def embedding_layout(model_path: str, family: FamilySpec, setting: str, place: str) -> EmbeddingLayout:
@@ -57,12 +70,13 @@ def embedding_layout(model_path: str, family: FamilySpec, setting: str, place: s
 
     Raises RecipeError for a decoder whose pooling nothing decides (`place` names the recipe key)."""
     found = _sentence_transformer_config(Path(model_path))
+    width = _max_seq_length(Path(model_path))
     if setting != "auto":
         normalize = found.normalize if found is not None else True
         similarity = found.similarity if found is not None else "cosine"
-        return EmbeddingLayout(setting, normalize, similarity, f"{place}: {setting}")
+        return EmbeddingLayout(setting, normalize, similarity, f"{place}: {setting}", width)
     if found is not None:
-        return found
+        return replace(found, max_seq_length=width)
     if family.decoder_only:
         raise RecipeError(
             f"{place}: {model_path} is a decoder without a sentence-transformers pooling config, so how its token "
@@ -70,7 +84,16 @@ def embedding_layout(model_path: str, family: FamilySpec, setting: str, place: s
             "embedders) or mean"
         )
     # sentence-transformers builds mean pooling for a plain encoder checkpoint; cosine compares its embeddings.
-    return EmbeddingLayout("mean", True, "cosine", "mean pooling (no sentence-transformers config)")
+    return EmbeddingLayout("mean", True, "cosine", "mean pooling (no sentence-transformers config)", width)
+
+
+def _max_seq_length(directory: Path) -> int | None:
+    """The `max_seq_length` a sentence-transformers checkpoint declares (sentence_bert_config.json), or None."""
+    settings = directory / "sentence_bert_config.json"
+    if not settings.is_file():
+        return None
+    value = json.loads(settings.read_text(encoding="utf-8")).get("max_seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _sentence_transformer_config(directory: Path) -> EmbeddingLayout | None:
@@ -239,13 +262,21 @@ def write_sentence_transformer_files(
 ) -> None:
     """sentence-transformers' module files (modules.json, Pooling, Normalize, its config and model card) beside an
     adapter in `target`, so `SentenceTransformer(target)` loads the adapter on its base. sentence-transformers
-    writes them itself (around the trained model), in a scratch directory; only its own files are copied."""
-    model = sentence_transformer(base_path, layout, max_length, encoder=encoder)
+    writes them itself (around the trained model), in a scratch directory; only its own files are copied.
+
+    The width texts were cut at in training (`layout.width`) goes into sentence_bert_config.json as
+    `max_seq_length`, the key every sentence-transformers version reads at load: version 6 itself keeps the width
+    in the tokenizer's files, and the adapter's tokenizer files are the run's own (its tokenizer's model_max_length,
+    e.g. 512), so without the key the library would encode wider than the retriever was trained and evaluated."""
+    width = layout.width(max_length)
+    model = sentence_transformer(base_path, layout, width, encoder=encoder)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".st-") as scratch:
         model.save(scratch)
         for name in SENTENCE_TRANSFORMER_FILES:
             if (Path(scratch) / name).is_file():
                 shutil.copyfile(Path(scratch) / name, target / name)
+        settings = json.loads((Path(scratch) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        write_json(target / "sentence_bert_config.json", {**settings, "max_seq_length": width})
         for module in json.loads((Path(scratch) / "modules.json").read_text(encoding="utf-8")):
             if module["path"]:  # Pooling, Normalize: their own folders
                 shutil.rmtree(target / module["path"], ignore_errors=True)

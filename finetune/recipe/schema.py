@@ -760,7 +760,10 @@ class EvalSection(Section):
         "of its 95% interval; a failed gate exits 4.",
     )
     batch_size: Int | None = Field(
-        None, ge=1, description="Evaluation batch size per process; null: 2 x train.batch_size."
+        None,
+        ge=1,
+        description="Evaluation batch size per process; null: 2 x train.batch_size for the loss, and for generation "
+        "as many rows as fit in memory (the plan states the number).",
     )
     every: Annotated[Annotated[int, Field(ge=1)] | Literal["epoch"], _number_or("epoch")] | None = Field(
         None,

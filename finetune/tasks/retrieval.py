@@ -134,9 +134,10 @@ class RetrievalTask(Task):
         workdir: Path | None = None,
     ) -> Features:
         """Queries (`input_ids`), and where the rows have them their positives (`positive_input_ids`) and
-        negatives (`negative_input_ids`, the same number per row); every text cut at data.max_length, counted by
-        data.overflow (drop: rows with an over-long text go)."""
-        width = recipe.data.max_length
+        negatives (`negative_input_ids`, the same number per row); every text cut at `text_width` (data.max_length,
+        or the checkpoint's own max_seq_length if smaller), counted by data.overflow (drop: rows with an over-long
+        text go)."""
+        width = text_width(recipe, state)
         queries = checked_texts(rows["query"][:], split, "query")
         texts: dict[str, list] = {}
         if labeled and "positive" in rows.column_names and all(p is not None for p in rows["positive"][:]):
@@ -163,12 +164,22 @@ class RetrievalTask(Task):
             cut = [_cut(i, width, tokenizer) for i in ids]
             columns["negative_input_ids"] = [cut[r * per_row : (r + 1) * per_row] for r in range(len(negatives))]
         report = LengthReport.from_lengths(split, all_lengths, width)
+        if width < recipe.data.max_length:
+            report.notes.append(
+                f"texts cut at {width} tokens, the checkpoint's own max_seq_length (what it was trained and is served "
+                f"at), below data.max_length={recipe.data.max_length}"
+            )
         too_long = np.flatnonzero(longest > width)
         if too_long.size and recipe.data.overflow == "error":
             shown = ", ".join(str(i + 1) for i in too_long[:5])
+            fix = (
+                "raise max_length"
+                if width == recipe.data.max_length
+                else "the checkpoint's max_seq_length caps it (sentence_bert_config.json)"
+            )
             raise DataError(
-                f"{split}: {too_long.size} rows hold a text over data.max_length={width} tokens (rows {shown}"
-                f"{', ...' if too_long.size > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
+                f"{split}: {too_long.size} rows hold a text over {width} tokens (rows {shown}"
+                f"{', ...' if too_long.size > 5 else ''}); {fix}, or set data.overflow to truncate or drop"
             )
         keep = np.arange(len(queries))
         if too_long.size and recipe.data.overflow == "drop":
@@ -191,7 +202,7 @@ class RetrievalTask(Task):
                     else ""
                 )
             )
-        report.notes.append("corpus passages longer than data.max_length are cut to it when the corpus is embedded")
+        report.notes.append(f"corpus passages longer than {width} tokens are cut to it when the corpus is embedded")
         dataset = Dataset.from_dict(columns)
         if keep.size < len(queries):
             dataset, rows = dataset.select(keep), rows.select(keep)
@@ -221,7 +232,8 @@ class RetrievalTask(Task):
         embedder.eval()
         try:
             passages = corpus(recipe)
-            corpus_vectors = encode(embedder, tokenizer, [p.text for p in passages], recipe, accelerator)
+            width = text_width(recipe, state)
+            corpus_vectors = encode(embedder, tokenizer, [p.text for p in passages], width, recipe, accelerator)
             query_ids = Dataset.from_dict({"input_ids": features.dataset["input_ids"]})
             query_vectors = encode_ids(embedder, tokenizer, query_ids, recipe, accelerator)
             loss = _eval_loss(bi_encoder, tokenizer, features, recipe, accelerator)
@@ -250,7 +262,17 @@ class RetrievalTask(Task):
 
 def layout_of(state: Mapping[str, Any]) -> EmbeddingLayout:
     saved = state["embedding"]
-    return EmbeddingLayout(saved["pooling"], saved["normalize"], saved["similarity"], "the task state")
+    return EmbeddingLayout(
+        saved["pooling"], saved["normalize"], saved["similarity"], "the task state", saved.get("max_seq_length")
+    )
+
+
+def text_width(recipe: Recipe, state: Mapping[str, Any]) -> int:
+    """Tokens a query or passage keeps, in training and evaluation alike: data.max_length, or the checkpoint's own
+    max_seq_length where it is smaller. A sentence-transformers checkpoint was trained at up to that width and its
+    library encodes at it (all-MiniLM-L6-v2: 256), so the knowledge base is searched at it; training on longer
+    passages would cost attention quadratic in their length for tokens retrieval never sees."""
+    return layout_of(state).width(recipe.data.max_length)
 
 
 def ranking_loss(embedder: Embedder, settings: RetrievalSection) -> torch.nn.Module:
@@ -302,10 +324,15 @@ def rank_passages(
 
 
 def encode(
-    embedder: Embedder, tokenizer: PreTrainedTokenizerBase, texts: list[str], recipe: Recipe, accelerator: Accelerator
+    embedder: Embedder,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    width: int,
+    recipe: Recipe,
+    accelerator: Accelerator,
 ) -> torch.Tensor:
-    """Embeddings of `texts` (one row each, in order), cut at data.max_length."""
-    ids = tokenizer(texts, truncation=True, max_length=recipe.data.max_length)["input_ids"]
+    """Embeddings of `texts` (one row each, in order), cut at `width` tokens (`text_width`)."""
+    ids = tokenizer(texts, truncation=True, max_length=width)["input_ids"]
     return encode_ids(embedder, tokenizer, Dataset.from_dict({"input_ids": ids}), recipe, accelerator)
 
 
