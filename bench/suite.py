@@ -50,7 +50,9 @@ def run_part(part: str, rounds: int | None) -> Path:
     started = time.time()
     print(f"bench suite: {' '.join(command[1:])}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-    written = [p for p in RESULTS.glob(f"*{suffix}") if p.stat().st_mtime >= started]
+    # bench.py names its file by the device: -cpu.json, or -gpu.json on a GPU machine.
+    suffixes = (suffix, suffix.replace("-cpu", "-gpu"))
+    written = [p for s in suffixes for p in RESULTS.glob(f"*{s}") if p.stat().st_mtime >= started]
     if not written:
         sys.exit(f"bench suite: {script} wrote no *{suffix} file into {RESULTS}")
     return max(written, key=lambda p: p.stat().st_mtime)
@@ -58,7 +60,7 @@ def run_part(part: str, rounds: int | None) -> Path:
 
 def part_of(path: Path) -> str:
     for part, (_, suffix) in PARTS.items():
-        if path.name.endswith(suffix):
+        if path.name.endswith((suffix, suffix.replace("-cpu", "-gpu"))):
             return part
     sys.exit(f"bench suite: {path} is no part's result (names end in {', '.join(s for _, s in PARTS.values())})")
 

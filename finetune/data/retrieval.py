@@ -141,7 +141,9 @@ class DenseIndex:
     ):
         path = resolve_reference(model_reference)
         # layout None: the checkpoint's own sentence-transformers config decides (mean pooling for a plain one).
-        self.model: SentenceTransformer = sentence_transformer(path, layout)
+        # At the checkpoint's own max_seq_length, as training and evaluation cut texts (tasks/retrieval.text_width).
+        width = layout.max_seq_length if layout is not None else None
+        self.model: SentenceTransformer = sentence_transformer(path, layout, width)
         self.layout = layout
         self.passages = passages
         self.vectors = self._embeddings(passages, path, source_hash)

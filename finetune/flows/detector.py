@@ -22,7 +22,7 @@ import torch
 from transformers import BayesianDetectorConfig, BayesianDetectorModel, PreTrainedTokenizerBase
 
 from finetune.files import write_json
-from finetune.tasks.text2text import generate
+from finetune.tasks.text2text import decode_batch_size, generate
 from finetune.watermark.marking import generation_config, synthid_evidence
 
 REPORT_FILE = "training.json"
@@ -61,7 +61,7 @@ def train_for_model(session, prompts: list[list[int]], accelerator) -> tuple[Bay
             prompts,
             generation,
             session.task.answer_stops(generation, recipe.data, session.features["train"].rows),
-            recipe.eval.batch_size,  # None: as many rows as fit in memory, as evaluation decodes
+            decode_batch_size(generation, recipe.eval_batch_size),
             accelerator,
         )
         texts[label] = [tokenizer(text, add_special_tokens=False)["input_ids"] for group in answers for text in group]

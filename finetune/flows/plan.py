@@ -15,7 +15,7 @@ from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
 from finetune.recipe.schema import Recipe
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.text2text import MEMORY_CHOICE, batch_plan, generation_batch_size
+from finetune.tasks.text2text import MEMORY_CHOICE, batch_plan, decode_batch_size, generation_batch_size
 from finetune.training.loop import TrainPlan
 
 
@@ -76,8 +76,10 @@ def generation_plan(session: Session) -> str | None:
     if not isinstance(session.task, GenerationTask) or "eval" not in session.features:
         return None
     settings = session.recipe.eval
-    if settings.batch_size is not None:
-        return batch_plan(settings.batch_size, "eval.batch_size")
+    fixed = decode_batch_size(settings, session.recipe.eval_batch_size)
+    if fixed is not None:
+        how = "eval.batch_size" if settings.batch_size is not None else "sampled decoding: the eval batch, fixed"
+        return batch_plan(fixed, how)
     longest = max((len(p) for p in session.features["eval"].prompts or []), default=0)
     rows = generation_batch_size(session.model.config, longest, settings, session.model.device)
     return batch_plan(rows, f"{MEMORY_CHOICE} now; eval.batch_size sets it")

@@ -25,7 +25,7 @@ from finetune.recipe.schema import DataSection, EvalSection, Recipe
 from finetune.tasks.base import Task
 from finetune.tasks.conversations import ConversationEncoder, featurize_conversations, references
 from finetune.tasks.preference import featurize_preferences, preference_fields, rollout_prompts
-from finetune.tasks.text2text import PadCollator, completion_loss, encode, generate
+from finetune.tasks.text2text import PadCollator, completion_loss, decode_batch_size, encode, generate
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -180,9 +180,7 @@ class GenerationTask(Task):
             features.prompts,
             settings,
             self.answer_stops(settings, recipe.data, features.rows),
-            # The recipe's eval.batch_size when it sets one; else as many rows as fit in memory (not the loss's
-            # 2 x train.batch_size): decoding is bound by reading the weights once a step, so rows come almost free.
-            settings.batch_size,
+            decode_batch_size(settings, recipe.eval_batch_size),
             accelerator,
             ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),
         )

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -310,8 +312,8 @@ def generate(
     `end_ids`: tokens that end an answer besides EOS (a chat template's end-of-turn token). `batch_size`: rows
     decoded together (a prompt's samples count one each); None: as many as fit in memory
     (`generation_batch_size`): a decoding step reads every weight whatever the batch, so the fewer batches the
-    faster (the SmolLM2 copywriting eval's 32 prompts, 2-core CPU, in one process: 16.4 s in 2 batches of 16,
-    10.8 s in 1 of 32, the same text).
+    faster (the SmolLM2 copywriting eval's 32 prompts, 2-core CPU, in one process: 13.9-16.4 s in 2 batches of
+    16, 9.4-10.8 s in 1 of 32, the same text).
 
     Prompts are decoded longest first, so each batch holds prompts of similar length (little padding), and the
     answers come back in the prompts' order."""
@@ -350,13 +352,42 @@ def generation_batch_size(config: PretrainedConfig, longest_prompt: int, setting
     A row holds its key/value cache for the prompt and every new token, and while the prompt is read, its
     activations (hidden states, the MLP, attention scores) and a row of logits; all in float32.
     """
-    from accelerate.utils import get_max_memory
-
-    place = torch.device(device)
-    free = get_max_memory()  # bytes free on each device: {"cpu": ...} or {0: ..., 1: ..., "cpu": ...}
-    budget = free.get(place.type if place.type in ("cpu", "mps") else place.index or 0) or free.get("cpu", 0)
+    budget = free_memory(torch.device(device))
     row = row_bytes(config, longest_prompt, settings.max_new_tokens)
     return max(1, int(budget * MEMORY_SHARE // row))
+
+
+def decode_batch_size(settings: EvalSection, fixed: int) -> int | None:
+    """The `batch_size` to give `generate`: the recipe's eval.batch_size when set; else, for greedy decoding, None
+    (as many rows as fit in memory: the fewer batches the faster, the same text whatever the batch); for sampled
+    decoding `fixed` (the recipe's eval batch), because sampled tokens come from one generator over the whole
+    batch, so a batch size that followed the free memory would give the same seed other answers run to run."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    return None if settings.temperature == 0 else fixed
+
+
+def free_memory(place: torch.device) -> int:
+    """Bytes this process may take on `place`: a GPU's own free memory; on the CPU, the memory available to the
+    machine or, inside a container, to its cgroup (psutil reads the host's /proc/meminfo), shared by the
+    processes of this node (LOCAL_WORLD_SIZE, set by the launcher), which all decode at the same time."""
+    if place.type == "cuda":
+        return int(torch.cuda.mem_get_info(place)[0])
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit, usage = (Path(f).read_text().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            available = min(available, max(0, int(limit) - int(usage)))
+        break
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 MEMORY_CHOICE = f"as many as fit in {MEMORY_SHARE:.0%} of the free memory"

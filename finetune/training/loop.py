@@ -245,6 +245,8 @@ def recast_frozen_weights(model: torch.nn.Module, enabled: bool = True):
                 and not weight.requires_grad
                 and weight.device.type == "cpu"
                 and (module.bias is None or not module.bias.requires_grad)
+                # A forward of the instance's own (accelerate's hooks) stays: replacing it would drop the hook.
+                and "forward" not in module.__dict__
             ):
                 module.forward = _recast_forward.__get__(module)  # type: ignore[method-assign]
                 swapped.append(module)

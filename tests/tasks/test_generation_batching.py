@@ -61,3 +61,26 @@ def test_the_plan_states_the_generation_batch(tiny_models, tmp_path, write_recip
     assert "generation" in line and text2text.MEMORY_CHOICE in line
     fixed = invoke("run", recipe, "eval.batch_size=3", "--dry-run", env={"COLUMNS": "400"})
     assert "3 rows per batch (eval.batch_size)" in fixed.output
+
+
+def test_only_greedy_decoding_sizes_its_batches_from_memory():
+    """Sampled tokens come from one generator over a batch, so a sampled evaluation keeps the recipe's fixed eval
+    batch (the same seed, the same answers whatever memory is free); greedy decoding takes memory's choice (None);
+    eval.batch_size wins for both."""
+    from finetune.recipe.schema import EvalSection
+
+    assert text2text.decode_batch_size(EvalSection(temperature=0.0), 16) is None
+    assert text2text.decode_batch_size(EvalSection(temperature=0.8, num_samples=4), 16) == 16
+    assert text2text.decode_batch_size(EvalSection(temperature=0.8, batch_size=3), 16) == 3
+    assert text2text.decode_batch_size(EvalSection(temperature=0.0, batch_size=3), 16) == 3
+
+
+def test_the_memory_budget_is_shared_by_the_processes_of_a_node(monkeypatch):
+    """Every process of a node decodes at once: each takes its share of what is free (LOCAL_WORLD_SIZE)."""
+    import torch
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = text2text.free_memory(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    shared = text2text.free_memory(torch.device("cpu"))
+    assert 0 < shared <= alone // 4 * 1.2  # free memory moves a little between the two reads
