@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
@@ -71,8 +72,9 @@ def evaluation_plan(session: Session, plan: TrainPlan) -> str:
     )
 
 
-def generation_plan(session: Session) -> str | None:
-    """How the final evaluation batches its generation (a generation task): the rows decoded together."""
+def generation_plan(session: Session, device: torch.device) -> str | None:
+    """How the final evaluation batches its generation (a generation task): the rows decoded together on `device`
+    (the accelerator's: the model is still on the CPU when the plan is shown)."""
     if not isinstance(session.task, GenerationTask) or "eval" not in session.features:
         return None
     settings = session.recipe.eval
@@ -81,7 +83,7 @@ def generation_plan(session: Session) -> str | None:
         how = "eval.batch_size" if settings.batch_size is not None else "sampled decoding: the eval batch, fixed"
         return batch_plan(fixed, how)
     longest = max((len(p) for p in session.features["eval"].prompts or []), default=0)
-    rows = generation_batch_size(session.model.config, longest, settings, session.model.device)
+    rows = generation_batch_size(session.model.config, longest, settings, device)
     return batch_plan(rows, f"{MEMORY_CHOICE} now; eval.batch_size sets it")
 
 
@@ -174,6 +176,7 @@ def show_plan(
     output_note: str,
     data_warnings: list[str] | None = None,
     estimate: Estimate | None = None,
+    device: torch.device | None = None,
 ) -> None:
     recipe = session.recipe
     trainable, total = count_parameters(session.model)
@@ -227,7 +230,7 @@ def show_plan(
     if world_size > 1:
         table.add_row("processes", topology_plan(world_size))
     table.add_row("evaluation", evaluation_plan(session, plan))
-    generation = generation_plan(session)
+    generation = generation_plan(session, device or torch.device("cpu"))
     if generation is not None:
         table.add_row("generation", generation)
     table.add_row("precision", session.precision)

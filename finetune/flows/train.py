@@ -176,7 +176,15 @@ def _run(
                 recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
             )
         if accelerator.is_main_process:
-            show_plan(console, session, accelerator.num_processes, output_note, data_report.warnings(report), measured)
+            show_plan(
+                console,
+                session,
+                accelerator.num_processes,
+                output_note,
+                data_report.warnings(report),
+                measured,
+                accelerator.device,
+            )
         if dry_run:
             return plan_document(session, accelerator.num_processes, output_note, measured)
         rundir.check_free_space(run_dir.path, rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
