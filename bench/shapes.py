@@ -133,38 +133,57 @@ def model_flops_per_token(session) -> tuple[float, dict]:
     }
 
 
+class TrainingStep:
+    """A recipe's training as `finetune run` sets it up: its session, its batches in the loop's order
+    (`LengthGroupedBatches`), the loop's accelerator (its autocast) around the prepared model, and its objective;
+    calling it runs one step's forward and backward passes on a batch (no optimizer step) and returns the loss."""
+
+    def __init__(self, recipe: str, overrides: list[str]):
+        from finetune.data.tables import token_lengths
+        from finetune.flows.resolve import resolve
+        from finetune.flows.session import open_session, training_collator
+        from finetune.training.loop import LengthGroupedBatches, make_accelerator
+
+        self.resolved = resolve(recipe, overrides)
+        self.session = open_session(self.resolved, splits=("train",))
+        t = self.session.recipe.train
+        features = self.session.features["train"].dataset
+        collate = training_collator(self.session)
+        window = 64 if t.group_by_length else 1
+        sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=window)
+        self.batches = [collate([features[i] for i in rows]) for rows in sampler.batches()]
+        self.accelerator = make_accelerator(t, self.resolved.precision)
+        self.model = self.accelerator.prepare(self.session.model)  # the loop's autocast around the forward pass
+        self.model.train()
+        self.objective = self.session.objective
+
+    def __call__(self, batch: dict) -> float:
+        total = 0.0
+        for part, weight in self.objective.parts(batch):
+            loss = self.objective.step(self.model, part).loss * weight
+            self.accelerator.backward(loss)
+            total += float(loss.detach())
+        return total
+
+
 def shape_limit(recipe: str, overrides: list[str], warmup: int = 2, timed: int = 3) -> dict:
     """The recipe's shape limit (module docstring), with what it was measured on."""
     import torch
 
-    from finetune.data.tables import token_lengths
-    from finetune.flows.resolve import resolve
-    from finetune.flows.session import open_session, training_collator
-    from finetune.training.loop import LengthGroupedBatches, make_accelerator, masked_dropouts, real_tokens
+    from finetune.training.loop import masked_dropouts, real_tokens
 
-    resolved = resolve(recipe, overrides)
-    session = open_session(resolved, splits=("train",))
-    t = session.recipe.train
-    features = session.features["train"].dataset
-    collate = training_collator(session)
-    sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
-    batches = [collate([features[i] for i in rows]) for rows in sampler.batches()]
-    batches = [b for b in batches if b["input_ids"].shape[0] == t.batch_size] or batches
+    training = TrainingStep(recipe, overrides)
+    resolved, session, model = training.resolved, training.session, training.model
+    batch_size = session.recipe.train.batch_size
+    batches = [b for b in training.batches if b["input_ids"].shape[0] == batch_size] or training.batches
     batch = sorted(batches, key=lambda b: b["input_ids"].shape[1])[len(batches) // 2]  # the median padded width
     labels = batch.get("labels")
     scored = (
         int((labels[:, 1:] != -100).sum()) if labels is not None and labels.shape == batch["input_ids"].shape else 0
     )
 
-    accelerator = make_accelerator(t, resolved.precision)
-    model = accelerator.prepare(session.model)  # the loop's autocast around the forward pass
-    objective = session.objective
-    model.train()
-
     def step() -> None:
-        for part, weight in objective.parts(batch):
-            loss = objective.step(model, part).loss * weight
-            accelerator.backward(loss)
+        training(batch)
         model.zero_grad(set_to_none=True)
 
     with masked_dropouts(model):

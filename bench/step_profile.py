@@ -26,35 +26,6 @@ from pathlib import Path
 import torch
 
 
-def setup(recipe: str, overrides: list[str]):
-    from finetune.data.tables import token_lengths
-    from finetune.flows.resolve import resolve
-    from finetune.flows.session import open_session, training_collator
-    from finetune.training.loop import LengthGroupedBatches, make_accelerator
-
-    resolved = resolve(recipe, overrides)
-    session = open_session(resolved, splits=("train",))
-    t = session.recipe.train
-    features = session.features["train"].dataset
-    collate = training_collator(session)
-    sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
-    batches = [collate([features[i] for i in rows]) for rows in sampler.batches()]
-    accelerator = make_accelerator(t, resolved.precision)
-    model = accelerator.prepare(session.model)
-    model.train()
-    objective = session.objective
-
-    def step(batch: dict) -> float:
-        total = 0.0
-        for part, weight in objective.parts(batch):
-            loss = objective.step(model, part).loss * weight
-            accelerator.backward(loss)
-            total += float(loss.detach())
-        return total
-
-    return model, batches, step, resolved.precision
-
-
 def timed(step, model, batches: list[dict]) -> float:
     start = time.perf_counter()
     for batch in batches:
@@ -88,9 +59,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    from shapes import TrainingStep  # bench/shapes.py, beside this file
+
     from finetune.training.loop import masked_dropouts
 
-    model, batches, step, precision = setup(args.recipe, args.overrides)
+    step = TrainingStep(args.recipe, args.overrides)
+    model, batches, precision = step.model, step.batches, step.resolved.precision
     warm, measured = batches[:2], batches[2 : 2 + args.steps]
     report: dict = {"recipe": args.recipe, "overrides": args.overrides, "precision": precision, "mode": args.mode}
     report["batches"] = [list(b["input_ids"].shape) for b in measured]

@@ -174,9 +174,9 @@ def show_plan(
     session: Session,
     world_size: int,
     output_note: str,
-    data_warnings: list[str] | None = None,
-    estimate: Estimate | None = None,
-    device: torch.device | None = None,
+    data_warnings: list[str] | None,
+    estimate: Estimate | None,
+    device: torch.device,
 ) -> None:
     recipe = session.recipe
     trainable, total = count_parameters(session.model)
@@ -230,7 +230,7 @@ def show_plan(
     if world_size > 1:
         table.add_row("processes", topology_plan(world_size))
     table.add_row("evaluation", evaluation_plan(session, plan))
-    generation = generation_plan(session, device or torch.device("cpu"))
+    generation = generation_plan(session, device)
     if generation is not None:
         table.add_row("generation", generation)
     table.add_row("precision", session.precision)
