@@ -8,6 +8,7 @@ dequantised once into a plain float checkpoint cached by the file's hash.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -94,7 +95,15 @@ def reference_is_local(reference: str) -> bool:
 
 def gguf_checkpoint(local: Path) -> Path:
     """Where the float checkpoint converted from a GGUF file is cached: by the file's SHA-256."""
-    return cache_root() / "gguf" / sha256_file(local)[:24]
+    stat = local.stat()
+    return cache_root() / "gguf" / _gguf_digest(str(local.resolve()), stat.st_size, stat.st_mtime_ns)[:24]
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_digest(path: str, size: int, modified_ns: int) -> str:
+    """The file's SHA-256, once per process and version of the file (size and mtime are the key): a command asks
+    for the config and then the weights of the same GGUF, and hashing a multi-GB file twice costs seconds."""
+    return sha256_file(Path(path))
 
 
 def dequantised_gguf(directory: str, file: str) -> Path:
