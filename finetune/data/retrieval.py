@@ -30,7 +30,7 @@ import numpy as np
 from datasets import Dataset
 
 from finetune.data.tables import load_table, local_data_path
-from finetune.errors import DataError
+from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.models.embedding import EmbeddingLayout, sentence_transformer
 from finetune.models.references import cache_root, resolve_reference
@@ -100,6 +100,14 @@ class Retriever:
     def search(self, questions: list[str], k: int | None = None) -> list[list[int]]:
         """Passage indices per question, best first."""
         k = min(k or self.settings.top_k, len(self.passages))
+        if self.settings.method == "hybrid" and self.settings.fusion == "convex":
+            weight = self.settings.sparse_weight
+            if weight is None:
+                raise RecipeError(
+                    "data.retrieval.sparse_weight: hybrid retrieval needs BM25's share of the fused score; give it, or "
+                    "give data.train to choose it on the training questions"
+                )
+            return [_top(scores, k) for scores in self.fused_scores(questions, (weight,))[weight]]
         rankings = []
         if self.dense is not None:
             rankings.append(self.dense.search(questions, k if self.bm25 is None else len(self.passages)))
@@ -114,6 +122,83 @@ class Retriever:
         if len(rankings) == 1:
             return [r[:k] for r in rankings[0]]
         return [_fuse(dense, sparse, k) for dense, sparse in zip(*rankings)]
+
+    def fused_scores(self, questions: list[str], weights: tuple[float, ...]) -> dict[float, list[np.ndarray]]:
+        """Per weight w, each question's score of every passage: (1 - w) x dense similarity + w x BM25 score, each
+        min-max normalised over the corpus for that question (a convex combination: it keeps how far apart the
+        scores are, which reciprocal-rank fusion drops). One question's scores at a time: memory follows the corpus."""
+        import bm25s
+
+        assert self.dense is not None and self.bm25 is not None
+        queries = self.dense.encode(questions)
+        tokens = bm25s.tokenize(questions, stopwords="en", return_ids=False, show_progress=False)
+        fused: dict[float, list[np.ndarray]] = {w: [] for w in weights}
+        for query, words in zip(queries, tokens):
+            dense = _min_max(self.dense.vectors @ query)
+            # A question of stopwords alone matches nothing lexically: BM25 scores every passage 0.
+            sparse = _min_max(self.bm25.get_scores(list(words))) if words else np.zeros(len(self.passages))
+            for w in weights:
+                fused[w].append((1.0 - w) * dense + w * sparse)
+        return fused
+
+
+# The sparse weights tried when data.retrieval.sparse_weight is null: 0 (dense alone) up to an even share.
+SPARSE_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+# Training questions the weight is chosen on (the first ones, in file order): enough to tell the weights apart.
+WEIGHT_QUESTIONS = 1000
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    weight: float
+    questions: int  # training questions with a gold passage, that the weights were compared on
+    mrr: dict[float, float]  # MRR@10 of their gold passages per weight
+
+    def note(self) -> str:
+        dense, best = self.mrr[0.0], self.mrr[self.weight]
+        return (
+            f"data.retrieval.sparse_weight {self.weight}: chosen on {self.questions} training questions with the "
+            f"starting model (MRR@10 of their gold passages {dense:.3f} dense alone, {best:.3f} fused)"
+        )
+
+
+def choose_sparse_weight(retriever: Retriever, rows: Dataset, split: str = "data.train") -> WeightChoice:
+    """BM25's share of the fused score: the one of SPARSE_WEIGHTS under which the training questions' gold passages
+    (those holding the answer) rank best by MRR@10, the smaller on a tie. Chosen with the retriever as it is
+    (before its own training: trained on these questions, it would rank them too well to show what BM25 adds)."""
+    questions, answers = rows["question"][:WEIGHT_QUESTIONS], rows["answer"][:WEIGHT_QUESTIONS]
+    gold = [{i for i, p in enumerate(retriever.passages) if holds_answer(p, a)} for a in answers]
+    asked = [(q, g) for q, g in zip(questions, gold) if g]
+    if not asked:
+        raise DataError(
+            f"{split}: no training answer is in a passage of the knowledge base; sparse_weight cannot be chosen"
+        )
+    fused = retriever.fused_scores([q for q, _ in asked], SPARSE_WEIGHTS)
+    mrr = {}
+    for w in SPARSE_WEIGHTS:
+        ranks = [_top(scores, min(10, len(scores))) for scores in fused[w]]
+        mrr[w] = float(
+            np.mean(
+                [next((1 / (r + 1) for r, i in enumerate(top) if i in g), 0.0) for top, (_, g) in zip(ranks, asked)]
+            )
+        )
+    best = max(SPARSE_WEIGHTS, key=lambda w: (round(mrr[w], 12), -w))
+    return WeightChoice(best, len(asked), mrr)
+
+
+def _min_max(scores: np.ndarray) -> np.ndarray:
+    low, high = float(scores.min()), float(scores.max())
+    return (scores - low) / (high - low) if high > low else np.zeros_like(scores)
+
+
+def _top(scores: np.ndarray, k: int) -> list[int]:
+    """The k highest-scoring passages, best first; equal scores in corpus order (the same ranking on every run)."""
+    if k < len(scores):
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        part = np.flatnonzero(scores >= kth)  # every passage tied with the k-th too: corpus order decides among them
+    else:
+        part = np.arange(len(scores))
+    return [int(i) for i in part[np.lexsort((part, -scores[part]))][:k]]
 
 
 def _fuse(first: list[int], second: list[int], k: int) -> list[int]:

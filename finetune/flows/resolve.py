@@ -242,6 +242,13 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
             "data.knowledge_base: only task qa answers from a knowledge base (and tasks retrieval and rerank search "
             f"one); remove it for {recipe.task}"
         )
+    settings = data.retrieval
+    if settings.sparse_weight is not None and (settings.method != "hybrid" or settings.fusion != "convex"):
+        problems.append(
+            f"data.retrieval.sparse_weight: BM25's share of a convex fusion; method is {settings.method}"
+            + (f" and fusion {settings.fusion}" if settings.method == "hybrid" else "")
+            + " (use method hybrid with fusion convex, or remove it)"
+        )
     if recipe.task == "qa":
         problems += _retriever_training_rules(recipe)
     return problems
@@ -411,7 +418,9 @@ def retriever_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
     columns = {"query": data.columns.get("question", "question"), "answer": data.columns.get("answer", "answer")}
     if "id" in data.columns:
         columns["id"] = data.columns["id"]
-    retrieval = settings.model_copy(update={"train": None, "model": None, "method": "dense"})
+    retrieval = settings.model_copy(
+        update={"train": None, "model": None, "method": "dense", "fusion": "convex", "sparse_weight": None}
+    )
     derived_data = data.model_copy(update={"columns": columns, "retrieval": retrieval, "doc_stride": None})
     train = recipe.train.model_copy(
         update={

@@ -31,6 +31,7 @@ from finetune.data.retrieval import (
     DenseIndex,
     Retriever,
     attach_passages,
+    choose_sparse_weight,
     knowledge_base_hash,
     load_passages,
     mine_negatives,
@@ -260,7 +261,7 @@ def load_rows(
         with placed_errors(rows.origins):
             train, eval_rows = retrieval_rows(recipe, train, eval_rows, layout, mine)
     elif recipe.data.knowledge_base is not None:
-        retriever = build_retriever(recipe)
+        retriever = build_retriever(recipe, train_rows=train)
         extractive = task.head == "question_answering"
         with placed_errors(rows.origins):
             train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
@@ -338,12 +339,41 @@ def placed_errors(origins: Mapping[str, Origins]) -> Iterator[None]:
         raise
 
 
-def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
-    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`)."""
+def build_retriever(
+    recipe: Recipe, knowledge_base: str | list[str] | None = None, train_rows: Dataset | None = None
+) -> Retriever:
+    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`); a hybrid
+    one's open sparse weight chosen on `train_rows` (a run settles it first: `settle_retrieval`)."""
     base = knowledge_base or recipe.data.knowledge_base
     if base is None:
         raise RecipeError("data.knowledge_base: this recipe answers from no knowledge base; give --knowledge-base")
-    return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
+    retriever = Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
+    if needs_sparse_weight(recipe) and train_rows is not None and len(train_rows):
+        weight = choose_sparse_weight(retriever, train_rows).weight
+        retriever.settings = recipe.data.retrieval.model_copy(update={"sparse_weight": weight})
+    return retriever
+
+
+def needs_sparse_weight(recipe: Recipe) -> bool:
+    settings = recipe.data.retrieval
+    return (
+        recipe.data.knowledge_base is not None
+        and settings.method == "hybrid"
+        and settings.fusion == "convex"
+        and settings.sparse_weight is None
+    )
+
+
+def settle_retrieval(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """A knowledge-base run's recipe with its hybrid retrieval's sparse weight chosen, when the recipe leaves it
+    open, on the training questions with the starting retriever (choose_sparse_weight), before that retriever is
+    trained; RUN/recipe.yaml records it, so eval and predict fuse as training did. Also the note saying so."""
+    if not needs_sparse_weight(recipe) or recipe.data.train is None:
+        return recipe, None
+    rows, _ = read_rows(recipe, ("question", "answer"), ("id",), classify=False)
+    choice = choose_sparse_weight(build_retriever(recipe), rows.train)
+    retrieval = recipe.data.retrieval.model_copy(update={"sparse_weight": choice.weight})
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})}), choice.note()
 
 
 def attention_kwargs(precision: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ from finetune.flows.session import (
     generates_during,
     open_data,
     open_session,
+    settle_retrieval,
     training_collator,
 )
 from finetune.models.embedding import BiEncoder, write_sentence_transformer_files
@@ -133,6 +134,11 @@ def _run(
     accelerator.wait_for_everyone()
     retriever: dict | None = None
     try:
+        settled, note = settle_retrieval(recipe)  # with the starting retriever: before it is trained below
+        if note is not None:
+            resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
+            if accelerator.is_main_process:
+                console.print(note, highlight=False, soft_wrap=True)
         if retriever_recipe(recipe, run_dir.path) is not None:
             resolved, retriever = train_retriever(
                 resolved,

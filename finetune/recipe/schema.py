@@ -152,7 +152,21 @@ class ModelSection(Section):
 class RetrievalSection(Section):
     method: Literal["dense", "bm25", "hybrid"] = Field(
         "dense",
-        description="dense: sentence-transformers embeddings; bm25: bm25s; hybrid: reciprocal-rank fusion of both.",
+        description="dense: sentence-transformers embeddings; bm25: bm25s; hybrid: both, fused as `fusion` says.",
+    )
+    fusion: Literal["convex", "rrf"] = Field(
+        "convex",
+        description="Hybrid retrieval: convex: (1 - sparse_weight) x dense similarity + sparse_weight x BM25 score, "
+        "each min-max normalised over the corpus per question; rrf: reciprocal-rank fusion (1 / (60 + rank) summed), "
+        "which ignores how far apart the scores are.",
+    )
+    sparse_weight: Float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Hybrid retrieval with convex fusion: BM25's share of the fused score. null: chosen on the "
+        "training questions with the starting model (the weight of 0, 0.1, ..., 0.5 ranking their gold passages "
+        "best by MRR@10; ties to the smaller) and recorded in RUN/recipe.yaml.",
     )
     top_k: Int = Field(
         5,

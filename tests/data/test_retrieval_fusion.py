@@ -1,0 +1,136 @@
+"""Hybrid retrieval's convex fusion: scores equal to one computed from sentence-transformers and bm25s directly, the
+sparse weight chosen on the training questions, recorded in the run's recipe, and refused where it means nothing."""
+
+from __future__ import annotations
+
+import json
+
+import bm25s
+import numpy as np
+import pytest
+import yaml
+from datasets import Dataset
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.data.retrieval import SPARSE_WEIGHTS, Passage, Retriever, choose_sparse_weight, knowledge_base_hash
+from finetune.recipe.schema import RetrievalSection
+from tests.conftest import WORDS, write_jsonl
+
+runner = CliRunner()
+
+
+def _knowledge_base(tmp_path, n: int = 30) -> tuple[list[dict], list[dict], str]:
+    """Passages each holding a code word its question names: BM25 finds them, a tiny random encoder does not."""
+    vocab = WORDS["sports"].split() + WORDS["cooking"].split()
+    passages, rows = [], []
+    for i in range(n):
+        words = [vocab[(i * 3 + j) % len(vocab)] for j in range(8)]
+        passages.append({"id": f"p{i}", "text": f"code{i:02d} " + " ".join(words)})
+        rows.append({"question": f"what does code{i:02d} say?", "answer": words[4]})
+    return passages, rows, str(write_jsonl(tmp_path / "passages.jsonl", passages))
+
+
+def _retriever(model: str, passages: list[dict], kb: str, weight: float | None) -> Retriever:
+    settings = RetrievalSection(method="hybrid", model=model, sparse_weight=weight)
+    return Retriever([Passage(p["id"], p["text"]) for p in passages], settings, knowledge_base_hash(kb))
+
+
+def _reference_scores(retriever: Retriever, questions: list[str], weight: float) -> np.ndarray:
+    """The convex combination from the libraries themselves: sentence-transformers' normalised embeddings and the
+    BM25 scores bm25s ranks with, each min-max normalised per question."""
+    n = len(retriever.passages)
+    model = retriever.dense.model
+    dense = model.encode(questions, normalize_embeddings=True) @ model.encode(
+        [p.text for p in retriever.passages], normalize_embeddings=True
+    ).T
+    found, scores = retriever.bm25.retrieve(bm25s.tokenize(questions, stopwords="en", show_progress=False), k=n)
+    sparse = np.zeros((len(questions), n))
+    np.put_along_axis(sparse, found, scores, axis=1)
+
+    def scaled(x: np.ndarray) -> np.ndarray:
+        low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        return (x - low) / np.where(high > low, high - low, 1.0)
+
+    return (1 - weight) * scaled(dense) + weight * scaled(sparse)
+
+
+def test_convex_fusion_equals_the_libraries_scores_and_ranks_by_them(tiny_models, tmp_path):
+    passages, rows, kb = _knowledge_base(tmp_path)
+    retriever = _retriever(str(tiny_models["bert"]), passages, kb, 0.3)
+    questions = [r["question"] for r in rows[:8]] + ["the and of"]  # the last: stopwords only, no BM25 match
+    reference = _reference_scores(retriever, questions, 0.3)
+    ours = np.stack(retriever.fused_scores(questions, (0.3,))[0.3])
+    assert np.abs(ours - reference).max() < 1e-5
+    ranked = retriever.search(questions, k=5)
+    for scores, top in zip(reference, ranked):
+        assert top == sorted(range(len(passages)), key=lambda i: (-scores[i], i))[:5]
+
+
+def test_the_sparse_weight_is_the_one_ranking_training_gold_passages_best(tiny_models, tmp_path):
+    passages, rows, kb = _knowledge_base(tmp_path)
+    retriever = _retriever(str(tiny_models["bert"]), passages, kb, None)
+    train = Dataset.from_list(rows[:20])
+    choice = choose_sparse_weight(retriever, train)
+    questions = [r["question"] for r in rows[:20]]
+    gold = [next(i for i, p in enumerate(passages) if r["answer"] in p["text"].split()) for r in rows[:20]]
+    gold_sets = [{i for i, p in enumerate(passages) if r["answer"] in p["text"]} for r in rows[:20]]
+    expected = {}
+    for w in SPARSE_WEIGHTS:
+        scores = _reference_scores(retriever, questions, w)
+        reciprocal = []
+        for row_scores, relevant in zip(scores, gold_sets):
+            order = sorted(range(len(passages)), key=lambda i: (-row_scores[i], i))[:10]
+            reciprocal.append(next((1 / (r + 1) for r, i in enumerate(order) if i in relevant), 0.0))
+        expected[w] = float(np.mean(reciprocal))
+    assert choice.mrr == pytest.approx(expected, abs=1e-9)
+    assert choice.weight == max(SPARSE_WEIGHTS, key=lambda w: (round(expected[w], 12), -w))
+    # The code word is in the question and its passage alone: BM25's share wins over a random tiny encoder.
+    assert choice.weight > 0 and expected[choice.weight] > expected[0.0] and gold
+    assert choice.questions == 20 and f"sparse_weight {choice.weight}" in choice.note()
+
+
+def test_a_hybrid_run_records_its_chosen_weight_and_eval_reuses_it(tiny_models, tmp_path, write_recipe):
+    passages, rows, kb = _knowledge_base(tmp_path)
+    recipe = {
+        "task": "qa",
+        "mode": "extractive",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
+            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
+            "knowledge_base": kb,
+            "retrieval": {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False},
+            "max_length": 48,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    result = runner.invoke(app, ["run", str(write_recipe(recipe))], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["retrieval"]
+    assert saved["sparse_weight"] in SPARSE_WEIGHTS and f"sparse_weight {saved['sparse_weight']}" in result.output
+    # With the weight recorded, `finetune eval RUN` retrieves as the run did: the same passages, the same recall.
+    again = runner.invoke(app, ["eval", str(tmp_path / "run"), "--output", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    first = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["passage_ids"] for r in first] == [r["passage_ids"] for r in second]
+
+
+@pytest.mark.parametrize(
+    "retrieval",
+    [{"method": "dense", "sparse_weight": 0.2}, {"method": "hybrid", "fusion": "rrf", "sparse_weight": 0.2}],
+)
+def test_a_sparse_weight_without_convex_fusion_is_refused(retrieval, tiny_models, tmp_path, write_recipe):
+    passages, rows, kb = _knowledge_base(tmp_path)
+    recipe = {
+        "task": "qa",
+        "mode": "extractive",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "knowledge_base": kb, "retrieval": retrieval},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and "data.retrieval.sparse_weight" in result.output, result.output
