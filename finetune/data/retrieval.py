@@ -348,10 +348,13 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
                 )
             chosen = chosen[:-1] + [gold]  # the reader learns to pick among passages, the right one included
         context = PASSAGE_SEPARATOR.join(passages[i].text for i in chosen)
+        starts = np.cumsum([0] + [len(passages[i].text) + len(PASSAGE_SEPARATOR) for i in chosen[:-1]])
         item = {
             **{k: v for k, v in row.items() if k not in ("context", "answers")},
             "context": context,
             "passage_ids": [passages[i].id for i in chosen],
+            # Where each passage lies in the context (characters, [start, end)): data.retrieval.answer_from reads it.
+            "passage_spans": [[int(a), int(a) + len(passages[i].text)] for a, i in zip(starts, chosen)],
         }
         if gold_found is not None:
             item["retrieved_gold"] = gold_found

@@ -249,6 +249,13 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
             + (f" and fusion {settings.fusion}" if settings.method == "hybrid" else "")
             + " (use method hybrid with fusion convex, or remove it)"
         )
+    if "answer_from" in settings.model_fields_set and not (
+        recipe.task == "qa" and recipe.mode != "generative" and data.knowledge_base is not None
+    ):
+        problems.append(
+            "data.retrieval.answer_from: where an extractive reader's span may lie among retrieved passages; it "
+            "applies to task qa, mode extractive, with data.knowledge_base (remove it)"
+        )
     if recipe.task == "qa":
         problems += _retriever_training_rules(recipe)
     return problems

@@ -160,6 +160,13 @@ class RetrievalSection(Section):
         "each min-max normalised over the corpus per question; rrf: reciprocal-rank fusion (1 / (60 + rank) summed), "
         "which ignores how far apart the scores are.",
     )
+    answer_from: Literal["first", "any"] = Field(
+        "first",
+        description="Extractive qa with a knowledge base: where the reader's answer may lie. first: in the "
+        "highest-ranked retrieved passage (the reader still reads them all); any: anywhere in them, the reader's "
+        "highest-scoring span. On a FAQ nobody here wrote the reader's answers from a passage below the first were "
+        "wrong in every case measured (docs/retrieval.md), so first is the default.",
+    )
     sparse_weight: Float | None = Field(
         None,
         ge=0,

@@ -213,6 +213,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             features.rows["context"][:],
             n_best=recipe.eval.n_best,
             max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
+            within=answer_ranges(features.rows, recipe),
         )
         out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
         loss = torch.cat(losses).mean().item() if losses else None
@@ -220,6 +221,14 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def prediction_fields(self) -> tuple[str, ...]:
         return ("answers", "prediction")
+
+
+def answer_ranges(rows: Dataset, recipe: Recipe) -> list[tuple[int, int] | None] | None:
+    """Knowledge-base rows with data.retrieval.answer_from first: each row's answer is read from its
+    highest-ranked passage (its character range in the context). None: anywhere in the context."""
+    if recipe.data.retrieval.answer_from != "first" or "passage_spans" not in rows.column_names:
+        return None
+    return [tuple(spans[0]) if spans else None for spans in rows["passage_spans"][:]]
 
 
 # SQuAD's answer limit in tokens: the floor of the derived one, since short answers need no more.

@@ -41,9 +41,10 @@ def _reference_scores(retriever: Retriever, questions: list[str], weight: float)
     BM25 scores bm25s ranks with, each min-max normalised per question."""
     n = len(retriever.passages)
     model = retriever.dense.model
-    dense = model.encode(questions, normalize_embeddings=True) @ model.encode(
-        [p.text for p in retriever.passages], normalize_embeddings=True
-    ).T
+    dense = (
+        model.encode(questions, normalize_embeddings=True)
+        @ model.encode([p.text for p in retriever.passages], normalize_embeddings=True).T
+    )
     found, scores = retriever.bm25.retrieve(bm25s.tokenize(questions, stopwords="en", show_progress=False), k=n)
     sparse = np.zeros((len(questions), n))
     np.put_along_axis(sparse, found, scores, axis=1)
@@ -129,8 +130,29 @@ def test_a_sparse_weight_without_convex_fusion_is_refused(retrieval, tiny_models
         "task": "qa",
         "mode": "extractive",
         "model": {"name_or_path": str(tiny_models["bert"])},
-        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "knowledge_base": kb, "retrieval": retrieval},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+            "knowledge_base": kb,
+            "retrieval": retrieval,
+        },
         "output": {"dir": str(tmp_path / "run")},
     }
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2 and "data.retrieval.sparse_weight" in result.output, result.output
+
+
+def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path, write_recipe):
+    passages, rows, kb = _knowledge_base(tmp_path)
+    recipe = {
+        "task": "qa",
+        "mode": "generative",
+        "model": {"name_or_path": str(tiny_models["gpt2"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+            "knowledge_base": kb,
+            "retrieval": {"answer_from": "first"},
+        },
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and "data.retrieval.answer_from" in result.output, result.output

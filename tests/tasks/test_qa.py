@@ -313,3 +313,48 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
     assert answered.exit_code == 0, answered.output
     row = json.loads(answered.stdout)
     assert row["id"] == "q1" and len(row["passage_ids"]) == 3 and row["prediction"] in row["context"]
+
+
+def test_answer_from_first_reads_the_answer_from_the_top_passage(tiny_models):
+    """data.retrieval.answer_from first: the reader's best span inside the highest-ranked passage, even where a
+    span in a passage below it scores higher; `any` takes that higher one. Passage ranges come from the rows."""
+    from datasets import Dataset
+
+    from finetune.data.retrieval import PASSAGE_SEPARATOR, Passage, attach_passages
+    from finetune.recipe.schema import RetrievalSection
+
+    tokenizer = load_tokenizer(str(tiny_models["bert"]), "bert")
+    first, second = "the cat sat on the mat", "a dog ran in the park"
+    passages = [Passage("p1", first), Passage("p2", second)]
+
+    class Ranked:  # the retriever's order: p1, then p2
+        settings = RetrievalSection(top_k=2)
+
+        def __init__(self):
+            self.passages = passages
+
+        def search(self, questions, k=None):
+            return [[0, 1] for _ in questions]
+
+    rows = attach_passages(
+        Dataset.from_list([{"question": "where?", "answer": "mat"}]),
+        Ranked(),
+        extractive=True,
+        training=False,
+        split="data.eval",
+    )
+    context = rows["context"][0]
+    assert context == first + PASSAGE_SEPARATOR + second
+    assert [context[a:b] for a, b in rows["passage_spans"][0]] == [first, second]
+    w = qa_spans.windows(["where?"], [context], tokenizer, 64, 16, "data.eval")
+    tokens = [i for i, o in enumerate(w.offsets[0]) if o is not None]
+    in_first = next(i for i in tokens if w.offsets[0][i][1] <= len(first))
+    in_second = next(i for i in tokens if w.offsets[0][i][0] >= len(first) + len(PASSAGE_SEPARATOR))
+    start, end = np.zeros((1, len(w.input_ids[0]))), np.zeros((1, len(w.input_ids[0])))
+    start[0, in_second] = end[0, in_second] = 5.0  # the best span: in the second passage
+    start[0, in_first] = end[0, in_first] = 3.0
+    anywhere = qa_spans.best_answers(w, start, end, [context], n_best=5, max_answer_length=4)
+    top = qa_spans.best_answers(
+        w, start, end, [context], n_best=5, max_answer_length=4, within=[tuple(rows["passage_spans"][0][0])]
+    )
+    assert anywhere[0] and anywhere[0] in second and top[0] and top[0] in first
