@@ -40,6 +40,7 @@ def _reference_scores(retriever: Retriever, questions: list[str], weight: float)
     """The convex combination from the libraries themselves: sentence-transformers' normalised embeddings and the
     BM25 scores bm25s ranks with, each min-max normalised per question."""
     n = len(retriever.passages)
+    assert retriever.dense is not None and retriever.bm25 is not None
     model = retriever.dense.model
     dense = (
         model.encode(questions, normalize_embeddings=True)
