@@ -83,8 +83,13 @@ def measure(directory: Path, model: str) -> dict:
     for w in SPARSE_WEIGHTS:
         rankings = [list(np.lexsort((np.arange(len(s)), -s))[:k]) for s in fused[w]]
         out[f"convex w={w}"] = _scores(rankings, relevant)
-    if train and "answer" in train[0]:  # the weight a run would choose (knowledge-base rows)
-        choice = choose_sparse_weight(hybrid, Dataset.from_list(train))
+    if train:  # the weight a run would choose; a retrieval row's answer is its positive passage's text
+        text = {p.id: p.text for p in passages}
+        asked = [
+            {"question": r.get("question") or r["query"], "answer": r.get("answer") or text[r["positive_id"]]}
+            for r in train
+        ]
+        choice = choose_sparse_weight(hybrid, Dataset.from_list(asked))
         out["chosen_on_training_questions"] = {"weight": choice.weight, "mrr@10_by_weight": choice.mrr}
     return out
 
