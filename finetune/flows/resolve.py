@@ -249,7 +249,7 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
             + (f" and fusion {settings.fusion}" if settings.method == "hybrid" else "")
             + " (use method hybrid with fusion convex, or remove it)"
         )
-    if "answer_from" in settings.model_fields_set and not (
+    if settings.answer_from != "first" and not (
         recipe.task == "qa" and recipe.mode != "generative" and data.knowledge_base is not None
     ):
         problems.append(

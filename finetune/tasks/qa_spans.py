@@ -143,6 +143,11 @@ def best_answers(
     for window, example in enumerate(w.example):
         offsets = w.offsets[window]
         start_scores, end_scores = start_logits[window], end_logits[window]
+        allowed = within[example] if within is not None else None
+        if allowed is not None:  # the n best are counted inside the range: spans outside it cannot be chosen
+            outside = np.array([o is None or o[0] < allowed[0] or o[1] > allowed[1] for o in offsets])
+            outside = np.pad(outside, (0, len(start_scores) - len(outside)), constant_values=True)
+            start_scores, end_scores = np.where(outside, -np.inf, start_scores), np.where(outside, -np.inf, end_scores)
         top_starts = np.argsort(start_scores)[::-1][:n_best]
         top_ends = np.argsort(end_scores)[::-1][:n_best]
         for s in top_starts:
@@ -151,8 +156,7 @@ def best_answers(
                     continue
                 if e < s or e - s + 1 > max_answer_length:
                     continue
-                allowed = within[example] if within is not None else None
-                if allowed is not None and not (allowed[0] <= offsets[s][0] and offsets[e][1] <= allowed[1]):
+                if allowed is not None and not np.isfinite(start_scores[s] + end_scores[e]):
                     continue
                 score = float(start_scores[s] + end_scores[e])
                 if example not in best or score > best[example][0]:

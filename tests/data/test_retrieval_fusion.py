@@ -151,7 +151,7 @@ def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path,
         "data": {
             "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
             "knowledge_base": kb,
-            "retrieval": {"answer_from": "first"},
+            "retrieval": {"answer_from": "any"},
         },
         "output": {"dir": str(tmp_path / "run")},
     }

@@ -358,3 +358,8 @@ def test_answer_from_first_reads_the_answer_from_the_top_passage(tiny_models):
         w, start, end, [context], n_best=5, max_answer_length=4, within=[tuple(rows["passage_spans"][0][0])]
     )
     assert anywhere[0] and anywhere[0] in second and top[0] and top[0] in first
+    # The n best are counted inside the passage: with n_best 1 the second passage's token must not crowd it out.
+    only_one = qa_spans.best_answers(
+        w, start, end, [context], n_best=1, max_answer_length=4, within=[tuple(rows["passage_spans"][0][0])]
+    )
+    assert only_one == top
