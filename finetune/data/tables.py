@@ -885,11 +885,21 @@ def map_batches(
 
 def token_lengths(features: Dataset) -> np.ndarray:
     """Tokens per row of a features table, read from Arrow's list offsets (no row becomes a Python list)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     # Preference features hold a pair (or a row and its KL sequence): their first sequence stands for the row.
     column = next(name for name in features.column_names if name.endswith("input_ids"))
-    lengths = pc.list_value_length(features.data.column(column)).to_numpy()
+    data = features.data.column(column).combine_chunks()
+    if pa.types.is_list(data.type.value_type) or pa.types.is_large_list(data.type.value_type):
+        # A group of sequences per row (a reranker's query with its candidates): its longest one sets the row's
+        # padded width, which is what length grouping must sort by (the group's size is the same for every row).
+        inner = pc.list_value_length(pc.list_flatten(data)).to_numpy(zero_copy_only=False)
+        counts = pc.list_value_length(data).to_numpy(zero_copy_only=False)
+        ends = np.cumsum(counts)
+        lengths = np.array([inner[e - n : e].max() if n else 0 for e, n in zip(ends, counts)], dtype=np.int64)
+    else:
+        lengths = pc.list_value_length(data).to_numpy(zero_copy_only=False)
     if features._indices is not None:  # a selection of the table's rows
         lengths = lengths[features._indices.column(0).to_numpy()]
     return lengths

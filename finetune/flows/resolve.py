@@ -599,8 +599,39 @@ def environment_rules(
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
             problems += [Problem(p) for p in _position_rules(recipe, config, family) + _size_rules(recipe, config)]
             problems += [Problem(p) for p in _embedding_rules(recipe, family, config)]
+    problems += [Problem(p) for p in _retrieval_model_rules(recipe)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
+
+
+def _retrieval_model_rules(recipe: Recipe) -> list[str]:
+    """data.retrieval.model (a knowledge base's embedding model, or a reranker's first stage) must be there before
+    the run starts: a package, a directory (a retrieval run's adapter/ once that run has finished), or a hub id
+    that may be downloaded; otherwise only `run` would find out, after validate passed."""
+    reference = recipe.data.retrieval.model
+    if reference is None or recipe.data.knowledge_base is None:
+        return []
+    key = "data.retrieval.model"
+    if reference.startswith("pkg:"):
+        try:
+            package_path(reference, key)
+        except RecipeError as exc:
+            return [str(exc)]
+        return []
+    if Path(reference).expanduser().is_dir():
+        return []
+    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        return [f"{key}: no such directory: {reference} (a retrieval run's adapter/ exists once that run has finished)"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        cached = config_without_weights(reference, None) is not None
+    except FinetuneError:
+        cached = False
+    if offline and not cached:
+        return [
+            f"{key}: {reference!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE forbids downloading it"
+        ]
+    return []
 
 
 def _embedding_rules(recipe: Recipe, family: FamilySpec, config: PretrainedConfig) -> list[str]:

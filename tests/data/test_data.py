@@ -51,3 +51,16 @@ def test_overflow_policies():
         apply_overflow([5, 50, 7], 10, "error", "data.train")
     with pytest.raises(DataError, match="every row was dropped"):
         apply_overflow([50], 10, "drop", "data.train")
+
+
+def test_token_lengths_of_grouped_rows_are_their_longest_sequence():
+    """A reranker's row holds a group of sequences: length grouping must sort by the longest, not the group size."""
+    from datasets import Dataset
+
+    from finetune.data.tables import token_lengths
+
+    flat = Dataset.from_dict({"input_ids": [[1, 2, 3], [1], [1, 2]]})
+    grouped = Dataset.from_dict({"input_ids": [[[1, 2], [1, 2, 3, 4]], [[1]], [[1, 2, 3], [1]]]})
+    assert token_lengths(flat).tolist() == [3, 1, 2]
+    assert token_lengths(grouped).tolist() == [4, 1, 3]
+    assert token_lengths(grouped.select([2, 0])).tolist() == [3, 4]

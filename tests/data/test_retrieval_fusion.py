@@ -157,3 +157,28 @@ def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path,
     }
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2 and "data.retrieval.answer_from" in result.output, result.output
+
+
+@pytest.mark.parametrize("reference", ["runs/not-yet/adapter", "./missing-retriever"])
+def test_validate_refuses_a_first_stage_that_is_not_there(reference, tiny_models, tmp_path, write_recipe):
+    """A reranker's first stage (or a knowledge base's embedding model) that does not exist yet: validate says so
+    with run's exit code, instead of passing what run would refuse."""
+    passages, rows, kb = _knowledge_base(tmp_path)
+    queries = [{"query": r["question"], "answer": r["answer"]} for r in rows]
+    recipe = {
+        "task": "rerank",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", queries)),
+            "eval_split": 0.2,
+            "knowledge_base": kb,
+            "retrieval": {"model": reference},
+            "max_length": 64,
+        },
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 2 and "data.retrieval.model" in result.output, result.output
+    recipe["data"]["retrieval"]["model"] = str(tiny_models["bert"])
+    ok = runner.invoke(app, ["validate", str(write_recipe(recipe, "ok.yaml"))])
+    assert ok.exit_code == 0, ok.output
