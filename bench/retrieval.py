@@ -2,6 +2,8 @@
 
     python bench/retrieval.py [--rows N] [KEY=VALUE ...]   (KEY=VALUE: overrides of the shipped recipe for finetune)
     python bench/retrieval.py --rerank    (afterwards: a cross-encoder over the retriever it trained)
+    python bench/retrieval.py --rerank --first-stage bench/.data/retrieval-kb/kb-run/retriever --work DIR
+                                          (the same over a knowledge-base run's retriever, on its rows)
     python bench/retrieval.py --kb        (knowledge-base answering: the shipped KB recipe on a public FAQ)
     python bench/retrieval.py --kb --kb-data docstrings   (the same on a knowledge base of the docstrings below)
     python bench/retrieval.py --kb-step-times --work bench/.data/retrieval-kb   (one retriever step, each setting)
@@ -464,6 +466,20 @@ def main() -> None:
         help="only: train a cross-encoder (task rerank) over an earlier run's trained retriever and compare MRR@10",
     )
     parser.add_argument(
+        "--rerank-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --rerank on the docstring data: train the reranker on N rows the retriever never trained on (the "
+        "ones after its --rows), instead of the retriever's own training rows",
+    )
+    parser.add_argument(
+        "--first-stage",
+        metavar="RUN",
+        help="with --rerank: the retrieval run whose retriever and rows the reranker uses (default: WORK/finetune-run;"
+        " a knowledge-base run's RUN/retriever works too)",
+    )
+    parser.add_argument(
         "--kb", action="store_true", help="only: the shipped KB recipe on the installed public FAQs (see above)"
     )
     parser.add_argument(
@@ -617,32 +633,118 @@ def main() -> None:
     print(f"written to {out}")
 
 
+# The reranker's micro-batch: groups (a query with its positive and negatives) per forward pass, accumulated to
+# RERANK_GROUPS a step. One forward + backward over 32 groups (128 pairs padded to 256 tokens) took 37 s here
+# (eager attention's score tensors, 400 MB each in fp32, bound by memory), 8 groups 1.4 s: four of them are the
+# same 32-group step in 5.6 s (the listwise loss is a mean over groups, so accumulation changes nothing else).
+RERANK_MICRO_BATCH = 8
+RERANK_GROUPS = 32
+
+
 def rerank(work: Path, options: argparse.Namespace) -> None:
-    """task rerank on the same rows, its first stage the retriever `finetune run` trained (work/finetune-run):
-    MRR@10 of the bi-encoder alone against the bi-encoder's top candidates reordered by the cross-encoder."""
-    retriever = work / "finetune-run"
-    base = yaml.safe_load((work / "recipe.yaml").read_text(encoding="utf-8"))
+    """task rerank on the rows a retrieval run trained on, its first stage that run's retriever (`--first-stage`,
+    by default the one `finetune run` trained here: work/finetune-run): MRR@10 of the bi-encoder alone (the
+    untrained reranker, `finetune eval RECIPE`, which keeps the first stage's order and scores; the run's own
+    metrics.json beside it) against its top candidates reordered by the fused score, on the same held-out queries;
+    and, query by query, how many the reranker moved up or down."""
+    retriever = Path(options.first_stage) if options.first_stage else work / "finetune-run"
+    base = yaml.safe_load((retriever / "recipe.yaml").read_text(encoding="utf-8"))
     base["task"] = "rerank"
-    base["data"]["retrieval"] = {"model": str(retriever / "adapter"), "hard_negatives": 3, "candidates": 20}
-    base["output"]["dir"] = str(work / "rerank-run")
+    settings = base["data"].setdefault("retrieval", {}) or {}
+    for key in ("train", "epochs", "lr", "batch_size"):  # the knowledge-base qa retriever's own settings
+        settings.pop(key, None)
+    settings.update(model=str(retriever / "adapter"), hard_negatives=3, candidates=20)
+    base["data"]["retrieval"] = settings
+    if options.rerank_rows:  # rows the first stage never trained on (the docstring data only)
+        base["data"]["train"] = str(fresh_rows(work, options.rows, options.rerank_rows))
+    base["data"]["max_length"] = min(int(base["data"].get("max_length") or 256), 256)
+    base["train"].update(batch_size=RERANK_MICRO_BATCH, grad_accum=RERANK_GROUPS // RERANK_MICRO_BATCH)
+    base.setdefault("eval", {})["gates"] = {}
+    run_dir = work / "rerank-run"
+    base["output"] = {"dir": str(run_dir)}
     recipe_file = work / "rerank.yaml"
     recipe_file.write_text(yaml.safe_dump(base), encoding="utf-8")
     ENV["FINETUNE_CACHE"] = str(work / "cache")
+    # The first stage alone, through the reranker's own evaluation: the untrained reranker (its output layer at
+    # zero) ranks the candidates exactly as the first stage scores them, on the same queries and corpus.
+    untrained = work / "rerank-untrained"
+    timed(
+        [PYTHON, "-m", "finetune", "eval", str(recipe_file), "--output", str(untrained), "--overwrite"],
+        work / "rerank-untrained.log",
+    )
     seconds = timed(
         [PYTHON, "-m", "finetune", "run", str(recipe_file), "--overwrite", *options.overrides], work / "rerank.log"
     )
-    reranked = json.loads((work / "rerank-run" / "metrics.json").read_text())["metrics"]
-    alone = json.loads((retriever / "metrics.json").read_text())["metrics"]
+    document = json.loads((run_dir / "metrics.json").read_text())
+    reranked = document["metrics"]
+    alone = json.loads((untrained / "metrics.json").read_text())["metrics"]
+    own = json.loads((retriever / "metrics.json").read_text())["metrics"]
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     result = {
+        "first_stage": str(retriever),
         "bi_encoder_alone": {k: alone[k] for k in reranked if k in alone},
+        "bi_encoder_run_metrics": {k: own[k] for k in reranked if k in own},
         "reranked": reranked,
+        "moved": _moved(untrained / "predictions.jsonl", run_dir / "predictions.jsonl"),
+        "train_loss": [entry["loss"] for entry in log if "loss" in entry],
+        "train_s": document["training"]["train_seconds"],
         "rerank_wall_s": round(seconds, 1),
+        "settings": {"retrieval": settings, "train": base["train"], "max_length": base["data"]["max_length"]},
         "overrides": options.overrides,
     }
     out = REPO / "bench" / "results" / f"retrieval-rerank-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
+
+
+def fresh_rows(work: Path, skip: int, count: int) -> Path:
+    """`count` training rows of the docstring data that neither the retriever trained on nor the evaluation holds:
+    the ones after `build_data`'s held-out queries and its first `skip` training rows, in the same shuffled order."""
+    pairs = _docstring_pairs()
+    items = [{"id": f"doc{i:05d}", "query": q} for i, (q, _) in enumerate(sorted(pairs.values()))]
+    random.Random(0).shuffle(items)
+    chosen = items[HELD_OUT + skip : HELD_OUT + skip + count]
+    if len(chosen) < count:
+        raise SystemExit(f"only {len(chosen)} docstring rows are left after {HELD_OUT + skip}")
+    out = work / "data" / f"rerank-train-{skip}-{count}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"query": it["query"], "positive_id": it["id"]}) + "\n" for it in chosen))
+    return out
+
+
+def _moved(first: Path, reranked: Path) -> dict:
+    """Held-out queries whose first relevant passage the reranker moved up or down (the reciprocal rank within the
+    top 10, as MRR@10 counts it), and how many it moved to the top or off it."""
+
+    def reciprocal(row: dict) -> float:
+        relevant = set(row["relevant_ids"])
+        return next((1.0 / (i + 1) for i, p in enumerate(row["passage_ids"][:10]) if p in relevant), 0.0)
+
+    before = [json.loads(line) for line in first.read_text(encoding="utf-8").splitlines()]
+    after = [json.loads(line) for line in reranked.read_text(encoding="utf-8").splitlines()]
+    if [r["query"] for r in before] != [r["query"] for r in after]:
+        raise SystemExit(f"{first} and {reranked} rank different queries")
+    pairs = [(reciprocal(b), reciprocal(a)) for b, a in zip(before, after) if b["relevant_ids"]]
+    # The cross-encoder's own output per candidate: the fused score less the untrained reranker's (the first
+    # stage's scaled similarity). How often it scores a relevant candidate above an irrelevant one (0.5: chance).
+    above, compared = 0.0, 0
+    for b, a in zip(before, after):
+        count = int(a.get("reranked", 0))
+        first = dict(zip(b["passage_ids"][:count], b["scores"][:count]))
+        output = {p: score - first[p] for p, score in zip(a["passage_ids"][:count], a["scores"][:count])}
+        relevant = [v for p, v in output.items() if p in set(b["relevant_ids"])]
+        other = [v for p, v in output.items() if p not in set(b["relevant_ids"])]
+        above += sum((r > o) + 0.5 * (r == o) for r in relevant for o in other)
+        compared += len(relevant) * len(other)
+    return {
+        "queries": len(pairs),
+        "up": sum(a > b for b, a in pairs),
+        "down": sum(a < b for b, a in pairs),
+        "to_top": sum(a == 1.0 > b for b, a in pairs),
+        "off_top": sum(b == 1.0 > a for b, a in pairs),
+        "output_ranks_relevant_higher": round(above / compared, 3) if compared else None,
+    }
 
 
 def _model_dir() -> str:
