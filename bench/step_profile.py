@@ -3,7 +3,8 @@
 The recipe's own session, batches (`LengthGroupedBatches`, as the loop draws them), accelerator (its autocast) and
 `masked_dropouts`, as `finetune run` trains; two warm-up steps, then:
 
-- `profile`: `torch.profiler` over `--steps` steps, self CPU time by operator (top 25), as JSON rows;
+- `profile`: `torch.profiler` over `--steps` steps (with `recast_frozen_weights`, as the loop runs), self CPU time
+  by operator (top 25), as JSON rows;
 - `compile`: each transformer block compiled (`torch.compile(dynamic=True)`), the first step's time (compilation
   included) and `--steps` steps against the same steps eager, in the same process;
 - `bf16-frozen`: every frozen `nn.Linear` of the base (not the embeddings or a head tied to them) stored in bf16
@@ -73,7 +74,9 @@ def main() -> None:
         if args.mode == "profile":
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            from finetune.training.loop import recast_frozen_weights
+
+            with recast_frozen_weights(model), profile(activities=[ProfilerActivity.CPU]) as prof:  # as `train` runs
                 timed(step, model, measured)
             events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
             total = sum(e.self_cpu_time_total for e in events)
