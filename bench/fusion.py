@@ -79,10 +79,9 @@ def measure(directory: Path, model: str) -> dict:
         out[method] = _scores(retriever(method=method).search(questions, k), relevant)
     out["rrf"] = _scores(retriever(method="hybrid", fusion="rrf").search(questions, k), relevant)
     hybrid = retriever(method="hybrid", sparse_weight=0.0)
-    fused = hybrid.fused_scores(questions, SPARSE_WEIGHTS)
+    fused = hybrid.fused_rankings(questions, SPARSE_WEIGHTS, k)
     for w in SPARSE_WEIGHTS:
-        rankings = [list(np.lexsort((np.arange(len(s)), -s))[:k]) for s in fused[w]]
-        out[f"convex w={w}"] = _scores(rankings, relevant)
+        out[f"convex w={w}"] = _scores(fused[w], relevant)
     if train:  # the weight a run would choose; a retrieval row's answer is its positive passage's text
         text = {p.id: p.text for p in passages}
         asked = [

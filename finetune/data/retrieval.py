@@ -2,7 +2,8 @@
 
 Retrievers come from maintained libraries: dense with sentence-transformers (mean-pooled, normalised
 embeddings; faiss for the search when it is installed, exact inner products otherwise), BM25 with bm25s,
-and hybrid as reciprocal-rank fusion of the two. Passage embeddings are cached by the content hash of the
+and hybrid as a convex combination of the two scores (BM25's share chosen on the training questions with the
+starting retriever unless the recipe gives it) or reciprocal-rank fusion. Passage embeddings are cached by the content hash of the
 knowledge base and the embedding model.
 
 Rows with a knowledge base carry `question` and `answer`; `attach_passages` turns them into the task's
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +109,7 @@ class Retriever:
                     "data.retrieval.sparse_weight: hybrid retrieval needs BM25's share of the fused score; give it, or "
                     "give data.train to choose it on the training questions"
                 )
-            return [_top(scores, k) for scores in self.fused_scores(questions, (weight,))[weight]]
+            return self.fused_rankings(questions, (weight,), k)[weight]
         rankings = []
         if self.dense is not None:
             rankings.append(self.dense.search(questions, k if self.bm25 is None else len(self.passages)))
@@ -123,23 +125,29 @@ class Retriever:
             return [r[:k] for r in rankings[0]]
         return [_fuse(dense, sparse, k) for dense, sparse in zip(*rankings)]
 
-    def fused_scores(self, questions: list[str], weights: tuple[float, ...]) -> dict[float, list[np.ndarray]]:
-        """Per weight w, each question's score of every passage: (1 - w) x dense similarity + w x BM25 score, each
-        min-max normalised over the corpus for that question (a convex combination: it keeps how far apart the
-        scores are, which reciprocal-rank fusion drops). One question's scores at a time: memory follows the corpus."""
+    def normalised_scores(self, questions: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per question, its dense similarity and BM25 score of every passage, each min-max normalised over the
+        corpus for that question: what the convex fusion weighs. One question's scores at a time (two corpus-length
+        vectors), so memory follows the corpus, not the number of questions."""
         import bm25s
 
         assert self.dense is not None and self.bm25 is not None
         queries = self.dense.encode(questions)
         tokens = bm25s.tokenize(questions, stopwords="en", return_ids=False, show_progress=False)
-        fused: dict[float, list[np.ndarray]] = {w: [] for w in weights}
         for query, words in zip(queries, tokens):
             dense = _min_max(self.dense.vectors @ query)
             # A question of stopwords alone matches nothing lexically: BM25 scores every passage 0.
             sparse = _min_max(self.bm25.get_scores(list(words))) if words else np.zeros(len(self.passages))
+            yield dense, sparse
+
+    def fused_rankings(self, questions: list[str], weights: tuple[float, ...], k: int) -> dict[float, list[list[int]]]:
+        """Per weight w, each question's top k passages by (1 - w) x dense + w x BM25 (`normalised_scores`): a convex
+        combination, which keeps how far apart the scores are (reciprocal-rank fusion keeps only the ranks)."""
+        ranked: dict[float, list[list[int]]] = {w: [] for w in weights}
+        for dense, sparse in self.normalised_scores(questions):
             for w in weights:
-                fused[w].append((1.0 - w) * dense + w * sparse)
-        return fused
+                ranked[w].append(_top((1.0 - w) * dense + w * sparse, k))
+        return ranked
 
 
 # The sparse weights tried when data.retrieval.sparse_weight is null: 0 (dense alone) up to an even share.
@@ -151,7 +159,7 @@ WEIGHT_QUESTIONS = 1000
 @dataclass(frozen=True)
 class WeightChoice:
     weight: float
-    questions: int  # training questions with a gold passage, that the weights were compared on
+    questions: int  # training questions the weights were compared on
     mrr: dict[float, float]  # MRR@10 of their gold passages per weight
 
     def note(self) -> str:
@@ -162,28 +170,25 @@ class WeightChoice:
         )
 
 
-def choose_sparse_weight(retriever: Retriever, rows: Dataset, split: str = "data.train") -> WeightChoice:
+def choose_sparse_weight(retriever: Retriever, rows: Dataset) -> WeightChoice:
     """BM25's share of the fused score: the one of SPARSE_WEIGHTS under which the training questions' gold passages
     (those holding the answer) rank best by MRR@10, the smaller on a tie. Chosen with the retriever as it is
     (before its own training: trained on these questions, it would rank them too well to show what BM25 adds)."""
-    questions, answers = rows["question"][:WEIGHT_QUESTIONS], rows["answer"][:WEIGHT_QUESTIONS]
-    gold = [{i for i, p in enumerate(retriever.passages) if holds_answer(p, a)} for a in answers]
-    asked = [(q, g) for q, g in zip(questions, gold) if g]
-    if not asked:
-        raise DataError(
-            f"{split}: no training answer is in a passage of the knowledge base; sparse_weight cannot be chosen"
-        )
-    fused = retriever.fused_scores([q for q, _ in asked], SPARSE_WEIGHTS)
+    head = rows.select(range(min(WEIGHT_QUESTIONS, len(rows))))
+    questions, answers = head["question"][:], head["answer"][:]
+    ranked = retriever.fused_rankings(questions, SPARSE_WEIGHTS, min(10, len(retriever.passages)))
+    # Only the passages some weight ranks in a question's top 10 can count for its MRR@10: the answer is looked for
+    # there, not in the whole corpus (a question whose gold passage none of them holds adds 0 under every weight).
+    passages = retriever.passages
     mrr = {}
     for w in SPARSE_WEIGHTS:
-        ranks = [_top(scores, min(10, len(scores))) for scores in fused[w]]
-        mrr[w] = float(
-            np.mean(
-                [next((1 / (r + 1) for r, i in enumerate(top) if i in g), 0.0) for top, (_, g) in zip(ranks, asked)]
-            )
-        )
+        reciprocal = [
+            next((1 / (r + 1) for r, i in enumerate(top) if holds_answer(passages[i], answer)), 0.0)
+            for top, answer in zip(ranked[w], answers)
+        ]
+        mrr[w] = float(np.mean(reciprocal)) if reciprocal else 0.0
     best = max(SPARSE_WEIGHTS, key=lambda w: (round(mrr[w], 12), -w))
-    return WeightChoice(best, len(asked), mrr)
+    return WeightChoice(best, len(questions), mrr)
 
 
 def _min_max(scores: np.ndarray) -> np.ndarray:

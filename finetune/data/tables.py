@@ -890,16 +890,24 @@ def token_lengths(features: Dataset) -> np.ndarray:
 
     # Preference features hold a pair (or a row and its KL sequence): their first sequence stands for the row.
     column = next(name for name in features.column_names if name.endswith("input_ids"))
-    data = features.data.column(column).combine_chunks()
-    if pa.types.is_list(data.type.value_type) or pa.types.is_large_list(data.type.value_type):
+    chunks = features.data.column(column).chunks  # per chunk: a memory-mapped table is never copied whole
+    value_type = features.data.column(column).type.value_type
+    if pa.types.is_list(value_type) or pa.types.is_large_list(value_type):
         # A group of sequences per row (a reranker's query with its candidates): its longest one sets the row's
         # padded width, which is what length grouping must sort by (the group's size is the same for every row).
-        inner = pc.list_value_length(pc.list_flatten(data)).to_numpy(zero_copy_only=False)
-        counts = pc.list_value_length(data).to_numpy(zero_copy_only=False)
-        ends = np.cumsum(counts)
-        lengths = np.array([inner[e - n : e].max() if n else 0 for e, n in zip(ends, counts)], dtype=np.int64)
+        parts = []
+        for chunk in chunks:
+            counts = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+            inner = pc.list_value_length(pc.list_flatten(chunk)).to_numpy(zero_copy_only=False)
+            longest = np.zeros(len(counts), dtype=np.int64)
+            filled = counts > 0
+            if filled.any():
+                starts = (np.cumsum(counts) - counts)[filled]
+                longest[filled] = np.maximum.reduceat(inner, starts)
+            parts.append(longest)
     else:
-        lengths = pc.list_value_length(data).to_numpy(zero_copy_only=False)
+        parts = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in chunks]
+    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if features._indices is not None:  # a selection of the table's rows
         lengths = lengths[features._indices.column(0).to_numpy()]
     return lengths

@@ -426,7 +426,15 @@ def retriever_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
     if "id" in data.columns:
         columns["id"] = data.columns["id"]
     retrieval = settings.model_copy(
-        update={"train": None, "model": None, "method": "dense", "fusion": "convex", "sparse_weight": None}
+        # Only the reader's knobs are reset: the retriever's own run is dense and has no reader.
+        update={
+            "train": None,
+            "model": None,
+            "method": "dense",
+            "fusion": "convex",
+            "sparse_weight": None,
+            "answer_from": "first",
+        }
     )
     derived_data = data.model_copy(update={"columns": columns, "retrieval": retrieval, "doc_stride": None})
     train = recipe.train.model_copy(
@@ -614,13 +622,15 @@ def _retrieval_model_rules(recipe: Recipe) -> list[str]:
     key = "data.retrieval.model"
     if reference.startswith("pkg:"):
         try:
-            package_path(reference, key)
+            found = package_path(reference, key)
         except RecipeError as exc:
             return [str(exc)]
+        return [] if found.exists() else [f"{key}: {reference} is not in its package ({found} does not exist)"]
+    path = Path(reference).expanduser()
+    if path.is_dir():
         return []
-    if Path(reference).expanduser().is_dir():
-        return []
-    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+    # A path, not a hub id: it starts like one, has more than one slash, or its parent is a directory here.
+    if reference.startswith((".", "/", "~")) or reference.count("/") > 1 or path.parent.is_dir() and "/" in reference:
         return [f"{key}: no such directory: {reference} (a retrieval run's adapter/ exists once that run has finished)"]
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -1008,8 +1018,26 @@ def resolve_source(
         run = RunDir(path)
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
-        return resolve(run.recipe, [*_watermark_key_override(run), *(overrides or [])], splits), run
+        recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
+        return resolve(run.recipe, [*recorded, *(overrides or [])], splits), run
     return resolve(path, overrides, splits), None
+
+
+def _earlier_retrieval_defaults(run: RunDir) -> list[str]:
+    """A run recorded before `data.retrieval.fusion` and `answer_from` existed retrieved and answered as the
+    defaults of its day (reciprocal-rank fusion; the reader's best span anywhere): eval and predict keep doing so,
+    rather than reading its recipe with today's defaults."""
+    recorded = read_recipe_file(run.recipe)
+    data = recorded.get("data") or {}
+    retrieval = data.get("retrieval") or {}
+    if not isinstance(retrieval, dict) or not data.get("knowledge_base"):
+        return []
+    found = []
+    if retrieval.get("method") == "hybrid" and "fusion" not in retrieval:
+        found.append("data.retrieval.fusion=rrf")
+    if recorded.get("task") == "qa" and recorded.get("mode") != "generative" and "answer_from" not in retrieval:
+        found.append("data.retrieval.answer_from=any")
+    return found
 
 
 def _watermark_key_override(run: RunDir) -> list[str]:

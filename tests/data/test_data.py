@@ -64,3 +64,8 @@ def test_token_lengths_of_grouped_rows_are_their_longest_sequence():
     assert token_lengths(flat).tolist() == [3, 1, 2]
     assert token_lengths(grouped).tolist() == [4, 1, 3]
     assert token_lengths(grouped.select([2, 0])).tolist() == [3, 4]
+    from datasets import concatenate_datasets
+
+    chunked = concatenate_datasets([grouped, Dataset.from_dict({"input_ids": [[[5, 6, 7, 8, 9]], []]})])
+    assert chunked.data.column("input_ids").num_chunks == 2  # read chunk by chunk, the groups' offsets per chunk
+    assert token_lengths(chunked).tolist() == [4, 1, 3, 5, 0]
