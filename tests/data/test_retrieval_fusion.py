@@ -31,6 +31,25 @@ def _knowledge_base(tmp_path, n: int = 30) -> tuple[list[dict], list[dict], str]
     return passages, rows, str(write_jsonl(tmp_path / "passages.jsonl", passages))
 
 
+def _qa_recipe(tiny_models, tmp_path, rows: list[dict], kb: str, retrieval: dict) -> dict:
+    """An extractive knowledge-base qa recipe on the tiny BERT: 24 training rows, the rest held out."""
+    return {
+        "task": "qa",
+        "mode": "extractive",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
+            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
+            "knowledge_base": kb,
+            "retrieval": retrieval,
+            "max_length": 48,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
 def _retriever(model: str, passages: list[dict], kb: str, weight: float | None) -> Retriever:
     settings = RetrievalSection(method="hybrid", model=model, sparse_weight=weight)
     return Retriever([Passage(p["id"], p["text"]) for p in passages], settings, knowledge_base_hash(kb))
@@ -94,21 +113,8 @@ def test_the_sparse_weight_is_the_one_ranking_training_gold_passages_best(tiny_m
 
 def test_a_hybrid_run_records_its_chosen_weight_and_eval_reuses_it(tiny_models, tmp_path, write_recipe):
     passages, rows, kb = _knowledge_base(tmp_path)
-    recipe = {
-        "task": "qa",
-        "mode": "extractive",
-        "model": {"name_or_path": str(tiny_models["bert"])},
-        "data": {
-            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
-            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
-            "knowledge_base": kb,
-            "retrieval": {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False},
-            "max_length": 48,
-        },
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "run")},
-    }
+    retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False}
+    recipe = _qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)
     result = runner.invoke(app, ["run", str(write_recipe(recipe))], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["retrieval"]
@@ -135,21 +141,7 @@ def test_the_weight_is_chosen_before_the_retriever_trains_and_any_span_works_wit
     inherit the reader's setting, and the weight is chosen before that run (with the starting retriever)."""
     passages, rows, kb = _knowledge_base(tmp_path)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8}
-    recipe = {
-        "task": "qa",
-        "mode": "extractive",
-        "model": {"name_or_path": str(tiny_models["bert"])},
-        "data": {
-            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
-            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
-            "knowledge_base": kb,
-            "retrieval": {**retrieval, "answer_from": "any"},
-            "max_length": 48,
-        },
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "run")},
-    }
+    recipe = _qa_recipe(tiny_models, tmp_path, rows, kb, {**retrieval, "answer_from": "any"})
     path = write_recipe(recipe)
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
     result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "400"})
@@ -205,7 +197,7 @@ def test_validate_refuses_a_first_stage_that_is_not_there(reference, tiny_models
     with run's exit code, instead of passing what run would refuse."""
     passages, rows, kb = _knowledge_base(tmp_path)
     queries = [{"query": r["question"], "answer": r["answer"]} for r in rows]
-    recipe = {
+    recipe: dict = {
         "task": "rerank",
         "model": {"name_or_path": str(tiny_models["bert"])},
         "data": {
