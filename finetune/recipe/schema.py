@@ -526,6 +526,14 @@ class GRPOSection(Section):
     scale_rewards: Bool = Field(
         True, description="Divide each group's advantages by its reward spread (false: Dr. GRPO's unscaled)."
     )
+    num_iterations: Int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Optimizer steps on each sampled batch (TRL's num_iterations, the paper's mu): the later ones "
+        "train on completions the policy of an earlier step sampled, so the ratio to that policy and its clipping "
+        "act. Each step's sampled batch is kept in the checkpoints, so a resumed run continues exactly.",
+    )
     reward: RewardSection = Field(
         default_factory=RewardSection, description="What a completion scores: the task's score and optional terms."
     )
