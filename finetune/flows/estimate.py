@@ -119,10 +119,11 @@ def run_batches(session: Session, world_size: int, rank: int = 0) -> list[np.nda
         sampler.set_epoch(epoch)
         mine = sampler.batches()[rank::world_size]  # accelerate deals the batches out to the processes in turn
         for start in range(0, len(mine), t.grad_accum):
-            if steps == plan.total_steps:
-                return out
-            out.extend(np.asarray(batch) for batch in mine[start : start + t.grad_accum])
-            steps += 1
+            for _ in range(t.passes_per_batch):  # grpo's num_iterations: each batch again (grad_accum is then 1)
+                if steps == plan.total_steps:
+                    return out
+                out.extend(np.asarray(batch) for batch in mine[start : start + t.grad_accum])
+                steps += 1
     return out
 
 
@@ -234,6 +235,8 @@ def _one_step(
         None,  # no evaluation during training
         session.objective,
     )
+    # A GRPO rollout kept for num_iterations' later passes: never into the next measured step, nor the run's.
+    session.objective.load_state({}, {})
     return result.seconds
 
 
@@ -385,6 +388,11 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         f"{per_batch:.2f} s per batch; extrapolated to {math.ceil(eval_rows / batch_size)} batches"
     )
     how.append(f"writing: the final adapter and the pictures written in {writing_seconds:.2f} s (measured)")
+    if t.passes_per_batch > 1:
+        how.append(
+            f"grpo num_iterations {t.passes_per_batch}: every step priced as one that samples and scores its "
+            f"completions, which only 1 in {t.passes_per_batch} does (an upper bound)"
+        )
     how.append(
         f"start-up (imports, data, model): {startup:.1f} s measured in this process; this measurement: "
         f"{measure_seconds:.1f} s (--no-estimate skips it)"

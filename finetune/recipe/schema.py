@@ -517,6 +517,11 @@ class GRPOSection(Section):
         0.04, ge=0, le=10, description="Weight of the KL penalty to the reference policy (0: no reference pass)."
     )
     epsilon: Float = Field(0.2, gt=0, lt=1, description="Clipping range of the policy ratio, 1 +- epsilon.")
+    kl_bias_correction: Bool = Field(
+        True,
+        description="Weight each token's KL penalty by the policy ratio (the importance-sampling correction TRL "
+        "applies by default, use_bias_correction_kl): the KL of the current policy, not of the one that sampled.",
+    )
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
         "grpo",
         description="Loss normalisation: grpo (mean over each completion's tokens, then over completions), bnpo "
@@ -557,6 +562,23 @@ class TrainSection(Section):
     def learns_from_judgements(self) -> bool:
         """dpo, orpo, kto: trained on pairs or thumbs instead of one reference completion per prompt."""
         return self.objective in ("dpo", "orpo", "kto")
+
+    @property
+    def passes_per_batch(self) -> int:
+        """Optimizer steps each loader batch is trained for: grpo's num_iterations, else 1."""
+        return self.grpo.num_iterations if self.objective == "grpo" else 1
+
+    @model_validator(mode="after")
+    def _one_batch_a_step_when_repeated(self) -> TrainSection:
+        # Each pass over a sampled batch must be its own optimizer step, or the later passes would accumulate
+        # into the first one's step, where the policy has not moved yet.
+        if self.passes_per_batch > 1 and self.grad_accum > 1:
+            raise ValueError(
+                f"grpo.num_iterations {self.passes_per_batch} trains each sampled batch once per optimizer step, "
+                f"which grad_accum {self.grad_accum} would merge into one; set grad_accum 1 (a larger batch_size "
+                "instead) or num_iterations 1"
+            )
+        return self
 
     epochs: Float = Field(
         3,

@@ -55,6 +55,14 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+class Carrier(Protocol):
+    """What a training objective keeps between steps (GRPO's rollouts with passes left): tensors and facts."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], facts: dict) -> None: ...
+
+
 @dataclass
 class Progress:
     """Where training stands after an optimizer step; enough to continue exactly."""
@@ -81,6 +89,7 @@ def save(
     scheduler: Stateful,
     logger_state: dict,
     keep: int,
+    objective: Carrier | None = None,
     adapter: AdapterSaver | None = None,
     protect: int | None = None,
 ) -> Path:
@@ -95,12 +104,17 @@ def save(
     accelerator.wait_for_everyone()
     # Per-process generator states (each rank draws its own dropout masks).
     _save_tensors({"torch": torch.get_rng_state(), **_cuda_rng_states()}, staging / f"rng-{rank}.safetensors")
+    # And what this process's objective holds between steps (a GRPO rollout with passes left).
+    carried, facts = objective.state() if objective is not None else ({}, {})
+    if carried:
+        _save_tensors(carried, staging / f"objective-{rank}.safetensors")
     _write_json(
         staging / f"rank-{rank}.json",
         {
             "python_random": _python_rng_state(),
             "numpy_random": _numpy_rng_state(),
             "log_window": logger_state,
+            "objective": facts,
         },
     )
     # On every process: a sharded optimizer (fsdp on CPU) gathers its state from all of them.
@@ -299,7 +313,12 @@ def _short(value: object) -> str:
 
 
 def restore(
-    path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Stateful, scheduler: Stateful
+    path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: Stateful,
+    scheduler: Stateful,
+    objective: Carrier | None = None,
 ) -> tuple[Progress, dict]:
     """Load a verified checkpoint into the live objects; returns (progress, this rank's log window)."""
     rank = accelerator.process_index
@@ -335,6 +354,9 @@ def restore(
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = host["numpy_random"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    if objective is not None:
+        carried = path / f"objective-{rank}.safetensors"
+        objective.load_state(_load_tensors(carried) if carried.is_file() else {}, host.get("objective", {}))
     return read_progress(path), host["log_window"]
 
 

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -291,7 +291,8 @@ class TrainPlan:
     @classmethod
     def build(cls, t: TrainSection, examples: int, world_size: int) -> TrainPlan:
         batches = math.ceil(examples / t.batch_size)
-        per_process = math.ceil(batches / world_size)
+        # GRPO's num_iterations trains each loader batch that many times in a row (grad_accum is then 1).
+        per_process = math.ceil(batches / world_size) * t.passes_per_batch
         steps_per_epoch = max(1, math.ceil(per_process / t.grad_accum))
         total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         warmup = int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
@@ -397,12 +398,15 @@ def train(
     else:
         optimizer, loader = accelerator.prepare(optimizer, loader)
     optimizer_state = optimizer if shards is None else shards.optimizer_state(optimizer)
-    batches_per_epoch = len(loader)
+    passes = t.passes_per_batch
+    batches_per_epoch = len(loader) * passes
 
     progress = checkpoint.Progress(identity=checkpointing.identity if checkpointing else {})
     logger = StepLogger(log_path if accelerator.is_main_process else None, accelerator, t.log_every)
     if checkpointing and checkpointing.resume_from:
-        progress, window = checkpoint.restore(checkpointing.resume_from, accelerator, model, optimizer_state, scheduler)
+        progress, window = checkpoint.restore(
+            checkpointing.resume_from, accelerator, model, optimizer_state, scheduler, objective
+        )
         progress.identity = checkpointing.identity
         logger.resume(progress, window)
         accelerator.step = progress.batches_in_epoch  # gradient-accumulation phase
@@ -418,12 +422,10 @@ def train(
         while progress.step < plan.total_steps:
             sampler.set_epoch(progress.epoch)
             loader.set_epoch(progress.epoch)
-            batches = (
-                accelerator.skip_first_batches(loader, progress.batches_in_epoch)
-                if progress.batches_in_epoch
-                else loader
-            )
-            for batch in batches:
+            # Repeated after accelerate split the batches among processes, so each process repeats its own.
+            skip, into = divmod(progress.batches_in_epoch, passes)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in repeat_batches(batches, passes, done=into):
                 progress.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     train_step(objective, model, batch, accelerator, guard, logger)
@@ -485,7 +487,8 @@ def train(
                         scheduler,
                         logger.window_state(),
                         t.keep_checkpoints,
-                        checkpointing.adapter,
+                        objective=objective,
+                        adapter=checkpointing.adapter,
                         protect=monitor.state.best_step if monitor else None,
                     )
                 if shards is not None and whole is not None:
@@ -505,6 +508,14 @@ def train(
     if shards is not None:  # the caller's model, whole again, for what follows training (evaluation, the adapter)
         shards.gather()
     return TrainResult(progress.step, progress.last_loss, logger.total_tokens, logger.elapsed(), guard.skipped)
+
+
+def repeat_batches(batches: Iterable[dict], times: int, done: int = 0) -> Iterator[dict]:
+    """Each batch `times` times in a row (GRPO's num_iterations: the objective keeps what it sampled from the
+    first pass for the others); the first batch only the `times - done` passes a resumed run has left."""
+    for index, batch in enumerate(batches):
+        for _ in range(times - done if index == 0 else times):
+            yield batch
 
 
 def train_step(objective: Objective, model, batch: dict, accelerator, guard: NonFiniteGuard, logger: StepLogger):

@@ -237,6 +237,14 @@ class Objective:
     def logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.encoder_decoder)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint must carry, beyond the weights, optimizer and generators, for a resumed run to go on
+        exactly: tensors and JSON facts (GRPO's sampled batches still to be trained on; nothing for the others)."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], facts: dict) -> None:
+        assert not tensors and not facts, f"{self.name} carries no state between steps"
+
 
 def pair_halves(batch: dict, encoder_decoder: bool) -> list[tuple[dict, float]]:
     """A batch of B pairs (2B sequences: chosen, then rejected) as two batches of about B/2 pairs, weighted by
@@ -411,7 +419,10 @@ def grpo_loss(
     kl = None
     if settings.beta != 0 and ref_logps is not None:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        per_token = per_token + settings.beta * kl
+        # TRL's default: the k3 estimate is for the sampling policy's tokens; the ratio re-weights it to the current
+        # policy (1 in value on a first pass, but not in gradient).
+        weighted = kl * ratio if settings.kl_bias_correction else kl
+        per_token = per_token + settings.beta * weighted
     if settings.loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif settings.loss_type == "bnpo":
@@ -428,14 +439,51 @@ def grpo_loss(
     return loss, stats
 
 
+@dataclass
+class Rollout:
+    """One sampled batch, scored, as every pass over it trains on it: the sequences (prompt + completion, labels on
+    the completion), each completion's advantage, and with num_iterations > 1 the log-probabilities the sampling
+    policy and the reference gave it when it was sampled (the later passes' policy has moved since)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    stats: dict[str, float]  # what the sampling found (rewards, groups without signal, lengths, sandbox reasons)
+    passes: int = 0
+
+    TENSORS = ("input_ids", "attention_mask", "labels", "rewards", "advantages", "old_logps", "ref_logps")
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        values = {name: getattr(self, name) for name in self.TENSORS}
+        return {f"{prefix}{name}": value.cpu().contiguous() for name, value in values.items() if value is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, stats: dict, passes: int) -> Rollout:
+        values = {name: tensors.get(f"{prefix}{name}") for name in cls.TENSORS}
+        return cls(**values, stats=stats, passes=passes)  # type: ignore[arg-type]
+
+    def to(self, device: torch.device) -> Rollout:
+        for name in self.TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
 Sampler = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], list[list[int]]]
 Rewarder = Callable[[list[int], list[list[int]]], tuple[list[float], dict[str, int]]]
 
 
 class GRPO(Objective):
     """For each prompt, sample a group, reward each completion with the task's own score, and push up what scored
-    above its group. Each sampled batch is trained on once, so the old policy is the current one (ratio 1);
-    the reference policy (the base, or the starting adapter) is a peft switch, not a second model."""
+    above its group. With num_iterations 1 each sampled batch is trained on once, so the old policy is the current
+    one (ratio 1); with more, the loop repeats the batch and the later passes train on the kept rollout, against
+    the log-probabilities its sampling policy gave it (TRL's num_iterations). The reference policy (the base, or
+    the starting adapter) is a peft switch, not a second model."""
 
     name = "grpo"
 
@@ -452,8 +500,28 @@ class GRPO(Objective):
         self.grpo = settings
         self.sampler, self.rewarder = sampler, rewarder
         self.eos_ids, self.pad_id, self.reference_adapter = eos_ids, pad_id, reference_adapter
+        # Rollouts with passes left, by the batch's rows: the loop hands the same batch over num_iterations times.
+        self.rollouts: dict[str, Rollout] = {}
 
     def step(self, model: torch.nn.Module, batch: dict) -> Step:
+        s = self.grpo
+        key = ",".join(str(row) for row in batch["row"].tolist())
+        rollout = self.rollouts.pop(key, None) or self._rollout(model, batch)
+        rollout.to(batch["prompt_ids"].device)
+        logps, mask = per_token_logps(model, rollout.input_ids, rollout.attention_mask, rollout.labels, s.temperature)
+        ref = rollout.ref_logps
+        if ref is None and s.beta != 0:  # one pass a rollout: the reference read after the policy, as always
+            ref = self._reference_logps(model, rollout)
+        old = logps.detach() if rollout.old_logps is None else rollout.old_logps
+        loss, stats = grpo_loss(logps, old, ref, rollout.advantages, mask, s)
+        rollout.passes += 1
+        if rollout.passes < s.num_iterations:
+            self.rollouts[key] = rollout
+        return Step(loss, {"reward": rollout.rewards}, stats | rollout.stats, tokens=rollout.attention_mask.sum())
+
+    def _rollout(self, model: torch.nn.Module, batch: dict) -> Rollout:
+        """Sample each prompt's group, score it, and (num_iterations > 1) read what the sampling policy and the
+        reference make of it now, before any pass moves the policy."""
         s = self.grpo
         prompt_ids, prompt_mask, rows = batch["prompt_ids"], batch["prompt_mask"], batch["row"].tolist()
         completions = self.sampler(model, prompt_ids, prompt_mask, s.group_size)
@@ -462,20 +530,43 @@ class GRPO(Objective):
         rewards = torch.tensor(values, dtype=torch.float32)
         advantages, no_signal = group_advantages(rewards, s.group_size, s.scale_rewards)
         input_ids, attention_mask, labels = self._sequences(prompt_ids, prompt_mask, completions)
-        logps, mask = per_token_logps(model, input_ids, attention_mask, labels, s.temperature)
-        ref = None
-        if s.beta != 0:
-            with torch.no_grad(), reference_policy(model, self.reference_adapter):
-                ref, _ = per_token_logps(model, input_ids, attention_mask, labels, s.temperature)
-        loss, stats = grpo_loss(logps, logps.detach(), ref, advantages.to(logps.device), mask, s)
-        stats |= {
+        stats = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "no_signal_groups": no_signal.float().mean().item(),
             "completion_length": float(sum(len(c) for c in completions) / len(completions)),
             **{f"reward_reason_{reason}": float(count) for reason, count in reasons.items()},
         }
-        return Step(loss, {"reward": rewards}, stats, tokens=attention_mask.sum())
+        rollout = Rollout(
+            input_ids, attention_mask, labels, rewards, advantages.to(input_ids.device), None, None, stats
+        )
+        if s.num_iterations > 1:
+            with torch.no_grad():
+                rollout.old_logps, _ = per_token_logps(model, input_ids, attention_mask, labels, s.temperature)
+            if s.beta != 0:
+                rollout.ref_logps = self._reference_logps(model, rollout)
+        return rollout
+
+    def _reference_logps(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        with torch.no_grad(), reference_policy(model, self.reference_adapter):
+            ref, _ = per_token_logps(
+                model, rollout.input_ids, rollout.attention_mask, rollout.labels, self.grpo.temperature
+            )
+        return ref
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        facts = {}
+        for index, (key, rollout) in enumerate(self.rollouts.items()):
+            tensors |= rollout.tensors(f"{index}.")
+            facts[key] = {"index": index, "passes": rollout.passes, "stats": rollout.stats}
+        return tensors, ({"rollouts": facts} if facts else {})
+
+    def load_state(self, tensors: dict[str, torch.Tensor], facts: dict) -> None:
+        self.rollouts = {
+            key: Rollout.from_tensors(tensors, f"{fact['index']}.", fact["stats"], fact["passes"])
+            for key, fact in facts.get("rollouts", {}).items()
+        }
 
     def _sequences(self, prompt_ids, prompt_mask, completions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt + completion per sample, right-padded (positions as in training); labels on the completion.

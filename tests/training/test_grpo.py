@@ -50,15 +50,19 @@ def _trainer(model_dir, tmp_path, **config):
     return trainer
 
 
+@pytest.mark.parametrize("sampled_earlier", [False, True])
 @pytest.mark.parametrize(
     "config",
     [
         {"loss_type": "grpo", "beta": 0.1, "epsilon": 0.2, "temperature": 0.7},
         {"loss_type": "bnpo", "beta": 0.0, "epsilon": 0.3, "temperature": 1.0},
         {"loss_type": "dr_grpo", "beta": 0.04, "epsilon": 0.2, "temperature": 1.3},
+        {"loss_type": "grpo", "beta": 0.1, "epsilon": 0.2, "temperature": 1.0, "use_bias_correction_kl": False},
     ],
 )
-def test_grpo_loss_equals_trl(tiny_models, tmp_path, config):
+def test_grpo_loss_equals_trl(tiny_models, tmp_path, config, sampled_earlier):
+    """`sampled_earlier`: num_iterations > 1's later passes, where the completions came from a policy that has
+    moved since (ratio != 1, so the clipping acts); else the one pass, old = current."""
     trainer = _trainer(tiny_models["gpt2"], tmp_path, **config)
     model = trainer.model
     model.eval()  # no dropout: both sides score the same network
@@ -77,6 +81,7 @@ def test_grpo_loss_equals_trl(tiny_models, tmp_path, config):
         loss_type=config["loss_type"],
         temperature=config["temperature"],
         max_new_tokens=6,
+        kl_bias_correction=config.get("use_bias_correction_kl", True),
     )
     width = completions.shape[1]
 
@@ -88,24 +93,37 @@ def test_grpo_loss_equals_trl(tiny_models, tmp_path, config):
         ours_ref, ours_mask = per_token_logps(model, input_ids, attention_mask, labels, settings.temperature)
     # finetune's log-probabilities are log_softmax's (TRL's chunked online-softmax kernel agrees to ~1e-4).
     assert torch.allclose(ours_ref[ours_mask], ref[completion_mask.bool()], atol=2e-3)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+
+    def move(seed):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+
+    move(2)
+    inputs = {
+        "prompt_ids": prompts,
+        "prompt_mask": torch.ones_like(prompts),
+        "completion_ids": completions,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "ref_per_token_logps": ref,
+    }
+    if sampled_earlier:
+        with torch.no_grad():  # the policy that sampled, before a step moved it
+            inputs["old_per_token_logps"] = old = trl_logps()
+        move(3)
+        # And far enough that some tokens' ratios leave 1 +- epsilon either way (the tiny model moves little).
+        old += 0.5 * torch.tensor([1.0, -1.0]).repeat(old.numel() // 2).view_as(old)
     logps = trl_logps()
-    ours, _ = grpo_loss(logps, logps.detach(), ref, advantages, completion_mask, settings)
-    expected = trainer._compute_loss(
-        model,
-        {
-            "prompt_ids": prompts,
-            "prompt_mask": torch.ones_like(prompts),
-            "completion_ids": completions,
-            "completion_mask": completion_mask,
-            "advantages": advantages,
-            "ref_per_token_logps": ref,
-        },
+    ours, stats = grpo_loss(
+        logps, old if sampled_earlier else logps.detach(), ref, advantages, completion_mask, settings
     )
+    expected = trainer._compute_loss(model, inputs)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+    trl_clip = trainer._metrics["eval"]["clip_ratio/region_mean"][-1]  # eval: the model is in eval mode
+    assert stats["clip_fraction"] == pytest.approx(trl_clip, abs=1e-6)
+    assert (stats["clip_fraction"] > 0) == sampled_earlier  # ratio 1 never clips; this step's ratio does
 
 
 def test_group_advantages_equal_trl():
@@ -206,6 +224,60 @@ def test_stopped_grpo_run_resumes_to_the_same_adapter_and_rewards(tiny_models, t
         return [(e["step"], e["reward_mean"], e["loss"]) for e in map(json.loads, lines)]
 
     assert rewards(tmp_path / "stopped") == rewards(tmp_path / "run")
+
+
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_num_iterations_trains_each_sampled_batch_again_and_resumes_inside_it(
+    tiny_models, tmp_path, write_recipe, monkeypatch
+):
+    """num_iterations 2: each of the 8 batches is sampled once and trained on by two steps (16), the second
+    against the first's sampling policy; a run stopped between the two passes carries the rollout in its
+    checkpoint and resumes to the same adapter bytes and log."""
+    from tests.training.test_resume import adapter_bytes
+    from tests.training.test_resume_in_process import stop_at_step
+
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, grpo={"group_size": 4, "max_new_tokens": 6, "num_iterations": 2})
+    result = invoke("run", str(write_recipe(recipe, "whole.yaml")))
+    assert result.exit_code == 0, result.output
+    log = _log(tmp_path / "run")
+    assert [e["step"] for e in log] == list(range(1, 17))
+    for first, second in zip(log[::2], log[1::2], strict=True):
+        # The same sampled batch (its rewards and lengths), trained on again after a step moved the policy.
+        assert first["reward_mean"] == second["reward_mean"]
+        assert first["completion_length"] == second["completion_length"]
+        assert first["loss"] != second["loss"]
+    assert len({e["reward_mean"] for e in log[::2]}) > 1  # new samples each batch
+    assert any(e["clip_fraction"] > 0 for e in log[1::2]) or any(e["kl"] > 0 for e in log[1::2])
+
+    recipe["output"]["dir"] = str(tmp_path / "stopped")
+    stopped = write_recipe(recipe, "stopped.yaml")
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 5)  # after the first of batch 3's two passes
+        assert invoke("run", str(stopped)).exit_code == 75
+    checkpoints = sorted((tmp_path / "stopped" / "checkpoints").glob("step-*"))
+    assert (checkpoints[-1] / "objective-0.safetensors").is_file()
+    assert invoke("run", str(stopped), "--resume", "auto").exit_code == 0
+    assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "run")
+    assert [(e["loss"], e["reward_mean"]) for e in _log(tmp_path / "stopped")] == [
+        (e["loss"], e["reward_mean"]) for e in log
+    ]
+
+    # The time estimate runs steps of the run's own batches first: no rollout of its may reach the run.
+    recipe["output"]["dir"] = str(tmp_path / "estimated")
+    result = invoke("run", str(write_recipe(recipe, "estimated.yaml")), "--estimate")
+    assert result.exit_code == 0, result.output
+    assert "num_iterations 2" in result.output  # the estimate says how it priced the repeated steps
+    assert adapter_bytes(tmp_path / "estimated") == adapter_bytes(tmp_path / "run")
+
+
+def test_num_iterations_needs_one_batch_a_step(tiny_models, tmp_path, write_recipe):
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, grad_accum=2, grpo={"num_iterations": 2})
+    result = invoke("validate", str(write_recipe(recipe)))
+    assert result.exit_code == 2, result.output
+    assert "num_iterations" in result.output and "grad_accum" in result.output
 
 
 @pytest.mark.parametrize(
