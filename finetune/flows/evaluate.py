@@ -26,6 +26,7 @@ from finetune.flows.session import (
     Session,
     build_retriever,
     open_session,
+    settle_retrieval,
     task_rows,
 )
 from finetune.outputs import card, plots, rundir
@@ -238,6 +239,11 @@ def evaluate(
         else "adapter"
     )
     out_dir = evaluation_output(run, output, label, overwrite, _inputs(resolved, run, baseline))
+    # A recipe leaving a hybrid knowledge base's sparse weight open: settled as `finetune run` settles it (after the
+    # refusals above, before the session, whose feature cache is then keyed by it); a run's recipe.yaml records it.
+    settled = settle_retrieval(recipe)
+    if settled is not recipe:
+        resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
 
     accelerator = make_accelerator(recipe.train, resolved.precision)
     # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.

@@ -17,9 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
+from rich.console import Console
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from finetune.data.cache import CachedData, FeatureCache, cache_key
@@ -30,6 +32,7 @@ from finetune.data.retrieval import (
     DEFAULT_EMBEDDING_MODEL,
     DenseIndex,
     Retriever,
+    WeightChoice,
     attach_passages,
     choose_sparse_weight,
     knowledge_base_hash,
@@ -40,7 +43,7 @@ from finetune.data.retrieval import (
 from finetune.data.tables import Origins, apply_template, map_columns
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.preference import PREFERENCE_METRICS
-from finetune.flows.resolve import Resolved, start_adapter_dir
+from finetune.flows.resolve import Resolved, resolve_recipe, retriever_recipe, start_adapter_dir
 from finetune.models.embedding import EmbeddingLayout, embedding_layout
 from finetune.models.families import FamilySpec
 from finetune.models.lora import BASE_CHANGING_INITS, apply_lora, head_modules, resolve_targets
@@ -52,7 +55,7 @@ from finetune.models.references import (
 from finetune.outputs import adapter as adapter_files
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
-from finetune.tasks import Task
+from finetune.tasks import Task, recipe_task
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import PreferenceCollator, PromptCollator
 from finetune.tasks.rerank import RerankTask
@@ -261,7 +264,10 @@ def load_rows(
         with placed_errors(rows.origins):
             train, eval_rows = retrieval_rows(recipe, train, eval_rows, layout, mine)
     elif recipe.data.knowledge_base is not None:
-        retriever = build_retriever(recipe, train_rows=train)
+        # `finetune run` and `finetune eval RECIPE` settle an open sparse weight before their sessions; any other
+        # command opening such a recipe (`finetune data`) settles it here, on the rows just read.
+        recipe = settle_retrieval(recipe, train)
+        retriever = build_retriever(recipe)
         extractive = task.head == "question_answering"
         with placed_errors(rows.origins):
             train = attach_passages(train, retriever, extractive=extractive, training=True, split="data.train")
@@ -339,19 +345,28 @@ def placed_errors(origins: Mapping[str, Origins]) -> Iterator[None]:
         raise
 
 
-def build_retriever(
-    recipe: Recipe, knowledge_base: str | list[str] | None = None, train_rows: Dataset | None = None
-) -> Retriever:
-    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`); a hybrid
-    one's open sparse weight chosen on `train_rows` (a run settles it first: `settle_retrieval`)."""
+def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = None) -> Retriever:
+    """The recipe's retriever over its knowledge base (or another one, e.g. `predict --knowledge-base`), built with
+    the recipe's retrieval settings as they are: a hybrid one's open sparse weight is settled before, by
+    `settle_retrieval`, never set on a built retriever. Its dense side pools as `starting_layout` says."""
     base = knowledge_base or recipe.data.knowledge_base
     if base is None:
         raise RecipeError("data.knowledge_base: this recipe answers from no knowledge base; give --knowledge-base")
-    retriever = Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base))
-    if needs_sparse_weight(recipe) and train_rows is not None and len(train_rows):
-        weight = choose_sparse_weight(retriever, train_rows).weight
-        retriever.settings = recipe.data.retrieval.model_copy(update={"sparse_weight": weight})
-    return retriever
+    return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base), starting_layout(recipe))
+
+
+def starting_layout(recipe: Recipe) -> EmbeddingLayout | None:
+    """How the dense retriever of a recipe that trains it (data.retrieval.train) pools before that training: as its
+    own run will (the retriever run's model and data.retrieval.pooling, decided by `embedding_layout` as that run's
+    session decides it). That run mines its hard negatives with this layout, so the sparse weight settled before it
+    and the miner share one embedding of the corpus (one cache key): the corpus is embedded once with the starting
+    model. None (the checkpoint's own sentence-transformers config) for a retriever that is not trained here: a
+    run's recorded recipe, whose data.retrieval.model is its trained retriever, loads it so."""
+    derived = retriever_recipe(recipe, Path(recipe.output.dir))
+    if derived is None:
+        return None
+    inner = resolve_recipe(derived, "data.retrieval (the retriever's run)", splits=())
+    return embedding_layout(inner.model_path, inner.family, derived.data.retrieval.pooling, "data.retrieval.pooling")
 
 
 def needs_sparse_weight(recipe: Recipe) -> bool:
@@ -364,16 +379,43 @@ def needs_sparse_weight(recipe: Recipe) -> bool:
     )
 
 
-def settle_retrieval(recipe: Recipe) -> tuple[Recipe, str | None]:
-    """A knowledge-base run's recipe with its hybrid retrieval's sparse weight chosen, when the recipe leaves it
-    open, on the training questions with the starting retriever (choose_sparse_weight), before that retriever is
-    trained; RUN/recipe.yaml records it, so eval and predict fuse as training did. Also the note saying so."""
+def settle_retrieval(
+    recipe: Recipe,
+    train_rows: Dataset | None = None,
+    *,
+    console: Console | None = None,
+    accelerator: Accelerator | None = None,
+) -> Recipe:
+    """The one decision of a hybrid knowledge base's open sparse weight (data.retrieval.sparse_weight null): chosen
+    on the training questions with the starting retriever (`choose_sparse_weight`; before a run trains that
+    retriever, which trained on these questions would rank them too well to show what BM25 adds), said on `console`
+    (stderr when none is given: stdout may be a command's JSON), and returned in the recipe, from which every
+    retriever is then built. RUN/recipe.yaml records it, so eval and predict of the run fuse as training did.
+
+    Every command opening such a recipe comes here: `finetune run` before it trains the retriever, `finetune eval
+    RECIPE` before its session, any other (`finetune data`) through `load_rows`, with the rows it read
+    (`train_rows`; else they are read here as the session reads them). With `accelerator` (a run, perhaps of several
+    processes) the main process alone reads, embeds and chooses, and the others receive its choice."""
     if not needs_sparse_weight(recipe) or recipe.data.train is None:
-        return recipe, None
-    rows, _ = read_rows(recipe, ("question", "answer"), ("id",), classify=False)
-    choice = choose_sparse_weight(build_retriever(recipe), rows.train)
+        return recipe
+    main = accelerator is None or accelerator.is_main_process
+    choice: WeightChoice | None = None
+    if main:
+        if train_rows is None:
+            task = recipe_task(recipe)
+            required, optional = task.fields(recipe)
+            rows, _ = read_rows(recipe, required, optional, classify=False, conversations=task.head == "generation")
+            train_rows = rows.train
+        if len(train_rows):
+            choice = choose_sparse_weight(build_retriever(recipe), train_rows)
+    if accelerator is not None and accelerator.num_processes > 1:
+        choice = broadcast_object_list([choice])[0]
+    if choice is None:  # no training question to choose on: retrieval refuses the open weight, naming the key
+        return recipe
+    if main:
+        (console or Console(stderr=True, emoji=False)).print(choice.note(), highlight=False, soft_wrap=True)
     retrieval = recipe.data.retrieval.model_copy(update={"sparse_weight": choice.weight})
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})}), choice.note()
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})})
 
 
 def attention_kwargs(precision: str) -> dict[str, str]:

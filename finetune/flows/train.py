@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -134,11 +134,10 @@ def _run(
     accelerator.wait_for_everyone()
     retriever: dict | None = None
     try:
-        settled, note = settle_retrieval(recipe)  # with the starting retriever: before it is trained below
-        if note is not None:
+        # With the starting retriever, before it is trained below; chosen by the main process, shared with the rest.
+        settled = settle_retrieval(recipe, console=console, accelerator=accelerator)
+        if settled is not recipe:
             resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
-            if accelerator.is_main_process:
-                console.print(note, highlight=False, soft_wrap=True)
         if retriever_recipe(recipe, run_dir.path) is not None:
             resolved, retriever = train_retriever(
                 resolved,
@@ -314,7 +313,7 @@ def train_retriever(
     assert derived is not None
     inner = resolve_recipe(derived, f"{resolved.source} (data.retrieval: the retriever's run)")
     directory = run_dir.path / RETRIEVER_RUN
-    if console is not None:
+    if console is not None and PartialState().is_main_process:  # once, not once per process
         console.print(f"fine-tuning the retriever first: {directory}", highlight=False, soft_wrap=True)
     document = run(
         inner,
@@ -377,6 +376,9 @@ def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
             f"--tokens: writes supervised rows (input_ids, labels); train.objective {resolved.recipe.train.objective} "
             "trains on pairs, thumbs or sampled completions (use train.objective=sft to see its rows)"
         )
+    # A hybrid knowledge base's open sparse weight, from its one owner (a feature-cache hit reads no rows to
+    # choose it from, and must still print and key on the same weight as a run).
+    resolved = dataclasses.replace(resolved, recipe=settle_retrieval(resolved.recipe))
     data = open_data(resolved)
     if tokens is not None:
         recipe, task = resolved.recipe, resolved.task

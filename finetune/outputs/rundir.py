@@ -253,6 +253,11 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         for k, v in flat_settings(recipe).items()
         if k in bound or (not k.startswith(free_sections) and k not in free_keys)
     }
+    # data.retrieval.answer_from says where the extractive knowledge-base reader takes its answer from: how it
+    # decodes, as eval.n_best does; no training step depends on it, so a checkpoint resumes under either value.
+    retrieval = identity.get("recipe data.retrieval")
+    if isinstance(retrieval, dict):
+        identity["recipe data.retrieval"] = {k: v for k, v in retrieval.items() if k != "answer_from"}
     identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})

@@ -10,8 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data.retrieval import DenseIndex, Passage, knowledge_base_hash
-from tests.tasks.test_retrieval import _corpus, _recipe
+from tests.tasks.test_retrieval import _corpus, _first_stage, _rerank_recipe
 
 runner = CliRunner()
 
@@ -21,23 +20,14 @@ def test_an_untrained_reranker_ranks_exactly_as_its_first_stage(tiny_models, tmp
     every correction is 0 and the candidates keep the first stage's order, scored by its similarity x 1/temperature.
     A head drawn at random (transformers' default for the missing one-output layer) shifts the scores."""
     passages, queries = _corpus()
-    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
-    recipe["task"] = "rerank"
-    recipe["data"]["retrieval"] = {
-        "model": str(tiny_models["bert"]),
-        "candidates": 6,
-        "hard_negatives": 1,
-        "temperature": 0.1,
-    }
+    recipe = _rerank_recipe(
+        tiny_models["bert"], tmp_path, queries, passages, candidates=6, hard_negatives=1, temperature=0.1
+    )
     out = tmp_path / "untrained"
     result = runner.invoke(app, ["eval", str(write_recipe(recipe)), "--output", str(out)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    first = DenseIndex(
-        [Passage(p["id"], p["text"]) for p in passages],
-        str(tiny_models["bert"]),
-        knowledge_base_hash(str(tmp_path / "passages.jsonl")),
-    )
+    first = _first_stage(tiny_models["bert"], tmp_path, passages)
     found, similarity = first.search_scored([r["query"] for r in rows], 6)
     for row, indices, values in zip(rows, found, similarity):
         assert row["passage_ids"][:6] == [passages[i]["id"] for i in indices]

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data.retrieval import Passage, mine_negatives
+from finetune.data.retrieval import DenseIndex, Passage, knowledge_base_hash, mine_negatives
 from finetune.evaluation.retrieval import ir_metrics
 from tests.conftest import WORDS, write_jsonl
 
@@ -48,6 +48,23 @@ def _recipe(model_dir, tmp_path, queries, passages, **data) -> dict:
         "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
         "output": {"dir": str(tmp_path / "run")},
     }
+
+
+def _rerank_recipe(model_dir, tmp_path, queries, passages, **retrieval) -> dict:
+    """`task: rerank` on the `_recipe` rows, its first stage the same checkpoint, with these data.retrieval settings."""
+    recipe = _recipe(model_dir, tmp_path, queries, passages)
+    recipe["task"] = "rerank"
+    recipe["data"]["retrieval"] = {"model": str(model_dir), **retrieval}
+    return recipe
+
+
+def _first_stage(model_dir, tmp_path, passages) -> DenseIndex:
+    """The rerank recipe's first stage as it ranks on its own: the checkpoint's embeddings of `_recipe`'s corpus."""
+    return DenseIndex(
+        [Passage(p["id"], p["text"]) for p in passages],
+        str(model_dir),
+        knowledge_base_hash(str(tmp_path / "passages.jsonl")),
+    )
 
 
 def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path, write_recipe):
@@ -332,9 +349,7 @@ def test_rerank_reorders_the_first_stages_candidates(tiny_models, tmp_path, writ
     """task rerank: a cross-encoder trained on the retrieval rows reorders the first stage's top candidates; the
     passages after them keep the first stage's order, and the metrics recompute from predictions.jsonl."""
     passages, queries = _corpus()
-    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
-    recipe["task"] = "rerank"
-    recipe["data"]["retrieval"] = {"model": str(tiny_models["bert"]), "candidates": 5, "hard_negatives": 2}
+    recipe = _rerank_recipe(tiny_models["bert"], tmp_path, queries, passages, candidates=5, hard_negatives=2)
     recipe["data"]["max_length"] = 48
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
     assert result.exit_code == 0, result.output
@@ -353,7 +368,6 @@ def test_rerank_adds_its_correction_to_the_first_stages_scaled_similarity(
     """The candidates are ordered by the first stage's similarity x 1/temperature plus the cross-encoder's output,
     ties by passage id; the passages after them keep the first stage's order. The cross-encoder's outputs are
     replaced by known corrections (one per passage text) to check the arithmetic and the order."""
-    from finetune.data.retrieval import DenseIndex, knowledge_base_hash
     from finetune.tasks import rerank
 
     def correction(text: str) -> float:
@@ -363,21 +377,13 @@ def test_rerank_adds_its_correction_to_the_first_stages_scaled_similarity(
         rerank, "score_pairs", lambda ranker, tokenizer, pairs, recipe, accelerator: [correction(p) for _, p in pairs]
     )
     passages, queries = _corpus()
-    recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages)
-    recipe["task"] = "rerank"
-    recipe["data"]["retrieval"] = {
-        "model": str(tiny_models["bert"]),
-        "candidates": 6,
-        "hard_negatives": 1,
-        "temperature": 0.1,
-    }
+    recipe = _rerank_recipe(
+        tiny_models["bert"], tmp_path, queries, passages, candidates=6, hard_negatives=1, temperature=0.1
+    )
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "train.max_steps=1"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
-    kb = tmp_path / "passages.jsonl"
-    first = DenseIndex(
-        [Passage(p["id"], p["text"]) for p in passages], str(tiny_models["bert"]), knowledge_base_hash(str(kb))
-    )
+    first = _first_stage(tiny_models["bert"], tmp_path, passages)
     found, similarity = first.search_scored([r["query"] for r in rows], 12)
     moved = 0
     for row, indices, values in zip(rows, found, similarity):
