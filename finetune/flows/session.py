@@ -43,6 +43,7 @@ from finetune.data.retrieval import (
 from finetune.data.tables import Origins, apply_template, map_columns
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.preference import PREFERENCE_METRICS
+from finetune.files import write_json
 from finetune.flows.resolve import Resolved, resolve_recipe, retriever_recipe, start_adapter_dir
 from finetune.models.embedding import EmbeddingLayout, embedding_layout
 from finetune.models.families import FamilySpec
@@ -63,7 +64,7 @@ from finetune.tasks.retrieval import RetrievalTask, layout_of
 from finetune.tasks.rewards import Rewarder
 from finetune.tasks.text2text import PackedCollator, StopOnStrings, cut_at_stops
 from finetune.training.loop import has_accelerator_device
-from finetune.training.objectives import GRPO, OBJECTIVES, Objective, make_objective
+from finetune.training.objectives import GRPO, IGNORE, OBJECTIVES, Objective, make_objective
 from finetune.training.watermark_objective import LearnedWatermarkObjective
 from finetune.watermark import learned
 
@@ -194,10 +195,33 @@ class Session:
             if recipe.eval.watermark
             else None,
         }
-        saver = LearnedWatermarkSaver if learned.is_learned(recipe.eval.watermark) else AdapterSaver
-        return saver(
+        if learned.is_learned(recipe.eval.watermark):
+            return LearnedWatermarkSaver(
+                self.tokenizer,
+                meta,
+                self.model_path,
+                recipe.model.revision,
+                initial_adapter,
+                recipe.eval.watermark,
+                unmarked=self._reference_completions(),
+            )
+        return AdapterSaver(
             self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter, recipe.eval.watermark
         )
+
+    def _reference_completions(self, most: int = 1000) -> tuple[tuple[int, ...], ...]:
+        """The training rows' reference completions as token ids (where the labels are, end tokens left out):
+        human text nobody marked, which a learned watermark's extractor is calibrated on."""
+        train = self.features.get("train")
+        if train is None:
+            return ()
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        texts = []
+        for row in train.dataset.select(range(min(most, len(train.dataset)))):
+            ids = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE and i not in ends]
+            if ids:
+                texts.append(tuple(ids))
+        return tuple(texts)
 
     def featurize(self, rows: Dataset, split: str, labeled: bool = True) -> Features:
         return self.task.featurize(rows, self.tokenizer, self.recipe, dict(self.state), split, labeled=labeled)
@@ -211,6 +235,9 @@ class LearnedWatermarkSaver(AdapterSaver):
     missing (a kill between the two) is refused when loaded, naming them, never used unmarked or with another
     message."""
 
+    # The training references (token ids), what the extractor is calibrated on at each save (learned.calibrate).
+    unmarked: tuple[tuple[int, ...], ...] = ()
+
     def save(self, model: PeftModel, adapter_dir: Path, for_other_tools: bool = False) -> None:
         super().save(model, adapter_dir, for_other_tools)
         watermark = learned.find(model)
@@ -218,6 +245,9 @@ class LearnedWatermarkSaver(AdapterSaver):
             # The message first: weights without their message would be read against the key's message instead.
             learned.write_message(adapter_dir, self.watermark)
             learned.save(watermark, adapter_dir)
+            if self.unmarked:
+                counts = learned.calibrate(watermark, [list(t) for t in self.unmarked])
+                write_json(adapter_dir / learned.CALIBRATION_FILE, counts)
 
 
 # --------------------------------------------------------------------------- the steps, in order

@@ -124,7 +124,10 @@ def _detect_learned(
         "bits": settings.bits,
         "watermark_bit_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
         "p_threshold": settings.p_threshold,
-        "false_positive_rate": learned.false_positive_rate(settings.bits, settings.p_threshold),
+        "false_positive_rate": detector.false_positive_rate(),
+        # Whether the p-values are taken against what the extractor reads from unmarked text (runs saved since
+        # the calibration), or against a fair 1/2 a bit (earlier runs).
+        "calibrated": detector.calibrated,
         "message": "given (--message)" if message is not None else "the run's",
     }
     return scored, summary

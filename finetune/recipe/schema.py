@@ -731,7 +731,19 @@ class WatermarkSection(Section):
         10.0,
         gt=0,
         description="learned: each block adds tanh(gate x gate_scale) x its attention; the gate starts at 0 (the "
-        "unchanged model) and, scaled, opens within the LoRA's learning rate.",
+        "unchanged model) and, scaled, opens in tens of steps at eval.watermark.lr.",
+    )
+    # null: the best rate falls with the model's width (AdamW moves every weight by about lr a step): on a decoder
+    # 32 wide 1e-2 learnt fastest, 256 wide 2e-3 to 3e-3 did and 1e-2 worse, and on SmolLM2 (576 wide) neither
+    # 1e-2 nor the LoRA's 2e-3 taught the mark in 30 steps, and 1e-2 moved the text far more (KL 0.45 nats per
+    # token at the last step against 0.006; docs/watermarks.md).
+    # A run checkpointed with one group also resumes with one.
+    lr: Float | None = Field(
+        None,
+        gt=0,
+        description="learned: the peak learning rate of the watermark's blocks and extractor, an AdamW group of their "
+        "own on the run's schedule (they start from a closed gate and random weights, beside a LoRA on a trained "
+        "model); null: train.lr, in the LoRA's group.",
     )
     bit_weight: Float = Field(1.0, ge=0, description="learned: weight of the bits' binary cross-entropy in the loss.")
     kl_weight: Float = Field(
@@ -768,6 +780,7 @@ class WatermarkSection(Section):
             "extractor_width",
             "embedder_layers",
             "gate_scale",
+            "lr",
             "bit_weight",
             "kl_weight",
             "gumbel_temperature",

@@ -331,14 +331,23 @@ class Checkpointing:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, or peft's LoRA+ (B matrices at lr x ratio)."""
+    """AdamW over the trainable parameters, or peft's LoRA+ (B matrices at lr x ratio); a learned watermark with
+    an lr of its own (eval.watermark.lr) trains its blocks and extractor in a last group of their own."""
+    from finetune.watermark.learned import find
+
     fused = torch.cuda.is_available() or None
+    mark = find(model)
+    # At the LoRA's lr the watermark's gates barely open in a short run (docs/watermarks.md, measured): its
+    # modules start from zero or random weights and need a larger step than an adapter beside a trained model.
+    lr = mark.lr if mark is not None else None
+    own = [p for p in mark.parameters() if p.requires_grad] if mark is not None and lr is not None else []
+    owned = {id(p) for p in own}
     if t.optimizer == "loraplus":
         from peft import PeftModel
         from peft.optimizers import create_loraplus_optimizer
 
         assert isinstance(model, PeftModel), "LoRA+ groups the adapter's A and B matrices"
-        return create_loraplus_optimizer(
+        optimizer = create_loraplus_optimizer(
             model,
             torch.optim.AdamW,
             lr=t.lr,
@@ -346,8 +355,18 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
             weight_decay=t.weight_decay,
             fused=fused,
         )
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+        # LoRA+ sorts every trainable parameter by its name and shape (the watermark's biases would train at
+        # lr x ratio): the watermark's leave those groups before any step, so no state is lost.
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in owned]
+        if own:
+            optimizer.add_param_group({"params": own, "lr": lr})
+        return optimizer
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+    groups: list[dict] = [{"params": rest}] if rest else []
+    if own:
+        groups.append({"params": own, "lr": lr})
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def train(

@@ -14,7 +14,12 @@ the message (the message is k memory vectors, so a KV cache of the text never ne
 gate still at zero), the hooked model computes exactly what the plain model computes.
 
 Detection needs the extractor and the run's message: per text, the decoded bits, the share matching the message
-and a one-sided binomial test (each bit of unmarked text matches with probability 1/2).
+and a one-sided test of the matches. An extractor has habits: from any text of a kind it may read mostly the same
+bits, and a message that happens to lie near them would flag unmarked text far more often than a fair 1/2 per bit
+says (measured: 14 of 32 human references flagged). So every save of the adapter also reads the run's own training
+references, unmarked human text, and records how often each bit place reads 1 there (`CALIBRATION_FILE`); under
+"unmarked", bit i then matches with that probability (or its complement), and the matches' tail is the
+Poisson-binomial one. A run saved before the calibration existed is tested at 1/2 per bit, as it was.
 
 The blocks cannot live in a GGUF file (llama.cpp runs no extra cross-attention), so merge/export refuse a
 learned-watermark run (`refuse_export`).
@@ -45,6 +50,7 @@ from finetune.recipe.schema import REDACTED, Recipe, WatermarkSection
 MESSAGE_FILE = "watermark.message"  # beside watermark.key, mode 0600
 WEIGHTS_FILE = "learned_watermark.safetensors"
 LAYOUT_FILE = "learned_watermark.json"
+CALIBRATION_FILE = "learned_watermark_calibration.json"  # what the extractor reads from unmarked text
 # The name the watermark module takes on the model: its parameters are "learned_watermark.*", trained and
 # checkpointed with the LoRA weights (the loop and checkpoints take every parameter with requires_grad).
 ATTRIBUTE = "learned_watermark"
@@ -121,8 +127,10 @@ class GatedCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
         self.gate = nn.Parameter(torch.zeros(()))
-        # The loop trains every parameter at one learning rate (the LoRA's); a gate scaled up opens in tens of
-        # steps instead of hundreds, while its value at zero stays exactly zero.
+        # Scaled, the gate moves gate_scale times as far per step as at its learning rate (eval.watermark.lr,
+        # else the LoRA's), while its value at zero stays exactly zero. Scaled by 3 or 30 instead of 10, or the
+        # block closed by a zero output projection under an open gate, it learnt no faster on the tests' tiny
+        # decoder (docs/watermarks.md).
         self.gate_scale = gate_scale
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -209,6 +217,11 @@ class LearnedWatermark(nn.Module):
             layout.positions,
         )
         self.message: torch.Tensor | None = None  # (bits,) or (batch, bits) of 0/1
+        # P(the extractor reads 1 at each bit place | unmarked text), from `calibrate`; None: 1/2 assumed.
+        self.ones_rate: list[float] | None = None
+        # The peak learning rate of these modules in training (eval.watermark.lr; None: the LoRA's), read by the
+        # loop's make_optimizer: a setting of the run, not of the weights, so not in the layout.
+        self.lr: float | None = None
         # The decoder's input embedding matrix, frozen and shared, not a parameter of this module (never saved or
         # trained twice): a plain attribute, set by `attach`.
         self._embeddings: list[nn.Embedding] = []
@@ -333,6 +346,7 @@ def fresh(model: Any, settings: WatermarkSection, message: str) -> LearnedWaterm
     """New blocks (gates at zero) and extractor on `model`, marking with `message`."""
     watermark = attach(model, LearnedWatermark(new_layout(settings, model)))
     watermark.set_message(message)
+    watermark.lr = settings.lr
     return watermark
 
 
@@ -342,6 +356,30 @@ def save(watermark: LearnedWatermark, directory: Path) -> None:
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     layout = watermark.layout
     write_json(directory / LAYOUT_FILE, {**layout.__dict__, "layers": list(layout.layers)})
+
+
+@torch.no_grad()
+def calibrate(watermark: LearnedWatermark, texts: list[list[int]], batch_size: int = 32) -> dict:
+    """How often the extractor reads 1 at each bit place from `texts` (token ids of unmarked text), counted, with
+    the watermark's `ones_rate` set from the counts (add-one smoothed: no place is ever certain)."""
+    bits, device = watermark.layout.bits, watermark.memory.weight.device
+    ones = torch.zeros(bits, dtype=torch.long)
+    texts = [t[: watermark.layout.positions] for t in texts if t]
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        width = max(len(t) for t in chunk)
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in chunk], device=device)
+        mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in chunk], device=device)
+        ones += (watermark.read_ids(ids, mask) > 0).sum(0).cpu()
+    counts = {"texts": len(texts), "ones": ones.tolist()}
+    watermark.ones_rate = ones_rate(counts)
+    return counts
+
+
+def ones_rate(counts: dict) -> list[float] | None:
+    if not counts.get("texts"):
+        return None
+    return [(ones + 1) / (counts["texts"] + 2) for ones in counts["ones"]]
 
 
 def load(model: Any, adapter_dir: Path, settings: WatermarkSection, message: str) -> LearnedWatermark:
@@ -360,6 +398,9 @@ def load(model: Any, adapter_dir: Path, settings: WatermarkSection, message: str
     attach(model, watermark)
     watermark.requires_grad_(False)
     watermark.set_message(message)
+    calibration = adapter_dir / CALIBRATION_FILE
+    if calibration.is_file():
+        watermark.ones_rate = ones_rate(json.loads(calibration.read_text(encoding="utf-8")))
     return watermark
 
 
@@ -371,12 +412,12 @@ class BitScore:
     tokens: int
     message: str | None  # the decoded bits
     bit_accuracy: float | None  # the share of them matching the expected message
-    p_value: float | None  # one-sided binomial test: this many matches or more by chance (p = 1/2 per bit)
+    p_value: float | None  # one-sided: this many matches or more from unmarked text (match_probabilities)
     watermarked: bool
 
     @property
     def z_score(self) -> float | None:
-        """The matches' normal score (what the other watermarks report), None for an empty text."""
+        """The matches' normal score against 1/2 a bit (what the other watermarks report), None for an empty text."""
         if self.bit_accuracy is None or self.message is None:
             return None
         bits = len(self.message)
@@ -393,27 +434,50 @@ class BitScore:
         }
 
 
-def binomial_p_value(matches: int, bits: int) -> float:
-    # Imported here: scipy.stats costs ~0.8 s of every command's start-up and serves only this detector.
-    from scipy.stats import binomtest
+def match_probabilities(message: str, ones: list[float] | None) -> list[float]:
+    """Each bit's chance of matching `message` in unmarked text: the calibrated rate of reading 1 (or of reading
+    0, where the message has a 0); 1/2 everywhere without a calibration."""
+    if ones is None:
+        return [0.5] * len(message)
+    return [rate if bit == "1" else 1 - rate for bit, rate in zip(message, ones, strict=True)]
 
-    return float(binomtest(matches, bits, 0.5, alternative="greater").pvalue)
+
+def match_tail(matches: int, probabilities: list[float]) -> float:
+    """P(at least `matches` of independent bits match), bit i with probability `probabilities[i]`: the
+    Poisson-binomial upper tail, exactly (the binomial's when every probability is 1/2)."""
+    counts = [1.0]  # counts[m]: P(m matches among the bits so far)
+    for p in probabilities:
+        counts = [
+            (counts[m] if m < len(counts) else 0.0) * (1 - p) + (counts[m - 1] * p if m else 0.0)
+            for m in range(len(counts) + 1)
+        ]
+    return min(1.0, sum(counts[matches:]))
 
 
-def false_positive_rate(bits: int, p_threshold: float) -> float:
-    """How often unmarked text is flagged: the binomial test is discrete, so the exact rate is the tail at the
-    fewest matches whose p-value falls below the threshold (at most p_threshold)."""
-    flagged = [m for m in range(bits + 1) if binomial_p_value(m, bits) < p_threshold]
-    return binomial_p_value(flagged[0], bits) if flagged else 0.0
+def false_positive_rate(probabilities: list[float], p_threshold: float) -> float:
+    """How often unmarked text is flagged: the test is discrete, so the exact rate is the tail at the fewest
+    matches whose p-value falls below the threshold (at most p_threshold)."""
+    tails = [match_tail(m, probabilities) for m in range(len(probabilities) + 1)]
+    flagged = [tail for tail in tails if tail < p_threshold]
+    return flagged[0] if flagged else 0.0
 
 
 class BitDetector:
-    """Reads the message back from texts with the run's extractor and tests it against the expected message."""
+    """Reads the message back from texts with the run's extractor and tests it against the expected message, at
+    the per-bit match chances the run's calibration on unmarked text gives."""
 
     def __init__(self, tokenizer: Any, watermark: LearnedWatermark, message: str, p_threshold: float):
         self.tokenizer, self.watermark, self.p_threshold = tokenizer, watermark, p_threshold
         self.expected = check_message(message, watermark.layout.bits, "--message")
+        self.probabilities = match_probabilities(self.expected, watermark.ones_rate)
         self.bayesian = None  # no trained second opinion (the synthid detector's slot)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.watermark.ones_rate is not None
+
+    def false_positive_rate(self) -> float:
+        return false_positive_rate(self.probabilities, self.p_threshold)
 
     @torch.no_grad()
     def decode(self, text: str) -> tuple[int, str | None]:
@@ -432,7 +496,7 @@ class BitDetector:
             return BitScore(0, None, None, None, False)
         bits = len(decoded)
         matches = sum(a == b for a, b in zip(decoded, self.expected))
-        p = binomial_p_value(matches, bits)
+        p = match_tail(matches, self.probabilities)
         return BitScore(tokens, decoded, matches / bits, p, p < self.p_threshold)
 
 

@@ -12,6 +12,7 @@ from conftest import write_jsonl
 from helpers import invoke
 from safetensors import safe_open
 
+from finetune.watermark import learned
 from tests.tasks.test_generation import copy_rows, generation_recipe
 
 MESSAGE = "10110010"
@@ -66,6 +67,13 @@ def test_a_learned_watermark_through_the_commands(tiny_models, tmp_path):
         assert row["bit_accuracy"] == matches / 8
     summary = document["summary"]
     assert summary["rows"] == len(predictions) and summary["false_positive_rate"] <= summary["p_threshold"]
+    # Tested against what the extractor reads from the run's own (unmarked) training references.
+    assert summary["calibrated"] is True
+    counts = json.loads((adapter / "learned_watermark_calibration.json").read_text())
+    assert counts["texts"] > 0 and len(counts["ones"]) == 8
+    chances = learned.match_probabilities(MESSAGE, learned.ones_rate(counts))
+    for row in document["rows"]:
+        assert row["p_value"] == learned.match_tail(round(row["bit_accuracy"] * 8), chances)
     result = invoke("detect", run, "--input", run / "predictions.jsonl", "--json", "--message", OTHER)
     assert result.exit_code == 0, result.output
     for row in json.loads(result.stdout)["rows"]:

@@ -190,12 +190,54 @@ def test_the_extractor_learns_to_read_the_message():
     assert after >= 0.65 and after - before >= 0.15, (before, after)  # measured: 0.48 -> 0.71
 
 
-def test_binomial_p_values_and_false_positive_rate():
+def test_match_tails_and_false_positive_rate():
+    from scipy.stats import binomtest, poisson_binom
+
     for bits in (8, 16):
+        fair = learned.match_probabilities("1" * bits, None)
         for matches in range(bits + 1):
             exact = sum(math.comb(bits, m) for m in range(matches, bits + 1)) / 2**bits
-            assert learned.binomial_p_value(matches, bits) == pytest.approx(exact, rel=1e-9)
-    assert learned.false_positive_rate(16, 0.01) == pytest.approx(137 / 65536)  # 14 of 16 bits or more
+            assert learned.match_tail(matches, fair) == pytest.approx(exact, rel=1e-9)
+            expected = binomtest(matches, bits, 0.5, alternative="greater").pvalue
+            assert learned.match_tail(matches, fair) == pytest.approx(expected, rel=1e-9)
+    assert learned.false_positive_rate([0.5] * 16, 0.01) == pytest.approx(137 / 65536)  # 14 of 16 bits or more
+    # Calibrated: an extractor that reads 1 at a place 90% of the time from unmarked text matches a message's 1
+    # there 90% of the time, its 0 10%: the Poisson-binomial tail, as scipy computes it.
+    ones = [0.9, 0.1, 0.7, 0.5, 0.95, 0.3, 0.6, 0.2]
+    message = "10110100"
+    chances = learned.match_probabilities(message, ones)
+    assert chances == pytest.approx([0.9, 0.9, 0.7, 0.5, 0.05, 0.3, 0.4, 0.8])
+    for matches in range(9):
+        assert learned.match_tail(matches, chances) == pytest.approx(poisson_binom(chances).sf(matches - 1), abs=1e-12)
+
+
+def test_a_message_near_the_extractors_habit_is_tested_against_it(tiny_models):
+    """Unmarked text whose bits the extractor always reads the same way: a message equal to that habit matches
+    every bit, which a fair 1/2 a bit would call p = 2**-k; calibrated on such text, it is no evidence at all."""
+    model = tiny_decoder()
+    watermark = learned.fresh(model, settings(bits=8), "0" * 8)
+    texts = [
+        [int(t) for t in torch.randint(5, VOCAB, (12,), generator=torch.Generator().manual_seed(i))] for i in range(40)
+    ]
+    habit = "".join(
+        "1" if v > 0 else "0"
+        for v in watermark.read_ids(torch.tensor(texts[:1]), torch.ones(1, 12, dtype=torch.bool))[0].tolist()
+    )
+
+    class Ids:  # the tokenizer's role: text -> ids (here the text is the ids, space-separated)
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(t) for t in text.split()]}
+
+    text = " ".join(map(str, texts[0]))
+    uncalibrated = learned.BitDetector(Ids(), watermark, habit, 0.01).score(text)
+    assert uncalibrated.bit_accuracy == 1.0 and uncalibrated.watermarked  # p = 1/256: flagged
+    counts = learned.calibrate(watermark, texts)
+    assert counts["texts"] == 40 and len(counts["ones"]) == 8
+    calibrated = learned.BitDetector(Ids(), watermark, habit, 0.01)
+    score = calibrated.score(text)
+    assert score.bit_accuracy == 1.0
+    assert score.p_value > 0.01 and not score.watermarked  # the habit is what unmarked text reads: no evidence
+    assert calibrated.false_positive_rate() < 0.01
 
 
 def test_the_message_is_checked_drawn_kept_and_redacted(tmp_path):
