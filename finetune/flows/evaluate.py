@@ -147,6 +147,9 @@ def watermark_detector(
     extractor, against the message the model marks with."""
     found = learned.find(model)
     if learned.is_learned(settings) and found is not None:
+        references = session.reference_completions()
+        if references:  # during (and right after) training: the extractor as it is now, on every process alike
+            learned.calibrate(found, [list(t) for t in references])
         return learned.BitDetector(session.tokenizer, found, found.message_text(), settings.p_threshold)
     entropies = None
     if watermark.gated(settings):
@@ -241,11 +244,12 @@ def evaluate(
     out_dir = evaluation_output(run, output, label, overwrite, _inputs(resolved, run, baseline))
     # A recipe leaving a hybrid knowledge base's sparse weight open: settled as `finetune run` settles it (after the
     # refusals above, before the session, whose feature cache is then keyed by it); a run's recipe.yaml records it.
-    settled = settle_retrieval(recipe)
+    # The accelerator first (settling touches no training setting): its main process chooses for all of them.
+    accelerator = make_accelerator(recipe.train, resolved.precision)
+    settled = settle_retrieval(recipe, accelerator=accelerator)
     if settled is not recipe:
         resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
 
-    accelerator = make_accelerator(recipe.train, resolved.precision)
     # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.
     lock = RunLock(run.path, label=str(source)) if run is not None and accelerator.is_main_process else None
     if lock is not None:

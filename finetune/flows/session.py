@@ -203,13 +203,13 @@ class Session:
                 recipe.model.revision,
                 initial_adapter,
                 recipe.eval.watermark,
-                unmarked=self._reference_completions(),
+                unmarked=self.reference_completions(),
             )
         return AdapterSaver(
             self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter, recipe.eval.watermark
         )
 
-    def _reference_completions(self, most: int = 1000) -> tuple[tuple[int, ...], ...]:
+    def reference_completions(self, most: int = 1000) -> tuple[tuple[int, ...], ...]:
         """The training rows' reference completions as token ids (where the labels are, end tokens left out):
         human text nobody marked, which a learned watermark's extractor is calibrated on."""
         train = self.features.get("train")

@@ -128,6 +128,9 @@ def _detect_learned(
         # Whether the p-values are taken against what the extractor reads from unmarked text (runs saved since
         # the calibration), or against a fair 1/2 a bit (earlier runs).
         "calibrated": detector.calibrated,
+        # The smallest p-value any text can reach (every bit matching): at or above p_threshold, this message
+        # cannot flag anything, since the extractor reads most of it from unmarked text as well.
+        "least_p_value": detector.least_p_value(),
         "message": "given (--message)" if message is not None else "the run's",
     }
     return scored, summary

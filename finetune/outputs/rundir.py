@@ -258,6 +258,12 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
     retrieval = identity.get("recipe data.retrieval")
     if isinstance(retrieval, dict):
         identity["recipe data.retrieval"] = {k: v for k, v in retrieval.items() if k != "answer_from"}
+    # A learned watermark trains with the run (its blocks, extractor, their lr and losses): its settings bind, all
+    # but what only marks and detects afterwards (the message, the key it may be drawn from, the threshold).
+    mark = recipe.eval.watermark
+    if mark is not None and mark.method == "learned":
+        settings = mark.model_dump(mode="json", exclude={"key", "message", "p_threshold"})
+        identity["recipe eval.watermark (learned)"] = settings
     identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})

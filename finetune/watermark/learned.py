@@ -444,7 +444,8 @@ def match_probabilities(message: str, ones: list[float] | None) -> list[float]:
 
 def match_tail(matches: int, probabilities: list[float]) -> float:
     """P(at least `matches` of independent bits match), bit i with probability `probabilities[i]`: the
-    Poisson-binomial upper tail, exactly (the binomial's when every probability is 1/2)."""
+    Poisson-binomial upper tail (the binomial's when every probability is 1/2). Exact for independent bits; an
+    extractor's habits can tie bits together, which calibrating each place alone does not capture."""
     counts = [1.0]  # counts[m]: P(m matches among the bits so far)
     for p in probabilities:
         counts = [
@@ -455,8 +456,8 @@ def match_tail(matches: int, probabilities: list[float]) -> float:
 
 
 def false_positive_rate(probabilities: list[float], p_threshold: float) -> float:
-    """How often unmarked text is flagged: the test is discrete, so the exact rate is the tail at the fewest
-    matches whose p-value falls below the threshold (at most p_threshold)."""
+    """How often unmarked text is flagged, bits taken as independent: the test is discrete, so the rate is the tail
+    at the fewest matches whose p-value falls below the threshold (at most p_threshold)."""
     tails = [match_tail(m, probabilities) for m in range(len(probabilities) + 1)]
     flagged = [tail for tail in tails if tail < p_threshold]
     return flagged[0] if flagged else 0.0
@@ -478,6 +479,9 @@ class BitDetector:
 
     def false_positive_rate(self) -> float:
         return false_positive_rate(self.probabilities, self.p_threshold)
+
+    def least_p_value(self) -> float:
+        return match_tail(len(self.probabilities), self.probabilities)
 
     @torch.no_grad()
     def decode(self, text: str) -> tuple[int, str | None]:

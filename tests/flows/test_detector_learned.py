@@ -74,6 +74,7 @@ def test_a_learned_watermark_through_the_commands(tiny_models, tmp_path):
     chances = learned.match_probabilities(MESSAGE, learned.ones_rate(counts))
     for row in document["rows"]:
         assert row["p_value"] == learned.match_tail(round(row["bit_accuracy"] * 8), chances)
+    assert summary["least_p_value"] == learned.match_tail(8, chances)
     result = invoke("detect", run, "--input", run / "predictions.jsonl", "--json", "--message", OTHER)
     assert result.exit_code == 0, result.output
     for row in json.loads(result.stdout)["rows"]:

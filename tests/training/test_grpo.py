@@ -250,7 +250,8 @@ def test_num_iterations_trains_each_sampled_batch_again_and_resumes_inside_it(
         assert first["completion_length"] == second["completion_length"]
         assert first["loss"] != second["loss"]
     assert len({e["reward_mean"] for e in log[::2]}) > 1  # new samples each batch
-    assert any(e["clip_fraction"] > 0 for e in log[1::2]) or any(e["kl"] > 0 for e in log[1::2])
+    # A first pass trains against the policy that just sampled: ratio 1 everywhere, so nothing is clipped.
+    assert all(e["clip_fraction"] == 0 for e in log[::2])
 
     recipe["output"]["dir"] = str(tmp_path / "stopped")
     stopped = write_recipe(recipe, "stopped.yaml")

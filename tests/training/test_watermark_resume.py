@@ -32,6 +32,10 @@ def test_a_stopped_run_with_the_watermarks_own_lr_resumes_exactly(tiny_models, t
     checkpoint = sorted((tmp_path / "stopped" / "checkpoints").glob("step-*"))[-1]
     groups = json.loads((checkpoint / "optimizer.json").read_text())["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([lora_lr, 5e-2])
+    # The watermark's training settings bind a resume (they shape the optimizer and the loss): refused, named.
+    changed = invoke("run", paths["stopped"], "--resume", "auto", "--no-estimate", "eval.watermark.lr=null")
+    assert changed.exit_code == 2, changed.output
+    assert "eval.watermark" in changed.output and "internal error" not in changed.output
     resumed = invoke("run", paths["stopped"], "--resume", "auto", "--no-estimate")
     assert resumed.exit_code == 0, resumed.output
     for file in ("adapter_model.safetensors", "learned_watermark.safetensors"):
