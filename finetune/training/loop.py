@@ -356,11 +356,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
             fused=fused,
         )
         # LoRA+ sorts every trainable parameter by its name and shape (the watermark's biases would train at
-        # lr x ratio): the watermark's leave those groups before any step, so no state is lost.
+        # lr x ratio): the watermark's leave those groups before any step, so no state is lost, for a group of
+        # their own at their lr (or the run's).
+        watermark = [p for p in mark.parameters() if p.requires_grad] if mark is not None else []
+        leaving = {id(p) for p in watermark}
         for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in owned]
-        if own:
-            optimizer.add_param_group({"params": own, "lr": lr})
+            group["params"] = [p for p in group["params"] if id(p) not in leaving]
+        if watermark:
+            optimizer.add_param_group({"params": watermark, "lr": lr if lr is not None else t.lr})
         return optimizer
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
     groups: list[dict] = [{"params": rest}] if rest else []

@@ -86,6 +86,11 @@ def test_loraplus_keeps_its_groups_and_the_watermark_its_own():
     assert b_rates and b_rates == pytest.approx([16e-3] * len(b_rates))
     assert a_rates and a_rates == pytest.approx([1e-3] * len(a_rates))
 
+    # lr null under LoRA+: still a group of their own, at the run's lr (never lr x ratio for their biases).
+    model, watermark = marked_lora_model(lr=None)
+    optimizer = make_optimizer(model, TrainSection(lr=1e-3, optimizer="loraplus", loraplus_lr_ratio=16))
+    assert check_groups(optimizer, model, watermark)[-1]["lr"] == 1e-3
+
 
 def train_steps(model, optimizer, scheduler, objective, steps: int) -> None:
     for _ in range(steps):
