@@ -414,14 +414,9 @@ class BitScore:
     bit_accuracy: float | None  # the share of them matching the expected message
     p_value: float | None  # one-sided: this many matches or more from unmarked text (match_probabilities)
     watermarked: bool
-
-    @property
-    def z_score(self) -> float | None:
-        """The matches' normal score against 1/2 a bit (what the other watermarks report), None for an empty text."""
-        if self.bit_accuracy is None or self.message is None:
-            return None
-        bits = len(self.message)
-        return (self.bit_accuracy - 0.5) * bits / math.sqrt(bits / 4)
+    # The matches' normal score under the same per-bit chances as p_value (what the other watermarks report):
+    # (matches - their expected number) / their spread; None for an empty text.
+    z_score: float | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -501,7 +496,10 @@ class BitDetector:
         bits = len(decoded)
         matches = sum(a == b for a, b in zip(decoded, self.expected))
         p = match_tail(matches, self.probabilities)
-        return BitScore(tokens, decoded, matches / bits, p, p < self.p_threshold)
+        expected = sum(self.probabilities)
+        spread = math.sqrt(sum(q * (1 - q) for q in self.probabilities))
+        z = (matches - expected) / spread if spread else None
+        return BitScore(tokens, decoded, matches / bits, p, p < self.p_threshold, z)
 
 
 # --------------------------------------------------------------------------- rules and refusals

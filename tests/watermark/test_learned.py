@@ -237,6 +237,8 @@ def test_a_message_near_the_extractors_habit_is_tested_against_it(tiny_models):
     score = calibrated.score(text)
     assert score.bit_accuracy == 1.0
     assert score.p_value > 0.01 and not score.watermarked  # the habit is what unmarked text reads: no evidence
+    assert uncalibrated.z_score == pytest.approx((1.0 - 0.5) * 8 / math.sqrt(8 / 4))  # a fair 1/2 a bit
+    assert score.z_score < uncalibrated.z_score  # measured against the same chances as its p-value
     assert calibrated.false_positive_rate() < 0.01
 
 
