@@ -231,7 +231,9 @@ def test_a_message_near_the_extractors_habit_is_tested_against_it(tiny_models):
     text = " ".join(map(str, texts[0]))
     uncalibrated = learned.BitDetector(Ids(), watermark, habit, 0.01).score(text)
     assert uncalibrated.bit_accuracy == 1.0 and uncalibrated.watermarked  # p = 1/256: flagged
+    state = torch.get_rng_state()
     counts = learned.calibrate(watermark, texts)
+    assert torch.equal(torch.get_rng_state(), state)  # every save calibrates: it must draw nothing a run would miss
     assert counts["texts"] == 40 and len(counts["ones"]) == 8
     calibrated = learned.BitDetector(Ids(), watermark, habit, 0.01)
     score = calibrated.score(text)
