@@ -41,10 +41,14 @@ DEFAULTS = ["train.epochs=1"]
 def run_finetune(recipe: str, overrides: list[str], scratch: Path, source: str | None = None) -> dict:
     out = scratch / "finetune-run"
     # `source`: a directory holding another `finetune` package, imported first (PYTHONPATH beats the editable install).
+    # `-P` keeps `python -m` from putting the working directory (this repository, where `measure` runs it) ahead of
+    # PYTHONPATH: without it every variant imported this tree's `finetune`, not its own.
     env = None if source is None else {**os.environ, "PYTHONPATH": source}
+    safe_path = [] if source is None else ["-P"]
     # --overwrite: every round replaces the previous round's scratch run.
     wall, rss, _ = measure(
-        [sys.executable, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"], env
+        [sys.executable, *safe_path, "-m", "finetune", "run", recipe, *overrides, f"output.dir={out}", "--overwrite"],
+        env,
     )
     document = json.loads((out / "metrics.json").read_text())
     training = document["training"]
