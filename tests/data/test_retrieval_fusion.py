@@ -20,7 +20,7 @@ from tests.conftest import WORDS, write_jsonl
 runner = CliRunner()
 
 
-def _knowledge_base(tmp_path, n: int = 30) -> tuple[list[dict], list[dict], str]:
+def kb_passages(tmp_path, n: int = 30) -> tuple[list[dict], list[dict], str]:
     """Passages each holding a code word its question names: BM25 finds them, a tiny random encoder does not."""
     vocab = WORDS["sports"].split() + WORDS["cooking"].split()
     passages, rows = [], []
@@ -31,7 +31,7 @@ def _knowledge_base(tmp_path, n: int = 30) -> tuple[list[dict], list[dict], str]
     return passages, rows, str(write_jsonl(tmp_path / "passages.jsonl", passages))
 
 
-def _qa_recipe(tiny_models, tmp_path, rows: list[dict], kb: str, retrieval: dict) -> dict:
+def kb_qa_recipe(tiny_models, tmp_path, rows: list[dict], kb: str, retrieval: dict) -> dict:
     """An extractive knowledge-base qa recipe on the tiny BERT: 24 training rows, the rest held out."""
     return {
         "task": "qa",
@@ -77,7 +77,7 @@ def _reference_scores(retriever: Retriever, questions: list[str], weight: float)
 
 
 def test_convex_fusion_equals_the_libraries_scores_and_ranks_by_them(tiny_models, tmp_path):
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retriever = _retriever(str(tiny_models["bert"]), passages, kb, 0.3)
     questions = [r["question"] for r in rows[:8]] + ["the and of"]  # the last: stopwords only, no BM25 match
     reference = _reference_scores(retriever, questions, 0.3)
@@ -90,7 +90,7 @@ def test_convex_fusion_equals_the_libraries_scores_and_ranks_by_them(tiny_models
 
 
 def test_the_sparse_weight_is_the_one_ranking_training_gold_passages_best(tiny_models, tmp_path):
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retriever = _retriever(str(tiny_models["bert"]), passages, kb, None)
     train = Dataset.from_list(rows[:20])
     choice = choose_sparse_weight(retriever, train)
@@ -112,9 +112,9 @@ def test_the_sparse_weight_is_the_one_ranking_training_gold_passages_best(tiny_m
 
 
 def test_a_hybrid_run_records_its_chosen_weight_and_eval_reuses_it(tiny_models, tmp_path, write_recipe):
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False}
-    recipe = _qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)
+    recipe = kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)
     result = runner.invoke(app, ["run", str(write_recipe(recipe))], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["retrieval"]
@@ -139,9 +139,9 @@ def test_the_weight_is_chosen_before_the_retriever_trains_and_any_span_works_wit
 ):
     """The shipped KB layout (the retriever trained first) with answer_from any: the retriever's own run does not
     inherit the reader's setting, and the weight is chosen before that run (with the starting retriever)."""
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8}
-    recipe = _qa_recipe(tiny_models, tmp_path, rows, kb, {**retrieval, "answer_from": "any"})
+    recipe = kb_qa_recipe(tiny_models, tmp_path, rows, kb, {**retrieval, "answer_from": "any"})
     path = write_recipe(recipe)
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
     result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "400"})
@@ -156,7 +156,7 @@ def test_the_weight_is_chosen_before_the_retriever_trains_and_any_span_works_wit
     [{"method": "dense", "sparse_weight": 0.2}, {"method": "hybrid", "fusion": "rrf", "sparse_weight": 0.2}],
 )
 def test_a_sparse_weight_without_convex_fusion_is_refused(retrieval, tiny_models, tmp_path, write_recipe):
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     recipe = {
         "task": "qa",
         "mode": "extractive",
@@ -173,7 +173,7 @@ def test_a_sparse_weight_without_convex_fusion_is_refused(retrieval, tiny_models
 
 
 def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path, write_recipe):
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     recipe = {
         "task": "qa",
         "mode": "generative",
@@ -195,7 +195,7 @@ def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path,
 def test_validate_refuses_a_first_stage_that_is_not_there(reference, tiny_models, tmp_path, write_recipe):
     """A reranker's first stage (or a knowledge base's embedding model) that does not exist yet: validate says so
     with run's exit code, instead of passing what run would refuse."""
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     queries = [{"query": r["question"], "answer": r["answer"]} for r in rows]
     recipe: dict = {
         "task": "rerank",

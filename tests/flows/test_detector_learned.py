@@ -103,15 +103,14 @@ def test_a_learned_watermark_on_bart_is_refused_before_loading(tiny_models, tmp_
     assert "eval.watermark.method: learned is built for GPT-family decoders" in result.output
 
 
-def test_a_stopped_learned_watermark_run_resumes_exactly(tiny_models, tmp_path, monkeypatch):
-    """The blocks and extractor are checkpointed with the LoRA, the messages and Gumbel draws come from the
-    checkpointed generator: a run stopped at step 3 and resumed ends with the uninterrupted run's bytes."""
-    from tests.training.test_resume import log_losses
+def stop_a_run_and_its_twin(tiny_models, tmp_path, monkeypatch, **watermark) -> dict:
+    """Two runs of one learned-watermark recipe (2 epochs, checkpoints every 2 steps): "whole" to the end, and
+    "stopped" at step 3 (exit 75, a checkpoint kept). The recipes' paths, by name."""
     from tests.training.test_resume_in_process import stop_at_step
 
     paths = {}
     for name in ("whole", "stopped"):
-        recipe = learned_recipe(tiny_models["llama"], tmp_path)
+        recipe = learned_recipe(tiny_models["llama"], tmp_path, **watermark)
         recipe["train"].update({"epochs": 2, "checkpoint_every": 2, "log_every": 1})
         recipe["output"]["dir"] = str(tmp_path / name)
         paths[name] = tmp_path / f"{name}.yaml"
@@ -121,6 +120,13 @@ def test_a_stopped_learned_watermark_run_resumes_exactly(tiny_models, tmp_path, 
     with monkeypatch.context() as patch:
         stop_at_step(patch, 3)
         assert invoke("run", paths["stopped"], "--no-estimate").exit_code == 75
+    return paths
+
+
+def resume_to_the_whole_runs_bytes(paths: dict, tmp_path) -> None:
+    """`--resume auto` the stopped run; it ends with the whole run's adapter, watermark and training log."""
+    from tests.training.test_resume import log_losses
+
     resumed = invoke("run", paths["stopped"], "--resume", "auto", "--no-estimate")
     assert resumed.exit_code == 0, resumed.output
     for file in ("adapter_model.safetensors", "learned_watermark.safetensors"):
@@ -128,3 +134,9 @@ def test_a_stopped_learned_watermark_run_resumes_exactly(tiny_models, tmp_path, 
             tmp_path / "whole" / "adapter" / file
         ).read_bytes()
     assert log_losses(tmp_path / "stopped") == log_losses(tmp_path / "whole")
+
+
+def test_a_stopped_learned_watermark_run_resumes_exactly(tiny_models, tmp_path, monkeypatch):
+    """The blocks and extractor are checkpointed with the LoRA, the messages and Gumbel draws come from the
+    checkpointed generator: a run stopped at step 3 and resumed ends with the uninterrupted run's bytes."""
+    resume_to_the_whole_runs_bytes(stop_a_run_and_its_twin(tiny_models, tmp_path, monkeypatch), tmp_path)

@@ -17,7 +17,7 @@ from finetune.data.retrieval import SPARSE_WEIGHTS, DenseIndex, WeightChoice
 from finetune.flows import session
 from finetune.flows.resolve import build_recipe
 from finetune.outputs import rundir
-from tests.data.test_retrieval_fusion import _knowledge_base, _qa_recipe
+from tests.data.test_retrieval_fusion import kb_passages, kb_qa_recipe
 
 runner = CliRunner()
 
@@ -50,9 +50,9 @@ def test_eval_data_and_run_settle_the_same_weight_through_the_one_owner_and_say_
     """`finetune eval RECIPE`, `finetune data` and `finetune run` each choose the open weight once, through
     settle_retrieval, print the same note, and retrieve with it: eval RECIPE's passages are the run's."""
     chosen = _counting_choices(monkeypatch)
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False}
-    path = write_recipe(_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval))
+    path = write_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval))
 
     evaluated = runner.invoke(app, ["eval", str(path), "--output", str(tmp_path / "base"), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
@@ -84,7 +84,7 @@ def test_the_starting_model_embeds_the_corpus_once_for_the_weight_and_the_miner(
     own run pools it, so that run's hard-negative miner finds the corpus embedded (one cache key). The corpus is
     embedded twice in all: once with the starting model, once with the trained retriever the reader uses."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))  # nothing embedded by another test
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     corpus = [p["text"] for p in passages]
     embedded: list[str] = []
     encode, embeddings = DenseIndex.encode, DenseIndex._embeddings
@@ -104,7 +104,7 @@ def test_the_starting_model_embeds_the_corpus_once_for_the_weight_and_the_miner(
     monkeypatch.setattr(DenseIndex, "_embeddings", counting_embeddings)
     chosen = _counting_choices(monkeypatch)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8}
-    result = runner.invoke(app, ["run", str(write_recipe(_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)))])
+    result = runner.invoke(app, ["run", str(write_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)))])
     assert result.exit_code == 0, result.output
     assert len(chosen) == 1 and _notes(result.output) == [(chosen[0], 24)]
     retriever = str((tmp_path / "run" / "retriever" / "adapter").resolve())
@@ -116,9 +116,9 @@ def test_the_starting_model_embeds_the_corpus_once_for_the_weight_and_the_miner(
 def test_in_a_run_of_several_processes_the_main_one_alone_chooses(main, monkeypatch, tiny_models, tmp_path, capsys):
     """The main process reads, embeds, chooses and says so; the others read and embed nothing and take the weight
     broadcast from it (accelerate's broadcast_object_list, replaced here by what it returns on each side)."""
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     retrieval = {"method": "hybrid", "top_k": 3, "model": str(tiny_models["bert"]), "train": False}
-    recipe = build_recipe(_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval), "recipe")
+    recipe = build_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval), "recipe")
     chosen = _counting_choices(monkeypatch)
     sent: list[list] = []
     broadcast = WeightChoice(0.4, 24, dict.fromkeys(SPARSE_WEIGHTS, 0.5))
@@ -146,10 +146,10 @@ def test_in_a_run_of_several_processes_the_main_one_alone_chooses(main, monkeypa
 def test_answer_from_is_no_part_of_the_resume_identity(tiny_models, tmp_path):
     """data.retrieval.answer_from only decides where the extractive reader's answer is read (its decoding), like
     eval.n_best: a checkpoint resumes under either value."""
-    passages, rows, kb = _knowledge_base(tmp_path)
+    passages, rows, kb = kb_passages(tmp_path)
     identities = [
         rundir.resume_identity(
-            build_recipe(_qa_recipe(tiny_models, tmp_path, rows, kb, {"answer_from": value}), "recipe"), 1
+            build_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, {"answer_from": value}), "recipe"), 1
         )
         for value in ("first", "any")
     ]

@@ -15,6 +15,7 @@ from finetune.cli import app
 from finetune.data.retrieval import DenseIndex, Passage, knowledge_base_hash, mine_negatives
 from finetune.evaluation.retrieval import ir_metrics
 from tests.conftest import WORDS, write_jsonl
+from tests.data.test_retrieval_fusion import kb_qa_recipe
 
 runner = CliRunner()
 
@@ -225,21 +226,9 @@ def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, wri
     for i, words in enumerate(itertools.islice(itertools.combinations(VOCAB, 6), 0, 600, 20)):
         passages.append({"id": f"p{i}", "text": " ".join(words)})
         rows.append({"question": f"{words[0]} {words[5]} which?", "answer": f"{words[2]} {words[3]}"})
-    recipe = {
-        "task": "qa",
-        "mode": "extractive",
-        "model": {"name_or_path": str(tiny_models["bert"])},
-        "data": {
-            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:24])),
-            "eval": str(write_jsonl(tmp_path / "eval.jsonl", rows[24:])),
-            "knowledge_base": str(write_jsonl(tmp_path / "passages.jsonl", passages)),
-            "retrieval": {"top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8},
-            "max_length": 48,
-        },
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "seed": 0, "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "run")},
-    }
+    kb = str(write_jsonl(tmp_path / "passages.jsonl", passages))
+    retrieval = {"top_k": 3, "model": str(tiny_models["bert"]), "epochs": 1, "batch_size": 8}
+    recipe = kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval)
     path = write_recipe(recipe)
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
