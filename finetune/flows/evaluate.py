@@ -147,7 +147,7 @@ def watermark_detector(
     extractor, against the message the model marks with."""
     found = learned.find(model)
     if learned.is_learned(settings) and found is not None:
-        references = session.reference_completions()
+        references = session.reference_completions
         if references:  # during (and right after) training: the extractor as it is now, on every process alike
             learned.calibrate(found, [list(t) for t in references])
         return learned.BitDetector(session.tokenizer, found, found.message_text(), settings.p_threshold)

@@ -203,21 +203,23 @@ class Session:
                 recipe.model.revision,
                 initial_adapter,
                 recipe.eval.watermark,
-                unmarked=self.reference_completions(),
+                unmarked=self.reference_completions,
             )
         return AdapterSaver(
             self.tokenizer, meta, self.model_path, recipe.model.revision, initial_adapter, recipe.eval.watermark
         )
 
-    def reference_completions(self, most: int = 1000) -> tuple[tuple[int, ...], ...]:
-        """The training rows' reference completions as token ids (where the labels are, end tokens left out):
-        human text nobody marked, which a learned watermark's extractor is calibrated on."""
+    @functools.cached_property
+    def reference_completions(self) -> tuple[tuple[int, ...], ...]:
+        """The training rows' reference completions (the first 1,000) as token ids (where the labels are, end
+        tokens left out): human text nobody marked, which a learned watermark's extractor is calibrated on at every
+        save and evaluation; read once a session."""
         train = self.features.get("train")
         if train is None:
             return ()
         ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         texts = []
-        for row in train.dataset.select(range(min(most, len(train.dataset)))):
+        for row in train.dataset.select(range(min(1000, len(train.dataset)))):
             ids = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE and i not in ends]
             if ids:
                 texts.append(tuple(ids))
