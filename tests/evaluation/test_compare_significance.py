@@ -245,3 +245,72 @@ def test_without_the_baselines_predictions_there_is_no_paired_test(tmp_path):
     comparison = json.loads(result.stdout)["comparison"]
     assert "no predictions.jsonl" in comparison["paired"]["note"]
     assert all("p_value" not in result for result in comparison["metrics"].values())
+
+
+def test_distinct_bigrams_are_compared_by_the_paired_jackknife():
+    """Distinct-2 of two evaluations on the same briefs: the difference with each brief left out of both (the
+    task's own metric recomputed), its jackknife standard error, the normal p-value and interval; predictions
+    that repeat one slogan are a real loss of diversity, one word changed is not."""
+    from scipy.stats import norm
+
+    task, settings = get_task("copywriting"), EvalSection()
+    rng = random.Random(4)
+    words = [
+        "fresh",
+        "coffee",
+        "every",
+        "morning",
+        "bright",
+        "shoes",
+        "run",
+        "far",
+        "summer",
+        "sale",
+        "best",
+        "price",
+        "today",
+        "new",
+        "deal",
+    ]
+    rows = [{"prompt": f"brief {i}", "completion": " ".join(rng.choice(words) for _ in range(8))} for i in range(24)]
+    baseline = [r | {"prediction": " ".join(rng.choice(words) for _ in range(8))} for r in rows]
+    repeated = [
+        r | {"prediction": "best price today on every summer sale"} if i % 3 else r for i, r in enumerate(baseline)
+    ]
+    tweaked = [dict(r) for r in baseline]
+    tweaked[0]["prediction"] = "shoes " + tweaked[0]["prediction"]
+
+    def distinct(picked: list[dict]) -> float:
+        return task.compute_metrics(picked)["metrics"]["distinct_2"]
+
+    def compared(candidate: list[dict]) -> iv.PairedResult:
+        document = metrics_document("copywriting", score(task, candidate, settings), [])
+        base = metrics_document("copywriting", score(task, baseline, settings), [])
+        _, results = iv.paired_tests(
+            iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
+            candidate,
+            document["metrics"],
+            baseline,
+            base["metrics"],
+            ["distinct_2"],
+            ("prompt", "completion"),
+        )
+        return results["distinct_2"]
+
+    for candidate in (repeated, tweaked):
+        result = compared(candidate)
+        observed = distinct(candidate) - distinct(baseline)
+        n = len(rows)
+        left_out = np.array(
+            [
+                distinct(candidate[:i] + candidate[i + 1 :]) - distinct(baseline[:i] + baseline[i + 1 :])
+                for i in range(n)
+            ]
+        )
+        error = np.sqrt((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum())
+        assert result.method == "paired_jackknife"
+        assert abs(result.difference - observed) < 1e-12
+        assert abs(result.p_value - 2 * norm.sf(abs(observed) / error)) < 1e-9
+        z = norm.ppf(0.975)
+        assert abs(result.interval[0] - (observed - z * error)) < 1e-12
+    assert compared(repeated).p_value < 0.01 and compared(tweaked).p_value > 0.2
