@@ -3,7 +3,7 @@
 Not a test (pytest collects test_*.py only). Each text is tokenised with the run's tokenizer, each token replaced
 with probability FRACTION by a uniformly drawn vocabulary token (seeded), and decoded again; the rows are written
 with the field replaced, for `finetune detect RUN --input OUT`.
-Run: .venv/bin/python tests/watermark/substitute_tokens.py RUN/predictions.jsonl OUT.jsonl --tokenizer RUN/adapter
+Run: .venv/bin/python bench/substitute_tokens.py RUN/predictions.jsonl OUT.jsonl --tokenizer RUN/adapter
 """
 
 from __future__ import annotations

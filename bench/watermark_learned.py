@@ -1,12 +1,12 @@
 """How fast the learned watermark learns on the tests' tiny decoder, under the real loop's optimizer and schedule.
 
-Not a test (pytest collects test_*.py only): the measurement behind docs/watermarks.md. Each variant trains the
+The measurement behind docs/watermarks.md. Each variant trains the
 watermark's modules alone (the decoder is frozen, as the base model is; a LoRA would sit in its own param group,
 which AdamW updates independently) for `--steps` steps through the loop's make_optimizer with the recipe's linear
 schedule (10% warmup), loss weights and noise, and reports the training batches' bit accuracy and greedy bit
 accuracy on fresh prompts with fresh messages. `--width` builds a wider decoder (SmolLM2-135M is 576 wide) and
 `--sharpen` scales its head until it is as sure of its tokens as a tuned model.
-Run: .venv/bin/python tests/watermark/bench_learned.py [--steps 30] [--seeds 5] [--width 256 --sharpen 2.5]
+Run: .venv/bin/python bench/watermark_learned.py [--steps 30] [--seeds 5] [--width 256 --sharpen 2.5]
      [--variants "NAME={'lr': 1e-2, 'bits': 16};..."]   (WatermarkSection settings over RECIPE below)
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: run as a script
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: run as a script
 
 from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training.loop import make_optimizer
