@@ -60,9 +60,10 @@ def run(
     overwrite: bool = False,
     judge: Callable[[int, dict[str, float]], bool] | None = None,
     estimate: bool = False,
+    owner: Path | None = None,
 ) -> dict | None:
     """Train, evaluate and write the run directory. Returns the metrics document (a dry run: the plan's, with
-    the estimate).
+    the estimate). `owner`: the run this one is part of (a knowledge-base run's retriever, inside it).
 
     `resume` is "auto" (the newest usable checkpoint in the run directory, if
     any) or a checkpoint path; the run then continues exactly where it stopped.
@@ -88,18 +89,21 @@ def run(
             overwrite=overwrite,
             judge=judge,
             estimate=estimate,
+            owner=owner,
         )
     finally:
         if lock is not None:
             lock.release()
 
 
-def check_output(run_dir: RunDir, lock: RunLock | None, *, resume: str | None, overwrite: bool) -> str:
+def check_output(
+    run_dir: RunDir, lock: RunLock | None, *, resume: str | None, overwrite: bool, owner: Path | None = None
+) -> str:
     """What the run does with its output directory, or the RecipeError refusing it: a live run there is named as
     such (not mistaken for an unfinished one), then `rundir.output_decision`. `lock`: None for a dry run."""
     if lock is not None:
         lock.refuse_if_held()
-    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite)
+    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner)
 
 
 def _run(
@@ -115,12 +119,13 @@ def _run(
     overwrite: bool,
     judge: Callable[[int, dict[str, float]], bool] | None = None,
     estimate: bool = False,
+    owner: Path | None = None,
 ) -> dict | None:
     recipe = resolved.recipe
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
-        output_note = check_output(run_dir, lock, resume=resume, overwrite=overwrite)
+        output_note = check_output(run_dir, lock, resume=resume, overwrite=overwrite, owner=owner)
         if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
             console.print(
                 f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",
@@ -286,6 +291,7 @@ def _run(
             else f"peft's `AutoPeft{session.family.auto_class_name(session.task.head).removeprefix('Auto')}"
             f'.from_pretrained("{run_dir.adapter}")`',
         )
+        rundir.record_adapter_files(run_dir.adapter)  # last: what --overwrite may remove from adapter/
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()
@@ -322,6 +328,7 @@ def train_retriever(
         resume="auto" if resume is not None and directory.exists() else None,
         force_resume=force_resume,
         overwrite=overwrite,
+        owner=run_dir.path,
     )
     if dry_run or document is None:
         return resolved, None

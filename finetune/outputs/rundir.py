@@ -21,11 +21,13 @@ from finetune.secrets import redact_tree
 MIN_FREE_BYTES = 64 << 20
 
 
-def output_decision(run: RunDir, *, resume: str | None, overwrite: bool) -> str:
+def output_decision(run: RunDir, *, resume: str | None, overwrite: bool, owner: Path | None = None) -> str:
     """What a run does with its output directory, or a RecipeError when it may not write there.
 
     Never without consent: a directory holding a run is continued (--resume) or
-    replaced (--overwrite); a non-empty directory that is not a run is never written into.
+    replaced (--overwrite); a non-empty directory that is not a run is never written into; nor is a directory
+    inside another run (that run's --overwrite would reach it), but for a run's own part (`owner`: the run whose
+    knowledge-base retriever this is).
     """
     if resume is not None and not resume.strip():
         raise RecipeError("--resume: give 'auto' or a checkpoint path (an empty value is not a fresh start)")
@@ -34,6 +36,13 @@ def output_decision(run: RunDir, *, resume: str | None, overwrite: bool) -> str:
     where = run.path
     if where.exists() and not where.is_dir():
         raise RecipeError(f"output.dir: {where} is a file, not a directory")
+    resolved = where.expanduser().resolve()
+    around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
+    if around is not None and (owner is None or around != owner.expanduser().resolve()):
+        raise RecipeError(
+            f"output.dir: {where} lies inside the finetune run {around}; a run never writes inside another run "
+            "(its --overwrite would reach it). Choose a path outside any run."
+        )
     if run.is_empty():
         return f"{where} (new)"
     if not run.holds_run():
@@ -76,17 +85,80 @@ def release(run: RunDir, created: bool) -> None:
 def clear_previous_run(run: RunDir) -> list[str]:
     """--overwrite: remove what an earlier run wrote (the user asked for it), keeping the marker.
 
-    Only the names a run writes go; anything else in the directory is the user's and stays. Returns what stayed.
-    """
-    kept = []
-    for path in run.path.iterdir():
+    Only what finetune wrote goes: the names a run writes at its top level; inside `evals/` only the evaluations
+    finetune recorded (their marker; anything else there stays); inside `checkpoints/` only its checkpoints; inside
+    `adapter/` only the files the run listed there when it finished (`ADAPTER_FILES`; an adapter without the list,
+    from a run that never finished or an older version, is finetune's whole). A run lying inside, or anything
+    else inside `adapter/` or `checkpoints/` (which the new run replaces whole), refuses the overwrite before
+    anything is removed. Returns what stayed."""
+    removals: list[Path] = []
+    kept: list[str] = []
+    for path in sorted(run.path.iterdir()):
         if path.name in (RUN_MARKER, LOCK_NAME):  # the marker stays; the lock is this run's own, held
             continue
         if path.name not in RUN_OUTPUT_NAMES:
             kept.append(path.name)
             continue
+        if path.is_symlink() or not path.is_dir():
+            removals.append(path)
+            continue
+        nested = next(path.rglob(RUN_MARKER), None)
+        if nested is not None:
+            raise RecipeError(
+                f"--overwrite: {run.path} holds another finetune run at {nested.parent}; nothing was removed. Move "
+                "it out of this run first."
+            )
+        ours = _own_entries(run, path)
+        if ours is None:
+            removals.append(path)
+            continue
+        removals.extend(ours)
+        foreign = sorted(
+            p for p in path.rglob("*") if not p.is_dir() and not any(p == o or o in p.parents for o in ours)
+        )
+        if foreign and path != run.evals:
+            raise RecipeError(
+                f"--overwrite: {foreign[0]} was not written by finetune and the new run replaces "
+                f"{path.name}/ whole; nothing was removed. Move it out of the run first."
+            )
+        kept.extend(str(p.relative_to(run.path)) for p in foreign)
+    for path in removals:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for folder in (run.evals, run.checkpoints, run.adapter):
+        if folder.is_dir() and not folder.is_symlink():
+            _remove_empty_folders(folder)
     return kept
+
+
+# Written into a finished run's adapter/: every file the run put there, so --overwrite removes those and no other.
+ADAPTER_FILES = ".finetune-files"
+
+
+def record_adapter_files(adapter: Path) -> None:
+    """List the files of a finished run's adapter/ (the last thing a run writes there)."""
+    listed = sorted(str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file() and p.name != ADAPTER_FILES)
+    files.write_text_atomic(adapter / ADAPTER_FILES, "\n".join(listed) + "\n")
+
+
+def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
+    """What finetune wrote inside one of a run's folders, or None where the whole folder is its own."""
+    if folder == run.evals:
+        return [p for p in folder.iterdir() if p.is_dir() and made_by_finetune(p, EVALUATION)]
+    if folder == run.checkpoints:
+        # training/checkpoint.py's PREFIX and STAGING_PREFIX (outputs/ sits below training/ and cannot import it)
+        return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(("step-", ".partial-"))]
+    if folder == run.adapter and (folder / ADAPTER_FILES).is_file():
+        listed = (folder / ADAPTER_FILES).read_text(encoding="utf-8").splitlines()
+        return [folder / name for name in listed if name and (folder / name).is_file()] + [folder / ADAPTER_FILES]
+    return None
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 # --------------------------------------------------------------------------- the one write policy
@@ -96,6 +168,8 @@ def clear_previous_run(run: RunDir) -> list[str]:
 OUTPUT_MARKER = ".finetune-output"
 # `finetune data --tokens FILE`: JSON Lines, one training row each, with these fields and no record of its own.
 TOKEN_FILE = "token file"
+# `finetune eval`'s output directory (its own, or one in RUN/evals/).
+EVALUATION = "evaluation"
 TOKEN_FILE_FIELDS = ("row", "input_ids", "labels")
 
 

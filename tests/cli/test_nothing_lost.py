@@ -160,3 +160,44 @@ def test_an_unwritable_output_is_a_usage_error(finished_run, tmp_path):
         assert junit.exit_code == 2 and "Traceback" not in junit.output
     finally:
         locked.chmod(0o700)
+
+
+def test_overwrite_reaches_only_what_the_run_wrote(finished_run, tmp_path):
+    """A user's files inside the run's own folders, and a run put inside it, are never removed by --overwrite: a
+    run there (or in any folder of a run) is refused as output.dir; a file in adapter/ (which the new run replaces
+    whole) refuses the overwrite with nothing removed; evaluations finetune recorded go, a user's file in evals/
+    stays."""
+    recipe, out = finished_run
+    assert (out / "adapter" / ".finetune-files").is_file()
+    inner = invoke("run", recipe, f"output.dir={out / 'evals' / 'inner'}")
+    assert inner.exit_code == 2 and "lies inside the finetune run" in inner.output
+    assert not (out / "evals" / "inner").exists()
+
+    evaluated = invoke("eval", str(out))
+    assert evaluated.exit_code in (0, 4), evaluated.output
+    (out / "evals" / "mine.txt").write_text("mine")
+    (out / "adapter" / "user_extra.txt").write_text("mine")
+    before = snapshot(out)
+    refused = invoke("run", recipe, "--overwrite")
+    assert refused.exit_code == 2 and "user_extra.txt was not written by finetune" in refused.output
+    assert snapshot(out) == before  # nothing removed
+
+    (out / "adapter" / "user_extra.txt").unlink()
+    replaced = invoke("run", recipe, "--overwrite", "train.seed=5")
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "evals" / "mine.txt").read_text() == "mine"
+    assert [p.name for p in (out / "evals").iterdir()] == ["mine.txt"]  # the recorded evaluation went
+    assert "seed: 5" in (out / "recipe.yaml").read_text()
+
+
+def test_overwrite_refuses_a_run_put_inside_the_run(finished_run):
+    """A run a user moved into another run's folder: --overwrite of the outer run removes nothing."""
+    recipe, out = finished_run
+    planted = out / "checkpoints" / "kept-run"
+    planted.mkdir(parents=True)
+    (planted / ".finetune-run").write_text("a finetune run directory\n")
+    (planted / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    refused = invoke("run", recipe, "--overwrite")
+    assert refused.exit_code == 2 and "holds another finetune run" in refused.output
+    assert snapshot(out) == before

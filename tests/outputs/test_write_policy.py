@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from finetune.errors import RecipeError
-from finetune.outputs.rundir import RUN_MARKER, RunDir, claim_output, clear_previous_run, mark_output
+from finetune.outputs.rundir import (
+    RUN_MARKER,
+    RunDir,
+    claim_output,
+    clear_previous_run,
+    mark_output,
+    output_decision,
+    record_adapter_files,
+)
 from tests.cli.test_nothing_lost import finished_run, invoke, snapshot  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.unit
@@ -91,6 +99,48 @@ def test_kinds_links_and_special_files_are_named(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(RecipeError, match="not a regular file"):
         claim(tmp_path / "fifo", directory=False, overwrite=True)
+
+
+def test_a_run_is_never_written_inside_another_but_its_own_parts(tmp_path):
+    outer = Path(a_run(tmp_path / "run"))
+    with pytest.raises(RecipeError, match="lies inside the finetune run"):
+        output_decision(RunDir(outer / "evals" / "x"), resume=None, overwrite=False)
+    with pytest.raises(RecipeError, match="lies inside the finetune run"):
+        output_decision(RunDir(outer / "deep" / "er"), resume=None, overwrite=True, owner=tmp_path / "other")
+    assert "(new)" in output_decision(RunDir(outer / "retriever"), resume=None, overwrite=False, owner=outer)
+
+
+def test_overwrite_removes_the_listed_adapter_files_recorded_evaluations_and_checkpoints_only(tmp_path):
+    run = RunDir(a_run(tmp_path / "run"))
+    (run.adapter / "base").mkdir(parents=True)
+    (run.adapter / "adapter_model.safetensors").write_bytes(b"x")
+    (run.adapter / "base" / "config.json").write_text("{}")
+    record_adapter_files(run.adapter)
+    (run.checkpoints / "step-00000002").mkdir(parents=True)
+    (run.checkpoints / "step-00000002" / "checkpoint.json").write_text("{}")
+    (run.evals / "20261206-adapter").mkdir(parents=True)
+    mark_output(run.evals / "20261206-adapter", "evaluation")
+    (run.evals / "notes.md").write_text("mine")
+    kept = clear_previous_run(run)
+    assert kept == [str(Path("evals") / "notes.md")]
+    assert sorted(p.name for p in run.path.iterdir()) == sorted([RUN_MARKER, "evals"])
+    assert [p.name for p in run.evals.iterdir()] == ["notes.md"]
+
+
+@pytest.mark.parametrize("where", ["adapter/mine.txt", "checkpoints/mine/keep.txt"])
+def test_a_users_file_in_a_folder_the_run_replaces_whole_refuses_the_overwrite(tmp_path, where):
+    run = RunDir(a_run(tmp_path / "run"))
+    run.adapter.mkdir()
+    (run.adapter / "adapter_model.safetensors").write_bytes(b"x")
+    record_adapter_files(run.adapter)
+    (run.checkpoints / "step-00000001").mkdir(parents=True)
+    (run.path / where).parent.mkdir(parents=True, exist_ok=True)
+    (run.path / where).write_text("mine")
+    (run.path / "metrics.json").write_text("{}")
+    before = sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*"))
+    with pytest.raises(RecipeError, match="was not written by finetune"):
+        clear_previous_run(run)
+    assert sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*")) == before
 
 
 def test_overwriting_a_run_keeps_the_users_own_files(tmp_path):
