@@ -600,16 +600,30 @@ def predict_command(
 
 @app.command("validate")
 @_handled
-def validate_command(recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
+def validate_command(
+    arguments: Annotated[
+        list[str],
+        typer.Argument(
+            help="Recipe files to check, and section.key=value overrides (values parsed as YAML) applied to each, "
+            "as `run RECIPE KEY=VALUE...` applies them.",
+            metavar="RECIPE... [KEY=VALUE...]",
+        ),
+    ],
+) -> None:
     """Check recipes: every rule `run` checks before it loads weights, every problem at once."""
-    _offline_unless_hub(*recipes)
+    # An argument naming no file but holding `=` is an override, as run's KEY=VALUE arguments are.
+    overrides = [a for a in arguments if "=" in a and not Path(a).expanduser().exists()]
+    recipes = [Path(a) for a in arguments if a not in overrides]
+    if not recipes:
+        raise RecipeError("validate: give at least one recipe file (then any section.key=value overrides)")
+    _offline_unless_hub(*recipes, overrides=overrides)
     _quiet_libraries()
     from finetune.flows.resolve import validate_recipe_file
 
     worst = 0
     for path in recipes:
         try:
-            summary = validate_recipe_file(path)
+            summary = validate_recipe_file(path, overrides)
             console.print(f"[green]ok[/]   {escape(str(path))}: {escape(summary)}", highlight=False, soft_wrap=True)
         except FinetuneError as exc:
             if _debug["on"]:  # the original error, chained, for what was turned into one line

@@ -59,6 +59,7 @@ from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
 from finetune.tasks.generative import GenerationTask
+from finetune.tasks.preference import judged_rows
 from finetune.tasks.rewards import load_reward_function
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
@@ -326,18 +327,44 @@ def sweep_rules(recipe: Recipe, task: Task) -> list[str]:
         if key.split(".")[0] in FIXED_SECTIONS:
             problems.append(f"{place}: a trial writes to the sweep's output.dir/trials/N and has no sweep of its own")
             continue
-        values: list[Any]
         if isinstance(spec, SweepRange):
             found = _range_problems(key, spec, settings.sampler, place)
             problems += found
             if found:
                 continue
-            whole = whole_numbers(key)
-            values = [int(spec.low), int(spec.high)] if whole else [spec.low, spec.high]
-        else:
-            values = list(spec)
-        for problem in dict.fromkeys(p for value in values for p in _value_problems(base, key, value)):
+        for problem in dict.fromkeys(p for value in _candidates(key, spec) for p in _value_problems(base, key, value)):
             problems.append(f"{place}: {problem}")
+    return problems
+
+
+def _candidates(key: str, spec: SweepRange | list) -> list[Any]:
+    """The values of a swept key that stand for all it can take: its choices, or a range's ends."""
+    if isinstance(spec, SweepRange):
+        return [int(spec.low), int(spec.high)] if whole_numbers(key) else [spec.low, spec.high]
+    return list(spec)
+
+
+def _candidate_environment_rules(recipe: Recipe, found: list[Problem], splits: tuple[str, ...]) -> list[Problem]:
+    """Each swept value tried in the recipe against this machine and the model (`environment_rules`: positions,
+    hidden size, family, files), as a plain recipe with that value is, so that `validate` and the sweep's start
+    refuse a value no trial could run. `found`: the recipe's own problems here, not repeated for each value."""
+    settings = recipe.sweep
+    if settings is None:
+        return []
+    base = recipe.model_dump(mode="json", exclude={"sweep"})
+    seen = {problem.text for problem in found}
+    problems: list[Problem] = []
+    for key, spec in settings.params.items():
+        for value in _candidates(key, spec):
+            trial = build_recipe(apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep")
+            config, config_problem = read_model_config(trial)
+            for problem in environment_rules(trial, config, config_problem, splits)[0]:
+                own = problem.text.startswith(f"{key}: ")  # the key's own rule names the value already
+                text = (
+                    f"sweep.params.{problem.text}" if own else f"sweep.params.{key}: {yaml_text(value)}: {problem.text}"
+                )
+                if problem.text not in seen and text not in {p.text for p in problems}:
+                    problems.append(Problem(text, problem.data))
     return problems
 
 
@@ -841,6 +868,8 @@ def _check(
     if not problems:  # each swept value is tried in the recipe, whose own problems would repeat for each
         problems = [Problem(p) for p in sweep_rules(recipe, recipe_task(recipe))]
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
+    if not problems:  # every swept value passed the recipe-alone rules above, so each builds a trial recipe
+        environment += _candidate_environment_rules(recipe, environment, splits)
     _raise(source, problems + environment + _retriever_environment_rules(recipe))
     return config, family, note
 
@@ -878,7 +907,8 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
 def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None = None) -> None:
     """Read and check the data rows a run reads, as the run does (data.report.read_rows): malformed lines, missing
     columns, values of the wrong type, the template filled, the eval split, data.on_overlap: error, eval labels no
-    training row has; the same error and exit code as `run`, the recipe named. What needs the tokenizer (token
+    training row has, preference pairs and thumbs (preference.judged_rows); the same error and exit code as `run`, the
+    recipe named. What needs the tokenizer (token
     lengths under data.overflow: error, QA answer spans) and knowledge-base retrieval is checked by `run --dry-run`
     and `finetune data`."""
     task = recipe_task(recipe)
@@ -889,6 +919,14 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         )
         if family is not None and family.encoder_decoder and "messages" in rows.train.column_names:
             raise RecipeError(encoder_decoder_problem(family.name))  # the file's columns made them conversations
+        if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
+            for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
+                if "messages" in table.column_names:  # conversations are featurized as such, not as pairs
+                    continue
+                try:  # the pairs' and thumbs' own checks, as the task's featurize makes them, placed in the file
+                    judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
+                except DataError as exc:
+                    raise rows.origins[split].explain(exc, split) from exc
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}", exc.problems) from exc
     except DataError as exc:
@@ -995,17 +1033,22 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file's raw settings with `section.key=value` overrides applied: what run, sweep and validate read."""
+    if Path(path).expanduser().is_dir():
+        raise RecipeError(f"{path}: a directory, not a recipe file (give the recipe's YAML file)")
+    return apply_overrides(read_recipe_file(path), list(overrides or []))
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply `section.key=value` overrides, and check the recipe-alone rules."""
-    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
-    return build_recipe(raw, source=str(path))
+    return build_recipe(read_recipe(path, overrides), source=str(path))
 
 
 def resolve(path: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> Resolved:
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
     once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
-    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
-    return resolve_recipe(_parse(raw, str(path)), str(path), splits)
+    return resolve_recipe(_parse(read_recipe(path, overrides), str(path)), str(path), splits)
 
 
 def resolve_source(
@@ -1058,10 +1101,9 @@ def resolve_run(
     return resolved, run
 
 
-def validate_recipe_file(path: Path) -> str:
-    """`finetune validate` for one file: a one-line summary, or the error run would give."""
-    raw = read_recipe_file(path)
-    return check_recipe(_parse(raw, str(path)), source=str(path)).summary()
+def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
+    """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
+    return check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path)).summary()
 
 
 __all__ = [
@@ -1070,6 +1112,7 @@ __all__ = [
     "build_recipe",
     "check_recipe",
     "load_recipe",
+    "read_recipe",
     "resolve",
     "resolve_recipe",
     "resolve_run",

@@ -46,7 +46,7 @@ from finetune.errors import DataError, RecipeError, TrainingDiverged
 from finetune.evaluation.compare import LOWER_IS_BETTER
 from finetune.evaluation.scoring import collect_gates
 from finetune.files import write_json, write_text_atomic
-from finetune.flows.resolve import COSTS, build_recipe, resolve_recipe, whole_numbers, yaml_text
+from finetune.flows.resolve import COSTS, build_recipe, read_recipe, resolve_recipe, whole_numbers, yaml_text
 from finetune.flows.train import run
 from finetune.outputs import rundir
 from finetune.outputs.lock import RunLock
@@ -57,7 +57,6 @@ from finetune.recipe.schema import (
     SweepSection,
     apply_overrides,
     flat_settings,
-    read_recipe_file,
     recipe_problems_error,
 )
 from finetune.secrets import redact, redact_tree
@@ -203,7 +202,7 @@ def sweep(source: str | Path, overrides: list[str] | None, console: Console, *, 
     time budgets count every session. `overwrite` replaces an earlier sweep there (only what a sweep writes).
     """
     path = Path(source).expanduser()
-    raw = apply_overrides(read_recipe_file(path), list(overrides or []))
+    raw = read_recipe(path, overrides)
     recipe = build_recipe(raw, str(path))
     settings = recipe.sweep
     if settings is None:
@@ -238,11 +237,12 @@ def sweep(source: str | Path, overrides: list[str] | None, console: Console, *, 
 
 
 def _check_candidates(trial_raw: dict, settings: SweepSection, source: str) -> None:
-    """Candidate models and data files (choices under model. and data.) resolved on this machine now: a missing
-    checkpoint or file is refused before the first trial, not when the sampler first picks it."""
+    """Candidate models (choices under model.) resolved now, their configs fetched where they are not cached: what
+    `resolve_recipe` checks without downloading (every swept value against the model and files, as `validate`
+    does) is completed for hub checkpoints before the first trial, not when the sampler first picks one."""
     problems = []
     for key, spec in settings.params.items():
-        if key.split(".")[0] not in ("model", "data") or isinstance(spec, SweepRange):
+        if key.split(".")[0] != "model" or isinstance(spec, SweepRange):
             continue
         for choice in spec:
             raw = apply_overrides(copy.deepcopy(trial_raw), [f"{key}={yaml_text(choice)}"])

@@ -72,20 +72,12 @@ def _thumbs(values: list, split: str, first_row: int = 1) -> list[bool]:
     return out
 
 
-def featurize_preferences(
-    rows: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    family: FamilySpec,
-    recipe: Recipe,
-    split: str,
-    prompt_field: str,
-    answer_field: str,
-    completion_text: Callable[[str], str] = lambda text: text,
-) -> Features:
-    """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
-    nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
-    leading space), applied to every side as supervised training applies it."""
-    objective = recipe.train.objective
+def judged_rows(
+    rows: Dataset, objective: str, split: str, prompt_field: str, answer_field: str
+) -> tuple[list[str], list[list[str]], list[bool] | None]:
+    """Every check of pairs or thumbs that needs no tokenizer, shared by training (featurize_preferences) and
+    `finetune validate` (finetune.flows.resolve.check_rows), so both refuse the same rows with the same message.
+    Returns the prompts and, for pairs, ([chosen, rejected], None); for thumbs, ([completions], labels)."""
     prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
     if is_pairs(rows):
         chosen = checked_texts(rows["chosen"][:], split, "chosen")
@@ -98,15 +90,7 @@ def featurize_preferences(
                 raise DataError(
                     f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
                 )
-        sides = [[completion_text(t) for t in chosen], [completion_text(t) for t in rejected]]
-        columns, keep, report, prompt_ids = _encode_sides(prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split)
-        dataset = Dataset.from_dict(columns)
-        kept = rows.select(keep) if len(keep) < len(prompts) else rows
-        if answer_field not in kept.column_names:  # generation is scored against the preferred answer
-            # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
-            # added in memory is in none of them.
-            kept = kept.map(lambda row: {answer_field: row["chosen"]}, desc=None)
-        return Features(dataset, kept, report, prompts=prompt_ids)
+        return prompts, [chosen, rejected], None
 
     if split == "data.train" and objective != "kto":
         raise DataError(
@@ -127,14 +111,42 @@ def featurize_preferences(
     if len(set(thumbs)) < 2 and split == "data.train":
         kind = "desirable" if thumbs and thumbs[0] else "undesirable"
         raise DataError(f"{split}: every row is {kind}; KTO learns from both kinds (label true and false)")
-    # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
-    # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
-    if len(set(prompts)) < 2:
+    if len(set(prompts)) < 2:  # each prompt's KL sequence pairs it with another prompt's completion
         raise DataError(
             f"{split}: KTO needs rows with at least 2 different prompts (each prompt is also paired "
             "with another prompt's completion)"
         )
-    texts = [completion_text(t) for t in completions]
+    return prompts, [completions], thumbs
+
+
+def featurize_preferences(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    prompt_field: str,
+    answer_field: str,
+    completion_text: Callable[[str], str] = lambda text: text,
+) -> Features:
+    """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
+    nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
+    leading space), applied to every side as supervised training applies it."""
+    prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
+    if thumbs is None:
+        sides = [[completion_text(t) for t in side] for side in answers]
+        columns, keep, report, prompt_ids = _encode_sides(prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split)
+        dataset = Dataset.from_dict(columns)
+        kept = rows.select(keep) if len(keep) < len(prompts) else rows
+        if answer_field not in kept.column_names:  # generation is scored against the preferred answer
+            # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
+            # added in memory is in none of them.
+            kept = kept.map(lambda row: {answer_field: row["chosen"]}, desc=None)
+        return Features(dataset, kept, report, prompts=prompt_ids)
+
+    # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
+    # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
+    texts = [completion_text(t) for t in answers[0]]
     shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
     columns, keep, report, prompt_ids = _encode_sides(
         prompts, [texts, shifted], THUMB_SIDES, tokenizer, family, recipe, split
