@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 
 
@@ -88,3 +89,23 @@ def did_you_mean(name: object, choices: Iterable[object]) -> str:
     alias = _KNOWN_ALIASES.get(str(name))
     close = [alias] if alias in names else difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# A value quoted in a message: long strings and collections cut in the middle with "...", so a huge value (a
+# pasted file, a list of millions) costs a line, not its whole rendering.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 200
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxset = _BRIEF.maxdict = 10
+_BRIEF.maxlevel = 3
+
+
+_BRIEF_CHARS = 400  # at most 10**3 strings of 200 characters are rendered (maxlevel 3), then cut to this
+
+
+def brief(value: object) -> str:
+    """`repr(value)`, cut to a few hundred characters for a message ("got ...")."""
+    text = _BRIEF.repr(value)
+    if len(text) <= _BRIEF_CHARS:
+        return text
+    half = _BRIEF_CHARS // 2
+    return f"{text[:half]}...{text[-half:]}"

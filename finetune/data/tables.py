@@ -85,8 +85,51 @@ def iter_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[dict]:
         yield row
 
 
-def numbered_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row object) of each non-blank line; a bad line is named as source:line."""
+# A \uD800-\uDFFF escape: JSON allows one alone, but a lone UTF-16 half is no character, and every later step
+# that encodes the text (pyarrow, the tokenizer, the outputs) fails far from the line.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: object, place: str = "") -> str | None:
+    """Where (`key`, `key.0`, ...) the first string holding a lone surrogate is, with it; None when none does."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{place or 'a key'}: {value[exc.start]!r}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        if isinstance(value, dict):
+            found = _lone_surrogate(key, place)  # a key holding one
+            if found:
+                return found
+        found = _lone_surrogate(inner, f"{place}.{key}" if place else str(key))
+        if found:
+            return found
+    return None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return row
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def numbered_jsonl(lines: Iterable[str | bytes], source: str, unique_keys: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, row object) of each non-blank line; a bad line is named as source:line. With `unique_keys`,
+    an object giving a key twice is refused too (plain JSON lets the last one win silently); the check costs a
+    third more parsing time, so only the pass that names a bad line of a data file makes it."""
+    hook = _unique_keys if unique_keys else None
     for number, line in enumerate(lines, start=1):
         if isinstance(line, bytes):
             try:
@@ -99,11 +142,20 @@ def numbered_jsonl(lines: Iterable[str | bytes], source: str) -> Iterator[tuple[
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=hook)
         except json.JSONDecodeError as exc:
             raise DataError(f"{source}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        except _DuplicateKey as exc:
+            raise DataError(f"{source}:{number}: key {exc.args[0]!r} is given twice in one object") from None
         if not isinstance(row, dict):
             raise DataError(f"{source}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        if "\\u" in line and _SURROGATE_ESCAPE.search(line):
+            found = _lone_surrogate(row)
+            if found:
+                raise DataError(
+                    f"{source}:{number}: a lone surrogate (half of a UTF-16 pair, from a \\u escape) is not text, "
+                    f"at {found}; fix the text or remove it"
+                )
         yield number, row
 
 
@@ -135,7 +187,8 @@ def _load_jsonl(path: Path) -> Dataset:
             table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSONL_BLOCK_BYTES))
         table.validate(full=True)  # the reader does not check that strings are UTF-8; this does
     except (pa.ArrowException, UnicodeDecodeError, OSError, EOFError, zlib.error):
-        clash = _first_type_clash(numbered_jsonl(_lines(path), str(path)), "line")  # raises for a bad line
+        # raises for a bad line; pyarrow refuses a key given twice, so this pass names that line too
+        clash = _first_type_clash(numbered_jsonl(_lines(path), str(path), unique_keys=True), "line")
         if clash:
             raise TableClash(f"{path}: rows do not form a table: {clash}") from None
         return _rows_to_dataset(read_jsonl(path), str(path))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
 from finetune.data.tables import read_jsonl
 from finetune.errors import RecipeError
-from finetune.evaluation.intervals import LEVEL
+from finetune.evaluation.intervals import LEVEL, identity
 from finetune.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -56,20 +58,62 @@ def _describe(record: dict) -> str:
     return f"{record.get('source', '?')} ({record.get('rows', '?')} rows, sha256 {str(record.get('sha256'))[:12]})"
 
 
-def same_data(document: dict, baseline: Baseline) -> bool | None:
-    """Whether this evaluation and the baseline scored the same rows: None when either did not record them (saved
-    predictions re-scored, or a metrics.json from before finetune recorded them). Refuses (exit 2), naming both,
-    when they differ, unless the baseline allows different data."""
+def _keys(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[Counter, Counter]:
+    """Each side's rows as a multiset of identities (by `id`, else the input fields: the paired tests' rule)."""
+    key = identity(rows, other, fields)
+    return Counter(key(r) for r in rows), Counter(key(r) for r in other)
+
+
+def matched_rows(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    """The rows both evaluations scored, each side's own copy (with its own prediction), in each side's order; the
+    n-th repeat of a row matches the n-th repeat of it on the other side."""
+    ours, theirs = _keys(rows, other, fields)
+    key = identity(rows, other, fields)
+    common = ours & theirs
+
+    def take(side: Sequence[dict]) -> list[dict]:
+        left, out = Counter(common), []
+        for row in side:
+            k = key(row)
+            if left[k] > 0:
+                left[k] -= 1
+                out.append(row)
+        return out
+
+    return take(rows), take(other)
+
+
+def same_data(
+    document: dict, baseline: Baseline, rows: Sequence[dict] | None = None, fields: Sequence[str] = ()
+) -> bool | None:
+    """Whether this evaluation and the baseline scored the same rows. Refuses (exit 2), naming both, when they
+    differ, unless the baseline allows different data (then False).
+
+    By metrics.json's `eval_data` when both recorded it; else (saved predictions re-scored, or a metrics.json from
+    before finetune recorded them) by the rows themselves when this evaluation's prediction `rows` are given and
+    the baseline has its predictions.jsonl: the same rows (by `id`, else the input `fields`) on both sides, as many
+    times each. None when neither tells."""
     ours, theirs = document.get("eval_data"), baseline.document.get("eval_data")
-    if not isinstance(ours, dict) or not isinstance(theirs, dict) or not ours.get("sha256") or not theirs.get("sha256"):
-        return None
-    if ours["sha256"] == theirs["sha256"]:
-        return True
+    if isinstance(ours, dict) and isinstance(theirs, dict) and ours.get("sha256") and theirs.get("sha256"):
+        if ours["sha256"] == theirs["sha256"]:
+            return True
+        described = f"was evaluated on {_describe(theirs)}, this evaluation on {_describe(ours)}"
+    else:
+        other = baseline_rows(baseline.source) if rows is not None else None
+        if rows is None or other is None:
+            return None
+        mine, their_keys = _keys(rows, other, fields)
+        if mine == their_keys:
+            return True
+        matched = sum((mine & their_keys).values())
+        described = (
+            f"scored {len(other)} rows, this evaluation {len(rows)}, and {matched} of them match (by id, else by "
+            "the input fields)"
+        )
     if not baseline.allow_different_data:
         raise RecipeError(
-            f"--compare: the baseline {baseline.source} was evaluated on {_describe(theirs)}, this evaluation on "
-            f"{_describe(ours)}; metrics on different data are not comparable. Evaluate on the baseline's data, "
-            "or give --allow-different-data to compare anyway"
+            f"--compare: the baseline {baseline.source} {described}; metrics on different data are not comparable. "
+            "Evaluate on the baseline's data, or give --allow-different-data to compare on the rows both scored"
         )
     return False
 
@@ -96,24 +140,50 @@ def baseline_rows(source: str) -> list[dict] | None:
     return read_jsonl(predictions) if predictions.is_file() else None
 
 
-def compare(document: dict, baseline: dict, tolerance: float) -> dict[str, dict]:
+def compare(
+    document: dict,
+    baseline: dict | Baseline,
+    tolerance: float,
+    rows: Sequence[dict] | None = None,
+    fields: Sequence[str] = (),
+    rescore: Callable[[list[dict]], dict] | None = None,
+) -> dict[str, dict]:
     """Per metric of both documents: did this evaluation regress by more than `tolerance` (absolute)?
 
     Metrics this evaluation does not measure (eval_loss when re-scoring saved
     predictions) are not compared; gate them with --gate to require them.
+
+    Given the `Baseline`, this evaluation's prediction `rows` (with the input `fields` that identify a row) and
+    `rescore` (prediction rows -> metrics): a baseline scored on other rows is refused (exit 2, `same_data`)
+    unless it allows different data, and then each metric is compared on the rows both evaluations scored (the
+    metric of each side's matched rows, `rows: {"this", "baseline", "matched"}` on every result) so that the change
+    is the one the paired test measures; with no row in common nothing is compared.
     """
-    if baseline.get("task") != document["task"]:
-        raise RecipeError(f"--compare: the baseline is a {baseline.get('task')} run, this is {document['task']}")
+    source = baseline if isinstance(baseline, Baseline) else None
+    before_document = baseline.document if isinstance(baseline, Baseline) else baseline
+    if before_document.get("task") != document["task"]:
+        raise RecipeError(f"--compare: the baseline is a {before_document.get('task')} run, this is {document['task']}")
+    now_metrics, before_metrics, on_rows = document["metrics"], before_document["metrics"], None
+    if source is not None and rows is not None and same_data(document, source, rows, fields) is False:
+        other = baseline_rows(source.source)
+        if other is not None and rescore is not None:
+            mine, theirs = matched_rows(rows, other, fields)
+            on_rows = {"this": len(rows), "baseline": len(other), "matched": len(mine)}
+            if not mine:
+                return {}
+            now_metrics, before_metrics = rescore(mine), rescore(theirs)
     results = {}
-    for name, before in baseline["metrics"].items():
+    for name, before in before_metrics.items():
         if name in NOT_A_QUALITY or not isinstance(before, (int, float)):
             continue
-        now = document["metrics"].get(name)
-        if now is None:
+        now = now_metrics.get(name)
+        if now is None or name not in before_document["metrics"] or name not in document["metrics"]:
             continue
         change = now - before
         regressed = change > tolerance if name in LOWER_IS_BETTER else change < -tolerance
         results[name] = {"baseline": before, "value": now, "change": change, "passed": not regressed}
+        if on_rows is not None:
+            results[name]["rows"] = on_rows
     return results
 
 

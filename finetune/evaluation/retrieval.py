@@ -10,7 +10,10 @@ passage (queries without one are skipped, as the evaluator skips them, and count
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from finetune.errors import DataError
 
 MRR_AT = 10
 NDCG_AT = 10
@@ -30,11 +33,68 @@ def ranked_depth(top_k: int) -> int:
     return max(RANKED_PER_QUERY, top_k)
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def _where(source: str | None, number: int) -> str:
+    return f"{source}:{number}" if source else f"prediction row {number}"
+
+
+def check_ranked_rows(rows: list[dict], source: str | None = None) -> None:
+    """Refuse (exit 3, naming the file, line and field) a ranked prediction row the metrics would misread:
+    `passage_ids` a list of ids (strings or integers), none twice; `scores` a list of finite numbers, one per
+    passage (the evaluator orders hits by score); `relevant_ids` a list of ids, or empty/null for a query without
+    a relevant passage (skipped); `top_k` a positive integer, the same on every row (recall@k is one k). A string
+    where a list belongs would be read character by character, a short `scores` would cut the ranking, and a
+    repeated id would be counted twice: each gives wrong numbers, not an error, so none is accepted."""
+    top_k = None
+    for number, row in enumerate(rows, start=1):
+        where = _where(source, number)
+        ids, scores, relevant = row.get("passage_ids"), row.get("scores"), row.get("relevant_ids")
+        if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
+            raise DataError(
+                f"{where}: field passage_ids must be a list of passage ids (strings or integers), got {_shown(ids)}"
+            )
+        # The evaluator compares ids as strings, so 7 and "7" are the same passage.
+        seen: set[str] = set()
+        for i in ids:
+            if str(i) in seen:
+                raise DataError(f"{where}: field passage_ids ranks passage {i!r} twice; each passage appears once")
+            seen.add(str(i))
+        if not isinstance(scores, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores
+        ):
+            raise DataError(f"{where}: field scores must be a list of finite numbers, got {_shown(scores)}")
+        if len(scores) != len(ids):
+            raise DataError(
+                f"{where}: field scores has {len(scores)} values for {len(ids)} passage_ids; give one score per passage"
+            )
+        if relevant is not None and (not isinstance(relevant, list) or not all(_is_id(i) for i in relevant)):
+            raise DataError(
+                f"{where}: field relevant_ids must be a list of passage ids (strings or integers), or empty for a "
+                f"query without a relevant passage, got {_shown(relevant)}"
+            )
+        k = row.get("top_k")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise DataError(f"{where}: field top_k must be a positive integer (the k of recall@k), got {_shown(k)}")
+        if top_k is not None and k != top_k:
+            raise DataError(f"{where}: field top_k is {k}, the rows before it {top_k}; recall@k takes one k")
+        top_k = k
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def ir_metrics(rows: list[dict]) -> dict[str, Any]:
-    """{"metrics": {recall@k, mrr@10, ndcg@10, map@100}, "details": {...}} from ranked prediction rows."""
+    """{"metrics": {recall@k, mrr@10, ndcg@10, map@100}, "details": {...}} from ranked prediction rows (checked
+    first: check_ranked_rows)."""
+    check_ranked_rows(rows)
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    top_k = int(rows[0]["top_k"]) if rows else 1
+    top_k = rows[0]["top_k"] if rows else 1
     judged = [row for row in rows if row.get("relevant_ids")]
     names = metric_names(top_k)
     if not judged:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,19 @@ class ScoresRows(Protocol):
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]: ...
 
 
+class RewardsRows(ScoresRows, Protocol):
+    """A task that rewards predictions (train.objective grpo): one reward per row (`Rewards.values`)."""
+
+    def rewards(self, rows: list[dict], settings: EvalSection) -> Any: ...
+
+
+# GRPO's metric: the mean over the counted prediction rows of the task's own reward of each (task.rewards, the
+# score GRPO trains on before train.grpo.reward's extra terms), with its interval as a mean over units. Each row
+# keeps its reward in this field, so resampling and predictions.jsonl reuse it, and code runs once for it.
+REWARD_MEAN = "reward_mean"
+REWARD_FIELD = "task_reward"
+
+
 def eval_loader(
     dataset: Dataset, collate: Callable[[list[dict]], dict], batch_size: int, accelerator: Accelerator
 ) -> DataLoader:
@@ -50,13 +64,17 @@ def score(
     eval_loss: float | None = None,
     generated: bool = True,
     intervals: bool = False,
+    rewards: bool = False,
 ) -> dict:
     """{"metrics": {...}, "details": {...}} from prediction rows; `settings.metrics` filters the headline metrics.
 
     `generated=False`: the rows hold no predictions (judged preference rows only), so the task's metrics are skipped.
     `intervals`: also "intervals", each metric's interval estimate (finetune.evaluation.intervals), for the final
     evaluation of a run and `finetune eval` (not for evaluations during training: they only pick weights).
+    `rewards` (train.objective grpo): also `reward_mean`, each row's reward kept on it as `task_reward`.
     """
+    if rewards and generated:
+        add_rewards(task, rows, settings)  # type: ignore[arg-type]  # grpo trains only tasks with a reward
     metrics, details = _metrics(task, rows, settings, generated, eval_loss=eval_loss)
     scored: dict[str, Any] = {"metrics": metrics, "details": details}
     if intervals:
@@ -64,8 +82,18 @@ def score(
     return scored
 
 
+def add_rewards(task: RewardsRows, rows: list[dict], settings: EvalSection) -> None:
+    """Each counted row's reward by the task (`task_reward`); rows that already hold one keep it."""
+    missing = [row for row in rows if _counted(row) and REWARD_FIELD not in row]
+    if missing:
+        for row, value in zip(missing, task.rewards(missing, settings).values, strict=True):
+            row[REWARD_FIELD] = float(value)
+
+
 # Metrics scoring adds to the task's own, from fields other features leave on the rows.
-ADDED_METRICS = frozenset({"retrieval_recall@k", "watermark_detected", "watermark_bit_accuracy", *PREFERENCE_METRICS})
+ADDED_METRICS = frozenset(
+    {"retrieval_recall@k", "watermark_detected", "watermark_bit_accuracy", REWARD_MEAN, *PREFERENCE_METRICS}
+)
 
 
 def _counted(row: dict) -> bool:
@@ -101,6 +129,9 @@ def _metrics(
         metrics.update(preference_metrics(rows))
     if rows and "watermarked" in rows[0]:  # rows scored by the watermark detector (finetune.watermark)
         metrics["watermark_detected"] = sum(bool(r["watermarked"]) for r in rows) / len(rows)
+    rewarded = [r[REWARD_FIELD] for r in references if r.get(REWARD_FIELD) is not None]
+    if rewarded:  # rows a GRPO run's evaluation rewarded (`add_rewards`)
+        metrics[REWARD_MEAN] = sum(rewarded) / len(rewarded)
     accuracies = [r["bit_accuracy"] for r in rows if r.get("bit_accuracy") is not None]
     if accuracies:  # a learned watermark's rows: the share of the message's bits read back
         metrics["watermark_bit_accuracy"] = sum(accuracies) / len(accuracies)
@@ -196,11 +227,14 @@ def metrics_document(task_name: str, scored: dict, gates: list[Gate], extra: dic
     return document
 
 
-def _rows_needed(units: int, half_width: float, margin: float) -> str:
-    """How many rows would shrink an interval's half-width to the margin (half-widths scale as 1/sqrt(rows))."""
+def _rows_needed(units: int, reach: float, margin: float) -> str:
+    """How many rows would pull the interval's edge on the threshold's side (`reach` from the value) in to the
+    margin (an interval's reach scales as 1/sqrt(rows)). The threshold lies inside the interval, so the reach is
+    larger than the margin and more rows than the eval set's are needed; at least one more, whatever the rounding."""
     if margin <= 0:
         return ""
-    return f"; about {math.ceil(units * (half_width / margin) ** 2)} rows would resolve a margin of {margin:.4g}"
+    rows = max(units + 1, math.ceil(units * (reach / margin) ** 2))
+    return f"; about {rows} rows would resolve a margin of {margin:.4g}"
 
 
 def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None) -> list[str]:
@@ -215,7 +249,10 @@ def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None)
             continue
         assert intervals is not None
         margin = abs(value - gate.threshold)
-        needed = _rows_needed(intervals.units, (interval.high - interval.low) / 2, margin)
+        # The edge on the threshold's side, not the half-width: a bootstrap interval is asymmetric (rougeL 0.1455
+        # in [0, 0.3]: a mean half-width of 0.15 is below the margin 0.1545 that the upper edge still covers).
+        reach = interval.high - value if gate.threshold > value else value - interval.low
+        needed = _rows_needed(intervals.units, reach, margin)
         out.append(
             f"gate {gate}: the eval set ({intervals.units} rows) is too small for its margin: {gate.metric} "
             f"{value:.4f} has the {_percent(level)} interval [{interval.low:.4f}, {interval.high:.4f}], which holds "
@@ -226,6 +263,11 @@ def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None)
 
 def _percent(level: float) -> str:
     return f"{level * 100:g}%"
+
+
+def _rescored(task: ScoresRows, settings: EvalSection | None, rows: list[dict]) -> dict:
+    """The metrics of some prediction rows, as this evaluation scores them (a comparison on the matched rows)."""
+    return score(task, rows, settings or EvalSection())["metrics"]
 
 
 def attach_comparison(
@@ -246,11 +288,12 @@ def attach_comparison(
     eval set is too small to tell a regression beyond the tolerance from noise)."""
     if baseline is None:
         return document
-    metrics = compare(document, baseline.document, baseline.tolerance)
+    rescore = None if task is None else partial(_rescored, task, settings)
+    metrics = compare(document, baseline, baseline.tolerance, rows, fields, rescore)
     comparison: dict[str, Any] = {
         "baseline": baseline.source,
         "tolerance": baseline.tolerance,
-        "same_data": same_data(document, baseline),
+        "same_data": same_data(document, baseline, rows, fields),
         "level": baseline.level,
         "metrics": metrics,
     }
@@ -287,7 +330,10 @@ def attach_comparison(
                 limit = baseline.tolerance if name in LOWER_IS_BETTER else -baseline.tolerance
                 low, high = result.interval
                 if low < limit < high:
-                    needed = _rows_needed(matched, (high - low) / 2, abs(result.difference - limit))
+                    change = result.difference
+                    needed = _rows_needed(
+                        matched, high - change if limit > change else change - low, abs(change - limit)
+                    )
                     document.setdefault("warnings", []).append(
                         f"--compare: {name}: the {_percent(baseline.level)} interval of its change, [{low:+.4f}, "
                         f"{high:+.4f}], holds the tolerance's limit {limit:+g}: the eval set ({matched} rows) is too "

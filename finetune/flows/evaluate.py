@@ -79,7 +79,8 @@ def evaluate_features(
         # A learned watermark's decoded bits stay out of predictions.jsonl: their majority is the run's message.
         scored = (detector.score(row["prediction"], row["prompt"]).as_dict() for row in rows)
         rows = [{**row, **{k: v for k, v in found.items() if k != "message"}} for row, found in zip(rows, scored)]
-    return rows, evaluation.score(session.task, rows, session.recipe.eval, loss, intervals=intervals)
+    rewards = session.recipe.train.objective == "grpo"  # GRPO's reward_mean (evaluation/scoring.py)
+    return rows, evaluation.score(session.task, rows, session.recipe.eval, loss, intervals=intervals, rewards=rewards)
 
 
 def _row_indices(rows: list[dict]) -> list[int]:
@@ -208,7 +209,7 @@ def evaluation_output(
     return target
 
 
-EVALUATION = "evaluation"
+EVALUATION = rundir.EVALUATION
 
 
 def evaluate(

@@ -42,6 +42,11 @@ def detect(
     settings = recipe.eval.watermark
     if learned.is_learned(settings):
         assert settings is not None
+        if key is not None:  # the mirror of --message on a keyed watermark, below: never silently ignored
+            raise RecipeError(
+                f"--key: {run_path} carries a learned watermark, which its extractor reads back as a message, with "
+                "no key; to test for another message than the run's own, give it with --message"
+            )
         _check_rows(rows, source, field)
         return _detect_learned(resolved, run, settings, rows, field, message)
     if message is not None:

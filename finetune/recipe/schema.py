@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from finetune.errors import RecipeError, did_you_mean
+from finetune.errors import RecipeError, brief, did_you_mean
 from finetune.recipe.gates import parse_gate
 from finetune.secrets import REDACTED
 
@@ -108,6 +108,11 @@ TOKENS_MAX = 2**24
 MIN_LENGTH = 8  # below this the special tokens (2-4) leave nothing to learn from; at 1-2 tokens runs crash
 MAX_RANK = 16384  # the widest hidden size of current dense models (Llama 3.1 405B); a larger rank adds nothing
 MAX_PROCESSES = 1024
+# Step counts are worked out in floats (epochs x steps per epoch, warmup x total), exact for whole numbers only up
+# to 2**53; an epochs of 1e308 became an infinite step count. 2**53 steps is also far beyond any run.
+STEPS_MAX = 2**53
+# Codegen's address-space limit goes to setrlimit in bytes, a 64-bit number: 2**64 bytes is 2**44 MiB.
+MEMORY_MB_MAX = 2**44 - 1
 
 
 class Section(BaseModel):
@@ -237,6 +242,7 @@ class RetrievalSection(Section):
     epochs: Float = Field(
         3,
         gt=0,
+        le=STEPS_MAX,
         description="qa with a knowledge base: passes over the training questions when the retriever is "
         "fine-tuned first (data.retrieval.train); task retrieval uses train.epochs.",
     )
@@ -583,11 +589,15 @@ class TrainSection(Section):
     epochs: Float = Field(
         3,
         gt=0,
+        le=STEPS_MAX,
         description="Passes over the training data; a fraction ends partway through the last pass. Ignored when "
         "max_steps is set.",
     )
     max_steps: Int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides epochs); null: epochs decide."
+        None,
+        ge=1,
+        le=STEPS_MAX,
+        description="Stop after this many optimizer steps (overrides epochs); null: epochs decide.",
     )
     batch_size: Int = Field(16, ge=1, description="Examples per process per forward pass.")
     grad_accum: Int = Field(
@@ -603,6 +613,7 @@ class TrainSection(Section):
     warmup: Float = Field(
         0.06,
         ge=0,
+        le=STEPS_MAX,
         description="Warmup: a fraction of all optimizer steps when < 1, else a number of steps; 0: no warmup.",
     )
     max_grad_norm: Float | None = Field(
@@ -900,7 +911,7 @@ class EvalSection(Section):
     timeout_s: Float = Field(
         10.0, gt=0, le=1e9, description="Codegen: wall-clock seconds per sample before it is killed."
     )
-    memory_mb: Int = Field(1024, ge=1, description="Codegen: address-space limit per sample, in MiB.")
+    memory_mb: Int = Field(1024, ge=1, le=MEMORY_MB_MAX, description="Codegen: address-space limit per sample, in MiB.")
 
     @field_validator("pass_k")
     @classmethod
@@ -1080,12 +1091,13 @@ def _format_problem(error: Mapping[str, Any]) -> str:
 
 
 def _shown(value: object) -> str:
-    """A value as the recipe's YAML spells it: true, false and null, other values as Python writes them."""
+    """A value as the recipe's YAML spells it: true, false and null, other values as Python writes them (cut
+    short: `brief`)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    return brief(value)
 
 
 def _literal_choices(error: Mapping[str, Any]) -> list[str]:
@@ -1101,11 +1113,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip() or any(not p for p in parts):
             raise RecipeError(f"malformed override {override!r}: expected section.key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise RecipeError(
-                f"override {override!r}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
-            ) from None
+            what = "value refused" if isinstance(exc, _AliasesRefused) else "value is not valid YAML"
+            raise RecipeError(f"override {brief(override)}: {what} ({getattr(exc, 'problem', None) or exc})") from None
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -1116,8 +1127,64 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# What YAML aliases (*name, repeating an &name anchor) may add to a recipe, in values. PyYAML shares one object
+# per anchor, but everything that walks the recipe afterwards (validation, its messages, hashing, recipe.yaml)
+# walks every repetition: nine nested anchors of nine items each (a "billion laughs") are 43 million values and
+# took 1.9 GB before the first message was written. A real recipe repeats a few settings, far below this.
+ALIAS_VALUES_MAX = 100_000
+
+
+class _AliasesRefused(yaml.constructor.ConstructorError):
+    """Valid YAML that a recipe refuses (`_refuse_alias_bomb`)."""
+
+
+def _refuse_alias_bomb(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it by more than ALIAS_VALUES_MAX values, or refer to themselves
+    (a recursive value no setting takes), counting each node once per place it appears without expanding it."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    added = 0
+
+    def size(node: yaml.Node) -> int:
+        nonlocal added
+        key = id(node)
+        if key in open_nodes:
+            raise _AliasesRefused(
+                None, None, "an alias refers to the value that contains it (a recursive value)", node.start_mark
+            )
+        if key in sizes:  # a repetition through an alias
+            added += sizes[key]
+            if added > ALIAS_VALUES_MAX:
+                raise _AliasesRefused(
+                    None,
+                    None,
+                    f"aliases repeat this anchored value until the recipe holds more than {ALIAS_VALUES_MAX:,} "
+                    "values; write the values out instead",
+                    node.start_mark,
+                )
+            return sizes[key]
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML lets the last one win silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML lets the last one win silently)
+    and aliases that multiply the recipe (`_refuse_alias_bomb`)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _refuse_alias_bomb(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -1146,7 +1213,8 @@ def read_recipe_file(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        what = "refused" if isinstance(exc, _AliasesRefused) else "not valid YAML"
+        raise RecipeError(f"{path}: {what}{where}: {getattr(exc, 'problem', exc)}") from None
     if raw is None:
         raise RecipeError(f"{path}: the recipe is empty")
     if not isinstance(raw, dict):

@@ -278,6 +278,9 @@ def featurize_conversations(
     max_length, bos = data.max_length, tokenizer.bos_token_id
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if labeled and split != "data.train":
+            for number, messages in enumerate(batch["messages"], start=indices[0] + 1):
+                check_evaluation_conversation(messages, f"{split}: row {number}")
         encoded = encoder.encode(batch["messages"], split, indices[0] + 1, labeled)
         out: dict[str, list] = {
             "prompt_ids": [_keep_end(p, max_length, bos) for p in encoded.prompt_ids],
@@ -334,6 +337,28 @@ def featurize_conversations(
         dataset = Dataset.from_dict({"input_ids": prompts})
     rows = rows.select(keep) if len(keep) < len(rows) else rows
     return Features(dataset, rows, report, prompts=prompts)
+
+
+def check_evaluation_conversation(messages: Messages, where: str) -> None:
+    """An evaluation conversation is scored on its final assistant turn, generated from the turns before it, so that
+    turn must end the conversation and hold a reference: turns after it (a last request) would be silently dropped,
+    and an empty reference would score every answer against nothing. Either is refused (exit 3) naming the row."""
+    final = final_turn(messages)
+    if final is None:  # the data layer refuses these first, naming the file
+        raise DataError(f"{where}: no assistant turn, so there is nothing to score")
+    if final != len(messages) - 1:
+        after = ", ".join(m["role"] for m in messages[final + 1 :])
+        raise DataError(
+            f"{where}: the conversation ends with a {messages[-1]['role']} turn (turn {len(messages)}), after its "
+            f"last assistant turn (turn {final + 1}); evaluation scores the final assistant turn, so the {after} "
+            "turn(s) after it would be dropped unanswered. End each evaluation conversation with the assistant turn "
+            "to score (`finetune predict` answers a conversation that ends with a request)"
+        )
+    if not str(messages[final].get("content") or "").strip():
+        raise DataError(
+            f"{where}: the final assistant turn (turn {final + 1}) is empty; it is the reference the evaluation "
+            "scores against, so give its expected content"
+        )
 
 
 def references(rows: Sequence[dict[str, Any]], answer_field: str) -> None:

@@ -20,6 +20,7 @@ from finetune.data.features import Features
 from finetune.data.tables import checked_texts
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.preference import PREFERENCE_METRICS
+from finetune.evaluation.scoring import REWARD_MEAN
 from finetune.models.families import FAMILIES, FamilySpec
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
 from finetune.tasks.base import Task
@@ -61,6 +62,18 @@ class GenerationTask(Task):
                 for place, metric in named
                 if metric in PREFERENCE_METRICS
             ]
+        if recipe.train.objective != "grpo":
+            asked = {
+                "eval.metrics": REWARD_MEAN in (settings.metrics or []),
+                "eval.best_metric": settings.best_metric == REWARD_MEAN,
+                f"eval.gates.{REWARD_MEAN}": REWARD_MEAN in settings.gates,
+            }
+            problems += [
+                f"{place}: {REWARD_MEAN} is reported by train.objective grpo (the mean of the task's reward of each "
+                f"prediction); this recipe's objective is {recipe.train.objective}"
+                for place, named in asked.items()
+                if named
+            ]
         if settings.num_samples > 1 and settings.temperature == 0:
             problems.append("eval.num_samples: several samples per prompt need sampling; set eval.temperature > 0")
         return problems + conversation_problems(recipe)
@@ -85,7 +98,10 @@ class GenerationTask(Task):
         return wanted, tuple(dict.fromkeys((*extra, *rest)))
 
     def knows_metric(self, metric: str) -> bool:
-        return super().knows_metric(metric) or metric in PREFERENCE_METRICS
+        """Also the preference objectives' metrics and, for a task with a reward, GRPO's reward_mean
+        (`check_recipe` refuses each under the other objectives)."""
+        rewarded = type(self).rewards is not GenerationTask.rewards
+        return super().knows_metric(metric) or metric in PREFERENCE_METRICS or (rewarded and metric == REWARD_MEAN)
 
     def conversation_layout(
         self, recipe: Recipe, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]

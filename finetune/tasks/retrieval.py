@@ -256,6 +256,11 @@ class RetrievalTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return ("passage_ids", "scores", "relevant_ids", "top_k")
 
+    def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        """The fields first, then their types: a malformed ranking is refused, never re-scored (rerank too)."""
+        super().check_prediction_rows(rows, source)
+        ir.check_ranked_rows(rows, source)
+
 
 # --------------------------------------------------------------------------- pieces
 

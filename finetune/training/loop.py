@@ -844,7 +844,7 @@ class progress_bar:
 
 
 class PlainProgress:
-    """`training step 12/200 (6%)  epoch 0.24/4  loss 2.3412  lr 1.98e-04  1234 tok/s  elapsed 0:00:31  eta 0:08:10`
+    """`training step 12/200 (6%)  epoch 0.24/4.00  loss 2.3412  lr 1.98e-04  1234 tok/s  elapsed 0:00:31  eta 0:08:10`
 
     Loss and tokens/s are those of the step's train_log line when it has one; between log lines, the main
     process's own running window (read without any collective, so the other processes never wait on it).
@@ -889,9 +889,13 @@ class PlainProgress:
 
     def line(self, now: float) -> str:
         step, total = self.step, self.total
+        epochs = total / self.steps_per_epoch
+        # Both with the decimals that show the total to 3 significant digits: rounded alike, the current epoch
+        # never shows above the total (a GRPO run of 0.00926 epochs showed "epoch 0.01/0.00926").
+        decimals = max(0, 2 - math.floor(math.log10(epochs)))
         parts = [
             f"training step {step}/{total} ({100 * step / total:.0f}%)",
-            f"epoch {step / self.steps_per_epoch:.2f}/{total / self.steps_per_epoch:.3g}",
+            f"epoch {step / self.steps_per_epoch:.{decimals}f}/{epochs:.{decimals}f}",
         ]
         values = self.entry
         if values is None and self.logger is not None:

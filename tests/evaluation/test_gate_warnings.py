@@ -1,0 +1,52 @@
+"""The small-eval-set warning: a gate whose threshold lies inside the metric's interval is decided by noise, and
+the rows it says would resolve the margin are always more than the eval set holds (an asymmetric bootstrap
+interval's mean half-width can be below the margin that its edge on the threshold's side still covers)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from finetune.evaluation.intervals import Interval
+from finetune.evaluation.scoring import gate_warnings
+from finetune.recipe.gates import parse_gate
+
+
+@dataclass
+class FixedIntervals:
+    """The part of `Intervals` the warning reads: one metric's interval, and the units it was drawn from."""
+
+    interval: Interval
+    units: int
+
+    def get(self, metric: str, level: float = 0.95) -> Interval:
+        return self.interval
+
+
+def rows_needed(warning: str) -> int:
+    found = re.search(r"about (\d+) rows would resolve", warning)
+    assert found, warning
+    return int(found.group(1))
+
+
+def test_an_asymmetric_interval_asks_for_more_rows_than_held():
+    # logs/chatodd.log: rougeL 0.1455 on 4 rows, 95% interval [0, 0.30004]: "about 4 rows would resolve" before.
+    intervals = FixedIntervals(Interval(0.0, 0.30004, 0.95, "bootstrap"), units=4)
+    (warning,) = gate_warnings([parse_gate("rougeL>=0.3")], {"rougeL": 0.1455}, intervals)  # type: ignore[arg-type]
+    assert "the eval set (4 rows) is too small" in warning
+    # The upper edge reaches 0.15454 above the value, against a margin of 0.1545: (0.15454 / 0.1545)**2 x 4 rows.
+    assert rows_needed(warning) == 5
+
+
+def test_the_edge_on_the_thresholds_side_decides():
+    # Value 0.5 in [0.1, 0.6]: a threshold above it is 0.1 from the upper edge, one below it 0.4 from the lower.
+    intervals = FixedIntervals(Interval(0.1, 0.6, 0.95, "bootstrap"), units=100)
+    (above,) = gate_warnings([parse_gate("f1>=0.55")], {"f1": 0.5}, intervals)  # type: ignore[arg-type]
+    (below,) = gate_warnings([parse_gate("f1>=0.2")], {"f1": 0.5}, intervals)  # type: ignore[arg-type]
+    assert rows_needed(above) == 400  # (0.1 / 0.05)**2 x 100
+    assert rows_needed(below) == 178  # ceil((0.4 / 0.3)**2 x 100)
+
+
+def test_no_warning_when_the_threshold_is_outside_the_interval():
+    intervals = FixedIntervals(Interval(0.4, 0.6, 0.95, "bootstrap"), units=50)
+    assert gate_warnings([parse_gate("f1>=0.3")], {"f1": 0.5}, intervals) == []  # type: ignore[arg-type]

@@ -1,0 +1,33 @@
+"""`finetune detect --key` on a run with a learned watermark: refused with exit 2 (a learned watermark is read
+back as a message and has no key to give), as --message is refused on a keyed watermark; never silently ignored."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from finetune.errors import RecipeError
+from finetune.flows import watermark as flow
+from finetune.recipe.schema import Recipe
+
+BASE = {"task": "copywriting", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+
+
+def run_with(monkeypatch, mark: dict) -> None:
+    recipe = Recipe.model_validate({**BASE, "eval": {"watermark": mark}})
+    monkeypatch.setattr(flow, "resolve_run", lambda path: (SimpleNamespace(recipe=recipe), None))
+
+
+def test_key_on_a_learned_watermark_is_refused(monkeypatch):
+    run_with(monkeypatch, {"method": "learned", "key": 7})
+    with pytest.raises(RecipeError) as info:
+        flow.detect("RUN", [{"prediction": "text"}], "rows.jsonl", key=5)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("--key: RUN carries a learned watermark") and "--message" in str(info.value)
+
+
+def test_message_on_a_keyed_watermark_is_still_refused(monkeypatch):
+    run_with(monkeypatch, {"method": "kirchenbauer", "key": 7})
+    with pytest.raises(RecipeError, match="--message: RUN carries no learned watermark"):
+        flow.detect("RUN", [{"prediction": "text"}], "rows.jsonl", message="1010")
