@@ -139,6 +139,8 @@ def numbered_jsonl(lines: Iterable[str | bytes], source: str, unique_keys: bool 
                     f"{source}:{number}: not UTF-8 text (byte {exc.start} of the line: "
                     f"{line[exc.start : exc.start + 1]!r}); save the file as UTF-8"
                 ) from None
+        if number == 1:  # a byte-order mark some editors write first: training data's reader skips it too
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:

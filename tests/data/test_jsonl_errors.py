@@ -51,3 +51,11 @@ def test_a_key_given_twice_in_a_data_file_is_refused(tmp_path):
 def test_a_clean_data_file_still_loads(tmp_path):
     path = write_lines(tmp_path / "train.jsonl", GOOD, '{"text": "fine \\u00e9", "label": "a"}', at=0)
     assert load_table(path, "data.train").num_rows == 6
+
+
+def test_a_byte_order_mark_is_read_past_by_every_jsonl_reader(tmp_path):
+    """Training data with a BOM trains; the rows predict and detect read (a file or stdin) take it the same way."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert read_jsonl(path) == [{"text": "a"}, {"text": "b"}]
+    assert parse_jsonl(['\ufeff{"text": "a"}\n'], "stdin") == [{"text": "a"}]
