@@ -18,9 +18,8 @@ from finetune.data.retrieval import attach_passages
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
-from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.evaluation.scoring import eval_loader
-from finetune.flows.resolve import Resolved, resolve_run, resolve_source
+from finetune.flows.resolve import Resolved, gate_problems, resolve_run, resolve_source
 from finetune.flows.session import (
     REFERENCE_ADAPTER,
     Session,
@@ -173,18 +172,16 @@ class SessionEvaluator:
         return scored["metrics"]
 
 
-def check_gates(task: Task, gates: list[str] | None) -> None:
-    """Command-line gates: well formed, on a metric the task reports, and interval gates (@LEVEL) only on metrics
-    that have an interval, before any model loads."""
+def check_gates(task: Task, gates: list[str] | None, unavailable: dict[str, str] | None = None) -> None:
+    """Command-line gates, before any model loads: well formed, on a metric the task reports, and by the rules a
+    recipe's gates follow (`resolve.gate_problems`: exit 2 alike); `unavailable`: metrics this evaluation cannot
+    produce (re-scoring saved predictions has no model to compute a loss with)."""
     problems = []
     for gate in evaluation.collect_gates(None, gates):
         if not task.knows_metric(gate.metric):
             problems.append(task.unknown_metric(f"--gate {gate}", gate.metric))
-        elif gate.level is not None and gate.metric in NO_INTERVAL:
-            problems.append(
-                f"--gate {gate}: {gate.metric} has no interval ({NO_INTERVAL[gate.metric]}); gate its value "
-                f"({str(gate).rsplit('@', 1)[0]})"
-            )
+        else:
+            problems += gate_problems(gate, f"--gate {gate}", unavailable)
     if problems:
         raise RecipeError("; ".join(problems))
 
@@ -363,7 +360,7 @@ def rescore(
 ) -> dict:
     """Metrics from a saved predictions.jsonl alone, without a model."""
     task = get_task(task_name)
-    check_gates(task, gates)
+    check_gates(task, gates, {"eval_loss": "is the model's loss: saved predictions have none to re-score"})
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
     settings = settings or EvalSection()

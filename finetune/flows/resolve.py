@@ -45,7 +45,7 @@ from finetune.models.references import (
     resolve_reference,
 )
 from finetune.outputs.rundir import ADAPTER_META, RunDir
-from finetune.recipe.gates import parse_gate
+from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
     EvalSection,
     Recipe,
@@ -551,14 +551,22 @@ def _evaluation_rules(recipe: Recipe, task: Task) -> list[str]:
     elif isinstance(settings.every, int) and settings.every < 1:
         problems.append(f"eval.every: {settings.every} is not a number of steps (use N >= 1 or epoch)")
     for metric, condition in settings.gates.items():
-        gate = parse_gate(f"{metric}{condition}")
-        if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
-            problems.append(f"eval.gates.{metric}: {condition} can never pass: {metric} is a fraction in [0, 1]")
-        if gate.level is not None and metric in NO_INTERVAL:
-            problems.append(
-                f"eval.gates.{metric}: {condition} judges an interval and {metric} has none "
-                f"({NO_INTERVAL[metric]}); gate its value"
-            )
+        problems += gate_problems(parse_gate(f"{metric}{condition}"), f"eval.gates.{metric}")
+    return problems
+
+
+def gate_problems(gate: Gate, place: str, unavailable: dict[str, str] | None = None) -> list[str]:
+    """One gate's refusals, a recipe's (eval.gates) and a command line's (--gate) alike: a bound a fraction can
+    never meet, an interval asked of a metric that has none, a metric this evaluation cannot produce
+    (`unavailable`: metric -> why). Whether the task reports the metric is the task's to say (`knows_metric`)."""
+    metric, condition = gate.metric, str(gate).removeprefix(gate.metric)
+    problems = [f"{place}: {metric} {unavailable[metric]}"] if unavailable and metric in unavailable else []
+    if metric not in UNBOUNDED_METRICS and not gate.can_pass_within(0.0, 1.0):
+        problems.append(f"{place}: {condition} can never pass: {metric} is a fraction in [0, 1]")
+    if gate.level is not None and metric in NO_INTERVAL:
+        problems.append(
+            f"{place}: {condition} judges an interval and {metric} has none ({NO_INTERVAL[metric]}); gate its value"
+        )
     return problems
 
 

@@ -50,3 +50,27 @@ def test_the_edge_on_the_thresholds_side_decides():
 def test_no_warning_when_the_threshold_is_outside_the_interval():
     intervals = FixedIntervals(Interval(0.4, 0.6, 0.95, "bootstrap"), units=50)
     assert gate_warnings([parse_gate("f1>=0.3")], {"f1": 0.5}, intervals) == []  # type: ignore[arg-type]
+
+
+def test_a_command_line_gate_is_refused_by_the_rules_a_recipe_gate_is(tmp_path):
+    """`--gate f1>=1.5` can never pass: exit 2 before scoring, as the same gate in a recipe is, not a FAIL (4);
+    a gate on the loss of saved predictions, which have none: exit 2, not "missing"."""
+    from conftest import write_jsonl
+    from helpers import invoke
+
+    rows = [
+        {
+            "question": f"q{i}",
+            "context": f"a{i}",
+            "answers": {"text": [f"a{i}"], "answer_start": [0]},
+            "prediction": f"a{i}",
+        }
+        for i in range(6)
+    ]
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    never = invoke("eval", "--predictions", predictions, "--task", "qa", "--gate", "f1>=1.5")
+    assert never.exit_code == 2 and "can never pass" in never.output, never.output
+    loss = invoke("eval", "--predictions", predictions, "--task", "qa", "--gate", "eval_loss<=0.5")
+    assert loss.exit_code == 2 and "saved predictions have none" in loss.output, loss.output
+    fine = invoke("eval", "--predictions", predictions, "--task", "qa", "--gate", "f1>=0.5")
+    assert fine.exit_code == 0, fine.output

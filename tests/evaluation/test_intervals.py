@@ -339,4 +339,4 @@ def test_interval_gates_and_the_small_set_warning_on_the_command_line(tmp_path):
     assert gate["passed"] is False and gate["bound"] == pytest.approx(iv.wilson(30, 40)[0], abs=1e-12)
     assert set(document["intervals"]) == {"accuracy", "macro_f1", "weighted_f1"}
     refused = invoke("eval", "--predictions", predictions, "--task", "classification", "--gate", "eval_loss<=1@95")
-    assert refused.exit_code == 2 and "eval_loss has no interval" in refused.output, refused.output
+    assert refused.exit_code == 2 and "eval_loss has none" in refused.output, refused.output
