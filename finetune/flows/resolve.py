@@ -58,6 +58,7 @@ from finetune.recipe.schema import (
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
+from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
 from finetune.tasks.rewards import load_reward_function
@@ -915,7 +916,8 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> CheckedRecipe:
 def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None = None) -> None:
     """Read and check the data rows a run reads, as the run does (data.report.read_rows): malformed lines, missing
     columns, values of the wrong type, the template filled, the eval split, data.on_overlap: error, eval labels no
-    training row has, preference pairs and thumbs (preference.judged_rows); the same error and exit code as `run`, the
+    training row has, preference pairs and thumbs (preference.judged_rows), evaluation conversations that end
+    after their scored turn; the same error and exit code as `run`, the
     recipe named. What needs the tokenizer (token
     lengths under data.overflow: error, QA answer spans) and knowledge-base retrieval is checked by `run --dry-run`
     and `finetune data`."""
@@ -935,6 +937,12 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
                 except DataError as exc:
                     raise rows.origins[split].explain(exc, split) from exc
+        if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:
+            try:  # an evaluation conversation must end with the assistant turn it is scored on, as featurize checks
+                for number, messages in enumerate(rows.eval["messages"], start=1):
+                    check_evaluation_conversation(messages, f"data.eval: row {number}")
+            except DataError as exc:
+                raise rows.origins["data.eval"].explain(exc, "data.eval") from exc
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}", exc.problems) from exc
     except DataError as exc:

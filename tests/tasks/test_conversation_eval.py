@@ -70,6 +70,8 @@ def test_eval_refuses_the_row_and_training_takes_a_trailing_request(
     assert result.exit_code == 3, result.output
     assert f"data.eval: {files['eval']}" in result.output and words in " ".join(result.output.split()), result.output
     assert "internal error" not in result.output
+    checked = invoke("validate", recipe)  # validate refuses what run and eval refuse, with their message
+    assert checked.exit_code == 3 and words in " ".join(checked.output.split()), checked.output
     files["eval"] = write_jsonl(tmp_path / "chat" / "eval.jsonl", rows[8:10] + rows[11:])
     result = invoke("eval", recipe, "--output", tmp_path / "eval2")
     assert result.exit_code in (0, 4), result.output  # scored (a gate may fail on an untrained model)
