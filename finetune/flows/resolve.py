@@ -810,14 +810,25 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
 
 def _size_rules(recipe: Recipe, config) -> list[str]:
     """A LoRA rank above the model's hidden size: each adapter would be larger than the weight it adapts, and
-    no more expressive than a rank equal to it."""
+    no more expressive than a rank equal to it; a learned watermark on more decoder layers than the model has."""
+    problems = []
     hidden = getattr(config, "hidden_size", None)
     if isinstance(hidden, int) and recipe.lora.r > hidden:
-        return [
+        problems.append(
             f"lora.r: {recipe.lora.r} is above the hidden size of {recipe.model.name_or_path} ({hidden}); a rank "
             f"above it adds parameters but no capacity; use lora.r <= {hidden} (commonly 8 to 64)"
-        ]
-    return []
+        )
+    # A learned watermark's embedder sits on the top decoder layers: asking for more than there are would be cut
+    # silently to all of them (and recorded as asked).
+    mark = recipe.eval.watermark
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if mark is not None and learned.is_learned(mark) and isinstance(layers, int) and mark.embedder_layers > layers:
+        problems.append(
+            f"eval.watermark.embedder_layers: {mark.embedder_layers} is more than the {layers} decoder layers of "
+            f"{recipe.model.name_or_path}; use eval.watermark.embedder_layers <= {layers}"
+        )
+    return problems
 
 
 def _data_keys(recipe: Recipe, splits: tuple[str, ...]) -> list[tuple[str, str | list[str] | None]]:

@@ -103,6 +103,26 @@ def test_fsdp_is_valid_on_cpu_but_not_with_a_learned_watermark(tiny_models, topi
     assert "distributed.strategy: fsdp on CPU trains a sharded copy" in result.output.replace("\n", " ")
 
 
+def test_a_learned_watermark_on_more_layers_than_the_model_has_is_refused(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """eval.watermark.embedder_layers above the decoder's layer count was cut silently to all of them (and
+    recorded as asked): validate and run refuse it alike, naming the count."""
+    recipe = _generation(classification_recipe(tiny_models["llama"], topic_data, tmp_path / "run"))
+    recipe["eval"] = {
+        "max_new_tokens": 8,
+        "watermark": {"method": "learned", "key": 7, "bits": 8, "embedder_layers": 100},
+    }
+    path = write_recipe(recipe)
+    validated = runner.invoke(app, ["validate", str(path)])
+    dry_run = runner.invoke(app, ["run", str(path), "--dry-run"])
+    for result in (validated, dry_run):
+        assert result.exit_code == 2, result.output
+        assert "eval.watermark.embedder_layers: 100 is more than the" in " ".join(result.output.split())
+    recipe["eval"]["watermark"]["embedder_layers"] = 1
+    assert runner.invoke(app, ["validate", str(write_recipe(recipe, "ok.yaml"))]).exit_code == 0
+
+
 def test_every_problem_is_reported_at_once(tiny_models, topic_data, write_recipe, tmp_path):
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
     recipe["train"]["packing"] = True
