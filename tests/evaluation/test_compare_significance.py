@@ -156,27 +156,47 @@ def test_rows_are_matched_by_id_whatever_their_order(tmp_path):
         assert matched["metrics"][name]["p_value"] == aligned["metrics"][name]["p_value"]
 
 
+# Words of the copywriting rows below: few enough that random briefs share bigrams.
+WORDS = [
+    "fresh",
+    "coffee",
+    "every",
+    "morning",
+    "bright",
+    "shoes",
+    "run",
+    "far",
+    "summer",
+    "sale",
+    "best",
+    "price",
+    "today",
+    "new",
+]
+
+
+def paired_copy(candidate: list[dict], baseline: list[dict], name: str) -> iv.PairedResult:
+    """The copywriting task's paired test of one metric, candidate against baseline, on the same briefs."""
+    task, settings = get_task("copywriting"), EvalSection()
+    document = metrics_document("copywriting", score(task, candidate, settings), [])
+    base = metrics_document("copywriting", score(task, baseline, settings), [])
+    _, results = iv.paired_tests(
+        iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
+        candidate,
+        document["metrics"],
+        baseline,
+        base["metrics"],
+        [name],
+        ("prompt", "completion"),
+    )
+    return results[name]
+
+
 def test_a_text_metric_noise_and_real_difference():
     """Copywriting ROUGE-L on 16 briefs (a mean over rows: the paired bootstrap): one word changed in two
     predictions is noise; predictions rewritten to the reference in most rows is real."""
-    task, settings = get_task("copywriting"), EvalSection()
     rng = random.Random(3)
-    words = [
-        "fresh",
-        "coffee",
-        "every",
-        "morning",
-        "bright",
-        "shoes",
-        "run",
-        "far",
-        "summer",
-        "sale",
-        "best",
-        "price",
-        "today",
-        "new",
-    ]
+    words = WORDS
     rows = [{"prompt": f"brief {i}", "completion": " ".join(rng.choice(words) for _ in range(8))} for i in range(16)]
     baseline = [r | {"prediction": " ".join(rng.choice(words) for _ in range(8))} for r in rows]
     noise = [dict(r) for r in baseline]
@@ -185,19 +205,9 @@ def test_a_text_metric_noise_and_real_difference():
     real = [r | {"prediction": r["completion"]} if i % 8 else r for i, r in enumerate(baseline)]
 
     def p_value(candidate: list[dict], name: str) -> tuple[float, bool]:
-        document = metrics_document("copywriting", score(task, candidate, settings), [])
-        base = metrics_document("copywriting", score(task, baseline, settings), [])
-        _, results = iv.paired_tests(
-            iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
-            candidate,
-            document["metrics"],
-            baseline,
-            base["metrics"],
-            [name],
-            ("prompt", "completion"),
-        )
-        assert results[name].method == "paired_bootstrap"
-        return results[name].p_value, results[name].p_value < 0.05
+        result = paired_copy(candidate, baseline, name)
+        assert result.method == "paired_bootstrap"
+        return result.p_value, result.p_value < 0.05
 
     assert not p_value(noise, "rougeL")[1]
     assert p_value(real, "rougeL")[1] and p_value(real, "bleu")[1]
@@ -253,30 +263,13 @@ def test_distinct_bigrams_are_compared_by_the_paired_jackknife():
     that repeat one slogan are a real loss of diversity, one word changed is not."""
     from scipy.stats import norm
 
-    task, settings = get_task("copywriting"), EvalSection()
+    task = get_task("copywriting")
     rng = random.Random(4)
-    words = [
-        "fresh",
-        "coffee",
-        "every",
-        "morning",
-        "bright",
-        "shoes",
-        "run",
-        "far",
-        "summer",
-        "sale",
-        "best",
-        "price",
-        "today",
-        "new",
-        "deal",
-    ]
+    words = [*WORDS, "deal"]
     rows = [{"prompt": f"brief {i}", "completion": " ".join(rng.choice(words) for _ in range(8))} for i in range(24)]
     baseline = [r | {"prediction": " ".join(rng.choice(words) for _ in range(8))} for r in rows]
-    repeated = [
-        r | {"prediction": "best price today on every summer sale"} if i % 3 else r for i, r in enumerate(baseline)
-    ]
+    slogan = "best price today on every summer sale"
+    repeated = [r | {"prediction": slogan} if i % 3 else r for i, r in enumerate(baseline)]
     tweaked = [dict(r) for r in baseline]
     tweaked[0]["prediction"] = "shoes " + tweaked[0]["prediction"]
 
@@ -284,18 +277,7 @@ def test_distinct_bigrams_are_compared_by_the_paired_jackknife():
         return task.compute_metrics(picked)["metrics"]["distinct_2"]
 
     def compared(candidate: list[dict]) -> iv.PairedResult:
-        document = metrics_document("copywriting", score(task, candidate, settings), [])
-        base = metrics_document("copywriting", score(task, baseline, settings), [])
-        _, results = iv.paired_tests(
-            iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
-            candidate,
-            document["metrics"],
-            baseline,
-            base["metrics"],
-            ["distinct_2"],
-            ("prompt", "completion"),
-        )
-        return results["distinct_2"]
+        return paired_copy(candidate, baseline, "distinct_2")
 
     for candidate in (repeated, tweaked):
         result = compared(candidate)
