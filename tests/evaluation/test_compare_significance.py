@@ -19,6 +19,7 @@ from finetune.evaluation.scoring import attach_comparison, metrics_document, sco
 from finetune.recipe.schema import EvalSection
 from finetune.tasks import get_task
 from tests.conftest import write_jsonl
+from tests.evaluation.test_intervals import WORDS
 
 pytestmark = pytest.mark.unit
 
@@ -154,25 +155,6 @@ def test_rows_are_matched_by_id_whatever_their_order(tmp_path):
     assert matched["paired"] == {"rows": 35}
     for name in ("accuracy", "macro_f1"):
         assert matched["metrics"][name]["p_value"] == aligned["metrics"][name]["p_value"]
-
-
-# Words of the copywriting rows below: few enough that random briefs share bigrams.
-WORDS = [
-    "fresh",
-    "coffee",
-    "every",
-    "morning",
-    "bright",
-    "shoes",
-    "run",
-    "far",
-    "summer",
-    "sale",
-    "best",
-    "price",
-    "today",
-    "new",
-]
 
 
 def paired_copy(candidate: list[dict], baseline: list[dict], name: str) -> iv.PairedResult:

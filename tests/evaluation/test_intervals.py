@@ -119,24 +119,28 @@ def test_classification_intervals_equal_the_plain_bootstrap(few_resamples, multi
     assert document["intervals"][exact]["method"] == "wilson"
 
 
+# Words of the copywriting rows: few enough that random briefs share bigrams.
+WORDS = [
+    "fresh",
+    "coffee",
+    "every",
+    "morning",
+    "bright",
+    "shoes",
+    "run",
+    "far",
+    "summer",
+    "sale",
+    "best",
+    "price",
+    "today",
+    "new",
+]
+
+
 def copy_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    words = [
-        "fresh",
-        "coffee",
-        "every",
-        "morning",
-        "bright",
-        "shoes",
-        "run",
-        "far",
-        "summer",
-        "sale",
-        "best",
-        "price",
-        "today",
-        "new",
-    ]
+    words = WORDS
     rows = []
     for i in range(n):
         reference = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))
