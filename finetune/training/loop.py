@@ -481,7 +481,8 @@ def train(
                     )
                     accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
                     bar.note_eval(result, monitor.metric)
-                    if monitor.should_stop():
+                    # At the schedule's last step nothing is left to skip: the run ends, it does not stop early.
+                    if not done and monitor.should_stop():
                         done = True
                         if entry is None:  # the last step of a run always has its log line
                             entry = logger.maybe_log(

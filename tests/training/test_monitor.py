@@ -40,6 +40,24 @@ def test_evaluating_during_training_changes_nothing_in_training(tiny_models, top
     assert history[-1]["metrics"]["accuracy"] == pytest.approx(metrics_of(watched)["metrics"]["accuracy"])
 
 
+def test_patience_running_out_at_the_last_evaluation_is_not_an_early_stop(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """No evaluation after the first improves by min_delta 1.0, so patience 1 runs out at the second: the
+    schedule's last step. Nothing was skipped: the run is not reported (or printed) as stopped early."""
+    out = tmp_path / "run"
+    recipe = classification_recipe(
+        tiny_models["bert"], topic_data, out, epochs=2, early_stopping={"patience": 1, "min_delta": 1.0}
+    )
+    recipe["eval"] = {"every": "epoch", "best_metric": "eval_loss"}
+    result = invoke("run", write_recipe(recipe))
+    assert result.exit_code == 0, result.output
+    document = metrics_of(out)
+    assert len(document["evaluation"]["history"]) == 2
+    assert document["training"]["stopped_early"] is False and document["evaluation"]["stopped_early"] is False
+    assert "stopped early" not in result.output
+
+
 def test_keep_best_with_early_stopping(tiny_models, topic_data, write_recipe, tmp_path):
     out = tmp_path / "run"
     recipe = classification_recipe(

@@ -83,7 +83,7 @@ def test_plain_lines_at_the_first_step_every_5_percent_every_30_s_and_at_the_end
     # Every 10 steps (5% of 200), the first step, and step 23 which came 30 s after the last line.
     assert steps == sorted({1, 23, *range(10, 201, 10)})
     first, slow, last = lines[0], lines[steps.index(23)], lines[-1]
-    assert first["total"] == "200" and first["percent"] == "0" and first["epoch"] == "0.10"
+    assert first["total"] == "200" and first["percent"] == "0" and first["epoch"] == "0.1"  # 20.0 epochs
     assert float(first["loss"]) == pytest.approx(2.0 - 1 / 200, abs=1e-4)  # the window before any log line
     assert first["tps"] and first["elapsed"] == "0:00:00" and first["eta"] == "0:01:40"
     assert slow["elapsed"] == "0:00:41"  # 22 steps of 0.5 s, then 30 s
