@@ -94,11 +94,11 @@ def test_model_card_and_pictures(classification_run):
 def test_gates_compare_and_junit(classification_run, tmp_path):
     run, _ = classification_run
     report = tmp_path / "gates.xml"
-    failing = invoke("eval", run, "--gate", "accuracy>=1.01", "--gate", "macro_f1>=0.0", "--junit", report)
+    failing = invoke("eval", run, "--gate", "eval_loss<=0.001", "--gate", "macro_f1>=0.0", "--junit", report)
     assert failing.exit_code == 4, failing.output
     suite = ElementTree.parse(report).getroot().find("testsuite")
     cases = {case.get("name"): case.find("failure") is not None for case in suite.iter("testcase")}
-    assert cases == {"accuracy>=1.01": True, "macro_f1>=0": False} and suite.get("failures") == "1"
+    assert cases == {"eval_loss<=0.001": True, "macro_f1>=0": False} and suite.get("failures") == "1"
     passing = invoke("eval", run, "--gate", "accuracy>=0.0", "--compare", run, "--junit", report, "--json")
     assert passing.exit_code == 0, passing.output
     assert json.loads(passing.output)["comparison"]["metrics"]["accuracy"]["passed"] is True
