@@ -16,6 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers (make test runs them) export COLUMNS=80, and rich fixes a console's width from it when the
+# console is made, at import: tests that widen the terminal per command (helpers.WIDE) would still see 80 columns.
+os.environ.pop("COLUMNS", None)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Several test processes share the cores: one OpenMP thread each (and in the runs they start), or the threads
+    # of one spin while the other's hold the cores, and both run many times slower than alone.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
