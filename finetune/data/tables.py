@@ -491,11 +491,25 @@ def map_columns(
             f"data.columns: {names} is not a field of this task (fields: {', '.join((*required, *optional))})"
         )
     present = set(table.column_names)
+    # A column feeds one field. An explicit mapping claims its column first, so `positive_id: id` is not undone by
+    # the task's own optional `id` field reading the same column under its own name.
+    claimed: dict[str, str] = {}
+    for name, column in columns.items():
+        if column in claimed:
+            raise DataError(
+                f"data.columns: {claimed[column]!r} and {name!r} both name column {column!r}; a column feeds one field"
+            )
+        claimed[column] = name
     wanted = {}
     for name in (*required, *optional):
         column = columns.get(name, name)
-        if column in present:
+        if column in present and claimed.get(column, name) == name:
             wanted[column] = name
+        elif name in required and column in present:
+            raise DataError(
+                f"{key}: field {name!r} reads column {column!r}, which data.columns.{claimed[column]} gives to field "
+                f"{claimed[column]!r}; map {name!r} to another column"
+            )
         elif name in required:
             hint = f" (mapped by data.columns.{name})" if name in columns else ""
             raise DataError(

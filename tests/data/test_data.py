@@ -42,6 +42,18 @@ def test_column_mapping_errors_name_the_column():
         map_columns(table, {"text": "body"}, ("text", "label"), (), "data.train")
 
 
+def test_an_explicit_mapping_owns_its_column():
+    # `positive_id: id` where the task also has an optional `id` field: the mapping applies (it was undone silently).
+    table = Dataset.from_list([{"id": "p-1", "question": "q"}])
+    fields = (("query",), ("positive_id", "id"))
+    mapped = map_columns(table, {"query": "question", "positive_id": "id"}, *fields, "data.train")
+    assert mapped.column_names == ["query", "positive_id"] and mapped["positive_id"] == ["p-1"]
+    with pytest.raises(DataError, match="'query' and 'positive_id' both name column 'id'"):
+        map_columns(table, {"query": "id", "positive_id": "id"}, *fields, "data.train")
+    with pytest.raises(DataError, match="field 'query' reads column 'query', which data.columns.positive_id gives"):
+        map_columns(Dataset.from_list([{"query": "q"}]), {"positive_id": "query"}, *fields, "data.train")
+
+
 def test_overflow_policies():
     keep, report = apply_overflow([5, 50, 7], 10, "truncate", "data.train")
     assert keep.tolist() == [0, 1, 2] and report.truncated == 1 and report.percentiles["max"] == 50

@@ -12,8 +12,16 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data.retrieval import DenseIndex, Passage, knowledge_base_hash, mine_negatives
+from finetune.data.retrieval import (
+    DenseIndex,
+    Passage,
+    attach_passages,
+    knowledge_base_hash,
+    mine_negatives,
+    relevant_passages,
+)
 from finetune.evaluation.retrieval import ir_metrics
+from finetune.recipe.schema import RetrievalSection
 from tests.conftest import WORDS, write_jsonl
 from tests.data.test_retrieval_fusion import kb_qa_recipe
 
@@ -217,6 +225,38 @@ def test_mining_skips_relevant_passages_and_near_duplicates_of_the_positive():
     mined, hard = mine_negatives(["q"], [["p5"]], ["text 5"], _Index(scores), passages, 2, 0.05)
     # The positive scores lowest: nothing is safely below it, so the least similar passages fill in.
     assert hard == [0] and mined == [["p4", "p3"]]
+
+
+def test_an_answer_several_passages_hold_trains_on_the_one_its_question_names():
+    """A templated knowledge base repeats an answer across companies: every holder is relevant, but the positive the
+    retriever trains on (and the gold passage the reader gets) is the one the question names, not the first in
+    file order, which was another company's for 74 of the bundled 140 training questions."""
+    from datasets import Dataset
+
+    answer = "You can cancel within 14 days without any fee."
+    passages = [Passage(f"{name.lower()}-1", f"{name}: cancelling\n{answer} Call us to do it.") for name in NAMES]
+    passages.append(Passage("other", "Meter readings are due every month."))
+    rows = Dataset.from_list([{"query": f"How do I cancel with {name}?", "answer": answer} for name in NAMES])
+    judged = relevant_passages(rows, passages, "data.train")
+    assert judged["positive_id"] == [f"{name.lower()}-1" for name in NAMES]
+    assert all(sorted(ids) == sorted(p.id for p in passages[:-1]) for ids in judged["relevant_ids"])
+
+    class Missing:  # a retriever that returns only the unrelated passage: training adds the gold one
+        settings = RetrievalSection(top_k=1)
+        bm25 = None
+
+        def __init__(self):
+            self.passages = passages
+
+        def search(self, questions, k=None):
+            return [[len(passages) - 1] for _ in questions]
+
+    questions = Dataset.from_list([{"question": q, "answer": answer} for q in rows["query"]])
+    attached = attach_passages(questions, Missing(), extractive=False, training=True, split="data.train")
+    assert [ids[0] for ids in attached["passage_ids"]] == judged["positive_id"]
+
+
+NAMES = ("Alder", "Birch", "Cedar")
 
 
 def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, write_recipe):
