@@ -52,6 +52,7 @@ from finetune.recipe.schema import (
     SweepRange,
     SweepSection,
     apply_overrides,
+    distinct_overrides,
     read_recipe_file,
     recipe_problems_error,
 )
@@ -1060,11 +1061,13 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """A recipe file's raw settings with `section.key=value` overrides applied: what run, sweep and validate read."""
+def read_recipe(path: str | Path, overrides: list[str] | None = None, recorded: list[str] | None = None) -> dict:
+    """A recipe file's raw settings with `section.key=value` overrides applied: what run, sweep and validate read.
+    `recorded`: settings a run directory keeps beside its recipe.yaml, applied first, so a user's override wins."""
     if Path(path).expanduser().is_dir():
         raise RecipeError(f"{path}: a directory, not a recipe file (give the recipe's YAML file)")
-    return apply_overrides(read_recipe_file(path), list(overrides or []))
+    raw = apply_overrides(read_recipe_file(path), list(recorded or []))
+    return apply_overrides(raw, distinct_overrides(list(overrides or [])))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -1072,10 +1075,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return build_recipe(read_recipe(path, overrides), source=str(path))
 
 
-def resolve(path: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> Resolved:
+def resolve(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    recorded: list[str] | None = None,
+) -> Resolved:
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
     once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
-    return resolve_recipe(_parse(read_recipe(path, overrides), str(path)), str(path), splits)
+    return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path)), str(path), splits)
 
 
 def resolve_source(
@@ -1089,7 +1097,7 @@ def resolve_source(
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
         recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
-        return resolve(run.recipe, [*recorded, *(overrides or [])], splits), run
+        return resolve(run.recipe, overrides, splits, recorded), run
     return resolve(path, overrides, splits), None
 
 

@@ -1105,6 +1105,22 @@ def _literal_choices(error: Mapping[str, Any]) -> list[str]:
     return [part.strip(" '") for part in expected.replace(" or ", ",").split(",") if part.strip()]
 
 
+def distinct_overrides(overrides: list[str]) -> list[str]:
+    """A command line's overrides, each setting named once: `lr=1 lr=2` or `lora=null lora.r=4` would leave the
+    recipe to whichever came last, which reads as a typo more often than an intent."""
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        for other, first in seen.items():
+            if key == other or key.startswith(f"{other}.") or other.startswith(f"{key}."):
+                raise RecipeError(
+                    f"overrides {brief(first)} and {brief(override)} both set {min(key, other, key=len)}; give each "
+                    "setting once"
+                )
+        seen[key] = override
+    return overrides
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides; values are parsed as YAML."""
     for override in overrides:

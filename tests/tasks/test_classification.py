@@ -155,6 +155,12 @@ def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, t
     recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
     bad = invoke("run", recipe, "train.epochs")
     assert bad.exit_code == 2 and "malformed override" in bad.output
+    # A setting given twice, or a section and a key inside it, is refused by run and validate alike (was: last wins).
+    for command in ("run", "validate"):
+        twice = invoke(command, recipe, "train.lr=0.1", "train.epochs=1", "train.lr=0.2")
+        assert twice.exit_code == 2 and "'train.lr=0.1' and 'train.lr=0.2' both set train.lr" in twice.output
+        nested = invoke(command, recipe, "lora.r=4", "lora={r: 8}")
+        assert nested.exit_code == 2 and "both set lora;" in nested.output
     dry = invoke("run", recipe, "--dry-run", "lora.targets=attention")
     assert dry.exit_code == 0, dry.output
     assert "trainable of" in dry.output and "query" in dry.output and "truncated 0" in dry.output
