@@ -366,12 +366,12 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
     found = retriever.search(questions)
     answers = rows["answer"][:] if "answer" in rows.column_names else [None] * len(questions)
     passages = retriever.passages
-    holders = AnswerHolders(passages, retriever.bm25)
+    holders = AnswerHolders(passages, retriever.bm25) if training else None  # where the gold passage is added
     out = []
     for number, (row, indices, answer) in enumerate(zip(rows, found, answers), start=1):
         chosen = list(indices)
         gold_found = None if answer is None else any(holds_answer(passages[i], answer) for i in chosen)
-        if training and answer is not None and not gold_found:
+        if holders is not None and answer is not None and not gold_found:
             gold = next(iter(holders(row["question"], answer)), None)
             if gold is None:
                 raise DataError(

@@ -402,6 +402,7 @@ def predict(
         optional=(*optional, *task.reference_fields),
         labeled=False,
     )
+    read = set(table.column_names)  # what the task reads from the input; whatever else a row comes back with is new
     if knowledge_base is not None or recipe.data.knowledge_base is not None:  # answers come from retrieved passages
         retriever = build_retriever(recipe, knowledge_base)
         table = attach_passages(
@@ -418,10 +419,17 @@ def predict(
         dict(session.state),
     )
     per_row = len(out) // len(rows)  # codegen: one row per sample
-    return [
-        {**rows[i // per_row], **{k: v for k, v in row.items() if k not in rows[i // per_row] or k == "prediction"}}
-        for i, row in enumerate(out)
-    ]
+    for i, row in enumerate(out):
+        given = rows[i // per_row]
+        # An input field the answer would replace (a `prediction` of an earlier model, say) is the user's: refused
+        # rather than overwritten or, worse, passed through in place of the new answer.
+        clash = next((k for k in row if k not in read and k in given), None)
+        if clash is not None:
+            raise DataError(
+                f"{source}: row {i // per_row + 1}: field {clash!r} is what predict writes, and the input row holds one "
+                "already; rename or drop it in the input (nothing was written)"
+            )
+    return [{**rows[i // per_row], **{k: v for k, v in row.items() if k not in read}} for i, row in enumerate(out)]
 
 
 def _input_table(rows: list[dict], source: str) -> Dataset:

@@ -144,6 +144,14 @@ def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, t
     assert list(rows[0])[:4] == ["id", "text", "label", "source"]  # the input's fields first, in order
     # predict on the eval rows answers what evaluation answered.
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in eval_rows]
+    # A field predict writes, already in the input (an earlier model's answer): refused, never replaced or kept in
+    # place of the new answer; --output is not written.
+    earlier = write_jsonl(tmp_path / "earlier.jsonl", [{"text": "rain", "prediction": "mine"}])
+    refused = invoke("predict", out, "--input", earlier, "--output", tmp_path / "new.jsonl")
+    assert refused.exit_code == 3 and "row 1: field 'prediction' is what predict writes" in " ".join(
+        refused.output.split()
+    )
+    assert not (tmp_path / "new.jsonl").exists()
 
 
 def test_an_unwritable_output_is_a_usage_error(finished_run, tmp_path):
