@@ -56,26 +56,34 @@ class Passage:
 
 def load_passages(spec: str | list[str], key: str = "data.knowledge_base") -> list[Passage]:
     table = load_table(spec, key)
+    where = f"{key} ({spec if isinstance(spec, str) else ', '.join(spec)})"
     if "text" not in table.column_names:
-        raise DataError(f"{key}: passages need a 'text' column; columns are: {', '.join(table.column_names)}")
+        raise DataError(f"{where}: passages need a 'text' column; columns are: {', '.join(table.column_names)}")
     passages = []
     seen: dict[str, int] = {}
+    numbered = "id" not in table.column_names  # no id column: passages are named by their number
     for number, row in enumerate(table, start=1):
         text = row["text"]
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{key}: passage {number}: 'text' must be non-empty text")
+            raise DataError(f"{where}: passage {number}: 'text' must be non-empty text")
+        given = number if numbered else row["id"]
+        if given is None or (isinstance(given, str) and not given.strip()):
+            raise DataError(
+                f"{where}: passage {number} has no id; give every passage an id, or leave the id column out (then "
+                "passages are named by their number)"
+            )
         title = row.get("title")
-        passage = Passage(str(row.get("id", number)), f"{title}\n{text}" if title else text)
+        passage = Passage(str(given), f"{title}\n{text}" if title else text)
         # An id names one passage: relevance judgements, predictions and metrics all go by id.
         if passage.id in seen:
             raise DataError(
-                f"{key}: passage {number}: id {passage.id!r} is already the id of passage {seen[passage.id]}; "
+                f"{where}: passage {number}: id {passage.id!r} is already the id of passage {seen[passage.id]}; "
                 "passage ids must be unique"
             )
         seen[passage.id] = number
         passages.append(passage)
     if not passages:
-        raise DataError(f"{key}: the knowledge base holds no passages")
+        raise DataError(f"{where}: the knowledge base holds no passages")
     return passages
 
 
@@ -353,6 +361,17 @@ class AnswerHolders:
         return sorted(found, key=lambda i: -float(scores[i]))  # stable: ties keep file order
 
 
+def check_questions(rows: Dataset, split: str) -> None:
+    """Knowledge-base rows: a question to search with, and an answer (where given) that is text. An empty question
+    retrieves arbitrary passages and gets a confident answer from them; an empty answer is "held" by every passage."""
+    for field in ("question", "answer"):
+        if field not in rows.column_names:
+            continue
+        for number, value in enumerate(rows[field][:], start=1):
+            if (field == "question" or value is not None) and (not isinstance(value, str) or not value.strip()):
+                raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
+
+
 def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, training: bool, split: str) -> Dataset:
     """Each question's retrieved passages as its context; training adds the gold passage where retrieval missed it.
 
@@ -362,6 +381,7 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
     """
     if "question" not in rows.column_names:
         return rows
+    check_questions(rows, split)
     questions = rows["question"][:]
     found = retriever.search(questions)
     answers = rows["answer"][:] if "answer" in rows.column_names else [None] * len(questions)

@@ -34,7 +34,7 @@ from finetune.models.references import package_path
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from finetune.recipe.schema import Recipe
+    from finetune.recipe.schema import DataSection, Recipe
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
 
@@ -477,6 +477,20 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
             hashes[item] = content_hash(path)
         else:
             hashes[item] = "hub dataset"
+    return hashes
+
+
+# The recipe keys naming the data files a run reads: train, eval, and the corpus retrieval searches.
+DATA_FILE_KEYS = ("train", "eval", "knowledge_base")
+
+
+def data_file_hashes(data: DataSection, keys: Sequence[str] = DATA_FILE_KEYS) -> dict[str, str]:
+    """SHA-256 of each local data file the recipe's data section names under `keys` (manifest.json, a sweep's and an
+    exact resume's identity): the knowledge base counts like the rows, since retrieval, the contexts a reader trains
+    on and a retriever's mined negatives all come from it."""
+    hashes = {}
+    for key in keys:
+        hashes.update(file_hashes(getattr(data, key)))
     return hashes
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
-from finetune.data.tables import read_jsonl
+from finetune.data.tables import data_file_hashes, read_jsonl
 from finetune.errors import RecipeError
 from finetune.evaluation.intervals import LEVEL, identity
 from finetune.files import write_text_atomic
@@ -51,11 +51,18 @@ def eval_data_record(recipe: Recipe, rows: Dataset) -> dict:
     digest = hashlib.sha256()
     for batch in rows.iter(batch_size=1000):
         digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
-    return {"source": source, "rows": len(rows), "sha256": digest.hexdigest()}
+    record: dict = {"source": source, "rows": len(rows), "sha256": digest.hexdigest()}
+    if data.knowledge_base is not None:  # the rows' contexts were retrieved from it: name it, so a change is named
+        record["knowledge_base"] = data_file_hashes(data, ("knowledge_base",))
+    return record
 
 
 def _describe(record: dict) -> str:
-    return f"{record.get('source', '?')} ({record.get('rows', '?')} rows, sha256 {str(record.get('sha256'))[:12]})"
+    text = f"{record.get('source', '?')} ({record.get('rows', '?')} rows, sha256 {str(record.get('sha256'))[:12]})"
+    base = record.get("knowledge_base")
+    if isinstance(base, dict):
+        text += " with the knowledge base " + ", ".join(f"{k} (sha256 {str(v)[:12]})" for k, v in base.items())
+    return text
 
 
 def _keys(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[Counter, Counter]:

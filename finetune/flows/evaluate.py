@@ -4,6 +4,7 @@ evaluation step that training also uses."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from datasets import Dataset
 from finetune import files
 from finetune.data.features import Features
 from finetune.data.retrieval import attach_passages
+from finetune.data.tables import data_file_hashes
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
@@ -265,6 +267,9 @@ def evaluate(
                 "eval_data": eval_data_record(recipe, session.features["eval"].rows),  # what --compare checks
             },
         )
+        changed = _changed_since(run, recipe) if run is not None else []
+        if changed:
+            document.setdefault("warnings", []).extend(changed)
         required, optional = session.task.fields(recipe)
         evaluation.attach_comparison(document, baseline, session.task, rows, recipe.eval, (*required, *optional))
         marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
@@ -284,6 +289,21 @@ def evaluate(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
+    """The knowledge base a run's manifest recorded, when the file is not the same now: retrieval, and so every
+    context and metric of this evaluation, come from the file as it is now."""
+    try:
+        recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [
+        f"the knowledge base {name} changed since the run trained (sha256 {str(recorded[name])[:12]} then, "
+        f"{digest[:12]} now): this evaluation retrieved from it as it is now"
+        for name, digest in data_file_hashes(recipe.data, ("knowledge_base",)).items()
+        if name in recorded and recorded[name] != digest
+    ]
 
 
 def _inputs(resolved: Resolved, run: RunDir | None, baseline: object) -> tuple[Path, ...]:

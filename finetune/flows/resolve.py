@@ -30,7 +30,7 @@ from transformers import PretrainedConfig
 
 from finetune.data.conversations import conversation_fields, encoder_decoder_problem
 from finetune.data.report import read_rows
-from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, check_questions
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
@@ -947,6 +947,12 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     continue
                 try:  # the pairs' and thumbs' own checks, as the task's featurize makes them, placed in the file
                     judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
+                except DataError as exc:
+                    raise rows.origins[split].explain(exc, split) from exc
+        if recipe.data.knowledge_base is not None and task.name == "qa":
+            for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
+                try:  # what attach_passages checks before it retrieves
+                    check_questions(table, split)
                 except DataError as exc:
                     raise rows.origins[split].explain(exc, split) from exc
         if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:

@@ -384,7 +384,9 @@ def build_retriever(recipe: Recipe, knowledge_base: str | list[str] | None = Non
     base = knowledge_base or recipe.data.knowledge_base
     if base is None:
         raise RecipeError("data.knowledge_base: this recipe answers from no knowledge base; give --knowledge-base")
-    return Retriever(load_passages(base), recipe.data.retrieval, knowledge_base_hash(base), starting_layout(recipe))
+    key = "--knowledge-base" if knowledge_base else "data.knowledge_base"
+    passages = load_passages(base, key)
+    return Retriever(passages, recipe.data.retrieval, knowledge_base_hash(base), starting_layout(recipe))
 
 
 def starting_layout(recipe: Recipe) -> EmbeddingLayout | None:

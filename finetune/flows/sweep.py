@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune.data.tables import file_hashes
+from finetune.data.tables import data_file_hashes
 from finetune.errors import DataError, RecipeError, TrainingDiverged
 from finetune.evaluation.compare import LOWER_IS_BETTER
 from finetune.evaluation.scoring import collect_gates
@@ -285,7 +285,7 @@ def _identity(recipe: Recipe, objective: Objective) -> dict:
         for key, value in flat_settings(recipe).items()
         if key not in ("output.dir", "sweep.trials", "sweep.time_budget")
     }
-    data = {**file_hashes(recipe.data.train), **file_hashes(recipe.data.eval)}
+    data = data_file_hashes(recipe.data)
     identity = {"settings": settings, "data": data, "objective": [objective.metric, objective.cost]}
     return json.loads(json.dumps(redact_tree(identity), default=str))
 

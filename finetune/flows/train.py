@@ -15,7 +15,7 @@ from rich.console import Console
 from finetune import files
 from finetune.data import report as data_report
 from finetune.data.features import Features
-from finetune.data.tables import file_hashes, read_split
+from finetune.data.tables import data_file_hashes, read_split
 from finetune.errors import RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
@@ -209,7 +209,7 @@ def _run(
     if main:
         if resume_from is not None:
             console.print(f"resuming from {resume_from}", highlight=False, soft_wrap=True)
-        _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None)
+        _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None, retriever=retriever is not None)
         files.write_json(run_dir.data_report, report)
     saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()
@@ -274,7 +274,9 @@ def _run(
         extra["evaluation"] = summary(monitor, kept_step, recipe.eval.keep)
     document = evaluation.metrics_document(recipe.task, scored, gates, extra)
     if main:
-        manifest = provenance.build_manifest(recipe, _data_hashes(recipe), accelerator, {"family": session.family.name})
+        manifest = provenance.build_manifest(
+            recipe, data_file_hashes(recipe.data), accelerator, {"family": session.family.name}
+        )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)
         files.write_json(run_dir.metrics, document)
@@ -470,9 +472,11 @@ def with_reference(
     )
 
 
-def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool) -> None:
+def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool, retriever: bool) -> None:
     """A fresh run (after --overwrite's consent) starts from an empty directory; a resumed one keeps its
-    checkpoints and log and drops only the outputs it is about to write again."""
+    checkpoints and log and drops only the outputs it is about to write again. `retriever`: this run trained its
+    retriever's run in RUN/retriever just now (which that run replaced itself); where it did not, a retriever's run
+    an earlier run left there is replaced with the rest."""
     if keep_training_state:
         for path in (
             run.metrics,
@@ -487,6 +491,8 @@ def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool) -> No
         shutil.rmtree(run.adapter, ignore_errors=True)
     else:
         rundir.clear_previous_run(run)
+        if not retriever:
+            rundir.clear_part_run(run.path / RETRIEVER_RUN)
     files.write_text_atomic(run.recipe, redact(recipe_to_yaml(recipe)))
 
 
@@ -499,7 +505,3 @@ def _adapter_saver(session: Session, run: RunDir, write_initial: bool) -> Adapte
     if write_initial and not initial.is_dir():  # a resumed run kept it; the initialisation is deterministic
         session.model.save_pretrained(str(initial), safe_serialization=True)
     return session.adapter_saver(initial_adapter=initial)
-
-
-def _data_hashes(recipe: Recipe) -> dict:
-    return {**file_hashes(recipe.data.train), **file_hashes(recipe.data.eval)}

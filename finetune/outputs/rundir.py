@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from finetune import files
-from finetune.data.tables import file_hashes
+from finetune.data.tables import data_file_hashes
 from finetune.errors import RecipeError
 from finetune.outputs import manifest as provenance
 from finetune.outputs.lock import LOCK_NAME
@@ -128,6 +128,18 @@ def clear_previous_run(run: RunDir) -> list[str]:
         if folder.is_dir() and not folder.is_symlink():
             _remove_empty_folders(folder)
     return kept
+
+
+def clear_part_run(path: Path) -> None:
+    """--overwrite of a run whose earlier self kept a run of its own at `path` (a knowledge-base run's retriever)
+    that the new run makes none of: what finetune wrote there goes by `clear_previous_run`'s rules, then the folder,
+    unless something of the user's stays in it. A folder there that is not a run is the user's, and stays."""
+    part = RunDir(path)
+    if path.is_symlink() or not part.marker.is_file():
+        return
+    clear_previous_run(part)
+    if not any(p.name not in (RUN_MARKER, LOCK_NAME) for p in path.iterdir()):
+        shutil.rmtree(path)
 
 
 # Written into a finished run's adapter/: every file the run put there, so --overwrite removes those and no other.
@@ -338,7 +350,8 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
     if mark is not None and mark.method == "learned":
         settings = mark.model_dump(mode="json", exclude={"key", "message", "p_threshold"})
         identity["recipe eval.watermark (learned)"] = settings
-    identity.update({f"data file {name}": digest for name, digest in file_hashes(recipe.data.train).items()})
+    training_files = data_file_hashes(recipe.data, ("train", "knowledge_base"))
+    identity.update({f"data file {name}": digest for name, digest in training_files.items()})
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size

@@ -4,6 +4,7 @@ sparse weight chosen on the training questions, recorded in the run's recipe, an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -125,6 +126,16 @@ def test_a_hybrid_run_records_its_chosen_weight_and_eval_reuses_it(tiny_models, 
     first = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     second = [json.loads(x) for x in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
     assert [r["passage_ids"] for r in first] == [r["passage_ids"] for r in second]
+    # The knowledge base edited after the run: eval says so, and --compare against the run names it.
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert kb in manifest["data_files"]
+    Path(kb).write_text(Path(kb).read_text().replace("code29", "code99", 1))  # a held-out question's passage
+    edited = runner.invoke(app, ["eval", str(tmp_path / "run"), "--output", str(tmp_path / "edited")])
+    assert edited.exit_code == 0 and f"the knowledge base {kb} changed since the run trained" in " ".join(
+        edited.output.split()
+    )
+    compared = runner.invoke(app, ["eval", str(tmp_path / "run"), "--compare", str(tmp_path / "run")])
+    assert compared.exit_code == 2 and f"with the knowledge base {kb}" in " ".join(compared.output.split())
     # A run recorded before fusion and answer_from existed keeps the defaults of its day (rank fusion, any span).
     recorded = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     for key in ("fusion", "sparse_weight", "answer_from"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.data.retrieval import SPARSE_WEIGHTS, DenseIndex, WeightChoice
+from finetune.data.tables import data_file_hashes
 from finetune.flows import session
 from finetune.flows.resolve import build_recipe
 from finetune.outputs import rundir
@@ -154,3 +156,15 @@ def test_answer_from_is_no_part_of_the_resume_identity(tiny_models, tmp_path):
         for value in ("first", "any")
     ]
     assert identities[0] == identities[1]
+
+
+def test_the_knowledge_base_binds_a_resume_and_is_in_the_manifests_hashes(tiny_models, tmp_path):
+    """Retrieval, the contexts the reader trains on and the retriever's mined negatives all come from the knowledge
+    base: an edited one makes a checkpoint's resume inexact (refused, naming the file), as edited training rows do."""
+    passages, rows, kb = kb_passages(tmp_path)
+    recipe = build_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, {}), "recipe")
+    before = rundir.resume_identity(recipe, 1)
+    assert f"data file {kb}" in before and kb in data_file_hashes(recipe.data)
+    Path(kb).write_text(Path(kb).read_text().replace("code00", "code99", 1))
+    after = rundir.resume_identity(recipe, 1)
+    assert before[f"data file {kb}"] != after[f"data file {kb}"]

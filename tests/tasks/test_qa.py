@@ -313,6 +313,21 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
     assert answered.exit_code == 0, answered.output
     row = json.loads(answered.stdout)
     assert row["id"] == "q1" and len(row["passage_ids"]) == 3 and row["prediction"] in row["context"]
+    if method != "bm25":
+        return
+    # An empty question (it would retrieve anything and be answered confidently) or an empty answer (every passage
+    # "holds" it): refused by predict, and by validate as by run, at the row.
+    blank = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", "-"], input='{"question": " "}\n')
+    assert blank.exit_code == 3 and "row 1: field 'question' must be non-empty text" in blank.output
+    rows[3]["answer"] = ""
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "empty.jsonl", rows[:24]))
+    recipe["output"]["dir"] = str(tmp_path / "run2")
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run"]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 3 and "empty.jsonl:4: field 'answer' must be non-empty text" in " ".join(
+            refused.output.split()
+        ), refused.output
 
 
 def test_answer_from_first_reads_the_answer_from_the_top_passage(tiny_models):

@@ -155,7 +155,8 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
     [
         ("positive", 3, ["train.jsonl:1", "is the text of no passage"]),
         ("unknown_id", 3, ["train.jsonl:2", "is not the id of"]),
-        ("duplicate_id", 3, ["passage 2", "already the id of passage 1"]),
+        ("duplicate_id", 3, ["passages.jsonl): passage 2", "already the id of passage 1"]),
+        ("missing_id", 3, ["passages.jsonl): passage 2 has no id"]),
         ("empty_corpus", 3, ["passages.jsonl", "has no rows"]),
         ("bm25", 2, ["data.retrieval.method", "use dense"]),
         ("gate_k", 2, ["recall@3 is not reported", "recall@5"]),
@@ -171,6 +172,8 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         queries[1]["positive_id"] = "doc-999"
     elif change == "duplicate_id":
         passages[1]["id"] = passages[0]["id"]
+    elif change == "missing_id":  # read as a duplicate id 'None' before
+        passages[1]["id"] = None
     recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages, **extra)
     if change == "empty_corpus":
         (tmp_path / "passages.jsonl").write_text("")
@@ -287,6 +290,14 @@ def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, wri
     again = runner.invoke(app, ["run", str(path), "--resume", "auto"])
     assert again.exit_code == 0, again.output
     assert (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    # Replaced by a run that trains no retriever (BM25): the earlier retriever's run goes with the rest, but a file
+    # of the user's in it stays (with its folder); without it, the folder goes too.
+    (run / "retriever" / "notes.txt").write_text("mine")
+    bm25 = ["run", str(path), "--overwrite", "data.retrieval.method=bm25", "data.retrieval.model=null"]
+    assert runner.invoke(app, bm25).exit_code == 0
+    assert [p.name for p in (run / "retriever").iterdir() if p.name != ".finetune-run"] == ["notes.txt"]
+    (run / "retriever" / "notes.txt").unlink()
+    assert runner.invoke(app, bm25).exit_code == 0 and not (run / "retriever").exists()
 
 
 def test_bi_encoder_loss_is_sentence_transformers_mnrl(tiny_models):
