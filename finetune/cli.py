@@ -27,15 +27,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="LoRA fine-tuning of BERT, BART and GPT-style checkpoints from one YAML recipe.",
 )
+# The reader closed our output pipe (`finetune predict ... | head`): 128 + SIGPIPE, as a shell reports it.
+PIPE_CLOSED = 141
+
+
+class _Console(Console):
+    """rich's Console, but a closed output pipe ends the command with PIPE_CLOSED, as everywhere else here (rich's own
+    handler exits 1, the code of a bug)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _quiet_stdout()
+        raise SystemExit(PIPE_CLOSED)
+
+
 # No emoji or markup in what we print of user data: `name:split` must stay as typed.
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+console = _Console(emoji=False)
+err_console = _Console(stderr=True, emoji=False)
 _debug = {"on": False}
 # Conditions of the machine a user can fix (full disk, quota, read-only filesystem): exit 2 with the path, never
 # "internal error".
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-# The reader closed our output pipe (`finetune predict ... | head`): 128 + SIGPIPE, as a shell reports it.
-PIPE_CLOSED = 141
 
 
 def _quiet_libraries() -> None:
@@ -119,13 +131,23 @@ def _offline_unless_hub(*sources: str | Path | None, overrides: list[str] | None
             setattr(sys.modules[module], "HF_HUB_OFFLINE", True)  # noqa: B010 (the module is known only by name)
 
 
+def _quiet_stdout() -> None:
+    """After the reader closed our output pipe: stdout goes nowhere, so flushing at exit does not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test runner's buffer)
+        pass
+
+
 def _handled(command):
     """Run a command: user errors -> one line on stderr and their exit code; a bug -> exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, where it is handled below, not at exit
+            return result
         except typer.Exit:
             raise
         except FinetuneError as exc:
@@ -148,10 +170,7 @@ def _handled(command):
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of ours, nothing to show
-            try:  # so that flushing at exit does not raise again
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):  # stdout is no file (a test runner's buffer)
-                pass
+            _quiet_stdout()
             raise typer.Exit(PIPE_CLOSED) from None
         except OSError as exc:
             if exc.errno not in MACHINE_ERRNOS:
@@ -878,7 +897,28 @@ def main() -> None:
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")
         sys.argv.insert(1, "--debug")
-    app()
+    discarded = _stdout_discarded()
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+        try:  # what is still buffered is written here, where a closed pipe can be told from a bug
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+            code = PIPE_CLOSED
+        # Typer's help and click point stdout at /dev/null and exit 1 when the reader closed the pipe
+        # (`finetune --help | head -1`): that exit is the closed pipe's, not a bug's.
+        if code == 1 and not discarded and _stdout_discarded():
+            code = PIPE_CLOSED
+        raise SystemExit(code) from None
+
+
+def _stdout_discarded() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):  # stdout is no file (a test runner's buffer)
+        return False
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import PIPE_CLOSED, app
+from tests.conftest import REPO
 
 runner = CliRunner()
 
@@ -54,3 +56,18 @@ def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
     monkeypatch.setattr(resolve, "resolve", closed)
     result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
     assert result.exit_code == PIPE_CLOSED and "internal error" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arguments", [["--version"], ["--help"], ["run", "--help"], ["validate", "RECIPE"]])
+def test_a_reader_closing_the_pipe_early_is_141_for_every_printing_command(arguments, tmp_path):
+    """rich (tables, validate's lines, --version) and Typer's help exit 1 on a closed pipe, the code of a bug:
+    finetune's own consoles and its entry point say 141, as `predict | head` always did."""
+    recipe = REPO / "recipes" / "classification" / "minilm-topics.yaml"
+    command = [sys.executable, "-m", "finetune", *[str(recipe) if a == "RECIPE" else a for a in arguments]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=120) == PIPE_CLOSED and "Traceback" not in error, error
