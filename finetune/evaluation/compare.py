@@ -12,7 +12,7 @@ from xml.etree import ElementTree
 
 from finetune.data.tables import data_file_hashes, read_jsonl
 from finetune.errors import RecipeError
-from finetune.evaluation.intervals import LEVEL, identity
+from finetune.evaluation.intervals import LEVEL, identity, match_units
 from finetune.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -72,22 +72,13 @@ def _keys(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) ->
 
 
 def matched_rows(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[list[dict], list[dict]]:
-    """The rows both evaluations scored, each side's own copy (with its own prediction), in each side's order; the
-    n-th repeat of a row matches the n-th repeat of it on the other side."""
-    ours, theirs = _keys(rows, other, fields)
-    key = identity(rows, other, fields)
-    common = ours & theirs
-
-    def take(side: Sequence[dict]) -> list[dict]:
-        left, out = Counter(common), []
-        for row in side:
-            k = key(row)
-            if left[k] > 0:
-                left[k] -= 1
-                out.append(row)
-        return out
-
-    return take(rows), take(other)
+    """The rows both evaluations scored, each side's own copy (with its own prediction), in this side's order and
+    aligned; the n-th repeat of a row matches the n-th repeat of it on the other side (the paired tests' matching,
+    `intervals.match_units`, one row a unit)."""
+    ours, theirs = match_units(
+        rows, [[i] for i in range(len(rows))], other, [[j] for j in range(len(other))], identity(rows, other, fields)
+    )
+    return [rows[i] for i in ours], [other[j] for j in theirs]
 
 
 def same_data(
