@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Dataset
 
-from finetune.data.tables import load_table, local_data_path
+from finetune.data.tables import content_hash, load_table, local_data_path
 from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.models.embedding import EmbeddingLayout, sentence_transformer
@@ -319,9 +319,10 @@ def _model_hash(model_path: str) -> str:
 
 
 def knowledge_base_hash(spec: str | list[str]) -> str:
+    """The embedding cache's key for a knowledge base: its files' hashes (`content_hash`, read once a process)."""
     specs = [spec] if isinstance(spec, str) else spec
     return hashlib.sha256(
-        "".join(sha256_file(local_data_path(s, "data.knowledge_base")) for s in specs).encode()
+        "".join(content_hash(local_data_path(s, "data.knowledge_base")) for s in specs).encode()
     ).hexdigest()
 
 
@@ -352,8 +353,10 @@ class AnswerHolders:
         import bm25s
 
         found = [i for i, p in enumerate(self.passages) if holds_answer(p, answer)]
-        words = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)[0] if question else []
-        if len(found) < 2 or not words:
+        if len(found) < 2 or not question:
+            return found
+        words = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)[0]
+        if not words:  # stopwords alone: nothing to tell the holders apart by
             return found
         if self._index is None:
             self._index = _bm25_index(self.passages)

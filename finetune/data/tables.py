@@ -505,15 +505,9 @@ def map_columns(
             f"data.columns: {names} is not a field of this task (fields: {', '.join((*required, *optional))})"
         )
     present = set(table.column_names)
-    # A column feeds one field. An explicit mapping claims its column first, so `positive_id: id` is not undone by
-    # the task's own optional `id` field reading the same column under its own name.
-    claimed: dict[str, str] = {}
-    for name, column in columns.items():
-        if column in claimed:
-            raise DataError(
-                f"data.columns: {claimed[column]!r} and {name!r} both name column {column!r}; a column feeds one field"
-            )
-        claimed[column] = name
+    # A column feeds one field (the schema refuses two mappings of one column). An explicit mapping claims its column
+    # first, so `positive_id: id` is not undone by the task's own optional `id` field reading it under its own name.
+    claimed = {column: name for name, column in columns.items()}
     wanted = {}
     for name in (*required, *optional):
         column = columns.get(name, name)

@@ -42,7 +42,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.data.tables import data_file_hashes
-from finetune.errors import DataError, RecipeError, TrainingDiverged
+from finetune.errors import DataError, RecipeError, TrainingDiverged, brief
 from finetune.evaluation.compare import LOWER_IS_BETTER
 from finetune.evaluation.scoring import collect_gates
 from finetune.files import write_json, write_text_atomic
@@ -58,6 +58,7 @@ from finetune.recipe.schema import (
     apply_overrides,
     flat_settings,
     recipe_problems_error,
+    same_setting,
 )
 from finetune.secrets import redact, redact_tree
 
@@ -210,6 +211,14 @@ def sweep(source: str | Path, overrides: list[str] | None, console: Console, *, 
             f"{path}: no sweep section; name the settings to vary and the budget, e.g. "
             "sweep: {trials: 12, params: {train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}, lora.r: [4, 8, 16]}}"
         )
+    for override in overrides or []:  # every trial sets a swept key: an override of it would be lost silently
+        key = override.partition("=")[0].strip()
+        swept = next((name for name in settings.params if same_setting(key, name)), None)
+        if swept is not None:
+            raise RecipeError(
+                f"override {brief(override)}: {swept} is swept (sweep.params.{swept}), so every trial sets it; drop "
+                "the override, or take it out of sweep.params"
+            )
     base = resolve_recipe(recipe, str(path))  # every rule, the sweep section's too, before anything is written
     trial_raw = {key: value for key, value in raw.items() if key != "sweep"}
     _check_candidates(trial_raw, settings, str(path))
@@ -301,8 +310,12 @@ def _open_study(
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
-    elif saved != identity:
-        changed = _differences(saved, identity)
+        saved = identity
+    # A data file the saved identity has no hash of (the knowledge base, for a study begun before 2026-12-07) is
+    # unknown, not changed: which files the trials read is bound by the recipe's settings, compared in full.
+    known = {**identity, "data": {k: v for k, v in identity["data"].items() if k in (saved.get("data") or {})}}
+    if saved != known:
+        changed = _differences(saved, known)
         raise RecipeError(
             f"output.dir: {directory.path} holds a sweep of another recipe ({'; '.join(changed[:5])}); continue it "
             "with the same recipe and overrides, choose another output.dir, or --overwrite to start it again"

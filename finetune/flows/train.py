@@ -490,9 +490,11 @@ def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool, retri
             path.unlink(missing_ok=True)
         shutil.rmtree(run.adapter, ignore_errors=True)
     else:
-        rundir.clear_previous_run(run)
-        if not retriever:
-            rundir.clear_part_run(run.path / RETRIEVER_RUN)
+        # An earlier retriever's run goes with the rest where this run trained none (its own replaced itself) and
+        # does not read that one's adapter (a recipe.yaml of the earlier run, reused, names it as its retriever).
+        part = run.path / RETRIEVER_RUN
+        reads = recipe.data.retrieval.model is not None and RunDir(part).contains(Path(recipe.data.retrieval.model))
+        rundir.clear_previous_run(run, parts=() if retriever or reads else (part,))
     files.write_text_atomic(run.recipe, redact(recipe_to_yaml(recipe)))
 
 

@@ -82,7 +82,7 @@ def release(run: RunDir, created: bool) -> None:
         shutil.rmtree(run.path, ignore_errors=True)
 
 
-def clear_previous_run(run: RunDir) -> list[str]:
+def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
     """--overwrite: remove what an earlier run wrote (the user asked for it), keeping the marker.
 
     Only what finetune wrote goes: the names a run writes at its top level; inside `evals/` only the evaluations
@@ -90,7 +90,27 @@ def clear_previous_run(run: RunDir) -> list[str]:
     `adapter/` only the files the run listed there when it finished (`ADAPTER_FILES`; an adapter without the list,
     from a run that never finished or an older version, is finetune's whole). A run lying inside, or anything
     else inside `adapter/` or `checkpoints/` (which the new run replaces whole), refuses the overwrite before
-    anything is removed. Returns what stayed."""
+    anything is removed. `parts`: runs the earlier run kept inside as its own (a knowledge-base run's retriever)
+    that the new run makes none of: cleared by the same rules, their folders removed when nothing of the user's
+    stays; a folder there that is not a run is the user's. Every refusal comes before anything is removed.
+    Returns what stayed."""
+    own_parts = [RunDir(p) for p in parts if not p.is_symlink() and RunDir(p).marker.is_file()]
+    plans = [_removals(run), *(_removals(part) for part in own_parts)]
+    for removals, _ in plans:
+        for path in removals:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for cleared in (run, *own_parts):
+        for folder in (cleared.evals, cleared.checkpoints, cleared.adapter):
+            if folder.is_dir() and not folder.is_symlink():
+                _remove_empty_folders(folder)
+    for part in own_parts:
+        if not any(p.name not in (RUN_MARKER, LOCK_NAME) for p in part.path.iterdir()):
+            shutil.rmtree(part.path)
+    return [kept for _, stayed in plans for kept in stayed]
+
+
+def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
+    """What --overwrite removes from `run` and what stays (clear_previous_run's rules); refuses, removing nothing."""
     removals: list[Path] = []
     kept: list[str] = []
     for path in sorted(run.path.iterdir()):
@@ -122,24 +142,7 @@ def clear_previous_run(run: RunDir) -> list[str]:
                 f"{path.name}/ whole; nothing was removed. Move it out of the run first."
             )
         kept.extend(str(p.relative_to(run.path)) for p in foreign)
-    for path in removals:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    for folder in (run.evals, run.checkpoints, run.adapter):
-        if folder.is_dir() and not folder.is_symlink():
-            _remove_empty_folders(folder)
-    return kept
-
-
-def clear_part_run(path: Path) -> None:
-    """--overwrite of a run whose earlier self kept a run of its own at `path` (a knowledge-base run's retriever)
-    that the new run makes none of: what finetune wrote there goes by `clear_previous_run`'s rules, then the folder,
-    unless something of the user's stays in it. A folder there that is not a run is the user's, and stays."""
-    part = RunDir(path)
-    if path.is_symlink() or not part.marker.is_file():
-        return
-    clear_previous_run(part)
-    if not any(p.name not in (RUN_MARKER, LOCK_NAME) for p in path.iterdir()):
-        shutil.rmtree(path)
+    return removals, kept
 
 
 # Written into a finished run's adapter/: every file the run put there, so --overwrite removes those and no other.
@@ -317,6 +320,10 @@ def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:
 BATCH_ORDER = 2
 
 
+# How a resume identity names a data file's hash (training/checkpoint.check_identity reads the prefix).
+DATA_FILE = "data file "
+
+
 def resume_identity(recipe: Recipe, world_size: int) -> dict:
     """What must not change between a checkpoint and the run resuming from it, for the result to be exact.
 
@@ -351,7 +358,7 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         settings = mark.model_dump(mode="json", exclude={"key", "message", "p_threshold"})
         identity["recipe eval.watermark (learned)"] = settings
     training_files = data_file_hashes(recipe.data, ("train", "knowledge_base"))
-    identity.update({f"data file {name}": digest for name, digest in training_files.items()})
+    identity.update({f"{DATA_FILE}{name}": digest for name, digest in training_files.items()})
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size

@@ -377,6 +377,18 @@ class DataSection(Section):
         None, ge=1, description="Use only the first N evaluation rows; null uses them all."
     )
 
+    @field_validator("columns")
+    @classmethod
+    def _one_field_a_column(cls, value: dict[str, str]) -> dict[str, str]:
+        claimed: dict[str, str] = {}
+        for name, column in value.items():
+            if column in claimed:
+                raise ValueError(
+                    f"{claimed[column]!r} and {name!r} both name column {column!r}; a column feeds one field"
+                )
+            claimed[column] = name
+        return value
+
     @field_validator("labels", mode="before")
     @classmethod
     def _no_boolean_labels(cls, value: object) -> object:
@@ -1105,6 +1117,11 @@ def _literal_choices(error: Mapping[str, Any]) -> list[str]:
     return [part.strip(" '") for part in expected.replace(" or ", ",").split(",") if part.strip()]
 
 
+def same_setting(key: str, other: str) -> bool:
+    """Whether two dotted keys set one value: the same key, or a section and a key inside it."""
+    return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
+
+
 def distinct_overrides(overrides: list[str]) -> list[str]:
     """A command line's overrides, each setting named once: `lr=1 lr=2` or `lora=null lora.r=4` would leave the
     recipe to whichever came last, which reads as a typo more often than an intent."""
@@ -1112,7 +1129,7 @@ def distinct_overrides(overrides: list[str]) -> list[str]:
     for override in overrides:
         key = override.partition("=")[0].strip()
         for other, first in seen.items():
-            if key == other or key.startswith(f"{other}.") or other.startswith(f"{key}."):
+            if same_setting(key, other):
                 raise RecipeError(
                     f"overrides {brief(first)} and {brief(override)} both set {min(key, other, key=len)}; give each "
                     "setting once"

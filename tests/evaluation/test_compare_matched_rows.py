@@ -125,3 +125,16 @@ def test_without_rows_the_metrics_documents_are_compared_as_before(tmp_path):
     results = compare(document_of(rows), baseline.document, 0.01)
     assert results["accuracy"]["change"] == pytest.approx(0.0)
     assert same_data(document_of(rows), baseline) is None
+
+
+def test_the_same_rows_over_another_knowledge_base_are_other_data():
+    """A ranking's rows hold passage ids, not texts: the knowledge base each side searched decides too (and a
+    baseline from before it was recorded is judged by its rows alone)."""
+    record = {"source": "q.jsonl", "rows": 3, "sha256": "abc"}
+    then = {"metrics": {}, "eval_data": {**record, "knowledge_base": {"kb.jsonl": "111"}}}
+    now = {"metrics": {}, "eval_data": {**record, "knowledge_base": {"kb.jsonl": "222"}}}
+    with pytest.raises(RecipeError, match="with the knowledge base kb.jsonl"):
+        same_data(now, Baseline("base", then, 0.01))
+    assert same_data(now, Baseline("base", then, 0.01, allow_different_data=True)) is False
+    assert same_data(now, Baseline("base", {"metrics": {}, "eval_data": record}, 0.01)) is True
+    assert same_data(now, Baseline("base", now, 0.01)) is True

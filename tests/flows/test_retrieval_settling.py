@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.data.retrieval import SPARSE_WEIGHTS, DenseIndex, WeightChoice
 from finetune.data.tables import data_file_hashes
+from finetune.errors import RecipeError
 from finetune.flows import session
 from finetune.flows.resolve import build_recipe
 from finetune.outputs import rundir
+from finetune.training import checkpoint
 from tests.data.test_retrieval_fusion import kb_passages, kb_qa_recipe
 
 runner = CliRunner()
@@ -168,3 +170,8 @@ def test_the_knowledge_base_binds_a_resume_and_is_in_the_manifests_hashes(tiny_m
     Path(kb).write_text(Path(kb).read_text().replace("code00", "code99", 1))
     after = rundir.resume_identity(recipe, 1)
     assert before[f"data file {kb}"] != after[f"data file {kb}"]
+    with pytest.raises(RecipeError, match="cannot resume exactly"):
+        checkpoint.check_identity(before, after, force=False)
+    # A checkpoint from before the knowledge base was hashed: its hash is unknown, not changed.
+    older = {k: v for k, v in before.items() if k != f"data file {kb}"}
+    assert checkpoint.check_identity(older, after, force=False) == []

@@ -528,3 +528,7 @@ def test_the_command_prints_sweep_json_and_exits_4_when_no_trial_passes(swept, t
     assert document == json.loads((tmp_path / "cli" / "sweep.json").read_text())
     assert result.exit_code == (0 if document["best_passed"] else 4), result.output
     assert invoke("sweep", path, "eval.gates={macro_f1: '>=1.01'}").exit_code == 2  # another recipe: refused
+    # An override of a swept key (or of its section) would be replaced in every trial: refused before any runs.
+    for override in ("lora.r=8", "lora={r: 8}"):
+        swept_too = invoke("sweep", path, override)
+        assert swept_too.exit_code == 2 and "lora.r is swept" in swept_too.output, swept_too.output

@@ -290,6 +290,12 @@ def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, wri
     again = runner.invoke(app, ["run", str(path), "--resume", "auto"])
     assert again.exit_code == 0, again.output
     assert (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    # The run's recipe.yaml reused (it names the trained retriever, train: false) to replace the reader alone: the
+    # retriever it reads stays.
+    reused = tmp_path / "again.yaml"
+    reused.write_text((run / "recipe.yaml").read_text())
+    assert runner.invoke(app, ["run", str(reused), "--overwrite"]).exit_code == 0
+    assert (run / "retriever" / "adapter" / "adapter_model.safetensors").is_file()
     # Replaced by a run that trains no retriever (BM25): the earlier retriever's run goes with the rest, but a file
     # of the user's in it stays (with its folder); without it, the folder goes too.
     (run / "retriever" / "notes.txt").write_text("mine")
