@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -593,24 +594,28 @@ def predict_command(
         str | None,
         typer.Option("--message", help="A learned watermark: mark with this message (default: the run's own)."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier --output file that predict wrote (only that).")
+    ] = False,
 ) -> None:
     """Classify / generate / answer for new inputs; JSONL in, JSONL out (stdout, or --output)."""
     _offline_unless_hub(run_dir)
     _quiet_libraries()
     from finetune.files import write_jsonl
     from finetune.flows.evaluate import predict
-    from finetune.outputs.rundir import claim_output
+    from finetune.outputs.rundir import PREDICTIONS, claim_output, record_file
 
     target = None
     if output is not None:  # checked before any model loads
         inputs = (Path(run_dir), *([Path(input)] if input != "-" else []))
         target = claim_output(
-            output, key="--output", what="predictions", directory=False, overwrite=False, inputs=inputs
+            output, key="--output", what=PREDICTIONS, directory=False, overwrite=overwrite, inputs=inputs
         )
     rows, source = _read_input_rows(input)
     predicted = predict(run_dir, rows, source, knowledge_base=knowledge_base, message=message)
     if target is not None:
         write_jsonl(target, predicted)
+        record_file(target, PREDICTIONS)  # what a later --overwrite may replace
         err_console.print(f"{len(predicted)} predictions written to {target}", highlight=False, soft_wrap=True)
         return
     for row in predicted:
@@ -630,8 +635,14 @@ def validate_command(
     ],
 ) -> None:
     """Check recipes: every rule `run` checks before it loads weights, every problem at once."""
-    # An argument naming no file but holding `=` is an override, as run's KEY=VALUE arguments are.
-    overrides = [a for a in arguments if "=" in a and not Path(a).expanduser().exists()]
+    # An argument naming no file but holding `=` is an override, as run's KEY=VALUE arguments are; so is a dotted
+    # key without one (`train.epochs`), which run refuses as a malformed override and validate must too.
+    overrides = [
+        a
+        for a in arguments
+        if ("=" in a or (re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", a) and Path(a).suffix not in (".yaml", ".yml")))
+        and not Path(a).expanduser().exists()
+    ]
     recipes = [Path(a) for a in arguments if a not in overrides]
     if not recipes:
         raise RecipeError("validate: give at least one recipe file (then any section.key=value overrides)")

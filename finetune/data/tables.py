@@ -505,8 +505,8 @@ def map_columns(
             f"data.columns: {names} is not a field of this task (fields: {', '.join((*required, *optional))})"
         )
     present = set(table.column_names)
-    # A column feeds one field (the schema refuses two mappings of one column). An explicit mapping claims its column
-    # first, so `positive_id: id` is not undone by the task's own optional `id` field reading it under its own name.
+    # A column feeds one field (resolve's data rules refuse two mappings of one column). An explicit mapping claims
+    # its column first, so `positive_id: id` is not undone by the task's own optional `id` field reading it.
     claimed = {column: name for name, column in columns.items()}
     wanted = {}
     for name in (*required, *optional):

@@ -37,6 +37,7 @@ from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.models.embedding import embedding_layout
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
+from finetune.models.lora import resolve_targets
 from finetune.models.references import (
     config_without_weights,
     detect_family,
@@ -644,6 +645,8 @@ def environment_rules(
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
             problems += [Problem(p) for p in _position_rules(recipe, config, family) + _size_rules(recipe, config)]
             problems += [Problem(p) for p in _embedding_rules(recipe, family, config)]
+            if not problems:
+                problems += [Problem(p) for p in _target_rules(recipe, config, family)]
     problems += [Problem(p) for p in _retrieval_model_rules(recipe)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
@@ -806,6 +809,26 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
             f"eval.max_new_tokens: {new_tokens} is more than the decoder of {name} can hold ({limit} positions, "
             f"its start token included); use eval.max_new_tokens <= {limit - 1}"
         ]
+    return []
+
+
+def _target_rules(recipe: Recipe, config: PretrainedConfig, family: FamilySpec) -> list[str]:
+    """lora.targets against the model's own layers, as the session resolves them (models/lora.resolve_targets), on
+    the model built from its config on the meta device: its module tree, no weights. A run starting from an adapter
+    takes that adapter's targets."""
+    if recipe.model.adapter is not None:
+        return []
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = family.auto_class(recipe_task(recipe).head).from_config(copy.deepcopy(config))
+    except Exception:  # a model that cannot be built this way: the run itself will say what is wrong
+        return []
+    try:
+        resolve_targets(model, recipe.lora.targets, family)
+    except ValueError as exc:
+        return [str(exc)]
     return []
 
 

@@ -204,11 +204,34 @@ def _runs_around(target: Path) -> Path | None:
     return None
 
 
+# What `finetune predict --output` writes (a JSON Lines file, recorded beside it by `record_file`).
+PREDICTIONS = "predictions"
+
+
+def record_file(path: Path, what: str) -> None:
+    """Record that finetune wrote the file `path` as a `what`, where its content cannot hold the record (predictions
+    are JSON Lines of the user's own fields): a hidden file beside it with the kind and the file's SHA-256, so that
+    a file edited since (part the user's now) is no longer finetune's to replace."""
+    record = {"written_by": what, "sha256": files.sha256_file(path)}
+    files.write_text_atomic(_record_of(path), json.dumps(record) + "\n")
+
+
+def _record_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.finetune")
+
+
 def made_by_finetune(target: Path, what: str) -> bool:
-    """Whether `target` is a `what` that finetune wrote and recorded (a directory's marker, a file's own record)."""
+    """Whether `target` is a `what` that finetune wrote and recorded (a directory's marker, a file's own record or
+    the record beside it)."""
     if target.is_dir():
         marker = target / OUTPUT_MARKER
         return marker.is_file() and marker.read_text(encoding="utf-8").strip() == what
+    if _record_of(target).is_file():
+        try:
+            record = json.loads(_record_of(target).read_text(encoding="utf-8"))
+            return record.get("written_by") == what and record.get("sha256") == files.sha256_file(target)
+        except (OSError, ValueError, AttributeError):
+            return False
     if target.suffix == ".json":
         try:
             return json.loads(target.read_text(encoding="utf-8")).get("written_by") == what
@@ -274,12 +297,19 @@ def claim_output(
         raise RecipeError(f"{key}: {path} is not a regular file (a device, pipe or socket); choose a file path")
     if not made_by_finetune(path, what):
         raise RecipeError(
-            f"{key}: {path} exists and is not a {what} that finetune wrote; finetune never replaces what it did not "
-            "make. Choose a new path."
+            f"{key}: {path} exists and is not {_a(what)} that finetune wrote (or was changed since); finetune never "
+            "replaces what it did not make. Choose a new path."
         )
     if not overwrite:
         raise RecipeError(f"{key}: {path} holds an earlier {what}; choose a new path, or --overwrite to replace it")
     return path
+
+
+def _a(what: str) -> str:
+    """`what` with its article: 'an evaluation', 'predictions'."""
+    if what.endswith("s"):
+        return what
+    return f"an {what}" if what[0] in "aeiou" else f"a {what}"
 
 
 def mark_output(directory: Path, what: str) -> None:

@@ -377,18 +377,6 @@ class DataSection(Section):
         None, ge=1, description="Use only the first N evaluation rows; null uses them all."
     )
 
-    @field_validator("columns")
-    @classmethod
-    def _one_field_a_column(cls, value: dict[str, str]) -> dict[str, str]:
-        claimed: dict[str, str] = {}
-        for name, column in value.items():
-            if column in claimed:
-                raise ValueError(
-                    f"{claimed[column]!r} and {name!r} both name column {column!r}; a column feeds one field"
-                )
-            claimed[column] = name
-        return value
-
     @field_validator("labels", mode="before")
     @classmethod
     def _no_boolean_labels(cls, value: object) -> object:

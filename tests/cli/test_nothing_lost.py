@@ -152,6 +152,16 @@ def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, t
         refused.output.split()
     )
     assert not (tmp_path / "new.jsonl").exists()
+    # --output: a new file; its own earlier file again only with --overwrite; never once the user changed it.
+    written = tmp_path / "new.jsonl"
+    assert invoke("predict", out, "--input", labelled, "--output", written).exit_code == 0
+    again = invoke("predict", out, "--input", labelled, "--output", written)
+    assert again.exit_code == 2 and "--overwrite to replace it" in again.output
+    assert invoke("predict", out, "--input", labelled, "--output", written, "--overwrite").exit_code == 0
+    written.write_text(written.read_text() + '{"mine": 1}\n')
+    edited = invoke("predict", out, "--input", labelled, "--output", written, "--overwrite")
+    assert edited.exit_code == 2 and "or was changed since" in " ".join(edited.output.split())
+    assert written.read_text().endswith('{"mine": 1}\n')
 
 
 def test_an_unwritable_output_is_a_usage_error(finished_run, tmp_path):

@@ -45,7 +45,7 @@ def test_a_users_folder_or_file_is_never_replaced_even_with_overwrite(tmp_path, 
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(RecipeError, match=r"--output: .*mine exists and is not a evaluation that finetune wrote"):
+    with pytest.raises(RecipeError, match=r"--output: .*mine exists and is not an evaluation that finetune wrote"):
         claim(folder, overwrite=overwrite)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"mine": 1}))

@@ -157,6 +157,8 @@ def test_malformed_override_and_dry_run(tiny_models, topic_data, write_recipe, t
     assert bad.exit_code == 2 and "malformed override" in bad.output
     # A setting given twice, or a section and a key inside it, is refused by run and validate alike (was: last wins).
     for command in ("run", "validate"):
+        bare = invoke(command, recipe, "train.epochs")  # validate read it as a missing recipe file
+        assert bare.exit_code == 2 and "malformed override 'train.epochs'" in bare.output, bare.output
         twice = invoke(command, recipe, "train.lr=0.1", "train.epochs=1", "train.lr=0.2")
         assert twice.exit_code == 2 and "'train.lr=0.1' and 'train.lr=0.2' both set train.lr" in twice.output
         nested = invoke(command, recipe, "lora.r=4", "lora={r: 8}")
@@ -177,6 +179,11 @@ def test_validate_command(tiny_models, topic_data, write_recipe, tmp_path):
     refused["data"]["columns"] = {}
     bad = invoke("validate", good, write_recipe(refused, "bad.yaml"))
     assert bad.exit_code == 2
+    # LoRA targets the model does not have: validate refuses what run refuses, from the config's module tree.
+    for command in (["validate", good], ["run", good, "--dry-run", "--no-estimate"]):
+        targets = invoke(*command, "lora.targets=[foo]")
+        assert targets.exit_code == 2 and "lora.targets: no linear layer named 'foo'" in targets.output, targets.output
+    assert invoke("validate", good, "lora.targets=[q_proj, fc1]").exit_code == 0
 
 
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
