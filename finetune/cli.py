@@ -832,6 +832,8 @@ def _read_input_rows(input: str) -> tuple[list[dict], str]:
     from finetune.data.tables import parse_jsonl, read_jsonl
 
     if input != "-":
+        if Path(input).expanduser().is_dir():
+            raise DataError(f"{input}: a directory, not an input file (give a JSONL file, or - for stdin)")
         if not Path(input).expanduser().is_file():
             raise DataError(f"{input}: input file not found")
         return read_jsonl(Path(input).expanduser()), input

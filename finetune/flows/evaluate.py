@@ -412,6 +412,7 @@ def predict(
     # New prompts to answer: a preference recipe's rows are pairs, but what predict reads is prompts, as for sft.
     as_sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"objective": "sft"})})
     required, optional = task.fields(as_sft)
+    _check_inputs(rows, source, _inputs_only(task, required), recipe.data.columns)
     table = task_rows(
         table,
         recipe,
@@ -452,14 +453,33 @@ def predict(
     return [{**rows[i // per_row], **{k: v for k, v in row.items() if k not in read}} for i, row in enumerate(out)]
 
 
+def _check_inputs(rows: list[dict], source: str, needed: tuple[str, ...], columns: dict[str, str]) -> None:
+    """Each input row holds the fields predict reads (by the task's name or the recipe's column name): a row
+    without one is named as such, not as one whose value is null (which the table would make of it)."""
+    for number, row in enumerate(rows, start=1):
+        for field in needed:
+            if field not in row and columns.get(field, field) not in row:
+                named = repr(field) if columns.get(field, field) == field else f"{field!r} (column {columns[field]!r})"
+                raise DataError(f"{source}: row {number}: no field {named}; the row has: {', '.join(row) or 'nothing'}")
+
+
 def _input_table(rows: list[dict], source: str) -> Dataset:
     try:
         return Dataset.from_list(rows)
-    except Exception as exc:  # mixed types in one field: name it
-        raise DataError(
-            f"{source}: the input rows do not form a table (a field holds values of different types): "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
+    except Exception as exc:  # mixed types in one field: name the field and the first row that differs
+        first: dict[str, tuple[int, str]] = {}
+        for number, row in enumerate(rows, start=1):
+            for field, value in row.items():
+                kind = "no value" if value is None else type(value).__name__
+                if value is None:
+                    continue
+                seen = first.setdefault(field, (number, kind))
+                if seen[1] != kind:
+                    raise DataError(
+                        f"{source}: row {number}: field {field!r} is {kind}, but {seen[1]} in row {seen[0]}; a field "
+                        "holds one type in every row"
+                    ) from exc
+        raise DataError(f"{source}: the input rows do not form a table: {str(exc).splitlines()[0]}") from exc
 
 
 def _inputs_only(task: Task, required: tuple[str, ...]) -> tuple[str, ...]:

@@ -152,6 +152,14 @@ def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, t
         refused.output.split()
     )
     assert not (tmp_path / "new.jsonl").exists()
+    # A row missing the field predict reads, a field of two types, a directory as input: each named as such.
+    gap = write_jsonl(tmp_path / "gap.jsonl", [{"text": "a"}, {"txt": "x"}])
+    missing = invoke("predict", out, "--input", gap)
+    assert missing.exit_code == 3 and "row 2: no field 'text'; the row has: txt" in missing.output
+    mixed = invoke("predict", out, "--input", "-", input='{"text": "a"}\n{"text": 5}\n')
+    assert mixed.exit_code == 3 and "row 2: field 'text' is int, but str in row 1" in mixed.output
+    folder = invoke("predict", out, "--input", tmp_path)
+    assert folder.exit_code == 3 and "a directory, not an input file" in folder.output
     # --output: a new file; its own earlier file again only with --overwrite; never once the user changed it.
     written = tmp_path / "new.jsonl"
     assert invoke("predict", out, "--input", labelled, "--output", written).exit_code == 0
