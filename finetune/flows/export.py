@@ -48,15 +48,17 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     )
     session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
     merged = _merged(session)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(str(staging), safe_serialization=True)
-    session.tokenizer.save_pretrained(str(staging))
-    for name in adapter_files.TASK_STATE_FILES:  # multi-label thresholds travel with the merged model
-        if (run.adapter / f"{name}.json").is_file():
-            shutil.copyfile(run.adapter / f"{name}.json", staging / f"{name}.json")
-    rundir.publish_directory(staging, target, MERGED)
+    staging = rundir.staging_beside(target, directory=True)
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        session.tokenizer.save_pretrained(str(staging))
+        for name in adapter_files.TASK_STATE_FILES:  # multi-label thresholds travel with the merged model
+            if (run.adapter / f"{name}.json").is_file():
+                shutil.copyfile(run.adapter / f"{name}.json", staging / f"{name}.json")
+        rundir.publish_directory(staging, target, MERGED)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failure (a full disk) leaves nothing half-written behind
+        raise
     return target
 
 
@@ -120,9 +122,7 @@ def export(
     assert isinstance(model, PeftModel), "opened with the run's adapter"
     merged = model.merge_and_unload()
     card_text = run.card.read_text(encoding="utf-8") if run.card.is_file() else ""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
-    staging.unlink(missing_ok=True)
+    staging = rundir.staging_beside(target, directory=False)
     try:
         write_gguf(
             merged,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -225,7 +227,7 @@ def made_by_finetune(target: Path, what: str) -> bool:
     the record beside it)."""
     if target.is_dir():
         marker = target / OUTPUT_MARKER
-        return marker.is_file() and marker.read_text(encoding="utf-8").strip() == what
+        return marker.is_file() and marker.read_text(encoding="utf-8").partition("\n")[0].strip() == what
     if _record_of(target).is_file():
         try:
             record = json.loads(_record_of(target).read_text(encoding="utf-8"))
@@ -302,6 +304,12 @@ def claim_output(
         )
     if not overwrite:
         raise RecipeError(f"{key}: {path} holds an earlier {what}; choose a new path, or --overwrite to replace it")
+    foreign = _unlisted_files(path) if path.is_dir() else []
+    if foreign:
+        raise RecipeError(
+            f"{key}: {foreign[0]} was not written by finetune, and --overwrite would replace {path} whole; nothing "
+            "was removed. Move it out first."
+        )
     return path
 
 
@@ -312,18 +320,44 @@ def _a(what: str) -> str:
     return f"an {what}" if what[0] in "aeiou" else f"a {what}"
 
 
-def mark_output(directory: Path, what: str) -> None:
-    """Record that finetune wrote `directory` as a `what` (what `claim_output` checks before --overwrite)."""
-    files.write_text_atomic(directory / OUTPUT_MARKER, what + "\n")
+def mark_output(directory: Path, what: str, listed: bool = False) -> None:
+    """Record that finetune wrote `directory` as a `what` (what `claim_output` checks before --overwrite); `listed`:
+    with every file it holds now, for an output replaced whole (a file added since is the user's)."""
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()) if listed else []
+    files.write_text_atomic(directory / OUTPUT_MARKER, "\n".join([what, *names]) + "\n")
+
+
+def _unlisted_files(directory: Path) -> list[Path]:
+    """Files in a finetune output folder that its marker does not list (none where it lists nothing: an older
+    marker, or a kind that is not replaced whole)."""
+    listed = set((directory / OUTPUT_MARKER).read_text(encoding="utf-8").splitlines()[1:])
+    if not listed:
+        return []
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != OUTPUT_MARKER and str(p.relative_to(directory)) not in listed
+    )
+
+
+def staging_beside(target: Path, directory: bool) -> Path:
+    """A new, empty folder (or file) beside `target` to build an output in before it is renamed into place: made
+    fresh under a name no one else holds, so nothing already there, a user's folder included, is ever replaced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+    os.close(handle)
+    return Path(name)
 
 
 def publish_directory(staging: Path, target: Path, what: str) -> None:
-    """Move a finished staging directory into place (`claim_output` allowed `target`): recorded, then renamed;
-    an earlier output of the same kind is replaced only once the new one is complete."""
-    mark_output(staging, what)
+    """Move a finished staging directory into place (`claim_output` allowed `target`): recorded with its files,
+    then renamed; an earlier output of the same kind is replaced only once the new one is complete."""
+    mark_output(staging, what, listed=True)
     if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = staging_beside(target, directory=True)  # empty: a directory renamed onto it replaces it
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old, ignore_errors=True)

@@ -122,8 +122,22 @@ def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
     # --overwrite replaces only an earlier merged checkpoint, never the user's folder
     assert invoke("merge", out, "--output", full, "--overwrite").exit_code == 2 and (full / "x").read_text() == "mine"
     assert invoke("merge", out, "--output", tmp_path / "merged").exit_code == 2
+    # Folders of the user's under the names a merge once staged in are never touched.
+    for name in (".merged.old", ".merged.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("mine")
     assert invoke("merge", out, "--output", tmp_path / "merged", "--overwrite").exit_code == 0
-    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / ".merged.old").exists()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert all((tmp_path / name / "mine.txt").read_text() == "mine" for name in (".merged.old", ".merged.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == [
+        ".merged.old",
+        ".merged.partial",
+    ]
+    # A file the user added to the merged folder since: --overwrite (which replaces the folder whole) refuses.
+    (tmp_path / "merged" / "NOTES.md").write_text("mine")
+    refused = invoke("merge", out, "--output", tmp_path / "merged", "--overwrite")
+    assert refused.exit_code == 2 and "NOTES.md was not written by finetune" in " ".join(refused.output.split())
+    assert (tmp_path / "merged" / "NOTES.md").read_text() == "mine"
 
 
 def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, tmp_path):
