@@ -48,7 +48,14 @@ err_console = _Console(stderr=True, emoji=False)
 _debug = {"on": False}
 # Conditions of the machine a user can fix (full disk, quota, read-only filesystem): exit 2 with the path, never
 # "internal error".
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A full disk or file-size limit reported by a library in its own words (safetensors: "No space left on
+    device (os error 28)")."""
+    text = str(exc)
+    return any(f"(os error {code})" in text for code in MACHINE_ERRNOS) or "No space left on device" in text
 
 
 def _quiet_libraries() -> None:
@@ -174,6 +181,13 @@ def _handled(command):
             _quiet_stdout()
             raise typer.Exit(PIPE_CLOSED) from None
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # a path the user gave
+                err_console.print(
+                    f"[red]error:[/] cannot use {escape(str(exc.filename or ''))}: a name in the path is too long",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(2) from None
             if exc.errno not in MACHINE_ERRNOS:
                 raise
             where = f" {exc.filename}" if exc.filename else ""
@@ -188,6 +202,14 @@ def _handled(command):
         except Exception as exc:  # a bug, not a user mistake, unless a peer of a multi-process run was lost
             if _debug["on"]:
                 raise
+            if _disk_full(exc):  # safetensors' writer reports a full disk as its own error, not an OSError
+                err_console.print(
+                    f"[red]error:[/] cannot write: {escape(str(exc)[:300])}. Free space and run again (`finetune run "
+                    "... --resume auto` continues a training run from its last checkpoint)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(2) from None
             if _peer_lost(exc):
                 err_console.print(
                     f"[red]error:[/] another process or node of this run was lost ({escape(redact(str(exc))[:300])}); "

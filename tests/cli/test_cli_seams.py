@@ -33,7 +33,7 @@ def test_debug_is_accepted_after_the_subcommand(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENAMETOOLONG])
 def test_a_full_disk_is_exit_2_naming_the_file(monkeypatch, tmp_path, code):
     import finetune.flows.resolve as resolve
 
@@ -44,6 +44,23 @@ def test_a_full_disk_is_exit_2_naming_the_file(monkeypatch, tmp_path, code):
     result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2, result.output
     assert "report.json" in result.output and "internal error" not in result.output
+
+
+@pytest.mark.unit
+def test_a_full_disk_in_a_librarys_own_words_is_exit_2(monkeypatch, tmp_path):
+    import finetune.flows.resolve as resolve
+
+    class SafetensorError(Exception):  # safetensors raises its own type, not an OSError
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, ... }) No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(resolve, "resolve", full)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "internal error" not in result.output and "cannot write" in result.output
 
 
 @pytest.mark.unit
