@@ -404,6 +404,12 @@ def predict(
     recipe, task = resolved.recipe, resolved.task
     if not rows:
         raise DataError(f"{source}: no input rows")
+    if knowledge_base is not None:  # searched instead of the run's own corpus, by retrieval and the reader alike
+        if recipe.data.knowledge_base is None and task.name != "qa":
+            raise RecipeError(f"--knowledge-base: a {task.name} run searches no knowledge base")
+        data = recipe.data.model_copy(update={"knowledge_base": knowledge_base})
+        recipe = recipe.model_copy(update={"data": data})
+        resolved = dataclasses.replace(resolved, recipe=recipe)
     if recipe.data.overflow == "drop":  # every input gets an answer: over-long ones are truncated, not dropped
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
         resolved = dataclasses.replace(resolved, recipe=recipe)

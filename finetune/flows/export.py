@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from finetune.errors import GateFailed, RecipeError
-from finetune.flows.resolve import resolve_run
+from finetune.flows.resolve import Resolved, resolve_run
 from finetune.flows.session import (
     Session,
     SessionData,
@@ -38,6 +38,7 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     """
     resolved, run = resolve_run(run_path)
     learned.refuse_export(resolved.recipe.eval.watermark, f"{run_path}")
+    _refuse_unmergeable(resolved, run_path)
     target = rundir.claim_output(
         output,
         key="--output",
@@ -60,6 +61,11 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # a failure (a full disk) leaves nothing half-written behind
         raise
     return target
+
+
+def _refuse_unmergeable(resolved: Resolved, run_path: str) -> None:
+    if resolved.task.not_mergeable:
+        raise RecipeError(f"{run_path}: {resolved.task.not_mergeable}")
 
 
 def _merged(session: Session) -> PreTrainedModel:
@@ -102,6 +108,7 @@ def export(
         require_llama_cpp()
     resolved, run = resolve_run(run_path)
     learned.refuse_export(resolved.recipe.eval.watermark, f"{run_path}")
+    _refuse_unmergeable(resolved, run_path)
     if Path(output).suffix != ".gguf":
         raise RecipeError(f"--output: {output} must be a .gguf file")
     target = rundir.claim_output(

@@ -51,6 +51,9 @@ class Task:
     name: str = ""
     # Which kind of model the task trains; the family spec turns it into an Auto class and a peft task type.
     head: HeadKind = "sequence_classification"
+    # Whether merge and export make a checkpoint of this task's model (its adapter folded into the base weights).
+    # None: they do; else why not, and what to use instead.
+    not_mergeable: str | None = None
     required_fields: tuple[str, ...] = ()
     optional_fields: tuple[str, ...] = ()
     # Required fields that hold the answer: not needed by `finetune predict`.

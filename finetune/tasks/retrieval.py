@@ -44,6 +44,11 @@ CORPUS_BATCH = 64
 class RetrievalTask(Task):
     name = "retrieval"
     head: HeadKind = "embedding"
+    not_mergeable = (
+        "a retrieval run's adapter/ is already a sentence-transformers model (SentenceTransformer('RUN/adapter') "
+        "loads it, pooling included), and a reranker's scores are a correction to its first stage; merge and export "
+        "make transformers and GGUF checkpoints of classification, QA and generation runs"
+    )
     required_fields = ("query",)
     optional_fields = ("positive", "positive_id", "answer", "negative", "id")
     reference_fields = ("positive", "positive_id", "answer")

@@ -128,6 +128,19 @@ def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path
     assert found.exit_code == 0, found.output
     answer = json.loads(found.stdout)
     assert answer["id"] == "x" and answer["passage_ids"][:3] == rows[0]["passage_ids"][:3]
+    # --knowledge-base: that corpus is searched instead of the run's own (it was ignored).
+    other = write_jsonl(tmp_path / "other.jsonl", passages[5:9])
+    elsewhere = runner.invoke(
+        app,
+        ["predict", str(run), "--input", "-", "--knowledge-base", str(other)],
+        input=json.dumps({"query": "q"}) + "\n",
+    )
+    assert elsewhere.exit_code == 0, elsewhere.output
+    assert sorted(json.loads(elsewhere.stdout)["passage_ids"]) == sorted(p["id"] for p in passages[5:9])
+    # A retrieval run is not merged into a transformers or GGUF checkpoint: its adapter is the model.
+    for command in (["merge", str(run), "--output", str(tmp_path / "m")], ["export", str(run), "--output", "m.gguf"]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "sentence-transformers model" in refused.output, refused.output
 
 
 def test_the_plan_names_the_loss_and_what_the_corpus_is(tiny_models, tmp_path, write_recipe):
