@@ -21,7 +21,7 @@ from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.evaluation.scoring import eval_loader
-from finetune.flows.resolve import Resolved, gate_problems, resolve_run, resolve_source
+from finetune.flows.resolve import Resolved, adapter_problems, gate_problems, resolve_run, resolve_source
 from finetune.flows.session import (
     REFERENCE_ADAPTER,
     Session,
@@ -229,7 +229,13 @@ def evaluate(
     adapter_dir = None
     if checkpoint:
         adapter_dir = Path(checkpoint).expanduser()
+        if not adapter_dir.exists():
+            raise RecipeError(f"--checkpoint: {checkpoint} does not exist")
         adapter_dir = adapter_dir / "adapter" if (adapter_dir / "adapter").is_dir() else adapter_dir
+        if (adapter_dir / rundir.ADAPTER_META).is_file() and (
+            problems := adapter_problems(recipe, adapter_dir, "--checkpoint")
+        ):  # another run's adapter would load into the wrong layers or score with the wrong head
+            raise RecipeError("; ".join(problems))
     elif run is not None:
         adapter_dir = run.adapter
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():

@@ -171,7 +171,6 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
 
 def _start_adapter_problems(recipe: Recipe, directory: Path) -> list[str]:
     """A starting adapter must be one finetune trained for this task on this base model."""
-    import json
 
     problems = []
     if recipe.lora.init != "default":
@@ -179,15 +178,24 @@ def _start_adapter_problems(recipe: Recipe, directory: Path) -> list[str]:
             f"lora.init: {recipe.lora.init} initialises fresh LoRA; with model.adapter training continues from that "
             "adapter (remove lora.init)"
         )
+    return problems + adapter_problems(recipe, directory, "model.adapter")
+
+
+def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
+    """An adapter used with a recipe (`model.adapter`, `eval --checkpoint`) must be one finetune trained for the
+    recipe's task on its base model: another's loads into the wrong layers or scores with the wrong head."""
+    import json
+
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
-        return problems + [f"model.adapter: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
+        return [f"{key}: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    problems = []
     if meta.get("task") != recipe.task:
-        problems.append(f"model.adapter: {directory} was trained for task {meta.get('task')}, not {recipe.task}")
+        problems.append(f"{key}: {directory} was trained for task {meta.get('task')}, not {recipe.task}")
     if meta.get("base_model") not in (None, recipe.model.name_or_path):
         problems.append(
-            f"model.adapter: {directory} was trained on {meta.get('base_model')}, not on model.name_or_path "
+            f"{key}: {directory} was trained on {meta.get('base_model')}, not on model.name_or_path "
             f"{recipe.model.name_or_path}"
         )
     return problems

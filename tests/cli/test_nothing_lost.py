@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,15 @@ def test_eval_keeps_the_runs_results_and_says_where_its_own_went(finished_run, t
     # An unknown gate metric is refused before any model loads, with a suggestion.
     gate = invoke("eval", out, "--gate", "acuracy>=0.5")
     assert gate.exit_code == 2 and "did you mean 'accuracy'" in gate.output
+    # Another run's adapter (another task) and a checkpoint that is not there: refused, naming them (was a crash).
+    other = tmp_path / "other"
+    shutil.copytree(out / "adapter", other)
+    meta = json.loads((other / "finetune.json").read_text())
+    (other / "finetune.json").write_text(json.dumps({**meta, "task": "copywriting"}))
+    foreign = invoke("eval", out, "--checkpoint", other)
+    assert foreign.exit_code == 2 and "trained for task copywriting, not classification" in foreign.output
+    missing = invoke("eval", out, "--checkpoint", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
 def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
