@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -384,8 +385,18 @@ def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:
 BATCH_ORDER = 2
 
 
-# How a resume identity names a data file's hash (training/checkpoint.check_identity reads the prefix).
+# How a resume identity names a data file's hash, and a local first-stage model's (training/checkpoint.check_identity
+# reads the prefixes: a hash an older checkpoint did not keep is unknown, not changed).
 DATA_FILE = "data file "
+MODEL_FILES = "model files "
+HASHED = (DATA_FILE, MODEL_FILES)
+
+
+def _folder_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{files.sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def resume_identity(recipe: Recipe, world_size: int) -> dict:
@@ -423,6 +434,11 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         identity["recipe eval.watermark (learned)"] = settings
     training_files = data_file_hashes(recipe.data, ("train", "knowledge_base"))
     identity.update({f"{DATA_FILE}{name}": digest for name, digest in training_files.items()})
+    first_stage = recipe.data.retrieval.model
+    if first_stage is not None and Path(first_stage).expanduser().is_dir():
+        # A reranker's candidates and a knowledge-base reader's contexts come from it: replaced under the same path
+        # (another retriever's adapter), the rows a checkpoint trained on are not the ones it would resume on.
+        identity[f"{MODEL_FILES}{first_stage}"] = _folder_hash(Path(first_stage).expanduser())
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size

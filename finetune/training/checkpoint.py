@@ -35,7 +35,7 @@ import torch
 from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.outputs.adapter import AdapterSaver
-from finetune.outputs.rundir import DATA_FILE
+from finetune.outputs.rundir import HASHED
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -291,7 +291,7 @@ def check_identity(saved: dict, current: dict, force: bool) -> list[str]:
     """Differences between what the checkpoint was trained with and this run; refused unless forced."""
     differences = []
     for key in sorted(set(saved) | set(current)):
-        if key.startswith(DATA_FILE) and key not in saved:
+        if key.startswith(HASHED) and key not in saved:
             # A file a checkpoint from before its hash was kept (the knowledge base, until 2026-12-07): unknown, not
             # changed; which files a run reads is bound by the recipe's own settings, compared here too.
             continue

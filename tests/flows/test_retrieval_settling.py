@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,3 +176,11 @@ def test_the_knowledge_base_binds_a_resume_and_is_in_the_manifests_hashes(tiny_m
     # A checkpoint from before the knowledge base was hashed: its hash is unknown, not changed.
     older = {k: v for k, v in before.items() if k != f"data file {kb}"}
     assert checkpoint.check_identity(older, after, force=False) == []
+    # A first-stage retriever replaced under the same path (a reranker's candidates, a reader's contexts) binds too.
+    first = tmp_path / "first-stage"
+    shutil.copytree(tiny_models["bert"], first)
+    staged = build_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, {"model": str(first)}), "recipe")
+    then = rundir.resume_identity(staged, 1)
+    (first / "config.json").write_text((first / "config.json").read_text() + " ")
+    with pytest.raises(RecipeError, match=f"model files {first}"):
+        checkpoint.check_identity(then, rundir.resume_identity(staged, 1), force=False)
