@@ -424,7 +424,10 @@ def predict(
     # New prompts to answer: a preference recipe's rows are pairs, but what predict reads is prompts, as for sft.
     as_sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"objective": "sft"})})
     required, optional = task.fields(as_sft)
-    _check_inputs(rows, source, _inputs_only(task, required), recipe.data.columns)
+    # data.template builds the prompt from other columns: those the template names are checked as it fills them.
+    built = ("prompt",) if recipe.data.template is not None else ()
+    needed = tuple(f for f in _inputs_only(task, required) if f not in built)
+    _check_inputs(rows, source, needed, recipe.data.columns)
     table = task_rows(
         table,
         recipe,

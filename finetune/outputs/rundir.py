@@ -347,10 +347,16 @@ def staging_beside(target: Path, directory: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.partial-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-    os.close(handle)
-    return Path(name)
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(handle)
+        made = Path(name)
+    # tempfile makes them private (0700, 0600); the output gets the modes any new file or folder gets here.
+    mask = os.umask(0)
+    os.umask(mask)
+    made.chmod((0o777 if directory else 0o666) & ~mask)
+    return made
 
 
 def publish_directory(staging: Path, target: Path, what: str) -> None:

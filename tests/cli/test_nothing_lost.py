@@ -138,6 +138,8 @@ def test_merge_writes_only_somewhere_new(finished_run, tmp_path):
         (tmp_path / name / "mine.txt").write_text("mine")
     assert invoke("merge", out, "--output", tmp_path / "merged", "--overwrite").exit_code == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+    (tmp_path / "plain").mkdir()  # the merged folder has the modes of any new folder (not a temporary one's 0700)
+    assert (tmp_path / "merged").stat().st_mode == (tmp_path / "plain").stat().st_mode
     assert all((tmp_path / name / "mine.txt").read_text() == "mine" for name in (".merged.old", ".merged.partial"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == [
         ".merged.old",

@@ -454,6 +454,10 @@ def test_template_builds_the_prompt_from_columns(tiny_models, tmp_path, write_re
     assert result.exit_code == 0, result.output
     first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     assert first["prompt"] == f"{rows[24]['product']} in a warm tone:"
+    # predict fills the template from the input's own columns: no `prompt` field is asked of it.
+    new = runner.invoke(app, ["predict", str(out), "--input", "-"], input='{"product": "oven", "tone": "warm"}\n')
+    assert new.exit_code == 0, new.output
+    assert isinstance(json.loads(new.stdout)["prediction"], str)
 
     recipe["data"]["template"] = "{product} for {audience}"
     recipe["output"]["dir"] = str(tmp_path / "another-run")
