@@ -175,6 +175,10 @@ class Extractor(nn.Module):
         return votes + self.head((x * weights).sum(1) / count)
 
 
+# The parts of a Layout that eval.watermark's settings decide (embedder_layers decides `layers`).
+SETTING_SHAPED = ("layers", "extractor_width", "extractor_layers", "gate_scale")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The shapes of a learned watermark, saved beside its weights so that a run loads what it trained."""
@@ -393,6 +397,19 @@ def load(model: Any, adapter_dir: Path, settings: WatermarkSection, message: str
     layout = Layout.read(layout_file)
     if layout.bits != settings.bits:
         raise RecipeError(f"eval.watermark.bits: {settings.bits}, but the run's watermark carries {layout.bits} bits")
+    # The blocks and the extractor are what was trained: settings that would shape them otherwise are refused, not
+    # ignored (`eval RUN eval.watermark.extractor_width=32` scored the trained 16 silently).
+    wanted = new_layout(settings, model)
+    changed = [
+        f"{name}: the run's watermark has {getattr(layout, name)}, these settings make {getattr(wanted, name)}"
+        for name in SETTING_SHAPED  # what the model decides (widths, heads, positions) is the run's own model's
+        if getattr(layout, name) != getattr(wanted, name)
+    ]
+    if changed:
+        raise RecipeError(
+            "eval.watermark: a learned watermark's shape is fixed by its training (" + "; ".join(changed) + "); "
+            "drop those overrides"
+        )
     watermark = LearnedWatermark(layout)
     watermark.load_state_dict(load_file(str(weights)))
     attach(model, watermark)
