@@ -30,7 +30,7 @@ from transformers import PretrainedConfig
 
 from finetune.data.conversations import conversation_fields, encoder_decoder_problem
 from finetune.data.report import read_rows
-from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, check_questions
+from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, check_questions, load_passages, relevant_passages
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
@@ -63,6 +63,7 @@ from finetune.tasks import TASKS, Task, recipe_task
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
+from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import load_reward_function
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
@@ -980,6 +981,14 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
                 except DataError as exc:
                     raise rows.origins[split].explain(exc, split) from exc
+        if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty
+            passages = load_passages(recipe.data.knowledge_base)
+            if isinstance(task, RetrievalTask):  # every row's positive is a passage of it, as the run checks
+                for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
+                    try:
+                        relevant_passages(table, passages, split)
+                    except DataError as exc:
+                        raise rows.origins[split].explain(exc, split) from exc
         if recipe.data.knowledge_base is not None and task.name == "qa":
             for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
                 try:  # what attach_passages checks before it retrieves
