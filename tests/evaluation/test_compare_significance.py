@@ -112,20 +112,10 @@ def test_the_paired_bootstrap_equals_the_plain_one(monkeypatch):
     """p-value and the difference's interval from scoring both evaluations' rows, resample by resample, with the
     task's own compute_metrics: same seed, same units, same numbers."""
     monkeypatch.setattr(iv, "RESAMPLES", 120)
-    task, settings = get_task("classification"), EvalSection()
+    task = get_task("classification")
     rows = labelled(30, seed=5)
     baseline, candidate = predicted(rows, set(range(0, 30, 2))), predicted(rows, set(range(0, 30, 3)) | {1, 5})
-    document = metrics_document("classification", score(task, candidate, settings), [])
-    base_document = metrics_document("classification", score(task, baseline, settings), [])
-    matched, results = iv.paired_tests(
-        iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
-        candidate,
-        document["metrics"],
-        baseline,
-        base_document["metrics"],
-        ["macro_f1", "weighted_f1"],
-        ("text", "label"),
-    )
+    matched, results = paired("classification", candidate, baseline, ["macro_f1", "weighted_f1"], ("text", "label"))
     assert matched == 30
     drawn = np.random.default_rng(iv.SEED).integers(0, 30, size=(120, 30))
     for name in ("macro_f1", "weighted_f1"):
@@ -157,21 +147,20 @@ def test_rows_are_matched_by_id_whatever_their_order(tmp_path):
         assert matched["metrics"][name]["p_value"] == aligned["metrics"][name]["p_value"]
 
 
+def paired(
+    task_name: str, candidate: list[dict], baseline: list[dict], names: list[str], fields: tuple[str, ...]
+) -> tuple[int, dict[str, iv.PairedResult]]:
+    """A task's paired tests of `names`, candidate against baseline, rows matched by `fields`, as eval scores them."""
+    task, settings = get_task(task_name), EvalSection()
+    document = metrics_document(task_name, score(task, candidate, settings), [])
+    base = metrics_document(task_name, score(task, baseline, settings), [])
+    scorer = iv.Scorer(lambda r, _: score(task, r, settings)["metrics"])
+    return iv.paired_tests(scorer, candidate, document["metrics"], baseline, base["metrics"], names, fields)
+
+
 def paired_copy(candidate: list[dict], baseline: list[dict], name: str) -> iv.PairedResult:
     """The copywriting task's paired test of one metric, candidate against baseline, on the same briefs."""
-    task, settings = get_task("copywriting"), EvalSection()
-    document = metrics_document("copywriting", score(task, candidate, settings), [])
-    base = metrics_document("copywriting", score(task, baseline, settings), [])
-    _, results = iv.paired_tests(
-        iv.Scorer(lambda r, names: score(task, r, settings)["metrics"]),
-        candidate,
-        document["metrics"],
-        baseline,
-        base["metrics"],
-        [name],
-        ("prompt", "completion"),
-    )
-    return results[name]
+    return paired("copywriting", candidate, baseline, [name], ("prompt", "completion"))[1][name]
 
 
 def test_a_text_metric_noise_and_real_difference():

@@ -15,6 +15,7 @@ from finetune.recipe.gates import parse_gate
 from finetune.recipe.schema import EvalSection, Recipe
 from finetune.tasks import get_task
 from finetune.tasks.generative import Rewards
+from tests.evaluation.test_intervals import copy_rows
 
 
 def qa_rows(n: int, seed: int = 0) -> list[dict]:
@@ -24,17 +25,6 @@ def qa_rows(n: int, seed: int = 0) -> list[dict]:
         gold = f"the answer {i} is here"
         guess = rng.choice([gold, f"answer {i}", "no idea", f"the answer {i}"])
         rows.append({"question": f"q{i}", "answers": {"text": [gold], "answer_start": [0]}, "prediction": guess})
-    return rows
-
-
-def copy_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    words = ["fresh", "coffee", "every", "morning", "bright", "shoes", "run", "far", "summer", "sale"]
-    rows = []
-    for i in range(n):
-        reference = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))
-        kept = [w if rng.random() < 0.6 else rng.choice(words) for w in reference.split()]
-        rows.append({"prompt": f"brief {i}", "completion": reference, "prediction": " ".join(kept)})
     return rows
 
 
