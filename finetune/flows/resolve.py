@@ -20,9 +20,10 @@ import copy
 import importlib.util
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -69,6 +70,9 @@ from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
 from finetune.watermark import learned
 from finetune.watermark import marking as watermark
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 @dataclass(frozen=True)
@@ -963,8 +967,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     training row has, preference pairs and thumbs (preference.judged_rows), evaluation conversations that end
     after their scored turn; the same error and exit code as `run`, the
     recipe named. What needs the tokenizer (token
-    lengths under data.overflow: error, QA answer spans) and knowledge-base retrieval is checked by `run --dry-run`
-    and `finetune data`."""
+    lengths under data.overflow: error, QA answer spans) and retrieval itself (the knowledge base's passages and each
+    retrieval row's positive are read here) is checked by `run --dry-run` and `finetune data`."""
     task = recipe_task(recipe)
     required, optional = task.fields(recipe)
     try:
@@ -973,28 +977,29 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         )
         if family is not None and family.encoder_decoder and "messages" in rows.train.column_names:
             raise RecipeError(encoder_decoder_problem(family.name))  # the file's columns made them conversations
-        if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
+
+        def each_split(check: Callable[[Dataset, str], object]) -> None:
+            """`check` on the training and the evaluation rows, its refusal placed at the row's file and line."""
             for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
-                if "messages" in table.column_names:  # conversations are featurized as such, not as pairs
-                    continue
-                try:  # the pairs' and thumbs' own checks, as the task's featurize makes them, placed in the file
-                    judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
+                try:
+                    check(table, split)
                 except DataError as exc:
                     raise rows.origins[split].explain(exc, split) from exc
+
+        if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
+
+            def judged(table: Dataset, split: str) -> None:
+                """The pairs' and thumbs' own checks, as the task's featurize makes them."""
+                if "messages" not in table.column_names:  # conversations are featurized as such, not as pairs
+                    judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
+
+            each_split(judged)
         if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty
             passages = load_passages(recipe.data.knowledge_base)
             if isinstance(task, RetrievalTask):  # every row's positive is a passage of it, as the run checks
-                for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
-                    try:
-                        relevant_passages(table, passages, split)
-                    except DataError as exc:
-                        raise rows.origins[split].explain(exc, split) from exc
-        if recipe.data.knowledge_base is not None and task.name == "qa":
-            for split, table in (("data.train", rows.train), ("data.eval", rows.eval)):
-                try:  # what attach_passages checks before it retrieves
-                    check_questions(table, split)
-                except DataError as exc:
-                    raise rows.origins[split].explain(exc, split) from exc
+                each_split(lambda table, split: relevant_passages(table, passages, split))
+            if task.name == "qa":  # what attach_passages checks before it retrieves
+                each_split(check_questions)
         if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:
             try:  # an evaluation conversation must end with the assistant turn it is scored on, as featurize checks
                 for number, messages in enumerate(rows.eval["messages"], start=1):
