@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -147,14 +150,41 @@ def _quiet_stdout() -> None:
         pass
 
 
+# Stopped by SIGTERM outside training (a preempted job, `timeout`): 128 + SIGTERM, as a shell reports a killed command.
+TERMINATED = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt: what is being written is cleaned up
+    on the way out (atomic writes drop their temporary file) and the command says why it stopped. Inside training
+    the loop's own handler (training.loop.StopSignals) replaces this one: it checkpoints and exits 75."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _handled(command):
     """Run a command: user errors -> one line on stderr and their exit code; a bug -> exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            result = command(*args, **kwargs)
-            sys.stdout.flush()  # a closed pipe shows here, where it is handled below, not at exit
+            with _terminate_as_interrupt():
+                result = command(*args, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows here, where it is handled below, not at exit
             return result
         except typer.Exit:
             raise
@@ -174,6 +204,15 @@ def _handled(command):
                 soft_wrap=True,
             )
             raise typer.Exit(2) from None
+        except _Terminated:
+            err_console.print(
+                "stopped by SIGTERM (outside training's steps, so no new checkpoint was written; a file being "
+                "written was not put in place): `finetune run ... --resume auto` continues a run from its last "
+                "checkpoint",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
 
-from finetune.cli import PIPE_CLOSED, app
+from finetune.cli import PIPE_CLOSED, TERMINATED, app
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -73,6 +75,23 @@ def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
     monkeypatch.setattr(resolve, "resolve", closed)
     result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
     assert result.exit_code == PIPE_CLOSED and "internal error" not in result.output
+
+
+@pytest.mark.unit
+def test_sigterm_outside_training_says_so_and_exits_143(monkeypatch, tmp_path):
+    """A preempted job's SIGTERM while loading, evaluating or saving: one line and 128 + SIGTERM (it was killed
+    silently), and the process's own handler is back afterwards."""
+    import finetune.flows.resolve as resolve
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+
+    monkeypatch.setattr(resolve, "resolve", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == TERMINATED and "stopped by SIGTERM" in result.output, result.output
+    assert "internal error" not in result.output and signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.slow
