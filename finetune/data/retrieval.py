@@ -370,6 +370,26 @@ class AnswerHolders:
         return sorted(found, key=lambda i: -float(scores[i]))  # stable: ties keep file order
 
 
+def check_positives_differ(rows: Dataset, passages: list[Passage], hard_negatives: int, split: str) -> None:
+    """Training rows (after `relevant_passages`) that all have one positive passage, with no negatives given and none
+    to mine (data.retrieval.hard_negatives 0, or a one-passage corpus): every in-batch negative is then a copy of the
+    row's own positive, the loss is log(batch size) at every step, and training learns nothing. Refused, as `run`
+    and `validate` both read the rows."""
+    if len(rows) < 2 or "negative" in rows.column_names:
+        return
+    if hard_negatives and len(passages) > 1:
+        return
+    positives = set(rows["positive_id"][:])
+    if len(positives) == 1:
+        raise DataError(
+            f"{split}: all {len(rows)} rows have the same positive passage ({next(iter(positives))!r}) and none has a "
+            "negative: in-batch negatives are then copies of each row's own positive, and training learns nothing. "
+            "Add rows with other positives, or negatives (a `negative` column, or data.retrieval.hard_negatives over "
+            "a corpus of more passages); a knowledge-base reader can skip training its retriever "
+            "(data.retrieval.train: false)"
+        )
+
+
 def check_questions(rows: Dataset, split: str) -> None:
     """Knowledge-base rows: a question to search with, and an answer (where given) that is text. An empty question
     retrieves arbitrary passages and gets a confident answer from them; an empty answer is "held" by every passage."""

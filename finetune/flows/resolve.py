@@ -31,7 +31,13 @@ from transformers import PretrainedConfig
 
 from finetune.data.conversations import conversation_fields, encoder_decoder_problem
 from finetune.data.report import read_rows
-from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL, check_questions, load_passages, relevant_passages
+from finetune.data.retrieval import (
+    DEFAULT_EMBEDDING_MODEL,
+    check_positives_differ,
+    check_questions,
+    load_passages,
+    relevant_passages,
+)
 from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
@@ -998,7 +1004,13 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty
             passages = load_passages(recipe.data.knowledge_base)
             if isinstance(task, RetrievalTask):  # every row's positive is a passage of it, as the run checks
-                each_split(lambda table, split: relevant_passages(table, passages, split))
+
+                def positives(table: Dataset, split: str) -> None:
+                    found = relevant_passages(table, passages, split)
+                    if split == "data.train":
+                        check_positives_differ(found, passages, recipe.data.retrieval.hard_negatives, split)
+
+                each_split(positives)
             if task.name == "qa":  # what attach_passages checks before it retrieves
                 each_split(check_questions)
         if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:

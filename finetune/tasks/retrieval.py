@@ -13,6 +13,7 @@ sentence-transformers' InformationRetrievalEvaluator).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,6 +209,8 @@ class RetrievalTask(Task):
                 )
             )
         report.notes.append(f"corpus passages longer than {width} tokens are cut to it when the corpus is embedded")
+        if split == "data.train" and "positive_input_ids" in texts:
+            report.notes += _shared_positives(texts["positive_input_ids"])
         dataset = Dataset.from_dict(columns)
         if keep.size < len(queries):
             dataset, rows = dataset.select(keep), rows.select(keep)
@@ -268,6 +271,20 @@ class RetrievalTask(Task):
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def _shared_positives(positives: list[str]) -> list[str]:
+    """What training rows sharing a positive passage do to multiple-negatives ranking: two of them in one batch count
+    each other's positive, their own, as a negative (data.retrieval.check_positives_differ refuses the case where
+    that is all training could do)."""
+    counts = Counter(positives)
+    shared = sum(n for n in counts.values() if n > 1)
+    if not shared:
+        return []
+    return [
+        f"{shared} rows share their positive with another row ({len(counts)} distinct positives): two such rows in "
+        "one batch count each other's positive as a negative"
+    ]
 
 
 def layout_of(state: Mapping[str, Any]) -> EmbeddingLayout:

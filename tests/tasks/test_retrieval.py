@@ -145,6 +145,7 @@ def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path
 
 def test_the_plan_names_the_loss_and_what_the_corpus_is(tiny_models, tmp_path, write_recipe):
     passages, queries = _corpus()
+    queries[1]["positive_id"] = queries[0]["positive_id"]  # in one batch, each would be the other's negative
     result = runner.invoke(
         app, ["run", str(write_recipe(_recipe(tiny_models["bert"], tmp_path, queries, passages))), "--dry-run"]
     )
@@ -152,6 +153,7 @@ def test_the_plan_names_the_loss_and_what_the_corpus_is(tiny_models, tmp_path, w
     words = " ".join(result.output.replace("│", " ").split())
     assert "multiple-negatives ranking (InfoNCE over in-batch negatives" in words
     assert "the corpus searched" in words and "gold passage" not in words and "completions" not in words
+    assert "2 rows share their positive with another row (27 distinct positives)" in words
 
 
 def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_path, write_recipe):
@@ -170,6 +172,11 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
         ("unknown_id", 3, ["train.jsonl:2", "is not the id of"]),
         ("duplicate_id", 3, ["passages.jsonl): passage 2", "already the id of passage 1"]),
         ("missing_id", 3, ["passages.jsonl): passage 2 has no id"]),
+        (
+            "one_positive_id",
+            3,
+            ["data.train: all 28 rows have the same positive passage ('doc-000')", "learns nothing"],
+        ),
         ("empty_corpus", 3, ["passages.jsonl", "has no rows"]),
         ("bm25", 2, ["data.retrieval.method", "use dense"]),
         ("gate_k", 2, ["recall@3 is not reported", "recall@5"]),
@@ -187,6 +194,10 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         passages[1]["id"] = passages[0]["id"]
     elif change == "missing_id":  # read as a duplicate id 'None' before
         passages[1]["id"] = None
+    elif change == "one_positive_id":  # nothing to tell apart: the loss was log(batch size) at every step, silently
+        for query in queries[:28]:
+            query["positive_id"] = "doc-000"
+        extra["retrieval"] = {"hard_negatives": 0}
     recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages, **extra)
     if change == "empty_corpus":
         (tmp_path / "passages.jsonl").write_text("")
