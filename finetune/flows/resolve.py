@@ -16,6 +16,7 @@ error (exit 2).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -63,6 +64,7 @@ from finetune.recipe.schema import (
     distinct_overrides,
     read_recipe_file,
     recipe_problems_error,
+    same_setting,
     training_only_overrides,
 )
 from finetune.recipe.schema import build_recipe as parse_recipe
@@ -1134,9 +1136,28 @@ def read_recipe(path: str | Path, overrides: list[str] | None = None, recorded: 
     return apply_overrides(raw, distinct_overrides(list(overrides or [])))
 
 
+@contextlib.contextmanager
+def overrides_named(overrides: list[str] | None):
+    """A recipe's problems are headed by its file's name; one with a setting the command line set says so (the
+    file does not hold the value refused)."""
+    keys = [o.partition("=")[0].strip() for o in overrides or []]
+    try:
+        yield
+    except RecipeError as exc:
+        if not keys or not exc.problems:
+            raise
+
+        def named(problem: str) -> str:
+            key = problem.partition(":")[0].strip()
+            return f"{problem} (set on the command line)" if any(same_setting(key, k) for k in keys) else problem
+
+        raise RecipeError(Exception.__str__(exc), [named(p) for p in exc.problems]) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply `section.key=value` overrides, and check the recipe-alone rules."""
-    return build_recipe(read_recipe(path, overrides), source=str(path))
+    with overrides_named(overrides):
+        return build_recipe(read_recipe(path, overrides), source=str(path))
 
 
 def resolve(
@@ -1147,7 +1168,8 @@ def resolve(
 ) -> Resolved:
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
     once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
-    return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path)), str(path), splits)
+    with overrides_named(overrides):
+        return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path)), str(path), splits)
 
 
 def resolve_source(
@@ -1210,7 +1232,8 @@ def resolve_run(
 
 def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
     """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
-    return check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path)).summary()
+    with overrides_named(overrides):
+        return check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path)).summary()
 
 
 __all__ = [

@@ -46,7 +46,15 @@ from finetune.errors import DataError, RecipeError, TrainingDiverged, brief
 from finetune.evaluation.compare import LOWER_IS_BETTER
 from finetune.evaluation.scoring import collect_gates
 from finetune.files import write_json, write_text_atomic
-from finetune.flows.resolve import COSTS, build_recipe, read_recipe, resolve_recipe, whole_numbers, yaml_text
+from finetune.flows.resolve import (
+    COSTS,
+    build_recipe,
+    overrides_named,
+    read_recipe,
+    resolve_recipe,
+    whole_numbers,
+    yaml_text,
+)
 from finetune.flows.train import run
 from finetune.outputs import rundir
 from finetune.outputs.lock import RunLock
@@ -203,8 +211,9 @@ def sweep(source: str | Path, overrides: list[str] | None, console: Console, *, 
     time budgets count every session. `overwrite` replaces an earlier sweep there (only what a sweep writes).
     """
     path = Path(source).expanduser()
-    raw = read_recipe(path, overrides)
-    recipe = build_recipe(raw, str(path))
+    with overrides_named(overrides):
+        raw = read_recipe(path, overrides)
+        recipe = build_recipe(raw, str(path))
     settings = recipe.sweep
     if settings is None:
         raise RecipeError(

@@ -40,3 +40,16 @@ def test_eval_refuses_settings_only_training_reads(tiny_models, topic_data, writ
     one = invoke("eval", path, "lora.r=4", "--output", tmp_path / "e")
     assert one.exit_code == 2 and "'lora.r=4': only training reads it" in one.output, one.output
     assert invoke("eval", path, "eval.batch_size=2", "--output", tmp_path / "e2").exit_code in (0, 4)
+
+
+def test_a_problem_with_an_override_says_the_command_line_set_it(tiny_models, topic_data, write_recipe, tmp_path):
+    """The heading names the recipe file; the file does not hold a value an override gave, so that problem says so."""
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["train"]["warmup"] = -1  # the file's own mistake
+    path = write_recipe(recipe)
+    for command in (("validate", path), ("run", path, "--dry-run", "--no-estimate")):
+        result = invoke(*command, "lora.r=abc")
+        assert result.exit_code == 2, result.output
+        lines = [" ".join(line.split()) for line in result.output.splitlines()]
+        assert any(line.startswith("- lora.r:") and line.endswith("(set on the command line)") for line in lines)
+        assert any(line.startswith("- train.warmup:") and "command line" not in line for line in lines), lines
