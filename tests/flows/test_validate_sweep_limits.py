@@ -30,6 +30,8 @@ def test_swept_values_meet_the_model_limits(key, tiny_models, topic_data, write_
     assert validated.exit_code == 2, validated.output
     assert started.exit_code == 2, started.output
     refusal = _problem_line(plain.output, key)
+    assert refusal.endswith(" (set on the command line)")  # the plain check's value came from an override
+    refusal = refusal.removesuffix(" (set on the command line)")
     assert str(bad) in refusal
     assert f"sweep.params.{key}: {refusal}" in " ".join(validated.output.split())
     assert f"sweep.params.{key}: {refusal}" in " ".join(started.output.split())
