@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.markup import escape
 from finetune import __version__
 from finetune.errors import DataError, FinetuneError, GateFailed, PeerLost, RecipeError
 from finetune.secrets import RedactingFilter, redact
+
+if TYPE_CHECKING:
+    from finetune.data.tables import Origins
 
 app = typer.Typer(
     add_completion=False,
@@ -672,8 +675,8 @@ def predict_command(
         target = claim_output(
             output, key="--output", what=PREDICTIONS, directory=False, overwrite=overwrite, inputs=inputs
         )
-    rows, source = _read_input_rows(input)
-    predicted = predict(run_dir, rows, source, knowledge_base=knowledge_base, message=message)
+    rows, origins = _read_input_rows(input)
+    predicted = predict(run_dir, rows, origins, knowledge_base=knowledge_base, message=message)
     if target is not None:
         write_jsonl(target, predicted)
         record_file(target, PREDICTIONS)  # what a later --overwrite may replace
@@ -824,8 +827,8 @@ def detect_command(
     _quiet_libraries()
     from finetune.flows.watermark import detect
 
-    rows, source = _read_input_rows(input)
-    scored, summary = detect(run_dir, rows, source, field=field, key=key, message=message)
+    rows, origins = _read_input_rows(input)
+    scored, summary = detect(run_dir, rows, origins, field=field, key=key, message=message)
     if as_json:
         print(json.dumps({"rows": scored, "summary": summary}, ensure_ascii=False))
         return
@@ -888,17 +891,17 @@ def train_detector_command(
     )
 
 
-def _read_input_rows(input: str) -> tuple[list[dict], str]:
-    """JSONL rows from a file or stdin (-), each a JSON object; a bad line is named."""
-    from finetune.data.tables import parse_jsonl, read_jsonl
+def _read_input_rows(input: str) -> tuple[list[dict], Origins]:
+    """JSONL rows from a file or stdin (-), each a JSON object, and each one's line; a bad line is named."""
+    from finetune.data.tables import read_input_rows
 
     if input != "-":
         if Path(input).expanduser().is_dir():
             raise DataError(f"{input}: a directory, not an input file (give a JSONL file, or - for stdin)")
         if not Path(input).expanduser().is_file():
             raise DataError(f"{input}: input file not found")
-        return read_jsonl(Path(input).expanduser()), input
-    return parse_jsonl(sys.stdin, "stdin"), "stdin"
+        return read_input_rows(Path(input).expanduser(), input)
+    return read_input_rows(None, "stdin")
 
 
 @app.command("export")

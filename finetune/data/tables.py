@@ -15,6 +15,7 @@ import math
 import os
 import re
 import string
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,14 @@ def _read_bytes(handle: io.BufferedIOBase, path: Path) -> bytes:
 def read_jsonl(path: Path) -> list[dict]:
     """A small JSON Lines file (predictions, logs) as row objects; a bad line is named as file:line."""
     return list(iter_jsonl(_lines(path), str(path)))
+
+
+def read_input_rows(path: Path | None, source: str) -> tuple[list[dict], Origins]:
+    """`predict`'s and `detect`'s JSON Lines input (a file, or stdin where `path` is None) as row objects, with each
+    row's line: a message about row N names the line it is on (blank lines are skipped)."""
+    numbered = list(numbered_jsonl(sys.stdin if path is None else _lines(path), source))
+    origin = Source(source, path, "lines", lines=tuple(number for number, _ in numbered))
+    return [row for _, row in numbered], Origins.of(origin, len(numbered))
 
 
 def parse_jsonl(lines: Iterable[str | bytes], source: str) -> list[dict]:
@@ -347,12 +356,15 @@ class Source:
     """
 
     name: str  # as the recipe wrote it
-    path: Path | None  # None: a hub dataset
+    path: Path | None  # None: a hub dataset, or stdin
     layout: str
     separator: str = ","  # CSV/TSV
+    lines: tuple[int, ...] | None = None  # each record's line, where the reader counted them (stdin: no file to reread)
 
     def place(self, record: int) -> str:
         """`file:line`, `file: record N` or `file: row N` for the source's 0-based `record`."""
+        if self.lines is not None and record < len(self.lines):
+            return f"{self.name}:{self.lines[record]}"
         if self.layout in ("lines", "csv") and self.path is not None:
             starts = _record_lines(self.path, self.layout, self.separator)
             if record < len(starts):

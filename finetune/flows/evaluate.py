@@ -16,7 +16,7 @@ from datasets import Dataset
 from finetune import files
 from finetune.data.features import Features
 from finetune.data.retrieval import attach_passages
-from finetune.data.tables import data_file_hashes
+from finetune.data.tables import Origins, data_file_hashes
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
@@ -397,14 +397,27 @@ def rescore(
 
 
 def predict(
-    run_path: str, rows: list[dict], source: str, knowledge_base: str | None = None, message: str | None = None
+    run_path: str, rows: list[dict], origins: Origins, knowledge_base: str | None = None, message: str | None = None
 ) -> list[dict]:
     """The run's model on new rows; every input field it does not use comes back in the output row, in order.
 
     Input rows may use the training file's column names or the task's field names, and may carry the reference
     answer (a labelled test file): it is passed through, never used. A learned watermark marks with the run's
-    message, or `message`.
+    message, or `message`. `origins`: where the rows are (a message about one names its line).
     """
+    source = origins.sources[0].name
+    try:
+        return _predict(run_path, rows, origins, source, knowledge_base, message)
+    except DataError as exc:  # the task's `SOURCE: row N: ...` named at the row's line: `SOURCE:LINE: ...`
+        placed = origins.explain(exc, source)
+        if placed is exc:
+            raise
+        raise DataError(str(placed).removeprefix(f"{source}: ")) from exc
+
+
+def _predict(
+    run_path: str, rows: list[dict], origins: Origins, source: str, knowledge_base: str | None, message: str | None
+) -> list[dict]:
     # Quoted: YAML would read 0101 as a number.
     resolved, run = resolve_run(run_path, [f"eval.watermark.message='{message}'"] if message is not None else None)
     recipe, task = resolved.recipe, resolved.task
@@ -419,7 +432,7 @@ def predict(
     if recipe.data.overflow == "drop":  # every input gets an answer: over-long ones are truncated, not dropped
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
         resolved = dataclasses.replace(resolved, recipe=recipe)
-    table = _input_table(rows, source)
+    table = _input_table(rows, origins)
     columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
     # New prompts to answer: a preference recipe's rows are pairs, but what predict reads is prompts, as for sft.
     as_sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"objective": "sft"})})
@@ -427,7 +440,7 @@ def predict(
     # data.template builds the prompt from other columns: those the template names are checked as it fills them.
     built = ("prompt",) if recipe.data.template is not None else ()
     needed = tuple(f for f in _inputs_only(task, required) if f not in built)
-    _check_inputs(rows, source, needed, recipe.data.columns)
+    _check_inputs(rows, origins, needed, recipe.data.columns)
     table = task_rows(
         table,
         recipe,
@@ -462,28 +475,30 @@ def predict(
         clash = next((k for k in row if k not in read and k in given), None)
         if clash is not None:
             raise DataError(
-                f"{source}: row {i // per_row + 1}: field {clash!r} is what predict writes, and the input row holds one "
+                f"{origins.place(i // per_row)}: field {clash!r} is what predict writes, and the input row holds one "
                 "already; rename or drop it in the input (nothing was written)"
             )
     return [{**rows[i // per_row], **{k: v for k, v in row.items() if k not in read}} for i, row in enumerate(out)]
 
 
-def _check_inputs(rows: list[dict], source: str, needed: tuple[str, ...], columns: dict[str, str]) -> None:
+def _check_inputs(rows: list[dict], origins: Origins, needed: tuple[str, ...], columns: dict[str, str]) -> None:
     """Each input row holds the fields predict reads (by the task's name or the recipe's column name): a row
     without one is named as such, not as one whose value is null (which the table would make of it)."""
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(rows):
         for field in needed:
             if field not in row and columns.get(field, field) not in row:
                 named = repr(field) if columns.get(field, field) == field else f"{field!r} (column {columns[field]!r})"
-                raise DataError(f"{source}: row {number}: no field {named}; the row has: {', '.join(row) or 'nothing'}")
+                raise DataError(
+                    f"{origins.place(number)}: no field {named}; the row has: {', '.join(row) or 'nothing'}"
+                )
 
 
-def _input_table(rows: list[dict], source: str) -> Dataset:
+def _input_table(rows: list[dict], origins: Origins) -> Dataset:
     try:
         return Dataset.from_list(rows)
     except Exception as exc:  # mixed types in one field: name the field and the first row that differs
         first: dict[str, tuple[int, str]] = {}
-        for number, row in enumerate(rows, start=1):
+        for number, row in enumerate(rows):
             for field, value in row.items():
                 kind = "no value" if value is None else type(value).__name__
                 if value is None:
@@ -491,10 +506,12 @@ def _input_table(rows: list[dict], source: str) -> Dataset:
                 seen = first.setdefault(field, (number, kind))
                 if seen[1] != kind:
                     raise DataError(
-                        f"{source}: row {number}: field {field!r} is {kind}, but {seen[1]} in row {seen[0]}; a field "
-                        "holds one type in every row"
+                        f"{origins.place(number)}: field {field!r} is {kind}, but {seen[1]} at {origins.place(seen[0])}; "
+                        "a field holds one type in every row"
                     ) from exc
-        raise DataError(f"{source}: the input rows do not form a table: {str(exc).splitlines()[0]}") from exc
+        raise DataError(
+            f"{origins.sources[0].name}: the input rows do not form a table: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def _inputs_only(task: Task, required: tuple[str, ...]) -> tuple[str, ...]:

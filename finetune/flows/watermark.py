@@ -8,6 +8,7 @@ import random
 from transformers import AutoTokenizer
 
 from finetune import files
+from finetune.data.tables import Origins
 from finetune.errors import DataError, RecipeError
 from finetune.flows import detector as synthid_detector
 from finetune.flows.evaluate import watermark_detector
@@ -27,7 +28,7 @@ log = logging.getLogger("finetune")
 def detect(
     run_path: str,
     rows: list[dict],
-    source: str,
+    origins: Origins,
     field: str = "prediction",
     key: int | None = None,
     message: str | None = None,
@@ -47,7 +48,7 @@ def detect(
                 f"--key: {run_path} carries a learned watermark, which its extractor reads back as a message, with "
                 "no key; to test for another message than the run's own, give it with --message"
             )
-        _check_rows(rows, source, field)
+        _check_rows(rows, origins, field)
         return _detect_learned(resolved, run, settings, rows, field, message)
     if message is not None:
         raise RecipeError(f"--message: {run_path} carries no learned watermark (eval.watermark.method learned)")
@@ -58,7 +59,7 @@ def detect(
             f"{run_path}: no watermark key: the run was not watermarked (eval.watermark) or its "
             f"adapter/{watermark.KEY_FILE} is gone; give --key"
         )
-    _check_rows(rows, source, field)
+    _check_rows(rows, origins, field)
     if watermark.gated(settings):  # the model's entropies choose the tokens to count
         session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
         detector = watermark_detector(
@@ -96,10 +97,13 @@ def detect(
     return scored, summary
 
 
-def _check_rows(rows: list[dict], source: str, field: str) -> None:
-    for number, row in enumerate(rows, start=1):
+def _check_rows(rows: list[dict], origins: Origins, field: str) -> None:
+    """Each row's text is text; one that is not is named at its line (`origins`: where the input's rows are)."""
+    for number, row in enumerate(rows):
         if not isinstance(row.get(field), str):
-            raise DataError(f"{source}:{number}: field {field!r} must be text, got {type(row.get(field)).__name__}")
+            raise DataError(
+                f"{origins.place(number)}: field {field!r} must be text, got {type(row.get(field)).__name__}"
+            )
 
 
 def _detect_learned(

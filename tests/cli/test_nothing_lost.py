@@ -174,16 +174,20 @@ def test_predict_passes_fields_through_and_takes_a_labelled_file(finished_run, t
     # place of the new answer; --output is not written.
     earlier = write_jsonl(tmp_path / "earlier.jsonl", [{"text": "rain", "prediction": "mine"}])
     refused = invoke("predict", out, "--input", earlier, "--output", tmp_path / "new.jsonl")
-    assert refused.exit_code == 3 and "row 1: field 'prediction' is what predict writes" in " ".join(
+    assert refused.exit_code == 3 and "earlier.jsonl:1: field 'prediction' is what predict writes" in " ".join(
         refused.output.split()
     )
     assert not (tmp_path / "new.jsonl").exists()
     # A row missing the field predict reads, a field of two types, a directory as input: each named as such.
-    gap = write_jsonl(tmp_path / "gap.jsonl", [{"text": "a"}, {"txt": "x"}])
+    # Each named at its line, which a blank line sets apart from the row's number.
+    gap = tmp_path / "gap.jsonl"
+    gap.write_text('{"text": "a"}\n\n{"txt": "x"}\n')
     missing = invoke("predict", out, "--input", gap)
-    assert missing.exit_code == 3 and "row 2: no field 'text'; the row has: txt" in missing.output
-    mixed = invoke("predict", out, "--input", "-", input='{"text": "a"}\n{"text": 5}\n')
-    assert mixed.exit_code == 3 and "row 2: field 'text' is int, but str in row 1" in mixed.output
+    assert missing.exit_code == 3 and "gap.jsonl:3: no field 'text'; the row has: txt" in missing.output
+    mixed = invoke("predict", out, "--input", "-", input='\n{"text": "a"}\n{"text": 5}\n')
+    assert mixed.exit_code == 3 and "stdin:3: field 'text' is int, but str at stdin:2" in mixed.output
+    empty = invoke("predict", out, "--input", "-", input='{"text": "a"}\n\n{"text": null}\n')  # the task's own check
+    assert empty.exit_code == 3 and "error: stdin:3: field 'text' must be text" in empty.output, empty.output
     folder = invoke("predict", out, "--input", tmp_path)
     assert folder.exit_code == 3 and "a directory, not an input file" in folder.output
     # --output: a new file; its own earlier file again only with --overwrite; never once the user changed it.

@@ -7,11 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune.errors import RecipeError
+from finetune.data.tables import Origins, Source
+from finetune.errors import DataError, RecipeError
 from finetune.flows import watermark as flow
 from finetune.recipe.schema import Recipe
 
 BASE = {"task": "copywriting", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+ROWS = Origins.of(Source("rows.jsonl", None, "lines", lines=(1,)), 1)
 
 
 def run_with(monkeypatch, mark: dict) -> None:
@@ -22,7 +24,7 @@ def run_with(monkeypatch, mark: dict) -> None:
 def test_key_on_a_learned_watermark_is_refused(monkeypatch):
     run_with(monkeypatch, {"method": "learned", "key": 7})
     with pytest.raises(RecipeError) as info:
-        flow.detect("RUN", [{"prediction": "text"}], "rows.jsonl", key=5)
+        flow.detect("RUN", [{"prediction": "text"}], ROWS, key=5)
     assert info.value.exit_code == 2
     assert str(info.value).startswith("--key: RUN carries a learned watermark") and "--message" in str(info.value)
 
@@ -30,4 +32,12 @@ def test_key_on_a_learned_watermark_is_refused(monkeypatch):
 def test_message_on_a_keyed_watermark_is_still_refused(monkeypatch):
     run_with(monkeypatch, {"method": "kirchenbauer", "key": 7})
     with pytest.raises(RecipeError, match="--message: RUN carries no learned watermark"):
-        flow.detect("RUN", [{"prediction": "text"}], "rows.jsonl", message="1010")
+        flow.detect("RUN", [{"prediction": "text"}], ROWS, message="1010")
+
+
+def test_a_row_without_text_is_named_at_its_line(monkeypatch):
+    """The line the reader counted (a blank line before it), not the row's number."""
+    run_with(monkeypatch, {"method": "kirchenbauer", "key": 7})
+    rows = Origins.of(Source("stdin", None, "lines", lines=(1, 3)), 2)
+    with pytest.raises(DataError, match="stdin:3: field 'prediction' must be text, got int"):
+        flow.detect("RUN", [{"prediction": "text"}, {"prediction": 5}], rows)
