@@ -17,6 +17,7 @@ the passage holds), and hard negatives are mined from the knowledge base with th
 
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
 import json
@@ -354,11 +355,31 @@ class AnswerHolders:
         """The passages as `holds_answer` compares them, normalised once rather than once per row."""
         return [_normalise(p.text) for p in self.passages]
 
+    @functools.cached_property
+    def _words(self) -> dict[str, array.array]:
+        """Each word of the normalised passages -> the passages holding it, in order (4 bytes a passage)."""
+        index: dict[str, array.array] = {}
+        for i, text in enumerate(self._texts):
+            for word in set(text.split(" ")):
+                index.setdefault(word, array.array("I")).append(i)
+        return index
+
+    def holding(self, answer: str) -> list[int]:
+        """The passages holding `answer` (`holds_answer`), in file order. A word of the normalised answer with a
+        space on both sides is a whole word of every passage holding it, so only the passages holding the answer's
+        rarest such word are searched: one pass over those, not over the corpus for every row (2,000 answers over
+        5,000 passages took 9 s)."""
+        needle = _normalise(answer)
+        inner = needle.split(" ")[1:-1]  # the first and last may be parts of a passage's words
+        if not inner:
+            return [i for i, text in enumerate(self._texts) if needle in text]
+        candidates = min((self._words.get(word, ()) for word in inner), key=len)
+        return [i for i in candidates if needle in self._texts[i]]
+
     def __call__(self, question: str | None, answer: str) -> list[int]:
         import bm25s
 
-        needle = _normalise(answer)
-        found = [i for i, text in enumerate(self._texts) if needle in text]  # holds_answer, over the cached texts
+        found = self.holding(answer)
         if len(found) < 2 or not question:
             return found
         words = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)[0]

@@ -488,3 +488,23 @@ def test_a_stopped_retrieval_run_resumes_to_the_same_adapter_bytes(monkeypatch, 
     assert resumed.exit_code == 0, resumed.output
     assert adapter_bytes(tmp_path / "stopped") == adapter_bytes(tmp_path / "whole")
     assert log_losses(tmp_path / "stopped") == log_losses(tmp_path / "whole")
+
+
+def test_the_passages_holding_an_answer_are_those_a_search_of_every_passage_finds():
+    """AnswerHolders searches only the passages holding the answer's rarest whole word: the same passages, in the
+    same order, as `holds_answer` over the whole corpus, for answers cut anywhere (mid-word ends, one or two words,
+    spaces and case as the user wrote them, absent)."""
+    from finetune.data.retrieval import AnswerHolders, holds_answer
+
+    rng = random.Random(3)
+    words = ["cancel", "within", "14", "days", "fee", "call", "us", "meter", "readings", "due", "month", "day"]
+    passages = [Passage(f"p{i}", " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))) for i in range(300)]
+    holders = AnswerHolders(passages)
+    answers = []
+    for _ in range(400):
+        text = rng.choice(passages).text
+        start = rng.randrange(len(text))
+        answers.append(text[start : start + rng.randint(1, 40)])
+    answers += ["  Cancel\tWITHIN 14  ", "days fee call us meter readings", "no passage holds this", "ays fee cal"]
+    for answer in answers:
+        assert holders.holding(answer) == [i for i, p in enumerate(passages) if holds_answer(p, answer)], answer
