@@ -169,7 +169,16 @@ def _raise_terminated(signum, frame) -> None:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
+    """Not in a process of a multi-process run, where SIGTERM is the launcher stopping the others after one failed:
+    their exit codes must not hide that process's own (`launch.worst_exit_code`: 137 for kill -9); nor where SIGTERM
+    is ignored (`trap '' TERM`)."""
+    from finetune.launch import inside_launched_process
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or inside_launched_process()
+        or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    ):
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -209,9 +218,9 @@ def _handled(command):
             raise typer.Exit(2) from None
         except _Terminated:
             err_console.print(
-                "stopped by SIGTERM (outside training's steps, so no new checkpoint was written; a file being "
-                "written was not put in place): `finetune run ... --resume auto` continues a run from its last "
-                "checkpoint",
+                "stopped by SIGTERM outside training's steps: no checkpoint was written, and a file being written "
+                "was not put in place (an output folder may be incomplete; a training run continues from its last "
+                "checkpoint with `finetune run ... --resume auto`)",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -403,11 +403,11 @@ def check_positives_differ(rows: Dataset, passages: list[Passage], hard_negative
     positives = set(rows["positive_id"][:])
     if len(positives) == 1:
         raise DataError(
-            f"{split}: all {len(rows)} rows have the same positive passage ({next(iter(positives))!r}) and none has a "
-            "negative: in-batch negatives are then copies of each row's own positive, and training learns nothing. "
-            "Add rows with other positives, or negatives (a `negative` column, or data.retrieval.hard_negatives over "
-            "a corpus of more passages); a knowledge-base reader can skip training its retriever "
-            "(data.retrieval.train: false)"
+            f"{split}: all {len(rows)} rows have the same positive passage ({next(iter(positives))!r}), and no row has "
+            "a negative given or to mine: nothing is ranked against the positive but copies of it, and training "
+            "learns nothing. Add rows with other positives, or negatives (a `negative` column, or "
+            "data.retrieval.hard_negatives over a corpus of more passages); a knowledge-base reader can skip training "
+            "its retriever (data.retrieval.train: false)"
         )
 
 

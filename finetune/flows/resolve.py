@@ -64,7 +64,7 @@ from finetune.recipe.schema import (
     distinct_overrides,
     read_recipe_file,
     recipe_problems_error,
-    same_setting,
+    training_only,
     training_only_overrides,
 )
 from finetune.recipe.schema import build_recipe as parse_recipe
@@ -936,7 +936,10 @@ def _check(
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
     if not problems:  # every swept value passed the recipe-alone rules above, so each builds a trial recipe
         environment += _candidate_environment_rules(recipe, environment, splits)
-    _raise(source, problems + environment + _retriever_environment_rules(recipe))
+    found = problems + environment + _retriever_environment_rules(recipe)
+    if "train" not in splits:  # a command that trains nothing: the rules on what only training reads do not apply
+        found = [p for p in found if not training_only(p.text.partition(":")[0].strip())]
+    _raise(source, found)
     return config, family, note
 
 
@@ -1025,6 +1028,9 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         raise RecipeError(f"{source}: {exc}", exc.problems) from exc
     except DataError as exc:
         raise DataError(f"{source}: {exc}") from exc
+    derived = retriever_recipe(recipe, Path("RUN"))
+    if derived is not None:  # the retriever's own run reads these rows as task retrieval rows, with its own checks
+        check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
 
 
 @dataclass(frozen=True)
@@ -1148,8 +1154,11 @@ def overrides_named(overrides: list[str] | None):
             raise
 
         def named(problem: str) -> str:
+            # The override's key, or a key inside it (`lora={r: abc}`); not a section holding it, whose problem may
+            # be the file's own (`data: data.eval and data.eval_split are exclusive` beside `data.max_length=64`).
             key = problem.partition(":")[0].strip()
-            return f"{problem} (set on the command line)" if any(same_setting(key, k) for k in keys) else problem
+            given = any(key == k or key.startswith(f"{k}.") for k in keys)
+            return f"{problem} (set on the command line)" if given else problem
 
         raise RecipeError(Exception.__str__(exc), [named(p) for p in exc.problems]) from None
 

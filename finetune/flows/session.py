@@ -320,7 +320,8 @@ def retrieval_rows(
     passages = load_passages(base)
     train = relevant_passages(train, passages, "data.train")
     eval_rows = relevant_passages(eval_rows, passages, "data.eval")
-    check_positives_differ(train, passages, recipe.data.retrieval.hard_negatives, "data.train")
+    if mine:  # only what will train: `eval RECIPE` scores the untrained model whatever its training rows
+        check_positives_differ(train, passages, recipe.data.retrieval.hard_negatives, "data.train")
     given = [_texts(value) for value in (train["negative"][:] if "negative" in train.column_names else [])]
     for number, texts in enumerate(given, start=1):
         if texts is None:

@@ -1112,10 +1112,11 @@ def same_setting(key: str, other: str) -> bool:
 
 # Settings only training reads. `eval` and `predict` score what was trained (or the base model) and never read them,
 # so a command-line override of one there is refused rather than ignored (`eval RUN eval.watermark.noise=0.3` and
-# `eval RUN train.lr=1` changed nothing, without a word). Dotted keys; a key inside one counts. Settings evaluation
+# `eval RUN train.lr=1` changed nothing, without a word), and the rules on them are not applied there (a recipe
+# naming a tracker this machine lacks still evaluates). Dotted keys; a key inside one counts. Settings evaluation
 # does read stay out: train.seed and train.precision (the eval split's draw, the decoding precision), the
 # objective and its preference/reward settings (what is scored), class weights and the retriever's temperature
-# (the eval loss).
+# (the eval loss), data.retrieval.train (an untrained knowledge-base retriever pools as its run will).
 TRAINING_ONLY = (
     "lora",
     "sweep",
@@ -1137,25 +1138,42 @@ TRAINING_ONLY = (
         )
     ),
     "eval.every",
+    "eval.best_metric",
     "eval.during_max_samples",
     "eval.keep",
     *(f"eval.watermark.{key}" for key in ("lr", "bit_weight", "kl_weight", "gumbel_temperature", "noise")),
     *(
         f"data.retrieval.{key}"
-        for key in ("train", "hard_negatives", "negative_margin", "epochs", "lr", "batch_size")
+        for key in ("hard_negatives", "negative_margin", "epochs", "lr", "batch_size")
     ),
 )  # fmt: skip
 
 
+def training_only(key: str) -> bool:
+    """Whether the dotted `key` is a setting only training reads, or inside one (TRAINING_ONLY)."""
+    return any(key == only or key.startswith(f"{only}.") for only in TRAINING_ONLY)
+
+
+def _leaf_keys(key: str, value: object) -> list[str]:
+    """The dotted keys a value set at `key` sets: a mapping's, each of its own, recursively."""
+    if not isinstance(value, dict) or not value:
+        return [key]
+    return [leaf for name, inner in value.items() for leaf in _leaf_keys(f"{key}.{name}", inner)]
+
+
 def training_only_overrides(overrides: list[str]) -> list[str]:
-    """The overrides of a command that trains nothing which set a setting only training reads (TRAINING_ONLY)."""
-    return [
-        override
-        for override in overrides
-        if any(
-            (key := override.partition("=")[0].strip()) == only or key.startswith(f"{only}.") for only in TRAINING_ONLY
-        )
-    ]
+    """The overrides of a command that trains nothing which set a setting only training reads (TRAINING_ONLY), a
+    section given whole (`train={lr: 1}`) by the keys its value sets."""
+    found = []
+    for override in overrides:
+        key, _, text = override.partition("=")
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        except yaml.YAMLError:  # apply_overrides names it
+            value = None
+        if any(training_only(leaf) for leaf in _leaf_keys(key.strip(), value)):
+            found.append(override)
+    return found
 
 
 def distinct_overrides(overrides: list[str]) -> list[str]:

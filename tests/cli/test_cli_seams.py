@@ -107,3 +107,21 @@ def test_a_reader_closing_the_pipe_early_is_141_for_every_printing_command(argum
     process.stdout.close()  # the reader is gone before the first line is written
     error = process.stderr.read().decode()
     assert process.wait(timeout=120) == PIPE_CLOSED and "Traceback" not in error, error
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", ["a launched process", "SIGTERM ignored"])
+def test_sigterm_is_left_alone_in_a_launched_process_and_where_it_is_ignored(where, monkeypatch):
+    """In a process of a multi-process run SIGTERM is the launcher stopping the others after one failed: their 143
+    would hide that one's own code (137 for kill -9). A process started with SIGTERM ignored keeps ignoring it."""
+    from finetune.cli import _terminate_as_interrupt
+
+    if where == "a launched process":
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    else:
+        monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
+    installed = []
+    real = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig) or real(sig, handler))
+    with _terminate_as_interrupt():
+        assert installed == []

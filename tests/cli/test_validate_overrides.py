@@ -53,3 +53,34 @@ def test_a_problem_with_an_override_says_the_command_line_set_it(tiny_models, to
         lines = [" ".join(line.split()) for line in result.output.splitlines()]
         assert any(line.startswith("- lora.r:") and line.endswith("(set on the command line)") for line in lines)
         assert any(line.startswith("- train.warmup:") and "command line" not in line for line in lines), lines
+
+
+def test_eval_applies_no_rule_on_what_only_training_reads(monkeypatch, tiny_models, topic_data, write_recipe, tmp_path):
+    """A recipe naming a tracker this machine lacks trains nowhere here, but evaluates: its override is refused at
+    eval (it would be ignored), so the rule on it must not block eval either."""
+    import finetune.flows.resolve as resolve
+
+    monkeypatch.setattr(resolve, "missing_trackers", lambda names: [f"{n} needs its package" for n in names])
+    path = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", report_to=["wandb"]))
+    trained = invoke("run", path, "--dry-run", "--no-estimate")
+    assert trained.exit_code == 2 and "train.report_to: wandb needs its package" in trained.output
+    evaluated = invoke("eval", path, "--output", tmp_path / "e")
+    assert evaluated.exit_code in (0, 4), evaluated.output
+
+
+def test_a_section_given_whole_is_refused_at_eval_by_the_keys_it_sets(tiny_models, topic_data, write_recipe, tmp_path):
+    path = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    refused = invoke("eval", path, "train={lr: 1, seed: 3}", "--output", tmp_path / "e")
+    assert refused.exit_code == 2 and "only training reads it" in refused.output, refused.output
+    best = invoke("eval", path, "eval.best_metric=accuracy", "--output", tmp_path / "e")
+    assert best.exit_code == 2 and "only training reads it" in best.output, best.output
+
+
+def test_a_problem_the_file_made_is_not_put_on_an_override_inside_its_section(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["data"]["eval_split"] = 0.2  # beside data.eval: the file's own mistake, reported on the section
+    result = invoke("validate", write_recipe(recipe), "data.max_length=64")
+    assert result.exit_code == 2 and "data.eval_split" in result.output, result.output
+    assert "command line" not in result.output

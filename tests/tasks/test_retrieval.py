@@ -214,6 +214,8 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
     if code == 2 or change.endswith(("_id", "_corpus")):  # validate refuses exactly what run refuses
         checked = runner.invoke(app, ["validate", str(path)])
         assert checked.exit_code == code and all(w in checked.output for w in words), checked.output
+    if change == "one_positive_id":  # nothing trains when the untrained model is scored
+        assert runner.invoke(app, ["eval", str(path), "--output", str(tmp_path / "e")]).exit_code == 0
 
 
 def test_a_decoder_needs_its_pooling_named(tiny_models, tmp_path, write_recipe):
@@ -413,6 +415,21 @@ def test_validate_checks_the_retrievers_own_run(tiny_models, tmp_path, write_rec
     recipe["data"]["retrieval"] = {"method": "bm25", "train": True}
     refused = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert refused.exit_code == 2 and "bm25 has no weights to train" in refused.output, refused.output
+    # A one-passage knowledge base: the retriever's run has nothing to rank the positive against, and refuses its
+    # rows (exit 3) once it starts; validate reads them as that run does (it passed them).
+    word = passages[0]["text"].split()[2]
+    one = [{"question": q["query"], "answer": word} for q in queries]
+    recipe["data"].update(
+        train=str(write_jsonl(tmp_path / "one_train.jsonl", one[:28])),
+        eval=str(write_jsonl(tmp_path / "one_eval.jsonl", one[28:])),
+        knowledge_base=str(write_jsonl(tmp_path / "one.jsonl", passages[:1])),
+        retrieval={},
+        max_length=64,
+    )
+    refused = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert refused.exit_code == 3, refused.output
+    said = " ".join(refused.output.split())
+    assert "(data.retrieval: the retriever's run): data.train: all 28 rows have the same positive passage" in said
 
 
 def test_rerank_reorders_the_first_stages_candidates(tiny_models, tmp_path, write_recipe):
