@@ -163,7 +163,16 @@ class _Terminated(KeyboardInterrupt):
     the loop's own handler (training.loop.StopSignals) replaces this one: it checkpoints and exits 75."""
 
 
+_HANDLER_PID = {"pid": 0}  # the process that installed _raise_terminated
+
+
 def _raise_terminated(signum, frame) -> None:
+    if os.getpid() != _HANDLER_PID["pid"]:
+        # A forked worker (datasets' map pool, a data loader) inherits the handler; its pool ends it with SIGTERM,
+        # which must end it as before, not raise inside it (the pool then waited for it forever).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise _Terminated
 
 
@@ -181,6 +190,7 @@ def _terminate_as_interrupt():
     ):
         yield
         return
+    _HANDLER_PID["pid"] = os.getpid()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

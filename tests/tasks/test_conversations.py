@@ -417,7 +417,7 @@ def test_conversations_train_evaluate_and_predict(chat_model, chat_data, tmp_pat
     assert "completion" not in answers[1]
     write_jsonl(inputs, [{"messages": [{"role": "tool", "content": "x"}]}])
     result = invoke_wide("predict", out, "--input", inputs)
-    assert result.exit_code == 3 and "row 1: turn 1 has role 'tool'" in result.output
+    assert result.exit_code == 3 and "inputs.jsonl:1: turn 1 has role 'tool'" in result.output
 
 
 def read_tokens(path: Path) -> list[dict]:

@@ -318,7 +318,7 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
     # An empty question (it would retrieve anything and be answered confidently) or an empty answer (every passage
     # "holds" it): refused by predict, and by validate as by run, at the row.
     blank = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", "-"], input='{"question": " "}\n')
-    assert blank.exit_code == 3 and "row 1: field 'question' must be non-empty text" in blank.output
+    assert blank.exit_code == 3 and "stdin:1: field 'question' must be non-empty text" in blank.output
     rows[3]["answer"] = ""
     recipe["data"]["train"] = str(write_jsonl(tmp_path / "empty.jsonl", rows[:24]))
     recipe["output"]["dir"] = str(tmp_path / "run2")
