@@ -58,6 +58,7 @@ from finetune.flows.resolve import (
 from finetune.flows.train import run
 from finetune.outputs import rundir
 from finetune.outputs.lock import RunLock
+from finetune.outputs.rundir import RunDir
 from finetune.recipe.gates import Gate
 from finetune.recipe.schema import (
     Recipe,
@@ -285,6 +286,7 @@ def _claim(directory: SweepDir, overwrite: bool, inputs: tuple[Path, ...]) -> Ru
     lock = RunLock(directory.path).acquire()
     try:
         if ours and overwrite:
+            _refuse_foreign_trials(directory)  # before anything is removed
             for name in SWEEP_OUTPUT_NAMES:
                 target = directory.path / name
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
@@ -293,6 +295,26 @@ def _claim(directory: SweepDir, overwrite: bool, inputs: tuple[Path, ...]) -> Ru
         lock.release()
         raise
     return lock
+
+
+def _refuse_foreign_trials(directory: SweepDir) -> None:
+    """--overwrite replaces the trials/ folder whole: a file or folder there that no trial's run wrote (a trial run
+    kept it, `rundir.not_written_by_finetune`, or it is no run) refuses the overwrite, naming it, with nothing
+    removed; `run --overwrite` keeps such files, but a new trial needs its folder new."""
+    trials = directory.path / "trials"
+    if not trials.is_dir() or trials.is_symlink():
+        return
+    for entry in sorted(trials.iterdir()):
+        run = RunDir(entry)
+        if entry.is_symlink() or not entry.is_dir() or not run.marker.is_file():
+            foreign = [entry]
+        else:
+            foreign = [entry / name for name in rundir.not_written_by_finetune(run)]
+        if foreign:
+            raise RecipeError(
+                f"--overwrite: {foreign[0]} was not written by a trial of this sweep, and the new sweep replaces "
+                "trials/ whole; nothing was removed. Move it out of the sweep first."
+            )
 
 
 def _identity(recipe: Recipe, objective: Objective) -> dict:

@@ -112,6 +112,12 @@ def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
     return [kept for _, stayed in plans for kept in stayed]
 
 
+def not_written_by_finetune(run: RunDir) -> list[str]:
+    """What in `run` finetune did not write (what `--overwrite` keeps), relative to it; refuses as
+    `clear_previous_run` does (a run inside, a file of the user's in a folder the run replaces whole)."""
+    return _removals(run)[1]
+
+
 def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
     """What --overwrite removes from `run` and what stays (clear_previous_run's rules); refuses, removing nothing."""
     removals: list[Path] = []

@@ -219,6 +219,44 @@ def test_the_sweep_directory_follows_the_write_policy(swept, tmp_path):
         sweep(path, [], quiet())
 
 
+def test_overwrite_refuses_a_file_no_trial_wrote_and_removes_nothing(swept, tmp_path):
+    """--overwrite replaces trials/ whole: it deleted a user's file in a trial's folder, and one beside the trials."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(swept["recipe"]))
+    trials = swept["out"] / "trials"
+    before = sorted(p for p in swept["out"].rglob("*") if ".finetune-lock" not in p.name)
+    for mine in (trials / "0" / "mine.txt", trials / "notes.txt"):
+        mine.write_text("mine")
+        try:
+            with pytest.raises(RecipeError, match=f"{mine.name} was not written by a trial of this sweep"):
+                sweep(path, [], quiet(), overwrite=True)
+            assert sorted(p for p in swept["out"].rglob("*") if ".finetune-lock" not in p.name) == sorted(
+                [*before, mine]
+            )
+        finally:
+            mine.unlink()
+
+
+def test_overwrite_starts_the_sweep_again_and_keeps_the_users_files_beside_it(tiny_models, tmp_path):
+    rows = corpus(60)
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:40]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[40:]),
+    }
+    out = tmp_path / "sweep"
+    recipe = classification_recipe(tiny_models["bert"], data, out, epochs=1)
+    recipe["sweep"] = {"trials": 1, "sampler": "grid", "params": {"lora.r": [2]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    sweep(path, [], quiet())
+    (out / "notes.txt").write_text("mine")
+    first = (out / "trials" / "0" / "metrics.json").stat().st_mtime_ns
+    document = sweep(path, [], quiet(), overwrite=True)
+    assert [t["number"] for t in document["trials"]] == [0]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "trials" / "0" / "metrics.json").stat().st_mtime_ns != first
+
+
 # Runs a sweep in this process's child and SIGKILLs it at its N-th optimizer step, counted over every trial.
 KILLER = r"""
 import os, signal, sys
