@@ -215,6 +215,10 @@ class GenerationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return (self.answer_field, "prediction")
 
+    def prompt_of(self, row: dict) -> str:
+        """The text a training row prompts with (what a user's reward function gets as its prompt)."""
+        return row[self.prompt_field]
+
     # ------------------------------------------------------------ rewards (train.objective grpo)
     # The fields a row's reward reads (its reference): every training row must hold them.
     reward_fields: tuple[str, ...] = ()

@@ -125,7 +125,10 @@ class Rewarder:
             for key in rows[0]
             if key not in ("prediction", prompt) and all(_plain(row.get(key)) for row in rows)
         }
-        arguments = {"prompts": [row[prompt] for row in rows], "completions": [row["prediction"] for row in rows]}
+        arguments = {
+            "prompts": [self.task.prompt_of(row) for row in rows],
+            "completions": [row["prediction"] for row in rows],
+        }
         limits = sandbox.Limits(timeout_s=self.evaluation.timeout_s, memory_mb=self.evaluation.memory_mb)
         values, outcome = sandbox.run_function(
             self.function.source,

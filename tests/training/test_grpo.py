@@ -350,6 +350,22 @@ def test_user_reward_function_runs_in_the_sandbox_with_trl_arguments(tmp_path, m
     assert not __import__("os").path.exists("/etc/owned")
 
 
+@pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="the strict sandbox needs bubblewrap")
+def test_a_qa_reward_function_gets_the_prompt_the_model_was_given(tmp_path, monkeypatch):
+    """Generative qa rows hold a question, not a prompt: the function got an internal error (KeyError 'prompt')."""
+    from finetune.recipe.schema import RewardSection
+    from finetune.tasks import get_task
+    from finetune.tasks.rewards import Rewarder
+
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    module = tmp_path / "qa_rewards.py"
+    module.write_text("def score(prompts, completions, **kwargs):\n    return [float(len(p)) for p in prompts]\n")
+    task = get_task("qa", "generative")
+    rewarder = Rewarder(task, RewardSection(task=0.0, function=f"{module}:score"), EvalSection(execute_code=True))
+    rows = [{"question": "Where?", "answer": "here", "prediction": "here"}]
+    assert rewarder(rows, [1]).values == [float(len("Question: Where?\nAnswer:"))]
+
+
 @pytest.mark.parametrize(
     ("function", "words"),
     [
