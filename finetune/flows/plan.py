@@ -14,7 +14,7 @@ from finetune.flows.estimate import Estimate
 from finetune.flows.session import Session, during_rows, generates_during
 from finetune.models.lora import count_parameters, group_targets
 from finetune.models.references import cache_root, reference_is_local
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import Recipe, RewardSection
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.text2text import MEMORY_CHOICE, batch_plan, decode_batch_size, generation_batch_size
 from finetune.training.loop import TrainPlan
@@ -110,10 +110,22 @@ def objective_plan(recipe: Recipe, supervised: str) -> str:
         g = train.grpo
         return (
             f"grpo: {g.group_size} samples per prompt (temperature {g.temperature:g}, top_p {g.top_p:g}, up to "
-            f"{g.max_new_tokens} tokens), rewarded by the task's own score; {g.loss_type} loss, clip "
+            f"{g.max_new_tokens} tokens), rewarded by {reward_terms(g.reward)}; {g.loss_type} loss, clip "
             f"{g.epsilon:g}, KL beta {g.beta:g}" + (f" to {reference}" if g.beta else "")
         )
     return f"orpo, beta {preference.beta:g} (odds-ratio term beside the chosen answers' NLL); no reference model"
+
+
+def reward_terms(reward: RewardSection) -> str:
+    """GRPO's reward as the plan says it: the task's own score and each extra term the recipe adds, weighted."""
+    terms = [f"{reward.task:g} x the task's own score"] if reward.task else []
+    if reward.length_target is not None:
+        terms.append(f"{reward.length_weight:g} x closeness to {reward.length_target} tokens")
+    if reward.pattern:
+        terms.append(f"{reward.pattern_weight:g} x matching {reward.pattern!r}")
+    if reward.function:
+        terms.append(f"{reward.function_weight:g} x {reward.function} (in the sandbox)")
+    return " + ".join(terms) or "nothing (every term weighs 0)"
 
 
 def topology_plan(world_size: int) -> str:

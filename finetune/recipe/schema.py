@@ -487,7 +487,8 @@ class RewardSection(Section):
         description="Your own reward, `module:function` (a .py path or a module on the path, e.g. "
         "rewards.py:score), called as TRL calls one: function(prompts=[...], completions=[...], **row_fields) -> "
         "one number per completion. It runs in the code sandbox, never in finetune's process, so it needs the "
-        "same two opt-ins as generated code (eval.execute_code and FINETUNE_ALLOW_CODE_EXECUTION=1).",
+        "same two opt-ins as generated code (eval.execute_code and FINETUNE_ALLOW_CODE_EXECUTION=1). Only its own "
+        "file goes into the sandbox: a module beside it cannot be imported there.",
     )
     function_weight: Float = Field(1.0, ge=0, le=100, description="Weight of the function's reward.")
 

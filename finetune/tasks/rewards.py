@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ import finetune.tasks.sandbox as sandbox
 from finetune.errors import RecipeError
 from finetune.recipe.schema import EvalSection, RewardSection
 from finetune.tasks.generative import GenerationTask, Rewards
+
+log = logging.getLogger(__name__)
+
+# The largest reward a function may give: rewards are float32 tensors whose spread is squared (advantages), and a
+# value beyond this overflows there into a "diverged" run. Larger ones count as function_out_of_range, reward 0.
+REWARD_LIMIT = 1e15
 
 KEY = "train.grpo.reward.function"
 
@@ -91,6 +98,7 @@ class Rewarder:
 
     def __init__(self, task: GenerationTask, settings: RewardSection, evaluation: EvalSection):
         self.task, self.settings, self.evaluation = task, settings, evaluation
+        self.said: set[str] = set()  # the function's failures already said on the console, by reason
         self.function = load_reward_function(settings.function) if settings.function else None
         if self.function is not None:  # the user's code runs only where generated code may
             sandbox.require_opt_in(evaluation.execute_code)
@@ -141,11 +149,36 @@ class Rewarder:
         if values is None or len(values) != len(rows):
             why = outcome.reason if values is None else "wrong_length"
             reasons[f"function_{why}"] = reasons.get(f"function_{why}", 0) + len(rows)
+            detail = outcome.detail if values is None else f"{len(values)} values for {len(rows)} completions"
+            self._say(why, detail)
             return [0.0] * len(rows)
         missing = sum(v is None for v in values)
         if missing:
             reasons["function_not_a_number"] = reasons.get("function_not_a_number", 0) + missing
-        return [0.0 if v is None else float(v) for v in values]
+            self._say("not_a_number", f"{missing} of {len(rows)} values not a finite number")
+        large = sum(v is not None and abs(v) > REWARD_LIMIT for v in values)
+        if large:
+            reasons["function_out_of_range"] = reasons.get("function_out_of_range", 0) + large
+            self._say("out_of_range", f"{large} of {len(rows)} values beyond +-{REWARD_LIMIT:g}")
+        return [0.0 if v is None or abs(v) > REWARD_LIMIT else float(v) for v in values]
+
+    def _say(self, reason: str, detail: str) -> None:
+        """A failure of the user's function, on the console once per reason: every failed call still counts (the
+        reasons in train_log.jsonl), but a function that never works trained on nothing, silently, before."""
+        if reason in self.said:
+            return
+        self.said.add(reason)
+        hint = (
+            " (only the function's own file goes into the sandbox: a module beside it cannot be imported there)"
+            if reason in ("ModuleNotFoundError", "ImportError")
+            else ""
+        )
+        log.warning(
+            "train.grpo.reward.function %s: %s; its term is 0 for those completions%s",
+            self.settings.function,
+            detail.strip().splitlines()[-1][:300] if detail.strip() else reason,
+            hint,
+        )
 
 
 def _plain(value: object) -> bool:

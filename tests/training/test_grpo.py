@@ -366,6 +366,42 @@ def test_a_qa_reward_function_gets_the_prompt_the_model_was_given(tmp_path, monk
     assert rewarder(rows, [1]).values == [float(len("Question: Where?\nAnswer:"))]
 
 
+@pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="the strict sandbox needs bubblewrap")
+def test_a_failing_or_overflowing_function_is_said_once_and_scores_0(tmp_path, monkeypatch, caplog):
+    """A value float32 cannot hold ended the run as 'diverged'; a function failing on every call trained on nothing
+    without a word on the console."""
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    module = tmp_path / "edge.py"
+    module.write_text(
+        "def huge(prompts, completions, **kwargs):\n    return [1e39, 0.5]\n"
+        "def boom(prompts, completions, **kwargs):\n    raise RuntimeError('my bug')\n"
+    )
+    rows = [
+        {"prompt": "p", "completion": "c", "prediction": "x"},
+        {"prompt": "q", "completion": "c", "prediction": "y"},
+    ]
+    result = _rewarder({"task": 0.0, "function": f"{module}:huge"}, execute_code=True)(rows, [1, 1])
+    assert result.values == [0.0, 0.5] and result.reasons == {"function_out_of_range": 1}
+    rewarder = _rewarder({"task": 0.0, "function": f"{module}:boom"}, execute_code=True)
+    with caplog.at_level("WARNING", logger="finetune.tasks.rewards"):
+        for _ in range(2):
+            assert rewarder(rows, [1, 1]).values == [0.0, 0.0]
+    said = [r.getMessage() for r in caplog.records if "my bug" in r.getMessage()]
+    assert len(said) == 1 and "its term is 0" in said[0]
+
+
+def test_the_plan_names_every_reward_term():
+    from finetune.flows.plan import reward_terms
+    from finetune.recipe.schema import RewardSection
+
+    assert reward_terms(RewardSection()) == "1 x the task's own score"
+    terms = reward_terms(RewardSection(task=0.5, length_target=40, pattern="```", function="r.py:f"))
+    assert (
+        terms
+        == "0.5 x the task's own score + 0.1 x closeness to 40 tokens + 0.1 x matching '```' + 1 x r.py:f (in the sandbox)"
+    )
+
+
 @pytest.mark.parametrize(
     ("function", "words"),
     [
