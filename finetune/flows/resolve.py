@@ -74,7 +74,7 @@ from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
 from finetune.tasks.retrieval import RetrievalTask
-from finetune.tasks.rewards import load_reward_function
+from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
 from finetune.watermark import learned
@@ -131,6 +131,17 @@ def recipe_rules(recipe: Recipe) -> list[str]:
         + _evaluation_rules(recipe, task)
         + _objective_rules(recipe, task)
     )
+
+
+def runs_code(recipe: Recipe) -> str | None:
+    """What in a run of this recipe executes code in the sandbox (said in the refusal when an opt-in is missing),
+    or None. `run` checks both opt-ins before it writes anything; `validate` checks the recipe's own one alone (the
+    environment variable belongs to the machine that runs it)."""
+    if recipe.train.objective == "grpo" and recipe.train.grpo.reward.function:
+        return FUNCTION_RUNS
+    if recipe.task == "codegen" and (recipe.eval.execute_code or recipe.train.objective == "grpo"):
+        return "codegen: scoring runs generated code"  # the tests when scored, and GRPO's rewards
+    return None
 
 
 def _reward_function_problems(recipe: Recipe) -> list[str]:

@@ -22,7 +22,7 @@ from finetune.evaluation.compare import eval_data_record
 from finetune.flows.estimate import measure
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
 from finetune.flows.plan import plan_document, show_plan
-from finetune.flows.resolve import RETRIEVER_RUN, Resolved, resolve_recipe, retriever_recipe
+from finetune.flows.resolve import RETRIEVER_RUN, Resolved, resolve_recipe, retriever_recipe, runs_code
 from finetune.flows.session import (
     Session,
     SessionData,
@@ -42,6 +42,7 @@ from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import Recipe, recipe_to_yaml
 from finetune.secrets import redact
+from finetune.tasks import sandbox
 from finetune.training import checkpoint, trackers
 from finetune.training.loop import Checkpointing, make_accelerator, return_freed_memory, train
 from finetune.training.monitor import Monitor, summary
@@ -122,6 +123,9 @@ def _run(
     owner: Path | None = None,
 ) -> dict | None:
     recipe = resolved.recipe
+    code = runs_code(recipe)
+    if code is not None:  # both opt-ins before anything is written (the directory left behind refused the retry)
+        sandbox.require_opt_in(recipe.eval.execute_code, code)
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:

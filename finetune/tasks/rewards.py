@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # The largest reward a function may give: rewards are float32 tensors whose spread is squared (advantages), and a
 # value beyond this overflows there into a "diverged" run. Larger ones count as function_out_of_range, reward 0.
 REWARD_LIMIT = 1e15
+# What a refusal for the code opt-ins says runs code when a recipe has a reward function.
+FUNCTION_RUNS = "train.grpo.reward.function: your reward function runs in the code sandbox"
 
 KEY = "train.grpo.reward.function"
 
@@ -101,7 +103,7 @@ class Rewarder:
         self.said: set[str] = set()  # the function's failures already said on the console, by reason
         self.function = load_reward_function(settings.function) if settings.function else None
         if self.function is not None:  # the user's code runs only where generated code may
-            sandbox.require_opt_in(evaluation.execute_code)
+            sandbox.require_opt_in(evaluation.execute_code, FUNCTION_RUNS)
             sandbox.check_level(evaluation.sandbox)
         self.pattern = re.compile(settings.pattern) if settings.pattern else None
 

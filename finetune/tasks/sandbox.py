@@ -115,17 +115,16 @@ class Outcome:
         return name if name.isidentifier() else "crashed"
 
 
-def require_opt_in(execute_code: bool) -> None:
-    """Generated code runs only when the recipe (or flag) and the environment both say so."""
+def require_opt_in(execute_code: bool, what: str = "codegen: scoring runs generated code") -> None:
+    """Generated code (or a user's reward function: `what` runs) runs only when the recipe (or flag) and the
+    environment both say so."""
     missing = []
     if not execute_code:
         missing.append("eval.execute_code: true (or --allow-code-execution)")
     if os.environ.get(OPT_IN_ENV) != "1":
         missing.append(f"the environment variable {OPT_IN_ENV}=1")
     if missing:
-        raise RecipeError(
-            "codegen: scoring runs generated code, which needs two opt-ins; missing: " + " and ".join(missing)
-        )
+        raise RecipeError(f"{what}, which needs two opt-ins; missing: " + " and ".join(missing))
 
 
 def bubblewrap() -> str | None:

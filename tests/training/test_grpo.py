@@ -4,6 +4,7 @@ scores (ROUGE-L, SQuAD F1, sandboxed tests); end to end through `finetune run`, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,3 +430,20 @@ def test_reward_function_needs_the_code_opt_in(tiny_models, tmp_path, write_reci
     recipe["train"]["grpo"]["reward"] = {"function": f"{tmp_path}/rewards.py:score"}
     result = invoke("run", str(write_recipe(recipe)), "--dry-run")
     assert result.exit_code == 2 and "eval.execute_code" in result.output, result.output
+
+
+def test_the_environment_opt_in_is_checked_before_the_run_directory_is_made(
+    tiny_models, tmp_path, write_recipe, monkeypatch
+):
+    """Without FINETUNE_ALLOW_CODE_EXECUTION the run was refused after it had written its directory (labelled
+    'codegen:' on a copywriting recipe), and the retry with the variable set was refused as an unfinished run."""
+    monkeypatch.delenv("FINETUNE_ALLOW_CODE_EXECUTION", raising=False)
+    (tmp_path / "rewards.py").write_text("def score(**kwargs):\n    return []\n")
+    recipe = _recipe(tiny_models["gpt2"], tmp_path)
+    recipe["train"]["grpo"]["reward"] = {"function": f"{tmp_path}/rewards.py:score"}
+    recipe["eval"]["execute_code"] = True
+    result = invoke("run", str(write_recipe(recipe)), "--no-estimate")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("error: train.grpo.reward.function: your reward function runs in the code sandbox")
+    assert "FINETUNE_ALLOW_CODE_EXECUTION=1" in said and not Path(recipe["output"]["dir"]).exists()
