@@ -70,6 +70,7 @@ from finetune.recipe.schema import (
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
+from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
@@ -1009,6 +1010,15 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                 except DataError as exc:
                     raise rows.origins[split].explain(exc, split) from exc
 
+        if isinstance(task, ClassificationTask):  # the labels as featurize encodes them: its state, then each row
+            state: dict = {}
+
+            def labels(table: Dataset, split: str) -> None:
+                if split == "data.train":
+                    state.update(task.fit_state(table, recipe))
+                task.label_codes(table["label"][:], state, recipe, split)
+
+            each_split(labels)
         if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
 
             def judged(table: Dataset, split: str) -> None:

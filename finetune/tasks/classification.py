@@ -119,6 +119,17 @@ class ClassificationTask(Task):
             counts[_label_key(label)] += 1
         return {"labels": labels, "multi_label": multi, "label_counts": list(counts.values()), "rows": len(values)}
 
+    def label_codes(
+        self, values: list, state: Mapping[str, Any], recipe: Recipe, split: str, first_row: int = 1
+    ) -> list:
+        """Rows' labels as the model's targets (`fit_state`'s labels): one id each, or one 0/1 per label (multi-label:
+        the collator makes them floats for binary cross-entropy). A label of the wrong kind or outside the labels is
+        refused, naming the row: what featurize encodes, and `validate` checks the same way."""
+        index = {_label_key(x): i for i, x in enumerate(state["labels"])}
+        if state.get("multi_label"):
+            return _multi_hot(values, index, state["labels"], recipe.data.label_separator, split, first_row)
+        return _label_ids(values, index, state["labels"], split, first_row)
+
     def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
         names = [_label_key(x) for x in state["labels"]]
         kwargs: dict[str, Any] = {
@@ -172,8 +183,6 @@ class ClassificationTask(Task):
     ) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
-        label_index = {_label_key(x): i for i, x in enumerate(state["labels"])} if labeled else None
-        multi, separator = bool(state.get("multi_label")), recipe.data.label_separator
         truncate = Truncation(tokenizer, max_length)
 
         def encode(batch: dict, indices: list[int]) -> dict:
@@ -182,13 +191,8 @@ class ClassificationTask(Task):
             pairs = checked_texts(batch["text_pair"], split, "text_pair", first) if has_pairs else None
             encoded, lengths = truncate(texts, pairs)
             encoded[LENGTH_COLUMN] = lengths
-            if label_index is not None:
-                if multi:  # one 0/1 per label; the collator makes them floats for binary cross-entropy
-                    encoded["labels"] = _multi_hot(
-                        batch["label"], label_index, state["labels"], separator, split, first
-                    )
-                else:
-                    encoded["labels"] = _label_ids(batch["label"], label_index, state["labels"], split, first)
+            if labeled:
+                encoded["labels"] = self.label_codes(batch["label"], state, recipe, split, first)
             return encoded
 
         features = map_batches(
@@ -204,7 +208,11 @@ class ClassificationTask(Task):
         features = features.remove_columns(LENGTH_COLUMN)
         if len(keep) < len(rows):
             rows, features = rows.select(keep), features.select(keep)
-        if labeled and split == "data.train" and (multi or (imbalance(state) or 0) >= IMBALANCE_FOR_WEIGHTS):
+        if (
+            labeled
+            and split == "data.train"
+            and (state.get("multi_label") or (imbalance(state) or 0) >= IMBALANCE_FOR_WEIGHTS)
+        ):
             report.notes.append(_balance_note(state))
         return Features(features, rows, report)
 

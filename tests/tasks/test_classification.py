@@ -195,3 +195,42 @@ def test_no_traceback_in_a_real_process(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "validate", str(recipe)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "lora.rank: unknown key (did you mean 'r'?)" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("one class", "data.train: classification needs at least two classes"),
+        ("list labels in a single-label eval", "label must be a string or an integer"),
+        ("data.labels without a training label", "are not in data.labels"),
+        ("multi-label, every training list empty", "found no labels at all"),
+    ],
+)
+def test_validate_refuses_the_labels_run_refuses(case, words, tiny_models, tmp_path, write_recipe):
+    """What featurize decides from the labels (fit_state, then each row's encoding): validate passed these, run
+    refused them (exit 3)."""
+    from conftest import corpus
+
+    rows = corpus(60)
+    train, evaluation = rows[:40], rows[40:]
+    data: dict = {}
+    if case == "one class":
+        train = [{**row, "label": "sports"} for row in train]
+        evaluation = [{**row, "label": "sports"} for row in evaluation]
+    elif case == "list labels in a single-label eval":
+        evaluation = [{**row, "label": [row["label"]]} for row in evaluation]
+    elif case == "data.labels without a training label":
+        data["labels"] = sorted({row["label"] for row in train})[:-1]
+    else:
+        train = [{**row, "label": []} for row in train]
+        evaluation = [{**row, "label": []} for row in evaluation]
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", train),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", evaluation),
+    }
+    recipe = classification_recipe(tiny_models["bert"], files, tmp_path / "run")
+    recipe["data"].update(data)
+    path = write_recipe(recipe)
+    for command in (("validate", path), ("run", path, "--dry-run", "--no-estimate")):
+        result = invoke(*command)
+        assert result.exit_code == 3 and words in " ".join(result.output.split()), (command[0], result.output)
