@@ -25,6 +25,7 @@ model's mode and forward, and every random generator are as they were, so a run 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import resource
@@ -106,25 +107,30 @@ def peak_gpu_bytes() -> int | None:
     return int(max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())))
 
 
-def run_batches(session: Session, world_size: int, rank: int = 0) -> list[np.ndarray]:
-    """This process's batches of the whole run, in order, as the loop's sampler will draw them (positions into
-    the training features)."""
+# The steps whose batches are listed and priced one by one; a longer run is priced from these, scaled to its steps
+# (each epoch draws the same rows in another order, so a few epochs' batches stand for the rest).
+PRICED_STEPS = 100_000
+
+
+def run_batches(session: Session, world_size: int, rank: int = 0) -> tuple[list[np.ndarray], int]:
+    """This process's batches of the run, in order, as the loop's sampler will draw them (positions into the
+    training features), for its first PRICED_STEPS steps at most; and how many steps they make."""
     t = session.recipe.train
     dataset = session.features["train"].dataset
     plan = TrainPlan.build(t, len(dataset), world_size)
     sampler = LengthGroupedBatches(token_lengths(dataset), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
     out: list[np.ndarray] = []
-    steps = 0
+    steps, wanted = 0, min(plan.total_steps, PRICED_STEPS)
     for epoch in range(plan.epochs):
         sampler.set_epoch(epoch)
         mine = sampler.batches()[rank::world_size]  # accelerate deals the batches out to the processes in turn
         for start in range(0, len(mine), t.grad_accum):
             for _ in range(t.passes_per_batch):  # grpo's num_iterations: each batch again (grad_accum is then 1)
-                if steps == plan.total_steps:
-                    return out
+                if steps == wanted:
+                    return out, steps
                 out.extend(np.asarray(batch) for batch in mine[start : start + t.grad_accum])
                 steps += 1
-    return out
+    return out, steps
 
 
 def padded_tokens(lengths: np.ndarray, batch: np.ndarray) -> int:
@@ -140,15 +146,38 @@ def shape(lengths: np.ndarray, batch: np.ndarray) -> tuple[int, int]:
 def checkpoints_written(session: Session, plan: TrainPlan) -> tuple[int, int]:
     """(checkpoints the loop writes, evaluations during training), by the loop's own rule: every
     `train.checkpoint_every` steps, each epoch's end, each evaluated step and the last step."""
-    t, every = session.recipe.train, session.recipe.eval.every
-    saved = evaluated = 0
-    for step in range(1, plan.total_steps + 1):
-        epoch_end = step % plan.steps_per_epoch == 0
-        done = step == plan.total_steps
-        evaluates = every is not None and (epoch_end if every == "epoch" else step % every == 0 or done)
-        evaluated += evaluates
-        saved += done or epoch_end or evaluates or step % t.checkpoint_every == 0
+    return saves_and_evaluations(
+        plan.total_steps, plan.steps_per_epoch, session.recipe.train.checkpoint_every, session.recipe.eval.every
+    )
+
+
+def saves_and_evaluations(
+    steps: int, per_epoch: int, checkpoint_every: int, every: int | str | None
+) -> tuple[int, int]:
+    """The loop's rule counted in closed form (steps 1..`steps`: the multiples of each period, by
+    inclusion-exclusion, and the last step), not step by step: a plan of 10^7 steps took seconds, 2^53 forever."""
+    periods = [per_epoch, checkpoint_every]
+    if every == "epoch":
+        evaluated = steps // per_epoch
+    elif every is not None:
+        periods.append(int(every))
+        evaluated = steps // int(every) + (steps % int(every) != 0)  # and the last step
+    else:
+        evaluated = 0
+    saved = _multiples(steps, periods)
+    if all(steps % period for period in periods):  # the last step saves whatever the periods say
+        saved += 1
     return saved, evaluated
+
+
+def _multiples(n: int, periods: list[int]) -> int:
+    """How many of 1..n are a multiple of at least one of `periods`."""
+    distinct = sorted(set(periods))
+    return sum(
+        (-1) ** (k + 1) * (n // math.lcm(*group))
+        for k in range(1, len(distinct) + 1)
+        for group in itertools.combinations(distinct, k)
+    )
 
 
 def eval_sample(features: Features, lengths: np.ndarray, batch_size: int) -> list[int]:
@@ -248,7 +277,7 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     train_features = session.features["train"]
     plan = TrainPlan.build(t, len(train_features.dataset), world_size)
     lengths = token_lengths(train_features.dataset)
-    batches = run_batches(session, world_size, rank)
+    batches, listed = run_batches(session, world_size, rank)
     costs = np.asarray([padded_tokens(lengths, b) for b in batches], dtype=float)
     first_epoch = batches[: max(1, plan.batches_per_epoch)]
     epoch_costs = np.asarray([padded_tokens(lengths, b) for b in first_epoch], dtype=float)
@@ -357,6 +386,7 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
 
     per_stratum = {k: seconds[timed.index(i)] for k, i in representatives.items()}
     steps_seconds = float(sum(seconds_k * int((strata == k).sum()) for k, seconds_k in per_stratum.items()))
+    steps_seconds *= plan.total_steps / max(listed, 1)  # a run longer than PRICED_STEPS: scaled from its first ones
     saves, evaluations = checkpoints_written(session, plan)
     limit = during_rows(session)
     during = min(limit, eval_rows) if limit is not None else eval_rows
@@ -371,8 +401,8 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         0,
         f"training: measured {len(timed)} steps after a warm-up step ({span}; the longest batch of the run "
         f"first, and again after the others for the peak); the run's {len(batches)} batches "
-        f"({plan.total_steps} steps) priced in {len(per_stratum)} groups "
-        "by padded tokens, each at its measured batch",
+        f"({listed} steps{'' if listed == plan.total_steps else f' of {plan.total_steps}, the rest scaled from them'}) "
+        f"priced in {len(per_stratum)} groups by padded tokens, each at its measured batch",
     )
     how.append(
         f"checkpoints: {saves} written at {checkpoint_seconds:.2f} s each (measured: one step with a checkpoint)"

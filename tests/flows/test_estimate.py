@@ -111,3 +111,25 @@ def test_peak_memory_estimate_matches_the_real_run(tiny_models, write_recipe, tm
     predicted = json.loads(plan[plan.index("{") :])["estimate"]["peak_rss_bytes"]
     real, _ = _peak_of(["run", str(path)])
     assert 0.8 <= predicted / real <= 1.2, (predicted, real)
+
+
+def test_checkpoints_and_evaluations_are_counted_as_the_loop_counts_them():
+    """The closed form (a plan of 2^53 steps hung the dry run, counting step by step) against the loop's own rule."""
+    from finetune.flows.estimate import saves_and_evaluations
+
+    def by_step(steps: int, per_epoch: int, every_ckpt: int, every) -> tuple[int, int]:
+        saved = evaluated = 0
+        for step in range(1, steps + 1):
+            epoch_end = step % per_epoch == 0
+            done = step == steps
+            evaluates = every is not None and (epoch_end if every == "epoch" else step % every == 0 or done)
+            evaluated += evaluates
+            saved += done or epoch_end or evaluates or step % every_ckpt == 0
+        return saved, evaluated
+
+    rng = random.Random(0)
+    for _ in range(500):
+        steps, per_epoch, ckpt = rng.randint(1, 400), rng.randint(1, 60), rng.randint(1, 80)
+        every = rng.choice([None, "epoch", rng.randint(1, 50)])
+        assert saves_and_evaluations(steps, per_epoch, ckpt, every) == by_step(steps, per_epoch, ckpt, every)
+    assert saves_and_evaluations(2**53, 15, 500, None)[0] > 0  # at once
