@@ -134,6 +134,15 @@ def recipe_rules(recipe: Recipe) -> list[str]:
     )
 
 
+def _room_fix(key: str, new_tokens: int, max_length: int, limit: int) -> str:
+    """The settings that fit a prompt and its new tokens into `limit` positions: fewer new tokens where the prompt
+    leaves room for one at least, a shorter prompt where the new tokens leave room for one."""
+    fixes = [f"{key} <= {limit - max_length}"] if limit - max_length >= 1 else []
+    if new_tokens < limit:
+        fixes.append(f"data.max_length <= {limit - new_tokens}")
+    return " or ".join(fixes) or f"{key} and data.max_length that add up to at most {limit}"
+
+
 def runs_code(recipe: Recipe) -> str | None:
     """What in a run of this recipe executes code in the sandbox (said in the refusal when an opt-in is missing),
     or None. `run` checks both opt-ins before it writes anything; `validate` checks the recipe's own one alone (the
@@ -826,17 +835,17 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
         and family.decoder_only
         and max_length + recipe.train.grpo.max_new_tokens > limit
     ):
+        sampled = recipe.train.grpo.max_new_tokens
         return [
-            f"train.grpo.max_new_tokens: {recipe.train.grpo.max_new_tokens} sampled tokens after a prompt of up to "
+            f"train.grpo.max_new_tokens: {sampled} sampled tokens after a prompt of up to "
             f"data.max_length={max_length} tokens run past the {limit} positions of {name}; use "
-            f"train.grpo.max_new_tokens <= {limit - max_length}"
+            + _room_fix("train.grpo.max_new_tokens", sampled, max_length, limit)
         ]
     if family.decoder_only and max_length + new_tokens > limit:
-        room = limit - max_length
         return [
             f"eval.max_new_tokens: {new_tokens} new tokens after a prompt of up to data.max_length={max_length} "
-            f"tokens run past the {limit} positions of {name}; use eval.max_new_tokens <= {room}"
-            + (f" or data.max_length <= {limit - new_tokens}" if new_tokens < limit else "")
+            f"tokens run past the {limit} positions of {name}; use "
+            + _room_fix("eval.max_new_tokens", new_tokens, max_length, limit)
         ]
     if family.encoder_decoder and new_tokens + 1 > limit:  # the decoder's start token comes first
         return [

@@ -183,3 +183,14 @@ def test_user_text_is_printed_as_typed(tiny_models, topic_data, write_recipe, tm
     recipe["data"]["train"] = "squad:smile:"  # not a file: a hub id that is not cached, offline
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
     assert "squad:smile:" in result.output and "😄" not in result.output
+
+
+def test_a_prompt_and_its_new_tokens_past_the_positions_get_a_fix_that_is_allowed():
+    """'use train.grpo.max_new_tokens <= 0' was offered where the prompt alone fills the positions: at least 1."""
+    from finetune.flows.resolve import _room_fix
+
+    assert _room_fix("eval.max_new_tokens", 8, 128, 128) == "data.max_length <= 120"
+    assert _room_fix("eval.max_new_tokens", 8, 124, 128) == "eval.max_new_tokens <= 4 or data.max_length <= 120"
+    assert _room_fix("eval.max_new_tokens", 200, 128, 128) == (
+        "eval.max_new_tokens and data.max_length that add up to at most 128"
+    )
