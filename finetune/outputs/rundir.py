@@ -285,7 +285,8 @@ def claim_output(
     for source in inputs:
         source = source.expanduser().resolve()
         if _is_within(source, where) or _is_within(where, source):
-            raise RecipeError(f"{key}: {path} is or holds {source}, an input of this command; write elsewhere")
+            how = "is" if source == where else "holds" if _is_within(source, where) else "lies inside"
+            raise RecipeError(f"{key}: {path} {how} {source}, an input of this command; write elsewhere")
     run = _runs_around(where)
     if run is not None:
         raise RecipeError(

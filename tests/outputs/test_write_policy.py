@@ -165,3 +165,14 @@ def test_data_report_never_over_its_own_data_or_a_run(finished_run, tmp_path):  
     assert train.read_bytes() == before and snapshot(out) == run_before
     merged = invoke("merge", out, "--output", out / "merged")
     assert merged.exit_code == 2 and "an input of this command" in merged.output
+
+
+def test_an_output_beside_an_input_is_named_as_it_lies(tmp_path):
+    """A path inside an input was said to be 'is or holds' it."""
+    from finetune.outputs.rundir import claim_output
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for target, how in ((data / "out.jsonl", "lies inside"), (tmp_path, "holds"), (data, "is")):
+        with pytest.raises(RecipeError, match=f"--output: {target} {how} {data}, an input of this command"):
+            claim_output(target, key="--output", what="predictions", directory=False, overwrite=False, inputs=(data,))
