@@ -98,12 +98,18 @@ def detect(
 
 
 def _check_rows(rows: list[dict], origins: Origins, field: str) -> None:
-    """Each row's text is text; one that is not is named at its line (`origins`: where the input's rows are)."""
+    """Rows to score, each with its text as text; a row that is not is named at its line (`origins`: where the
+    input's rows are)."""
+    if not rows:
+        raise DataError(f"{origins.sources[0].name}: no input rows (nothing to score)")
     for number, row in enumerate(rows):
-        if not isinstance(row.get(field), str):
+        if field not in row:
             raise DataError(
-                f"{origins.place(number)}: field {field!r} must be text, got {type(row.get(field)).__name__}"
+                f"{origins.place(number)}: no field {field!r} (the row has: {', '.join(row) or 'nothing'}); name the "
+                "field holding the text with --field"
             )
+        if not isinstance(row[field], str):
+            raise DataError(f"{origins.place(number)}: field {field!r} must be text, got {type(row[field]).__name__}")
 
 
 def _detect_learned(

@@ -41,3 +41,13 @@ def test_a_row_without_text_is_named_at_its_line(monkeypatch):
     rows = Origins.of(Source("stdin", None, "lines", lines=(1, 3)), 2)
     with pytest.raises(DataError, match="stdin:3: field 'prediction' must be text, got int"):
         flow.detect("RUN", [{"prediction": "text"}, {"prediction": 5}], rows)
+
+
+def test_a_missing_field_and_an_empty_input_are_named(monkeypatch):
+    """A row without the field said 'got NoneType'; an empty input scored '0 of 0 rows' with exit 0."""
+    run_with(monkeypatch, {"method": "kirchenbauer", "key": 7})
+    rows = Origins.of(Source("texts.jsonl", None, "lines", lines=(2,)), 1)
+    with pytest.raises(DataError, match=r"texts.jsonl:2: no field 'prediction' \(the row has: text\); .*--field"):
+        flow.detect("RUN", [{"text": "a"}], rows)
+    with pytest.raises(DataError, match="texts.jsonl: no input rows"):
+        flow.detect("RUN", [], Origins.of(Source("texts.jsonl", None, "lines", lines=()), 0))
