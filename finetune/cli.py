@@ -163,17 +163,22 @@ class _Terminated(KeyboardInterrupt):
     the loop's own handler (training.loop.StopSignals) replaces this one: it checkpoints and exits 75."""
 
 
-_HANDLER_PID = {"pid": 0}  # the process that installed _raise_terminated
-
-
 def _raise_terminated(signum, frame) -> None:
-    if os.getpid() != _HANDLER_PID["pid"]:
-        # A forked worker (datasets' map pool, a data loader) inherits the handler; its pool ends it with SIGTERM,
-        # which must end it as before, not raise inside it (the pool then waited for it forever).
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
     raise _Terminated
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked worker (datasets' map pool, a data loader) must not inherit the handler: its pool ends it with
+    SIGTERM, which must end it at once, as the kernel's default does; a Python handler runs only when the worker's
+    main thread next runs Python, and a worker blocked in C never did (the pool waited for it forever)."""
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # not the main thread of the child: nothing can be set there
+            pass
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 @contextlib.contextmanager
@@ -190,7 +195,6 @@ def _terminate_as_interrupt():
     ):
         yield
         return
-    _HANDLER_PID["pid"] = os.getpid()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -125,3 +125,20 @@ def test_sigterm_is_left_alone_in_a_launched_process_and_where_it_is_ignored(whe
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig) or real(sig, handler))
     with _terminate_as_interrupt():
         assert installed == []
+
+
+@pytest.mark.unit
+def test_a_forked_worker_has_the_default_sigterm(monkeypatch):
+    """A pool's worker inherited the handler and, blocked in C, never ran it when its pool ended it with SIGTERM:
+    the pool waited forever (a bad row found in a data worker hung the run)."""
+    from finetune.cli import _raise_terminated, _terminate_as_interrupt
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with _terminate_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once, whatever happens
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
