@@ -99,6 +99,10 @@ def export(
     if format == "hf":
         if verify:
             raise RecipeError("--verify: checks a GGUF file through llama.cpp; it has no meaning with --format hf")
+        if quant != "f16":  # the default: a transformers checkpoint keeps the model's own dtype
+            raise RecipeError(
+                f"--quant {quant}: quantises a GGUF file; --format hf writes the merged model in its own dtype"
+            )
         return Exported(merge(run_path, output, overwrite=overwrite))
     if format != "gguf":
         raise RecipeError(f"--format: {format!r} is not gguf or hf")

@@ -245,7 +245,7 @@ def show_plan(
     generation = generation_plan(session, device)
     if generation is not None:
         table.add_row("generation", generation)
-    table.add_row("precision", session.precision)
+    table.add_row("precision", "fp32" if session.precision == "no" else session.precision)  # accelerate's "no"
     table.add_row("output", output_note)
     for name, value in estimate_rows(estimate) if estimate is not None else []:
         table.add_row(name, value)

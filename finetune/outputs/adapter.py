@@ -43,6 +43,7 @@ class AdapterSaver:
         shutil.rmtree(staging, ignore_errors=True)
         # Only the trained adapter: a frozen reference adapter loaded beside it (model.adapter) is not the result.
         model.save_pretrained(str(staging), safe_serialization=True, selected_adapters=["default"])
+        _sort_target_modules(staging)
         if self.initial_adapter is not None:
             convert_to_plain_lora(staging, self.initial_adapter)
         self.tokenizer.save_pretrained(str(staging))
@@ -53,6 +54,17 @@ class AdapterSaver:
             write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
         shutil.rmtree(adapter_dir, ignore_errors=True)
         os.replace(staging, adapter_dir)
+
+
+def _sort_target_modules(adapter_dir: Path) -> None:
+    """peft keeps `target_modules` as a set and writes it in the set's order, which string hashing makes differ
+    from process to process: two runs of one recipe wrote the same weights in adapter_config.json files that differ.
+    Sorted, as peft writes everything else (`sort_keys`)."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:

@@ -60,6 +60,8 @@ def copy_run(byte_level_llama, tmp_path_factory):
     path.write_text(yaml.safe_dump(recipe))
     result = invoke("run", path)
     assert result.exit_code == 0, result.output
+    quantised = invoke("export", root / "run", "--format", "hf", "--quant", "q8_0", "--output", root / "merged")
+    assert quantised.exit_code == 2 and "--quant q8_0: quantises a GGUF file" in quantised.output  # was ignored
     merged = invoke("export", root / "run", "--format", "hf", "--output", root / "merged")
     assert merged.exit_code == 0, merged.output
     return root

@@ -18,6 +18,9 @@ def test_run_writes_the_run_directory(kind, tiny_models, topic_data, write_recip
     for name in ("recipe.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "train_log.jsonl", "README.md"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Sorted: peft writes its set of targets in hash order, which differed between two runs of one recipe.
+    targets = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets) and len(targets) > 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["schema"] == 1 and metrics["task"] == "classification"
     assert set(metrics["metrics"]) == {"accuracy", "macro_f1", "weighted_f1", "eval_loss"}
