@@ -373,6 +373,12 @@ def sweep_rules(recipe: Recipe, task: Task) -> list[str]:
         if key.split(".")[0] in FIXED_SECTIONS:
             problems.append(f"{place}: a trial writes to the sweep's output.dir/trials/N and has no sweep of its own")
             continue
+        if key in ("task", "mode"):  # another task reads other columns and reports other metrics
+            problems.append(
+                f"{place}: a sweep compares settings of one task on its data and metric; sweep each task in a "
+                "sweep of its own"
+            )
+            continue
         if isinstance(spec, SweepRange):
             found = _range_problems(key, spec, settings.sampler, place)
             problems += found

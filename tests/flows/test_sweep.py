@@ -398,6 +398,11 @@ def rules_of(tiny_models, tmp_path, sweep_section: dict, **changes) -> list[str]
         ({"params": {"lora.r": {"low": 0, "high": 8}}}, {}, "sweep.params.lora.r: 0: "),
         ({"sampler": "grid", "params": {"train.lr": {"low": 0.001, "high": 0.01}}}, {}, "give this range a step"),
         ({"params": {"output.dir": ["a", "b"]}}, {}, "sweep.params.output.dir: a trial writes"),
+        (
+            {"params": {"task": ["classification", "qa"]}},
+            {},
+            "sweep.params.task: a sweep compares settings of one task",
+        ),
         ({"params": {}}, {}, "sweep.params: name at least one setting"),
         ({"objective": ["train_seconds"], "params": {"lora.r": [2]}}, {}, "train_seconds is a cost"),
         ({"objective": ["acuracy"], "params": {"lora.r": [2]}}, {}, "did you mean 'accuracy'"),
