@@ -425,7 +425,13 @@ def run_command(
         follow_launcher()
         topology = Topology(per_node=num_processes)
     else:
-        topology = Topology.find(num_processes, nnodes, node_rank, rdzv_endpoint)
+        nodes = loaded.distributed.nnodes
+        topology = Topology.find(
+            num_processes,
+            nnodes if nnodes is not None else None if nodes == "auto" else nodes,
+            node_rank,
+            rdzv_endpoint,
+        )
     launch = topology.world_size > 1 and not inside_launched_process()
     if launch and topology.node_rank == 0:
         # Decided here, before any process starts (else the main process refuses, or finds nothing to resume, and

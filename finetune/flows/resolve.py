@@ -367,6 +367,9 @@ def sweep_rules(recipe: Recipe, task: Task) -> list[str]:
         problems.append(
             f"distributed.num_processes: {processes}: a sweep runs each trial in this one process; use 1 (or auto)"
         )
+    nodes = recipe.distributed.nnodes
+    if isinstance(nodes, int) and nodes > 1:
+        problems.append(f"distributed.nnodes: {nodes}: a sweep runs each trial on this one machine; use 1 (or auto)")
     base = recipe.model_dump(mode="json", exclude={"sweep"})
     for key, spec in settings.params.items():
         place = f"sweep.params.{key}"

@@ -323,7 +323,7 @@ def _identity(recipe: Recipe, objective: Objective) -> dict:
     settings = {
         key: value
         for key, value in flat_settings(recipe).items()
-        if key not in ("output.dir", "sweep.trials", "sweep.time_budget")
+        if key not in ("output.dir", "sweep.trials", "sweep.time_budget", "distributed.nnodes")
     }
     data = data_file_hashes(recipe.data)
     identity = {"settings": settings, "data": data, "objective": [objective.metric, objective.cost]}

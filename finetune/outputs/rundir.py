@@ -426,6 +426,7 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         "train.log_every",
         "train.nonfinite",
         "train.report_to",
+        "distributed.nnodes",  # how the processes are laid out; their count (world_size) is bound below
     }
     # Evaluation during training decides early stopping and the kept weights: those settings must match too.
     bound = {"eval.every", "eval.best_metric", "eval.during_max_samples", "eval.keep"}

@@ -940,6 +940,12 @@ class DistributedSection(Section):
             "wins.",
         )
     )
+    nnodes: Annotated[Annotated[int, Field(ge=1, le=MAX_PROCESSES)] | Literal["auto"], _number_or("auto")] = Field(
+        "auto",
+        description="Machines the run spans (auto: what --nnodes says, else a scheduler's variables (Slurm, SkyPilot, "
+        "torchrun), else 1). With more than 1, each node needs its rank and the first node's address: --node-rank "
+        "and --rdzv-endpoint, or the scheduler's variables. --nnodes wins.",
+    )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="How several processes share the work: ddp (a replica each), fsdp (weights, gradients and "
