@@ -458,6 +458,13 @@ def run_command(
             *({True: ["--estimate"], False: ["--no-estimate"], None: []}[estimate]),
             *(["--json"] if as_json else []),
         ]
+        if topology.nodes > 1:  # the rendezvous waits, silently, until every node has come
+            err_console.print(
+                f"node {topology.node_rank} of {topology.nodes}: waiting for every node to meet at "
+                f"{topology.address}:{topology.port} (start the same command on each, with its own --node-rank)",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(relaunch(topology, args, loaded.distributed.strategy, max_restarts))
     from finetune.flows.train import run
 

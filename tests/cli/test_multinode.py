@@ -99,6 +99,8 @@ def test_two_nodes_on_loopback_train_as_one_node_with_two_processes(tiny_models,
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [out[1][-3000:] for out in outputs]
     assert "2 = 2 nodes x 1 per node, backend gloo" in outputs[0][0]  # the plan names the topology
+    for rank, (_, stderr) in enumerate(outputs):  # said before the rendezvous, which waits silently
+        assert f"node {rank} of 2: waiting for every node to meet at {endpoint}" in " ".join(stderr.split())
     a = json.loads((tmp_path / "one-node" / "metrics.json").read_text())["metrics"]
     b = json.loads((tmp_path / "two-nodes" / "metrics.json").read_text())["metrics"]
     assert last_step(tmp_path / "one-node") == last_step(tmp_path / "two-nodes") > 0
