@@ -465,6 +465,10 @@ def run_command(
                 highlight=False,
                 soft_wrap=True,
             )
+        # The launcher waits in C++ (the rendezvous, its processes), where a Python handler never runs: SIGTERM
+        # must stop it as the kernel does (torch's agent installs its own once it starts the processes).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise typer.Exit(relaunch(topology, args, loaded.distributed.strategy, max_restarts))
     from finetune.flows.train import run
 
