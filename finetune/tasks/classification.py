@@ -312,6 +312,18 @@ class ClassificationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return ("label", "prediction")
 
+    def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
+        """Multi-label eval rows none of which carries a label: F1 is 0/0 there, reported 0 as scikit-learn does,
+        so a model right on every row scores F1 0 (and fails an F1 gate): said before anything trains."""
+        if "label" not in rows.column_names:
+            return
+        values = rows["label"][:]
+        if values and all(isinstance(v, list) and not v for v in values):
+            log.warning(
+                "data.eval: no eval row carries a label: precision, recall and F1 are undefined there (0/0) and "
+                "reported 0, as scikit-learn does; judge these rows by subset_accuracy or hamming_loss"
+            )
+
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         if any(isinstance(r["label"], list) or isinstance(r["prediction"], list) for r in rows):
             return multi_label_metrics(

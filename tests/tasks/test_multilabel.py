@@ -412,3 +412,19 @@ def test_multilabel_recipe_keys_and_their_defaults():
     assert recipe.data.multi_label is None and recipe.data.label_separator is None
     assert ClassificationTask().main_metric(recipe.eval) == "macro_f1"
     assert ClassificationTask().knows_metric("hamming_loss") and ClassificationTask().knows_metric("subset_accuracy")
+
+
+def test_eval_rows_without_any_label_are_said_before_training(tiny_models, write_recipe, tmp_path, caplog):
+    """F1 is 0/0 on such rows and reported 0 (scikit-learn's zero_division): a model right on every row scored F1 0
+    without a word, and failed an F1 gate."""
+    rows = multilabel_rows(80)
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:60]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", [{**row, "labels": []} for row in rows[60:]]),
+    }
+    recipe = multilabel_recipe(tiny_models["bert"], data, tmp_path / "run")
+    recipe["data"]["multi_label"] = True
+    with caplog.at_level("WARNING", logger="finetune"):
+        result = invoke("run", write_recipe(recipe), "--dry-run", "--no-estimate")
+    assert result.exit_code == 0, result.output
+    assert any("no eval row carries a label" in r.getMessage() for r in caplog.records)
