@@ -1160,9 +1160,14 @@ def check_eval_labels(rows: SplitRows, data: Any) -> list[str]:
     if refused:
         origins = rows.origins["data.eval"]
         shown = []
+        alike = {str(name).strip().casefold(): name for name in sorted(trained, key=str)}
         for label, code in refused:
             where = np.flatnonzero(eval_labels.codes == code)
-            shown.append(f"{label!r}: {len(where)} row(s), first at {origins.place(int(where[0]))}")
+            twin = alike.get(str(label).strip().casefold())  # the same class written otherwise ("SPORTS", "sports ")
+            shown.append(
+                f"{label!r}: {len(where)} row(s), first at {origins.place(int(where[0]))}"
+                + (f" (training has {twin!r}, which differs only in case or spaces)" if twin is not None else "")
+            )
         if listed is None:
             fix = "give data.train rows of these classes, or list every class in data.labels to evaluate them untrained"
         else:

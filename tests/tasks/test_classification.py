@@ -237,3 +237,20 @@ def test_validate_refuses_the_labels_run_refuses(case, words, tiny_models, tmp_p
     for command in (("validate", path), ("run", path, "--dry-run", "--no-estimate")):
         result = invoke(*command)
         assert result.exit_code == 3 and words in " ".join(result.output.split()), (command[0], result.output)
+
+
+def test_an_eval_label_written_otherwise_is_pointed_at_its_training_twin(tiny_models, tmp_path, write_recipe):
+    """'SPORTS ' against training's 'sports' was refused as a label no training row has, without saying why."""
+    from conftest import corpus
+
+    rows = corpus(60)
+    evaluation = [{**row, "label": "SPORTS " if row["label"] == "sports" else row["label"]} for row in rows[40:]]
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:40]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", evaluation),
+    }
+    path = write_recipe(classification_recipe(tiny_models["bert"], files, tmp_path / "run"))
+    for command in (("validate", path), ("run", path, "--dry-run", "--no-estimate")):
+        result = invoke(*command)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 3 and "(training has 'sports', which differs only in case or spaces)" in said, said
