@@ -1030,6 +1030,10 @@ class SweepSection(Section):
                 except ValidationError as exc:
                     for error in exc.errors():
                         where = ".".join(str(part) for part in error["loc"])
+                        if error["type"] == "extra_forbidden":  # a misspelt key: named with the nearest valid one
+                            hint = did_you_mean(where, list(SweepRange.model_fields))
+                            problems.append(f"{key}.{where}: unknown key{hint}")
+                            continue
                         problems.append(
                             f"{key}{'.' + where if where else ''}: {error['msg'].removeprefix('Value error, ')}"
                         )

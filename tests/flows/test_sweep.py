@@ -403,6 +403,7 @@ def rules_of(tiny_models, tmp_path, sweep_section: dict, **changes) -> list[str]
             {},
             "sweep.params.task: a sweep compares settings of one task",
         ),
+        ({"params": {"train.lr": {"lo": 0.001, "high": 0.01}}}, {}, "train.lr.lo: unknown key (did you mean 'low'?)"),
         ({"params": {}}, {}, "sweep.params: name at least one setting"),
         ({"objective": ["train_seconds"], "params": {"lora.r": [2]}}, {}, "train_seconds is a cost"),
         ({"objective": ["acuracy"], "params": {"lora.r": [2]}}, {}, "did you mean 'accuracy'"),
