@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 import types
 from collections.abc import Callable
@@ -76,6 +77,7 @@ from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
+from finetune.tasks.text2text import no_chat_template
 from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
 from finetune.watermark import learned
@@ -699,9 +701,35 @@ def environment_rules(
             problems += [Problem(p) for p in _embedding_rules(recipe, family, config)]
             if not problems:
                 problems += [Problem(p) for p in _target_rules(recipe, config, family)]
-    problems += [Problem(p) for p in _retrieval_model_rules(recipe)]
+    problems += [Problem(p) for p in _retrieval_model_rules(recipe) + _chat_template_rules(recipe)]
     problems += [Problem(p, data=True) for p in _data_file_rules(recipe, splits)]
     return problems, family, note
+
+
+# Where a tokenizer keeps its chat template beside tokenizer_config.json (transformers reads these first).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
+
+
+def _chat_template_rules(recipe: Recipe) -> list[str]:
+    """Prompts through the chat template (data.chat_template) or conversations named by data.format need a
+    tokenizer with one: read from a local checkpoint's files, where the tokenizer finds it (run refuses the same
+    with the same words once the tokenizer loads; a hub or packaged checkpoint is checked there)."""
+    key = (
+        "data.chat_template"
+        if recipe.data.chat_template
+        else "data.format"
+        if recipe.data.format == "messages"
+        else None
+    )
+    path = Path(recipe.model.name_or_path).expanduser()
+    config = path / "tokenizer_config.json"
+    if key is None or not config.is_file() or any((path / name).exists() for name in CHAT_TEMPLATE_FILES):
+        return []
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):  # the tokenizer's own loading names a broken file
+        return []
+    return [] if found else [no_chat_template(recipe.model.name_or_path, key)]
 
 
 def _retrieval_model_rules(recipe: Recipe) -> list[str]:

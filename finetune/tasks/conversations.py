@@ -32,7 +32,7 @@ from finetune.data.tables import apply_overflow, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
-from finetune.tasks.text2text import IGNORE, _keep_end
+from finetune.tasks.text2text import IGNORE, _keep_end, no_chat_template
 
 # `{% generation %}`, `{%- generation %}`, `{%- generation -%}`: the markers transformers reads.
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -50,10 +50,7 @@ def chat_template(tokenizer: PreTrainedTokenizerBase, model_name: str) -> str:
     if isinstance(template, dict):  # named variants: the default one renders plain conversations
         template = template.get("default")
     if not isinstance(template, str) or not template:
-        raise RecipeError(
-            f"model: the tokenizer of {model_name} has no chat template, and conversations are rendered through "
-            "one; use a chat (instruct) checkpoint, or rows with the task's own fields (data.format: prompt)"
-        )
+        raise RecipeError(no_chat_template(model_name, "model"))
     if not tokenizer.is_fast:
         raise RecipeError(
             f"model: the tokenizer of {model_name} is not a fast tokenizer; conversations need its token offsets"

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from finetune.data.tables import LengthReport, apply_overflow
-from finetune.errors import DataError
+from finetune.errors import DataError, RecipeError
 from finetune.evaluation.scoring import eval_loader
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import EvalSection, Recipe
@@ -49,12 +49,25 @@ IGNORE = -100
 log = logging.getLogger("finetune")
 
 
+def no_chat_template(model_name: str, key: str) -> str:
+    """The refusal when prompts or conversations go through a chat template the tokenizer lacks (run and validate)."""
+    fix = (
+        "data.chat_template: false"
+        if key == "data.chat_template"
+        else "rows with the task's own fields (data.format: prompt)"
+    )
+    return (
+        f"{key}: the tokenizer of {model_name} has no chat template, and it would render the prompts; use a chat "
+        f"(instruct) checkpoint, or {fix}"
+    )
+
+
 def prompt_texts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> list[str]:
     """The prompts as the model sees them: raw, or as a user turn of the chat template."""
     if not recipe.data.chat_template:
         return prompts
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"data.chat_template: the tokenizer of {recipe.model.name_or_path} has no chat template")
+    if not getattr(tokenizer, "chat_template", None):  # a recipe/model mismatch (exit 2), as for conversations
+        raise RecipeError(no_chat_template(recipe.model.name_or_path, "data.chat_template"))
     return [
         # tokenize=False renders the conversation as text (transformers annotates every form it can return).
         cast(

@@ -106,8 +106,11 @@ def test_chat_template_on_a_tokenizer_without_one_is_refused(tiny_models, write_
     }
     recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "run")
     recipe["data"]["chat_template"] = True
-    refused = invoke("run", write_recipe(recipe), "--dry-run")
-    assert refused.exit_code == 3 and "has no chat template" in refused.output
+    path = write_recipe(recipe)
+    for command in (("run", path, "--dry-run"), ("validate", path)):  # a recipe/model mismatch, found by both
+        refused = invoke(*command)
+        assert refused.exit_code == 2 and "data.chat_template: the tokenizer of" in refused.output, refused.output
+        assert "has no chat template" in refused.output
 
 
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
