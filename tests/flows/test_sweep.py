@@ -237,15 +237,22 @@ def test_overwrite_refuses_a_file_no_trial_wrote_and_removes_nothing(swept, tmp_
             mine.unlink()
 
 
-def test_overwrite_starts_the_sweep_again_and_keeps_the_users_files_beside_it(tiny_models, tmp_path):
-    rows = corpus(60)
+def _sweep_recipe(model_dir, tmp_path, rows: int, sweep: dict, **train) -> tuple[dict, Path]:
+    """A grid sweep over the topic corpus (4/5 of `rows` to train on), into tmp_path/sweep."""
+    rows_ = corpus(rows)
+    cut = rows * 4 // 5
     data = {
-        "train": write_jsonl(tmp_path / "train.jsonl", rows[:40]),
-        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[40:]),
+        "train": write_jsonl(tmp_path / "train.jsonl", rows_[:cut]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows_[cut:]),
     }
     out = tmp_path / "sweep"
-    recipe = classification_recipe(tiny_models["bert"], data, out, epochs=1)
-    recipe["sweep"] = {"trials": 1, "sampler": "grid", "params": {"lora.r": [2]}}
+    recipe = classification_recipe(model_dir, data, out, **train)
+    recipe["sweep"] = {"sampler": "grid", **sweep}
+    return recipe, out
+
+
+def test_overwrite_starts_the_sweep_again_and_keeps_the_users_files_beside_it(tiny_models, tmp_path):
+    recipe, out = _sweep_recipe(tiny_models["bert"], tmp_path, 60, {"trials": 1, "params": {"lora.r": [2]}}, epochs=1)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     sweep(path, [], quiet())
@@ -282,14 +289,8 @@ def test_a_sweep_killed_mid_trial_resumes_without_repeating_a_finished_trial(tin
     import subprocess
     import sys
 
-    rows = corpus(150)
-    data = {
-        "train": write_jsonl(tmp_path / "train.jsonl", rows[:120]),
-        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[120:]),
-    }
-    out = tmp_path / "sweep"
-    recipe = classification_recipe(tiny_models["gpt2"], data, out, lr=0.02, checkpoint_every=3)
-    recipe["sweep"] = {"trials": 2, "sampler": "grid", "params": {"lora.r": [2, 8]}}
+    sweep = {"trials": 2, "params": {"lora.r": [2, 8]}}
+    recipe, out = _sweep_recipe(tiny_models["gpt2"], tmp_path, 150, sweep, lr=0.02, checkpoint_every=3)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
