@@ -57,6 +57,7 @@ from finetune.models.references import (
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
+    MIN_LENGTH,
     EvalSection,
     Recipe,
     SweepRange,
@@ -140,7 +141,7 @@ def _room_fix(key: str, new_tokens: int, max_length: int, limit: int) -> str:
     """The settings that fit a prompt and its new tokens into `limit` positions: fewer new tokens where the prompt
     leaves room for one at least, a shorter prompt where the new tokens leave room for one."""
     fixes = [f"{key} <= {limit - max_length}"] if limit - max_length >= 1 else []
-    if new_tokens < limit:
+    if limit - new_tokens >= MIN_LENGTH:
         fixes.append(f"data.max_length <= {limit - new_tokens}")
     return " or ".join(fixes) or f"{key} and data.max_length that add up to at most {limit}"
 
@@ -151,9 +152,9 @@ def runs_code(recipe: Recipe) -> str | None:
     environment variable belongs to the machine that runs it)."""
     if recipe.train.objective == "grpo" and recipe.train.grpo.reward.function:
         return FUNCTION_RUNS
-    if recipe.task == "codegen" and (recipe.eval.execute_code or recipe.train.objective == "grpo"):
-        return "codegen: scoring runs generated code"  # the tests when scored, and GRPO's rewards
-    return None
+    if recipe.task == "codegen" and recipe.train.objective == "grpo":  # its rewards run each sample's tests
+        return "codegen: scoring runs generated code"
+    return None  # codegen's evaluation runs code only where its rows hold tests: checked as they are read
 
 
 def _reward_function_problems(recipe: Recipe) -> list[str]:

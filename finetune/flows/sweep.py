@@ -48,6 +48,7 @@ from finetune.evaluation.scoring import collect_gates
 from finetune.files import write_json, write_text_atomic
 from finetune.flows.resolve import (
     COSTS,
+    RETRIEVER_RUN,
     build_recipe,
     overrides_named,
     read_recipe,
@@ -309,7 +310,15 @@ def _refuse_foreign_trials(directory: SweepDir) -> None:
         if entry.is_symlink() or not entry.is_dir() or not run.marker.is_file():
             foreign = [entry]
         else:
-            foreign = [entry / name for name in rundir.not_written_by_finetune(run)]
+            # A knowledge-base trial's retriever is a run of its own inside it (resolve.RETRIEVER_RUN): its part,
+            # checked by the same rule, as `run --overwrite` clears it.
+            part = RunDir(entry / RETRIEVER_RUN)
+            inner = part.marker.is_file() and not part.path.is_symlink()
+            foreign = [
+                entry / name for name in rundir.not_written_by_finetune(run) if not (inner and name == RETRIEVER_RUN)
+            ]
+            if inner:
+                foreign += [part.path / name for name in rundir.not_written_by_finetune(part)]
         if foreign:
             raise RecipeError(
                 f"--overwrite: {foreign[0]} was not written by a trial of this sweep, and the new sweep replaces "

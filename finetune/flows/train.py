@@ -124,8 +124,9 @@ def _run(
 ) -> dict | None:
     recipe = resolved.recipe
     code = runs_code(recipe)
-    if code is not None:  # both opt-ins before anything is written (the directory left behind refused the retry)
-        sandbox.require_opt_in(recipe.eval.execute_code, code)
+    if code is not None:  # both opt-ins and the sandbox before anything is written (a directory left behind
+        sandbox.require_opt_in(recipe.eval.execute_code, code)  # refused the retry)
+        sandbox.check_level(recipe.eval.sandbox)
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:

@@ -585,3 +585,20 @@ def test_the_command_prints_sweep_json_and_exits_4_when_no_trial_passes(swept, t
     for override in ("lora.r=8", "lora={r: 8}"):
         swept_too = invoke("sweep", path, override)
         assert swept_too.exit_code == 2 and "lora.r is swept" in swept_too.output, swept_too.output
+
+
+def test_overwrite_takes_a_trials_retriever_run_as_the_trials_own(tmp_path):
+    """A knowledge-base trial keeps its retriever's run inside it (RUN/retriever): it made every sweep of such
+    trials impossible to overwrite; a file of the user's inside it still refuses."""
+    from finetune.flows.sweep import _refuse_foreign_trials
+    from finetune.outputs.rundir import RunDir
+
+    trial = tmp_path / "trials" / "0"
+    for made in (RunDir(trial), RunDir(trial / "retriever")):
+        made.path.mkdir(parents=True)
+        made.marker.write_text("{}")
+        made.recipe.write_text("task: retrieval\n")
+    _refuse_foreign_trials(SweepDir(tmp_path))
+    (trial / "retriever" / "mine.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="retriever/mine.txt was not written by a trial"):
+        _refuse_foreign_trials(SweepDir(tmp_path))

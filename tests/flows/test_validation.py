@@ -194,3 +194,6 @@ def test_a_prompt_and_its_new_tokens_past_the_positions_get_a_fix_that_is_allowe
     assert _room_fix("eval.max_new_tokens", 200, 128, 128) == (
         "eval.max_new_tokens and data.max_length that add up to at most 128"
     )
+    assert _room_fix("eval.max_new_tokens", 126, 130, 128) == (  # data.max_length <= 2: below what the schema takes
+        "eval.max_new_tokens and data.max_length that add up to at most 128"
+    )

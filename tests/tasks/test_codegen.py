@@ -206,6 +206,11 @@ def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models,
     result = runner.invoke(app, ["run", str(write_recipe(recipe))])
     assert result.exit_code == 2 and OPT_IN_ENV in result.output
     assert not (out / "adapter").exists() and not (out / "train_log.jsonl").exists()
+    # Rows without tests run no code whatever eval.execute_code says: no opt-in is asked for.
+    untested = [{k: v for k, v in row.items() if k not in ("test", "entry_point")} for row in TOY_EVAL]
+    recipe["data"]["eval"] = str(write_jsonl(tmp_path / "untested.jsonl", untested))
+    planned = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run", "--no-estimate"])
+    assert planned.exit_code == 0, planned.output
 
 
 def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, write_recipe):

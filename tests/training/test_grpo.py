@@ -447,3 +447,9 @@ def test_the_environment_opt_in_is_checked_before_the_run_directory_is_made(
     said = " ".join(result.output.split())
     assert said.startswith("error: train.grpo.reward.function: your reward function runs in the code sandbox")
     assert "FINETUNE_ALLOW_CODE_EXECUTION=1" in said and not Path(recipe["output"]["dir"]).exists()
+    # The sandbox itself, the other precondition, likewise before anything is written.
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    monkeypatch.setattr("finetune.tasks.sandbox.bubblewrap", lambda: None)
+    result = invoke("run", str(write_recipe(recipe)), "--no-estimate")
+    assert result.exit_code == 2 and "bubblewrap" in result.output, result.output
+    assert not Path(recipe["output"]["dir"]).exists()
