@@ -157,13 +157,12 @@ def saves_and_evaluations(
     """The loop's rule counted in closed form (steps 1..`steps`: the multiples of each period, by
     inclusion-exclusion, and the last step), not step by step: a plan of 10^7 steps took seconds, 2^53 forever."""
     periods = [per_epoch, checkpoint_every]
-    if every == "epoch":
-        evaluated = steps // per_epoch
-    elif every is not None:
-        periods.append(int(every))
-        evaluated = steps // int(every) + (steps % int(every) != 0)  # and the last step
-    else:
+    if every is None:
         evaluated = 0
+    else:  # training.monitor.Monitor.due: the schedule's steps, and the last step whatever the schedule says
+        period = per_epoch if every == "epoch" else int(every)
+        periods.append(period)
+        evaluated = steps // period + (steps % period != 0)
     saved = _multiples(steps, periods)
     if all(steps % period for period in periods):  # the last step saves whatever the periods say
         saved += 1

@@ -116,13 +116,18 @@ def test_peak_memory_estimate_matches_the_real_run(tiny_models, write_recipe, tm
 def test_checkpoints_and_evaluations_are_counted_as_the_loop_counts_them():
     """The closed form (a plan of 2^53 steps hung the dry run, counting step by step) against the loop's own rule."""
     from finetune.flows.estimate import saves_and_evaluations
+    from finetune.training.monitor import Monitor
 
     def by_step(steps: int, per_epoch: int, every_ckpt: int, every) -> tuple[int, int]:
+        """The loop's rule, step by step: the monitor's own `due`, a checkpoint at each evaluation, epoch end,
+        the last step and every `checkpoint_every` steps."""
+        monitor = Monitor.__new__(Monitor)  # only `due`, which reads `every`
+        monitor.every = every
         saved = evaluated = 0
         for step in range(1, steps + 1):
             epoch_end = step % per_epoch == 0
             done = step == steps
-            evaluates = every is not None and (epoch_end if every == "epoch" else step % every == 0 or done)
+            evaluates = every is not None and monitor.due(step, epoch_end, done)
             evaluated += evaluates
             saved += done or epoch_end or evaluates or step % every_ckpt == 0
         return saved, evaluated
