@@ -427,10 +427,7 @@ def run_command(
     else:
         nodes = loaded.distributed.nnodes
         topology = Topology.find(
-            num_processes,
-            nnodes if nnodes is not None else None if nodes == "auto" else nodes,
-            node_rank,
-            rdzv_endpoint,
+            num_processes, nnodes, node_rank, rdzv_endpoint, recipe_nodes=None if nodes == "auto" else nodes
         )
     launch = topology.world_size > 1 and not inside_launched_process()
     if launch and topology.node_rank == 0:

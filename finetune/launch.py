@@ -53,13 +53,17 @@ class Topology:
         node_rank: int | None = None,
         endpoint: str | None = None,
         environ: Mapping[str, str] | None = None,
+        recipe_nodes: int | None = None,
     ) -> Topology:
         """The topology the flags give (`--nnodes`, `--node-rank`, `--rdzv-endpoint`), else the one a scheduler's
-        environment describes, else this machine alone. A flag wins over the environment, key by key."""
+        environment describes, else the recipe's `distributed.nnodes` (`recipe_nodes`), else this machine alone.
+        A flag wins over the environment, key by key."""
         environ = os.environ if environ is None else environ
         found = _from_scheduler(environ) if nnodes is None else None
-        source = found.source if found else "--nnodes"
-        nodes = nnodes if nnodes is not None else found.nodes if found else 1
+        source = (
+            found.source if found else "--nnodes" if nnodes is not None or not recipe_nodes else "distributed.nnodes"
+        )
+        nodes = nnodes if nnodes is not None else found.nodes if found else recipe_nodes or 1
         if nodes == 1 and node_rank in (None, 0) and endpoint is None:
             return Topology(per_node=per_node)
         rank = node_rank if node_rank is not None else found.node_rank if found else None

@@ -942,9 +942,9 @@ class DistributedSection(Section):
     )
     nnodes: Annotated[Annotated[int, Field(ge=1, le=MAX_PROCESSES)] | Literal["auto"], _number_or("auto")] = Field(
         "auto",
-        description="Machines the run spans (auto: what --nnodes says, else a scheduler's variables (Slurm, SkyPilot, "
-        "torchrun), else 1). With more than 1, each node needs its rank and the first node's address: --node-rank "
-        "and --rdzv-endpoint, or the scheduler's variables. --nnodes wins.",
+        description="Machines the run spans where neither --nnodes nor a scheduler's variables (Slurm, SkyPilot, PBS) "
+        "say (auto: 1). With more than 1, each node needs its rank and the first node's address: --node-rank and "
+        "--rdzv-endpoint.",
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",

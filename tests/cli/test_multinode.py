@@ -39,6 +39,8 @@ def test_slurm_environment_gives_the_topology_without_flags():
     assert Topology.find(8, environ=environ | {"MASTER_PORT": "40000"}).port == 40000
     with pytest.raises(RecipeError, match="one task per node"):
         Topology.find(1, environ=environ | {"SLURM_NTASKS": "32"})
+    # The recipe's distributed.nnodes counts the nodes only where the scheduler does not (it disabled the scheduler).
+    assert Topology.find(8, environ=environ, recipe_nodes=2).nodes == 4
 
 
 @pytest.mark.unit
@@ -210,8 +212,8 @@ def test_a_process_not_started_by_torchs_agent_is_not_watched(monkeypatch):
 
 
 def test_the_recipe_can_name_its_nodes(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
-    """PRODUCT.md's `distributed: {nnodes: 1}` was an unknown key. 1: this machine alone whatever a scheduler says;
-    more: each node's rank and the first node's address are still needed, named as for --nnodes."""
+    """PRODUCT.md's `distributed: {nnodes: 1}` was an unknown key. Where no flag or scheduler counts the nodes, more
+    than 1 needs each node's rank and the first node's address, named as for --nnodes."""
     from helpers import invoke
 
     for name in ("SLURM_JOB_ID", "SLURM_NNODES", "SKYPILOT_NUM_NODES", "PBS_JOBID"):
