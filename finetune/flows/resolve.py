@@ -712,16 +712,13 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_
 
 
 def _chat_template_rules(recipe: Recipe) -> list[str]:
-    """Prompts through the chat template (data.chat_template) or conversations named by data.format need a
-    tokenizer with one: read from a local checkpoint's files, where the tokenizer finds it (run refuses the same
-    with the same words once the tokenizer loads; a hub or packaged checkpoint is checked there)."""
-    key = (
-        "data.chat_template"
-        if recipe.data.chat_template
-        else "data.format"
-        if recipe.data.format == "messages"
-        else None
-    )
+    """Prompts through the chat template (data.chat_template) or conversations named by data.format (messages,
+    alpaca, sharegpt) need a tokenizer with one: read from a local checkpoint's files, where the tokenizer finds it
+    (run refuses the same with the same words once the tokenizer loads; a hub or packaged checkpoint, and
+    conversations `auto` finds in the file's columns, are checked there)."""
+    # The key run's refusal names: prompt rendering's (text2text.prompt_texts), else conversations' (the model's).
+    conversations = recipe.data.format not in ("auto", "prompt")
+    key = "data.chat_template" if recipe.data.chat_template else "model" if conversations else None
     path = Path(recipe.model.name_or_path).expanduser()
     config = path / "tokenizer_config.json"
     if key is None or not config.is_file() or any((path / name).exists() for name in CHAT_TEMPLATE_FILES):

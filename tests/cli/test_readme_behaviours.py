@@ -123,3 +123,22 @@ def test_resume_accepts_the_run_directory(pair):  # noqa: F811  (the fixture)
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((broken / "metrics.json").read_text())["training"]["resumed_from"].endswith("step-00000009")
     assert adapter_bytes(broken) == adapter_bytes(whole)
+
+
+def test_conversations_on_a_tokenizer_without_a_chat_template_are_refused_by_validate_too(
+    tiny_models, write_recipe, tmp_path
+):
+    rows = [{"instruction": f"Describe item {i}", "output": f"Item {i} is fine."} for i in range(12)]
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:8]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", rows[8:]),
+    }
+    recipe = generation_recipe("copywriting", tiny_models["llama"], data, tmp_path / "run")
+    recipe["data"]["format"] = "alpaca"
+    path = write_recipe(recipe)
+    said = []
+    for command in (("run", path, "--dry-run", "--no-estimate"), ("validate", path)):
+        refused = invoke(*command)
+        assert refused.exit_code == 2, refused.output
+        said.append(next(line.strip(" -") for line in refused.output.splitlines() if "chat template" in line))
+    assert said[0].removeprefix("error: ") == said[1] and said[1].startswith("model: the tokenizer of")
