@@ -660,6 +660,21 @@ class StopSignals:
         return False
 
 
+def _forget_stop_signals() -> None:
+    """A worker forked while training (a pool of the objective, a data worker) must not inherit StopSignals'
+    handler: it only notes SIGTERM, so the pool's SIGTERM would never end it. The kernel's default comes back."""
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        handler = signal.getsignal(sig)
+        if isinstance(getattr(handler, "__self__", None), StopSignals):
+            try:
+                signal.signal(sig, default)
+            except ValueError:  # not the child's main thread
+                pass
+
+
+os.register_at_fork(after_in_child=_forget_stop_signals)
+
+
 class StepLogger:
     """Mean loss and real (non-padding) tokens/s over each logging window, summed over processes."""
 

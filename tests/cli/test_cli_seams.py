@@ -142,3 +142,16 @@ def test_a_forked_worker_has_the_default_sigterm(monkeypatch):
             os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.unit
+def test_a_worker_forked_while_training_has_the_default_sigterm():
+    """StopSignals only notes SIGTERM: a worker that inherited it would outlive its pool's SIGTERM."""
+    from finetune.training.loop import StopSignals
+
+    with StopSignals():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
