@@ -138,3 +138,18 @@ def test_checkpoints_and_evaluations_are_counted_as_the_loop_counts_them():
         every = rng.choice([None, "epoch", rng.randint(1, 50)])
         assert saves_and_evaluations(steps, per_epoch, ckpt, every) == by_step(steps, per_epoch, ckpt, every)
     assert saves_and_evaluations(2**53, 15, 500, None)[0] > 0  # at once
+
+
+def test_a_long_run_is_priced_from_its_first_steps_and_scaled(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    """Listing every batch of a long run took minutes and gigabytes: the first PRICED_STEPS are priced, the rest
+    scaled from them, and the estimate says so."""
+    import finetune.flows.estimate as estimate
+
+    monkeypatch.setattr(estimate, "PRICED_STEPS", 6)
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    result = invoke("run", recipe, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    how = " ".join(json.loads(result.stdout[result.stdout.index("{") :])["estimate"]["how"])
+    assert "(6 steps of 30, the rest scaled from them)" in how
