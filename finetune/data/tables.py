@@ -436,7 +436,11 @@ class Origins:
         rest = text[len(head) :]
         one = re.match(r"row (\d+): ", rest)
         if one and 1 <= int(one[1]) <= len(self):
-            return DataError(f"{head}{self.place(int(one[1]) - 1)}: {rest[one.end() :]}")
+            place = self.place(int(one[1]) - 1)
+            # Rows named by their own file (predict's and detect's input, `SOURCE: row N`): `SOURCE:LINE`, not
+            # `SOURCE: SOURCE:LINE`; a split of the recipe keeps its name before its file's (`data.train: f:3`).
+            lead = "" if place.startswith(f"{split}:") else head
+            return DataError(f"{lead}{place}: {rest[one.end() :]}")
         several = re.search(r"\(rows (\d+(?:, \d+)*)", rest)
         if several:
             numbers = [int(n) for n in several[1].split(", ")]

@@ -27,6 +27,7 @@ from finetune.flows.session import (
     Session,
     build_retriever,
     open_session,
+    placed_errors,
     settle_retrieval,
     task_rows,
 )
@@ -406,13 +407,8 @@ def predict(
     message, or `message`. `origins`: where the rows are (a message about one names its line).
     """
     source = origins.sources[0].name
-    try:
+    with placed_errors({source: origins}):  # the task's `SOURCE: row N: ...` named at the row's line
         return _predict(run_path, rows, origins, source, knowledge_base, message)
-    except DataError as exc:  # the task's `SOURCE: row N: ...` named at the row's line: `SOURCE:LINE: ...`
-        placed = origins.explain(exc, source)
-        if placed is exc:
-            raise
-        raise DataError(str(placed).removeprefix(f"{source}: ")) from exc
 
 
 def _predict(

@@ -222,8 +222,6 @@ def _start_adapter_problems(recipe: Recipe, directory: Path) -> list[str]:
 def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
     """An adapter used with a recipe (`model.adapter`, `eval --checkpoint`) must be one finetune trained for the
     recipe's task on its base model: another's loads into the wrong layers or scores with the wrong head."""
-    import json
-
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
         return [f"{key}: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
