@@ -68,6 +68,7 @@ from finetune.recipe.schema import (
     recipe_problems_error,
     training_only,
     training_only_overrides,
+    within,
 )
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
@@ -1220,7 +1221,7 @@ def overrides_named(overrides: list[str] | None):
             # The override's key, or a key inside it (`lora={r: abc}`); not a section holding it, whose problem may
             # be the file's own (`data: data.eval and data.eval_split are exclusive` beside `data.max_length=64`).
             key = problem.partition(":")[0].strip()
-            given = any(key == k or key.startswith(f"{k}.") for k in keys)
+            given = any(within(key, k) for k in keys)
             return f"{problem} (set on the command line)" if given else problem
 
         raise RecipeError(Exception.__str__(exc), [named(p) for p in exc.problems]) from None

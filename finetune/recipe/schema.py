@@ -1116,9 +1116,14 @@ def _literal_choices(error: Mapping[str, Any]) -> list[str]:
     return [part.strip(" '") for part in expected.replace(" or ", ",").split(",") if part.strip()]
 
 
+def within(key: str, setting: str) -> bool:
+    """Whether the dotted `key` is `setting` or a key inside it (`lora.r` within `lora`)."""
+    return key == setting or key.startswith(f"{setting}.")
+
+
 def same_setting(key: str, other: str) -> bool:
     """Whether two dotted keys set one value: the same key, or a section and a key inside it."""
-    return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
+    return within(key, other) or within(other, key)
 
 
 # Settings only training reads. `eval` and `predict` score what was trained (or the base model) and never read them,
@@ -1162,7 +1167,7 @@ TRAINING_ONLY = (
 
 def training_only(key: str) -> bool:
     """Whether the dotted `key` is a setting only training reads, or inside one (TRAINING_ONLY)."""
-    return any(key == only or key.startswith(f"{only}.") for only in TRAINING_ONLY)
+    return any(within(key, only) for only in TRAINING_ONLY)
 
 
 def _leaf_keys(key: str, value: object) -> list[str]:
