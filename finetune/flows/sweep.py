@@ -309,16 +309,8 @@ def _refuse_foreign_trials(directory: SweepDir) -> None:
         run = RunDir(entry)
         if entry.is_symlink() or not entry.is_dir() or not run.marker.is_file():
             foreign = [entry]
-        else:
-            # A knowledge-base trial's retriever is a run of its own inside it (resolve.RETRIEVER_RUN): its part,
-            # checked by the same rule, as `run --overwrite` clears it.
-            part = RunDir(entry / RETRIEVER_RUN)
-            inner = part.marker.is_file() and not part.path.is_symlink()
-            foreign = [
-                entry / name for name in rundir.not_written_by_finetune(run) if not (inner and name == RETRIEVER_RUN)
-            ]
-            if inner:
-                foreign += [part.path / name for name in rundir.not_written_by_finetune(part)]
+        else:  # a knowledge-base trial's retriever is a run of its own inside it, its part, as `run --overwrite` takes it
+            foreign = rundir.not_written_by_finetune(run, parts=(entry / RETRIEVER_RUN,))
         if foreign:
             raise RecipeError(
                 f"--overwrite: {foreign[0]} was not written by a trial of this sweep, and the new sweep replaces "

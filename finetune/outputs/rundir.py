@@ -97,7 +97,7 @@ def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
     that the new run makes none of: cleared by the same rules, their folders removed when nothing of the user's
     stays; a folder there that is not a run is the user's. Every refusal comes before anything is removed.
     Returns what stayed."""
-    own_parts = [RunDir(p) for p in parts if not p.is_symlink() and RunDir(p).marker.is_file()]
+    own_parts = _own_parts(parts)
     plans = [_removals(run), *(_removals(part) for part in own_parts)]
     for removals, _ in plans:
         for path in removals:
@@ -112,10 +112,19 @@ def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
     return [kept for _, stayed in plans for kept in stayed]
 
 
-def not_written_by_finetune(run: RunDir) -> list[str]:
-    """What in `run` finetune did not write (what `--overwrite` keeps), relative to it; refuses as
-    `clear_previous_run` does (a run inside, a file of the user's in a folder the run replaces whole)."""
-    return _removals(run)[1]
+def _own_parts(parts: tuple[Path, ...]) -> list[RunDir]:
+    """The runs among `parts` (a folder there that is not a run is the user's)."""
+    return [RunDir(p) for p in parts if not p.is_symlink() and RunDir(p).marker.is_file()]
+
+
+def not_written_by_finetune(run: RunDir, parts: tuple[Path, ...] = ()) -> list[Path]:
+    """What in `run` finetune did not write (what `--overwrite` keeps), its `parts` (clear_previous_run's) taken as
+    the run's own and looked into by the same rule; refuses as `clear_previous_run` does (a run inside, a file of
+    the user's in a folder the run replaces whole)."""
+    own = _own_parts(parts)
+    names = {part.path.name for part in own}
+    found = [run.path / name for name in _removals(run)[1] if name not in names]
+    return found + [part.path / name for part in own for name in _removals(part)[1]]
 
 
 def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
