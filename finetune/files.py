@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(staging: Path, target: Path, aside: Path) -> None:
+    """Rename a finished `staging` folder onto `target`. An earlier `target` is first renamed to `aside` and
+    removed only once the new one is in place, so a kill at any point leaves a whole folder (the new one at
+    `target`, or the old one at `target` or at `aside`), never a half-removed one."""
+    shutil.rmtree(aside, ignore_errors=True)
+    if target.exists():
+        target.rename(aside)
+    staging.rename(target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import BayesianDetectorConfig, BayesianDetectorModel, PreTrainedTokenizerBase
 
-from finetune.files import write_json
+from finetune.files import replace_directory, write_json
 from finetune.tasks.text2text import decode_batch_size, generate
 from finetune.watermark.marking import generation_config, synthid_evidence
 
@@ -77,8 +77,7 @@ def save(model: BayesianDetectorModel, report: dict, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
     write_json(staging / REPORT_FILE, report)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    replace_directory(staging, target, aside=target.with_name(target.name + ".old"))
 
 
 def evidence(

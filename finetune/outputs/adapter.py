@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.files import write_json
+from finetune.files import replace_directory, write_json
 from finetune.outputs.rundir import ADAPTER_META
 from finetune.recipe.schema import WatermarkSection
 from finetune.watermark.marking import write_key
@@ -52,8 +51,7 @@ class AdapterSaver:
             write_key(staging, self.watermark)
         if for_other_tools:
             write_task_base(model, self.base_path, self.revision, staging, adapter_dir)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(staging, adapter_dir)
+        replace_directory(staging, adapter_dir, aside=adapter_dir.with_name(adapter_dir.name + ".old"))
 
 
 def _sort_target_modules(adapter_dir: Path) -> None:

@@ -379,13 +379,9 @@ def publish_directory(staging: Path, target: Path, what: str) -> None:
     """Move a finished staging directory into place (`claim_output` allowed `target`): recorded with its files,
     then renamed; an earlier output of the same kind is replaced only once the new one is complete."""
     mark_output(staging, what, listed=True)
-    if target.exists():
-        old = staging_beside(target, directory=True)  # empty: a directory renamed onto it replaces it
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    # Aside under a fresh name (empty: a directory renamed onto it replaces it), never a user's folder.
+    aside = staging_beside(target, directory=True)
+    files.replace_directory(staging, target, aside)
 
 
 def check_free_space(path: Path, needed: int) -> None:

@@ -176,3 +176,31 @@ def test_an_output_beside_an_input_is_named_as_it_lies(tmp_path):
     for target, how in ((data / "out.jsonl", "lies inside"), (tmp_path, "holds"), (data, "is")):
         with pytest.raises(RecipeError, match=f"--output: {target} {how} {data}, an input of this command"):
             claim_output(target, key="--output", what="predictions", directory=False, overwrite=False, inputs=(data,))
+
+
+def test_replacing_a_folder_keeps_the_old_one_whole_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """`files.replace_directory`, under every output folder finetune replaces (the final adapter, merge/export, the
+    watermark detector): a kill between its renames leaves the old folder whole beside the target."""
+    from finetune import files
+
+    target, staging, aside = tmp_path / "adapter", tmp_path / "adapter.partial", tmp_path / "adapter.old"
+    for folder, text in ((target, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    renames = []
+    real_rename = Path.rename
+
+    def rename_then_die(self, other):
+        renames.append(self)
+        if self == staging:
+            raise KeyboardInterrupt  # killed after the old folder moved aside, before the new one moved in
+        return real_rename(self, other)
+
+    monkeypatch.setattr(Path, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_directory(staging, target, aside)
+    assert renames == [target, staging]
+    assert (aside / "weights").read_text() == "old" and (staging / "weights").read_text() == "new"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    files.replace_directory(staging, target, aside)  # the next save
+    assert (target / "weights").read_text() == "new" and not aside.exists() and not staging.exists()
