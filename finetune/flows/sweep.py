@@ -334,8 +334,7 @@ def _identity(recipe: Recipe, objective: Objective) -> dict:
 def _open_study(
     directory: SweepDir, settings: SweepSection, objective: Objective, gates: list[Gate], identity: dict
 ) -> optuna.Study:
-    """Create the study, or load it and check it is this recipe's; its sampler seeded past the trials it has, so a
-    resumed sweep does not propose the first trials again."""
+    """Create the study, or load it and check it is this recipe's (`propose` gives it its sampler)."""
     study = optuna.create_study(
         storage=directory.storage, study_name=STUDY_NAME, directions=objective.directions, load_if_exists=True
     )
@@ -355,7 +354,6 @@ def _open_study(
     return optuna.load_study(
         study_name=STUDY_NAME,
         storage=directory.storage,
-        sampler=_sampler(settings, gates, seed=settings.seed + len(study.trials)),
         pruner=optuna.pruners.NopPruner() if settings.pruner == "none" else optuna.pruners.MedianPruner(),
     )
 
@@ -386,6 +384,16 @@ def _differences(saved: dict, current: dict) -> list[str]:
     if saved.get("objective") != current.get("objective"):
         found.append(f"objective: {saved.get('objective')} then, {current.get('objective')} now")
     return found
+
+
+def propose(
+    study: optuna.Study, settings: SweepSection, gates: list[Gate], distributions: dict[str, BaseDistribution]
+) -> Trial:
+    """The next trial, from a sampler seeded by the sweep's seed and the trials the study holds: what it proposes
+    depends on the study's history alone, so a sweep killed and resumed proposes what one never stopped would have
+    (a sampler made once and drawn from in turn would start again from its seed in the resumed process)."""
+    study.sampler = _sampler(settings, gates, seed=settings.seed + len(study.get_trials(deepcopy=False)))
+    return study.ask(distributions)
 
 
 def _sampler(settings: SweepSection, gates: list[Gate], seed: int) -> optuna.samplers.BaseSampler:
@@ -470,7 +478,7 @@ class Sweeping:
                         size = math.prod(len(p.grid or ()) for p in self.space.values())
                         self.stopped_because = f"every one of the grid's {size} settings was tried"
                         return
-                trial = self.study.ask(distributions)
+                trial = propose(self.study, self.settings, self.gates, distributions)
                 self.console.rule(f"trial {trial.number} ({done + 1} of at most {budget})", style="dim")
                 self.run_trial(trial)
                 self.study.set_user_attr("seconds", round(self.seconds(), 2))

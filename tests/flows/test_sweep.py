@@ -541,6 +541,29 @@ def test_a_dead_trial_is_failed_and_retried_once_in_its_own_directory(tmp_path):
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL", "FAIL"]
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_resumed_sweep_proposes_what_an_unstopped_one_would(sampler, tmp_path):
+    """The same seed, the same trials: a sweep whose process ended after its second trial (a kill, a stop, a time
+    budget) and was resumed by a new process proposes the same settings for the later trials as one never stopped.
+    (Its sampler was seeded once per process: the resumed one drew other settings.)"""
+    settings = SweepSection.model_validate(
+        {"trials": 6, "seed": 3, "sampler": sampler, "params": {"train.lr": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    )
+    space = {"train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+
+    def sweep_to(storage: str, trials: int) -> list[float]:
+        study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)  # a new process's study
+        while len(study.trials) < trials:
+            trial = sweeping.propose(study, settings, [], space)
+            study.tell(trial, math.log(trial.params["train.lr"]) ** 2)
+        return [t.params["train.lr"] for t in study.trials]
+
+    unstopped = sweep_to(f"sqlite:///{tmp_path / 'a.db'}", 6)
+    sweep_to(f"sqlite:///{tmp_path / 'b.db'}", 2)
+    assert sweep_to(f"sqlite:///{tmp_path / 'b.db'}", 6) == unstopped
+    assert len(set(unstopped)) == 6
+
+
 def test_choices_prefer_passing_trials_and_lower_is_better_metrics():
     objective = sweeping.Objective("eval_loss")
     records = [
