@@ -60,6 +60,8 @@ def load_reward_function(spec: str) -> UserFunction:
         raise RecipeError(f"{KEY}: {path}:{exc.lineno}: not valid Python ({exc.msg})") from None
     if function not in _top_level_names(tree):
         raise RecipeError(f"{KEY}: {path} defines no function {function!r}")
+    if function in _imported_modules(tree):  # `import json` binds a module: calling it fails for every sample
+        raise RecipeError(f"{KEY}: {function!r} in {path} is a module imported there, not a function")
     return UserFunction(source, path.name, function)
 
 
@@ -93,6 +95,21 @@ def _top_level_names(tree: ast.Module) -> set[str]:
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
     return names
+
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    """Top-level names bound by a plain `import` and by nothing else (a later `def` of the same name wins)."""
+    modules: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            modules.discard(node.name)
+        elif isinstance(node, ast.Assign):
+            modules.difference_update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.ImportFrom):
+            modules.difference_update((alias.asname or alias.name) for alias in node.names)
+    return modules
 
 
 class Rewarder:

@@ -409,12 +409,16 @@ def test_the_plan_names_every_reward_term():
         ("missing_module_xyz:score", "cannot find module"),
         ("{dir}/rewards.py:nothing", "defines no function 'nothing'"),
         ("{dir}/broken.py:score", "not valid Python"),
+        (
+            "{dir}/rewards.py:json",
+            "a module imported there, not a function",
+        ),  # `import json` there: a module, never callable
     ],
 )
 def test_reward_function_that_cannot_load_is_refused_before_training(
     tiny_models, tmp_path, write_recipe, function, words
 ):
-    (tmp_path / "rewards.py").write_text("def score(**kwargs):\n    return []\n")
+    (tmp_path / "rewards.py").write_text("import json\n\n\ndef score(**kwargs):\n    return []\n")
     (tmp_path / "broken.py").write_text("def score(:\n")
     recipe = _recipe(tiny_models["gpt2"], tmp_path)
     recipe["train"]["grpo"]["reward"] = {"function": function.format(dir=tmp_path)}
