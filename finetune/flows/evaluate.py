@@ -283,12 +283,12 @@ def evaluate(
         if marked is not None:  # the run's own evaluation, watermark off: what the mark costs
             document["watermark_cost"] = evaluation.watermark_cost(marked, document["metrics"])
         if out_dir is not None and accelerator.is_main_process:
-            if overwrite and out_dir.is_dir():
-                for stale in (out_dir / "metrics.json", out_dir / "predictions.jsonl"):
-                    stale.unlink(missing_ok=True)
-            files.write_json(out_dir / "metrics.json", document)
-            files.write_jsonl(out_dir / "predictions.jsonl", rows)
-            rundir.mark_output(out_dir, EVALUATION)
+
+            def write(folder: Path) -> None:
+                files.write_jsonl(folder / "predictions.jsonl", rows)
+                files.write_json(folder / "metrics.json", document)
+
+            rundir.write_evaluation(out_dir, write)
             if marked is not None and run is not None:
                 card.record_watermark_cost(run, document["watermark_cost"], out_dir)
         document["written_to"] = str(out_dir) if out_dir is not None else None
@@ -374,10 +374,13 @@ def evaluate_all_checkpoints(
         {"evaluated": str(run.adapter), "checkpoints": table},
     )
     if out_dir is not None and accelerator.is_main_process:
-        files.write_json(out_dir / "checkpoints.json", table)
-        files.write_json(out_dir / "metrics.json", document)
-        rundir.mark_output(out_dir, EVALUATION)
-        plots.checkpoint_metrics(table, out_dir / "checkpoints.png")
+
+        def write(folder: Path) -> None:
+            files.write_json(folder / "checkpoints.json", table)
+            plots.checkpoint_metrics(table, folder / "checkpoints.png")
+            files.write_json(folder / "metrics.json", document)
+
+        rundir.write_evaluation(out_dir, write)
     document["written_to"] = str(out_dir) if out_dir is not None else None
     return document
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -382,6 +383,37 @@ def publish_directory(staging: Path, target: Path, what: str) -> None:
     # Aside under a fresh name (empty: a directory renamed onto it replaces it), never a user's folder.
     aside = staging_beside(target, directory=True)
     files.replace_directory(staging, target, aside)
+
+
+# Every file an evaluation folder may get (metrics.json, which the others describe, is written last).
+EVALUATION_FILES = ("predictions.jsonl", "checkpoints.json", "checkpoints.png", "metrics.json")
+
+
+def write_evaluation(target: Path, write: Callable[[Path], None]) -> None:
+    """An evaluation's files, whole or not at all. `write` fills a fresh folder beside `target`, which is then
+    renamed into place where `target` is new or empty; over an earlier evaluation (`claim_output` allowed the
+    --overwrite) its files are moved in one by one, metrics.json last, and the earlier evaluation's files the new
+    one lacks removed, so the user's own files there stay. A failure or a signal midway leaves `target` as it was
+    (before: an interrupted evaluation left metrics.json without its predictions, or an --overwrite had already
+    deleted the earlier evaluation)."""
+    staging = staging_beside(target, directory=True)
+    try:
+        write(staging)
+        written = {p.name for p in staging.iterdir()}
+        unknown = written - set(EVALUATION_FILES)
+        assert not unknown, f"an evaluation wrote files EVALUATION_FILES does not name: {sorted(unknown)}"
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            mark_output(staging, EVALUATION)
+            staging.rename(target)
+            return
+        for name in EVALUATION_FILES:
+            if name in written:
+                os.replace(staging / name, target / name)
+            else:
+                (target / name).unlink(missing_ok=True)
+        mark_output(target, EVALUATION)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_free_space(path: Path, needed: int) -> None:

@@ -257,3 +257,34 @@ def test_overwrite_refuses_a_run_put_inside_the_run(finished_run):
     refused = invoke("run", recipe, "--overwrite")
     assert refused.exit_code == 2 and "holds another finetune run" in refused.output
     assert snapshot(out) == before
+
+
+def test_an_evaluation_is_written_whole_or_not_at_all(finished_run, tmp_path, monkeypatch):
+    """An evaluation stopped while it writes (Ctrl-C, SIGTERM, a full disk) leaves no half folder, and an --overwrite
+    stopped there keeps the earlier evaluation whole; a finished --overwrite keeps the user's own file there.
+    (Before: metrics.json without predictions.jsonl; the earlier files deleted before the new ones were written.)"""
+    from finetune import files
+
+    _, out = finished_run
+    target = tmp_path / "evaluation"
+    assert invoke("eval", out, "--output", target).exit_code == 0
+    (target / "notes.txt").write_text("mine")
+    before = snapshot(target)
+    real_write_json = files.write_json
+
+    def stopped_at_metrics(path, data):
+        if path.name == "metrics.json":
+            raise KeyboardInterrupt
+        real_write_json(path, data)
+
+    monkeypatch.setattr(files, "write_json", stopped_at_metrics)
+    stopped = invoke("eval", out, "--output", target, "--overwrite")
+    assert stopped.exit_code == 130, stopped.output
+    assert snapshot(target) == before and not list(tmp_path.glob("*.partial-*"))
+    new = tmp_path / "new"
+    assert invoke("eval", out, "--output", new).exit_code == 130 and not new.exists()
+    assert invoke("eval", out).exit_code == 130 and not list((out / "evals").iterdir())  # RUN/evals/<time>-adapter
+    monkeypatch.setattr(files, "write_json", real_write_json)
+    again = invoke("eval", out, "--output", target, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (target / "notes.txt").read_text() == "mine" and (target / "predictions.jsonl").is_file()
