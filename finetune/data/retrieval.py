@@ -56,7 +56,7 @@ class Passage:
 
 
 def load_passages(spec: str | list[str], key: str = "data.knowledge_base") -> list[Passage]:
-    table = load_table(spec, key)
+    table = load_table(spec, key, text_columns=("id", "title", "text"))  # ids as written: "007" is not 7
     where = f"{key} ({spec if isinstance(spec, str) else ', '.join(spec)})"
     if "text" not in table.column_names:
         raise DataError(f"{where}: passages need a 'text' column; columns are: {', '.join(table.column_names)}")

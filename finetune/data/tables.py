@@ -472,10 +472,11 @@ def load_source(item: str, key: str, text_columns: Sequence[str] = ()) -> tuple[
     return table, source
 
 
-def load_table(spec: str | list[str], key: str) -> Dataset:
-    """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors."""
+def load_table(spec: str | list[str], key: str, text_columns: Sequence[str] = ()) -> Dataset:
+    """Rows from one or more files or a hub dataset. `key` (data.train, data.eval) names the source in errors;
+    `text_columns` of a CSV/TSV file are read as written (`_load_file`)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    parts = [load_source(item, key)[0] for item in specs]
+    parts = [load_source(item, key, text_columns)[0] for item in specs]
     columns = set(parts[0].column_names)
     for item, table in zip(specs[1:], parts[1:]):
         if set(table.column_names) != columns:
@@ -678,6 +679,9 @@ def apply_template(table: Dataset, template: str, key: str, place: Callable[[int
 # Fields every task reads as text. A CSV/TSV column mapped to one is read as text (a column of numbers a task
 # reads as text stays text); in every other file a value of another kind is refused, naming its place.
 TEXT_FIELDS = ("text", "text_pair", "prompt", "completion", "question", "context", "answer", "chosen", "rejected")
+# Fields that name something: a CSV/TSV column mapped to one (or a classification label) is read as written, so
+# "007", "07" and "7" stay three names; pandas would read all three as the number 7 and merge them silently.
+NAME_FIELDS = ("id", "positive_id", "task_id", "entry_point")
 
 EXPECTED = {
     "text": "text",
@@ -901,7 +905,8 @@ def read_split(
     conversation layout becomes checked `messages` rows (data/conversations.py)."""
     data = recipe.data
     items = [spec] if isinstance(spec, str) else list(spec)
-    text_columns = [data.columns.get(f, f) for f in (*required, *optional) if f in TEXT_FIELDS]
+    as_written = (*TEXT_FIELDS, *NAME_FIELDS, *(("label",) if classify else ()))
+    text_columns = [data.columns.get(f, f) for f in (*required, *optional) if f in as_written]
     parts, origins = [], []
     for item in items:
         try:

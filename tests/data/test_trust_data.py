@@ -100,11 +100,16 @@ def test_a_float_in_an_integer_label_column_names_its_own_line(tmp_path):
     )
 
 
-def test_csv_type_errors_name_the_line_and_a_number_column_read_as_text_stays_text(tmp_path):
+def test_csv_columns_a_task_reads_as_text_or_names_are_read_as_written(tmp_path):
+    """A CSV file has no types: "01", "1" and "007" are three classes (pandas read all three as numbers, and the
+    classes "01" and "1" merged silently), and a number in a text column stays text."""
     path = tmp_path / "train.csv"
-    path.write_text('text,label\n"one\ntwo",1\nthree,2\nfour,3.5\nfive,1\n')
-    with pytest.raises(DataError, match=r"train.csv:5: column 'label' must be a class name .* got a number \(3.5\)"):
-        split_of({"train": str(path), "eval_split": 0.25})
+    rows = [("01", "sports"), ("1", "weather"), ("007", "cooking"), ("3.5", "versions")]
+    path.write_text("text,label\n" + "".join(f"{topic} {i},{label}\n" for i in range(4) for label, topic in rows))
+    read = split_of({"train": str(path), "eval_split": 0.25})
+    assert sorted({*read.train["label"], *read.eval["label"]}) == ["007", "01", "1", "3.5"]
+    for label, topic in rows:
+        assert {r["label"] for r in [*read.train, *read.eval] if r["text"].startswith(topic)} == {label}
     (tmp_path / "numbers.csv").write_text("text,label\n2024,a\n17,b\n99,a\n12,b\n")
     rows = split_of({"train": str(tmp_path / "numbers.csv"), "eval_split": 0.5})
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == ["12", "17", "2024", "99"]
@@ -343,3 +348,15 @@ def test_bundled_data_has_no_duplicates_or_overlap(train, test):
     assert found["train_duplicates"]["exact"] == found["train_duplicates"]["near"] == 0, found["train_duplicates"]
     assert found["train_eval"]["exact"] == found["train_eval"]["near"] == 0, found["train_eval"]
     assert len(find_overlap(input_texts(rows.eval)).exact) == 0
+
+
+def test_knowledge_base_ids_in_a_csv_file_are_read_as_written(tmp_path):
+    """Passage ids "007" and "7" are two passages (read as numbers they were one id twice, refused as duplicates;
+    a row naming `positive_id: "007"` found no passage)."""
+    from finetune.data.retrieval import load_passages
+
+    (tmp_path / "kb.csv").write_text("id,title,text\n007,Agent,licensed to kill\n7,Seven,a lucky number\n")
+    assert [(p.id, p.text) for p in load_passages(str(tmp_path / "kb.csv"))] == [
+        ("007", "Agent\nlicensed to kill"),
+        ("7", "Seven\na lucky number"),
+    ]
