@@ -116,3 +116,14 @@ def test_brief_cuts_long_values_and_nesting():
     assert len(brief("y" * 10**6)) < 500
     assert brief(list(range(100))).endswith(", ...]")
     assert len(brief([[["z" * 1000] * 1000] * 1000])) < 2000
+
+
+def test_yaml_merge_keys_work_and_a_key_given_here_overrides_the_merged_one():
+    """`<<: *defaults` (YAML 1.1 merge keys, common in CI configs) was refused by the duplicate-key check with the
+    loader's "could not determine a constructor for the tag ...merge"."""
+    from finetune.recipe.schema import _UniqueKeyLoader
+
+    text = "defaults: &d {max_length: 32, eval_split: 0.2}\ndata:\n  <<: *d\n  max_length: 64\n  train: t.jsonl\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader)["data"] == {"max_length": 64, "eval_split": 0.2, "train": "t.jsonl"}
+    with pytest.raises(yaml.constructor.ConstructorError, match="key 'train' is given twice"):
+        yaml.load("data:\n  <<: {a: 1}\n  train: x\n  train: y\n", Loader=_UniqueKeyLoader)
