@@ -54,6 +54,7 @@ from finetune.models.references import (
     package_path,
     resolve_reference,
 )
+from finetune.outputs import rundir
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
@@ -1306,7 +1307,17 @@ def resolve_run(
 def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
     """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
     with overrides_named(overrides):
-        return check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path)).summary()
+        checked = check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path))
+        recipe = checked.recipe
+        # Where run would write, refused as run refuses it whatever its flags (a sweep's folder is the sweep's).
+        problem = (
+            None
+            if recipe.sweep is not None
+            else rundir.output_dir_problem(RunDir(Path(recipe.output.dir).expanduser()))
+        )
+        if problem is not None:
+            raise RecipeError(f"{path}: {problem}")
+        return checked.summary()
 
 
 __all__ = [

@@ -37,23 +37,12 @@ def output_decision(run: RunDir, *, resume: str | None, overwrite: bool, owner: 
         raise RecipeError("--resume: give 'auto' or a checkpoint path (an empty value is not a fresh start)")
     if resume is not None and overwrite:
         raise RecipeError("--resume and --overwrite are exclusive: continue the run, or replace it")
+    problem = output_dir_problem(run, owner)
+    if problem is not None:
+        raise RecipeError(problem)
     where = run.path
-    if where.exists() and not where.is_dir():
-        raise RecipeError(f"output.dir: {where} is a file, not a directory")
-    resolved = where.expanduser().resolve()
-    around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
-    if around is not None and (owner is None or around != owner.expanduser().resolve()):
-        raise RecipeError(
-            f"output.dir: {where} lies inside the finetune run {around}; a run never writes inside another run "
-            "(its --overwrite would reach it). Choose a path outside any run."
-        )
     if run.is_empty():
         return f"{where} (new)"
-    if not run.holds_run():
-        raise RecipeError(
-            f"output.dir: {where} is not empty and holds no finetune run; finetune never writes into another "
-            "folder's files. Choose a new or empty output.dir."
-        )
     kind = "a finished run" if run.is_run() else "an unfinished run"
     if resume is not None:
         return f"{where} ({kind}: continued from its checkpoint)"
@@ -63,6 +52,27 @@ def output_decision(run: RunDir, *, resume: str | None, overwrite: bool, owner: 
         f"output.dir: {where} already holds {kind}. Use --resume auto to continue it, --overwrite to replace it, "
         "or choose another output.dir."
     )
+
+
+def output_dir_problem(run: RunDir, owner: Path | None = None) -> str | None:
+    """What makes `run.path` no place for a run whatever --resume or --overwrite say (`validate` checks it too):
+    a file; a folder inside another run (but its own part: `owner`); a non-empty folder holding no run."""
+    where = run.path
+    if where.exists() and not where.is_dir():
+        return f"output.dir: {where} is a file, not a directory"
+    resolved = where.expanduser().resolve()
+    around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
+    if around is not None and (owner is None or around != owner.expanduser().resolve()):
+        return (
+            f"output.dir: {where} lies inside the finetune run {around}; a run never writes inside another run "
+            "(its --overwrite would reach it). Choose a path outside any run."
+        )
+    if not run.is_empty() and not run.holds_run():
+        return (
+            f"output.dir: {where} is not empty and holds no finetune run; finetune never writes into another "
+            "folder's files. Choose a new or empty output.dir."
+        )
+    return None
 
 
 def claim(run: RunDir) -> bool:

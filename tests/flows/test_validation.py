@@ -56,10 +56,22 @@ INVALID = {
         "HF_HUB_OFFLINE forbids downloading it",
     ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
+    # Where run may not write whatever its flags (validate passed both; run refused them).
+    "output.dir is a file": (lambda r: r["output"].update(dir="recipe.yaml"), 2, "is a file, not a directory"),
+    "output.dir holds the user's files": (
+        lambda r: r["output"].update(dir="."),
+        2,
+        "is not empty and holds no finetune run",
+    ),
 }
 
 
 GPU_ONLY = {"deepspeed without a GPU", "QLoRA without a GPU"}
+
+
+def after_the_file(output: str) -> str:
+    place = "recipe.yaml:" if "recipe.yaml:" in output else "error:"
+    return output.split(place, 1)[1].strip()
 
 
 @pytest.mark.parametrize("name", list(INVALID))
@@ -79,8 +91,8 @@ def test_validate_refuses_exactly_what_run_refuses(name, tiny_models, topic_data
     assert validated.exit_code == code, validated.output
     assert dry_run.exit_code == code, dry_run.output
     assert words in validated.output and words in dry_run.output
-    # The same problems, worded the same: everything after the file name.
-    assert validated.output.split("recipe.yaml", 1)[1] == dry_run.output.split("recipe.yaml", 1)[1]
+    # The same problems, worded the same: everything after the file name (run names none for its output.dir).
+    assert after_the_file(validated.output) == after_the_file(dry_run.output)
     assert "Traceback" not in dry_run.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
