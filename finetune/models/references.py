@@ -52,11 +52,23 @@ def _split_gguf(reference: str) -> tuple[str, str] | None:
     """`DIR::FILE.gguf` or `path/FILE.gguf` -> (directory or hub id, file name)."""
     if "::" in reference:
         directory, file = reference.split("::", 1)
-        return directory, file
+        return os.path.expanduser(directory), file
     if reference.endswith(".gguf"):
-        path = Path(reference)
+        path = Path(reference).expanduser()
         return str(path.parent), path.name
     return None
+
+
+def missing_local_path(reference: str) -> str | None:
+    """The refusal for a reference written as a local path (/, ./, ../, ~) to nothing (for `DIR::FILE.gguf` and
+    `path/FILE.gguf`, the GGUF file itself); None otherwise."""
+    if not reference.startswith(("/", "./", "../", "~")):
+        return None
+    gguf = _split_gguf(reference)
+    if gguf is not None:
+        path = Path(os.path.join(*gguf))
+        return None if path.is_file() else f"model.name_or_path: GGUF file not found: {path}"
+    return None if Path(reference).expanduser().exists() else f"model.name_or_path: no such directory: {reference}"
 
 
 def resolve_reference(reference: str) -> str:
@@ -77,8 +89,8 @@ def resolve_reference(reference: str) -> str:
         if directory.startswith("pkg:"):
             directory = resolve_reference(directory)
         return str(dequantised_gguf(directory, file))
-    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
-        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
+    if (missing := missing_local_path(reference)) is not None:
+        raise RecipeError(missing)
     if Path(reference).exists() and not Path(reference).is_dir():
         raise RecipeError(f"model.name_or_path: {reference} is a file; give a checkpoint directory or a .gguf file")
     return reference
@@ -173,8 +185,8 @@ def config_without_weights(reference: str, revision: str | None = None) -> Pretr
     """The checkpoint's config where it can be read without downloading or converting; else None."""
     from transformers import AutoConfig
 
-    if reference.startswith(("/", "./", "../", "~")) and not Path(reference).expanduser().exists():
-        raise RecipeError(f"model.name_or_path: no such directory: {reference}")
+    if (missing := missing_local_path(reference)) is not None:
+        raise RecipeError(missing)
     if not reference_is_local(reference):
         try:
             return AutoConfig.from_pretrained(reference, revision=revision, local_files_only=True)
