@@ -438,7 +438,13 @@ def run_command(
         from finetune.outputs.rundir import RunDir
 
         where = RunDir(Path(loaded.output.dir).expanduser())
-        check_output(where, None if dry_run else RunLock(where.path), resume=resume, overwrite=overwrite)
+        check_output(
+            where,
+            None if dry_run else RunLock(where.path),
+            resume=resume,
+            overwrite=overwrite,
+            inputs=resolved.input_paths(),
+        )
         # A finished run asked to resume on this machine alone: nothing to train; this process shows its metrics, as
         # one process would (other nodes, started by their own launchers, would wait for processes never started).
         finished = resume == "auto" and where.is_run() and where.metrics.is_file()

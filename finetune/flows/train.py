@@ -98,13 +98,29 @@ def run(
 
 
 def check_output(
-    run_dir: RunDir, lock: RunLock | None, *, resume: str | None, overwrite: bool, owner: Path | None = None
+    run_dir: RunDir,
+    lock: RunLock | None,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    owner: Path | None = None,
+    inputs: tuple[Path, ...] = (),
 ) -> str:
     """What the run does with its output directory, or the RecipeError refusing it: a live run there is named as
-    such (not mistaken for an unfinished one), then `rundir.output_decision`. `lock`: None for a dry run."""
+    such (not mistaken for an unfinished one), then `rundir.output_decision`; an --overwrite never replaces an
+    input of this run (its recipe file: the model card's `finetune run RUN/recipe.yaml`, or its starting adapter).
+    `lock`: None for a dry run."""
     if lock is not None:
         lock.refuse_if_held()
-    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner)
+    decision = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner)
+    if overwrite and run_dir.holds_run():
+        inside = next((p for p in inputs if run_dir.contains(p)), None)
+        if inside is not None:
+            raise RecipeError(
+                f"--overwrite: {inside} is an input of this run and lies inside {run_dir.path}, which the overwrite "
+                "replaces; nothing was removed. Copy it out of the run first, or choose another output.dir."
+            )
+    return decision
 
 
 def _run(
@@ -130,7 +146,9 @@ def _run(
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
-        output_note = check_output(run_dir, lock, resume=resume, overwrite=overwrite, owner=owner)
+        output_note = check_output(
+            run_dir, lock, resume=resume, overwrite=overwrite, owner=owner, inputs=resolved.input_paths()
+        )
         if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
             console.print(
                 f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",

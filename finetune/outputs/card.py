@@ -192,7 +192,7 @@ def write_model_card(
         "## Reproduce",
         "",
         "```",
-        f"finetune run {run.recipe}",
+        f"finetune run {run.recipe} output.dir={run.path}-again   # the same recipe, into a new run directory",
         "```",
         "",
         "## Limitations",

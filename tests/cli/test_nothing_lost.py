@@ -288,3 +288,19 @@ def test_an_evaluation_is_written_whole_or_not_at_all(finished_run, tmp_path, mo
     again = invoke("eval", out, "--output", target, "--overwrite")
     assert again.exit_code == 0, again.output
     assert (target / "notes.txt").read_text() == "mine" and (target / "predictions.jsonl").is_file()
+
+
+def test_overwrite_never_replaces_an_input_of_the_run(finished_run, tmp_path):
+    """`finetune run RUN/recipe.yaml --overwrite` (the error's advice after the model card's reproduce command)
+    replaced the run whose recipe it was reading; a run started from its own adapter would delete that adapter."""
+    _, out = finished_run
+    before = snapshot(out)
+    again = invoke("run", out / "recipe.yaml", "--overwrite")
+    assert again.exit_code == 2, again.output
+    assert "is an input of this run and lies inside" in again.output and snapshot(out) == before
+    card = (out / "README.md").read_text()
+    reproduce = card.split("## Reproduce", 1)[1].split("```")[1].strip().split("   #")[0]
+    assert reproduce == f"finetune run {out / 'recipe.yaml'} output.dir={out}-again"
+    rerun = invoke(*reproduce.split()[1:])
+    assert rerun.exit_code == 0, rerun.output
+    assert snapshot(out) == before
