@@ -193,19 +193,23 @@ def evaluation_output(
     run: RunDir | None, output: str | None, label: str, overwrite: bool, inputs: tuple[Path, ...]
 ) -> Path | None:
     """Where an evaluation's files go: `--output` (as the write policy allows), else a new
-    `RUN/evals/<time>-<label>/`; never over a run's results or the evaluation's own inputs."""
+    `RUN/evals/<time>-<label>/`, or for a base model (a recipe, no run) a new `evals/<time>-base/` in the working
+    directory (its predictions were not written anywhere); never over a run's results or the evaluation's inputs."""
     if output is not None:
         return rundir.claim_output(
             output, key="--output", what=EVALUATION, directory=True, overwrite=overwrite, inputs=inputs
         )
-    if run is None:
-        return None
+    folder = run.evals if run is not None else Path("evals")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = run.evals / f"{stamp}-{label}"
+    target = folder / f"{stamp}-{label}"
     suffix = 1
     while target.exists():
         suffix += 1
-        target = run.evals / f"{stamp}-{label}-{suffix}"
+        target = folder / f"{stamp}-{label}-{suffix}"
+    if run is None:  # the working directory may lie inside a run, or hold an input: the write policy decides
+        return rundir.claim_output(
+            target, key="--output", what=EVALUATION, directory=True, overwrite=False, inputs=inputs
+        )
     return target
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import classification_recipe, write_jsonl
@@ -60,7 +61,7 @@ def test_training_learns_and_is_reproducible(tiny_models, topic_data, write_reci
     assert adapter_a != adapter_c
 
 
-def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp_path):
+def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
     out = tmp_path / "run"
     recipe = write_recipe(classification_recipe(tiny_models["llama"], topic_data, out))
     assert invoke("run", recipe).exit_code == 0
@@ -76,6 +77,17 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
 
     base = invoke("eval", recipe, "--output", tmp_path / "base")
     assert base.exit_code == 0 and (tmp_path / "base" / "metrics.json").is_file()
+    # Without --output a base model's evaluation goes to a new evals/<time>-base/ here, said (it was written nowhere).
+    monkeypatch.chdir(tmp_path)
+    unnamed = invoke("eval", recipe)
+    assert unnamed.exit_code == 0, unnamed.output
+    (written,) = (tmp_path / "evals").iterdir()
+    assert written.name.endswith("-base") and f"written to {Path('evals') / written.name}" in unnamed.output
+    assert (
+        json.loads((written / "metrics.json").read_text())["metrics"]
+        == json.loads((tmp_path / "base" / "metrics.json").read_text())["metrics"]
+    )
+    assert (written / "predictions.jsonl").read_text() == (tmp_path / "base" / "predictions.jsonl").read_text()
 
     lines = '{"text": "rain snow storm wind"}\n{"text": "goal match team"}\n'
     predicted = invoke("predict", out, "--input", "-", input=lines)
