@@ -496,11 +496,13 @@ def run_command(
         return
     if _is_main_process():
         print_metrics(console, document, title=f"metrics ({loaded.output.dir})")
+        from finetune.flows.export import export_hint
+
         out = loaded.output.dir
+        hints = [f"finetune eval {out}", f"finetune predict {out} --input FILE.jsonl", export_hint(resolved, out)]
         console.print(
             f"results in {out}/: metrics.json, predictions.jsonl, adapter/, README.md (the model card)\n"
-            f"next: finetune eval {out}  |  finetune predict {out} --input FILE.jsonl  |  "
-            f"finetune export {out} --format gguf --output model.gguf",
+            f"next: {'  |  '.join(h for h in hints if h)}",
             highlight=False,
             soft_wrap=True,
         )

@@ -63,6 +63,19 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
     return target
 
 
+def export_hint(resolved: Resolved, run_path: str) -> str | None:
+    """The export the end of `finetune run` suggests: a GGUF file where this run's model exports to one, else the
+    merged transformers checkpoint; None where merge and export both refuse the run (a retrieval or rerank run, a
+    learned watermark). The end of a BERT run suggested a GGUF export that exits 2."""
+    if learned.is_learned(resolved.recipe.eval.watermark) or resolved.task.not_mergeable:
+        return None
+    try:
+        export_arch(resolved.family.name, resolved.model_config.model_type, resolved.task.head)
+    except RecipeError:
+        return f"finetune export {run_path} --format hf --output merged/"
+    return f"finetune export {run_path} --format gguf --output model.gguf"
+
+
 def _refuse_unmergeable(resolved: Resolved, run_path: str) -> None:
     if resolved.task.not_mergeable:
         raise RecipeError(f"{run_path}: {resolved.task.not_mergeable}")

@@ -60,6 +60,7 @@ def copy_run(byte_level_llama, tmp_path_factory):
     path.write_text(yaml.safe_dump(recipe))
     result = invoke("run", path)
     assert result.exit_code == 0, result.output
+    assert f"finetune export {root / 'run'} --format gguf --output model.gguf" in result.output
     quantised = invoke("export", root / "run", "--format", "hf", "--quant", "q8_0", "--output", root / "merged")
     assert quantised.exit_code == 2 and "--quant q8_0: quantises a GGUF file" in quantised.output  # was ignored
     merged = invoke("export", root / "run", "--format", "hf", "--output", root / "merged")
@@ -105,7 +106,13 @@ def test_gguf_round_trip_matches_the_merged_model(quant, atol, agreement, copy_r
 def test_gguf_export_refuses_what_llama_cpp_would_not_load(tiny_models, topic_data, write_recipe, tmp_path, copy_run):
     out = tmp_path / "bert-run"
     recipe = classification_recipe(tiny_models["bert"], topic_data, out, epochs=1)
-    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    trained = invoke("run", write_recipe(recipe))
+    assert trained.exit_code == 0
+    # The end of the run suggests the export this run has (it suggested a GGUF export that exits 2).
+    assert (
+        f"finetune export {out} --format hf --output merged/" in trained.output
+        and "--format gguf" not in trained.output
+    )
     refused = invoke("export", out, "--format", "gguf", "--output", tmp_path / "x.gguf")
     assert refused.exit_code == 2 and "only GPT-family decoders" in refused.output and "llama" in refused.output
     assert not (tmp_path / "x.gguf").exists()
