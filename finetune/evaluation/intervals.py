@@ -202,6 +202,7 @@ class Ratio(Statistic):
 
     numerator: np.ndarray
     denominator: np.ndarray
+    proportion: bool = False  # the metric is one (PROPORTIONS): a share of units scoring 1
 
     def values(self, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
         total = weights @ self.denominator
@@ -209,11 +210,14 @@ class Ratio(Statistic):
             return np.where(total > 0, (weights @ self.numerator) / total, np.nan)
 
     def take(self, units: np.ndarray) -> Ratio:
-        return Ratio(self.numerator[units], self.denominator[units])
+        return Ratio(self.numerator[units], self.denominator[units], self.proportion)
 
     def outcomes(self) -> np.ndarray | None:
-        binary = np.isin(self.numerator, (0.0, 1.0)).all()
-        return self.numerator if binary and (self.denominator == 1).all() else None
+        """A proportion metric's 0/1 per unit (one row each). Decided by the metric, never by its values: an F1 or
+        ROUGE whose rows all happened to score 0 or 1 got Wilson's interval and McNemar's test."""
+        if not self.proportion or not (self.denominator == 1).all() or not np.isin(self.numerator, (0.0, 1.0)).all():
+            return None
+        return self.numerator
 
 
 @dataclass(frozen=True)
@@ -382,7 +386,7 @@ def _label_sets(scored: list[dict | None], units: list[list[int]], names: frozen
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(cells > 0, s[:, 4 * size] / cells, 0.0)
 
-    exact = Ratio(sums[:, 4 * size + 2], sums[:, 4 * size + 1])
+    exact = Ratio(sums[:, 4 * size + 2], sums[:, 4 * size + 1], proportion=True)
     built: dict[str, Statistic | str] = {
         "macro_f1": OfSums(sums, macro),
         "weighted_f1": OfSums(sums, weighted),
@@ -445,6 +449,11 @@ def _corpus_text(
     return built
 
 
+# Metrics that are the share of units scoring 1 (Wilson's interval, McNemar's test where each unit is one row), and
+# pass@k where every problem has exactly k samples; every other metric is bootstrapped, F1 and ROUGE included,
+# whatever values its rows happen to take.
+PROPORTIONS = frozenset({"accuracy", "subset_accuracy", "exact_match", "preference_accuracy", "watermark_detected"})
+
 _PASS_AT = re.compile(r"^pass@([1-9][0-9]*)$")
 
 
@@ -473,7 +482,7 @@ def _executed_code(
             if rows[i].get("completion") is not None:
                 per_row[i] = (float(rows[i]["prediction"].strip() == rows[i]["completion"].strip()), 1.0)
         sums = _unit_sums(units, per_row)
-        built["exact_match"] = Ratio(sums[:, 0], sums[:, 1])
+        built["exact_match"] = Ratio(sums[:, 0], sums[:, 1], proportion=True)
     asked = {name: int(m.group(1)) for name in names if (m := _PASS_AT.match(name))}
     if asked and not all("passed" in rows[i] for i in executable):
         built.update(dict.fromkeys(asked, "some samples carry no sandbox verdict (`passed`); code is not run again"))
@@ -483,7 +492,8 @@ def _executed_code(
         passed = np.array([sum(bool(rows[i]["passed"]) for i in members if i in executed) for members in units])
         for name, k in asked.items():
             values = np.array([_pass_at_k(int(n), int(c), k) if n else 0.0 for n, c in zip(tried, passed)])
-            built[name] = Ratio(values, (tried > 0).astype(np.float64))
+            # With exactly k samples a problem passes or not: the share of problems solved (greedy pass@1 too).
+            built[name] = Ratio(values, (tried > 0).astype(np.float64), proportion=bool((tried == k).all()))
     return built
 
 
@@ -537,7 +547,7 @@ def build_statistics(scorer: Scorer, rows: Sequence[dict], metrics: dict[str, An
         for name in sorted(rest):
             present = np.array([isinstance(m.get(name), (int, float)) for m in each], dtype=np.float64)
             values = np.array([float(m[name]) if p else 0.0 for m, p in zip(each, present)])
-            ratio = Ratio(values, present)
+            ratio = Ratio(values, present, proportion=name in PROPORTIONS)
             if present.any() and _close(ratio.full(len(units)), numeric[name]):
                 found[name] = ratio
             else:

@@ -97,6 +97,26 @@ def test_accuracy_gets_the_wilson_interval_of_its_rows():
     assert document["interval_settings"]["units"] == 40
 
 
+def test_the_method_follows_the_metric_not_the_values_its_rows_took(few_resamples):
+    """Generative QA whose answers are each right or wholly wrong: F1 per row is 0 or 1, as exact match is. Exact
+    match, a proportion, gets Wilson's interval; F1 the bootstrap the README promises (it got Wilson's, and
+    --compare McNemar's test, because its values happened to be 0 and 1)."""
+    task = get_task("qa")
+    rows = [
+        {"question": f"q{i}", "answer": f"answer {i}", "prediction": f"answer {i}" if i % 3 else "nothing"}
+        for i in range(30)
+    ]
+    settings = EvalSection(metrics=["exact_match", "f1"])
+    document = metrics_document("qa", score(task, rows, settings, intervals=True), [])
+    assert document["metrics"]["f1"] == document["metrics"]["exact_match"] == pytest.approx(20 / 30)
+    assert document["intervals"]["exact_match"]["method"] == "wilson"
+    assert document["intervals"]["f1"]["method"] == "bootstrap"
+    reference = reference_bootstrap(
+        lambda picked: task.compute_metrics(picked, settings)["metrics"], [[r] for r in rows], ["f1"], few_resamples
+    )
+    assert_equal_intervals({"intervals": {"f1": document["intervals"]["f1"]}}, reference)
+
+
 def test_resample_blocks_are_one_draw_from_the_seed():
     whole = np.random.default_rng(iv.SEED).integers(0, 37, size=(iv.RESAMPLES, 37))
     blocks = list(iv.resample_blocks(37))
