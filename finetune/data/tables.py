@@ -1050,6 +1050,22 @@ def draw_eval_split(
     if labels is not None and lone:  # a class with one row cannot be both learnt and evaluated: it stays in training
         single = (np.bincount(labels.codes, minlength=len(labels.names)) == 1)[labels.codes][permutation]
         permutation = np.concatenate([permutation[~single], permutation[single]])
+        others = int((~single).sum())
+        if others == 0:
+            raise DataError(
+                f"data.eval_split: every class of the {rows} training row(s) has a single row, which stays in "
+                "training (a class cannot be both learnt and evaluated from one row); give an eval file (data.eval) "
+                "or more rows of each class"
+            )
+        if held_out > others:  # a random draw would reach the single rows: each class keeps a training row
+            counts = np.bincount(labels.codes, minlength=len(labels.names))
+            train, held = _stratified(labels.codes, counts, held_out, rng)
+            note = (
+                f"stratified among the classes with two rows or more, {len(held)} of the {held_out} rows asked held "
+                f"out: {len(lone)} class(es) have a single row ({', '.join(lone)}), kept in training"
+            )
+            info.update(method="stratified", note=note)
+            return train, held, {**info, "train_rows": len(train), "eval_rows": len(held)}
     held, train = permutation[:held_out], permutation[held_out:]
     if labels is None:
         note = "random"

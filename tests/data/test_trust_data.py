@@ -228,6 +228,23 @@ def test_a_class_with_one_row_makes_the_split_random_and_stays_in_training(tmp_p
         assert "kept in training" in split.eval_split["note"] and "lonely" in split.eval_split["note"]
     with pytest.raises(DataError, match="data.stratify: a stratified split needs two rows of every class"):
         split_of({**data, "stratify": True})
+    # More held out than the classes with two rows or more have: the single rows still stay, and the note says so.
+    few = [{"text": f"pair {i}", "label": "twice"} for i in range(2)] + [
+        {"text": f"row {i}", "label": f"once {i}"} for i in range(4)
+    ]
+    split = split_of({"train": str(write_jsonl(tmp_path / "few.jsonl", few)), "eval_split": 0.5})
+    assert list(split.eval["label"]) == ["twice"] and sorted(split.train["label"]) == [
+        "once 0",
+        "once 1",
+        "once 2",
+        "once 3",
+        "twice",
+    ]
+    assert "1 of the 3 rows asked held out" in split.eval_split["note"]
+    # Every class a single row: nothing can be held out; said of data.eval_split (it blamed a data.eval never given).
+    lone = [{"text": f"row {i}", "label": f"once {i}"} for i in range(3)]
+    with pytest.raises(DataError, match="data.eval_split: every class of the 3 training row"):
+        split_of({"train": str(write_jsonl(tmp_path / "lone.jsonl", lone)), "eval_split": 0.34})
 
 
 def test_labels_only_in_eval_are_refused_or_warned(tiny_models, write_recipe, tmp_path, monkeypatch):
