@@ -135,7 +135,10 @@ class ExtractiveQATask(_SquadScoring, Task):
     def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The span settings the recipe leaves open, from the training answers (see span_settings)."""
         answers = _checked_answers(
-            train_rows["answers"][:], checked_texts(train_rows["context"][:], "data.train", "context"), "data.train"
+            train_rows["answers"][:],
+            checked_texts(train_rows["context"][:], "data.train", "context"),
+            "data.train",
+            retrieved=recipe.data.knowledge_base is not None,
         )
         questions = checked_texts(train_rows["question"][:], "data.train", "question")
         found = [a for a in answers if a is not None and a[1] >= 0]
@@ -153,7 +156,8 @@ class ExtractiveQATask(_SquadScoring, Task):
     ) -> Features:
         questions = checked_texts(rows["question"][:], split, "question")
         contexts = checked_texts(rows["context"][:], split, "context")
-        answers = _checked_answers(rows["answers"][:], contexts, split) if labeled else None
+        retrieved = recipe.data.knowledge_base is not None
+        answers = _checked_answers(rows["answers"][:], contexts, split, retrieved) if labeled else None
         stride = recipe.data.doc_stride or state["doc_stride"]
         windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, stride, split)
         report = windows.report
@@ -309,8 +313,12 @@ def _span_loss(
     return (ce(start, start_positions, reduction="none") + ce(end, end_positions, reduction="none")) / 2
 
 
-def _checked_answers(values: list, contexts: list[str], split: str) -> list[tuple[str, int] | None]:
-    """The first gold answer of each row as (text, start char), checked against its context."""
+def _checked_answers(
+    values: list, contexts: list[str], split: str, retrieved: bool = False
+) -> list[tuple[str, int] | None]:
+    """The first gold answer of each row as (text, start char), checked against its context. `retrieved`: contexts
+    built from a knowledge base, where answer_start -1 marks an answer its retrieved passages miss; in a user's rows
+    -1 is an answer nobody located, refused rather than trained as "no answer"."""
     out: list[tuple[str, int] | None] = []
     for number, (value, context) in enumerate(zip(values, contexts), start=1):
         if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
@@ -326,10 +334,19 @@ def _checked_answers(values: list, contexts: list[str], split: str) -> list[tupl
             out.append(None)
             continue
         text, start = texts[0], starts[0]
-        if start == -1:  # a knowledge-base row whose retrieved passages miss the answer: nothing to point at
+        if isinstance(start, float) and start.is_integer():  # 53.0: what a CSV or pandas export writes for 53
+            start = int(start)
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise DataError(f"{split}: row {number}: answers.answer_start must be whole numbers, got {start!r}")
+        if start == -1 and retrieved:  # a knowledge-base row whose retrieved passages miss the answer
             out.append(None)
             continue
-        if not isinstance(start, int) or context[start : start + len(text)] != text:
+        if start == -1:
+            raise DataError(
+                f"{split}: row {number}: answer {text!r} has answer_start -1 (not located in its context); give "
+                "where it starts, or empty text and answer_start lists for a question the context does not answer"
+            )
+        if context[start : start + len(text)] != text:
             raise DataError(
                 f"{split}: row {number}: answer {text!r} is not at answer_start={start} in the context "
                 f"(found {context[start : start + len(text)]!r})"

@@ -205,6 +205,17 @@ def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
     )
     assert result.exit_code == 3
     assert "train.jsonl:4" in result.output and "answer_start=1" in result.output  # the file's own line
+    # answer_start -1 (an export's "not located") was trained silently as "no answer"; 2.5 was an internal error.
+    for start, words in (([-1], "has answer_start -1 (not located"), ([2.5], "must be whole numbers, got 2.5")):
+        rows[3]["answers"]["answer_start"] = start
+        write_jsonl(tmp_path / "train.jsonl", rows)
+        refused = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--dry-run", "--overwrite"])
+        assert refused.exit_code == 3 and "train.jsonl:4" in refused.output and words in refused.output, refused.output
+    rows[3]["answers"]["answer_start"] = [float(_extractive_rows(10)[3]["answers"]["answer_start"][0])]  # 53.0: 53
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "eval.jsonl", _extractive_rows(10))
+    passed = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--dry-run", "--overwrite"])
+    assert passed.exit_code == 0, passed.output
 
 
 def test_generative_qa_is_refused_on_bert_and_mode_only_for_qa(tiny_models, tmp_path, write_recipe):
