@@ -53,6 +53,7 @@ RRF_K = 60  # reciprocal-rank fusion's usual constant
 class Passage:
     id: str
     text: str  # with its title first, when it has one
+    body: str | None = None  # the file's `text` alone, where a title went first: a row's `positive` may quote it
 
 
 def load_passages(spec: str | list[str], key: str = "data.knowledge_base") -> list[Passage]:
@@ -74,7 +75,7 @@ def load_passages(spec: str | list[str], key: str = "data.knowledge_base") -> li
                 "passages are named by their number)"
             )
         title = row.get("title")
-        passage = Passage(str(given), f"{title}\n{text}" if title else text)
+        passage = Passage(str(given), f"{title}\n{text}", text) if title else Passage(str(given), text)
         # An id names one passage: relevance judgements, predictions and metrics all go by id.
         if passage.id in seen:
             raise DataError(
@@ -493,7 +494,8 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
     by_id = {p.id: i for i, p in enumerate(passages)}
     by_text: dict[str, list[int]] = {}
     for i, p in enumerate(passages):
-        by_text.setdefault(_normalise(p.text), []).append(i)
+        for text in {_normalise(p.text), *([_normalise(p.body)] if p.body is not None else [])}:
+            by_text.setdefault(text, []).append(i)
     present = [f for f in POSITIVE_FIELDS if f in rows.column_names]
     if labeled and not present:
         raise DataError(
@@ -515,6 +517,8 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
             columns["positive"].append(None)
             continue
         field, value = next(iter(given.items()))
+        if field == "positive_id" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # integer ids (BEIR, MS MARCO qrels) name passages as the corpus's ids are read
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
         if field == "positive_id":
@@ -568,7 +572,12 @@ def mine_negatives(
         ceiling = best_positive - margin * abs(best_positive)
         normalised = _normalise(positive)
         order = np.argsort(-row_scores, kind="stable")
-        usable = [int(i) for i in order if i not in excluded and _normalise(passages[i].text) != normalised]
+        usable = [
+            int(i)
+            for i in order
+            if i not in excluded
+            and normalised not in {_normalise(passages[i].text), _normalise(passages[i].body or "")}
+        ]
         if len(usable) < count:
             raise DataError(
                 f"data.train: row {number}: data.knowledge_base has only {len(usable)} passage(s) that can be a "

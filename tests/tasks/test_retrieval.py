@@ -256,6 +256,28 @@ def test_mining_skips_relevant_passages_and_near_duplicates_of_the_positive():
     assert hard == [0] and mined == [["p4", "p3"]]
 
 
+def test_a_positive_quoting_a_titled_passage_and_integer_ids_name_their_passage(tmp_path):
+    """A knowledge base with titles: a row's `positive` copied from a passage's `text` is that passage (the title,
+    put first for encoding, made it 'the text of no passage'); integer ids in the rows name the corpus's ids, which
+    are read as text (`positive_id: 0` was refused as not text)."""
+    from datasets import Dataset
+
+    from finetune.data.retrieval import load_passages
+
+    kb = write_jsonl(
+        tmp_path / "kb.jsonl",
+        [{"id": i, "title": f"Title {i}", "text": f"body of passage {i}"} for i in range(3)],
+    )
+    passages = load_passages(str(kb))
+    assert [p.text for p in passages][0] == "Title 0\nbody of passage 0"
+    rows = Dataset.from_list(
+        [{"query": "q1", "positive": "body of passage 1"}, {"query": "q2", "positive": "Title 2\nbody of passage 2"}]
+    )
+    assert relevant_passages(rows, passages, "data.train")["positive_id"] == ["1", "2"]
+    by_int = Dataset.from_list([{"query": "q", "positive_id": 0}, {"query": "r", "positive_id": 2}])
+    assert relevant_passages(by_int, passages, "data.train")["relevant_ids"] == [["0"], ["2"]]
+
+
 def test_an_answer_several_passages_hold_trains_on_the_one_its_question_names():
     """A templated knowledge base repeats an answer across companies: every holder is relevant, but the positive the
     retriever trains on (and the gold passage the reader gets) is the one the question names, not the first in
