@@ -616,6 +616,7 @@ def eval_command(
     from finetune.evaluation.compare import Baseline, read_baseline, write_junit
     from finetune.evaluation.scoring import dumps, print_checkpoints, print_metrics
     from finetune.flows.evaluate import evaluate, evaluate_all_checkpoints, rescore
+    from finetune.outputs import rundir
 
     if allow_different_data and not compare:
         raise RecipeError("--allow-different-data goes with --compare BASELINE")
@@ -625,6 +626,14 @@ def eval_command(
     if sandbox not in (None, "strict", "basic"):
         raise RecipeError(f"--sandbox: {sandbox!r} is not strict or basic")
     overrides = _with_code_opt_in(overrides, allow_code_execution) + ([f"eval.sandbox={sandbox}"] if sandbox else [])
+    # Where the JUnit report may go, decided before any work: never over a file finetune did not write (a later
+    # --junit replaces its own earlier report), an input of this command, or into a run.
+    inputs = tuple(Path(p).expanduser() for p in (source, predictions, compare) if p)
+    junit_path = (
+        rundir.claim_output(junit, key="--junit", what=rundir.JUNIT, directory=False, overwrite=True, inputs=inputs)
+        if junit
+        else None
+    )
     if predictions:
         from finetune.recipe.schema import EvalSection
         from finetune.tasks import TASKS
@@ -636,11 +645,18 @@ def eval_command(
         if source:
             raise RecipeError("give either a recipe/run or --predictions, not both")
         settings = EvalSection(execute_code=allow_code_execution, sandbox=sandbox or "strict")
+        target = (
+            rundir.claim_output(
+                output, key="--output", what=rundir.EVALUATION, directory=True, overwrite=overwrite, inputs=inputs
+            )
+            if output
+            else None
+        )
         document = rescore(predictions, task, gate, settings, baseline)
-        if output:
+        if target is not None:
             from finetune.files import write_json
 
-            write_json(Path(output) / "metrics.json", document)
+            rundir.write_evaluation(target, lambda folder: write_json(folder / "metrics.json", document))
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
@@ -660,8 +676,9 @@ def eval_command(
                 baseline=baseline,
                 overwrite=overwrite,
             )
-    if junit:
-        write_junit(document, junit)
+    if junit_path is not None:
+        write_junit(document, junit_path)
+        rundir.record_file(junit_path, rundir.JUNIT)
     if (document.get("comparison") or {}).get("same_data") is False:
         err_console.print(
             f"[bold red]warning:[/] the baseline {escape(str(compare))} was evaluated on different data than this "

@@ -235,6 +235,8 @@ def _runs_around(target: Path) -> Path | None:
 
 # What `finetune predict --output` writes (a JSON Lines file, recorded beside it by `record_file`).
 PREDICTIONS = "predictions"
+# `finetune eval --junit FILE`: recorded the same way; a later --junit replaces finetune's own report (CI reruns).
+JUNIT = "JUnit report"
 
 
 def record_file(path: Path, what: str) -> None:

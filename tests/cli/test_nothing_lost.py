@@ -304,3 +304,35 @@ def test_overwrite_never_replaces_an_input_of_the_run(finished_run, tmp_path):
     rerun = invoke(*reproduce.split()[1:])
     assert rerun.exit_code == 0, rerun.output
     assert snapshot(out) == before
+
+
+def test_junit_reports_replace_only_finetunes_own(finished_run, tmp_path):
+    """`--junit FILE` wrote over any file: a user's notes, the recipe the command read. Now the write policy
+    decides: a new file, or finetune's own earlier report (CI reruns need no --overwrite); --predictions --output
+    goes through it too (it wrote metrics.json into any folder)."""
+    recipe, out = finished_run
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    refused = invoke("eval", out, "--junit", notes)
+    assert refused.exit_code == 2 and "notes.txt exists and is not a JUnit report" in " ".join(refused.output.split())
+    assert notes.read_text() == "mine"
+    onto_recipe = invoke("eval", recipe, "--junit", recipe, "--output", tmp_path / "e")
+    assert onto_recipe.exit_code == 2 and "an input of this command" in onto_recipe.output
+    report = tmp_path / "reports" / "gates.xml"
+    for _ in range(2):  # the second replaces finetune's own first report
+        written = invoke("eval", out, "--gate", "accuracy>=0", "--junit", report)
+        assert written.exit_code == 0, written.output
+        assert report.read_text().startswith("<?xml") and "accuracy&gt;=0" in report.read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    rescored = invoke("eval", "--predictions", out / "predictions.jsonl", "--task", "classification", "--output", mine)
+    assert rescored.exit_code == 2 and (mine / "metrics.json").read_text() == "{}"
+    into = tmp_path / "rescored"
+    assert (
+        invoke(
+            "eval", "--predictions", out / "predictions.jsonl", "--task", "classification", "--output", into
+        ).exit_code
+        == 0
+    )
+    assert "accuracy" in (into / "metrics.json").read_text()
