@@ -6,7 +6,10 @@ recipe and, for a misspelt key, the nearest valid name.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -1083,11 +1086,46 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds (`X`, or `X | None`), or None for a plain value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+@functools.cache
+def _key_paths() -> tuple[str, ...]:
+    """Every key of the recipe as a dotted path, sections included (`train.grpo`, `train.grpo.beta`)."""
+
+    def under(model: type[BaseModel], prefix: str) -> list[str]:
+        paths = []
+        for name, field in model.model_fields.items():
+            paths.append(f"{prefix}{name}")
+            section = _section_model(field.annotation)
+            if section is not None:
+                paths.extend(under(section, f"{prefix}{name}."))
+        return paths
+
+    return tuple(under(Recipe, ""))
+
+
+def _elsewhere(place: str) -> str:
+    """` (did you mean 'data.max_length'?)` for a key written in the wrong section: the same name where it is valid
+    (several, nearest first), or "" when it is valid nowhere."""
+    name = place.rsplit(".", 1)[-1]
+    found = [path for path in _key_paths() if path.rsplit(".", 1)[-1] == name and path != place]
+    if not found:
+        return ""
+    found.sort(key=lambda path: -difflib.SequenceMatcher(None, place, path).ratio())
+    return f" (did you mean {' or '.join(repr(path) for path in found[:3])}?)"
+
+
 def _format_problem(error: Mapping[str, Any]) -> str:
     loc = tuple(str(p) for p in error["loc"])
     place = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        hint = did_you_mean(loc[-1], _section_fields(loc[:-1]))
+        hint = _elsewhere(place) or did_you_mean(loc[-1], _section_fields(loc[:-1]))
         return f"{place}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{place}: required key is missing"

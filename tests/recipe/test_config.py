@@ -34,6 +34,17 @@ def test_misspelt_keys_name_place_and_suggestion_all_at_once():
     assert len(problems) == 4
 
 
+def test_a_key_in_the_wrong_section_is_pointed_at_its_place():
+    """The suggestion looked at the section's own keys only: `train.max_length` got 'group_by_length', and
+    `train.beta` or a top-level `grpo` (PRODUCT.md's own spellings) nothing."""
+    raw = {**BASE, "train": {"max_length": 64, "beta": 0.2}, "model": {**BASE["model"], "targets": "all_linear"}}
+    problems = problems_of({**raw, "grpo": {"group_size": 8}})
+    assert "train.max_length: unknown key (did you mean 'data.max_length'?)" in problems
+    assert "train.beta: unknown key (did you mean 'train.grpo.beta' or 'train.preference.beta'?)" in problems
+    assert "model.targets: unknown key (did you mean 'lora.targets'?)" in problems
+    assert "grpo: unknown key (did you mean 'train.grpo'?)" in problems
+
+
 def test_unknown_task_and_missing_section():
     problems = problems_of({"task": "summarise", "data": BASE["data"]})
     assert any(p.startswith("task:") for p in problems)
