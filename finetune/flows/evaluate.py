@@ -421,6 +421,8 @@ def predict(
 def _predict(
     run_path: str, rows: list[dict], origins: Origins, source: str, knowledge_base: str | None, message: str | None
 ) -> list[dict]:
+    if message is not None and not learned.is_learned(resolve_run(run_path)[0].recipe.eval.watermark):
+        raise RecipeError(f"--message: {run_path} carries no learned watermark (eval.watermark.method learned)")
     # Quoted: YAML would read 0101 as a number.
     resolved, run = resolve_run(run_path, [f"eval.watermark.message='{message}'"] if message is not None else None)
     recipe, task = resolved.recipe, resolved.task

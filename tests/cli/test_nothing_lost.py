@@ -336,3 +336,11 @@ def test_junit_reports_replace_only_finetunes_own(finished_run, tmp_path):
         == 0
     )
     assert "accuracy" in (into / "metrics.json").read_text()
+
+
+def test_predict_message_on_a_run_without_a_learned_watermark_names_the_flag(finished_run, tmp_path):
+    """It leaked an internal override the user never gave: `override "eval.watermark.message='<redacted>'"`."""
+    _, out = finished_run
+    result = invoke("predict", out, "--input", "-", "--message", "0101", input='{"text": "rain"}\n')
+    assert result.exit_code == 2 and "--message:" in result.output and "carries no learned watermark" in result.output
+    assert "override" not in result.output
