@@ -1036,6 +1036,10 @@ def main() -> None:
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")
         sys.argv.insert(1, "--debug")
+    if "--debug" not in sys.argv[1:2]:
+        # Libraries' own progress bars (transformers' GGUF conversion uses tqdm directly, beyond its logging's
+        # switch) are noise in a terminal and in CI logs; tqdm reads this when it is first imported, which is later.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     discarded = _stdout_discarded()
     try:
         app()

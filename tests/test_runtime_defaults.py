@@ -79,3 +79,18 @@ def test_onednn_holds_no_more_kernels_than_the_default_capacity() -> None:
         pytest.skip("torch does not use oneDNN for bf16 matmuls on this CPU")
     assert with_defaults is True
     assert _first_shape_made_again("unset", shapes) is False
+
+
+@pytest.mark.parametrize(("argv", "user", "expected"), [([], None, "1"), (["--debug"], None, None), ([], "0", "0")])
+def test_library_progress_bars_are_off_unless_debug(argv, user, expected) -> None:
+    """transformers' GGUF conversion draws its bars with tqdm directly (its logging switch misses it): off for the
+    whole process, set before tqdm is first imported; --debug or the user's own TQDM_DISABLE keep them."""
+    probe = (
+        "import json, os, sys\nfrom finetune import cli\n"
+        "cli.app = lambda: print(json.dumps({'tqdm': os.environ.get('TQDM_DISABLE'), 'imported': 'tqdm' in sys.modules}))\n"
+        f"sys.argv = ['finetune', *{argv!r}, 'validate']\ncli.main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | ({"TQDM_DISABLE": user} if user else {})
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"tqdm": expected, "imported": False}

