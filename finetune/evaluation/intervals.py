@@ -415,6 +415,8 @@ def _corpus_text(
     if "bleu" in wanted:
         from sacrebleu.metrics.bleu import BLEU
 
+        from finetune.tasks.copywriting import bleu_fraction
+
         bleu = BLEU()
         segments = bleu._extract_corpus_statistics(
             [rows[i]["prediction"] for i in counted], [[rows[i]["completion"] for i in counted]]
@@ -423,7 +425,7 @@ def _corpus_text(
         per_row[counted] = np.asarray(segments, dtype=np.float64)
 
         def corpus_bleu(s: np.ndarray) -> np.ndarray:
-            return np.array([bleu._compute_score_from_stats([int(x) for x in row]).score / 100 for row in s])
+            return np.array([bleu_fraction(bleu._compute_score_from_stats([int(x) for x in row]).score) for row in s])
 
         built["bleu"] = OfSums(_unit_sums(units, per_row), corpus_bleu)
     if "distinct_2" in wanted:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from typing import Any
+
+import regex
 
 from finetune.recipe.schema import EvalSection
 from finetune.tasks.generative import GenerationTask, Rewards
@@ -21,10 +25,7 @@ class CopywritingTask(GenerationTask):
 
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """ROUGE-L F-measure against the row's reference copy, as the rougeL metric scores it."""
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return Rewards([scorer.score(r["completion"], r["prediction"])["rougeL"].fmeasure for r in rows])
+        return Rewards([rouge(r["completion"], r["prediction"])["rougeL"] for r in rows])
 
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         return {
@@ -33,23 +34,52 @@ class CopywritingTask(GenerationTask):
         }
 
 
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+class UnicodeWords:
+    """A rouge-score tokenizer for any script: NFKC, lower-cased; a word is a run of Unicode letters, marks and
+    digits, and each Han, Hiragana or Katakana character is a word of its own (those scripts put no spaces between
+    words). rouge-score's own tokenizer keeps only [a-z0-9]: a Hindi, Arabic or Chinese prediction identical to its
+    reference scored 0."""
+
+    _WORD = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]|[\p{L}\p{M}\p{N}]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+@functools.cache
+def _scorer(unicode_words: bool) -> Any:
+    from rouge_score import rouge_scorer
+
+    if unicode_words:
+        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeWords())
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge(reference: str, prediction: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures of one row: rouge-score exactly (Porter-stemmed [a-z0-9] words) where the reference is
+    ASCII text; `UnicodeWords` (not stemmed) where it holds any other character, whose letters rouge-score's
+    tokenizer drops. Decided by the row's own reference, so a row scores the same in any set of rows."""
+    scores = _scorer(not reference.isascii()).score(reference, prediction)  # (target, prediction)
+    return {name: scores[name].fmeasure for name in ROUGE_TYPES}
+
+
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """ROUGE-1/2/L (rouge-score F-measure, stemmed, mean over rows), corpus BLEU / 100, distinct-2, mean length.
+    """ROUGE-1/2/L (F-measure, mean over rows: `rouge`), corpus BLEU / 100, distinct-2, mean length.
 
     `mean_length` is in words per prediction: the one metric here that is not a fraction.
     """
     import sacrebleu
-    from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references):
-        scores = scorer.score(reference, prediction)  # (target, prediction)
-        for name in totals:
-            totals[name] += scores[name].fmeasure
+        for name, value in rouge(reference, prediction).items():
+            totals[name] += value
     count = max(len(predictions), 1)
     metrics = {name: value / count for name, value in totals.items()}
-    metrics["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score / 100
+    metrics["bleu"] = bleu_fraction(sacrebleu.corpus_bleu(predictions, [references]).score)
     metrics["distinct_2"] = distinct_n(predictions, 2)
     metrics["mean_length"] = sum(len(p.split()) for p in predictions) / count
     return metrics
@@ -65,3 +95,9 @@ def distinct_n(texts: list[str], n: int) -> float:
         seen.update(grams)
         total += len(grams)
     return len(seen) / total if total else 0.0
+
+
+def bleu_fraction(score: float) -> float:
+    """sacreBLEU's score (0-100) as a fraction: a perfect corpus scores 100.00000000000004 in floating point, and a
+    metric is promised in [0, 1] (a gate `bleu<=1` failed on it)."""
+    return min(1.0, score / 100)

@@ -58,3 +58,21 @@ def test_missing_reference_field_is_a_data_error(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "copywriting"])
     assert result.exit_code == 3
     assert "predictions.jsonl:1" in result.output and "completion" in result.output
+
+
+def test_any_script_scores_as_words_and_a_perfect_bleu_is_one():
+    """rouge-score keeps only [a-z0-9]: a Hindi, Chinese or Arabic prediction identical to its reference scored 0.
+    Rows whose reference holds another character are tokenized as Unicode words (a Han character each); an ASCII
+    row is rouge-score's exactly whatever rows surround it. sacreBLEU's perfect 100.00000000000004 was above 1."""
+    same = ["वह घर जा रहा है", "我们的咖啡每天早上新鲜烘焙", "قهوة طازجة كل صباح", "Frischer Kaffee, jeden Morgen"]
+    metrics = text_metrics(same, same)
+    assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == 1.0 and metrics["bleu"] == 1.0
+    # One vowel sign apart (रहा / रही: "he" / "she is going"): not the same words, as the default tokenizer said.
+    half = text_metrics(["वह घर जा रही है"], ["वह घर जा रहा है"])
+    assert half["rouge1"] == pytest.approx(0.8) and half["rouge2"] == pytest.approx(0.5)
+    assert text_metrics(["咖啡新鲜"], ["咖啡每天新鲜"])["rouge1"] == pytest.approx(2 * 1.0 * (4 / 6) / (1 + 4 / 6))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    mixed = text_metrics(["the cats sat", "वह घर"], ["The cat sat on the mat.", "वह घर जा रहा है"])
+    ascii_row = scorer.score("The cat sat on the mat.", "the cats sat")["rougeL"].fmeasure
+    assert mixed["rougeL"] == pytest.approx((ascii_row + 2 * (2 / 5) / (1 + 2 / 5)) / 2, abs=1e-12)
+    assert text_metrics(["The cat sat on the mat."] * 3, ["The cat sat on the mat."] * 3)["bleu"] == 1.0
