@@ -52,13 +52,16 @@ CHUNK_ROWS = 20_000  # texts are normalised and hashed this many at a time, so n
 
 
 def _normalise(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    texts = pc.utf8_lower(pc.fill_null(texts, ""))
-    texts = pc.replace_substring_regex(texts, pattern=r"[^\p{L}\p{N}_\s]", replacement="")
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, pattern=r"\s+", replacement=" "))
+    # NFKC first (a composed and a decomposed é are one text; a no-break space is a space); combining marks are
+    # letters' parts (Devanagari's vowel signs: without them रहा and रही, two words, were one); any Unicode space
+    # separates words (RE2's \s is ASCII's alone, so a text spaced with U+00A0 escaped its duplicate).
+    texts = pc.utf8_lower(pc.utf8_normalize(pc.fill_null(texts, ""), "NFKC"))
+    texts = pc.replace_substring_regex(texts, pattern=r"[^\p{L}\p{M}\p{N}_\s\p{Z}]", replacement="")
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, pattern=r"[\s\p{Z}]+", replacement=" "))
 
 
 def normalised(texts: pa.Array | pa.ChunkedArray) -> list[str]:
-    """Lower case, punctuation removed, whitespace runs as one space (vectorised, in Arrow's regex engine)."""
+    """NFKC, lower case, punctuation removed, space runs as one space (vectorised, in Arrow's regex engine)."""
     return [
         text
         for start in range(0, len(texts), CHUNK_ROWS)

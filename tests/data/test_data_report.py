@@ -48,6 +48,20 @@ def test_overlap_finds_exact_and_near_duplicates():
     assert inside.exact == [(0, 2)]
 
 
+def test_duplicates_in_any_script_and_spacing():
+    """Combining marks were deleted, so Hindi sentences one vowel sign apart (रहा / रही) were exact duplicates
+    (on_overlap: drop removed them); a copy spaced with no-break spaces, or in decomposed form, was not one."""
+    train = ["वह घर जा रहा है", "किताब अच्छा है", "Reset your password from the login page", "Café au lait"]
+    evals = [
+        "वह घर जा रही है",
+        "किताब अच्छी है",
+        "Reset\u00a0your\u00a0password from the login page",
+        "Cafe\u0301 au lait",
+    ]
+    overlap = find_overlap(pa.chunked_array([train]), pa.chunked_array([evals]))
+    assert overlap.exact == [(2, 2), (3, 3)]
+
+
 def test_data_report_and_on_overlap(tiny_models, write_recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = planted(tmp_path)
