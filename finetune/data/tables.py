@@ -77,8 +77,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def read_input_rows(path: Path | None, source: str) -> tuple[list[dict], Origins]:
-    """`predict`'s and `detect`'s JSON Lines input (a file, or stdin where `path` is None) as row objects, with each
-    row's line: a message about row N names the line it is on (blank lines are skipped)."""
+    """`predict`'s and `detect`'s input as row objects, with where each row is: JSON Lines (a file, or stdin where
+    `path` is None; a message about row N names its line, blank lines skipped), or a file in any layout training
+    reads, by its suffix (CSV/TSV, a JSON list, Parquet: they were refused as malformed JSON lines)."""
+    if path is not None and _suffix(path) in (".csv", ".tsv", ".parquet", ".json"):
+        table, origin = load_source(str(path), source, text_columns=(*TEXT_FIELDS, *NAME_FIELDS))
+        return table.to_list(), Origins.of(origin, len(table))
     numbered = list(numbered_jsonl(sys.stdin if path is None else _lines(path), source))
     origin = Source(source, path, "lines", lines=tuple(number for number, _ in numbered))
     return [row for _, row in numbered], Origins.of(origin, len(numbered))

@@ -94,6 +94,18 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
     assert predicted.exit_code == 0, predicted.output
     rows = [json.loads(line) for line in predicted.output.splitlines()]
     assert len(rows) == 2 and all(r["prediction"] in {"sports", "weather", "cooking"} for r in rows)
+    # The layouts training reads, by suffix (a CSV was refused as a "malformed JSON line"): the same predictions.
+    (tmp_path / "in.csv").write_text("text,id\nrain snow storm wind,007\ngoal match team,2\n")
+    from_csv = invoke("predict", out, "--input", tmp_path / "in.csv")
+    assert from_csv.exit_code == 0, from_csv.output
+    csv_rows = [json.loads(line) for line in from_csv.output.splitlines()]
+    assert [(r["id"], r["prediction"]) for r in csv_rows] == [
+        ("007", rows[0]["prediction"]),
+        ("2", rows[1]["prediction"]),
+    ]
+    (tmp_path / "in.json").write_text(json.dumps([{"text": "rain snow storm wind"}, {"text": "goal match team"}]))
+    from_json = invoke("predict", out, "--input", tmp_path / "in.json")
+    assert [json.loads(line)["prediction"] for line in from_json.output.splitlines()] == [r["prediction"] for r in rows]
 
     merged_dir = tmp_path / "merged"
     assert invoke("merge", out, "--output", merged_dir).exit_code == 0
