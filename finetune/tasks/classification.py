@@ -312,6 +312,30 @@ class ClassificationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return ("label", "prediction")
 
+    def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        """Saved predictions re-scored: each `label` and `prediction` a class name (text or an integer), or a list
+        of them, and every row of the file one kind. One list among single labels turned the whole file into
+        multi-label metrics, and a null, 1.0 or true was scored as a wrong class, with no word."""
+        super().check_prediction_rows(rows, source)
+        first: dict[str, str] = {}
+        for number, row in enumerate(rows, start=1):
+            for field in ("label", "prediction"):
+                value = row[field]
+                kind = "a list" if isinstance(value, list) else "one class"
+                names = value if isinstance(value, list) else [value]
+                wrong = next((v for v in names if not _is_class_name(v)), _NONE)
+                if wrong is not _NONE:
+                    raise DataError(
+                        f"{source}:{number}: {field} must be a class name (text or an integer) or a list of them, "
+                        f"got {wrong!r}"
+                    )
+                seen = first.setdefault(field, kind)
+                if kind != seen:
+                    raise DataError(
+                        f"{source}:{number}: {field} is {kind} where the rows before hold {seen}: a file of "
+                        "predictions is single-label or multi-label throughout"
+                    )
+
     def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
         """Multi-label eval rows none of which carries a label: F1 is 0/0 there, reported 0 as scikit-learn does,
         so a model right on every row scores F1 0 (and fails an F1 gate): said before anything trains."""
@@ -492,6 +516,13 @@ def _is_multi_label(values: Sequence, data: DataSection) -> bool:
     if data.multi_label is not None:
         return data.multi_label
     return data.label_separator is not None or any(isinstance(v, list) for v in values)
+
+
+_NONE = object()
+
+
+def _is_class_name(value: object) -> bool:
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _as_list(value: object) -> list:

@@ -76,3 +76,23 @@ def test_any_script_scores_as_words_and_a_perfect_bleu_is_one():
     ascii_row = scorer.score("The cat sat on the mat.", "the cats sat")["rougeL"].fmeasure
     assert mixed["rougeL"] == pytest.approx((ascii_row + 2 * (2 / 5) / (1 + 2 / 5)) / 2, abs=1e-12)
     assert text_metrics(["The cat sat on the mat."] * 3, ["The cat sat on the mat."] * 3)["bleu"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (["sports"], "prediction is a list where the rows before hold one class"),
+        (None, "prediction must be a class name (text or an integer) or a list of them, got None"),
+        (1.0, "got 1.0"),
+        (True, "got True"),
+    ],
+)
+def test_rescored_classification_predictions_are_checked_row_by_row(tmp_path, value, words):
+    """One list among single labels turned the whole file into multi-label metrics; a null, 1.0 or true was scored
+    as a wrong class. Each is refused at its row, exit 3."""
+    rows = [{"text": f"t{i}", "label": "sports" if i % 2 else "weather", "prediction": "sports"} for i in range(6)]
+    rows[3]["prediction"] = value
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "classification"])
+    assert result.exit_code == 3 and words in " ".join(result.output.split()), result.output
+    assert "predictions.jsonl:4" in result.output
