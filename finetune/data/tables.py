@@ -323,6 +323,9 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
             frame = pd.read_csv(
                 path,
                 sep=_CSV_SEPARATORS[suffix],
+                # Tab-separated values have no quoting (IANA text/tab-separated-values): a text opening with a
+                # quotation mark swallowed the next lines, tabs, newlines and labels, into one field, silently.
+                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
                 keep_default_na=False,
                 dtype=dict.fromkeys(text_columns, str),  # names not in the file are ignored
             )
@@ -388,7 +391,8 @@ def _record_lines_cached(path: Path, size: int, mtime_ns: int, layout: str, sepa
     the readers, and a quoted CSV field may span lines, so a row's index is not its line)."""
     if layout == "lines":
         return np.array([number for number, line in enumerate(_lines(path), start=1) if line.strip()], np.int64)
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=separator)
+    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL  # as _load_file reads the file
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=separator, quoting=quoting)
     starts, end = [], 0
     for record in reader:
         if record:  # pandas skips blank lines too

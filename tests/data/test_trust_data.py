@@ -377,3 +377,15 @@ def test_knowledge_base_ids_in_a_csv_file_are_read_as_written(tmp_path):
         ("007", "Agent\nlicensed to kill"),
         ("7", "Seven\na lucky number"),
     ]
+
+
+def test_a_tsv_text_opening_with_a_quotation_mark_stays_one_row(tmp_path):
+    """TSV has no quoting: `"Great" movie` and `a 12" screen` are texts. Read with CSV's quoting, the first quote
+    swallowed the next lines, their tabs, newlines and labels, into one text: 10 rows lost without a word."""
+    lines = [f"row {i} about the weather\tweather" for i in range(12)]
+    lines[3] = '"Great" movie, would watch again\tcinema'
+    lines[7] = 'a 12" screen and "quotes\tcinema'
+    (tmp_path / "train.tsv").write_text("text\tlabel\n" + "\n".join(lines) + "\n")
+    rows = split_of({"train": str(tmp_path / "train.tsv"), "eval_split": 0.25})
+    texts = sorted([*rows.train["text"], *rows.eval["text"]])
+    assert len(texts) == 12 and '"Great" movie, would watch again' in texts and 'a 12" screen and "quotes' in texts
