@@ -164,6 +164,7 @@ class CodegenTask(GenerationTask):
     optional_fields = ("completion", "test", "entry_point", "task_id")
     reference_fields = ("completion",)
     metric_names = ("pass@1", "pass@k", "exact_match")
+    numbers_samples = True
 
     def main_metric(self, settings: EvalSection) -> str:
         """pass@1 where the code runs (both opt-ins), else exact match against the reference solution."""

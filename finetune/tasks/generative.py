@@ -46,6 +46,9 @@ class GenerationTask(Task):
     default_stops: tuple[str, ...] = ()
     uses_template = True
     head = "generation"
+    # Each prediction row carries its `sample` index even with one sample a prompt (codegen: pass@k tools key rows
+    # on task and sample, as PRODUCT.md's predictions.jsonl says); elsewhere only where there are several.
+    numbers_samples = False
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -204,7 +207,7 @@ class GenerationTask(Task):
         for row, samples in zip(features.rows, answers):
             for index, text in enumerate(samples):
                 entry = dict(row)
-                if settings.num_samples > 1:
+                if settings.num_samples > 1 or self.numbers_samples:
                     entry["sample"] = index
                 entry["prediction"] = text
                 out.append(entry)
