@@ -250,6 +250,9 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
             *finetune_args,
         ]
     )
+    from finetune.outputs.lock import COMMAND_ENV, command_line
+
+    os.environ[COMMAND_ENV] = command_line()  # the processes record this command, not their own `-m finetune`
     try:
         launch_command(args)
     except ChildFailedError as exc:

@@ -391,8 +391,11 @@ def _record_lines_cached(path: Path, size: int, mtime_ns: int, layout: str, sepa
     the readers, and a quoted CSV field may span lines, so a row's index is not its line)."""
     if layout == "lines":
         return np.array([number for number, line in enumerate(_lines(path), start=1) if line.strip()], np.int64)
-    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL  # as _load_file reads the file
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=separator, quoting=quoting)
+    text = io.StringIO(_read_text(path), newline="")
+    if separator == "\t":  # as _load_file reads the file: tab-separated values have no quoting
+        reader = csv.reader(text, delimiter=separator, quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(text, delimiter=separator)
     starts, end = [], 0
     for record in reader:
         if record:  # pandas skips blank lines too

@@ -57,7 +57,7 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.label = label
-        self.command = redact(command if command is not None else _command_line())
+        self.command = redact(command if command is not None else command_line())
         self.created_directory = False
         self._fd: int | None = None
         self._unlocked = False  # held without a real lock (the filesystem cannot lock)
@@ -220,7 +220,16 @@ def describe_holder(info: dict) -> str:
     return text
 
 
-def _command_line() -> str:
+# The command line as the user typed it: a launcher of several processes puts its own here for them (each runs
+# `python -m finetune run ...`, without the --num-processes that started them).
+COMMAND_ENV = "FINETUNE_COMMAND"
+
+
+def command_line() -> str:
+    """What was run, for the lock's holder and manifest.json: the launcher's command in a launched process."""
+    given = os.environ.get(COMMAND_ENV)
+    if given:
+        return given
     argv = list(sys.argv)
     if argv and Path(argv[0]).name in ("__main__.py", "-c", "-m"):
         argv[0] = "finetune" if argv[0].endswith("__main__.py") else "python"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from finetune.outputs.lock import command_line
 from finetune.recipe.schema import Recipe
 from finetune.secrets import redact_tree
 
@@ -58,7 +58,7 @@ def build_manifest(
     return redact_tree(
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
+            "command": command_line(),
             "seed": recipe.train.seed,
             "versions": library_versions(),
             "data_files": data_hashes,

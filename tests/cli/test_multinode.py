@@ -227,3 +227,32 @@ def test_the_recipe_can_name_its_nodes(tiny_models, topic_data, write_recipe, tm
     recipe["sweep"] = {"trials": 1, "params": {"lora.r": [2]}}
     swept = invoke("validate", write_recipe(recipe))
     assert swept.exit_code == 2 and "distributed.nnodes: 2: a sweep runs each trial on this one machine" in swept.output
+
+
+def test_launched_processes_record_the_command_the_user_typed(monkeypatch):
+    """manifest.json of a `--num-processes 2` run said `/path/finetune/__main__.py run ...`: each process's own
+    argv, without the --num-processes that started it. The launcher hands its command line down."""
+    import accelerate.commands.launch as accelerate_launch
+
+    from finetune import launch
+    from finetune.outputs.lock import COMMAND_ENV, command_line
+    from finetune.outputs.manifest import build_manifest
+    from finetune.recipe.schema import Recipe
+
+    monkeypatch.setenv(COMMAND_ENV, "")  # recorded as it was (unset), so what relaunch sets is undone after
+    monkeypatch.delenv(COMMAND_ENV)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/finetune", "run", "r.yaml", "--num-processes", "2"])
+    handed: list[str | None] = []
+    monkeypatch.setattr(
+        accelerate_launch, "launch_command", lambda args: handed.append(launch.os.environ.get(COMMAND_ENV))
+    )
+    assert launch.relaunch(Topology(per_node=2), ["run", "r.yaml"]) == 0
+    assert handed == ["finetune run r.yaml --num-processes 2"]
+    monkeypatch.setattr(sys, "argv", ["/repo/finetune/__main__.py", "run", "r.yaml"])  # as a launched process runs
+    assert command_line() == "finetune run r.yaml --num-processes 2"
+    recipe = Recipe.model_validate(
+        {"task": "classification", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    )
+    assert build_manifest(recipe, {}, None)["command"] == "finetune run r.yaml --num-processes 2"
+    monkeypatch.delenv(COMMAND_ENV)
+    assert command_line() == "finetune run r.yaml"
