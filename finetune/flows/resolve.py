@@ -22,7 +22,7 @@ import importlib.util
 import json
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
@@ -40,7 +40,7 @@ from finetune.data.retrieval import (
     load_passages,
     relevant_passages,
 )
-from finetune.data.tables import FILE_SUFFIXES, local_data_path, template_problems
+from finetune.data.tables import FILE_SUFFIXES, local_data_path, read_split, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
@@ -1092,10 +1092,36 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}", exc.problems) from exc
     except DataError as exc:
-        raise DataError(f"{source}: {exc}") from exc
+        found = [str(exc), *_eval_file_problems(recipe, str(exc), required, optional, task)]
+        listed = "\n".join(f"  - {problem}" for problem in found)
+        raise DataError(
+            f"{source}: {found[0]}" if len(found) == 1 else f"{source}: {len(found)} problems\n{listed}"
+        ) from exc
     derived = retriever_recipe(recipe, Path("RUN"))
     if derived is not None:  # the retriever's own run reads these rows as task retrieval rows, with its own checks
         check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
+
+
+def _eval_file_problems(
+    recipe: Recipe, first: str, required: Sequence[str], optional: Sequence[str], task: Task
+) -> list[str]:
+    """The eval files' own problem, read alone, where it is not the `first` one found: validate names every problem
+    at once (a bad row in data.train hid one in data.eval until the first was fixed)."""
+    if recipe.data.eval is None:
+        return []
+    try:
+        read_split(
+            recipe.data.eval,
+            "data.eval",
+            recipe,
+            required,
+            optional,
+            classify=task.name == "classification",
+            conversations=task.head == "generation",
+        )
+    except DataError as exc:
+        return [] if str(exc) == first else [str(exc)]
+    return []
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,19 @@ def test_data_mistakes_name_the_file_and_place(case, tiny_models, topic_data, wr
     assert not (tmp_path / "run").exists()
 
 
+def test_validate_names_a_bad_row_in_each_data_file_at_once(tiny_models, topic_data, write_recipe, tmp_path):
+    """A bad line in data.train hid one in data.eval until the first was fixed ("every problem at once")."""
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "a", "label": "x"}\n{"text": "b" "label": "y"}\n')
+    (tmp_path / "eval.jsonl").write_bytes(b'{"text": "a", "label": "x"}\n{"text": 7, "label": "y"}\n')
+    data = {**topic_data, "train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
+    result = runner.invoke(
+        app, ["validate", str(write_recipe(classification_recipe(tiny_models["bert"], data, tmp_path / "run")))]
+    )
+    assert result.exit_code == 3, result.output
+    output = " ".join(result.output.split())
+    assert "2 problems" in output and "train.jsonl:2: malformed JSON line" in output and "eval.jsonl:2" in output
+
+
 def test_user_text_is_printed_as_typed(tiny_models, topic_data, write_recipe, tmp_path):
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
     recipe["data"]["train"] = "squad:smile:"  # not a file: a hub id that is not cached, offline
