@@ -389,3 +389,15 @@ def test_a_tsv_text_opening_with_a_quotation_mark_stays_one_row(tmp_path):
     rows = split_of({"train": str(tmp_path / "train.tsv"), "eval_split": 0.25})
     texts = sorted([*rows.train["text"], *rows.eval["text"]])
     assert len(texts) == 12 and '"Great" movie, would watch again' in texts and 'a 12" screen and "quotes' in texts
+
+
+def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path):
+    """SQuAD-style `answers` with lists on one line and a bare text on another: pyarrow's "cannot mix list and
+    non-list" named no line and no column."""
+    from finetune.data.tables import load_table
+
+    rows = [{"question": "q", "answers": {"text": ["a"], "answer_start": [0]}}] * 3
+    rows += [{"question": "q", "answers": {"text": "a", "answer_start": 0}}]
+    path = write_jsonl(tmp_path / "squad.jsonl", rows)
+    with pytest.raises(DataError, match=r"column 'answers' \(its 'text'\) is a list on line 1 but text on line 4"):
+        load_table(str(path), "data.train")
