@@ -19,6 +19,7 @@ base) is not cached.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -76,6 +77,7 @@ def cache_key(
     parts = {
         "format": FORMAT,
         "finetune": __version__,
+        "code": reading_code_hash(),
         "task": recipe.task,
         "objective": recipe.train.objective,  # pairs and thumbs are featurised unlike supervised rows
         "data": data.model_dump(mode="json"),
@@ -87,6 +89,27 @@ def cache_key(
         "adapter_state": adapter_state,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# The packages whose code decides what rows are read and how they become features: a change there (a fix to how a
+# CSV label is read, a row check inside featurisation) must miss the cache, version number or not; an entry from
+# before served the old features and skipped the new checks on an editable install.
+READING_CODE = ("data", "tasks", "recipe")
+
+
+@functools.cache
+def reading_code_hash() -> str:
+    """SHA-256 over the source of READING_CODE and the versions of the libraries that parse the files."""
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in READING_CODE:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
+    for library in ("datasets", "pyarrow", "pandas"):
+        digest.update(f"{library} {metadata.version(library)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

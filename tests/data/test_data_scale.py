@@ -80,6 +80,14 @@ def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, w
     other, _ = _features(write_recipe(recipe, "short.yaml"))
     assert other.cache_note.startswith("tokenised features cached (entry")
 
+    # So is the code that reads and featurises rows: a fix there (with the version unchanged) misses the cache, or
+    # the old features were served and the new row checks skipped.
+    from finetune.data import cache
+
+    monkeypatch.setattr(cache, "reading_code_hash", lambda: "changed code")
+    changed, _ = _features(path)
+    assert changed.cache_note.startswith("tokenised features cached (entry")
+
 
 def test_cached_run_trains_the_same_adapter_bytes(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
