@@ -98,10 +98,24 @@ class _SquadScoring:
         return squad_metrics(rows)
 
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
+        """Each row's prediction text (null: no answer) and its gold answers: SQuAD's {text: [...]}, a list of
+        texts, or one text. A number as the prediction was an internal error; a gold answer that is no text was
+        dropped without a word."""
         for number, row in enumerate(rows, start=1):
             if "prediction" not in row or ("answers" not in row and "answer" not in row):
                 raise DataError(
                     f"{source}:{number}: a qa prediction row needs `prediction` and `answers` (or `answer`)"
+                )
+            if row["prediction"] is not None and not isinstance(row["prediction"], str):
+                raise DataError(f"{source}:{number}: prediction must be text, got {row['prediction']!r}")
+            field = "answers" if "answers" in row else "answer"
+            golds = row[field]
+            texts = golds.get("text") if isinstance(golds, dict) else golds
+            texts = [texts] if isinstance(texts, str) else texts
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise DataError(
+                    f"{source}:{number}: {field} must be SQuAD's {{text: [...], answer_start: [...]}}, a list of "
+                    f"answer texts or one text, got {golds!r}"
                 )
 
 

@@ -96,3 +96,29 @@ def test_rescored_classification_predictions_are_checked_row_by_row(tmp_path, va
     result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "classification"])
     assert result.exit_code == 3 and words in " ".join(result.output.split()), result.output
     assert "predictions.jsonl:4" in result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"prediction": 5}, "prediction must be text, got 5"),
+        ({"answers": {"text": [3], "answer_start": [0]}}, "answers must be SQuAD's"),
+        ({"answers": 42}, "answers must be SQuAD's"),
+    ],
+)
+def test_rescored_qa_predictions_are_checked_row_by_row(tmp_path, change, words):
+    """A number as the prediction was an internal error (AttributeError: 'int' object has no attribute 'lower');
+    a gold answer that is no text was dropped silently."""
+    rows = [
+        {"question": f"q{i}", "answers": {"text": [f"a{i}"], "answer_start": [0]}, "prediction": f"a{i}"}
+        for i in range(5)
+    ]
+    rows[3].update(change)
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(path), "--task", "qa"])
+    assert result.exit_code == 3 and "predictions.jsonl:4" in result.output, result.output
+    assert words in " ".join(result.output.split())
+    rows[3].update({"prediction": None, "answers": ["a3", "the a3"]})  # no answer; a list of gold texts: both fine
+    assert (
+        CliRunner().invoke(app, ["eval", "--predictions", str(write_jsonl(path, rows)), "--task", "qa"]).exit_code == 0
+    )
