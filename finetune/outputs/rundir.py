@@ -60,6 +60,9 @@ def output_dir_problem(run: RunDir, owner: Path | None = None) -> str | None:
     where = run.path
     if where.exists() and not where.is_dir():
         return f"output.dir: {where} is a file, not a directory"
+    blocking = next((p for p in where.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # no folder can be made there: found by run only when it tried
+        return f"output.dir: {where} lies under {blocking}, which is a file, not a directory"
     resolved = where.expanduser().resolve()
     around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
     if around is not None and (owner is None or around != owner.expanduser().resolve()):

@@ -58,6 +58,7 @@ INVALID = {
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
     # Where run may not write whatever its flags (validate passed both; run refused them).
     "output.dir is a file": (lambda r: r["output"].update(dir="recipe.yaml"), 2, "is a file, not a directory"),
+    "output.dir under a file": (lambda r: r["output"].update(dir="recipe.yaml/run"), 2, "which is a file, not"),
     "output.dir holds the user's files": (
         lambda r: r["output"].update(dir="."),
         2,
