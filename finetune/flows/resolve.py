@@ -1083,6 +1083,10 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                 each_split(positives)
             if task.name == "qa":  # what attach_passages checks before it retrieves
                 each_split(check_questions)
+        try:  # every eval row one the task's metrics can score, as the run checks
+            task.check_scorable(rows.eval, "data.eval")
+        except DataError as exc:
+            raise rows.origins["data.eval"].explain(exc, "data.eval") from exc
         if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:
             try:  # an evaluation conversation must end with the assistant turn it is scored on, as featurize checks
                 for number, messages in enumerate(rows.eval["messages"], start=1):

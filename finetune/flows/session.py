@@ -621,6 +621,8 @@ def _read_and_featurize(
         )
     train_rows, eval_rows, overlap, origins = load_rows(recipe, task, layout, mine="train" in splits)
     with placed_errors(origins):
+        if "eval" in splits:
+            task.check_scorable(eval_rows, "data.eval")
         state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     if layout is not None:
         state["embedding"] = layout.as_dict()

@@ -203,6 +203,10 @@ class Task:
     def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
         """Called before any model loads, so a run is refused before it trains rather than after."""
 
+    def check_scorable(self, rows: Dataset, split: str) -> None:
+        """A DataError (`SPLIT: row N: ...`, placed at its line by the caller) for an eval row the task's metrics
+        could not score; checked where the rows are read (run, eval, validate), before they are cached."""
+
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
         """Prediction files re-scored with `eval --predictions` must carry the task's reference fields."""
         needed = self.prediction_fields()

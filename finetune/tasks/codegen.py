@@ -158,6 +158,24 @@ def _counted_tests(test: str) -> str | None:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+def check_scorable(rows: Dataset, split: str) -> None:
+    """Every eval problem is scored: by its tests (test and entry_point: pass@k) or, without them, by its reference
+    completion (exact match). One with neither, among problems with tests, was left out of pass@k without a word."""
+    columns = set(rows.column_names)
+    if not {"test", "entry_point"} & columns:
+        return  # no problem has tests: exact match on the completions (a required reference where it is missing)
+    empty = [None] * len(rows)
+    tests = rows["test"][:] if "test" in columns else empty
+    points = rows["entry_point"][:] if "entry_point" in columns else empty
+    completions = rows["completion"][:] if "completion" in columns else empty
+    for number, (test, point, completion) in enumerate(zip(tests, points, completions), start=1):
+        if (not test or not point) and completion is None:
+            raise DataError(
+                f"{split}: row {number}: no test to run (test and entry_point) and no completion to compare: the "
+                "problem could not be scored; give it its test, or leave it out"
+            )
+
+
 class CodegenTask(GenerationTask):
     name = "codegen"
     required_fields = ("prompt",)
@@ -193,6 +211,9 @@ class CodegenTask(GenerationTask):
             if k > recipe.eval.num_samples:
                 problems.append(f"eval.pass_k: pass@{k} needs at least {k} samples per problem (eval.num_samples)")
         return problems
+
+    def check_scorable(self, rows: Dataset, split: str) -> None:
+        check_scorable(rows, split)
 
     def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
         if {"test", "entry_point"} <= set(rows.column_names):

@@ -211,6 +211,15 @@ def test_codegen_run_is_refused_before_training_without_the_opt_ins(tiny_models,
     recipe["data"]["eval"] = str(write_jsonl(tmp_path / "untested.jsonl", untested))
     planned = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run", "--no-estimate"])
     assert planned.exit_code == 0, planned.output
+    # A problem with neither tests nor a completion, among problems with tests, was left out of pass@k silently.
+    lone = [dict(row) for row in TOY_EVAL]
+    for key in ("test", "entry_point", "completion"):
+        lone[1].pop(key, None)
+    recipe["data"]["eval"] = str(write_jsonl(tmp_path / "lone.jsonl", lone))
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
+        refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
+        assert refused.exit_code == 3 and "lone.jsonl:2: no test to run" in refused.output, refused.output
 
 
 def test_pass_k_larger_than_samples_is_a_recipe_error(tiny_models, tmp_path, write_recipe):
