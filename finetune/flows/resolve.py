@@ -942,20 +942,23 @@ def _data_keys(recipe: Recipe, splits: tuple[str, ...]) -> list[tuple[str, str |
 
 
 def _data_file_rules(recipe: Recipe, splits: tuple[str, ...]) -> list[str]:
+    return _missing_files([*_data_keys(recipe, splits), ("data.knowledge_base", recipe.data.knowledge_base)])
+
+
+def _missing_files(specs: list[tuple[str, object]]) -> list[str]:
+    """`KEY: file not found: ITEM` for each data file named that is not there (a hub dataset is not a file; a
+    knowledge base always is)."""
     problems = []
-    for key, spec in _data_keys(recipe, splits):
-        for item in [] if spec is None else [spec] if isinstance(spec, str) else spec:
+    for key, spec in specs:
+        items = [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
+        for item in (i for i in items if isinstance(i, str)):
             try:
                 path = local_data_path(item, key)
             except FinetuneError as exc:
                 problems.append(str(exc))
                 continue
-            if _looks_like_file(item) and not path.is_file():
+            if (key == "data.knowledge_base" or _looks_like_file(item)) and not path.is_file():
                 problems.append(f"{key}: file not found: {item}")
-    base = recipe.data.knowledge_base
-    for item in [] if base is None else [base] if isinstance(base, str) else base:
-        if not local_data_path(item, "data.knowledge_base").is_file():
-            problems.append(f"data.knowledge_base: file not found: {item}")
     return problems
 
 
@@ -1207,13 +1210,19 @@ def _registry_problems(raw: dict) -> list[str]:
     return problems
 
 
-def _parse(raw: dict, source: str) -> Recipe:
-    """The schema, with the registries' names checked in the same pass: every problem at once."""
+def _parse(raw: dict, source: str, splits: tuple[str, ...] = ()) -> Recipe:
+    """The schema, with the registries' names checked in the same pass: every problem at once. `splits`: the data
+    a command reads, whose files are named missing beside the schema's problems (a mistake elsewhere hid them)."""
     names = _registry_problems(raw)
     try:
         recipe = parse_recipe(raw, source)
     except RecipeError as exc:
-        raise recipe_problems_error(source, names + exc.problems) from None
+        # The data files named, checked from the raw recipe: a schema mistake elsewhere hid a missing file.
+        data = raw.get("data")
+        keys = [*splits, "knowledge_base"] if splits else []
+        named = [(f"data.{k}", data.get(k)) for k in keys] if isinstance(data, dict) else []
+        missing = [p for p in _missing_files(named) if p not in exc.problems]
+        raise recipe_problems_error(source, names + exc.problems + missing) from None
     if names:
         raise recipe_problems_error(source, names)
     return recipe
@@ -1273,7 +1282,7 @@ def resolve(
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
     once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
     with overrides_named(overrides):
-        return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path)), str(path), splits)
+        return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path), splits), str(path), splits)
 
 
 def resolve_source(
@@ -1337,7 +1346,7 @@ def resolve_run(
 def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
     """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
     with overrides_named(overrides):
-        checked = check_recipe(_parse(read_recipe(path, overrides), str(path)), source=str(path))
+        checked = check_recipe(_parse(read_recipe(path, overrides), str(path), SPLITS), source=str(path))
         recipe = checked.recipe
         # Where run would write, refused as run refuses it whatever its flags (a sweep's folder is the sweep's).
         problem = (

@@ -204,6 +204,20 @@ def test_validate_names_a_bad_row_in_each_data_file_at_once(tiny_models, topic_d
     assert "2 problems" in output and "train.jsonl:2: malformed JSON line" in output and "eval.jsonl:2" in output
 
 
+def test_a_schema_mistake_does_not_hide_a_missing_data_file(tiny_models, topic_data, write_recipe, tmp_path):
+    """validate and run named lora.r and the misspelt key, and only after those were fixed the missing file."""
+    recipe = classification_recipe(
+        tiny_models["bert"], {**topic_data, "train": tmp_path / "gone.jsonl"}, tmp_path / "run"
+    )
+    recipe["lora"]["r"] = 0
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run"]):
+        result = runner.invoke(app, command)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and "2 problems" in output and "lora.r:" in output, result.output
+        assert f"data.train: file not found: {tmp_path / 'gone.jsonl'}" in output
+
+
 def test_user_text_is_printed_as_typed(tiny_models, topic_data, write_recipe, tmp_path):
     recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
     recipe["data"]["train"] = "squad:smile:"  # not a file: a hub id that is not cached, offline

@@ -4,6 +4,7 @@ exactly at a bound is accepted; docs/recipe.md is the schema's own reference."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -183,9 +184,14 @@ def shown(value) -> str:
 
 
 def refusal(tmp_path, raw: dict | str, command: str = "validate"):
+    """The command on the recipe from `tmp_path`, where its data files are (a missing one is named beside the
+    schema's problems)."""
+    for name in ("t.jsonl", "e.jsonl"):
+        (tmp_path / name).write_text('{"text": "a", "label": "x"}\n')
     path = tmp_path / "recipe.yaml"
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
-    result = runner.invoke(app, [command, str(path)] + (["--dry-run"] if command == "run" else []))
+    with contextlib.chdir(tmp_path):
+        result = runner.invoke(app, [command, str(path)] + (["--dry-run"] if command == "run" else []))
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
     return result
 
