@@ -1043,9 +1043,7 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     task = recipe_task(recipe)
     required, optional = task.fields(recipe)
     try:
-        rows, _ = read_rows(
-            recipe, required, optional, classify=task.name == "classification", conversations=task.head == "generation"
-        )
+        rows, _ = read_rows(recipe, required, optional, **task.reading())
         if family is not None and family.encoder_decoder and "messages" in rows.train.column_names:
             raise RecipeError(encoder_decoder_problem(family.name))  # the file's columns made them conversations
 
@@ -1123,8 +1121,7 @@ def _eval_file_problems(
             recipe,
             required,
             optional,
-            classify=task.name == "classification",
-            conversations=task.head == "generation",
+            **task.reading(),
         )
     except DataError as exc:
         return [] if str(exc) == first else [str(exc)]

@@ -289,9 +289,7 @@ def load_rows(
     base, each question gets its retrieved passages as context, or (task retrieval, `layout`: its bi-encoder's)
     each query its relevant passages, and with `mine` its training rows their hard negatives."""
     required, optional = task.fields(recipe)
-    rows, found = read_rows(
-        recipe, required, optional, classify=task.name == "classification", conversations=task.head == "generation"
-    )
+    rows, found = read_rows(recipe, required, optional, **task.reading())
     train, eval_rows = rows.train, rows.eval
     if recipe.data.knowledge_base is not None and isinstance(task, RetrievalTask):
         with placed_errors(rows.origins):

@@ -421,8 +421,7 @@ def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
             recipe,
             required,
             optional,
-            classify=task.name == "classification",
-            conversations=task.head == "generation",
+            **task.reading(),
         )
         files.write_jsonl(tokens, data_report.token_lines(data.features["train"], file_rows))
     return session_report(resolved.recipe, data)

@@ -94,6 +94,11 @@ class Task:
         """(required, optional) fields of a row under this recipe."""
         return self.required_fields, self.optional_fields
 
+    def reading(self) -> dict[str, bool]:
+        """How the row readers (tables.read_split, report.read_rows) read this task's files: classification's labels
+        are checked as labels; a generation task's file may hold conversations."""
+        return {"classify": self.name == "classification", "conversations": self.head == "generation"}
+
     def conversation_layout(
         self, recipe: Recipe, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]
     ) -> str | None:
