@@ -906,6 +906,24 @@ def _combine(parts: list[Dataset], names: list[str], key: str) -> Dataset:
     return Dataset(InMemoryTable(pa.concat_tables(tables)), fingerprint=fingerprint)
 
 
+def _whole_number_labels(table: Dataset, column: str) -> Dataset:
+    """A CSV/TSV label column read as written (`NAME_FIELDS`), made numbers again where every label is a whole
+    number written plainly ("0" .. "10"): the classes, their order (2 before 10) and the predictions stay what the
+    file meant and what earlier versions made of it; one label such as "007" or "01" keeps them all text, so no
+    two written labels become one class."""
+    from datasets import Value
+
+    if column not in table.column_names:
+        return table
+    labels = table[column]
+    if not labels or not all(isinstance(x, str) and _PLAIN_WHOLE_NUMBER.fullmatch(x) for x in labels):
+        return table
+    return table.cast_column(column, Value("int64"))
+
+
+_PLAIN_WHOLE_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
 def read_split(
     spec: str | list[str],
     key: str,
@@ -933,6 +951,8 @@ def read_split(
             if typed is not None:
                 raise typed from exc
             raise
+        if classify and source.layout == "csv":
+            table = _whole_number_labels(table, data.columns.get("label", "label"))
         layout = table_layout(data, table.column_names, data.columns, required) if conversations else None
         if layout is not None:
             problems = conversation_problems(recipe, conversations=True)  # the recipe did not say: the file did

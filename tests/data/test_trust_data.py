@@ -110,6 +110,12 @@ def test_csv_columns_a_task_reads_as_text_or_names_are_read_as_written(tmp_path)
     assert sorted({*read.train["label"], *read.eval["label"]}) == ["007", "01", "1", "3.5"]
     for label, topic in rows:
         assert {r["label"] for r in [*read.train, *read.eval] if r["text"].startswith(topic)} == {label}
+    # Labels all written as plain whole numbers stay numbers: classes ordered 2 before 10, as before.
+    (tmp_path / "numbered.csv").write_text(
+        "text,label\n" + "".join(f"t{i} {j},{j}\n" for i in range(3) for j in range(11))
+    )
+    numbered = split_of({"train": str(tmp_path / "numbered.csv"), "eval_split": 0.2})
+    assert sorted({*numbered.train["label"], *numbered.eval["label"]}) == list(range(11))
     (tmp_path / "numbers.csv").write_text("text,label\n2024,a\n17,b\n99,a\n12,b\n")
     rows = split_of({"train": str(tmp_path / "numbers.csv"), "eval_split": 0.5})
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == ["12", "17", "2024", "99"]
