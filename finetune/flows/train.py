@@ -114,7 +114,7 @@ def check_output(
         lock.refuse_if_held()
     decision = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner)
     if overwrite and run_dir.holds_run():
-        inside = next((p for p in inputs if run_dir.contains(p)), None)
+        inside = next((p for p in inputs if run_dir.contains(p) and rundir.overwrite_removes(run_dir, p)), None)
         if inside is not None:
             raise RecipeError(
                 f"--overwrite: {inside} is an input of this run and lies inside {run_dir.path}, which the overwrite "

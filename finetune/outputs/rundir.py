@@ -131,6 +131,12 @@ def _own_parts(parts: tuple[Path, ...]) -> list[RunDir]:
     return [RunDir(p) for p in parts if not p.is_symlink() and RunDir(p).marker.is_file()]
 
 
+def overwrite_removes(run: RunDir, path: Path) -> bool:
+    """Whether `--overwrite` of `run` would remove `path` (clear_previous_run's rules; a user's file stays)."""
+    where = path.expanduser().resolve()
+    return any(where == r.resolve() or r.resolve() in where.parents for r in _removals(run)[0])
+
+
 def not_written_by_finetune(run: RunDir, parts: tuple[Path, ...] = ()) -> list[Path]:
     """What in `run` finetune did not write (what `--overwrite` keeps), its `parts` (clear_previous_run's) taken as
     the run's own and looked into by the same rule; refuses as `clear_previous_run` does (a run inside, a file of

@@ -304,6 +304,11 @@ def test_overwrite_never_replaces_an_input_of_the_run(finished_run, tmp_path):
     rerun = invoke(*reproduce.split()[1:])
     assert rerun.exit_code == 0, rerun.output
     assert snapshot(out) == before
+    # An input the overwrite keeps (a file of the user's inside the run) is no reason to refuse it.
+    shutil.copyfile(out / "recipe.yaml", out / "my.yaml")
+    kept = invoke("run", out / "my.yaml", "--overwrite")
+    assert kept.exit_code == 0, kept.output
+    assert (out / "my.yaml").read_bytes() == (out / "recipe.yaml").read_bytes()
 
 
 def test_junit_reports_replace_only_finetunes_own(finished_run, tmp_path):
