@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
@@ -328,9 +328,7 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
             frame = pd.read_csv(
                 path,
                 sep=_CSV_SEPARATORS[suffix],
-                # Tab-separated values have no quoting (IANA text/tab-separated-values): a text opening with a
-                # quotation mark swallowed the next lines, tabs, newlines and labels, into one field, silently.
-                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                quoting=_quoting(path, _CSV_SEPARATORS[suffix]),
                 keep_default_na=False,
                 dtype=dict.fromkeys(text_columns, str),  # names not in the file are ignored
             )
@@ -343,6 +341,23 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
 
 
 _CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def _quoting(path: Path, separator: str) -> Literal[0, 3]:
+    """How a CSV/TSV file quotes. CSV: as CSV does. TSV: as pandas and Python's csv module write it (a text holding
+    a quotation mark quoted whole, its marks doubled) where every field opening with a mark is such a quoted field;
+    otherwise the file's quotation marks are text (TSV itself has no quoting): read as CSV-quoted, a text opening
+    with one (`"Great" movie`, `"12 inch`) lost its marks, or ran on over the next lines and swallowed their rows."""
+    if separator != "\t":
+        return csv.QUOTE_MINIMAL
+    for line in _lines(path):
+        for value in line.rstrip(b"\r\n").split(b"\t"):
+            if value.startswith(b'"') and not _QUOTED_FIELD.fullmatch(value):
+                return csv.QUOTE_NONE
+    return csv.QUOTE_MINIMAL
+
+
+_QUOTED_FIELD = re.compile(rb'"(?:[^"]|"")*"')
 
 
 def _load_hub(spec: str) -> Dataset:
@@ -397,10 +412,7 @@ def _record_lines_cached(path: Path, size: int, mtime_ns: int, layout: str, sepa
     if layout == "lines":
         return np.array([number for number, line in enumerate(_lines(path), start=1) if line.strip()], np.int64)
     text = io.StringIO(_read_text(path), newline="")
-    if separator == "\t":  # as _load_file reads the file: tab-separated values have no quoting
-        reader = csv.reader(text, delimiter=separator, quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(text, delimiter=separator)
+    reader = csv.reader(text, delimiter=separator, quoting=_quoting(path, separator))  # as _load_file read it
     starts, end = [], 0
     for record in reader:
         if record:  # pandas skips blank lines too

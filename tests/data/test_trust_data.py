@@ -385,16 +385,24 @@ def test_knowledge_base_ids_in_a_csv_file_are_read_as_written(tmp_path):
     ]
 
 
-def test_a_tsv_text_opening_with_a_quotation_mark_stays_one_row(tmp_path):
-    """TSV has no quoting: `"Great" movie` and `a 12" screen` are texts. Read with CSV's quoting, the first quote
-    swallowed the next lines, their tabs, newlines and labels, into one text: 10 rows lost without a word."""
-    lines = [f"row {i} about the weather\tweather" for i in range(12)]
-    lines[3] = '"Great" movie, would watch again\tcinema'
-    lines[7] = 'a 12" screen and "quotes\tcinema'
-    (tmp_path / "train.tsv").write_text("text\tlabel\n" + "\n".join(lines) + "\n")
-    rows = split_of({"train": str(tmp_path / "train.tsv"), "eval_split": 0.25})
-    texts = sorted([*rows.train["text"], *rows.eval["text"]])
-    assert len(texts) == 12 and '"Great" movie, would watch again' in texts and 'a 12" screen and "quotes' in texts
+def test_a_tsv_quotation_mark_never_swallows_rows(tmp_path):
+    """A text opening with a quotation mark (`"Great" movie`, unquoted) lost its marks, or started a quoted field that
+    ran over the next lines, their tabs and labels: 10 rows lost without a word. A TSV written by hand keeps its
+    marks as text; one that pandas or Python's csv module wrote (texts with marks quoted, the marks doubled) reads
+    as it was written."""
+    import pandas as pd
+
+    texts = [f"row {i} about the weather" for i in range(12)]
+    texts[3], texts[7] = '"Great" movie, would watch again', 'a 12" screen'
+    pd.DataFrame({"text": texts, "label": ["weather"] * 12}).to_csv(tmp_path / "written.tsv", sep="\t", index=False)
+    rows = split_of({"train": str(tmp_path / "written.tsv"), "eval_split": 0.25})
+    assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
+    texts[5] = '"12 inch screen'  # never closed: it ran on over every later line
+    lines = [f"{text}\tweather" for text in texts]  # written by hand: the marks are text
+    (tmp_path / "by_hand.tsv").write_text("text\tlabel\n" + "\n".join(lines) + "\n")
+    rows = split_of({"train": str(tmp_path / "by_hand.tsv"), "eval_split": 0.25})
+    assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
+
 
 
 def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path):
