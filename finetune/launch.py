@@ -252,12 +252,18 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
     )
     from finetune.outputs.lock import COMMAND_ENV, command_line
 
+    before = os.environ.get(COMMAND_ENV)
     os.environ[COMMAND_ENV] = command_line()  # the processes record this command, not their own `-m finetune`
     try:
         launch_command(args)
     except ChildFailedError as exc:
         failures = sorted(exc.failures.values(), key=lambda failure: failure.timestamp)
         return worst_exit_code([failure.exitcode for failure in failures])
+    finally:  # only for the processes this launch starts
+        if before is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = before
     return 0
 
 

@@ -80,8 +80,12 @@ def read_input_rows(path: Path | None, source: str) -> tuple[list[dict], Origins
     """`predict`'s and `detect`'s input as row objects, with where each row is: JSON Lines (a file, or stdin where
     `path` is None; a message about row N names its line, blank lines skipped), or a file in any layout training
     reads, by its suffix (CSV/TSV, a JSON list, Parquet: they were refused as malformed JSON lines)."""
-    if path is not None and _suffix(path) in (".csv", ".tsv", ".parquet", ".json"):
-        table, origin = load_source(str(path), source, text_columns=(*TEXT_FIELDS, *NAME_FIELDS))
+    suffix = None if path is None else _suffix(path)
+    if path is not None and suffix == ".json" and (records := _read_json(path)) is not None:
+        # The objects as they are (through a table, each would gain every other row's keys as nulls).
+        return records, Origins.of(Source(source, path, "records"), len(records))
+    if path is not None and suffix in (".csv", ".tsv", ".parquet"):
+        table, origin = load_source(str(path), source, text_columns=ALL_COLUMNS)  # every value as written
         return table.to_list(), Origins.of(origin, len(table))
     numbered = list(numbered_jsonl(sys.stdin if path is None else _lines(path), source))
     origin = Source(source, path, "lines", lines=tuple(number for number, _ in numbered))
@@ -303,6 +307,10 @@ def _inner_kinds(column: str, value: object) -> Iterator[tuple[str, str]]:
                         yield f"column {column!r} (its objects' {key!r})", _kind(inner)
 
 
+# `text_columns` naming every column of a CSV/TSV file: predict's input comes back as it was written.
+ALL_COLUMNS = ("*",)
+
+
 def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, str]:
     """The file's rows, and how it numbers them (a `Source` layout). `text_columns` of a CSV/TSV file are read as
     the text they are (a column of numbers that a task reads as text stays text)."""
@@ -330,7 +338,9 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
                 sep=_CSV_SEPARATORS[suffix],
                 quoting=_quoting(path, _CSV_SEPARATORS[suffix]),
                 keep_default_na=False,
-                dtype=dict.fromkeys(text_columns, str),  # names not in the file are ignored
+                dtype=str
+                if text_columns == ALL_COLUMNS
+                else dict.fromkeys(text_columns, str),  # unknown names: ignored
             )
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
@@ -1105,7 +1115,7 @@ def draw_eval_split(
                 "training (a class cannot be both learnt and evaluated from one row); give an eval file (data.eval) "
                 "or more rows of each class"
             )
-        if held_out > others:  # a random draw would reach the single rows: each class keeps a training row
+        if held_out > others and stratify is not False:  # a random draw would reach the single rows
             counts = np.bincount(labels.codes, minlength=len(labels.names))
             train, held = _stratified(labels.codes, counts, held_out, rng)
             note = (

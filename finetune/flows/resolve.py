@@ -1335,7 +1335,13 @@ def resolve_run(
     path = Path(run_path).expanduser()
     run = RunDir(path)
     if not path.is_dir() or not run.is_run():
-        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/)")
+        aside = path / "adapter.old"  # files.replace_directory's: a kill came between its two renames
+        hint = (
+            f"; {aside} holds the adapter it was replacing when it stopped: rename it to adapter/ to use it"
+            if aside.is_dir() and not run.adapter.exists()
+            else ""
+        )
+        raise RecipeError(f"{run_path}: not a finished run directory (needs recipe.yaml and adapter/){hint}")
     resolved, _ = resolve_source(path, overrides, splits)
     return resolved, run
 

@@ -390,8 +390,9 @@ def propose(
     study: optuna.Study, settings: SweepSection, gates: list[Gate], distributions: dict[str, BaseDistribution]
 ) -> Trial:
     """The next trial, from a sampler seeded by the sweep's seed and the trials the study holds: what it proposes
-    depends on the study's history alone, so a sweep killed and resumed proposes what one never stopped would have
-    (a sampler made once and drawn from in turn would start again from its seed in the resumed process)."""
+    depends on the study's history alone, so a sweep stopped between trials and resumed proposes what one never
+    stopped would have (a sampler made once and drawn from in turn started again from its seed in the resumed
+    process). A retried trial is one more trial in that history."""
     study.sampler = _sampler(settings, gates, seed=settings.seed + len(study.get_trials(deepcopy=False)))
     return study.ask(distributions)
 

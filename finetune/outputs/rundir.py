@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -154,6 +155,9 @@ def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
     for path in sorted(run.path.iterdir()):
         if path.name in (RUN_MARKER, LOCK_NAME):  # the marker stays; the lock is this run's own, held
             continue
+        if path.name in ADAPTER_STAGING:  # what a kill left of the final adapter's replacement: finetune's own
+            removals.append(path)
+            continue
         if path.name not in RUN_OUTPUT_NAMES:
             kept.append(path.name)
             continue
@@ -183,6 +187,9 @@ def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
     return removals, kept
 
 
+# Where outputs/adapter.AdapterSaver builds the final adapter and moves the previous one aside (files.replace_directory).
+ADAPTER_STAGING = ("adapter.partial", "adapter.old")
+
 # Written into a finished run's adapter/: every file the run put there, so --overwrite removes those and no other.
 ADAPTER_FILES = ".finetune-files"
 
@@ -195,8 +202,12 @@ def record_adapter_files(adapter: Path) -> None:
 
 def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
     """What finetune wrote inside one of a run's folders, or None where the whole folder is its own."""
-    if folder == run.evals:
-        return [p for p in folder.iterdir() if p.is_dir() and made_by_finetune(p, EVALUATION)]
+    if folder == run.evals:  # recorded evaluations, and one a kill stopped while it was written (write_evaluation)
+        return [
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and (made_by_finetune(p, EVALUATION) or _STAGED_EVALUATION.fullmatch(p.name))
+        ]
     if folder == run.checkpoints:
         # training/checkpoint.py's PREFIX and STAGING_PREFIX (outputs/ sits below training/ and cannot import it)
         return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(("step-", ".partial-"))]
@@ -204,6 +215,10 @@ def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
         listed = (folder / ADAPTER_FILES).read_text(encoding="utf-8").splitlines()
         return [folder / name for name in listed if name and (folder / name).is_file()] + [folder / ADAPTER_FILES]
     return None
+
+
+# write_evaluation's staging folder in RUN/evals/ (staging_beside's name for a `<time>-<label>` evaluation).
+_STAGED_EVALUATION = re.compile(r"\.\d{8}-\d{6}-.+\.partial-\w+")
 
 
 def _remove_empty_folders(folder: Path) -> None:
@@ -414,9 +429,10 @@ def write_evaluation(target: Path, write: Callable[[Path], None]) -> None:
     """An evaluation's files, whole or not at all. `write` fills a fresh folder beside `target`, which is then
     renamed into place where `target` is new or empty; over an earlier evaluation (`claim_output` allowed the
     --overwrite) its files are moved in one by one, metrics.json last, and the earlier evaluation's files the new
-    one lacks removed, so the user's own files there stay. A failure or a signal midway leaves `target` as it was
-    (before: an interrupted evaluation left metrics.json without its predictions, or an --overwrite had already
-    deleted the earlier evaluation)."""
+    one lacks removed, so the user's own files there stay (metrics.json, which a reader reads first, stays the
+    earlier one until the last move; the files beside it may be new by then). A failure or a signal while the files
+    are written leaves `target` as it was (before: an interrupted evaluation left metrics.json without its
+    predictions, or an --overwrite had already deleted the earlier evaluation)."""
     staging = staging_beside(target, directory=True)
     try:
         write(staging)

@@ -326,7 +326,8 @@ class ClassificationTask(Task):
                 wrong = next((v for v in names if not _is_class_name(v)), _NONE)
                 if wrong is not _NONE:
                     raise DataError(
-                        f"{source}:{number}: {field} must be a class name (text or an integer) or a list of them, "
+                        f"{source}:{number}: {field} must be a class name (text, an integer or a boolean) or a list "
+                        "of them, "
                         f"got {wrong!r}"
                     )
                 seen = first.setdefault(field, kind)
@@ -522,7 +523,8 @@ _NONE = object()
 
 
 def _is_class_name(value: object) -> bool:
-    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+    """Text, an integer or a boolean (training reads true/false labels as classes); not a float or null."""
+    return (isinstance(value, str) and bool(value.strip())) or isinstance(value, int)
 
 
 def _as_list(value: object) -> list:

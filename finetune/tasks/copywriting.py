@@ -59,10 +59,12 @@ def _scorer(unicode_words: bool) -> Any:
 
 
 def rouge(reference: str, prediction: str) -> dict[str, float]:
-    """ROUGE-1/2/L F-measures of one row: rouge-score exactly (Porter-stemmed [a-z0-9] words) where the reference is
-    ASCII text; `UnicodeWords` (not stemmed) where it holds any other character, whose letters rouge-score's
-    tokenizer drops. Decided by the row's own reference, so a row scores the same in any set of rows."""
-    scores = _scorer(not reference.isascii()).score(reference, prediction)  # (target, prediction)
+    """ROUGE-1/2/L F-measures of one row: rouge-score exactly (Porter-stemmed [a-z0-9] words) unless the reference
+    holds a letter or digit outside ASCII, which rouge-score's tokenizer drops: then `UnicodeWords` (not stemmed).
+    Typographic punctuation (’ — “) both drop, so English with curly quotes stays rouge-score's. Decided by the
+    row's own reference, so a row scores the same in any set of rows."""
+    unicode_words = any(ch.isalnum() and not ch.isascii() for ch in reference)
+    scores = _scorer(unicode_words).score(reference, prediction)  # (target, prediction)
     return {name: scores[name].fmeasure for name in ROUGE_TYPES}
 
 

@@ -352,7 +352,8 @@ def _checked_answers(
             start = int(start)
         if not isinstance(start, int) or isinstance(start, bool):
             raise DataError(f"{split}: row {number}: answers.answer_start must be whole numbers, got {start!r}")
-        if start == -1 and retrieved:  # a knowledge-base row whose retrieved passages miss the answer
+        # A knowledge-base row whose retrieved passages miss the answer; or "no answer" written as an empty text at -1.
+        if start == -1 and (retrieved or text == ""):
             out.append(None)
             continue
         if start == -1:

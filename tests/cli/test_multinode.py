@@ -248,7 +248,9 @@ def test_launched_processes_record_the_command_the_user_typed(monkeypatch):
     )
     assert launch.relaunch(Topology(per_node=2), ["run", "r.yaml"]) == 0
     assert handed == ["finetune run r.yaml --num-processes 2"]
-    monkeypatch.setattr(sys, "argv", ["/repo/finetune/__main__.py", "run", "r.yaml"])  # as a launched process runs
+    assert COMMAND_ENV not in launch.os.environ  # for the launched processes only, not this one's next command
+    monkeypatch.setenv(COMMAND_ENV, handed[0])  # as a launched process finds it
+    monkeypatch.setattr(sys, "argv", ["/repo/finetune/__main__.py", "run", "r.yaml"])
     assert command_line() == "finetune run r.yaml --num-processes 2"
     recipe = Recipe.model_validate(
         {"task": "classification", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}

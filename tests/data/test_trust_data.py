@@ -404,7 +404,6 @@ def test_a_tsv_quotation_mark_never_swallows_rows(tmp_path):
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
 
 
-
 def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path):
     """SQuAD-style `answers` with lists on one line and a bare text on another: pyarrow's "cannot mix list and
     non-list" named no line and no column."""

@@ -103,9 +103,18 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
         ("007", rows[0]["prediction"]),
         ("2", rows[1]["prediction"]),
     ]
-    (tmp_path / "in.json").write_text(json.dumps([{"text": "rain snow storm wind"}, {"text": "goal match team"}]))
+    (tmp_path / "in.json").write_text(
+        json.dumps([{"text": "rain snow storm wind", "id": 1}, {"text": "goal match team"}])
+    )
     from_json = invoke("predict", out, "--input", tmp_path / "in.json")
-    assert [json.loads(line)["prediction"] for line in from_json.output.splitlines()] == [r["prediction"] for r in rows]
+    json_rows = [json.loads(line) for line in from_json.output.splitlines()]
+    assert [r["prediction"] for r in json_rows] == [r["prediction"] for r in rows]
+    assert "id" not in json_rows[1]  # each row as written: no other row's keys added as nulls
+    (tmp_path / "lines.json").write_text(
+        '{"text": "rain snow storm wind", "id": 1}\n{"text": "goal match team", "id": 2}\n'
+    )
+    from_lines = invoke("predict", out, "--input", tmp_path / "lines.json")  # JSON Lines saved as .json
+    assert [json.loads(line)["id"] for line in from_lines.output.splitlines()] == [1, 2], from_lines.output
 
     merged_dir = tmp_path / "merged"
     assert invoke("merge", out, "--output", merged_dir).exit_code == 0

@@ -211,6 +211,12 @@ def test_bad_answer_offsets_name_the_row(tiny_models, tmp_path, write_recipe):
         write_jsonl(tmp_path / "train.jsonl", rows)
         refused = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--dry-run", "--overwrite"])
         assert refused.exit_code == 3 and "train.jsonl:4" in refused.output and words in refused.output, refused.output
+    rows[3]["answers"] = {"text": [""], "answer_start": [-1]}  # "no answer", as some exports write it: accepted
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "eval.jsonl", _extractive_rows(10))
+    no_answer = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--dry-run", "--overwrite"])
+    assert no_answer.exit_code == 0, no_answer.output
+    rows[3]["answers"] = dict(_extractive_rows(10)[3]["answers"])
     rows[3]["answers"]["answer_start"] = [float(_extractive_rows(10)[3]["answers"]["answer_start"][0])]  # 53.0: 53
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "eval.jsonl", _extractive_rows(10))

@@ -160,7 +160,7 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
     """`finetune eval RECIPE` scores the base model as a bi-encoder (the untrained baseline)."""
     passages, queries = _corpus()
     path = write_recipe(_recipe(tiny_models["bert"], tmp_path, queries, passages))
-    result = runner.invoke(app, ["eval", str(path), "--json"])
+    result = runner.invoke(app, ["eval", str(path), "--json", "--output", str(tmp_path / "base")])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["metrics"]) >= {"ndcg@10", "recall@5", "mrr@10", "map@100"}
 
