@@ -415,8 +415,6 @@ def _corpus_text(
     if "bleu" in wanted:
         from sacrebleu.metrics.bleu import BLEU
 
-        from finetune.tasks.copywriting import bleu_fraction
-
         bleu = BLEU()
         segments = bleu._extract_corpus_statistics(
             [rows[i]["prediction"] for i in counted], [[rows[i]["completion"] for i in counted]]
@@ -449,6 +447,12 @@ def _corpus_text(
         presence = csr_matrix((data, (at[:, 0], at[:, 1])), shape=(len(units), max(len(grams), 1)))
         built["distinct_2"] = DistinctGrams(presence, totals)
     return built
+
+
+def bleu_fraction(score: float) -> float:
+    """sacreBLEU's score (0-100) as the fraction every metric is: a perfect corpus scores 100.00000000000004 in
+    floating point (a gate `bleu<=1` failed on it). One owner for the task's BLEU and its resampled values."""
+    return min(1.0, score / 100)
 
 
 # Metrics that are the share of units scoring 1 (Wilson's interval, McNemar's test where each unit is one row), and

@@ -8,6 +8,7 @@ from typing import Any
 
 import regex
 
+from finetune.evaluation.intervals import bleu_fraction
 from finetune.recipe.schema import EvalSection
 from finetune.tasks.generative import GenerationTask, Rewards
 
@@ -97,9 +98,3 @@ def distinct_n(texts: list[str], n: int) -> float:
         seen.update(grams)
         total += len(grams)
     return len(seen) / total if total else 0.0
-
-
-def bleu_fraction(score: float) -> float:
-    """sacreBLEU's score (0-100) as a fraction: a perfect corpus scores 100.00000000000004 in floating point, and a
-    metric is promised in [0, 1] (a gate `bleu<=1` failed on it)."""
-    return min(1.0, score / 100)

@@ -307,7 +307,7 @@ def test_preflight_names_an_unwritable_output_and_a_full_disk(
     blocker.write_text("")
     recipe = classification_recipe(tiny_models["bert"], topic_data, blocker / "run")
     result = invoke("run", write_recipe(recipe))
-    assert result.exit_code == 2 and "is not writable" in result.output
+    assert result.exit_code == 2 and "which is a file, not a directory" in result.output  # before loading anything
 
     import finetune.outputs.rundir as rundir
 
