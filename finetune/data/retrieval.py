@@ -410,7 +410,8 @@ def check_positives_differ(rows: Dataset, passages: list[Passage], hard_negative
     to mine (data.retrieval.hard_negatives 0, or a one-passage corpus): every in-batch negative is then a copy of the
     row's own positive, the loss is log(batch size) at every step, and training learns nothing. Refused, as `run`
     and `validate` both read the rows."""
-    if len(rows) < 2 or "negative" in rows.column_names:
+    # A `negative` column counts where some row holds one (a column of empty lists gives none).
+    if len(rows) < 2 or ("negative" in rows.column_names and any(rows["negative"][:])):
         return
     if hard_negatives and len(passages) > 1:
         return
@@ -423,6 +424,29 @@ def check_positives_differ(rows: Dataset, passages: list[Passage], hard_negative
             "data.retrieval.hard_negatives over a corpus of more passages); a knowledge-base reader can skip training "
             "its retriever (data.retrieval.train: false)"
         )
+
+
+def check_given_negatives(rows: Dataset, passages: list[Passage], split: str) -> None:
+    """A row's own negatives (`negative`, after `relevant_passages`): texts, none empty, none the text of a passage
+    relevant to the row. A negative that is the positive puts the target in the softmax twice (the row's loss
+    cannot fall below log 2, and its gradient pushes the query from its own passage); the miner never picks one,
+    and a given one was used silently."""
+    if "negative" not in rows.column_names:
+        return
+    texts_of = {p.id: {_normalise(p.text), _normalise(p.body or p.text)} for p in passages}
+    for number, (value, relevant) in enumerate(zip(rows["negative"][:], rows["relevant_ids"][:]), start=1):
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise DataError(f"{split}: row {number}: field 'negative' must be a text or a list of texts")
+        for text in texts:
+            if not text.strip():
+                raise DataError(f"{split}: row {number}: an empty negative; give each negative passage's text")
+            same = next((i for i in relevant if _normalise(text) in texts_of.get(i, ())), None)
+            if same is not None:
+                raise DataError(
+                    f"{split}: row {number}: the negative {text[:60]!r} is the text of passage {same!r}, which is "
+                    "relevant to the row (its positive): a passage cannot be both; remove it from the negatives"
+                )
 
 
 def check_questions(rows: Dataset, split: str) -> None:

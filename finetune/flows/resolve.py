@@ -35,6 +35,7 @@ from finetune.data.conversations import conversation_fields, encoder_decoder_pro
 from finetune.data.report import read_rows
 from finetune.data.retrieval import (
     DEFAULT_EMBEDDING_MODEL,
+    check_given_negatives,
     check_positives_differ,
     check_questions,
     load_passages,
@@ -1080,6 +1081,7 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     found = relevant_passages(table, passages, split)
                     if split == "data.train":
                         check_positives_differ(found, passages, recipe.data.retrieval.hard_negatives, split)
+                        check_given_negatives(found, passages, split)
 
                 each_split(positives)
             if task.name == "qa":  # what attach_passages checks before it retrieves

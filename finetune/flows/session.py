@@ -34,6 +34,7 @@ from finetune.data.retrieval import (
     Retriever,
     WeightChoice,
     attach_passages,
+    check_given_negatives,
     check_positives_differ,
     choose_sparse_weight,
     knowledge_base_hash,
@@ -320,6 +321,7 @@ def retrieval_rows(
     eval_rows = relevant_passages(eval_rows, passages, "data.eval")
     if mine:  # only what will train: `eval RECIPE` scores the untrained model whatever its training rows
         check_positives_differ(train, passages, recipe.data.retrieval.hard_negatives, "data.train")
+        check_given_negatives(train, passages, "data.train")
     given = [_texts(value) for value in (train["negative"][:] if "negative" in train.column_names else [])]
     for number, texts in enumerate(given, start=1):
         if texts is None:

@@ -177,6 +177,13 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
             3,
             ["data.train: all 28 rows have the same positive passage ('doc-000')", "learns nothing"],
         ),
+        (
+            "one_positive_empty_negatives",  # a negative column of empty lists gives none: refused as without it
+            3,
+            ["data.train: all 28 rows have the same positive passage ('doc-000')", "learns nothing"],
+        ),
+        ("negative_is_positive", 3, ["train.jsonl:3", "is the text of passage 'doc-002', which is relevant"]),
+        ("empty_negative", 3, ["train.jsonl:4", "an empty negative"]),
         ("empty_corpus", 3, ["passages.jsonl", "has no rows"]),
         ("bm25", 2, ["data.retrieval.method", "use dense"]),
         ("gate_k", 2, ["recall@3 is not reported", "recall@5"]),
@@ -194,10 +201,19 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         passages[1]["id"] = passages[0]["id"]
     elif change == "missing_id":  # read as a duplicate id 'None' before
         passages[1]["id"] = None
-    elif change == "one_positive_id":  # nothing to tell apart: the loss was log(batch size) at every step, silently
+    elif change.startswith("one_positive"):  # nothing to tell apart: the loss was log(batch size) at every step
         for query in queries[:28]:
             query["positive_id"] = "doc-000"
+            if change.endswith("empty_negatives"):
+                query["negative"] = []
         extra["retrieval"] = {"hard_negatives": 0}
+    elif change in ("negative_is_positive", "empty_negative"):  # used silently as negatives before
+        for query in queries[:28]:
+            query["negative"] = [passages[20]["text"]]
+        if change == "negative_is_positive":
+            queries[2]["negative"] = [passages[2]["text"]]  # its own positive's text
+        else:
+            queries[3]["negative"] = [" "]
     recipe = _recipe(tiny_models["bert"], tmp_path, queries, passages, **extra)
     if change == "empty_corpus":
         (tmp_path / "passages.jsonl").write_text("")
@@ -211,7 +227,7 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == code, result.output
     assert all(w in result.output for w in words), result.output
-    if code == 2 or change.endswith(("_id", "_corpus")):  # validate refuses exactly what run refuses
+    if code == 2 or change.endswith(("_id", "_corpus", "_negatives", "_positive", "_negative")):  # as run refuses
         checked = runner.invoke(app, ["validate", str(path)])
         assert checked.exit_code == code and all(w in checked.output for w in words), checked.output
     if change == "one_positive_id":  # nothing trains when the untrained model is scored
