@@ -343,6 +343,19 @@ def test_identical_pair_is_refused_with_its_row(tiny_models, tmp_path, write_rec
     assert "same.jsonl:4" in result.output and "equals" in result.output  # the file's own line
 
 
+def test_the_data_report_counts_the_rejected_side_too(tiny_models, tmp_path, write_recipe):
+    """A rejected answer far over max_length showed as max 26 tokens, 0 truncated: the chosen side's report alone."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo")
+    rows = _pairs(10)
+    rows[1]["bad"] = "word " * 300
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "long.jsonl", rows))
+    result = invoke("data", str(write_recipe(recipe)), "--output", str(tmp_path / "report.json"))
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "report.json").read_text())["splits"]["train"]
+    assert train["token_length"]["max"] >= 32 and train["truncated"] == 1, train
+    assert "0 chosen and 1 rejected sequence(s)" in " ".join(train["notes"])
+
+
 def test_kto_without_labels_is_refused(tiny_models, tmp_path, write_recipe):
     recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto")
     rows = [{"prompt": "a b", "completion": "c d"}] * 4
