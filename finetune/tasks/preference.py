@@ -153,7 +153,26 @@ def featurize_preferences(
     )
     dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
+    contradicted = _thumbed_both_ways(prompts, answers[0], thumbs)
+    if contradicted:  # real feedback can disagree: said, not refused (a pair equal on both sides is refused)
+        first, second = contradicted[0]
+        report.notes.append(
+            f"{len(contradicted)} prompt and completion(s) thumbed both up and down (first: rows {first} and {second}); "
+            "they pull the model both ways"
+        )
     return Features(dataset, kept, report, prompts=prompt_ids)
+
+
+def _thumbed_both_ways(prompts: list[str], completions: list[str], thumbs: list[bool]) -> list[tuple[int, int]]:
+    """(row, row) numbers, 1-based, of each prompt and completion labelled desirable once and undesirable once."""
+    first_of: dict[tuple[str, str, bool], int] = {}
+    found = []
+    for number, key in enumerate(zip(prompts, completions, thumbs), start=1):
+        other = first_of.get((key[0], key[1], not key[2]))
+        if other is not None and (key[0], key[1], key[2]) not in first_of:
+            found.append((other, number))
+        first_of.setdefault(key, number)
+    return found
 
 
 def _other_prompt(prompts: list[str], index: int) -> int:

@@ -356,6 +356,14 @@ def test_the_data_report_counts_the_rejected_side_too(tiny_models, tmp_path, wri
     assert "0 chosen and 1 rejected sequence(s)" in " ".join(train["notes"])
 
 
+def test_kto_thumbs_both_ways_are_said():
+    from finetune.tasks.preference import _thumbed_both_ways
+
+    prompts, completions = ["a", "a", "b", "a", "a"], ["good", "good", "x", "bad", "good"]
+    assert _thumbed_both_ways(prompts, completions, [True, False, True, True, False]) == [(1, 2)]
+    assert _thumbed_both_ways(prompts, completions, [True, True, False, False, True]) == []
+
+
 def test_kto_without_labels_is_refused(tiny_models, tmp_path, write_recipe):
     recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto")
     rows = [{"prompt": "a b", "completion": "c d"}] * 4
