@@ -435,6 +435,8 @@ def check_given_negatives(rows: Dataset, passages: list[Passage], split: str) ->
         return
     texts_of = {p.id: {_normalise(p.text), _normalise(p.body or p.text)} for p in passages}
     for number, (value, relevant) in enumerate(zip(rows["negative"][:], rows["relevant_ids"][:]), start=1):
+        if value is None:  # a row without negatives of its own, beside rows with some
+            continue
         texts = [value] if isinstance(value, str) else value if isinstance(value, list) else None
         if texts is None or not all(isinstance(t, str) for t in texts):
             raise DataError(f"{split}: row {number}: field 'negative' must be a text or a list of texts")

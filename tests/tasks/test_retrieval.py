@@ -210,6 +210,7 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
     elif change in ("negative_is_positive", "empty_negative"):  # used silently as negatives before
         for query in queries[:28]:
             query["negative"] = [passages[20]["text"]]
+        del queries[5]["negative"]  # a row without negatives beside rows with some: fine
         if change == "negative_is_positive":
             queries[2]["negative"] = [passages[2]["text"]]  # its own positive's text
         else:
@@ -563,3 +564,19 @@ def test_the_passages_holding_an_answer_are_those_a_search_of_every_passage_find
     answers += ["  Cancel\tWITHIN 14  ", "days fee call us meter readings", "no passage holds this", "ays fee cal"]
     for answer in answers:
         assert holders.holding(answer) == [i for i, p in enumerate(passages) if holds_answer(p, answer)], answer
+
+
+def test_rows_without_negatives_of_their_own_beside_rows_with_some():
+    """Only some queries with labelled hard negatives (the rest null): no refusal."""
+    from datasets import Dataset
+
+    from finetune.data.retrieval import check_given_negatives
+
+    passages = [Passage("p1", "refunds within 14 days"), Passage("p2", "shipping to 60 countries")]
+    rows = Dataset.from_list(
+        [
+            {"query": "refunds?", "negative": ["shipping to 60 countries"], "relevant_ids": ["p1"]},
+            {"query": "shipping?", "negative": None, "relevant_ids": ["p2"]},
+        ]
+    )
+    check_given_negatives(rows, passages, "data.train")
