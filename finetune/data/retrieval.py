@@ -579,8 +579,22 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
         columns["relevant_ids"].append([passages[i].id for i in found])
         columns["positive_id"].append(passages[found[0]].id)
         columns["positive"].append(passages[found[0]].text)
+    if "answer" not in present:  # rows judged by an answer keep their own holders (a templated question's answers)
+        columns["relevant_ids"] = _merged_per_query(queries, columns["relevant_ids"])
     kept = [c for c in rows.column_names if c not in columns and c not in ("positive", "positive_id")]
     return Dataset.from_dict({**{c: rows[c][:] for c in kept}, **columns})
+
+
+def _merged_per_query(queries: list, relevant: list[list[str]]) -> list[list[str]]:
+    """Relevance is a query's, as IR's qrels are: a query written on several rows with other positives (by id or
+    text) has every one of them relevant on each row (each row still trains on its own positive). Per row, one
+    row's positive was mined as the other's hard negative, and a ranking putting both first scored MRR@10 0.75."""
+    merged: dict[object, list[str]] = {}
+    for query, ids in zip(queries, relevant):
+        if query is not None:
+            held = merged.setdefault(query, [])
+            held.extend(i for i in ids if i not in held)
+    return [list(merged[q]) if q is not None else ids for q, ids in zip(queries, relevant)]
 
 
 def mine_negatives(

@@ -580,3 +580,33 @@ def test_rows_without_negatives_of_their_own_beside_rows_with_some():
         ]
     )
     check_given_negatives(rows, passages, "data.train")
+
+
+def test_a_query_on_several_rows_has_every_positive_relevant():
+    """Relevance is the query's (IR qrels): rows "when are refunds paid?" -> p1 and -> p3 each keep their own
+    positive, and both count p1 and p3 relevant (so neither is mined as the other's negative, and a ranking with
+    both first is perfect for both)."""
+    from datasets import Dataset
+
+    passages = [Passage(f"p{i}", f"text {i}") for i in range(1, 5)]
+    rows = Dataset.from_list(
+        [
+            {"query": "when are refunds paid?", "positive_id": "p1"},
+            {"query": "when are refunds paid?", "positive_id": "p3"},
+            {"query": "shipping?", "positive_id": "p2"},
+        ]
+    )
+    found = relevant_passages(rows, passages, "data.train")
+    assert found["positive_id"] == ["p1", "p3", "p2"]
+    assert found["relevant_ids"] == [["p1", "p3"], ["p1", "p3"], ["p2"]]
+    ranked = [
+        {
+            "query": "when are refunds paid?",
+            "passage_ids": ["p1", "p3", "p2", "p4"],
+            "scores": [4.0, 3.0, 2.0, 1.0],
+            "relevant_ids": relevant,
+            "top_k": 5,
+        }
+        for relevant in found["relevant_ids"][:2]
+    ]
+    assert ir_metrics(ranked)["metrics"]["mrr@10"] == 1.0 and ir_metrics(ranked)["metrics"]["ndcg@10"] == 1.0
