@@ -500,19 +500,27 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
         if gold_found is not None:
             item["retrieved_gold"] = gold_found
         if extractive and answer is not None:
-            start = _find(context, answer)
+            start, end = _find(context, answer)
             item["answers"] = {
-                "text": [context[start : start + len(answer)]] if start >= 0 else [answer],
+                "text": [context[start:end]] if start >= 0 else [answer],
                 "answer_start": [start] if start >= 0 else [-1],
             }
         out.append(item)
     return Dataset.from_list(out)
 
 
-def _find(context: str, answer: str) -> int:
-    """Where the answer starts in the context (-1: not there); case is ignored only if the exact text is absent."""
+def _find(context: str, answer: str) -> tuple[int, int]:
+    """Where the answer lies in the context, [start, end) (-1, -1: not there): its exact text, else ignoring case,
+    else ignoring how its words are spaced, as `holds_answer` judges a passage (an answer "within  14 days" in a
+    passage saying "within 14 days" was held there, yet trained as "no answer")."""
     start = context.find(answer)
-    return start if start >= 0 else context.lower().find(answer.lower())
+    if start < 0:
+        start = context.lower().find(answer.lower())
+    if start >= 0:
+        return start, start + len(answer)
+    words = answer.split()
+    found = re.search(r"\s+".join(map(re.escape, words)), context, re.IGNORECASE) if words else None
+    return (found.start(), found.end()) if found else (-1, -1)
 
 
 # --------------------------------------------------------------------------- task retrieval's rows

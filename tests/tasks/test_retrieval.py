@@ -610,3 +610,15 @@ def test_a_query_on_several_rows_has_every_positive_relevant():
         for relevant in found["relevant_ids"][:2]
     ]
     assert ir_metrics(ranked)["metrics"]["mrr@10"] == 1.0 and ir_metrics(ranked)["metrics"]["ndcg@10"] == 1.0
+
+
+def test_an_answer_spaced_unlike_its_passage_is_found_where_it_is_held():
+    """holds_answer ignores spacing and case; the span search did not, so a held answer was trained as 'no answer'."""
+    from finetune.data.retrieval import _find, holds_answer
+
+    context = "Refunds are paid\nwithin 14 days of cancellation."
+    for answer in ("within 14 days", "Within 14 days", "within  14   days", "paid within 14"):
+        start, end = _find(context, answer)
+        assert holds_answer(Passage("p", context), answer) and start >= 0, answer
+        assert " ".join(context[start:end].lower().split()) == " ".join(answer.lower().split())
+    assert _find(context, "within 15 days") == (-1, -1)
