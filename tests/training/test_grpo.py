@@ -349,6 +349,16 @@ def test_user_reward_function_runs_in_the_sandbox_with_trl_arguments(tmp_path, m
     result = rewarder(rows, [1, 1])
     assert result.values == [0.0, 0.0] and sum(result.reasons.values()) == 2  # refused writes: 0, counted
     assert not __import__("os").path.exists("/etc/owned")
+    # Its printing is its own: a print without a newline, or megabytes of it, zeroed the batch's rewards (blamed on
+    # the result), as the result shared standard output with it.
+    for prints in ("print('scoring', end='')", "print('x' * 3_000_000)", "os.write(1, b'raw, no newline')"):
+        chatty = tmp_path / "chatty.py"
+        chatty.write_text(
+            f"import os\ndef score(completions, **kwargs):\n    {prints}\n    return [0.5] * len(completions)\n"
+        )
+        rewarder = _rewarder({"task": 0.0, "function": f"{chatty}:score"}, execute_code=True)
+        result = rewarder(rows, [1, 1])
+        assert result.values == [0.5, 0.5] and result.reasons == {}, prints
 
 
 @pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="the strict sandbox needs bubblewrap")
