@@ -348,6 +348,12 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def quotable(passage: Passage) -> frozenset[str]:
+    """The normalised texts a row may name the passage by: its text as encoded (title first) and the file's text
+    alone."""
+    return frozenset({_normalise(passage.text), _normalise(passage.body or passage.text)})
+
+
 def holds_answer(passage: Passage, answer: str) -> bool:
     return _normalise(answer) in _normalise(passage.text)
 
@@ -433,7 +439,7 @@ def check_given_negatives(rows: Dataset, passages: list[Passage], split: str) ->
     and a given one was used silently."""
     if "negative" not in rows.column_names:
         return
-    texts_of = {p.id: {_normalise(p.text), _normalise(p.body or p.text)} for p in passages}
+    texts_of = {p.id: quotable(p) for p in passages}
     for number, (value, relevant) in enumerate(zip(rows["negative"][:], rows["relevant_ids"][:]), start=1):
         if value is None:  # a row without negatives of its own, beside rows with some
             continue
@@ -541,7 +547,7 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
     by_id = {p.id: i for i, p in enumerate(passages)}
     by_text: dict[str, list[int]] = {}
     for i, p in enumerate(passages):
-        for text in {_normalise(p.text), *([_normalise(p.body)] if p.body is not None else [])}:
+        for text in quotable(p):
             by_text.setdefault(text, []).append(i)
     present = [f for f in POSITIVE_FIELDS if f in rows.column_names]
     if labeled and not present:
@@ -625,6 +631,7 @@ def mine_negatives(
     if count == 0:
         return [[] for _ in queries], [0 for _ in queries]
     position = {p.id: i for i, p in enumerate(passages)}
+    forms = [quotable(p) for p in passages]  # once, not per row: the scan below visits every passage per row
     scores = index.encode(queries) @ index.vectors.T
     out, hard = [], []
     for number, (row_scores, relevant_ids, positive) in enumerate(zip(scores, relevant, positives), start=1):
@@ -633,12 +640,7 @@ def mine_negatives(
         ceiling = best_positive - margin * abs(best_positive)
         normalised = _normalise(positive)
         order = np.argsort(-row_scores, kind="stable")
-        usable = [
-            int(i)
-            for i in order
-            if i not in excluded
-            and normalised not in {_normalise(passages[i].text), _normalise(passages[i].body or "")}
-        ]
+        usable = [int(i) for i in order if i not in excluded and normalised not in forms[i]]
         if len(usable) < count:
             raise DataError(
                 f"data.train: row {number}: data.knowledge_base has only {len(usable)} passage(s) that can be a "

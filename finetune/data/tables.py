@@ -1106,7 +1106,7 @@ def draw_eval_split(
             return train, held, {**info, "train_rows": len(train), "eval_rows": len(held)}
     permutation = rng.permutation(rows)
     if labels is not None and lone:  # a class with one row cannot be both learnt and evaluated: it stays in training
-        single = (np.bincount(labels.codes, minlength=len(labels.names)) == 1)[labels.codes][permutation]
+        single = (counts == 1)[labels.codes][permutation]
         permutation = np.concatenate([permutation[~single], permutation[single]])
         others = int((~single).sum())
         if others == 0:
@@ -1116,7 +1116,6 @@ def draw_eval_split(
                 "or more rows of each class"
             )
         if held_out > others and stratify is not False:  # a random draw would reach the single rows
-            counts = np.bincount(labels.codes, minlength=len(labels.names))
             train, held = _stratified(labels.codes, counts, held_out, rng)
             note = (
                 f"stratified among the classes with two rows or more, {len(held)} of the {held_out} rows asked held "
