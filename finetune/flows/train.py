@@ -107,20 +107,11 @@ def check_output(
     inputs: tuple[Path, ...] = (),
 ) -> str:
     """What the run does with its output directory, or the RecipeError refusing it: a live run there is named as
-    such (not mistaken for an unfinished one), then `rundir.output_decision`; an --overwrite never replaces an
-    input of this run (its recipe file: the model card's `finetune run RUN/recipe.yaml`, or its starting adapter).
-    `lock`: None for a dry run."""
+    such (not mistaken for an unfinished one), then `rundir.output_decision` (given the run's `inputs`, which an
+    --overwrite never removes). `lock`: None for a dry run."""
     if lock is not None:
         lock.refuse_if_held()
-    decision = rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner)
-    if overwrite and run_dir.holds_run():
-        inside = next((p for p in inputs if run_dir.contains(p) and rundir.overwrite_removes(run_dir, p)), None)
-        if inside is not None:
-            raise RecipeError(
-                f"--overwrite: {inside} is an input of this run and lies inside {run_dir.path}, which the overwrite "
-                "replaces; nothing was removed. Copy it out of the run first, or choose another output.dir."
-            )
-    return decision
+    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner, inputs=inputs)
 
 
 def _run(

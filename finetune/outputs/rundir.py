@@ -26,7 +26,9 @@ from finetune.secrets import redact_tree
 MIN_FREE_BYTES = 64 << 20
 
 
-def output_decision(run: RunDir, *, resume: str | None, overwrite: bool, owner: Path | None = None) -> str:
+def output_decision(
+    run: RunDir, *, resume: str | None, overwrite: bool, owner: Path | None = None, inputs: tuple[Path, ...] = ()
+) -> str:
     """What a run does with its output directory, or a RecipeError when it may not write there.
 
     Never without consent: a directory holding a run is continued (--resume) or
@@ -48,6 +50,16 @@ def output_decision(run: RunDir, *, resume: str | None, overwrite: bool, owner: 
     if resume is not None:
         return f"{where} ({kind}: continued from its checkpoint)"
     if overwrite:
+        # Never an input of this run the overwrite would remove (its recipe file: the model card's `finetune run
+        # RUN/recipe.yaml`, or its starting adapter); one it keeps (a file of the user's inside) is no reason.
+        removed = [r.resolve() for r in _removals(run)[0]]
+        for source in inputs:
+            place = source.expanduser().resolve()
+            if any(place == r or r in place.parents for r in removed):
+                raise RecipeError(
+                    f"--overwrite: {source} is an input of this run and lies inside {where}, which the overwrite "
+                    "replaces; nothing was removed. Copy it out of the run first, or choose another output.dir."
+                )
         return f"{where} ({kind}: replaced, as --overwrite asks)"
     raise RecipeError(
         f"output.dir: {where} already holds {kind}. Use --resume auto to continue it, --overwrite to replace it, "
@@ -130,12 +142,6 @@ def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
 def _own_parts(parts: tuple[Path, ...]) -> list[RunDir]:
     """The runs among `parts` (a folder there that is not a run is the user's)."""
     return [RunDir(p) for p in parts if not p.is_symlink() and RunDir(p).marker.is_file()]
-
-
-def overwrite_removes(run: RunDir, path: Path) -> bool:
-    """Whether `--overwrite` of `run` would remove `path` (clear_previous_run's rules; a user's file stays)."""
-    where = path.expanduser().resolve()
-    return any(where == r.resolve() or r.resolve() in where.parents for r in _removals(run)[0])
 
 
 def not_written_by_finetune(run: RunDir, parts: tuple[Path, ...] = ()) -> list[Path]:
