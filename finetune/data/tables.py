@@ -741,6 +741,11 @@ def _wrong(value: object, expected: str, required: bool) -> bool:
     return expected == "single" and isinstance(value, str) and not value.strip()
 
 
+def is_class_name(value: object) -> bool:
+    """One label as a single-label classification column holds it (EXPECTED["single"]): what training reads."""
+    return not _wrong(value, "single", required=True)
+
+
 def _described(value: object) -> str:
     if value is None:
         return "no value (missing or null)"

@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
-from finetune.data.tables import apply_overflow, checked_texts, map_batches
+from finetune.data.tables import apply_overflow, checked_texts, is_class_name, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.scoring import eval_loader, multi_label_metrics
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
@@ -323,12 +323,11 @@ class ClassificationTask(Task):
                 value = row[field]
                 kind = "a list" if isinstance(value, list) else "one class"
                 names = value if isinstance(value, list) else [value]
-                wrong = next((v for v in names if not _is_class_name(v)), _NONE)
+                wrong = next((v for v in names if not is_class_name(v)), _NONE)
                 if wrong is not _NONE:
                     raise DataError(
                         f"{source}:{number}: {field} must be a class name (text, an integer or a boolean) or a list "
-                        "of them, "
-                        f"got {wrong!r}"
+                        f"of them, got {wrong!r}"
                     )
                 seen = first.setdefault(field, kind)
                 if kind != seen:
@@ -520,11 +519,6 @@ def _is_multi_label(values: Sequence, data: DataSection) -> bool:
 
 
 _NONE = object()
-
-
-def _is_class_name(value: object) -> bool:
-    """Text, an integer or a boolean (training reads true/false labels as classes); not a float or null."""
-    return (isinstance(value, str) and bool(value.strip())) or isinstance(value, int)
 
 
 def _as_list(value: object) -> list:
