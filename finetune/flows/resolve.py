@@ -61,6 +61,8 @@ from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
     MIN_LENGTH,
     EvalSection,
+    GRPOSection,
+    PreferenceSection,
     Recipe,
     SweepRange,
     SweepSection,
@@ -202,11 +204,36 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
                 "train.objective: grpo on codegen rewards the share of a problem's tests its samples pass, which "
                 "runs generated code: set eval.execute_code: true (the sandbox and its limits apply)"
             )
+    problems += _unread_objective_settings(recipe)
     if recipe.model.adapter is not None:
         try:
             problems += _start_adapter_problems(recipe, start_adapter_dir(recipe.model.adapter))
         except RecipeError as exc:
             problems.append(str(exc))
+    return problems
+
+
+def _unread_objective_settings(recipe: Recipe) -> list[str]:
+    """Settings of another objective than the recipe's, changed from their defaults: refused, never ignored (a
+    recipe turned to sft by `train.objective=sft` keeps its grpo section). Compared with the defaults, not with
+    what was written, because a run's recipe.yaml writes every section out."""
+    train = recipe.train
+    objective, problems = train.objective, []
+    if objective != "grpo" and train.grpo != GRPOSection():
+        changed = sorted(
+            name for name in GRPOSection.model_fields if getattr(train.grpo, name) != getattr(GRPOSection(), name)
+        )
+        problems.append(
+            f"train.grpo: {', '.join(changed)} set, but only train.objective grpo reads train.grpo and this recipe's "
+            f"is {objective} (remove the section, or set train.objective: grpo)"
+        )
+    default = PreferenceSection()
+    for name, readers in PreferenceSection.OBJECTIVE_KEYS.items():
+        if objective not in readers and getattr(train.preference, name) != getattr(default, name):
+            problems.append(
+                f"train.preference.{name}: only train.objective {' / '.join(readers)} reads it; this recipe's is "
+                f"{objective} (remove it)"
+            )
     return problems
 
 

@@ -465,6 +465,16 @@ class PreferenceSection(Section):
     desirable_weight: Float = Field(1.0, gt=0, le=1000, description="KTO: weight of the desirable rows' losses.")
     undesirable_weight: Float = Field(1.0, gt=0, le=1000, description="KTO: weight of the undesirable rows' losses.")
 
+    # The objectives that read each setting (beta: all three): one set for another objective is an error, never
+    # ignored.
+    OBJECTIVE_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "beta": ("dpo", "orpo", "kto"),
+        "loss": ("dpo",),
+        "label_smoothing": ("dpo",),
+        "desirable_weight": ("kto",),
+        "undesirable_weight": ("kto",),
+    }
+
 
 class RewardSection(Section):
     """What a sampled completion scores under GRPO: the task's own score (the metric the gates judge), plus

@@ -56,6 +56,17 @@ INVALID = {
         "HF_HUB_OFFLINE forbids downloading it",
     ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
+    # Settings of another objective (a recipe turned to sft keeps its grpo section): refused, never ignored.
+    "grpo settings under sft": (
+        lambda r: r["train"].update(grpo={"group_size": 3}),
+        2,
+        "train.grpo: group_size set, but only train.objective grpo reads",
+    ),
+    "a dpo setting under sft": (
+        lambda r: r["train"].update(preference={"loss": "ipo"}),
+        2,
+        "train.preference.loss: only train.objective dpo reads it",
+    ),
     # Where run may not write whatever its flags (validate passed both; run refused them).
     "output.dir is a file": (lambda r: r["output"].update(dir="recipe.yaml"), 2, "is a file, not a directory"),
     "output.dir under a file": (lambda r: r["output"].update(dir="recipe.yaml/run"), 2, "which is a file, not"),
