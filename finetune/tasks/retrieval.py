@@ -145,6 +145,9 @@ class RetrievalTask(Task):
         text go)."""
         width = text_width(recipe, state)
         queries = checked_texts(rows["query"][:], split, "query")
+        for number, query in enumerate(queries, start=1):
+            if not query.strip():  # it would rank the corpus by nothing and look like an answer
+                raise DataError(f"{split}: row {number}: field 'query' must be non-empty text, got {query!r}")
         texts: dict[str, list] = {}
         if labeled and "positive" in rows.column_names and all(p is not None for p in rows["positive"][:]):
             # First: length-grouped batches group rows by their first column, and passages are most of the tokens.

@@ -128,6 +128,11 @@ def test_retrieval_end_to_end_equals_sentence_transformers(tiny_models, tmp_path
     assert found.exit_code == 0, found.output
     answer = json.loads(found.stdout)
     assert answer["id"] == "x" and answer["passage_ids"][:3] == rows[0]["passage_ids"][:3]
+    # An empty query would rank the corpus by nothing and look like an answer: refused at its line.
+    empty = runner.invoke(
+        app, ["predict", str(run), "--input", "-"], input=json.dumps({"query": "q"}) + "\n" + '{"query": " "}\n'
+    )
+    assert empty.exit_code == 3 and "stdin:2" in empty.output and "'query' must be non-empty" in empty.output
     # --knowledge-base: that corpus is searched instead of the run's own (it was ignored).
     other = write_jsonl(tmp_path / "other.jsonl", passages[5:9])
     elsewhere = runner.invoke(
