@@ -218,7 +218,14 @@ class FeatureCache:
 def _table_files(dataset: Dataset, workdir: Path, name: str) -> list[str]:
     """The Arrow files that hold `dataset` inside `workdir`, writing it there unless it already is (unselected)."""
     files = [Path(f["filename"]) for f in dataset.cache_files]
-    if dataset._indices is None and files and all(f.parent == workdir for f in files):
+    # Kept only where the dataset is those files whole: `select` of a contiguous range (rows left out from the start
+    # or the end) gives no index mapping but a slice of the same file, which written back would bring them again.
+    if (
+        dataset._indices is None
+        and files
+        and all(f.parent == workdir for f in files)
+        and sum(Dataset.from_file(str(f)).num_rows for f in files) == dataset.num_rows
+    ):
         return [f.name for f in files]
     # A name of its own: `datasets` would load an existing file of that name (e.g. the unselected rows) as a cache.
     target = workdir / f"{name}-written.arrow"

@@ -89,6 +89,27 @@ def test_feature_cache_is_reused_verified_and_rebuilt(tiny_models, topic_data, w
     assert changed.cache_note.startswith("tokenised features cached (entry")
 
 
+def test_rows_left_out_from_the_start_stay_left_out_through_the_cache(tiny_models, tmp_path, write_recipe, monkeypatch):
+    """Rows kept by a contiguous selection (the first training row dropped as over-long) are a slice of the rows'
+    file, not an index mapping: the cache wrote the whole file back, so features and rows no longer lined up
+    (GRPO scores a sample against its row by index; `data --tokens` lost every row number)."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    rows = corpus(40)
+    training = [{**rows[0], "text": "word " * 200}, *rows[1:30]]  # only the first is too long
+    data = {
+        "train": write_jsonl(tmp_path / "data" / "train.jsonl", training),
+        "eval": write_jsonl(tmp_path / "data" / "eval.jsonl", rows[30:]),
+    }
+    recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "run")
+    recipe["data"]["overflow"] = "drop"
+    path = write_recipe(recipe)
+    for _ in ("built", "reused"):
+        session, features = _features(path)
+        inputs, kept = features["train"]
+        assert len(inputs) == len(kept) == len(training) - 1
+        assert [row["text"] for row in kept] == [row["text"] for row in training[1:]]
+
+
 def test_cached_run_trains_the_same_adapter_bytes(tiny_models, topic_data, write_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     adapters = []
