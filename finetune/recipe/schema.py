@@ -895,6 +895,14 @@ class EvalSection(Section):
     stop: list[str] | None = Field(
         None, description="Generation: cut each answer at the first of these strings; null: the task's own."
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_hold_text(cls, value: list[str] | None) -> list[str] | None:
+        # An empty string is found in every text at once: every answer would end after its first token.
+        if value is not None and any(stop == "" for stop in value):
+            raise ValueError("an empty stop string would end every answer at its first token; remove it")
+        return value
     watermark: WatermarkSection | None = Field(
         None,
         description="Generation tasks: watermark every generation of run, eval and predict (finetune detect finds "

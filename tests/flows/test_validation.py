@@ -56,6 +56,11 @@ INVALID = {
         "HF_HUB_OFFLINE forbids downloading it",
     ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
+    "an empty stop string": (
+        lambda r: r.update(eval={"stop": ["\n", ""]}),
+        2,
+        "eval.stop: an empty stop string would end every answer at its first token",
+    ),
     # Settings of another objective (a recipe turned to sft keeps its grpo section): refused, never ignored.
     "grpo settings under sft": (
         lambda r: r["train"].update(grpo={"group_size": 3}),
