@@ -903,6 +903,7 @@ class EvalSection(Section):
         if value is not None and any(stop == "" for stop in value):
             raise ValueError("an empty stop string would end every answer at its first token; remove it")
         return value
+
     watermark: WatermarkSection | None = Field(
         None,
         description="Generation tasks: watermark every generation of run, eval and predict (finetune detect finds "
