@@ -255,7 +255,10 @@ def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
         return [f"{key}: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [f"{key}: {meta_path} is damaged ({exc})"]
     problems = []
     if meta.get("task") != recipe.task:
         problems.append(f"{key}: {directory} was trained for task {meta.get('task')}, not {recipe.task}")

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune.errors import DataError
 from finetune.files import replace_directory, write_json
 from finetune.outputs.rundir import ADAPTER_META
 from finetune.recipe.schema import WatermarkSection
@@ -144,10 +146,44 @@ def write_task_files(adapter_dir: Path, documents: dict[str, Any]) -> None:
 
 
 def read_adapter_meta(adapter_dir: Path) -> dict:
-    """finetune.json, with the task's files beside the adapter (TASK_STATE_FILES) in its `state`."""
-    meta = json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
+    """finetune.json, with the task's files beside the adapter (TASK_STATE_FILES) in its `state`; every command that
+    uses a trained adapter reads it here first, so a damaged adapter is named before anything loads."""
+    check_adapter_files(adapter_dir)
+    meta = _json_file(adapter_dir / ADAPTER_META)
     for name in TASK_STATE_FILES:
         path = adapter_dir / f"{name}.json"
         if path.is_file():
-            meta["state"] = {**meta.get("state", {}), name: json.loads(path.read_text(encoding="utf-8"))[name]}
+            try:
+                meta["state"] = {**meta.get("state", {}), name: _json_file(path)[name]}
+            except (KeyError, TypeError):
+                raise DataError(f"{path}: damaged (no {name!r} in it)") from None
     return meta
+
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The files peft and finetune read from an adapter are there and whole: its JSON files parse, its weights file
+    opens (safetensors checks the header against the file's size, so a truncated file fails). A damaged or missing
+    one is a DataError naming it (exit 3, as a damaged checkpoint given to --resume), never an internal error from
+    inside peft or safetensors."""
+    for name in (ADAPTER_META, "adapter_config.json"):
+        if not (adapter_dir / name).is_file():
+            raise DataError(f"{adapter_dir / name}: missing from the adapter (a damaged run; train it again)")
+        _json_file(adapter_dir / name)
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(f"{weights}: missing from the adapter (a damaged run; train it again)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (OSError, SafetensorError) as exc:
+        raise DataError(f"{weights}: damaged or truncated ({exc}); train the run again") from None
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: damaged ({exc})") from None

@@ -349,3 +349,29 @@ def test_predict_message_on_a_run_without_a_learned_watermark_names_the_flag(fin
     result = invoke("predict", out, "--input", "-", "--message", "0101", input='{"text": "rain"}\n')
     assert result.exit_code == 2 and "--message:" in result.output and "carries no learned watermark" in result.output
     assert "override" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda a: a.joinpath("adapter_model.safetensors").write_bytes(b"\x10"), "damaged or truncated"),
+        (lambda a: a.joinpath("adapter_model.safetensors").unlink(), "missing from the adapter"),
+        (lambda a: a.joinpath("finetune.json").write_text('{"ta'), "damaged"),
+        (lambda a: a.joinpath("adapter_config.json").unlink(), "missing from the adapter"),
+    ],
+    ids=["truncated weights", "weights deleted", "truncated finetune.json", "adapter_config.json deleted"],
+)
+def test_a_damaged_adapter_is_named_by_every_command_that_reads_it(finished_run, tmp_path, damage, named):
+    """A damaged adapter was an internal error from inside peft or safetensors (exit 1, "a bug")."""
+    _, run = finished_run
+    damage(run / "adapter")
+    commands = {
+        "eval": ["eval", str(run), "--output", str(tmp_path / "ev")],
+        "predict": ["predict", str(run), "--input", "-"],
+        "merge": ["merge", str(run), "--output", str(tmp_path / "merged")],
+    }
+    for name, command in commands.items():
+        result = invoke(*command, input='{"text": "rain and wind"}\n')
+        assert result.exit_code == 3, (name, result.output)
+        assert named in result.output and "internal error" not in result.output, (name, result.output)
+    assert not (tmp_path / "merged").exists()
