@@ -516,7 +516,8 @@ def train(
                     )
                 if shards is not None and whole is not None:
                     shards.release()
-                if stopping and not done:
+                # At the last step too: the final evaluation and save are what a preempted job has no time for.
+                if stopping:
                     where = f"resumable checkpoint saved in {saved}" if saved else "no checkpoint directory was given"
                     raise Interrupted(f"interrupted by {stop.name()} at step {progress.step}; {where}")
                 if done or epoch_end:
@@ -654,9 +655,13 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal on another rank"
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        # A signal noted after the loop's last look at it (while the final checkpoint was written) goes to the
+        # handler outside training now, instead of being dropped while the run evaluates and exits 0.
+        if self.received and exc_type is None and self.previous:
+            signal.raise_signal(self.received)
         return False
 
 

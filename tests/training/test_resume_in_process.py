@@ -31,7 +31,8 @@ def stop_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train.NonFiniteGuard, "check", check)
 
 
-@pytest.mark.parametrize("kind, stop_step", [("gpt2", 5), ("bert", 10)])
+# The last step (16 of 16) too: a stop there was dropped, and the run went on to evaluate and exit 0.
+@pytest.mark.parametrize("kind, stop_step", [("gpt2", 5), ("bert", 10), ("bert", 16)])
 def test_a_stopped_run_resumes_to_the_same_adapter_bytes(
     kind, stop_step, monkeypatch, tiny_models, topic_data, write_recipe, tmp_path
 ):
