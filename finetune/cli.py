@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from rich.markup import escape
 
 from finetune import __version__
 from finetune.errors import DataError, FinetuneError, GateFailed, PeerLost, RecipeError
+from finetune.files import json_text
 from finetune.secrets import RedactingFilter, redact
 
 if TYPE_CHECKING:
@@ -488,7 +488,7 @@ def run_command(
         return
     if as_json:
         if _is_main_process():
-            print(json.dumps(document, indent=2))
+            print(json_text(document, indent=2))
         if not dry_run:
             _exit_on_failed_gates(document)
         return
@@ -549,7 +549,7 @@ def sweep_command(
     _quiet_libraries()
     document = sweep(recipe, overrides, err_console if as_json else console, overwrite=overwrite)
     if as_json:
-        print(json.dumps(document, ensure_ascii=False, indent=2, default=str))
+        print(json_text(document, indent=2))
     else:
         show_sweep(console, document)
     if not document["best_passed"]:
@@ -745,7 +745,7 @@ def predict_command(
         err_console.print(f"{len(predicted)} predictions written to {target}", highlight=False, soft_wrap=True)
         return
     for row in predicted:
-        print(json.dumps(row, ensure_ascii=False))
+        print(json_text(row))
 
 
 @app.command("validate")
@@ -849,7 +849,7 @@ def data_command(
     report = report_data(resolved, token_file)
     write_json(target, {**report, "written_by": what})
     if as_json:
-        print(json.dumps(report, ensure_ascii=False, indent=2))
+        print(json_text(report, indent=2))
         return
     for split, info in report["splits"].items():
         console.print(
@@ -892,10 +892,10 @@ def detect_command(
     rows, origins = _read_input_rows(input)
     scored, summary = detect(run_dir, rows, origins, field=field, key=key, message=message)
     if as_json:
-        print(json.dumps({"rows": scored, "summary": summary}, ensure_ascii=False))
+        print(json_text({"rows": scored, "summary": summary}))
         return
     for row in scored:
-        print(json.dumps(row, ensure_ascii=False))
+        print(json_text(row))
     if "p_threshold" in summary:  # a learned watermark: bits read back, a binomial test per text
         accuracy = summary["watermark_bit_accuracy"]
         err_console.print(

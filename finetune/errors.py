@@ -47,6 +47,10 @@ class TrainingDiverged(FinetuneError):
     exit_code = 5
 
 
+class OutputsNotFinite(TrainingDiverged):
+    """The evaluated model's outputs are NaN or infinite (exit 5): its predictions would be argmaxes of NaN."""
+
+
 class PeerLost(FinetuneError):
     """Another process or node of a multi-process run was lost, so this one stopped (exit 76)."""
 

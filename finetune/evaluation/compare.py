@@ -181,7 +181,10 @@ def compare(
         if now is None or name not in before_document["metrics"] or name not in document["metrics"]:
             continue
         change = now - before
-        regressed = change > tolerance if name in LOWER_IS_BETTER else change < -tolerance
+        # Written as "within tolerance" so that a NaN on either side (a broken model's loss) fails: every
+        # comparison with NaN is false, and "not worse" read it as no regression.
+        within = change <= tolerance if name in LOWER_IS_BETTER else change >= -tolerance
+        regressed = not within
         results[name] = {"baseline": before, "value": now, "change": change, "passed": not regressed}
         if on_rows is not None:
             results[name]["rows"] = on_rows

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from functools import partial
@@ -23,6 +22,7 @@ from finetune.evaluation.intervals import (
     paired_tests,
 )
 from finetune.evaluation.preference import PREFERENCE_METRICS, has_preferences, preference_metrics
+from finetune.files import json_text
 from finetune.recipe.gates import Gate, evaluate_gates, parse_gate
 from finetune.recipe.schema import EvalSection
 
@@ -466,4 +466,4 @@ def print_metrics(console: Console, document: dict, title: str = "metrics") -> N
 
 
 def dumps(document: dict) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False)
+    return json_text(document, indent=2)

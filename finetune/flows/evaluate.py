@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from datetime import datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from finetune import files
 from finetune.data.features import Features
 from finetune.data.retrieval import attach_passages
 from finetune.data.tables import Origins, data_file_hashes
-from finetune.errors import DataError, RecipeError
+from finetune.errors import DataError, OutputsNotFinite, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.evaluation.scoring import eval_loader
@@ -75,6 +76,12 @@ def evaluate_features(
     if judged is not None:  # generation keeps the rows' order; several samples of a row share its judgement
         rows = [{**row, **judged[index]} for index, row in zip(_row_indices(rows), rows)]
         loss = preference_loss
+    if loss is not None and not math.isfinite(loss):
+        # A model whose outputs are NaN still "predicts" (the argmax of NaN is the first class) and can pass a gate.
+        raise OutputsNotFinite(
+            f"the evaluated model's outputs are not finite (eval_loss {loss}): its predictions would be meaningless, "
+            "so nothing is scored; the weights are damaged or overflowed (try train.precision: fp32)"
+        )
     mark = session.recipe.eval.watermark
     if mark is not None:  # each prediction scored on its own tokens
         detector = watermark_detector(session, accelerator.unwrap_model(model), mark, accelerator)

@@ -504,6 +504,7 @@ def load_task_model(
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
         config=config,
+        new_heads=task.head_candidates,
         **attention_kwargs(resolved.precision),
         quantization_config=quantization_config(recipe.distributed.quantization),
     )

@@ -293,17 +293,40 @@ def load_model(
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    new_heads: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> PreTrainedModel:
+    """The checkpoint as `auto_class`, in float32. `new_heads`: the task's head modules, which may have another
+    shape in the checkpoint (a sentiment classifier's 2 outputs, tuned for 3 topics): those start anew, said in the
+    log; a weight of any other module whose shape differs from the config's is a damaged checkpoint, refused."""
     import torch
 
     if trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with %s will run", path)
     try:
-        return auto_class.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
+        model, info = auto_class.from_pretrained(
+            path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            ignore_mismatched_sizes=True,  # checked below: only the task's head may differ
+            output_loading_info=True,
+            **kwargs,
         )
     except ValueError as exc:  # e.g. no head of this kind for the architecture
         raise RecipeError(f"model: {path!r} cannot be loaded as {auto_class.__name__}: {_first_line(exc)}") from None
     except OSError as exc:
         raise RecipeError(f"model.name_or_path: cannot load {path!r}: {_first_line(exc)}") from None
+    mismatched = sorted(key for key, *_ in info.get("mismatched_keys") or ())
+    if any(not set(key.split(".")) & set(new_heads) for key in mismatched):
+        raise RecipeError(
+            f"model.name_or_path: {path!r} holds weights whose shapes differ from its config: "
+            f"{', '.join(k for k in mismatched if not set(k.split('.')) & set(new_heads))}"
+        )
+    if mismatched:
+        log.warning(
+            "%s: the checkpoint's %s had another shape (another number of labels): not used, the task's own head replaces them",
+            path,
+            ", ".join(mismatched),
+        )
+    return model

@@ -12,6 +12,7 @@ from typing import Any
 
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.errors import DataError
@@ -76,7 +77,6 @@ def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
     (modules_to_save), so the arithmetic is done here, on the saved tensors; every other tensor is kept.
     """
     import torch
-    from safetensors.torch import load_file, save_file
 
     weights = adapter_dir / "adapter_model.safetensors"
     trained, initial = load_file(weights), load_file(initial_dir / "adapter_model.safetensors")
@@ -95,7 +95,9 @@ def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
 
 
 def write_task_base(model: PeftModel, base_path: str, revision: str | None, adapter_dir: Path, final_dir: Path) -> None:
-    """`base/` in the adapter being written in `adapter_dir` (which becomes `final_dir`): this task's config (label maps, head size, pad token) beside links to the base weights.
+    """`base/` in the adapter being written in `adapter_dir` (which becomes `final_dir`): this task's config (label
+    maps, head size, pad token) beside links to the base weights (a copy without the head where the checkpoint's
+    head had another shape).
 
     AutoPeftModelFor... loads `base_model_name_or_path` with the checkpoint's own
     config: two labels and no pad token for a bare encoder or decoder, so a
@@ -113,9 +115,44 @@ def write_task_base(model: PeftModel, base_path: str, revision: str | None, adap
     base.config.save_pretrained(target)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(target)
-    for file in sorted(source.iterdir()):
-        if file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("adapter_"):
+    weights = [
+        f for f in sorted(source.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("adapter_")
+    ]
+    replaced = _replaced_head_weights(base, weights)
+    if replaced:
+        # The checkpoint's head had another shape (its own number of labels): linked, its weights would not load
+        # into this config. A copy without them loads, the head coming from the adapter.
+        kept = {}
+        for file in weights:
+            if file.suffix == ".safetensors":
+                kept.update({k: v for k, v in load_file(str(file)).items() if k not in replaced})
+        # As bytes, so the file gets the user's umask (save_file writes 0600); the staging folder's rename makes
+        # the adapter appear whole.
+        (target / "model.safetensors").write_bytes(save(kept, metadata={"format": "pt"}))
+    else:
+        for file in weights:
             (target / file.name).symlink_to(file.resolve())
+    _point_adapter_at(adapter_dir, final_dir)
+
+
+def _replaced_head_weights(base: PreTrainedModel, weights: list[Path]) -> set[str]:
+    """The checkpoint's weights whose shape differs from the model's (a head made anew for another number of
+    labels; load_model allows no other), read from the safetensors headers alone."""
+    shapes = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name and ".modules_to_save." not in name:  # peft's names for the same weights
+            shapes[name.replace(".base_layer", "").replace(".original_module", "")] = tuple(tensor.shape)
+    replaced = set()
+    for file in weights:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open's handle is not iterable)
+                    if key in shapes and tuple(handle.get_slice(key).get_shape()) != shapes[key]:
+                        replaced.add(key)
+    return replaced
+
+
+def _point_adapter_at(adapter_dir: Path, final_dir: Path) -> None:
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(final_dir.resolve() / "base")

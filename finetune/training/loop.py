@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finetune.data.tables import token_lengths
 from finetune.errors import Interrupted, RecipeError, TrainingDiverged
-from finetune.files import write_text_atomic
+from finetune.files import json_text, write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training import checkpoint
@@ -768,7 +768,7 @@ class StepLogger:
         self.window_start, self.last_entry = now, entry
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+                handle.write(json_text(entry) + "\n")
         return entry
 
 

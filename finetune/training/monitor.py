@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from finetune.evaluation.compare import LOWER_IS_BETTER
+from finetune.files import json_text
 from finetune.recipe.schema import EarlyStopping
 
 
@@ -87,7 +88,7 @@ class Monitor:
             self.state.pruned = True
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+                handle.write(json_text(entry) + "\n")
         return entry
 
     def _update_best(self, step: int, value: float | None) -> None:

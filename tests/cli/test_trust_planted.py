@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, classification_recipe, corpus, write_jsonl
 from helpers import invoke
@@ -123,6 +125,9 @@ def _document(metrics: dict, sha: str | None = "same") -> dict:
         ("eval_loss", 0.50, 0.40, False),
         ("accuracy", 0.80, 0.70, True),  # higher is better: a fall is a regression
         ("accuracy", 0.80, 0.90, False),
+        # A NaN on either side is no "within tolerance" (a model whose logits are NaN passed as "ok").
+        ("eval_loss", 0.50, float("nan"), True),
+        ("accuracy", float("nan"), 0.90, True),
     ],
 )
 def test_compare_knows_which_way_is_worse(metric, before, now, regressed):
@@ -566,3 +571,34 @@ def test_every_exit_code_is_in_the_readme():
     assert {0, 1, 2, 3, 4, 5, 75, 130, 141} <= found
     assert found <= listed, f"exit codes the program returns but the README does not list: {sorted(found - listed)}"
     assert "128+N" in table  # a process of --num-processes killed by a signal
+
+
+def test_a_model_whose_outputs_are_nan_is_not_scored(tiny_models, topic_data, write_recipe, tmp_path):
+    """A model with NaN logits "predicted" the first class for every row, passed `accuracy>=0.1`, and metrics.json
+    held a bare NaN that JSON.parse refuses."""
+    from transformers import AutoModel
+
+    broken = tmp_path / "nan-bert"
+    shutil.copytree(tiny_models["bert"], broken)
+    model = AutoModel.from_pretrained(broken)
+    with torch.no_grad():
+        model.pooler.dense.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    recipe = write_recipe(classification_recipe(broken, topic_data, tmp_path / "run"))
+    result = invoke("eval", recipe, "--gate", "accuracy>=0.1", "--output", tmp_path / "ev")
+    assert result.exit_code == 5, result.output
+    assert "outputs are not finite" in result.output
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+@pytest.mark.unit
+def test_machine_readable_files_are_strict_json(tmp_path):
+    files.write_json(tmp_path / "m.json", {"eval_loss": float("nan"), "rows": [float("inf"), 1.5]})
+    files.write_jsonl(tmp_path / "p.jsonl", [{"score": float("-inf")}])
+    strict = {"NaN": None, "Infinity": None, "-Infinity": None}
+
+    def parse(text: str):
+        return json.loads(text, parse_constant=lambda name: strict[name] or pytest.fail(f"bare {name}"))
+
+    assert parse((tmp_path / "m.json").read_text()) == {"eval_loss": None, "rows": [None, 1.5]}
+    assert parse((tmp_path / "p.jsonl").read_text()) == {"score": None}

@@ -194,3 +194,38 @@ def test_causal_lm_adapter_loads_with_auto_peft(tiny_models, write_recipe, tmp_p
             pad_token_id=tokenizer.pad_token_id,
         )
         assert tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True) == row["prediction"]
+
+
+def test_a_classifier_checkpoint_with_another_number_of_labels_is_tuned_and_loads_elsewhere(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """A sentiment model's 2-output head tuned for the topics' labels: loading it was an internal error (transformers
+    refuses mismatched shapes), and AutoPeftModel then failed on the linked base weights the same way."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    two_labels = tmp_path / "sentiment-bert"
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2).save_pretrained(two_labels)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(two_labels)
+    recipe = write_recipe(classification_recipe(two_labels, topic_data, tmp_path / "run", epochs=1))
+    result = invoke("run", recipe)
+    assert result.exit_code == 0, result.output
+    labels = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert "accuracy" in labels
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "run" / "adapter")
+    assert loaded.config.num_labels > 2
+    assert invoke("eval", tmp_path / "run", "--output", tmp_path / "ev").exit_code == 0
+
+
+def test_a_checkpoint_whose_body_does_not_match_its_config_is_refused(tiny_models, topic_data, write_recipe, tmp_path):
+    """Only the task's head may differ from the checkpoint: another mismatched weight is a damaged checkpoint."""
+    import shutil
+
+    broken = tmp_path / "bert"
+    shutil.copytree(tiny_models["bert"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    result = invoke("run", write_recipe(classification_recipe(broken, topic_data, tmp_path / "run")))
+    assert result.exit_code == 2, result.output
+    assert "shapes differ from its config" in result.output and "intermediate" in result.output
