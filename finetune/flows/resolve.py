@@ -287,8 +287,13 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
         problems.append("data: give an eval file (data.eval) or a held-out fraction (data.eval_split)")
     if data.eval is not None and data.eval_split is not None:
         problems.append("data: data.eval and data.eval_split are exclusive; give one (data.eval=null to split)")
-    if isinstance(data.train, list) and not data.train:
-        problems.append("data.train: the list of training files is empty")
+    for key, files, what in (
+        ("data.train", data.train, "training files"),
+        ("data.eval", data.eval, "eval files (null: none, with data.eval_split)"),
+        ("data.knowledge_base", data.knowledge_base, "knowledge-base files"),
+    ):
+        if isinstance(files, list) and not files:
+            problems.append(f"{key}: the list of {what} is empty")
     mapped = list(data.columns.values())
     for column in sorted({c for c in mapped if mapped.count(c) > 1}):
         fields = [f for f, c in data.columns.items() if c == column]

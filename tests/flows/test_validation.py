@@ -56,6 +56,7 @@ INVALID = {
         "HF_HUB_OFFLINE forbids downloading it",
     ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
+    "empty eval list": (lambda r: r["data"].update(eval=[]), 2, "data.eval: the list of eval files"),
     "an empty stop string": (
         lambda r: r.update(eval={"stop": ["\n", ""]}),
         2,
