@@ -1100,8 +1100,7 @@ def _section_fields(loc: tuple) -> list[str]:
     model: type[BaseModel] | None = Recipe
     for part in loc:
         field = model.model_fields.get(part) if model else None
-        annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section_model(getattr(field, "annotation", None))  # optional sections (`X | None`) too
     return list(model.model_fields) if model else []
 
 

@@ -32,6 +32,9 @@ def test_misspelt_keys_name_place_and_suggestion_all_at_once():
     assert "evall: unknown key (did you mean 'eval'?)" in problems
     assert any(p.startswith("train.lr:") for p in problems)
     assert len(problems) == 4
+    # Inside a section that may be null (`X | None`) too.
+    optional = {**BASE, "eval": {"watermark": {"key": 1, "greenlist_ration": 0.3}}}
+    assert "eval.watermark.greenlist_ration: unknown key (did you mean 'greenlist_ratio'?)" in problems_of(optional)
 
 
 def test_a_key_in_the_wrong_section_is_pointed_at_its_place():
