@@ -182,6 +182,12 @@ class SessionEvaluator:
         return scored["metrics"]
 
 
+def unavailable_gates(resolved: Resolved, gates: list[str] | None) -> dict[str, str]:
+    """The metrics the recipe's evaluation never reports, command-line gates' among them."""
+    asked = [gate.metric for gate in evaluation.collect_gates(None, gates)]
+    return resolved.task.unavailable_metrics(resolved.recipe, asked)
+
+
 def check_gates(task: Task, gates: list[str] | None, unavailable: dict[str, str] | None = None) -> None:
     """Command-line gates, before any model loads: well formed, on a metric the task reports, and by the rules a
     recipe's gates follow (`resolve.gate_problems`: exit 2 alike); `unavailable`: metrics this evaluation cannot
@@ -237,7 +243,7 @@ def evaluate(
     the document's `written_to` names the place."""
     resolved, run = resolve_source(source, overrides)
     recipe = resolved.recipe
-    check_gates(resolved.task, gates)
+    check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
     adapter_dir = None
     if checkpoint:
         adapter_dir = Path(checkpoint).expanduser()
@@ -357,7 +363,7 @@ def evaluate_all_checkpoints(
     (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
     resolved, run = resolve_run(run_path, overrides, ("eval",))
     recipe = resolved.recipe
-    check_gates(resolved.task, gates)
+    check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
     accelerator = make_accelerator(recipe.train, resolved.precision)
     sources = [

@@ -75,13 +75,32 @@ class Task:
                     f"data.columns.{name}: not a field of task {self.name}{did_you_mean(name, fields)} "
                     f"(fields: {', '.join(fields)})"
                 )
-        for metric in recipe.eval.metrics or []:
+        settings = recipe.eval
+        named = [("eval.metrics", m) for m in settings.metrics or []] + [(f"eval.gates.{m}", m) for m in settings.gates]
+        if settings.best_metric is not None:
+            named.append(("eval.best_metric", settings.best_metric))
+        unavailable = self.unavailable_metrics(recipe)
+        for place, metric in named:
             if not self.knows_metric(metric):
-                problems.append(self.unknown_metric("eval.metrics", metric))
-        for metric in recipe.eval.gates:
-            if not self.knows_metric(metric):
-                problems.append(self.unknown_metric(f"eval.gates.{metric}", metric))
+                if place != "eval.best_metric":  # resolve's evaluation rules name an unknown best_metric
+                    problems.append(self.unknown_metric(place, metric))
+            elif metric in unavailable:
+                problems.append(f"{place}: {metric} {unavailable[metric]}")
         return problems
+
+    def unavailable_metrics(self, recipe: Recipe, asked: Sequence[str] = ()) -> dict[str, str]:
+        """Metrics the task knows that this recipe's evaluation never reports (metric -> why): a gate on one
+        would fail as "missing" after training, and eval.metrics naming one would report nothing. `asked`: metrics
+        named outside the recipe (command-line gates), beside those it names."""
+        mark = recipe.eval.watermark
+        out = {}
+        if mark is None:
+            out["watermark_detected"] = "is reported only with eval.watermark"
+        if mark is None or mark.method != "learned":
+            out["watermark_bit_accuracy"] = "is reported only with eval.watermark.method: learned"
+        if self.name != "qa" or recipe.data.knowledge_base is None:
+            out["retrieval_recall@k"] = "is reported only by knowledge-base qa (data.knowledge_base)"
+        return out
 
     def main_metric(self, settings: EvalSection) -> str:
         """The metric that decides "better" by default (eval.best_metric): the task's first."""

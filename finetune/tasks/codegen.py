@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -204,6 +205,24 @@ class CodegenTask(GenerationTask):
 
     def knows_metric(self, metric: str) -> bool:
         return bool(_PASS_AT.match(metric)) or super().knows_metric(metric)
+
+    def unavailable_metrics(self, recipe: Recipe, asked: Sequence[str] = ()) -> dict[str, str]:
+        """pass@k is reported for the k of eval.pass_k (else DEFAULT_K up to num_samples), where code runs."""
+        out = super().unavailable_metrics(recipe, asked)
+        settings = recipe.eval
+        reported = settings.pass_k or [k for k in DEFAULT_K if k <= settings.num_samples]
+        named = [*(settings.metrics or []), *settings.gates, settings.best_metric, *asked]
+        for metric in (m for m in named if m and _PASS_AT.match(m)):
+            k = int(metric.removeprefix("pass@"))
+            if not settings.execute_code:
+                out[metric] = "needs the generated code run against the tests: set eval.execute_code: true"
+            elif k not in reported:
+                out[metric] = (
+                    f"is not reported: eval.pass_k {settings.pass_k} does not list {k}"
+                    if settings.pass_k
+                    else f"needs at least {k} samples per problem (eval.num_samples {settings.num_samples})"
+                )
+        return out
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)

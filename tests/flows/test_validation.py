@@ -57,6 +57,17 @@ INVALID = {
     ),
     "empty train list": (lambda r: r["data"].update(train=[]), 2, "data.train: the list of training files is empty"),
     "empty eval list": (lambda r: r["data"].update(eval=[]), 2, "data.eval: the list of eval files"),
+    # A metric the evaluation never reports: the gate failed as "missing" only after training.
+    "a watermark gate without a watermark": (
+        lambda r: r.update(eval={"gates": {"watermark_detected": ">=0.5"}}),
+        2,
+        "eval.gates.watermark_detected: watermark_detected is reported only with eval.watermark",
+    ),
+    "a retrieval gate without a knowledge base": (
+        lambda r: r.update(eval={"gates": {"retrieval_recall@k": ">=0.5"}}),
+        2,
+        "retrieval_recall@k is reported only by knowledge-base qa",
+    ),
     "an empty stop string": (
         lambda r: r.update(eval={"stop": ["\n", ""]}),
         2,
@@ -254,3 +265,23 @@ def test_a_prompt_and_its_new_tokens_past_the_positions_get_a_fix_that_is_allowe
     assert _room_fix("eval.max_new_tokens", 126, 130, 128) == (  # data.max_length <= 2: below what the schema takes
         "eval.max_new_tokens and data.max_length that add up to at most 128"
     )
+
+
+def test_pass_at_k_is_asked_only_where_it_is_reported():
+    """pass@10 with one sample per problem, pass@5 not in eval.pass_k, any pass@k with the code not run: the gate
+    failed as "missing" after training, and eval.metrics: [pass@5] reported nothing."""
+    from finetune.flows.resolve import recipe_rules
+    from finetune.recipe.schema import build_recipe
+
+    def problems(**settings):
+        raw = {"task": "codegen", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "eval": "e.jsonl"}}
+        return recipe_rules(build_recipe({**raw, "eval": settings}))
+
+    assert "eval.gates.pass@10: pass@10 needs at least 10 samples per problem (eval.num_samples 1)" in problems(
+        execute_code=True, gates={"pass@10": ">=0.1"}
+    )
+    assert "eval.metrics: pass@5 is not reported: eval.pass_k [1, 10] does not list 5" in problems(
+        execute_code=True, num_samples=10, temperature=0.8, pass_k=[1, 10], metrics=["pass@5"]
+    )
+    assert any("set eval.execute_code: true" in p for p in problems(gates={"pass@1": ">=0.1"}))
+    assert problems(execute_code=True, num_samples=10, temperature=0.8, gates={"pass@10": ">=0.1"}) == []
