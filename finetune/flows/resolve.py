@@ -234,6 +234,11 @@ def _unread_objective_settings(recipe: Recipe) -> list[str]:
                 f"train.preference.{name}: only train.objective {' / '.join(readers)} reads it; this recipe's is "
                 f"{objective} (remove it)"
             )
+    if objective == "dpo" and train.preference.loss != "robust" and train.preference.label_smoothing:
+        problems.append(
+            f"train.preference.label_smoothing: only DPO's robust loss reads it (the {train.preference.loss} loss, "
+            "as TRL's, does not); set train.preference.loss: robust, or remove it"
+        )
     return problems
 
 

@@ -285,3 +285,16 @@ def test_pass_at_k_is_asked_only_where_it_is_reported():
     )
     assert any("set eval.execute_code: true" in p for p in problems(gates={"pass@1": ">=0.1"}))
     assert problems(execute_code=True, num_samples=10, temperature=0.8, gates={"pass@10": ">=0.1"}) == []
+
+
+def test_label_smoothing_is_refused_where_the_dpo_loss_does_not_read_it():
+    from finetune.flows.resolve import recipe_rules
+    from finetune.recipe.schema import build_recipe
+
+    raw = {"task": "copywriting", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "eval": "e.jsonl"}}
+
+    def problems(**preference):
+        return recipe_rules(build_recipe({**raw, "train": {"objective": "dpo", "preference": preference}}))
+
+    assert any("label_smoothing: only DPO's robust loss reads it" in p for p in problems(label_smoothing=0.2))
+    assert problems(loss="robust", label_smoothing=0.2) == []
