@@ -1036,7 +1036,12 @@ class SweepSection(Section):
     pruner: Literal["median", "none"] = Field(
         "median", description="Stop a trial early when its evaluations during training trail the others' (median)."
     )
-    seed: Int = Field(0, description="The sampler's seed: the same sweep proposes the same trials.")
+    seed: Int = Field(
+        0,
+        ge=0,
+        le=SEED_MAX,
+        description="The sampler's seed: the same sweep proposes the same trials (0 .. 2**32 - 1).",
+    )
 
     @field_validator("params")
     @classmethod

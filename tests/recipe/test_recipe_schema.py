@@ -70,6 +70,8 @@ OUT_OF_RANGE = [
     ("train.max_grad_norm", INF),
     ("train.seed", -1),
     ("train.seed", 2**32),
+    ("sweep.seed", -1),  # optuna refused it after the study was made: an internal error
+    ("sweep.seed", 2**32),
     ("train.checkpoint_every", 0),
     ("train.keep_checkpoints", 0),
     ("train.log_every", 0),
@@ -170,6 +172,8 @@ def with_setting(recipe: dict, key: str, value) -> dict:
         recipe.setdefault("eval", {})["watermark"] = {"key": 1}
     if key.startswith("train.early_stopping.") and key != "train.early_stopping.patience":
         recipe.setdefault("train", {})["early_stopping"] = {"patience": 1}
+    if key.startswith("sweep.") and key != "sweep.params":
+        recipe.setdefault("sweep", {})["params"] = {"train.lr": [0.001, 0.002]}
     *sections, last = key.split(".")
     node = recipe
     for part in sections:
