@@ -1040,7 +1040,7 @@ class SweepSection(Section):
         0,
         ge=0,
         le=SEED_MAX,
-        description="The sampler's seed: the same sweep proposes the same trials (0 .. 2**32 - 1).",
+        description="The sampler's seed: the same sweep proposes the same trials.",
     )
 
     @field_validator("params")
