@@ -60,6 +60,7 @@ from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
     MIN_LENGTH,
+    DataSection,
     EvalSection,
     GRPOSection,
     PreferenceSection,
@@ -81,6 +82,7 @@ from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import judged_rows
+from finetune.tasks.qa import ExtractiveQATask
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
 from finetune.tasks.text2text import no_chat_template
@@ -139,7 +141,42 @@ def recipe_rules(recipe: Recipe) -> list[str]:
         + _generation_rules(recipe, task)
         + _evaluation_rules(recipe, task)
         + _objective_rules(recipe, task)
+        + _unread_settings(recipe, task)
     )
+
+
+def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
+    """Settings only some recipes read, changed from their defaults in a recipe that does not: refused, never
+    ignored (`eval.temperature` on classification, `data.retrieval` without a knowledge base). Compared with the
+    defaults, because a run's recipe.yaml writes every setting out."""
+    generates = isinstance(task, GenerationTask)
+    function = recipe.train.objective == "grpo" and bool(recipe.train.grpo.reward.function)
+    runs_code = task.name == "codegen" or function
+    retrieves = recipe.data.knowledge_base is not None or isinstance(task, RetrievalTask)
+    readers: dict[str, tuple[str, bool]] = {
+        **dict.fromkeys(
+            ("eval.max_new_tokens", "eval.temperature", "eval.top_p", "eval.num_samples", "eval.stop"),
+            ("the generation tasks (copywriting, codegen, qa mode generative)", generates),
+        ),
+        "eval.pass_k": ("task codegen", task.name == "codegen"),
+        **dict.fromkeys(
+            ("eval.execute_code", "eval.sandbox", "eval.timeout_s", "eval.memory_mb"),
+            ("task codegen and a GRPO reward function (train.grpo.reward.function)", runs_code),
+        ),
+        **dict.fromkeys(
+            ("eval.n_best", "eval.max_answer_length", "data.doc_stride"),
+            ("task qa mode extractive", isinstance(task, ExtractiveQATask)),
+        ),
+        "eval.during_max_samples": ("evaluations during training (eval.every)", recipe.eval.every is not None),
+        "data.retrieval": ("a knowledge base (data.knowledge_base) or task retrieval or rerank", retrieves),
+    }
+    defaults = {"eval": EvalSection(), "data": DataSection(train="-")}
+    problems = []
+    for key, (who, read) in readers.items():
+        section, name = key.split(".")
+        if not read and getattr(getattr(recipe, section), name) != getattr(defaults[section], name):
+            problems.append(f"{key}: read only by {who}, not by this recipe (remove it)")
+    return problems
 
 
 def _room_fix(key: str, new_tokens: int, max_length: int, limit: int) -> str:

@@ -68,6 +68,17 @@ INVALID = {
         2,
         "retrieval_recall@k is reported only by knowledge-base qa",
     ),
+    # Settings nothing in the recipe reads: refused, never ignored.
+    "a generation setting on classification": (
+        lambda r: r.update(eval={"temperature": 0.7}),
+        2,
+        "eval.temperature: read only by the generation tasks",
+    ),
+    "retrieval settings without a knowledge base": (
+        lambda r: r["data"].update(retrieval={"top_k": 3}),
+        2,
+        "data.retrieval: read only by a knowledge base",
+    ),
     "an empty stop string": (
         lambda r: r.update(eval={"stop": ["\n", ""]}),
         2,
