@@ -65,8 +65,10 @@ from finetune.recipe.schema import (
     GRPOSection,
     PreferenceSection,
     Recipe,
+    RewardSection,
     SweepRange,
     SweepSection,
+    TrainSection,
     apply_overrides,
     distinct_overrides,
     read_recipe_file,
@@ -250,6 +252,10 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
     return problems
 
 
+# GRPO's optional reward terms: each weight and the setting that makes its term.
+_REWARD_TERMS = (("length_weight", "length_target"), ("pattern_weight", "pattern"), ("function_weight", "function"))
+
+
 def _unread_objective_settings(recipe: Recipe) -> list[str]:
     """Settings of another objective than the recipe's, changed from their defaults: refused, never ignored (a
     recipe turned to sft by `train.objective=sft` keeps its grpo section). Compared with the defaults, not with
@@ -270,6 +276,21 @@ def _unread_objective_settings(recipe: Recipe) -> list[str]:
             problems.append(
                 f"train.preference.{name}: only train.objective {' / '.join(readers)} reads it; this recipe's is "
                 f"{objective} (remove it)"
+            )
+    if (
+        train.optimizer != "loraplus"
+        and train.loraplus_lr_ratio != TrainSection.model_fields["loraplus_lr_ratio"].default
+    ):
+        problems.append("train.loraplus_lr_ratio: read only by train.optimizer: loraplus (set it, or remove the ratio)")
+    reward, plain = train.grpo.reward, RewardSection()
+    if objective == "grpo":
+        for weight, term in _REWARD_TERMS:
+            if getattr(reward, term) is None and getattr(reward, weight) != getattr(plain, weight):
+                problems.append(f"train.grpo.reward.{weight}: weighs no term without train.grpo.reward.{term}")
+        terms = [reward.task, *(getattr(reward, w) for w, t in _REWARD_TERMS if getattr(reward, t) is not None)]
+        if not any(terms):
+            problems.append(
+                "train.grpo.reward: every term weighs 0, so every reward would be 0 and nothing could be learned"
             )
     if objective == "dpo" and train.preference.loss != "robust" and train.preference.label_smoothing:
         problems.append(

@@ -309,3 +309,20 @@ def test_label_smoothing_is_refused_where_the_dpo_loss_does_not_read_it():
 
     assert any("label_smoothing: only DPO's robust loss reads it" in p for p in problems(label_smoothing=0.2))
     assert problems(loss="robust", label_smoothing=0.2) == []
+
+
+def test_weights_without_their_term_and_a_reward_of_nothing_are_refused():
+    from finetune.flows.resolve import recipe_rules
+    from finetune.recipe.schema import build_recipe
+
+    raw = {"task": "copywriting", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "eval": "e.jsonl"}}
+
+    def problems(train):
+        return recipe_rules(build_recipe({**raw, "train": train}))
+
+    found = problems({"objective": "grpo", "grpo": {"reward": {"task": 0, "pattern_weight": 0.5}}})
+    assert "train.grpo.reward.pattern_weight: weighs no term without train.grpo.reward.pattern" in found
+    assert any("every term weighs 0" in p for p in found)
+    assert problems({"objective": "grpo", "grpo": {"reward": {"task": 0, "length_target": 20}}}) == []
+    assert any("read only by train.optimizer: loraplus" in p for p in problems({"loraplus_lr_ratio": 4}))
+    assert problems({"optimizer": "loraplus", "loraplus_lr_ratio": 4}) == []
