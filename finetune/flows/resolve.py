@@ -1163,6 +1163,7 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                 task.label_codes(table["label"][:], state, recipe, split)
 
             each_split(labels)
+            task.check_state(recipe, state)  # the settings of one label mode, against the mode the rows decided
         if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
 
             def judged(table: Dataset, split: str) -> None:

@@ -68,6 +68,11 @@ INVALID = {
         2,
         "retrieval_recall@k is reported only by knowledge-base qa",
     ),
+    "a multi-label setting on single labels": (
+        lambda r: r.update(eval={"threshold": 0.5}),
+        2,
+        "eval.threshold: applies to multi-label classification only",
+    ),
     # Settings nothing in the recipe reads: refused, never ignored.
     "a generation setting on classification": (
         lambda r: r.update(eval={"temperature": 0.7}),
