@@ -374,6 +374,11 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         eval_measured = time.perf_counter() - begun
         per_batch = eval_measured / max(1, math.ceil(len(sample) / batch_size))
         eval_seconds = per_batch * math.ceil(eval_rows / batch_size)
+        # Generation decodes in batches of its own size (generation_plan: often every row at once), not the eval
+        # batch: priced per row, linearly, an upper bound (a larger decoding batch is faster per row).
+        generates, per_row = subset.prompts is not None, eval_measured / max(1, len(sample))
+        if generates:
+            eval_seconds = per_row * eval_rows
         eval_peak = peak_rss_bytes()
 
         # Writing: the final adapter as the run saves it, and the pictures (from the measured steps' log lines
@@ -391,7 +396,7 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
     during = min(limit, eval_rows) if limit is not None else eval_rows
     # Evaluations during training skip the intervals and, under a preference objective, may skip generation:
     # priced as the final evaluation's batches, an upper bound.
-    during_seconds = evaluations * per_batch * math.ceil(during / batch_size)
+    during_seconds = evaluations * (per_row * during if generates else per_batch * math.ceil(during / batch_size))
     train_seconds = steps_seconds + saves * checkpoint_seconds + during_seconds
     measure_seconds = time.perf_counter() - started
     total = startup + measure_seconds + reference_seconds + train_seconds + eval_seconds + writing_seconds
@@ -411,11 +416,18 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
             else ""
         )
     )
-    generation = f", generating up to {recipe.eval.max_new_tokens} new tokens" if subset.prompts is not None else ""
-    how.append(
-        f"evaluation: measured {len(sample)} of {eval_rows} eval rows in batches of {batch_size}{generation} at "
-        f"{per_batch:.2f} s per batch; extrapolated to {math.ceil(eval_rows / batch_size)} batches"
-    )
+    if generates:
+        how.append(
+            f"evaluation: measured {len(sample)} of {eval_rows} eval rows, generating up to "
+            f"{recipe.eval.max_new_tokens} new tokens, in {eval_measured:.2f} s; extrapolated per row to "
+            f"{eval_rows} rows (an upper bound: the run decodes in the batches the plan's generation row says, "
+            "and a larger batch is faster per row)"
+        )
+    else:
+        how.append(
+            f"evaluation: measured {len(sample)} of {eval_rows} eval rows in batches of {batch_size} at "
+            f"{per_batch:.2f} s per batch; extrapolated to {math.ceil(eval_rows / batch_size)} batches"
+        )
     how.append(f"writing: the final adapter and the pictures written in {writing_seconds:.2f} s (measured)")
     if t.passes_per_batch > 1:
         how.append(

@@ -153,3 +153,19 @@ def test_a_long_run_is_priced_from_its_first_steps_and_scaled(
     assert result.exit_code == 0, result.output
     how = " ".join(json.loads(result.stdout[result.stdout.index("{") :])["estimate"]["how"])
     assert "(6 steps of 30, the rest scaled from them)" in how
+
+
+def test_generation_is_priced_per_row_not_in_eval_batches(tiny_models, write_recipe, tmp_path):
+    """Generation decodes in batches of its own (often every row at once): the estimate said it ran "in batches of
+    {eval batch}" and priced that many batches, a batch the run never used."""
+    from tests.tasks.test_generation import copy_rows, generation_recipe
+
+    rows = copy_rows(60)
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", rows[:40]), "eval": write_jsonl(tmp_path / "e.jsonl", rows[40:])}
+    recipe = write_recipe(generation_recipe("copywriting", tiny_models["gpt2"], data, tmp_path / "run"))
+    result = invoke("run", recipe, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    estimate = json.loads(result.stdout[result.stdout.index("{") :])["estimate"]
+    evaluation = next(line for line in estimate["how"] if line.startswith("evaluation:"))
+    assert "extrapolated per row to 20 rows" in evaluation and "batches of" not in evaluation
+    assert estimate["eval_seconds"] > 0
