@@ -59,9 +59,18 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG
 
 def _disk_full(exc: BaseException) -> bool:
     """A full disk or file-size limit reported by a library in its own words (safetensors: "No space left on
-    device (os error 28)")."""
-    text = str(exc)
-    return any(f"(os error {code})" in text for code in MACHINE_ERRNOS) or "No space left on device" in text
+    device (os error 28)"), or raised while it handled one (datasets' Arrow writer, closed after ENOSPC, fails with
+    "I/O operation on closed file": the OSError is in the exception's context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
+            return True
+        if any(f"(os error {code})" in text for code in MACHINE_ERRNOS) or "No space left on device" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 def _quiet_libraries() -> None:

@@ -66,6 +66,22 @@ def test_a_full_disk_in_a_librarys_own_words_is_exit_2(monkeypatch, tmp_path):
 
 
 @pytest.mark.unit
+def test_an_error_raised_while_a_library_handled_a_full_disk_is_exit_2(monkeypatch, tmp_path):
+    """datasets' Arrow writer, closed after ENOSPC, raised "I/O operation on closed file": an internal error."""
+    import finetune.flows.resolve as resolve
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise ValueError("I/O operation on closed file") from None
+
+    monkeypatch.setattr(resolve, "resolve", full)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "internal error" not in result.output and "cannot write" in result.output
+
+
+@pytest.mark.unit
 def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
     import finetune.flows.resolve as resolve
 
