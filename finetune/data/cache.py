@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,13 @@ class FeatureCache:
         return loaded
 
     def workdir(self) -> Path:
-        """A fresh directory to build in: beside the entry (so publishing is a rename), or a temporary one."""
+        """A fresh directory to build in: beside the entry (so publishing is a rename), or a temporary one. Named
+        by this host and process, so the builds of processes that died (kill -9, a full disk) are removed here."""
         if self.entry is not None:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                return Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.root))
+                _remove_abandoned_builds(self.root)
+                return Path(tempfile.mkdtemp(prefix=f".{self.key}.{_BUILDER}.", dir=self.root))
             except OSError as exc:
                 log.warning("feature cache %s is not writable (%s); features are not cached", self.root, exc)
                 self.entry = None
@@ -174,6 +177,11 @@ class FeatureCache:
         scratch = tempfile.mkdtemp(prefix="finetune-features-")
         atexit.register(shutil.rmtree, scratch, True)
         return Path(scratch)
+
+    def discard(self, workdir: Path) -> None:
+        """A build that failed: its work directory goes (a scratch one goes when the process ends anyway)."""
+        if self.entry is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def publish(self, workdir: Path, built: CachedData) -> CachedData:
         """Write the entry's tables, extras and manifest into `workdir`, then move it into place."""
@@ -213,6 +221,27 @@ class FeatureCache:
             for split, files in manifest["splits"].items()
         }
         return CachedData(features, extras["state"], extras["overlap"])
+
+
+# Who builds an entry: the host and process, in the work directory's name (`.KEY.HOST-PID.random`).
+_HOST = socket.gethostname().replace(".", "_")  # the name's fields are separated by dots
+_BUILDER = f"{_HOST}-{os.getpid()}"
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Work directories of this host's processes that are gone (killed while building): never published, never
+    reused, as large as the features. Another host's (a shared cache) are left to that host."""
+    for folder in root.glob(".*.*.*"):
+        builder = folder.name.split(".")[2]
+        name, _, pid = builder.rpartition("-")
+        if name != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _table_files(dataset: Dataset, workdir: Path, name: str) -> list[str]:

@@ -628,23 +628,29 @@ def _read_and_featurize(
     if layout is not None:
         state["embedding"] = layout.as_dict()
     workdir = cache.workdir()
-    # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
-    # and worker processes read the rows from the file instead of receiving pickled copies.
-    rows = {
-        split: split_rows.flatten_indices(cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False)
-        for split, split_rows in (("train", train_rows), ("eval", eval_rows))
-        if split in splits
-    }
-    del train_rows, eval_rows
-    pa.default_memory_pool().release_unused()
-    with placed_errors(origins):
-        features = {
-            split: task.featurize(
-                rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}", workdir=workdir
+    try:
+        # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
+        # and worker processes read the rows from the file instead of receiving pickled copies.
+        rows = {
+            split: split_rows.flatten_indices(
+                cache_file_name=str(workdir / f"{split}-rows.arrow"), keep_in_memory=False
             )
-            for split in splits
+            for split, split_rows in (("train", train_rows), ("eval", eval_rows))
+            if split in splits
         }
-    return cache.publish(workdir, CachedData(features, state, overlap))
+        del train_rows, eval_rows
+        pa.default_memory_pool().release_unused()
+        with placed_errors(origins):
+            features = {
+                split: task.featurize(
+                    rows[split], tokenizer, recipe, {**state, "family": family.name}, f"data.{split}", workdir=workdir
+                )
+                for split in splits
+            }
+        return cache.publish(workdir, CachedData(features, state, overlap))
+    except BaseException:  # a bad row, a full disk, Ctrl-C: nothing half-built stays in the cache
+        cache.discard(workdir)
+        raise
 
 
 def open_session(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 from conftest import classification_recipe, corpus, write_jsonl
@@ -140,6 +141,7 @@ def test_workers_give_the_same_features_as_one_process(tiny_models, tmp_path, wr
 
 def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recipe, monkeypatch):
     monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))  # its own: other tests build in the shared one
     rows = [{**row, "text_pair": "and more"} for row in corpus(200)]
     rows[150]["text_pair"] = None  # an optional field: the task finds it, in a worker, and the file's line is named
     files = {
@@ -151,6 +153,8 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
     assert result.exit_code == 3, result.output
     assert "train.jsonl:71: field 'text_pair' must be text, got NoneType None" in result.output
+    features = FeatureCache(None).root
+    assert not [p for p in features.glob(".*") if p.is_dir()]  # the failed build's work directory is gone
 
 
 @pytest.mark.parametrize(
@@ -198,3 +202,27 @@ def test_qa_lengths_come_from_the_windows_exactly(max_length, stride, tiny_model
         report = qa_spans.windows([question], [text], tokenizer, max_length, stride, "data.train").report
         whole = len(tokenizer(question, text, truncation=False)["input_ids"])  # one example: max is its length
         assert report.percentiles["max"] == whole and report.truncated == int(whole > max_length)
+
+
+def test_builds_of_dead_processes_are_removed_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    """A build killed (kill -9) or failed (a full disk, a bad row) left its hidden work directory in the cache for
+    good, as large as the features."""
+    import subprocess
+
+    from finetune.data import cache
+
+    root = tmp_path / "cache"
+    features = root / "features"
+    features.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    abandoned = features / f".key1.{cache._HOST}-{dead.pid}.abc"
+    elsewhere = features / f".key1.otherhost-{dead.pid}.abc"  # a shared cache: another host's build is its own
+    alive = features / f".key2.{cache._HOST}-{os.getppid()}.abc"
+    for folder in (abandoned, elsewhere, alive):
+        folder.mkdir()
+    built = FeatureCache("key3", root)
+    workdir = built.workdir()
+    assert not abandoned.exists() and elsewhere.exists() and alive.exists()
+    built.discard(workdir)
+    assert not workdir.exists()
