@@ -256,6 +256,10 @@ def evaluate(
             raise RecipeError("; ".join(problems))
     elif run is not None:
         adapter_dir = run.adapter
+        if (adapter_dir / rundir.ADAPTER_META).is_file() and (
+            problems := adapter_problems(recipe, adapter_dir, "the run's adapter")
+        ):  # an override of the model or task: the adapter would load into the wrong layers
+            raise RecipeError("; ".join(problems))
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
     label = (

@@ -320,8 +320,8 @@ def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
         return [f"{key}: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return [f"{key}: {meta_path} is damaged ({exc})"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # a damaged input, as read_adapter_meta says
+        raise DataError(f"{meta_path}: damaged ({exc})") from None
     problems = []
     if meta.get("task") != recipe.task:
         problems.append(f"{key}: {directory} was trained for task {meta.get('task')}, not {recipe.task}")
@@ -1395,6 +1395,11 @@ def resolve_source(
         raise RecipeError(
             f"{', '.join(brief(o) for o in ignored)}: only training reads {them}, so evaluating would ignore {them}"
             f"; drop {them} (or train a run with {them})"
+            + (
+                "; eval writes where --output says"
+                if any(within(o.split("=")[0], "output.dir") for o in ignored)
+                else ""
+            )
         )
     path = Path(source).expanduser()
     if path.is_dir():

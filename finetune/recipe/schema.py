@@ -1198,7 +1198,8 @@ TRAINING_ONLY = (
     "lora",
     "sweep",
     "model.dropout",
-    "distributed.gradient_checkpointing",
+    "output.dir",  # evaluations go to --output, or a run's evals/
+    *(f"distributed.{key}" for key in ("gradient_checkpointing", "num_processes", "nnodes", "strategy")),
     *(
         f"train.{key}"
         for key in (

@@ -375,3 +375,11 @@ def test_a_damaged_adapter_is_named_by_every_command_that_reads_it(finished_run,
         assert result.exit_code == 3, (name, result.output)
         assert named in result.output and "internal error" not in result.output, (name, result.output)
     assert not (tmp_path / "merged").exists()
+
+
+def test_eval_of_a_run_under_another_model_is_refused_naming_both(finished_run, tiny_models, tmp_path):
+    """`eval RUN model.name_or_path=OTHER` was an internal error from peft (no modules matched)."""
+    _, run = finished_run
+    result = invoke("eval", run, f"model.name_or_path={tiny_models['llama']}", "--output", tmp_path / "ev")
+    assert result.exit_code == 2, result.output
+    assert "the run's adapter" in result.output and "not on model.name_or_path" in result.output

@@ -40,6 +40,9 @@ def test_eval_refuses_settings_only_training_reads(tiny_models, topic_data, writ
     one = invoke("eval", path, "lora.r=4", "--output", tmp_path / "e")
     assert one.exit_code == 2 and "'lora.r=4': only training reads it" in one.output, one.output
     assert invoke("eval", path, "eval.batch_size=2", "--output", tmp_path / "e2").exit_code in (0, 4)
+    # Where a run writes and how many processes train it: eval has --output and runs one process.
+    elsewhere = invoke("eval", path, "output.dir=x", "distributed.num_processes=2", "--output", tmp_path / "e")
+    assert elsewhere.exit_code == 2 and "eval writes where --output says" in elsewhere.output, elsewhere.output
 
 
 def test_a_problem_with_an_override_says_the_command_line_set_it(tiny_models, topic_data, write_recipe, tmp_path):
