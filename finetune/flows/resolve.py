@@ -24,6 +24,7 @@ import os
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -65,6 +66,7 @@ from finetune.recipe.schema import (
     GRPOSection,
     PreferenceSection,
     Recipe,
+    RetrievalSection,
     RewardSection,
     SweepRange,
     SweepSection,
@@ -172,13 +174,44 @@ def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
         "eval.during_max_samples": ("evaluations during training (eval.every)", recipe.eval.every is not None),
         "data.retrieval": ("a knowledge base (data.knowledge_base) or task retrieval or rerank", retrieves),
     }
-    defaults = {"eval": EvalSection(), "data": DataSection(train="-")}
+    if retrieves:  # then each of its settings by what reads it
+        readers.update(_retrieval_readers(recipe, task))
+    defaults = {"eval": EvalSection(), "data": DataSection(train="-"), "data.retrieval": RetrievalSection()}
     problems = []
     for key, (who, read) in readers.items():
-        section, name = key.split(".")
-        if not read and getattr(getattr(recipe, section), name) != getattr(defaults[section], name):
+        section, name = key.rsplit(".", 1)
+        if not read and attrgetter(key)(recipe) != getattr(defaults[section], name):
             problems.append(f"{key}: read only by {who}, not by this recipe (remove it)")
     return problems
+
+
+def _retrieval_readers(recipe: Recipe, task: Task) -> dict[str, tuple[str, bool]]:
+    """Who reads each data.retrieval setting: a knowledge base's reader, its retriever's training, task retrieval
+    or rerank."""
+    kb = task.name == "qa" and recipe.data.knowledge_base is not None
+    method = recipe.data.retrieval.method
+    bi_encoder = isinstance(task, RetrievalTask) or trains_retriever(recipe)  # a retriever trained by this recipe
+    return {
+        f"data.retrieval.{key}": value
+        for key, value in {
+            "method": ("knowledge-base qa", kb),
+            "answer_from": ("knowledge-base qa", kb),
+            "fusion": ("knowledge-base qa with method hybrid", kb and method == "hybrid"),
+            "top_k": ("knowledge-base qa and task retrieval or rerank", kb or isinstance(task, RetrievalTask)),
+            "model": ("a dense or hybrid knowledge base, or task rerank (its first stage)", (kb and method != "bm25")
+                      or task.name == "rerank"),
+            "candidates": ("task rerank", task.name == "rerank"),
+            "pooling": ("a dense model's embeddings", (kb and method != "bm25") or isinstance(task, RetrievalTask)),
+            **dict.fromkeys(
+                RETRIEVER_TRAINING[:4],
+                ("the training of a retriever (task retrieval or rerank, or a knowledge base's)", bi_encoder),
+            ),
+            **dict.fromkeys(
+                RETRIEVER_TRAINING[4:],
+                ("a knowledge base's retriever training (task retrieval takes train.*)", trains_retriever(recipe)),
+            ),
+        }.items()
+    }  # fmt: skip
 
 
 def _room_fix(key: str, new_tokens: int, max_length: int, limit: int) -> str:
@@ -591,6 +624,17 @@ def trains_retriever(recipe: Recipe) -> bool:
     return settings.train if settings.train is not None else settings.method in ("dense", "hybrid")
 
 
+# The data.retrieval settings only a retriever's training reads.
+RETRIEVER_TRAINING = (
+    "temperature",
+    "hard_negatives",
+    "negative_margin",
+    "matryoshka_dims",
+    "epochs",
+    "lr",
+    "batch_size",
+)
+
 # Where a knowledge-base qa run keeps its retriever's own run (a `task: retrieval` run directory).
 RETRIEVER_RUN = "retriever"
 
@@ -618,6 +662,8 @@ def retriever_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
             "fusion": "convex",
             "sparse_weight": None,
             "answer_from": "first",
+            # Its training's own settings (train.* below): left here, its recipe would name settings it ignores.
+            **{key: RetrievalSection.model_fields[key].default for key in ("epochs", "lr", "batch_size")},
         }
     )
     derived_data = data.model_copy(update={"columns": columns, "retrieval": retrieval, "doc_stride": None})

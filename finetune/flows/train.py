@@ -22,7 +22,14 @@ from finetune.evaluation.compare import eval_data_record
 from finetune.flows.estimate import measure
 from finetune.flows.evaluate import SessionEvaluator, evaluate_features
 from finetune.flows.plan import plan_document, show_plan
-from finetune.flows.resolve import RETRIEVER_RUN, Resolved, resolve_recipe, retriever_recipe, runs_code
+from finetune.flows.resolve import (
+    RETRIEVER_RUN,
+    RETRIEVER_TRAINING,
+    Resolved,
+    resolve_recipe,
+    retriever_recipe,
+    runs_code,
+)
 from finetune.flows.session import (
     Session,
     SessionData,
@@ -40,7 +47,7 @@ from finetune.outputs import manifest as provenance
 from finetune.outputs.adapter import AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
-from finetune.recipe.schema import Recipe, recipe_to_yaml
+from finetune.recipe.schema import Recipe, RetrievalSection, recipe_to_yaml
 from finetune.secrets import redact
 from finetune.tasks import sandbox
 from finetune.training import checkpoint, trackers
@@ -349,7 +356,10 @@ def train_retriever(
     if dry_run or document is None:
         return resolved, None
     trained = str((directory / "adapter").resolve())
-    retrieval = resolved.recipe.data.retrieval.model_copy(update={"model": trained, "train": False})
+    # The run's recipe names the trained retriever and no longer trains one: its training settings are in the
+    # retriever's own run (RUN/retriever/recipe.yaml), and left here they would name settings nothing reads.
+    trained_by = {key: RetrievalSection.model_fields[key].default for key in RETRIEVER_TRAINING}
+    retrieval = resolved.recipe.data.retrieval.model_copy(update={"model": trained, "train": False, **trained_by})
     data = resolved.recipe.data.model_copy(update={"retrieval": retrieval})
     recipe = resolved.recipe.model_copy(update={"data": data})
     summary = {"run": str(directory), "model": trained, "metrics": document["metrics"]}

@@ -331,3 +331,21 @@ def test_weights_without_their_term_and_a_reward_of_nothing_are_refused():
     assert problems({"objective": "grpo", "grpo": {"reward": {"task": 0, "length_target": 20}}}) == []
     assert any("read only by train.optimizer: loraplus" in p for p in problems({"loraplus_lr_ratio": 4}))
     assert problems({"optimizer": "loraplus", "loraplus_lr_ratio": 4}) == []
+
+
+def test_each_retrieval_setting_is_refused_where_nothing_reads_it():
+    """data.retrieval's settings by their readers: a reranker's candidates in a search recipe, a retriever's
+    training settings where BM25 trains nothing, hybrid's fusion under dense."""
+    from finetune.flows.resolve import recipe_rules
+    from finetune.recipe.schema import build_recipe
+
+    def problems(task, **retrieval):
+        data = {"train": "t.jsonl", "eval": "e.jsonl", "knowledge_base": "kb.jsonl", "retrieval": retrieval}
+        return recipe_rules(build_recipe({"task": task, "model": {"name_or_path": "m"}, "data": data}))
+
+    search = problems("retrieval", candidates=5, epochs=1)
+    assert any(p.startswith("data.retrieval.candidates: read only by task rerank") for p in search)
+    assert any(p.startswith("data.retrieval.epochs: read only by a knowledge base's retriever") for p in search)
+    assert any(p.startswith("data.retrieval.epochs:") for p in problems("qa", method="bm25", epochs=1))
+    assert any(p.startswith("data.retrieval.fusion:") for p in problems("qa", method="dense", fusion="rrf"))
+    assert not [p for p in problems("qa", method="hybrid", fusion="rrf", epochs=1) if "data.retrieval" in p]

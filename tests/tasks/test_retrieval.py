@@ -369,7 +369,7 @@ def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, wri
     # Replaced by a run that trains no retriever (BM25): the earlier retriever's run goes with the rest, but a file
     # of the user's in it stays (with its folder); without it, the folder goes too.
     (run / "retriever" / "notes.txt").write_text("mine")
-    bm25 = ["run", str(path), "--overwrite", "data.retrieval.method=bm25", "data.retrieval.model=null"]
+    bm25 = ["run", str(path), "--overwrite", "data.retrieval={method: bm25, top_k: 3}"]  # its training keys go
     assert runner.invoke(app, bm25).exit_code == 0
     assert [p.name for p in (run / "retriever").iterdir() if p.name != ".finetune-run"] == ["notes.txt"]
     (run / "retriever" / "notes.txt").unlink()
