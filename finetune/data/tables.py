@@ -161,7 +161,8 @@ def numbered_jsonl(lines: Iterable[str | bytes], source: str, unique_keys: bool 
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=hook)
+            # Without its line break: a line cut short would be reported at column 1 of the "next line".
+            row = json.loads(line.rstrip("\r\n"), object_pairs_hook=hook)
         except json.JSONDecodeError as exc:
             raise DataError(f"{source}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
         except _DuplicateKey as exc:

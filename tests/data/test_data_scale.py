@@ -163,6 +163,11 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
         (b'{"text": "a", "label": 1}\n{"text": "\xff", "label": 2}\n', r"d.jsonl:2: not UTF-8 text"),
         (b'{"text": "a", "label": 1}\n\n{"text": "b" "label": 2}\n', r"d.jsonl:3: malformed JSON line"),
         (b'{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: each line must be a JSON object, got list"),
+        # A line cut short: the place is where it ends, not column 1 of a line after it.
+        (
+            b'{"text": "a", "label": 1}\n{"text": "b", "label": \n',
+            r"d.jsonl:2: malformed JSON line \(Expecting value at column 24\)",
+        ),
         (
             b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n',
             r"column 'label' is a number on line 1 but text on line 2",
