@@ -337,6 +337,7 @@ class DataSection(Section):
     )
     labels: list[str | int] | None = Field(
         None,
+        min_length=1,
         description="Classification: the label set in a fixed order (null: sorted labels of the training data); "
         "quote yes/no labels, which YAML reads as booleans.",
     )
@@ -842,7 +843,9 @@ class WatermarkSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[str] | None = Field(None, description="Metrics to report; null: all of the task's.")
+    metrics: list[str] | None = Field(
+        None, min_length=1, description="Metrics to report; null: all of the task's (an empty list is refused)."
+    )
     gates: dict[str, str] = Field(
         default_factory=dict,
         description='Quality gates, e.g. {accuracy: ">=0.85"}, or {accuracy: ">=0.85@95"} to judge the lower bound '

@@ -70,6 +70,8 @@ OUT_OF_RANGE = [
     ("train.max_grad_norm", INF),
     ("train.seed", -1),
     ("train.seed", 2**32),
+    ("data.labels", []),  # a recipe mistake (exit 2), not every training label "missing from data.labels"
+    ("eval.metrics", []),  # read as "all" before, silently
     ("sweep.seed", -1),  # optuna refused it after the study was made: an internal error
     ("sweep.seed", 2**32),
     ("train.checkpoint_every", 0),
