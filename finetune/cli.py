@@ -718,7 +718,12 @@ def eval_command(
 @_handled
 def predict_command(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory.")],
-    input: Annotated[str, typer.Option("--input", help="A JSONL file of inputs, or - for stdin.")] = "-",
+    input: Annotated[
+        str,
+        typer.Option(
+            "--input", help="A file of inputs (JSONL; .csv, .tsv, .json, .parquet by suffix), or - for JSONL on stdin."
+        ),
+    ] = "-",
     knowledge_base: Annotated[
         str | None, typer.Option("--knowledge-base", help="qa: answer from these passages instead of the run's own.")
     ] = None,
