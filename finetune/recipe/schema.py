@@ -1136,6 +1136,14 @@ def _key_paths() -> tuple[str, ...]:
     return tuple(under(Recipe, ""))
 
 
+# Keys the product contract (PRODUCT.md) sketched that finetune builds otherwise: what to write instead (the
+# nearest spelling would suggest an unrelated key).
+_CONTRACT_SKETCH = {
+    "data.retrieval.rerank": "a reranker is a run of its own: task: rerank, with data.retrieval.model its first stage",
+    "train.grpo.rewards": "train.grpo.reward: {task: 1.0, ...}, the task's score and weighted optional terms",
+}
+
+
 def _elsewhere(place: str) -> str:
     """` (did you mean 'data.max_length'?)` for a key written in the wrong section: the same name where it is valid
     (several, nearest first), or "" when it is valid nowhere."""
@@ -1151,7 +1159,8 @@ def _format_problem(error: Mapping[str, Any]) -> str:
     loc = tuple(str(p) for p in error["loc"])
     place = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        hint = _elsewhere(place) or did_you_mean(loc[-1], _section_fields(loc[:-1]))
+        sketched = _CONTRACT_SKETCH.get(place)
+        hint = f" ({sketched})" if sketched else _elsewhere(place) or did_you_mean(loc[-1], _section_fields(loc[:-1]))
         return f"{place}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{place}: required key is missing"

@@ -32,6 +32,12 @@ def test_misspelt_keys_name_place_and_suggestion_all_at_once():
     assert "evall: unknown key (did you mean 'eval'?)" in problems
     assert any(p.startswith("train.lr:") for p in problems)
     assert len(problems) == 4
+    # PRODUCT.md's sketched names that finetune builds otherwise get what to write instead, not a near spelling.
+    sketched = {**BASE, "data": {**BASE["data"], "retrieval": {"rerank": None}}}
+    assert any(
+        p.startswith("data.retrieval.rerank: unknown key (a reranker is a run of its own: task: rerank")
+        for p in problems_of(sketched)
+    )
     # Inside a section that may be null (`X | None`) too.
     optional = {**BASE, "eval": {"watermark": {"key": 1, "greenlist_ration": 0.3}}}
     assert "eval.watermark.greenlist_ration: unknown key (did you mean 'greenlist_ratio'?)" in problems_of(optional)
