@@ -40,6 +40,8 @@ def output_decision(
         raise RecipeError("--resume: give 'auto' or a checkpoint path (an empty value is not a fresh start)")
     if resume is not None and overwrite:
         raise RecipeError("--resume and --overwrite are exclusive: continue the run, or replace it")
+    if resume not in (None, "auto") and not Path(resume).expanduser().exists():  # before anything loads
+        raise RecipeError(f"--resume {resume}: no such checkpoint directory (use --resume auto or a step-N directory)")
     problem = output_dir_problem(run, owner)
     if problem is not None:
         raise RecipeError(problem)

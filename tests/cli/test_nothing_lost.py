@@ -383,3 +383,13 @@ def test_eval_of_a_run_under_another_model_is_refused_naming_both(finished_run, 
     result = invoke("eval", run, f"model.name_or_path={tiny_models['llama']}", "--output", tmp_path / "ev")
     assert result.exit_code == 2, result.output
     assert "the run's adapter" in result.output and "not on model.name_or_path" in result.output
+
+
+def test_a_resume_path_that_does_not_exist_is_refused_before_anything_loads(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """It printed the whole plan (the model loaded, the data tokenised) before saying so."""
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run"))
+    result = invoke("run", recipe, "--resume", tmp_path / "bogus")
+    assert result.exit_code == 2 and "no such checkpoint directory" in result.output, result.output
+    assert "plan" not in result.output.lower() and not (tmp_path / "run").exists()
