@@ -1293,7 +1293,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as exc:
             what = "value refused" if isinstance(exc, _AliasesRefused) else "value is not valid YAML"
-            raise RecipeError(f"override {brief(override)}: {what} ({getattr(exc, 'problem', None) or exc})") from None
+            # A gate's condition opens with a character YAML reads as syntax: the commonest such value.
+            quote = f"; quote it: {key.strip()}='\"{text.strip()}\"'" if text.strip()[:1] in "<>=!" else ""
+            raise RecipeError(
+                f"override {brief(override)}: {what} ({getattr(exc, 'problem', None) or exc}){quote}"
+            ) from None
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

@@ -96,6 +96,10 @@ def test_overrides_are_parsed_as_yaml():
     assert raw["data"]["columns"] == {"text": "body"}
     recipe = build_recipe({**BASE, **raw, "data": {**BASE["data"], **raw["data"]}})
     assert recipe.train.lr == 1e-3 and recipe.output.dir == "x"
+    # A gate's condition opens with YAML syntax: the refusal says how to quote it.
+    with pytest.raises(RecipeError, match="""quote it: eval.gates.accuracy='">=0.1"'"""):
+        apply_overrides({}, ["eval.gates.accuracy=>=0.1"])
+    assert apply_overrides({}, ['eval.gates.accuracy=">=0.1"'])["eval"]["gates"]["accuracy"] == ">=0.1"
 
 
 @pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..lr=1", "train.lr=[1,"])
