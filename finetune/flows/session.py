@@ -25,7 +25,7 @@ from rich.console import Console
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from finetune.data.cache import CachedData, FeatureCache, cache_key
-from finetune.data.conversations import as_messages, layout_fields
+from finetune.data.conversations import as_messages, conversation_problems, layout_fields
 from finetune.data.features import Features
 from finetune.data.report import read_rows
 from finetune.data.retrieval import (
@@ -591,6 +591,12 @@ def open_data(
         cache = FeatureCache(cache_key(recipe, tokenizer, family.name, splits, adapter_state))
         built = cache.load() or _read_and_featurize(resolved, tokenizer, splits, adapter_state, cache)
         note = cache.note
+        # The rules on what conversations cannot be combined with, which reading the rows applies, on a cache hit
+        # too: the key leaves out settings that shape no feature (eval.watermark).
+        if any("messages" in features.rows.column_names for features in built.features.values()):
+            problems = conversation_problems(recipe, conversations=True)
+            if problems:
+                raise RecipeError("; ".join(problems))
         if "eval" in splits:  # on the evaluated rows, also when they come from the cache
             task.check_eval_rows(built.features["eval"].rows, recipe.eval)
     else:

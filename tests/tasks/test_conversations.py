@@ -617,3 +617,17 @@ def test_the_shipped_conversation_recipe_trains_and_evaluates_smollm2(tmp_path, 
     report = json.loads((out / "data_report.json").read_text())
     assert "<|im_start|>assistant\n⟦" in report["loss_mask_example"]["rendered"]
     assert "<|im_end|>⟧\n" in report["loss_mask_example"]["rendered"]
+
+
+def test_a_cache_hit_still_refuses_what_conversations_cannot_be_combined_with(
+    chat_model, chat_data, tmp_path, write_recipe, monkeypatch
+):
+    """A dry run cached the features; the same rows with eval.watermark then read them back, trained, and failed
+    with an internal error (KeyError 'prompt'): the refusal lived only where rows are read."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    plain = write_recipe(chat_recipe(chat_model, chat_data, tmp_path / "o", data={"columns": {}}), "plain.yaml")
+    assert invoke_wide("run", plain, "--dry-run", "--no-estimate").exit_code == 0
+    marked = chat_recipe(chat_model, chat_data, tmp_path / "o", data={"columns": {}}, eval={"watermark": {"key": 7}})
+    result = invoke_wide("run", write_recipe(marked, "marked.yaml"))
+    assert result.exit_code == 2 and "eval.watermark: watermarking conversations" in result.output, result.output
+    assert not (tmp_path / "o").exists()
