@@ -426,6 +426,9 @@ def run_command(
     from finetune.launch import Topology, follow_launcher, inside_launched_process, processes_wanted, relaunch
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
+    if num_processes:  # the flag wins over the recipe's count, so the rules judge the count that runs
+        overrides = [o for o in overrides or [] if o.partition("=")[0].strip() != "distributed.num_processes"]
+        overrides.append(f"distributed.num_processes={num_processes}")
     resolved = resolve(recipe, overrides)  # the file read once, every rule, once, before starting processes
     loaded = resolved.recipe
     _quiet_libraries()

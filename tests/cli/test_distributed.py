@@ -144,3 +144,15 @@ def test_resume_auto_of_a_finished_run_with_several_processes_shows_its_metrics(
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to resume" in again.stdout.replace("\n", " ") and "lost" not in again.stderr
     assert (run / "metrics.json").read_bytes() == before
+
+
+def test_the_num_processes_flag_wins_over_the_recipes_count(tiny_models, topic_data, write_recipe, tmp_path):
+    """A recipe written for an 8-GPU node was refused here even with --num-processes 1, the flag's whole purpose."""
+    from helpers import invoke
+
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["distributed"] = {"num_processes": 64}
+    path = write_recipe(recipe)
+    assert invoke("validate", path).exit_code == 2  # this machine cannot run 64
+    result = invoke("run", path, "--num-processes", "1", "--dry-run", "--no-estimate")
+    assert result.exit_code == 0, result.output
