@@ -192,3 +192,12 @@ def test_attention_implementation_follows_the_precision(monkeypatch, precision, 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(session, "has_accelerator_device", lambda: False)
     assert session.attention_kwargs(train.resolve_precision(recipe(precision=precision).train.precision)) == expected
+
+
+def test_the_generation_plan_counts_whole_prompts():
+    """eval.batch_size 2 with 4 samples a prompt decodes 4 rows a batch (one prompt's samples), not the 2 said."""
+    from finetune.tasks.text2text import batch_plan
+
+    assert batch_plan(16, "eval.batch_size").startswith("16 rows per batch (eval.batch_size)")
+    assert batch_plan(2, "eval.batch_size", samples=4).startswith("4 rows per batch (2 asked; a prompt's 4 samples")
+    assert batch_plan(30, "memory", samples=4).startswith("28 rows per batch")

@@ -81,10 +81,10 @@ def generation_plan(session: Session, device: torch.device) -> str | None:
     fixed = decode_batch_size(settings, session.recipe.eval_batch_size)
     if fixed is not None:
         how = "eval.batch_size" if settings.batch_size is not None else "sampled decoding: the eval batch, fixed"
-        return batch_plan(fixed, how)
+        return batch_plan(fixed, how, settings.num_samples)
     longest = max((len(p) for p in session.features["eval"].prompts or []), default=0)
     rows = generation_batch_size(session.model.config, longest, settings, device)
-    return batch_plan(rows, f"{MEMORY_CHOICE} now; eval.batch_size sets it")
+    return batch_plan(rows, f"{MEMORY_CHOICE} now; eval.batch_size sets it", settings.num_samples)
 
 
 def objective_plan(recipe: Recipe, supervised: str) -> str:

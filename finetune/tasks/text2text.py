@@ -341,7 +341,7 @@ def generate(
         if batch_size is None:
             longest = max((len(prompt_ids[i]) for i in mine), default=0)
             batch_size = generation_batch_size(decoder.config, longest, settings, accelerator.device)
-        log.info("generation: %s", batch_plan(batch_size, MEMORY_CHOICE if from_memory else "as asked"))
+        log.info("generation: %s", batch_plan(batch_size, MEMORY_CHOICE if from_memory else "as asked", n))
         per_batch = max(1, batch_size // n)
         answers: list[tuple[int, list[str]]] = []
         for start in range(0, len(mine), per_batch):
@@ -406,9 +406,16 @@ def free_memory(place: torch.device) -> int:
 MEMORY_CHOICE = f"as many as fit in {MEMORY_SHARE:.0%} of the free memory"
 
 
-def batch_plan(rows: int, how: str) -> str:
-    """How generation batches its rows (`how`: who chose their number), as the plan and the log say it."""
-    return f"{rows} rows per batch ({how}); prompts grouped by length, each row leaving the batch at its end"
+def batch_plan(rows: int, how: str, samples: int = 1) -> str:
+    """How generation batches its rows (`how`: who chose their number), as the plan and the log say it. A prompt's
+    `samples` are decoded together, so a batch holds whole prompts: at least `samples` rows."""
+    decoded = max(1, rows // samples) * samples
+    said = (
+        f"{rows} rows per batch"
+        if decoded == rows
+        else f"{decoded} rows per batch ({rows} asked; a prompt's {samples} samples stay together)"
+    )
+    return f"{said} ({how}); prompts grouped by length, each row leaving the batch at its end"
 
 
 def row_bytes(config: PretrainedConfig, prompt: int, new_tokens: int) -> int:
