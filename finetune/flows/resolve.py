@@ -82,6 +82,7 @@ from finetune.recipe.schema import (
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
+from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
@@ -126,8 +127,10 @@ SPLITS = ("train", "eval")
 UNBOUNDED_METRICS = ("eval_loss", "mean_length")
 
 
-def recipe_rules(recipe: Recipe) -> list[str]:
-    """Rules that need nothing but the recipe."""
+def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
+    """Rules that need nothing but the recipe. `recorded`: a finished run's recipe.yaml, read by eval, predict,
+    merge or export: the rules on settings it names that nothing reads, or metrics its evaluation never reports,
+    are for recipes about to train (a run finished before a rule existed stays usable)."""
     task = recipe_task(recipe)
     problems = list(task.check_recipe(recipe))
     if recipe.mode is not None and recipe.task != "qa":
@@ -145,8 +148,19 @@ def recipe_rules(recipe: Recipe) -> list[str]:
         + _generation_rules(recipe, task)
         + _evaluation_rules(recipe, task)
         + _objective_rules(recipe, task)
-        + _unread_settings(recipe, task)
+        + ([] if recorded else _unread_settings(recipe, task) + _unread_objective_settings(recipe))
+        + ([] if recorded else _unavailable_metrics(recipe, task))
     )
+
+
+def _unavailable_metrics(recipe: Recipe, task: Task) -> list[str]:
+    """Metrics the recipe names that its evaluation never reports: a gate would fail as "missing" after training."""
+    unavailable = task.unavailable_metrics(recipe)
+    return [
+        f"{place}: {metric} {unavailable[metric]}"
+        for place, metric in named_metrics(recipe.eval)
+        if task.knows_metric(metric) and metric in unavailable
+    ]
 
 
 def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
@@ -276,7 +290,6 @@ def _objective_rules(recipe: Recipe, task: Task) -> list[str]:
                 "train.objective: grpo on codegen rewards the share of a problem's tests its samples pass, which "
                 "runs generated code: set eval.execute_code: true (the sandbox and its limits apply)"
             )
-    problems += _unread_objective_settings(recipe)
     if recipe.model.adapter is not None:
         try:
             problems += _start_adapter_problems(recipe, start_adapter_dir(recipe.model.adapter))
@@ -1124,17 +1137,17 @@ def read_model_config(recipe: Recipe) -> tuple[PretrainedConfig | None, str | No
 
 
 def _check(
-    recipe: Recipe, source: str, splits: tuple[str, ...]
+    recipe: Recipe, source: str, splits: tuple[str, ...], recorded: bool = False
 ) -> tuple[PretrainedConfig | None, FamilySpec | None, str]:
     """Every rule, with the model's config read once (no weights, no downloads); raises every problem at once.
-    Returns the config, the family where it could be told, and how it was told."""
+    Returns the config, the family where it could be told, and how it was told. `recorded`: see recipe_rules."""
     mark = recipe.eval.watermark
     if mark is not None and isinstance(mark.key, int):
         register_secret(str(mark.key))  # never in the manifest's command line, logs or messages
     if mark is not None and isinstance(mark.message, str) and set(mark.message) <= {"0", "1"}:
         register_secret(mark.message)  # a learned watermark's message, kept as the key is
     config, config_problem = read_model_config(recipe)
-    problems = [Problem(p) for p in recipe_rules(recipe)]
+    problems = [Problem(p) for p in recipe_rules(recipe, recorded)]
     if not problems:  # each swept value is tried in the recipe, whose own problems would repeat for each
         problems = [Problem(p) for p in sweep_rules(recipe, recipe_task(recipe))]
     environment, family, note = environment_rules(recipe, config, config_problem, splits)
@@ -1322,13 +1335,15 @@ class Resolved:
         return tuple(paths)
 
 
-def resolve_recipe(recipe: Recipe, source: str = "recipe", splits: tuple[str, ...] = SPLITS) -> Resolved:
+def resolve_recipe(
+    recipe: Recipe, source: str = "recipe", splits: tuple[str, ...] = SPLITS, recorded: bool = False
+) -> Resolved:
     """Every rule, then the model reference, its config and family, and the precision: a Resolved, or every problem.
 
     Unlike `check_recipe`, a hub checkpoint missing from the local cache is fetched (its config, here; weights later).
     Only the data files of `splits` are checked: a command reads and checks only what it uses.
     """
-    config, family, _ = _check(recipe, source, splits)
+    config, family, _ = _check(recipe, source, splits, recorded)
     model, task = recipe.model, recipe_task(recipe)
     path = resolve_reference(model.name_or_path)
     if config is None:  # a hub checkpoint not cached yet (validation could not check it without downloading)
@@ -1366,10 +1381,34 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = ()) -> Recipe:
         keys = [*splits, "knowledge_base"] if splits else []
         named = [(f"data.{k}", data.get(k)) for k in keys] if isinstance(data, dict) else []
         missing = [p for p in _missing_files(named) if p not in exc.problems]
-        raise recipe_problems_error(source, names + exc.problems + missing) from None
+        beside = [p for p in _rules_without(raw, exc.problems) if p not in missing]
+        raise recipe_problems_error(source, names + exc.problems + missing + beside) from None
     if names:
         raise recipe_problems_error(source, names)
     return recipe
+
+
+def _rules_without(raw: dict, problems: list[str]) -> list[str]:
+    """The rules' problems with the rest of a recipe the schema refused: its refused keys taken out (each then at its
+    default), so one wrong value does not hide the others' problems. None where the rest is no recipe either (a
+    required key refused)."""
+    pruned, removed = copy.deepcopy(raw), []
+    for problem in problems:
+        place = problem.split(":", 1)[0]
+        *sections, last = place.split(".")
+        node: Any = pruned
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            del node[last]
+            removed.append(place)
+    try:
+        recipe = parse_recipe(pruned, "recipe")
+        found = recipe_rules(recipe)
+    except FinetuneError:
+        return []
+    # A rule naming a setting taken out would judge its default (data.eval_split refused: "give an eval file").
+    return [p for p in found if not any(place in p for place in removed)]
 
 
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
@@ -1424,9 +1463,12 @@ def resolve(
     recorded: list[str] | None = None,
 ) -> Resolved:
     """What every command does first: the recipe file read once, every rule, the model resolved; every problem at
-    once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong)."""
+    once (RecipeError, exit 2; DataError, exit 3, when only data files are wrong). `recorded` (a run directory's
+    settings beside its recipe.yaml; given, even empty, for a run's recipe) also marks the recipe as a finished
+    run's (recipe_rules)."""
     with overrides_named(overrides):
-        return resolve_recipe(_parse(read_recipe(path, overrides, recorded), str(path), splits), str(path), splits)
+        recipe = _parse(read_recipe(path, overrides, recorded), str(path), splits)
+        return resolve_recipe(recipe, str(path), splits, recorded=recorded is not None)
 
 
 def resolve_source(

@@ -47,6 +47,12 @@ def width_multiple(max_length: int | None) -> int | None:
     return BATCH_WIDTH_MULTIPLE if max_length is not None and max_length % BATCH_WIDTH_MULTIPLE == 0 else None
 
 
+def named_metrics(settings: EvalSection) -> list[tuple[str, str]]:
+    """(place, metric) of every metric the recipe's evaluation names: eval.metrics, eval.gates, eval.best_metric."""
+    named = [("eval.metrics", m) for m in settings.metrics or []] + [(f"eval.gates.{m}", m) for m in settings.gates]
+    return named + ([("eval.best_metric", settings.best_metric)] if settings.best_metric is not None else [])
+
+
 class Task:
     name: str = ""
     # Which kind of model the task trains; the family spec turns it into an Auto class and a peft task type.
@@ -75,17 +81,9 @@ class Task:
                     f"data.columns.{name}: not a field of task {self.name}{did_you_mean(name, fields)} "
                     f"(fields: {', '.join(fields)})"
                 )
-        settings = recipe.eval
-        named = [("eval.metrics", m) for m in settings.metrics or []] + [(f"eval.gates.{m}", m) for m in settings.gates]
-        if settings.best_metric is not None:
-            named.append(("eval.best_metric", settings.best_metric))
-        unavailable = self.unavailable_metrics(recipe)
-        for place, metric in named:
-            if not self.knows_metric(metric):
-                if place != "eval.best_metric":  # resolve's evaluation rules name an unknown best_metric
-                    problems.append(self.unknown_metric(place, metric))
-            elif metric in unavailable:
-                problems.append(f"{place}: {metric} {unavailable[metric]}")
+        for place, metric in named_metrics(recipe.eval):
+            if not self.knows_metric(metric) and place != "eval.best_metric":  # resolve names an unknown best_metric
+                problems.append(self.unknown_metric(place, metric))
         return problems
 
     def unavailable_metrics(self, recipe: Recipe, asked: Sequence[str] = ()) -> dict[str, str]:

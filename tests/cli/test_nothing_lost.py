@@ -393,3 +393,19 @@ def test_a_resume_path_that_does_not_exist_is_refused_before_anything_loads(
     result = invoke("run", recipe, "--resume", tmp_path / "bogus")
     assert result.exit_code == 2 and "no such checkpoint directory" in result.output, result.output
     assert "plan" not in result.output.lower() and not (tmp_path / "run").exists()
+
+
+def test_a_run_recorded_before_a_newer_rule_stays_usable(finished_run, tmp_path):
+    """Rules on settings nothing reads, or metrics never reported, are for recipes about to train: a run whose
+    recipe.yaml names such a setting (recorded before the rule existed) was refused by predict, merge and eval."""
+    import yaml
+
+    _, run = finished_run
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    recorded["eval"].update(temperature=0.7, gates={"watermark_detected": ">=0.1"})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    assert invoke("predict", run, "--input", "-", input='{"text": "rain"}\n').exit_code == 0
+    assert invoke("merge", run, "--output", tmp_path / "merged").exit_code == 0
+    # A recipe about to train is still refused.
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({**recorded, "output": {"dir": str(tmp_path / "again")}}))
+    assert invoke("validate", tmp_path / "again.yaml").exit_code == 2

@@ -349,3 +349,19 @@ def test_each_retrieval_setting_is_refused_where_nothing_reads_it():
     assert any(p.startswith("data.retrieval.epochs:") for p in problems("qa", method="bm25", epochs=1))
     assert any(p.startswith("data.retrieval.fusion:") for p in problems("qa", method="dense", fusion="rrf"))
     assert not [p for p in problems("qa", method="hybrid", fusion="rrf", epochs=1) if "data.retrieval" in p]
+
+
+def test_a_refused_value_does_not_hide_the_other_keys_problems(tiny_models, topic_data, write_recipe, tmp_path):
+    """A schema problem (train.lr -1) hid every rule problem until it was fixed: a user fixed, reran, and met the
+    next batch."""
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["train"]["lr"] = -1
+    recipe["eval"] = {"gates": {"acc": ">=0.5"}, "temperature": 0.7}
+    validated = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert validated.exit_code == 2 and "3 problems" in validated.output, validated.output
+    for words in (
+        "train.lr: Input should be greater than 0",
+        "eval.gates.acc: unknown metric",
+        "eval.temperature: read only",
+    ):
+        assert words in validated.output
