@@ -198,12 +198,13 @@ def watermark_cost(marked: dict, unmarked: dict) -> dict:
 
 
 def collect_gates(recipe_gates: dict[str, str] | None, cli_gates: list[str] | None) -> list[Gate]:
-    """Recipe gates, then command-line gates; a command-line gate on the same metric and operator wins (an interval
-    gate replaces an interval gate, a plain one a plain one: both may hold)."""
-    gates = {}
+    """Recipe gates, then command-line gates, every one judged (the same gate twice, once): a `--gate accuracy>=0.8`
+    beside the recipe's `>=0.85` adds a gate, it never loosens one (a CI line silently passed what the recipe
+    refused). To change a recipe's gate, override it: `eval.gates.accuracy='">=0.8"'`."""
+    gates: dict[str, Gate] = {}
     for text in [f"{m}{c}" for m, c in (recipe_gates or {}).items()] + list(cli_gates or []):
         gate = parse_gate(text)
-        gates[(gate.metric, gate.op, gate.level is not None)] = gate
+        gates.setdefault(str(gate), gate)
     return list(gates.values())
 
 

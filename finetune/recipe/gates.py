@@ -41,8 +41,14 @@ class Gate:
         return {">=": t <= high, ">": t < high, "<=": t >= low, "<": t > low, "==": low <= t <= high}[self.op]
 
     def __str__(self) -> str:
-        level = "" if self.level is None else f"@{self.level * 100:g}"
-        return f"{self.metric}{self.op}{self.threshold:g}{level}"
+        level = "" if self.level is None else f"@{_exact(round(self.level * 100, 9))}"
+        return f"{self.metric}{self.op}{_exact(self.threshold)}{level}"
+
+
+def _exact(number: float) -> str:
+    """The number as written, every digit kept (`:g` kept six: 0.2187501 was shown, and keyed, as 0.21875)."""
+    text = repr(float(number))
+    return text.removesuffix(".0")
 
 
 def parse_gate(text: str) -> Gate:

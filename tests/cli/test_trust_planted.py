@@ -602,3 +602,17 @@ def test_machine_readable_files_are_strict_json(tmp_path):
 
     assert parse((tmp_path / "m.json").read_text()) == {"eval_loss": None, "rows": [None, 1.5]}
     assert parse((tmp_path / "p.jsonl").read_text()) == {"score": None}
+
+
+@pytest.mark.unit
+def test_every_gate_is_judged_with_every_digit():
+    """Two gates on one metric and operator replaced each other (a CI's --gate accuracy>=0.1 beside the recipe's
+    >=0.9 passed a 0.22), and a threshold was kept to six digits (accuracy 0.21875 passed >=0.2187501)."""
+    from finetune.evaluation.scoring import collect_gates
+    from finetune.recipe.gates import evaluate_gates
+
+    gates = collect_gates({"accuracy": ">=0.9"}, ["accuracy>=0.1", "accuracy>=0.1", "accuracy>=0.2187501"])
+    assert [str(g) for g in gates] == ["accuracy>=0.9", "accuracy>=0.1", "accuracy>=0.2187501"]
+    judged = evaluate_gates(gates, {"accuracy": 0.21875})
+    assert [result["passed"] for result in judged.values()] == [False, True, False]
+    assert str(parse_gate("accuracy>=0.85@97.5")) == "accuracy>=0.85@97.5"
