@@ -47,6 +47,7 @@ from finetune.outputs import manifest as provenance
 from finetune.outputs.adapter import AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
+from finetune.recipe.gates import evaluate_gates
 from finetune.recipe.schema import Recipe, RetrievalSection, recipe_to_yaml
 from finetune.secrets import redact
 from finetune.tasks import sandbox
@@ -148,12 +149,7 @@ def _run(
             run_dir, lock, resume=resume, overwrite=overwrite, owner=owner, inputs=resolved.input_paths()
         )
         if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
-            console.print(
-                f"{run_dir.path} is a finished run; nothing to resume (its metrics are below)",
-                highlight=False,
-                soft_wrap=True,
-            )
-            return files.read_json(run_dir.metrics)
+            return _finished(run_dir, resolved, accelerator.num_processes, force_resume, console)
         created = False if dry_run else rundir.claim(run_dir)
         if lock is not None:
             lock.acquire()  # before anything is removed or written
@@ -364,6 +360,32 @@ def train_retriever(
     recipe = resolved.recipe.model_copy(update={"data": data})
     summary = {"run": str(directory), "model": trained, "metrics": document["metrics"]}
     return dataclasses.replace(resolved, recipe=recipe), summary
+
+
+def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, console: Console) -> dict:
+    """`--resume auto` on a finished run: nothing to train, if this recipe is the one it was trained with (its last
+    checkpoint's identity, as any resume: a changed recipe or data is refused, naming each change); its metrics,
+    judged by this recipe's gates (a CI caching runs/ kept reporting the gates of the day it trained)."""
+    recipe = resolved.recipe
+    last = checkpoint.newest_usable(run_dir.checkpoints)
+    if last is not None:
+        identity = rundir.resume_identity(recipe, processes)
+        checkpoint.check_identity(checkpoint.read_progress(last).identity, identity, force)
+    console.print(
+        f"{run_dir.path} is a finished run; nothing to resume (its metrics are below, judged by this recipe's gates)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    document = files.read_json(run_dir.metrics)
+    stored = document.get("intervals") or {}
+
+    def bounds(metric: str, level: float) -> tuple[float, float] | None:
+        """The stored interval at its own level; a gate at another level has none here (it fails, said)."""
+        interval = stored.get(metric)
+        return (interval["low"], interval["high"]) if interval and interval.get("level") == level else None
+
+    gates = evaluation.collect_gates(recipe.eval.gates, None)
+    return {**document, "gates": evaluate_gates(gates, document.get("metrics", {}), bounds)}
 
 
 def keep_weights(

@@ -54,6 +54,13 @@ def test_resume_auto_on_a_finished_run_says_so(finished_run):
     assert snapshot(out) == before
     empty = invoke("run", recipe, "--resume", "")
     assert empty.exit_code == 2 and "--resume: give 'auto' or a checkpoint path" in empty.output
+    # Its metrics are judged by this recipe's gates (a CI caching runs/ reported the gates it trained with), and a
+    # changed recipe is refused as any resume is (it returned the old metrics, exit 0).
+    gated = invoke("run", recipe, "--resume", "auto", 'eval.gates={accuracy: ">=0.9999"}')
+    assert gated.exit_code == 4 and "accuracy>=0.9999" in gated.output, gated.output
+    changed = invoke("run", recipe, "--resume", "auto", "train.lr=0.1")
+    assert changed.exit_code == 2 and "train.lr" in changed.output, changed.output
+    assert snapshot(out) == before
 
 
 def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_recipe, tmp_path):
