@@ -320,16 +320,20 @@ def evaluate(
 
 
 def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
-    """The knowledge base a run's manifest recorded, when the file is not the same now: retrieval, and so every
-    context and metric of this evaluation, come from the file as it is now."""
+    """The eval file and knowledge base a run's manifest recorded, when the file read now is not the same: every
+    row, context and metric of this evaluation come from the file as it is now (a relative path is read from the
+    working directory: from another one, an eval file of the same name scored 1.0 where the run scored 0.22)."""
     try:
         recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
     except (OSError, ValueError, AttributeError):
         return []
+    what = {"eval": "eval file", "knowledge_base": "knowledge base"}
     return [
-        f"the knowledge base {name} changed since the run trained (sha256 {str(recorded[name])[:12]} then, "
-        f"{digest[:12]} now): this evaluation retrieved from it as it is now"
-        for name, digest in data_file_hashes(recipe.data, ("knowledge_base",)).items()
+        f"the {what[key]} {name} is not the one the run read (sha256 {str(recorded[name])[:12]} then, "
+        f"{digest[:12]} now; relative paths are read from the working directory, {Path.cwd()}): this "
+        "evaluation read it as it is now"
+        for key in what
+        for name, digest in data_file_hashes(recipe.data, (key,)).items()
         if name in recorded and recorded[name] != digest
     ]
 

@@ -416,3 +416,19 @@ def test_a_run_recorded_before_a_newer_rule_stays_usable(finished_run, tmp_path)
     # A recipe about to train is still refused.
     (tmp_path / "again.yaml").write_text(yaml.safe_dump({**recorded, "output": {"dir": str(tmp_path / "again")}}))
     assert invoke("validate", tmp_path / "again.yaml").exit_code == 2
+
+
+def test_eval_of_a_run_on_an_eval_file_not_the_runs_says_so(finished_run, tmp_path):
+    """A relative data.eval read from another directory (a same-named file there) was scored without a word."""
+    import yaml
+
+    _, run = finished_run
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    rows = [json.loads(line) for line in Path(recorded["data"]["eval"]).read_text().splitlines()]
+    write_jsonl(elsewhere / "eval.jsonl", rows[:5])
+    result = invoke("eval", run, f"data.eval={elsewhere / 'eval.jsonl'}", "--output", tmp_path / "ev")
+    assert result.exit_code == 0  # another name: asked for, no warning
+    Path(recorded["data"]["eval"]).write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    result = invoke("eval", run, "--output", tmp_path / "ev2")
+    assert result.exit_code == 0 and "is not the one the run read" in " ".join(result.output.split()), result.output
