@@ -427,6 +427,11 @@ def run_command(
 
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     if num_processes:  # the flag wins over the recipe's count, so the rules judge the count that runs
+        from finetune.flows.resolve import too_many_processes
+
+        problems = too_many_processes(num_processes, "--num-processes")
+        if problems:
+            raise RecipeError("; ".join(problems))
         overrides = [o for o in overrides or [] if o.partition("=")[0].strip() != "distributed.num_processes"]
         overrides.append(f"distributed.num_processes={num_processes}")
     resolved = resolve(recipe, overrides)  # the file read once, every rule, once, before starting processes
