@@ -215,13 +215,18 @@ def row_lengths(features: Features) -> np.ndarray:
 @contextmanager
 def unchanged(model: torch.nn.Module) -> Iterator[None]:
     """Whatever the measurement does to `model` and the random generators is undone afterwards: trainable
-    weights, train/eval mode, the forward that accelerate's `prepare` wraps (mixed precision), and the torch,
-    CUDA, numpy and Python generators."""
+    weights, each module's train/eval mode, the forward that accelerate's `prepare` wraps (mixed precision) and the
+    attributes it adds, and the torch, CUDA, numpy and Python generators."""
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     patched: dict[str, Any] = {
         key: model.__dict__[key] for key in ("forward", "_original_forward") if key in model.__dict__
     }
-    mode = model.training
+    # Attributes the measurement adds: accelerate's `prepare` marks the model `_is_accelerate_prepared` and then
+    # skips wrapping it again, so the real run after the estimate trained without its mixed-precision forward.
+    attributes = set(model.__dict__)
+    # Every module's own mode: the session keeps frozen base modules in eval mode inside a training model, and
+    # `model.train(mode)` alone put them back in training mode (a run with --estimate trained another model).
+    modes = {module: module.training for module in model.modules()}
     states = (
         torch.get_rng_state(),
         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -236,10 +241,11 @@ def unchanged(model: torch.nn.Module) -> Iterator[None]:
                 if name in weights:
                     p.copy_(weights[name].to(p.device))
                     p.grad = None
-        for key in ("forward", "_original_forward"):
+        for key in ("forward", "_original_forward", *(set(model.__dict__) - attributes)):
             model.__dict__.pop(key, None)
         model.__dict__.update(patched)
-        model.train(mode)
+        for module, training in modes.items():
+            module.training = training
         torch.set_rng_state(states[0])
         if states[1] is not None:
             torch.cuda.set_rng_state_all(states[1])

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from conftest import WORDS, classification_recipe, write_jsonl
 from helpers import invoke
 from transformers import AutoModel, AutoTokenizer, BertConfig
@@ -45,19 +46,23 @@ def test_dry_run_estimate_fields_and_no_trace(tiny_models, topic_data, write_rec
     assert json.loads(skipped.stdout[skipped.stdout.index("{") :])["estimate"] is None
 
 
-def test_estimate_leaves_a_real_run_unchanged(tiny_models, topic_data, write_recipe, tmp_path):
-    """The measurement trains a few steps on the session's model: a run after it is the run without it."""
+@pytest.mark.parametrize("precision", ["fp32", "auto"])  # auto: bf16 where the CPU runs it natively
+def test_estimate_leaves_a_real_run_unchanged(tiny_models, topic_data, write_recipe, tmp_path, precision):
+    """The measurement trains a few steps on the session's model: a run after it is the run without it (in bf16 it
+    was not: the frozen base modules came back in training mode)."""
     logs = []
     for name, flags in (("measured", ["--estimate"]), ("plain", [])):  # a real run measures when asked
-        recipe = write_recipe(
-            classification_recipe(tiny_models["bert"], topic_data, tmp_path / name, epochs=1), f"{name}.yaml"
+        settings = classification_recipe(
+            tiny_models["bert"], topic_data, tmp_path / name, epochs=1, precision=precision
         )
+        recipe = write_recipe(settings, f"{name}.yaml")
         result = invoke("run", recipe, *flags)
         assert result.exit_code in (0, 4), result.output
         assert ("estimating time and memory" in result.output) == bool(flags)
         lines = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
-        logs.append(([(e["step"], e["loss"]) for e in lines], metrics))
+        adapter = (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes()
+        logs.append(([(e["step"], e["loss"]) for e in lines], metrics, adapter))
     assert logs[0] == logs[1]
 
 
