@@ -59,6 +59,15 @@ def windows(
             f"{split}: row {too_long[0] + 1}: the question takes {question_lengths[too_long[0]]} tokens, more than half "
             f"of data.max_length={max_length}; shorten it or raise max_length"
         )
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    longest = max(question_lengths, default=0)
+    room = max_length - longest - specials  # the context tokens a window of the longest question holds
+    if stride >= room:  # the tokenizer panics (a Rust backtrace) on an overlap as wide as the window
+        raise DataError(
+            f"{split}: data.doc_stride {stride} must be below the context's room in a window: data.max_length "
+            f"{max_length} minus the longest question ({longest} tokens) and {specials} special tokens is {room}; "
+            "lower data.doc_stride or raise data.max_length"
+        )
     encoded = tokenizer(
         questions,
         contexts,
@@ -78,7 +87,6 @@ def windows(
         # A window after the first starts `stride` tokens before the end of the one before it.
         context_tokens[example] += sum(1 for s in sequence if s == 1) - (stride if context_tokens[example] else 0)
     # The untruncated length without tokenising again: question + whole context + the pair's special tokens.
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
     lengths = [q + c + specials for q, c in zip(question_lengths, context_tokens)]
     report = LengthReport.from_lengths(split, lengths, max_length)
     report.truncated = sum(n > max_length for n in lengths)  # split into windows, not cut

@@ -402,3 +402,13 @@ def test_answer_from_first_reads_the_answer_from_the_top_passage(tiny_models):
         w, start, end, [context], n_best=1, max_answer_length=4, within=[tuple(rows["passage_spans"][0][0])]
     )
     assert only_one == top
+
+
+def test_an_overlap_as_wide_as_the_window_is_refused_naming_it(tiny_models, tmp_path, write_recipe):
+    """data.doc_stride above the context's room in a window made the tokenizer panic (a Rust backtrace, exit 1)."""
+    rows = _extractive_rows(20)
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", rows[:16]), "eval": write_jsonl(tmp_path / "e.jsonl", rows[16:])}
+    recipe = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
+    recipe["data"]["doc_stride"] = 22  # below max_length 24, above what the question leaves of it
+    result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run", "--no-estimate"])
+    assert result.exit_code == 3 and "data.doc_stride 22 must be below the context's room" in result.output
