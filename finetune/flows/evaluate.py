@@ -255,11 +255,7 @@ def evaluate(
         ):  # another run's adapter would load into the wrong layers or score with the wrong head
             raise RecipeError("; ".join(problems))
     elif run is not None:
-        adapter_dir = run.adapter
-        if (adapter_dir / rundir.ADAPTER_META).is_file() and (
-            problems := adapter_problems(recipe, adapter_dir, "the run's adapter")
-        ):  # an override of the model or task: the adapter would load into the wrong layers
-            raise RecipeError("; ".join(problems))
+        adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
     label = (

@@ -1495,7 +1495,13 @@ def resolve_source(
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
         recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
-        return resolve(run.recipe, overrides, splits, recorded), run
+        resolved = resolve(run.recipe, overrides, splits, recorded)
+        meta = run.adapter / ADAPTER_META
+        if meta.is_file() and (problems := adapter_problems(resolved.recipe, run.adapter, "the run's adapter")):
+            # Its recipe edited or overridden to another model or task: the adapter would load into the wrong
+            # layers (an internal error from peft) or, on a model of the same shapes, predict wrongly, silently.
+            raise RecipeError("; ".join(problems))
+        return resolved, run
     return resolve(path, overrides, splits), None
 
 

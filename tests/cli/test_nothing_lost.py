@@ -384,12 +384,23 @@ def test_a_damaged_adapter_is_named_by_every_command_that_reads_it(finished_run,
     assert not (tmp_path / "merged").exists()
 
 
-def test_eval_of_a_run_under_another_model_is_refused_naming_both(finished_run, tiny_models, tmp_path):
-    """`eval RUN model.name_or_path=OTHER` was an internal error from peft (no modules matched)."""
+def test_a_run_under_another_model_is_refused_naming_both(finished_run, tiny_models, tmp_path):
+    """`eval RUN model.name_or_path=OTHER` was an internal error from peft (no modules matched); a recipe.yaml
+    edited to another base of the same shapes made predict and merge use it, silently."""
+    import yaml
+
     _, run = finished_run
     result = invoke("eval", run, f"model.name_or_path={tiny_models['llama']}", "--output", tmp_path / "ev")
     assert result.exit_code == 2, result.output
     assert "the run's adapter" in result.output and "not on model.name_or_path" in result.output
+    twin = tmp_path / "twin-bert"
+    shutil.copytree(tiny_models["bert"], twin)
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    recorded["model"]["name_or_path"] = str(twin)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    for command in (["predict", run, "--input", "-"], ["merge", run, "--output", tmp_path / "merged"]):
+        refused = invoke(*command, input='{"text": "rain"}\n')
+        assert refused.exit_code == 2 and "not on model.name_or_path" in refused.output, refused.output
 
 
 def test_a_resume_path_that_does_not_exist_is_refused_before_anything_loads(
