@@ -275,7 +275,15 @@ def evaluate(
         resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
 
     # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.
-    lock = RunLock(run.path, label=str(source)) if run is not None and accelerator.is_main_process else None
+    # An evaluation written elsewhere (--output) only reads the run: no lock (a read-only run, parallel gate jobs).
+    lock = (
+        RunLock(run.path, label=str(source))
+        if run is not None
+        and out_dir is not None
+        and out_dir.resolve().is_relative_to(run.path.resolve())
+        and accelerator.is_main_process
+        else None
+    )
     if lock is not None:
         lock.acquire()
     try:

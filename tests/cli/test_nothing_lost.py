@@ -443,3 +443,16 @@ def test_eval_of_a_run_on_an_eval_file_not_the_runs_says_so(finished_run, tmp_pa
     Path(recorded["data"]["eval"]).write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     result = invoke("eval", run, "--output", tmp_path / "ev2")
     assert result.exit_code == 0 and "is not the one the run read" in " ".join(result.output.split()), result.output
+
+
+def test_an_evaluation_written_elsewhere_does_not_lock_the_run(finished_run, tmp_path):
+    """eval RUN --output DIR took the run's lock although it writes nothing there: a read-only run, or two gate
+    jobs on one run, were refused."""
+    from finetune.outputs.lock import RunLock
+
+    _, run = finished_run
+    with RunLock(run, command="finetune run other.yaml"):
+        elsewhere = invoke("eval", run, "--output", tmp_path / "ev")
+        assert elsewhere.exit_code in (0, 4), elsewhere.output
+        inside = invoke("eval", run)  # into the run's evals/: one writer per run directory
+        assert inside.exit_code == 2 and "in use by another finetune process" in inside.output, inside.output
