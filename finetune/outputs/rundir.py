@@ -101,10 +101,14 @@ def claim(run: RunDir) -> bool:
     created = not run.path.exists()
     try:
         run.path.mkdir(parents=True, exist_ok=True)
+        check_free_space(run.path, MIN_FREE_BYTES)
         files.write_text_atomic(run.marker, "a finetune run directory\n")
     except OSError as exc:
+        release(run, created)
         raise RecipeError(f"output.dir: {run.path} is not writable: {exc.strerror or exc}") from exc
-    check_free_space(run.path, MIN_FREE_BYTES)
+    except RecipeError:  # too little space: nothing left behind, so the retry is not refused as an unfinished run
+        release(run, created)
+        raise
     return created
 
 

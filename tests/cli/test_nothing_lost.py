@@ -456,3 +456,22 @@ def test_an_evaluation_written_elsewhere_does_not_lock_the_run(finished_run, tmp
         assert elsewhere.exit_code in (0, 4), elsewhere.output
         inside = invoke("eval", run)  # into the run's evals/: one writer per run directory
         assert inside.exit_code == 2 and "in use by another finetune process" in inside.output, inside.output
+
+
+def test_a_run_refused_for_space_leaves_nothing_that_refuses_the_retry(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    """The marker was written before the free-space check: the retry, with space freed, was refused as an
+    unfinished run."""
+    import collections
+
+    from finetune.outputs import rundir
+
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", epochs=1))
+    usage = collections.namedtuple("usage", "total used free")
+    with monkeypatch.context() as patch:
+        patch.setattr(rundir.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+        full = invoke("run", recipe)
+    assert full.exit_code == 2 and "MiB free" in full.output, full.output
+    assert not (tmp_path / "run").exists()
+    assert invoke("run", recipe).exit_code in (0, 4)
