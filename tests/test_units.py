@@ -201,3 +201,18 @@ def test_the_generation_plan_counts_whole_prompts():
     assert batch_plan(16, "eval.batch_size").startswith("16 rows per batch (eval.batch_size)")
     assert batch_plan(2, "eval.batch_size", samples=4).startswith("4 rows per batch (2 asked; a prompt's 4 samples")
     assert batch_plan(30, "memory", samples=4).startswith("28 rows per batch")
+
+
+def test_a_forced_colour_pipe_gets_plain_progress_lines(monkeypatch):
+    """rich reports a terminal whenever FORCE_COLOR is set (common in CI): a piped log got live redraws."""
+    import io
+
+    from rich.console import Console
+
+    from finetune.training.loop import live_console
+
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    piped = Console(file=io.StringIO())
+    assert piped.is_terminal and not live_console(piped)
