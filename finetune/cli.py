@@ -1052,8 +1052,18 @@ def set_runtime_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def _utf8_streams() -> None:
+    """Standard streams in UTF-8 whatever the locale (LANG=C in a CI container): data, predictions and JSON are
+    UTF-8, and an ASCII stdout made a non-ASCII prediction an internal error (UnicodeEncodeError)."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding and encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8")
+
+
 def main() -> None:
     set_runtime_defaults()
+    _utf8_streams()
     # --debug is a root option; accept it anywhere on the line, as users type it (`finetune run r.yaml --debug`).
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")

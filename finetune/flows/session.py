@@ -505,6 +505,7 @@ def load_task_model(
         trust_remote_code=recipe.model.trust_remote_code,
         config=config,
         new_heads=task.head_candidates,
+        announce=adapter_dir is None,
         **attention_kwargs(resolved.precision),
         quantization_config=quantization_config(recipe.distributed.quantization),
     )

@@ -294,11 +294,13 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     new_heads: tuple[str, ...] = (),
+    announce: bool = True,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """The checkpoint as `auto_class`, in float32. `new_heads`: the task's head modules, which may have another
     shape in the checkpoint (a sentiment classifier's 2 outputs, tuned for 3 topics): those start anew, said in the
-    log; a weight of any other module whose shape differs from the config's is a damaged checkpoint, refused."""
+    log (`announce`: when training starts them); a weight of any other module whose shape differs from the config's is
+    a damaged checkpoint, refused."""
     import torch
 
     if trust_remote_code:
@@ -323,7 +325,7 @@ def load_model(
             f"model.name_or_path: {path!r} holds weights whose shapes differ from its config: "
             f"{', '.join(k for k in mismatched if not set(k.split('.')) & set(new_heads))}"
         )
-    if mismatched:
+    if mismatched and announce:  # said when training starts a head; a trained adapter brings its own
         log.warning(
             "%s: the checkpoint's %s had another shape (another number of labels): not used, the task's own head replaces them",
             path,

@@ -171,3 +171,14 @@ def test_a_worker_forked_while_training_has_the_default_sigterm():
             os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_streams_are_utf8_whatever_the_locale():
+    """LANG=C in a CI container: an ASCII stdout made a non-ASCII prediction an internal error."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
+    code = "from finetune.cli import _utf8_streams; _utf8_streams(); import sys; print(sys.stdin.readline().strip() + ' \\u00e7')"
+    done = subprocess.run([sys.executable, "-c", code], input="ça".encode(), capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.decode() == "ça ç\n", done.stderr.decode()
