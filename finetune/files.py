@@ -46,10 +46,21 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def weights_with_umask(path: Path) -> None:
+    """The safetensors files under `path` (or `path` itself) readable as the user's umask says: safetensors writes
+    them 0600 whatever it is, so a merged model or adapter was unreadable to the user's group. Only weights: a
+    watermark key stays 0600 on purpose."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*.safetensors") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        os.chmod(file, 0o666 & ~_umask())
+
+
 def replace_directory(staging: Path, target: Path, aside: Path) -> None:
     """Rename a finished `staging` folder onto `target`. An earlier `target` is first renamed to `aside` and
     removed only once the new one is in place, so a kill at any point leaves a whole folder (the new one at
-    `target`, or the old one at `target` or at `aside`), never a half-removed one."""
+    `target`, or the old one at `target` or at `aside`), never a half-removed one. Its weights files get the
+    user's umask first (`weights_with_umask`)."""
+    weights_with_umask(staging)
     shutil.rmtree(aside, ignore_errors=True)
     if target.exists():
         target.rename(aside)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from finetune.errors import DataError, RecipeError
-from finetune.files import sha256_file
+from finetune.files import sha256_file, weights_with_umask
 from finetune.outputs.adapter import AdapterSaver
 from finetune.outputs.rundir import HASHED
 
@@ -150,6 +150,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    weights_with_umask(path)
 
 
 def _write_json(path: Path, data: Any) -> None:

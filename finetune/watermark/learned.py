@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from finetune.errors import RecipeError
-from finetune.files import write_json
+from finetune.files import weights_with_umask, write_json
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import REDACTED, Recipe, WatermarkSection
 
@@ -358,6 +358,7 @@ def save(watermark: LearnedWatermark, directory: Path) -> None:
     """The watermark's weights and layout into `directory` (an adapter being written)."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in watermark.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    weights_with_umask(directory / WEIGHTS_FILE)
     layout = watermark.layout
     write_json(directory / LAYOUT_FILE, {**layout.__dict__, "layers": list(layout.layers)})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -475,3 +476,20 @@ def test_a_run_refused_for_space_leaves_nothing_that_refuses_the_retry(
     assert full.exit_code == 2 and "MiB free" in full.output, full.output
     assert not (tmp_path / "run").exists()
     assert invoke("run", recipe).exit_code in (0, 4)
+
+
+def test_weights_files_follow_the_users_umask(tiny_models, topic_data, write_recipe, tmp_path):
+    """safetensors writes 0600 whatever the umask: the adapter, checkpoints and merged model were unreadable to the
+    user's group, every other file not."""
+    previous = os.umask(0o022)
+    try:
+        recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", epochs=1))
+        assert invoke("run", recipe).exit_code in (0, 4)
+        assert invoke("merge", tmp_path / "run", "--output", tmp_path / "merged").exit_code == 0
+    finally:
+        os.umask(previous)
+    weights = [*(tmp_path / "run").rglob("*.safetensors"), *(tmp_path / "merged").rglob("*.safetensors")]
+    weights = [w for w in weights if not w.is_symlink()]
+    assert weights and all(w.stat().st_mode & 0o777 == 0o644 for w in weights), [
+        (str(w), oct(w.stat().st_mode)) for w in weights
+    ]
