@@ -29,6 +29,7 @@ from finetune.flows.resolve import (
     resolve_recipe,
     retriever_recipe,
     runs_code,
+    trains_retriever,
 )
 from finetune.flows.session import (
     Session,
@@ -368,9 +369,12 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
     judged by this recipe's gates (a CI caching runs/ kept reporting the gates of the day it trained)."""
     recipe = resolved.recipe
     last = checkpoint.newest_usable(run_dir.checkpoints)
-    if last is not None:
-        identity = rundir.resume_identity(recipe, processes)
-        checkpoint.check_identity(checkpoint.read_progress(last).identity, identity, force)
+    # A knowledge-base run's checkpoints name the retriever it trained, which this recipe has not trained yet: its
+    # settings are compared where it resumes a stopped run, not here. Nothing trains, so any process count will do.
+    if last is not None and not trains_retriever(recipe):
+        saved = checkpoint.read_progress(last).identity
+        identity = rundir.resume_identity(recipe, saved.get("number of processes", processes))
+        checkpoint.check_identity(saved, identity, force)
     console.print(
         f"{run_dir.path} is a finished run; nothing to resume (its metrics are below, judged by this recipe's gates)",
         highlight=False,

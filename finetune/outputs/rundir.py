@@ -513,6 +513,7 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         "train.nonfinite",
         "train.report_to",
         "distributed.nnodes",  # how the processes are laid out; their count (world_size) is bound below
+        "distributed.num_processes",  # likewise (--num-processes sets it: the count that runs is bound below)
     }
     # Evaluation during training decides early stopping and the kept weights: those settings must match too.
     bound = {"eval.every", "eval.best_metric", "eval.during_max_samples", "eval.keep"}
