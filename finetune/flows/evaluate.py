@@ -40,6 +40,8 @@ from finetune.tasks import Task, get_task
 from finetune.tasks.preference import PAIR_SIDES, REFERENCE_COLUMNS, PreferenceCollator, sides_of
 from finetune.tasks.text2text import CompletionEntropy
 from finetune.training import checkpoint
+from finetune.training.checkpoint import INDEX as CHECKPOINT_INDEX
+from finetune.training.checkpoint import verify as verify_checkpoint
 from finetune.training.loop import make_accelerator
 from finetune.training.objectives import make_objective, reference_logps, reference_policy, with_columns
 from finetune.watermark import learned
@@ -249,6 +251,8 @@ def evaluate(
         adapter_dir = Path(checkpoint).expanduser()
         if not adapter_dir.exists():
             raise RecipeError(f"--checkpoint: {checkpoint} does not exist")
+        if (adapter_dir / CHECKPOINT_INDEX).is_file():  # a checkpoint: its bytes as written, or a DataError
+            verify_checkpoint(adapter_dir)
         adapter_dir = adapter_dir / "adapter" if (adapter_dir / "adapter").is_dir() else adapter_dir
         if (adapter_dir / rundir.ADAPTER_META).is_file() and (
             problems := adapter_problems(recipe, adapter_dir, "--checkpoint")
@@ -378,11 +382,16 @@ def evaluate_all_checkpoints(
     check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
     accelerator = make_accelerator(recipe.train, resolved.precision)
-    sources = [
-        (int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name)
-        for c in checkpoint.complete_checkpoints(run.checkpoints)
-        if (c / "adapter" / rundir.ADAPTER_META).is_file()
-    ]
+    sources, skipped = [], []
+    for c in checkpoint.complete_checkpoints(run.checkpoints):
+        if not (c / "adapter" / rundir.ADAPTER_META).is_file():
+            continue
+        try:  # its bytes as written: a damaged one is left out, said, not scored (nor the whole table refused)
+            checkpoint.verify(c)
+        except DataError as exc:
+            skipped.append(f"{c.name} left out: {exc}")
+            continue
+        sources.append((int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name))
     trained = files.read_json(run.metrics) if run.metrics.is_file() else {}
     kept_step = trained.get("evaluation", {}).get("kept_step", trained.get("training", {}).get("steps"))
     sources.append((kept_step, run.adapter, "adapter (kept)"))
@@ -402,6 +411,8 @@ def evaluate_all_checkpoints(
         evaluation.collect_gates(recipe.eval.gates, gates),
         {"evaluated": str(run.adapter), "checkpoints": table},
     )
+    if skipped:
+        document.setdefault("warnings", []).extend(skipped)
     if out_dir is not None and accelerator.is_main_process:
 
         def write(folder: Path) -> None:

@@ -493,3 +493,18 @@ def test_weights_files_follow_the_users_umask(tiny_models, topic_data, write_rec
     assert weights and all(w.stat().st_mode & 0o777 == 0o644 for w in weights), [
         (str(w), oct(w.stat().st_mode)) for w in weights
     ]
+
+
+def test_a_damaged_checkpoint_is_not_scored(finished_run, tmp_path):
+    """eval --checkpoint scored a checkpoint whose bytes differ from its recorded sha256 (--resume refused the same
+    one), and one damaged checkpoint refused the whole --all-checkpoints table."""
+    _, run = finished_run
+    steps = sorted((run / "checkpoints").iterdir())
+    weights = next(steps[0].glob("adapter/adapter_model.safetensors"))
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    one = invoke("eval", run, "--checkpoint", steps[0], "--output", tmp_path / "one")
+    assert one.exit_code == 3 and "damaged" in one.output, one.output
+    table = invoke("eval", run, "--all-checkpoints", "--output", tmp_path / "all")
+    assert table.exit_code in (0, 4) and f"{steps[0].name} left out" in " ".join(table.output.split()), table.output
