@@ -297,7 +297,6 @@ def _run(
         )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)
-        files.write_json(run_dir.metrics, document)
         card.write_pictures(run_dir, document)
         card.write_model_card(
             run_dir,
@@ -311,7 +310,10 @@ def _run(
             else f"peft's `AutoPeft{session.family.auto_class_name(session.task.head).removeprefix('Auto')}"
             f'.from_pretrained("{run_dir.adapter}")`',
         )
-        rundir.record_adapter_files(run_dir.adapter)  # last: what --overwrite may remove from adapter/
+        rundir.record_adapter_files(run_dir.adapter)  # what --overwrite may remove from adapter/
+        # Last: metrics.json is what makes the run finished (--resume auto then has nothing to do), so a stop while
+        # the card or the pictures were written resumes and writes them, instead of leaving them out for good.
+        files.write_json(run_dir.metrics, document)
     accelerator.log({f"eval/{name}": value for name, value in document["metrics"].items()}, step=result.steps)
     trackers.finish(accelerator)
     accelerator.wait_for_everyone()

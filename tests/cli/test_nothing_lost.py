@@ -508,3 +508,20 @@ def test_a_damaged_checkpoint_is_not_scored(finished_run, tmp_path):
     assert one.exit_code == 3 and "damaged" in one.output, one.output
     table = invoke("eval", run, "--all-checkpoints", "--output", tmp_path / "all")
     assert table.exit_code in (0, 4) and f"{steps[0].name} left out" in " ".join(table.output.split()), table.output
+
+
+def test_a_stop_while_the_card_is_written_resumes_to_a_whole_run(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    """metrics.json came before the card and pictures: a run stopped between them was "finished", and --resume
+    auto never wrote the card it announced."""
+    from finetune.outputs import card
+
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run", epochs=1))
+    with monkeypatch.context() as patch:
+        patch.setattr(card, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+        stopped = invoke("run", recipe)
+    assert stopped.exit_code == 2 and not (tmp_path / "run" / "metrics.json").exists(), stopped.output
+    resumed = invoke("run", recipe, "--resume", "auto")
+    assert resumed.exit_code in (0, 4), resumed.output
+    assert (tmp_path / "run" / "README.md").is_file() and (tmp_path / "run" / "metrics.json").is_file()
