@@ -161,7 +161,10 @@ def export(
         staging.unlink(missing_ok=True)  # a refusal or a failure leaves nothing behind
         raise
     staging.replace(target)
-    card.add_run_elsewhere(run, target)
+    try:  # the run's card says where it went; a run on a read-only filesystem keeps its card as it is
+        card.add_run_elsewhere(run, target)
+    except OSError as exc:
+        log.warning("the run's model card was not updated with the export (%s)", exc.strerror or exc)
     if not verify:
         return Exported(target)
     parity = _verify(data, merged, target, quant)

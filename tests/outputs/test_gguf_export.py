@@ -133,6 +133,20 @@ def test_verify_refuses_clearly_without_llama_cpp(copy_run, tmp_path, monkeypatc
     assert not (tmp_path / "v.gguf").exists()
 
 
+def test_an_export_from_a_read_only_run_is_a_success(copy_run, tmp_path, monkeypatch, caplog):
+    """The GGUF was written whole, then updating the run's card on a read-only filesystem made it exit 2, and the
+    retry was refused as an earlier GGUF file."""
+    from finetune.outputs import card
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(card, "add_run_elsewhere", read_only)
+    exported = invoke("export", copy_run / "run", "--output", tmp_path / "r.gguf")
+    assert exported.exit_code == 0 and (tmp_path / "r.gguf").is_file(), exported.output
+    assert "model card was not updated" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_verify_compares_the_file_in_llama_cpp_with_the_merged_model(quant, copy_run, tmp_path):
