@@ -834,7 +834,10 @@ def merge_command(
 def data_command(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
-    output: Annotated[str, typer.Option("--output", help="Where data_report.json goes.")] = "data_report.json",
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="Where the report file goes (default data_report.json; with --json: none)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a summary.")] = False,
     tokens: Annotated[
@@ -858,18 +861,23 @@ def data_command(
     from finetune.outputs.rundir import TOKEN_FILE, claim_output
 
     what = "data report"
-    target = claim_output(
-        output, key="--output", what=what, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
-    )
+    if output is None and not as_json:  # --json prints the report: a file only where --output asks for one
+        output = "data_report.json"
+    target = None
+    if output is not None:
+        target = claim_output(
+            output, key="--output", what=what, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
+        )
     token_file = None
     if tokens is not None:
         token_file = claim_output(
             tokens, key="--tokens", what=TOKEN_FILE, directory=False, overwrite=overwrite, inputs=resolved.input_paths()
         )
-        if token_file.resolve() == target.resolve():
+        if target is not None and token_file.resolve() == target.resolve():
             raise RecipeError(f"--tokens: {tokens} is also --output; give the token file its own path")
     report = report_data(resolved, token_file)
-    write_json(target, {**report, "written_by": what})
+    if target is not None:
+        write_json(target, {**report, "written_by": what})
     if as_json:
         print(json_text(report, indent=2))
         return

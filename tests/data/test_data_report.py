@@ -68,7 +68,13 @@ def test_data_report_and_on_overlap(tiny_models, write_recipe, tmp_path, monkeyp
     recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "run")
     result = runner.invoke(app, ["data", str(write_recipe(recipe)), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "data_report.json").read_text())
+    report = json.loads(result.stdout)
+    # --json prints the report: no file unless --output asks (a second identical run was refused by the first's).
+    assert not (tmp_path / "data_report.json").exists()
+    again = runner.invoke(app, ["data", str(tmp_path / "recipe.yaml"), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout) == report
+    assert runner.invoke(app, ["data", str(tmp_path / "recipe.yaml")]).exit_code == 0
+    assert json.loads((tmp_path / "data_report.json").read_text())["train_eval_overlap"] == report["train_eval_overlap"]
     overlap = report["train_eval_overlap"]
     assert overlap["exact"] == 2 and overlap["near"] == 1
     assert report["train_duplicates"]["exact"] >= 1 and report["train_duplicates"]["near"] >= 1
