@@ -158,7 +158,7 @@ def compare(
     `rescore` (prediction rows -> metrics): a baseline scored on other rows is refused (exit 2, `same_data`)
     unless it allows different data, and then each metric is compared on the rows both evaluations scored (the
     metric of each side's matched rows, `rows: {"this", "baseline", "matched"}` on every result) so that the change
-    is the one the paired test measures; with no row in common nothing is compared.
+    is the one the paired test measures; with no row in common the comparison is refused (exit 2).
     """
     source = baseline if isinstance(baseline, Baseline) else None
     before_document = baseline.document if isinstance(baseline, Baseline) else baseline
@@ -170,8 +170,11 @@ def compare(
         if other is not None and rescore is not None:
             mine, theirs = matched_rows(rows, other, fields)
             on_rows = {"this": len(rows), "baseline": len(other), "matched": len(mine)}
-            if not mine:
-                return {}
+            if not mine:  # a regression check that checks nothing must not pass
+                raise RecipeError(
+                    f"--compare: no row of this evaluation is one the baseline scored ({len(rows)} rows here, "
+                    f"{len(other)} there, matched by their fields): nothing to compare"
+                )
             now_metrics, before_metrics = rescore(mine), rescore(theirs)
     results = {}
     for name, before in before_metrics.items():

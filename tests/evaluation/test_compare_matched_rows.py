@@ -113,10 +113,12 @@ def test_matched_rows_keep_each_sides_own_prediction_and_repeats():
     assert mine == [ours[2], ours[3]] and other == [theirs[0], theirs[1]]
 
 
-def test_no_common_row_compares_nothing(tmp_path):
+def test_no_common_row_is_refused(tmp_path):
+    """It compared nothing and passed (exit 0): a regression check that checks nothing."""
     baseline = baseline_dir(tmp_path / "b", predicted(range(10), set()), allow=True)
     rows = predicted(range(10, 20), set(range(10, 20)))
-    assert compare(document_of(rows), baseline, 0.01, rows, FIELDS, metrics) == {}
+    with pytest.raises(RecipeError, match="no row of this evaluation is one the baseline scored"):
+        compare(document_of(rows), baseline, 0.01, rows, FIELDS, metrics)
 
 
 def test_without_rows_the_metrics_documents_are_compared_as_before(tmp_path):
