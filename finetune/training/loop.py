@@ -626,8 +626,9 @@ class NonFiniteGuard:
             log.warning("step %d: %s is not finite; update skipped (%d so far)", step, what, self.skipped)
             return False, stopping
         raise TrainingDiverged(
-            f"training diverged at step {step} (epoch {progress.epoch + 1}): {what} is not finite (nan or inf); "
-            "the last good checkpoint is kept. Lower train.lr, check the data, or set train.nonfinite: skip"
+            f"training diverged at step {step} (in epoch {progress.epoch + 1}): {what} is not finite (nan or inf); "
+            "the checkpoints saved before it, if any, are kept. Lower train.lr, check the data, or set "
+            "train.nonfinite: skip"
         )
 
 
