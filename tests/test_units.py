@@ -216,3 +216,14 @@ def test_a_forced_colour_pipe_gets_plain_progress_lines(monkeypatch):
     monkeypatch.setenv("TERM", "xterm-256color")
     piped = Console(file=io.StringIO())
     assert piped.is_terminal and not live_console(piped)
+
+
+def test_an_atomic_write_names_its_target_not_its_temporary_file(tmp_path):
+    """A folder where a file goes was reported as `.recipe.yaml.6g26vxt1: Is a directory`."""
+    from finetune.files import write_text_atomic
+
+    (tmp_path / "recipe.yaml").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        write_text_atomic(tmp_path / "recipe.yaml", "x")
+    assert info.value.filename == str(tmp_path / "recipe.yaml")
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]  # no temporary file left

@@ -279,7 +279,7 @@ def test_an_injected_nan_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
     recipe = classification_recipe(tiny_models["gpt2"], topic_data, out, checkpoint_every=4)
     result = invoke("run", write_recipe(recipe))
     assert result.exit_code == 5, result.output
-    assert f"training diverged at step 7 (epoch 1): {what} is not finite" in result.output
+    assert f"training diverged at step 7 (in epoch 1): {what} is not finite" in result.output
     assert steps_on_disk(out) == ["step-00000004"]
 
 
