@@ -425,6 +425,8 @@ def run_command(
     from finetune.flows.resolve import resolve
     from finetune.launch import Topology, follow_launcher, inside_launched_process, processes_wanted, relaunch
 
+    if force_resume and resume is None:  # it would change nothing, silently
+        raise RecipeError("--force-resume goes with --resume (auto or a checkpoint)")
     overrides = _with_code_opt_in(overrides, allow_code_execution)
     if num_processes:  # the flag wins over the recipe's count, so the rules judge the count that runs
         from finetune.flows.resolve import too_many_processes
@@ -601,11 +603,13 @@ def eval_command(
         ),
     ] = None,
     level: Annotated[
-        float, typer.Option(min=50, max=99.99, help="Confidence level (%) of --compare's paired tests.")
-    ] = 95.0,
+        float | None,
+        typer.Option(min=50, max=99.99, help="Confidence level (%) of --compare's paired tests (default 95)."),
+    ] = None,
     tolerance: Annotated[
-        float, typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss).")
-    ] = 0.01,
+        float | None,
+        typer.Option(min=0, help="Absolute drop allowed by --compare (a rise, for eval_loss; default 0.01)."),
+    ] = None,
     allow_different_data: Annotated[
         bool,
         typer.Option(
@@ -635,8 +639,16 @@ def eval_command(
     from finetune.flows.evaluate import evaluate, evaluate_all_checkpoints, rescore
     from finetune.outputs import rundir
 
-    if allow_different_data and not compare:
-        raise RecipeError("--allow-different-data goes with --compare BASELINE")
+    partners = {
+        "--tolerance": tolerance is not None,
+        "--level": level is not None,
+        "--allow-different-data": allow_different_data,
+    }
+    if not compare and any(partners.values()):  # they would change nothing, silently
+        given = [flag for flag, set_ in partners.items() if set_]
+        raise RecipeError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --compare BASELINE")
+    tolerance = 0.01 if tolerance is None else tolerance
+    level = 95.0 if level is None else level
     baseline = (
         Baseline(compare, read_baseline(compare), tolerance, allow_different_data, level / 100) if compare else None
     )

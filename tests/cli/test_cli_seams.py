@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -182,3 +183,25 @@ def test_streams_are_utf8_whatever_the_locale():
     code = "from finetune.cli import _utf8_streams; _utf8_streams(); import sys; print(sys.stdin.readline().strip() + ' \\u00e7')"
     done = subprocess.run([sys.executable, "-c", code], input="ça".encode(), capture_output=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.decode() == "ça ç\n", done.stderr.decode()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (
+            ["eval", "--predictions", "p.jsonl", "--task", "classification", "--tolerance", "0.1"],
+            "--tolerance goes with --compare",
+        ),
+        (
+            ["eval", "--predictions", "p.jsonl", "--task", "classification", "--level", "90"],
+            "--level goes with --compare",
+        ),
+        (["run", "r.yaml", "--force-resume"], "--force-resume goes with --resume"),
+    ],
+)
+def test_a_flag_without_its_partner_is_refused(arguments, words, tmp_path):
+    """They changed nothing, silently."""
+    with contextlib.chdir(tmp_path):
+        result = runner.invoke(app, arguments)
+    assert result.exit_code == 2 and words in result.output, result.output
