@@ -231,3 +231,21 @@ def test_builds_of_dead_processes_are_removed_and_a_failed_build_leaves_nothing(
     assert not abandoned.exists() and elsewhere.exists() and alive.exists()
     built.discard(workdir)
     assert not workdir.exists()
+
+
+def test_a_worker_forked_for_featurising_dies_with_its_parent(monkeypatch):
+    """kill -9 of a run featurising in worker processes left its pool and manager alive (~400 MB each), for good."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    monkeypatch.setattr(data, "_WORKERS_PARENT", os.getpid())
+    child = os.fork()
+    if child == 0:  # the hook has run: is this process set to die with its parent?
+        found = ctypes.c_int(0)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(found))  # PR_GET_PDEATHSIG
+        os._exit(0 if found.value == signal.SIGKILL and data._WORKERS_PARENT is None else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
