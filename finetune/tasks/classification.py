@@ -56,7 +56,7 @@ def _label_key(label: object) -> str:
 class ClassificationTask(Task):
     name = "classification"
     required_fields = ("text", "label")
-    optional_fields = ("text_pair",)
+    optional_fields = ("text_pair", "id")  # id: kept in predictions, which --compare matches by it
     reference_fields = ("label",)
     metric_names = ("accuracy", "macro_f1", "weighted_f1", *MULTI_LABEL_METRICS)
     head_candidates = ("classifier", "score", "classification_head", "pooler")

@@ -16,6 +16,7 @@ from finetune.tasks.generative import GenerationTask, Rewards
 class CopywritingTask(GenerationTask):
     name = "copywriting"
     required_fields = ("prompt", "completion")
+    optional_fields = ("id",)  # kept in predictions, which --compare matches by it
     reference_fields = ("completion",)
     metric_names = ("rouge1", "rouge2", "rougeL", "bleu", "distinct_2", "mean_length")
 

@@ -525,3 +525,16 @@ def test_a_stop_while_the_card_is_written_resumes_to_a_whole_run(
     resumed = invoke("run", recipe, "--resume", "auto")
     assert resumed.exit_code in (0, 4), resumed.output
     assert (tmp_path / "run" / "README.md").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_an_evaluations_predictions_keep_the_rows_ids(finished_run, tmp_path):
+    """Classification and copywriting predictions dropped `id`, which --compare matches rows by."""
+    import yaml
+
+    _, run = finished_run
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    rows = [json.loads(line) for line in Path(recorded["data"]["eval"]).read_text().splitlines()]
+    with_ids = write_jsonl(tmp_path / "ids.jsonl", [{**row, "id": f"row-{i}"} for i, row in enumerate(rows)])
+    assert invoke("eval", run, f"data.eval={with_ids}", "--output", tmp_path / "ev").exit_code in (0, 4)
+    predicted = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in predicted] == [f"row-{i}" for i in range(len(rows))]
