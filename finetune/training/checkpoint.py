@@ -292,6 +292,10 @@ def check_identity(saved: dict, current: dict, force: bool) -> list[str]:
     """Differences between what the checkpoint was trained with and this run; refused unless forced."""
     differences = []
     for key in sorted(set(saved) | set(current)):
+        if key.startswith("recipe ") and key not in current:
+            # A setting a newer finetune leaves free (distributed.num_processes, bound by the process count): the
+            # identity decides what must match, and it no longer names this one.
+            continue
         if key.startswith(HASHED) and key not in saved:
             # A file a checkpoint from before its hash was kept (the knowledge base, until 2026-12-07): unknown, not
             # changed; which files a run reads is bound by the recipe's own settings, compared here too.

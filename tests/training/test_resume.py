@@ -160,6 +160,11 @@ def test_a_different_process_count_is_named(pair):
         check_identity({"number of processes": 2}, {"number of processes": 1}, force=False)
     assert "number of processes: 2 in the checkpoint, 1 now" in str(refused.value)
     assert check_identity({"number of processes": 2}, {"number of processes": 1}, force=True)
+    # A recipe setting a newer finetune leaves free: a checkpoint that names it still resumes.
+    assert (
+        check_identity({"recipe distributed.num_processes": 1, "recipe train.lr": 0.1}, {"recipe train.lr": 0.1}, False)
+        == []
+    )
 
 
 def test_a_truncated_checkpoint_is_named_and_auto_falls_back(pair):
