@@ -48,9 +48,11 @@ class _Console(Console):
         raise SystemExit(PIPE_CLOSED)
 
 
-# No emoji or markup in what we print of user data: `name:split` must stay as typed.
-console = _Console(emoji=False)
-err_console = _Console(stderr=True, emoji=False)
+# No emoji or markup in what we print of user data: `name:split` must stay as typed. Interactive (a live progress
+# bar) only on a real terminal: rich counts one whenever FORCE_COLOR is set (common in CI), and a piped log then held
+# 100 KB of redraws on one line and no step lines at all.
+console = _Console(emoji=False, force_interactive=sys.stdout.isatty())
+err_console = _Console(stderr=True, emoji=False, force_interactive=sys.stderr.isatty())
 _debug = {"on": False}
 # Conditions of the machine a user can fix (full disk, quota, read-only filesystem): exit 2 with the path, never
 # "internal error".

@@ -214,8 +214,11 @@ def test_a_forced_colour_pipe_gets_plain_progress_lines(monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm-256color")
-    piped = Console(file=io.StringIO())
-    assert piped.is_terminal and not live_console(piped)
+    piped = io.StringIO()
+    # As the command line makes its consoles: interactive only where the stream is a terminal.
+    console = Console(file=piped, force_interactive=piped.isatty())
+    assert console.is_terminal and not live_console(console)
+    assert live_console(Console(file=io.StringIO(), force_terminal=True))  # a terminal keeps the bar
 
 
 def test_an_atomic_write_names_its_target_not_its_temporary_file(tmp_path):

@@ -75,6 +75,7 @@ from finetune.recipe.schema import (
     distinct_overrides,
     read_recipe_file,
     recipe_problems_error,
+    same_setting,
     training_only,
     training_only_overrides,
     within,
@@ -128,9 +129,10 @@ UNBOUNDED_METRICS = ("eval_loss", "mean_length")
 
 
 def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
-    """Rules that need nothing but the recipe. `recorded`: a finished run's recipe.yaml, read by eval, predict,
-    merge or export: the rules on settings it names that nothing reads, or metrics its evaluation never reports,
-    are for recipes about to train (a run finished before a rule existed stays usable)."""
+    """Rules that need nothing but the recipe. `recorded`: not a recipe a user is about to train as written (a
+    finished run's recipe.yaml, read by eval, predict, merge or export; a sweep's trial): `advisory_rules` are
+    left out (a run finished before a rule existed stays usable; a trial's value decides what else is read, which
+    the sweep's recipe was judged with). A recipe with a sweep section leaves them out for the same reason."""
     task = recipe_task(recipe)
     problems = list(task.check_recipe(recipe))
     if recipe.mode is not None and recipe.task != "qa":
@@ -148,9 +150,13 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
         + _generation_rules(recipe, task)
         + _evaluation_rules(recipe, task)
         + _objective_rules(recipe, task)
-        + ([] if recorded else _unread_settings(recipe, task) + _unread_objective_settings(recipe))
-        + ([] if recorded else _unavailable_metrics(recipe, task))
+        + ([] if recorded or recipe.sweep is not None else advisory_rules(recipe, task))
     )
+
+
+def advisory_rules(recipe: Recipe, task: Task) -> list[str]:
+    """Settings nothing in the recipe reads, and metrics its evaluation never reports: refused, never ignored."""
+    return _unread_settings(recipe, task) + _unread_objective_settings(recipe) + _unavailable_metrics(recipe, task)
 
 
 def _unavailable_metrics(recipe: Recipe, task: Task) -> list[str]:
@@ -559,7 +565,9 @@ def _candidate_environment_rules(recipe: Recipe, found: list[Problem], splits: t
     problems: list[Problem] = []
     for key, spec in settings.params.items():
         for value in _candidates(key, spec):
-            trial = build_recipe(apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep")
+            trial = build_recipe(
+                apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep", recorded=True
+            )
             config, config_problem = read_model_config(trial)
             for problem in environment_rules(trial, config, config_problem, splits)[0]:
                 own = problem.text.startswith(f"{key}: ")  # the key's own rule names the value already
@@ -607,7 +615,7 @@ def _range_problems(key: str, spec: SweepRange, sampler: str, place: str) -> lis
 def _value_problems(base: dict, key: str, value: Any) -> list[str]:
     """What the recipe's own rules say about `key` set to `value` (nothing when it is accepted)."""
     try:
-        build_recipe(apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep")
+        build_recipe(apply_overrides(copy.deepcopy(base), [f"{key}={yaml_text(value)}"]), "sweep", recorded=True)
     except RecipeError as exc:
         details = [problem.removeprefix(key + ": ") for problem in exc.problems or [str(exc)]]
         # A key the recipe does not have is wrong whatever its value; any other problem is the value's.
@@ -1369,7 +1377,7 @@ def _registry_problems(raw: dict) -> list[str]:
     return problems
 
 
-def _parse(raw: dict, source: str, splits: tuple[str, ...] = ()) -> Recipe:
+def _parse(raw: dict, source: str, splits: tuple[str, ...] = (), recorded: bool = False) -> Recipe:
     """The schema, with the registries' names checked in the same pass: every problem at once. `splits`: the data
     a command reads, whose files are named missing beside the schema's problems (a mistake elsewhere hid them)."""
     names = _registry_problems(raw)
@@ -1381,14 +1389,14 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = ()) -> Recipe:
         keys = [*splits, "knowledge_base"] if splits else []
         named = [(f"data.{k}", data.get(k)) for k in keys] if isinstance(data, dict) else []
         missing = [p for p in _missing_files(named) if p not in exc.problems]
-        beside = [p for p in _rules_without(raw, exc.problems) if p not in missing]
+        beside = [p for p in _rules_without(raw, exc.problems, recorded) if p not in missing]
         raise recipe_problems_error(source, names + exc.problems + missing + beside) from None
     if names:
         raise recipe_problems_error(source, names)
     return recipe
 
 
-def _rules_without(raw: dict, problems: list[str]) -> list[str]:
+def _rules_without(raw: dict, problems: list[str], recorded: bool = False) -> list[str]:
     """The rules' problems with the rest of a recipe the schema refused: its refused keys taken out (each then at its
     default), so one wrong value does not hide the others' problems. None where the rest is no recipe either (a
     required key refused)."""
@@ -1404,17 +1412,18 @@ def _rules_without(raw: dict, problems: list[str]) -> list[str]:
             removed.append(place)
     try:
         recipe = parse_recipe(pruned, "recipe")
-        found = recipe_rules(recipe)
+        found = recipe_rules(recipe, recorded)
     except FinetuneError:
         return []
     # A rule naming a setting taken out would judge its default (data.eval_split refused: "give an eval file").
     return [p for p in found if not any(place in p for place in removed)]
 
 
-def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    """The schema and the rules that need nothing but the recipe (no files, no packages)."""
-    recipe = _parse(raw, source)
-    problems = recipe_rules(recipe)
+def build_recipe(raw: dict, source: str = "recipe", recorded: bool = False) -> Recipe:
+    """The schema and the rules that need nothing but the recipe (no files, no packages); `recorded`: see
+    recipe_rules."""
+    recipe = _parse(raw, source, recorded=recorded)
+    problems = recipe_rules(recipe, recorded)
     if problems:
         raise recipe_problems_error(source, problems)
     return recipe
@@ -1467,8 +1476,18 @@ def resolve(
     settings beside its recipe.yaml; given, even empty, for a run's recipe) also marks the recipe as a finished
     run's (recipe_rules)."""
     with overrides_named(overrides):
-        recipe = _parse(read_recipe(path, overrides, recorded), str(path), splits)
-        return resolve_recipe(recipe, str(path), splits, recorded=recorded is not None)
+        from_run = recorded is not None
+        recipe = _parse(read_recipe(path, overrides, recorded), str(path), splits, from_run)
+        if from_run and overrides:  # what is asked now is judged as any recipe is; only what was recorded is spared
+            asked = [o.partition("=")[0].strip() for o in overrides]
+            problems = [
+                p
+                for p in advisory_rules(recipe, recipe_task(recipe))
+                if any(same_setting(p.split(":", 1)[0], key) for key in asked)
+            ]
+            if problems:
+                raise recipe_problems_error(str(path), problems)
+        return resolve_recipe(recipe, str(path), splits, recorded=from_run)
 
 
 def resolve_source(

@@ -511,7 +511,8 @@ class Sweeping:
         label = f"{self.source} (trial {trial.number}: {' '.join(overrides)})"
         try:
             recipe = apply_overrides(copy.deepcopy(self.trial_raw), [*overrides, f"output.dir={yaml_text(str(where))}"])
-            resolved = resolve_recipe(build_recipe(recipe, label), label)
+            # A trial's value decides what else it reads (bm25 reads no retriever settings): judged as a trial.
+            resolved = resolve_recipe(build_recipe(recipe, label, recorded=True), label, recorded=True)
         except (RecipeError, DataError) as exc:  # a combination of settings the rules refuse: this trial's result
             self._fail(trial, f"refused: {exc}")
             return

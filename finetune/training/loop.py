@@ -801,13 +801,9 @@ PLAIN_EVERY_SECONDS = 30.0
 
 
 def live_console(console) -> bool:
-    """Whether `console` can redraw a progress bar in place (a terminal that understands escape codes). Its file
-    itself must be a terminal: rich reports one whenever FORCE_COLOR is set (common in CI), and a piped log then
-    held 100 KB of redraws on one line and no step lines at all."""
-    if console.is_jupyter:
-        return True
-    isatty = getattr(console.file, "isatty", None)
-    return bool(console.is_terminal and not console.is_dumb_terminal and isatty is not None and isatty())
+    """Whether `console` can redraw a progress bar in place: an interactive terminal that understands escape codes
+    (the command line's consoles are interactive only on a real terminal, FORCE_COLOR or not)."""
+    return bool(console.is_jupyter or (console.is_interactive and not console.is_dumb_terminal))
 
 
 class progress_bar:

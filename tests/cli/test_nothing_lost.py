@@ -538,3 +538,11 @@ def test_an_evaluations_predictions_keep_the_rows_ids(finished_run, tmp_path):
     assert invoke("eval", run, f"data.eval={with_ids}", "--output", tmp_path / "ev").exit_code in (0, 4)
     predicted = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
     assert [row["id"] for row in predicted] == [f"row-{i}" for i in range(len(rows))]
+
+
+def test_what_eval_is_asked_now_is_judged_though_the_recorded_recipe_is_spared(finished_run, tmp_path):
+    """The exemption of a finished run's recipe.yaml covered the overrides given now: eval.temperature on a
+    classification run was ignored, and a watermark gate failed as "missing" only after the model ran."""
+    _, run = finished_run
+    asked = invoke("eval", run, "eval.temperature=0.7", "--output", tmp_path / "ev")
+    assert asked.exit_code == 2 and "eval.temperature: read only by the generation tasks" in asked.output, asked.output

@@ -190,7 +190,14 @@ def test_eval_compare_on_the_command_line(finished_run, tmp_path):
     refused = invoke("eval", run, f"data.eval={other}", "--compare", run)
     assert refused.exit_code == 2, refused.output
     assert str(run) in refused.output and "other-eval.jsonl" in refused.output and "eval.jsonl" in refused.output
-    anyway = invoke("eval", run, f"data.eval={other}", "--compare", run, "--allow-different-data", "--tolerance", "1")
+    # Allowed, on the rows both evaluated; with none in common there is nothing to compare (it passed, exit 0).
+    nothing = invoke("eval", run, f"data.eval={other}", "--compare", run, "--allow-different-data")
+    assert nothing.exit_code == 2 and "nothing to compare" in nothing.output, nothing.output
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    ran_on = Path(recorded["data"]["eval"]).read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(ran_on[:15] + other.read_text().splitlines()[:15]) + "\n")
+    anyway = invoke("eval", run, f"data.eval={mixed}", "--compare", run, "--allow-different-data", "--tolerance", "1")
     assert anyway.exit_code == 0, anyway.output
     assert "warning" in anyway.output and "different data" in anyway.output
 

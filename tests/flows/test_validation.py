@@ -365,3 +365,15 @@ def test_a_refused_value_does_not_hide_the_other_keys_problems(tiny_models, topi
         "eval.temperature: read only",
     ):
         assert words in validated.output
+
+
+def test_a_sweep_over_a_setting_that_decides_what_else_is_read_is_valid(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """Sweeping train.optimizer [adamw, loraplus] with a LoRA+ ratio: the adamw trial does not read the ratio, the
+    loraplus one does; the unread-settings rule refused the sweep whatever the base named."""
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["train"]["loraplus_lr_ratio"] = 8
+    recipe["sweep"] = {"trials": 2, "params": {"train.optimizer": ["adamw", "loraplus"]}}
+    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
