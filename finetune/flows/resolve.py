@@ -20,6 +20,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import os
 import types
 from collections.abc import Callable, Sequence
@@ -96,6 +97,8 @@ from finetune.training.loop import resolve_precision
 from finetune.training.trackers import missing_trackers
 from finetune.watermark import learned
 from finetune.watermark import marking as watermark
+
+log = logging.getLogger("finetune")
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -377,12 +380,42 @@ def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
     problems = []
     if meta.get("task") != recipe.task:
         problems.append(f"{key}: {directory} was trained for task {meta.get('task')}, not {recipe.task}")
-    if meta.get("base_model") not in (None, recipe.model.name_or_path):
+    if meta.get("base_model") not in (None, recipe.model.name_or_path) and not _same_architecture(directory, recipe):
         problems.append(
             f"{key}: {directory} was trained on {meta.get('base_model')}, not on model.name_or_path "
             f"{recipe.model.name_or_path}"
         )
     return problems
+
+
+# What makes an adapter load into a base model as trained: the architecture and its sizes.
+_ARCHITECTURE_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+    "d_model", "encoder_layers", "decoder_layers", "n_embd", "n_layer", "n_head",
+)  # fmt: skip
+
+
+def _same_architecture(directory: Path, recipe: Recipe) -> bool:
+    """Whether the recipe's model is the one the adapter was trained on under another reference (a base model moved
+    or copied elsewhere): its config's architecture and sizes equal those the adapter recorded in base/config.json.
+    Without that record (the base was a hub model not on disk when it trained), the reference must match."""
+    recorded = directory / "base" / "config.json"
+    if not recorded.is_file():
+        return False
+    try:
+        trained_on = json.loads(recorded.read_text(encoding="utf-8"))
+        found = config_without_weights(recipe.model.name_or_path, recipe.model.revision)
+    except (OSError, ValueError, FinetuneError):
+        return False
+    config = found.to_dict() if found is not None else None
+    same = config is not None and all(trained_on.get(k) == config.get(k) for k in _ARCHITECTURE_KEYS)
+    if same:  # said: a same-sized model that is not the one trained on would load as well
+        log.warning(
+            "%s was trained on another reference of the base model; %s, of the same architecture and sizes, is used",
+            directory,
+            recipe.model.name_or_path,
+        )
+    return same
 
 
 def start_adapter_dir(reference: str) -> Path:

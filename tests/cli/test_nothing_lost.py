@@ -394,14 +394,18 @@ def test_a_run_under_another_model_is_refused_naming_both(finished_run, tiny_mod
     result = invoke("eval", run, f"model.name_or_path={tiny_models['llama']}", "--output", tmp_path / "ev")
     assert result.exit_code == 2, result.output
     assert "the run's adapter" in result.output and "not on model.name_or_path" in result.output
-    twin = tmp_path / "twin-bert"
-    shutil.copytree(tiny_models["bert"], twin)
     recorded = yaml.safe_load((run / "recipe.yaml").read_text())
-    recorded["model"]["name_or_path"] = str(twin)
+    recorded["model"]["name_or_path"] = str(tiny_models["gpt2"])  # edited to another base: refused, not used
     (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
     for command in (["predict", run, "--input", "-"], ["merge", run, "--output", tmp_path / "merged"]):
         refused = invoke(*command, input='{"text": "rain"}\n')
         assert refused.exit_code == 2 and "not on model.name_or_path" in refused.output, refused.output
+    # The base moved (a copy elsewhere, another machine): the same architecture and sizes are used, said in the log.
+    moved = tmp_path / "moved-bert"
+    shutil.copytree(tiny_models["bert"], moved)
+    recorded["model"]["name_or_path"] = str(moved)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    assert invoke("predict", run, "--input", "-", input='{"text": "rain"}\n').exit_code == 0
 
 
 def test_a_resume_path_that_does_not_exist_is_refused_before_anything_loads(
