@@ -99,3 +99,14 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_json_input(path: Path) -> Any:
+    """A JSON file finetune wrote and now reads back (a checkpoint's, an adapter's): one that is damaged or gone is
+    a DataError naming it (exit 3), not an internal error."""
+    from finetune.errors import DataError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file ({exc})") from None

@@ -47,6 +47,7 @@ from finetune.data.tables import FILE_SUFFIXES, local_data_path, read_split, tem
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
+from finetune.files import read_json_input
 from finetune.models.embedding import embedding_layout
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.lora import resolve_targets
@@ -376,10 +377,7 @@ def adapter_problems(recipe: Recipe, directory: Path, key: str) -> list[str]:
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
         return [f"{key}: {directory} was not trained by finetune ({ADAPTER_META} missing)"]
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # a damaged input, as read_adapter_meta says
-        raise DataError(f"{meta_path}: damaged ({exc})") from None
+    meta = read_json_input(meta_path)  # a damaged one is exit 3, named, as read_adapter_meta says
     problems = []
     if meta.get("task") != recipe.task:
         problems.append(f"{key}: {directory} was trained for task {meta.get('task')}, not {recipe.task}")

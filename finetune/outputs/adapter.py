@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.errors import DataError
-from finetune.files import replace_directory, write_json
+from finetune.files import read_json_input, replace_directory, write_json
 from finetune.outputs.rundir import ADAPTER_META
 from finetune.recipe.schema import WatermarkSection
 from finetune.watermark.marking import write_key
@@ -186,12 +186,12 @@ def read_adapter_meta(adapter_dir: Path) -> dict:
     """finetune.json, with the task's files beside the adapter (TASK_STATE_FILES) in its `state`; every command that
     uses a trained adapter reads it here first, so a damaged adapter is named before anything loads."""
     check_adapter_files(adapter_dir)
-    meta = _json_file(adapter_dir / ADAPTER_META)
+    meta = read_json_input(adapter_dir / ADAPTER_META)
     for name in TASK_STATE_FILES:
         path = adapter_dir / f"{name}.json"
         if path.is_file():
             try:
-                meta["state"] = {**meta.get("state", {}), name: _json_file(path)[name]}
+                meta["state"] = {**meta.get("state", {}), name: read_json_input(path)[name]}
             except (KeyError, TypeError):
                 raise DataError(f"{path}: damaged (no {name!r} in it)") from None
     return meta
@@ -208,7 +208,7 @@ def check_adapter_files(adapter_dir: Path) -> None:
     for name in (ADAPTER_META, "adapter_config.json"):
         if not (adapter_dir / name).is_file():
             raise DataError(f"{adapter_dir / name}: missing from the adapter (a damaged run; train it again)")
-        _json_file(adapter_dir / name)
+        read_json_input(adapter_dir / name)
     weights = adapter_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise DataError(f"{weights}: missing from the adapter (a damaged run; train it again)")
@@ -217,10 +217,3 @@ def check_adapter_files(adapter_dir: Path) -> None:
             handle.keys()
     except (OSError, SafetensorError) as exc:
         raise DataError(f"{weights}: damaged or truncated ({exc}); train the run again") from None
-
-
-def _json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: damaged ({exc})") from None

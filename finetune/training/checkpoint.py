@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from finetune.errors import DataError, RecipeError
-from finetune.files import sha256_file, weights_with_umask
+from finetune.files import read_json_input, sha256_file, weights_with_umask
 from finetune.outputs.adapter import AdapterSaver
 from finetune.outputs.rundir import HASHED
 
@@ -350,16 +350,16 @@ def restore(
                 f"{path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(parameter.shape)}"
             )
     _load_trainable(unwrapped, trainable, saved)
-    rest = _read_json(path / "optimizer.json")
+    rest = read_json_input(path / "optimizer.json")
     optimizer.load_state_dict(_join_optimizer_state(_load_tensors(path / "optimizer.safetensors"), rest))
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    scheduler.load_state_dict(read_json_input(path / "scheduler.json"))
     if accelerator.scaler is not None and (path / "scaler.json").is_file():
-        accelerator.scaler.load_state_dict(_read_json(path / "scaler.json"))
+        accelerator.scaler.load_state_dict(read_json_input(path / "scaler.json"))
     rng = _load_tensors(path / f"rng-{rank}.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
-    host = _read_json(path / f"rank-{rank}.json")
+    host = read_json_input(path / f"rank-{rank}.json")
     version, internal, gauss = host["python_random"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = host["numpy_random"]
@@ -403,10 +403,3 @@ def _load_tensors(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable JSON file ({exc})") from None

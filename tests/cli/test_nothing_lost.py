@@ -364,7 +364,7 @@ def test_predict_message_on_a_run_without_a_learned_watermark_names_the_flag(fin
     [
         (lambda a: a.joinpath("adapter_model.safetensors").write_bytes(b"\x10"), "damaged or truncated"),
         (lambda a: a.joinpath("adapter_model.safetensors").unlink(), "missing from the adapter"),
-        (lambda a: a.joinpath("finetune.json").write_text('{"ta'), "damaged"),
+        (lambda a: a.joinpath("finetune.json").write_text('{"ta'), "not a readable JSON file"),
         (lambda a: a.joinpath("adapter_config.json").unlink(), "missing from the adapter"),
     ],
     ids=["truncated weights", "weights deleted", "truncated finetune.json", "adapter_config.json deleted"],
