@@ -675,6 +675,8 @@ def eval_command(
             raise RecipeError(f"--task: unknown task {task!r} (tasks: {', '.join(TASKS)})")
         if source:
             raise RecipeError("give either a recipe/run or --predictions, not both")
+        if checkpoint or all_checkpoints:  # they would change nothing, silently: saved predictions have no model
+            raise RecipeError("--predictions re-scores saved predictions: leave out --checkpoint and --all-checkpoints")
         settings = EvalSection(execute_code=allow_code_execution, sandbox=sandbox or "strict")
         target = (
             rundir.claim_output(
@@ -691,6 +693,8 @@ def eval_command(
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")
+        if task:  # the recipe or run decides the task: --task would change nothing, silently
+            raise RecipeError("--task goes with --predictions (a recipe or run names its own task)")
         if all_checkpoints:
             if checkpoint:
                 raise RecipeError("--all-checkpoints scores every checkpoint; leave out --checkpoint")

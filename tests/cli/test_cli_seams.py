@@ -198,6 +198,8 @@ def test_streams_are_utf8_whatever_the_locale():
             "--level goes with --compare",
         ),
         (["run", "r.yaml", "--force-resume"], "--force-resume goes with --resume"),
+        (["eval", "runs/x", "--task", "qa"], "--task goes with --predictions"),
+        (["eval", "--predictions", "p.jsonl", "--task", "qa", "--checkpoint", "c"], "leave out --checkpoint"),
     ],
 )
 def test_a_flag_without_its_partner_is_refused(arguments, words, tmp_path):
