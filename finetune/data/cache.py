@@ -19,6 +19,7 @@ base) is not cached.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import functools
 import hashlib
 import json
@@ -26,7 +27,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +141,7 @@ class FeatureCache:
         self.root = (root or cache_root()) / "features"
         self.entry = self.root / key if key else None
         self.note = ""  # what happened, for the plan: "reused ..." / "damaged ... rebuilt"
+        self._building: int | None = None  # the lock held on the build's work directory
 
     def load(self) -> CachedData | None:
         if self.entry is None or not self.entry.is_dir():
@@ -163,13 +164,16 @@ class FeatureCache:
         return loaded
 
     def workdir(self) -> Path:
-        """A fresh directory to build in: beside the entry (so publishing is a rename), or a temporary one. Named
-        by this host and process, so the builds of processes that died (kill -9, a full disk) are removed here."""
+        """A fresh directory to build in: beside the entry (so publishing is a rename), or a temporary one. Held
+        by a lock file beside it while it is built, so the builds of processes that died (kill -9, a full disk)
+        are told from live ones, on any host or container sharing the cache, and removed here."""
         if self.entry is not None:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 _remove_abandoned_builds(self.root)
-                return Path(tempfile.mkdtemp(prefix=f".{self.key}.{_BUILDER}.", dir=self.root))
+                workdir = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.root))
+                self._building = _hold(workdir.with_name(workdir.name + _BUILDING))
+                return workdir
             except OSError as exc:
                 log.warning("feature cache %s is not writable (%s); features are not cached", self.root, exc)
                 self.entry = None
@@ -182,6 +186,13 @@ class FeatureCache:
         """A build that failed: its work directory goes (a scratch one goes when the process ends anyway)."""
         if self.entry is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+        self._release(workdir)
+
+    def _release(self, workdir: Path) -> None:
+        if self._building is not None:
+            workdir.with_name(workdir.name + _BUILDING).unlink(missing_ok=True)
+            os.close(self._building)  # the lock goes with it
+            self._building = None
 
     def publish(self, workdir: Path, built: CachedData) -> CachedData:
         """Write the entry's tables, extras and manifest into `workdir`, then move it into place."""
@@ -208,6 +219,8 @@ class FeatureCache:
         except OSError:  # another process published the same entry first: use theirs, drop ours
             shutil.rmtree(workdir, ignore_errors=True)
             return self.load() or built
+        finally:
+            self._release(workdir)
         self.note = self.note or f"tokenised features cached (entry {self.key})"  # a damaged entry's says "rebuilt"
         return self._reopen(self.entry, manifest, extras)
 
@@ -223,25 +236,33 @@ class FeatureCache:
         return CachedData(features, extras["state"], extras["overlap"])
 
 
-# Who builds an entry: the host and process, in the work directory's name (`.KEY.HOST-PID.random`).
-_HOST = socket.gethostname().replace(".", "_")  # the name's fields are separated by dots
-_BUILDER = f"{_HOST}-{os.getpid()}"
+# Beside each work directory being built: a file its builder holds locked (flock) until it publishes or fails.
+_BUILDING = ".building"
+
+
+def _hold(path: Path) -> int:
+    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
 
 
 def _remove_abandoned_builds(root: Path) -> None:
-    """Work directories of this host's processes that are gone (killed while building): never published, never
-    reused, as large as the features. Another host's (a shared cache) are left to that host."""
-    for folder in root.glob(".*.*.*"):
-        builder = folder.name.split(".")[2]
-        name, _, pid = builder.rpartition("-")
-        if name != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+    """Work directories whose builder is gone (killed while building): never published, never reused, as large as
+    the features. The kernel releases a dead process's lock, so taking it tells a dead build from a live one, in
+    another container or on another host sharing the cache as well."""
+    for lock in root.glob(f".*{_BUILDING}"):
+        try:
+            descriptor = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # its build just finished
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live build
+            continue
+        finally:
+            os.close(descriptor)
+        shutil.rmtree(lock.with_name(lock.name.removesuffix(_BUILDING)), ignore_errors=True)
+        lock.unlink(missing_ok=True)
 
 
 def _table_files(dataset: Dataset, workdir: Path, name: str) -> list[str]:

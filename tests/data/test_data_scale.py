@@ -211,26 +211,27 @@ def test_qa_lengths_come_from_the_windows_exactly(max_length, stride, tiny_model
 
 def test_builds_of_dead_processes_are_removed_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     """A build killed (kill -9) or failed (a full disk, a bad row) left its hidden work directory in the cache for
-    good, as large as the features."""
-    import subprocess
-
+    good, as large as the features; a live build (another process, container or host) is never touched."""
     from finetune.data import cache
 
     root = tmp_path / "cache"
     features = root / "features"
     features.mkdir(parents=True)
-    dead = subprocess.Popen(["true"])
-    dead.wait()  # a pid no process has now
-    abandoned = features / f".key1.{cache._HOST}-{dead.pid}.abc"
-    elsewhere = features / f".key1.otherhost-{dead.pid}.abc"  # a shared cache: another host's build is its own
-    alive = features / f".key2.{cache._HOST}-{os.getppid()}.abc"
-    for folder in (abandoned, elsewhere, alive):
+    abandoned, alive = features / ".key1.abc", features / ".key2.def"
+    for folder in (abandoned, alive):
         folder.mkdir()
-    built = FeatureCache("key3", root)
-    workdir = built.workdir()
-    assert not abandoned.exists() and elsewhere.exists() and alive.exists()
-    built.discard(workdir)
-    assert not workdir.exists()
+        (folder / "train-rows.arrow").write_bytes(b"x")
+    (features / f".key1.abc{cache._BUILDING}").touch()  # its builder died: nobody holds the lock
+    held = cache._hold(features / f".key2.def{cache._BUILDING}")  # a live builder holds it
+    try:
+        built = FeatureCache("key3", root)
+        workdir = built.workdir()
+        assert not abandoned.exists() and alive.exists()
+        assert (features / f"{workdir.name}{cache._BUILDING}").exists()
+        built.discard(workdir)
+        assert not workdir.exists() and not (features / f"{workdir.name}{cache._BUILDING}").exists()
+    finally:
+        os.close(held)
 
 
 def test_a_worker_forked_for_featurising_dies_with_its_parent(monkeypatch):
