@@ -429,9 +429,13 @@ def test_a_run_recorded_before_a_newer_rule_stays_usable(finished_run, tmp_path)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
     assert invoke("predict", run, "--input", "-", input='{"text": "rain"}\n').exit_code == 0
     assert invoke("merge", run, "--output", tmp_path / "merged").exit_code == 0
-    # A recipe about to train is still refused.
+    evaluated = invoke("eval", run, "--output", tmp_path / "ev")  # runs; the recorded gate fails as "missing"
+    assert evaluated.exit_code == 4 and "watermark_detected" in evaluated.output, evaluated.output
+    # A recipe about to train is still refused, for those very settings.
     (tmp_path / "again.yaml").write_text(yaml.safe_dump({**recorded, "output": {"dir": str(tmp_path / "again")}}))
-    assert invoke("validate", tmp_path / "again.yaml").exit_code == 2
+    validated = invoke("validate", tmp_path / "again.yaml")
+    assert validated.exit_code == 2 and "eval.temperature: read only by" in validated.output, validated.output
+    assert "watermark_detected is reported only with eval.watermark" in validated.output
 
 
 def test_eval_of_a_run_on_an_eval_file_not_the_runs_says_so(finished_run, tmp_path):
