@@ -75,8 +75,12 @@ def replace_directory(staging: Path, target: Path, aside: Path) -> None:
 
 def json_text(data: Any, indent: int | None = None) -> str:
     """Strict JSON, as every reader parses it: a NaN or infinite number is written null (Python's json writes a
-    bare NaN, which JSON.parse refuses and jq reads as null without a word)."""
-    return json.dumps(_finite(data), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+    bare NaN, which JSON.parse refuses and jq reads as null without a word). The values are walked in Python only
+    where one is not finite: a file of token ids or ranked passages is written by the C encoder as before."""
+    try:
+        return json.dumps(data, indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere
+        return json.dumps(_finite(data), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
 
 
 def _finite(value: Any) -> Any:

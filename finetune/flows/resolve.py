@@ -214,7 +214,8 @@ def _retrieval_readers(recipe: Recipe, task: Task) -> dict[str, tuple[str, bool]
     or rerank."""
     kb = task.name == "qa" and recipe.data.knowledge_base is not None
     method = recipe.data.retrieval.method
-    bi_encoder = isinstance(task, RetrievalTask) or trains_retriever(recipe)  # a retriever trained by this recipe
+    trained = trains_retriever(recipe)  # a knowledge base's retriever, trained by this recipe first
+    bi_encoder = isinstance(task, RetrievalTask) or trained
     return {
         f"data.retrieval.{key}": value
         for key, value in {
@@ -232,7 +233,7 @@ def _retrieval_readers(recipe: Recipe, task: Task) -> dict[str, tuple[str, bool]
             ),
             **dict.fromkeys(
                 RETRIEVER_TRAINING[4:],
-                ("a knowledge base's retriever training (task retrieval takes train.*)", trains_retriever(recipe)),
+                ("a knowledge base's retriever training (task retrieval takes train.*)", trained),
             ),
         }.items()
     }  # fmt: skip
@@ -317,10 +318,10 @@ def _unread_objective_settings(recipe: Recipe) -> list[str]:
     recipe turned to sft by `train.objective=sft` keeps its grpo section). Compared with the defaults, not with
     what was written, because a run's recipe.yaml writes every section out."""
     train = recipe.train
-    objective, problems = train.objective, []
-    if objective != "grpo" and train.grpo != GRPOSection():
+    objective, problems, grpo_defaults = train.objective, [], GRPOSection()
+    if objective != "grpo" and train.grpo != grpo_defaults:
         changed = sorted(
-            name for name in GRPOSection.model_fields if getattr(train.grpo, name) != getattr(GRPOSection(), name)
+            name for name in GRPOSection.model_fields if getattr(train.grpo, name) != getattr(grpo_defaults, name)
         )
         problems.append(
             f"train.grpo: {', '.join(changed)} set, but only train.objective grpo reads train.grpo and this recipe's "
@@ -404,9 +405,9 @@ def _same_architecture(directory: Path, recipe: Recipe) -> bool:
     if not recorded.is_file():
         return False
     try:
-        trained_on = json.loads(recorded.read_text(encoding="utf-8"))
+        trained_on = read_json_input(recorded)
         found = config_without_weights(recipe.model.name_or_path, recipe.model.revision)
-    except (OSError, ValueError, FinetuneError):
+    except (OSError, ValueError, FinetuneError):  # an unreadable record or model: the references must match
         return False
     config = found.to_dict() if found is not None else None
     same = config is not None and all(trained_on.get(k) == config.get(k) for k in _ARCHITECTURE_KEYS)

@@ -320,10 +320,10 @@ def load_model(
     except OSError as exc:
         raise RecipeError(f"model.name_or_path: cannot load {path!r}: {_first_line(exc)}") from None
     mismatched = sorted(key for key, *_ in info.get("mismatched_keys") or ())
-    if any(not set(key.split(".")) & set(new_heads) for key in mismatched):
+    outside_heads = [key for key in mismatched if not set(key.split(".")) & set(new_heads)]
+    if outside_heads:
         raise RecipeError(
-            f"model.name_or_path: {path!r} holds weights whose shapes differ from its config: "
-            f"{', '.join(k for k in mismatched if not set(k.split('.')) & set(new_heads))}"
+            f"model.name_or_path: {path!r} holds weights whose shapes differ from its config: {', '.join(outside_heads)}"
         )
     if mismatched and announce:  # said when training starts a head; a trained adapter brings its own
         log.warning(

@@ -24,6 +24,7 @@ from finetune.watermark.marking import write_key
 log = logging.getLogger("finetune")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name for a saved adapter's weights
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ def convert_to_plain_lora(adapter_dir: Path, initial_dir: Path) -> None:
     """
     import torch
 
-    weights = adapter_dir / "adapter_model.safetensors"
-    trained, initial = load_file(weights), load_file(initial_dir / "adapter_model.safetensors")
+    weights = adapter_dir / WEIGHTS_FILE
+    trained, initial = load_file(weights), load_file(initial_dir / WEIGHTS_FILE)
     for name, tensor in trained.items():
         if "lora_A" in name:
             trained[name] = torch.cat([tensor, initial[name]], dim=0).contiguous()
@@ -197,18 +198,15 @@ def read_adapter_meta(adapter_dir: Path) -> dict:
     return meta
 
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-
 def check_adapter_files(adapter_dir: Path) -> None:
-    """The files peft and finetune read from an adapter are there and whole: its JSON files parse, its weights file
-    opens (safetensors checks the header against the file's size, so a truncated file fails). A damaged or missing
+    """The files peft and finetune read from an adapter are there and whole: its JSON files are there (peft's config
+    parses; `read_adapter_meta` reads finetune.json just after), its weights file opens (safetensors checks the header against the file's size, so a truncated file fails). A damaged or missing
     one is a DataError naming it (exit 3, as a damaged checkpoint given to --resume), never an internal error from
     inside peft or safetensors."""
     for name in (ADAPTER_META, "adapter_config.json"):
         if not (adapter_dir / name).is_file():
             raise DataError(f"{adapter_dir / name}: missing from the adapter (a damaged run; train it again)")
-        read_json_input(adapter_dir / name)
+    read_json_input(adapter_dir / "adapter_config.json")  # finetune.json: read_adapter_meta reads it next
     weights = adapter_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise DataError(f"{weights}: missing from the adapter (a damaged run; train it again)")

@@ -623,3 +623,14 @@ def test_every_gate_is_judged_with_every_digit():
     judged = evaluate_gates(gates, {"accuracy": 0.21875})
     assert [result["passed"] for result in judged.values()] == [False, True, False]
     assert str(parse_gate("accuracy>=0.85@97.5")) == "accuracy>=0.85@97.5"
+
+
+@pytest.mark.unit
+def test_strict_json_leaves_finite_documents_to_the_c_encoder(monkeypatch):
+    """The walk that writes a NaN null runs only where one is: token ids and ranked passages are written as before."""
+    walked = []
+    original = files._finite
+    monkeypatch.setattr(files, "_finite", lambda value: walked.append(1) or original(value))
+    assert files.json_text({"ids": list(range(5)), "score": 0.5}) == '{"ids": [0, 1, 2, 3, 4], "score": 0.5}'
+    assert not walked
+    assert files.json_text({"score": float("nan")}) == '{"score": null}' and walked
