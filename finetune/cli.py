@@ -468,7 +468,7 @@ def run_command(
         )
         # A finished run asked to resume on this machine alone: nothing to train; this process shows its metrics, as
         # one process would (other nodes, started by their own launchers, would wait for processes never started).
-        finished = resume == "auto" and where.is_run() and where.metrics.is_file()
+        finished = resume == "auto" and where.is_finished()
         launch = not (finished and topology.nodes == 1)
     if launch:
         args = [

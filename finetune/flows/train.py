@@ -149,7 +149,7 @@ def _run(
         output_note = check_output(
             run_dir, lock, resume=resume, overwrite=overwrite, owner=owner, inputs=resolved.input_paths()
         )
-        if resume == "auto" and run_dir.is_run() and run_dir.metrics.is_file():
+        if resume == "auto" and run_dir.is_finished():
             return _finished(run_dir, resolved, accelerator.num_processes, force_resume, console)
         created = False if dry_run else rundir.claim(run_dir)
         if lock is not None:
@@ -263,12 +263,14 @@ def _run(
                 recipe.data.max_length,
                 run_dir.adapter,
             )
+        rundir.record_adapter_files(run_dir.adapter)  # what --overwrite and --resume may replace in adapter/
     # The training step's heap, free now, goes back to the system: the evaluation's own peak (generation's cache,
     # the loss's chunks) then starts from the model's footprint, not from training's high-water mark on top of it.
     return_freed_memory()
     rows, scored = evaluate_features(session, model, eval_features, accelerator)
     if main:  # what the final evaluation decided for the adapter (multi-label thresholds), beside it
         write_task_files(run_dir.adapter, session.task.adapter_files(rows, recipe, session.state))
+        rundir.record_adapter_files(run_dir.adapter)
     training = {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -310,7 +312,6 @@ def _run(
             else f"peft's `AutoPeft{session.family.auto_class_name(session.task.head).removeprefix('Auto')}"
             f'.from_pretrained("{run_dir.adapter}")`',
         )
-        rundir.record_adapter_files(run_dir.adapter)  # what --overwrite may remove from adapter/
         # Last: metrics.json is what makes the run finished (--resume auto then has nothing to do), so a stop while
         # the card or the pictures were written resumes and writes them, instead of leaving them out for good.
         files.write_json(run_dir.metrics, document)

@@ -50,6 +50,13 @@ def output_decision(
         return f"{where} (new)"
     kind = "a finished run" if run.is_run() else "an unfinished run"
     if resume is not None:
+        if not (resume == "auto" and run.is_finished()):  # a finished run resumed trains nothing, replaces nothing
+            foreign = _foreign_files(run, run.adapter)
+            if foreign:
+                raise RecipeError(
+                    f"--resume: {foreign[0]} was not written by finetune and the resumed run replaces adapter/ "
+                    "whole when it finishes; nothing was removed. Move it out of the run first."
+                )
         return f"{where} ({kind}: continued from its checkpoint)"
     if overwrite:
         # Never an input of this run the overwrite would remove (its recipe file: the model card's `finetune run
@@ -123,8 +130,9 @@ def clear_previous_run(run: RunDir, parts: tuple[Path, ...] = ()) -> list[str]:
 
     Only what finetune wrote goes: the names a run writes at its top level; inside `evals/` only the evaluations
     finetune recorded (their marker; anything else there stays); inside `checkpoints/` only its checkpoints; inside
-    `adapter/` only the files the run listed there when it finished (`ADAPTER_FILES`; an adapter without the list,
-    from a run that never finished or an older version, is finetune's whole). A run lying inside, or anything
+    `adapter/` only the files the run listed there (`ADAPTER_FILES`, written as soon as it saved the adapter; an
+    adapter without the list, from an older version, is finetune's whole, and an `adapter/` holding no saved adapter
+    is the user's). A run lying inside, or anything
     else inside `adapter/` or `checkpoints/` (which the new run replaces whole), refuses the overwrite before
     anything is removed. `parts`: runs the earlier run kept inside as its own (a knowledge-base run's retriever)
     that the new run makes none of: cleared by the same rules, their folders removed when nothing of the user's
@@ -187,9 +195,7 @@ def _removals(run: RunDir) -> tuple[list[Path], list[str]]:
             removals.append(path)
             continue
         removals.extend(ours)
-        foreign = sorted(
-            p for p in path.rglob("*") if not p.is_dir() and not any(p == o or o in p.parents for o in ours)
-        )
+        foreign = _foreign_files(run, path, ours)
         if foreign and path != run.evals:
             raise RecipeError(
                 f"--overwrite: {foreign[0]} was not written by finetune and the new run replaces "
@@ -207,9 +213,19 @@ ADAPTER_FILES = ".finetune-files"
 
 
 def record_adapter_files(adapter: Path) -> None:
-    """List the files of a finished run's adapter/ (the last thing a run writes there)."""
+    """List the files of a run's adapter/: once just after it is saved, again after the last file goes in."""
     listed = sorted(str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file() and p.name != ADAPTER_FILES)
     files.write_text_atomic(adapter / ADAPTER_FILES, "\n".join(listed) + "\n")
+
+
+def _foreign_files(run: RunDir, folder: Path, ours: list[Path] | None = None) -> list[Path]:
+    """The files inside one of a run's folders that finetune did not write (`_own_entries`'s rule), sorted."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    ours = _own_entries(run, folder) if ours is None else ours
+    if ours is None:
+        return []
+    return sorted(p for p in folder.rglob("*") if not p.is_dir() and not any(p == o or o in p.parents for o in ours))
 
 
 def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
@@ -226,6 +242,9 @@ def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
     if folder == run.adapter and (folder / ADAPTER_FILES).is_file():
         listed = (folder / ADAPTER_FILES).read_text(encoding="utf-8").splitlines()
         return [folder / name for name in listed if name and (folder / name).is_file()] + [folder / ADAPTER_FILES]
+    if folder == run.adapter and not (folder / ADAPTER_META).is_file():
+        # No adapter was ever saved there (its listing is written just after the save): a folder the user made.
+        return []
     return None
 
 
@@ -581,6 +600,11 @@ class RunDir:
     def is_run(self) -> bool:
         """A finished run: its recipe and a trained adapter."""
         return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
+
+    def is_finished(self) -> bool:
+        """A run that finished its outputs: metrics.json is the last thing it writes (`--resume auto` has nothing
+        to train)."""
+        return self.is_run() and self.metrics.is_file()
 
     def holds_run(self) -> bool:
         """A run, finished or not (older runs have no marker: their recipe beside a log, checkpoints or adapter)."""

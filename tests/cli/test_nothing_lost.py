@@ -530,6 +530,23 @@ def test_a_stop_while_the_card_is_written_resumes_to_a_whole_run(
         patch.setattr(card, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
         stopped = invoke("run", recipe)
     assert stopped.exit_code == 2 and not (tmp_path / "run" / "metrics.json").exists(), stopped.output
+    # A file of the user's in the adapter/ the resumed run would replace whole: refused, nothing removed (it was
+    # lost, exit 0), both beside the saved adapter and in an adapter/ folder the user made where none was saved.
+    adapter = tmp_path / "run" / "adapter"
+    (adapter / "NOTES.md").write_text("mine")
+    before = snapshot(tmp_path / "run")
+    refused = invoke("run", recipe, "--resume", "auto")
+    assert refused.exit_code == 2 and "NOTES.md was not written by finetune" in refused.output, refused.output
+    assert snapshot(tmp_path / "run") == before
+    saved = tmp_path / "saved-adapter"
+    adapter.rename(saved)
+    adapter.mkdir()
+    (adapter / "NOTES.md").write_text("mine")
+    assert invoke("run", recipe, "--resume", "auto").exit_code == 2 and (adapter / "NOTES.md").read_text() == "mine"
+    assert invoke("run", recipe, "--overwrite").exit_code == 2 and (adapter / "NOTES.md").read_text() == "mine"
+    shutil.rmtree(adapter)
+    saved.rename(adapter)
+    (adapter / "NOTES.md").unlink()
     resumed = invoke("run", recipe, "--resume", "auto")
     assert resumed.exit_code in (0, 4), resumed.output
     assert (tmp_path / "run" / "README.md").is_file() and (tmp_path / "run" / "metrics.json").is_file()
