@@ -57,6 +57,15 @@ class PeerLost(FinetuneError):
     exit_code = 76
 
 
+class WorkerKilled(FinetuneError):
+    """A worker process this one started was killed by a signal: 128 + its number, as a shell reports a killed
+    command (137: kill -9, often the out-of-memory killer)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class Interrupted(FinetuneError):
     """SIGTERM/SIGINT after a resumable checkpoint was saved (exit 75)."""
 

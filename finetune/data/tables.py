@@ -14,8 +14,10 @@ import json
 import math
 import os
 import re
+import signal
 import string
 import sys
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from datasets.table import InMemoryTable
 from numpy.typing import ArrayLike
 
 from finetune.data.conversations import as_messages, conversation_problems, layout_fields, table_layout
-from finetune.errors import DataError, RecipeError, did_you_mean
+from finetune.errors import DataError, RecipeError, WorkerKilled, did_you_mean
 from finetune.files import sha256_file
 from finetune.models.references import package_path
 
@@ -1009,18 +1011,23 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# Set while map_batches runs worker processes: a process forked then (datasets' pool and its manager) dies with
-# this one. Without it a kill -9 (an out-of-memory kill, a scheduler's) left them holding ~400 MB each, for good.
+# Set while map_batches starts its worker processes: each dies with this one. Without it a kill -9 (an
+# out-of-memory kill, a scheduler's) left them holding ~400 MB each, for good.
 _WORKERS_PARENT: int | None = None
 
 
 def _die_with_parent() -> None:
     global _WORKERS_PARENT
-    parent, _WORKERS_PARENT = _WORKERS_PARENT, None  # this process's own children are not the pool's
-    if parent is None or not sys.platform.startswith("linux"):
+    parent, _WORKERS_PARENT = _WORKERS_PARENT, None  # this process's own children are not the map's workers
+    if parent is None:
+        return
+    # The parent decides what a stop signal does (it kills its workers): Ctrl-C, sent to the terminal's whole process
+    # group, is not a worker's to act on (each printed a KeyboardInterrupt traceback); SIGTERM ends one at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the line above: nothing will signal this process
@@ -1043,30 +1050,151 @@ def map_batches(
     enough to pay for them. `function(batch, indices)` gets the row indices for error messages."""
     workers = available_cores() if workers is None else workers
     workers = workers if len(rows) >= PARALLEL_MIN_ROWS else 1
-    if workers > 1:
-        # Each worker tokenises on one thread; the tokenizer's own thread pool would oversubscribe the cores.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if workers == 1:
+        return _map(rows, function, output, fingerprint, description)
+    # Each worker tokenises on one thread; the tokenizer's own thread pool would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if output is not None:
+        return _map_in_workers(rows, function, workers, fingerprint, description, output)
+    with tempfile.TemporaryDirectory(prefix="finetune-features-") as scratch:
+        mapped = _map_in_workers(rows, function, workers, fingerprint, description, Path(scratch) / "features.arrow")
+        return concatenate_datasets([Dataset.from_file(f["filename"], in_memory=True) for f in mapped.cache_files])
+
+
+def _map(
+    rows: Dataset,
+    function: Callable[[dict[str, Any], list[int]], dict[str, Any]],
+    output: Path | None,
+    fingerprint: str,
+    description: str | None,
+) -> Dataset:
+    return rows.map(
+        function,
+        batched=True,
+        batch_size=MAP_BATCH_ROWS,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        keep_in_memory=output is None,
+        cache_file_name=str(output) if output else None,
+        new_fingerprint=fingerprint,
+        desc=description,
+    )
+
+
+def _map_in_workers(
+    rows: Dataset,
+    function: Callable[[dict[str, Any], list[int]], dict[str, Any]],
+    workers: int,
+    fingerprint: str,
+    description: str,
+    output: Path,
+) -> Dataset:
+    """map_batches over contiguous shards, one forked process each, into `output`'s shard files. finetune's own
+    processes, not `datasets`' pool: a stop (Ctrl-C, SIGTERM, to this process or its group) kills them and the
+    command ends with the signal's exit code, where the pool's and its manager's clean-up hung or ended in an
+    internal error. A failing row's error (a DataError naming it) comes back from its worker; the first shard's first."""
+    import multiprocessing
+
+    from datasets.utils.tqdm import tqdm
+
     global _WORKERS_PARENT
-    environ = os.environ
-    _WORKERS_PARENT = os.getpid() if workers > 1 else None
+    context = multiprocessing.get_context("fork")
+    done = context.Value("q", 0)
+    parts, processes, replies = [], [], []
+    offset = 0
+    _WORKERS_PARENT = os.getpid()
     try:
-        return rows.map(
-            function,
-            batched=True,
-            batch_size=MAP_BATCH_ROWS,
-            with_indices=True,
-            remove_columns=rows.column_names,
-            keep_in_memory=output is None,
-            cache_file_name=str(output) if output else None,
-            num_proc=workers if workers > 1 else None,
-            new_fingerprint=fingerprint,
-            desc=description,
-        )
+        for index in range(workers):
+            shard = rows.shard(workers, index, contiguous=True)
+            part = output.with_name(f"{output.stem}-{index:05d}-of-{workers:05d}{output.suffix}")
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_map_shard,
+                args=(shard, function, offset, part, f"{fingerprint}-{index}-of-{workers}", done, send),
+                daemon=True,
+            )
+            process.start()
+            send.close()
+            parts.append(part)
+            processes.append(process)
+            replies.append(receive)
+            offset += len(shard)
+    except BaseException:
+        _stop(processes, parts)
+        raise
     finally:
-        # `datasets` replaces os.environ with a copy when it starts workers; whatever holds the original (a
-        # console reading COLUMNS, a test's monkeypatch) would no longer see the process environment.
-        os.environ = environ
         _WORKERS_PARENT = None
+    try:
+        with tqdm(total=len(rows), desc=f"{description} (workers={workers})", unit=" examples") as bar:
+            running = processes
+            while running:
+                running[0].join(timeout=0.2)
+                bar.update(done.value - bar.n)
+                running = [p for p in processes if p.is_alive()]
+        for process, reply in zip(processes, replies, strict=True):
+            try:
+                error = reply.recv() if reply.poll() else None
+            except EOFError:  # the worker died before it could answer
+                error = None
+            if error is not None:
+                raise error
+            if process.exitcode is not None and process.exitcode < 0:
+                raise WorkerKilled(
+                    f"{description}: a worker process was killed by {signal.Signals(-process.exitcode).name} (the "
+                    "out-of-memory killer, often: data.num_workers=1 tokenises in this process, with less memory)",
+                    -process.exitcode,
+                )
+            if process.exitcode != 0:
+                raise RuntimeError(f"{description}: a worker process ended with exit code {process.exitcode}")
+    except BaseException:
+        _stop(processes, parts)
+        raise
+    finally:
+        for reply in replies:
+            reply.close()
+    return concatenate_datasets([Dataset.from_file(str(part)) for part in parts])
+
+
+def _map_shard(
+    shard: Dataset,
+    function: Callable[[dict[str, Any], list[int]], dict[str, Any]],
+    offset: int,
+    part: Path,
+    fingerprint: str,
+    done: Any,
+    send: Any,
+) -> None:
+    """One worker of _map_in_workers: its shard into `part`, row numbers counted from the whole table's start; sends
+    None, or the error that stopped it."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the parent shows one bar for all workers
+
+    def shifted(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+        out = function(batch, [offset + i for i in indices])
+        with done.get_lock():
+            done.value += len(indices)
+        return out
+
+    try:
+        _map(shard, shifted, part, fingerprint, None)
+        send.send(None)
+    except BaseException as error:  # every error goes to the parent, which raises it
+        try:
+            send.send(error)
+        except Exception:  # an error that does not pickle: its words
+            send.send(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
+def _stop(processes: list[Any], parts: list[Path]) -> None:
+    """Kill the workers still running and remove what they wrote (their shard files)."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join()
+    for part in parts:
+        part.unlink(missing_ok=True)
 
 
 def token_lengths(features: Dataset) -> np.ndarray:

@@ -250,3 +250,74 @@ def test_a_worker_forked_for_featurising_dies_with_its_parent(monkeypatch):
         os._exit(0 if found.value == signal.SIGKILL and data._WORKERS_PARENT is None else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _slow_lengths(batch: dict, indices: list[int]) -> dict:
+    import time
+
+    time.sleep(0.2)
+    return {"n": [len(text) for text in batch["text"]], "row": indices}
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_workers_featurise_kills_them_and_raises_the_interrupt(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM while `datasets`' pool featurised: the command hung in the pool's clean-up, or ended in an
+    internal error (a TimeoutError over the interrupt). Now the interrupt itself (the command's 130 or 143), the
+    workers gone, none of their shard files left."""
+    import signal
+    import threading
+    import time
+
+    from datasets import Dataset
+
+    from finetune.cli import _terminate_as_interrupt
+
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(data, "MAP_BATCH_ROWS", 10)
+    rows = Dataset.from_dict({"text": [f"row {i}" for i in range(400)]})  # 40 batches of 0.2 s: 4 s in 2 workers
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), getattr(signal, stop)))
+    started = time.monotonic()
+    with _terminate_as_interrupt(), pytest.raises(KeyboardInterrupt):  # SIGTERM: the command's own KeyboardInterrupt
+        timer.start()
+        data.map_batches(rows, _slow_lengths, 2, "stop-test", "slow", output=tmp_path / "features.arrow")
+    assert time.monotonic() - started < 3.5
+    import psutil
+
+    assert not psutil.Process().children(), "a worker outlived the stop"
+    # (datasets' own temporary files stay in the folder: the feature cache removes a failed build's folder whole)
+    assert not list(tmp_path.glob("features*"))
+
+
+def test_a_killed_worker_is_named_with_the_shells_exit_code(tmp_path, monkeypatch):
+    """A featurising worker killed (the out-of-memory killer's SIGKILL) ends the command with 137, naming it."""
+    import signal
+    import threading
+
+    import psutil
+    from datasets import Dataset
+
+    from finetune.errors import WorkerKilled
+
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(data, "MAP_BATCH_ROWS", 10)
+    rows = Dataset.from_dict({"text": [f"row {i}" for i in range(400)]})
+
+    def kill_one() -> None:
+        for child in psutil.Process().children():
+            child.send_signal(signal.SIGKILL)
+            return
+
+    threading.Timer(1.0, kill_one).start()
+    with pytest.raises(WorkerKilled, match="killed by SIGKILL") as raised:
+        data.map_batches(rows, _slow_lengths, 2, "kill-test", "slow", output=tmp_path / "features.arrow")
+    assert raised.value.exit_code == 137 and not list(tmp_path.glob("features*"))
+
+
+def test_workers_number_rows_from_the_start_of_the_whole_table(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(data, "MAP_BATCH_ROWS", 7)
+    rows = Dataset.from_dict({"text": [f"row {i}" for i in range(101)]})
+    mapped = data.map_batches(rows, lambda b, i: {"row": i}, 3, "rows-test", "rows")  # in memory
+    assert mapped["row"] == list(range(101)) and len(mapped.cache_files) == 0
