@@ -33,6 +33,7 @@ from finetune.flows.session import (
     task_rows,
 )
 from finetune.outputs import card, plots, rundir
+from finetune.outputs.adapter import read_adapter_meta
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
@@ -184,10 +185,12 @@ class SessionEvaluator:
         return scored["metrics"]
 
 
-def unavailable_gates(resolved: Resolved, gates: list[str] | None) -> dict[str, str]:
-    """The metrics the recipe's evaluation never reports, command-line gates' among them."""
+def unavailable_gates(resolved: Resolved, gates: list[str] | None, adapter_dir: Path | None = None) -> dict[str, str]:
+    """The metrics the recipe's evaluation never reports, command-line gates' among them; `adapter_dir`: the trained
+    adapter evaluated, whose recorded state (what its data decided) rules out more."""
     asked = [gate.metric for gate in evaluation.collect_gates(None, gates)]
-    return resolved.task.unavailable_metrics(resolved.recipe, asked)
+    state = read_adapter_meta(adapter_dir).get("state") if adapter_dir is not None else None
+    return resolved.task.unavailable_metrics(resolved.recipe, asked, state)
 
 
 def check_gates(task: Task, gates: list[str] | None, unavailable: dict[str, str] | None = None) -> None:
@@ -246,7 +249,7 @@ def evaluate(
     resolved, run = resolve_source(source, overrides)
     recipe = resolved.recipe
     check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
-    adapter_dir = None
+    adapter_dir: Path | None = None
     if checkpoint:
         adapter_dir = Path(checkpoint).expanduser()
         if not adapter_dir.exists():
@@ -262,6 +265,8 @@ def evaluate(
         adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
+    if adapter_dir is not None:  # and by what the adapter's data decided (single or multi-label)
+        check_gates(resolved.task, gates, unavailable_gates(resolved, gates, adapter_dir))
     label = (
         "base"
         if adapter_dir is None
@@ -379,7 +384,7 @@ def evaluate_all_checkpoints(
     (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
     resolved, run = resolve_run(run_path, overrides, ("eval",))
     recipe = resolved.recipe
-    check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
+    check_gates(resolved.task, gates, unavailable_gates(resolved, gates, run.adapter))
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
     accelerator = make_accelerator(recipe.train, resolved.precision)
     sources, skipped = [], []

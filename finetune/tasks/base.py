@@ -86,10 +86,13 @@ class Task:
                 problems.append(self.unknown_metric(place, metric))
         return problems
 
-    def unavailable_metrics(self, recipe: Recipe, asked: Sequence[str] = ()) -> dict[str, str]:
+    def unavailable_metrics(
+        self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
         """Metrics the task knows that this recipe's evaluation never reports (metric -> why): a gate on one
         would fail as "missing" after training, and eval.metrics naming one would report nothing. `asked`: metrics
-        named outside the recipe (command-line gates), beside those it names."""
+        named outside the recipe (command-line gates), beside those it names; `state`: what the training data
+        decided, where a trained adapter records it."""
         mark = recipe.eval.watermark
         out = {}
         if mark is None:

@@ -82,6 +82,19 @@ class ClassificationTask(Task):
         if problems:
             raise RecipeError("; ".join(problems))
 
+    def unavailable_metrics(
+        self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
+        """The other mode's metrics, where a trained adapter's state says which mode it is (`finetune eval RUN --gate
+        micro_f1>=...` on single labels loaded and evaluated the model, then failed the gate as missing: exit 4)."""
+        out = super().unavailable_metrics(recipe, asked, state)
+        if state is not None and "multi_label" in state:
+            multi = bool(state["multi_label"])
+            why = f"is not reported when the labels are {'lists (multi-label)' if multi else 'single (one per text)'}"
+            for metric in SINGLE_LABEL_METRICS if multi else MULTI_LABEL_METRICS:
+                out[metric] = why
+        return out
+
     def main_metric(self, settings: EvalSection) -> str:
         """macro_f1: reported for one label per text and for several, and it weighs rare classes as much as
         frequent ones (accuracy hides a class the model never predicts)."""

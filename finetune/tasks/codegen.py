@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -207,9 +207,11 @@ class CodegenTask(GenerationTask):
     def knows_metric(self, metric: str) -> bool:
         return bool(_PASS_AT.match(metric)) or super().knows_metric(metric)
 
-    def unavailable_metrics(self, recipe: Recipe, asked: Sequence[str] = ()) -> dict[str, str]:
+    def unavailable_metrics(
+        self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
         """pass@k is reported for the k of eval.pass_k (else DEFAULT_K up to num_samples), where code runs."""
-        out = super().unavailable_metrics(recipe, asked)
+        out = super().unavailable_metrics(recipe, asked, state)
         settings = recipe.eval
         reported = settings.pass_k or [k for k in DEFAULT_K if k <= settings.num_samples]
         named = [metric for _, metric in named_metrics(settings)] + list(asked)

@@ -571,3 +571,18 @@ def test_what_eval_is_asked_now_is_judged_though_the_recorded_recipe_is_spared(f
     _, run = finished_run
     asked = invoke("eval", run, "eval.temperature=0.7", "--output", tmp_path / "ev")
     assert asked.exit_code == 2 and "eval.temperature: read only by the generation tasks" in asked.output, asked.output
+
+
+def test_a_gate_on_the_other_label_modes_metric_is_refused_before_anything_loads(finished_run, monkeypatch):
+    """`eval RUN --gate micro_f1>=...` on a single-label run loaded and evaluated the model, then failed the gate as
+    "missing" (exit 4); the same gate in a recipe is refused (exit 2). Now refused alike, by what the run's data
+    decided, before any weights load."""
+    from finetune.flows import evaluate as evaluate_flow
+
+    _, out = finished_run
+    monkeypatch.setattr(evaluate_flow, "open_session", lambda *a, **k: pytest.fail("the model was loaded"))
+    for args in (("--gate", "micro_f1>=0.1"), ("--all-checkpoints", "--gate", "hamming_loss<=0.5")):
+        result = invoke("eval", out, *args)
+        assert result.exit_code == 2, result.output
+        assert "is not reported when the labels are single" in result.output
+    assert not (out / "evals").exists()
