@@ -85,6 +85,12 @@ def output_dir_problem(run: RunDir, owner: Path | None = None) -> str | None:
     blocking = next((p for p in where.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # no folder can be made there: found by run only when it tried
         return f"output.dir: {where} lies under {blocking}, which is a file, not a directory"
+    # The folder that would hold the run (or its first missing parent) must be writable: `validate` passed what `run`
+    # refused only when it tried to create it. (os.access: what this user may do there, a read-only mount included.)
+    # A run already there is judged by what it is asked to do (a finished one resumed writes nothing).
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if run.is_empty() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"output.dir: {where} cannot be written: {existing} is not writable (permissions, or a read-only filesystem)"
     resolved = where.expanduser().resolve()
     around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
     if around is not None and (owner is None or around != owner.expanduser().resolve()):

@@ -586,3 +586,28 @@ def test_a_gate_on_the_other_label_modes_metric_is_refused_before_anything_loads
         assert result.exit_code == 2, result.output
         assert "is not reported when the labels are single" in result.output
     assert not (out / "evals").exists()
+
+
+def test_validate_refuses_an_output_dir_run_cannot_create(tiny_models, topic_data, write_recipe, tmp_path):
+    """validate passed a recipe whose output.dir lay in a folder nobody may write to; run refused it (exit 2)."""
+    import subprocess
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    mounted = False
+    if os.geteuid() == 0:  # root writes whatever the modes: a read-only filesystem is what stops it
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(locked)]).returncode == 0
+        if not mounted:
+            pytest.skip("cannot mount a read-only filesystem here")
+    else:
+        locked.chmod(0o500)
+    try:
+        recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, locked / "run", epochs=1))
+        for command in ("validate", "run"):
+            result = invoke(command, recipe)
+            assert result.exit_code == 2, result.output
+            assert f"{locked} is not writable" in result.output
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(locked)])
+        locked.chmod(0o700)
