@@ -312,6 +312,12 @@ def test_overwrite_never_replaces_an_input_of_the_run(finished_run, tmp_path):
     rerun = invoke(*reproduce.split()[1:])
     assert rerun.exit_code == 0, rerun.output
     assert snapshot(out) == before
+    # The run's own adapter as the starting adapter of the run replacing it: deleted, then trained from (a DPO run
+    # whose reference policy was itself scored 0 ever after).
+    recipe, _ = finished_run
+    own = invoke("run", recipe, f"model.adapter={out}", "--overwrite")
+    assert own.exit_code == 2 and "is an input of this run and lies inside" in own.output, own.output
+    assert snapshot(out) == before
     # An input the overwrite keeps (a file of the user's inside the run) is no reason to refuse it.
     shutil.copyfile(out / "recipe.yaml", out / "my.yaml")
     kept = invoke("run", out / "my.yaml", "--overwrite")
