@@ -89,7 +89,7 @@ from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.preference import judged_rows
+from finetune.tasks.preference import judged_rows, kto_rows
 from finetune.tasks.qa import ExtractiveQATask
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
@@ -1271,7 +1271,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
             def judged(table: Dataset, split: str) -> None:
                 """The pairs' and thumbs' own checks, as the task's featurize makes them."""
                 if "messages" not in table.column_names:  # conversations are featurized as such, not as pairs
-                    judged_rows(table, recipe.train.objective, split, task.prompt_field, task.answer_field)
+                    objective, prompt, answer = recipe.train.objective, task.prompt_field, task.answer_field
+                    judged_rows(kto_rows(table, objective, split, prompt, answer), objective, split, prompt, answer)
 
             each_split(judged)
         if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty

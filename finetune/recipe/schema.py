@@ -570,8 +570,8 @@ class TrainSection(Section):
     objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(
         "sft",
         description="What training optimises. sft: cross-entropy on the reference completion. dpo / orpo: "
-        "pairs (prompt, chosen, rejected); kto: thumbs (prompt, completion, label true/false); grpo: the task's "
-        "own score of sampled completions as the reward (GPT-style models). Generation tasks only; the adapter "
+        "pairs (prompt, chosen, rejected); kto: thumbs (prompt, completion, label true/false), or pairs, each two "
+        "thumbs as TRL unpairs them; grpo: the task's own score of sampled completions as the reward (GPT-style models). Generation tasks only; the adapter "
         "stays a plain peft adapter.",
     )
     preference: PreferenceSection = Field(

@@ -80,17 +80,7 @@ def judged_rows(
     Returns the prompts and, for pairs, ([chosen, rejected], None); for thumbs, ([completions], labels)."""
     prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
     if is_pairs(rows):
-        chosen = checked_texts(rows["chosen"][:], split, "chosen")
-        rejected = checked_texts(rows["rejected"][:], split, "rejected")
-        for number, (good, bad) in enumerate(zip(chosen, rejected), start=1):
-            if not good.strip() or not bad.strip():
-                side = "chosen" if not good.strip() else "rejected"
-                raise DataError(f"{split}: row {number}: {side!r} is empty; a pair needs two answers to compare")
-            if good == bad:
-                raise DataError(
-                    f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
-                )
-        return prompts, [chosen, rejected], None
+        return prompts, _checked_pairs(rows, split), None
 
     if split == "data.train" and objective != "kto":
         raise DataError(
@@ -119,6 +109,44 @@ def judged_rows(
     return prompts, [completions], thumbs
 
 
+def _checked_pairs(rows: Dataset, split: str) -> list[list[str]]:
+    """[chosen, rejected] of pair rows; a side empty, or both the same, is named by row."""
+    chosen = checked_texts(rows["chosen"][:], split, "chosen")
+    rejected = checked_texts(rows["rejected"][:], split, "rejected")
+    for number, (good, bad) in enumerate(zip(chosen, rejected), start=1):
+        if not good.strip() or not bad.strip():
+            side = "chosen" if not good.strip() else "rejected"
+            raise DataError(f"{split}: row {number}: {side!r} is empty; a pair needs two answers to compare")
+        if good == bad:
+            raise DataError(
+                f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
+            )
+    return [chosen, rejected]
+
+
+UNPAIR_BATCH = 1000
+
+
+def kto_rows(rows: Dataset, objective: str, split: str, prompt_field: str, answer_field: str) -> Dataset:
+    """The rows KTO trains on: thumbs as they are; pairs (rows without thumbs) as two thumbs each, the chosen
+    answer desirable and the rejected one undesirable, as TRL's `unpair_preference_dataset` makes them (each
+    batch's chosen answers, then its rejected ones). Pairs were trained as thumbs and failed (internal error).
+    Every other split and objective: `rows` unchanged (KTO is evaluated on pairs by preference accuracy)."""
+    if objective != "kto" or split != "data.train" or not is_pairs(rows):
+        return rows
+    if answer_field in rows.column_names and THUMB_FIELD in rows.column_names:  # thumbs beside pairs: the thumbs
+        return rows.remove_columns(list(PAIR_FIELDS))
+    prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
+    chosen, rejected = _checked_pairs(rows, split)
+    unpaired: dict[str, list] = {prompt_field: [], answer_field: [], THUMB_FIELD: []}
+    for start in range(0, len(prompts), UNPAIR_BATCH):  # datasets.map's default batch, as TRL maps them
+        batch = slice(start, start + UNPAIR_BATCH)
+        unpaired[prompt_field] += prompts[batch] + prompts[batch]
+        unpaired[answer_field] += chosen[batch] + rejected[batch]
+        unpaired[THUMB_FIELD] += [True] * len(chosen[batch]) + [False] * len(rejected[batch])
+    return Dataset.from_dict(unpaired)
+
+
 def featurize_preferences(
     rows: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -132,6 +160,7 @@ def featurize_preferences(
     """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
     nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
     leading space), applied to every side as supervised training applies it."""
+    rows = kto_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
     prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
     if thumbs is None:
         sides = [[completion_text(t) for t in side] for side in answers]

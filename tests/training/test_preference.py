@@ -435,3 +435,30 @@ def test_a_pair_batch_in_halves_gives_the_whole_batch_gradient(tiny_models):
     assert halves[1][0]["input_ids"].shape[1] <= width
     for whole, split in zip(gradients([(batch, 1.0)]), gradients(halves)):
         assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_kto_trains_on_pairs_as_trl_unpairs_them(tiny_models, tmp_path, write_recipe):
+    """KTO on pair rows (a documented input) failed at the first step (internal error, validate said ok): each pair
+    is two thumbs now, as TRL's `unpair_preference_dataset` makes them, row for row; thumbs beside pairs win."""
+    from trl.data_utils import unpair_preference_dataset
+
+    from finetune.tasks.preference import kto_rows
+
+    pairs = Dataset.from_dict(
+        {
+            "prompt": [f"p{i % 7}" for i in range(2500)],  # more than one of datasets.map's batches
+            "chosen": [f"good {i}" for i in range(2500)],
+            "rejected": [f"bad {i}" for i in range(2500)],
+        }
+    )
+    ours = kto_rows(pairs, "kto", "data.train", "prompt", "completion")
+    assert ours.to_dict() == unpair_preference_dataset(pairs).to_dict()
+    assert kto_rows(pairs, "kto", "data.eval", "prompt", "completion") is pairs  # evaluated on pairs
+    assert kto_rows(pairs, "dpo", "data.train", "prompt", "completion") is pairs
+
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto", max_steps=2)
+    recipe["data"]["train"] = recipe["data"]["eval"]  # the pairs file
+    path = write_recipe(recipe)
+    assert invoke("validate", str(path)).exit_code == 0
+    result = invoke("run", str(path))
+    assert result.exit_code == 0, result.output
