@@ -593,6 +593,8 @@ def map_columns(
 def checked_texts(values: list, split: str, field: str, first_row: int = 1) -> list[str]:
     """`values` as a list of texts; anything else is named by its row number (counted from `first_row`)."""
     for number, value in enumerate(values, start=first_row):
+        if value is None:
+            raise DataError(f"{split}: row {number}: field {field!r} must be text, got no value (missing or null)")
         if not isinstance(value, str):
             raise DataError(
                 f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}"

@@ -89,7 +89,7 @@ from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.preference import judged_rows, kto_rows
+from finetune.tasks.preference import check_rollout_rows, judged_rows, kto_rows
 from finetune.tasks.qa import ExtractiveQATask
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
@@ -1275,6 +1275,14 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     judged_rows(kto_rows(table, objective, split, prompt, answer), objective, split, prompt, answer)
 
             each_split(judged)
+        if isinstance(task, GenerationTask) and recipe.train.objective == "grpo":
+
+            def rollout(table: Dataset, split: str) -> None:
+                """What the reward reads from each training row, as the task's featurize checks it."""
+                if split == "data.train" and "messages" not in table.column_names:
+                    check_rollout_rows(table, split, task.reward_fields)
+
+            each_split(rollout)
         if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty
             passages = load_passages(recipe.data.knowledge_base)
             if isinstance(task, RetrievalTask):  # every row's positive is a passage of it, as the run checks

@@ -294,6 +294,19 @@ class PreferenceCollator:
 # --------------------------------------------------------------------------- GRPO prompts
 
 
+def check_rollout_rows(rows: Dataset, split: str, reward_fields: tuple[str, ...]) -> None:
+    """What GRPO's reward reads from each training row (`reward_fields`) is there, as text: shared by training
+    (rollout_prompts) and `finetune validate` (resolve.check_rows), which passed rows run refused."""
+    needed = [name for name in reward_fields if name not in rows.column_names]
+    if needed:
+        raise DataError(
+            f"{split}: train.objective grpo scores each sampled completion against the row's "
+            f"{', '.join(needed)}; the rows have no such field (map it with data.columns)"
+        )
+    for name in reward_fields:
+        checked_texts(rows[name][:], split, name)
+
+
 def rollout_prompts(
     rows: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -305,14 +318,7 @@ def rollout_prompts(
 ) -> Features:
     """GRPO's training features: each row's prompt ids (as generation sees them) and its index among the rows,
     so the reward can read the row's reference (`reward_fields`, text in every row)."""
-    needed = [name for name in reward_fields if name not in rows.column_names]
-    if needed:
-        raise DataError(
-            f"{split}: train.objective grpo scores each sampled completion against the row's "
-            f"{', '.join(needed)}; the rows have no such field (map it with data.columns)"
-        )
-    for name in reward_fields:
-        checked_texts(rows[name][:], split, name)
+    check_rollout_rows(rows, split, reward_fields)
     if "test" in reward_fields:  # rewards run generated code: both opt-ins before any weights load
         sandbox.require_opt_in(recipe.eval.execute_code)
         sandbox.check_level(recipe.eval.sandbox)

@@ -152,7 +152,7 @@ def test_a_bad_row_in_a_worker_is_still_named(tiny_models, tmp_path, write_recip
     recipe["data"]["num_workers"] = 2
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
     assert result.exit_code == 3, result.output
-    assert "train.jsonl:71: field 'text_pair' must be text, got NoneType None" in result.output
+    assert "train.jsonl:71: field 'text_pair' must be text, got no value (missing or null)" in result.output
     features = FeatureCache(None).root
     assert not [p for p in features.glob(".*") if p.is_dir()]  # the failed build's work directory is gone
 

@@ -81,3 +81,28 @@ def test_validate_accepts_good_pairs_and_thumbs(tiny_models, tmp_path, write_rec
         path = write_recipe(_recipe(tiny_models["gpt2"], tmp_path, objective, rows))
         validated = invoke("validate", path)
         assert validated.exit_code == 0, validated.output
+
+
+@pytest.mark.parametrize("field", ["test", "entry_point"])
+def test_validate_refuses_a_grpo_code_row_run_refuses(field, tiny_models, tmp_path, write_recipe, monkeypatch):
+    """GRPO's code reward reads each training row's tests and entry point: a row without them passed validate
+    (exit 0) and was refused by run (exit 3)."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    source = Path(__file__).resolve().parents[2] / "data" / "code_rl"
+    rows = [json.loads(line) for line in (source / "train.jsonl").read_text().splitlines()[:4]]
+    del rows[2][field]
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "grpo", rows)
+    recipe["task"] = "codegen"
+    recipe["data"]["eval"] = str(source / "eval.jsonl")
+    recipe["data"]["max_length"] = 64  # the prompt and GRPO's 64 sampled tokens in the tiny model's 128 positions
+    recipe["train"]["grpo"] = {"max_new_tokens": 8}
+    recipe["eval"] = {"max_new_tokens": 4, "execute_code": True, "sandbox": "basic"}
+    path = write_recipe(recipe)
+    validated = invoke("validate", path)
+    dry_run = invoke("run", path, "--dry-run", "--no-estimate")
+    assert dry_run.exit_code == 3 and validated.exit_code == 3, (validated.output, dry_run.output)
+    assert f"train.jsonl:3: field {field!r} must be text, got no value (missing or null)" in _message(validated.output)
+    assert _message(validated.output) == _message(dry_run.output)
