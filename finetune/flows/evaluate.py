@@ -22,7 +22,14 @@ from finetune.errors import DataError, OutputsNotFinite, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.evaluation.scoring import eval_loader
-from finetune.flows.resolve import Resolved, adapter_problems, gate_problems, resolve_run, resolve_source
+from finetune.flows.resolve import (
+    Resolved,
+    adapter_problems,
+    gate_problems,
+    resolve_run,
+    resolve_source,
+    start_adapter_hash,
+)
 from finetune.flows.session import (
     REFERENCE_ADAPTER,
     Session,
@@ -35,6 +42,7 @@ from finetune.flows.session import (
 from finetune.outputs import card, plots, rundir
 from finetune.outputs.adapter import read_adapter_meta
 from finetune.outputs.lock import RunLock
+from finetune.outputs.manifest import START_ADAPTER
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
@@ -337,11 +345,21 @@ def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
     row, context and metric of this evaluation come from the file as it is now (a relative path is read from the
     working directory: from another one, an eval file of the same name scored 1.0 where the run scored 0.22)."""
     try:
-        recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
+        manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
+        recorded = manifest.get("data_files") or {}
     except (OSError, ValueError, AttributeError):
         return []
     what = {"eval": "eval file", "knowledge_base": "knowledge base"}
-    return [
+    changed = []
+    start = recipe.model.adapter
+    started = (manifest.get(START_ADAPTER) or {}).get(start) if start is not None else None
+    if start is not None and started is not None and (now := start_adapter_hash(start)) != started:
+        changed.append(
+            f"the starting adapter {start} (model.adapter: a preference run's reference policy) is not the one the "
+            f"run trained from (weights sha256 {started[:12]} then, {(now or 'none')[:12]} now): metrics against "
+            "the reference (reward_margin, preference_accuracy, logps) are computed against it as it is now"
+        )
+    return changed + [
         f"the {what[key]} {name} is not the one the run read (sha256 {str(recorded[name])[:12]} then, "
         f"{digest[:12]} now; relative paths are read from the working directory, {Path.cwd()}): this "
         "evaluation read it as it is now"

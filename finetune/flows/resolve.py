@@ -47,7 +47,7 @@ from finetune.data.tables import FILE_SUFFIXES, local_data_path, read_split, tem
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
-from finetune.files import read_json_input
+from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.lora import resolve_targets
@@ -59,6 +59,7 @@ from finetune.models.references import (
     resolve_reference,
 )
 from finetune.outputs import rundir
+from finetune.outputs.adapter import WEIGHTS_FILE
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
@@ -429,6 +430,12 @@ def start_adapter_dir(reference: str) -> Path:
         return path
     what = "not found" if not path.exists() else "no peft adapter here (adapter_config.json missing)"
     raise RecipeError(f"model.adapter: {reference}: {what}; name a finished run or its adapter/ directory")
+
+
+def start_adapter_hash(reference: str) -> str | None:
+    """sha256 of the weights of the adapter `model.adapter` names (None where it has none yet)."""
+    weights = start_adapter_dir(reference) / WEIGHTS_FILE
+    return sha256_file(weights) if weights.is_file() else None
 
 
 def _data_rules(recipe: Recipe, task: Task) -> list[str]:

@@ -29,6 +29,7 @@ from finetune.flows.resolve import (
     resolve_recipe,
     retriever_recipe,
     runs_code,
+    start_adapter_hash,
     trains_retriever,
 )
 from finetune.flows.session import (
@@ -295,7 +296,15 @@ def _run(
     document = evaluation.metrics_document(recipe.task, scored, gates, extra)
     if main:
         manifest = provenance.build_manifest(
-            recipe, data_file_hashes(recipe.data), accelerator, {"family": session.family.name}
+            recipe,
+            data_file_hashes(recipe.data),
+            accelerator,
+            {"family": session.family.name}
+            | (
+                {provenance.START_ADAPTER: {recipe.model.adapter: start_adapter_hash(recipe.model.adapter)}}
+                if recipe.model.adapter is not None
+                else {}
+            ),
         )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)

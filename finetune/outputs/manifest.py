@@ -52,6 +52,11 @@ def _hardware(accelerator: Accelerator | None) -> dict[str, Any]:
     return info
 
 
+# manifest.json's record of the adapter a run started from (model.adapter -> its weights' sha256), which
+# `finetune eval` compares: a preference run's reference policy is that adapter, loaded again by path.
+START_ADAPTER = "model_adapter"
+
+
 def build_manifest(
     recipe: Recipe, data_hashes: dict, accelerator: Accelerator | None, extra: dict | None = None
 ) -> dict:

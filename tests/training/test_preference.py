@@ -395,6 +395,15 @@ def test_eval_of_a_finished_run_uses_the_same_reference(tiny_models, tmp_path, w
     evaluated = json.loads((tmp_path / "again" / "metrics.json").read_text())["metrics"]
     for name in ("reward_margin", "logps_chosen", "logps_rejected"):
         assert evaluated[name] == pytest.approx(trained[name], abs=1e-4), name
+    assert "starting adapter" not in again.output
+    if start == "sft-run":  # the SFT run trained again: the reference is another model now, and eval says so
+        sft["train"]["seed"] = 7
+        assert invoke("run", str(write_recipe(sft, "sft.yaml")), "--overwrite").exit_code == 0
+        changed = invoke("eval", str(run), "--output", str(tmp_path / "changed"))
+        assert changed.exit_code == 0, changed.output
+        assert "is not the one the run trained from" in " ".join(changed.output.split())
+        warnings = json.loads((tmp_path / "changed" / "metrics.json").read_text())["warnings"]
+        assert any(str(tmp_path / "sft") in w for w in warnings)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
