@@ -457,7 +457,12 @@ def rescore(
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
     settings = settings or EvalSection()
-    scored = evaluation.score(task, rows, settings, intervals=True)
+    # A GRPO run's rows carry the reward its evaluation gave each prediction: recomputed here, as every other metric
+    # is (reward_mean came from the stored values: stale after an edit, above 1, or a row's left out).
+    rewarded = bool(getattr(task, "reward_fields", ())) and any(evaluation.REWARD_FIELD in row for row in rows)
+    for row in rows if rewarded else []:
+        row.pop(evaluation.REWARD_FIELD, None)
+    scored = evaluation.score(task, rows, settings, intervals=True, rewards=rewarded)
     document = evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
     fields = (*task.required_fields, *task.optional_fields)
     return evaluation.attach_comparison(document, baseline, task, rows, settings, fields)

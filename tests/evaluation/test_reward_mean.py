@@ -145,6 +145,16 @@ def test_a_grpo_runs_metrics_hold_reward_mean_and_judge_its_gate(tiny_models, tm
         "value": document["metrics"]["reward_mean"],
         "passed": True,
     }
+    # Re-scored from its predictions (`eval --predictions`), the reward is recomputed as every metric is: it was
+    # read from each row's stored task_reward (stale after an edit, 5.0 accepted, a row without one left out).
+    edited = [dict(row, prediction=row["completion"]) for row in predictions]
+    edited[0]["task_reward"], edited[1:2] = 5.0, [{k: v for k, v in edited[1].items() if k != "task_reward"}]
+    path = tmp_path / "edited.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in edited))
+    rescored = invoke("eval", "--predictions", str(path), "--task", "copywriting", "--json")
+    assert rescored.exit_code == 0, rescored.output
+    metrics = json.loads(rescored.stdout)["metrics"]
+    assert metrics["reward_mean"] == pytest.approx(1.0) and metrics["rougeL"] == pytest.approx(1.0)
     recipe["train"]["objective"] = "sft"
     refused = invoke("validate", str(write_recipe(recipe, "sft.yaml")))
     assert refused.exit_code == 2 and "eval.gates.reward_mean: reward_mean is reported by train.objective grpo" in (
