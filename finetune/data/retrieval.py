@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Dataset
 
-from finetune.data.tables import content_hash, load_table, local_data_path
+from finetune.data.tables import checked_texts, content_hash, load_table, local_data_path
 from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.models.embedding import EmbeddingLayout, sentence_transformer
@@ -533,6 +533,17 @@ def _find(context: str, answer: str) -> tuple[int, int]:
 
 # The fields a retrieval row may name its positive by: the passage text, its id, or an answer it holds.
 POSITIVE_FIELDS = ("positive", "positive_id", "answer")
+# Which of a row's names of its positive decides, where it gives several: the most precise first.
+_PRECEDENCE = ("positive_id", "positive", "answer")
+
+
+def checked_queries(values: list, split: str) -> list[str]:
+    """Each row's query as non-empty text, named by row: an empty one would rank the corpus by nothing."""
+    queries = checked_texts(values, split, "query")
+    for number, query in enumerate(queries, start=1):
+        if not query.strip():
+            raise DataError(f"{split}: row {number}: field 'query' must be non-empty text, got {query!r}")
+    return queries
 
 
 def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labeled: bool = True) -> Dataset:
@@ -557,7 +568,8 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
         )
     columns: dict[str, list] = {"relevant_ids": [], "positive_id": [], "positive": []}
     values = {f: rows[f][:] for f in present}
-    queries = rows["query"][:] if "query" in rows.column_names else [None] * len(rows)
+    # First: the queries rank the corpus (mining negatives, picking an answer's holder); a missing one failed there.
+    queries = checked_queries(rows["query"][:], split) if "query" in rows.column_names else [None] * len(rows)
     holders = AnswerHolders(passages)
     for row in range(len(rows)):
         number = row + 1
@@ -569,27 +581,39 @@ def relevant_passages(rows: Dataset, passages: list[Passage], split: str, labele
             columns["positive_id"].append(None)
             columns["positive"].append(None)
             continue
-        field, value = next(iter(given.items()))
-        if field == "positive_id" and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # integer ids (BEIR, MS MARCO qrels) name passages as the corpus's ids are read
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
-        if field == "positive_id":
-            found = [by_id[value]] if value in by_id else []
-        elif field == "positive":
-            found = by_text.get(_normalise(value), [])
-        else:
-            found = holders(queries[row], value)
-        if not found:
-            what = {
-                "positive_id": "is not the id of",
-                "positive": "is the text of no passage in",
-                "answer": "is in no passage of",
-            }
-            raise DataError(
-                f"{split}: row {number}: the {field} {value[:60]!r} {what[field]} data.knowledge_base; a positive must "
-                "be a passage of the corpus searched"
-            )
+        # Each name of the positive the row gives, found in the corpus; the most precise decides (an id names one
+        # passage), and every other must hold that passage: a text of another passage beside an id was dropped.
+        named = {}
+        for field in sorted(given, key=_PRECEDENCE.index):
+            value = given[field]
+            if field == "positive_id" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # integer ids (BEIR, MS MARCO qrels) name passages as the corpus's ids are read
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
+            if field == "positive_id":
+                found = [by_id[value]] if value in by_id else []
+            elif field == "positive":
+                found = by_text.get(_normalise(value), [])
+            else:
+                found = holders(queries[row], value)
+            if not found:
+                what = {
+                    "positive_id": "is not the id of",
+                    "positive": "is the text of no passage in",
+                    "answer": "is in no passage of",
+                }
+                raise DataError(
+                    f"{split}: row {number}: the {field} {value[:60]!r} {what[field]} data.knowledge_base; a positive "
+                    "must be a passage of the corpus searched"
+                )
+            named[field] = (value, found)
+        field, (value, found) = next(iter(named.items()))
+        for other, (other_value, other_found) in list(named.items())[1:]:
+            if found[0] not in other_found:
+                raise DataError(
+                    f"{split}: row {number}: the {field} {value[:60]!r} and the {other} {other_value[:60]!r} name "
+                    "different passages; give one, or make them agree"
+                )
         columns["relevant_ids"].append([passages[i].id for i in found])
         columns["positive_id"].append(passages[found[0]].id)
         columns["positive"].append(passages[found[0]].text)

@@ -25,8 +25,8 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
-from finetune.data.retrieval import Passage, load_passages
-from finetune.data.tables import LengthReport, checked_texts
+from finetune.data.retrieval import Passage, checked_queries, load_passages
+from finetune.data.tables import LengthReport
 from finetune.errors import DataError
 from finetune.evaluation import retrieval as ir
 from finetune.evaluation.scoring import eval_loader
@@ -144,10 +144,7 @@ class RetrievalTask(Task):
         or the checkpoint's own max_seq_length if smaller), counted by data.overflow (drop: rows with an over-long
         text go)."""
         width = text_width(recipe, state)
-        queries = checked_texts(rows["query"][:], split, "query")
-        for number, query in enumerate(queries, start=1):
-            if not query.strip():  # it would rank the corpus by nothing and look like an answer
-                raise DataError(f"{split}: row {number}: field 'query' must be non-empty text, got {query!r}")
+        queries = checked_queries(rows["query"][:], split)
         texts: dict[str, list] = {}
         if labeled and "positive" in rows.column_names and all(p is not None for p in rows["positive"][:]):
             # First: length-grouped batches group rows by their first column, and passages are most of the tokens.

@@ -174,6 +174,11 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
     "change, code, words",
     [
         ("positive", 3, ["train.jsonl:1", "is the text of no passage"]),
+        # a row without a query: an internal error from the miner (the rows were checked after mining)
+        ("no_query", 3, ["train.jsonl:4", "field 'query' must be text, got no value"]),
+        ("empty_query", 3, ["train.jsonl:4", "field 'query' must be non-empty text"]),
+        # an id and the text of another passage: the text won silently, and predictions rewrote the id
+        ("disagreeing_positive", 3, ["train.jsonl:5", "'doc-004' and the positive", "name different passages"]),
         ("unknown_id", 3, ["train.jsonl:2", "is not the id of"]),
         ("duplicate_id", 3, ["passages.jsonl): passage 2", "already the id of passage 1"]),
         ("missing_id", 3, ["passages.jsonl): passage 2 has no id"]),
@@ -202,6 +207,12 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         queries[0] = {"query": queries[0]["query"], "positive": "a text the corpus does not hold"}
     elif change == "unknown_id":
         queries[1]["positive_id"] = "doc-999"
+    elif change == "no_query":
+        del queries[3]["query"]
+    elif change == "empty_query":
+        queries[3]["query"] = " "
+    elif change == "disagreeing_positive":
+        queries[4]["positive"] = passages[7]["text"]
     elif change == "duplicate_id":
         passages[1]["id"] = passages[0]["id"]
     elif change == "missing_id":  # read as a duplicate id 'None' before
@@ -233,7 +244,7 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == code, result.output
     assert all(w in result.output for w in words), result.output
-    if code == 2 or change.endswith(("_id", "_corpus", "_negatives", "_positive", "_negative")):  # as run refuses
+    if code == 2 or change.endswith(("_id", "_corpus", "_negatives", "_positive", "_negative", "_query")):  # as run
         checked = runner.invoke(app, ["validate", str(path)])
         assert checked.exit_code == code and all(w in checked.output for w in words), checked.output
     if change == "one_positive_id":  # nothing trains when the untrained model is scored
