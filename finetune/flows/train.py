@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
@@ -38,6 +39,7 @@ from finetune.flows.session import (
     changes_base_weights,
     during_rows,
     generates_during,
+    needs_sparse_weight,
     open_data,
     open_session,
     settle_retrieval,
@@ -364,15 +366,19 @@ def train_retriever(
     )
     if dry_run or document is None:
         return resolved, None
-    trained = str((directory / "adapter").resolve())
-    # The run's recipe names the trained retriever and no longer trains one: its training settings are in the
-    # retriever's own run (RUN/retriever/recipe.yaml), and left here they would name settings nothing reads.
-    trained_by = {key: RetrievalSection.model_fields[key].default for key in RETRIEVER_TRAINING}
-    retrieval = resolved.recipe.data.retrieval.model_copy(update={"model": trained, "train": False, **trained_by})
-    data = resolved.recipe.data.model_copy(update={"retrieval": retrieval})
-    recipe = resolved.recipe.model_copy(update={"data": data})
-    summary = {"run": str(directory), "model": trained, "metrics": document["metrics"]}
+    recipe = _reading_trained_retriever(resolved.recipe, directory)
+    summary = {"run": str(directory), "model": recipe.data.retrieval.model, "metrics": document["metrics"]}
     return dataclasses.replace(resolved, recipe=recipe), summary
+
+
+def _reading_trained_retriever(recipe: Recipe, directory: Path) -> Recipe:
+    """The reader's recipe once the retriever's run in `directory` trained: it names the trained retriever and no
+    longer trains one (its training settings are in RUN/retriever/recipe.yaml; left here, they would name settings
+    nothing reads)."""
+    trained = str((directory / "adapter").resolve())
+    trained_by = {key: RetrievalSection.model_fields[key].default for key in RETRIEVER_TRAINING}
+    retrieval = recipe.data.retrieval.model_copy(update={"model": trained, "train": False, **trained_by})
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})})
 
 
 def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, console: Console) -> dict:
@@ -380,13 +386,23 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
     checkpoint's identity, as any resume: a changed recipe or data is refused, naming each change); its metrics,
     judged by this recipe's gates (a CI caching runs/ kept reporting the gates of the day it trained)."""
     recipe = resolved.recipe
-    last = checkpoint.newest_usable(run_dir.checkpoints)
-    # A knowledge-base run's checkpoints name the retriever it trained, which this recipe has not trained yet: its
-    # settings are compared where it resumes a stopped run, not here. Nothing trains, so any process count will do.
-    if last is not None and not trains_retriever(recipe):
-        saved = checkpoint.read_progress(last).identity
-        identity = rundir.resume_identity(recipe, saved.get("number of processes", processes))
-        checkpoint.check_identity(saved, identity, force)
+    if trains_retriever(recipe):
+        # A knowledge-base run: its retriever's run first (by its own recipe, derived from this one), then the reader
+        # as it trained, reading the trained retriever.
+        inner = RunDir(run_dir.path / RETRIEVER_RUN)
+        derived = retriever_recipe(recipe, run_dir.path)
+        assert derived is not None
+        _check_finished_identity(inner, derived, processes, force)
+        recipe = _reading_trained_retriever(recipe, inner.path)
+    # A hybrid knowledge base's sparse weight this recipe leaves open: the one the run settled (from the training
+    # questions, which the data hashes compared cover) is what it trained with.
+    if needs_sparse_weight(recipe) and run_dir.recipe.is_file():
+        recorded = yaml.safe_load(run_dir.recipe.read_text(encoding="utf-8")) or {}
+        weight = ((recorded.get("data") or {}).get("retrieval") or {}).get("sparse_weight")
+        if weight is not None:
+            retrieval = recipe.data.retrieval.model_copy(update={"sparse_weight": weight})
+            recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})})
+    _check_finished_identity(run_dir, recipe, processes, force)
     console.print(
         f"{run_dir.path} is a finished run; nothing to resume (its metrics are below, judged by this recipe's gates)",
         highlight=False,
@@ -402,6 +418,16 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
 
     gates = evaluation.collect_gates(recipe.eval.gates, None)
     return {**document, "gates": evaluate_gates(gates, document.get("metrics", {}), bounds)}
+
+
+def _check_finished_identity(run_dir: RunDir, recipe: Recipe, processes: int, force: bool) -> None:
+    """A finished run's last checkpoint against `recipe`, as any resume checks it (a change refused, named). Nothing
+    trains, so the run's own process count is taken."""
+    last = checkpoint.newest_usable(run_dir.checkpoints)
+    if last is not None:
+        saved = checkpoint.read_progress(last).identity
+        identity = rundir.resume_identity(recipe, saved.get("number of processes", processes))
+        checkpoint.check_identity(saved, identity, force)
 
 
 def keep_weights(

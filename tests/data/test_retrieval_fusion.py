@@ -120,6 +120,12 @@ def test_a_hybrid_run_records_its_chosen_weight_and_eval_reuses_it(tiny_models, 
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["retrieval"]
     assert saved["sparse_weight"] in SPARSE_WEIGHTS and f"sparse_weight {saved['sparse_weight']}" in result.output
+    # --resume auto of the finished run with the recipe that left the weight open: nothing to train (its checkpoints
+    # recorded the settled weight; the open one read as a changed recipe), a changed recipe refused
+    resumed = runner.invoke(app, ["run", str(write_recipe(recipe)), "--resume", "auto"])
+    assert resumed.exit_code == 0 and "nothing to resume" in resumed.output, resumed.output
+    changed = runner.invoke(app, ["run", str(write_recipe(recipe)), "--resume", "auto", "data.retrieval.top_k=2"])
+    assert changed.exit_code == 2, changed.output
     # With the weight recorded, `finetune eval RUN` retrieves as the run did: the same passages, the same recall.
     again = runner.invoke(app, ["eval", str(tmp_path / "run"), "--output", str(tmp_path / "again")])
     assert again.exit_code == 0, again.output

@@ -370,7 +370,13 @@ def test_knowledge_base_qa_trains_its_retriever_first(tiny_models, tmp_path, wri
     stamp = (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     again = runner.invoke(app, ["run", str(path), "--resume", "auto"])
     assert again.exit_code == 0, again.output
+    assert "nothing to resume" in again.output
     assert (run / "retriever" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    # A changed recipe is refused for a finished knowledge-base run as for any other (its metrics came back as if
+    # this recipe had made them): the reader's settings, and the retriever's own.
+    for change, named in (("train.lr=0.02", "lr"), ("data.retrieval.epochs=2", "epochs")):
+        changed = runner.invoke(app, ["run", str(path), "--resume", "auto", change])
+        assert changed.exit_code == 2 and named in changed.output, changed.output
     # The run's recipe.yaml reused (it names the trained retriever, train: false) to replace the reader alone: the
     # retriever it reads stays.
     reused = tmp_path / "again.yaml"
