@@ -48,7 +48,7 @@ from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_yo
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
 from finetune.files import read_json_input, sha256_file
-from finetune.models.embedding import embedding_layout
+from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
 from finetune.models.lora import resolve_targets
 from finetune.models.references import (
@@ -954,7 +954,7 @@ def _retrieval_model_rules(recipe: Recipe) -> list[str]:
         return [] if found.exists() else [f"{key}: {reference} is not in its package ({found} does not exist)"]
     path = Path(reference).expanduser()
     if path.is_dir():
-        return []
+        return _embedding_directory_problems(path, key)
     # A path, not a hub id: it starts like one, has more than one slash, or its parent is a directory here.
     if reference.startswith((".", "/", "~")) or reference.count("/") > 1 or path.parent.is_dir() and "/" in reference:
         return [f"{key}: no such directory: {reference} (a retrieval run's adapter/ exists once that run has finished)"]
@@ -966,6 +966,31 @@ def _retrieval_model_rules(recipe: Recipe) -> list[str]:
     if offline and not cached:
         return [
             f"{key}: {reference!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE forbids downloading it"
+        ]
+    return []
+
+
+def _embedding_directory_problems(path: Path, key: str) -> list[str]:
+    """A directory given as an embedding model must be one sentence-transformers loads as it is: its own layout
+    (modules.json), or a checkpoint whose pooling it decides (an encoder's mean; a decoder's needs its own
+    layout). A finetune run directory names its adapter/ (both failed as internal errors after validate passed)."""
+    if is_embedding_checkpoint(str(path)):
+        return []
+    if RunDir(path).holds_run():
+        hint = f"; its trained retriever is {path / 'adapter'}" if (path / "adapter" / "modules.json").is_file() else ""
+        return [f"{key}: {path} is a finetune run directory, not an embedding model{hint}"]
+    if not (path / "config.json").is_file():
+        return [f"{key}: {path} holds no model (neither modules.json nor config.json)"]
+    try:
+        config = load_config(str(path), local_only=True)
+    except FinetuneError as exc:
+        return [f"{key}: {exc}"]
+    family = family_of_config(config)
+    if family is not None and FAMILIES[family].architecture != "encoder":
+        return [
+            f"{key}: {path} is a {FAMILIES[family].architecture} checkpoint without a sentence-transformers layout "
+            "(modules.json): its pooling cannot be decided; use an encoder, or a retrieval run's adapter/ trained from "
+            "this checkpoint (which records its pooling)"
         ]
     return []
 

