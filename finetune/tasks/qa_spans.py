@@ -63,10 +63,12 @@ def windows(
     longest = max(question_lengths, default=0)
     room = max_length - longest - specials  # the context tokens a window of the longest question holds
     if stride >= room:  # the tokenizer panics (a Rust backtrace) on an overlap as wide as the window
+        row = question_lengths.index(longest) + 1
         raise DataError(
-            f"{split}: data.doc_stride {stride} must be below the context's room in a window: data.max_length "
-            f"{max_length} minus the longest question ({longest} tokens) and {specials} special tokens is {room}; "
-            "lower data.doc_stride or raise data.max_length"
+            f"{split}: row {row}: data.doc_stride {stride} (the recipe's, or derived from the training rows) must be "
+            f"below the context's room in a window: data.max_length {max_length} minus this row's question "
+            f"({longest} tokens, the longest) and {specials} special tokens is {room}; shorten the question, lower "
+            "data.doc_stride or raise data.max_length"
         )
     encoded = tokenizer(
         questions,

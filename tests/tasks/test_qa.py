@@ -411,4 +411,9 @@ def test_an_overlap_as_wide_as_the_window_is_refused_naming_it(tiny_models, tmp_
     recipe = _recipe(tiny_models["bert"], data, tmp_path / "run", "extractive")
     recipe["data"]["doc_stride"] = 22  # below max_length 24, above what the question leaves of it
     result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run", "--no-estimate"])
-    assert result.exit_code == 3 and "data.doc_stride 22 must be below the context's room" in result.output
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert (
+        "data.doc_stride 22 (the recipe's, or derived from the training rows) must be below the context's room" in text
+    )
+    assert "t.jsonl:1: " in text or "t.jsonl:" in text  # the row of the longest question, at its file and line
