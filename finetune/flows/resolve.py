@@ -64,16 +64,12 @@ from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
     MIN_LENGTH,
-    DataSection,
     EvalSection,
-    GRPOSection,
     PreferenceSection,
     Recipe,
     RetrievalSection,
-    RewardSection,
     SweepRange,
     SweepSection,
-    TrainSection,
     apply_overrides,
     distinct_overrides,
     read_recipe_file,
@@ -201,11 +197,10 @@ def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
     }
     if retrieves:  # then each of its settings by what reads it
         readers.update(_retrieval_readers(recipe, task))
-    defaults = {"eval": EvalSection(), "data": DataSection(train="-"), "data.retrieval": RetrievalSection()}
     problems = []
     for key, (who, read) in readers.items():
         section, name = key.rsplit(".", 1)
-        if not read and attrgetter(key)(recipe) != getattr(defaults[section], name):
+        if not read and attrgetter(section)(recipe).changed(name):
             problems.append(f"{key}: read only by {who}, not by this recipe (remove it)")
     return problems
 
@@ -319,34 +314,28 @@ def _unread_objective_settings(recipe: Recipe) -> list[str]:
     recipe turned to sft by `train.objective=sft` keeps its grpo section). Compared with the defaults, not with
     what was written, because a run's recipe.yaml writes every section out."""
     train = recipe.train
-    objective, problems, grpo_defaults = train.objective, [], GRPOSection()
-    if objective != "grpo" and train.grpo != grpo_defaults:
-        changed = sorted(
-            name for name in GRPOSection.model_fields if getattr(train.grpo, name) != getattr(grpo_defaults, name)
-        )
+    objective, problems = train.objective, []
+    changed = sorted(train.grpo.changed())
+    if objective != "grpo" and changed:
         problems.append(
             f"train.grpo: {', '.join(changed)} set, but only train.objective grpo reads train.grpo and this recipe's "
             f"is {objective} (remove the section, or set train.objective: grpo)"
         )
-    default = PreferenceSection()
     for name, readers in PreferenceSection.OBJECTIVE_KEYS.items():
-        if objective not in readers and getattr(train.preference, name) != getattr(default, name):
+        if objective not in readers and train.preference.changed(name):
             problems.append(
                 f"train.preference.{name}: only train.objective {' / '.join(readers)} reads it; this recipe's is "
                 f"{objective} (remove it)"
             )
-    if (
-        train.optimizer != "loraplus"
-        and train.loraplus_lr_ratio != TrainSection.model_fields["loraplus_lr_ratio"].default
-    ):
+    if train.optimizer != "loraplus" and train.changed("loraplus_lr_ratio"):
         problems.append(
             "train.loraplus_lr_ratio: read only by train.optimizer: loraplus (set train.optimizer: loraplus, or "
             "remove the ratio)"
         )
-    reward, plain = train.grpo.reward, RewardSection()
+    reward = train.grpo.reward
     if objective == "grpo":
         for weight, term in _REWARD_TERMS:
-            if getattr(reward, term) is None and getattr(reward, weight) != getattr(plain, weight):
+            if getattr(reward, term) is None and reward.changed(weight):
                 problems.append(f"train.grpo.reward.{weight}: weighs no term without train.grpo.reward.{term}")
         terms = [reward.task, *(getattr(reward, w) for w, t in _REWARD_TERMS if getattr(reward, t) is not None)]
         if not any(terms):
@@ -465,14 +454,13 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
         if recipe.task != "classification":
             problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
     if recipe.task != "classification":  # classification's settings, at other than their defaults
-        for place, value, default in (
-            ("data.multi_label", data.multi_label, None),
-            ("data.label_separator", data.label_separator, None),
-            ("train.class_weights", recipe.train.class_weights, "auto"),
-            ("eval.threshold", recipe.eval.threshold, "tune"),
-        ):
-            if value != default:
-                problems.append(f"{place}: a classification setting; remove it for task {recipe.task}")
+        changed = [
+            *(f"data.{n}" for n in data.changed("multi_label", "label_separator")),
+            *(f"train.{n}" for n in recipe.train.changed("class_weights")),
+            *(f"eval.{n}" for n in recipe.eval.changed("threshold")),
+        ]
+        for place in changed:
+            problems.append(f"{place}: a classification setting; remove it for task {recipe.task}")
     if data.template is not None:
         problems += template_problems(data.template)
     stratify = data.stratify
@@ -726,7 +714,7 @@ def retriever_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
             "sparse_weight": None,
             "answer_from": "first",
             # Its training's own settings (train.* below): left here, its recipe would name settings it ignores.
-            **{key: RetrievalSection.model_fields[key].default for key in ("epochs", "lr", "batch_size")},
+            **RetrievalSection.defaults("epochs", "lr", "batch_size"),
         }
     )
     derived_data = data.model_copy(update={"columns": columns, "retrieval": retrieval, "doc_stride": None})

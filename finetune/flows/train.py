@@ -376,8 +376,9 @@ def _reading_trained_retriever(recipe: Recipe, directory: Path) -> Recipe:
     longer trains one (its training settings are in RUN/retriever/recipe.yaml; left here, they would name settings
     nothing reads)."""
     trained = str((directory / "adapter").resolve())
-    trained_by = {key: RetrievalSection.model_fields[key].default for key in RETRIEVER_TRAINING}
-    retrieval = recipe.data.retrieval.model_copy(update={"model": trained, "train": False, **trained_by})
+    retrieval = recipe.data.retrieval.model_copy(
+        update={"model": trained, "train": False, **RetrievalSection.defaults(*RETRIEVER_TRAINING)}
+    )
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})})
 
 

@@ -121,6 +121,21 @@ MEMORY_MB_MAX = 2**44 - 1
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    def changed(self, *names: str) -> list[str]:
+        """Of `names` (every setting when none), those not at the schema's default. A run's recipe.yaml writes every
+        setting out, so a rule about settings a recipe "sets" means those changed from their defaults: this is the
+        one comparison every such rule makes."""
+        defaults = type(self).defaults(*names)
+        return [n for n in defaults if getattr(self, n) != defaults[n]]
+
+    @classmethod
+    def defaults(cls, *names: str) -> dict[str, Any]:
+        """The schema's default of each of `names` (every setting with one, when none)."""
+        fields = cls.model_fields
+        return {
+            n: fields[n].get_default(call_default_factory=True) for n in names or fields if not fields[n].is_required()
+        }
+
 
 class ModelSection(Section):
     name_or_path: str = Field(
