@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -193,24 +194,27 @@ class SessionEvaluator:
         return scored["metrics"]
 
 
-def unavailable_gates(resolved: Resolved, gates: list[str] | None, adapter_dir: Path | None = None) -> dict[str, str]:
-    """The metrics the recipe's evaluation never reports, command-line gates' among them; `adapter_dir`: the trained
-    adapter evaluated, whose recorded state (what its data decided) rules out more."""
-    asked = [gate.metric for gate in evaluation.collect_gates(None, gates)]
+def check_recipe_gates(resolved: Resolved, gates: list[str] | None, adapter_dir: Path | None = None) -> None:
+    """check_gates for an evaluation of `resolved`: the metrics its evaluation never reports are refused too;
+    `adapter_dir`: the trained adapter evaluated, whose recorded state (what its data decided) rules out more."""
     state = read_adapter_meta(adapter_dir).get("state") if adapter_dir is not None else None
-    return resolved.task.unavailable_metrics(resolved.recipe, asked, state)
+    check_gates(resolved.task, gates, lambda asked: resolved.task.unavailable_metrics(resolved.recipe, asked, state))
 
 
-def check_gates(task: Task, gates: list[str] | None, unavailable: dict[str, str] | None = None) -> None:
+def check_gates(
+    task: Task, gates: list[str] | None, unavailable: Callable[[list[str]], dict[str, str]] | None = None
+) -> None:
     """Command-line gates, before any model loads: well formed, on a metric the task reports, and by the rules a
-    recipe's gates follow (`resolve.gate_problems`: exit 2 alike); `unavailable`: metrics this evaluation cannot
-    produce (re-scoring saved predictions has no model to compute a loss with)."""
+    recipe's gates follow (`resolve.gate_problems`: exit 2 alike); `unavailable`: of the metrics asked, those this
+    evaluation cannot produce (re-scoring saved predictions has no model to compute a loss with)."""
+    parsed = evaluation.collect_gates(None, gates)
+    missing = unavailable([gate.metric for gate in parsed]) if unavailable is not None else None
     problems = []
-    for gate in evaluation.collect_gates(None, gates):
+    for gate in parsed:
         if not task.knows_metric(gate.metric):
             problems.append(task.unknown_metric(f"--gate {gate}", gate.metric))
         else:
-            problems += gate_problems(gate, f"--gate {gate}", unavailable)
+            problems += gate_problems(gate, f"--gate {gate}", missing)
     if problems:
         raise RecipeError("; ".join(problems))
 
@@ -256,7 +260,7 @@ def evaluate(
     the document's `written_to` names the place."""
     resolved, run = resolve_source(source, overrides)
     recipe = resolved.recipe
-    check_gates(resolved.task, gates, unavailable_gates(resolved, gates))
+    check_recipe_gates(resolved, gates)
     adapter_dir: Path | None = None
     if checkpoint:
         adapter_dir = Path(checkpoint).expanduser()
@@ -274,7 +278,7 @@ def evaluate(
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
     if adapter_dir is not None:  # and by what the adapter's data decided (single or multi-label)
-        check_gates(resolved.task, gates, unavailable_gates(resolved, gates, adapter_dir))
+        check_recipe_gates(resolved, gates, adapter_dir)
     label = (
         "base"
         if adapter_dir is None
@@ -402,7 +406,7 @@ def evaluate_all_checkpoints(
     (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
     resolved, run = resolve_run(run_path, overrides, ("eval",))
     recipe = resolved.recipe
-    check_gates(resolved.task, gates, unavailable_gates(resolved, gates, run.adapter))
+    check_recipe_gates(resolved, gates, run.adapter)
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
     accelerator = make_accelerator(recipe.train, resolved.precision)
     sources, skipped = [], []
@@ -453,7 +457,7 @@ def rescore(
 ) -> dict:
     """Metrics from a saved predictions.jsonl alone, without a model."""
     task = get_task(task_name)
-    check_gates(task, gates, {"eval_loss": "is the model's loss: saved predictions have none to re-score"})
+    check_gates(task, gates, lambda _: {"eval_loss": "is the model's loss: saved predictions have none to re-score"})
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
     settings = settings or EvalSection()
