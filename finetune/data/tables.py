@@ -843,6 +843,17 @@ def _type_error(
     )
 
 
+def _first_row_keys(item: str, key: str) -> list[str]:
+    """The fields of a JSON file's first row (a file whose rows form no table)."""
+    path = local_data_path(item, key)
+    records = _read_json(path) if _suffix(path) == ".json" else None
+    if records is not None:
+        return list(records[0]) if records else []
+    for _, row in numbered_jsonl(_lines(path), item):
+        return list(row)
+    return []
+
+
 def _first_typed_clash(
     item: str, key: str, columns: dict[str, str], fields: Sequence[str], required: Sequence[str], data: Any
 ) -> DataError | None:
@@ -978,6 +989,8 @@ def read_split(
         try:
             table, source = load_source(item, key, text_columns)
         except TableClash as exc:
+            if conversations and table_layout(data, _first_row_keys(item, key), data.columns, required) is not None:
+                raise  # conversations: the reader's own words name the clash (the task's fields are not read)
             fields = (*required, *optional)
             typed = _first_typed_clash(item, key, data.columns, fields, required, data if classify else None)
             if typed is not None:

@@ -631,3 +631,18 @@ def test_a_cache_hit_still_refuses_what_conversations_cannot_be_combined_with(
     result = invoke_wide("run", write_recipe(marked, "marked.yaml"))
     assert result.exit_code == 2 and "eval.watermark: watermarking conversations" in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.unit
+def test_conversations_whose_rows_form_no_table_are_named_as_conversations(tmp_path):
+    """Under data.format auto a conversation file whose values change kind (a turn's content a list of parts on
+    line 2) was blamed on line 1's missing 'prompt', a field nobody wrote: the reader's own words now."""
+    from finetune.data.tables import read_split
+
+    parts = [GOOD[0], {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": GOOD}, {"messages": parts}])
+    raw = {"task": "copywriting", "model": {"name_or_path": "x"}, "data": {"train": str(path), "eval": str(path)}}
+    with pytest.raises(DataError) as caught:
+        read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
+    assert "column 'messages'" in str(caught.value) and "line 2" in str(caught.value)
+    assert "prompt" not in str(caught.value)
