@@ -62,11 +62,13 @@ def output_decision(
         # Never an input of this run the overwrite would remove (its recipe file: the model card's `finetune run
         # RUN/recipe.yaml`, or its starting adapter); one it keeps (a file of the user's inside) is no reason.
         removed = [r.parent.resolve() / r.name for r in _removals(run)[0]]  # a link removed, not its target
+        root = run.path.resolve()
         for source in inputs:
             place = source.expanduser().resolve()
-            # the input removed, inside a folder removed, or a folder of the input's files removed (model.adapter: a
-            # run's adapter/, whose listed files go one by one)
-            if any(place == r or r in place.parents or place in r.parents for r in removed):
+            # the input removed, inside a folder removed, or a folder of the run whose files are removed one by one
+            # (model.adapter: the run's adapter/); a folder around the whole run (a model beside its runs/) is not
+            inside = place == root or root in place.parents
+            if any(place == r or r in place.parents or (inside and place in r.parents) for r in removed):
                 raise RecipeError(
                     f"--overwrite: {source} is an input of this run and lies inside {where}, which the overwrite "
                     "replaces; nothing was removed. Copy it out of the run first, or choose another output.dir."

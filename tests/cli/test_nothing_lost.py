@@ -617,3 +617,19 @@ def test_validate_refuses_an_output_dir_run_cannot_create(tiny_models, topic_dat
         if mounted:
             subprocess.run(["umount", str(locked)])
         locked.chmod(0o700)
+
+
+def test_overwrite_of_a_run_inside_its_models_folder_is_no_overwrite_of_the_model(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """The model's folder holding the run (runs/ beside a cloned checkpoint) is an input around the run, not in it:
+    --overwrite replaces the run and leaves the model."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["bert"], model)
+    before = snapshot(model)
+    out = model / "runs" / "r"
+    recipe = write_recipe(classification_recipe(model, topic_data, out, epochs=1))
+    assert invoke("run", recipe).exit_code == 0
+    again = invoke("run", recipe, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert {k: v for k, v in snapshot(model).items() if not k.startswith("runs/")} == before
