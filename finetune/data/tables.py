@@ -297,13 +297,16 @@ def _first_type_clash(rows: Iterable[tuple[int, dict]], word: str) -> str | None
 def _inner_kinds(column: str, value: object) -> Iterator[tuple[str, str]]:
     """The kinds inside an object (SQuAD's `answers`) or a list of objects (conversation turns), each named by its
     key: a `content` that is text in one turn and a number in another, or an `answers.text` that is a list on one
-    line and text on another, is named by its line, like a top-level column (pyarrow's words named neither)."""
+    line and text on another, is named by its line, like a top-level column (pyarrow's words named neither); and
+    the items of a list (a multi-label row's labels: text beside a number was "Expected bytes, got a 'int' object")."""
     if isinstance(value, dict):
         for key, inner in value.items():
             if inner is not None:
                 yield f"column {column!r} (its {key!r})", _kind(inner)
     if isinstance(value, list):
         for item in value:
+            if item is not None:
+                yield f"column {column!r} (its items)", _kind(item)
             if isinstance(item, dict):
                 for key, inner in item.items():
                     if inner is not None:

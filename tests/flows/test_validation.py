@@ -220,6 +220,12 @@ DATA_MISTAKES = {
         "train.jsonl",
         "column 'label' is text on line 1 but a number on line 2",
     ),
+    # pyarrow's own words before: "Expected bytes, got a 'int' object", no line, no column
+    "a number among a row's labels": (
+        b'{"text": "a", "label": ["x"]}\n{"text": "b", "label": ["y"]}\n{"text": "c", "label": ["x", 3]}\n',
+        "train.jsonl",
+        "column 'label' (its items) is text on line 1 but a number on line 3",
+    ),
 }
 
 
