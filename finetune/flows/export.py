@@ -145,7 +145,7 @@ def export(
     model, _ = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=run.adapter, with_lora=False)
     assert isinstance(model, PeftModel), "opened with the run's adapter"
     merged = model.merge_and_unload()
-    card_text = run.card.read_text(encoding="utf-8") if run.card.is_file() else ""
+    card_text = card.card_of_the_run(run)
     staging = rundir.staging_beside(target, directory=False)
     try:
         write_gguf(

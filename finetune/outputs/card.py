@@ -207,12 +207,19 @@ def write_model_card(
 RUN_ELSEWHERE = "## Run it elsewhere"
 
 
+def card_of_the_run(run: RunDir) -> str:
+    """The run's model card without its section on an exported GGUF (which names one export's file): what a GGUF
+    carries as its description (a second export carried the first one's path)."""
+    if not run.card.is_file():
+        return ""
+    return run.card.read_text(encoding="utf-8").split(f"\n{RUN_ELSEWHERE}\n")[0].rstrip("\n") + "\n"
+
+
 def add_run_elsewhere(run: RunDir, gguf_file: Path) -> None:
     """The model card's section on an exported GGUF: llama.cpp and Ollama commands, and a Modelfile."""
     if not run.card.is_file():
         return
-    card = run.card.read_text(encoding="utf-8")
-    card = card.split(f"\n{RUN_ELSEWHERE}\n")[0].rstrip("\n")  # one section, for the newest export
+    card = card_of_the_run(run).rstrip("\n")  # one section, for the newest export
     path = gguf_file.resolve()
     section = [
         "",

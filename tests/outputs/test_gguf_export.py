@@ -83,6 +83,9 @@ def test_gguf_round_trip_matches_the_merged_model(quant, atol, agreement, copy_r
     assert arch == "llama"
     description = bytes(fields["general.description"].parts[-1]).decode()
     assert "LoRA adapter for **copywriting**" in description
+    # the run's card, not an earlier export's section of it (a second export carried the first one's path)
+    assert "Exported as GGUF" not in description
+    assert f"Exported as GGUF: `{target.resolve()}`" in (copy_run / "run" / "README.md").read_text()
     assert "finetune.version" in fields and "tokenizer.ggml.merges" in fields
     assert len(reader.tensors) == 2 * 9 + 3  # 9 tensors a block, embeddings, final norm, output
 
