@@ -55,6 +55,7 @@ from finetune.models.references import (
     config_without_weights,
     detect_family,
     load_config,
+    load_tokenizer,
     package_path,
     resolve_reference,
 )
@@ -84,7 +85,7 @@ from finetune.secrets import register_secret
 from finetune.tasks import TASKS, Task, recipe_task
 from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
-from finetune.tasks.conversations import check_evaluation_conversation
+from finetune.tasks.conversations import ConversationEncoder, check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import check_rollout_rows, judged_rows, kto_rows
 from finetune.tasks.qa import ExtractiveQATask
@@ -1257,8 +1258,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     """Read and check the data rows a run reads, as the run does (data.report.read_rows): malformed lines, missing
     columns, values of the wrong type, the template filled, the eval split, data.on_overlap: error, eval labels no
     training row has, preference pairs and thumbs (preference.judged_rows), evaluation conversations that end
-    after their scored turn; the same error and exit code as `run`, the
-    recipe named. What needs the tokenizer (token
+    after their scored turn, conversations through the chat template of a local checkpoint; the same error and exit
+    code as `run`, the recipe named. What else needs the tokenizer (token
     lengths under data.overflow: error, QA answer spans) and retrieval itself (the knowledge base's passages and each
     retrieval row's positive are read here) is checked by `run --dry-run` and `finetune data`."""
     task = recipe_task(recipe)
@@ -1326,6 +1327,16 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     check_evaluation_conversation(messages, f"data.eval: row {number}")
             except DataError as exc:
                 raise rows.origins["data.eval"].explain(exc, "data.eval") from exc
+        encoder = _conversation_encoder(recipe, family, rows)
+        if encoder is not None:  # each conversation through the chat template, as featurize renders it
+
+            def rendered(table: Dataset, split: str) -> None:
+                if "messages" in table.column_names:
+                    for start in range(0, len(table), RENDER_BATCH):
+                        batch = table["messages"][start : start + RENDER_BATCH]
+                        encoder.encode(batch, split, start + 1, labeled=True)
+
+            each_split(rendered)
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}", exc.problems) from exc
     except DataError as exc:
@@ -1337,6 +1348,26 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     derived = retriever_recipe(recipe, Path("RUN"))
     if derived is not None:  # the retriever's own run reads these rows as task retrieval rows, with its own checks
         check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
+
+
+# Conversations rendered (and tokenised) at a time by validate, as featurize's batches.
+RENDER_BATCH = 1000
+
+
+def _conversation_encoder(recipe: Recipe, family: FamilySpec | None, rows: Any) -> ConversationEncoder | None:
+    """The encoder featurize renders conversations with, where the rows hold conversations and the model is a local
+    checkpoint directory (its tokenizer loads without a download or a GGUF conversion): a template that raises on a
+    conversation (roles out of order, as Llama 2's and Mistral's do) is refused by validate as by run. None
+    otherwise (`run --dry-run` renders them)."""
+    if family is None or not any("messages" in t.column_names for t in (rows.train, rows.eval)):
+        return None
+    reference = recipe.model.name_or_path
+    path = package_path(reference, "model.name_or_path") if reference.startswith("pkg:") else Path(reference)
+    path = path.expanduser()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    tokenizer = load_tokenizer(str(path), family, trust_remote_code=recipe.model.trust_remote_code)
+    return ConversationEncoder(tokenizer, recipe.data.assistant_turns, reference)
 
 
 def _eval_file_problems(

@@ -646,3 +646,35 @@ def test_conversations_whose_rows_form_no_table_are_named_as_conversations(tmp_p
         read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
     assert "column 'messages'" in str(caught.value) and "line 2" in str(caught.value)
     assert "prompt" not in str(caught.value)
+
+
+def test_validate_renders_conversations_through_the_chat_template_as_run_does(
+    chat_model, chat_data, tmp_path, write_recipe
+):
+    """A template that raises on a conversation (roles out of order, as Llama 2's and Mistral's do) was refused by
+    run (exit 3, the row named) after validate passed."""
+    from transformers import AutoTokenizer
+
+    strict = tmp_path / "strict-chat"
+    shutil.copytree(chat_model, strict)
+    tokenizer = AutoTokenizer.from_pretrained(strict)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation roles must alternate') }}"
+        "{% endif %}" + TINY_CHAT
+    )
+    tokenizer.save_pretrained(strict)
+    rows = chat_rows(12)
+    rows[2]["messages"] = rows[2]["messages"][-1:] + rows[2]["messages"]  # opens with the assistant
+    files = {
+        "train": write_jsonl(tmp_path / "t.jsonl", rows[:10]),
+        "eval": write_jsonl(tmp_path / "e.jsonl", rows[10:]),
+    }
+    path = write_recipe(chat_recipe(strict, files, tmp_path / "run"))
+    validated = invoke("validate", path)
+    dry_run = invoke("run", path, "--dry-run", "--no-estimate")
+    assert validated.exit_code == 3 and dry_run.exit_code == 3, (validated.output, dry_run.output)
+    for output in (validated.output, dry_run.output):
+        assert "t.jsonl:3: the chat template of" in " ".join(output.split())
+        assert "Conversation roles must alternate" in output
+    fine = write_recipe(chat_recipe(chat_model, chat_data, tmp_path / "r"), "fine.yaml")
+    assert invoke("validate", fine).exit_code == 0
