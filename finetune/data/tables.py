@@ -29,7 +29,14 @@ from datasets import Dataset, concatenate_datasets
 from datasets.table import InMemoryTable
 from numpy.typing import ArrayLike
 
-from finetune.data.conversations import as_messages, conversation_problems, layout_fields, table_layout
+from finetune.data.conversations import (
+    LAYOUT_FIELDS,
+    as_messages,
+    conversation_problems,
+    layout_fields,
+    recipe_layout,
+    table_layout,
+)
 from finetune.errors import DataError, RecipeError, WorkerKilled, did_you_mean
 from finetune.files import sha256_file
 from finetune.models.references import package_path
@@ -846,6 +853,22 @@ def _type_error(
     )
 
 
+def _refuse_mixed_layouts(table: Dataset, source: Source, key: str, required: Sequence[str]) -> None:
+    """data.format auto read the task's fields (the file has them all) from a file that also holds conversations:
+    its first conversation was refused as a row without the task's field. Both layouts named, each at its line."""
+    for layout, fields in LAYOUT_FIELDS.items():
+        column = fields[0][0]  # a conversation's own column (Alpaca's instruction may well sit beside a prompt)
+        if layout == "alpaca" or column not in table.column_names:
+            continue
+        conversation = next((i for i, v in enumerate(table[column][:]) if v is not None), None)
+        task_row = next((i for i, v in enumerate(table[required[0]][:]) if v is not None), None) if required else None
+        if conversation is not None and task_row is not None:
+            raise DataError(
+                f"{key}: the rows mix conversations ({layout}, {source.place(conversation)}) and the task's own fields "
+                f"({', '.join(required)}, {source.place(task_row)}); give each layout its own file, or set data.format"
+            )
+
+
 def _first_row_keys(item: str, key: str) -> list[str]:
     """The fields of a JSON file's first row (a file whose rows form no table)."""
     path = local_data_path(item, key)
@@ -1002,6 +1025,8 @@ def read_split(
         if classify and source.layout == "csv":
             table = _whole_number_labels(table, data.columns.get("label", "label"))
         layout = table_layout(data, table.column_names, data.columns, required) if conversations else None
+        if conversations and layout is None and recipe_layout(data) is None:
+            _refuse_mixed_layouts(table, source, key, required)
         if layout is not None:
             problems = conversation_problems(recipe, conversations=True)  # the recipe did not say: the file did
             if problems:

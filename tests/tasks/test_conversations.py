@@ -678,3 +678,16 @@ def test_validate_renders_conversations_through_the_chat_template_as_run_does(
         assert "Conversation roles must alternate" in output
     fine = write_recipe(chat_recipe(chat_model, chat_data, tmp_path / "r"), "fine.yaml")
     assert invoke("validate", fine).exit_code == 0
+
+
+@pytest.mark.unit
+def test_a_file_mixing_conversations_and_prompt_rows_names_both(tmp_path):
+    """Under data.format auto such a file was read as prompt rows and its first conversation refused as a row
+    without 'prompt' (line 1), a field that row never had."""
+    from finetune.data.tables import read_split
+
+    rows = [{"messages": GOOD}, {"prompt": "p", "completion": "c"}, {"messages": GOOD}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    raw = {"task": "copywriting", "model": {"name_or_path": "x"}, "data": {"train": str(path), "eval": str(path)}}
+    with pytest.raises(DataError, match=r"mix conversations \(messages, .*mixed.jsonl:1\) and the task's own fields"):
+        read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
