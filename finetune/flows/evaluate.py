@@ -513,7 +513,11 @@ def _predict(
     # data.template builds the prompt from other columns: those the template names are checked as it fills them.
     built = ("prompt",) if recipe.data.template is not None else ()
     needed = tuple(f for f in _inputs_only(task, required) if f not in built)
-    _check_inputs(rows, origins, needed, recipe.data.columns)
+    # Conversations (the input's columns decide under data.format auto, as the training file's did) are checked as
+    # conversations by task_rows; the task's own fields are not theirs (a run trained on a file's `messages` refused
+    # them as rows without 'prompt').
+    if task.conversation_layout(recipe, table.column_names, columns, _inputs_only(task, required)) is None:
+        _check_inputs(rows, origins, needed, recipe.data.columns)
     table = task_rows(
         table,
         recipe,

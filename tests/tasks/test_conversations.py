@@ -691,3 +691,16 @@ def test_a_file_mixing_conversations_and_prompt_rows_names_both(tmp_path):
     raw = {"task": "copywriting", "model": {"name_or_path": "x"}, "data": {"train": str(path), "eval": str(path)}}
     with pytest.raises(DataError, match=r"mix conversations \(messages, .*mixed.jsonl:1\) and the task's own fields"):
         read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
+
+
+def test_predict_takes_conversations_when_the_file_decided_the_layout(chat_model, chat_data, tmp_path, write_recipe):
+    """A run whose training file's `messages` column made it a conversation run (data.format auto, nothing mapped)
+    refused conversations to predict as rows without 'prompt'."""
+    out = tmp_path / "run"
+    recipe = chat_recipe(chat_model, chat_data, out, data={"columns": {}}, train={"max_steps": 2})
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    inputs = write_jsonl(tmp_path / "ask.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "rain"}]}])
+    result = invoke("predict", out, "--input", inputs)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert answer["id"] == "a" and isinstance(answer["prediction"], str)
