@@ -329,3 +329,35 @@ def test_the_cost_line_replaces_only_finetunes_own_line(tmp_path):
     run.card.write_text("# card edited by hand\n")
     assert not record_watermark_cost(run, cost, run.path / "evals" / "z")
     assert run.card.read_text() == "# card edited by hand\n"
+
+
+def test_a_short_texts_verdict_is_an_exact_binomial_test_at_the_stated_rate(tiny_models, monkeypatch):
+    """The z-test's normal tail understated short texts' p-values (7 green of 10 at ratio 0.25: 5.1e-4 against an
+    exact 3.5e-3), and 1.55% of 6,000 short unmarked texts were flagged against a stated 0.135%. The verdict is now
+    the exact test at the stated rate; the z-score stays the reference's."""
+    import itertools
+    import math
+
+    from scipy.stats import binom
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune.recipe.schema import WatermarkSection
+    from finetune.watermark.marking import Detector, false_positive_rate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    config = AutoConfig.from_pretrained(tiny_models["llama"])
+    settings = WatermarkSection(key=KEY, greenlist_ratio=0.25, z_threshold=3.0, entropy_threshold=0)
+    detector = Detector(tokenizer, config, settings)
+    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    for green, n in ((7, 10), (6, 6), (30, 60)):
+        verdicts = itertools.chain([True] * green, itertools.repeat(False))
+        monkeypatch.setattr(detector, "_is_green", lambda ngram, v=verdicts: next(v))
+        score = detector._score_green_list(vocab[: n + 1], "")  # n distinct (context, token) pairs
+        assert score.tokens == n
+        assert score.z_score == pytest.approx((green - 0.25 * n) / math.sqrt(n * 0.25 * 0.75))
+        assert score.p_value == pytest.approx(float(binom.sf(green - 1, n, 0.25)), rel=1e-12)
+        assert score.watermarked == (score.p_value <= false_positive_rate(3.0))
+    # 7 of 10: z 3.65 > 3 flagged it; the exact p (3.5e-3) is above the stated 1.35e-3
+    verdicts = itertools.chain([True] * 7, itertools.repeat(False))
+    monkeypatch.setattr(detector, "_is_green", lambda ngram, v=verdicts: next(v))
+    assert not detector._score_green_list(vocab[:11], "").watermarked
