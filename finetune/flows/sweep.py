@@ -18,6 +18,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -380,10 +381,15 @@ def _differences(saved: dict, current: dict) -> list[str]:
         before, now = saved.get(part, {}), current.get(part, {})
         for key in sorted(set(before) | set(now)):
             if before.get(key) != now.get(key):
-                found.append(f"{key}: {before.get(key)!r} then, {now.get(key)!r} now")
+                found.append(f"{key}: {_written(before.get(key))} then, {_written(now.get(key))} now")
     if saved.get("objective") != current.get("objective"):
         found.append(f"objective: {saved.get('objective')} then, {current.get('objective')} now")
     return found
+
+
+def _written(value: object) -> str:
+    """A setting as a recipe writes it (epochs 2, not 2.0)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
 
 
 def propose(
@@ -961,6 +967,8 @@ def _library_quiet() -> Iterator[None]:
     own handler; its experimental-feature notices (TPE's constraints) are for its maintainers."""
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # --debug shows them; "Using an existing study" is its own
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield

@@ -196,6 +196,8 @@ def test_budgets_count_every_session_and_a_changed_recipe_is_refused(swept):
     assert [r["number"] for r in timed["trials"]] == [r["number"] for r in swept["resumed"]["trials"]]
     with pytest.raises(RecipeError, match="holds a sweep of another recipe.*train.batch_size"):
         sweep(path, ["train.batch_size=4"], quiet())
+    with pytest.raises(RecipeError, match=r"train.epochs: \d+ then, 7 now"):  # as a recipe writes it, not 7.0
+        sweep(path, ["train.epochs=7"], quiet())
     assert files_of(out / "trials") == before
 
 
