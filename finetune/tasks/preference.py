@@ -117,7 +117,7 @@ def _checked_pairs(rows: Dataset, split: str) -> list[list[str]]:
         if not good.strip() or not bad.strip():
             side = "chosen" if not good.strip() else "rejected"
             raise DataError(f"{split}: row {number}: {side!r} is empty; a pair needs two answers to compare")
-        if good == bad:
+        if good.strip() == bad.strip():  # spaces around alone: a tokenizer that splits on them sees one answer twice
             raise DataError(
                 f"{split}: row {number}: 'chosen' equals 'rejected'; the pair prefers nothing (remove the row)"
             )

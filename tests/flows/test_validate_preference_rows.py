@@ -30,6 +30,7 @@ def _with(rows: list[dict], line: int, **changes) -> list[dict]:
 # name -> (objective, training rows, words the message holds)
 CASES = {
     "chosen equals rejected": ("dpo", _with(PAIRS, 3, rejected="sang"), "'chosen' equals 'rejected'"),
+    "chosen equals rejected but for a space": ("dpo", _with(PAIRS, 3, rejected="sang "), "'chosen' equals 'rejected'"),
     "empty rejected": ("dpo", _with(PAIRS, 2, rejected="  "), "'rejected' is empty"),
     "thumb label not a boolean": (
         "kto",
