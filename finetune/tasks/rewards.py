@@ -60,8 +60,9 @@ def load_reward_function(spec: str) -> UserFunction:
         raise RecipeError(f"{KEY}: {path}:{exc.lineno}: not valid Python ({exc.msg})") from None
     if function not in _top_level_names(tree):
         raise RecipeError(f"{KEY}: {path} defines no function {function!r}")
-    if function in _imported_modules(tree):  # `import json` binds a module: calling it fails for every sample
-        raise RecipeError(f"{KEY}: {function!r} in {path} is a module imported there, not a function")
+    what = _not_callable(tree).get(function)
+    if what is not None:  # calling it fails for every sample: every reward 0, nothing learnt (it trained so)
+        raise RecipeError(f"{KEY}: {function!r} in {path} is {what}, not a function")
     return UserFunction(source, path.name, function)
 
 
@@ -97,19 +98,30 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def _imported_modules(tree: ast.Module) -> set[str]:
-    """Top-level names bound by a plain `import` and by nothing else (a later `def` of the same name wins)."""
-    modules: set[str] = set()
+# Values a top-level assignment can bind that are never callable.
+_LITERALS = (ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set, ast.JoinedStr, ast.ListComp, ast.DictComp)
+
+
+def _not_callable(tree: ast.Module) -> dict[str, str]:
+    """Top-level names whose last binding is surely not a function (name -> what it is): a plain `import` (a
+    module) or an assignment of a literal (`score = 5`); a later `def`, class, `from` import or other assignment
+    of the name may bind a callable, and wins."""
+    found: dict[str, str] = {}
     for node in tree.body:
         if isinstance(node, ast.Import):
-            modules.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            found.update({(a.asname or a.name).split(".")[0]: "a module imported there" for a in node.names})
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            modules.discard(node.name)
+            found.pop(node.name, None)
         elif isinstance(node, ast.Assign):
-            modules.difference_update(t.id for t in node.targets if isinstance(t, ast.Name))
+            for target in (t for t in node.targets if isinstance(t, ast.Name)):
+                if isinstance(node.value, _LITERALS):
+                    found[target.id] = f"a {type(node.value).__name__.lower()} value assigned there"
+                else:
+                    found.pop(target.id, None)
         elif isinstance(node, ast.ImportFrom):
-            modules.difference_update((alias.asname or alias.name) for alias in node.names)
-    return modules
+            for alias in node.names:
+                found.pop(alias.asname or alias.name, None)
+    return found
 
 
 class Rewarder:

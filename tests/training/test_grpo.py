@@ -423,12 +423,16 @@ def test_the_plan_names_every_reward_term():
             "{dir}/rewards.py:json",
             "a module imported there, not a function",
         ),  # `import json` there: a module, never callable
+        ("{dir}/rewards.py:weight", "a constant value assigned there, not a function"),  # trained on reward 0
+        ("{dir}/rewards.py:terms", "a list value assigned there, not a function"),
     ],
 )
 def test_reward_function_that_cannot_load_is_refused_before_training(
     tiny_models, tmp_path, write_recipe, function, words
 ):
-    (tmp_path / "rewards.py").write_text("import json\n\n\ndef score(**kwargs):\n    return []\n")
+    (tmp_path / "rewards.py").write_text(
+        "import json\n\nweight = 5\nterms = [1, 2]\n\n\ndef score(**kwargs):\n    return []\n"
+    )
     (tmp_path / "broken.py").write_text("def score(:\n")
     recipe = _recipe(tiny_models["gpt2"], tmp_path)
     recipe["train"]["grpo"]["reward"] = {"function": function.format(dir=tmp_path)}
