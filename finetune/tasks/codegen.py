@@ -264,6 +264,26 @@ class CodegenTask(GenerationTask):
 
     reward_fields = ("test", "entry_point")
 
+    def unreachable_rewards(self, rows: Dataset, recipe: Recipe) -> list[str]:
+        """Training problems whose reference solution fails its own tests (an empty test, no `check`, a wrong entry
+        point, a test that does not parse): every sample scores 0 there, a group with no signal at every step, and
+        nothing said (the sandbox's reasons count them with the model's own failures)."""
+        if "completion" not in rows.column_names:
+            return []
+        given = [(i, row) for i, row in enumerate(rows.to_list()) if row.get("completion")]
+        if not given:
+            return []
+        scored = self.rewards([{**row, "prediction": row["completion"]} for _, row in given], recipe.eval)
+        failing = [str(row.get("task_id") or f"row {i + 1}") for (i, row), v in zip(given, scored.values) if v < 1]
+        if not failing:
+            return []
+        shown = ", ".join(failing[:5]) + (", ..." if len(failing) > 5 else "")
+        return [
+            f"{len(failing)} of {len(given)} training problems' reference completions fail their own tests ({shown}): "
+            "samples there are capped below the full reward, most often at 0 (an empty test, no check function, a "
+            "wrong entry point, a test that does not parse)"
+        ]
+
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """The share of a sample's tests that pass in the sandbox (each top-level assert of `check` counted on its
         own); a timeout or crash is 0, counted by reason, never an error of the run. Both opt-ins and every limit

@@ -115,6 +115,11 @@ class GenerationTask(Task):
         """The text trained on for a reference answer."""
         return answer
 
+    def unreachable_rewards(self, rows: Dataset, recipe: Recipe) -> list[str]:
+        """GRPO: notes on training rows whose own reference answer scores below the full reward, so that no sample
+        may reach it. None here: a reference scored against itself is the best answer."""
+        return []
+
     def stops(self, settings: EvalSection, chat: bool = False) -> list[str]:
         """Where a generated answer ends: the recipe's `eval.stop`, else the task's defaults. `chat`: the prompt
         went through the chat template or is a conversation (a task whose answers then end elsewhere, e.g.
@@ -155,7 +160,9 @@ class GenerationTask(Task):
         if labeled and split == "data.train" and recipe.train.objective == "grpo":
             # GRPO samples its own completions: the training features are the prompts, with each row's index
             # for the reward (the row holds the reference: tests, answers, the reference copy).
-            return rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field, self.reward_fields)
+            features = rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field, self.reward_fields)
+            features.report.notes.extend(self.unreachable_rewards(features.rows, recipe))
+            return features
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:

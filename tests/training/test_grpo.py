@@ -471,3 +471,32 @@ def test_the_environment_opt_in_is_checked_before_the_run_directory_is_made(
     result = invoke("run", str(write_recipe(recipe)), "--no-estimate")
     assert result.exit_code == 2 and "bubblewrap" in result.output, result.output
     assert not Path(recipe["output"]["dir"]).exists()
+
+
+def test_codegen_problems_whose_reference_fails_its_tests_are_named(monkeypatch):
+    """A GRPO codegen problem whose own reference solution fails its tests (here: a test without `check`) trained at
+    reward 0 at every step with nothing said; its task id is named in the data report now."""
+    import json
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    from finetune.recipe.schema import build_recipe
+    from finetune.tasks.codegen import CodegenTask
+
+    monkeypatch.setenv("FINETUNE_ALLOW_CODE_EXECUTION", "1")
+    source = Path(__file__).resolve().parents[2] / "data" / "code_rl" / "train.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()[:3]]
+    raw = {
+        "task": "codegen",
+        "model": {"name_or_path": "x"},
+        "data": {"train": "t", "eval": "e"},
+        "train": {"objective": "grpo"},
+        "eval": {"execute_code": True, "sandbox": "basic"},
+    }
+    recipe = build_recipe(raw)
+    assert CodegenTask().unreachable_rewards(Dataset.from_list(rows), recipe) == []
+    rows[1]["test"] = "def other():\n    assert True\n"
+    notes = CodegenTask().unreachable_rewards(Dataset.from_list(rows), recipe)
+    assert len(notes) == 1 and notes[0].startswith("1 of 3 training problems' reference completions fail their own")
+    assert rows[1]["task_id"] in notes[0]
