@@ -18,6 +18,7 @@ import signal
 import string
 import sys
 import tempfile
+import traceback
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from finetune.data.conversations import (
     recipe_layout,
     table_layout,
 )
-from finetune.errors import DataError, RecipeError, WorkerKilled, did_you_mean
+from finetune.errors import DataError, FinetuneError, RecipeError, WorkerKilled, did_you_mean
 from finetune.files import sha256_file
 from finetune.models.references import package_path
 
@@ -855,13 +856,20 @@ def _type_error(
 
 def _refuse_mixed_layouts(table: Dataset, source: Source, key: str, required: Sequence[str]) -> None:
     """data.format auto read the task's fields (the file has them all) from a file that also holds conversations:
-    its first conversation was refused as a row without the task's field. Both layouts named, each at its line."""
+    its first conversation without them was refused as a row without the task's field. Both layouts named, each at
+    its line. (Rows holding both, as some exports write every row, are read by the task's fields, as before.)"""
+    if not required:
+        return
+    fields_of_task = table[required[0]][:]
     for layout, fields in LAYOUT_FIELDS.items():
         column = fields[0][0]  # a conversation's own column (Alpaca's instruction may well sit beside a prompt)
         if layout == "alpaca" or column not in table.column_names:
             continue
-        conversation = next((i for i, v in enumerate(table[column][:]) if v is not None), None)
-        task_row = next((i for i, v in enumerate(table[required[0]][:]) if v is not None), None) if required else None
+        values = table[column][:]
+        conversation = next(
+            (i for i, (v, own) in enumerate(zip(values, fields_of_task)) if v is not None and own is None), None
+        )
+        task_row = next((i for i, v in enumerate(fields_of_task) if v is not None), None)
         if conversation is not None and task_row is not None:
             raise DataError(
                 f"{key}: the rows mix conversations ({layout}, {source.place(conversation)}) and the task's own fields "
@@ -1137,6 +1145,7 @@ def _map_in_workers(
     command ends with the signal's exit code, where the pool's and its manager's clean-up hung or ended in an
     internal error. A failing row's error (a DataError naming it) comes back from its worker; the first shard's first."""
     import multiprocessing
+    import multiprocessing.connection
 
     from datasets.utils.tqdm import tqdm
 
@@ -1167,28 +1176,27 @@ def _map_in_workers(
         raise
     finally:
         _WORKERS_PARENT = None
+    answers: dict[int, BaseException | None] = {}
     try:
         with tqdm(total=len(rows), desc=f"{description} (workers={workers})", unit=" examples") as bar:
-            running = processes
-            while running:
-                running[0].join(timeout=0.2)
+            while len(answers) < workers:
+                # Each answer read as soon as it comes: a worker blocks in send() until a large error (a long row
+                # quoted) is read, and reading only after every worker had ended waited for it for ever.
+                pending = [replies[i] for i in range(workers) if i not in answers]
+                for ready in multiprocessing.connection.wait(pending, timeout=0.2):
+                    index = replies.index(ready)  # type: ignore[arg-type]
+                    try:
+                        answers[index] = replies[index].recv()
+                    except EOFError:  # the worker ended without answering (killed): its exit code says how
+                        answers[index] = _ended(processes[index], description)
                 bar.update(done.value - bar.n)
-                running = [p for p in processes if p.is_alive()]
-        for process, reply in zip(processes, replies, strict=True):
-            try:
-                error = reply.recv() if reply.poll() else None
-            except EOFError:  # the worker died before it could answer
-                error = None
-            if error is not None:
-                raise error
-            if process.exitcode is not None and process.exitcode < 0:
-                raise WorkerKilled(
-                    f"{description}: a worker process was killed by {signal.Signals(-process.exitcode).name} (the "
-                    "out-of-memory killer, often: data.num_workers=1 tokenises in this process, with less memory)",
-                    -process.exitcode,
-                )
-            if process.exitcode != 0:
-                raise RuntimeError(f"{description}: a worker process ended with exit code {process.exitcode}")
+            bar.update(done.value - bar.n)
+        for process in processes:
+            process.join()
+        # The first shard's error first, whichever worker met its error sooner: the same message every time.
+        error = next((answers[i] for i in range(workers) if answers[i] is not None), None)
+        if error is not None:
+            raise error
     except BaseException:
         _stop(processes, parts)
         raise
@@ -1196,6 +1204,20 @@ def _map_in_workers(
         for reply in replies:
             reply.close()
     return concatenate_datasets([Dataset.from_file(str(part)) for part in parts])
+
+
+def _ended(process: Any, description: str) -> BaseException:
+    """Why a worker ended without answering."""
+    process.join()
+    if process.exitcode is not None and process.exitcode < 0:
+        signum = -process.exitcode
+        why = (
+            " (the out-of-memory killer, often: data.num_workers=1 tokenises in this process, with less memory)"
+            if signum == signal.SIGKILL
+            else ""
+        )
+        return WorkerKilled(f"{description}: a worker process was killed by {signal.Signals(signum).name}{why}", signum)
+    return RuntimeError(f"{description}: a worker process ended with exit code {process.exitcode}")
 
 
 def _map_shard(
@@ -1223,6 +1245,8 @@ def _map_shard(
         _map(shard, shifted, part, fingerprint, None)
         send.send(None)
     except BaseException as error:  # every error goes to the parent, which raises it
+        if not isinstance(error, FinetuneError):  # a bug's traceback, for --debug: the worker's own
+            error.add_note("".join(traceback.format_exception(error)))
         try:
             send.send(error)
         except Exception:  # an error that does not pickle: its words

@@ -326,3 +326,25 @@ def test_workers_number_rows_from_the_start_of_the_whole_table(tmp_path, monkeyp
     rows = Dataset.from_dict({"text": [f"row {i}" for i in range(101)]})
     mapped = data.map_batches(rows, lambda b, i: {"row": i}, 3, "rows-test", "rows")  # in memory
     assert mapped["row"] == list(range(101)) and len(mapped.cache_files) == 0
+
+
+def _long_error(batch: dict, indices: list[int]) -> dict:
+    if indices[0] >= 200:
+        raise DataError(f"row {indices[0] + 1}: " + "x" * 200_000)  # more than a pipe holds
+    return {"n": [len(text) for text in batch["text"]]}
+
+
+def test_a_workers_long_error_comes_back_at_once(tmp_path, monkeypatch):
+    """A worker's error larger than a pipe's buffer (a long row quoted) blocked it in send() while the parent waited
+    for every worker to end first: the command hung."""
+    import time
+
+    from datasets import Dataset
+
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(data, "MAP_BATCH_ROWS", 10)
+    rows = Dataset.from_dict({"text": [f"row {i}" for i in range(400)]})
+    started = time.monotonic()
+    with pytest.raises(DataError, match="row 201: x"):
+        data.map_batches(rows, _long_error, 2, "long-error", "long", output=tmp_path / "features.arrow")
+    assert time.monotonic() - started < 30

@@ -704,3 +704,16 @@ def test_predict_takes_conversations_when_the_file_decided_the_layout(chat_model
     assert result.exit_code == 0, result.output
     answer = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert answer["id"] == "a" and isinstance(answer["prediction"], str)
+
+
+@pytest.mark.unit
+def test_rows_holding_both_a_conversation_and_the_tasks_fields_are_read_by_the_fields(tmp_path):
+    """Exports that write `messages` beside `prompt` and `completion` on every row were read by the task's fields
+    under data.format auto, and stay so."""
+    from finetune.data.tables import read_split
+
+    rows = [{"prompt": "p", "completion": "c", "messages": GOOD}] * 3
+    path = write_jsonl(tmp_path / "both.jsonl", rows)
+    raw = {"task": "copywriting", "model": {"name_or_path": "x"}, "data": {"train": str(path), "eval": str(path)}}
+    table, _ = read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
+    assert table["prompt"][:] == ["p"] * 3
