@@ -179,9 +179,9 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _default_sigterm_in_child() -> None:
-    """A forked worker (datasets' map pool, a data loader) must not inherit the handler: its pool ends it with
-    SIGTERM, which must end it at once, as the kernel's default does; a Python handler runs only when the worker's
-    main thread next runs Python, and a worker blocked in C never did (the pool waited for it forever)."""
+    """A forked worker (a featurising worker, a data loader, a pool of the objective) must not inherit the handler:
+    whoever stops it with SIGTERM needs it to end at once, as the kernel's default does; a Python handler runs only
+    when the worker's main thread next runs Python, and a worker blocked in C never did (its pool waited for ever)."""
     if signal.getsignal(signal.SIGTERM) is _raise_terminated:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

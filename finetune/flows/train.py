@@ -123,7 +123,9 @@ def check_output(
     --overwrite never removes). `lock`: None for a dry run."""
     if lock is not None:
         lock.refuse_if_held()
-    return rundir.output_decision(run_dir, resume=resume, overwrite=overwrite, owner=owner, inputs=inputs)
+    return rundir.output_decision(
+        run_dir, resume=resume, overwrite=overwrite, owner=owner, inputs=inputs, writes=lock is not None
+    )
 
 
 def _run(
@@ -179,6 +181,13 @@ def _run(
             accelerator = make_accelerator(
                 recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
             )
+        # The starting adapter as this run reads it (a preference run's reference policy): its hash, recorded in the
+        # manifest, is what `finetune eval` compares with later (taken at the end, it was of whatever replaced it).
+        started_from = (
+            {provenance.START_ADAPTER: {recipe.model.adapter: start_adapter_hash(recipe.model.adapter)}}
+            if recipe.model.adapter is not None
+            else {}
+        )
         # LoRA is applied to freshly loaded base weights, also when resuming: a
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(resolved)
@@ -301,12 +310,7 @@ def _run(
             recipe,
             data_file_hashes(recipe.data),
             accelerator,
-            {"family": session.family.name}
-            | (
-                {provenance.START_ADAPTER: {recipe.model.adapter: start_adapter_hash(recipe.model.adapter)}}
-                if recipe.model.adapter is not None
-                else {}
-            ),
+            {"family": session.family.name, **started_from},
         )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)

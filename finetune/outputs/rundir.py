@@ -27,7 +27,13 @@ MIN_FREE_BYTES = 64 << 20
 
 
 def output_decision(
-    run: RunDir, *, resume: str | None, overwrite: bool, owner: Path | None = None, inputs: tuple[Path, ...] = ()
+    run: RunDir,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    owner: Path | None = None,
+    inputs: tuple[Path, ...] = (),
+    writes: bool = True,
 ) -> str:
     """What a run does with its output directory, or a RecipeError when it may not write there.
 
@@ -42,13 +48,13 @@ def output_decision(
         raise RecipeError("--resume and --overwrite are exclusive: continue the run, or replace it")
     if resume not in (None, "auto") and not Path(resume).expanduser().exists():  # before anything loads
         raise RecipeError(f"--resume {resume}: no such checkpoint directory (use --resume auto or a step-N directory)")
-    problem = output_dir_problem(run, owner)
+    problem = output_dir_problem(run, owner, writes)
     if problem is not None:
         raise RecipeError(problem)
     where = run.path
     if run.is_empty():
         return f"{where} (new)"
-    kind = "a finished run" if run.is_run() else "an unfinished run"
+    kind = "a finished run" if run.is_finished() else "an unfinished run"
     if resume is not None:
         if not (resume == "auto" and run.is_finished()):  # a finished run resumed trains nothing, replaces nothing
             foreign = _foreign_files(run, run.adapter)
@@ -62,13 +68,11 @@ def output_decision(
         # Never an input of this run the overwrite would remove (its recipe file: the model card's `finetune run
         # RUN/recipe.yaml`, or its starting adapter); one it keeps (a file of the user's inside) is no reason.
         removed = [r.parent.resolve() / r.name for r in _removals(run)[0]]  # a link removed, not its target
-        root = run.path.resolve()
+        roots = {run.path.resolve(), Path(os.path.abspath(run.path))}
         for source in inputs:
-            place = source.expanduser().resolve()
-            # the input removed, inside a folder removed, or a folder of the run whose files are removed one by one
-            # (model.adapter: the run's adapter/); a folder around the whole run (a model beside its runs/) is not
-            inside = place == root or root in place.parents
-            if any(place == r or r in place.parents or (inside and place in r.parents) for r in removed):
+            # As resolved and as written: a link the overwrite removes may be the way the input is reached.
+            places = {source.expanduser().resolve(), Path(os.path.abspath(source.expanduser()))}
+            if any(_removed_with(place, roots, removed) for place in places):
                 raise RecipeError(
                     f"--overwrite: {source} is an input of this run and lies inside {where}, which the overwrite "
                     "replaces; nothing was removed. Copy it out of the run first, or choose another output.dir."
@@ -80,7 +84,15 @@ def output_decision(
     )
 
 
-def output_dir_problem(run: RunDir, owner: Path | None = None) -> str | None:
+def _removed_with(place: Path, roots: set[Path], removed: list[Path]) -> bool:
+    """Whether an --overwrite removing `removed` takes the input at `place`: the input removed, inside a folder
+    removed, or a folder of the run whose files go one by one (model.adapter: the run's adapter/); a folder around
+    the whole run (a model beside its runs/) is not."""
+    inside = any(place == root or root in place.parents for root in roots)
+    return any(place == r or r in place.parents or (inside and place in r.parents) for r in removed)
+
+
+def output_dir_problem(run: RunDir, owner: Path | None = None, writes: bool = True) -> str | None:
     """What makes `run.path` no place for a run whatever --resume or --overwrite say (`validate` checks it too):
     a file; a folder inside another run (but its own part: `owner`); a non-empty folder holding no run."""
     where = run.path
@@ -92,8 +104,9 @@ def output_dir_problem(run: RunDir, owner: Path | None = None) -> str | None:
     # The folder that would hold the run (or its first missing parent) must be writable: `validate` passed what `run`
     # refused only when it tried to create it. (os.access: what this user may do there, a read-only mount included.)
     # A run already there is judged by what it is asked to do (a finished one resumed writes nothing).
+    # `writes` False: a dry run, which writes nothing (a plan made on a read-only mount, or for another machine).
     existing = next(p for p in (where, *where.parents) if p.exists())
-    if run.is_empty() and not os.access(existing, os.W_OK | os.X_OK):
+    if writes and run.is_empty() and not os.access(existing, os.W_OK | os.X_OK):
         return f"output.dir: {where} cannot be written: {existing} is not writable (permissions, or a read-only filesystem)"
     resolved = where.expanduser().resolve()
     around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
@@ -608,7 +621,8 @@ class RunDir:
     marker = property(lambda self: self.path / RUN_MARKER)
 
     def is_run(self) -> bool:
-        """A finished run: its recipe and a trained adapter."""
+        """A run that saved its trained adapter beside its recipe (finished, or stopped in its final writes:
+        `is_finished` says which)."""
         return self.recipe.is_file() and (self.adapter / ADAPTER_META).is_file()
 
     def is_finished(self) -> bool:

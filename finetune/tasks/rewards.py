@@ -110,18 +110,30 @@ def _not_callable(tree: ast.Module) -> dict[str, str]:
     for node in tree.body:
         if isinstance(node, ast.Import):
             found.update({(a.asname or a.name).split(".")[0]: "a module imported there" for a in node.names})
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            found.pop(node.name, None)
-        elif isinstance(node, ast.Assign):
-            for target in (t for t in node.targets if isinstance(t, ast.Name)):
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in (t for t in targets if isinstance(t, ast.Name)):
                 if isinstance(node.value, _LITERALS):
-                    found[target.id] = f"a {type(node.value).__name__.lower()} value assigned there"
+                    found[target.id] = "a value assigned there (a number, text or collection)"
                 else:
                     found.pop(target.id, None)
-        elif isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                found.pop(alias.asname or alias.name, None)
+        else:  # a def, a class, a `from` import, or a name bound inside if/try/with/for: may be callable
+            for name in _bound_names(node):
+                found.pop(name, None)
     return found
+
+
+def _bound_names(node: ast.AST) -> set[str]:
+    """Every name a statement binds, at any depth (a `try: from x import f / except: def f` binds f)."""
+    names: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(sub.name)
+        elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in sub.names)
+        elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+            names.add(sub.id)
+    return names
 
 
 class Rewarder:

@@ -262,8 +262,9 @@ class Detector:
         return bool(self.detector._get_ngram_score(prefix, ngram[-1]))
 
     def _score_synthid(self, ids: list[int]) -> Score:
-        """z-test of the mean g-value over the text's unrepeated contexts (SynthID's mean score), which gives the
-        verdict, and with a trained Bayesian detector its posterior probability beside it."""
+        """The mean g-value over the text's unrepeated contexts (SynthID's mean score) and its z; the verdict is the
+        exact binomial test of the count of g-values of 1 (0/1 tables), and with a trained Bayesian detector its
+        posterior probability stands beside it."""
         g_values, keep = synthid_evidence(self.processor, self.tokenizer, ids)
         values = g_values[keep].double()
         if values.numel() == 0:  # too short for one full context

@@ -613,6 +613,8 @@ def test_validate_refuses_an_output_dir_run_cannot_create(tiny_models, topic_dat
             result = invoke(command, recipe)
             assert result.exit_code == 2, result.output
             assert f"{locked} is not writable" in result.output
+        planned = invoke("run", recipe, "--dry-run", "--no-estimate")  # writes nothing: a plan for another machine
+        assert planned.exit_code == 0, planned.output
     finally:
         if mounted:
             subprocess.run(["umount", str(locked)])
@@ -633,3 +635,22 @@ def test_overwrite_of_a_run_inside_its_models_folder_is_no_overwrite_of_the_mode
     again = invoke("run", recipe, "--overwrite")
     assert again.exit_code == 0, again.output
     assert {k: v for k, v in snapshot(model).items() if not k.startswith("runs/")} == before
+
+
+def test_overwrite_refuses_an_input_reached_through_a_link_it_removes(tmp_path):
+    """RUN/adapter a link to another run's adapter, named as model.adapter: resolved, the input lay outside the run,
+    and --overwrite went ahead (the new run's adapter then became its own starting adapter)."""
+    from finetune.errors import RecipeError
+    from finetune.outputs.rundir import RunDir, output_decision
+
+    elsewhere = tmp_path / "sft" / "adapter"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "finetune.json").write_text("{}")
+    run = RunDir(tmp_path / "dpo")
+    run.path.mkdir()
+    run.marker.write_text("a finetune run directory\n")
+    run.recipe.write_text("task: copywriting\n")
+    run.adapter.symlink_to(elsewhere)
+    with pytest.raises(RecipeError, match="is an input of this run"):
+        output_decision(run, resume=None, overwrite=True, inputs=(run.path / "adapter",))
+    assert output_decision(run, resume=None, overwrite=True, inputs=(elsewhere,)).endswith("as --overwrite asks)")

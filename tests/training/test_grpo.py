@@ -423,8 +423,11 @@ def test_the_plan_names_every_reward_term():
             "{dir}/rewards.py:json",
             "a module imported there, not a function",
         ),  # `import json` there: a module, never callable
-        ("{dir}/rewards.py:weight", "a constant value assigned there, not a function"),  # trained on reward 0
-        ("{dir}/rewards.py:terms", "a list value assigned there, not a function"),
+        (
+            "{dir}/rewards.py:weight",
+            "a value assigned there (a number, text or collection), not a function",
+        ),  # trained on reward 0
+        ("{dir}/rewards.py:terms", "a value assigned there (a number, text or collection), not a function"),
     ],
 )
 def test_reward_function_that_cannot_load_is_refused_before_training(
