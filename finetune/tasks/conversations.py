@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -263,6 +264,7 @@ def featurize_conversations(
     recipe: Recipe,
     split: str,
     labeled: bool,
+    workdir: Path | None = None,
 ) -> Features:
     """`messages` rows as model inputs: the whole conversation with labels on the assistant tokens (`labeled`), and
     the prompt for the final assistant turn (generation). Over-long conversations follow `data.overflow`;
@@ -301,6 +303,9 @@ def featurize_conversations(
         data.num_workers,
         fingerprint=f"{rows._fingerprint}-conversations",
         description=f"tokenising {split} (conversations)",
+        # Into the feature cache's work directory, as classification's: with worker processes, the shards go to disk
+        # (else a temporary folder, read back into memory).
+        output=workdir / f"{split.removeprefix('data.')}-conversations.arrow" if workdir else None,
     )
     lengths = np.asarray(mapped[_LENGTH if labeled else _PROMPT_LENGTH][:])
     keep, report = apply_overflow(lengths, max_length, data.overflow, split, what="conversation")

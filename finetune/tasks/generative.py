@@ -152,7 +152,7 @@ class GenerationTask(Task):
         if "messages" in rows.column_names:  # conversations (data/conversations.py made every layout this column)
             for problem in conversation_problems(recipe, conversations=True):
                 raise RecipeError(problem)
-            return featurize_conversations(rows, tokenizer, family, recipe, split, labeled)
+            return featurize_conversations(rows, tokenizer, family, recipe, split, labeled, workdir)
         if labeled and recipe.train.learns_from_judgements:
             return featurize_preferences(
                 rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field, self.completion_text

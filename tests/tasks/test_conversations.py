@@ -717,3 +717,24 @@ def test_rows_holding_both_a_conversation_and_the_tasks_fields_are_read_by_the_f
     raw = {"task": "copywriting", "model": {"name_or_path": "x"}, "data": {"train": str(path), "eval": str(path)}}
     table, _ = read_split(str(path), "data.train", build_recipe(raw), ("prompt", "completion"), (), conversations=True)
     assert table["prompt"][:] == ["p"] * 3
+
+
+def test_conversations_featurised_by_workers_equal_one_process(
+    chat_model, chat_data, tmp_path, write_recipe, monkeypatch
+):
+    """Large conversation files are tokenised in worker processes into the feature cache (the shards went through a
+    temporary folder before): the same features as one process, cached and reused alike."""
+    from finetune.data import tables
+    from finetune.flows.resolve import resolve
+    from finetune.flows.session import open_data
+
+    monkeypatch.setattr(tables, "PARALLEL_MIN_ROWS", 10)  # tiny data, real worker processes
+    built = []
+    for workers in (1, 2):
+        monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / f"cache-{workers}"))
+        recipe = chat_recipe(chat_model, chat_data, tmp_path / "run", data={"num_workers": workers})
+        path = write_recipe(recipe, f"w{workers}.yaml")
+        for _ in range(2):  # built, then reused from the cache
+            session = open_data(resolve(path, []))
+            built.append({split: f.dataset.to_list() for split, f in session.features.items()})
+    assert built[0] == built[1] == built[2] == built[3]
