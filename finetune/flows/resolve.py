@@ -1331,10 +1331,16 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         if encoder is not None:  # each conversation through the chat template, as featurize renders it
 
             def rendered(table: Dataset, split: str) -> None:
-                if "messages" in table.column_names:
-                    for start in range(0, len(table), RENDER_BATCH):
-                        batch = table["messages"][start : start + RENDER_BATCH]
-                        encoder.encode(batch, split, start + 1, labeled=True)
+                """The first conversation of each sequence of roles (the order templates refuse), as featurize
+                encodes it: every row of a large file would take validate minutes, in one process."""
+                if "messages" not in table.column_names:
+                    return
+                seen: set[tuple] = set()
+                for number, messages in enumerate(table["messages"], start=1):
+                    roles = tuple(turn.get("role") for turn in messages)
+                    if roles not in seen:
+                        seen.add(roles)
+                        encoder.encode([messages], split, number, labeled=True)
 
             each_split(rendered)
     except RecipeError as exc:
@@ -1348,10 +1354,6 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     derived = retriever_recipe(recipe, Path("RUN"))
     if derived is not None:  # the retriever's own run reads these rows as task retrieval rows, with its own checks
         check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
-
-
-# Conversations rendered (and tokenised) at a time by validate, as featurize's batches.
-RENDER_BATCH = 1000
 
 
 def _conversation_encoder(recipe: Recipe, family: FamilySpec | None, rows: Any) -> ConversationEncoder | None:
