@@ -260,7 +260,6 @@ def evaluate(
     the document's `written_to` names the place."""
     resolved, run = resolve_source(source, overrides)
     recipe = resolved.recipe
-    check_recipe_gates(resolved, gates)
     adapter_dir: Path | None = None
     if checkpoint:
         adapter_dir = Path(checkpoint).expanduser()
@@ -277,8 +276,7 @@ def evaluate(
         adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
-    if adapter_dir is not None:  # and by what the adapter's data decided (single or multi-label)
-        check_recipe_gates(resolved, gates, adapter_dir)
+    check_recipe_gates(resolved, gates, adapter_dir)  # a trained adapter's data also decided single or multi-label
     label = (
         "base"
         if adapter_dir is None

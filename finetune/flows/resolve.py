@@ -991,7 +991,7 @@ def _embedding_rules(recipe: Recipe, family: FamilySpec, config: PretrainedConfi
         return []
     problems = []
     reference = recipe.model.name_or_path
-    directory = str(package_path(reference, "model.name_or_path")) if reference.startswith("pkg:") else reference
+    directory = str(_on_disk(reference))
     try:
         embedding_layout(directory, family, recipe.data.retrieval.pooling, "data.retrieval.pooling")
     except RecipeError as exc:
@@ -1356,6 +1356,14 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
 
 
+def _on_disk(reference: str) -> Path:
+    """model.name_or_path as a path (a package's file found in its package), converting nothing: a hub id or a GGUF
+    file is a path that holds no checkpoint directory."""
+    return (
+        package_path(reference, "model.name_or_path") if reference.startswith("pkg:") else Path(reference).expanduser()
+    )
+
+
 def _conversation_encoder(recipe: Recipe, family: FamilySpec | None, rows: Any) -> ConversationEncoder | None:
     """The encoder featurize renders conversations with, where the rows hold conversations and the model is a local
     checkpoint directory (its tokenizer loads without a download or a GGUF conversion): a template that raises on a
@@ -1364,8 +1372,7 @@ def _conversation_encoder(recipe: Recipe, family: FamilySpec | None, rows: Any) 
     if family is None or not any("messages" in t.column_names for t in (rows.train, rows.eval)):
         return None
     reference = recipe.model.name_or_path
-    path = package_path(reference, "model.name_or_path") if reference.startswith("pkg:") else Path(reference)
-    path = path.expanduser()
+    path = _on_disk(reference)
     if not (path / "tokenizer_config.json").is_file():
         return None
     tokenizer = load_tokenizer(str(path), family, trust_remote_code=recipe.model.trust_remote_code)

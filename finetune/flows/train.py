@@ -8,7 +8,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
@@ -52,7 +51,7 @@ from finetune.outputs.adapter import AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.gates import evaluate_gates
-from finetune.recipe.schema import Recipe, RetrievalSection, recipe_to_yaml
+from finetune.recipe.schema import Recipe, RetrievalSection, read_recipe_file, recipe_to_yaml
 from finetune.secrets import redact
 from finetune.tasks import sandbox
 from finetune.training import checkpoint, trackers
@@ -402,7 +401,7 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
     # A hybrid knowledge base's sparse weight this recipe leaves open: the one the run settled (from the training
     # questions, which the data hashes compared cover) is what it trained with.
     if needs_sparse_weight(recipe) and run_dir.recipe.is_file():
-        recorded = yaml.safe_load(run_dir.recipe.read_text(encoding="utf-8")) or {}
+        recorded = read_recipe_file(run_dir.recipe)
         weight = ((recorded.get("data") or {}).get("retrieval") or {}).get("sparse_weight")
         if weight is not None:
             retrieval = recipe.data.retrieval.model_copy(update={"sparse_weight": weight})
