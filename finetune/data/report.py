@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune.data.conversations import conversation_texts
 from finetune.data.features import Features
-from finetune.data.tables import SplitRows, check_eval_labels, read_splits
+from finetune.data.tables import SplitRows, check_eval_labels, label_key, read_splits
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
@@ -260,7 +260,7 @@ def label_balance(rows: Dataset, separator: str | None = None) -> dict:
         if isinstance(value, str) and separator is not None:
             value = [part.strip() for part in value.split(separator) if part.strip()]
         for label in value if isinstance(value, list) else [value]:
-            counts[str(label)] = counts.get(str(label), 0) + 1
+            counts[label_key(label)] = counts.get(label_key(label), 0) + 1
     rare = sorted(k for k, n in counts.items() if n < FEW_EXAMPLES)
     return {"counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "rare_classes": rare}
 

@@ -478,6 +478,12 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
     if "question" not in rows.column_names:
         return rows
     check_questions(rows, split)
+    if "context" in rows.column_names:  # said, not silently dropped: a reader of a knowledge base reads its passages
+        logging.getLogger("finetune").warning(
+            "%s: the rows carry their own 'context'; with data.knowledge_base each question's context is the passages "
+            "retrieved for it, so the rows' own is not read (remove data.knowledge_base to train on it)",
+            split,
+        )
     questions = rows["question"][:]
     found = retriever.search(questions)
     answers = rows["answer"][:] if "answer" in rows.column_names else [None] * len(questions)

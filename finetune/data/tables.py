@@ -796,6 +796,13 @@ def _raw_values(source: Source, column: str) -> Iterator[tuple[int, object]]:
             yield record, None if value is None else _csv_value(value)
 
 
+def label_key(label: object) -> str:
+    """How classification labels compare, everywhere (the model's classes, the report's balance, the eval split's
+    strata): as text, so 3 in one file and "3" in another are one class, without the spaces around it, which are a
+    file's formatting ("sports " from a CSV cell), not another class."""
+    return str(label).strip()
+
+
 def _label_kind(values: pa.ChunkedArray, data: Any) -> str:
     """single or multi: as classification decides it (data.multi_label, data.label_separator, list labels)."""
     import pyarrow as pa
@@ -1402,6 +1409,8 @@ def single_labels(rows: Dataset, data: Any) -> LabelCodes | None:
         values = pa.chunked_array([pc.if_else(values, "True", "False")])
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         values = pc.cast(values, pa.string())
+    # Spaces around a label are formatting, as classification compares labels ("sports " is "sports").
+    values = pc.utf8_trim_whitespace(values)
     encoded = pc.fill_null(values, "").combine_chunks().dictionary_encode()
     return LabelCodes(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist())
 

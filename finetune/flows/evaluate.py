@@ -53,7 +53,7 @@ from finetune.training import checkpoint
 from finetune.training.checkpoint import INDEX as CHECKPOINT_INDEX
 from finetune.training.checkpoint import verify as verify_checkpoint
 from finetune.training.loop import make_accelerator
-from finetune.training.objectives import make_objective, reference_logps, reference_policy, with_columns
+from finetune.training.objectives import OBJECTIVES, make_objective, reference_logps, reference_policy, with_columns
 from finetune.watermark import learned
 from finetune.watermark import marking as watermark
 
@@ -353,13 +353,15 @@ def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
         return []
     what = {"eval": "eval file", "knowledge_base": "knowledge base"}
     changed = []
-    start = recipe.model.adapter
+    # Only an objective scored against its reference reads model.adapter again (an SFT or GRPO run's adapter holds
+    # all it learned from it).
+    start = recipe.model.adapter if OBJECTIVES[recipe.train.objective].needs_reference else None
     started = (manifest.get(START_ADAPTER) or {}).get(start) if start is not None else None
     if start is not None and started is not None and (now := start_adapter_hash(start)) != started:
         changed.append(
-            f"the starting adapter {start} (model.adapter: a preference run's reference policy) is not the one the "
-            f"run trained from (weights sha256 {started[:12]} then, {(now or 'none')[:12]} now): metrics against "
-            "the reference (reward_margin, preference_accuracy, logps) are computed against it as it is now"
+            f"the starting adapter {start} (model.adapter: this run's reference policy) is not the one the "
+            f"run trained from (weights sha256 {started[:12]} then, {(now or 'none')[:12]} now): the metrics against "
+            "the reference (preference_accuracy, reward_margin) are computed against it as it is now"
         )
     return changed + [
         f"the {what[key]} {name} is not the one the run read (sha256 {str(recorded[name])[:12]} then, "

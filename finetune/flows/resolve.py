@@ -1344,7 +1344,7 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
 
             each_split(rendered)
     except RecipeError as exc:
-        raise RecipeError(f"{source}: {exc}", exc.problems) from exc
+        raise RecipeError(f"{source}: {Exception.__str__(exc)}", exc.problems) from exc  # its problems listed once
     except DataError as exc:
         found = [str(exc), *_eval_file_problems(recipe, str(exc), required, optional, task)]
         listed = "\n".join(f"  - {problem}" for problem in found)

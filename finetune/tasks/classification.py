@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.data.features import Features
-from finetune.data.tables import apply_overflow, checked_texts, is_class_name, map_batches
+from finetune.data.tables import apply_overflow, checked_texts, is_class_name, label_key, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.evaluation.scoring import eval_loader, multi_label_metrics
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
@@ -48,9 +48,9 @@ SINGLE_LABEL_METRICS = ("accuracy",)
 MULTI_LABEL_METRICS = ("micro_f1", "subset_accuracy", "hamming_loss")
 
 
-def _label_key(label: object) -> str:
-    """Labels compare as text, so 3 in one file and "3" in another are the same class."""
-    return str(label)
+def _label_value(label: Any) -> Any:
+    """A label as the model names it: a text without the spaces around it, an integer as it is."""
+    return label.strip() if isinstance(label, str) else label
 
 
 class ClassificationTask(Task):
@@ -113,12 +113,12 @@ class ClassificationTask(Task):
             seen = _checked_labels(values, "data.train", single_only=recipe.data.multi_label is False)
         if recipe.data.labels is not None:
             labels = list(recipe.data.labels)
-            known = {_label_key(x) for x in labels}
-            unknown = sorted({_label_key(x) for x in seen} - known)
+            known = {label_key(x) for x in labels}
+            unknown = sorted({label_key(x) for x in seen} - known)
             if unknown:
                 raise DataError(f"data.train: labels {unknown} are not in data.labels {labels}")
         else:
-            distinct = {_label_key(x): x for x in seen}
+            distinct = {label_key(x): _label_value(x) for x in seen}
             labels = sorted(
                 distinct.values(), key=lambda x: (not isinstance(x, int), x if isinstance(x, int) else str(x))
             )
@@ -127,9 +127,9 @@ class ClassificationTask(Task):
         if not multi and len(labels) < 2:
             raise DataError(f"data.train: classification needs at least two classes, found {labels}")
         # Rows per class (multi-label: rows carrying the label), in label order: what train.class_weights weighs by.
-        counts = dict.fromkeys((_label_key(x) for x in labels), 0)
+        counts = dict.fromkeys((label_key(x) for x in labels), 0)
         for label in seen:
-            counts[_label_key(label)] += 1
+            counts[label_key(label)] += 1
         return {"labels": labels, "multi_label": multi, "label_counts": list(counts.values()), "rows": len(values)}
 
     def label_codes(
@@ -138,13 +138,13 @@ class ClassificationTask(Task):
         """Rows' labels as the model's targets (`fit_state`'s labels): one id each, or one 0/1 per label (multi-label:
         the collator makes them floats for binary cross-entropy). A label of the wrong kind or outside the labels is
         refused, naming the row: what featurize encodes, and `validate` checks the same way."""
-        index = {_label_key(x): i for i, x in enumerate(state["labels"])}
+        index = {label_key(x): i for i, x in enumerate(state["labels"])}
         if state.get("multi_label"):
             return _multi_hot(values, index, state["labels"], recipe.data.label_separator, split, first_row)
         return _label_ids(values, index, state["labels"], split, first_row)
 
     def model_kwargs(self, state: dict[str, Any]) -> dict[str, Any]:
-        names = [_label_key(x) for x in state["labels"]]
+        names = [label_key(x) for x in state["labels"]]
         kwargs: dict[str, Any] = {
             "num_labels": len(names),
             "id2label": dict(enumerate(names)),
@@ -291,7 +291,7 @@ class ClassificationTask(Task):
         """Each row's reference as a list, every label's score, and `prediction`: the labels at or above their
         thresholds (see `decide_thresholds`)."""
         names = state["labels"]
-        keys = [_label_key(x) for x in names]
+        keys = [label_key(x) for x in names]
         scores = np.round(torch.sigmoid(logits).numpy().astype(np.float64), SCORE_DECIMALS)
         truth = gold.numpy() > 0.5 if gold is not None else None
         thresholds, _ = decide_thresholds(scores, truth, recipe.eval, state, keys)
@@ -312,13 +312,13 @@ class ClassificationTask(Task):
         saved beside the adapter as thresholds.json; eval and predict of the run read them back."""
         if not state.get("multi_label") or not rows:
             return {}
-        keys = [_label_key(x) for x in state["labels"]]
+        keys = [label_key(x) for x in state["labels"]]
         index = {key: j for j, key in enumerate(keys)}
         scores = np.array([[row["scores"][key] for key in keys] for row in rows], dtype=np.float64)
         truth = np.zeros(scores.shape, dtype=bool)
         for i, row in enumerate(rows):
             for label in row["label"]:
-                truth[i, index[_label_key(label)]] = True
+                truth[i, index[label_key(label)]] = True
         thresholds, how = decide_thresholds(scores, truth, recipe.eval, state, keys)
         return {"thresholds": {"thresholds": dict(zip(keys, map(float, thresholds))), "chosen": how}}
 
@@ -364,13 +364,13 @@ class ClassificationTask(Task):
     def compute_metrics(self, rows: list[dict], settings: EvalSection | None = None) -> dict[str, Any]:
         if any(isinstance(r["label"], list) or isinstance(r["prediction"], list) for r in rows):
             return multi_label_metrics(
-                [[_label_key(x) for x in _as_list(r["label"])] for r in rows],
-                [[_label_key(x) for x in _as_list(r["prediction"])] for r in rows],
+                [[label_key(x) for x in _as_list(r["label"])] for r in rows],
+                [[label_key(x) for x in _as_list(r["prediction"])] for r in rows],
             )
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-        y_true = [_label_key(r["label"]) for r in rows]
-        y_pred = [_label_key(r["prediction"]) for r in rows]
+        y_true = [label_key(r["label"]) for r in rows]
+        y_pred = [label_key(r["prediction"]) for r in rows]
         classes = sorted(set(y_true) | set(y_pred))
         precision, recall, f1, support = precision_recall_fscore_support(
             y_true, y_pred, labels=classes, zero_division=0
@@ -589,7 +589,7 @@ def _label_set(value: object, separator: str | None, split: str, number: int) ->
             )
     unique: dict[str, object] = {}
     for label in labels:
-        unique.setdefault(_label_key(label), label)
+        unique.setdefault(label_key(label), label)
     return list(unique.values())
 
 
@@ -645,7 +645,7 @@ LENGTH_COLUMN = "untruncated_length"
 def _label_ids(values: list, index: dict[str, int], labels: list, split: str, first_row: int = 1) -> list[int]:
     ids = []
     for number, value in enumerate(_checked_labels(values, split, first_row), start=first_row):
-        key = _label_key(value)
+        key = label_key(value)
         if key not in index:
             raise DataError(
                 f"{split}: row {number}: label {value!r} is not one of the {len(labels)} training labels "
@@ -662,7 +662,7 @@ def _multi_hot(
     for number, value in enumerate(values, start=first_row):
         row = [0] * len(index)
         for label in _label_set(value, separator, split, number):
-            key = _label_key(label)
+            key = label_key(label)
             if key not in index:
                 raise DataError(
                     f"{split}: row {number}: label {label!r} is not one of the {len(labels)} training labels "

@@ -131,9 +131,10 @@ class ExtractiveQATask(_SquadScoring, Task):
     head = "question_answering"
 
     def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """With a knowledge base, rows hold a question and its answer; the context comes from retrieval."""
+        """With a knowledge base, rows hold a question and its answer; the context comes from retrieval (a row's own
+        is read only to say that retrieval replaces it)."""
         if recipe.data.knowledge_base is not None:
-            return ("question", "answer"), ("id",)
+            return ("question", "answer"), ("id", "context")
         return self.required_fields, self.optional_fields
 
     def loss_plan(self, recipe: Recipe, state: Mapping[str, Any]) -> str:

@@ -428,3 +428,20 @@ def test_eval_rows_without_any_label_are_said_before_training(tiny_models, write
         result = invoke("run", write_recipe(recipe), "--dry-run", "--no-estimate")
     assert result.exit_code == 0, result.output
     assert any("no eval row carries a label" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.unit
+def test_spaces_around_a_label_are_formatting_not_another_class():
+    """ "sports " (a CSV cell's trailing space) was a class of its own in a label list; the separator path stripped."""
+    from datasets import Dataset
+
+    task = ClassificationTask()
+    recipe = Recipe.model_validate({"task": "classification", "model": {"name_or_path": "x"}, "data": {"train": "a"}})
+    lists = Dataset.from_dict({"text": ["a", "b", "c"], "label": [["sports "], ["sports", "tech"], [" tech"]]})
+    state = task.fit_state(lists, recipe)
+    assert state["labels"] == ["sports", "tech"] and state["label_counts"] == [2, 2]
+    assert task.label_codes([[" sports"], ["tech "]], state, recipe, "data.eval") == [[1, 0], [0, 1]]
+    single = Dataset.from_dict({"text": ["a", "b", "c"], "label": ["sports ", "sports", "tech"]})
+    state = task.fit_state(single, recipe)
+    assert state["labels"] == ["sports", "tech"] and state["label_counts"] == [2, 1]
+    assert task.label_codes(["tech  ", "sports"], state, recipe, "data.eval") == [1, 0]

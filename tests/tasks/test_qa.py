@@ -299,7 +299,7 @@ def test_long_answers_that_straddle_windows_are_still_learned(tiny_models, tmp_p
 
 
 @pytest.mark.parametrize("method", ["bm25", "dense", "hybrid"])
-def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, write_recipe):
+def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, write_recipe, caplog):
     """Rows hold question + answer; contexts come from retrieved passages; recall and passage ids are reported."""
     passages, rows = [], []
     for i in range(30):
@@ -352,6 +352,13 @@ def test_knowledge_base_answering_end_to_end(method, tiny_models, tmp_path, writ
         assert refused.exit_code == 3 and "empty.jsonl:4: field 'answer' must be non-empty text" in " ".join(
             refused.output.split()
         ), refused.output
+    # Rows carrying their own context (SQuAD rows given a knowledge base): retrieval replaces it, and says so.
+    own = [{**r, "context": "own"} for r in rows[:3] + rows[4:24]]
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "own.jsonl", own))
+    with caplog.at_level("WARNING", logger="finetune"):
+        result = runner.invoke(app, ["run", str(write_recipe(recipe)), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert any("the rows carry their own 'context'" in r.getMessage() for r in caplog.records)
 
 
 def test_answer_from_first_reads_the_answer_from_the_top_passage(tiny_models):
