@@ -29,8 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    """Feature cache, GGUF conversions and embeddings go to this session's own directory, never the user's."""
-    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+    """Feature cache, GGUF conversions and embeddings go to this session's own directory, never the user's.
+
+    Under xdist the test processes of one run share the GGUF conversions (about 30 s of CPU each, once per
+    process before): a conversion is built aside and renamed into place, so two processes converting at once
+    both end with the same complete checkpoint."""
+    cache = tmp_path_factory.mktemp("finetune-cache")
+    os.environ["FINETUNE_CACHE"] = str(cache)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = tmp_path_factory.getbasetemp().parent / "shared-gguf"  # the run's own root, above each process's
+        shared.mkdir(exist_ok=True)
+        (cache / "gguf").symlink_to(shared, target_is_directory=True)
 
 
 WORDS = {
