@@ -47,7 +47,7 @@ from finetune.flows.session import (
 from finetune.models.embedding import BiEncoder, write_sentence_transformer_files
 from finetune.outputs import card, rundir
 from finetune.outputs import manifest as provenance
-from finetune.outputs.adapter import AdapterSaver, write_task_files
+from finetune.outputs.adapter import TASK_STATE_FILES, AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.gates import evaluate_gates
@@ -274,7 +274,9 @@ def _run(
                 recipe.data.max_length,
                 run_dir.adapter,
             )
-        rundir.record_adapter_files(run_dir.adapter)  # what --overwrite and --resume may replace in adapter/
+        # What --overwrite and --resume may replace in adapter/, listed before the task's files after the evaluation
+        # go in: a run killed between the two wrote them unlisted, and its folder then refused both as a user's.
+        rundir.record_adapter_files(run_dir.adapter, coming=[f"{name}.json" for name in TASK_STATE_FILES])
     # The training step's heap, free now, goes back to the system: the evaluation's own peak (generation's cache,
     # the loss's chunks) then starts from the model's footprint, not from training's high-water mark on top of it.
     return_freed_memory()

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -235,10 +235,11 @@ ADAPTER_STAGING = ("adapter.partial", "adapter.old")
 ADAPTER_FILES = ".finetune-files"
 
 
-def record_adapter_files(adapter: Path) -> None:
-    """List the files of a run's adapter/: once just after it is saved, again after the last file goes in."""
-    listed = sorted(str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file() and p.name != ADAPTER_FILES)
-    files.write_text_atomic(adapter / ADAPTER_FILES, "\n".join(listed) + "\n")
+def record_adapter_files(adapter: Path, coming: Sequence[str] = ()) -> None:
+    """List the files of a run's adapter/ and those it is about to write there (`coming`): once just after it is
+    saved, again after the last file goes in. A listed file that never came is skipped where the list is read."""
+    there = {str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file() and p.name != ADAPTER_FILES}
+    files.write_text_atomic(adapter / ADAPTER_FILES, "\n".join(sorted(there | set(coming))) + "\n")
 
 
 def _foreign_files(run: RunDir, folder: Path, ours: list[Path] | None = None) -> list[Path]:

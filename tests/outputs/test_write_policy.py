@@ -127,6 +127,21 @@ def test_overwrite_removes_the_listed_adapter_files_recorded_evaluations_and_che
     assert [p.name for p in run.evals.iterdir()] == ["notes.md"]
 
 
+def test_a_file_listed_before_it_was_written_is_the_runs_own(tmp_path):
+    """A run killed after the adapter's list but before the evaluation's files (thresholds.json) went in, or after
+    they went in but before the list was written again: either way --overwrite takes its folder as the run's."""
+    for written in (False, True):
+        run = RunDir(a_run(tmp_path / f"run-{written}"))
+        run.adapter.mkdir()
+        (run.adapter / "adapter_model.safetensors").write_bytes(b"x")
+        record_adapter_files(run.adapter, coming=["thresholds.json"])
+        if written:
+            (run.adapter / "thresholds.json").write_text("{}")
+        (run.path / "metrics.json").write_text("{}")
+        assert clear_previous_run(run) == []
+        assert not run.adapter.exists()
+
+
 @pytest.mark.parametrize("where", ["adapter/mine.txt", "checkpoints/mine/keep.txt"])
 def test_a_users_file_in_a_folder_the_run_replaces_whole_refuses_the_overwrite(tmp_path, where):
     run = RunDir(a_run(tmp_path / "run"))
