@@ -10,9 +10,10 @@ Levels (`eval.sandbox`):
   or cannot create namespaces, nothing runs: the command fails closed.
 - basic (explicit choice only): the same limits, working directory, scrubbed
   environment and process-group kill, without namespaces (no network or
-  filesystem isolation). Run as root, every process of the sample's own uid
-  is killed after it too (a child that left the process group); run as
-  another user, such a child can outlive the sample.
+  filesystem isolation). A child that starts its own session (`os.setsid()`)
+  leaves the process group and can outlive the sample: only strict's PID
+  namespace ends every process a sample starts. (Killing by the sample's uid
+  would reach another finetune process's samples: the uids are per slot.)
 
 Inside, a small harness applies the resource limits (address space, CPU time,
 file size, processes, open files, no core dumps) to itself before it runs the
@@ -267,8 +268,6 @@ def _run_one(program: str, level: str, limits: Limits, slot: int, output_bytes: 
             except subprocess.TimeoutExpired:
                 timed_out = True
             _kill_group(process)
-            if uid is not None:  # what left the process group (setsid) still runs as this slot's uid
-                _kill_uid(uid)
             if timed_out:
                 process.wait()
         if timed_out:
@@ -337,27 +336,6 @@ def _kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _kill_uid(uid: int) -> None:
-    """Kill every process of a sample's own uid (root runs only: each worker slot has one, used by no one else).
-
-    The process-group kill misses a child that started its own session; basic has no PID namespace to end it, so
-    without this it outlived the run. Repeated until none is left, as a dying fork bomb can still fork."""
-    for _ in range(50):
-        found = False
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if entry.stat().st_uid != uid:
-                    continue
-                os.kill(int(entry.name), signal.SIGKILL)
-                found = True
-            except (OSError, ValueError):  # gone meanwhile
-                pass
-        if not found:
-            return
 
 
 def _tail(path: Path, limit: int = 4096) -> str:

@@ -300,13 +300,22 @@ class StopOnStrings(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        return torch.tensor([stop_position(t, self.stops) is not None for t in texts], device=input_ids.device)
+
+
+def stop_position(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts once the answer has begun (some text other than spaces before it), or
+    None. A stop the answer opens with is not its end: codegen's "\ndef" cut an answer that starts on a new line
+    by restating the signature ("\ndef f(x):\n    return ...") to nothing, scored as a failure."""
+    begun = len(text) - len(text.lstrip()) + 1  # the first position with answer text before it
+    positions = [at for at in (text.find(s, begun) for s in stops if s) if at >= 0]
+    return min(positions) if positions else None
 
 
 def cut_at_stops(text: str, stops: list[str]) -> str:
-    """The text up to the first stop string (the stop itself excluded)."""
-    positions = [text.find(s) for s in stops if s and s in text]
-    return text[: min(positions)] if positions else text
+    """The text up to the first stop string after the answer began (`stop_position`; the stop itself excluded)."""
+    at = stop_position(text, stops)
+    return text if at is None else text[:at]
 
 
 @torch.no_grad()

@@ -334,6 +334,10 @@ def test_a_chat_answer_ends_at_its_closing_fence_not_at_its_helpers():
     assert cut_at_stops(HELPER_ANSWER, task.stops(defaults)) == "```python"  # what "\ndef" leaves of it
     body = "    return sum(xs)\n\ndef other():\n    pass\n"
     assert cut_at_stops(body, task.stops(defaults)) == "    return sum(xs)\n"
+    # An answer opening with a stop (a new line, then the signature restated) is cut at the next one, not emptied.
+    restated = "\ndef total(xs):\n    return sum(xs)\n\ndef other():\n    pass\n"
+    assert cut_at_stops(restated, task.stops(defaults)) == "\ndef total(xs):\n    return sum(xs)\n"
+    assert cut_at_stops("\n\n  \n", task.stops(defaults)) == "\n\n  \n"  # nothing begun: nothing cut
     assert task.stops(EvalSection(stop=["\n\n"]), chat=True) == ["\n\n"]
 
 
