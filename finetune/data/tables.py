@@ -19,6 +19,7 @@ import string
 import sys
 import tempfile
 import traceback
+import unicodedata
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -799,8 +800,9 @@ def _raw_values(source: Source, column: str) -> Iterator[tuple[int, object]]:
 def label_key(label: object) -> str:
     """How classification labels compare, everywhere (the model's classes, the report's balance, the eval split's
     strata): as text, so 3 in one file and "3" in another are one class, without the spaces around it, which are a
-    file's formatting ("sports " from a CSV cell), not another class."""
-    return str(label).strip()
+    file's formatting ("sports " from a CSV cell), not another class, and in Unicode's composed form (NFC): "café"
+    typed with a combining accent is the same word, which two identical-looking classes split."""
+    return unicodedata.normalize("NFC", str(label).strip())
 
 
 def _label_kind(values: pa.ChunkedArray, data: Any) -> str:
@@ -1409,8 +1411,8 @@ def single_labels(rows: Dataset, data: Any) -> LabelCodes | None:
         values = pa.chunked_array([pc.if_else(values, "True", "False")])
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         values = pc.cast(values, pa.string())
-    # Spaces around a label are formatting, as classification compares labels ("sports " is "sports").
-    values = pc.utf8_trim_whitespace(values)
+    # Compared as classification compares labels (label_key): without the spaces around them, composed (NFC).
+    values = pc.utf8_normalize(pc.utf8_trim_whitespace(values), "NFC")
     encoded = pc.fill_null(values, "").combine_chunks().dictionary_encode()
     return LabelCodes(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist())
 

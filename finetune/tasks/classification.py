@@ -49,8 +49,8 @@ MULTI_LABEL_METRICS = ("micro_f1", "subset_accuracy", "hamming_loss")
 
 
 def _label_value(label: Any) -> Any:
-    """A label as the model names it: a text without the spaces around it, an integer as it is."""
-    return label.strip() if isinstance(label, str) else label
+    """A label as the model names it: a text as `label_key` compares it, an integer as it is."""
+    return label_key(label) if isinstance(label, str) else label
 
 
 class ClassificationTask(Task):

@@ -445,3 +445,6 @@ def test_spaces_around_a_label_are_formatting_not_another_class():
     state = task.fit_state(single, recipe)
     assert state["labels"] == ["sports", "tech"] and state["label_counts"] == [2, 1]
     assert task.label_codes(["tech  ", "sports"], state, recipe, "data.eval") == [1, 0]
+    composed = Dataset.from_dict({"text": ["a", "b", "c"], "label": ["caf\u00e9", "cafe\u0301", "tea"]})
+    state = task.fit_state(composed, recipe)  # one word typed two ways: one class, not two that look alike
+    assert state["labels"] == ["caf\u00e9", "tea"] and state["label_counts"] == [2, 1]
