@@ -272,6 +272,12 @@ def evaluate(
             problems := adapter_problems(recipe, adapter_dir, "--checkpoint")
         ):  # another run's adapter would load into the wrong layers or score with the wrong head
             raise RecipeError("; ".join(problems))
+        if run is not None and output is None and not adapter_dir.resolve().is_relative_to(run.path.resolve()):
+            raise RecipeError(
+                f"--checkpoint: {checkpoint} is not inside the run {source}: its evaluation would be filed in the "
+                "run's evals/ as one of its own; evaluate it with the run it belongs to, or write it elsewhere "
+                "(--output DIR)"
+            )
     elif run is not None:
         adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():

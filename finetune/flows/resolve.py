@@ -82,13 +82,13 @@ from finetune.recipe.schema import (
 )
 from finetune.recipe.schema import build_recipe as parse_recipe
 from finetune.secrets import register_secret
-from finetune.tasks import TASKS, Task, recipe_task
+from finetune.tasks import TASKS, Task, recipe_task, sandbox
 from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import ConversationEncoder, check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import check_rollout_rows, judged_rows, kto_rows
-from finetune.tasks.qa import ExtractiveQATask
+from finetune.tasks.qa import ExtractiveQATask, checked_answers
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
 from finetune.tasks.text2text import no_chat_template
@@ -1259,8 +1259,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
     columns, values of the wrong type, the template filled, the eval split, data.on_overlap: error, eval labels no
     training row has, preference pairs and thumbs (preference.judged_rows), evaluation conversations that end
     after their scored turn, conversations through the chat template of a local checkpoint; the same error and exit
-    code as `run`, the recipe named. What else needs the tokenizer (token
-    lengths under data.overflow: error, QA answer spans) and retrieval itself (the knowledge base's passages and each
+    code as `run`, the recipe named; extractive QA's answers located in their contexts. What else needs the
+    tokenizer (token lengths under data.overflow: error, QA answer spans in tokens) and retrieval itself (the knowledge base's passages and each
     retrieval row's positive are read here) is checked by `run --dry-run` and `finetune data`."""
     task = recipe_task(recipe)
     required, optional = task.fields(recipe)
@@ -1304,6 +1304,13 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     check_rollout_rows(table, split, task.reward_fields)
 
             each_split(rollout)
+        if isinstance(task, ExtractiveQATask) and recipe.data.knowledge_base is None:
+
+            def spans(table: Dataset, split: str) -> None:
+                """Each row's answers located in its context, as featurize locates them (no tokenizer needed)."""
+                checked_answers(table["answers"][:], table["context"][:], split)
+
+            each_split(spans)
         if recipe.data.knowledge_base is not None:  # its passages as every run reads them: ids, texts, not empty
             passages = load_passages(recipe.data.knowledge_base)
             if isinstance(task, RetrievalTask):  # every row's positive is a passage of it, as the run checks
@@ -1617,6 +1624,7 @@ def resolve_source(
         run = RunDir(path)
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
+        _refuse_redrawn_split(run, list(overrides or []))
         recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
         resolved = resolve(run.recipe, overrides, splits, recorded)
         meta = run.adapter / ADAPTER_META
@@ -1626,6 +1634,30 @@ def resolve_source(
             raise RecipeError("; ".join(problems))
         return resolved, run
     return resolve(path, overrides, splits), None
+
+
+# What draws a run's held-out rows from its training file (data.eval_split): the file, the share, the strata, the seed.
+SPLIT_DRAW = ("data.train", "data.eval_split", "data.stratify", "train.seed")
+
+
+def _refuse_redrawn_split(run: RunDir, overrides: list[str]) -> None:
+    """`eval RUN` / `predict` overrides that would draw a run's eval split again, differently: the rows scored
+    would no longer be the ones it held out, and some would be rows it trained on (`eval RUN train.seed=7` scored 9
+    of 12 training rows as held-out ones, exit 0). An eval file given instead (data.eval=FILE) draws nothing."""
+    asked = [o.partition("=")[0].strip() for o in overrides]
+    if not asked or any(within(key, "data.eval") for key in asked):
+        return
+    data = read_recipe_file(run.recipe).get("data") or {}
+    if not isinstance(data, dict) or data.get("eval"):
+        return
+    redraw = [key for key in asked if any(within(key, draw) for draw in SPLIT_DRAW)]
+    if redraw:
+        them = "it" if len(redraw) == 1 else "them"
+        raise RecipeError(
+            f"{', '.join(redraw)}: the run held out its eval rows from data.train (data.eval_split, train.seed); "
+            f"changing {them} would score other rows, some of which it trained on; drop {them}, or score an eval "
+            "file with data.eval=FILE"
+        )
 
 
 def _earlier_retrieval_defaults(run: RunDir) -> list[str]:
@@ -1682,7 +1714,15 @@ def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
         )
         if problem is not None:
             raise RecipeError(f"{path}: {problem}")
-        return checked.summary()
+        # The variable belongs to the machine that runs the recipe, so validate does not refuse without it; it says
+        # so where run on this machine would (validate said only "ok", and run then exited 2).
+        code = runs_code(recipe) or ("codegen: scoring runs generated code" if recipe.task == "codegen" else None)
+        unset = code is not None and recipe.eval.execute_code and os.environ.get(sandbox.OPT_IN_ENV) != "1"
+        return checked.summary() + (
+            f"; note: {code}, and run needs {sandbox.OPT_IN_ENV}=1 on the machine that runs it (not set here)"
+            if unset
+            else ""
+        )
 
 
 __all__ = [

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finetune.data.features import Features
 from finetune.data.retrieval import DEFAULT_EMBEDDING_MODEL
 from finetune.errors import DataError, did_you_mean
+from finetune.evaluation.scoring import ADDED_METRICS
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe
 
@@ -103,6 +104,11 @@ class Task:
             out["watermark_bit_accuracy"] = "is reported only with eval.watermark.method: learned"
         if self.name != "qa" or recipe.data.knowledge_base is None:
             out["retrieval_recall@k"] = "is reported only by knowledge-base qa (data.knowledge_base)"
+        listed = recipe.eval.metrics
+        if listed:  # the task's metrics are reported as eval.metrics lists them (features' own always)
+            for metric in [m for _, m in named_metrics(recipe.eval)] + list(asked):
+                if metric not in listed and metric not in ADDED_METRICS:
+                    out.setdefault(metric, f"is not reported: eval.metrics ({', '.join(listed)}) leaves it out")
         return out
 
     def main_metric(self, settings: EvalSection) -> str:

@@ -72,19 +72,28 @@ def gold_answers(row: dict) -> list[str]:
     return [a for a in answers or [] if isinstance(a, str)]
 
 
+def row_scores(prediction: str | None, golds: list[str]) -> tuple[float, float]:
+    """(exact match, F1) of one prediction: SQuAD v1.1's, the maximum over the gold answers. A row with no gold
+    answer that has any text (none, or only texts the normalisation empties, such as SQuAD v2's "" at -1) is scored
+    as SQuAD v2 scores unanswerable questions: 1 for an answer that normalises to nothing, else 0 (it was left out
+    of the mean, and an empty answer to it was EM 1 but F1 0)."""
+    prediction = prediction or ""
+    if not any(normalize_answer(gold) for gold in golds):
+        abstained = float(not normalize_answer(prediction))
+        return abstained, abstained
+    return max(exact_match_score(prediction, g) for g in golds), max(f1_score(prediction, g) for g in golds)
+
+
 def squad_metrics(rows: list[dict]) -> dict[str, Any]:
-    exact, f1, unanswerable = 0.0, 0.0, 0
-    for row in rows:
-        golds = gold_answers(row)
-        if not golds:
-            unanswerable += 1
-            continue
-        prediction = row["prediction"] or ""
-        exact += max(exact_match_score(prediction, g) for g in golds)
-        f1 += max(f1_score(prediction, g) for g in golds)
-    scored = len(rows) - unanswerable
-    metrics = {"exact_match": exact / scored if scored else 0.0, "f1": f1 / scored if scored else 0.0}
-    details = {"examples": scored, **({"skipped_without_gold_answers": unanswerable} if unanswerable else {})}
+    """Exact match and F1 (`row_scores`) averaged over every row."""
+    scores = [row_scores(row["prediction"], gold_answers(row)) for row in rows]
+    count = len(scores)
+    metrics = {
+        "exact_match": sum(em for em, _ in scores) / count if count else 0.0,
+        "f1": sum(f1 for _, f1 in scores) / count if count else 0.0,
+    }
+    unanswerable = sum(not any(normalize_answer(g) for g in gold_answers(row)) for row in rows)
+    details = {"examples": count, **({"unanswerable": unanswerable} if unanswerable else {})}
     return {"metrics": metrics, "details": details}
 
 
@@ -149,7 +158,7 @@ class ExtractiveQATask(_SquadScoring, Task):
 
     def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The span settings the recipe leaves open, from the training answers (see span_settings)."""
-        answers = _checked_answers(
+        answers = checked_answers(
             train_rows["answers"][:],
             checked_texts(train_rows["context"][:], "data.train", "context"),
             "data.train",
@@ -172,7 +181,7 @@ class ExtractiveQATask(_SquadScoring, Task):
         questions = checked_texts(rows["question"][:], split, "question")
         contexts = checked_texts(rows["context"][:], split, "context")
         retrieved = recipe.data.knowledge_base is not None
-        answers = _checked_answers(rows["answers"][:], contexts, split, retrieved) if labeled else None
+        answers = checked_answers(rows["answers"][:], contexts, split, retrieved) if labeled else None
         stride = recipe.data.doc_stride or state["doc_stride"]
         windows = qa_spans.windows(questions, contexts, tokenizer, recipe.data.max_length, stride, split)
         report = windows.report
@@ -328,7 +337,7 @@ def _span_loss(
     return (ce(start, start_positions, reduction="none") + ce(end, end_positions, reduction="none")) / 2
 
 
-def _checked_answers(
+def checked_answers(
     values: list, contexts: list[str], split: str, retrieved: bool = False
 ) -> list[tuple[str, int] | None]:
     """The first gold answer of each row as (text, start char), checked against its context. `retrieved`: contexts
@@ -382,6 +391,16 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     answer_field = "answer"
     default_stops = ("\n",)
 
+    def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The prompt is built from the question and context, or by data.template (or read from a column the
+        recipe maps to it): a file's own `prompt` column is not read, where it silently took the question's place
+        in training and predict."""
+        required, optional = super().fields(recipe)
+        data = recipe.data
+        if not recipe.train.learns_from_judgements and data.template is None and "prompt" not in data.columns:
+            optional = tuple(name for name in optional if name != "prompt")
+        return required, optional
+
     def featurize(
         self,
         rows: Dataset,
@@ -407,9 +426,7 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
 
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """SQuAD F1 of the answer (stripped, as predict strips it), the best over the row's gold answers."""
-        return Rewards(
-            [max((f1_score(r["prediction"].strip(), gold) for gold in gold_answers(r)), default=0.0) for r in rows]
-        )
+        return Rewards([row_scores(r["prediction"].strip(), gold_answers(r))[1] for r in rows])
 
     def predict(
         self,

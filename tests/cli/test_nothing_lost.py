@@ -118,6 +118,11 @@ def test_eval_keeps_the_runs_results_and_says_where_its_own_went(finished_run, t
     assert foreign.exit_code == 2 and "trained for task copywriting, not classification" in foreign.output
     missing = invoke("eval", out, "--checkpoint", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    # The same task's adapter from outside the run: not filed in the run's evals/ as one of its own checkpoints.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out / "adapter", elsewhere)
+    outside = invoke("eval", out, "--checkpoint", elsewhere)
+    assert outside.exit_code == 2 and "is not inside the run" in " ".join(outside.output.split()), outside.output
 
 
 def test_merge_writes_only_somewhere_new(finished_run, tmp_path):

@@ -143,6 +143,12 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
     meta = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
     assert meta["state"]["labels"] == [0, 1, 2]
     assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 18
+    # eval RUN scores the rows the run held out: an override that would draw them again is refused (it scored
+    # training rows as held-out ones); an eval file instead draws nothing.
+    for override in ("train.seed=7", "data.eval_split=0.5", "data.stratify=false"):
+        redrawn = invoke("eval", str(tmp_path / "run"), override)
+        assert redrawn.exit_code == 2 and "the run held out its eval rows" in redrawn.output, redrawn.output
+    assert invoke("eval", str(tmp_path / "run"), f"data.eval={data}", "data.eval_split=null").exit_code == 0
 
 
 BAD_INPUTS = {

@@ -448,3 +448,19 @@ def test_spaces_around_a_label_are_formatting_not_another_class():
     composed = Dataset.from_dict({"text": ["a", "b", "c"], "label": ["caf\u00e9", "cafe\u0301", "tea"]})
     state = task.fit_state(composed, recipe)  # one word typed two ways: one class, not two that look alike
     assert state["labels"] == ["caf\u00e9", "tea"] and state["label_counts"] == [2, 1]
+
+
+@pytest.mark.unit
+def test_a_gate_on_a_metric_eval_metrics_leaves_out_is_refused_before_anything_runs():
+    """It validated, trained in full, then failed as "missing" (exit 4); eval --gate likewise after evaluating."""
+    recipe = Recipe.model_validate(
+        {
+            "task": "classification",
+            "model": {"name_or_path": "x"},
+            "data": {"train": "a"},
+            "eval": {"metrics": ["accuracy"], "gates": {"macro_f1": ">=0.1"}, "best_metric": "weighted_f1"},
+        }
+    )
+    unavailable = ClassificationTask().unavailable_metrics(recipe, asked=["eval_loss", "accuracy"])
+    assert {"macro_f1", "weighted_f1", "eval_loss"} <= set(unavailable) and "accuracy" not in unavailable
+    assert "eval.metrics (accuracy) leaves it out" in unavailable["macro_f1"]

@@ -46,6 +46,22 @@ def test_max_over_gold_answers_and_mean_over_examples(tmp_path):
     assert json.loads(result.stdout)["metrics"] == pytest.approx(metrics)
 
 
+def test_unanswerable_rows_are_scored_as_squad_v2_scores_them():
+    """A row with no gold answer was left out of the mean (all of them: 0.0 over 0 rows, and a gate passed on it),
+    and SQuAD v2's "" at -1 gave an empty answer EM 1 but F1 0. SQuAD v2's official rule: a no-answer scores 1
+    against no answer, anything else 0; rows with an answer are scored as before."""
+    rows = [
+        {"answers": {"text": [], "answer_start": []}, "prediction": ""},
+        {"answers": {"text": [""], "answer_start": [-1]}, "prediction": ""},
+        {"answers": {"text": [], "answer_start": []}, "prediction": "Paris"},
+        {"answers": {"text": ["Paris"], "answer_start": [0]}, "prediction": "paris"},
+    ]
+    scored = squad_metrics(rows)
+    assert scored["metrics"] == {"exact_match": 0.75, "f1": 0.75}
+    assert scored["details"] == {"examples": 4, "unanswerable": 3}
+    assert squad_metrics(rows[:1])["metrics"] == {"exact_match": 1.0, "f1": 1.0}
+
+
 # --------------------------------------------------------------------------- windows
 
 
@@ -424,3 +440,20 @@ def test_an_overlap_as_wide_as_the_window_is_refused_naming_it(tiny_models, tmp_
         "data.doc_stride 22 (the recipe's, or derived from the training rows) must be below the context's room" in text
     )
     assert "t.jsonl:1: " in text or "t.jsonl:" in text  # the row of the longest question, at its file and line
+
+
+@pytest.mark.unit
+def test_generative_qa_reads_a_prompt_column_only_where_the_recipe_makes_or_maps_one():
+    """A file's own `prompt` column took the question's place in training and predict, silently."""
+    from finetune.recipe.schema import Recipe
+    from finetune.tasks.qa import GenerativeQATask
+
+    def fields(**data):
+        recipe = Recipe.model_validate(
+            {"task": "qa", "mode": "generative", "model": {"name_or_path": "x"}, "data": {"train": "a", **data}}
+        )
+        return GenerativeQATask().fields(recipe)
+
+    assert fields() == (("question", "answer"), ("context", "id"))
+    assert "prompt" in fields(template="Q: {question}")[1]
+    assert "prompt" in fields(columns={"prompt": "instruction"})[1]
