@@ -348,17 +348,26 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         if suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
+            separator = _CSV_SEPARATORS[suffix]
+            quoting = _quoting(path, separator)
             frame = pd.read_csv(
                 path,
-                sep=_CSV_SEPARATORS[suffix],
-                quoting=_quoting(path, _CSV_SEPARATORS[suffix]),
+                sep=separator,
+                quoting=quoting,
                 keep_default_na=False,
                 dtype=str
                 if text_columns == ALL_COLUMNS
                 else dict.fromkeys(text_columns, str),  # unknown names: ignored
             )
+        header = [] if suffix == ".parquet" else _header(path, separator, quoting)
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # pandas reads a second `body` as `body.1`: the mapping then silently read the first one alone
+        raise DataError(
+            f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once; give each column "
+            "its own name"
+        )
     import pyarrow as pa
 
     table = _dataset(pa.Table.from_pandas(frame, preserve_index=False), path)
@@ -366,6 +375,14 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
 
 
 _CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def _header(path: Path, separator: str, quoting: int) -> list[str]:
+    """A CSV/TSV file's column names as written (pandas renames a repeated one)."""
+    import pandas as pd
+
+    first = pd.read_csv(path, sep=separator, quoting=quoting, header=None, nrows=1, dtype=str, keep_default_na=False)
+    return [str(name) for name in first.iloc[0].tolist()] if len(first) else []
 
 
 def _quoting(path: Path, separator: str) -> Literal[0, 3]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -64,8 +65,7 @@ def training_curves(train_log: Path, target: Path, eval_log: Path | None = None)
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("optimizer step")
     lr_axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
+    _save(figure, target)
     plt.close(figure)
     return True
 
@@ -119,8 +119,7 @@ def confusion_matrix(labels: list, matrix: list[list[int]], target: Path) -> lis
         for j, count in enumerate(row):
             axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
+    _save(figure, target)
     plt.close(figure)
     return [labels[i] for i in shown]
 
@@ -146,6 +145,14 @@ def checkpoint_metrics(table: list[dict], target: Path) -> None:
     axis.set_ylabel("metric")
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
+    _save(figure, target)
     plt.close(figure)
+
+
+def _save(figure: object, target: Path) -> None:
+    """Laid out and written. A label in a script the font lacks (an emoji, say) is drawn as a box, which the CSV
+    beside the picture spells out: matplotlib's "Glyph missing" warning on stderr said nothing more."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        figure.tight_layout()  # type: ignore[attr-defined]
+        figure.savefig(target, dpi=100)  # type: ignore[attr-defined]

@@ -130,7 +130,15 @@ class ClassificationTask(Task):
         counts = dict.fromkeys((label_key(x) for x in labels), 0)
         for label in seen:
             counts[label_key(label)] += 1
-        return {"labels": labels, "multi_label": multi, "label_counts": list(counts.values()), "rows": len(values)}
+        # Trained on text pairs: every row scored later needs its pair (predict took rows without one, silently).
+        pairs = {"text_pairs": True} if "text_pair" in train_rows.column_names else {}
+        return {
+            "labels": labels,
+            "multi_label": multi,
+            "label_counts": list(counts.values()),
+            "rows": len(values),
+            **pairs,
+        }
 
     def label_codes(
         self, values: list, state: Mapping[str, Any], recipe: Recipe, split: str, first_row: int = 1
@@ -196,6 +204,12 @@ class ClassificationTask(Task):
     ) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
+        if state.get("text_pairs") and not has_pairs:
+            raise DataError(
+                f"{split}: the model was trained on text pairs (field 'text_pair'"
+                + (f", column {recipe.data.columns['text_pair']!r}" if "text_pair" in recipe.data.columns else "")
+                + "); these rows have none"
+            )
         truncate = Truncation(tokenizer, max_length)
 
         def encode(batch: dict, indices: list[int]) -> dict:

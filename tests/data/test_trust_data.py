@@ -404,6 +404,15 @@ def test_a_tsv_quotation_mark_never_swallows_rows(tmp_path):
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
 
 
+@pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
+def test_a_header_naming_a_column_twice_is_refused(tmp_path, suffix, separator):
+    """pandas reads a second `body` as `body.1`: the first was read alone, the other silently dropped."""
+    path = tmp_path / f"twice{suffix}"
+    path.write_text(separator.join(["body", "body", "label"]) + "\n" + separator.join(["a", "b", "x"]) + "\n")
+    with pytest.raises(DataError, match="the header names column\\(s\\) 'body' more than once"):
+        split_of({"train": str(path), "eval_split": 0.5})
+
+
 def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path):
     """SQuAD-style `answers` with lists on one line and a bare text on another: pyarrow's "cannot mix list and
     non-list" named no line and no column."""

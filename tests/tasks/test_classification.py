@@ -293,3 +293,26 @@ def test_an_eval_label_written_otherwise_is_pointed_at_its_training_twin(tiny_mo
         result = invoke(*command)
         said = " ".join(result.output.split())
         assert result.exit_code == 3 and "(training has 'sports', which differs only in case or spaces)" in said, said
+
+
+def test_a_model_trained_on_text_pairs_refuses_rows_without_their_pair(tiny_models):
+    """predict scored rows without `text_pair` on their text alone, silently, for a model trained on pairs."""
+    from datasets import Dataset
+
+    from finetune.errors import DataError
+    from finetune.models.references import load_tokenizer
+    from finetune.recipe.schema import Recipe
+    from finetune.tasks.classification import ClassificationTask
+
+    task = ClassificationTask()
+    recipe = Recipe.model_validate({"task": "classification", "model": {"name_or_path": "x"}, "data": {"train": "a"}})
+    pairs = Dataset.from_dict({"text": ["a", "b"], "text_pair": ["c", "d"], "label": ["x", "y"]})
+    state = {**task.fit_state(pairs, recipe), "family": "bert"}
+    assert state["text_pairs"] is True
+    tokenizer = load_tokenizer(str(tiny_models["bert"]), "bert")
+    assert len(task.featurize(pairs, tokenizer, recipe, state, "data.eval").dataset) == 2
+    alone = Dataset.from_dict({"text": ["a"]})
+    with pytest.raises(DataError, match="trained on text pairs"):
+        task.featurize(alone, tokenizer, recipe, state, "stdin", labeled=False)
+    singles = Dataset.from_dict({"text": ["a", "b"], "label": ["x", "y"]})
+    assert "text_pairs" not in task.fit_state(singles, recipe)
