@@ -267,10 +267,15 @@ def _handled(command):
             if exc.errno not in MACHINE_ERRNOS:
                 raise
             where = f" {exc.filename}" if exc.filename else ""
+            remedy = (
+                "write somewhere writable (output.dir, --output) and run again"
+                if exc.errno == errno.EROFS
+                else "free space (a smaller file for a file-size limit) and run again"
+            )
             err_console.print(
                 f"[red]error:[/] cannot write{escape(where)}: {escape(exc.strerror or str(exc))}. Nothing half-written "
-                "was left; free space (or fix the disk) and run again (`finetune run ... --resume auto` continues "
-                "a training run from its last checkpoint)",
+                f"was left; {remedy} (`finetune run ... --resume auto` continues a training run from its last "
+                "checkpoint)",
                 highlight=False,
                 soft_wrap=True,
             )

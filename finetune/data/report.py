@@ -365,6 +365,14 @@ def warnings(report: dict) -> list[str]:
             f"{len(rare)} class(es) with fewer than {FEW_EXAMPLES} training rows: "
             + ", ".join(f"{label} ({counts[label]})" for label in rare)
         )
+    said = {*(rare or []), *(balance.get("only_in_eval") or [])}
+    rare_eval = [label for label in balance.get("eval", {}).get("rare_classes") or [] if label not in said]
+    if rare_eval:  # the report lists them: "no rare classes found" above them was untrue
+        counts = balance["eval"]["counts"]
+        out.append(
+            f"{len(rare_eval)} class(es) with fewer than {FEW_EXAMPLES} eval rows (their per-class scores rest on "
+            "few rows): " + ", ".join(f"{label} ({counts[label]})" for label in rare_eval)
+        )
     only_in_eval = balance.get("only_in_eval")
     if only_in_eval:
         counts = balance["eval"]["counts"]

@@ -520,6 +520,11 @@ class Origins:
         return error
 
 
+def missing_file(path: Path, item: str) -> str:
+    """Why a data file named is not one to read: not there, or a directory (both were "file not found")."""
+    return f"{item} is a directory, not a data file" if path.is_dir() else f"file not found: {item}"
+
+
 def local_data_path(spec: str, key: str) -> Path:
     """A data spec as a path; `pkg:MODULE/PATH` names a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
@@ -532,7 +537,7 @@ def load_source(item: str, key: str, text_columns: Sequence[str] = ()) -> tuple[
     path = local_data_path(item, key)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         if not path.is_file():
-            raise DataError(f"{key}: file not found: {item}")
+            raise DataError(f"{key}: {missing_file(path, item)}")
         table, layout = _load_file(path, text_columns)
         source = Source(item, path, layout, _CSV_SEPARATORS.get(_suffix(path), ","))
     else:

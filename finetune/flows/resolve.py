@@ -43,7 +43,7 @@ from finetune.data.retrieval import (
     load_passages,
     relevant_passages,
 )
-from finetune.data.tables import FILE_SUFFIXES, local_data_path, read_split, template_problems
+from finetune.data.tables import FILE_SUFFIXES, local_data_path, missing_file, read_split, template_problems
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
@@ -1179,8 +1179,8 @@ def _missing_files(specs: list[tuple[str, object]]) -> list[str]:
             except FinetuneError as exc:
                 problems.append(str(exc))
                 continue
-            if (key == "data.knowledge_base" or _looks_like_file(item)) and not path.is_file():
-                problems.append(f"{key}: file not found: {item}")
+            if (key == "data.knowledge_base" or _looks_like_file(item) or path.is_dir()) and not path.is_file():
+                problems.append(f"{key}: {missing_file(path, item)}")
     return problems
 
 

@@ -226,7 +226,11 @@ def _run(
             )
         if dry_run:
             return plan_document(session, accelerator.num_processes, output_note, measured)
-        rundir.check_free_space(run_dir.path, rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints))
+        rundir.check_free_space(
+            run_dir.path,
+            rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints),
+            "the checkpoints it keeps (train.keep_checkpoints) and the one being written need about",
+        )
         identity = rundir.resume_identity(recipe, accelerator.num_processes)
         resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None
         if resume_from is not None:

@@ -508,12 +508,12 @@ def write_evaluation(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_free_space(path: Path, needed: int) -> None:
+def check_free_space(path: Path, needed: int, what: str = "a run starts only with") -> None:
+    """Refused (exit 2) before anything is written where `path` has less than `needed` bytes free; `what` says
+    what needs them (the floor any run keeps, or its checkpoints)."""
     free = shutil.disk_usage(path).free
     if free < needed:
-        raise RecipeError(
-            f"output.dir: {path} has {free / 2**20:.0f} MiB free; a checkpoint needs about {needed / 2**20:.0f} MiB"
-        )
+        raise RecipeError(f"output.dir: {path} has {free / 2**20:.0f} MiB free; {what} {needed / 2**20:.0f} MiB")
 
 
 def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:

@@ -413,6 +413,13 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path, suffix, separator):
         split_of({"train": str(path), "eval_split": 0.5})
 
 
+def test_a_directory_named_as_a_data_file_is_said_to_be_one(tmp_path):
+    """It was "file not found: DIR", for a path that is there."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="is a directory, not a data file"):
+        split_of({"train": str(tmp_path / "data"), "eval_split": 0.5})
+
+
 def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path):
     """SQuAD-style `answers` with lists on one line and a bare text on another: pyarrow's "cannot mix list and
     non-list" named no line and no column."""
