@@ -325,8 +325,9 @@ def evaluate(
             },
         )
         changed = _changed_since(run, recipe) if run is not None else []
-        if changed:
-            document.setdefault("warnings", []).extend(changed)
+        fresh = _fresh_head(resolved) if adapter_dir is None else None
+        if changed or fresh:
+            document.setdefault("warnings", []).extend([*changed, *([fresh] if fresh else [])])
         required, optional = session.task.fields(recipe)
         evaluation.attach_comparison(document, baseline, session.task, rows, recipe.eval, (*required, *optional))
         marked = _watermarked_metrics(run, recipe, adapter_dir, overrides)
@@ -346,6 +347,24 @@ def evaluate(
     finally:
         if lock is not None:
             lock.release()
+
+
+# The head a task puts on the model, as transformers names a checkpoint that already has one trained.
+TRAINED_HEADS = {"sequence_classification": "ForSequenceClassification", "question_answering": "ForQuestionAnswering"}
+
+
+def _fresh_head(resolved: Resolved) -> str | None:
+    """Said when a base model is evaluated with a head its checkpoint does not have (a sentence-embedding model
+    asked to classify): the head starts from random weights, and its accuracy was shown as the base model's."""
+    suffix = TRAINED_HEADS.get(resolved.task.head)
+    architectures = getattr(resolved.model_config, "architectures", None) or []
+    if suffix is None or any(name.endswith(suffix) for name in architectures):
+        return None
+    return (
+        f"the base model {resolved.recipe.model.name_or_path} has no trained {resolved.task.name} head: it starts "
+        f"from random weights (train.seed {resolved.recipe.train.seed}), so these metrics are a chance-level "
+        "baseline, not what the checkpoint knows"
+    )
 
 
 def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:

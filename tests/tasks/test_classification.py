@@ -77,6 +77,9 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
 
     base = invoke("eval", recipe, "--output", tmp_path / "base")
     assert base.exit_code == 0 and (tmp_path / "base" / "metrics.json").is_file()
+    # The tiny encoder has no trained classifier: its head is random, which the accuracy alone did not say.
+    warnings = json.loads((tmp_path / "base" / "metrics.json").read_text())["warnings"]
+    assert any("no trained classification head" in warning for warning in warnings), warnings
     # Without --output a base model's evaluation goes to a new evals/<time>-base/ here, said (it was written nowhere).
     monkeypatch.chdir(tmp_path)
     unnamed = invoke("eval", recipe)
