@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune import __version__
-from finetune.errors import DataError, FinetuneError, GateFailed, PeerLost, RecipeError
+from finetune.errors import DataError, FinetuneError, GateFailed, Interrupted, PeerLost, RecipeError
 from finetune.files import json_text
 from finetune.secrets import RedactingFilter, redact
 
@@ -229,9 +229,9 @@ def _handled(command):
             if _debug["on"]:  # the original error, chained, for what was turned into one line
                 exc.__suppress_context__ = False
                 traceback.print_exception(exc)
-            err_console.print(
-                f"[red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True
-            )
+            # A stop the user asked for, saved to resume (exit 75), is no error of theirs or ours.
+            label = "[yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[red]error:[/]"
+            err_console.print(f"{label} {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:  # a path the user gave
             where = f" {exc.filename}" if exc.filename else ""
