@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import string
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 
 from finetune import files
+from finetune.data.conversations import LAYOUT_FIELDS
 from finetune.data.features import Features
 from finetune.data.retrieval import attach_passages
 from finetune.data.tables import Origins, data_file_hashes
@@ -530,11 +532,11 @@ def _predict(
     if recipe.data.overflow == "drop":  # every input gets an answer: over-long ones are truncated, not dropped
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"overflow": "truncate"})})
         resolved = dataclasses.replace(resolved, recipe=recipe)
-    table = _input_table(rows, origins)
-    columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
     # New prompts to answer: a preference recipe's rows are pairs, but what predict reads is prompts, as for sft.
     as_sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"objective": "sft"})})
     required, optional = task.fields(as_sft)
+    table = _input_table(rows, origins, _fields_read(recipe, task, (*required, *optional)))
+    columns = {f: c for f, c in recipe.data.columns.items() if c in table.column_names}
     # data.template builds the prompt from other columns: those the template names are checked as it fills them.
     built = ("prompt",) if recipe.data.template is not None else ()
     needed = tuple(f for f in _inputs_only(task, required) if f not in built)
@@ -595,22 +597,49 @@ def _check_inputs(rows: list[dict], origins: Origins, needed: tuple[str, ...], c
                 )
 
 
-def _input_table(rows: list[dict], origins: Origins) -> Dataset:
+def _fields_read(recipe: Recipe, task: Task, fields: tuple[str, ...]) -> set[str]:
+    """Every input field predict may read: the task's (by field or mapped column name), its reference, the
+    conversation layouts', the data.template's placeholders. Any other comes back in its row untouched."""
+    named = {*fields, *task.reference_fields, *recipe.data.columns.values()}
+    named |= {name for required, optional in LAYOUT_FIELDS.values() for name in (*required, *optional)}
+    if recipe.data.template is not None:
+        named |= {name for _, name, _, _ in string.Formatter().parse(recipe.data.template) if name}
+    return named
+
+
+def _input_table(rows: list[dict], origins: Origins, reads: set[str]) -> Dataset:
+    """The input rows as a table. A field of mixed types that predict never reads is left out of it (it comes back
+    in its row as it was: refusing a row over a pass-through field broke the contract); an `id` of mixed types
+    (1 on one line, "x5" on another) is carried as text; any other field read is refused, named."""
     try:
         return Dataset.from_list(rows)
     except Exception as exc:  # mixed types in one field: name the field and the first row that differs
         first: dict[str, tuple[int, str]] = {}
+        mixed: dict[str, str] = {}
         for number, row in enumerate(rows):
             for field, value in row.items():
-                kind = "no value" if value is None else type(value).__name__
                 if value is None:
                     continue
+                kind = type(value).__name__
                 seen = first.setdefault(field, (number, kind))
-                if seen[1] != kind:
-                    raise DataError(
-                        f"{origins.place(number)}: field {field!r} is {kind}, but {seen[1]} at {origins.place(seen[0])}; "
-                        "a field holds one type in every row"
-                    ) from exc
+                if seen[1] != kind and field not in mixed:
+                    mixed[field] = (
+                        f"{origins.place(number)}: field {field!r} is {kind}, but {seen[1]} at "
+                        f"{origins.place(seen[0])}; a field holds one type in every row"
+                    )
+        refused = [why for field, why in mixed.items() if field in reads and field != "id"]
+        if refused:
+            raise DataError(refused[0]) from exc
+        if mixed:
+            kept = [
+                {
+                    k: (str(v) if k == "id" and v is not None else v)
+                    for k, v in row.items()
+                    if k not in mixed or k == "id"
+                }
+                for row in rows
+            ]
+            return _input_table(kept, origins, reads)
         raise DataError(
             f"{origins.sources[0].name}: the input rows do not form a table: {str(exc).splitlines()[0]}"
         ) from exc

@@ -118,6 +118,14 @@ def test_eval_gates_predict_and_merge(tiny_models, topic_data, write_recipe, tmp
     )
     from_lines = invoke("predict", out, "--input", tmp_path / "lines.json")  # JSON Lines saved as .json
     assert [json.loads(line)["id"] for line in from_lines.output.splitlines()] == [1, 2], from_lines.output
+    # Fields of mixed types that predict only carries (an id of 1 and "x5", a note) come back as written: a row was
+    # refused over a field predict never reads.
+    mixed = '{"text": "rain snow", "id": 1, "note": 3}\n{"text": "goal match", "id": "x5", "note": "three"}\n'
+    carried = invoke("predict", out, "--input", "-", input=mixed)
+    assert carried.exit_code == 0, carried.output
+    assert [(r["id"], r["note"]) for r in map(json.loads, carried.output.splitlines())] == [(1, 3), ("x5", "three")]
+    typed = invoke("predict", out, "--input", "-", input='{"text": "rain"}\n{"text": 5}\n')  # a field it reads
+    assert typed.exit_code == 3 and "field 'text' is int, but str" in typed.output, typed.output
 
     merged_dir = tmp_path / "merged"
     assert invoke("merge", out, "--output", merged_dir).exit_code == 0
