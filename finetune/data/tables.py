@@ -1494,7 +1494,7 @@ def check_eval_labels(rows: SplitRows, data: Any) -> list[str]:
     if train_labels is None or eval_labels is None:
         return []
     trained = {train_labels.names[c] for c in np.unique(train_labels.codes)}
-    listed = None if data.labels is None else {str(label) for label in data.labels}
+    listed = None if data.labels is None else {label_key(label) for label in data.labels}
     missing = [(eval_labels.names[c], c) for c in np.unique(eval_labels.codes) if eval_labels.names[c] not in trained]
     refused = [(label, code) for label, code in missing if listed is None or label not in listed]
     if refused:

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from finetune.data.tables import label_key
+
 LEVEL = 0.95  # intervals are stored at this level; a gate may ask for another (accuracy>=0.85@99)
 RESAMPLES = 1000
 SEED = 0  # fixed, not the recipe's train.seed: two runs of different seeds must be resampled alike to be compared
@@ -318,7 +320,7 @@ def _as_labels(value: object) -> list:
 
 
 def _label_sets(scored: list[dict | None], units: list[list[int]], names: frozenset[str]) -> dict[str, Statistic | str]:
-    """Classification (tasks/classification.py, scikit-learn): labels compare as text; single-label when no
+    """Classification (tasks/classification.py, scikit-learn): labels compare as `label_key` says; single-label when no
     label or prediction is a list. F1 is 2tp / (2tp + fp + fn) per label over the labels present in the resample's
     references or predictions (zero_division 0); macro: their mean; weighted: by reference support; micro: pooled
     counts; hamming loss: wrong label decisions over rows x present labels; accuracy / subset accuracy: rows whose
@@ -330,8 +332,8 @@ def _label_sets(scored: list[dict | None], units: list[list[int]], names: frozen
         return {}
     multi = any(isinstance(rows[i]["label"], list) or isinstance(rows[i]["prediction"], list) for i in counted)
 
-    def labels(value: object) -> set[str]:
-        return {str(x) for x in _as_labels(value)} if multi else {str(value)}
+    def labels(value: object) -> set[str]:  # compared as the task compares them (stripped, NFC)
+        return {label_key(x) for x in _as_labels(value)} if multi else {label_key(value)}
 
     gold = {i: labels(rows[i]["label"]) for i in counted}
     predicted = {i: labels(rows[i]["prediction"]) for i in counted}

@@ -43,10 +43,19 @@ from finetune.data.retrieval import (
     load_passages,
     relevant_passages,
 )
-from finetune.data.tables import FILE_SUFFIXES, local_data_path, missing_file, read_split, template_problems
+from finetune.data.tables import (
+    FILE_SUFFIXES,
+    data_file_hashes,
+    label_key,
+    local_data_path,
+    missing_file,
+    read_split,
+    template_problems,
+)
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
+from finetune.evaluation.scoring import ADDED_METRICS
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
@@ -161,14 +170,36 @@ def advisory_rules(recipe: Recipe, task: Task) -> list[str]:
     return _unread_settings(recipe, task) + _unread_objective_settings(recipe) + _unavailable_metrics(recipe, task)
 
 
+def best_metric_of(recipe: Recipe, task: Task) -> str:
+    """The metric that decides "better" (eval.best_metric): the recipe's, else the objective's or the task's."""
+    if recipe.eval.best_metric:
+        return recipe.eval.best_metric
+    if recipe.train.learns_from_judgements:
+        return "preference_accuracy"
+    return task.main_metric(recipe.eval)
+
+
 def _unavailable_metrics(recipe: Recipe, task: Task) -> list[str]:
-    """Metrics the recipe names that its evaluation never reports: a gate would fail as "missing" after training."""
+    """Metrics the recipe names, or judges by without naming them (best_metric's default under eval.every or early
+    stopping, a sweep's objective), that its evaluation never reports: a gate would fail as "missing" after
+    training, and a metric judged by but filtered out of eval.metrics made every evaluation "no better" (early
+    stopping ended the run, silently) or every trial unscored."""
     unavailable = task.unavailable_metrics(recipe)
-    return [
+    problems = [
         f"{place}: {metric} {unavailable[metric]}"
         for place, metric in named_metrics(recipe.eval)
         if task.knows_metric(metric) and metric in unavailable
     ]
+    listed, best = recipe.eval.metrics, best_metric_of(recipe, task)
+    judged = []
+    if recipe.eval.best_metric is None and (recipe.eval.every is not None or recipe.train.early_stopping is not None):
+        judged.append(("eval.best_metric (its default, which evaluations during training are judged by)", best))
+    if recipe.sweep is not None:
+        judged.append(("sweep.objective", recipe.sweep.objective[0] if recipe.sweep.objective else best))
+    for place, metric in judged:
+        if listed and metric not in listed and metric not in ADDED_METRICS and task.knows_metric(metric):
+            problems.append(f"{place}: {metric} is not reported: eval.metrics ({', '.join(listed)}) leaves it out")
+    return problems
 
 
 def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
@@ -448,10 +479,13 @@ def _data_rules(recipe: Recipe, task: Task) -> list[str]:
             f"data.columns: {', '.join(fields)} all map to column {column!r}; each field needs its own column"
         )
     if data.labels is not None:
-        keys = [str(label) for label in data.labels]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
-        if repeated:
-            problems.append(f"data.labels: {', '.join(map(repr, repeated))} listed more than once")
+        keys = [label_key(label) for label in data.labels]  # as classes compare: "café" twice, spelt two ways
+        for repeated in sorted({k for k in keys if keys.count(k) > 1}):
+            spellings = [label for label in data.labels if label_key(label) == repeated]
+            problems.append(
+                f"data.labels: {repeated!r} listed more than once"
+                + (f" (as {', '.join(map(repr, spellings))})" if len(set(map(str, spellings))) > 1 else "")
+            )
         if recipe.task != "classification":
             problems.append(f"data.labels: only classification has labels; remove it for task {recipe.task}")
     if recipe.task != "classification":  # classification's settings, at other than their defaults
@@ -1426,12 +1460,7 @@ class Resolved:
     @property
     def best_metric(self) -> str:
         """The metric that decides "better" (eval.best_metric): the recipe's, else the objective's or the task's."""
-        settings = self.recipe.eval
-        if settings.best_metric:
-            return settings.best_metric
-        if self.recipe.train.learns_from_judgements:
-            return "preference_accuracy"
-        return self.task.main_metric(settings)
+        return best_metric_of(self.recipe, self.task)
 
     def summary(self) -> str:
         return f"{self.recipe.task} on {self.recipe.model.name_or_path} ({self.family.name} family)"
@@ -1624,9 +1653,9 @@ def resolve_source(
         run = RunDir(path)
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
-        _refuse_redrawn_split(run, list(overrides or []))
         recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
         resolved = resolve(run.recipe, overrides, splits, recorded)
+        _refuse_redrawn_split(run, resolved.recipe)
         meta = run.adapter / ADAPTER_META
         if meta.is_file() and (problems := adapter_problems(resolved.recipe, run.adapter, "the run's adapter")):
             # Its recipe edited or overridden to another model or task: the adapter would load into the wrong
@@ -1636,28 +1665,63 @@ def resolve_source(
     return resolve(path, overrides, splits), None
 
 
-# What draws a run's held-out rows from its training file (data.eval_split): the file, the share, the strata, the seed.
-SPLIT_DRAW = ("data.train", "data.eval_split", "data.stratify", "train.seed")
-
-
-def _refuse_redrawn_split(run: RunDir, overrides: list[str]) -> None:
-    """`eval RUN` / `predict` overrides that would draw a run's eval split again, differently: the rows scored
-    would no longer be the ones it held out, and some would be rows it trained on (`eval RUN train.seed=7` scored 9
-    of 12 training rows as held-out ones, exit 0). An eval file given instead (data.eval=FILE) draws nothing."""
-    asked = [o.partition("=")[0].strip() for o in overrides]
-    if not asked or any(within(key, "data.eval") for key in asked):
+def _refuse_redrawn_split(run: RunDir, recipe: Recipe) -> None:
+    """`eval RUN` settings that would draw the rows scored from the run's training file otherwise than the run
+    drew its held-out rows: some or all of them would be rows it trained on (`eval RUN train.seed=7` scored 9 of
+    12 training rows as held-out ones, exit 0). Decided on the values in force, not on which keys were given: an
+    eval file draws nothing; the run's own values draw its own split."""
+    if recipe.data.eval is not None:
         return
-    data = read_recipe_file(run.recipe).get("data") or {}
-    if not isinstance(data, dict) or data.get("eval"):
+    recorded = read_recipe_file(run.recipe)
+    data, train = recorded.get("data") or {}, recorded.get("train") or {}
+    if not isinstance(data, dict) or not isinstance(train, dict):
         return
-    redraw = [key for key in asked if any(within(key, draw) for draw in SPLIT_DRAW)]
-    if redraw:
-        them = "it" if len(redraw) == 1 else "them"
+    if data.get("eval") is not None:
         raise RecipeError(
-            f"{', '.join(redraw)}: the run held out its eval rows from data.train (data.eval_split, train.seed); "
-            f"changing {them} would score other rows, some of which it trained on; drop {them}, or score an eval "
-            "file with data.eval=FILE"
+            "data.eval_split: the run trained on every row of data.train (it was scored on data.eval); a split drawn "
+            "from it now would score only rows it trained on; give an eval file (data.eval=FILE)"
         )
+    now = {
+        "data.eval_split": recipe.data.eval_split,
+        "data.stratify": recipe.data.stratify,
+        "train.seed": recipe.train.seed,
+        "data.columns.label": recipe.data.columns.get("label"),
+    }
+    then = {
+        "data.eval_split": data.get("eval_split"),
+        "data.stratify": data.get("stratify"),
+        "train.seed": train.get("seed"),
+        "data.columns.label": (data.get("columns") or {}).get("label"),
+    }
+    present = {
+        "data.eval_split": "eval_split" in data,
+        "data.stratify": "stratify" in data,
+        "train.seed": "seed" in train,
+    }
+    # (a setting a run's recipe.yaml does not record, made before it existed, is taken as unchanged)
+    changed = [key for key in now if present.get(key, True) and now[key] != then[key]]
+    if recipe.data.train != data.get("train") and not _same_training_files(run, recipe, data.get("train")):
+        changed.insert(0, "data.train")
+    if changed:
+        them = "it" if len(changed) == 1 else "them"
+        raise RecipeError(
+            f"{', '.join(changed)}: the run held out its eval rows from data.train by these settings; changing {them} "
+            f"would score other rows, some of which it trained on; keep the run's, or score an eval file with "
+            "data.eval=FILE data.eval_split=null"
+        )
+
+
+def _same_training_files(run: RunDir, recipe: Recipe, then: object) -> bool:
+    """Whether the training files named now hold the bytes the run's manifest recorded for the ones it named
+    (`then`): another path to the same file (a run's recipe keeps the relative path it was given)."""
+    names = [then] if isinstance(then, str) else then if isinstance(then, list) else []
+    try:
+        recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
+        now = data_file_hashes(recipe.data, ("train",))
+    except (OSError, ValueError, FinetuneError):
+        return False
+    before = [recorded.get(name) for name in names]
+    return bool(now) and None not in before and sorted(now.values()) == sorted(before)  # type: ignore[type-var]
 
 
 def _earlier_retrieval_defaults(run: RunDir) -> list[str]:
@@ -1716,7 +1780,11 @@ def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
             raise RecipeError(f"{path}: {problem}")
         # The variable belongs to the machine that runs the recipe, so validate does not refuse without it; it says
         # so where run on this machine would (validate said only "ok", and run then exited 2).
-        code = runs_code(recipe) or ("codegen: scoring runs generated code" if recipe.task == "codegen" else None)
+        code = runs_code(recipe) or (
+            "codegen: scoring runs generated code against the eval rows' tests, where they have them"
+            if recipe.task == "codegen"
+            else None
+        )
         unset = code is not None and recipe.eval.execute_code and os.environ.get(sandbox.OPT_IN_ENV) != "1"
         return checked.summary() + (
             f"; note: {code}, and run needs {sandbox.OPT_IN_ENV}=1 on the machine that runs it (not set here)"

@@ -911,7 +911,9 @@ class EvalSection(Section):
         1, ge=1, description="Generation: samples per prompt (codegen pass@k needs n >= k; above 1 needs sampling)."
     )
     stop: list[str] | None = Field(
-        None, description="Generation: cut each answer at the first of these strings; null: the task's own."
+        None,
+        description="Generation: cut each answer at the first of these strings after its text begins (one it opens "
+        "with is not its end); null: the task's own.",
     )
 
     @field_validator("stop")

@@ -72,13 +72,19 @@ def gold_answers(row: dict) -> list[str]:
     return [a for a in answers or [] if isinstance(a, str)]
 
 
+def unanswerable(golds: list[str]) -> bool:
+    """A row whose gold answers hold no text (none, or SQuAD v2's "" at -1). A gold that has text the normalisation
+    empties ("A", "The") is an answer, scored as SQuAD v1.1 scores it: counted as no answer, an empty completion
+    earned a GRPO reward of 1 there."""
+    return not any(gold.strip() for gold in golds)
+
+
 def row_scores(prediction: str | None, golds: list[str]) -> tuple[float, float]:
-    """(exact match, F1) of one prediction: SQuAD v1.1's, the maximum over the gold answers. A row with no gold
-    answer that has any text (none, or only texts the normalisation empties, such as SQuAD v2's "" at -1) is scored
-    as SQuAD v2 scores unanswerable questions: 1 for an answer that normalises to nothing, else 0 (it was left out
-    of the mean, and an empty answer to it was EM 1 but F1 0)."""
+    """(exact match, F1) of one prediction: SQuAD v1.1's, the maximum over the gold answers; an `unanswerable` row
+    as SQuAD v2 scores it: 1 for an answer that normalises to nothing, else 0 (it was left out of the mean, and an
+    empty answer to it was EM 1 but F1 0)."""
     prediction = prediction or ""
-    if not any(normalize_answer(gold) for gold in golds):
+    if unanswerable(golds):
         abstained = float(not normalize_answer(prediction))
         return abstained, abstained
     return max(exact_match_score(prediction, g) for g in golds), max(f1_score(prediction, g) for g in golds)
@@ -86,14 +92,15 @@ def row_scores(prediction: str | None, golds: list[str]) -> tuple[float, float]:
 
 def squad_metrics(rows: list[dict]) -> dict[str, Any]:
     """Exact match and F1 (`row_scores`) averaged over every row."""
-    scores = [row_scores(row["prediction"], gold_answers(row)) for row in rows]
+    golds = [gold_answers(row) for row in rows]
+    scores = [row_scores(row["prediction"], gold) for row, gold in zip(rows, golds)]
     count = len(scores)
     metrics = {
         "exact_match": sum(em for em, _ in scores) / count if count else 0.0,
         "f1": sum(f1 for _, f1 in scores) / count if count else 0.0,
     }
-    unanswerable = sum(not any(normalize_answer(g) for g in gold_answers(row)) for row in rows)
-    details = {"examples": count, **({"unanswerable": unanswerable} if unanswerable else {})}
+    without = sum(unanswerable(gold) for gold in golds)
+    details = {"examples": count, **({"unanswerable": without} if without else {})}
     return {"metrics": metrics, "details": details}
 
 
@@ -166,7 +173,9 @@ class ExtractiveQATask(_SquadScoring, Task):
         )
         questions = checked_texts(train_rows["question"][:], "data.train", "question")
         found = [a for a in answers if a is not None and a[1] >= 0]
-        return span_settings(questions, [a[0] for a in found], tokenizer, recipe)
+        settings = span_settings(questions, [a[0] for a in found], tokenizer, recipe)
+        # Trained on questions the context does not answer (SQuAD v2's empty answers): the model may abstain.
+        return {**settings, **({"abstains": True} if any(a is None for a in answers) else {})}
 
     def featurize(
         self,
@@ -242,6 +251,7 @@ class ExtractiveQATask(_SquadScoring, Task):
             n_best=recipe.eval.n_best,
             max_answer_length=recipe.eval.max_answer_length or state["max_answer_length"],
             within=answer_ranges(features.rows, recipe),
+            abstains=bool(state.get("abstains")),
         )
         out = [dict(row) | {"prediction": answer} for row, answer in zip(features.rows, answers)]
         loss = torch.cat(losses).mean().item() if losses else None

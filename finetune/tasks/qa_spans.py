@@ -142,17 +142,25 @@ def best_answers(
     n_best: int,
     max_answer_length: int,
     within: list[tuple[int, int] | None] | None = None,
+    abstains: bool = False,
 ) -> list[str]:
     """The highest-scoring valid span (start + end logit) over all windows of each example, as context text;
-    with `within`, only spans inside that example's character range (None: anywhere).
+    with `within`, only spans inside that example's character range (None: anywhere). `abstains` (a model trained
+    on questions without an answer, pointed at the CLS token): "" where the no-answer score, the lowest over the
+    example's windows, beats every span, as transformers' postprocess_qa_predictions does with
+    version_2_with_negative; without it such a model always answered, and SQuAD v2 scoring gave those rows 0.
 
     Raw logits, as transformers' postprocess_qa_predictions compares them: normalising each window's scores
     (log-softmax) was measured worse on paragraph answers (F1 0.57 against 0.68 on data/faq_paragraphs).
     """
     best: dict[int, tuple[float, str]] = {}
+    no_answer: dict[int, float] = {}
     for window, example in enumerate(w.example):
         offsets = w.offsets[window]
         start_scores, end_scores = start_logits[window], end_logits[window]
+        cls = w.cls_index[window]
+        null = float(start_scores[cls] + end_scores[cls])
+        no_answer[example] = min(null, no_answer.get(example, null))
         allowed = within[example] if within is not None else None
         if allowed is not None:  # the n best are counted inside the range: spans outside it cannot be chosen
             outside = np.array([o is None or o[0] < allowed[0] or o[1] > allowed[1] for o in offsets])
@@ -171,4 +179,6 @@ def best_answers(
                 score = float(start_scores[s] + end_scores[e])
                 if example not in best or score > best[example][0]:
                     best[example] = (score, contexts[example][offsets[s][0] : offsets[e][1]])
+    if abstains:
+        return ["" if i not in best or no_answer[i] > best[i][0] else best[i][1] for i in range(len(contexts))]
     return [best[i][1] if i in best else "" for i in range(len(contexts))]

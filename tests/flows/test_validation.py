@@ -46,6 +46,18 @@ INVALID = {
         2,
         "listed more than once",
     ),
+    "labels that are one class, spelt two ways": (
+        lambda r: r["data"].update(labels=["caf\u00e9", "weather", "cafe\u0301 "]),
+        2,
+        "listed more than once (as",
+    ),
+    "a directory as the data file": (lambda r: r["data"].update(train="."), 3, "is a directory, not a data file"),
+    # Evaluations during training judged by best_metric's default (macro_f1), filtered out: never "better".
+    "judged by a metric eval.metrics leaves out": (
+        lambda r: r.update(eval={"metrics": ["accuracy"], "every": 5}),
+        2,
+        "eval.best_metric (its default, which evaluations during training are judged by): macro_f1 is not reported",
+    ),
     "max_length above the positions": (lambda r: r["data"].update(max_length=4096), 2, "128 positions"),
     "deepspeed without a GPU": (lambda r: r.update(distributed={"strategy": "deepspeed"}), 2, "runs on GPUs"),
     "QLoRA without a GPU": (lambda r: r.update(distributed={"quantization": "4bit"}), 2, "needs a CUDA GPU"),

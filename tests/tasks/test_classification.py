@@ -160,6 +160,7 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
         redrawn = invoke("eval", str(tmp_path / "run"), override)
         assert redrawn.exit_code == 2 and "the run held out its eval rows" in redrawn.output, redrawn.output
     assert invoke("eval", str(tmp_path / "run"), f"data.eval={data}", "data.eval_split=null").exit_code == 0
+    assert invoke("eval", str(tmp_path / "run"), "train.seed=0").exit_code == 0  # the run's own: its own split
 
 
 BAD_INPUTS = {

@@ -60,6 +60,29 @@ def test_unanswerable_rows_are_scored_as_squad_v2_scores_them():
     assert scored["metrics"] == {"exact_match": 0.75, "f1": 0.75}
     assert scored["details"] == {"examples": 4, "unanswerable": 3}
     assert squad_metrics(rows[:1])["metrics"] == {"exact_match": 1.0, "f1": 1.0}
+    # A gold that has text the normalisation empties ("A") is an answer, scored as SQuAD v1.1 scores it: an empty
+    # completion is no F1 there (it earned a GRPO reward of 1 when such rows counted as unanswerable).
+    lettered = {"answers": {"text": ["A"], "answer_start": [0]}, "prediction": ""}
+    assert squad_metrics([lettered])["metrics"]["f1"] == 0.0
+
+
+def test_a_model_trained_on_unanswerable_questions_abstains_where_no_answer_scores_highest():
+    """The decoder skipped the CLS token, so a model trained to point there for "no answer" always answered, and
+    SQuAD v2 scoring gave every such row 0; with `abstains` it answers "" where the no-answer score (the lowest
+    over the example's windows) beats every span, as transformers' version_2_with_negative does."""
+    from finetune.data.tables import LengthReport
+
+    context = "abc def"
+    windows = qa_spans.Windows(
+        [[0, 1, 2], [0, 1, 2]], [[1, 1, 1]] * 2, [0, 0], [[None, (0, 3), (4, 7)]] * 2, [0, 0], LengthReport("x", 1, 3)
+    )
+    starts = np.array([[5.0, 1.0, 0.0], [0.5, 1.0, 0.0]])
+    ends = np.array([[5.0, 0.0, 1.0], [0.5, 0.0, 1.0]])
+    assert qa_spans.best_answers(windows, starts, ends, [context], 5, 10) == ["abc def"]
+    # the lowest no-answer score over the windows is 1.0, below the best span's 2.0: it answers
+    assert qa_spans.best_answers(windows, starts, ends, [context], 5, 10, abstains=True) == ["abc def"]
+    starts[1, 0] = ends[1, 0] = 3.0  # now every window says "no answer" louder than any span
+    assert qa_spans.best_answers(windows, starts, ends, [context], 5, 10, abstains=True) == [""]
 
 
 # --------------------------------------------------------------------------- windows
@@ -457,3 +480,22 @@ def test_generative_qa_reads_a_prompt_column_only_where_the_recipe_makes_or_maps
     assert fields() == (("question", "answer"), ("context", "id"))
     assert "prompt" in fields(template="Q: {question}")[1]
     assert "prompt" in fields(columns={"prompt": "instruction"})[1]
+
+
+def test_training_rows_without_an_answer_let_the_model_abstain(bert_tokenizer):
+    from datasets import Dataset
+
+    from finetune.recipe.schema import Recipe
+    from finetune.tasks.qa import ExtractiveQATask
+
+    recipe = Recipe.model_validate(
+        {"task": "qa", "mode": "extractive", "model": {"name_or_path": "x"}, "data": {"train": "a"}}
+    )
+    rows = {
+        "question": ["which?", "what?"],
+        "context": ["rain falls", "sun shines"],
+        "answers": [{"text": ["rain"], "answer_start": [0]}, {"text": [], "answer_start": []}],
+    }
+    assert ExtractiveQATask().fit_state(Dataset.from_dict(rows), recipe, bert_tokenizer)["abstains"] is True
+    answered = {k: v[:1] for k, v in rows.items()}
+    assert "abstains" not in ExtractiveQATask().fit_state(Dataset.from_dict(answered), recipe, bert_tokenizer)
