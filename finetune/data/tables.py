@@ -362,7 +362,7 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
-    twice = sorted({name for name in header if header.count(name) > 1})
+    twice = sorted({name for name in header if name.strip() and header.count(name) > 1})  # (blank: trailing commas)
     if twice:  # pandas reads a second `body` as `body.1`: the mapping then silently read the first one alone
         raise DataError(
             f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once; give each column "
@@ -568,8 +568,12 @@ def file_hashes(spec: str | list[str] | None) -> dict[str, str]:
         if path.is_file():
             hashes[item] = content_hash(path)
         else:
-            hashes[item] = "hub dataset"
+            hashes[item] = HUB_DATASET
     return hashes
+
+
+# What the manifest records for a data source that is no local file (a hub dataset): it has no bytes to hash.
+HUB_DATASET = "hub dataset"
 
 
 # The recipe keys naming the data files a run reads: train, eval, and the corpus retrieval searches.

@@ -601,7 +601,8 @@ def _fields_read(recipe: Recipe, task: Task, fields: tuple[str, ...]) -> set[str
     """Every input field predict may read: the task's (by field or mapped column name), its reference, the
     conversation layouts', the data.template's placeholders. Any other comes back in its row untouched."""
     named = {*fields, *task.reference_fields, *recipe.data.columns.values()}
-    named |= {name for required, optional in LAYOUT_FIELDS.values() for name in (*required, *optional)}
+    if task.head == "generation":  # only generation tasks read conversations
+        named |= {name for required, optional in LAYOUT_FIELDS.values() for name in (*required, *optional)}
     if recipe.data.template is not None:
         named |= {name for _, name, _, _ in string.Formatter().parse(recipe.data.template) if name}
     return named
@@ -611,6 +612,8 @@ def _input_table(rows: list[dict], origins: Origins, reads: set[str]) -> Dataset
     """The input rows as a table. A field of mixed types that predict never reads is left out of it (it comes back
     in its row as it was: refusing a row over a pass-through field broke the contract); an `id` of mixed types
     (1 on one line, "x5" on another) is carried as text; any other field read is refused, named."""
+    import pyarrow as pa
+
     try:
         return Dataset.from_list(rows)
     except Exception as exc:  # mixed types in one field: name the field and the first row that differs
@@ -627,6 +630,11 @@ def _input_table(rows: list[dict], origins: Origins, reads: set[str]) -> Dataset
                         f"{origins.place(number)}: field {field!r} is {kind}, but {seen[1]} at "
                         f"{origins.place(seen[0])}; a field holds one type in every row"
                     )
+        for field in {name for row in rows for name in row} - set(mixed):  # inside objects and lists too
+            try:
+                pa.array([row.get(field) for row in rows])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                mixed[field] = f"{origins.sources[0].name}: field {field!r} holds values of different types in its rows"
         refused = [why for field, why in mixed.items() if field in reads and field != "id"]
         if refused:
             raise DataError(refused[0]) from exc

@@ -45,7 +45,8 @@ from finetune.data.retrieval import (
 )
 from finetune.data.tables import (
     FILE_SUFFIXES,
-    data_file_hashes,
+    HUB_DATASET,
+    file_hashes,
     label_key,
     local_data_path,
     missing_file,
@@ -162,6 +163,7 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
         + _evaluation_rules(recipe, task)
         + _objective_rules(recipe, task)
         + ([] if recorded or recipe.sweep is not None else advisory_rules(recipe, task))
+        + (_sweep_objective_problems(recipe, task) if recipe.sweep is not None and not recorded else [])
     )
 
 
@@ -190,16 +192,29 @@ def _unavailable_metrics(recipe: Recipe, task: Task) -> list[str]:
         for place, metric in named_metrics(recipe.eval)
         if task.knows_metric(metric) and metric in unavailable
     ]
-    listed, best = recipe.eval.metrics, best_metric_of(recipe, task)
     judged = []
     if recipe.eval.best_metric is None and (recipe.eval.every is not None or recipe.train.early_stopping is not None):
-        judged.append(("eval.best_metric (its default, which evaluations during training are judged by)", best))
-    if recipe.sweep is not None:
-        judged.append(("sweep.objective", recipe.sweep.objective[0] if recipe.sweep.objective else best))
-    for place, metric in judged:
-        if listed and metric not in listed and metric not in ADDED_METRICS and task.knows_metric(metric):
-            problems.append(f"{place}: {metric} is not reported: eval.metrics ({', '.join(listed)}) leaves it out")
-    return problems
+        place = "eval.best_metric (its default, which evaluations during training are judged by)"
+        judged.append((place, best_metric_of(recipe, task)))
+    return problems + _filtered_out(recipe, task, judged)
+
+
+def _sweep_objective_problems(recipe: Recipe, task: Task) -> list[str]:
+    """A sweep's objective metric must be one its trials report (every trial was unscored otherwise). Checked on
+    the sweep's recipe, whose other advisory rules are left to its trials."""
+    assert recipe.sweep is not None
+    names = recipe.sweep.objective
+    return _filtered_out(recipe, task, [("sweep.objective", names[0] if names else best_metric_of(recipe, task))])
+
+
+def _filtered_out(recipe: Recipe, task: Task, judged: list[tuple[str, str]]) -> list[str]:
+    """Metrics judged by (place, metric) that eval.metrics, where the recipe lists it, leaves out of the report."""
+    listed = recipe.eval.metrics
+    return [
+        f"{place}: {metric} is not reported: eval.metrics ({', '.join(listed)}) leaves it out"
+        for place, metric in judged
+        if listed and metric not in listed and metric not in ADDED_METRICS and task.knows_metric(metric)
+    ]
 
 
 def _unread_settings(recipe: Recipe, task: Task) -> list[str]:
@@ -1700,7 +1715,7 @@ def _refuse_redrawn_split(run: RunDir, recipe: Recipe) -> None:
     }
     # (a setting a run's recipe.yaml does not record, made before it existed, is taken as unchanged)
     changed = [key for key in now if present.get(key, True) and now[key] != then[key]]
-    if recipe.data.train != data.get("train") and not _same_training_files(run, recipe, data.get("train")):
+    if not _same_training_files(run, recipe, data.get("train")):
         changed.insert(0, "data.train")
     if changed:
         them = "it" if len(changed) == 1 else "them"
@@ -1712,16 +1727,27 @@ def _refuse_redrawn_split(run: RunDir, recipe: Recipe) -> None:
 
 
 def _same_training_files(run: RunDir, recipe: Recipe, then: object) -> bool:
-    """Whether the training files named now hold the bytes the run's manifest recorded for the ones it named
-    (`then`): another path to the same file (a run's recipe keeps the relative path it was given)."""
+    """Whether the training files read now are, in order, the ones the run drew its split from: the bytes its
+    manifest recorded for each file it named (`then`), whatever path names them now (a relative path read from
+    another working directory is another file). A hub dataset is the same only by the same name. A run whose
+    manifest recorded no hashes is taken at its word."""
     names = [then] if isinstance(then, str) else then if isinstance(then, list) else []
+    now = recipe.data.train
+    now_names = [now] if isinstance(now, str) else list(now or [])
     try:
         recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
-        now = data_file_hashes(recipe.data, ("train",))
-    except (OSError, ValueError, FinetuneError):
-        return False
+    except (OSError, ValueError):
+        return True
     before = [recorded.get(name) for name in names]
-    return bool(now) and None not in before and sorted(now.values()) == sorted(before)  # type: ignore[type-var]
+    if not names or None in before:
+        return now_names == names
+    if len(now_names) != len(names):
+        return False
+    for name, old, digest in zip(now_names, names, before):
+        current = file_hashes(name).get(name)
+        if current != digest or (digest == HUB_DATASET and name != old):
+            return False
+    return True
 
 
 def _earlier_retrieval_defaults(run: RunDir) -> list[str]:

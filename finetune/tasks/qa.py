@@ -73,21 +73,22 @@ def gold_answers(row: dict) -> list[str]:
 
 
 def unanswerable(golds: list[str]) -> bool:
-    """A row whose gold answers hold no text (none, or SQuAD v2's "" at -1). A gold that has text the normalisation
-    empties ("A", "The") is an answer, scored as SQuAD v1.1 scores it: counted as no answer, an empty completion
-    earned a GRPO reward of 1 there."""
-    return not any(gold.strip() for gold in golds)
+    """A row none of whose gold answers survives SQuAD's normalisation (none at all, SQuAD v2's "" at -1, or only
+    texts such as "The"): the official SQuAD v2 script scores it as a question without an answer."""
+    return not any(normalize_answer(gold) for gold in golds)
 
 
 def row_scores(prediction: str | None, golds: list[str]) -> tuple[float, float]:
-    """(exact match, F1) of one prediction: SQuAD v1.1's, the maximum over the gold answers; an `unanswerable` row
-    as SQuAD v2 scores it: 1 for an answer that normalises to nothing, else 0 (it was left out of the mean, and an
-    empty answer to it was EM 1 but F1 0)."""
+    """(exact match, F1) of one prediction as the official SQuAD v2 script scores it: over the golds that survive
+    normalisation, the maximum (SQuAD v1.1's scores where every gold does); with none, 1 for an answer that
+    normalises to nothing, else 0. (Unanswerable rows were left out of the mean, and an empty answer to one was
+    EM 1 but F1 0.)"""
     prediction = prediction or ""
-    if unanswerable(golds):
+    kept = [gold for gold in golds if normalize_answer(gold)]
+    if not kept:
         abstained = float(not normalize_answer(prediction))
         return abstained, abstained
-    return max(exact_match_score(prediction, g) for g in golds), max(f1_score(prediction, g) for g in golds)
+    return max(exact_match_score(prediction, g) for g in kept), max(f1_score(prediction, g) for g in kept)
 
 
 def squad_metrics(rows: list[dict]) -> dict[str, Any]:
@@ -102,6 +103,16 @@ def squad_metrics(rows: list[dict]) -> dict[str, Any]:
     without = sum(unanswerable(gold) for gold in golds)
     details = {"examples": count, **({"unanswerable": without} if without else {})}
     return {"metrics": metrics, "details": details}
+
+
+def answer_reward(prediction: str, golds: list[str]) -> float:
+    """GRPO's reward for an answer: `row_scores`' F1, except where every gold with text is one the normalisation
+    empties (a multiple-choice "A"): SQuAD scores any empty answer 1 there, which a policy learns to exploit, so
+    such a gold is matched as written (case and surrounding spaces aside)."""
+    bare = [gold for gold in golds if gold.strip() and not normalize_answer(gold)]
+    if bare and unanswerable(golds):
+        return float(any(prediction.strip().casefold() == gold.strip().casefold() for gold in bare))
+    return row_scores(prediction, golds)[1]
 
 
 class _SquadScoring:
@@ -174,8 +185,12 @@ class ExtractiveQATask(_SquadScoring, Task):
         questions = checked_texts(train_rows["question"][:], "data.train", "question")
         found = [a for a in answers if a is not None and a[1] >= 0]
         settings = span_settings(questions, [a[0] for a in found], tokenizer, recipe)
-        # Trained on questions the context does not answer (SQuAD v2's empty answers): the model may abstain.
-        return {**settings, **({"abstains": True} if any(a is None for a in answers) else {})}
+        # Trained on questions the context does not answer (SQuAD v2's empty answers): the model may abstain. (Not a
+        # knowledge base's answer its retrieved passages miss: that row has an answer.)
+        abstains = recipe.data.knowledge_base is None and any(
+            unanswerable(gold_answers({"answers": value})) for value in train_rows["answers"][:]
+        )
+        return {**settings, **({"abstains": True} if abstains else {})}
 
     def featurize(
         self,
@@ -436,7 +451,7 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
 
     def rewards(self, rows: list[dict], settings: EvalSection) -> Rewards:
         """SQuAD F1 of the answer (stripped, as predict strips it), the best over the row's gold answers."""
-        return Rewards([row_scores(r["prediction"].strip(), gold_answers(r))[1] for r in rows])
+        return Rewards([answer_reward(r["prediction"].strip(), gold_answers(r)) for r in rows])
 
     def predict(
         self,

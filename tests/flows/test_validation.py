@@ -52,6 +52,14 @@ INVALID = {
         "listed more than once (as",
     ),
     "a directory as the data file": (lambda r: r["data"].update(train="."), 3, "is a directory, not a data file"),
+    "a sweep judged by a metric eval.metrics leaves out": (
+        lambda r: r.update(
+            eval={"metrics": ["accuracy"]},
+            sweep={"trials": 2, "objective": ["macro_f1"], "params": {"train.lr": [0.001, 0.002]}},
+        ),
+        2,
+        "sweep.objective: macro_f1 is not reported",
+    ),
     # Evaluations during training judged by best_metric's default (macro_f1), filtered out: never "better".
     "judged by a metric eval.metrics leaves out": (
         lambda r: r.update(eval={"metrics": ["accuracy"], "every": 5}),

@@ -161,6 +161,15 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
         assert redrawn.exit_code == 2 and "the run held out its eval rows" in redrawn.output, redrawn.output
     assert invoke("eval", str(tmp_path / "run"), f"data.eval={data}", "data.eval_split=null").exit_code == 0
     assert invoke("eval", str(tmp_path / "run"), "train.seed=0").exit_code == 0  # the run's own: its own split
+    # The training file by its bytes: the same rows elsewhere draw the same split; other rows, or the same file
+    # twice, do not (a relative path read from another working directory was another file, unnoticed).
+    (tmp_path / "copy").mkdir()
+    copy = (tmp_path / "copy" / "d.jsonl").write_bytes(data.read_bytes()) and tmp_path / "copy" / "d.jsonl"
+    assert invoke("eval", str(tmp_path / "run"), f"data.train={copy}").exit_code == 0
+    (tmp_path / "other.jsonl").write_text("".join(reversed(data.read_text().splitlines(keepends=True))))
+    for other in (f"data.train={tmp_path / 'other.jsonl'}", f"data.train=[{data},{data}]"):
+        moved = invoke("eval", str(tmp_path / "run"), other)
+        assert moved.exit_code == 2 and "data.train: the run held out" in moved.output, moved.output
 
 
 BAD_INPUTS = {

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.models.references import load_tokenizer
 from finetune.tasks import qa_spans
-from finetune.tasks.qa import exact_match_score, f1_score, normalize_answer, squad_metrics
+from finetune.tasks.qa import answer_reward, exact_match_score, f1_score, normalize_answer, row_scores, squad_metrics
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -60,10 +60,13 @@ def test_unanswerable_rows_are_scored_as_squad_v2_scores_them():
     assert scored["metrics"] == {"exact_match": 0.75, "f1": 0.75}
     assert scored["details"] == {"examples": 4, "unanswerable": 3}
     assert squad_metrics(rows[:1])["metrics"] == {"exact_match": 1.0, "f1": 1.0}
-    # A gold that has text the normalisation empties ("A") is an answer, scored as SQuAD v1.1 scores it: an empty
-    # completion is no F1 there (it earned a GRPO reward of 1 when such rows counted as unanswerable).
-    lettered = {"answers": {"text": ["A"], "answer_start": [0]}, "prediction": ""}
-    assert squad_metrics([lettered])["metrics"]["f1"] == 0.0
+    # As the official SQuAD v2 script: golds the normalisation empties are left out ("" beside "Paris": an empty
+    # answer scores 0), and a row with none left is unanswerable.
+    assert row_scores("", ["", "Paris"]) == (0.0, 0.0) and row_scores("", ["The", "Paris"]) == (0.0, 0.0)
+    assert row_scores("A", ["A"]) == (1.0, 1.0) and row_scores("", ["A"]) == (1.0, 1.0)
+    # GRPO's reward is not fooled by that rule on a multiple-choice letter: the letter as written earns it.
+    assert answer_reward("", ["A"]) == 0.0 and answer_reward("a ", ["A"]) == 1.0 and answer_reward("B", ["A"]) == 0.0
+    assert answer_reward("Paris", ["", "Paris"]) == 1.0
 
 
 def test_a_model_trained_on_unanswerable_questions_abstains_where_no_answer_scores_highest():
