@@ -1670,7 +1670,8 @@ def resolve_source(
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
         recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
         resolved = resolve(run.recipe, overrides, splits, recorded)
-        _refuse_redrawn_split(run, resolved.recipe)
+        if "eval" in splits:  # only a command that scores the eval rows draws them (not predict, export, detect)
+            _refuse_redrawn_split(run, resolved.recipe)
         meta = run.adapter / ADAPTER_META
         if meta.is_file() and (problems := adapter_problems(resolved.recipe, run.adapter, "the run's adapter")):
             # Its recipe edited or overridden to another model or task: the adapter would load into the wrong
@@ -1745,6 +1746,8 @@ def _same_training_files(run: RunDir, recipe: Recipe, then: object) -> bool:
         return False
     for name, old, digest in zip(now_names, names, before):
         current = file_hashes(name).get(name)
+        if current == HUB_DATASET and digest != HUB_DATASET:  # no such file here: reading it says so, by name
+            continue
         if current != digest or (digest == HUB_DATASET and name != old):
             return False
     return True

@@ -170,6 +170,11 @@ def test_eval_split_and_string_or_int_labels(tiny_models, tmp_path, write_recipe
     for other in (f"data.train={tmp_path / 'other.jsonl'}", f"data.train=[{data},{data}]"):
         moved = invoke("eval", str(tmp_path / "run"), other)
         assert moved.exit_code == 2 and "data.train: the run held out" in moved.output, moved.output
+    # The training file edited in place: eval refuses; predict, which scores no split, still answers.
+    data.write_text((tmp_path / "other.jsonl").read_text())
+    assert invoke("eval", str(tmp_path / "run")).exit_code == 2
+    answered = invoke("predict", str(tmp_path / "run"), "--input", "-", input='{"sentence": "rain"}\n')
+    assert answered.exit_code == 0, answered.output
 
 
 BAD_INPUTS = {
