@@ -360,8 +360,8 @@ def _fresh_head(resolved: Resolved) -> str | None:
     asked to classify): the head starts from random weights, and its accuracy was shown as the base model's."""
     suffix = TRAINED_HEADS.get(resolved.task.head)
     architectures = getattr(resolved.model_config, "architectures", None) or []
-    if suffix is None or any(name.endswith(suffix) for name in architectures):
-        return None
+    if suffix is None or resolved.task.name == "rerank" or any(name.endswith(suffix) for name in architectures):
+        return None  # (a reranker's fresh head starts at zero: it ranks exactly as its first stage)
     return (
         f"the base model {resolved.recipe.model.name_or_path} has no trained {resolved.task.name} head: it starts "
         f"from random weights (train.seed {resolved.recipe.train.seed}), so these metrics are a chance-level "
