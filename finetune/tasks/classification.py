@@ -130,14 +130,14 @@ class ClassificationTask(Task):
         counts = dict.fromkeys((label_key(x) for x in labels), 0)
         for label in seen:
             counts[label_key(label)] += 1
-        # Trained on text pairs: every row scored later needs its pair (predict took rows without one, silently).
-        pairs = {"text_pairs": True} if "text_pair" in train_rows.column_names else {}
+        # Trained on text pairs or on single texts: every row scored later must be the same (predict took rows
+        # without their pair, or a pair the model never saw, silently).
         return {
             "labels": labels,
             "multi_label": multi,
             "label_counts": list(counts.values()),
             "rows": len(values),
-            **pairs,
+            "text_pairs": "text_pair" in train_rows.column_names,
         }
 
     def label_codes(
@@ -204,11 +204,14 @@ class ClassificationTask(Task):
     ) -> Features:
         max_length = recipe.data.max_length
         has_pairs = "text_pair" in rows.column_names
-        if state.get("text_pairs") and not has_pairs:
+        trained = state.get("text_pairs")  # (None: an adapter saved before it was recorded; either is taken)
+        if trained is not None and trained != has_pairs:
+            column = f", column {recipe.data.columns['text_pair']!r}" if "text_pair" in recipe.data.columns else ""
             raise DataError(
-                f"{split}: the model was trained on text pairs (field 'text_pair'"
-                + (f", column {recipe.data.columns['text_pair']!r}" if "text_pair" in recipe.data.columns else "")
-                + "); these rows have none"
+                f"{split}: the model was trained on text pairs (field 'text_pair'{column}); these rows have none"
+                if trained
+                else f"{split}: these rows are text pairs (field 'text_pair'{column}); the model was trained on "
+                "single texts: drop the column"
             )
         truncate = Truncation(tokenizer, max_length)
 

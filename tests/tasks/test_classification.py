@@ -341,4 +341,9 @@ def test_a_model_trained_on_text_pairs_refuses_rows_without_their_pair(tiny_mode
     with pytest.raises(DataError, match="trained on text pairs"):
         task.featurize(alone, tokenizer, recipe, state, "stdin", labeled=False)
     singles = Dataset.from_dict({"text": ["a", "b"], "label": ["x", "y"]})
-    assert "text_pairs" not in task.fit_state(singles, recipe)
+    single_state = {**task.fit_state(singles, recipe), "family": "bert"}
+    assert single_state["text_pairs"] is False
+    with pytest.raises(DataError, match="trained on single texts"):  # a pair the model never saw
+        task.featurize(pairs, tokenizer, recipe, single_state, "stdin", labeled=False)
+    older = {k: v for k, v in state.items() if k != "text_pairs"}  # an adapter saved before it was recorded
+    assert len(task.featurize(alone, tokenizer, recipe, older, "stdin", labeled=False).dataset) == 1
