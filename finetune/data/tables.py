@@ -1437,10 +1437,13 @@ def single_labels(rows: Dataset, data: Any) -> LabelCodes | None:
         values = pa.chunked_array([pc.if_else(values, "True", "False")])
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         values = pc.cast(values, pa.string())
-    # Compared as classification compares labels (label_key): without the spaces around them, composed (NFC).
-    values = pc.utf8_normalize(pc.utf8_trim_whitespace(values), "NFC")
     encoded = pc.fill_null(values, "").combine_chunks().dictionary_encode()
-    return LabelCodes(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist())
+    # The distinct texts named as classification compares labels (label_key), those it merges given one code: the
+    # rows are encoded by Arrow, only the few distinct labels go through Python.
+    names = [label_key(text) for text in encoded.dictionary.to_pylist()]
+    at = {name: index for index, name in enumerate(dict.fromkeys(names))}
+    classes, code = list(at), np.array([at[name] for name in names], dtype=np.int64)
+    return LabelCodes(code[encoded.indices.to_numpy(zero_copy_only=False)], classes)
 
 
 @dataclass
