@@ -56,7 +56,6 @@ from finetune.data.tables import (
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL
-from finetune.evaluation.scoring import ADDED_METRICS
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
@@ -208,12 +207,13 @@ def _sweep_objective_problems(recipe: Recipe, task: Task) -> list[str]:
 
 
 def _filtered_out(recipe: Recipe, task: Task, judged: list[tuple[str, str]]) -> list[str]:
-    """Metrics judged by (place, metric) that eval.metrics, where the recipe lists it, leaves out of the report."""
-    listed = recipe.eval.metrics
+    """Metrics judged by (place, metric) that the evaluation never reports, as `Task.unavailable_metrics` decides
+    for metrics asked by name (eval.metrics leaving one out, say)."""
+    unavailable = task.unavailable_metrics(recipe, [metric for _, metric in judged])
     return [
-        f"{place}: {metric} is not reported: eval.metrics ({', '.join(listed)}) leaves it out"
+        f"{place}: {metric} {unavailable[metric]}"
         for place, metric in judged
-        if listed and metric not in listed and metric not in ADDED_METRICS and task.knows_metric(metric)
+        if task.knows_metric(metric) and metric in unavailable
     ]
 
 
