@@ -22,7 +22,7 @@ import traceback
 import unicodedata
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -429,6 +429,9 @@ class Source:
     layout: str
     separator: str = ","  # CSV/TSV
     lines: tuple[int, ...] | None = None  # each record's line, where the reader counted them (stdin: no file to reread)
+    # (field, the file's column) for each field data.columns maps to another column: messages name the column the
+    # user sees in the file (a knowledge base's retriever reads its questions as the field `query`).
+    columns: tuple[tuple[str, str], ...] = ()
 
     def place(self, record: int) -> str:
         """`file:line`, `file: record N` or `file: row N` for the source's 0-based `record`."""
@@ -510,7 +513,10 @@ class Origins:
             # Rows named by their own file (predict's and detect's input, `SOURCE: row N`): `SOURCE:LINE`, not
             # `SOURCE: SOURCE:LINE`; a split of the recipe keeps its name before its file's (`data.train: f:3`).
             lead = "" if place.startswith(f"{split}:") else head
-            return DataError(f"{lead}{place}: {rest[one.end() :]}")
+            said = rest[one.end() :]
+            for name, column in self.sources[int(self.source[int(one[1]) - 1])].columns:
+                said = said.replace(f"field {name!r}", f"column {column!r}")
+            return DataError(f"{lead}{place}: {said}")
         several = re.search(r"\(rows (\d+(?:, \d+)*)", rest)
         if several:
             numbers = [int(n) for n in several[1].split(", ")]
@@ -1082,6 +1088,7 @@ def read_split(
             table = apply_template(table, data.template, key, source.place)
         table = map_columns(table, data.columns, required, optional, key=f"{key} ({item})")
         check_fields(table, source, key, data.columns, required, data if classify else None)
+        source = replace(source, columns=tuple((f, c) for f, c in data.columns.items() if f != c))
         parts.append(table)
         origins.append(Origins.of(source, len(table)))
     return _combine(parts, items, key), Origins.concat(origins)

@@ -177,6 +177,8 @@ def test_untrained_and_trained_evaluate_through_the_same_path(tiny_models, tmp_p
         # a row without a query: an internal error from the miner (the rows were checked after mining)
         ("no_query", 3, ["train.jsonl:4", "field 'query' must be text, got no value"]),
         ("empty_query", 3, ["train.jsonl:4", "field 'query' must be non-empty text"]),
+        # the file's column named, not the task's field it feeds (a knowledge base's questions are read as `query`)
+        ("empty_mapped_query", 3, ["train.jsonl:4", "column 'q' must be non-empty text"]),
         # an id and the text of another passage: the text won silently, and predictions rewrote the id
         ("disagreeing_positive", 3, ["train.jsonl:5", "'doc-004' and the positive", "name different passages"]),
         ("unknown_id", 3, ["train.jsonl:2", "is not the id of"]),
@@ -211,6 +213,9 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         del queries[3]["query"]
     elif change == "empty_query":
         queries[3]["query"] = " "
+    elif change == "empty_mapped_query":
+        queries = [{("q" if k == "query" else k): v for k, v in query.items()} for query in queries]
+        queries[3]["q"] = " "
     elif change == "disagreeing_positive":
         queries[4]["positive"] = passages[7]["text"]
     elif change == "duplicate_id":
@@ -240,6 +245,8 @@ def test_refusals_name_the_place(change, code, words, tiny_models, tmp_path, wri
         recipe["eval"] = {"gates": {"recall@3": ">=0.5"}}
     elif change == "no_corpus":
         del recipe["data"]["knowledge_base"]
+    elif change == "empty_mapped_query":
+        recipe["data"]["columns"] = {**recipe["data"].get("columns", {}), "query": "q"}
     path = write_recipe(recipe)
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == code, result.output
