@@ -1668,10 +1668,11 @@ def resolve_source(
         run = RunDir(path)
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
-        recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(run)]
+        written = read_recipe_file(run.recipe)  # the run's recipe as recorded, read once for the checks below
+        recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(written)]
         resolved = resolve(run.recipe, overrides, splits, recorded)
         if "eval" in splits:  # only a command that scores the eval rows draws them (not predict, export, detect)
-            _refuse_redrawn_split(run, resolved.recipe)
+            _refuse_redrawn_split(run, resolved.recipe, written)
         meta = run.adapter / ADAPTER_META
         if meta.is_file() and (problems := adapter_problems(resolved.recipe, run.adapter, "the run's adapter")):
             # Its recipe edited or overridden to another model or task: the adapter would load into the wrong
@@ -1681,14 +1682,13 @@ def resolve_source(
     return resolve(path, overrides, splits), None
 
 
-def _refuse_redrawn_split(run: RunDir, recipe: Recipe) -> None:
+def _refuse_redrawn_split(run: RunDir, recipe: Recipe, recorded: dict) -> None:
     """`eval RUN` settings that would draw the rows scored from the run's training file otherwise than the run
     drew its held-out rows: some or all of them would be rows it trained on (`eval RUN train.seed=7` scored 9 of
     12 training rows as held-out ones, exit 0). Decided on the values in force, not on which keys were given: an
     eval file draws nothing; the run's own values draw its own split."""
     if recipe.data.eval is not None:
         return
-    recorded = read_recipe_file(run.recipe)
     data, train = recorded.get("data") or {}, recorded.get("train") or {}
     if not isinstance(data, dict) or not isinstance(train, dict):
         return
@@ -1753,11 +1753,10 @@ def _same_training_files(run: RunDir, recipe: Recipe, then: object) -> bool:
     return True
 
 
-def _earlier_retrieval_defaults(run: RunDir) -> list[str]:
+def _earlier_retrieval_defaults(recorded: dict) -> list[str]:
     """A run recorded before `data.retrieval.fusion` and `answer_from` existed retrieved and answered as the
     defaults of its day (reciprocal-rank fusion; the reader's best span anywhere): eval and predict keep doing so,
-    rather than reading its recipe with today's defaults."""
-    recorded = read_recipe_file(run.recipe)
+    rather than reading its recipe with today's defaults (`recorded`: its recipe.yaml as written)."""
     data = recorded.get("data") or {}
     retrieval = data.get("retrieval") or {}
     if not isinstance(retrieval, dict) or not data.get("knowledge_base"):
