@@ -301,18 +301,7 @@ def evaluate(
     if settled is not recipe:
         resolved, recipe = dataclasses.replace(resolved, recipe=settled), settled
 
-    # Writing into a run's evals/ while another process writes the run would race: one writer per run directory.
-    # An evaluation written elsewhere (--output) only reads the run: no lock (a read-only run, parallel gate jobs).
-    lock = (
-        RunLock(run.path, label=str(source))
-        if run is not None
-        and out_dir is not None
-        and out_dir.resolve().is_relative_to(run.path.resolve())
-        and accelerator.is_main_process
-        else None
-    )
-    if lock is not None:
-        lock.acquire()
+    lock = _evaluation_lock(run, out_dir, accelerator, str(source))
     try:
         session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
         rows, scored = evaluate_features(session, session.model, session.features["eval"], accelerator)
@@ -421,6 +410,22 @@ def _watermarked_metrics(
     return metrics if "watermark_detected" in metrics else None
 
 
+def _evaluation_lock(run: RunDir | None, out_dir: Path | None, accelerator: Accelerator, label: str) -> RunLock | None:
+    """The run's lock, held, where an evaluation writes into the run's evals/: writing there while another process
+    writes the run would race (one writer per run directory). An evaluation written elsewhere (--output) only reads
+    the run: no lock (a read-only run, parallel gate jobs)."""
+    if (
+        run is None
+        or out_dir is None
+        or not out_dir.resolve().is_relative_to(run.path.resolve())
+        or not accelerator.is_main_process
+    ):
+        return None
+    lock = RunLock(run.path, label=label)
+    lock.acquire()
+    return lock
+
+
 def evaluate_all_checkpoints(
     run_path: str,
     *,
@@ -430,12 +435,22 @@ def evaluate_all_checkpoints(
     overwrite: bool = False,
 ) -> dict:
     """Every checkpoint on disk and the final adapter, one row per step; the gates apply to the kept weights
-    (the final adapter). The table (JSON) and a plot go with the run's evaluations."""
-    resolved, run = resolve_run(run_path, overrides, ("eval",))
+    (the final adapter). The table (JSON) and a plot go with the run's evaluations.
+
+    A run that stopped before its final adapter (killed, out of time) is scored too, checkpoint by checkpoint:
+    choosing which of them to resume from or keep is what the table is for. Its document's metrics are its last
+    checkpoint's, said in a warning; it has no kept weights for gates to judge, so --gate is refused and the
+    recipe's gates are left out (said)."""
+    resolved, run = resolve_source(run_path, overrides, ("eval",))
+    if run is None:
+        raise RecipeError(f"--all-checkpoints scores a run's checkpoints: {run_path} is a recipe; give a run directory")
     recipe = resolved.recipe
-    check_recipe_gates(resolved, gates, run.adapter)
-    out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
-    accelerator = make_accelerator(recipe.train, resolved.precision)
+    finished = run.is_run()
+    if not finished and gates:
+        raise RecipeError(
+            f"--gate: {run_path} did not finish (no adapter/), so it has no kept weights for a gate to judge; gate "
+            "one of its checkpoints instead: --checkpoint DIR"
+        )
     sources, skipped = [], []
     for c in checkpoint.complete_checkpoints(run.checkpoints):
         if not (c / "adapter" / rundir.ADAPTER_META).is_file():
@@ -446,37 +461,56 @@ def evaluate_all_checkpoints(
             skipped.append(f"{c.name} left out: {exc}")
             continue
         sources.append((int(c.name.removeprefix(checkpoint.PREFIX)), c / "adapter", c.name))
-    trained = files.read_json(run.metrics) if run.metrics.is_file() else {}
-    kept_step = trained.get("evaluation", {}).get("kept_step", trained.get("training", {}).get("steps"))
-    sources.append((kept_step, run.adapter, "adapter (kept)"))
-    table: list[dict] = []
-    kept: dict = {}
-    for number, (step, adapter_dir, label) in enumerate(sources, start=1):
-        session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
-        kept_weights = number == len(sources)  # the gates judge the kept weights: only they need intervals
-        _, scored = evaluate_features(
-            session, session.model, session.features["eval"], accelerator, intervals=kept_weights
+    if finished:
+        trained = files.read_json(run.metrics) if run.metrics.is_file() else {}
+        kept_step = trained.get("evaluation", {}).get("kept_step", trained.get("training", {}).get("steps"))
+        sources.append((kept_step, run.adapter, "adapter (kept)"))
+    elif not sources:
+        raise RecipeError(
+            f"{run_path}: nothing to score: the run has no final adapter and no complete checkpoint"
+            + (f" ({'; '.join(skipped)})" if skipped else "")
         )
-        table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
-        kept = scored
-    document = evaluation.metrics_document(
-        recipe.task,
-        kept,
-        evaluation.collect_gates(recipe.eval.gates, gates),
-        {"evaluated": str(run.adapter), "checkpoints": table},
-    )
-    if skipped:
-        document.setdefault("warnings", []).extend(skipped)
-    if out_dir is not None and accelerator.is_main_process:
+    check_recipe_gates(resolved, gates, sources[-1][1])
+    out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
+    accelerator = make_accelerator(recipe.train, resolved.precision)
+    lock = _evaluation_lock(run, out_dir, accelerator, str(run_path))
+    try:
+        table: list[dict] = []
+        kept: dict = {}
+        for number, (step, adapter_dir, label) in enumerate(sources, start=1):
+            session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
+            last = number == len(sources)  # the document's metrics (the kept weights): only they need intervals
+            _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator, intervals=last)
+            table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
+            kept = scored
+        document = evaluation.metrics_document(
+            recipe.task,
+            kept,
+            evaluation.collect_gates(recipe.eval.gates if finished else {}, gates),
+            {"evaluated": str(sources[-1][1]), "checkpoints": table},
+        )
+        if not finished:
+            unjudged = "; the recipe's gates are not judged (no kept weights)" if recipe.eval.gates else ""
+            skipped.insert(
+                0,
+                f"the run did not finish (no adapter/): these metrics are its last checkpoint's ({sources[-1][2]})"
+                + unjudged,
+            )
+        if skipped:
+            document.setdefault("warnings", []).extend(skipped)
+        if out_dir is not None and accelerator.is_main_process:
 
-        def write(folder: Path) -> None:
-            files.write_json(folder / "checkpoints.json", table)
-            plots.checkpoint_metrics(table, folder / "checkpoints.png")
-            files.write_json(folder / "metrics.json", document)
+            def write(folder: Path) -> None:
+                files.write_json(folder / "checkpoints.json", table)
+                plots.checkpoint_metrics(table, folder / "checkpoints.png")
+                files.write_json(folder / "metrics.json", document)
 
-        rundir.write_evaluation(out_dir, write)
-    document["written_to"] = str(out_dir) if out_dir is not None else None
-    return document
+            rundir.write_evaluation(out_dir, write)
+        document["written_to"] = str(out_dir) if out_dir is not None else None
+        return document
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def rescore(

@@ -529,6 +529,29 @@ def test_a_damaged_checkpoint_is_not_scored(finished_run, tmp_path):
     assert table.exit_code in (0, 4) and f"{steps[0].name} left out" in " ".join(table.output.split()), table.output
 
 
+def test_an_interrupted_run_s_checkpoints_are_scored(finished_run, tmp_path):
+    """A run stopped before its final adapter: --all-checkpoints was refused as "not a finished run directory", when
+    choosing a checkpoint to resume from or keep is what the table is for. Its last checkpoint's metrics, said;
+    no gate judges a run without kept weights."""
+    _, run = finished_run
+    shutil.rmtree(run / "adapter")
+    (run / "metrics.json").unlink()
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    table = invoke("eval", run, "--all-checkpoints", "--json")
+    assert table.exit_code == 0, table.output
+    document = json.loads(table.stdout)
+    assert [row["weights"] for row in document["checkpoints"]] == steps
+    assert document["metrics"] == document["checkpoints"][-1]["metrics"]
+    assert any("did not finish" in w and steps[-1] in w for w in document["warnings"]), document["warnings"]
+    assert len(list((run / "evals").iterdir())) == 1
+    gated = invoke("eval", run, "--all-checkpoints", "--gate", "accuracy>=0.1", "--output", tmp_path / "g")
+    assert gated.exit_code == 2 and "no kept weights" in gated.output and not (tmp_path / "g").exists(), gated.output
+    for step in steps:
+        shutil.rmtree(run / "checkpoints" / step)
+    empty = invoke("eval", run, "--all-checkpoints", "--output", tmp_path / "e")
+    assert empty.exit_code == 2 and "nothing to score" in empty.output, empty.output
+
+
 def test_a_stop_while_the_card_is_written_resumes_to_a_whole_run(
     tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
 ):
