@@ -526,6 +526,27 @@ class Origins:
         return error
 
 
+def renumbered(error: DataError, split: str, numbers: Sequence[int]) -> DataError:
+    """A `split: row N: ...` or `(rows N, M, ...)` error about rows made from a split's rows (KTO's thumbs from
+    its pairs), with the numbers of the rows they were made from (`numbers[N - 1]`, 1-based), which
+    `Origins.explain` then names by their place in the file."""
+    text, head = str(error), f"{split}: "
+    if not text.startswith(head):
+        return error
+
+    def source(number: str) -> str:
+        n = int(number)
+        return str(numbers[n - 1]) if 1 <= n <= len(numbers) else number
+
+    rest = re.sub(r"^row (\d+): ", lambda m: f"row {source(m[1])}: ", text[len(head) :])
+    rest = re.sub(
+        r"\(rows (\d+(?:, \d+)*)",
+        lambda m: "(rows " + ", ".join(dict.fromkeys(source(n) for n in m[1].split(", "))),
+        rest,
+    )
+    return DataError(head + rest)
+
+
 def missing_file(path: Path, item: str) -> str:
     """Why a data file named is not one to read: not there, or a directory (both were "file not found")."""
     return f"{item} is a directory, not a data file" if path.is_dir() else f"file not found: {item}"

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 import finetune.tasks.sandbox as sandbox
 from finetune.data.features import Features
-from finetune.data.tables import LengthReport, checked_texts
+from finetune.data.tables import LengthReport, checked_texts, renumbered
 from finetune.errors import DataError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
@@ -160,7 +160,42 @@ def featurize_preferences(
     """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
     nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
     leading space), applied to every side as supervised training applies it."""
-    rows = kto_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
+    judged = kto_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
+    if len(judged) == len(rows):
+        return _featurize_judged(judged, tokenizer, family, recipe, split, prompt_field, answer_field, completion_text)
+    # KTO's thumbs made from pairs: a message about a thumb names the pair it came from.
+    numbers = unpaired_numbers(len(rows))
+    try:
+        features = _featurize_judged(
+            judged, tokenizer, family, recipe, split, prompt_field, answer_field, completion_text, numbers
+        )
+    except DataError as exc:
+        raise renumbered(exc, split, numbers) from None
+    return features
+
+
+def unpaired_numbers(pairs: int) -> list[int]:
+    """For each of KTO's thumbs made from `pairs` pairs (`kto_rows`), the 1-based row of its pair."""
+    numbers: list[int] = []
+    for start in range(0, pairs, UNPAIR_BATCH):
+        batch = list(range(start + 1, min(start + UNPAIR_BATCH, pairs) + 1))
+        numbers += batch + batch  # the batch's chosen answers, then its rejected ones
+    return numbers
+
+
+def _featurize_judged(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    prompt_field: str,
+    answer_field: str,
+    completion_text: Callable[[str], str],
+    numbers: list[int] | None = None,
+) -> Features:
+    """`featurize_preferences` of rows as judged (thumbs already made from pairs for KTO); `numbers`: the row each
+    one came from, where that is not its own."""
     prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
     if thumbs is None:
         sides = [[completion_text(t) for t in side] for side in answers]
@@ -184,7 +219,7 @@ def featurize_preferences(
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
     contradicted = _thumbed_both_ways(prompts, answers[0], thumbs)
     if contradicted:  # real feedback can disagree: said, not refused (a pair equal on both sides is refused)
-        first, second = contradicted[0]
+        first, second = contradicted[0] if numbers is None else (numbers[n - 1] for n in contradicted[0])
         report.notes.append(
             f"{len(contradicted)} prompt and completion(s) thumbed both up and down (first: rows {first} and {second}); "
             "they pull the model both ways"

@@ -451,7 +451,7 @@ def test_kto_trains_on_pairs_as_trl_unpairs_them(tiny_models, tmp_path, write_re
     is two thumbs now, as TRL's `unpair_preference_dataset` makes them, row for row; thumbs beside pairs win."""
     from trl.data_utils import unpair_preference_dataset
 
-    from finetune.tasks.preference import kto_rows
+    from finetune.tasks.preference import kto_rows, unpaired_numbers
 
     pairs = Dataset.from_dict(
         {
@@ -462,6 +462,11 @@ def test_kto_trains_on_pairs_as_trl_unpairs_them(tiny_models, tmp_path, write_re
     )
     ours = kto_rows(pairs, "kto", "data.train", "prompt", "completion")
     assert ours.to_dict() == unpair_preference_dataset(pairs).to_dict()
+    # Each thumb's pair, as messages name it: the row whose chosen or rejected answer it is.
+    numbers = unpaired_numbers(2500)
+    assert len(numbers) == len(ours) and all(
+        ours[i]["completion"].split()[1] == str(n - 1) for i, n in enumerate(numbers)
+    )
     assert kto_rows(pairs, "kto", "data.eval", "prompt", "completion") is pairs  # evaluated on pairs
     assert kto_rows(pairs, "dpo", "data.train", "prompt", "completion") is pairs
 
@@ -471,3 +476,16 @@ def test_kto_trains_on_pairs_as_trl_unpairs_them(tiny_models, tmp_path, write_re
     assert invoke("validate", str(path)).exit_code == 0
     result = invoke("run", str(path))
     assert result.exit_code == 0, result.output
+
+
+def test_kto_pairs_too_long_are_named_by_their_pair_row(tiny_models, tmp_path, write_recipe):
+    """KTO trains on pairs as two thumbs each; a too-long answer was named by its row among those thumbs (each
+    batch's chosen answers, then its rejected ones), not by the pair's line in the file."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto", max_steps=1)
+    pairs = [json.loads(line) for line in open(recipe["data"]["eval"], encoding="utf-8")]
+    pairs[2]["rejected"] = "long " * 200  # the third pair's rejected answer: the 15th thumb of 24
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs))
+    recipe["data"]["overflow"] = "error"
+    result = invoke("run", str(write_recipe(recipe)))
+    words = " ".join(result.output.split())
+    assert result.exit_code == 3 and "pairs.jsonl:3" in words and "pairs.jsonl:15" not in words, words
