@@ -647,7 +647,11 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._note)
+                # A signal the process started with ignored stays ignored (POSIX's convention, which eval and
+                # predict keep): a shell starts a background job with SIGINT ignored (`finetune run R &` in a
+                # script, nohup), so a Ctrl-C meant for the foreground must not stop it; `trap '' TERM` likewise.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, frame):

@@ -174,6 +174,22 @@ def test_a_worker_forked_while_training_has_the_default_sigterm():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.unit
+def test_a_signal_ignored_at_start_stays_ignored_while_training():
+    """A background job (`finetune run R &` in a script, nohup) starts with SIGINT ignored: training's handler
+    replaced that, so a Ctrl-C meant for the foreground stopped the run."""
+    from finetune.training.loop import StopSignals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stops:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stops._note  # not ignored: noted, as before
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_streams_are_utf8_whatever_the_locale():
     """LANG=C in a CI container: an ASCII stdout made a non-ASCII prediction an internal error."""
     import subprocess
