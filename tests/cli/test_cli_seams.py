@@ -176,7 +176,7 @@ def test_a_worker_forked_while_training_has_the_default_sigterm():
 
 @pytest.mark.unit
 def test_a_signal_ignored_at_start_stays_ignored_while_training():
-    """A background job (`finetune run R &` in a script, nohup) starts with SIGINT ignored: training's handler
+    """A background job (`finetune run R &` in a script) starts with SIGINT ignored: training's handler
     replaced that, so a Ctrl-C meant for the foreground stopped the run."""
     from finetune.training.loop import StopSignals
 
