@@ -649,7 +649,7 @@ class StopSignals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 # A signal the process started with ignored stays ignored (POSIX's convention, which eval and
                 # predict keep): a shell starts a background job with SIGINT ignored (`finetune run R &` in a
-                # script, nohup), so a Ctrl-C meant for the foreground must not stop it; `trap '' TERM` likewise.
+                # script), so a Ctrl-C meant for the foreground must not stop it; `trap '' TERM` likewise.
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self.previous[sig] = signal.signal(sig, self._note)
         return self
