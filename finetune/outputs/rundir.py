@@ -265,11 +265,20 @@ def _own_entries(run: RunDir, folder: Path) -> list[Path] | None:
         return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(("step-", ".partial-"))]
     if folder == run.adapter and (folder / ADAPTER_FILES).is_file():
         listed = (folder / ADAPTER_FILES).read_text(encoding="utf-8").splitlines()
-        return [folder / name for name in listed if name and (folder / name).is_file()] + [folder / ADAPTER_FILES]
+        return [folder / name for name in listed if _listed_inside(folder, name)] + [folder / ADAPTER_FILES]
     if folder == run.adapter and not (folder / ADAPTER_META).is_file():
         # No adapter was ever saved there (its listing is written just after the save): a folder the user made.
         return []
     return None
+
+
+def _listed_inside(folder: Path, name: str) -> bool:
+    """Whether a name in adapter/'s listing is a file inside that folder: a listing edited or copied from elsewhere
+    (`../notes.txt`, an absolute path, a folder linked out) would have --overwrite remove files outside the run. A
+    listed link is the link's own entry (removing it leaves its target: adapter/base/ links the base weights)."""
+    path = folder / name
+    inside = bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+    return inside and path.is_file() and _is_within(path.parent.resolve(), folder.resolve())
 
 
 # write_evaluation's staging folder in RUN/evals/ (staging_beside's name for a `<time>-<label>` evaluation).

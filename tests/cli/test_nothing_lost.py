@@ -41,8 +41,15 @@ def test_a_second_run_into_a_run_is_refused_and_overwrite_replaces_it(finished_r
     dry = invoke("run", recipe, "--dry-run")
     assert dry.exit_code == 2 and snapshot(out) == before
     (out / "notes.txt").write_text("mine")  # the user's own file inside the run: --overwrite replaces only the run's
+    # adapter/'s listing of what finetune wrote, edited (or copied from elsewhere) to name files outside adapter/:
+    # each was removed by --overwrite, an absolute path too.
+    outside = tmp_path / "victim.txt"
+    outside.write_text("mine")
+    with (out / "adapter" / ".finetune-files").open("a") as listing:
+        listing.write(f"../notes.txt\n../../victim.txt\n{outside}\n")
     replaced = invoke("run", recipe, "--overwrite", "train.seed=5")
     assert replaced.exit_code == 0, replaced.output
+    assert outside.read_text() == "mine"
     assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").is_file()
     assert "seed: 5" in (out / "recipe.yaml").read_text()
 
