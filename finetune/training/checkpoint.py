@@ -322,6 +322,30 @@ def _short(value: object) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+def check_layout(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's trained parameters against `model`'s trainable ones, by name and shape (read from the file's
+    header, no tensor loaded): a resume checks them before it writes anything into the run, since a checkpoint of
+    another task or LoRA layout (--force-resume past a changed recipe) cannot load."""
+    from safetensors import SafetensorError, safe_open
+
+    trainable = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    file = path / "trainable.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable safetensors file ({exc})") from None
+    if set(saved) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+        raise RecipeError(
+            f"{path}: its trained parameters do not match this model's LoRA layout "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for name, shape in trainable.items():
+        if saved[name] != shape:
+            raise RecipeError(f"{path}: {name} has shape {saved[name]}, the model {shape}")
+
+
 def restore(
     path: Path,
     accelerator: Accelerator,
@@ -336,20 +360,9 @@ def restore(
     if not all(f.is_file() for f in rank_files):
         raise RecipeError(f"{path}: has no state for process {rank}; it was written by fewer processes")
     unwrapped = accelerator.unwrap_model(model)
+    check_layout(path, unwrapped)
     trainable = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
-    saved = _load_tensors(path / "trainable.safetensors")
-    if set(saved) != set(trainable):
-        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
-        raise RecipeError(
-            f"{path}: its trained parameters do not match this model's LoRA layout "
-            f"(missing {missing[:3]}, unexpected {extra[:3]})"
-        )
-    for name, parameter in trainable.items():
-        if saved[name].shape != parameter.shape:
-            raise RecipeError(
-                f"{path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(parameter.shape)}"
-            )
-    _load_trainable(unwrapped, trainable, saved)
+    _load_trainable(unwrapped, trainable, _load_tensors(path / "trainable.safetensors"))
     rest = read_json_input(path / "optimizer.json")
     optimizer.load_state_dict(_join_optimizer_state(_load_tensors(path / "optimizer.safetensors"), rest))
     scheduler.load_state_dict(read_json_input(path / "scheduler.json"))

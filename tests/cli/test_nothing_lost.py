@@ -69,6 +69,30 @@ def test_resume_auto_on_a_finished_run_says_so(finished_run):
     changed = invoke("run", recipe, "--resume", "auto", "train.lr=0.1")
     assert changed.exit_code == 2 and "train.lr" in changed.output, changed.output
     assert snapshot(out) == before
+    # Without checkpoints (removed to save space, or never kept) the adapter's recorded identity is compared: any
+    # recipe passed, exit 0, on the old metrics.
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    assert invoke("run", recipe, "--resume", "auto").exit_code == 0
+    changed = invoke("run", recipe, "--resume", "auto", "train.lr=0.1")
+    assert changed.exit_code == 2 and "train.lr" in changed.output, changed.output
+    assert snapshot(out) == before
+    # A damaged metrics.json: named, not an internal error.
+    for damaged in ('{"schema": 1, "metrics": ', "[1, 2]"):
+        (out / "metrics.json").write_text(damaged)
+        result = invoke("run", recipe, "--resume", "auto")
+        assert result.exit_code == 2 and "metrics.json: damaged" in " ".join(result.output.split()), result.output
+
+
+def test_a_forced_resume_that_cannot_load_removes_nothing(finished_run):
+    """--force-resume past a changed LoRA layout was refused only after the run's adapter, metrics and card were
+    removed and its recipe.yaml replaced."""
+    recipe, out = finished_run
+    before = snapshot(out)
+    step = sorted((out / "checkpoints").iterdir())[-1]
+    result = invoke("run", recipe, "--resume", step, "--force-resume", "lora.r=2", "lora.alpha=4")
+    assert result.exit_code == 2 and "has shape (4, 16), the model (2, 16)" in result.output, result.output
+    assert snapshot(out) == before
 
 
 def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_recipe, tmp_path):
