@@ -8,11 +8,53 @@ same numbers.
 
 from __future__ import annotations
 
+import math
+
+from finetune.errors import DataError
+
 PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
 
 
+PAIR_FIELDS = ("chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps")
+THUMB_FIELDS = ("reward", "desirable")
+
+
+def _judged_as(row: dict) -> str | None:
+    return "pairs" if "chosen_reward" in row else "thumbs" if "reward" in row and "desirable" in row else None
+
+
 def has_preferences(rows: list[dict]) -> bool:
-    return bool(rows) and ("chosen_reward" in rows[0] or ("reward" in rows[0] and "desirable" in rows[0]))
+    return bool(rows) and _judged_as(rows[0]) is not None
+
+
+def check_preference_rows(rows: list[dict], source: str) -> None:
+    """A saved predictions.jsonl's judgements, before they are re-scored: every row judged as the first one is
+    (pairs or thumbs), each reward and log-probability a finite number (a run writes a non-finite one as null),
+    each thumb's `desirable` true or false. Text "false" counted as a thumb up, a text or null reward was an
+    internal error, a row without the fields skipped silently."""
+    kind = _judged_as(rows[0]) if rows else None
+    if kind is None:
+        return
+    fields = PAIR_FIELDS if kind == "pairs" else THUMB_FIELDS
+    for number, row in enumerate(rows, start=1):
+        if row.get("sample", 0) != 0:  # a row generated again (eval.num_samples) is judged once, on its first
+            continue
+        missing = [field for field in fields if field not in row]
+        if missing:
+            raise DataError(
+                f"{source}:{number}: no {', '.join(repr(f) for f in missing)}: the rows before it are judged "
+                f"{kind} ({', '.join(fields)}), every row must be"
+            )
+        for field in fields:
+            value = row[field]
+            if field == "desirable":
+                if not isinstance(value, bool):
+                    raise DataError(f"{source}:{number}: 'desirable' must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(
+                    f"{source}:{number}: {field!r} must be a finite number, got {value!r}"
+                    + (" (a run writes a non-finite value as null: nothing to score)" if value is None else "")
+                )
 
 
 def preference_metrics(rows: list[dict]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from finetune.data.tables import Origins, data_file_hashes
 from finetune.errors import DataError, OutputsNotFinite, RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
+from finetune.evaluation.preference import check_preference_rows
 from finetune.evaluation.scoring import eval_loader
 from finetune.flows.resolve import (
     Resolved,
@@ -521,6 +522,7 @@ def rescore(
     check_gates(task, gates, lambda _: {"eval_loss": "is the model's loss: saved predictions have none to re-score"})
     rows = evaluation.read_prediction_rows(predictions)
     task.check_prediction_rows(rows, predictions)
+    check_preference_rows(rows, predictions)
     settings = settings or EvalSection()
     # A GRPO run's rows carry the reward its evaluation gave each prediction: recomputed here, as every other metric
     # is (reward_mean came from the stored values: stale after an edit, above 1, or a row's left out).

@@ -127,3 +127,35 @@ def test_rescored_qa_predictions_are_checked_row_by_row(tmp_path, change, words)
     assert (
         CliRunner().invoke(app, ["eval", "--predictions", str(write_jsonl(path, rows)), "--task", "qa"]).exit_code == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "words"),
+    [
+        ("thumbs", {"desirable": "false"}, "'desirable' must be true or false, got 'false'"),
+        ("pairs", {"chosen_reward": "high"}, "'chosen_reward' must be a finite number, got 'high'"),
+        ("pairs", {"chosen_reward": None}, "non-finite value as null"),
+        ("pairs", {"chosen_reward": float("nan")}, "must be a finite number, got nan"),
+        ("pairs", {"rejected_reward": "drop"}, "no 'rejected_reward'"),
+    ],
+)
+def test_rescored_preference_judgements_are_checked_row_by_row(tmp_path, kind, change, words):
+    """A KTO thumb of text "false" was counted as desirable (exit 0, a wrong accuracy); a text or null reward was an
+    internal error, a missing one a KeyError; NaN was a silently wrong pair."""
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "prediction": f"c{i}"} for i in range(5)]
+    for i, row in enumerate(rows):
+        if kind == "pairs":
+            row.update(chosen_reward=1.0 + i, rejected_reward=0.5, chosen_logps=-3.0, rejected_logps=-4.0)
+        else:
+            row.update(reward=0.5 if i % 2 else -0.5, desirable=bool(i % 2))
+    rescore = ["eval", "--predictions", str(tmp_path / "predictions.jsonl"), "--task", "copywriting"]
+    write_jsonl(tmp_path / "predictions.jsonl", rows)
+    assert CliRunner().invoke(app, rescore).exit_code == 0
+    if change.get("rejected_reward") == "drop":
+        del rows[3]["rejected_reward"]
+    else:
+        rows[3].update(change)
+    write_jsonl(tmp_path / "predictions.jsonl", rows)
+    result = CliRunner().invoke(app, rescore)
+    assert result.exit_code == 3 and "predictions.jsonl:4" in result.output, result.output
+    assert words in " ".join(result.output.split()), result.output
