@@ -58,25 +58,6 @@ class GenerationTask(Task):
                 f"eval.best_metric: {settings.best_metric} describes the answers, it is no measure of better; use "
                 "preference_accuracy or reward_margin"
             )
-        if not recipe.train.learns_from_judgements:
-            named = [("eval.best_metric", settings.best_metric), *((f"eval.gates.{m}", m) for m in settings.gates)]
-            problems += [
-                f"{place}: {metric} is reported by the preference objectives (train.objective dpo, orpo, kto)"
-                for place, metric in named
-                if metric in PREFERENCE_METRICS
-            ]
-        if recipe.train.objective != "grpo":
-            asked = {
-                "eval.metrics": REWARD_MEAN in (settings.metrics or []),
-                "eval.best_metric": settings.best_metric == REWARD_MEAN,
-                f"eval.gates.{REWARD_MEAN}": REWARD_MEAN in settings.gates,
-            }
-            problems += [
-                f"{place}: {REWARD_MEAN} is reported by train.objective grpo (the mean of the task's reward of each "
-                f"prediction); this recipe's objective is {recipe.train.objective}"
-                for place, named in asked.items()
-                if named
-            ]
         if settings.num_samples > 1 and settings.temperature == 0:
             problems.append("eval.num_samples: several samples per prompt need sampling; set eval.temperature > 0")
         return problems + conversation_problems(recipe)
@@ -102,9 +83,27 @@ class GenerationTask(Task):
 
     def knows_metric(self, metric: str) -> bool:
         """Also the preference objectives' metrics and, for a task with a reward, GRPO's reward_mean
-        (`check_recipe` refuses each under the other objectives)."""
+        (`unavailable_metrics` rules each out under the other objectives)."""
         rewarded = type(self).rewards is not GenerationTask.rewards
         return super().knows_metric(metric) or metric in PREFERENCE_METRICS or (rewarded and metric == REWARD_MEAN)
+
+    def unavailable_metrics(
+        self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
+        """Also the objectives' own metrics under another objective: the preference metrics outside dpo, orpo and
+        kto, reward_mean outside grpo (a recipe naming one is refused by resolve, a command-line --gate by eval, by
+        this one rule: `eval RUN --gate reward_mean>=0.1` of a DPO run evaluated, then failed as "missing")."""
+        out = super().unavailable_metrics(recipe, asked, state)
+        objective = recipe.train.objective
+        if not recipe.train.learns_from_judgements:
+            for metric in PREFERENCE_METRICS:  # (the objective is why, whatever eval.metrics lists)
+                out[metric] = "is reported by the preference objectives (train.objective dpo, orpo, kto)"
+        if objective != "grpo":
+            out[REWARD_MEAN] = (
+                "is reported by train.objective grpo (the mean of the task's reward of each prediction); this "
+                f"recipe's objective is {objective}"
+            )
+        return out
 
     def conversation_layout(
         self, recipe: Recipe, column_names: Sequence[str], columns: Mapping[str, str], required: Sequence[str]
