@@ -28,7 +28,11 @@ log = logging.getLogger("finetune")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+    """$FINETUNE_CACHE, or ~/.cache/finetune where it is unset or empty (an empty value, common in CI files, put the
+    cache in the working directory); a leading ~ is the home directory (quoted in a YAML env block, it made a
+    folder named "~" there)."""
+    setting = os.environ.get("FINETUNE_CACHE", "").strip()
+    return Path(setting).expanduser() if setting else Path.home() / ".cache" / "finetune"
 
 
 def _package_dir(module: str, key: str = "model.name_or_path") -> Path:
