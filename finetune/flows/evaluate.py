@@ -283,6 +283,11 @@ def evaluate(
             )
     elif run is not None:
         adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
+        if not (adapter_dir / rundir.ADAPTER_META).is_file():
+            raise RecipeError(
+                f"{source}: the run did not finish (no trained adapter in adapter/): continue it with `finetune run "
+                "RECIPE --resume auto`, or score its checkpoints (--checkpoint DIR, --all-checkpoints)"
+            )
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
     check_recipe_gates(resolved, gates, adapter_dir)  # a trained adapter's data also decided single or multi-label

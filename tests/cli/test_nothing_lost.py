@@ -568,6 +568,8 @@ def test_an_interrupted_run_s_checkpoints_are_scored(finished_run, tmp_path):
     shutil.rmtree(run / "adapter")
     (run / "metrics.json").unlink()
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    plain = invoke("eval", run, "--output", tmp_path / "p")  # it said "no trained adapter here (finetune.json missing)"
+    assert plain.exit_code == 2 and "did not finish" in plain.output and "--all-checkpoints" in plain.output
     table = invoke("eval", run, "--all-checkpoints", "--json")
     assert table.exit_code == 0, table.output
     document = json.loads(table.stdout)
