@@ -272,23 +272,26 @@ def _encode_sides(
         columns[f"{name}_input_ids"], columns[f"{name}_labels"] = selected["input_ids"], selected["labels"]
     at = {int(i): n for n, i in enumerate(first.keep)}
     report = _merged_report(first.report, second.report, len(prompts), len(keep), names)
+    report.truncated = int(np.union1d(first.too_long, second.too_long).size)  # rows with either side cut
     return columns, keep, report, [first.prompt_ids[at[int(i)]] for i in keep]
 
 
 def _merged_report(
     first: LengthReport, second: LengthReport, rows: int, kept: int, names: tuple[str, str]
 ) -> LengthReport:
-    """Both sides' lengths in one report: each percentile the longer side's, truncated the larger side's count
-    (each side's own said in a note where they differ), the rows dropped on either side counted. It was the first
-    side's alone: a 3,000-token rejected answer cut to max_length showed as max 26 tokens, 0 truncated."""
+    """Both sides' lengths in one report: each percentile the longer side's, each side's truncated count said
+    where they differ (the caller counts the rows with either side cut), each side's notes under its name (two
+    sides' "1 completion(s) ... were cut" are two completions: one note said one), the rows dropped on either side
+    counted. It was the first side's alone: a 3,000-token rejected answer cut to max_length showed as max 26
+    tokens, 0 truncated."""
     report = first
     report.percentiles = {k: max(v, second.percentiles.get(k, 0)) for k, v in first.percentiles.items()}
+    notes = [f"{names[0]}: {note}" for note in first.notes] + [f"{names[1]}: {note}" for note in second.notes]
     if first.truncated != second.truncated:
-        report.notes.append(
+        notes.append(
             f"truncated to max_length: {first.truncated} {names[0]} and {second.truncated} {names[1]} sequence(s)"
         )
-    report.truncated = max(first.truncated, second.truncated)
-    report.notes.extend(note for note in second.notes if note not in report.notes)
+    report.notes = notes
     if kept < rows - report.dropped:
         report.notes.append(f"{rows - kept} row(s) dropped because one side was too long (data.overflow=drop)")
         report.dropped = rows - kept

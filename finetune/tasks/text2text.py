@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -98,6 +98,7 @@ class Encoded:
     features: Dataset | None  # input_ids / attention_mask / labels, when completions were given
     keep: np.ndarray  # indices of the input rows that survived overflow=drop
     report: LengthReport
+    too_long: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows over max_length (truncated)
 
 
 def encode(
@@ -170,7 +171,8 @@ def encode(
         features = Dataset.from_dict(
             {"input_ids": inputs, "attention_mask": [[1] * len(x) for x in inputs], "labels": labels}
         )
-    return Encoded(prompts_out, features, keep, report)
+    too_long_rows = np.flatnonzero(np.asarray(lengths) > max_length) if report.truncated else np.zeros(0, np.int64)
+    return Encoded(prompts_out, features, keep, report, too_long_rows)
 
 
 def _targets(completions: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

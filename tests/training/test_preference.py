@@ -354,6 +354,16 @@ def test_the_data_report_counts_the_rejected_side_too(tiny_models, tmp_path, wri
     train = json.loads((tmp_path / "report.json").read_text())["splits"]["train"]
     assert train["token_length"]["max"] >= 32 and train["truncated"] == 1, train
     assert "0 chosen and 1 rejected sequence(s)" in " ".join(train["notes"])
+    # Rows cut on either side are counted (the larger side's count said 2 of 3), and each side's cut completions
+    # said under its name (two sides' equal notes were said once: 1 completion cut, of 2).
+    rows[0]["good"] = "word " * 300
+    rows[2]["brief"] = "word " * 300  # a long prompt: both of its sequences over max_length
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "long.jsonl", rows))
+    assert invoke("data", str(write_recipe(recipe)), "--output", str(tmp_path / "r2.json")).exit_code == 0
+    train = json.loads((tmp_path / "r2.json").read_text())["splits"]["train"]
+    notes = " ".join(train["notes"])
+    assert train["truncated"] == 3, train
+    assert "chosen: 1 completion(s) longer" in notes and "rejected: 1 completion(s) longer" in notes, notes
 
 
 def test_kto_thumbs_both_ways_are_said():
