@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -621,9 +622,62 @@ def sweep_rules(recipe: Recipe, task: Task) -> list[str]:
             problems += found
             if found:
                 continue
-        for problem in dict.fromkeys(p for value in _candidates(key, spec) for p in _value_problems(base, key, value)):
-            problems.append(f"{place}: {problem}")
+        found = list(dict.fromkeys(p for value in _candidates(key, spec) for p in _value_problems(base, key, value)))
+        problems += [f"{place}: {problem}" for problem in found]
+        if not found:
+            others = {k: _candidates(k, v) for k, v in settings.params.items() if k != key}
+            problems += [f"{place}: {p}" for p in _unread_swept_key(base, key, _candidates(key, spec), others)]
     return problems
+
+
+def _unread_swept_key(base: dict, key: str, values: list[Any], others: dict[str, list[Any]]) -> list[str]:
+    """The rule on settings nothing reads (`advisory_rules`), for a swept key: unread under every value it can take,
+    whatever the other swept keys take (train.preference.beta swept in an sft recipe: every trial trains the same
+    model; beside a swept train.objective it is read by the dpo trials). A sweep's recipe leaves the rule out for
+    its other settings, since swept values decide which of them are read."""
+    section, _, leaf = key.rpartition(".")
+    default = _default_of(base, key)
+    combinations = list(itertools.islice(itertools.product(*others.values()), SWEEP_READ_CHECKS + 1))
+    if len(combinations) > SWEEP_READ_CHECKS:  # too many to try: left to the trials, as before
+        return []
+    said: list[str] = []
+    for value in values:
+        if value == default:  # unread or not, a default is never flagged: it says nothing either way
+            continue
+        for combination in combinations:
+            settings = [f"{k}={yaml_text(v)}" for k, v in zip(others, combination)] + [f"{key}={yaml_text(value)}"]
+            try:
+                trial = build_recipe(apply_overrides(copy.deepcopy(base), settings), "sweep", recorded=True)
+            except RecipeError:  # a combination no trial runs (each value's own problems are said above)
+                continue
+            about = [
+                p
+                for p in advisory_rules(trial, recipe_task(trial))
+                if p.startswith(f"{key}:") or (bool(section) and p.startswith(f"{section}:") and leaf in p)
+            ]
+            if not about:
+                return []
+            said = said or about
+    return [f"no trial reads it: {said[0]}"] if said else []
+
+
+# At most this many combinations of the other swept keys' values are tried to see whether a swept key is read.
+SWEEP_READ_CHECKS = 64
+
+
+def _default_of(base: dict, key: str) -> Any:
+    """The value `key` (section.name...) takes in the recipe `base` when it is not written."""
+    trimmed = copy.deepcopy(base)
+    *parents, leaf = key.split(".")
+    holder: Any = trimmed
+    for part in parents:
+        holder = holder.get(part) if isinstance(holder, dict) else None
+    if isinstance(holder, dict):
+        holder.pop(leaf, None)
+    value: Any = build_recipe(trimmed, "sweep", recorded=True)
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _candidates(key: str, spec: SweepRange | list) -> list[Any]:

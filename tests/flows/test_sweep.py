@@ -435,6 +435,26 @@ def test_validate_and_run_refuse_what_sweep_refuses(tiny_models, tmp_path):
         assert result.exit_code == 2 and "sweep.params.lora.r: 0: " in result.output, (command, result.output)
 
 
+def test_a_swept_setting_no_trial_reads_is_refused(tiny_models, tmp_path):
+    """train.preference.beta swept in a classification recipe: every trial trained the same model (validate said
+    ok). Read under some value of another swept key (a swept objective), it is not refused."""
+    unread = rules_of(tiny_models, tmp_path, {"params": {"train.preference.beta": [0.1, 0.3]}})
+    assert len(unread) == 1 and unread[0].startswith("sweep.params.train.preference.beta: no trial reads it: ")
+    read = {"params": {"train.lr": [0.01, 0.02], "train.preference.beta": [0.1, 0.3]}}
+    base = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    base.update(task="copywriting", sweep=read)
+    base["data"]["columns"] = {"prompt": "text", "completion": "label"}
+    base["train"]["objective"] = "dpo"
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
+    recipe = load_recipe(tmp_path / "g.yaml")
+    assert not any("no trial reads it" in p for p in sweep_rules(recipe, recipe_task(recipe)))
+    base["train"]["objective"] = "sft"
+    base["sweep"]["params"]["train.objective"] = ["sft", "dpo"]
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
+    recipe = load_recipe(tmp_path / "g.yaml")
+    assert not any("no trial reads it" in p for p in sweep_rules(recipe, recipe_task(recipe)))
+
+
 def test_a_valid_sweep_section_has_no_problems(tiny_models, tmp_path):
     section = {
         "objective": ["accuracy", "trainable_params"],
