@@ -370,7 +370,15 @@ _module = types.ModuleType({name!r})
 _module.__file__ = {name!r} + ".py"
 exec(compile({source!r}, {filename!r}, "exec"), _module.__dict__)
 _values = list(getattr(_module, {function!r})(**json.loads({arguments!r})))
-_line = json.dumps([float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None for v in _values])
+def _number(value):
+    # Anything a number converts from (numpy's float32, a 0-d tensor, a bool), as TRL takes a reward: only an int or
+    # a float was, and a float32 became "not a number" (reward 0). Text is no number, even "0.5".
+    try:
+        number = float(value.__float__())
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return number if math.isfinite(number) else None
+_line = json.dumps([_number(v) for v in _values])
 sys.stdout.flush()
 os.dup2(_result, 1)
 os.write(1, (_line + "\\n").encode())

@@ -359,6 +359,14 @@ def test_user_reward_function_runs_in_the_sandbox_with_trl_arguments(tmp_path, m
         rewarder = _rewarder({"task": 0.0, "function": f"{chatty}:score"}, execute_code=True)
         result = rewarder(rows, [1, 1])
         assert result.values == [0.5, 0.5] and result.reasons == {}, prints
+    # A Fraction and a bool are numbers, as TRL takes them (only an int or a float was: others scored 0 as "not a
+    # number").
+    typed = tmp_path / "typed.py"
+    typed.write_text(
+        "from fractions import Fraction\ndef score(completions, **kwargs):\n    return [Fraction(1, 4), True]\n"
+    )
+    result = _rewarder({"task": 0.0, "function": f"{typed}:score"}, execute_code=True)(rows, [1, 1])
+    assert result.values == [0.25, 1.0] and result.reasons == {}
 
 
 @pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="the strict sandbox needs bubblewrap")
