@@ -529,6 +529,10 @@ class RewardSection(Section):
                 re.compile(value)
             except re.error as exc:
                 raise ValueError(f"not a regular expression: {exc}") from None
+            if not value:  # (one that matches an empty text may still differ: '^(?!.*TODO)')
+                raise ValueError(
+                    "an empty pattern matches every completion, so the term never differs; use null (got '')"
+                )
         return value
 
     @field_validator("function")
