@@ -87,6 +87,15 @@ class GenerationTask(Task):
         rewarded = type(self).rewards is not GenerationTask.rewards
         return super().knows_metric(metric) or metric in PREFERENCE_METRICS or (rewarded and metric == REWARD_MEAN)
 
+    def unknown_metric(self, place: str, metric: str) -> str:
+        """Also the objectives' own metrics, which the task's list leaves out (a user gating a DPO run read that
+        preference_accuracy was no metric of it)."""
+        rewarded = type(self).rewards is not GenerationTask.rewards
+        return (
+            f"{super().unknown_metric(place, metric)}; under train.objective dpo, orpo or kto also "
+            f"{', '.join(PREFERENCE_METRICS)}" + (f"; under grpo also {REWARD_MEAN}" if rewarded else "")
+        )
+
     def unavailable_metrics(
         self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
     ) -> dict[str, str]:
