@@ -97,7 +97,7 @@ from finetune.tasks.base import named_metrics
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.conversations import ConversationEncoder, check_evaluation_conversation
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.preference import check_rollout_rows, judged_rows, kto_rows
+from finetune.tasks.preference import check_rollout_rows, judged_rows, kto_rows, pair_metrics_problems
 from finetune.tasks.qa import ExtractiveQATask, checked_answers
 from finetune.tasks.retrieval import RetrievalTask
 from finetune.tasks.rewards import FUNCTION_RUNS, load_reward_function
@@ -1431,6 +1431,9 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
             task.check_scorable(rows.eval, "data.eval")
         except DataError as exc:
             raise rows.origins["data.eval"].explain(exc, "data.eval") from exc
+        unreported = pair_metrics_problems(recipe, rows.eval)
+        if unreported:
+            raise recipe_problems_error(source, unreported)
         if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:
             try:  # an evaluation conversation must end with the assistant turn it is scored on, as featurize checks
                 for number, messages in enumerate(rows.eval["messages"], start=1):

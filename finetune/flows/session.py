@@ -60,7 +60,7 @@ from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
 from finetune.tasks import Task, recipe_task
 from finetune.tasks.generative import GenerationTask
-from finetune.tasks.preference import PreferenceCollator, PromptCollator
+from finetune.tasks.preference import PreferenceCollator, PromptCollator, pair_metrics_problems
 from finetune.tasks.rerank import RerankTask
 from finetune.tasks.retrieval import RetrievalTask, layout_of
 from finetune.tasks.rewards import Rewarder
@@ -631,6 +631,9 @@ def _read_and_featurize(
     with placed_errors(origins):
         if "eval" in splits:
             task.check_scorable(eval_rows, "data.eval")
+            unreported = pair_metrics_problems(recipe, eval_rows)
+            if unreported:
+                raise RecipeError("; ".join(unreported))
         state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     if layout is not None:
         state["embedding"] = layout.as_dict()

@@ -24,6 +24,7 @@ from finetune.data.tables import LengthReport, checked_texts, renumbered
 from finetune.errors import DataError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
+from finetune.tasks.base import named_metrics
 from finetune.tasks.text2text import IGNORE, encode
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -46,6 +47,19 @@ def sides_of(columns: Iterable[str]) -> tuple[str, str] | None:
 
 def is_pairs(rows: Dataset) -> bool:
     return all(name in rows.column_names for name in PAIR_FIELDS)
+
+
+def pair_metrics_problems(recipe: Recipe, eval_rows: Dataset) -> list[str]:
+    """KTO evaluated on thumbs reports no log-probabilities of chosen and rejected answers (there are none): a gate
+    or best metric naming one passed validate and failed as "missing" after training. Checked where the eval rows
+    are read (validate, run, eval), one rule for all three."""
+    if recipe.train.objective != "kto" or is_pairs(eval_rows):
+        return []
+    return [
+        f"{place}: {metric} is reported when data.eval holds pairs (prompt, chosen, rejected); its rows are thumbs"
+        for place, metric in named_metrics(recipe.eval)
+        if metric in ("logps_chosen", "logps_rejected")
+    ]
 
 
 def preference_fields(objective: str, prompt_field: str, answer_field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

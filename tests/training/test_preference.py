@@ -499,3 +499,19 @@ def test_kto_pairs_too_long_are_named_by_their_pair_row(tiny_models, tmp_path, w
     result = invoke("run", str(write_recipe(recipe)))
     words = " ".join(result.output.split())
     assert result.exit_code == 3 and "pairs.jsonl:3" in words and "pairs.jsonl:15" not in words, words
+
+
+def test_kto_evaluated_on_thumbs_has_no_pair_metrics_to_gate(tiny_models, tmp_path, write_recipe):
+    """A gate on logps_chosen with thumbs as data.eval: validate said ok, the run trained, then failed as "missing"
+    (exit 4). Refused where the eval rows are read, validate and run alike."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "kto", max_steps=1)
+    recipe["data"]["eval"] = recipe["data"]["train"]  # thumbs
+    recipe["eval"]["gates"] = {"logps_chosen": ">=-100"}
+    path = str(write_recipe(recipe))
+    for command in (["validate"], ["run"]):
+        result = invoke(*command, path)
+        words = " ".join(result.output.split())
+        assert result.exit_code == 2 and "logps_chosen is reported when data.eval holds pairs" in words, words
+    assert not (tmp_path / "run-kto" / "adapter").exists()
+    recipe["eval"]["gates"] = {"preference_accuracy": ">=0"}  # reported for thumbs
+    assert invoke("validate", str(write_recipe(recipe))).exit_code == 0
