@@ -62,8 +62,11 @@ def run_finetune(recipe: str, overrides: list[str], scratch: Path, source: str |
     }
 
 
-def run_peer(recipe: str, overrides: list[str]) -> dict:
-    wall, rss, stdout = measure([sys.executable, str(ROOT / "bench" / "peer_sft_trl.py"), recipe, *overrides])
+def run_peer(recipe: str, overrides: list[str], precision: str = "default") -> dict:
+    environment = {**os.environ, "PEER_PRECISION": precision}
+    wall, rss, stdout = measure(
+        [sys.executable, str(ROOT / "bench" / "peer_sft_trl.py"), recipe, *overrides], env=environment
+    )
     report = json.loads(stdout.strip().splitlines()[-1])
     return {
         "process_seconds": wall,
@@ -81,6 +84,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--variant", action="append", default=[], help="LABEL=DIR: also run finetune from DIR/finetune (repeatable)"
+    )
+    parser.add_argument(
+        "--peer-precision",
+        choices=("default", "fp32"),
+        default="default",
+        help="default: TRL's own (bf16 autocast, emulated on a CPU without native bf16); fp32: TRL told fp32",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both contenders")
     args = parser.parse_args()
@@ -100,7 +109,7 @@ def main() -> None:
             results = {}
             for name in order:
                 results[name] = (
-                    run_peer(args.recipe, overrides)
+                    run_peer(args.recipe, overrides, args.peer_precision)
                     if name == "peer"
                     else run_finetune(args.recipe, overrides, Path(scratch), variants.get(name))
                 )
