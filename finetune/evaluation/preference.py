@@ -32,7 +32,10 @@ def check_preference_rows(rows: list[dict], source: str) -> None:
     (pairs or thumbs), each reward and log-probability a finite number (a run writes a non-finite one as null),
     each thumb's `desirable` true or false. Text "false" counted as a thumb up, a text or null reward was an
     internal error, a row without the fields skipped silently."""
-    kind = _judged_as(rows[0]) if rows else None
+    judged = [row for row in rows if row.get("sample", 0) == 0]
+    if rows and not judged:
+        raise DataError(f"{source}: no row with sample 0: each judged row's first sample carries its judgement")
+    kind = _judged_as(judged[0]) if judged else None
     if kind is None:
         return
     fields = PAIR_FIELDS if kind == "pairs" else THUMB_FIELDS

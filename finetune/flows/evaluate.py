@@ -284,10 +284,7 @@ def evaluate(
     elif run is not None:
         adapter_dir = run.adapter  # checked against the recipe's model and task by resolve_source
         if not (adapter_dir / rundir.ADAPTER_META).is_file():
-            raise RecipeError(
-                f"{source}: the run did not finish (no trained adapter in adapter/): continue it with `finetune run "
-                "RECIPE --resume auto`, or score its checkpoints (--checkpoint DIR, --all-checkpoints)"
-            )
+            raise RecipeError(_unfinished(run, str(source)))
     if adapter_dir is not None and not (adapter_dir / rundir.ADAPTER_META).is_file():
         raise RecipeError(f"{adapter_dir}: no trained adapter here ({rundir.ADAPTER_META} missing)")
     check_recipe_gates(resolved, gates, adapter_dir)  # a trained adapter's data also decided single or multi-label
@@ -416,6 +413,17 @@ def _watermarked_metrics(
     return metrics if "watermark_detected" in metrics else None
 
 
+def _unfinished(run: RunDir, source: str) -> str:
+    """Why a run has no adapter to evaluate, and what to do."""
+    aside = run.path / "adapter.old"  # files.replace_directory's: a kill came between its two renames
+    if aside.is_dir() and not run.adapter.exists():
+        return f"{source}: {aside} holds the adapter it was replacing when it stopped: rename it to adapter/ to use it"
+    return (
+        f"{source}: the run did not finish (no trained adapter in adapter/): continue it with `finetune run RECIPE "
+        "--resume auto`, or score its checkpoints (--checkpoint DIR, --all-checkpoints)"
+    )
+
+
 def _evaluation_lock(run: RunDir | None, out_dir: Path | None, accelerator: Accelerator, label: str) -> RunLock | None:
     """The run's lock, held, where an evaluation writes into the run's evals/: writing there while another process
     writes the run would race (one writer per run directory). An evaluation written elsewhere (--output) only reads
@@ -476,6 +484,9 @@ def evaluate_all_checkpoints(
             f"{run_path}: nothing to score: the run has no final adapter and no complete checkpoint"
             + (f" ({'; '.join(skipped)})" if skipped else "")
         )
+    elif problems := adapter_problems(recipe, sources[-1][1], "the run's checkpoints"):
+        # (a finished run's adapter is checked against the recipe by resolve_source; these are not)
+        raise RecipeError("; ".join(problems))
     check_recipe_gates(resolved, gates, sources[-1][1])
     out_dir = evaluation_output(run, output, "all-checkpoints", overwrite, _inputs(resolved, run, None))
     accelerator = make_accelerator(recipe.train, resolved.precision)
@@ -484,6 +495,9 @@ def evaluate_all_checkpoints(
         table: list[dict] = []
         kept: dict = {}
         for number, (step, adapter_dir, label) in enumerate(sources, start=1):
+            if not adapter_dir.is_dir():  # pruned by the training still writing the run (keep_checkpoints)
+                skipped.append(f"{label} left out: removed while the table was made")
+                continue
             session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
             last = number == len(sources)  # the document's metrics (the kept weights): only they need intervals
             _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator, intervals=last)

@@ -156,7 +156,7 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
             f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
             "unchanged base; use one or the other"
         )
-    return (
+    found = (
         problems
         + _data_rules(recipe, task)
         + _generation_rules(recipe, task)
@@ -165,6 +165,8 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
         + ([] if recorded or recipe.sweep is not None else advisory_rules(recipe, task))
         + (_sweep_objective_problems(recipe, task) if recipe.sweep is not None and not recorded else [])
     )
+    # A metric the task's own rules refuse is also one its evaluation never reports (advisory_rules): said once.
+    return list(dict.fromkeys(found))
 
 
 def advisory_rules(recipe: Recipe, task: Task) -> list[str]:
@@ -635,7 +637,8 @@ def _unread_swept_key(base: dict, key: str, values: list[Any], others: dict[str,
     whatever the other swept keys take (train.preference.beta swept in an sft recipe: every trial trains the same
     model; beside a swept train.objective it is read by the dpo trials). A sweep's recipe leaves the rule out for
     its other settings, since swept values decide which of them are read."""
-    section, _, leaf = key.rpartition(".")
+    parts = key.split(".")
+    prefixes = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
     default = _default_of(base, key)
     combinations = list(itertools.islice(itertools.product(*others.values()), SWEEP_READ_CHECKS + 1))
     if len(combinations) > SWEEP_READ_CHECKS:  # too many to try: left to the trials, as before
@@ -650,10 +653,12 @@ def _unread_swept_key(base: dict, key: str, values: list[Any], others: dict[str,
                 trial = build_recipe(apply_overrides(copy.deepcopy(base), settings), "sweep", recorded=True)
             except RecipeError:  # a combination no trial runs (each value's own problems are said above)
                 continue
+            # The rules on settings nothing reads, about the key or a section holding it ("data.retrieval: read
+            # only by a knowledge base"; not the metrics rules: a best_metric never reported is read, not unread).
             about = [
                 p
-                for p in advisory_rules(trial, recipe_task(trial))
-                if p.startswith(f"{key}:") or (bool(section) and p.startswith(f"{section}:") and leaf in p)
+                for p in _unread_settings(trial, recipe_task(trial)) + _unread_objective_settings(trial)
+                if any(p.startswith(f"{prefix}:") for prefix in prefixes)
             ]
             if not about:
                 return []

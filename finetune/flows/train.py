@@ -16,7 +16,7 @@ from finetune import files
 from finetune.data import report as data_report
 from finetune.data.features import Features
 from finetune.data.tables import data_file_hashes, read_split
-from finetune.errors import FinetuneError, RecipeError
+from finetune.errors import RecipeError
 from finetune.evaluation import scoring as evaluation
 from finetune.evaluation.compare import eval_data_record
 from finetune.flows.estimate import measure
@@ -47,7 +47,7 @@ from finetune.flows.session import (
 from finetune.models.embedding import BiEncoder, write_sentence_transformer_files
 from finetune.outputs import card, rundir
 from finetune.outputs import manifest as provenance
-from finetune.outputs.adapter import TASK_STATE_FILES, AdapterSaver, read_adapter_meta, write_task_files
+from finetune.outputs.adapter import TASK_STATE_FILES, AdapterSaver, write_task_files
 from finetune.outputs.lock import RunLock
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.gates import evaluate_gates
@@ -55,7 +55,7 @@ from finetune.recipe.schema import Recipe, RetrievalSection, read_recipe_file, r
 from finetune.secrets import redact
 from finetune.tasks import sandbox
 from finetune.training import checkpoint, trackers
-from finetune.training.loop import Checkpointing, make_accelerator, return_freed_memory, train
+from finetune.training.loop import Checkpointing, has_accelerator_device, make_accelerator, return_freed_memory, train
 from finetune.training.monitor import Monitor, summary
 from finetune.training.objectives import reference_logps, with_columns
 
@@ -236,8 +236,11 @@ def _run(
         if resume_from is not None:
             checkpoint.check_identity(checkpoint.read_progress(resume_from).identity, identity, force_resume)
             # Before anything is written into the run: a forced resume of another task's checkpoint was refused
-            # here only after the run's adapter and metrics were removed and its recipe.yaml replaced.
-            checkpoint.check_layout(resume_from, session.model)
+            # here only after the run's adapter and metrics were removed and its recipe.yaml replaced. (Not where
+            # FSDP or DeepSpeed will wrap the model on a GPU: the saved names and flat shards are the wrapped
+            # model's; restore compares those after preparing it.)
+            if recipe.distributed.strategy == "ddp" or not has_accelerator_device():
+                checkpoint.check_layout(resume_from, session.model)
     except BaseException:
         rundir.release(run_dir, created)
         raise
@@ -247,7 +250,7 @@ def _run(
             console.print(f"resuming from {resume_from}", highlight=False, soft_wrap=True)
         _start_outputs(run_dir, recipe, keep_training_state=resume_from is not None, retriever=retriever is not None)
         files.write_json(run_dir.data_report, report)
-    saver = _adapter_saver(session, run_dir, write_initial=main, identity=identity)
+    saver = _adapter_saver(session, run_dir, write_initial=main)
     accelerator.wait_for_everyone()
     trackers.start(accelerator, recipe, run_dir.path.name)
     train_features, eval_features = session.features["train"], session.features["eval"]
@@ -318,7 +321,10 @@ def _run(
             recipe,
             data_file_hashes(recipe.data),
             accelerator,
-            {"family": session.family.name, **started_from},
+            # What a resume must match: `--resume auto` of the finished run compares a recipe with it where no
+            # checkpoint is left (train.keep_checkpoints, or checkpoints/ removed to save space). Kept in the run's
+            # manifest, not the adapter that is handed to other tools.
+            {"family": session.family.name, **started_from, RESUME_IDENTITY: identity},
         )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)
@@ -433,25 +439,25 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
     return {**document, "gates": evaluate_gates(gates, document.get("metrics", {}), bounds)}
 
 
-# The key of the final adapter's finetune.json under which the run records what a resume must match.
+# The key of a finished run's manifest.json under which it records what a resume must match.
 RESUME_IDENTITY = "resume_identity"
 
 
 def _check_finished_identity(run_dir: RunDir, recipe: Recipe, processes: int, force: bool) -> None:
     """A finished run's last checkpoint against `recipe`, as any resume checks it (a change refused, named); where
-    none is left, the identity its adapter recorded (a run saved before it did, without checkpoints, is taken at its
-    word). Nothing trains, so the run's own process count is taken."""
+    none is left, the identity its manifest recorded (a run finished before it did, without checkpoints, is taken at
+    its word). Nothing trains, so the run's own process count is taken."""
     last = checkpoint.newest_usable(run_dir.checkpoints)
-    saved = checkpoint.read_progress(last).identity if last is not None else _adapter_identity(run_dir)
+    saved = checkpoint.read_progress(last).identity if last is not None else _recorded_identity(run_dir)
     if saved is not None:
         identity = rundir.resume_identity(recipe, saved.get("number of processes", processes))
         checkpoint.check_identity(saved, identity, force)
 
 
-def _adapter_identity(run_dir: RunDir) -> dict | None:
+def _recorded_identity(run_dir: RunDir) -> dict | None:
     try:
-        saved = read_adapter_meta(run_dir.adapter).get(RESUME_IDENTITY)
-    except (OSError, ValueError, FinetuneError):
+        saved = files.read_json(run_dir.manifest).get(RESUME_IDENTITY)
+    except (OSError, ValueError, AttributeError):
         return None
     return saved if isinstance(saved, dict) else None
 
@@ -625,15 +631,12 @@ def _start_outputs(run: RunDir, recipe: Recipe, keep_training_state: bool, retri
     files.write_text_atomic(run.recipe, redact(recipe_to_yaml(recipe)))
 
 
-def _adapter_saver(session: Session, run: RunDir, write_initial: bool, identity: dict) -> AdapterSaver:
+def _adapter_saver(session: Session, run: RunDir, write_initial: bool) -> AdapterSaver:
     """The saver for checkpoints and the final adapter. PiSSA/OLoRA first keep the adapter as initialised, which
-    saving needs to convert the trained one into a LoRA on the unchanged base. The adapter records the run's
-    resume identity (RESUME_IDENTITY): `--resume auto` of the finished run compares a recipe with it where no
-    checkpoint is left to (train.keep_checkpoints, or checkpoints/ removed to save space)."""
-    initial = None
-    if changes_base_weights(session.recipe):
-        initial = run.lora_init
-        if write_initial and not initial.is_dir():  # a resumed run kept it; the initialisation is deterministic
-            session.model.save_pretrained(str(initial), safe_serialization=True)
-    saver = session.adapter_saver(initial_adapter=initial)
-    return dataclasses.replace(saver, meta={**saver.meta, RESUME_IDENTITY: identity})
+    saving needs to convert the trained one into a LoRA on the unchanged base."""
+    if not changes_base_weights(session.recipe):
+        return session.adapter_saver()
+    initial = run.lora_init
+    if write_initial and not initial.is_dir():  # a resumed run kept it; the initialisation is deterministic
+        session.model.save_pretrained(str(initial), safe_serialization=True)
+    return session.adapter_saver(initial_adapter=initial)

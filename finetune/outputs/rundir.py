@@ -278,7 +278,8 @@ def _listed_inside(folder: Path, name: str) -> bool:
     listed link is the link's own entry (removing it leaves its target: adapter/base/ links the base weights)."""
     path = folder / name
     inside = bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
-    return inside and path.is_file() and _is_within(path.parent.resolve(), folder.resolve())
+    exists = path.is_symlink() or path.is_file()  # a link whose target is gone is still the link finetune made
+    return inside and exists and _is_within(path.parent.resolve(), folder.resolve())
 
 
 # write_evaluation's staging folder in RUN/evals/ (staging_beside's name for a `<time>-<label>` evaluation).

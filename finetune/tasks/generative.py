@@ -23,7 +23,7 @@ from finetune.evaluation.preference import PREFERENCE_METRICS
 from finetune.evaluation.scoring import REWARD_MEAN
 from finetune.models.families import FAMILIES, FamilySpec
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
-from finetune.tasks.base import Task
+from finetune.tasks.base import Task, named_metrics
 from finetune.tasks.conversations import ConversationEncoder, featurize_conversations, references
 from finetune.tasks.preference import featurize_preferences, preference_fields, rollout_prompts
 from finetune.tasks.text2text import PadCollator, completion_loss, decode_batch_size, encode, generate
@@ -58,6 +58,10 @@ class GenerationTask(Task):
                 f"eval.best_metric: {settings.best_metric} describes the answers, it is no measure of better; use "
                 "preference_accuracy or reward_margin"
             )
+        # Checked here, whatever else decides which rules apply (a sweep's recipe, a run's recorded one): no trial
+        # or evaluation of this objective reports them.
+        objectives = self.objective_metrics(recipe)
+        problems += [f"{place}: {m} {objectives[m]}" for place, m in named_metrics(settings) if m in objectives]
         if settings.num_samples > 1 and settings.temperature == 0:
             problems.append("eval.num_samples: several samples per prompt need sampling; set eval.temperature > 0")
         return problems + conversation_problems(recipe)
@@ -102,11 +106,20 @@ class GenerationTask(Task):
         """Also the objectives' own metrics under another objective: the preference metrics outside dpo, orpo and
         kto, reward_mean outside grpo (a recipe naming one is refused by resolve, a command-line --gate by eval, by
         this one rule: `eval RUN --gate reward_mean>=0.1` of a DPO run evaluated, then failed as "missing")."""
-        out = super().unavailable_metrics(recipe, asked, state)
+        # (the objective is why, whatever eval.metrics lists)
+        return {**super().unavailable_metrics(recipe, asked, state), **self.objective_metrics(recipe)}
+
+    def objective_metrics(self, recipe: Recipe) -> dict[str, str]:
+        """The objectives' own metrics this recipe's objective does not report (metric -> why): the one rule
+        `check_recipe` (metrics the recipe names) and `unavailable_metrics` (command-line gates) apply."""
+        out = {}
         objective = recipe.train.objective
         if not recipe.train.learns_from_judgements:
-            for metric in PREFERENCE_METRICS:  # (the objective is why, whatever eval.metrics lists)
-                out[metric] = "is reported by the preference objectives (train.objective dpo, orpo, kto)"
+            out.update(
+                dict.fromkeys(
+                    PREFERENCE_METRICS, "is reported by the preference objectives (train.objective dpo, orpo, kto)"
+                )
+            )
         if objective != "grpo":
             out[REWARD_MEAN] = (
                 "is reported by train.objective grpo (the mean of the task's reward of each prediction); this "

@@ -233,7 +233,7 @@ def _featurize_judged(
     kept = rows.select(keep) if len(keep) < len(prompts) else rows
     contradicted = _thumbed_both_ways(prompts, answers[0], thumbs)
     if contradicted:  # real feedback can disagree: said, not refused (a pair equal on both sides is refused)
-        first, second = contradicted[0] if numbers is None else (numbers[n - 1] for n in contradicted[0])
+        first, second = contradicted[0] if numbers is None else sorted(numbers[n - 1] for n in contradicted[0])
         report.notes.append(
             f"{len(contradicted)} prompt and completion(s) thumbed both up and down (first: rows {first} and {second}); "
             "they pull the model both ways"

@@ -440,6 +440,8 @@ def test_a_swept_setting_no_trial_reads_is_refused(tiny_models, tmp_path):
     ok). Read under some value of another swept key (a swept objective), it is not refused."""
     unread = rules_of(tiny_models, tmp_path, {"params": {"train.preference.beta": [0.1, 0.3]}})
     assert len(unread) == 1 and unread[0].startswith("sweep.params.train.preference.beta: no trial reads it: ")
+    section = rules_of(tiny_models, tmp_path, {"params": {"data.retrieval.top_k": [3, 7]}})  # the section's message
+    assert len(section) == 1 and section[0].startswith("sweep.params.data.retrieval.top_k: no trial reads it: ")
     read = {"params": {"train.lr": [0.01, 0.02], "train.preference.beta": [0.1, 0.3]}}
     base = yaml.safe_load((tmp_path / "r.yaml").read_text())
     base.update(task="copywriting", sweep=read)
@@ -453,6 +455,14 @@ def test_a_swept_setting_no_trial_reads_is_refused(tiny_models, tmp_path):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
     recipe = load_recipe(tmp_path / "g.yaml")
     assert not any("no trial reads it" in p for p in sweep_rules(recipe, recipe_task(recipe)))
+    # A metric its objective never reports is refused in a sweep's recipe too (the rule once ran only outside
+    # sweeps: a DPO sweep gated on reward_mean validated, and each trial failed its gate as "missing").
+    base["train"]["objective"] = "dpo"
+    base["sweep"]["params"] = {"train.lr": [0.01, 0.02]}
+    base["eval"] = {**base.get("eval", {}), "gates": {"reward_mean": ">=0.1"}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(RecipeError, match="reward_mean is reported by train.objective grpo"):
+        load_recipe(tmp_path / "g.yaml")
 
 
 def test_a_valid_sweep_section_has_no_problems(tiny_models, tmp_path):
