@@ -10,7 +10,8 @@ then the rejected ones in one padded batch (one forward for both); for thumbs, e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -174,18 +175,42 @@ def featurize_preferences(
     """Pairs or thumbs -> features. Rows whose sides are identical or empty are refused: a pair that says
     nothing would be trained on as if it did. `completion_text`: the task's text trained on for an answer (QA's
     leading space), applied to every side as supervised training applies it."""
-    judged = kto_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
-    if len(judged) == len(rows):
-        return _featurize_judged(judged, tokenizer, family, recipe, split, prompt_field, answer_field, completion_text)
+    pairs = len(rows)
+    rows = kto_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
     # KTO's thumbs made from pairs: a message about a thumb names the pair it came from.
-    numbers = unpaired_numbers(len(rows))
-    try:
-        features = _featurize_judged(
-            judged, tokenizer, family, recipe, split, prompt_field, answer_field, completion_text, numbers
+    numbers = unpaired_numbers(pairs) if len(rows) != pairs else None
+    with _numbered_as_pairs(split, numbers):
+        prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
+        if thumbs is None:
+            sides = [[completion_text(t) for t in side] for side in answers]
+            columns, keep, report, prompt_ids = _encode_sides(
+                prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split
+            )
+            dataset = Dataset.from_dict(columns)
+            kept = rows.select(keep) if len(keep) < len(prompts) else rows
+            if answer_field not in kept.column_names:  # generation is scored against the preferred answer
+                # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
+                # added in memory is in none of them.
+                kept = kept.map(lambda row: {answer_field: row["chosen"]}, desc=None)
+            return Features(dataset, kept, report, prompts=prompt_ids)
+
+        # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
+        # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
+        texts = [completion_text(t) for t in answers[0]]
+        shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
+        columns, keep, report, prompt_ids = _encode_sides(
+            prompts, [texts, shifted], THUMB_SIDES, tokenizer, family, recipe, split
         )
-    except DataError as exc:
-        raise renumbered(exc, split, numbers) from None
-    return features
+        dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
+        kept = rows.select(keep) if len(keep) < len(prompts) else rows
+        contradicted = _thumbed_both_ways(prompts, answers[0], thumbs)
+        if contradicted:  # real feedback can disagree: said, not refused (a pair equal on both sides is refused)
+            first, second = contradicted[0] if numbers is None else sorted(numbers[n - 1] for n in contradicted[0])
+            report.notes.append(
+                f"{len(contradicted)} prompt and completion(s) thumbed both up and down (first: rows {first} and {second}); "
+                "they pull the model both ways"
+            )
+        return Features(dataset, kept, report, prompts=prompt_ids)
 
 
 def unpaired_numbers(pairs: int) -> list[int]:
@@ -197,48 +222,15 @@ def unpaired_numbers(pairs: int) -> list[int]:
     return numbers
 
 
-def _featurize_judged(
-    rows: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    family: FamilySpec,
-    recipe: Recipe,
-    split: str,
-    prompt_field: str,
-    answer_field: str,
-    completion_text: Callable[[str], str],
-    numbers: list[int] | None = None,
-) -> Features:
-    """`featurize_preferences` of rows as judged (thumbs already made from pairs for KTO); `numbers`: the row each
-    one came from, where that is not its own."""
-    prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
-    if thumbs is None:
-        sides = [[completion_text(t) for t in side] for side in answers]
-        columns, keep, report, prompt_ids = _encode_sides(prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split)
-        dataset = Dataset.from_dict(columns)
-        kept = rows.select(keep) if len(keep) < len(prompts) else rows
-        if answer_field not in kept.column_names:  # generation is scored against the preferred answer
-            # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files, and a column
-            # added in memory is in none of them.
-            kept = kept.map(lambda row: {answer_field: row["chosen"]}, desc=None)
-        return Features(dataset, kept, report, prompts=prompt_ids)
-
-    # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
-    # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
-    texts = [completion_text(t) for t in answers[0]]
-    shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
-    columns, keep, report, prompt_ids = _encode_sides(
-        prompts, [texts, shifted], THUMB_SIDES, tokenizer, family, recipe, split
-    )
-    dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
-    kept = rows.select(keep) if len(keep) < len(prompts) else rows
-    contradicted = _thumbed_both_ways(prompts, answers[0], thumbs)
-    if contradicted:  # real feedback can disagree: said, not refused (a pair equal on both sides is refused)
-        first, second = contradicted[0] if numbers is None else sorted(numbers[n - 1] for n in contradicted[0])
-        report.notes.append(
-            f"{len(contradicted)} prompt and completion(s) thumbed both up and down (first: rows {first} and {second}); "
-            "they pull the model both ways"
-        )
-    return Features(dataset, kept, report, prompts=prompt_ids)
+@contextlib.contextmanager
+def _numbered_as_pairs(split: str, numbers: list[int] | None) -> Iterator[None]:
+    """A row's message about KTO's thumbs made from pairs, with the pair's row (`numbers`, `unpaired_numbers`)."""
+    try:
+        yield
+    except DataError as exc:
+        if numbers is None:
+            raise
+        raise renumbered(exc, split, numbers) from None
 
 
 def _thumbed_both_ways(prompts: list[str], completions: list[str], thumbs: list[bool]) -> list[tuple[int, int]]:
