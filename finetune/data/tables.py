@@ -513,17 +513,21 @@ class Origins:
             # Rows named by their own file (predict's and detect's input, `SOURCE: row N`): `SOURCE:LINE`, not
             # `SOURCE: SOURCE:LINE`; a split of the recipe keeps its name before its file's (`data.train: f:3`).
             lead = "" if place.startswith(f"{split}:") else head
-            said = rest[one.end() :]
-            for name, column in self.sources[int(self.source[int(one[1]) - 1])].columns:
-                said = said.replace(f"field {name!r}", f"column {column!r}")
-            return DataError(f"{lead}{place}: {said}")
+            return DataError(f"{lead}{place}: {self._columns_named(rest[one.end() :], int(one[1]) - 1)}")
         several = re.search(r"\(rows (\d+(?:, \d+)*)", rest)
         if several:
             numbers = [int(n) for n in several[1].split(", ")]
             if all(1 <= n <= len(self) for n in numbers):
                 places = "; ".join(self.place(n - 1) for n in numbers)
-                return DataError(f"{head}{rest[: several.start()]}({places}{rest[several.end() :]}")
+                said = f"{rest[: several.start()]}({places}{rest[several.end() :]}"
+                return DataError(f"{head}{self._columns_named(said, numbers[0] - 1)}")
         return error
+
+    def _columns_named(self, text: str, row: int) -> str:
+        """`text` with each field data.columns maps named as the row's file names its column."""
+        for name, column in self.sources[int(self.source[row])].columns:
+            text = text.replace(f"field {name!r}", f"column {column!r}")
+        return text
 
 
 def renumbered(error: DataError, split: str, numbers: Sequence[int]) -> DataError:
