@@ -59,6 +59,8 @@ def test_the_plan_states_the_generation_batch(tiny_models, tmp_path, write_recip
     assert chosen.exit_code == 0, chosen.output
     line = next(line for line in chosen.output.splitlines() if "rows per batch" in line)
     assert "generation" in line and text2text.MEMORY_CHOICE in line
+    # The 12 eval rows, not the memory's own figure (a million rows per batch for 8 rows read as a bug).
+    assert "12 rows per batch (every row at once" in line, line
     fixed = invoke("run", recipe, "eval.batch_size=3", "--dry-run", env={"COLUMNS": "400"})
     assert "3 rows per batch (eval.batch_size)" in fixed.output
 
