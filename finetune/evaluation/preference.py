@@ -23,6 +23,11 @@ def _judged_as(row: dict) -> str | None:
     return "pairs" if "chosen_reward" in row else "thumbs" if "reward" in row and "desirable" in row else None
 
 
+def _judged(rows: list[dict]) -> list[dict]:
+    """One entry per judged row: a row generated several times (eval.num_samples) is judged once, on its first."""
+    return [row for row in rows if row.get("sample", 0) == 0]
+
+
 def has_preferences(rows: list[dict]) -> bool:
     return bool(rows) and _judged_as(rows[0]) is not None
 
@@ -32,7 +37,7 @@ def check_preference_rows(rows: list[dict], source: str) -> None:
     (pairs or thumbs), each reward and log-probability a finite number (a run writes a non-finite one as null),
     each thumb's `desirable` true or false. Text "false" counted as a thumb up, a text or null reward was an
     internal error, a row without the fields skipped silently."""
-    judged = [row for row in rows if row.get("sample", 0) == 0]
+    judged = _judged(rows)
     if rows and not judged:
         raise DataError(f"{source}: no row with sample 0: each judged row's first sample carries its judgement")
     kind = _judged_as(judged[0]) if judged else None
@@ -40,7 +45,7 @@ def check_preference_rows(rows: list[dict], source: str) -> None:
         return
     fields = PAIR_FIELDS if kind == "pairs" else THUMB_FIELDS
     for number, row in enumerate(rows, start=1):
-        if row.get("sample", 0) != 0:  # a row generated again (eval.num_samples) is judged once, on its first
+        if row.get("sample", 0) != 0:  # (numbered among all the rows: their place in the file)
             continue
         missing = [field for field in fields if field not in row]
         if missing:
@@ -64,8 +69,7 @@ def preference_metrics(rows: list[dict]) -> dict[str, float]:
     """Pairs: the share where the chosen answer's reward is higher (ties count as wrong, as in TRL), the mean
     margin and mean log-probabilities. Thumbs: the share whose reward has the label's sign, and the gap between
     the desirable and the undesirable rows' mean rewards."""
-    # One entry per judged row: a row generated several times (eval.num_samples) is judged once.
-    judged = [row for row in rows if row.get("sample", 0) == 0]
+    judged = _judged(rows)
     if "chosen_reward" in judged[0]:
         n = len(judged)
         return {

@@ -156,7 +156,7 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
             f"lora.init: {recipe.lora.init} with lora.use_dora cannot be saved as an adapter for the "
             "unchanged base; use one or the other"
         )
-    found = (
+    return (
         problems
         + _data_rules(recipe, task)
         + _generation_rules(recipe, task)
@@ -165,8 +165,6 @@ def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:
         + ([] if recorded or recipe.sweep is not None else advisory_rules(recipe, task))
         + (_sweep_objective_problems(recipe, task) if recipe.sweep is not None and not recorded else [])
     )
-    # A metric the task's own rules refuse is also one its evaluation never reports (advisory_rules): said once.
-    return list(dict.fromkeys(found))
 
 
 def advisory_rules(recipe: Recipe, task: Task) -> list[str]:

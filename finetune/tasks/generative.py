@@ -103,11 +103,12 @@ class GenerationTask(Task):
     def unavailable_metrics(
         self, recipe: Recipe, asked: Sequence[str] = (), state: Mapping[str, Any] | None = None
     ) -> dict[str, str]:
-        """Also the objectives' own metrics under another objective: the preference metrics outside dpo, orpo and
-        kto, reward_mean outside grpo (a recipe naming one is refused by resolve, a command-line --gate by eval, by
-        this one rule: `eval RUN --gate reward_mean>=0.1` of a DPO run evaluated, then failed as "missing")."""
-        # (the objective is why, whatever eval.metrics lists)
-        return {**super().unavailable_metrics(recipe, asked, state), **self.objective_metrics(recipe)}
+        """Also, of the metrics `asked` outside the recipe (a command-line --gate, a sweep's objective), the
+        objectives' own under another objective (`objective_metrics`; those the recipe names, `check_recipe`
+        refuses): `eval RUN --gate reward_mean>=0.1` of a DPO run evaluated, then failed as "missing"."""
+        objectives = self.objective_metrics(recipe)  # (the objective is why, whatever eval.metrics lists)
+        mismatched = {metric: objectives[metric] for metric in asked if metric in objectives}
+        return {**super().unavailable_metrics(recipe, asked, state), **mismatched}
 
     def objective_metrics(self, recipe: Recipe) -> dict[str, str]:
         """The objectives' own metrics this recipe's objective does not report (metric -> why): the one rule

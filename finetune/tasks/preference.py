@@ -277,16 +277,16 @@ def _encode_sides(
         selected = encoded.features.select([at[int(i)] for i in keep])
         columns[f"{name}_input_ids"], columns[f"{name}_labels"] = selected["input_ids"], selected["labels"]
     at = {int(i): n for n, i in enumerate(first.keep)}
-    report = _merged_report(first.report, second.report, len(prompts), len(keep), names)
-    report.truncated = int(np.union1d(first.too_long, second.too_long).size)  # rows with either side cut
+    truncated = int(np.union1d(first.too_long, second.too_long).size)  # rows with either side cut
+    report = _merged_report(first.report, second.report, len(prompts), len(keep), names, truncated)
     return columns, keep, report, [first.prompt_ids[at[int(i)]] for i in keep]
 
 
 def _merged_report(
-    first: LengthReport, second: LengthReport, rows: int, kept: int, names: tuple[str, str]
+    first: LengthReport, second: LengthReport, rows: int, kept: int, names: tuple[str, str], truncated: int
 ) -> LengthReport:
-    """Both sides' lengths in one report: each percentile the longer side's, each side's truncated count said
-    where they differ (the caller counts the rows with either side cut), each side's notes under its name (two
+    """Both sides' lengths in one report: each percentile the longer side's, `truncated` the rows with either side
+    cut (each side's own count said where they differ), each side's notes under its name (two
     sides' "1 completion(s) ... were cut" are two completions: one note said one), the rows dropped on either side
     counted. It was the first side's alone: a 3,000-token rejected answer cut to max_length showed as max 26
     tokens, 0 truncated."""
@@ -297,7 +297,7 @@ def _merged_report(
         notes.append(
             f"truncated to max_length: {first.truncated} {names[0]} and {second.truncated} {names[1]} sequence(s)"
         )
-    report.notes = notes
+    report.notes, report.truncated = notes, truncated
     if kept < rows - report.dropped:
         report.notes.append(f"{rows - kept} row(s) dropped because one side was too long (data.overflow=drop)")
         report.dropped = rows - kept
