@@ -494,26 +494,33 @@ def evaluate_all_checkpoints(
     try:
         table: list[dict] = []
         kept: dict = {}
+        evaluated = (sources[-1][1], sources[-1][2])
         for number, (step, adapter_dir, label) in enumerate(sources, start=1):
             if not adapter_dir.is_dir():  # pruned by the training still writing the run (keep_checkpoints)
                 skipped.append(f"{label} left out: removed while the table was made")
                 continue
             session = open_session(resolved, adapter_dir=adapter_dir, splits=("eval",), with_lora=False)
-            last = number == len(sources)  # the document's metrics (the kept weights): only they need intervals
+            # The document's metrics are the last weights scored (the kept ones): only they need intervals. Later
+            # sources still on disk mean this is not the last (one pruned meanwhile leaves the one before last).
+            last = not any(later.is_dir() for _, later, _ in sources[number:])
             _, scored = evaluate_features(session, session.model, session.features["eval"], accelerator, intervals=last)
             table.append({"step": step, "weights": label, "metrics": scored["metrics"]})
-            kept = scored
+            kept, evaluated = scored, (adapter_dir, label)
+        if not table:
+            raise RecipeError(
+                f"{run_path}: every checkpoint was removed while the table was made ({'; '.join(skipped)})"
+            )
         document = evaluation.metrics_document(
             recipe.task,
             kept,
             evaluation.collect_gates(recipe.eval.gates if finished else {}, gates),
-            {"evaluated": str(sources[-1][1]), "checkpoints": table},
+            {"evaluated": str(evaluated[0]), "checkpoints": table},
         )
         if not finished:
             unjudged = "; the recipe's gates are not judged (no kept weights)" if recipe.eval.gates else ""
             skipped.insert(
                 0,
-                f"the run did not finish (no adapter/): these metrics are its last checkpoint's ({sources[-1][2]})"
+                f"the run did not finish (no adapter/): these metrics are its last checkpoint's ({evaluated[1]})"
                 + unjudged,
             )
         if skipped:

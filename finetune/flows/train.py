@@ -422,11 +422,6 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
             retrieval = recipe.data.retrieval.model_copy(update={"sparse_weight": weight})
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"retrieval": retrieval})})
     _check_finished_identity(run_dir, recipe, processes, force)
-    console.print(
-        f"{run_dir.path} is a finished run; nothing to resume (its metrics are below, judged by this recipe's gates)",
-        highlight=False,
-        soft_wrap=True,
-    )
     document = _finished_metrics(run_dir)
     stored = document.get("intervals") or {}
 
@@ -436,7 +431,20 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
         return (interval["low"], interval["high"]) if interval and interval.get("level") == level else None
 
     gates = evaluation.collect_gates(recipe.eval.gates, None)
-    return {**document, "gates": evaluate_gates(gates, document.get("metrics", {}), bounds)}
+    metrics = document["metrics"]
+    # A recipe matching the run cannot gate a metric the run does not report (resolve refuses it); one forced past
+    # a changed task or metric list can: that is this recipe's error (exit 2), not a failed gate of the run's.
+    if unreported := sorted({g.metric for g in gates} - set(metrics)):
+        raise RecipeError(
+            f"eval.gates: {run_dir.path} reports no {', '.join(unreported)} (it reports {', '.join(sorted(metrics))}); "
+            "a forced resume keeps the run's own metrics; train again with --overwrite to report these"
+        )
+    console.print(
+        f"{run_dir.path} is a finished run; nothing to resume (its metrics are below, judged by this recipe's gates)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return {**document, "gates": evaluate_gates(gates, metrics, bounds)}
 
 
 # The key of a finished run's manifest.json under which it records what a resume must match.

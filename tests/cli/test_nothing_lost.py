@@ -95,6 +95,31 @@ def test_a_forced_resume_that_cannot_load_removes_nothing(finished_run):
     assert snapshot(out) == before
 
 
+def test_a_forced_resume_of_a_finished_run_gating_what_it_never_reported_is_a_recipe_error(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """A finished run reporting accuracy alone, resumed by force with a recipe gating macro_f1: the gate "failed"
+    (exit 4, a quality verdict on a metric the run never computed); it is this recipe's error (exit 2)."""
+    run = tmp_path / "run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, run, epochs=1)
+    recipe["eval"] = {"metrics": ["accuracy"]}
+    path = write_recipe(recipe)
+    assert invoke("run", path).exit_code == 0
+    before = snapshot(run)
+    forced = invoke(
+        "run",
+        path,
+        "--resume",
+        "auto",
+        "--force-resume",
+        "eval.metrics=[accuracy,macro_f1]",
+        'eval.gates.macro_f1=">=0.1"',
+    )
+    assert forced.exit_code == 2, forced.output
+    assert "reports no macro_f1 (it reports accuracy)" in " ".join(forced.output.split()), forced.output
+    assert snapshot(run) == before
+
+
 def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_recipe, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -583,6 +608,39 @@ def test_an_interrupted_run_s_checkpoints_are_scored(finished_run, tmp_path):
         shutil.rmtree(run / "checkpoints" / step)
     empty = invoke("eval", run, "--all-checkpoints", "--output", tmp_path / "e")
     assert empty.exit_code == 2 and "nothing to score" in empty.output, empty.output
+
+
+def test_a_checkpoint_pruned_while_the_table_is_made_is_not_named_as_evaluated(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    """Training still writing the run prunes its last checkpoint while --all-checkpoints scores the ones before: the
+    document named the pruned checkpoint as the weights evaluated, and its metrics (the one scored before it) came
+    without intervals."""
+    from finetune.flows import evaluate
+
+    run = tmp_path / "run"
+    recipe = classification_recipe(tiny_models["bert"], topic_data, run, epochs=1, checkpoint_every=5)
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    shutil.rmtree(run / "adapter")
+    (run / "metrics.json").unlink()
+    steps = sorted((run / "checkpoints").iterdir())
+    assert len(steps) >= 2, steps
+    opened = evaluate.open_session
+
+    def prune_the_last(resolved, **kwargs):
+        if kwargs["adapter_dir"] == steps[0] / "adapter":
+            shutil.rmtree(steps[-1])
+        return opened(resolved, **kwargs)
+
+    monkeypatch.setattr(evaluate, "open_session", prune_the_last)
+    table = invoke("eval", run, "--all-checkpoints", "--json")
+    assert table.exit_code == 0, table.output
+    document = json.loads(table.stdout)
+    assert [row["weights"] for row in document["checkpoints"]] == [s.name for s in steps[:-1]]
+    assert document["evaluated"] == str(steps[-2] / "adapter"), document["evaluated"]
+    assert any(steps[-2].name in w and "did not finish" in w for w in document["warnings"]), document["warnings"]
+    assert any(f"{steps[-1].name} left out" in w for w in document["warnings"]), document["warnings"]
+    assert "intervals" in document, sorted(document)
 
 
 def test_a_stop_while_the_card_is_written_resumes_to_a_whole_run(
