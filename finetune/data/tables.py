@@ -503,25 +503,18 @@ class Origins:
     def explain(self, error: DataError, split: str) -> DataError:
         """A task's `split: row N: ...` (N counting this split's rows from 1), or the `(rows N, M, ...)` of
         data.overflow: error, with the file's own places instead of the split's row numbers."""
-        text, head = str(error), f"{split}: "
-        if not text.startswith(head):
+        mention = RowMention.read(error, split)
+        if mention is None or not all(1 <= n <= len(self) for n in mention.numbers):
             return error
-        rest = text[len(head) :]
-        one = re.match(r"row (\d+): ", rest)
-        if one and 1 <= int(one[1]) <= len(self):
-            place = self.place(int(one[1]) - 1)
+        first = mention.numbers[0] - 1
+        if mention.one:
+            place = self.place(first)
             # Rows named by their own file (predict's and detect's input, `SOURCE: row N`): `SOURCE:LINE`, not
             # `SOURCE: SOURCE:LINE`; a split of the recipe keeps its name before its file's (`data.train: f:3`).
-            lead = "" if place.startswith(f"{split}:") else head
-            return DataError(f"{lead}{place}: {self._columns_named(rest[one.end() :], int(one[1]) - 1)}")
-        several = re.search(r"\(rows (\d+(?:, \d+)*)", rest)
-        if several:
-            numbers = [int(n) for n in several[1].split(", ")]
-            if all(1 <= n <= len(self) for n in numbers):
-                places = "; ".join(self.place(n - 1) for n in numbers)
-                said = f"{rest[: several.start()]}({places}{rest[several.end() :]}"
-                return DataError(f"{head}{self._columns_named(said, numbers[0] - 1)}")
-        return error
+            lead = "" if place.startswith(f"{split}:") else f"{split}: "
+            return DataError(f"{lead}{place}: {self._columns_named(mention.after, first)}")
+        places = "; ".join(self.place(n - 1) for n in mention.numbers)
+        return DataError(f"{split}: {self._columns_named(f'{mention.before}({places}{mention.after}', first)}")
 
     def _columns_named(self, text: str, row: int) -> str:
         """`text` with each field data.columns maps named as the row's file names its column."""
@@ -530,25 +523,45 @@ class Origins:
         return text
 
 
+@dataclass(frozen=True)
+class RowMention:
+    """Where a message names rows of a split by number: `split: row N: AFTER` (one) or `split: BEFORE(rows N, M,
+    ...AFTER` (several). The one reader of that format, for `Origins.explain` and `renumbered`."""
+
+    numbers: tuple[int, ...]
+    one: bool
+    before: str = ""
+    after: str = ""
+
+    @classmethod
+    def read(cls, error: DataError, split: str) -> RowMention | None:
+        text, head = str(error), f"{split}: "
+        if not text.startswith(head):
+            return None
+        rest = text[len(head) :]
+        if one := re.match(r"row (\d+): ", rest):
+            return cls((int(one[1]),), True, after=rest[one.end() :])
+        if several := re.search(r"\(rows (\d+(?:, \d+)*)", rest):
+            numbers = tuple(int(n) for n in several[1].split(", "))
+            return cls(numbers, False, rest[: several.start()], rest[several.end() :])
+        return None
+
+    def said(self, split: str, numbers: Sequence[int]) -> str:
+        """The message again, naming `numbers` in place of its own."""
+        if self.one:
+            return f"{split}: row {numbers[0]}: {self.after}"
+        return f"{split}: {self.before}(rows {', '.join(map(str, numbers))}{self.after}"
+
+
 def renumbered(error: DataError, split: str, numbers: Sequence[int]) -> DataError:
     """A `split: row N: ...` or `(rows N, M, ...)` error about rows made from a split's rows (KTO's thumbs from
     its pairs), with the numbers of the rows they were made from (`numbers[N - 1]`, 1-based), which
     `Origins.explain` then names by their place in the file."""
-    text, head = str(error), f"{split}: "
-    if not text.startswith(head):
+    mention = RowMention.read(error, split)
+    if mention is None:
         return error
-
-    def source(number: str) -> str:
-        n = int(number)
-        return str(numbers[n - 1]) if 1 <= n <= len(numbers) else number
-
-    rest = re.sub(r"^row (\d+): ", lambda m: f"row {source(m[1])}: ", text[len(head) :])
-    rest = re.sub(
-        r"\(rows (\d+(?:, \d+)*)",
-        lambda m: "(rows " + ", ".join(dict.fromkeys(source(n) for n in m[1].split(", "))),
-        rest,
-    )
-    return DataError(head + rest)
+    sources = (numbers[n - 1] if 1 <= n <= len(numbers) else n for n in mention.numbers)
+    return DataError(mention.said(split, list(dict.fromkeys(sources))))
 
 
 def missing_file(path: Path, item: str) -> str:

@@ -4,7 +4,6 @@ evaluation step that training also uses."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import string
@@ -46,7 +45,7 @@ from finetune.flows.session import (
 from finetune.outputs import card, plots, rundir
 from finetune.outputs.adapter import read_adapter_meta
 from finetune.outputs.lock import RunLock
-from finetune.outputs.manifest import START_ADAPTER
+from finetune.outputs.manifest import START_ADAPTER, read_manifest
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
@@ -365,11 +364,10 @@ def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
     """The eval file and knowledge base a run's manifest recorded, when the file read now is not the same: every
     row, context and metric of this evaluation come from the file as it is now (a relative path is read from the
     working directory: from another one, an eval file of the same name scored 1.0 where the run scored 0.22)."""
-    try:
-        manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
-        recorded = manifest.get("data_files") or {}
-    except (OSError, ValueError, AttributeError):
+    if (manifest := read_manifest(run.manifest)) is None:
         return []
+    recorded = manifest.get("data_files")
+    recorded = recorded if isinstance(recorded, dict) else {}
     what = {"eval": "eval file", "knowledge_base": "knowledge base"}
     changed = []
     # Only an objective scored against its reference reads model.adapter again (an SFT or GRPO run's adapter holds

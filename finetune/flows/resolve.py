@@ -71,6 +71,7 @@ from finetune.models.references import (
 )
 from finetune.outputs import rundir
 from finetune.outputs.adapter import WEIGHTS_FILE
+from finetune.outputs.manifest import read_manifest
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
 from finetune.recipe.schema import (
@@ -1795,10 +1796,10 @@ def _same_training_files(run: RunDir, recipe: Recipe, then: object) -> bool:
     names = [then] if isinstance(then, str) else then if isinstance(then, list) else []
     now = recipe.data.train
     now_names = [now] if isinstance(now, str) else list(now or [])
-    try:
-        recorded = json.loads(run.manifest.read_text(encoding="utf-8")).get("data_files") or {}
-    except (OSError, ValueError):
+    if (manifest := read_manifest(run.manifest)) is None:
         return True
+    recorded = manifest.get("data_files")
+    recorded = recorded if isinstance(recorded, dict) else {}
     before = [recorded.get(name) for name in names]
     if not names or None in before:
         return now_names == names

@@ -463,10 +463,7 @@ def _check_finished_identity(run_dir: RunDir, recipe: Recipe, processes: int, fo
 
 
 def _recorded_identity(run_dir: RunDir) -> dict | None:
-    try:
-        saved = files.read_json(run_dir.manifest).get(RESUME_IDENTITY)
-    except (OSError, ValueError, AttributeError):
-        return None
+    saved = (provenance.read_manifest(run_dir.manifest) or {}).get(RESUME_IDENTITY)
     return saved if isinstance(saved, dict) else None
 
 

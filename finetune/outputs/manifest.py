@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.outputs.lock import command_line
@@ -55,6 +57,16 @@ def _hardware(accelerator: Accelerator | None) -> dict[str, Any]:
 # manifest.json's record of the adapter a run started from (model.adapter -> its weights' sha256), which
 # `finetune eval` compares: a preference run's reference policy is that adapter, loaded again by path.
 START_ADAPTER = "model_adapter"
+
+
+def read_manifest(path: Path) -> dict | None:
+    """A run's manifest.json as written, or None where it is missing or damaged: each reader then takes the run at
+    its word (it recorded nothing to compare), as runs from before a record was added are."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def build_manifest(
