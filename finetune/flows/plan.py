@@ -249,7 +249,13 @@ def show_plan(
     generation = generation_plan(session, device)
     if generation is not None:
         table.add_row("generation", generation)
-    table.add_row("precision", "fp32" if session.precision == "no" else session.precision)  # accelerate's "no"
+    # accelerate's "no" is fp32
+    table.add_row(
+        "precision",
+        f"{'fp32' if session.precision == 'no' else session.precision}; gradient checkpointing "
+        f"{'on' if recipe.distributed.gradient_checkpointing else 'off'} (distributed.gradient_checkpointing: on "
+        "keeps less for the backward pass and recomputes the rest, slower)",
+    )
     table.add_row("output", output_note)
     for name, value in estimate_rows(estimate) if estimate is not None else []:
         table.add_row(name, value)
