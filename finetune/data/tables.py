@@ -20,6 +20,7 @@ import sys
 import tempfile
 import traceback
 import unicodedata
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -350,16 +351,28 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         else:
             separator = _CSV_SEPARATORS[suffix]
             quoting = _quoting(path, separator)
-            frame = pd.read_csv(
-                path,
-                sep=separator,
-                quoting=quoting,
-                keep_default_na=False,
-                dtype=str
-                if text_columns == ALL_COLUMNS
-                else dict.fromkeys(text_columns, str),  # unknown names: ignored
-            )
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                # index_col=False: rows with more fields than the header are not read as an index column in front
+                # (pandas' default: every column then shifted one to the right, silently); the extra fields are
+                # checked below.
+                frame = pd.read_csv(
+                    path,
+                    sep=separator,
+                    quoting=quoting,
+                    keep_default_na=False,
+                    index_col=False,
+                    dtype=str
+                    if text_columns == ALL_COLUMNS
+                    else dict.fromkeys(text_columns, str),  # unknown names: ignored
+                )
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
+        if suffix != ".parquet" and any(issubclass(w.category, pd.errors.ParserWarning) for w in said):
+            _check_extra_fields(path, separator, quoting, len(header))
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
     twice = sorted({name for name in header if name.strip() and header.count(name) > 1})  # (blank: trailing commas)
@@ -375,6 +388,33 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
 
 
 _CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def _check_extra_fields(path: Path, separator: str, quoting: int, width: int) -> None:
+    """A row with more fields than the header is refused at its line, unless the extra fields are empty (a
+    separator closing every line, as spreadsheet exports write): which column a value belongs to is unknowable."""
+    with _open_binary(path) as handle, io.TextIOWrapper(handle, encoding="utf-8-sig", newline="") as text:
+        records = csv.reader(text, delimiter=separator, quoting=quoting)
+        next(records, None)
+        for record in records:
+            if len(record) > width and any(value.strip() for value in record[width:]):
+                raise DataError(
+                    f"{path}:{records.line_num}: {len(record)} fields where the header names {width} columns "
+                    f"(extra: {record[width:][:3]!r}); quote a value holding {separator!r}, or name every column"
+                )
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The first line of a file that is not UTF-8, named as the JSON Lines reader names it."""
+    for number, line in enumerate(_lines(path), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return DataError(
+                f"{path}:{number}: not UTF-8 text (byte {exc.start} of the line: {line[exc.start : exc.start + 1]!r}); "
+                "save the file as UTF-8"
+            )
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _header(path: Path, separator: str, quoting: int) -> list[str]:

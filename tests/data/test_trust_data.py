@@ -121,6 +121,22 @@ def test_csv_columns_a_task_reads_as_text_or_names_are_read_as_written(tmp_path)
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == ["12", "17", "2024", "99"]
 
 
+def test_a_csv_row_with_more_fields_than_its_header_is_refused_at_its_line(tmp_path):
+    """pandas read a first extra field on every row as an index column, silently: each value then sat under the
+    next column's name (the text under `label`, a stray field as the label), and predict passed the shifted row on.
+    A separator closing every line (a spreadsheet export) is no extra value; a file not in UTF-8 names its line."""
+    (tmp_path / "extra.csv").write_text("text,label\nstadium goal,sport,web\nrecipe bake,food,web\n")
+    with pytest.raises(DataError, match=r"extra.csv:2: 3 fields where the header names 2 columns \(extra: \['web'\]\)"):
+        split_of({"train": str(tmp_path / "extra.csv"), "eval_split": 0.5})
+    (tmp_path / "closed.csv").write_text("text,label\n" + "stadium goal,sport,\nrecipe bake,food,\n" * 2)
+    read = split_of({"train": str(tmp_path / "closed.csv"), "eval_split": 0.5})
+    assert sorted([*read.train["text"], *read.eval["text"]]) == ["recipe bake"] * 2 + ["stadium goal"] * 2
+    assert sorted([*read.train["label"], *read.eval["label"]]) == ["food", "food", "sport", "sport"]
+    (tmp_path / "latin.csv").write_bytes(b"text,label\nstadium goal,sport\nrecipe b\xe9ke,food\n")
+    with pytest.raises(DataError, match=r"latin.csv:3: not UTF-8 text"):
+        split_of({"train": str(tmp_path / "latin.csv"), "eval_split": 0.5})
+
+
 def test_a_number_or_nothing_where_text_is_expected_names_the_row_column_and_type(tmp_path):
     rows = [{"body": f"text {i}", "topic": "a" if i % 2 else "b"} for i in range(10)]
     rows[6]["body"] = 42  # text and numbers in one column: the reader cannot make a table of it
