@@ -10,6 +10,9 @@ a row's samples follow it with `sample` 1, 2, ...), since samples of one prompt 
   generator seeded with SEED, so the same rows always give the same interval and a baseline and a candidate are
   resampled alike; against a baseline, a paired bootstrap (both scored on the same resampled units; its p-value
   with the null imposed by centring, see `paired_bootstrap_p`).
+- A bootstrapped metric whose every resample scores 0 or 1 (every row right, or every row wrong: macro-F1 or ROUGE
+  of a perfect evaluation) has no spread to take percentiles of; it gets the Wilson interval of n of n (or 0 of n)
+  units instead (method `wilson_at_bound`), not the single point that would pass an @95 gate on three rows.
 - A metric that counts *distinct* things (distinct-2) cannot be bootstrapped: a resample drawn with replacement
   repeats about a third of its units, and a repeated unit adds n-grams but no new distinct ones, so every
   resample scores below the value (measured: distinct-2 0.358 on 32 copywriting answers, its percentile interval
@@ -566,6 +569,10 @@ def build_statistics(scorer: Scorer, rows: Sequence[dict], metrics: dict[str, An
     return Statistics(units, found, notes)
 
 
+# The method of a bootstrapped metric whose every resample scored 0 or 1 (see `estimate_intervals`).
+AT_BOUND = "wilson_at_bound"
+
+
 @dataclass(frozen=True)
 class Estimate:
     """What an interval at any level is read from: a proportion's counts, or bootstrap values."""
@@ -579,7 +586,7 @@ class Estimate:
     limits: tuple[float, float] | None = None
 
     def interval(self, level: float) -> Interval | None:
-        if self.method == "wilson":
+        if self.method in ("wilson", AT_BOUND):
             low, high = wilson(self.successes, self.trials, level)
             return Interval(low, high, level, self.method)
         if self.method == "jackknife":
@@ -654,8 +661,17 @@ def estimate_intervals(scorer: Scorer, rows: Sequence[dict], metrics: dict[str, 
             estimates[name] = Estimate("jackknife", value=value, error=error, limits=statistic.limits)
         else:
             resampled[name] = statistic
-    for name, values in _bootstrap(resampled, len(found.units)).items():
-        estimates[name] = Estimate("bootstrap", bootstrap=values)
+    units = len(found.units)
+    for name, values in _bootstrap(resampled, units).items():
+        drawn = values[~np.isnan(values)]
+        if len(drawn) and drawn.min() == drawn.max() and drawn[0] in (0.0, 1.0):
+            # Every resample scores the metric's bound (every row right, or every row wrong): the percentile
+            # bootstrap's interval is that one point, as sure on 3 rows as on a million, and an @95 gate on it
+            # passed on 3 rows. Wilson's interval of n of n (or 0 of n) units stands in: the uncertainty any
+            # proportion of that many rows has at its bound.
+            estimates[name] = Estimate(AT_BOUND, successes=units if drawn[0] == 1.0 else 0, trials=units)
+        else:
+            estimates[name] = Estimate("bootstrap", bootstrap=values)
     ordered = {name: estimates[name] for name in metrics if name in estimates}
     return Intervals(ordered, len(found.units), found.notes)
 

@@ -117,6 +117,27 @@ def test_the_method_follows_the_metric_not_the_values_its_rows_took(few_resample
     assert_equal_intervals({"intervals": {"f1": document["intervals"]["f1"]}}, reference)
 
 
+def test_a_perfect_evaluation_s_bootstrapped_metrics_get_wilson_s_interval_not_a_point():
+    """Three rows, all right: every resample's macro-F1 is 1.0, so the percentile interval was [1, 1] and
+    `macro_f1>=0.99@95` passed on three rows, while accuracy on the same rows got Wilson's [0.44, 1]."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    rows = [{"text": f"t{i}", "label": label, "prediction": label} for i, label in enumerate(LABELS[:3])]
+    scored = score(get_task("classification"), rows, EvalSection(), intervals=True)
+    document = metrics_document("classification", scored, [parse_gate("macro_f1>=0.99@95")])
+    low, _ = proportion_confint(3, 3, alpha=0.05, method="wilson")
+    for name in ("accuracy", "macro_f1", "weighted_f1"):
+        assert document["intervals"][name]["low"] == pytest.approx(low, abs=1e-12), (name, document["intervals"])
+    assert document["intervals"]["macro_f1"]["method"] == iv.AT_BOUND
+    assert not document["gates"]["macro_f1>=0.99@95"]["passed"], document["gates"]
+    # Every row wrong: the lower bound 0, the upper Wilson's of 0 of 3.
+    wrong = [{**row, "prediction": LABELS[(i + 1) % 3]} for i, row in enumerate(rows)]
+    document = metrics_document(
+        "classification", score(get_task("classification"), wrong, EvalSection(), intervals=True), []
+    )
+    assert document["intervals"]["macro_f1"]["high"] == pytest.approx(proportion_confint(0, 3, method="wilson")[1])
+
+
 def test_resample_blocks_are_one_draw_from_the_seed():
     whole = np.random.default_rng(iv.SEED).integers(0, 37, size=(iv.RESAMPLES, 37))
     blocks = list(iv.resample_blocks(37))
