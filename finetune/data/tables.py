@@ -313,6 +313,10 @@ def _inner_kinds(column: str, value: object) -> Iterator[tuple[str, str]]:
         for key, inner in value.items():
             if inner is not None:
                 yield f"column {column!r} (its {key!r})", _kind(inner)
+            if isinstance(inner, list):  # SQuAD's answers.answer_start: ["12"] on one line, [12] on another
+                for item in inner:
+                    if item is not None:
+                        yield f"column {column!r} (its {key!r} items)", _kind(item)
     if isinstance(value, list):
         for item in value:
             if item is not None:

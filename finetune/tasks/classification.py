@@ -14,6 +14,7 @@ the logits, by a forward hook on the model (the training loop only reads `model(
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -389,19 +390,23 @@ class ClassificationTask(Task):
         y_true = [label_key(r["label"]) for r in rows]
         y_pred = [label_key(r["prediction"]) for r in rows]
         classes = sorted(set(y_true) | set(y_pred))
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y_true, y_pred, labels=classes, zero_division=0
-        )
-        metrics = {
-            "accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        }
+        with warnings.catch_warnings():
+            # Rows of one class (a stratified split's small eval set): scikit-learn warns, on the console, that its
+            # confusion matrix might miss classes; the classes seen are passed, and the matrix is theirs.
+            warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+            precision, recall, f1, support = precision_recall_fscore_support(
+                y_true, y_pred, labels=classes, zero_division=0
+            )
+            metrics = {
+                "accuracy": float(accuracy_score(y_true, y_pred)),
+                "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+                "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+            }
+            matrix = confusion_matrix(y_true, y_pred, labels=classes).tolist()
         per_class = {
             c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for c, p, r, f, s in zip(classes, precision, recall, f1, support)
         }
-        matrix = confusion_matrix(y_true, y_pred, labels=classes).tolist()
         return {
             "metrics": metrics,
             "details": {"per_class": per_class, "confusion_matrix": {"labels": classes, "matrix": matrix}},

@@ -446,3 +446,10 @@ def test_an_object_whose_inner_value_changes_kind_is_named_at_its_line(tmp_path)
     path = write_jsonl(tmp_path / "squad.jsonl", rows)
     with pytest.raises(DataError, match=r"column 'answers' \(its 'text'\) is a list on line 1 but text on line 4"):
         load_table(str(path), "data.train")
+    # A list's items: an answer_start written as text on one line ("Could not convert '12'", no line, no column).
+    rows[3] = {"question": "q", "answers": {"text": ["a"], "answer_start": ["0"]}}
+    path = write_jsonl(tmp_path / "squad.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"'answers' \(its 'answer_start' items\) is a number on line 1 but text on line 4"
+    ):
+        load_table(str(path), "data.train")
