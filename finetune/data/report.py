@@ -380,6 +380,17 @@ def warnings(report: dict) -> list[str]:
             f"{len(only_in_eval)} class(es) only in eval, with no training row (the model never learns them; they "
             "count as errors): " + ", ".join(f"{label} ({counts[label]} eval rows)" for label in only_in_eval)
         )
+    spellings: dict[str, set[str]] = {}
+    for side in ("train", "eval"):
+        for label in balance.get(side, {}).get("counts") or {}:
+            spellings.setdefault(str(label).casefold(), set()).add(str(label))
+    alike = [sorted(names) for names in spellings.values() if len(names) > 1]
+    if alike:  # one class written two ways, or two classes? Only the user knows: said, not merged
+        out.append(
+            "classes that differ only in case are separate classes: "
+            + "; ".join(" / ".join(map(repr, names)) for names in sorted(alike))
+            + " (write them alike if each group is one class)"
+        )
     split = report.get("eval_split")
     if split and report["task"] == "classification" and split.get("method") != "stratified":
         out.append(f"data.eval_split: {split['note']}")

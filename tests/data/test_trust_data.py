@@ -367,6 +367,17 @@ def test_the_report_names_every_rare_class(tiny_models, write_recipe, tmp_path, 
     assert report["label_balance"]["train"]["rare_classes"] == sorted(rare)
 
 
+def test_classes_that_differ_only_in_case_are_said(tiny_models, write_recipe, tmp_path, monkeypatch):
+    """`sport` and `SPORT` are two classes (case may mean something), but the report said nothing of it."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"text {i}", "label": ["sport", "SPORT", "food"][i % 3]} for i in range(30)]
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", rows), "eval": write_jsonl(tmp_path / "e.jsonl", rows[:6])}
+    recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "r")
+    result = runner.invoke(app, ["data", str(write_recipe(recipe))])
+    assert result.exit_code == 0, result.output
+    assert "differ only in case are separate classes: 'SPORT' / 'sport'" in one_line(result.output), result.output
+
+
 # --------------------------------------------------------------------------- 9. the bundled demo data
 
 
