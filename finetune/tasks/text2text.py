@@ -113,8 +113,8 @@ def encode(
 
     Over-long examples follow `data.overflow`. Truncation never drops a
     completion silently: a decoder keeps the end of the prompt next to the whole
-    completion; only a completion longer than max_length itself is cut, and
-    those are counted in the report's notes.
+    completion; only a completion too long to leave its prompt half the width
+    (all of a shorter prompt) is cut, and those are counted in the report's notes.
     """
     max_length, policy = recipe.data.max_length, recipe.data.overflow
     text = prompt_texts(prompts, tokenizer, recipe)
@@ -150,8 +150,11 @@ def encode(
         if completion_ids is None:
             continue
         completion = completion_ids[i]
-        if len(completion) > max_length:
-            completion, cut_completions = completion[:max_length], cut_completions + 1
+        # A decoder's completion leaves its prompt at least half the width (all of a shorter prompt): a completion
+        # filling max_length kept no prompt at all, and trained the answer to nothing.
+        room = max_length if family.encoder_decoder else max_length - min(len(prompt), max_length // 2)
+        if len(completion) > room:
+            completion, cut_completions = completion[:room], cut_completions + 1
         if family.encoder_decoder:
             inputs.append(prompt)
             labels.append(completion)
@@ -161,8 +164,13 @@ def encode(
             labels.append([IGNORE] * len(prompt) + completion)
     if cut_completions:
         report.notes.append(
-            f"{cut_completions} completion(s) longer than max_length={max_length} were cut (their end and EOS "
-            "are not trained on); raise data.max_length or use data.overflow=drop"
+            f"{cut_completions} completion(s) were cut to fit max_length={max_length}"
+            + (
+                ""
+                if family.encoder_decoder
+                else " beside their prompt (which keeps half of max_length, or all of a shorter one)"
+            )
+            + " (their end and EOS are not trained on); raise data.max_length or use data.overflow=drop"
         )
     if too_long and completion_ids is not None and not family.encoder_decoder:
         report.notes.append(f"{too_long} prompt(s) were shortened from the start to keep their completions")

@@ -149,7 +149,13 @@ def test_truncation_keeps_the_completion_and_reports_it(tiny_models, tmp_path):
     assert any("shortened" in note for note in encoded.report.notes)
 
     too_long_completion = encode(["sun"], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
-    assert any("completion(s) longer" in note for note in too_long_completion.report.notes)
+    assert any("completion(s) were cut" in note for note in too_long_completion.report.notes)
+    # A completion as long as max_length left no prompt at all (trained to answer nothing): the prompt keeps half
+    # the width, the completion the rest.
+    both_long = encode([long_prompt], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
+    row = both_long.features[0]
+    assert len(row["input_ids"]) == 12 and row["labels"][:6] == [IGNORE] * 6 and IGNORE not in row["labels"][6:]
+    assert row["input_ids"][:6] == tokenizer(long_prompt)["input_ids"][:1] + tokenizer(long_prompt)["input_ids"][-5:]
 
     dropped = encode(
         [long_prompt, "sun"],
