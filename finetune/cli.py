@@ -48,6 +48,25 @@ class _Console(Console):
         raise SystemExit(PIPE_CLOSED)
 
 
+def _open_closed_streams() -> None:
+    """A command started with stdin, stdout or stderr closed (`>&-`, a daemon or cron job): Python has None there,
+    and the first `isatty()` was a traceback, exit 1, before any command ran. Each is opened on /dev/null, and on
+    its own descriptor: a closed 1 or 2 would otherwise be the next file opened (a checkpoint), and what was meant
+    for the terminal written into it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the lowest free descriptor, which is this one when those below it are open
+            opened = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+        setattr(sys, name, open(fd, mode, encoding="utf-8", errors="replace", closefd=False))
+
+
+_open_closed_streams()
 # No emoji or markup in what we print of user data: `name:split` must stay as typed. Interactive (a live progress
 # bar) only on a real terminal: rich counts one whenever FORCE_COLOR is set (common in CI), and a piped log then held
 # 100 KB of redraws on one line and no step lines at all.

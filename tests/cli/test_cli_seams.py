@@ -126,6 +126,24 @@ def test_a_reader_closing_the_pipe_early_is_141_for_every_printing_command(argum
     assert process.wait(timeout=120) == PIPE_CLOSED and "Traceback" not in error, error
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("closed", ["1", "2", "0 1 2"])
+def test_a_command_started_with_its_streams_closed_runs(closed, tmp_path):
+    """`finetune ... >&-` (a daemon, a cron job): Python had None for the closed stream and the console's first
+    isatty() was a traceback, exit 1, before any command ran. A refusal still has its own exit code."""
+    recipe = REPO / "recipes" / "classification" / "minilm-topics.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    redirections = " ".join(f"{fd}>&-" for fd in closed.split())
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        command = f'exec "$0" -m finetune "$@" {redirections}'
+        return subprocess.run(["bash", "-c", command, sys.executable, *arguments], env=env, cwd=REPO, timeout=120)
+
+    assert run("validate", str(recipe)).returncode == 0
+    refused = run("validate", str(tmp_path / "missing.yaml"))
+    assert refused.returncode == 2, refused
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("where", ["a launched process", "SIGTERM ignored"])
 def test_sigterm_is_left_alone_in_a_launched_process_and_where_it_is_ignored(where, monkeypatch):
