@@ -235,6 +235,12 @@ def _terminate_as_interrupt():
 def _handled(command):
     """Run a command: user errors -> one line on stderr and their exit code; a bug -> exit 1."""
 
+    # How a stopped training command continues; said only where it applies (an export has nothing to continue).
+    resumable = {
+        "run_command": " (`finetune run ... --resume auto` continues the run from its last checkpoint)",
+        "sweep_command": " (the same `finetune sweep` command continues the study)",
+    }.get(command.__name__, "")
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
@@ -293,8 +299,7 @@ def _handled(command):
             )
             err_console.print(
                 f"[red]error:[/] cannot write{escape(where)}: {escape(exc.strerror or str(exc))}. Nothing half-written "
-                f"was left; {remedy} (`finetune run ... --resume auto` continues a training run from its last "
-                "checkpoint)",
+                f"was left; {remedy}{resumable}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -304,8 +309,8 @@ def _handled(command):
                 raise
             if _disk_full(exc):  # safetensors' writer reports a full disk as its own error, not an OSError
                 err_console.print(
-                    f"[red]error:[/] cannot write: {escape(str(exc)[:300])}. Free space and run again (`finetune run "
-                    "... --resume auto` continues a training run from its last checkpoint)",
+                    f"[red]error:[/] cannot write: {escape(str(exc)[:300])}. Nothing half-written was left; free space "
+                    f"and run again{resumable}",
                     highlight=False,
                     soft_wrap=True,
                 )

@@ -394,10 +394,11 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
 _CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 
 
-def _check_extra_fields(path: Path, separator: str, quoting: int, width: int) -> None:
+def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], width: int) -> None:
     """A row with more fields than the header is refused at its line, unless the extra fields are empty (a
     separator closing every line, as spreadsheet exports write): which column a value belongs to is unknowable."""
-    with _open_binary(path) as handle, io.TextIOWrapper(handle, encoding="utf-8-sig", newline="") as text:
+    opener: Callable[..., Any] = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
         records = csv.reader(text, delimiter=separator, quoting=quoting)
         next(records, None)
         for record in records:

@@ -226,10 +226,14 @@ def _run(
             )
         if dry_run:
             return plan_document(session, accelerator.num_processes, output_note, measured)
+        if resume and accelerator.is_main_process:
+            checkpoint.discard_partial(run_dir.checkpoints)
+        held = checkpoint.bytes_held(run_dir.checkpoints) if resume else 0
         rundir.check_free_space(
             run_dir.path,
-            rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints),
-            "the checkpoints it keeps (train.keep_checkpoints) and the one being written need about",
+            rundir.checkpoint_bytes(session.model, recipe.train.keep_checkpoints, held),
+            "the checkpoints it keeps (train.keep_checkpoints) and the one being written need about"
+            + (" (beyond those it holds)" if held else ""),
         )
         identity = rundir.resume_identity(recipe, accelerator.num_processes)
         resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None

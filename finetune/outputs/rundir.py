@@ -526,10 +526,11 @@ def check_free_space(path: Path, needed: int, what: str = "a run starts only wit
         raise RecipeError(f"output.dir: {path} has {free / 2**20:.0f} MiB free; {what} {needed / 2**20:.0f} MiB")
 
 
-def checkpoint_bytes(model: torch.nn.Module, keep: int) -> int:
-    """Disk for `keep` checkpoints plus the one being written: trainable weights, two Adam moments, the adapter copy."""
-    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return (keep + 1) * 4 * trainable + MIN_FREE_BYTES
+def checkpoint_bytes(model: torch.nn.Module, keep: int, held: int = 0) -> int:
+    """Disk for `keep` checkpoints plus the one being written: trainable weights, two Adam moments, the adapter copy;
+    `held`: bytes the run's checkpoints already take (a resume's), which pruning reuses, so not needed again."""
+    one = 4 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return max((keep + 1) * one - held, one) + MIN_FREE_BYTES
 
 
 # The version of how training batches are drawn for a (seed, epoch) (training/loop.py, LengthGroupedBatches): a

@@ -99,49 +99,56 @@ def save(
     final = directory / f"{PREFIX}{progress.step:08d}"
     staging = directory / f"{STAGING_PREFIX}{PREFIX}{progress.step:08d}"
     main, rank = accelerator.is_main_process, accelerator.process_index
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Per-process generator states (each rank draws its own dropout masks).
-    _save_tensors({"torch": torch.get_rng_state(), **_cuda_rng_states()}, staging / f"rng-{rank}.safetensors")
-    # And what this process's objective holds between steps (a GRPO rollout with passes left).
-    carried, facts = objective.state() if objective is not None else ({}, {})
-    if carried:
-        _save_tensors(carried, staging / f"objective-{rank}.safetensors")
-    _write_json(
-        staging / f"rank-{rank}.json",
-        {
-            "python_random": _python_rng_state(),
-            "numpy_random": _numpy_rng_state(),
-            "log_window": logger_state,
-            "objective": facts,
-        },
-    )
-    # On every process: a sharded optimizer (fsdp on CPU) gathers its state from all of them.
-    optimizer_state = optimizer.state_dict()
-    if main:
-        unwrapped = accelerator.unwrap_model(model)
-        trainable = {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
-        _save_tensors(trainable, staging / "trainable.safetensors")
-        tensors, rest = _split_optimizer_state(optimizer_state)
-        _save_tensors(tensors, staging / "optimizer.safetensors")
-        _write_json(staging / "optimizer.json", rest)
-        _write_json(staging / "scheduler.json", scheduler.state_dict())
-        if accelerator.scaler is not None:
-            _write_json(staging / "scaler.json", accelerator.scaler.state_dict())
-        _write_json(staging / PROGRESS, asdict(progress))
-        if adapter is not None:  # a plain adapter too, so `finetune eval --checkpoint` can use it
-            adapter.save(unwrapped, staging / "adapter")
-    accelerator.wait_for_everyone()
-    if main:
-        _write_json(staging / INDEX, {"step": progress.step, "files": _inventory(staging)})
-        _fsync_tree(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        for old in complete_checkpoints(directory)[:-keep]:
-            if protect is None or old.name != f"{PREFIX}{protect:08d}":
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # Per-process generator states (each rank draws its own dropout masks).
+        _save_tensors({"torch": torch.get_rng_state(), **_cuda_rng_states()}, staging / f"rng-{rank}.safetensors")
+        # And what this process's objective holds between steps (a GRPO rollout with passes left).
+        carried, facts = objective.state() if objective is not None else ({}, {})
+        if carried:
+            _save_tensors(carried, staging / f"objective-{rank}.safetensors")
+        _write_json(
+            staging / f"rank-{rank}.json",
+            {
+                "python_random": _python_rng_state(),
+                "numpy_random": _numpy_rng_state(),
+                "log_window": logger_state,
+                "objective": facts,
+            },
+        )
+        # On every process: a sharded optimizer (fsdp on CPU) gathers its state from all of them.
+        optimizer_state = optimizer.state_dict()
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            trainable = {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
+            _save_tensors(trainable, staging / "trainable.safetensors")
+            tensors, rest = _split_optimizer_state(optimizer_state)
+            _save_tensors(tensors, staging / "optimizer.safetensors")
+            _write_json(staging / "optimizer.json", rest)
+            _write_json(staging / "scheduler.json", scheduler.state_dict())
+            if accelerator.scaler is not None:
+                _write_json(staging / "scaler.json", accelerator.scaler.state_dict())
+            _write_json(staging / PROGRESS, asdict(progress))
+            if adapter is not None:  # a plain adapter too, so `finetune eval --checkpoint` can use it
+                adapter.save(unwrapped, staging / "adapter")
+        accelerator.wait_for_everyone()
+        if main:
+            _write_json(staging / INDEX, {"step": progress.step, "files": _inventory(staging)})
+            _fsync_tree(staging)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in complete_checkpoints(directory)[:-keep]:
+                if protect is None or old.name != f"{PREFIX}{protect:08d}":
+                    shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        # A write that failed (a full disk) or was stopped: its half is removed, not left to take the space a
+        # resume needs (the error says nothing half-written was left).
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -223,6 +230,19 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(f"{PREFIX}*") if p.is_dir())
+
+
+def discard_partial(directory: Path) -> None:
+    """Checkpoints whose writing was stopped (kill -9, a lost machine): a resume trains their steps again, and their
+    bytes were counted against the space it needs. Only the run's holder calls this, under the run's lock."""
+    for partial in sorted(directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []:
+        log.warning("removing %s: a checkpoint whose writing was interrupted", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def bytes_held(directory: Path) -> int:
+    """What the complete checkpoints in `directory` take on disk."""
+    return sum(f.stat().st_size for c in complete_checkpoints(directory) for f in c.rglob("*") if f.is_file())
 
 
 def newest_usable(directory: Path) -> Path | None:

@@ -120,6 +120,36 @@ def test_a_forced_resume_of_a_finished_run_gating_what_it_never_reported_is_a_re
     assert snapshot(run) == before
 
 
+def test_a_checkpoint_the_disk_had_no_room_for_leaves_nothing_half_written(
+    tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
+):
+    """A full disk while a checkpoint was written left its `.partial-step-N` (13 MB in the tester's run) though the
+    error said nothing half-written was left, and its bytes then counted against the space `--resume auto` needs."""
+    from finetune.training import checkpoint
+
+    run = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, run, epochs=1, checkpoint_every=5))
+    written = checkpoint._save_tensors
+
+    def full_at_the_second(tensors, path):
+        if "step-00000010" in str(path) and path.name == "optimizer.safetensors":
+            raise OSError(28, "No space left on device", str(path))
+        written(tensors, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_save_tensors", full_at_the_second)
+        stopped = invoke("run", recipe)
+    assert stopped.exit_code == 2 and "Nothing half-written was left" in " ".join(stopped.output.split())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000005"], stopped.output
+    # A write stopped by kill -9 (nothing could remove it then) is removed by the resume that trains its step again.
+    planted = run / "checkpoints" / ".partial-step-00000010"
+    planted.mkdir()
+    (planted / "trainable.safetensors").write_bytes(b"x" * 1000)
+    resumed = invoke("run", recipe, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert not any(p.name.startswith(".partial-") for p in (run / "checkpoints").iterdir())
+
+
 def test_a_users_folder_is_never_written_into(tiny_models, topic_data, write_recipe, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -363,7 +363,7 @@ def test_the_data_report_counts_the_rejected_side_too(tiny_models, tmp_path, wri
     train = json.loads((tmp_path / "r2.json").read_text())["splits"]["train"]
     notes = " ".join(train["notes"])
     assert train["truncated"] == 3, train
-    assert "chosen: 1 completion(s) longer" in notes and "rejected: 1 completion(s) longer" in notes, notes
+    assert "chosen: 1 completion(s) were cut" in notes and "rejected: 1 completion(s) were cut" in notes, notes
 
 
 def test_kto_thumbs_both_ways_are_said():
