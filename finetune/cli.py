@@ -109,6 +109,8 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    # A HOME it cannot write: matplotlib says so in six lines and uses a temporary folder, which is all plots need.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     # Deprecation notices from inside the libraries are for their maintainers, not our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")

@@ -412,7 +412,9 @@ def _watermarked_metrics(
 
 
 def _unfinished(run: RunDir, source: str) -> str:
-    """Why a run has no adapter to evaluate, and what to do."""
+    """Why a run has no adapter to evaluate, and what to do. A run another process is training now is that
+    process's, named (its refusal, raised here): "continue it with --resume auto" would be refused too."""
+    RunLock(run.path, label=source).refuse_if_held()
     aside = run.path / "adapter.old"  # files.replace_directory's: a kill came between its two renames
     if aside.is_dir() and not run.adapter.exists():
         return f"{source}: {aside} holds the adapter it was replacing when it stopped: rename it to adapter/ to use it"

@@ -96,6 +96,12 @@ def output_dir_problem(run: RunDir, owner: Path | None = None, writes: bool = Tr
     """What makes `run.path` no place for a run whatever --resume or --overwrite say (`validate` checks it too):
     a file; a folder inside another run (but its own part: `owner`); a non-empty folder holding no run."""
     where = run.path
+    dangling = next((p for p in (where, *where.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir said "File exists", and the lock "a file, not a directory"
+        return (
+            f"output.dir: {dangling} is a symbolic link to {os.readlink(dangling)}, which does not exist; create "
+            "that folder, or choose another output.dir"
+        )
     if where.exists() and not where.is_dir():
         return f"output.dir: {where} is a file, not a directory"
     blocking = next((p for p in where.parents if p.exists() and not p.is_dir()), None)

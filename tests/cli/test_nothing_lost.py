@@ -640,6 +640,24 @@ def test_an_interrupted_run_s_checkpoints_are_scored(finished_run, tmp_path):
     assert empty.exit_code == 2 and "nothing to score" in empty.output, empty.output
 
 
+def test_eval_of_a_run_still_training_names_the_process_training_it(finished_run):
+    """`finetune eval RUN` while another process trains it said "the run did not finish: continue it with --resume
+    auto", which that process's lock would refuse too."""
+    from finetune.outputs.lock import RunLock
+
+    _, run = finished_run
+    shutil.rmtree(run / "adapter")
+    (run / "metrics.json").unlink()
+    lock = RunLock(run, command="finetune run recipe.yaml")
+    lock.acquire()
+    try:
+        result = invoke("eval", run)
+    finally:
+        lock.release()
+    assert result.exit_code == 2 and "in use by another finetune process" in " ".join(result.output.split())
+    assert "finetune run recipe.yaml" in result.output, result.output
+
+
 def test_a_checkpoint_pruned_while_the_table_is_made_is_not_named_as_evaluated(
     tiny_models, topic_data, write_recipe, tmp_path, monkeypatch
 ):
@@ -768,6 +786,20 @@ def test_validate_refuses_an_output_dir_run_cannot_create(tiny_models, topic_dat
         if mounted:
             subprocess.run(["umount", str(locked)])
         locked.chmod(0o700)
+
+
+def test_an_output_dir_through_a_dangling_link_is_named_as_one(tiny_models, topic_data, write_recipe, tmp_path):
+    """A symbolic link to a folder that does not exist, as output.dir or above it: "is not writable: File exists"."""
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    for out in (tmp_path / "runs", tmp_path / "runs" / "r"):
+        recipe = write_recipe(classification_recipe(tiny_models["bert"], topic_data, out, epochs=1))
+        for command in ("validate", "run"):
+            result = invoke(command, recipe)
+            assert result.exit_code == 2, result.output
+            assert f"{tmp_path / 'runs'} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in " ".join(
+                result.output.split()
+            ), result.output
+    assert not (tmp_path / "gone").exists()
 
 
 def test_overwrite_of_a_run_inside_its_models_folder_is_no_overwrite_of_the_model(
