@@ -609,6 +609,20 @@ def renumbered(error: DataError, split: str, numbers: Sequence[int]) -> DataErro
     return DataError(mention.said(split, list(dict.fromkeys(sources))))
 
 
+def _columns_are(names: Iterable[str]) -> str:
+    """The file's columns, quoted (a name with spaces shows them); one column whose name holds another separator
+    is a file split on it, read with the wrong one."""
+    names = sorted(names)
+    said = f"columns are: {', '.join(map(repr, names))}"
+    mixed = [sep for sep in (";", "\t", "|") if len(names) == 1 and sep in names[0]]
+    if mixed:
+        said += (
+            f" (one column whose name holds {mixed[0]!r}: a .csv file is read split on ',' and a .tsv file on tabs; "
+            "save the file with one of those)"
+        )
+    return said
+
+
 def missing_file(path: Path, item: str) -> str:
     """Why a data file named is not one to read: not there, or a directory (both were "file not found")."""
     return f"{item} is a directory, not a data file" if path.is_dir() else f"file not found: {item}"
@@ -705,13 +719,9 @@ def map_columns(
             )
         elif name in required:
             hint = f" (mapped by data.columns.{name})" if name in columns else ""
-            raise DataError(
-                f"{key}: column {column!r} for field {name!r}{hint} not found; columns are: {', '.join(sorted(present))}"
-            )
+            raise DataError(f"{key}: column {column!r} for field {name!r}{hint} not found; {_columns_are(present)}")
         elif name in columns:
-            raise DataError(
-                f"{key}: column {column!r} (data.columns.{name}) not found; columns are: {', '.join(sorted(present))}"
-            )
+            raise DataError(f"{key}: column {column!r} (data.columns.{name}) not found; {_columns_are(present)}")
     table = table.select_columns(list(wanted))
     renames = {c: n for c, n in wanted.items() if c != n}
     return table.rename_columns(renames) if renames else table
@@ -826,7 +836,7 @@ def apply_template(table: Dataset, template: str, key: str, place: Callable[[int
         if column not in table.column_names:
             raise DataError(
                 f"{key}: data.template uses column {column!r}, which is not in the file; "
-                f"columns are: {', '.join(sorted(table.column_names))}"
+                f"{_columns_are(table.column_names)}"
             )
         columns.append(column)
     _check_filled_size(table, template, fields, key)

@@ -38,8 +38,13 @@ def test_column_mapping_errors_name_the_column():
     table = Dataset.from_list([{"body": "x", "topic": "a", "extra": 1}])
     mapped = map_columns(table, {"text": "body", "label": "topic"}, ("text", "label"), ("text_pair",), "data.train")
     assert mapped.column_names == ["text", "label"]
-    with pytest.raises(DataError, match="column 'label' for field 'label' not found; columns are: body, extra, topic"):
+    with pytest.raises(
+        DataError, match="column 'label' for field 'label' not found; columns are: 'body', 'extra', 'topic'"
+    ):
         map_columns(table, {"text": "body"}, ("text", "label"), (), "data.train")
+    # A semicolon-separated .csv read split on commas: one column named 'body;topic'.
+    with pytest.raises(DataError, match=r"columns are: 'body;topic' \(one column whose name holds ';'"):
+        map_columns(Dataset.from_list([{"body;topic": "x;a"}]), {}, ("text", "label"), (), "data.train")
 
 
 def test_an_explicit_mapping_owns_its_column():
