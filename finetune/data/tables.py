@@ -620,6 +620,11 @@ def _columns_are(names: Iterable[str]) -> str:
             f" (one column whose name holds {mixed[0]!r}: a .csv file is read split on ',' and a .tsv file on tabs; "
             "save the file with one of those)"
         )
+    elif "paragraphs" in names:
+        said += (
+            " (SQuAD's nested layout, articles of paragraphs of questions: give one row per question, with its "
+            "question, context and answers)"
+        )
     return said
 
 

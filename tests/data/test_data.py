@@ -45,6 +45,8 @@ def test_column_mapping_errors_name_the_column():
     # A semicolon-separated .csv read split on commas: one column named 'body;topic'.
     with pytest.raises(DataError, match=r"columns are: 'body;topic' \(one column whose name holds ';'"):
         map_columns(Dataset.from_list([{"body;topic": "x;a"}]), {}, ("text", "label"), (), "data.train")
+    with pytest.raises(DataError, match=r"SQuAD's nested layout"):
+        map_columns(Dataset.from_list([{"title": "t", "paragraphs": [{"context": "c"}]}]), {}, ("question",), (), "d")
 
 
 def test_an_explicit_mapping_owns_its_column():
