@@ -649,7 +649,23 @@ def _predict(
 
 def _check_inputs(rows: list[dict], origins: Origins, needed: tuple[str, ...], columns: dict[str, str]) -> None:
     """Each input row holds the fields predict reads (by the task's name or the recipe's column name): a row
-    without one is named as such, not as one whose value is null (which the table would make of it)."""
+    without one is named as such, not as one whose value is null (which the table would make of it). Rows naming a
+    field by its column in some rows and by the task's name in others are refused: the column was read for all of
+    them, and the others were "missing"."""
+    for field in needed:
+        column = columns.get(field, field)
+        if column == field:
+            continue
+        by_column = next((n for n, row in enumerate(rows) if column in row), None)
+        # A row holding both reads the column, as training does (its `text` is another field, passed through).
+        by_field = next((n for n, row in enumerate(rows) if field in row and column not in row), None)
+        if by_column is None or by_field is None:
+            continue
+        (first, first_name), (later, later_name) = sorted([(by_column, column), (by_field, field)])
+        raise DataError(
+            f"{origins.place(later)}: field {field!r} is named {later_name!r} here and {first_name!r} at "
+            f"{origins.place(first)} (the recipe's column for it is {column!r}); name it one way in every row"
+        )
     for number, row in enumerate(rows):
         for field in needed:
             if field not in row and columns.get(field, field) not in row:

@@ -448,6 +448,28 @@ def test_junit_reports_replace_only_finetunes_own(finished_run, tmp_path):
     assert "accuracy" in (into / "metrics.json").read_text()
 
 
+def test_predict_rows_naming_a_field_two_ways_are_refused_at_the_row(tiny_models, topic_data, write_recipe, tmp_path):
+    """A run whose recipe maps `text` to the file's `sentence`: an input naming it `sentence` on line 1 and `text` on
+    line 2 said line 2's text was "no value (missing or null)". A row holding both reads `sentence` (its `text` is
+    another field, passed through)."""
+    data = {}
+    for split, path in topic_data.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        data[split] = write_jsonl(tmp_path / f"{split}.jsonl", [{"sentence": r["text"], "y": r["label"]} for r in rows])
+    recipe = classification_recipe(tiny_models["bert"], data, tmp_path / "run", epochs=1)
+    recipe["data"]["columns"] = {"text": "sentence", "label": "y"}
+    assert invoke("run", write_recipe(recipe)).exit_code == 0
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"sentence": "rain today"}, {"text": "sun today"}])
+    refused = invoke("predict", tmp_path / "run", "--input", mixed)
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 3 and "mixed.jsonl:2: field 'text' is named 'text' here and 'sentence' at" in said
+    assert "mixed.jsonl:1 (the recipe's column for it is 'sentence')" in said, said
+    both = write_jsonl(tmp_path / "both.jsonl", [{"sentence": "rain today", "text": "a note"}])
+    answered = invoke("predict", tmp_path / "run", "--input", both)
+    assert answered.exit_code == 0, answered.output
+    assert json.loads(answered.stdout.splitlines()[0])["text"] == "a note"
+
+
 def test_predict_message_on_a_run_without_a_learned_watermark_names_the_flag(finished_run, tmp_path):
     """It leaked an internal override the user never gave: `override "eval.watermark.message='<redacted>'"`."""
     _, out = finished_run
