@@ -176,6 +176,16 @@ def test_gates_that_can_never_pass(gate, possible):
     assert parse_gate(gate).can_pass_within(0.0, 1.0) is possible
 
 
+@pytest.mark.parametrize("gate", ["reward_margin>=2", "logps_chosen<=-10", "reward_mean>=1.5", "mean_length>=30"])
+def test_gates_on_metrics_that_are_no_fraction_are_not_refused(gate):
+    """A preference run's margin or log-probabilities and GRPO's weighted reward were refused as "can never pass:
+    a fraction in [0, 1]"."""
+    from finetune.flows.resolve import gate_problems
+
+    assert gate_problems(parse_gate(gate), "eval.gates") == []
+    assert gate_problems(parse_gate("accuracy>=1.5"), "eval.gates") != []
+
+
 @pytest.mark.parametrize(
     "precision, native_bf16, expected",
     [

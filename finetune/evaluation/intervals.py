@@ -10,8 +10,8 @@ a row's samples follow it with `sample` 1, 2, ...), since samples of one prompt 
   generator seeded with SEED, so the same rows always give the same interval and a baseline and a candidate are
   resampled alike; against a baseline, a paired bootstrap (both scored on the same resampled units; its p-value
   with the null imposed by centring, see `paired_bootstrap_p`).
-- A bootstrapped metric whose every resample scores 0 or 1 (every row right, or every row wrong: macro-F1 or ROUGE
-  of a perfect evaluation) has no spread to take percentiles of; it gets the Wilson interval of n of n (or 0 of n)
+- A bootstrapped fraction (not `UNBOUNDED_METRICS`) whose every resample scores 0 or 1 (macro-F1 or ROUGE of a
+  perfect evaluation, BLEU of one sharing no 4-gram with its references) has no spread to take percentiles of; it gets the Wilson interval of n of n (or 0 of n)
   units instead (method `wilson_at_bound`), not the single point that would pass an @95 gate on three rows.
 - A metric that counts *distinct* things (distinct-2) cannot be bootstrapped: a resample drawn with replacement
   repeats about a third of its units, and a repeated unit adds n-grams but no new distinct ones, so every
@@ -50,6 +50,13 @@ LEVEL = 0.95  # intervals are stored at this level; a gate may ask for another (
 RESAMPLES = 1000
 SEED = 0  # fixed, not the recipe's train.seed: two runs of different seeds must be resampled alike to be compared
 BLOCK = 100  # resamples scored together: memory stays at BLOCK x units numbers
+
+# Every metric is a fraction in [0, 1] (1 every row right; 0 for hamming_loss) but these: a loss, a length in words,
+# log-probabilities and their margin, a weighted sum of rewards. The one list: a gate's possible bounds and an
+# interval at the bound (`estimate_intervals`) read it.
+UNBOUNDED_METRICS = frozenset(
+    {"eval_loss", "mean_length", "logps_chosen", "logps_rejected", "reward_margin", "reward_mean"}
+)
 
 # Metrics that no row holds a share of, so no interval: gating them with @LEVEL is refused.
 NO_INTERVAL = {"eval_loss": "the model's mean loss over the eval batches, not a score of each row"}
@@ -664,8 +671,8 @@ def estimate_intervals(scorer: Scorer, rows: Sequence[dict], metrics: dict[str, 
     units = len(found.units)
     for name, values in _bootstrap(resampled, units).items():
         drawn = values[~np.isnan(values)]
-        if len(drawn) and drawn.min() == drawn.max() and drawn[0] in (0.0, 1.0):
-            # Every resample scores the metric's bound (every row right, or every row wrong): the percentile
+        if name not in UNBOUNDED_METRICS and len(drawn) and drawn.min() == drawn.max() and drawn[0] in (0.0, 1.0):
+            # Every resample scores the fraction's bound (every row right, or every row wrong): the percentile
             # bootstrap's interval is that one point, as sure on 3 rows as on a million, and an @95 gate on it
             # passed on 3 rows. Wilson's interval of n of n (or 0 of n) units stands in: the uncertainty any
             # proportion of that many rows has at its bound.

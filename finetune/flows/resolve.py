@@ -56,7 +56,7 @@ from finetune.data.tables import (
 )
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
-from finetune.evaluation.intervals import NO_INTERVAL
+from finetune.evaluation.intervals import NO_INTERVAL, UNBOUNDED_METRICS
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
 from finetune.models.families import FAMILIES, FamilySpec, family_of_config
@@ -136,9 +136,6 @@ class CheckedRecipe:
 SPLITS = ("train", "eval")
 
 # --------------------------------------------------------------------------- the recipe alone
-
-# Every metric is a fraction in [0, 1] but these two.
-UNBOUNDED_METRICS = ("eval_loss", "mean_length")
 
 
 def recipe_rules(recipe: Recipe, recorded: bool = False) -> list[str]:

@@ -101,6 +101,10 @@ class Encoded:
     too_long: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows over max_length (truncated)
 
 
+# A decoder's prompt keeps at least max_length // PROMPT_FLOOR tokens beside a completion too long for the width.
+PROMPT_FLOOR = 4
+
+
 def encode(
     prompts: list[str],
     completions: list[str] | None,
@@ -113,8 +117,8 @@ def encode(
 
     Over-long examples follow `data.overflow`. Truncation never drops a
     completion silently: a decoder keeps the end of the prompt next to the whole
-    completion; only a completion too long to leave its prompt half the width
-    (all of a shorter prompt) is cut, and those are counted in the report's notes.
+    completion; only a completion too long to leave its prompt a quarter of the
+    width (all of a shorter prompt) is cut, and those are counted in the report's notes.
     """
     max_length, policy = recipe.data.max_length, recipe.data.overflow
     text = prompt_texts(prompts, tokenizer, recipe)
@@ -150,9 +154,10 @@ def encode(
         if completion_ids is None:
             continue
         completion = completion_ids[i]
-        # A decoder's completion leaves its prompt at least half the width (all of a shorter prompt): a completion
-        # filling max_length kept no prompt at all, and trained the answer to nothing.
-        room = max_length if family.encoder_decoder else max_length - min(len(prompt), max_length // 2)
+        # A decoder's completion leaves its prompt a quarter of the width (all of a shorter prompt): a completion
+        # filling max_length kept no prompt at all, and trained the answer to nothing. A quarter, not more: every
+        # completion longer than the rest loses its end and EOS.
+        room = max_length if family.encoder_decoder else max_length - min(len(prompt), max_length // PROMPT_FLOOR)
         if len(completion) > room:
             completion, cut_completions = completion[:room], cut_completions + 1
         if family.encoder_decoder:
@@ -168,7 +173,7 @@ def encode(
             + (
                 ""
                 if family.encoder_decoder
-                else " beside their prompt (which keeps half of max_length, or all of a shorter one)"
+                else " beside their prompt (which keeps a quarter of max_length, or all of a shorter one)"
             )
             + " (their end and EOS are not trained on); raise data.max_length or use data.overflow=drop"
         )

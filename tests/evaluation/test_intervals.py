@@ -136,6 +136,12 @@ def test_a_perfect_evaluation_s_bootstrapped_metrics_get_wilson_s_interval_not_a
         "classification", score(get_task("classification"), wrong, EvalSection(), intervals=True), []
     )
     assert document["intervals"]["macro_f1"]["high"] == pytest.approx(proportion_confint(0, 3, method="wilson")[1])
+    # Not a fraction: every answer one word long is a mean length of 1 word, no bound; its interval stays the
+    # bootstrap's, as does a gate on it (mean_length>=0.9@95 failed on it).
+    rows = [{"prompt": f"p{i}", "completion": "a b", "prediction": "word"} for i in range(3)]
+    document = metrics_document("copywriting", score(get_task("copywriting"), rows, EvalSection(), intervals=True), [])
+    assert document["metrics"]["mean_length"] == 1.0
+    assert document["intervals"]["mean_length"]["method"] == "bootstrap", document["intervals"]["mean_length"]
 
 
 def test_resample_blocks_are_one_draw_from_the_seed():

@@ -150,12 +150,17 @@ def test_truncation_keeps_the_completion_and_reports_it(tiny_models, tmp_path):
 
     too_long_completion = encode(["sun"], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
     assert any("completion(s) were cut" in note for note in too_long_completion.report.notes)
-    # A completion as long as max_length left no prompt at all (trained to answer nothing): the prompt keeps half
-    # the width, the completion the rest.
+    # A completion as long as max_length left no prompt at all (trained to answer nothing): the prompt keeps a
+    # quarter of the width, the completion the rest.
     both_long = encode([long_prompt], [" ".join(["snow"] * 40)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
     row = both_long.features[0]
-    assert len(row["input_ids"]) == 12 and row["labels"][:6] == [IGNORE] * 6 and IGNORE not in row["labels"][6:]
-    assert row["input_ids"][:6] == tokenizer(long_prompt)["input_ids"][:1] + tokenizer(long_prompt)["input_ids"][-5:]
+    assert len(row["input_ids"]) == 12 and row["labels"][:3] == [IGNORE] * 3 and IGNORE not in row["labels"][3:]
+    assert row["input_ids"][:3] == tokenizer(long_prompt)["input_ids"][:1] + tokenizer(long_prompt)["input_ids"][-2:]
+    # One that fits beside that quarter keeps its end and EOS (the prompt gives way down to the quarter).
+    fits = encode([long_prompt], [" ".join(["snow"] * 8)], tokenizer, FAMILIES["gpt"], recipe, "data.train")
+    row = fits.features[0]
+    assert row["labels"][-1] == tokenizer.eos_token_id, row
+    assert not any("were cut" in note for note in fits.report.notes), fits.report.notes
 
     dropped = encode(
         [long_prompt, "sun"],
