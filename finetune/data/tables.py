@@ -373,6 +373,24 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
         if suffix != ".parquet" and any(issubclass(w.category, pd.errors.ParserWarning) for w in said):
             _check_extra_fields(path, separator, quoting, len(header))
+    except pd.errors.ParserError:
+        # A row further down with more fields than the header: named at its line where they hold values; empty
+        # ones (some rows closed by a separator) are dropped, which loses nothing.
+        header = _header(path, separator, quoting)
+        _check_extra_fields(path, separator, quoting, len(header))
+        try:
+            frame = pd.read_csv(
+                path,
+                sep=separator,
+                quoting=quoting,
+                keep_default_na=False,
+                index_col=False,
+                dtype=str if text_columns == ALL_COLUMNS else dict.fromkeys(text_columns, str),
+                engine="python",
+                on_bad_lines=lambda fields: fields[: len(header)],
+            )
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     except DataError:
@@ -401,12 +419,21 @@ def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], widt
     with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
         records = csv.reader(text, delimiter=separator, quoting=quoting)
         next(records, None)
+        start = records.line_num + 1  # the line a record starts on (a quoted value may span several)
         for record in records:
             if len(record) > width and any(value.strip() for value in record[width:]):
-                raise DataError(
-                    f"{path}:{records.line_num}: {len(record)} fields where the header names {width} columns "
-                    f"(extra: {record[width:][:3]!r}); quote a value holding {separator!r}, or name every column"
+                row_names = (
+                    " (if each row's first field is a row name, as R's write.table writes, give it a name in the "
+                    "header)"
+                    if len(record) == width + 1 and start == 2
+                    else ""
                 )
+                raise DataError(
+                    f"{path}:{start}: {len(record)} fields where the header names {width} columns "
+                    f"(extra: {record[width:][:3]!r}); quote a value holding {separator!r}, or name every column"
+                    + row_names
+                )
+            start = records.line_num + 1
 
 
 def _not_utf8(path: Path) -> DataError:

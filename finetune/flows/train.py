@@ -226,8 +226,10 @@ def _run(
             )
         if dry_run:
             return plan_document(session, accelerator.num_processes, output_note, measured)
-        if resume and accelerator.is_main_process:
-            checkpoint.discard_partial(run_dir.checkpoints)
+        if resume:
+            if accelerator.is_main_process:
+                checkpoint.discard_partial(run_dir.checkpoints)
+            accelerator.wait_for_everyone()  # every process then sees the same free space, and refuses alike
         held = checkpoint.bytes_held(run_dir.checkpoints) if resume else 0
         rundir.check_free_space(
             run_dir.path,

@@ -132,6 +132,13 @@ def test_a_csv_row_with_more_fields_than_its_header_is_refused_at_its_line(tmp_p
     read = split_of({"train": str(tmp_path / "closed.csv"), "eval_split": 0.5})
     assert sorted([*read.train["text"], *read.eval["text"]]) == ["recipe bake"] * 2 + ["stadium goal"] * 2
     assert sorted([*read.train["label"], *read.eval["label"]]) == ["food", "food", "sport", "sport"]
+    # Further down, where pandas' own tokenizer error named no column: the same, at the line the record starts on.
+    (tmp_path / "late.csv").write_text('text,label\nstadium goal,sport\n"recipe\nbake",food,web\n')
+    with pytest.raises(DataError, match=r"late.csv:3: 3 fields where the header names 2 columns"):
+        split_of({"train": str(tmp_path / "late.csv"), "eval_split": 0.5})
+    (tmp_path / "some.csv").write_text("text,label\n" + "stadium goal,sport\nrecipe bake,food,\n" * 2)
+    read = split_of({"train": str(tmp_path / "some.csv"), "eval_split": 0.5})
+    assert sorted([*read.train["label"], *read.eval["label"]]) == ["food", "food", "sport", "sport"]
     (tmp_path / "latin.csv").write_bytes(b"text,label\nstadium goal,sport\nrecipe b\xe9ke,food\n")
     with pytest.raises(DataError, match=r"latin.csv:3: not UTF-8 text"):
         split_of({"train": str(tmp_path / "latin.csv"), "eval_split": 0.5})
