@@ -431,6 +431,12 @@ def test_a_tsv_quotation_mark_never_swallows_rows(tmp_path):
     pd.DataFrame({"text": texts, "label": ["weather"] * 12}).to_csv(tmp_path / "written.tsv", sep="\t", index=False)
     rows = split_of({"train": str(tmp_path / "written.tsv"), "eval_split": 0.25})
     assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
+    # A value holding a tab or a line break, quoted as pandas writes it (read line by line, its marks were text).
+    texts[9], texts[10] = "tab\there", "two\nlines"
+    pd.DataFrame({"text": texts, "label": ["weather"] * 12}).to_csv(tmp_path / "written.tsv", sep="\t", index=False)
+    rows = split_of({"train": str(tmp_path / "written.tsv"), "eval_split": 0.25})
+    assert sorted([*rows.train["text"], *rows.eval["text"]]) == sorted(texts)
+    texts[9], texts[10] = "row 9", "row 10"
     texts[5] = '"12 inch screen'  # never closed: it ran on over every later line
     lines = [f"{text}\tweather" for text in texts]  # written by hand: the marks are text
     (tmp_path / "by_hand.tsv").write_text("text\tlabel\n" + "\n".join(lines) + "\n")
