@@ -720,7 +720,7 @@ def eval_command(
         if target is not None:
             from finetune.files import write_json
 
-            rundir.write_evaluation(target, lambda folder: write_json(folder / "metrics.json", document))
+            rundir.write_evaluation(target, lambda folder: write_json(folder / "metrics.json", document), overwrite)
     else:
         if not source:
             raise RecipeError("give a recipe, a run directory, or --predictions FILE --task T")

@@ -332,7 +332,7 @@ def evaluate(
                 files.write_jsonl(folder / "predictions.jsonl", rows)
                 files.write_json(folder / "metrics.json", document)
 
-            rundir.write_evaluation(out_dir, write)
+            rundir.write_evaluation(out_dir, write, overwrite)
             if marked is not None and run is not None:
                 card.record_watermark_cost(run, document["watermark_cost"], out_dir)
         document["written_to"] = str(out_dir) if out_dir is not None else None
@@ -532,7 +532,7 @@ def evaluate_all_checkpoints(
                 plots.checkpoint_metrics(table, folder / "checkpoints.png")
                 files.write_json(folder / "metrics.json", document)
 
-            rundir.write_evaluation(out_dir, write)
+            rundir.write_evaluation(out_dir, write, overwrite)
         document["written_to"] = str(out_dir) if out_dir is not None else None
         return document
     finally:

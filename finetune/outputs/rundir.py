@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -496,15 +497,22 @@ def publish_directory(staging: Path, target: Path, what: str) -> None:
 EVALUATION_FILES = ("predictions.jsonl", "checkpoints.json", "checkpoints.png", "metrics.json")
 
 
-def write_evaluation(target: Path, write: Callable[[Path], None]) -> None:
+def write_evaluation(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """An evaluation's files, whole or not at all. `write` fills a fresh folder beside `target`, which is then
     renamed into place where `target` is new or empty; over an earlier evaluation (`claim_output` allowed the
     --overwrite) its files are moved in one by one, metrics.json last, and the earlier evaluation's files the new
     one lacks removed, so the user's own files there stay (metrics.json, which a reader reads first, stays the
     earlier one until the last move; the files beside it may be new by then). A failure or a signal while the files
     are written leaves `target` as it was (before: an interrupted evaluation left metrics.json without its
-    predictions, or an --overwrite had already deleted the earlier evaluation)."""
+    predictions, or an --overwrite had already deleted the earlier evaluation).
+
+    Without `overwrite`, a `target` another process filled while this one evaluated (two jobs given one --output)
+    is refused, nothing written: the second one's files were moved in over the first's, and both said they wrote."""
     staging = staging_beside(target, directory=True)
+    taken = RecipeError(
+        f"--output: {target} was written by another process while this evaluation ran; nothing was written "
+        "(choose a new path, or --overwrite to replace it)"
+    )
     try:
         write(staging)
         written = {p.name for p in staging.iterdir()}
@@ -512,8 +520,15 @@ def write_evaluation(target: Path, write: Callable[[Path], None]) -> None:
         assert not unknown, f"an evaluation wrote files EVALUATION_FILES does not name: {sorted(unknown)}"
         if not target.exists() or (target.is_dir() and not any(target.iterdir())):
             mark_output(staging, EVALUATION)
-            staging.rename(target)
+            try:  # atomic: onto a missing or empty folder only
+                staging.rename(target)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise taken from None
+                raise
             return
+        if not overwrite:
+            raise taken
         for name in EVALUATION_FILES:
             if name in written:
                 os.replace(staging / name, target / name)

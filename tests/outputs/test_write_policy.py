@@ -219,3 +219,27 @@ def test_replacing_a_folder_keeps_the_old_one_whole_until_the_new_one_is_in_plac
     monkeypatch.setattr(Path, "rename", real_rename)
     files.replace_directory(staging, target, aside)  # the next save
     assert (target / "weights").read_text() == "new" and not aside.exists() and not staging.exists()
+
+
+@pytest.mark.parametrize("given", ["new", "empty"])
+def test_two_evaluations_given_one_output_do_not_both_say_they_wrote(tmp_path, given):
+    """Two CI jobs, one --output: both passed the check at their start, the second moved its files in over the
+    first's (no --overwrite), and both said they wrote. The one that finds the folder taken writes nothing, exit 2."""
+    from finetune.files import write_json
+    from finetune.outputs import rundir
+
+    target = tmp_path / "out"
+    if given == "empty":
+        target.mkdir()
+
+    def meanwhile(folder):  # the other job finishes while this one writes
+        rundir.write_evaluation(target, lambda f: write_json(f / "metrics.json", {"by": "first"}), overwrite=False)
+        write_json(folder / "metrics.json", {"by": "second"})
+
+    with pytest.raises(RecipeError, match="was written by another process while this evaluation ran"):
+        rundir.write_evaluation(target, meanwhile, overwrite=False)
+    assert json.loads((target / "metrics.json").read_text()) == {"by": "first"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+    # Asked to (--overwrite, allowed by claim_output), the later one replaces it.
+    rundir.write_evaluation(target, lambda f: write_json(f / "metrics.json", {"by": "third"}), overwrite=True)
+    assert json.loads((target / "metrics.json").read_text()) == {"by": "third"}
