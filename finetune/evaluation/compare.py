@@ -65,12 +65,6 @@ def _describe(record: dict) -> str:
     return text
 
 
-def _keys(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[Counter, Counter]:
-    """Each side's rows as a multiset of identities (by `id`, else the input fields: the paired tests' rule)."""
-    key = identity(rows, other, fields)
-    return Counter(key(r) for r in rows), Counter(key(r) for r in other)
-
-
 def matched_rows(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """The rows both evaluations scored, each side's own copy (with its own prediction), in this side's order and
     aligned; the n-th repeat of a row matches the n-th repeat of it on the other side (the paired tests' matching,
@@ -79,6 +73,15 @@ def matched_rows(rows: Sequence[dict], other: Sequence[dict], fields: Sequence[s
         rows, [[i] for i in range(len(rows))], other, [[j] for j in range(len(other))], identity(rows, other, fields)
     )
     return [rows[i] for i in ours], [other[j] for j in theirs]
+
+
+def _contents(rows: Sequence[dict], fields: Sequence[str]) -> Counter:
+    """The rows as a multiset of their `id` and input and reference fields (what makes two evaluations' data the
+    same, whatever the order; predictions left out)."""
+    return Counter(
+        json.dumps({"id": r.get("id"), **{f: r[f] for f in fields if f in r}}, sort_keys=True, default=str)
+        for r in rows
+    )
 
 
 def same_data(
@@ -96,20 +99,26 @@ def same_data(
         # A ranking's rows hold no passage text: a knowledge base edited under the same queries changes every metric
         # all the same (where both recorded one; a metrics.json from before they were recorded has none).
         bases = [side.get("knowledge_base") for side in (ours, theirs)]
-        if ours["sha256"] == theirs["sha256"] and (None in bases or bases[0] == bases[1]):
-            return True
+        if None in bases or bases[0] == bases[1]:
+            if ours["sha256"] == theirs["sha256"]:
+                return True
+            other = baseline_rows(baseline.source) if rows is not None else None
+            if rows is not None and other is not None and _contents(rows, fields) == _contents(other, fields):
+                return True  # the same rows in another order (a regenerated or shuffled eval file): the same data
         described = f"was evaluated on {_describe(theirs)}, this evaluation on {_describe(ours)}"
     else:
         other = baseline_rows(baseline.source) if rows is not None else None
         if rows is None or other is None:
             return None
-        mine, their_keys = _keys(rows, other, fields)
+        # Each row's identity and its content (inputs and references): rows matched by `id` whose references were
+        # edited are other data (a paired test over them compared the same predictions against other labels).
+        mine, their_keys = _contents(rows, fields), _contents(other, fields)
         if mine == their_keys:
             return True
         matched = sum((mine & their_keys).values())
         described = (
-            f"scored {len(other)} rows, this evaluation {len(rows)}, and {matched} of them match (by id, else by "
-            "the input fields)"
+            f"scored {len(other)} rows, this evaluation {len(rows)}, and {matched} of them match (by id, inputs and "
+            "references)"
         )
     if not baseline.allow_different_data:
         raise RecipeError(

@@ -76,6 +76,31 @@ def test_the_same_rows_in_another_order_are_the_same_data(tmp_path):
     assert "rows" not in results["accuracy"]
 
 
+def test_rows_matched_by_id_whose_references_were_edited_are_other_data(tmp_path):
+    """Saved predictions with every `id` of the baseline's but five labels edited: "same data", and a paired test
+    found a regression in identical predictions judged against other labels."""
+    base_rows = [{"id": f"e{i}", **row} for i, row in enumerate(predicted(range(15), set(range(15))))]
+    baseline = baseline_dir(tmp_path / "b", base_rows)
+    edited = [{**row, "label": "other" if i < 5 else row["label"]} for i, row in enumerate(base_rows)]
+    same = 15 - sum(row["label"] != "other" for row in base_rows[:5])
+    with pytest.raises(RecipeError, match=f"and {same} of them match"):
+        same_data(document_of(edited), baseline, edited, FIELDS)
+    assert same_data(document_of(base_rows), baseline, list(reversed(base_rows)), FIELDS) is True
+
+
+def test_the_same_rows_in_another_order_are_the_same_data_whatever_their_files_hash(tmp_path):
+    """An evaluation of a shuffled copy of the eval file: its `eval_data` hash differs from the baseline's (the
+    hash follows the order), and it was refused as other data though every row is the baseline's."""
+    base_rows = predicted(range(20), set(range(10)))
+    baseline = baseline_dir(tmp_path / "b", base_rows)
+    baseline.document["eval_data"] = {"source": "test.jsonl", "rows": 20, "sha256": "a" * 64}
+    rows = list(reversed(base_rows))
+    document = {**document_of(rows), "eval_data": {"source": "shuffled.jsonl", "rows": 20, "sha256": "b" * 64}}
+    assert same_data(document, baseline, rows, FIELDS) is True
+    with pytest.raises(RecipeError, match="was evaluated on"):
+        same_data(document, baseline, rows[:19], FIELDS)
+
+
 def test_allowed_other_rows_compare_on_the_matched_rows(tmp_path):
     """Baseline: 20 rows, ids 0-9 right. Candidate: ids 0-29, ids 0-9 and 20-29 right: on all its rows accuracy
     20/30 against 10/20, but on the 20 rows both scored 10/20 against 10/20: no change, as the paired test says."""
