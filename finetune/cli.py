@@ -67,6 +67,17 @@ def _open_closed_streams() -> None:
 
 
 _open_closed_streams()
+# FORCE_COLOR=0 (or false) asks for no colour where tools share the convention; rich read any value as "force".
+if os.environ.get("FORCE_COLOR", "").strip().lower() in {"0", "false", "no", "off"}:
+    del os.environ["FORCE_COLOR"]
+
+
+def _visible(text: str) -> str:
+    """Control characters a path or value may hold (an escape sequence in a folder's name) shown as escapes, not
+    sent to the terminal, where they recoloured or rewrote what followed."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 # No emoji or markup in what we print of user data: `name:split` must stay as typed. Interactive (a live progress
 # bar) only on a real terminal: rich counts one whenever FORCE_COLOR is set (common in CI), and a piped log then held
 # 100 KB of redraws on one line and no step lines at all.
@@ -258,7 +269,9 @@ def _handled(command):
                 traceback.print_exception(exc)
             # A stop the user asked for, saved to resume (exit 75), is no error of theirs or ours.
             label = "[yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[red]error:[/]"
-            err_console.print(f"{label} {escape(redact(str(exc)))}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"{label} {escape(_visible(redact(str(exc))))}", markup=True, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:  # a path the user gave
             where = f" {exc.filename}" if exc.filename else ""
@@ -746,12 +759,14 @@ def eval_command(
         write_junit(document, junit_path)
         rundir.record_file(junit_path, rundir.JUNIT)
     if (document.get("comparison") or {}).get("same_data") is False:
-        err_console.print(
-            f"[bold red]warning:[/] the baseline {escape(str(compare))} was evaluated on different data than this "
-            "evaluation (--allow-different-data): its metrics are not like for like",
-            highlight=False,
-            soft_wrap=True,
+        unlike = (
+            f"the baseline {compare} was evaluated on different data than this evaluation (--allow-different-data): "
+            "its metrics are not like for like"
         )
+        if as_json:  # with the document's other warnings, where a CI job parsing it looks
+            document.setdefault("warnings", []).append(unlike)
+        else:
+            err_console.print(f"[bold red]warning:[/] {escape(unlike)}", highlight=False, soft_wrap=True)
     written_to = document.pop("written_to", None)
     if as_json:
         print(dumps(document))
@@ -856,7 +871,7 @@ def validate_command(
             if _debug["on"]:  # the original error, chained, for what was turned into one line
                 exc.__suppress_context__ = False
                 traceback.print_exception(exc)
-            err_console.print(f"[red]fail[/] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]fail[/] {escape(_visible(redact(str(exc))))}", highlight=False, soft_wrap=True)
             worst = max(worst, exc.exit_code)
     if worst:
         raise typer.Exit(worst)

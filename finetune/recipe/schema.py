@@ -967,6 +967,19 @@ class EvalSection(Section):
             raise ValueError("pass_k must list positive integers, e.g. [1, 10]")
         return values
 
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _gates_compare(cls, gates: object) -> object:
+        """`accuracy: 0.85` is a threshold without its comparison ("Input should be a valid string" said only that
+        it was no text)."""
+        if isinstance(gates, dict):
+            for metric, condition in gates.items():
+                if isinstance(condition, (int, float)) and not isinstance(condition, bool):
+                    raise ValueError(
+                        f'{metric}: {condition} has no comparison; write one, quoted: {metric}: ">={condition}"'
+                    )
+        return gates
+
     @field_validator("gates")
     @classmethod
     def _gates_parse(cls, gates: dict[str, str]) -> dict[str, str]:

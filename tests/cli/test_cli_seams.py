@@ -144,6 +144,21 @@ def test_a_command_started_with_its_streams_closed_runs(closed, tmp_path):
     assert refused.returncode == 2, refused
 
 
+@pytest.mark.slow
+def test_no_colour_and_no_terminal_control_from_a_users_text(tmp_path):
+    """FORCE_COLOR=0 turned colour on (rich reads any value as force), and an escape sequence in a path's name went
+    to the terminal raw in the error that named it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORCE_COLOR": "0"}
+    env.pop("NO_COLOR", None)
+    odd = tmp_path / "x\x1b[31mred.yaml"
+    for command in (["validate", str(odd)], ["eval", str(odd)]):
+        done = subprocess.run(
+            [sys.executable, "-m", "finetune", *command], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+        )
+        assert done.returncode == 2, done
+        assert "\x1b" not in done.stderr and "x\\x1b[31mred.yaml" in done.stderr, done.stderr
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("where", ["a launched process", "SIGTERM ignored"])
 def test_sigterm_is_left_alone_in_a_launched_process_and_where_it_is_ignored(where, monkeypatch):

@@ -80,6 +80,9 @@ def test_task_rules_metrics_gates_columns():
 def test_malformed_gate_in_recipe():
     problems = problems_of({**BASE, "eval": {"gates": {"accuracy": "at least 0.8"}}})
     assert any(p.startswith("eval.gates:") and "malformed gate" in p for p in problems)
+    # A bare threshold: "Input should be a valid string" named no comparison.
+    problems = problems_of({**BASE, "eval": {"gates": {"accuracy": 0.85}}})
+    assert any('accuracy: 0.85 has no comparison; write one, quoted: accuracy: ">=0.85"' in p for p in problems)
 
 
 def test_eval_source_required_and_exclusive():
