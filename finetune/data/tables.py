@@ -349,27 +349,29 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         )
     import pandas as pd
 
+    separator = _CSV_SEPARATORS.get(suffix, ",")
+    quoting = _quoting(path, separator) if suffix != ".parquet" else csv.QUOTE_MINIMAL
+
+    def read_csv(**more: Any) -> pd.DataFrame:
+        # index_col=False: rows with more fields than the header are not read as an index column in front (pandas'
+        # default: every column then shifted one to the right, silently); the extra fields are checked apart.
+        return pd.read_csv(
+            path,
+            sep=separator,
+            quoting=quoting,
+            keep_default_na=False,
+            index_col=False,
+            dtype=str if text_columns == ALL_COLUMNS else dict.fromkeys(text_columns, str),  # unknown names: ignored
+            **more,
+        )
+
     try:
         if suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            separator = _CSV_SEPARATORS[suffix]
-            quoting = _quoting(path, separator)
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always", pd.errors.ParserWarning)
-                # index_col=False: rows with more fields than the header are not read as an index column in front
-                # (pandas' default: every column then shifted one to the right, silently); the extra fields are
-                # checked below.
-                frame = pd.read_csv(
-                    path,
-                    sep=separator,
-                    quoting=quoting,
-                    keep_default_na=False,
-                    index_col=False,
-                    dtype=str
-                    if text_columns == ALL_COLUMNS
-                    else dict.fromkeys(text_columns, str),  # unknown names: ignored
-                )
+                frame = read_csv()
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
         if suffix != ".parquet" and any(issubclass(w.category, pd.errors.ParserWarning) for w in said):
             _check_extra_fields(path, separator, quoting, len(header))
@@ -379,16 +381,7 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         header = _header(path, separator, quoting)
         _check_extra_fields(path, separator, quoting, len(header))
         try:
-            frame = pd.read_csv(
-                path,
-                sep=separator,
-                quoting=quoting,
-                keep_default_na=False,
-                index_col=False,
-                dtype=str if text_columns == ALL_COLUMNS else dict.fromkeys(text_columns, str),
-                engine="python",
-                on_bad_lines=lambda fields: fields[: len(header)],
-            )
+            frame = read_csv(engine="python", on_bad_lines=lambda fields: fields[: len(header)])
         except Exception as exc:
             raise DataError(f"{path}: cannot read {suffix[1:].upper()} file: {exc}") from None
     except UnicodeDecodeError:
