@@ -62,6 +62,12 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
+def _open_csv_text(path: Path) -> io.TextIOBase:
+    """A CSV/TSV file as text for Python's csv module (through .gz too; a byte-order mark skipped)."""
+    opener: Callable[..., Any] = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
 def _read_text(path: Path) -> str:
     """The whole file as UTF-8 text; a wrong encoding or a broken .gz is a data error naming the place."""
     with _open_binary(path) as handle:
@@ -161,13 +167,11 @@ def numbered_jsonl(lines: Iterable[str | bytes], source: str, unique_keys: bool 
     hook = _unique_keys if unique_keys else None
     for number, line in enumerate(lines, start=1):
         if isinstance(line, bytes):
+            raw = line
             try:
-                line = line.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{source}:{number}: not UTF-8 text (byte {exc.start} of the line: "
-                    f"{line[exc.start : exc.start + 1]!r}); save the file as UTF-8"
-                ) from None
+                raise _not_utf8_line(source, number, raw, exc) from None
         if number == 1:  # a byte-order mark some editors write first: training data's reader skips it too
             line = line.removeprefix("\ufeff")
         if not line.strip():
@@ -408,8 +412,7 @@ _CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], width: int) -> None:
     """A row with more fields than the header is refused at its line, unless the extra fields are empty (a
     separator closing every line, as spreadsheet exports write): which column a value belongs to is unknowable."""
-    opener: Callable[..., Any] = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
+    with _open_csv_text(path) as text:
         records = csv.reader(text, delimiter=separator, quoting=quoting)
         next(records, None)
         start = records.line_num + 1  # the line a record starts on (a quoted value may span several)
@@ -440,11 +443,16 @@ def _not_utf8(path: Path) -> DataError:
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return DataError(
-                f"{path}:{number}: not UTF-8 text (byte {exc.start} of the line: {line[exc.start : exc.start + 1]!r}); "
-                "save the file as UTF-8"
-            )
+            return _not_utf8_line(path, number, line, exc)
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _not_utf8_line(source: str | Path, number: int, line: bytes, exc: UnicodeDecodeError) -> DataError:
+    """A line that is not UTF-8, named at its place, as every reader of lines says it."""
+    return DataError(
+        f"{source}:{number}: not UTF-8 text (byte {exc.start} of the line: {line[exc.start : exc.start + 1]!r}); "
+        "save the file as UTF-8"
+    )
 
 
 def _header(path: Path, separator: str, quoting: int) -> list[str]:
@@ -463,9 +471,8 @@ def _quoting(path: Path, separator: str) -> Literal[0, 3]:
     (A line-by-line check took a quoted value holding a tab or a line break for marks that are text.)"""
     if separator != "\t":
         return csv.QUOTE_MINIMAL
-    opener: Callable[..., Any] = gzip.open if path.suffix.lower() == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
+        with _open_csv_text(path) as text:
             for _ in csv.reader(text, delimiter="\t", quoting=csv.QUOTE_MINIMAL, strict=True):
                 pass
     except csv.Error:
