@@ -68,7 +68,11 @@ def _open_closed_streams() -> None:
 
 _open_closed_streams()
 # FORCE_COLOR=0 (or false) asks for no colour where tools share the convention; rich read any value as "force".
-if os.environ.get("FORCE_COLOR", "").strip().lower() in {"0", "false", "no", "off"}:
+# NO_COLOR beside FORCE_COLOR (a CI runner forcing colour for every tool, the job asking none of this one): none,
+# as the narrower ask; rich kept bold and underline under NO_COLOR while FORCE_COLOR made it write escapes to a log.
+if os.environ.get("FORCE_COLOR", "").strip().lower() in {"0", "false", "no", "off"} or (
+    os.environ.get("NO_COLOR") and "FORCE_COLOR" in os.environ
+):
     del os.environ["FORCE_COLOR"]
 
 
@@ -664,7 +668,10 @@ def eval_command(
             "a warning says so.",
         ),
     ] = False,
-    junit: Annotated[str | None, typer.Option(help="Write gates and comparisons as JUnit XML to this file.")] = None,
+    junit: Annotated[
+        str | None,
+        typer.Option(help="Write gates and comparisons as JUnit XML to this file (- for stdout; the table: stderr)."),
+    ] = None,
     allow_code_execution: AllowCode = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Let --output replace an earlier evaluation there.")
@@ -680,7 +687,7 @@ def eval_command(
     """Evaluate a run, a checkpoint or a base model; or re-score saved predictions."""
     _offline_unless_hub(source, overrides=overrides)
     _quiet_libraries()
-    from finetune.evaluation.compare import Baseline, read_baseline, write_junit
+    from finetune.evaluation.compare import Baseline, junit_xml, read_baseline, write_junit
     from finetune.evaluation.scoring import dumps, print_checkpoints, print_metrics
     from finetune.flows.evaluate import evaluate, evaluate_all_checkpoints, rescore
     from finetune.outputs import rundir
@@ -704,9 +711,12 @@ def eval_command(
     # Where the JUnit report may go, decided before any work: never over a file finetune did not write (a later
     # --junit replaces its own earlier report), an input of this command, or into a run.
     inputs = tuple(Path(p).expanduser() for p in (source, predictions, compare) if p)
+    junit_to_stdout = junit == "-"  # the XML is the output; the table, for whoever watches, goes to stderr
+    if junit_to_stdout and as_json:
+        raise RecipeError("--junit - and --json both print to stdout: give --junit a file")
     junit_path = (
         rundir.claim_output(junit, key="--junit", what=rundir.JUNIT, directory=False, overwrite=True, inputs=inputs)
-        if junit
+        if junit and not junit_to_stdout
         else None
     )
     if predictions:
@@ -771,18 +781,20 @@ def eval_command(
     if as_json:
         print(dumps(document))
     else:
+        table = err_console if junit_to_stdout else console
         if "checkpoints" in document:
-            print_checkpoints(console, document["checkpoints"])
-        print_metrics(console, document)
+            print_checkpoints(table, document["checkpoints"])
+        print_metrics(table, document)
         if document.get("watermark_cost"):
             cost = ", ".join(f"{name} {c['difference']:+.4f}" for name, c in document["watermark_cost"].items())
-            console.print(
+            table.print(
                 f"watermark cost (the run's watermarked metrics minus these): {cost}", highlight=False, soft_wrap=True
             )
         if written_to:
-            console.print(
-                f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True
-            )
+            table.print(f"metrics.json and predictions.jsonl written to {written_to}", highlight=False, soft_wrap=True)
+    if junit_to_stdout:
+        sys.stdout.write(junit_xml(document))
+        sys.stdout.flush()
     _exit_on_failed_gates(document)
 
 

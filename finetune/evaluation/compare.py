@@ -204,6 +204,10 @@ def compare(
 
 
 def write_junit(document: dict, path: str | Path) -> None:
+    write_text_atomic(Path(path), junit_xml(document))  # its folder is created as named, like reports/gates.xml
+
+
+def junit_xml(document: dict) -> str:
     """One test case per gate and per baseline comparison, so CI systems list them as tests."""
     cases = []
     for name, result in document.get("gates", {}).items():
@@ -245,5 +249,4 @@ def write_junit(document: dict, path: str | Path) -> None:
         else:
             ElementTree.SubElement(case, "failure", message=message, type="QualityGate").text = message
     ElementTree.indent(suites)
-    text = ElementTree.tostring(suites, encoding="unicode", xml_declaration=True)
-    write_text_atomic(Path(path), text + "\n")  # its folder is created as named, like reports/gates.xml
+    return ElementTree.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"

@@ -16,6 +16,7 @@ from finetune.errors import DataError
 from finetune.evaluation.compare import LOWER_IS_BETTER, Baseline, baseline_rows, compare, same_data
 from finetune.evaluation.intervals import (
     LEVEL,
+    UNBOUNDED_METRICS,
     Intervals,
     Scorer,
     estimate_intervals,
@@ -239,12 +240,17 @@ def _rows_needed(units: int, reach: float, margin: float) -> str:
 
 
 def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None) -> list[str]:
-    """A gate whose threshold lies inside the metric's interval (at the gate's level, else LEVEL) is decided by
-    noise: the eval set is too small for the margin between the value and the threshold."""
+    """A plain gate whose threshold lies inside the metric's LEVEL interval is decided by noise: the eval set is
+    too small for the margin between the value and the threshold. A gate on a fraction that no value can fail."""
     out = []
     for gate in gates:
+        if gate.metric not in UNBOUNDED_METRICS and not gate.can_fail_within(0.0, 1.0):
+            out.append(f"gate {gate} can never fail: {gate.metric} is a fraction in [0, 1], so it guards nothing")
+            continue
+        if gate.level is not None:  # judged on the interval's bound already: noise cannot decide it
+            continue
         value = metrics.get(gate.metric)
-        level = gate.level or LEVEL
+        level = LEVEL
         interval = intervals.get(gate.metric, level) if intervals is not None else None
         if interval is None or not isinstance(value, (int, float)) or not interval.low < gate.threshold < interval.high:
             continue

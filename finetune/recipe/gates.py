@@ -40,6 +40,11 @@ class Gate:
         t = self.threshold
         return {">=": t <= high, ">": t < high, "<=": t >= low, "<": t > low, "==": low <= t <= high}[self.op]
 
+    def can_fail_within(self, low: float, high: float) -> bool:
+        """Whether some value in [low, high] fails: a gate `>=0` on a fraction never does, and guards nothing."""
+        t = self.threshold
+        return {">=": low < t, ">": low <= t, "<=": high > t, "<": high >= t, "==": not low == t == high}[self.op]
+
     def __str__(self) -> str:
         level = "" if self.level is None else f"@{_exact(round(self.level * 100, 9))}"
         return f"{self.metric}{self.op}{_exact(self.threshold)}{level}"

@@ -978,6 +978,12 @@ class EvalSection(Section):
                     raise ValueError(
                         f'{metric}: {condition} has no comparison; write one, quoted: {metric}: ">={condition}"'
                     )
+                if isinstance(condition, str) and not condition.strip():
+                    # `accuracy: >1` unquoted is a YAML folded block (indentation 1) holding the lines below it
+                    raise ValueError(
+                        f"{metric}: no condition (a bare >N in YAML starts a block of text, not a comparison); "
+                        f'write it quoted, e.g. {metric}: ">=0.8"'
+                    )
         return gates
 
     @field_validator("gates")
@@ -1415,6 +1421,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# `key: <value>` where the value opens with a comparison, in block (`  accuracy: >=0.8`) or flow style
+# (`gates: {accuracy: >=0.8, f1: <0.2}`): the key, then the condition up to a comma, brace or comment.
+_BARE_CONDITION = re.compile(r"([^\s{},:#][^{},:#]*?)\s*:\s+([<>=!][^,{}#]*)")
+
+
+def _quote_hint(text: str, mark: yaml.Mark | None) -> str:
+    """A gate's condition written bare (`accuracy: >=0.8`) opens with a character YAML reads as syntax (`>` folds
+    a block, `<`/`=`/`!` cannot start a value), and YAML's words name a chomping indicator: say to quote it."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return ""
+    for match in _BARE_CONDITION.finditer(lines[mark.line]):
+        if match.start(2) <= mark.column <= match.end(2):
+            key, condition = match.group(1).strip(), match.group(2).strip()
+            return f'; a gate\'s condition is quoted: {key}: "{condition}"'
+    return ""
+
+
 def read_recipe_file(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -1431,7 +1455,7 @@ def read_recipe_file(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         what = "refused" if isinstance(exc, _AliasesRefused) else "not valid YAML"
-        raise RecipeError(f"{path}: {what}{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{path}: {what}{where}: {getattr(exc, 'problem', exc)}{_quote_hint(text, mark)}") from None
     if raw is None:
         raise RecipeError(f"{path}: the recipe is empty")
     if not isinstance(raw, dict):

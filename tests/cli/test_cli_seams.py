@@ -159,6 +159,21 @@ def test_no_colour_and_no_terminal_control_from_a_users_text(tmp_path):
         assert "\x1b" not in done.stderr and "x\\x1b[31mred.yaml" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
+def test_no_colour_wins_over_a_runners_force_colour():
+    """NO_COLOR=1 beside a runner's FORCE_COLOR=1: `--help` wrote bold escapes into the log."""
+    env = {**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "eval", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Usage" in done.stdout and "\x1b" not in done.stdout, done.stdout[:300]
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("where", ["a launched process", "SIGTERM ignored"])
 def test_sigterm_is_left_alone_in_a_launched_process_and_where_it_is_ignored(where, monkeypatch):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import pytest
+
 from finetune.evaluation.intervals import Interval
 from finetune.evaluation.scoring import gate_warnings
 from finetune.recipe.gates import parse_gate
@@ -74,3 +76,23 @@ def test_a_command_line_gate_is_refused_by_the_rules_a_recipe_gate_is(tmp_path):
     assert loss.exit_code == 2 and "saved predictions have none" in loss.output, loss.output
     fine = invoke("eval", "--predictions", predictions, "--task", "qa", "--gate", "f1>=0.5")
     assert fine.exit_code == 0, fine.output
+
+
+def test_an_interval_gate_gets_no_small_set_warning():
+    """An interval gate is judged on its bound: noise cannot decide it, and the README promises the warning for
+    plain gates (an `accuracy>=0.55@95` inside the interval was warned as "decided by noise" too)."""
+    intervals = FixedIntervals(Interval(0.1, 0.6, 0.95, "bootstrap"), units=100)
+    assert gate_warnings([parse_gate("f1>=0.55@95")], {"f1": 0.5}, intervals) == []  # type: ignore[arg-type]
+    assert len(gate_warnings([parse_gate("f1>=0.55")], {"f1": 0.5}, intervals)) == 1  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gate", ["accuracy>=0", "accuracy>-0.5", "f1<=1", "accuracy<1.5", "accuracy>=-1@95"])
+def test_a_gate_on_a_fraction_that_can_never_fail_is_warned(gate):
+    """`accuracy>=0` passes whatever the model does: a CI job reading it as a quality bar would be misled."""
+    (warning,) = gate_warnings([parse_gate(gate)], {"accuracy": 0.5, "f1": 0.5}, None)
+    assert "can never fail" in warning and "guards nothing" in warning
+
+
+@pytest.mark.parametrize("gate", ["accuracy>0", "accuracy>=0.01", "f1<1", "accuracy==1", "eval_loss>=0"])
+def test_a_gate_that_can_fail_is_not_warned(gate):
+    assert gate_warnings([parse_gate(gate)], {"accuracy": 0.5, "f1": 0.5, "eval_loss": 1.0}, None) == []

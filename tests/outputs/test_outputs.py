@@ -229,3 +229,20 @@ def test_a_checkpoint_whose_body_does_not_match_its_config_is_refused(tiny_model
     result = invoke("run", write_recipe(classification_recipe(broken, topic_data, tmp_path / "run")))
     assert result.exit_code == 2, result.output
     assert "shapes differ from its config" in result.output and "intermediate" in result.output
+
+
+def test_junit_to_stdout(tmp_path, monkeypatch):
+    """`--junit -` wrote a file named `-` into the working directory; it is stdout now (the table: stderr)."""
+    from conftest import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"t{i}", "label": "a", "prediction": "a" if i < 8 else "b"} for i in range(10)]
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    args = ("eval", "--predictions", predictions, "--task", "classification", "--gate", "accuracy>=0.9")
+    result = invoke(*args, "--junit", "-")
+    assert result.exit_code == 4, result.output
+    suite = ElementTree.fromstring(result.stdout).find("testsuite")
+    assert suite is not None and suite.get("failures") == "1"
+    assert "accuracy" in result.stderr and not (tmp_path / "-").exists()
+    both = invoke(*args, "--junit", "-", "--json")
+    assert both.exit_code == 2 and "both print to stdout" in both.output

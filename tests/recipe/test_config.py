@@ -128,6 +128,34 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.parametrize(
+    ("gates", "hint"),
+    [
+        ("eval:\n  gates:\n    accuracy: >=0.8\n", 'accuracy: ">=0.8"'),
+        ('eval:\n  gates: {accuracy: "<=0.2", f1: >=0.5}\n', 'f1: ">=0.5"'),
+        ("eval:\n  gates:\n    f1: >0.8  # the bar\n", 'f1: ">0.8"'),
+    ],
+)
+def test_a_bare_gate_condition_is_named_with_its_quoting(tmp_path, gates, hint):
+    """`accuracy: >=0.8` unquoted: YAML read `>` as a folded block and spoke of chomping indicators."""
+    path = tmp_path / "r.yaml"
+    path.write_text("task: classification\n" + gates)
+    with pytest.raises(RecipeError, match="not valid YAML") as caught:
+        load_recipe(path)
+    assert f"a gate's condition is quoted: {hint}" in str(caught.value)
+
+
+def test_a_gate_folded_into_an_empty_block_is_named(tmp_path):
+    """`accuracy: >1` is valid YAML (a folded block, indentation 1) whose text is empty: "malformed gate
+    'accuracy'" named no cause."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "task: classification\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\neval:\n  gates:\n    accuracy: >1\n"
+    )
+    with pytest.raises(RecipeError, match=r'accuracy: no condition .*quoted, e.g. accuracy: ">=0.8"'):
+        load_recipe(path)
+
+
 @pytest.mark.slow  # a real subprocess or a kill -9: `make test` runs it, the fast loop does not
 def test_every_shipped_recipe_validates(monkeypatch):
     import re
