@@ -65,10 +65,19 @@ def conversation_problems(recipe: Recipe, conversations: bool = False) -> list[s
     if conversations or layout in CONVERSATION_FORMATS:
         if data.template is not None:
             problems.append("data.template: conversations carry their own turns; remove the template")
-        if recipe.train.objective != "sft":
+        # DPO, ORPO and KTO read pairs or thumbs written as conversations (judged_conversations); a layout the
+        # recipe names holds plain conversations, which none of them can learn from. GRPO samples from text prompts.
+        judged = recipe.train.learns_from_judgements and layout not in CONVERSATION_FORMATS
+        if recipe.train.objective != "sft" and not judged:
             problems.append(
                 f"train.objective: {recipe.train.objective} trains on prompts and judged completions; conversations "
                 "train with sft"
+                + (
+                    " (pairs written as conversations are read with data.format auto: a prompt field of turns, or "
+                    "'chosen' and 'rejected' conversations)"
+                    if recipe.train.learns_from_judgements
+                    else ""
+                )
             )
         if recipe.eval.watermark is not None:
             problems.append("eval.watermark: watermarking conversations is not supported yet; remove eval.watermark")
@@ -187,8 +196,13 @@ def _turns(value: object, field: str, named: str) -> list:
 
 
 def _checked_messages(row: dict[str, Any], named: str) -> list[dict[str, str]]:
+    return _checked_turns(row["messages"], "messages", named)
+
+
+def _checked_turns(value: object, field: str, named: str) -> list[dict[str, str]]:
+    """A field's list of {role, content} turns, each checked."""
     out = []
-    for index, turn in enumerate(_turns(row["messages"], "messages", named), start=1):
+    for index, turn in enumerate(_turns(value, field, named), start=1):
         if not isinstance(turn, dict):
             raise DataError(f"{named}: turn {index} must be an object with role and content, got {_kind(turn)}")
         role, content = turn.get("role"), turn.get("content")
@@ -201,6 +215,103 @@ def _checked_messages(row: dict[str, Any], named: str) -> list[dict[str, str]]:
             raise DataError(f"{named}: turn {index} ({role}): content must be text, got {_kind(content)}")
         out.append({"role": role, "content": content})
     return out
+
+
+def judged_conversations(
+    table: Dataset,
+    columns: Mapping[str, str],
+    prompt_field: str,
+    answer_field: str,
+    key: str,
+    place: Callable[[int], str],
+) -> Dataset | None:
+    """Preference rows written as conversations, TRL's conversational layout, as `messages` rows (the prompt's
+    turns) with each answer's text; None when no field of the table holds turns (the rows are text).
+
+    - the prompt field a list of turns (or text: one user turn), each answer (`chosen` and `rejected`; KTO's
+      `answer_field`, beside its `label`) a list holding one assistant turn, or text;
+    - no prompt field: `chosen` and `rejected` whole conversations, whose shared opening turns are the prompt and
+      whose one differing turn, the assistant's, is the answer (TRL's implicit prompt).
+
+    The prompt must end with a user or system turn: the answer is the assistant turn that follows it."""
+    names = {field: columns.get(field, field) for field in (prompt_field, *_PAIR, answer_field, "label", "id")}
+    present = {field for field, column in names.items() if column in table.column_names}
+    if not any(_holds_lists(table, names[field]) for field in present - {"label", "id"}):
+        return None
+    pairs = set(_PAIR) <= present
+    sides = _PAIR if pairs else (answer_field,)
+    if prompt_field not in present and not pairs:
+        raise DataError(
+            f"{key}: the rows hold turns but no {prompt_field!r} field; conversations without one are pairs, whose "
+            "'chosen' and 'rejected' conversations share their opening turns (the prompt)"
+        )
+    out: dict[str, list] = {"messages": [], **{side: [] for side in sides}}
+    for index, row in enumerate(_row_dicts(table.select_columns([names[f] for f in present])[:])):
+        named = f"{key}: {place(index)}"
+        if prompt_field in present:
+            prompt = _prompt_turns(row[names[prompt_field]], names[prompt_field], named)
+            answers = [_answer_text(row.get(names[side]), names[side], named) for side in sides]
+        else:
+            prompt, answers = _shared_opening(row[names["chosen"]], row[names["rejected"]], named)
+        if prompt[-1]["role"] == "assistant":
+            raise DataError(
+                f"{named}: the prompt ends with an assistant turn; the answers are the assistant turn that follows "
+                "a user (or system) turn"
+            )
+        out["messages"].append(prompt)
+        for side, text in zip(sides, answers):
+            out[side].append(text)
+    for field in ("label", "id"):
+        if field in present:
+            out[field] = table[names[field]][:]
+    return Dataset.from_dict(out)
+
+
+_PAIR = ("chosen", "rejected")
+
+
+def _holds_lists(table: Dataset, column: str) -> bool:
+    kind = table.data.schema.field(column).type
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def _prompt_turns(value: object, field: str, named: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return _checked_turns(value, field, named)
+
+
+def _answer_text(value: object, field: str, named: str) -> str:
+    """An answer: text, or a list holding one assistant turn."""
+    if isinstance(value, str) or value is None:  # a missing answer is the pair checks' to name
+        return value  # type: ignore[return-value]
+    return _one_assistant_turn(_checked_turns(value, field, named), field, named)
+
+
+def _one_assistant_turn(turns: list[dict[str, str]], field: str, named: str) -> str:
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        roles = ", ".join(turn["role"] for turn in turns) or "no turn"
+        raise DataError(f"{named}: field {field!r} must answer the prompt with one assistant turn, got {roles}")
+    return turns[0]["content"]
+
+
+def _shared_opening(chosen: object, rejected: object, named: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The prompt two whole conversations share (their equal opening turns) and each one's answer after it."""
+    first, second = _checked_turns(chosen, "chosen", named), _checked_turns(rejected, "rejected", named)
+    shared = 0
+    while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+        shared += 1
+    if first == second:  # one conversation twice: its last turn is both answers, which the pair checks refuse
+        shared -= 1
+    if not shared:
+        raise DataError(
+            f"{named}: 'chosen' and 'rejected' share no opening turn, so no prompt can be read from them; give the "
+            "prompt's turns in a prompt field, or both whole conversations"
+        )
+    return first[:shared], [
+        _one_assistant_turn(first[shared:], "chosen", named),
+        _one_assistant_turn(second[shared:], "rejected", named),
+    ]
 
 
 def _sharegpt(row: dict[str, Any], named: str) -> list[dict[str, str]]:

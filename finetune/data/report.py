@@ -237,12 +237,17 @@ def overlap_rows(train: Dataset, eval_rows: Dataset, policy: str) -> tuple[dict,
 
 
 def read_rows(
-    recipe: Recipe, required: tuple[str, ...], optional: tuple[str, ...], classify: bool, conversations: bool = False
+    recipe: Recipe,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    classify: bool,
+    conversations: bool = False,
+    judged: tuple[str, str] | None = None,
 ) -> tuple[SplitRows, dict]:
     """Every row check that needs no tokenizer, in the order a run makes them (what `validate` and a run share):
     the files read and typed, the eval split drawn, data.on_overlap applied, then (single-label classification)
     eval labels that no training row has. Returns the rows and the findings (overlap, the split) for the report."""
-    rows = read_splits(recipe, required, optional, classify, conversations)
+    rows = read_splits(recipe, required, optional, classify, conversations, judged)
     found, keep = overlap_rows(rows.train, rows.eval, recipe.data.on_overlap)
     if keep is not None:
         rows.select("data.train", keep)

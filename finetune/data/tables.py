@@ -36,6 +36,7 @@ from finetune.data.conversations import (
     LAYOUT_FIELDS,
     as_messages,
     conversation_problems,
+    judged_conversations,
     layout_fields,
     recipe_layout,
     table_layout,
@@ -1183,11 +1184,13 @@ def read_split(
     optional: Sequence[str],
     classify: bool = False,
     conversations: bool = False,
+    judged: tuple[str, str] | None = None,
 ) -> tuple[Dataset, Origins]:
     """One split's files as the task's fields, with where each row came from. File by file: read (a bad line
     named as file:line), the template filled, the columns mapped, every field's type checked; then the files
     joined (JSON Lines, JSON, CSV/TSV and Parquet may be mixed). `conversations` (generation tasks): a file in a
-    conversation layout becomes checked `messages` rows (data/conversations.py)."""
+    conversation layout becomes checked `messages` rows (data/conversations.py); `judged` (the task's prompt and
+    answer fields): under a preference objective, pairs or thumbs written as conversations do too."""
     data = recipe.data
     items = [spec] if isinstance(spec, str) else list(spec)
     as_written = (*TEXT_FIELDS, *NAME_FIELDS, *(("label",) if classify else ()))
@@ -1206,6 +1209,14 @@ def read_split(
             raise
         if classify and source.layout == "csv":
             table = _whole_number_labels(table, data.columns.get("label", "label"))
+        if judged is not None and recipe.train.learns_from_judgements and recipe_layout(data) in (None, "prompt"):
+            turns = judged_conversations(table, data.columns, *judged, key, source.place)
+            if turns is not None:
+                if data.template is not None:
+                    raise RecipeError(f"data.template: the rows of {item} are conversations; remove the template")
+                parts.append(turns)
+                origins.append(Origins.of(source, len(table)))
+                continue
         layout = table_layout(data, table.column_names, data.columns, required) if conversations else None
         if conversations and layout is None and recipe_layout(data) is None:
             _refuse_mixed_layouts(table, source, key, required)
@@ -1607,15 +1618,22 @@ class SplitRows:
 
 
 def read_splits(
-    recipe: Recipe, required: Sequence[str], optional: Sequence[str], classify: bool, conversations: bool = False
+    recipe: Recipe,
+    required: Sequence[str],
+    optional: Sequence[str],
+    classify: bool,
+    conversations: bool = False,
+    judged: tuple[str, str] | None = None,
 ) -> SplitRows:
     """The rows a recipe trains and evaluates on (data.train, data.eval or data.eval_split, the sample limits),
     as the task's fields, each field's type checked, each row's place in its file kept."""
     data = recipe.data
-    train, train_origins = read_split(data.train, "data.train", recipe, required, optional, classify, conversations)
+    train, train_origins = read_split(
+        data.train, "data.train", recipe, required, optional, classify, conversations, judged
+    )
     if data.eval is not None:
         eval_rows, eval_origins = read_split(
-            data.eval, "data.eval", recipe, required, optional, classify, conversations
+            data.eval, "data.eval", recipe, required, optional, classify, conversations, judged
         )
         rows = SplitRows(train, eval_rows, {"data.train": train_origins, "data.eval": eval_origins})
     else:

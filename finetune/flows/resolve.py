@@ -1394,10 +1394,10 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         if isinstance(task, GenerationTask) and recipe.train.learns_from_judgements:
 
             def judged(table: Dataset, split: str) -> None:
-                """The pairs' and thumbs' own checks, as the task's featurize makes them."""
-                if "messages" not in table.column_names:  # conversations are featurized as such, not as pairs
-                    objective, prompt, answer = recipe.train.objective, task.prompt_field, task.answer_field
-                    judged_rows(kto_rows(table, objective, split, prompt, answer), objective, split, prompt, answer)
+                """The pairs' and thumbs' own checks, as the task's featurize makes them (also of pairs written
+                as conversations, and of plain conversations, which hold none)."""
+                objective, prompt, answer = recipe.train.objective, task.prompt_field, task.answer_field
+                judged_rows(kto_rows(table, objective, split, prompt, answer), objective, split, prompt, answer)
 
             each_split(judged)
         if isinstance(task, GenerationTask) and recipe.train.objective == "grpo":
@@ -1435,7 +1435,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         unreported = pair_metrics_problems(recipe, rows.eval)
         if unreported:
             raise recipe_problems_error(source, unreported)
-        if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names:
+        pairs_as_turns = recipe.train.learns_from_judgements  # conversations of pairs: the prompt's turns alone
+        if isinstance(task, GenerationTask) and "messages" in rows.eval.column_names and not pairs_as_turns:
             try:  # an evaluation conversation must end with the assistant turn it is scored on, as featurize checks
                 for number, messages in enumerate(rows.eval["messages"], start=1):
                     check_evaluation_conversation(messages, f"data.eval: row {number}")
@@ -1451,6 +1452,8 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     return
                 seen: set[tuple] = set()
                 for number, messages in enumerate(table["messages"], start=1):
+                    if pairs_as_turns:  # a pair's prompt, as featurize renders it: followed by an answer
+                        messages = [*messages, {"role": "assistant", "content": "answer"}]
                     roles = tuple(turn.get("role") for turn in messages)
                     if roles not in seen:
                         seen.add(roles)

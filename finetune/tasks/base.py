@@ -122,9 +122,10 @@ class Task:
         """(required, optional) fields of a row under this recipe."""
         return self.required_fields, self.optional_fields
 
-    def reading(self) -> dict[str, bool]:
+    def reading(self) -> dict[str, Any]:
         """How the row readers (tables.read_split, report.read_rows) read this task's files: classification's labels
-        are checked as labels; a generation task's file may hold conversations."""
+        are checked as labels; a generation task's file may hold conversations, and (`judged`: its prompt and
+        answer fields) pairs or thumbs written as conversations."""
         return {"classify": self.name == "classification", "conversations": self.head == "generation"}
 
     def conversation_layout(

@@ -33,6 +33,7 @@ from finetune.data.tables import apply_overflow, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
+from finetune.tasks import text2text
 from finetune.tasks.text2text import IGNORE, _keep_end, no_chat_template
 
 # `{% generation %}`, `{%- generation %}`, `{%- generation -%}`: the markers transformers reads.
@@ -223,6 +224,40 @@ class ConversationEncoder:
         trained = [t for t, label in zip(encoded.input_ids[0], encoded.labels[0]) if label != IGNORE]
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.get_added_vocab().values())
         return trained[-1:] if trained and trained[-1] in special else []
+
+
+def encode_turns(
+    prompts: Sequence[Messages],
+    answers: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+) -> text2text.Encoded:
+    """Each prompt's turns answered by an assistant turn holding `answers[i]`, as one prompt -> completion example
+    (pairs and thumbs written as conversations): the completion the tokens SFT on conversations trains on for
+    that turn (its content and end-of-turn token, found as `ConversationEncoder` finds them), the prompt the tokens
+    before it, both within data.max_length as `text2text.fit` keeps a text pair; generation's prompt is the turns
+    rendered with the generation prompt, as for any conversation."""
+    if family.encoder_decoder:
+        raise RecipeError(encoder_decoder_problem(family.name))
+    encoder = ConversationEncoder(tokenizer, "last", recipe.model.name_or_path)
+    answered = [[*turns, {"role": "assistant", "content": answer}] for turns, answer in zip(prompts, answers)]
+    encoded = encoder.encode(answered, split, 1, labeled=True)
+    prompt_ids, completion_ids = [], []
+    for number, (ids, labels) in enumerate(zip(encoded.input_ids, encoded.labels), start=1):
+        trained = [i for i, label in enumerate(labels) if label != IGNORE]
+        if not trained:  # an empty answer is refused before; a template that drops the content is not
+            raise DataError(
+                f"{split}: row {number}: the chat template of {recipe.model.name_or_path} rendered no "
+                "token of the answer"
+            )
+        prompt_ids.append(ids[: trained[0]])
+        completion_ids.append(ids[trained[0] : trained[-1] + 1])  # not what follows the turn (a newline)
+    fitted = text2text.fit(prompt_ids, completion_ids, tokenizer.bos_token_id, family, recipe, split)
+    width, bos = recipe.data.max_length, tokenizer.bos_token_id
+    fitted.prompt_ids = [_keep_end(encoded.prompt_ids[int(i)], width, bos) for i in fitted.keep]
+    return fitted
 
 
 def overlap_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[int]:

@@ -72,6 +72,9 @@ class GenerationTask(Task):
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
+    def reading(self) -> dict[str, Any]:
+        return {**super().reading(), "judged": (self.prompt_field, self.answer_field)}
+
     def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Under a preference objective the rows are pairs or thumbs; the task's reference becomes optional.
         Conversations (data.format, or the fields data.columns maps) have their layout's fields."""
@@ -171,14 +174,16 @@ class GenerationTask(Task):
         workdir: Path | None = None,
     ) -> Features:
         family = FAMILIES[state["family"]]
-        if "messages" in rows.column_names:  # conversations (data/conversations.py made every layout this column)
+        conversations = "messages" in rows.column_names  # data/conversations.py made every layout this column
+        if conversations:
             for problem in conversation_problems(recipe, conversations=True):
                 raise RecipeError(problem)
-            return featurize_conversations(rows, tokenizer, family, recipe, split, labeled, workdir)
-        if labeled and recipe.train.learns_from_judgements:
+        if labeled and recipe.train.learns_from_judgements:  # pairs or thumbs, as text or as conversations
             return featurize_preferences(
                 rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field, self.completion_text
             )
+        if conversations:
+            return featurize_conversations(rows, tokenizer, family, recipe, split, labeled, workdir)
         if labeled and split == "data.train" and recipe.train.objective == "grpo":
             # GRPO samples its own completions: the training features are the prompts, with each row's index
             # for the reward (the row holds the reference: tests, answers, the reference copy).

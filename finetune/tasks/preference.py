@@ -20,13 +20,15 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 import finetune.tasks.sandbox as sandbox
+from finetune.data.conversations import conversation_texts
 from finetune.data.features import Features
 from finetune.data.tables import LengthReport, checked_texts, renumbered
 from finetune.errors import DataError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
 from finetune.tasks.base import named_metrics
-from finetune.tasks.text2text import IGNORE, encode
+from finetune.tasks.conversations import encode_turns
+from finetune.tasks.text2text import IGNORE, Encoded, encode
 
 PAIR_FIELDS = ("chosen", "rejected")
 THUMB_FIELD = "label"  # KTO: true for a desirable completion, false for an undesirable one
@@ -92,8 +94,9 @@ def judged_rows(
 ) -> tuple[list[str], list[list[str]], list[bool] | None]:
     """Every check of pairs or thumbs that needs no tokenizer, shared by training (featurize_preferences) and
     `finetune validate` (finetune.flows.resolve.check_rows), so both refuse the same rows with the same message.
-    Returns the prompts and, for pairs, ([chosen, rejected], None); for thumbs, ([completions], labels)."""
-    prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
+    Returns the prompts (a conversation's: its turns as one text, what tells prompts apart) and, for pairs,
+    ([chosen, rejected], None); for thumbs, ([completions], labels)."""
+    prompts = prompt_keys(rows, split, prompt_field)
     if is_pairs(rows):
         return prompts, _checked_pairs(rows, split), None
 
@@ -124,6 +127,13 @@ def judged_rows(
     return prompts, [completions], thumbs
 
 
+def prompt_keys(rows: Dataset, split: str, prompt_field: str) -> list[str]:
+    """Each row's prompt as text: the prompt field, or a conversation's turns (`messages`, judged_conversations)."""
+    if "messages" in rows.column_names:
+        return conversation_texts(rows).to_pylist()
+    return checked_texts(rows[prompt_field][:], split, prompt_field)
+
+
 def _checked_pairs(rows: Dataset, split: str) -> list[list[str]]:
     """[chosen, rejected] of pair rows; a side empty, or both the same, is named by row."""
     chosen = checked_texts(rows["chosen"][:], split, "chosen")
@@ -151,12 +161,14 @@ def kto_rows(rows: Dataset, objective: str, split: str, prompt_field: str, answe
         return rows
     if answer_field in rows.column_names and THUMB_FIELD in rows.column_names:  # thumbs beside pairs: the thumbs
         return rows.remove_columns(list(PAIR_FIELDS))
-    prompts = checked_texts(rows[prompt_field][:], split, prompt_field)
+    prompt_keys(rows, split, prompt_field)  # checked
+    asked = "messages" if "messages" in rows.column_names else prompt_field  # a conversation's turns, or text
+    prompts = rows[asked][:]
     chosen, rejected = _checked_pairs(rows, split)
-    unpaired: dict[str, list] = {prompt_field: [], answer_field: [], THUMB_FIELD: []}
+    unpaired: dict[str, list] = {asked: [], answer_field: [], THUMB_FIELD: []}
     for start in range(0, len(prompts), UNPAIR_BATCH):  # datasets.map's default batch, as TRL maps them
         batch = slice(start, start + UNPAIR_BATCH)
-        unpaired[prompt_field] += prompts[batch] + prompts[batch]
+        unpaired[asked] += prompts[batch] + prompts[batch]
         unpaired[answer_field] += chosen[batch] + rejected[batch]
         unpaired[THUMB_FIELD] += [True] * len(chosen[batch]) + [False] * len(rejected[batch])
     return Dataset.from_dict(unpaired)
@@ -181,11 +193,17 @@ def featurize_preferences(
     numbers = unpaired_numbers(pairs) if len(rows) != pairs else None
     with _numbered_as_pairs(split, numbers):
         prompts, answers, thumbs = judged_rows(rows, recipe.train.objective, split, prompt_field, answer_field)
+        turns = rows["messages"][:] if "messages" in rows.column_names else None
+
+        def encode_side(texts: list[str]) -> Encoded:
+            """A prompt answered by each text: as SFT trains on it, as text or as a conversation's next turn (where
+            the chat template places the answer; QA's leading space is the template's to give)."""
+            if turns is None:
+                return encode(prompts, [completion_text(t) for t in texts], tokenizer, family, recipe, split)
+            return encode_turns(turns, texts, tokenizer, family, recipe, split)
+
         if thumbs is None:
-            sides = [[completion_text(t) for t in side] for side in answers]
-            columns, keep, report, prompt_ids = _encode_sides(
-                prompts, sides, PAIR_SIDES, tokenizer, family, recipe, split
-            )
+            columns, keep, report, prompt_ids = _encode_sides(len(prompts), answers, PAIR_SIDES, encode_side, split)
             dataset = Dataset.from_dict(columns)
             kept = rows.select(keep) if len(keep) < len(prompts) else rows
             if answer_field not in kept.column_names:  # generation is scored against the preferred answer
@@ -196,10 +214,10 @@ def featurize_preferences(
 
         # The KL term's mismatched pairs: each prompt with the completion of the nearest earlier row (file order,
         # cyclic) that answers another prompt, fixed per row so its reference log-probability is computed once.
-        texts = [completion_text(t) for t in answers[0]]
+        texts = answers[0]
         shifted = [texts[_other_prompt(prompts, i)] for i in range(len(prompts))]
         columns, keep, report, prompt_ids = _encode_sides(
-            prompts, [texts, shifted], THUMB_SIDES, tokenizer, family, recipe, split
+            len(prompts), [texts, shifted], THUMB_SIDES, encode_side, split
         )
         dataset = Dataset.from_dict({**columns, "desirable": [thumbs[int(i)] for i in keep]})
         kept = rows.select(keep) if len(keep) < len(prompts) else rows
@@ -255,18 +273,12 @@ def _other_prompt(prompts: list[str], index: int) -> int:
 
 
 def _encode_sides(
-    prompts: list[str],
-    sides: list[list[str]],
-    names: tuple[str, str],
-    tokenizer: PreTrainedTokenizerBase,
-    family: FamilySpec,
-    recipe: Recipe,
-    split: str,
+    rows: int, sides: list[list[str]], names: tuple[str, str], encode_side: Callable[[list[str]], Encoded], split: str
 ) -> tuple[dict[str, list], np.ndarray, LengthReport, list[list[int]]]:
-    """Each prompt with each of two completions, as SFT examples: the `<name>_input_ids` / `<name>_labels`
-    columns of the rows both of whose sequences survived data.overflow (none left is an error, not an empty
-    run), those rows' indices, the length report and the prompts' ids."""
-    first, second = (encode(prompts, texts, tokenizer, family, recipe, split) for texts in sides)
+    """Each row's prompt with each of two completions, as SFT examples (`encode_side`): the `<name>_input_ids` /
+    `<name>_labels` columns of the rows both of whose sequences survived data.overflow (none left is an error, not
+    an empty run), those rows' indices, the length report and the prompts' ids."""
+    first, second = (encode_side(texts) for texts in sides)
     keep = np.intersect1d(first.keep, second.keep)
     if not keep.size:
         raise DataError(f"{split}: data.overflow=drop dropped every row (one side of each was too long)")
@@ -278,7 +290,7 @@ def _encode_sides(
         columns[f"{name}_input_ids"], columns[f"{name}_labels"] = selected["input_ids"], selected["labels"]
     at = {int(i): n for n, i in enumerate(first.keep)}
     truncated = int(np.union1d(first.too_long, second.too_long).size)  # rows with either side cut
-    report = _merged_report(first.report, second.report, len(prompts), len(keep), names, truncated)
+    report = _merged_report(first.report, second.report, rows, len(keep), names, truncated)
     return columns, keep, report, [first.prompt_ids[at[int(i)]] for i in keep]
 
 

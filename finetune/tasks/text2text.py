@@ -120,7 +120,6 @@ def encode(
     completion; only a completion too long to leave its prompt a quarter of the
     width (all of a shorter prompt) is cut, and those are counted in the report's notes.
     """
-    max_length, policy = recipe.data.max_length, recipe.data.overflow
     text = prompt_texts(prompts, tokenizer, recipe)
     prompt_ids = _encode(text, tokenizer, special=not recipe.data.chat_template)
     completion_ids = None
@@ -132,7 +131,20 @@ def encode(
             ]
         else:
             completion_ids = [ids + [eos] for ids in _encode(completions, tokenizer, special=False)]
+    return fit(prompt_ids, completion_ids, tokenizer.bos_token_id, family, recipe, split)
 
+
+def fit(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]] | None,
+    bos: int | None,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+) -> Encoded:
+    """Tokenised prompts (and completions) within data.max_length, by data.overflow: `encode`'s rule, and that of
+    a conversation's prompt turns and answer (`conversations.encode_turns`)."""
+    max_length, policy = recipe.data.max_length, recipe.data.overflow
     if completion_ids is None:
         lengths = [len(p) for p in prompt_ids]
     elif family.encoder_decoder:
@@ -144,7 +156,6 @@ def encode(
 
     cut_completions = 0
     prompts_out, inputs, labels = [], [], []
-    bos = tokenizer.bos_token_id
     for i in keep:
         prompt = prompt_ids[i]
         if family.encoder_decoder:  # encoder input: cut the end, keep the closing EOS
