@@ -380,7 +380,9 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
         if suffix != ".parquet" and any(issubclass(w.category, pd.errors.ParserWarning) for w in said):
             _check_extra_fields(path, separator, quoting, len(header))
-    except pd.errors.ParserError:
+    except pd.errors.ParserError as exc:
+        if "EOF inside string" in str(exc):  # the python engine below read up to the mark and stopped, silently
+            raise _unclosed_quote(path, separator, quoting) from None
         # A row further down with more fields than the header: named at its line where they hold values; empty
         # ones (some rows closed by a separator) are dropped, which loses nothing.
         header = _header(path, separator, quoting)
@@ -436,6 +438,20 @@ def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], widt
                     f"(extra: {record[width:][:3]!r}); {fix}, or name every column" + row_names
                 )
             start = records.line_num + 1
+
+
+def _unclosed_quote(path: Path, separator: str, quoting: Literal[0, 3]) -> DataError:
+    """A quotation mark that opens a value no later mark closes: every line after it is that one value (pandas
+    read the rows before it and dropped the rest without a word). Named at the line the value starts on."""
+    start = begins = 1
+    with _open_csv_text(path) as text:
+        records = csv.reader(text, delimiter=separator, quoting=quoting)  # not strict: the last record runs to the end
+        for _ in records:
+            start, begins = begins, records.line_num + 1
+    return DataError(
+        f"{path}:{start}: a quotation mark opens a value here that nothing later closes, so every line after it would "
+        'be read as part of that value; close it, or write a quotation mark inside a quoted value as two ("")'
+    )
 
 
 def _not_utf8(path: Path) -> DataError:

@@ -556,7 +556,17 @@ def rescore(
     for row in rows if rewarded else []:
         row.pop(evaluation.REWARD_FIELD, None)
     scored = evaluation.score(task, rows, settings, intervals=True, rewards=rewarded)
-    document = evaluation.metrics_document(task_name, scored, evaluation.collect_gates(None, gates))
+    asked = evaluation.collect_gates(None, gates)
+    # What the rows decide (single labels or lists, pairs or not): a gate on a metric they do not report is a
+    # wrong gate (exit 2), as on a run, not a failed one (exit 4: "the model regressed" to a CI job).
+    unreported = [gate for gate in asked if gate.metric not in scored["metrics"]]
+    if unreported:
+        reported = ", ".join(sorted(scored["metrics"]))
+        raise RecipeError(
+            "; ".join(f"--gate {gate}: {gate.metric} is not reported for these predictions" for gate in unreported)
+            + f" (they report {reported})"
+        )
+    document = evaluation.metrics_document(task_name, scored, asked)
     fields = (*task.required_fields, *task.optional_fields)
     return evaluation.attach_comparison(document, baseline, task, rows, settings, fields)
 

@@ -1334,7 +1334,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as exc:
             what = "value refused" if isinstance(exc, _AliasesRefused) else "value is not valid YAML"
             # A gate's condition opens with a character YAML reads as syntax: the commonest such value.
-            quote = f"; quote it: {key.strip()}='\"{text.strip()}\"'" if text.strip()[:1] in "<>=!" else ""
+            quote = (
+                f"; quote it: {key.strip()}='\"{text.strip()}\"'"
+                if text.strip()[:1] in "<>=!"
+                else _quote_hint(text, getattr(exc, "problem_mark", None))  # inside a mapping: {accuracy: >=0.8}
+            )
             raise RecipeError(
                 f"override {brief(override)}: {what} ({getattr(exc, 'problem', None) or exc}){quote}"
             ) from None

@@ -144,6 +144,16 @@ def test_a_csv_row_with_more_fields_than_its_header_is_refused_at_its_line(tmp_p
         split_of({"train": str(tmp_path / "latin.csv"), "eval_split": 0.5})
 
 
+def test_a_quotation_mark_that_never_closes_is_named_at_its_line(tmp_path):
+    """A value opened by a stray quotation mark on line 12 of 49: training read the 10 rows before it and dropped
+    the other 38 without a word (and predict returned 1 answer for 4 inputs)."""
+    lines = ["text,label"] + [f"word{i} here,{'a' if i % 2 else 'b'}" for i in range(48)]
+    lines[11] = '"' + lines[11]
+    (tmp_path / "quote.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"quote.csv:12: a quotation mark opens a value here that nothing later"):
+        split_of({"train": str(tmp_path / "quote.csv"), "eval_split": 0.5})
+
+
 def test_a_number_or_nothing_where_text_is_expected_names_the_row_column_and_type(tmp_path):
     rows = [{"body": f"text {i}", "topic": "a" if i % 2 else "b"} for i in range(10)]
     rows[6]["body"] = 42  # text and numbers in one column: the reader cannot make a table of it

@@ -78,6 +78,20 @@ def test_a_command_line_gate_is_refused_by_the_rules_a_recipe_gate_is(tmp_path):
     assert fine.exit_code == 0, fine.output
 
 
+def test_a_gate_on_a_metric_the_saved_predictions_do_not_report_is_refused(tmp_path):
+    """micro_f1 of single-label predictions: the gate was judged "missing" and failed (exit 4), read by a CI job as
+    a regression of the model; the same gate on a run is exit 2 before anything loads."""
+    from conftest import write_jsonl
+    from helpers import invoke
+
+    rows = [{"text": f"t{i}", "label": "a" if i % 2 else "b", "prediction": "a"} for i in range(8)]
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    wrong = invoke("eval", "--predictions", predictions, "--task", "classification", "--gate", "micro_f1>=0.1")
+    assert wrong.exit_code == 2 and "micro_f1 is not reported for these predictions" in wrong.output, wrong.output
+    right = invoke("eval", "--predictions", predictions, "--task", "classification", "--gate", "macro_f1>=0.1")
+    assert right.exit_code == 0, right.output
+
+
 def test_an_interval_gate_gets_no_small_set_warning():
     """An interval gate is judged on its bound: noise cannot decide it, and the README promises the warning for
     plain gates (an `accuracy>=0.55@95` inside the interval was warned as "decided by noise" too)."""

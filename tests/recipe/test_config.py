@@ -145,6 +145,11 @@ def test_a_bare_gate_condition_is_named_with_its_quoting(tmp_path, gates, hint):
     assert f"a gate's condition is quoted: {hint}" in str(caught.value)
 
 
+def test_a_bare_gate_condition_in_an_override_mapping_is_named():
+    with pytest.raises(RecipeError, match='a gate\'s condition is quoted: accuracy: ">=0.8"'):
+        apply_overrides({}, ["eval.gates={accuracy: >=0.8}"])
+
+
 def test_a_gate_folded_into_an_empty_block_is_named(tmp_path):
     """`accuracy: >1` is valid YAML (a folded block, indentation 1) whose text is empty: "malformed gate
     'accuracy'" named no cause."""
