@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -1464,6 +1465,22 @@ def _stop(processes: list[Any], parts: list[Path]) -> None:
         process.join()
     for part in parts:
         part.unlink(missing_ok=True)
+
+
+# Retrieval features: each row's positive passage. Rows sharing one must not meet in a batch (training/loop.py).
+POSITIVE_COLUMN = "positive_input_ids"
+
+
+def shared_positives(features: Dataset) -> list[bytes] | None:
+    """Per row, a digest of its positive passage's tokens, where some rows share one; None otherwise."""
+    if POSITIVE_COLUMN not in features.column_names:
+        return None
+    keys = [
+        hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+        for batch in features.select_columns([POSITIVE_COLUMN]).iter(batch_size=MAP_BATCH_ROWS)
+        for ids in batch[POSITIVE_COLUMN]
+    ]
+    return keys if len(set(keys)) < len(keys) else None
 
 
 def token_lengths(features: Dataset) -> np.ndarray:

@@ -556,7 +556,8 @@ def checkpoint_bytes(model: torch.nn.Module, keep: int, held: int = 0) -> int:
 
 # The version of how training batches are drawn for a (seed, epoch) (training/loop.py, LengthGroupedBatches): a
 # checkpoint resumed with another order would skip other rows than it trained on. 2: the short batch stays last.
-BATCH_ORDER = 2
+# 3: retrieval rows sharing a positive passage are kept out of each other's batch (loop.keep_apart).
+BATCH_ORDER = 3
 
 
 # How a resume identity names a data file's hash, and a local first-stage model's (training/checkpoint.check_identity

@@ -12,6 +12,7 @@ sentence-transformers' InformationRetrievalEvaluator).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -210,7 +211,7 @@ class RetrievalTask(Task):
             )
         report.notes.append(f"corpus passages longer than {width} tokens are cut to it when the corpus is embedded")
         if split == "data.train" and "positive_input_ids" in texts:
-            report.notes += _shared_positives(texts["positive_input_ids"])
+            report.notes += _shared_positives(texts["positive_input_ids"], recipe.train.batch_size)
         dataset = Dataset.from_dict(columns)
         if keep.size < len(queries):
             dataset, rows = dataset.select(keep), rows.select(keep)
@@ -273,17 +274,23 @@ class RetrievalTask(Task):
 # --------------------------------------------------------------------------- pieces
 
 
-def _shared_positives(positives: list[str]) -> list[str]:
-    """What training rows sharing a positive passage do to multiple-negatives ranking: two of them in one batch count
-    each other's positive, their own, as a negative (data.retrieval.check_positives_differ refuses the case where
-    that is all training could do)."""
+def _shared_positives(positives: list[str], batch_size: int) -> list[str]:
+    """Training rows sharing a positive passage: two of them in one batch would count each other's positive, their
+    own, as a negative; the batches keep them apart (training/loop.keep_apart) where there are batches enough
+    (data.retrieval.check_positives_differ refuses the case where all rows share one)."""
     counts = Counter(positives)
     shared = sum(n for n in counts.values() if n > 1)
     if not shared:
         return []
+    most, batches = max(counts.values()), math.ceil(len(positives) / batch_size)
     return [
-        f"{shared} rows share their positive with another row ({len(counts)} distinct positives): two such rows in "
-        "one batch count each other's positive as a negative"
+        f"{shared} rows share their positive with another row ({len(counts)} distinct positives): the batches keep "
+        "them apart, so none is another's in-batch negative"
+        + (
+            f" (but one passage is the positive of {most} rows, more than the {batches} batches)"
+            if most > batches
+            else ""
+        )
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -10,7 +11,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 
-from finetune.data.tables import token_lengths
+from finetune.data.tables import shared_positives, token_lengths
 from finetune.errors import Interrupted, RecipeError, TrainingDiverged
 from finetune.files import json_text, write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
@@ -104,11 +106,12 @@ class LengthGroupedBatches(Sampler[list[int]]):
     Without grouping (`window=1`) it is a plain shuffled batcher.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int, window: int = 64):
+    def __init__(self, lengths, batch_size: int, seed: int, window: int = 64, apart: Sequence[Hashable] | None = None):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.window = window
+        self.apart = apart  # per row: rows of one key are kept out of each other's batch (`keep_apart`)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -125,6 +128,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             chunk = chunk.tolist()
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        if self.apart is not None:
+            batches = keep_apart(batches, self.apart)
         # (Any change to this order bumps outputs/rundir.BATCH_ORDER, so older checkpoints are not resumed into it.)
         # A short batch (the rows left over) stays last: accelerate deals batches out to processes in turn and
         # evens them out by the last one only; a short batch in the middle would take a batch from one process and
@@ -138,6 +143,33 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def keep_apart(batches: list[list[int]], keys: Sequence[Hashable]) -> list[list[int]]:
+    """The batches with no two rows of one key in a batch (retrieval rows training on one passage: each would be the
+    other's in-batch negative), as sentence-transformers' no-duplicates batch sampler keeps them: a row whose key
+    its batch already holds is swapped with a row of the nearest later batch (then earlier) that holds neither
+    key. Deterministic; batch sizes unchanged; a key on more rows than there are batches keeps the rest together."""
+    held = [Counter(keys[row] for row in batch) for batch in batches]
+    for b, batch in enumerate(batches):
+        for position, row in enumerate(batch):
+            key = keys[row]
+            if held[b][key] < 2:
+                continue
+            for c in itertools.chain(range(b + 1, len(batches)), range(b)):
+                if held[c][key]:
+                    continue
+                j = next((j for j, other in enumerate(batches[c]) if not held[b][keys[other]]), None)
+                if j is None:
+                    continue
+                other = batches[c][j]
+                batch[position], batches[c][j] = other, row
+                held[b][key] -= 1
+                held[b][keys[other]] += 1
+                held[c][keys[other]] -= 1
+                held[c][key] += 1
+                break
+    return batches
 
 
 class _MaskedDropout(torch.autograd.Function):
@@ -395,7 +427,13 @@ def train(
     from transformers import get_scheduler
 
     objective = objective or Objective(PreferenceSection(), encoder_decoder=False)
-    sampler = LengthGroupedBatches(token_lengths(features), t.batch_size, t.seed, window=64 if t.group_by_length else 1)
+    sampler = LengthGroupedBatches(
+        token_lengths(features),
+        t.batch_size,
+        t.seed,
+        window=64 if t.group_by_length else 1,
+        apart=shared_positives(features),
+    )
     # A private generator: creating a loader iterator must not draw from the
     # global torch generator, or a mid-epoch resume would shift every dropout mask.
     loader = DataLoader(
