@@ -115,7 +115,7 @@ def _recipe(model, tmp_path, objective: str, train_rows: list[dict], eval_rows: 
         },
         "lora": {"r": 4, "alpha": 8, "targets": "all_linear"},
         "train": {"epochs": 3, "batch_size": 8, "lr": 1e-2, "seed": 0, "precision": "fp32", "objective": objective},
-        "eval": {"max_new_tokens": 6},
+        "eval": {"max_new_tokens": 6, "every": 6},
         "output": {"dir": str(tmp_path / f"run-{objective}")},
     }
 
