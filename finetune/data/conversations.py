@@ -246,25 +246,47 @@ def judged_conversations(
             "'chosen' and 'rejected' conversations share their opening turns (the prompt)"
         )
     out: dict[str, list] = {"messages": [], **{side: [] for side in sides}}
-    for index, row in enumerate(_row_dicts(table.select_columns([names[f] for f in present])[:])):
-        named = f"{key}: {place(index)}"
-        if prompt_field in present:
-            prompt = _prompt_turns(row[names[prompt_field]], names[prompt_field], named)
-            answers = [_answer_text(row.get(names[side]), names[side], named) for side in sides]
-        else:
-            prompt, answers = _shared_opening(row[names["chosen"]], row[names["rejected"]], named)
-        if prompt[-1]["role"] == "assistant":
-            raise DataError(
-                f"{named}: the prompt ends with an assistant turn; the answers are the assistant turn that follows "
-                "a user (or system) turn"
-            )
-        out["messages"].append(prompt)
-        for side, text in zip(sides, answers):
-            out[side].append(text)
+    asked = names[prompt_field] if prompt_field in present else None  # the prompt's column
+    index = 0
+    for batch in _batches(table.select_columns([names[f] for f in present])):
+        for row in _row_dicts(batch):
+            named = f"{key}: {place(index)}"
+            prompt, answers = _judged_turns(row, names, sides, asked, named)
+            if prompt[-1]["role"] == "assistant":
+                raise DataError(
+                    f"{named}: the prompt ends with an assistant turn; the answers are the assistant turn that "
+                    "follows a user (or system) turn"
+                )
+            out["messages"].append(prompt)
+            for side, text in zip(sides, answers):
+                out[side].append(text)
+            index += 1
     for field in ("label", "id"):
         if field in present:
             out[field] = table[names[field]][:]
     return Dataset.from_dict(out)
+
+
+def _judged_turns(
+    row: dict[str, Any], names: Mapping[str, str], sides: Sequence[str], asked: str | None, named: str
+) -> tuple[list[dict[str, str]], list[str]]:
+    """One row's prompt turns (from column `asked`, where the file has one) and answers' text. Pairs whose answers
+    are whole conversations (several turns) give their shared opening as the prompt, beside a prompt column or
+    without one (UltraFeedback's binarized layout has both: the prompt's text, and each answer with the user turn
+    before it); the column must then say the same."""
+    values = [row.get(names[side]) for side in sides]
+    whole = len(sides) == 2 and all(isinstance(v, list) and len(v) > 1 for v in values)
+    if asked is not None and not whole:
+        prompt = _prompt_turns(row[asked], asked, named)
+        return prompt, [_answer_text(value, names[side], named) for value, side in zip(values, sides)]
+    prompt, answers = _shared_opening(values[0], values[1], names["chosen"], names["rejected"], named)
+    given = row[asked] if asked is not None else prompt
+    if given != prompt and not (isinstance(given, str) and given == prompt[-1]["content"]):
+        raise DataError(
+            f"{named}: field {asked!r} is not the turns {names['chosen']!r} and {names['rejected']!r} open with "
+            "(their shared turns are the prompt); leave it out, or make it the same"
+        )
+    return prompt, answers
 
 
 _PAIR = ("chosen", "rejected")
@@ -295,9 +317,11 @@ def _one_assistant_turn(turns: list[dict[str, str]], field: str, named: str) -> 
     return turns[0]["content"]
 
 
-def _shared_opening(chosen: object, rejected: object, named: str) -> tuple[list[dict[str, str]], list[str]]:
+def _shared_opening(
+    chosen: object, rejected: object, chosen_field: str, rejected_field: str, named: str
+) -> tuple[list[dict[str, str]], list[str]]:
     """The prompt two whole conversations share (their equal opening turns) and each one's answer after it."""
-    first, second = _checked_turns(chosen, "chosen", named), _checked_turns(rejected, "rejected", named)
+    first, second = _checked_turns(chosen, chosen_field, named), _checked_turns(rejected, rejected_field, named)
     shared = 0
     while shared < min(len(first), len(second)) and first[shared] == second[shared]:
         shared += 1
@@ -305,12 +329,12 @@ def _shared_opening(chosen: object, rejected: object, named: str) -> tuple[list[
         shared -= 1
     if not shared:
         raise DataError(
-            f"{named}: 'chosen' and 'rejected' share no opening turn, so no prompt can be read from them; give the "
-            "prompt's turns in a prompt field, or both whole conversations"
+            f"{named}: {chosen_field!r} and {rejected_field!r} share no opening turn, so no prompt can be read from "
+            "them; give the prompt's turns in a prompt field, or both whole conversations"
         )
     return first[:shared], [
-        _one_assistant_turn(first[shared:], "chosen", named),
-        _one_assistant_turn(second[shared:], "rejected", named),
+        _one_assistant_turn(first[shared:], chosen_field, named),
+        _one_assistant_turn(second[shared:], rejected_field, named),
     ]
 
 

@@ -71,6 +71,24 @@ def test_text_rows_are_left_to_the_text_path_and_a_text_prompt_is_a_user_turn():
     assert row == {"messages": [_turn("user", "p")], "chosen": "a", "rejected": "b"}
 
 
+def test_ultrafeedbacks_layout_reads_the_prompt_from_the_conversations():
+    """UltraFeedback binarized: the prompt's text and each answer with the user turn before it (and the columns a
+    run does not read). The conversations' shared turns are the prompt; the text must say the same."""
+    turns = [_turn("user", "Name a colour")]
+    row = {
+        "prompt": "Name a colour",
+        "prompt_id": "x1",
+        "chosen": [*turns, _turn("assistant", "Teal.")],
+        "rejected": [*turns, _turn("assistant", "No.")],
+        "score_chosen": 9.0,
+    }
+    (read,) = judged_conversations(Dataset.from_list([row]), {}, "prompt", "completion", "data.train", _place).to_list()
+    assert read == {"messages": turns, "chosen": "Teal.", "rejected": "No."}
+    row["prompt"] = "Name a fruit"
+    with pytest.raises(DataError, match="row 1: field 'prompt' is not the turns 'chosen' and 'rejected' open with"):
+        judged_conversations(Dataset.from_list([row]), {}, "prompt", "completion", "data.train", _place)
+
+
 @pytest.mark.parametrize(
     ("row", "words"),
     [
