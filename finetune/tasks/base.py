@@ -186,9 +186,8 @@ class Task:
         """Where the task's training loss differs from the model's own (classification's class weights)."""
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
-        """Last touches after loading (pad token id into the config, etc.)."""
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        """Last touches after loading (the tokenizer's pad id into the config, etc.)."""
+        align_pad_id(model, tokenizer)
 
     # ------------------------------------------------------------ data
     def featurize(
@@ -251,3 +250,12 @@ class Task:
 
     def prediction_fields(self) -> tuple[str, ...]:
         return ("prediction",)
+
+
+def align_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The config's pad id is the tokenizer's, which every batch is padded with: a decoder's sequence-classification
+    head reads each row at its last token that is not `config.pad_token_id`, so a checkpoint whose config says pad 3
+    while its tokenizer pads with EOS read every shorter row at a padding position (a prediction that changed with
+    the other rows of its batch)."""
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id

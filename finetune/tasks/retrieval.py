@@ -34,7 +34,7 @@ from finetune.evaluation.scoring import eval_loader
 from finetune.models.embedding import BiEncoder, Embedder, EmbeddingLayout
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe, RetrievalSection
-from finetune.tasks.base import Task, width_multiple
+from finetune.tasks.base import Task, align_pad_id, width_multiple
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -120,8 +120,7 @@ class RetrievalTask(Task):
 
     # ------------------------------------------------------------ model
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        align_pad_id(model, tokenizer)
 
     def bi_encoder(self, encoder: PeftModel | PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]) -> BiEncoder:
         """The trained model: the encoder, pooled as the state's layout says, with the recipe's loss."""

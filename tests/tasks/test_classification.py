@@ -347,3 +347,24 @@ def test_a_model_trained_on_text_pairs_refuses_rows_without_their_pair(tiny_mode
         task.featurize(pairs, tokenizer, recipe, single_state, "stdin", labeled=False)
     older = {k: v for k, v in state.items() if k != "text_pairs"}  # an adapter saved before it was recorded
     assert len(task.featurize(alone, tokenizer, recipe, older, "stdin", labeled=False).dataset) == 1
+
+
+def test_a_decoders_pad_id_in_its_config_is_the_tokenizers(tiny_models):
+    """A checkpoint whose config says pad 3 while its tokenizer pads with EOS: the classification head read every
+    shorter row at a padding position, so a row's prediction changed with the other rows of its batch."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.models.families import FAMILIES
+    from finetune.tasks import TASKS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=3, pad_token_id=3)
+    assert tokenizer.pad_token_id != 3
+    TASKS["classification"].prepare_model(model, tokenizer, FAMILIES["gpt"])
+    model.eval()
+    with torch.no_grad():
+        alone = model(**tokenizer(["goal match"], return_tensors="pt")).logits
+        batch = model(**tokenizer(["goal match", "goal match the team won the cup"], return_tensors="pt", padding=True))
+    torch.testing.assert_close(batch.logits[:1], alone, rtol=1e-5, atol=1e-6)
