@@ -67,17 +67,19 @@ def conversation_problems(recipe: Recipe, conversations: bool = False) -> list[s
             problems.append("data.template: conversations carry their own turns; remove the template")
         # DPO, ORPO and KTO read pairs or thumbs written as conversations (judged_conversations); a layout the
         # recipe names holds plain conversations, which none of them can learn from. GRPO samples from text prompts.
+        # GRPO samples the final assistant turn of each conversation and rewards it against that turn's content; a
+        # codegen reward runs the row's tests, which conversation rows do not carry.
         judged = recipe.train.learns_from_judgements and layout not in CONVERSATION_FORMATS
-        if recipe.train.objective != "sft" and not judged:
+        if recipe.train.objective == "grpo" and recipe.task == "codegen":
             problems.append(
-                f"train.objective: {recipe.train.objective} trains on prompts and judged completions; conversations "
-                "train with sft"
-                + (
-                    " (pairs written as conversations are read with data.format auto: a prompt field of turns, or "
-                    "'chosen' and 'rejected' conversations)"
-                    if recipe.train.learns_from_judgements
-                    else ""
-                )
+                "train.objective: grpo on codegen rewards each answer by its row's tests, which conversation rows do "
+                "not carry; give the rows prompt, test and entry_point"
+            )
+        elif recipe.train.learns_from_judgements and not judged:
+            problems.append(
+                f"train.objective: {recipe.train.objective} trains on prompts and judged completions, and "
+                f"data.format {layout} holds plain conversations; pairs written as conversations are read with "
+                "data.format auto (a prompt field of turns, or 'chosen' and 'rejected' conversations)"
             )
         if recipe.eval.watermark is not None:
             problems.append("eval.watermark: watermarking conversations is not supported yet; remove eval.watermark")

@@ -1403,9 +1403,15 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         if isinstance(task, GenerationTask) and recipe.train.objective == "grpo":
 
             def rollout(table: Dataset, split: str) -> None:
-                """What the reward reads from each training row, as the task's featurize checks it."""
-                if split == "data.train" and "messages" not in table.column_names:
+                """What the reward reads from each training row, as the task's featurize checks it: its fields, or
+                a conversation's final assistant turn (conversations.rollout_conversations)."""
+                if split != "data.train":
+                    return
+                if "messages" not in table.column_names:
                     check_rollout_rows(table, split, task.reward_fields)
+                    return
+                for number, messages in enumerate(table["messages"], start=1):
+                    check_evaluation_conversation(messages, f"{split}: row {number}")
 
             each_split(rollout)
         if isinstance(task, ExtractiveQATask) and recipe.data.knowledge_base is None:

@@ -59,6 +59,7 @@ from finetune.outputs import adapter as adapter_files
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
 from finetune.tasks import Task, recipe_task
+from finetune.tasks.conversations import ConversationEncoder
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import PreferenceCollator, PromptCollator, pair_metrics_problems
 from finetune.tasks.rerank import RerankTask
@@ -130,6 +131,13 @@ class Session:
         stops = task.answer_stops(self.recipe.eval, self.recipe.data, rows)
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        # A conversation's answer ends at the template's end-of-turn token too (where it is not EOS), as evaluation's.
+        turn_ends = (
+            ConversationEncoder(tokenizer, "all", self.recipe.model.name_or_path).end_of_turn_ids()
+            if "messages" in rows.column_names
+            else []
+        )
+        ends = list(dict.fromkeys([eos, *turn_ends]))
 
         @torch.no_grad()
         def sample(model, prompt_ids, prompt_mask, group: int) -> list[list[int]]:
@@ -151,7 +159,7 @@ class Session:
                     max_new_tokens=settings.max_new_tokens,
                     num_return_sequences=group,
                     pad_token_id=pad,
-                    eos_token_id=eos,
+                    eos_token_id=ends,
                     stopping_criteria=criteria,
                     use_cache=True,
                 )
@@ -159,7 +167,7 @@ class Session:
                 policy.train(was_training)
             completions = []
             for ids in output[:, width:].tolist():
-                end = ids.index(eos) + 1 if eos in ids else len(ids)
+                end = next((i + 1 for i, token in enumerate(ids) if token in ends), len(ids))
                 ids = ids[:end]
                 while len(ids) > 1 and ids[-1] == pad and pad != eos:  # a row stopped early is padded
                     ids.pop()
@@ -175,7 +183,7 @@ class Session:
             return result.values, result.reasons
 
         adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}) else None
-        return GRPO(settings, sample, reward, (eos,), pad, adapter)
+        return GRPO(settings, sample, reward, tuple(ends), pad, adapter)
 
     def reports(self) -> dict:
         return {split: f.report.as_dict() for split, f in self.features.items()}

@@ -260,6 +260,33 @@ def encode_turns(
     return fitted
 
 
+def rollout_conversations(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    family: FamilySpec,
+    recipe: Recipe,
+    split: str,
+    answer_field: str,
+) -> Features:
+    """GRPO's training features from conversations: each prompt the turns before the final assistant turn, asked
+    as evaluation asks it (within data.max_length as `text2text.fit` keeps a prompt), and that turn's content the
+    reward's reference (the task's answer field of the kept rows). Each conversation must end with that turn and
+    hold a reference, as an evaluation conversation must."""
+    if family.encoder_decoder:
+        raise RecipeError(encoder_decoder_problem(family.name))
+    conversations = rows["messages"][:]
+    for number, messages in enumerate(conversations, start=1):
+        check_evaluation_conversation(messages, f"{split}: row {number}")
+    encoder = ConversationEncoder(tokenizer, "last", recipe.model.name_or_path)
+    encoded = encoder.encode(conversations, split, 1, labeled=False)
+    fitted = text2text.fit(encoded.prompt_ids, None, tokenizer.bos_token_id, family, recipe, split)
+    kept = rows.select(fitted.keep) if len(fitted.keep) < len(rows) else rows
+    # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files.
+    kept = kept.map(lambda row: {answer_field: row["messages"][-1]["content"]}, desc=None)
+    dataset = Dataset.from_dict({"input_ids": fitted.prompt_ids, "row": list(range(len(kept)))})
+    return Features(dataset, kept, fitted.report, prompts=fitted.prompt_ids)
+
+
 def overlap_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[int]:
     """1 for every token whose characters overlap a span (spans and offsets in order), as transformers'
     `return_assistant_tokens_mask` maps generation spans to tokens."""

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.data.conversations import conversation_fields, conversation_problems, table_layout
+from finetune.data.conversations import conversation_fields, conversation_problems, final_turn, table_layout
 from finetune.data.features import Features
 from finetune.data.tables import checked_texts
 from finetune.errors import DataError, RecipeError
@@ -24,7 +24,12 @@ from finetune.evaluation.scoring import REWARD_MEAN
 from finetune.models.families import FAMILIES, FamilySpec
 from finetune.recipe.schema import DataSection, EvalSection, Recipe
 from finetune.tasks.base import Task, named_metrics
-from finetune.tasks.conversations import ConversationEncoder, featurize_conversations, references
+from finetune.tasks.conversations import (
+    ConversationEncoder,
+    featurize_conversations,
+    references,
+    rollout_conversations,
+)
 from finetune.tasks.preference import featurize_preferences, preference_fields, rollout_prompts
 from finetune.tasks.text2text import PadCollator, completion_loss, decode_batch_size, encode, generate
 
@@ -182,9 +187,14 @@ class GenerationTask(Task):
             return featurize_preferences(
                 rows, tokenizer, family, recipe, split, self.prompt_field, self.answer_field, self.completion_text
             )
+        sampled = labeled and split == "data.train" and recipe.train.objective == "grpo"
+        if conversations and sampled:  # each conversation's final assistant turn sampled, rewarded against its own
+            features = rollout_conversations(rows, tokenizer, family, recipe, split, self.answer_field)
+            features.report.notes.extend(self.unreachable_rewards(features.rows, recipe))
+            return features
         if conversations:
             return featurize_conversations(rows, tokenizer, family, recipe, split, labeled, workdir)
-        if labeled and split == "data.train" and recipe.train.objective == "grpo":
+        if sampled:
             # GRPO samples its own completions: the training features are the prompts, with each row's index
             # for the reward (the row holds the reference: tests, answers, the reference copy).
             features = rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field, self.reward_fields)
@@ -252,8 +262,14 @@ class GenerationTask(Task):
     def prediction_fields(self) -> tuple[str, ...]:
         return (self.answer_field, "prediction")
 
-    def prompt_of(self, row: dict) -> str:
-        """The text a training row prompts with (what a user's reward function gets as its prompt)."""
+    def prompt_of(self, row: dict) -> str | list[dict[str, str]]:
+        """What a training row prompts with, as a user's reward function gets it: a conversation's turns before its
+        final assistant turn (as TRL passes a conversational prompt), else the prompt's text."""
+        if "messages" in row:
+            return row["messages"][: final_turn(row["messages"])]
+        return self.text_prompt(row)
+
+    def text_prompt(self, row: dict) -> str:
         return row[self.prompt_field]
 
     # ------------------------------------------------------------ rewards (train.objective grpo)

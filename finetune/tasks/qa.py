@@ -443,7 +443,7 @@ class GenerativeQATask(_SquadScoring, GenerationTask):
     def completion_text(self, answer: str) -> str:
         return " " + answer.strip()  # the answer follows "Answer:" after a space, as text would
 
-    def prompt_of(self, row: dict) -> str:
+    def text_prompt(self, row: dict) -> str:
         """A row's template-built prompt, else the one featurize builds from its question (and context)."""
         return row["prompt"] if isinstance(row.get("prompt"), str) else _default_prompt(row, "data.train", 0)
 

@@ -1,0 +1,67 @@
+"""GRPO on conversations: each conversation's final assistant turn is sampled from the turns before it (as
+evaluation asks it) and rewarded against that turn's content; a user's reward function gets the turns as its
+prompt, as TRL passes a conversational prompt; codegen (whose reward runs a row's tests) refuses them."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import invoke
+
+from finetune.tasks import TASKS
+from tests.tasks.test_conversations import chat_data, chat_model, chat_recipe  # noqa: F401 (the fixtures)
+
+
+def _grpo(chat_model, chat_data, tmp_path, **data) -> dict:  # noqa: F811
+    recipe = chat_recipe(chat_model, chat_data, tmp_path / "run", data={"columns": {}, **data})
+    recipe["train"] = {
+        "objective": "grpo",
+        "grpo": {"group_size": 4, "max_new_tokens": 6},
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 5e-3,
+        "seed": 0,
+        "precision": "fp32",
+        "log_every": 1,
+        "max_steps": 3,
+    }
+    return recipe
+
+
+def test_grpo_samples_each_conversations_final_turn(chat_model, chat_data, tmp_path, write_recipe):  # noqa: F811
+    recipe = write_recipe(_grpo(chat_model, chat_data, tmp_path))
+    checked = invoke("validate", recipe)
+    assert checked.exit_code == 0, checked.output
+    result = invoke("run", recipe)
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(0 <= entry["reward_mean"] <= 1 for entry in log)
+    assert any(entry["reward_mean"] > 0 for entry in log)  # samples overlap the reference words somewhere
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert "rougeL" in metrics
+
+
+def test_a_rollout_conversation_must_end_with_its_reference_turn(chat_model, chat_data, tmp_path, write_recipe):  # noqa: F811
+    rows = [json.loads(line) for line in chat_data["train"].read_text().splitlines()]
+    rows[2]["messages"].append({"role": "user", "content": "and?"})
+    chat_data["train"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(_grpo(chat_model, chat_data, tmp_path))
+    for command in ("validate", "run"):
+        refused = invoke(command, recipe)
+        assert refused.exit_code == 3 and "train.jsonl:3: the conversation ends with a user turn" in refused.output, (
+            refused.output
+        )
+
+
+def test_codegen_grpo_refuses_conversations(chat_model, chat_data, tmp_path, write_recipe):  # noqa: F811
+    recipe = _grpo(chat_model, chat_data, tmp_path)
+    recipe["task"] = "codegen"
+    recipe["eval"]["execute_code"] = True
+    refused = invoke("validate", write_recipe(recipe))
+    assert refused.exit_code == 2 and "conversation rows do not carry" in refused.output, refused.output
+
+
+def test_a_reward_function_gets_the_conversations_turns_as_its_prompt():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert TASKS["copywriting"].prompt_of({"messages": turns, "completion": "b"}) == turns[:1]
+    assert TASKS["copywriting"].prompt_of({"prompt": "p", "completion": "c"}) == "p"
