@@ -59,7 +59,7 @@ from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL, UNBOUNDED_METRICS
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
-from finetune.models.families import FAMILIES, FamilySpec, family_of_config
+from finetune.models.families import FAMILIES, PACKING_MODEL_TYPES, FamilySpec, family_of_config, head_problem
 from finetune.models.lora import resolve_targets
 from finetune.models.references import (
     config_without_weights,
@@ -999,6 +999,9 @@ def environment_rules(
             note = f"{family.name} family"
             if forced == "auto" and recipe.task in TASKS:  # a forced family was checked with the recipe alone
                 problems += [Problem(p) for p in family_rules(recipe_task(recipe), family, recipe, place="model")]
+            problems += [
+                Problem(p) for p in _head_rules(recipe, config, family) + _packing_rules(recipe, config, family)
+            ]
             problems += [Problem(p) for p in _position_rules(recipe, config, family) + _size_rules(recipe, config)]
             problems += [Problem(p) for p in _embedding_rules(recipe, family, config)]
             if not problems:
@@ -1174,6 +1177,37 @@ def too_many_processes(wanted: int, place: str) -> list[str]:
     ]
 
 
+def _head_rules(recipe: Recipe, config: PretrainedConfig, family: FamilySpec) -> list[str]:
+    """The task's head for the checkpoint's architecture, as loading it would find (validate passed a Pegasus
+    classifier and a Gemma extractive reader that run then refused)."""
+    if recipe.task not in TASKS:
+        return []
+    problem = head_problem(config, family, recipe_task(recipe).head)
+    return [f"model: {recipe.model.name_or_path} cannot be loaded for task {recipe.task}: {problem}"] if problem else []
+
+
+def _packing_rules(recipe: Recipe, config: PretrainedConfig, family: FamilySpec) -> list[str]:
+    """Packing on a decoder whose attention keeps packed examples apart (the family's rule covers the others)."""
+    model_type = getattr(config, "model_type", None)
+    if not recipe.train.packing or not family.packs or model_type in PACKING_MODEL_TYPES:
+        return []
+    return [
+        f"train.packing: {model_type!r} models are not known to keep packed examples apart (their attention would "
+        f"cross from one example into the next); packing is checked for {', '.join(sorted(PACKING_MODEL_TYPES))}. "
+        "Remove train.packing"
+    ]
+
+
+# Model types whose position ids count on from the padding index (transformers' create_position_ids_from_input_ids):
+# the last usable position is max_position_embeddings - pad_token_id - 1 (RoBERTa: 514 - 2 = 512).
+PADDING_OFFSET_POSITIONS = frozenset(
+    {
+        "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "mpnet", "data2vec-text",
+        "longformer", "ibert", "luke", "esm", "xmod", "markuplm", "lilt",
+    }
+)  # fmt: skip
+
+
 def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) -> list[str]:
     """data.max_length above the model's position embeddings would crash at the first step; so would generation
     that runs past them: a decoder continues its prompt (up to data.max_length tokens) by eval.max_new_tokens, an
@@ -1181,8 +1215,8 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int):
         return []
-    if "roberta" in getattr(config, "model_type", "") or getattr(config, "model_type", "") == "camembert":
-        limit -= 2  # RoBERTa-style positions start after the padding index
+    if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
     name, max_length, new_tokens = recipe.model.name_or_path, recipe.data.max_length, recipe.eval.max_new_tokens
     if max_length > limit:
         return [

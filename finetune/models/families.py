@@ -128,6 +128,41 @@ def family_spec(name: str) -> FamilySpec:
     return FAMILIES[name]
 
 
+# Decoders whose attention keeps packed examples apart by their per-example position ids (transformers finds the
+# packed sequences from them), each checked: the packed batch's loss equals the padded one's. OPT (its own mask)
+# and BLOOM (ALiBi, no position ids) let examples attend across: their packed loss differed. The one list.
+PACKING_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi", "phi3",
+        "granite", "gpt_neox", "gpt2", "gptj", "falcon", "stablelm", "olmo", "olmo2",
+    }
+)  # fmt: skip
+
+# Auto classes by name -> the model types transformers has each for (loading anything else fails).
+_AUTO_MAPPINGS: dict[str, str] = {
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModel": "MODEL_MAPPING_NAMES",
+}
+
+
+def head_problem(config: PretrainedConfig, family: FamilySpec, head: HeadKind) -> str | None:
+    """Why the checkpoint cannot be loaded with the task's head, or None: transformers has no such class for its
+    model_type (Pegasus has no sequence classifier, Gemma no question answering). A checkpoint with its own code
+    (`auto_map`) answers for itself at loading."""
+    from transformers.models.auto import modeling_auto
+
+    if not family.supports(head) or getattr(config, "auto_map", None):
+        return None
+    name = family.auto_class_name(head)
+    model_type = getattr(config, "model_type", None)
+    if not model_type or model_type in getattr(modeling_auto, _AUTO_MAPPINGS[name]):
+        return None
+    return f"transformers has no {name} for model_type {model_type!r}; use a checkpoint of another architecture"
+
+
 def family_of_config(config: PretrainedConfig) -> str | None:
     """The family a checkpoint's config belongs to, or None when it is none of ours."""
     from transformers.models.auto.modeling_auto import (
