@@ -74,8 +74,15 @@ class GenerationTask(Task):
     # ------------------------------------------------------------ model
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
         super().prepare_model(model, tokenizer, family)
-        if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+        start = getattr(model.config, "decoder_start_token_id", None)
+        if family.encoder_decoder and generation is not None and start is not None:
+            # Training shifts the labels right from the config's start token and finetune decodes from it; a
+            # generation_config.json saying another (a checkpoint without the config's) made the merged model's
+            # `generate` elsewhere start from that one, and answer otherwise than the run's metrics said.
+            generation.decoder_start_token_id = start
 
     def reading(self) -> dict[str, Any]:
         return {**super().reading(), "judged": (self.prompt_field, self.answer_field)}

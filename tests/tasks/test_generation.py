@@ -482,3 +482,17 @@ def test_bert_is_refused_for_generation(tiny_models, copy_data, tmp_path, write_
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2
     assert "encoder-only" in result.output
+
+
+def test_an_encoder_decoder_generates_from_the_start_token_it_trains_from(tiny_models):
+    """A checkpoint whose generation_config.json names another decoder start than its config: training and
+    finetune's decoding use the config's, and `generate` on the merged model used the other (no answer matched)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from finetune.models.families import FAMILIES
+    from finetune.tasks import TASKS
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models["bart"])
+    model.generation_config.decoder_start_token_id = model.config.decoder_start_token_id + 1
+    TASKS["copywriting"].prepare_model(model, AutoTokenizer.from_pretrained(tiny_models["bart"]), FAMILIES["bart"])
+    assert model.generation_config.decoder_start_token_id == model.config.decoder_start_token_id
