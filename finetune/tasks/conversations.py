@@ -33,8 +33,8 @@ from finetune.data.tables import apply_overflow, map_batches
 from finetune.errors import DataError, RecipeError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
-from finetune.tasks import text2text
-from finetune.tasks.text2text import IGNORE, _keep_end, no_chat_template
+from finetune.tasks.text2text import IGNORE, _keep_end, fit, no_chat_template
+from finetune.tasks.text2text import Encoded as Fitted
 
 # `{% generation %}`, `{%- generation %}`, `{%- generation -%}`: the markers transformers reads.
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -233,7 +233,7 @@ def encode_turns(
     family: FamilySpec,
     recipe: Recipe,
     split: str,
-) -> text2text.Encoded:
+) -> Fitted:
     """Each prompt's turns answered by an assistant turn holding `answers[i]`, as one prompt -> completion example
     (pairs and thumbs written as conversations): the completion the tokens SFT on conversations trains on for
     that turn (its content and end-of-turn token, found as `ConversationEncoder` finds them), the prompt the tokens
@@ -254,7 +254,7 @@ def encode_turns(
             )
         prompt_ids.append(ids[: trained[0]])
         completion_ids.append(ids[trained[0] : trained[-1] + 1])  # not what follows the turn (a newline)
-    fitted = text2text.fit(prompt_ids, completion_ids, tokenizer.bos_token_id, family, recipe, split)
+    fitted = fit(prompt_ids, completion_ids, tokenizer.bos_token_id, family, recipe, split)
     width, bos = recipe.data.max_length, tokenizer.bos_token_id
     fitted.prompt_ids = [_keep_end(encoded.prompt_ids[int(i)], width, bos) for i in fitted.keep]
     return fitted
@@ -279,7 +279,7 @@ def rollout_conversations(
         check_evaluation_conversation(messages, f"{split}: row {number}")
     encoder = ConversationEncoder(tokenizer, "last", recipe.model.name_or_path)
     encoded = encoder.encode(conversations, split, 1, labeled=False)
-    fitted = text2text.fit(encoded.prompt_ids, None, tokenizer.bos_token_id, family, recipe, split)
+    fitted = fit(encoded.prompt_ids, None, tokenizer.bos_token_id, family, recipe, split)
     kept = rows.select(fitted.keep) if len(fitted.keep) < len(rows) else rows
     # A mapped copy, not add_column: the feature cache stores the rows by their Arrow files.
     kept = kept.map(lambda row: {answer_field: row["messages"][-1]["content"]}, desc=None)
