@@ -27,9 +27,9 @@ def _checkpoint(tiny_models, tmp_path, kind: str, model_type: str, **sizes) -> s
 def test_packing_is_refused_where_attention_crosses_examples(
     tiny_models,
     tmp_path,
-    copy_data,
+    copy_data,  # noqa: F811
     write_recipe,
-    model_type,  # noqa: F811
+    model_type,
 ):
     """OPT builds its own mask and BLOOM uses ALiBi without position ids: packed examples attended across each
     other (packed loss 6.0162 against 6.0189 padded), silently."""
