@@ -241,7 +241,8 @@ def judged_conversations(
     if not any(_holds_lists(table, names[field]) for field in present - {"label", "id"}):
         return None
     pairs = set(_PAIR) <= present
-    sides = _PAIR if pairs else (answer_field,)
+    # Every answer the rows hold, as text rows keep them: KTO's thumbs beside pairs are what it trains on (kto_rows).
+    sides = tuple(side for side in (*_PAIR, answer_field) if side in present)
     if prompt_field not in present and not pairs:
         raise DataError(
             f"{key}: the rows hold turns but no {prompt_field!r} field; conversations without one are pairs, whose "
@@ -276,19 +277,20 @@ def _judged_turns(
     are whole conversations (several turns) give their shared opening as the prompt, beside a prompt column or
     without one (UltraFeedback's binarized layout has both: the prompt's text, and each answer with the user turn
     before it); the column must then say the same."""
-    values = [row.get(names[side]) for side in sides]
-    whole = len(sides) == 2 and all(isinstance(v, list) and len(v) > 1 for v in values)
+    values = {side: row.get(names[side]) for side in sides}
+    whole = all(isinstance(value := values.get(side), list) and len(value) > 1 for side in _PAIR)
     if asked is not None and not whole:
         prompt = _prompt_turns(row[asked], asked, named)
-        return prompt, [_answer_text(value, names[side], named) for value, side in zip(values, sides)]
-    prompt, answers = _shared_opening(values[0], values[1], names["chosen"], names["rejected"], named)
+        return prompt, [_answer_text(values[side], names[side], named) for side in sides]
+    prompt, pair = _shared_opening(values["chosen"], values["rejected"], names["chosen"], names["rejected"], named)
     given = row[asked] if asked is not None else prompt
     if given != prompt and not (isinstance(given, str) and given == prompt[-1]["content"]):
         raise DataError(
             f"{named}: field {asked!r} is not the turns {names['chosen']!r} and {names['rejected']!r} open with "
             "(their shared turns are the prompt); leave it out, or make it the same"
         )
-    return prompt, answers
+    rest = [_answer_text(values[side], names[side], named) for side in sides if side not in _PAIR]
+    return prompt, [*pair, *rest]
 
 
 _PAIR = ("chosen", "rejected")

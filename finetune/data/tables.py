@@ -381,9 +381,12 @@ def _load_file(path: Path, text_columns: Sequence[str] = ()) -> tuple[Dataset, s
         header = [] if suffix == ".parquet" else _header(path, separator, quoting)
         if suffix != ".parquet" and any(issubclass(w.category, pd.errors.ParserWarning) for w in said):
             _check_extra_fields(path, separator, quoting, len(header))
-    except pd.errors.ParserError as exc:
-        if "EOF inside string" in str(exc):  # the python engine below read up to the mark and stopped, silently
-            raise _unclosed_quote(path, separator, quoting) from None
+    except pd.errors.ParserError:
+        # A value opened by a quotation mark that nothing closes: the python engine below reads up to the mark and
+        # stops, silently (pandas' own error names it only when no other row's error comes first).
+        unclosed = _unclosed_quote(path, separator, quoting)
+        if unclosed is not None:
+            raise unclosed from None
         # A row further down with more fields than the header: named at its line where they hold values; empty
         # ones (some rows closed by a separator) are dropped, which loses nothing.
         header = _header(path, separator, quoting)
@@ -441,18 +444,26 @@ def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], widt
             start = records.line_num + 1
 
 
-def _unclosed_quote(path: Path, separator: str, quoting: Literal[0, 3]) -> DataError:
-    """A quotation mark that opens a value no later mark closes: every line after it is that one value (pandas
-    read the rows before it and dropped the rest without a word). Named at the line the value starts on."""
-    start = begins = 1
+def _unclosed_quote(path: Path, separator: str, quoting: Literal[0, 3]) -> DataError | None:
+    """A quotation mark that opens a value no later mark closes (every line after it would be that one value),
+    named at the line the value starts on; None where every quoted value closes."""
+    if quoting == csv.QUOTE_NONE:
+        return None
     with _open_csv_text(path) as text:
-        records = csv.reader(text, delimiter=separator, quoting=quoting)  # not strict: the last record runs to the end
-        for _ in records:
-            start, begins = begins, records.line_num + 1
-    return DataError(
-        f"{path}:{start}: a quotation mark opens a value here that nothing later closes, so every line after it would "
-        'be read as part of that value; close it, or write a quotation mark inside a quoted value as two ("")'
-    )
+        records = csv.reader(text, delimiter=separator, quoting=quoting, strict=True)
+        start = 1
+        try:
+            for _ in records:
+                start = records.line_num + 1
+        except csv.Error as exc:
+            if "unexpected end of data" not in str(exc):
+                return None
+            return DataError(
+                f"{path}:{start}: a quotation mark opens a value here that nothing later closes, so every line after "
+                "it would be read as part of that value; close it, or write a quotation mark inside a quoted value "
+                'as two ("")'
+            )
+    return None
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -673,6 +684,8 @@ def _columns_are(names: Iterable[str]) -> str:
             f" (one column whose name holds {mixed[0]!r}: a .csv file is read split on ',' and a .tsv file on tabs; "
             "save the file with one of those)"
         )
+    elif {"chosen", "rejected"} <= set(names):
+        said += " (preference pairs: read under train.objective dpo, orpo or kto)"
     elif "paragraphs" in names:
         said += (
             " (SQuAD's nested layout, articles of paragraphs of questions: give one row per question, with its "
@@ -1050,7 +1063,7 @@ def _refuse_mixed_layouts(table: Dataset, source: Source, key: str, required: Se
     """data.format auto read the task's fields (the file has them all) from a file that also holds conversations:
     its first conversation without them was refused as a row without the task's field. Both layouts named, each at
     its line. (Rows holding both, as some exports write every row, are read by the task's fields, as before.)"""
-    if not required:
+    if not required or required[0] not in table.column_names:  # the mapping names what is missing
         return
     fields_of_task = table[required[0]][:]
     for layout, fields in LAYOUT_FIELDS.items():
@@ -1069,15 +1082,21 @@ def _refuse_mixed_layouts(table: Dataset, source: Source, key: str, required: Se
             )
 
 
-def _first_row_keys(item: str, key: str) -> list[str]:
-    """The fields of a JSON file's first row (a file whose rows form no table)."""
+def _first_row(item: str, key: str) -> dict[str, Any]:
+    """A JSON file's first row (a file whose rows form no table)."""
     path = local_data_path(item, key)
     records = _read_json(path) if _suffix(path) == ".json" else None
     if records is not None:
-        return list(records[0]) if records else []
+        return dict(records[0]) if records and isinstance(records[0], dict) else {}
     for _, row in numbered_jsonl(_lines(path), item):
-        return list(row)
-    return []
+        return row
+    return {}
+
+
+def _holds_turns(row: dict[str, Any], data: Any, judged: tuple[str, str]) -> bool:
+    """Whether a row's prompt or answers are lists of turns (preference pairs written as conversations)."""
+    fields = (judged[0], "chosen", "rejected", judged[1])
+    return any(isinstance(row.get(data.columns.get(field, field)), list) for field in fields)
 
 
 def _first_typed_clash(
@@ -1217,7 +1236,11 @@ def read_split(
         try:
             table, source = load_source(item, key, text_columns)
         except TableClash as exc:
-            if conversations and table_layout(data, _first_row_keys(item, key), data.columns, required) is not None:
+            first = _first_row(item, key)
+            if conversations and (
+                table_layout(data, list(first), data.columns, required) is not None
+                or (judged is not None and recipe.train.learns_from_judgements and _holds_turns(first, data, judged))
+            ):
                 raise  # conversations: the reader's own words name the clash (the task's fields are not read)
             fields = (*required, *optional)
             typed = _first_typed_clash(item, key, data.columns, fields, required, data if classify else None)
@@ -1229,8 +1252,9 @@ def read_split(
         if judged is not None and recipe.train.learns_from_judgements and recipe_layout(data) in (None, "prompt"):
             turns = judged_conversations(table, data.columns, *judged, key, source.place)
             if turns is not None:
-                if data.template is not None:
-                    raise RecipeError(f"data.template: the rows of {item} are conversations; remove the template")
+                problems = conversation_problems(recipe, conversations=True)  # as for the layouts below
+                if problems:
+                    raise RecipeError(f"{key} ({item}): the rows are conversations (preference pairs)", problems)
                 parts.append(turns)
                 origins.append(Origins.of(source, len(table)))
                 continue

@@ -59,7 +59,14 @@ from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL, UNBOUNDED_METRICS
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
-from finetune.models.families import FAMILIES, PACKING_MODEL_TYPES, FamilySpec, family_of_config, head_problem
+from finetune.models.families import (
+    FAMILIES,
+    PACKING_MODEL_TYPES,
+    PADDING_OFFSET_POSITIONS,
+    FamilySpec,
+    family_of_config,
+    head_problem,
+)
 from finetune.models.lora import resolve_targets
 from finetune.models.references import (
     config_without_weights,
@@ -1198,16 +1205,6 @@ def _packing_rules(recipe: Recipe, config: PretrainedConfig, family: FamilySpec)
     ]
 
 
-# Model types whose position ids count on from the padding index (transformers' create_position_ids_from_input_ids):
-# the last usable position is max_position_embeddings - pad_token_id - 1 (RoBERTa: 514 - 2 = 512).
-PADDING_OFFSET_POSITIONS = frozenset(
-    {
-        "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "mpnet", "data2vec-text",
-        "longformer", "ibert", "luke", "esm", "xmod", "markuplm", "lilt",
-    }
-)  # fmt: skip
-
-
 def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) -> list[str]:
     """data.max_length above the model's position embeddings would crash at the first step; so would generation
     that runs past them: a decoder continues its prompt (up to data.max_length tokens) by eval.max_new_tokens, an
@@ -1215,8 +1212,9 @@ def _position_rules(recipe: Recipe, config, family: FamilySpec | None = None) ->
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int):
         return []
-    if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
-        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    model_type = getattr(config, "model_type", "")
+    if model_type in PADDING_OFFSET_POSITIONS:
+        limit -= (1 if model_type == "mpnet" else getattr(config, "pad_token_id", None) or 0) + 1
     name, max_length, new_tokens = recipe.model.name_or_path, recipe.data.max_length, recipe.eval.max_new_tokens
     if max_length > limit:
         return [

@@ -137,7 +137,7 @@ class Session:
             if "messages" in rows.column_names
             else []
         )
-        ends = list(dict.fromkeys([eos, *turn_ends]))
+        ends = [token for token in dict.fromkeys([eos, *turn_ends]) if token is not None]
 
         @torch.no_grad()
         def sample(model, prompt_ids, prompt_mask, group: int) -> list[list[int]]:
@@ -169,7 +169,7 @@ class Session:
             for ids in output[:, width:].tolist():
                 end = next((i + 1 for i, token in enumerate(ids) if token in ends), len(ids))
                 ids = ids[:end]
-                while len(ids) > 1 and ids[-1] == pad and pad != eos:  # a row stopped early is padded
+                while len(ids) > 1 and ids[-1] == pad and pad not in ends:  # a row stopped early is padded
                     ids.pop()
                 completions.append(ids)
             return completions

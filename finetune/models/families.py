@@ -138,6 +138,16 @@ PACKING_MODEL_TYPES = frozenset(
     }
 )  # fmt: skip
 
+# Model types whose position ids count on from the padding index (transformers' create_position_ids_from_input_ids):
+# the last usable position is max_position_embeddings - padding index - 1 (RoBERTa: 514 - 2 = 512). The index is
+# the config's pad_token_id, but MPNet's is 1 whatever its config says.
+PADDING_OFFSET_POSITIONS = frozenset(
+    {
+        "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "mpnet", "data2vec-text",
+        "longformer", "ibert", "luke", "esm", "xmod", "markuplm", "lilt",
+    }
+)  # fmt: skip
+
 # Auto classes by name -> the model types transformers has each for (loading anything else fails).
 _AUTO_MAPPINGS: dict[str, str] = {
     "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",

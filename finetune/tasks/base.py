@@ -187,7 +187,7 @@ class Task:
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
         """Last touches after loading (the tokenizer's pad id into the config, etc.)."""
-        align_pad_id(model, tokenizer)
+        align_pad_id(model, tokenizer, family)
 
     # ------------------------------------------------------------ data
     def featurize(
@@ -252,10 +252,11 @@ class Task:
         return ("prediction",)
 
 
-def align_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The config's pad id is the tokenizer's, which every batch is padded with: a decoder's sequence-classification
-    head reads each row at its last token that is not `config.pad_token_id`, so a checkpoint whose config says pad 3
-    while its tokenizer pads with EOS read every shorter row at a padding position (a prediction that changed with
-    the other rows of its batch)."""
-    if tokenizer.pad_token_id is not None:
+def align_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
+    """A config without a pad id takes the tokenizer's; a decoder's config takes it always: its sequence-
+    classification head reads each row at its last token that is not `config.pad_token_id`, so a checkpoint whose
+    config says pad 3 while its tokenizer pads with EOS read every shorter row at a padding position (a prediction
+    that changed with the other rows of its batch). An encoder's is left: RoBERTa-style models count positions from
+    the config's pad id as built, and a saved config with another would count them otherwise on reload."""
+    if tokenizer.pad_token_id is not None and (family.decoder_only or model.config.pad_token_id is None):
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -78,7 +78,8 @@ class GenerationTask(Task):
         if generation is not None and generation.pad_token_id is None:
             generation.pad_token_id = tokenizer.pad_token_id
         start = getattr(model.config, "decoder_start_token_id", None)
-        if family.encoder_decoder and generation is not None and start is not None:
+        shifts_own_start = model.config.model_type in ("mbart", "plbart")  # they start from each target's language
+        if family.encoder_decoder and generation is not None and start is not None and not shifts_own_start:
             # Training shifts the labels right from the config's start token and finetune decodes from it; a
             # generation_config.json saying another (a checkpoint without the config's) made the merged model's
             # `generate` elsewhere start from that one, and answer otherwise than the run's metrics said.

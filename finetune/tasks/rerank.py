@@ -45,7 +45,7 @@ from finetune.evaluation.scoring import eval_loader
 from finetune.models.embedding import CrossEncoderRanker
 from finetune.models.families import FamilySpec, HeadKind
 from finetune.recipe.schema import EvalSection, Recipe
-from finetune.tasks.base import align_pad_id, width_multiple
+from finetune.tasks.base import width_multiple
 from finetune.tasks.retrieval import RetrievalTask, corpus
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class RerankTask(RetrievalTask):
         return {"num_labels": 1}  # one relevance score per (query, passage) pair
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
-        align_pad_id(model, tokenizer)
+        super().prepare_model(model, tokenizer, family)
         if not trained_as_scorer(model.config):
             zero_output_layer(model, self.head_candidates)
 

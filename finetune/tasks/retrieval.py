@@ -32,9 +32,9 @@ from finetune.errors import DataError
 from finetune.evaluation import retrieval as ir
 from finetune.evaluation.scoring import eval_loader
 from finetune.models.embedding import BiEncoder, Embedder, EmbeddingLayout
-from finetune.models.families import FamilySpec, HeadKind
+from finetune.models.families import HeadKind
 from finetune.recipe.schema import EvalSection, Recipe, RetrievalSection
-from finetune.tasks.base import Task, align_pad_id, width_multiple
+from finetune.tasks.base import Task, width_multiple
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -119,9 +119,6 @@ class RetrievalTask(Task):
         )
 
     # ------------------------------------------------------------ model
-    def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> None:
-        align_pad_id(model, tokenizer)
-
     def bi_encoder(self, encoder: PeftModel | PreTrainedModel, recipe: Recipe, state: Mapping[str, Any]) -> BiEncoder:
         """The trained model: the encoder, pooled as the state's layout says, with the recipe's loss."""
         layout = layout_of(state)
@@ -284,7 +281,7 @@ def _shared_positives(positives: list[str], batch_size: int) -> list[str]:
     most, batches = max(counts.values()), math.ceil(len(positives) / batch_size)
     return [
         f"{shared} rows share their positive with another row ({len(counts)} distinct positives): the batches keep "
-        "them apart, so none is another's in-batch negative"
+        "them apart (two in one batch would each count the other's positive, their own, as a negative)"
         + (
             f" (but one passage is the positive of {most} rows, more than the {batches} batches)"
             if most > batches

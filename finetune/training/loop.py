@@ -151,10 +151,11 @@ def keep_apart(batches: list[list[int]], keys: Sequence[Hashable]) -> list[list[
     its batch already holds is swapped with a row of the nearest later batch (then earlier) that holds neither
     key. Deterministic; batch sizes unchanged; a key on more rows than there are batches keeps the rest together."""
     held = [Counter(keys[row] for row in batch) for batch in batches]
+    holders = Counter(key for counts in held for key in counts)  # batches holding each key
     for b, batch in enumerate(batches):
         for position, row in enumerate(batch):
             key = keys[row]
-            if held[b][key] < 2:
+            if held[b][key] < 2 or holders[key] == len(batches):  # every batch holds it: nowhere to go
                 continue
             for c in itertools.chain(range(b + 1, len(batches)), range(b)):
                 if held[c][key]:
@@ -164,6 +165,9 @@ def keep_apart(batches: list[list[int]], keys: Sequence[Hashable]) -> list[list[
                     continue
                 other = batches[c][j]
                 batch[position], batches[c][j] = other, row
+                # b keeps `key` (it held two) and gains other's, which c may lose; c gains `key`
+                holders[keys[other]] += 1 - (held[c][keys[other]] == 1)
+                holders[key] += 1
                 held[b][key] -= 1
                 held[b][keys[other]] += 1
                 held[c][keys[other]] -= 1

@@ -215,3 +215,46 @@ def test_a_longer_conversation_trains_on_the_tokens_sft_trains_on(chat_model):  
         ids = features.dataset[f"{side}_input_ids"][0]
         assert ids == sft.input_ids[0][: len(ids)] and len(ids) >= len(sft.input_ids[0]) - 1  # all but a newline
     assert features.prompts[0] == sft.prompt_ids[0]
+
+
+def test_thumbs_beside_conversational_pairs_are_kept_as_text_rows_keep_them():
+    """KTO trains on the thumbs of a file holding both (kto_rows); the conversational reader dropped them."""
+    from finetune.tasks.preference import kto_rows
+
+    row = {**_pairs(1, "explicit")[0], "completion": [_turn("assistant", "only this")], "label": True}
+    read = judged_conversations(Dataset.from_list([row]), {}, "prompt", "completion", "data.train", _place)
+    assert read is not None and {"chosen", "rejected", "completion", "label"} <= set(read.column_names)
+    thumbs = kto_rows(read, "kto", "data.train", "prompt", "completion")
+    assert thumbs["completion"] == ["only this"] and thumbs["label"] == [True]
+
+
+def _jsonl_with_blanks(path, rows: list[dict]) -> None:
+    """Rows with a blank line after the 2nd and the 4th: row 6 is on line 8."""
+    lines = [json.dumps(row) for row in rows]
+    lines[2:2], lines[5:5] = [""], [""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_conversational_pair_files_are_named_at_their_lines_and_refused_as_conversations(
+    chat_model,  # noqa: F811
+    tmp_path,
+    write_recipe,
+):
+    rows = _pairs(10, "explicit")
+    for row in rows[5:]:
+        row["rejected"] = row["rejected"][0]["content"]  # text from row 6 on: the reader cannot make a table of it
+    recipe = _recipe(chat_model, tmp_path, "dpo", _pairs(8, "explicit"), _pairs(4, "implicit"))
+    _jsonl_with_blanks(tmp_path / "data" / "train.jsonl", rows)
+    clash = invoke("validate", write_recipe(recipe))
+    assert clash.exit_code == 3 and "column 'rejected' is a list on line 1 but text on line 8" in clash.output, (
+        clash.output
+    )
+    write_jsonl(tmp_path / "data" / "train.jsonl", _pairs(8, "explicit"))
+    recipe["eval"]["watermark"] = {"method": "kirchenbauer", "key": 7}
+    marked = invoke("validate", write_recipe(recipe))
+    assert marked.exit_code == 2 and "watermarking conversations is not supported yet" in marked.output
+    del recipe["eval"]["watermark"]
+    recipe["train"]["objective"] = "sft"  # pairs under the default objective: named, not an internal error
+    write_jsonl(tmp_path / "data" / "train.jsonl", _pairs(8, "implicit"))
+    plain = invoke("validate", write_recipe(recipe))
+    assert plain.exit_code == 3 and "read under train.objective dpo, orpo or kto" in plain.output, plain.output
