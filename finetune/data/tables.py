@@ -804,8 +804,10 @@ def checked_texts(values: list, split: str, field: str, first_row: int = 1) -> l
         if value is None:
             raise DataError(f"{split}: row {number}: field {field!r} must be text, got no value (missing or null)")
         if not isinstance(value, str):
+            turns = isinstance(value, list) and all(isinstance(turn, dict) and "role" in turn for turn in value)
             raise DataError(
                 f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}"
+                + ("; turns of a conversation are read as a 'messages' field" if turns and value else "")
             )
     return list(values)
 
