@@ -202,19 +202,24 @@ def _checked_messages(row: dict[str, Any], named: str) -> list[dict[str, str]]:
 
 
 def _checked_turns(value: object, field: str, named: str) -> list[dict[str, str]]:
-    """A field's list of {role, content} turns, each checked."""
+    """A field's list of {role, content} turns, each checked (named by the field where a row holds several)."""
     out = []
+    of = "" if field == "messages" else f" of {field!r}"
     for index, turn in enumerate(_turns(value, field, named), start=1):
         if not isinstance(turn, dict):
-            raise DataError(f"{named}: turn {index} must be an object with role and content, got {_kind(turn)}")
+            raise DataError(f"{named}: turn {index}{of} must be an object with role and content, got {_kind(turn)}")
         role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
             raise DataError(
-                f"{named}: turn {index} has role {role!r}; roles are {', '.join(ROLES)}"
+                f"{named}: turn {index}{of} has role {role!r}; roles are {', '.join(ROLES)}"
                 + ("" if "role" in turn else " (the turn has no role)")
             )
         if not isinstance(content, str):
-            raise DataError(f"{named}: turn {index} ({role}): content must be text, got {_kind(content)}")
+            parts = isinstance(content, list) and all(isinstance(p, dict) and "text" in p for p in content)
+            raise DataError(
+                f"{named}: turn {index}{of} ({role}): content must be text, got {_kind(content)}"
+                + ("; content parts ([{type: text, text: ...}]) are not read: give the text itself" if parts else "")
+            )
         out.append({"role": role, "content": content})
     return out
 

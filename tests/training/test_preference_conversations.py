@@ -111,7 +111,7 @@ def test_ultrafeedbacks_layout_reads_the_prompt_from_the_conversations():
             {"prompt": [_turn("user", "a"), _turn("assistant", "b")], "chosen": "x", "rejected": "y"},
             "the prompt ends with an assistant turn",
         ),
-        ({"prompt": [_turn("robot", "a")], "chosen": "x", "rejected": "y"}, "turn 1 has role 'robot'"),
+        ({"prompt": [_turn("robot", "a")], "chosen": "x", "rejected": "y"}, "turn 1 of 'prompt' has role 'robot'"),
         ({"completion": [_turn("assistant", "x")], "label": True}, "no 'prompt' field"),
     ],
 )
