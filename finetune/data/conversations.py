@@ -215,7 +215,11 @@ def _checked_turns(value: object, field: str, named: str) -> list[dict[str, str]
                 + ("" if "role" in turn else " (the turn has no role)")
             )
         if not isinstance(content, str):
-            parts = isinstance(content, list) and all(isinstance(p, dict) and "text" in p for p in content)
+            parts = (
+                isinstance(content, list)
+                and bool(content)
+                and all(isinstance(p, dict) and "text" in p for p in content)
+            )
             raise DataError(
                 f"{named}: turn {index}{of} ({role}): content must be text, got {_kind(content)}"
                 + ("; content parts ([{type: text, text: ...}]) are not read: give the text itself" if parts else "")

@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import traceback
 import unicodedata
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -446,23 +447,28 @@ def _check_extra_fields(path: Path, separator: str, quoting: Literal[0, 3], widt
 
 def _unclosed_quote(path: Path, separator: str, quoting: Literal[0, 3]) -> DataError | None:
     """A quotation mark that opens a value no later mark closes (every line after it would be that one value),
-    named at the line the value starts on; None where every quoted value closes."""
+    named at the line the value starts on; None where every quoted value closes. Read leniently, as pandas reads
+    (`"great" movie` is text), the last record runs to the end of the file; it is the unclosed one where it does
+    not parse strictly on its own."""
     if quoting == csv.QUOTE_NONE:
         return None
-    with _open_csv_text(path) as text:
-        records = csv.reader(text, delimiter=separator, quoting=quoting, strict=True)
-        start = 1
-        try:
+    try:
+        with _open_csv_text(path) as text:
+            records = csv.reader(text, delimiter=separator, quoting=quoting)
+            start = begins = 1
             for _ in records:
-                start = records.line_num + 1
-        except csv.Error as exc:
-            if "unexpected end of data" not in str(exc):
-                return None
-            return DataError(
-                f"{path}:{start}: a quotation mark opens a value here that nothing later closes, so every line after "
-                "it would be read as part of that value; close it, or write a quotation mark inside a quoted value "
-                'as two ("")'
-            )
+                start, begins = begins, records.line_num + 1
+        with _open_csv_text(path) as text:
+            tail = "".join(itertools.islice(text, start - 1, None))
+        for _ in csv.reader(io.StringIO(tail), delimiter=separator, quoting=quoting, strict=True):
+            pass
+    except csv.Error as exc:
+        if "unexpected end of data" not in str(exc):
+            return None  # another malformation, which the readers name
+        return DataError(
+            f"{path}:{start}: a quotation mark opens a value here that nothing later closes, so every line after it "
+            'would be read as part of that value; close it, or write a quotation mark inside a quoted value as two ("")'
+        )
     return None
 
 
@@ -673,7 +679,7 @@ def renumbered(error: DataError, split: str, numbers: Sequence[int]) -> DataErro
     return DataError(mention.said(split, list(dict.fromkeys(sources))))
 
 
-def _columns_are(names: Iterable[str]) -> str:
+def _columns_are(names: Iterable[str], pairs_unread: bool = False) -> str:
     """The file's columns, quoted (a name with spaces shows them); one column whose name holds another separator
     is a file split on it, read with the wrong one."""
     names = sorted(names)
@@ -684,7 +690,7 @@ def _columns_are(names: Iterable[str]) -> str:
             f" (one column whose name holds {mixed[0]!r}: a .csv file is read split on ',' and a .tsv file on tabs; "
             "save the file with one of those)"
         )
-    elif {"chosen", "rejected"} <= set(names):
+    elif pairs_unread and {"chosen", "rejected"} <= set(names):
         said += " (preference pairs: read under train.objective dpo, orpo or kto)"
     elif "paragraphs" in names:
         said += (
@@ -790,7 +796,10 @@ def map_columns(
             )
         elif name in required:
             hint = f" (mapped by data.columns.{name})" if name in columns else ""
-            raise DataError(f"{key}: column {column!r} for field {name!r}{hint} not found; {_columns_are(present)}")
+            pairs = "chosen" not in (*required, *optional)  # pairs in a file the recipe does not read them from
+            raise DataError(
+                f"{key}: column {column!r} for field {name!r}{hint} not found; {_columns_are(present, pairs)}"
+            )
         elif name in columns:
             raise DataError(f"{key}: column {column!r} (data.columns.{name}) not found; {_columns_are(present)}")
     table = table.select_columns(list(wanted))
@@ -798,13 +807,14 @@ def map_columns(
     return table.rename_columns(renames) if renames else table
 
 
-def checked_texts(values: list, split: str, field: str, first_row: int = 1) -> list[str]:
-    """`values` as a list of texts; anything else is named by its row number (counted from `first_row`)."""
+def checked_texts(values: list, split: str, field: str, first_row: int = 1, turns_read: bool = False) -> list[str]:
+    """`values` as a list of texts; anything else is named by its row number (counted from `first_row`).
+    `turns_read`: the caller reads conversations too, so a value of turns is pointed at the `messages` field."""
     for number, value in enumerate(values, start=first_row):
         if value is None:
             raise DataError(f"{split}: row {number}: field {field!r} must be text, got no value (missing or null)")
         if not isinstance(value, str):
-            turns = isinstance(value, list) and all(isinstance(turn, dict) and "role" in turn for turn in value)
+            turns = turns_read and isinstance(value, list) and all(isinstance(t, dict) and "role" in t for t in value)
             raise DataError(
                 f"{split}: row {number}: field {field!r} must be text, got {type(value).__name__} {value!r}"
                 + ("; turns of a conversation are read as a 'messages' field" if turns and value else "")
@@ -1061,13 +1071,16 @@ def _type_error(
     )
 
 
-def _refuse_mixed_layouts(table: Dataset, source: Source, key: str, required: Sequence[str]) -> None:
+def _refuse_mixed_layouts(
+    table: Dataset, source: Source, key: str, required: Sequence[str], columns: Mapping[str, str]
+) -> None:
     """data.format auto read the task's fields (the file has them all) from a file that also holds conversations:
     its first conversation without them was refused as a row without the task's field. Both layouts named, each at
     its line. (Rows holding both, as some exports write every row, are read by the task's fields, as before.)"""
-    if not required or required[0] not in table.column_names:  # the mapping names what is missing
+    own = columns.get(required[0], required[0]) if required else None
+    if own is None or own not in table.column_names:  # the mapping names what is missing
         return
-    fields_of_task = table[required[0]][:]
+    fields_of_task = table[own][:]
     for layout, fields in LAYOUT_FIELDS.items():
         column = fields[0][0]  # a conversation's own column (Alpaca's instruction may well sit beside a prompt)
         if layout == "alpaca" or column not in table.column_names:
@@ -1262,7 +1275,7 @@ def read_split(
                 continue
         layout = table_layout(data, table.column_names, data.columns, required) if conversations else None
         if conversations and layout is None and recipe_layout(data) is None:
-            _refuse_mixed_layouts(table, source, key, required)
+            _refuse_mixed_layouts(table, source, key, required, data.columns)
         if layout is not None:
             problems = conversation_problems(recipe, conversations=True)  # the recipe did not say: the file did
             if problems:

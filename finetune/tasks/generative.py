@@ -208,7 +208,7 @@ class GenerationTask(Task):
             features = rollout_prompts(rows, tokenizer, family, recipe, split, self.prompt_field, self.reward_fields)
             features.report.notes.extend(self.unreachable_rewards(features.rows, recipe))
             return features
-        prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field)
+        prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field, turns_read=True)
         has_answers = labeled and self.answer_field in rows.column_names
         if split == "data.train" and not has_answers:
             raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")

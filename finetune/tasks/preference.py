@@ -131,7 +131,7 @@ def prompt_keys(rows: Dataset, split: str, prompt_field: str) -> list[str]:
     """Each row's prompt as text: the prompt field, or a conversation's turns (`messages`, judged_conversations)."""
     if "messages" in rows.column_names:
         return conversation_texts(rows).to_pylist()
-    return checked_texts(rows[prompt_field][:], split, prompt_field)
+    return checked_texts(rows[prompt_field][:], split, prompt_field, turns_read=True)
 
 
 def _checked_pairs(rows: Dataset, split: str) -> list[list[str]]:

@@ -152,6 +152,7 @@ def test_a_quotation_mark_that_never_closes_is_named_at_its_line(tmp_path):
     (tmp_path / "quote.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"quote.csv:12: a quotation mark opens a value here that nothing later"):
         split_of({"train": str(tmp_path / "quote.csv"), "eval_split": 0.5})
+    lines[3] = '"word2" here,b'  # text after a closing quote, as pandas reads it: a strict csv scan stopped there
     lines[6] += ","  # an empty extra field earlier (a spreadsheet export): pandas' first error was that one
     (tmp_path / "quote.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"quote.csv:12: a quotation mark opens a value here that nothing later"):

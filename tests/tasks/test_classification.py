@@ -368,3 +368,18 @@ def test_a_decoders_pad_id_in_its_config_is_the_tokenizers(tiny_models):
         alone = model(**tokenizer(["goal match"], return_tensors="pt")).logits
         batch = model(**tokenizer(["goal match", "goal match the team won the cup"], return_tensors="pt", padding=True))
     torch.testing.assert_close(batch.logits[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_an_encoders_pad_id_in_its_config_is_its_own(tiny_models):
+    """RoBERTa-style encoders count positions from the config's pad id as built: a merged config given the
+    tokenizer's would count them otherwise on reload. An encoder's config keeps its own."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.models.families import FAMILIES
+    from finetune.tasks import TASKS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3, pad_token_id=3)
+    assert tokenizer.pad_token_id != 3
+    TASKS["classification"].prepare_model(model, tokenizer, FAMILIES["bert"])
+    assert model.config.pad_token_id == 3

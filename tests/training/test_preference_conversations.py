@@ -112,6 +112,10 @@ def test_ultrafeedbacks_layout_reads_the_prompt_from_the_conversations():
             "the prompt ends with an assistant turn",
         ),
         ({"prompt": [_turn("robot", "a")], "chosen": "x", "rejected": "y"}, "turn 1 of 'prompt' has role 'robot'"),
+        (
+            {"prompt": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "chosen": "x", "rejected": "y"},
+            "content must be text, got a list; content parts",
+        ),
         ({"completion": [_turn("assistant", "x")], "label": True}, "no 'prompt' field"),
     ],
 )
