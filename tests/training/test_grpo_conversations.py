@@ -10,21 +10,13 @@ from helpers import invoke
 
 from finetune.tasks import TASKS
 from tests.tasks.test_conversations import chat_data, chat_model, chat_recipe  # noqa: F401 (the fixtures)
+from tests.training.test_grpo import _recipe as grpo_recipe
 
 
 def _grpo(chat_model, chat_data, tmp_path, **data) -> dict:  # noqa: F811
+    """The chat recipe trained as test_grpo's text recipe trains, for three steps."""
     recipe = chat_recipe(chat_model, chat_data, tmp_path / "run", data={"columns": {}, **data})
-    recipe["train"] = {
-        "objective": "grpo",
-        "grpo": {"group_size": 4, "max_new_tokens": 6},
-        "epochs": 1,
-        "batch_size": 4,
-        "lr": 5e-3,
-        "seed": 0,
-        "precision": "fp32",
-        "log_every": 1,
-        "max_steps": 3,
-    }
+    recipe["train"] = {**grpo_recipe(chat_model, tmp_path / "text")["train"], "max_steps": 3}
     return recipe
 
 
