@@ -496,3 +496,21 @@ def test_an_encoder_decoder_generates_from_the_start_token_it_trains_from(tiny_m
     model.generation_config.decoder_start_token_id = model.config.decoder_start_token_id + 1
     TASKS["copywriting"].prepare_model(model, AutoTokenizer.from_pretrained(tiny_models["bart"]), FAMILIES["bart"])
     assert model.generation_config.decoder_start_token_id == model.config.decoder_start_token_id
+
+
+def test_mbart_keeps_its_own_decoder_start(tiny_models):
+    """mBART's training starts each target from its language token, not the config's start: its generation_config
+    is left as it is."""
+    from transformers import AutoTokenizer, MBartConfig, MBartForConditionalGeneration
+
+    from finetune.models.families import FAMILIES
+    from finetune.tasks import TASKS
+
+    config = MBartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    model = MBartForConditionalGeneration(config)
+    model.generation_config.decoder_start_token_id = 7
+    TASKS["copywriting"].prepare_model(model, AutoTokenizer.from_pretrained(tiny_models["bart"]), FAMILIES["bart"])
+    assert model.generation_config.decoder_start_token_id == 7 != model.config.decoder_start_token_id
