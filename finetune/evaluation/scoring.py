@@ -239,13 +239,21 @@ def _rows_needed(units: int, reach: float, margin: float) -> str:
     return f"; about {rows} rows would resolve a margin of {margin:.4g}"
 
 
+def guards_nothing(gate: Gate) -> str | None:
+    """The warning for a gate on a fraction that no value can fail (`accuracy>=0`), said by eval and validate."""
+    if gate.metric in UNBOUNDED_METRICS or gate.can_fail_within(0.0, 1.0):
+        return None
+    return f"gate {gate} can never fail: {gate.metric} is a fraction in [0, 1], so it guards nothing"
+
+
 def gate_warnings(gates: list[Gate], metrics: dict, intervals: Intervals | None) -> list[str]:
     """A plain gate whose threshold lies inside the metric's LEVEL interval is decided by noise: the eval set is
     too small for the margin between the value and the threshold. A gate on a fraction that no value can fail."""
     out = []
     for gate in gates:
-        if gate.metric not in UNBOUNDED_METRICS and not gate.can_fail_within(0.0, 1.0):
-            out.append(f"gate {gate} can never fail: {gate.metric} is a fraction in [0, 1], so it guards nothing")
+        idle = guards_nothing(gate)
+        if idle is not None:
+            out.append(idle)
             continue
         if gate.level is not None:  # judged on the interval's bound already: noise cannot decide it
             continue

@@ -57,6 +57,7 @@ from finetune.data.tables import (
 from finetune.errors import DataError, FinetuneError, RecipeError, brief, did_you_mean
 from finetune.evaluation.compare import NOT_A_QUALITY
 from finetune.evaluation.intervals import NO_INTERVAL, UNBOUNDED_METRICS
+from finetune.evaluation.scoring import guards_nothing
 from finetune.files import read_json_input, sha256_file
 from finetune.models.embedding import embedding_layout, is_embedding_checkpoint
 from finetune.models.families import (
@@ -1913,10 +1914,15 @@ def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
             else None
         )
         unset = code is not None and recipe.eval.execute_code and os.environ.get(sandbox.OPT_IN_ENV) != "1"
-        return checked.summary() + (
-            f"; note: {code}, and run needs {sandbox.OPT_IN_ENV}=1 on the machine that runs it (not set here)"
-            if unset
-            else ""
+        idle = [w for m, c in recipe.eval.gates.items() if (w := guards_nothing(parse_gate(f"{m}{c}"))) is not None]
+        return (
+            checked.summary()
+            + (
+                f"; note: {code}, and run needs {sandbox.OPT_IN_ENV}=1 on the machine that runs it (not set here)"
+                if unset
+                else ""
+            )
+            + "".join(f"; warning: {warning}" for warning in idle)
         )
 
 

@@ -110,3 +110,14 @@ def test_a_gate_on_a_fraction_that_can_never_fail_is_warned(gate):
 @pytest.mark.parametrize("gate", ["accuracy>0", "accuracy>=0.01", "f1<1", "accuracy==1", "eval_loss>=0"])
 def test_a_gate_that_can_fail_is_not_warned(gate):
     assert gate_warnings([parse_gate(gate)], {"accuracy": 0.5, "f1": 0.5, "eval_loss": 1.0}, None) == []
+
+
+def test_validate_warns_of_a_recipe_gate_that_can_never_fail(tiny_models, topic_data, write_recipe, tmp_path):
+    """eval warned of `accuracy>=0`; validate, where a CI job checks its recipe first, said only "ok"."""
+    from conftest import classification_recipe
+    from helpers import invoke
+
+    recipe = classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")
+    recipe["eval"] = {"gates": {"accuracy": ">=0"}}
+    checked = invoke("validate", write_recipe(recipe))
+    assert checked.exit_code == 0 and "warning: gate accuracy>=0 can never fail" in checked.output, checked.output
