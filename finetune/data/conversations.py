@@ -66,9 +66,9 @@ def conversation_problems(recipe: Recipe, conversations: bool = False) -> list[s
         if data.template is not None:
             problems.append("data.template: conversations carry their own turns; remove the template")
         # DPO, ORPO and KTO read pairs or thumbs written as conversations (judged_conversations); a layout the
-        # recipe names holds plain conversations, which none of them can learn from. GRPO samples from text prompts.
-        # GRPO samples the final assistant turn of each conversation and rewards it against that turn's content; a
-        # codegen reward runs the row's tests, which conversation rows do not carry.
+        # recipe names holds plain conversations, which none of them can learn from. GRPO samples the final
+        # assistant turn of each conversation and rewards it against that turn's content; a codegen reward runs the
+        # row's tests, which conversation rows do not carry.
         judged = recipe.train.learns_from_judgements and layout not in CONVERSATION_FORMATS
         if recipe.train.objective == "grpo" and recipe.task == "codegen":
             problems.append(

@@ -59,7 +59,6 @@ from finetune.outputs import adapter as adapter_files
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import Recipe
 from finetune.tasks import Task, recipe_task
-from finetune.tasks.conversations import ConversationEncoder
 from finetune.tasks.generative import GenerationTask
 from finetune.tasks.preference import PreferenceCollator, PromptCollator, pair_metrics_problems
 from finetune.tasks.rerank import RerankTask
@@ -132,11 +131,7 @@ class Session:
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         # A conversation's answer ends at the template's end-of-turn token too (where it is not EOS), as evaluation's.
-        turn_ends = (
-            ConversationEncoder(tokenizer, "all", self.recipe.model.name_or_path).end_of_turn_ids()
-            if "messages" in rows.column_names
-            else []
-        )
+        turn_ends = task.turn_end_ids(tokenizer, self.recipe.model.name_or_path, rows)
         ends = [token for token in dict.fromkeys([eos, *turn_ends]) if token is not None]
 
         @torch.no_grad()

@@ -171,6 +171,14 @@ class GenerationTask(Task):
         decided: evaluation, GRPO's sampler and the watermark detector's generations all end answers by it."""
         return bool(data.chat_template) or "messages" in rows.column_names
 
+    @staticmethod
+    def turn_end_ids(tokenizer: PreTrainedTokenizerBase, model_name: str, rows: Dataset) -> list[int]:
+        """The chat template's end-of-turn token(s) where `rows` are conversations (none otherwise): a generated
+        answer ends there too, in evaluation and in GRPO's sampler alike."""
+        if "messages" not in rows.column_names:
+            return []
+        return ConversationEncoder(tokenizer, "all", model_name).end_of_turn_ids()
+
     def answer_stops(self, settings: EvalSection, data: DataSection, rows: Dataset) -> list[str]:
         """The stop strings of answers generated for `rows`."""
         return self.stops(settings, chat=self.asked_in_chat(data, rows))
@@ -253,7 +261,7 @@ class GenerationTask(Task):
             self.answer_stops(settings, recipe.data, features.rows),
             decode_batch_size(settings, recipe.eval_batch_size),
             accelerator,
-            ConversationEncoder(tokenizer, "all", recipe.model.name_or_path).end_of_turn_ids() if conversations else (),
+            self.turn_end_ids(tokenizer, recipe.model.name_or_path, features.rows),
         )
         out = []
         for row, samples in zip(features.rows, answers):
