@@ -279,6 +279,70 @@ def judged_conversations(
     return Dataset.from_dict(out)
 
 
+def prompt_completion_conversations(
+    table: Dataset,
+    columns: Mapping[str, str],
+    prompt_field: str,
+    answer_field: str,
+    key: str,
+    place: Callable[[int], str] | None = None,
+    *,
+    labeled: bool = True,
+) -> Dataset | None:
+    """TRL's conversational prompt-completion layout (SFT, GRPO, evaluation) and its prompt-only layout (predict)
+    as `messages` rows; None when neither field holds turns (the rows are the task's text).
+
+    The prompt field a list of {role, content} turns ending with a user or system turn (or text: one user turn);
+    the answer field a list holding one assistant turn (or text), which becomes the conversation's final assistant
+    turn. `labeled` (training and evaluation rows) needs the answer; predict's rows (`labeled` False) are answered
+    from the prompt's turns alone, a reference answer beside them passed through, never read."""
+    names = {field: columns.get(field, field) for field in (prompt_field, answer_field, "id")}
+    present = {field for field, column in names.items() if column in table.column_names}
+    if not any(_holds_turn_lists(table, names[field]) for field in present - {"id"}):
+        return None
+    if prompt_field not in present:
+        raise DataError(
+            f"{key}: field {names[answer_field]!r} holds turns but the rows have no {names[prompt_field]!r} field "
+            "(the turns it answers); whole conversations are read as a 'messages' field"
+        )
+    where = place or (lambda index: f"row {index + 1}")
+    answered = labeled and answer_field in present
+    if labeled and not answered:
+        raise DataError(f"{key}: the rows have no {names[answer_field]!r} field (the assistant turn to learn)")
+    messages = []
+    index = 0
+    read = [names[field] for field in (prompt_field, answer_field) if field in present]
+    for batch in _batches(table.select_columns(read)):
+        for row in _row_dicts(batch):
+            named = f"{key}: {where(index)}"
+            value = row[names[prompt_field]]
+            if value is None:
+                raise DataError(f"{named}: field {names[prompt_field]!r} must hold turns or text, got nothing (null)")
+            prompt = _prompt_turns(value, names[prompt_field], named)
+            if not prompt or prompt[-1]["role"] == "assistant":
+                raise DataError(
+                    f"{named}: field {names[prompt_field]!r} must end with a user (or system) turn; its answer is "
+                    f"the assistant turn in {names[answer_field]!r}"
+                )
+            if answered:
+                answer = _answer_text(row[names[answer_field]], names[answer_field], named)
+                if answer is None:
+                    raise DataError(f"{named}: field {names[answer_field]!r} must hold the answer, got nothing (null)")
+                prompt = [*prompt, {"role": "assistant", "content": answer}]
+            messages.append(prompt)
+            index += 1
+    out: dict[str, Any] = {"messages": messages}
+    if "id" in present:
+        out["id"] = table[names["id"]][:]
+    return Dataset.from_dict(out)
+
+
+def _holds_turn_lists(table: Dataset, column: str) -> bool:
+    """A column of lists of objects (turns): a list of strings (several reference answers) is not one."""
+    kind = table.data.schema.field(column).type
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
+
+
 def _judged_turns(
     row: dict[str, Any], names: Mapping[str, str], sides: Sequence[str], asked: str | None, named: str
 ) -> tuple[list[dict[str, str]], list[str]]:

@@ -40,6 +40,7 @@ from finetune.data.conversations import (
     conversation_problems,
     judged_conversations,
     layout_fields,
+    prompt_completion_conversations,
     recipe_layout,
     table_layout,
 )
@@ -1109,7 +1110,8 @@ def _first_row(item: str, key: str) -> dict[str, Any]:
 
 
 def _holds_turns(row: dict[str, Any], data: Any, judged: tuple[str, str]) -> bool:
-    """Whether a row's prompt or answers are lists of turns (preference pairs written as conversations)."""
+    """Whether a row's prompt or answers are lists of turns (conversations in TRL's layouts: a prompt and its
+    completion, or preference pairs)."""
     fields = (judged[0], "chosen", "rejected", judged[1])
     return any(isinstance(row.get(data.columns.get(field, field)), list) for field in fields)
 
@@ -1254,7 +1256,7 @@ def read_split(
             first = _first_row(item, key)
             if conversations and (
                 table_layout(data, list(first), data.columns, required) is not None
-                or (judged is not None and recipe.train.learns_from_judgements and _holds_turns(first, data, judged))
+                or (judged is not None and _holds_turns(first, data, judged))
             ):
                 raise  # conversations: the reader's own words name the clash (the task's fields are not read)
             fields = (*required, *optional)
@@ -1264,12 +1266,18 @@ def read_split(
             raise
         if classify and source.layout == "csv":
             table = _whole_number_labels(table, data.columns.get("label", "label"))
-        if judged is not None and recipe.train.learns_from_judgements and recipe_layout(data) in (None, "prompt"):
-            turns = judged_conversations(table, data.columns, *judged, key, source.place)
+        if judged is not None and recipe_layout(data) in (None, "prompt"):
+            # Prompt and answer fields holding turns (TRL's conversational layouts): pairs or thumbs under a
+            # preference objective, else a prompt and the assistant turn that completes it.
+            if recipe.train.learns_from_judgements:
+                turns, held = judged_conversations(table, data.columns, *judged, key, source.place), "preference pairs"
+            else:
+                turns = prompt_completion_conversations(table, data.columns, *judged, key, source.place)
+                held = "a prompt and its completion"
             if turns is not None:
                 problems = conversation_problems(recipe, conversations=True)  # as for the layouts below
                 if problems:
-                    raise RecipeError(f"{key} ({item}): the rows are conversations (preference pairs)", problems)
+                    raise RecipeError(f"{key} ({item}): the rows are conversations ({held})", problems)
                 parts.append(turns)
                 origins.append(Origins.of(source, len(table)))
                 continue

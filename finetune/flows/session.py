@@ -25,7 +25,13 @@ from rich.console import Console
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from finetune.data.cache import CachedData, FeatureCache, cache_key
-from finetune.data.conversations import as_messages, conversation_problems, layout_fields
+from finetune.data.conversations import (
+    as_messages,
+    conversation_problems,
+    layout_fields,
+    prompt_completion_conversations,
+    recipe_layout,
+)
 from finetune.data.features import Features
 from finetune.data.report import read_rows
 from finetune.data.retrieval import (
@@ -275,6 +281,14 @@ def task_rows(
     columns = recipe.data.columns if columns is None else columns
     task_required, task_optional = task.fields(recipe)
     required = task_required if required is None else required
+    judged = task.reading().get("judged")  # a generation task's prompt and answer fields
+    if judged is not None and recipe_layout(recipe.data) in (None, "prompt"):
+        # The prompt as turns (TRL's conversational prompt-only and prompt-completion layouts), as read_split reads
+        # them: the conversation to answer.
+        prompt_field, answer_field = judged
+        turns = prompt_completion_conversations(table, columns, prompt_field, answer_field, key, labeled=labeled)
+        if turns is not None:
+            return turns
     layout = task.conversation_layout(recipe, table.column_names, columns, required)
     if layout is not None:
         mapped = map_columns(table, columns, *layout_fields(layout, labeled), key=key)
