@@ -674,10 +674,33 @@ def _read_and_featurize(
                 )
                 for split in splits
             }
+        if "train" in features and "eval" in features:
+            features["eval"].report.notes.extend(_asked_unlike_training(task, recipe, features))
         return cache.publish(workdir, CachedData(features, state, overlap))
     except BaseException:  # a bad row, a full disk, Ctrl-C: nothing half-built stays in the cache
         cache.discard(workdir)
         raise
+
+
+def _asked_unlike_training(task: Task, recipe: Recipe, features: Mapping[str, Features]) -> list[str]:
+    """A note where the eval prompts are asked otherwise than the training ones: conversations through the chat
+    template on one side, text prompts without it on the other (data.format auto decides each file's layout by
+    its columns). The scores are then of prompts the model never trained on."""
+    if not isinstance(task, GenerationTask):
+        return []
+    train, held = (task.asked_in_chat(recipe.data, features[split].rows) for split in ("train", "eval"))
+    if train == held:
+        return []
+    if train:
+        return [
+            "data.eval: its text prompts are asked without the chat template, while data.train's conversations went "
+            "through it: the scores are of prompts unlike training's (data.chat_template: true asks each as a user "
+            "turn; or write the eval rows as conversations)"
+        ]
+    return [
+        "data.eval: its conversations are asked through the chat template, while data.train's text prompts were not: "
+        "the scores are of prompts unlike training's (write both alike)"
+    ]
 
 
 def open_session(

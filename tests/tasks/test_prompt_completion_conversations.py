@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import write_jsonl
 from datasets import Dataset
-from helpers import invoke
+from helpers import invoke, invoke_wide
 
 from finetune.data.conversations import prompt_completion_conversations
 from finetune.errors import DataError
@@ -122,3 +122,18 @@ def test_sft_on_prompt_completion_turns_trains_evaluates_and_predicts_as_on_mess
 
     assert [a["prediction"] for a in answers(as_prompts)] == [a["prediction"] for a in answers(as_messages)]
     assert [a["tag"] for a in answers(as_prompts)] == [0, 1, 2, 3] and answers(as_prompts)[0]["prompt"] == prompts[0]
+
+
+def test_eval_prompts_asked_unlike_the_training_conversations_are_said(chat_model, tmp_path, write_recipe):  # noqa: F811
+    rows = chat_rows(40)
+    text = [{"prompt": r["messages"][-2]["content"], "completion": r["messages"][-1]["content"]} for r in rows[32:]]
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", text),
+    }
+    note = "data.eval: its text prompts are asked without the chat template, while data.train's conversations"
+    for chat, said in ((False, True), (True, False)):
+        recipe = chat_recipe(chat_model, data, tmp_path / f"run-{chat}", data={"columns": {}, "chat_template": chat})
+        result = invoke_wide("run", write_recipe(recipe), "--dry-run")
+        assert result.exit_code == 0, result.output
+        assert (note in " ".join(result.output.split())) == said, result.output
