@@ -558,6 +558,23 @@ def checkpoint_bytes(model: torch.nn.Module, keep: int, held: int = 0) -> int:
 # checkpoint resumed with another order would skip other rows than it trained on. 2: the short batch stays last.
 # 3: retrieval rows sharing a positive passage are kept out of each other's batch (loop.keep_apart).
 BATCH_ORDER = 3
+BATCH_ORDER_KEY = "order of training batches"  # its name in a resume identity
+# Where each version after the first changed the batches: a checkpoint written under an older version resumes under
+# a newer one for every task it did not change (a classification checkpoint of version 2 draws the batches of 3).
+_ORDER_CHANGED: dict[int, tuple[str, ...] | None] = {3: ("retrieval",)}  # None: every task
+
+
+def same_batch_order(saved: object, now: object, task: object) -> bool:
+    """Whether a checkpoint recording batch order `saved` draws `task`'s batches as order `now` does."""
+    if saved == now:
+        return True
+    if not (isinstance(saved, int) and isinstance(now, int) and 2 <= saved < now <= BATCH_ORDER):
+        return False
+    for version in range(saved + 1, now + 1):
+        changed = _ORDER_CHANGED.get(version)
+        if changed is None or task in changed:
+            return False
+    return True
 
 
 # How a resume identity names a data file's hash, and a local first-stage model's (training/checkpoint.check_identity
@@ -619,7 +636,7 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
     versions = provenance.library_versions()
     identity.update({f"version of {lib}": versions.get(lib) for lib in ("torch", "transformers", "peft")})
     identity["number of processes"] = world_size
-    identity["order of training batches"] = BATCH_ORDER
+    identity[BATCH_ORDER_KEY] = BATCH_ORDER
     return redact_tree(identity)  # it is written into every checkpoint
 
 

@@ -35,7 +35,7 @@ import torch
 from finetune.errors import DataError, RecipeError
 from finetune.files import read_json_input, sha256_file, weights_with_umask
 from finetune.outputs.adapter import AdapterSaver
-from finetune.outputs.rundir import HASHED
+from finetune.outputs.rundir import BATCH_ORDER_KEY, HASHED, same_batch_order
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -321,6 +321,8 @@ def check_identity(saved: dict, current: dict, force: bool) -> list[str]:
             # changed; which files a run reads is bound by the recipe's own settings, compared here too.
             continue
         before, now = saved.get(key), current.get(key)
+        if key == BATCH_ORDER_KEY and same_batch_order(before, now, current.get("recipe task")):
+            continue  # an older version of the order, which draws this task's batches alike
         if before != now:
             differences.append(f"{key}: {_short(before)} in the checkpoint, {_short(now)} now")
     if differences and not force:

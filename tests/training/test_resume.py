@@ -167,6 +167,29 @@ def test_a_different_process_count_is_named(pair):
     )
 
 
+def test_an_older_batch_order_resumes_where_it_drew_the_same_batches():
+    """Version 3 of the batch order changed only retrieval's batches (rows sharing a positive kept apart): a
+    checkpoint of another task written under version 2 resumes; a retrieval one, or one from an unknown version,
+    is refused, naming the order."""
+    from finetune.errors import RecipeError
+    from finetune.outputs.rundir import BATCH_ORDER, BATCH_ORDER_KEY
+    from finetune.training.checkpoint import check_identity
+
+    assert BATCH_ORDER == 3
+
+    def identity(order: int, task: str) -> dict:
+        return {BATCH_ORDER_KEY: order, "recipe task": task}
+
+    for task in ("classification", "copywriting", "qa", "codegen", "rerank"):
+        assert check_identity(identity(2, task), identity(3, task), force=False) == []
+    for saved in (1, 4):
+        with pytest.raises(RecipeError):
+            check_identity(identity(saved, "classification"), identity(3, "classification"), force=False)
+    with pytest.raises(RecipeError) as refused:
+        check_identity(identity(2, "retrieval"), identity(3, "retrieval"), force=False)
+    assert "order of training batches: 2 in the checkpoint, 3 now" in str(refused.value)
+
+
 def test_a_truncated_checkpoint_is_named_and_auto_falls_back(pair):
     _, _, broken_recipe, broken = pair
     killed_run("step", 14, broken_recipe)  # checkpoints 9 and 12 on disk
