@@ -57,3 +57,25 @@ def test_a_reward_function_gets_the_conversations_turns_as_its_prompt():
     turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert TASKS["copywriting"].prompt_of({"messages": turns, "completion": "b"}) == turns[:1]
     assert TASKS["copywriting"].prompt_of({"prompt": "p", "completion": "c"}) == "p"
+
+
+def test_grpo_samples_the_answer_to_a_prompt_of_turns_as_trl_lays_it_out(chat_model, tmp_path, write_recipe):  # noqa: F811
+    """TRL's conversational GRPO rows: a prompt of turns, the reference beside it (here as text): the same run as on
+    the conversations they make, the same rewards."""
+    from tests.conftest import write_jsonl
+    from tests.tasks.test_conversations import chat_rows
+
+    rows = chat_rows(40)
+    laid_out = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1]["content"]} for r in rows]
+    logs = []
+    for name, train in (("messages", rows[:32]), ("prompt", laid_out[:32])):
+        files = {
+            "train": write_jsonl(tmp_path / name / "train.jsonl", train),
+            "eval": write_jsonl(tmp_path / name / "eval.jsonl", rows[32:]),
+        }
+        recipe = _grpo(chat_model, files, tmp_path / name)
+        result = invoke("run", write_recipe(recipe, name=f"{name}.yaml"))
+        assert result.exit_code == 0, result.output
+        log = (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()
+        logs.append([{k: v for k, v in json.loads(line).items() if k.startswith("reward")} for line in log])
+    assert logs[0] == logs[1] and len(logs[0]) == 3
