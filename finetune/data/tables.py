@@ -1113,7 +1113,9 @@ def _holds_turns(row: dict[str, Any], data: Any, judged: tuple[str, str]) -> boo
     """Whether a row's prompt or answers are lists of turns (conversations in TRL's layouts: a prompt and its
     completion, or preference pairs)."""
     fields = (judged[0], "chosen", "rejected", judged[1])
-    return any(isinstance(row.get(data.columns.get(field, field)), list) for field in fields)
+    values = [row.get(data.columns.get(field, field)) for field in fields]
+    # A list of texts (several reference answers) is not a conversation.
+    return any(isinstance(value, list) and any(isinstance(t, dict) for t in value) for value in values)
 
 
 def _first_typed_clash(

@@ -137,3 +137,23 @@ def test_eval_prompts_asked_unlike_the_training_conversations_are_said(chat_mode
         result = invoke_wide("run", write_recipe(recipe), "--dry-run")
         assert result.exit_code == 0, result.output
         assert (note in " ".join(result.output.split())) == said, result.output
+
+
+def test_a_column_of_text_lists_and_text_is_named_as_the_fields_type_not_as_turns(tmp_path):
+    from finetune.data.tables import read_split
+    from finetune.flows.resolve import build_recipe
+    from finetune.tasks import recipe_task
+
+    rows = [{"question": "q1", "answer": ["a", "b"]}, {"question": "q2", "answer": "c"}]
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    recipe = build_recipe(
+        {
+            "task": "qa",
+            "mode": "generative",
+            "model": {"name_or_path": "x"},
+            "data": {"train": str(path), "eval": str(path)},
+        }
+    )
+    task = recipe_task(recipe)
+    with pytest.raises(DataError, match=r"eval.jsonl:1: column 'answer' must be text, got a list"):
+        read_split(str(path), "data.eval", recipe, *task.fields(recipe), **task.reading())
