@@ -468,6 +468,22 @@ def check_questions(rows: Dataset, split: str) -> None:
                 raise DataError(f"{split}: row {number}: field {field!r} must be non-empty text, got {value!r}")
 
 
+def held_nowhere(split: str, number: int, answer: str) -> DataError:
+    """A training question whose answer no passage holds: nothing to retrieve or to read it from."""
+    return DataError(f"{split}: row {number}: the answer {answer[:60]!r} is in no passage of the knowledge base")
+
+
+def check_answers_held(rows: Dataset, passages: list[Passage], split: str) -> None:
+    """Knowledge-base qa's training rows: each answer held by a passage, as attach_passages requires of them (it
+    adds the gold passage where retrieval missed it): what `validate` checks without retrieving."""
+    if "answer" not in rows.column_names:
+        return
+    holders = AnswerHolders(passages)
+    for number, answer in enumerate(rows["answer"][:], start=1):
+        if isinstance(answer, str) and not holders.holding(answer):
+            raise held_nowhere(split, number, answer)
+
+
 def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, training: bool, split: str) -> Dataset:
     """Each question's retrieved passages as its context; training adds the gold passage where retrieval missed it.
 
@@ -496,9 +512,7 @@ def attach_passages(rows: Dataset, retriever: Retriever, *, extractive: bool, tr
         if holders is not None and answer is not None and not gold_found:
             gold = next(iter(holders(row["question"], answer)), None)
             if gold is None:
-                raise DataError(
-                    f"{split}: row {number}: the answer {answer[:60]!r} is in no passage of the knowledge base"
-                )
+                raise held_nowhere(split, number, answer)
             chosen = chosen[:-1] + [gold]  # the reader learns to pick among passages, the right one included
         context = PASSAGE_SEPARATOR.join(passages[i].text for i in chosen)
         starts = np.cumsum([0] + [len(passages[i].text) + len(PASSAGE_SEPARATOR) for i in chosen[:-1]])

@@ -257,8 +257,13 @@ def _read_json(path: Path) -> list[dict] | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON Lines saved with a .json suffix
-            return None
+        if exc.msg == "Extra data":
+            if text.lstrip().startswith("["):  # one list, then something after it (JSON Lines start with objects)
+                raise DataError(
+                    f"{path}:{exc.lineno}: text after the end of the JSON document (column {exc.colno}); a .json file "
+                    "holds one list of objects (or JSON Lines: one object a line)"
+                ) from None
+            return None  # JSON Lines saved with a .json suffix
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -724,7 +729,7 @@ def load_source(item: str, key: str, text_columns: Sequence[str] = ()) -> tuple[
     else:
         table, source = _load_hub(item), Source(item, None, "rows")
     if len(table) == 0:
-        raise DataError(f"{key}: {item} has no rows")
+        raise DataError(f"{key}: {item} has no rows" if key != item else f"{item}: the file has no rows")
     return table, source
 
 

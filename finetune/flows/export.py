@@ -140,7 +140,7 @@ def export(
     # What llama.cpp cannot run as trained (architecture, config, tokenizer) is refused before any weights load.
     config = resolved.model_config
     check_config(export_arch(meta["family"], config.model_type, resolved.task.head), config)
-    data = open_data(resolved, splits=("eval",) if verify else (), adapter_dir=run.adapter)
+    data = open_data(resolved, splits=("eval",) if verify else (), adapter_dir=run.adapter, machine=False)
     read_vocabulary(data.tokenizer, config.vocab_size)
     model, _ = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=run.adapter, with_lora=False)
     assert isinstance(model, PeftModel), "opened with the run's adapter"

@@ -38,6 +38,7 @@ from finetune.data.conversations import conversation_fields, encoder_decoder_pro
 from finetune.data.report import read_rows
 from finetune.data.retrieval import (
     DEFAULT_EMBEDDING_MODEL,
+    check_answers_held,
     check_given_negatives,
     check_positives_differ,
     check_questions,
@@ -1447,6 +1448,16 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                     check_evaluation_conversation(messages, f"{split}: row {number}")
 
             each_split(rollout)
+        supervised = not recipe.train.learns_from_judgements and recipe.train.objective != "grpo"
+        if isinstance(task, GenerationTask) and supervised:
+
+            def answers(table: Dataset, split: str) -> None:
+                """Text rows' answers as supervised training reads them (a field optional for evaluation rows,
+                codegen's completion, is one every training row needs)."""
+                if "messages" not in table.column_names:
+                    task.answers_of(table, split)
+
+            each_split(answers)
         if isinstance(task, ExtractiveQATask) and recipe.data.knowledge_base is None:
 
             def spans(table: Dataset, split: str) -> None:
@@ -1465,12 +1476,19 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
                         check_given_negatives(found, passages, split)
 
                 each_split(positives)
-            if task.name == "qa":  # what attach_passages checks before it retrieves
-                each_split(check_questions)
+            if task.name == "qa":  # what attach_passages checks before it retrieves, and of training rows after
+
+                def questions(table: Dataset, split: str) -> None:
+                    check_questions(table, split)
+                    if split == "data.train":
+                        check_answers_held(table, passages, split)
+
+                each_split(questions)
         try:  # every eval row one the task's metrics can score, as the run checks
             task.check_scorable(rows.eval, "data.eval")
         except DataError as exc:
             raise rows.origins["data.eval"].explain(exc, "data.eval") from exc
+        task.check_eval_rows(rows.eval, recipe.eval, machine=False)  # codegen's tests: the recipe's opt-in
         unreported = pair_metrics_problems(recipe, rows.eval)
         if unreported:
             raise recipe_problems_error(source, unreported)

@@ -591,10 +591,16 @@ class SessionData:
 
 
 def open_data(
-    resolved: Resolved, *, splits: tuple[str, ...] = ("train", "eval"), adapter_dir: Path | None = None
+    resolved: Resolved,
+    *,
+    splits: tuple[str, ...] = ("train", "eval"),
+    adapter_dir: Path | None = None,
+    machine: bool = True,
 ) -> SessionData:
     """Load the tokenizer, read and tokenise the requested splits (or reuse them from the feature cache).
-    No weights load."""
+    No weights load. What scoring the eval rows needs is checked first (`Task.check_eval_rows`: codegen's opt-ins
+    to run their tests); `machine` False where nothing is scored here (`finetune data`, `export --verify`): the
+    recipe's side alone, as `validate` checks it, not this machine's (an environment variable, a sandbox)."""
     recipe, task, family, path = resolved.recipe, resolved.task, resolved.family, resolved.model_path
     tokenizer = load_tokenizer(
         path,
@@ -616,7 +622,7 @@ def open_data(
             if problems:
                 raise RecipeError("; ".join(problems))
         if "eval" in splits:  # on the evaluated rows, also when they come from the cache
-            task.check_eval_rows(built.features["eval"].rows, recipe.eval)
+            task.check_eval_rows(built.features["eval"].rows, recipe.eval, machine)
     else:
         built.state = dict(adapter_state) if adapter_state is not None else {}
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.

@@ -533,7 +533,7 @@ def report_data(resolved: Resolved, tokens: Path | None = None) -> dict:
     # A hybrid knowledge base's open sparse weight, from its one owner (a feature-cache hit reads no rows to
     # choose it from, and must still print and key on the same weight as a run).
     resolved = dataclasses.replace(resolved, recipe=settle_retrieval(resolved.recipe))
-    data = open_data(resolved)
+    data = open_data(resolved, machine=False)  # a report: no eval row is scored
     if tokens is not None:
         recipe, task = resolved.recipe, resolved.task
         required, optional = task.fields(recipe)

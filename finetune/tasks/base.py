@@ -233,8 +233,9 @@ class Task:
         its thresholds): {name: JSON document}, saved as adapter/<name>.json and read back into the task state."""
         return {}
 
-    def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
-        """Called before any model loads, so a run is refused before it trains rather than after."""
+    def check_eval_rows(self, rows: Dataset, settings: EvalSection, machine: bool = True) -> None:
+        """Called before any model loads, so a run is refused before it trains rather than after. `machine` False
+        (`validate`): what the recipe says, not what this machine allows (an environment variable, a sandbox)."""
 
     def check_scorable(self, rows: Dataset, split: str) -> None:
         """A DataError (`SPLIT: row N: ...`, placed at its line by the caller) for an eval row the task's metrics

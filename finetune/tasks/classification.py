@@ -367,7 +367,7 @@ class ClassificationTask(Task):
                         "predictions is single-label or multi-label throughout"
                     )
 
-    def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
+    def check_eval_rows(self, rows: Dataset, settings: EvalSection, machine: bool = True) -> None:
         """Multi-label eval rows none of which carries a label: F1 is 0/0 there, reported 0 as scikit-learn does,
         so a model right on every row scores F1 0 (and fails an F1 gate): said before anything trains."""
         if "label" not in rows.column_names:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,8 @@ def check_scorable(rows: Dataset, split: str) -> None:
     columns = set(rows.column_names)
     if not {"test", "entry_point"} & columns:
         return  # no problem has tests: exact match on the completions (a required reference where it is missing)
+    fields = [f for f in ("task_id", *PROBLEM_FIELDS) if f in columns]
+    problem_keys(rows.select_columns(fields).to_list(), lambda index: f"{split}: row {index + 1}")
     empty = [None] * len(rows)
     tests = rows["test"][:] if "test" in columns else empty
     points = rows["entry_point"][:] if "entry_point" in columns else empty
@@ -176,6 +178,32 @@ def check_scorable(rows: Dataset, split: str) -> None:
                 f"{split}: row {number}: no test to run (test and entry_point) and no completion to compare: the "
                 "problem could not be scored; give it its test, or leave it out"
             )
+
+
+def problem_keys(rows: Sequence[Mapping[str, Any]], place: Callable[[int], str]) -> list[str]:
+    """Each row's problem, which pass@k pools a problem's samples by: its task_id, else its prompt. Rows under one
+    key must be one problem (the same prompt, test and entry point): two problems sharing a task_id were scored as
+    two samples of one (pass@1 0.5 where two of three problems passed). `place(i)` names row i."""
+    keys: list[str] = []
+    first: dict[str, tuple[int, tuple]] = {}
+    for index, row in enumerate(rows):
+        named = row.get("task_id") is not None
+        key = str(row["task_id"]) if named else str(row.get("prompt"))
+        problem = tuple(row.get(field) for field in PROBLEM_FIELDS)
+        seen, held = first.setdefault(key, (index, problem))
+        if held != problem:
+            differ = ", ".join(f for f, a, b in zip(PROBLEM_FIELDS, held, problem) if a != b)
+            owner = f"task_id {key!r}" if named else "the same prompt"
+            raise DataError(
+                f"{place(index)}: {owner} names another problem at {place(seen)} (their {differ} differ); pass@k "
+                "pools the samples of one problem: give each problem its own task_id"
+            )
+        keys.append(key)
+    return keys
+
+
+# What makes a problem: two rows that differ in one of these are two problems.
+PROBLEM_FIELDS = ("prompt", "test", "entry_point")
 
 
 class CodegenTask(GenerationTask):
@@ -237,9 +265,13 @@ class CodegenTask(GenerationTask):
     def check_scorable(self, rows: Dataset, split: str) -> None:
         check_scorable(rows, split)
 
-    def check_eval_rows(self, rows: Dataset, settings: EvalSection) -> None:
-        if {"test", "entry_point"} <= set(rows.column_names):
+    def check_eval_rows(self, rows: Dataset, settings: EvalSection, machine: bool = True) -> None:
+        if not {"test", "entry_point"} <= set(rows.column_names):
+            return
+        if machine:
             _allow_execution(settings)
+        else:
+            sandbox.require_opt_in(settings.execute_code, environment=False)
 
     def check_prediction_rows(self, rows: list[dict], source: str) -> None:
         _accept_human_eval_samples(rows)
@@ -299,13 +331,14 @@ class CodegenTask(GenerationTask):
     def _pass_at_k(self, rows: list[dict], settings: EvalSection | None, details: dict) -> dict[str, float]:
         """Run every sample (marking each row with `passed` and `result`) and estimate pass@k per problem."""
         settings = _allow_execution(settings)
+        keys = problem_keys(rows, lambda index: f"prediction row {index + 1}")  # before any code runs
         limits = sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
         outcomes = sandbox.run_programs([program_of(r) for r in rows], settings.sandbox, limits)
         problems: dict[str, list[bool]] = {}
-        for row, outcome in zip(rows, outcomes):
+        for row, outcome, key in zip(rows, outcomes, keys):
             row["passed"] = outcome.passed
             row["result"] = outcome.status if outcome.passed else f"{outcome.status}: {outcome.detail}"
-            problems.setdefault(str(row.get("task_id", row["prompt"])), []).append(outcome.passed)
+            problems.setdefault(key, []).append(outcome.passed)
         totals = np.array([len(v) for v in problems.values()])
         correct = np.array([sum(v) for v in problems.values()])
         asked = settings.pass_k or [k for k in DEFAULT_K if k <= totals.min()]

@@ -217,20 +217,23 @@ class GenerationTask(Task):
             features.report.notes.extend(self.unreachable_rewards(features.rows, recipe))
             return features
         prompts = checked_texts(rows[self.prompt_field][:], split, self.prompt_field, turns_read=True)
-        has_answers = labeled and self.answer_field in rows.column_names
-        if split == "data.train" and not has_answers:
-            raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
-        answers = None
-        if has_answers:
-            answers = [
-                self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)
-            ]
+        answers = self.answers_of(rows, split, labeled)
         encoded = encode(prompts, answers, tokenizer, family, recipe, split)
         rows = rows.select(encoded.keep) if len(encoded.keep) < len(prompts) else rows
         dataset = (
             encoded.features if encoded.features is not None else Dataset.from_dict({"input_ids": encoded.prompt_ids})
         )
         return Features(dataset, rows, encoded.report, prompts=encoded.prompt_ids)
+
+    def answers_of(self, rows: Dataset, split: str, labeled: bool = True) -> list[str] | None:
+        """Text rows' reference answers as supervised training reads them (None: unlabelled, or an eval file
+        without them): each one text, and every training row has one (`validate` asks this too)."""
+        has_answers = labeled and self.answer_field in rows.column_names
+        if split == "data.train" and not has_answers:
+            raise DataError(f"{split}: training needs the {self.answer_field!r} field (the text to learn)")
+        if not has_answers:
+            return None
+        return [self.completion_text(a) for a in checked_texts(rows[self.answer_field][:], split, self.answer_field)]
 
     def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> PadCollator:
         return PadCollator(tokenizer)

@@ -118,13 +118,16 @@ class Outcome:
         return name if name.isidentifier() else "crashed"
 
 
-def require_opt_in(execute_code: bool, what: str = "codegen: scoring runs generated code") -> None:
+def require_opt_in(
+    execute_code: bool, what: str = "codegen: scoring runs generated code", environment: bool = True
+) -> None:
     """Generated code (or a user's reward function: `what` runs) runs only when the recipe (or flag) and the
-    environment both say so."""
+    environment both say so. `environment` False: the recipe's own opt-in alone (`validate`: the variable belongs
+    to the machine that runs the recipe)."""
     missing = []
     if not execute_code:
         missing.append("eval.execute_code: true (or --allow-code-execution)")
-    if os.environ.get(OPT_IN_ENV) != "1":
+    if environment and os.environ.get(OPT_IN_ENV) != "1":
         missing.append(f"the environment variable {OPT_IN_ENV}=1")
     if missing:
         raise RecipeError(f"{what}, which needs two opt-ins; missing: " + " and ".join(missing))

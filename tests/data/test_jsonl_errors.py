@@ -59,3 +59,16 @@ def test_a_byte_order_mark_is_read_past_by_every_jsonl_reader(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
     assert read_jsonl(path) == [{"text": "a"}, {"text": "b"}]
     assert parse_jsonl(['\ufeff{"text": "a"}\n'], "stdin") == [{"text": "a"}]
+
+
+def test_text_after_a_json_list_is_named_where_it_starts(tmp_path):
+    """A .json list followed by anything (a stray bracket, a second list) was read as JSON Lines, and its first
+    line refused as "must be a JSON object, got list"."""
+    from finetune.data.tables import _read_json
+
+    path = tmp_path / "rows.json"
+    path.write_text('[{"text": "a", "label": "x"},\n {"text": "b", "label": "y"}]\n]garbage\n')
+    with pytest.raises(DataError, match=r"rows.json:3: text after the end of the JSON document"):
+        _read_json(path)
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')  # JSON Lines named .json
+    assert _read_json(path) is None

@@ -249,3 +249,16 @@ def test_validate_refuses_a_first_stage_that_is_not_there(reference, words, tiny
     recipe["output"]["dir"] = str(tmp_path / "out")
     ok = runner.invoke(app, ["validate", str(write_recipe(recipe, "ok.yaml"))])
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_training_answer_no_passage_holds_is_refused_by_validate_as_by_run(tiny_models, tmp_path, write_recipe):
+    passages, rows, kb = kb_passages(tmp_path)
+    rows[2]["answer"] = "never written anywhere"
+    retrieval = {"method": "dense", "top_k": 3, "model": str(tiny_models["bert"]), "train": False}
+    path = write_recipe(kb_qa_recipe(tiny_models, tmp_path, rows, kb, retrieval))
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
+        refused = runner.invoke(app, command, env={"COLUMNS": "400"})
+        assert refused.exit_code == 3, refused.output
+        assert "train.jsonl:3: the answer 'never written anywhere' is in no passage of the knowledge base" in (
+            " ".join(refused.output.split())
+        ), refused.output

@@ -357,3 +357,68 @@ def test_whether_prompts_are_chat_is_decided_once_from_the_template_or_the_conve
     assert task.answer_stops(defaults, data, talk) == list(task.chat_stops)
     templated = data.model_copy(update={"chat_template": True})
     assert task.answer_stops(defaults, templated, plain) == list(task.chat_stops)
+
+
+def test_two_problems_under_one_task_id_are_refused_not_pooled(tmp_path, opted_in):
+    """Two problems sharing a task_id were scored as two samples of one problem (pass@1 0.5 where two of three
+    problems passed, or a pass@2 from one sample each): refused before any code runs, in re-scoring and in a
+    recipe's eval rows alike."""
+    from finetune.errors import DataError
+    from finetune.tasks.codegen import problem_keys
+
+    rows = [dict(row, prediction=f"    return x + {i}\n") for i, row in enumerate(TOY_EVAL)]
+    assert problem_keys(rows, str) == ["toy/0", "toy/1", "toy/2"]
+    rows[1]["task_id"] = "toy/0"
+    with pytest.raises(
+        DataError, match=r"1: task_id 'toy/0' names another problem at 0 \(their prompt, test, entry_point"
+    ):
+        problem_keys(rows, str)
+    path = write_jsonl(tmp_path / "preds.jsonl", rows)
+    rescored = runner.invoke(
+        app, ["eval", "--predictions", str(path), "--task", "codegen", "--allow-code-execution", *_sandbox_flags()]
+    )
+    assert rescored.exit_code == 3 and "task_id 'toy/0' names another problem" in rescored.output, rescored.output
+    # The samples of one problem (the same prompt, test and entry point) pool as before.
+    same = [rows[0], dict(rows[0], prediction=BROKEN)]
+    assert problem_keys(same, str) == ["toy/0", "toy/0"]
+
+
+def test_validate_refuses_the_eval_and_training_rows_run_refuses(tiny_models, tmp_path, write_recipe, monkeypatch):
+    """validate = run on codegen: eval rows with tests need the recipe's opt-in (the environment variable is the
+    machine's: a note); two problems under one task_id; a training row without its completion. `finetune data`
+    runs no code: it asks for the recipe's opt-in as validate does, not the machine's."""
+    monkeypatch.delenv(OPT_IN_ENV, raising=False)
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", TOY_TRAIN),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL),
+    }
+    recipe = generation_recipe("codegen", tiny_models["gpt2"], data, tmp_path / "run")
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"], ["data", str(path)]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "eval.execute_code: true" in refused.output, (command, refused.output)
+    recipe["eval"] = {**recipe["eval"], "execute_code": True, "sandbox": "strict" if bubblewrap() else "basic"}
+    path = write_recipe(recipe)
+    checked = runner.invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 0 and f"run needs {OPT_IN_ENV}=1" in checked.output, checked.output
+    report = runner.invoke(app, ["data", str(path), "--output", str(tmp_path / "report.json")])
+    assert report.exit_code == 0, report.output
+    shared = [dict(row) for row in TOY_EVAL]
+    shared[2]["task_id"] = "toy/1"
+    recipe["data"]["eval"] = str(write_jsonl(tmp_path / "shared.jsonl", shared))
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
+        refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
+        assert refused.exit_code == 3 and "shared.jsonl:3: task_id 'toy/1' names another problem" in refused.output, (
+            refused.output
+        )
+    unfinished = [dict(row) for row in TOY_TRAIN]
+    del unfinished[2]["completion"]
+    recipe["data"]["eval"] = str(data["eval"])
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "unfinished.jsonl", unfinished))
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
+        refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
+        assert refused.exit_code == 3 and "unfinished.jsonl:3: field 'completion' must be text" in refused.output, (
+            refused.output
+        )
