@@ -13,6 +13,7 @@ the logits, by a forward hook on the model (the training loop only reads `model(
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +113,7 @@ class ClassificationTask(Task):
             seen = [label for labels in label_sets for label in labels]
         else:
             seen = _checked_labels(values, "data.train", single_only=recipe.data.multi_label is False)
+            _refuse_lists_as_text(seen)
         if recipe.data.labels is not None:
             labels = list(recipe.data.labels)
             known = {label_key(x) for x in labels}
@@ -572,6 +574,23 @@ def _balance_note(state: Mapping[str, Any]) -> str:
             if ratio
             else ""
         )
+    )
+
+
+def _refuse_lists_as_text(labels: list) -> None:
+    """Training labels that are every one a JSON list written as text (a CSV's cells hold text: `["a", "b"]`) were
+    read as single-label class names, and the first eval row holding a real list was refused as if it were wrong."""
+    texts = [label for label in labels if isinstance(label, str)]
+    if not texts or len(texts) < len(labels) or not all(t.strip().startswith("[") for t in texts):
+        return
+    try:
+        if not all(isinstance(json.loads(t), list) for t in texts):
+            return
+    except ValueError:
+        return
+    raise DataError(
+        f"data.train: every label is a JSON list written as text (row 1: {texts[0]!r}): a CSV cell holds text; give "
+        "several labels per text with data.label_separator (e.g. billing|refund) or as lists in a JSON Lines file"
     )
 
 

@@ -464,3 +464,23 @@ def test_a_gate_on_a_metric_eval_metrics_leaves_out_is_refused_before_anything_r
     unavailable = ClassificationTask().unavailable_metrics(recipe, asked=["eval_loss", "accuracy"])
     assert {"macro_f1", "weighted_f1", "eval_loss"} <= set(unavailable) and "accuracy" not in unavailable
     assert "eval.metrics (accuracy) leaves it out" in unavailable["macro_f1"]
+
+
+def test_labels_written_as_json_lists_in_a_csv_are_named_as_such(tiny_models, tmp_path, write_recipe):
+    """A CSV's cells hold text: `["billing", "refund"]` was read as one class name, and the first eval row with a
+    real list was refused as if it were the wrong one."""
+    from helpers import invoke
+
+    rows = [{"text": f"ticket {i}", "labels": '["billing", "refund"]' if i % 2 else '["login"]'} for i in range(12)]
+    train = tmp_path / "train.csv"
+    train.write_text(
+        "text,labels\n" + "".join(f'{r["text"]},"{r["labels"].replace(chr(34), chr(34) * 2)}"\n' for r in rows)
+    )
+    recipe = {
+        "task": "classification",
+        "model": {"name_or_path": str(tiny_models["bert"])},
+        "data": {"train": str(train), "eval_split": 0.25, "columns": {"label": "labels"}, "max_length": 32},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    refused = invoke("validate", write_recipe(recipe))
+    assert refused.exit_code == 3 and "every label is a JSON list written as text" in refused.output, refused.output
