@@ -45,7 +45,7 @@ from finetune.flows.session import (
 from finetune.outputs import card, plots, rundir
 from finetune.outputs.adapter import read_adapter_meta
 from finetune.outputs.lock import RunLock
-from finetune.outputs.manifest import START_ADAPTER, read_manifest
+from finetune.outputs.manifest import RESUME_IDENTITY, START_ADAPTER, read_manifest
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import EvalSection, Recipe, WatermarkSection
 from finetune.tasks import Task, get_task
@@ -379,6 +379,13 @@ def _changed_since(run: RunDir, recipe: Recipe) -> list[str]:
             f"the starting adapter {start} (model.adapter: this run's reference policy) is not the one the "
             f"run trained from (weights sha256 {started[:12]} then, {(now or 'none')[:12]} now): the metrics against "
             "the reference (preference_accuracy, reward_margin) are computed against it as it is now"
+        )
+    base = recipe.model.name_or_path
+    trained_on = (manifest.get(RESUME_IDENTITY) or {}).get(f"{rundir.MODEL_FILES}{base}")
+    if trained_on is not None and (now := rundir.base_model_hash(base)) != trained_on:
+        changed.append(
+            f"the base model {base} is not the one the run trained on (files sha256 {str(trained_on)[:12]} then, "
+            f"{(now or 'none')[:12]} now): this evaluation loads the run's adapter onto it as it is now"
         )
     return changed + [
         f"the {what[key]} {name} is not the one the run read (sha256 {str(recorded[name])[:12]} then, "

@@ -330,7 +330,7 @@ def _run(
             # What a resume must match: `--resume auto` of the finished run compares a recipe with it where no
             # checkpoint is left (train.keep_checkpoints, or checkpoints/ removed to save space). Kept in the run's
             # manifest, not the adapter that is handed to other tools.
-            {"family": session.family.name, **started_from, RESUME_IDENTITY: identity},
+            {"family": session.family.name, **started_from, provenance.RESUME_IDENTITY: identity},
         )
         files.write_json(run_dir.manifest, manifest)
         files.write_jsonl(run_dir.predictions, rows)
@@ -453,10 +453,6 @@ def _finished(run_dir: RunDir, resolved: Resolved, processes: int, force: bool, 
     return {**document, "gates": evaluate_gates(gates, metrics, bounds)}
 
 
-# The key of a finished run's manifest.json under which it records what a resume must match.
-RESUME_IDENTITY = "resume_identity"
-
-
 def _check_finished_identity(run_dir: RunDir, recipe: Recipe, processes: int, force: bool) -> None:
     """A finished run's last checkpoint against `recipe`, as any resume checks it (a change refused, named); where
     none is left, the identity its manifest recorded (a run finished before it did, without checkpoints, is taken at
@@ -469,7 +465,7 @@ def _check_finished_identity(run_dir: RunDir, recipe: Recipe, processes: int, fo
 
 
 def _recorded_identity(run_dir: RunDir) -> dict | None:
-    saved = (provenance.read_manifest(run_dir.manifest) or {}).get(RESUME_IDENTITY)
+    saved = (provenance.read_manifest(run_dir.manifest) or {}).get(provenance.RESUME_IDENTITY)
     return saved if isinstance(saved, dict) else None
 
 

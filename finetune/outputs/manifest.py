@@ -57,6 +57,8 @@ def _hardware(accelerator: Accelerator | None) -> dict[str, Any]:
 # manifest.json's record of the adapter a run started from (model.adapter -> its weights' sha256), which
 # `finetune eval` compares: a preference run's reference policy is that adapter, loaded again by path.
 START_ADAPTER = "model_adapter"
+# The key under which a finished run records what a resume must match (outputs/rundir.resume_identity).
+RESUME_IDENTITY = "resume_identity"
 
 
 def read_manifest(path: Path) -> dict | None:

@@ -591,6 +591,18 @@ def _folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def base_model_hash(reference: str) -> str | None:
+    """A local base model's files as one sha256 (a checkpoint folder, or a single GGUF file); None for a hub id or an
+    installed package's model. Replaced under the same path (a merged checkpoint rewritten with `merge --overwrite`,
+    say), it is not the model a run's checkpoints and adapter were trained on."""
+    if reference.startswith("pkg:"):
+        return None
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return _folder_hash(path)
+    return files.sha256_file(path) if path.is_file() else None
+
+
 def resume_identity(recipe: Recipe, world_size: int) -> dict:
     """What must not change between a checkpoint and the run resuming from it, for the result to be exact.
 
@@ -628,6 +640,9 @@ def resume_identity(recipe: Recipe, world_size: int) -> dict:
         identity["recipe eval.watermark (learned)"] = settings
     training_files = data_file_hashes(recipe.data, ("train", "knowledge_base"))
     identity.update({f"{DATA_FILE}{name}": digest for name, digest in training_files.items()})
+    base = recipe.model.name_or_path
+    if (digest := base_model_hash(base)) is not None:  # the weights every step trained on, under their path
+        identity[f"{MODEL_FILES}{base}"] = digest
     first_stage = recipe.data.retrieval.model
     if first_stage is not None and Path(first_stage).expanduser().is_dir():
         # A reranker's candidates and a knowledge-base reader's contexts come from it: replaced under the same path

@@ -342,3 +342,24 @@ def test_preflight_names_an_unwritable_output_and_a_full_disk(
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     result = invoke("run", write_recipe(classification_recipe(tiny_models["bert"], topic_data, tmp_path / "run")))
     assert result.exit_code == 2 and "1 MiB free; a run starts only with 64 MiB" in " ".join(result.output.split())
+
+
+def test_a_base_model_replaced_under_its_path_is_named_by_resume_and_eval(
+    tiny_models, topic_data, write_recipe, tmp_path
+):
+    """A local base model rewritten in place (a merged checkpoint replaced with `merge --overwrite`) is not the model
+    a run's checkpoints and adapter were trained on: a resume refuses it, naming it, and eval says so."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["bert"], base)
+    out = tmp_path / "run"
+    recipe = write_recipe(classification_recipe(base, topic_data, out, epochs=1))
+    assert invoke("run", recipe).exit_code == 0
+    again = invoke("run", recipe, "--resume", "auto")
+    assert again.exit_code == 0 and "nothing to resume" in again.output, again.output
+    (base / "config.json").write_text((base / "config.json").read_text().replace("{", '{"replaced": true,', 1))
+    refused = invoke("run", recipe, "--resume", "auto")
+    assert refused.exit_code == 2 and f"model files {base}" in " ".join(refused.output.split()), refused.output
+    evaluated = invoke("eval", out, "--output", tmp_path / "ev")
+    assert evaluated.exit_code == 0 and f"the base model {base} is not the one the run trained on" in (
+        " ".join(evaluated.output.split())
+    ), evaluated.output
