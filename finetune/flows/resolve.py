@@ -80,6 +80,7 @@ from finetune.models.references import (
 )
 from finetune.outputs import rundir
 from finetune.outputs.adapter import WEIGHTS_FILE
+from finetune.outputs.lock import RunLock
 from finetune.outputs.manifest import read_manifest
 from finetune.outputs.rundir import ADAPTER_META, RunDir
 from finetune.recipe.gates import Gate, parse_gate
@@ -1896,9 +1897,13 @@ def _watermark_key_override(run: RunDir) -> list[str]:
 def resolve_run(
     run_path: str | Path, overrides: list[str] | None = None, splits: tuple[str, ...] = ()
 ) -> tuple[Resolved, RunDir]:
-    """A finished run directory (its recipe.yaml and adapter/), resolved for a command that reads `splits`."""
+    """A finished run directory (its recipe.yaml and adapter/), resolved for a command that reads `splits`
+    (predict, merge, export, the watermark's detector). A run another process holds (training it, resuming it,
+    evaluating into it) is refused, that process named: its adapter and card may be replaced under the reader."""
     path = Path(run_path).expanduser()
     run = RunDir(path)
+    if path.is_dir():
+        RunLock(path, label=str(run_path)).refuse_if_held()
     if not path.is_dir() or not run.is_run():
         aside = path / "adapter.old"  # files.replace_directory's: a kill came between its two renames
         hint = (

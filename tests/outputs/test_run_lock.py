@@ -189,3 +189,18 @@ lock.release()
         errors = [racer.communicate(timeout=120)[1][-1000:] for racer in racers]
     codes = sorted(r.returncode for r in racers)
     assert codes == [0] + [2] * (len(racers) - 1), errors
+
+
+@pytest.mark.unit
+def test_commands_reading_a_run_refuse_one_another_process_holds(tmp_path):
+    """predict, merge, export and the watermark's detector read a run through resolve_run: while another process
+    trains, resumes or evaluates into it (its adapter and card may be replaced under them), they are refused
+    naming it, before they read anything."""
+    from finetune.flows.resolve import resolve_run
+
+    run = tmp_path / "runs" / "x"
+    busy = r"is in use by another finetune process .*finetune run r.yaml --resume"
+    with RunLock(run, command="finetune run r.yaml --resume auto"), pytest.raises(RecipeError, match=busy):
+        resolve_run(run)
+    with pytest.raises(RecipeError, match="not a finished run directory"):  # free: read as it is
+        resolve_run(run)
