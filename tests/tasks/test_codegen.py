@@ -406,19 +406,17 @@ def test_validate_refuses_the_eval_and_training_rows_run_refuses(tiny_models, tm
     shared = [dict(row) for row in TOY_EVAL]
     shared[2]["task_id"] = "toy/1"
     recipe["data"]["eval"] = str(write_jsonl(tmp_path / "shared.jsonl", shared))
-    path = write_recipe(recipe)
-    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
-        refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
-        assert refused.exit_code == 3 and "shared.jsonl:3: task_id 'toy/1' names another problem" in refused.output, (
-            refused.output
-        )
+
+    def refused_alike(words: str) -> None:
+        """validate and run (its plan) refuse the recipe's rows alike, exit 3, in `words`."""
+        path = write_recipe(recipe)
+        for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
+            refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
+            assert refused.exit_code == 3 and words in refused.output, (command, refused.output)
+
+    refused_alike("shared.jsonl:3: task_id 'toy/1' names another problem")
     unfinished = [dict(row) for row in TOY_TRAIN]
     del unfinished[2]["completion"]
     recipe["data"]["eval"] = str(data["eval"])
     recipe["data"]["train"] = str(write_jsonl(tmp_path / "unfinished.jsonl", unfinished))
-    path = write_recipe(recipe)
-    for command in (["validate", str(path)], ["run", str(path), "--dry-run", "--no-estimate"]):
-        refused = runner.invoke(app, command, env={OPT_IN_ENV: "1"})
-        assert refused.exit_code == 3 and "unfinished.jsonl:3: field 'completion' must be text" in refused.output, (
-            refused.output
-        )
+    refused_alike("unfinished.jsonl:3: field 'completion' must be text")
