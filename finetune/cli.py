@@ -316,9 +316,16 @@ def _handled(command):
                 if exc.errno == errno.EROFS
                 else "free space (a smaller file for a file-size limit) and run again"
             )
+            # Without a file named, the write may have been to standard output, which a shell redirect may have sent
+            # to a file of its own: finetune cannot take back what reached it.
+            left = (
+                "Nothing half-written was left"
+                if exc.filename
+                else "None of finetune's own files was left half-written (what went to standard output may be cut short)"
+            )
             err_console.print(
-                f"[red]error:[/] cannot write{escape(where)}: {escape(exc.strerror or str(exc))}. Nothing half-written "
-                f"was left; {remedy}{resumable}",
+                f"[red]error:[/] cannot write{escape(where)}: {escape(exc.strerror or str(exc))}. {left}; "
+                f"{remedy}{resumable}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -83,6 +83,22 @@ def test_an_error_raised_while_a_library_handled_a_full_disk_is_exit_2(monkeypat
 
 
 @pytest.mark.unit
+def test_a_full_disk_with_no_file_named_claims_nothing_of_standard_output(monkeypatch, tmp_path):
+    """A write with no file named may have gone to standard output (`predict > file` on a full disk): the file the
+    shell made holds what reached it, so "nothing half-written was left" was untrue there."""
+    import finetune.flows.resolve as resolve
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resolve, "resolve", full)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")], env={"COLUMNS": "400"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Nothing half-written was left" not in said, said
+    assert "what went to standard output may be cut short" in said
+
+
+@pytest.mark.unit
 def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
     import finetune.flows.resolve as resolve
 
