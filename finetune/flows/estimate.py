@@ -49,7 +49,7 @@ from finetune.evaluation.scoring import metrics_document
 from finetune.flows.evaluate import evaluate_features
 from finetune.flows.session import Session, changes_base_weights, during_rows, training_collator
 from finetune.outputs import card
-from finetune.outputs.rundir import RunDir, resume_identity
+from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import TrainSection
 from finetune.training.loop import Checkpointing, LengthGroupedBatches, TrainPlan, make_accelerator, train
 from finetune.training.objectives import reference_logps, with_columns
@@ -274,8 +274,9 @@ def _one_step(
     return result.seconds
 
 
-def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
-    """Run a few training steps and evaluation batches of `session`'s run here, and extrapolate to the run."""
+def measure(session: Session, identity: dict, world_size: int = 1, rank: int = 0) -> Estimate:
+    """Run a few training steps and evaluation batches of `session`'s run here, and extrapolate to the run.
+    `identity`: the run's resume identity, written into the measured checkpoint as the run writes it."""
     started = time.perf_counter()
     startup = process_seconds()
     recipe, t = session.recipe, session.recipe.train
@@ -358,7 +359,6 @@ def measure(session: Session, world_size: int = 1, rank: int = 0) -> Estimate:
         # (to a scratch directory); the difference is the checkpoint's cost.
         same = _one_step(session, rows_of(first_epoch[short]), settings, accelerator, scratch_run.train_log)
         saver = None if changes_base_weights(recipe) else session.adapter_saver()
-        identity = resume_identity(recipe, world_size)
         with_checkpoint = _one_step(
             session,
             rows_of(first_epoch[short]),

@@ -191,7 +191,7 @@ def _run(
         # checkpoint holds the trained values, never a second set of adapters.
         session = open_session(resolved)
         report = session_report(recipe, session)
-        measured = None
+        measured, identity = None, None
         if estimate and accelerator.num_processes > 1:
             estimate = False  # each process would measure beside the others: the figures would not be this run's
             if accelerator.is_main_process:
@@ -209,7 +209,9 @@ def _run(
                     highlight=False,
                     soft_wrap=True,
                 )
-            measured = measure(session, accelerator.num_processes, accelerator.process_index)
+            # Computed once, for the estimate's checkpoint and the run's: it hashes the data files and a local base.
+            identity = rundir.resume_identity(recipe, accelerator.num_processes)
+            measured = measure(session, identity, accelerator.num_processes, accelerator.process_index)
             # The measurement made its own accelerator (accelerate's state is one per process): this run's again.
             accelerator = make_accelerator(
                 recipe.train, resolved.precision, trackers_dir=None if dry_run else run_dir.trackers
@@ -237,7 +239,8 @@ def _run(
             "the checkpoints it keeps (train.keep_checkpoints) and the one being written need about"
             + (" (beyond those it holds)" if held else ""),
         )
-        identity = rundir.resume_identity(recipe, accelerator.num_processes)
+        if identity is None:
+            identity = rundir.resume_identity(recipe, accelerator.num_processes)
         resume_from = checkpoint.resolve(resume, run_dir.checkpoints) if resume else None
         if resume_from is not None:
             checkpoint.check_identity(checkpoint.read_progress(resume_from).identity, identity, force_resume)
