@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from finetune import __version__
+from finetune import __version__, files
 from finetune.errors import DataError, FinetuneError, GateFailed, Interrupted, PeerLost, RecipeError
 from finetune.files import json_text
 from finetune.secrets import RedactingFilter, redact
@@ -39,13 +39,14 @@ PIPE_CLOSED = 141
 
 
 class _Console(Console):
-    """rich's Console, but a closed output pipe ends the command with PIPE_CLOSED, as everywhere else here (rich's own
-    handler exits 1, the code of a bug)."""
+    """rich's Console, but a closed output pipe is a BrokenPipeError, as a plain write's is: the command then exits
+    PIPE_CLOSED (rich's own handler exits 1, the code of a bug), and training, which catches it around its progress
+    lines, stops at its next step with a checkpoint instead of losing the steps since the last one."""
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        _quiet_stdout()
-        raise SystemExit(PIPE_CLOSED)
+        files.quiet_stdout()
+        raise BrokenPipeError(errno.EPIPE, "the reader of standard output closed it")
 
 
 def _open_closed_streams() -> None:
@@ -192,14 +193,6 @@ def _offline_unless_hub(*sources: str | Path | None, overrides: list[str] | None
             setattr(sys.modules[module], "HF_HUB_OFFLINE", True)  # noqa: B010 (the module is known only by name)
 
 
-def _quiet_stdout() -> None:
-    """After the reader closed our output pipe: stdout goes nowhere, so flushing at exit does not raise again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is no file (a test runner's buffer)
-        pass
-
-
 # Stopped by SIGTERM outside training (a preempted job, `timeout`): 128 + SIGTERM, as a shell reports a killed command.
 TERMINATED = 143
 
@@ -298,7 +291,7 @@ def _handled(command):
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of ours, nothing to show
-            _quiet_stdout()
+            files.quiet_stdout()
             raise typer.Exit(PIPE_CLOSED) from None
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:  # a path the user gave
@@ -1171,7 +1164,7 @@ def main() -> None:
         try:  # what is still buffered is written here, where a closed pipe can be told from a bug
             sys.stdout.flush()
         except BrokenPipeError:
-            _quiet_stdout()
+            files.quiet_stdout()
             code = PIPE_CLOSED
         # Typer's help and click point stdout at /dev/null and exit 1 when the reader closed the pipe
         # (`finetune --help | head -1`): that exit is the closed pipe's, not a bug's.

@@ -7,10 +7,20 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+
+def quiet_stdout() -> None:
+    """After the reader closed our output pipe (`| head`): standard output goes to /dev/null from here on, so later
+    writes and the flush at exit do not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (a test runner's buffer)
+        pass
 
 
 def sha256_file(path: Path) -> str:

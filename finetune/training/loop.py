@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finetune.data.tables import shared_positives, token_lengths
 from finetune.errors import Interrupted, RecipeError, TrainingDiverged
-from finetune.files import json_text, write_text_atomic
+from finetune.files import json_text, quiet_stdout, write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training import checkpoint
@@ -513,6 +513,8 @@ def train(
                 if entry:
                     progress.last_loss = entry["loss"]
                 bar.update(progress.step, entry, scheduler.get_last_lr()[0])
+                if bar.closed:
+                    stop.ask("the closed standard output (its reader stopped reading)")
                 epoch_end = progress.batches_in_epoch == 0
                 evaluated = monitor is not None and monitor.due(progress.step, epoch_end, done)
                 whole = None  # fsdp on CPU: the weights gathered for this step's evaluation and checkpoint
@@ -652,7 +654,7 @@ class NonFiniteGuard:
             [
                 self.bad_loss,
                 torch.tensor(bad_grad, device=self.bad_loss.device),
-                torch.tensor(float(stop.received is not None), device=self.bad_loss.device),
+                torch.tensor(float(stop.asked), device=self.bad_loss.device),
             ]
         )
         if self.accelerator.num_processes > 1:
@@ -684,6 +686,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
+        self.reason: str | None = None  # a stop asked from inside the process (the output pipe closed)
         self.previous = {}
 
     def __enter__(self):
@@ -699,8 +702,18 @@ class StopSignals:
     def _note(self, signum, frame):
         self.received = self.received or signum
 
+    def ask(self, reason: str) -> None:
+        """Stop as on a signal, at the next step with a checkpoint, for a reason of this process's own."""
+        self.reason = self.reason or reason
+
+    @property
+    def asked(self) -> bool:
+        return self.received is not None or self.reason is not None
+
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "a signal on another rank"
+        if self.received:
+            return signal.Signals(self.received).name
+        return self.reason or "a signal on another rank"
 
     def __exit__(self, exc_type, *exc):
         for sig, handler in self.previous.items():
@@ -857,11 +870,14 @@ class progress_bar:
 
     On a terminal, a rich progress bar showing loss and tokens/s. Otherwise (stdout redirected to a file or a
     pipe, as in CI) plain lines, written and flushed as they happen, that a log shows while the run trains.
-    Only displays: nothing here feeds back into training.
+    Only displays: nothing here feeds back into training, except that a pipe whose reader stopped reading
+    (`finetune run R | head`) is `closed`, and the loop then stops at its next step with a checkpoint, as on
+    SIGTERM: the pipeline waits for the run, and the steps since the last checkpoint are not thrown away.
     """
 
     def __init__(self, console, plan: TrainPlan, enabled: bool, logger: StepLogger | None = None, clock=None):
         self.enabled = enabled and console is not None
+        self.closed = False
         self.console, self.total = console, plan.total_steps
         self.plain = None
         if self.enabled and not live_console(console):
@@ -887,28 +903,41 @@ class progress_bar:
     def update(self, step: int, entry: dict | None, lr: float | None = None) -> None:
         if not self.enabled:
             return
-        if self.plain is not None:
-            self.plain.update(step, entry, lr)
-        elif entry:
-            status = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s"
-            self.progress.update(self.task, completed=step, status=status)
-        else:
-            self.progress.update(self.task, completed=step)
+        with self._shown():
+            if self.plain is not None:
+                self.plain.update(step, entry, lr)
+            elif entry:
+                status = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s"
+                self.progress.update(self.task, completed=step, status=status)
+            else:
+                self.progress.update(self.task, completed=step)
 
     def note_eval(self, entry: dict, metric: str) -> None:
         """One line per evaluation during training, above the bar."""
         if self.enabled:
             value = entry["metrics"].get(metric)
             shown = "missing" if value is None else f"{value:.4f}"
-            self.console.print(
-                f"eval at step {entry['step']}: {metric} {shown} ({entry['seconds']:.1f} s)", highlight=False
-            )
+            with self._shown():
+                self.console.print(
+                    f"eval at step {entry['step']}: {metric} {shown} ({entry['seconds']:.1f} s)", highlight=False
+                )
+
+    @contextlib.contextmanager
+    def _shown(self):
+        try:
+            yield
+        except BrokenPipeError:
+            self.enabled, self.closed = False, True
+            self.console.quiet = True
+            quiet_stdout()
 
     def __exit__(self, *exc):
-        if self.enabled and self.plain is None:
-            self.progress.__exit__(*exc)
-        elif self.plain is not None and exc[0] is None:
-            self.plain.finish()
+        if self.enabled:
+            with self._shown():
+                if self.plain is None:
+                    self.progress.__exit__(*exc)
+                elif exc[0] is None:
+                    self.plain.finish()
         return False
 
 
