@@ -8,17 +8,12 @@ from collections.abc import Iterable
 
 
 class FinetuneError(Exception):
-    """A problem the user can fix; shown as one line, never as a traceback."""
+    """A problem the user can fix; shown as one line (with any problems found beside it listed under it), never as a
+    traceback."""
 
     exit_code = 1
 
-
-class RecipeError(FinetuneError):
-    """Usage or recipe problem (exit 2). May carry several problems at once."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, problems: list[str] | None = None):
+    def __init__(self, message: str = "", problems: list[str] | None = None):
         self.problems = problems or []
         super().__init__(message)
 
@@ -27,6 +22,12 @@ class RecipeError(FinetuneError):
         if not self.problems:
             return head
         return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class RecipeError(FinetuneError):
+    """Usage or recipe problem (exit 2). May carry several problems at once."""
+
+    exit_code = 2
 
 
 class DataError(FinetuneError):

@@ -1522,10 +1522,9 @@ def check_rows(recipe: Recipe, source: str = "recipe", family: FamilySpec | None
         raise RecipeError(f"{source}: {Exception.__str__(exc)}", exc.problems) from exc  # its problems listed once
     except DataError as exc:
         found = [str(exc), *_eval_file_problems(recipe, str(exc), required, optional, task)]
-        listed = "\n".join(f"  - {problem}" for problem in found)
-        raise DataError(
-            f"{source}: {found[0]}" if len(found) == 1 else f"{source}: {len(found)} problems\n{listed}"
-        ) from exc
+        if len(found) == 1:
+            raise DataError(f"{source}: {found[0]}") from exc
+        raise DataError(f"{source}: {len(found)} problems", found) from exc
     derived = retriever_recipe(recipe, Path("RUN"))
     if derived is not None:  # the retriever's own run reads these rows as task retrieval rows, with its own checks
         check_rows(derived, f"{source} (data.retrieval: the retriever's run)")
@@ -1670,10 +1669,9 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = (), recorded: bool 
     return recipe
 
 
-def _rules_without(raw: dict, problems: list[str], recorded: bool = False) -> list[str]:
-    """The rules' problems with the rest of a recipe the schema refused: its refused keys taken out (each then at its
-    default), so one wrong value does not hide the others' problems. None where the rest is no recipe either (a
-    required key refused)."""
+def _pruned(raw: dict, problems: list[str]) -> tuple[Recipe | None, list[str]]:
+    """A recipe the schema refused, with its refused keys taken out (each then at its default), and those keys; None
+    where the rest is no recipe either (a required key refused)."""
     pruned, removed = copy.deepcopy(raw), []
     for problem in problems:
         place = problem.split(":", 1)[0]
@@ -1685,8 +1683,34 @@ def _rules_without(raw: dict, problems: list[str], recorded: bool = False) -> li
             del node[last]
             removed.append(place)
     try:
-        recipe = parse_recipe(pruned, "recipe")
-        found = recipe_rules(recipe, recorded)
+        return parse_recipe(pruned, "recipe"), removed
+    except FinetuneError:
+        return None, removed
+
+
+def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str) -> RecipeError:
+    """validate's "every problem at once" across the recipe and its rows: a wrong setting elsewhere (train.lr) hid a
+    malformed row, which the next validate then found. The rows are read as `run` reads them, unless a refused
+    setting is one their reading depends on (task, mode, a data key), which would judge them by its default."""
+    places = [p.split(":", 1)[0].strip() for p in refused.problems]
+    if recipe is None or not refused.problems or any(p.split(".")[0] in ("task", "mode", "data") for p in places):
+        return refused
+    try:
+        check_rows(recipe, source)
+    except FinetuneError as exc:
+        # The rows' own problems, each once, without the header that named the recipe again.
+        rows = exc.problems or [str(exc).removeprefix(f"{source}: ")]
+        return recipe_problems_error(source, [*refused.problems, *rows])
+    return refused
+
+
+def _rules_without(raw: dict, problems: list[str], recorded: bool = False) -> list[str]:
+    """The rules' problems with the rest of a recipe the schema refused: its refused keys taken out (each then at its
+    default), so one wrong value does not hide the others' problems. None where the rest is no recipe either (a
+    required key refused)."""
+    recipe, removed = _pruned(raw, problems)
+    try:
+        found = [] if recipe is None else recipe_rules(recipe, recorded)
     except FinetuneError:
         return []
     # A rule naming a setting taken out would judge its default (data.eval_split refused: "give an eval file").
@@ -1919,7 +1943,15 @@ def resolve_run(
 def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
     """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
     with overrides_named(overrides):
-        checked = check_recipe(_parse(read_recipe(path, overrides), str(path), SPLITS), source=str(path))
+        raw = read_recipe(path, overrides)
+        try:
+            parsed = _parse(raw, str(path), SPLITS)
+        except RecipeError as exc:
+            raise _rows_beside(exc, _pruned(raw, exc.problems)[0], str(path)) from None
+        try:
+            checked = check_recipe(parsed, source=str(path))
+        except RecipeError as exc:
+            raise _rows_beside(exc, parsed, str(path)) from None
         recipe = checked.recipe
         # Where run would write, refused as run refuses it whatever its flags (a sweep's folder is the sweep's).
         problem = (
