@@ -1700,7 +1700,7 @@ def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str) -> Re
     except FinetuneError as exc:
         # The rows' own problems, each once, without the header that named the recipe again.
         rows = exc.problems or [str(exc).removeprefix(f"{source}: ")]
-        return recipe_problems_error(source, [*refused.problems, *rows])
+        return recipe_problems_error(source, [*refused.problems, *(p for p in rows if p not in refused.problems)])
     return refused
 
 

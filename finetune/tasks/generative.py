@@ -183,6 +183,11 @@ class GenerationTask(Task):
         """The stop strings of answers generated for `rows`."""
         return self.stops(settings, chat=self.asked_in_chat(data, rows))
 
+    def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """Whether training asked its prompts as chat turns (`asked_in_chat`): `finetune predict` asks a new file's
+        text prompts the same way, as a user turn through the chat template, not as raw text the model never saw."""
+        return {"asked_in_chat": True} if self.asked_in_chat(recipe.data, train_rows) else {}
+
     # ------------------------------------------------------------ data
     def featurize(
         self,

@@ -122,6 +122,18 @@ def test_sft_on_prompt_completion_turns_trains_evaluates_and_predicts_as_on_mess
 
     assert [a["prediction"] for a in answers(as_prompts)] == [a["prediction"] for a in answers(as_messages)]
     assert [a["tag"] for a in answers(as_prompts)] == [0, 1, 2, 3] and answers(as_prompts)[0]["prompt"] == prompts[0]
+    # Text prompts to the run trained on conversations: asked as a user turn through the chat template, as it was
+    # trained (they went in as raw text, after which the model had never learnt to answer).
+    questions = [r["messages"][-2]["content"] for r in rows[32:36]]
+    as_turns = invoke(
+        "predict",
+        run,
+        "--input",
+        write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in questions]),
+    )
+    as_text = invoke("predict", run, "--input", write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in questions]))
+    assert as_turns.exit_code == 0 and as_text.exit_code == 0, as_text.output
+    assert [a["prediction"] for a in answers(as_text)] == [a["prediction"] for a in answers(as_turns)]
 
 
 def test_eval_prompts_asked_unlike_the_training_conversations_are_said(chat_model, tmp_path, write_recipe):  # noqa: F811
