@@ -1359,7 +1359,10 @@ def _check(
     found = problems + environment + _retriever_environment_rules(recipe)
     if "train" not in splits:  # a command that trains nothing: the rules on what only training reads do not apply
         found = [p for p in found if not training_only(p.text.partition(":")[0].strip())]
-    _raise(source, found)
+    try:
+        _raise(source, found)
+    except RecipeError as exc:
+        raise _rows_beside(exc, recipe, source, splits) from None
     return config, family, note
 
 
@@ -1662,8 +1665,10 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = (), recorded: bool 
         keys = [*splits, "knowledge_base"] if splits else []
         named = [(f"data.{k}", data.get(k)) for k in keys] if isinstance(data, dict) else []
         missing = [p for p in _missing_files(named) if p not in exc.problems]
-        beside = [p for p in _rules_without(raw, exc.problems, recorded) if p not in missing]
-        raise recipe_problems_error(source, names + exc.problems + missing + beside) from None
+        pruned, removed = _pruned(raw, exc.problems)
+        beside = [p for p in _rules_without(pruned, removed, recorded) if p not in missing]
+        refused = recipe_problems_error(source, names + exc.problems + missing + beside)
+        raise _rows_beside(refused, None if missing else pruned, source, splits) from None
     if names:
         raise recipe_problems_error(source, names)
     return recipe
@@ -1688,12 +1693,14 @@ def _pruned(raw: dict, problems: list[str]) -> tuple[Recipe | None, list[str]]:
         return None, removed
 
 
-def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str) -> RecipeError:
-    """validate's "every problem at once" across the recipe and its rows: a wrong setting elsewhere (train.lr) hid a
-    malformed row, which the next validate then found. The rows are read as `run` reads them, unless a refused
-    setting is one their reading depends on (task, mode, a data key), which would judge them by its default."""
+def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str, splits: tuple[str, ...]) -> RecipeError:
+    """ "Every problem at once" across the recipe and its rows, for validate and run alike: a wrong setting elsewhere
+    (train.lr) hid a malformed row, which the next try then found. The rows are read as a run reads them (by a
+    command that reads both splits), unless a refused setting is one their reading depends on (task, mode, a data
+    key, a missing file), which would judge them by its default."""
     places = [p.split(":", 1)[0].strip() for p in refused.problems]
-    if recipe is None or not refused.problems or any(p.split(".")[0] in ("task", "mode", "data") for p in places):
+    depends = any(p.split(".")[0] in ("task", "mode", "data") for p in places)
+    if recipe is None or "train" not in splits or not refused.problems or depends:
         return refused
     try:
         check_rows(recipe, source)
@@ -1704,11 +1711,9 @@ def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str) -> Re
     return refused
 
 
-def _rules_without(raw: dict, problems: list[str], recorded: bool = False) -> list[str]:
-    """The rules' problems with the rest of a recipe the schema refused: its refused keys taken out (each then at its
-    default), so one wrong value does not hide the others' problems. None where the rest is no recipe either (a
-    required key refused)."""
-    recipe, removed = _pruned(raw, problems)
+def _rules_without(recipe: Recipe | None, removed: list[str], recorded: bool = False) -> list[str]:
+    """The rules' problems with the rest of a recipe the schema refused (`_pruned`: its refused keys, `removed`, taken
+    out, each then at its default), so one wrong value does not hide the others' problems."""
     try:
         found = [] if recipe is None else recipe_rules(recipe, recorded)
     except FinetuneError:
@@ -1943,15 +1948,7 @@ def resolve_run(
 def validate_recipe_file(path: Path, overrides: list[str] | None = None) -> str:
     """`finetune validate` for one file with run's overrides: a one-line summary, or the error run would give."""
     with overrides_named(overrides):
-        raw = read_recipe(path, overrides)
-        try:
-            parsed = _parse(raw, str(path), SPLITS)
-        except RecipeError as exc:
-            raise _rows_beside(exc, _pruned(raw, exc.problems)[0], str(path)) from None
-        try:
-            checked = check_recipe(parsed, source=str(path))
-        except RecipeError as exc:
-            raise _rows_beside(exc, parsed, str(path)) from None
+        checked = check_recipe(_parse(read_recipe(path, overrides), str(path), SPLITS), source=str(path))
         recipe = checked.recipe
         # Where run would write, refused as run refuses it whatever its flags (a sweep's folder is the sweep's).
         problem = (

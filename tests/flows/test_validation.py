@@ -290,7 +290,7 @@ def test_a_schema_mistake_does_not_hide_a_missing_data_file(tiny_models, topic_d
 
 @pytest.mark.parametrize("refused", ["schema", "rule"])
 def test_a_wrong_setting_does_not_hide_a_bad_row(refused, tiny_models, topic_data, write_recipe, tmp_path):
-    """validate named train.lr (or a rule's problem) and stopped: the bad row came only after it was fixed. A setting
+    """validate and run named train.lr (or a rule's problem) and stopped: the bad row came only after it was fixed. A setting
     the rows' reading depends on (a data key) still hides them: they would be judged by its default."""
     (tmp_path / "train.jsonl").write_bytes(b'{"text": "a", "label": "x"}\n{"text": "b"}\n')
     recipe = classification_recipe(
@@ -300,10 +300,12 @@ def test_a_wrong_setting_does_not_hide_a_bad_row(refused, tiny_models, topic_dat
         recipe["train"]["lr"] = -1
     else:
         recipe["train"]["objective"] = "dpo"  # a preference objective on classification: a rule's refusal
-    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 2 and "2 problems" in output, result.output
-    assert "train.jsonl:2: column 'label'" in output and ("train.lr:" in output or "train.objective" in output)
+    path = write_recipe(recipe)
+    for command in (["validate", str(path)], ["run", str(path), "--dry-run"]):  # validate = run
+        result = runner.invoke(app, command)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and "2 problems" in output, result.output
+        assert "train.jsonl:2: column 'label'" in output and ("train.lr:" in output or "train.objective" in output)
     recipe["data"]["columns"] = {"text": "body"}
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 2 and "train.jsonl:2" not in result.output, result.output

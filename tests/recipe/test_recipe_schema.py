@@ -193,8 +193,8 @@ def shown(value) -> str:
 def refusal(tmp_path, raw: dict | str, command: str = "validate"):
     """The command on the recipe from `tmp_path`, where its data files are (a missing one is named beside the
     schema's problems)."""
-    for name in ("t.jsonl", "e.jsonl"):
-        (tmp_path / name).write_text('{"text": "a", "label": "x"}\n')
+    for name in ("t.jsonl", "e.jsonl"):  # rows the task takes: a bad one is named beside the recipe's problems
+        (tmp_path / name).write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     path = tmp_path / "recipe.yaml"
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
     with contextlib.chdir(tmp_path):
