@@ -193,29 +193,37 @@ def _offline_unless_hub(*sources: str | Path | None, overrides: list[str] | None
             setattr(sys.modules[module], "HF_HUB_OFFLINE", True)  # noqa: B010 (the module is known only by name)
 
 
-# Stopped by SIGTERM outside training (a preempted job, `timeout`): 128 + SIGTERM, as a shell reports a killed command.
+# Stopped by SIGTERM outside training (a preempted job, `timeout`): 128 + SIGTERM, as a shell reports a killed command
+# (SIGHUP, a closed terminal or a dropped ssh session: 129).
 TERMINATED = 143
+# The signals that stop a command as Ctrl-C does, with a line saying so; inside training the loop's own handler
+# (training.loop.StopSignals) takes them: it checkpoints and exits 75.
+_STOPPING = (signal.SIGTERM, signal.SIGHUP)
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt: what is being written is cleaned up
-    on the way out (atomic writes drop their temporary file) and the command says why it stopped. Inside training
-    the loop's own handler (training.loop.StopSignals) replaces this one: it checkpoints and exits 75."""
+    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C raises KeyboardInterrupt: what is being written is
+    cleaned up on the way out (atomic writes drop their temporary file) and the command says why it stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 def _default_sigterm_in_child() -> None:
     """A forked worker (a featurising worker, a data loader, a pool of the objective) must not inherit the handler:
     whoever stops it with SIGTERM needs it to end at once, as the kernel's default does; a Python handler runs only
     when the worker's main thread next runs Python, and a worker blocked in C never did (its pool waited for ever)."""
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        except ValueError:  # not the main thread of the child: nothing can be set there
-            pass
+    for sig in _STOPPING:
+        if signal.getsignal(sig) is _raise_terminated:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except ValueError:  # not the main thread of the child: nothing can be set there
+                return
 
 
 os.register_at_fork(after_in_child=_default_sigterm_in_child)
@@ -225,21 +233,20 @@ os.register_at_fork(after_in_child=_default_sigterm_in_child)
 def _terminate_as_interrupt():
     """Not in a process of a multi-process run, where SIGTERM is the launcher stopping the others after one failed:
     their exit codes must not hide that process's own (`launch.worst_exit_code`: 137 for kill -9); nor where SIGTERM
-    is ignored (`trap '' TERM`)."""
+    is ignored (`trap '' TERM`, `nohup` for SIGHUP)."""
     from finetune.launch import inside_launched_process
 
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or inside_launched_process()
-        or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    ):
+    if threading.current_thread() is not threading.main_thread() or inside_launched_process():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {
+        sig: signal.signal(sig, _raise_terminated) for sig in _STOPPING if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _handled(command):
@@ -278,18 +285,16 @@ def _handled(command):
                 soft_wrap=True,
             )
             raise typer.Exit(2) from None
-        except _Terminated:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (_Terminated), outside training's steps
+            signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
+            name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
             err_console.print(
-                "stopped by SIGTERM outside training's steps: no checkpoint was written, and a file being written "
-                "was not put in place (an output folder may be incomplete; a training run continues from its last "
-                "checkpoint with `finetune run ... --resume auto`)",
+                f"stopped by {name} outside training's steps: no checkpoint was written, and a file being written "
+                f"was not put in place (an output folder may be incomplete){resumable}",
                 highlight=False,
                 soft_wrap=True,
             )
-            raise typer.Exit(TERMINATED) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + signum) from None
         except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of ours, nothing to show
             files.quiet_stdout()
             raise typer.Exit(PIPE_CLOSED) from None
@@ -538,9 +543,11 @@ def run_command(
                 soft_wrap=True,
             )
         # The launcher waits in C++ (the rendezvous, its processes), where a Python handler never runs: SIGTERM
-        # must stop it as the kernel does (torch's agent installs its own once it starts the processes).
+        # (and SIGHUP) must stop it as the kernel does (torch's agent installs its own once it starts the processes).
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sig in _STOPPING:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
         raise typer.Exit(relaunch(topology, args, loaded.distributed.strategy, max_restarts))
     from finetune.flows.train import run
 

@@ -677,7 +677,7 @@ class NonFiniteGuard:
 
 
 class StopSignals:
-    """SIGTERM/SIGINT during training ask the loop to stop after the current optimizer step.
+    """SIGTERM/SIGINT/SIGHUP during training ask the loop to stop after the current optimizer step.
 
     A second signal while the checkpoint is being written is only noted: the
     save completes (and is atomic anyway). Under several processes the flag is
@@ -691,7 +691,8 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            # SIGHUP: the terminal closed or the ssh session dropped (`nohup` starts it ignored, and so it stays).
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 # A signal the process started with ignored stays ignored (POSIX's convention, which eval and
                 # predict keep): a shell starts a background job with SIGINT ignored (`finetune run R &` in a
                 # script), so a Ctrl-C meant for the foreground must not stop it; `trap '' TERM` likewise.
@@ -728,7 +729,12 @@ class StopSignals:
 def _forget_stop_signals() -> None:
     """A worker forked while training (a pool of the objective, a data worker) must not inherit StopSignals'
     handler: it only notes SIGTERM, so the pool's SIGTERM would never end it. The kernel's default comes back."""
-    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+    defaults = (
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGHUP, signal.SIG_DFL),
+    )
+    for sig, default in defaults:
         handler = signal.getsignal(sig)
         if isinstance(getattr(handler, "__self__", None), StopSignals):
             try:

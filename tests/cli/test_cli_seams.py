@@ -127,6 +127,34 @@ def test_sigterm_outside_training_says_so_and_exits_143(monkeypatch, tmp_path):
     assert "internal error" not in result.output and signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.unit
+def test_sighup_outside_training_says_so_and_exits_129(monkeypatch, tmp_path):
+    """A closed terminal or a dropped ssh session (SIGHUP) ended the command silently with 129."""
+    import finetune.flows.resolve as resolve
+
+    def hung_up(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(30)  # the handler raises before this ends
+
+    monkeypatch.setattr(resolve, "resolve", hung_up)
+    before = signal.getsignal(signal.SIGHUP)
+    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 128 + signal.SIGHUP and "stopped by SIGHUP" in result.output, result.output
+    assert signal.getsignal(signal.SIGHUP) is before
+
+
+@pytest.mark.unit
+def test_sighup_during_training_asks_for_a_checkpointed_stop():
+    """Training lost every step since its last checkpoint on SIGHUP: it stops as on SIGTERM (exit 75, resumable)."""
+    from finetune.training.loop import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+        assert stop.asked and stop.name() == "SIGHUP"
+        stop.received = None  # handled: nothing is raised again on the way out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arguments", [["--version"], ["--help"], ["run", "--help"], ["validate", "RECIPE"]])
 def test_a_reader_closing_the_pipe_early_is_141_for_every_printing_command(arguments, tmp_path):
