@@ -274,11 +274,22 @@ class DenseIndex:
             except (OSError, ValueError):
                 pass  # damaged: rebuilt below, never trusted
         vectors = self.encode([p.text for p in passages])
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npy")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, vectors, allow_pickle=False)
-        os.replace(tmp, cached)
+        tmp = None
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npy")
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, vectors, allow_pickle=False)
+            os.replace(tmp, cached)
+        except OSError as exc:  # a read-only or full cache: the index is only not kept, as the feature cache does
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            logging.getLogger("finetune").warning(
+                "embedding cache %s is not writable (%s); the passages' embeddings are not cached (FINETUNE_CACHE "
+                "sets where the cache is)",
+                cached.parent,
+                exc.strerror or exc,
+            )
         return vectors
 
     def encode(self, texts: list[str]) -> np.ndarray:

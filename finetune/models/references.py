@@ -8,6 +8,7 @@ dequantised once into a plain float checkpoint cached by the file's hash.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import logging
@@ -157,11 +158,29 @@ def dequantised_gguf(directory: str, file: str) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "SOURCE").write_text(f"{local}\n", encoding="utf-8")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    except OSError as exc:  # a read-only cache: converted for this process alone, as an uncached feature table is
+        log.warning(
+            "model cache %s is not writable (%s); the GGUF file is converted for this command only (FINETUNE_CACHE "
+            "sets where the cache is)",
+            target.parent,
+            exc.strerror or exc,
+        )
+        scratch = Path(tempfile.mkdtemp(prefix="finetune-gguf-"))
+        atexit.register(shutil.rmtree, scratch, True)
+        staging = target = scratch / "checkpoint"
+        staging.mkdir()
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE").write_text(f"{local}\n", encoding="utf-8")
+    except BaseException:  # a full disk, Ctrl-C: no half-written conversion stays in the cache
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if staging == target:
+        return target
     try:
         staging.rename(target)
     except OSError:  # another process finished first; theirs is as good as ours

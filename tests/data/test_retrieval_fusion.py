@@ -262,3 +262,16 @@ def test_a_training_answer_no_passage_holds_is_refused_by_validate_as_by_run(tin
         assert "train.jsonl:3: the answer 'never written anywhere' is in no passage of the knowledge base" in (
             " ".join(refused.output.split())
         ), refused.output
+
+
+def test_a_read_only_embedding_cache_only_goes_uncached(tiny_models, tmp_path, monkeypatch, caplog):
+    """A cache that cannot be written stopped knowledge-base answering (exit 2, "write somewhere writable
+    (output.dir, --output)", not the place at fault) where the feature cache only warned."""
+    passages, _, kb = kb_passages(tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache would be\n")
+    monkeypatch.setenv("FINETUNE_CACHE", str(blocked))
+    with caplog.at_level("WARNING", logger="finetune"):
+        dense = _retriever(str(tiny_models["bert"]), passages, kb, None).dense  # embedded on first use
+    assert dense is not None and dense.vectors.shape[0] == len(passages)
+    assert "embedding cache" in caplog.text and "FINETUNE_CACHE" in caplog.text

@@ -180,3 +180,21 @@ def test_verify_fails_a_broken_file(copy_run, tmp_path, monkeypatch):
     assert result.exit_code == 4, result.output
     assert "differs from the merged model in llama.cpp" in result.output and "greedy continuations" in result.output
     assert target.exists()
+
+
+def test_a_gguf_base_loads_with_a_read_only_cache(copy_run, tmp_path, monkeypatch, caplog):
+    """A cache that cannot be written (a read-only home, FINETUNE_CACHE naming a file) stopped a GGUF base from
+    loading: "cannot write ...: write somewhere writable (output.dir, --output)", which was not the place at fault.
+    The conversion is made for the command alone, with a warning naming the cache."""
+    from finetune.models.references import dequantised_gguf
+
+    target = tmp_path / "m.gguf"
+    assert invoke("export", copy_run / "run", "--format", "gguf", "--output", target).exit_code == 0
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache would be\n")
+    monkeypatch.setenv("FINETUNE_CACHE", str(blocked))
+    with caplog.at_level("WARNING", logger="finetune"):
+        converted = dequantised_gguf(str(tmp_path), "m.gguf")
+    assert (converted / "config.json").is_file() and not str(converted).startswith(str(blocked))
+    assert "is not writable" in caplog.text and "FINETUNE_CACHE" in caplog.text
+    assert blocked.read_text() == "a file where the cache would be\n"
