@@ -466,11 +466,18 @@ def _unlisted_files(directory: Path) -> list[Path]:
     )
 
 
+# Of a name's 255 bytes, what the staging name keeps of its target's: the rest is ".", ".partial-" and tempfile's 8.
+_STAGING_NAME_BYTES = 255 - 1 - len(".partial-") - 8
+
+
 def staging_beside(target: Path, directory: bool) -> Path:
     """A new, empty folder (or file) beside `target` to build an output in before it is renamed into place: made
     fresh under a name no one else holds, so nothing already there, a user's folder included, is ever replaced."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.partial-"
+    # The target's name, cut where a long one (up to the 255 bytes a name may have) would push the staging name over:
+    # a legal --output was refused with the hidden staging name's "name too long".
+    name = target.name.encode()[:_STAGING_NAME_BYTES].decode(errors="ignore")
+    prefix = f".{name}.partial-"
     if directory:
         made = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     else:

@@ -18,6 +18,7 @@ from finetune.outputs.rundir import (
     mark_output,
     output_decision,
     record_adapter_files,
+    staging_beside,
 )
 from tests.cli.test_nothing_lost import finished_run, invoke, snapshot  # noqa: F401  (fixture)
 
@@ -243,3 +244,12 @@ def test_two_evaluations_given_one_output_do_not_both_say_they_wrote(tmp_path, g
     # Asked to (--overwrite, allowed by claim_output), the later one replaces it.
     rundir.write_evaluation(target, lambda f: write_json(f / "metrics.json", {"by": "third"}), overwrite=True)
     assert json.loads((target / "metrics.json").read_text()) == {"by": "third"}
+
+
+@pytest.mark.parametrize("directory", [True, False])
+def test_a_long_legal_output_name_gets_its_staging_beside_it(tmp_path, directory):
+    """A legal name of 238 to 255 bytes was refused: its hidden staging name (the name plus 18) was too long."""
+    target = tmp_path / ("é" * 100 + "c" * 55)  # 255 bytes, a multi-byte character where the cut may fall
+    made = staging_beside(target, directory=directory)
+    assert made.parent == tmp_path and made.exists() and len(made.name.encode()) <= 255
+    assert made.is_dir() == directory and made.name.startswith(".éé")
