@@ -232,6 +232,13 @@ def evaluation_output(
             output, key="--output", what=EVALUATION, directory=True, overwrite=overwrite, inputs=inputs
         )
     folder = run.evals if run is not None else Path("evals")
+    if run is not None and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+        # A link planted there sent the evaluation outside the run; a file there is not the run's folder either.
+        kind = "a link" if folder.is_symlink() else "not a folder"
+        raise RecipeError(
+            f"{folder} is {kind}: a run's evaluations go only into its own evals/ folder; remove it, or give "
+            "--output DIR"
+        )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     target = folder / f"{stamp}-{label}"
     suffix = 1

@@ -857,3 +857,16 @@ def test_overwrite_refuses_an_input_reached_through_a_link_it_removes(tmp_path):
     with pytest.raises(RecipeError, match="is an input of this run"):
         output_decision(run, resume=None, overwrite=True, inputs=(run.path / "adapter",))
     assert output_decision(run, resume=None, overwrite=True, inputs=(elsewhere,)).endswith("as --overwrite asks)")
+
+
+def test_an_evals_link_planted_in_a_run_is_not_followed(finished_run, tmp_path):
+    """`RUN/evals -> elsewhere`: `finetune eval RUN` wrote its evaluation into the folder the link named, outside
+    the run. Refused (exit 2), naming the link; `--output DIR` still evaluates."""
+    _, out = finished_run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "evals").symlink_to(elsewhere)
+    refused = invoke("eval", out)
+    assert refused.exit_code == 2 and "is a link" in refused.output, refused.output
+    assert not any(elsewhere.iterdir())
+    assert invoke("eval", out, "--output", tmp_path / "ev").exit_code == 0
