@@ -575,7 +575,8 @@ def run_command(
         from finetune.flows.export import export_hint
 
         out = loaded.output.dir
-        hints = [f"finetune eval {out}", f"finetune predict {out} --input FILE.jsonl", export_hint(resolved, out)]
+        word = files.shell_word(out)
+        hints = [f"finetune eval {word}", f"finetune predict {word} --input FILE.jsonl", export_hint(resolved, word)]
         console.print(
             f"results in {out}/: metrics.json, predictions.jsonl, adapter/, README.md (the model card)\n"
             f"next: {'  |  '.join(h for h in hints if h)}",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,13 @@ def quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # stdout is no file (a test runner's buffer)
         pass
+
+
+def shell_word(value: str | Path) -> str:
+    """A path as a command printed for a user to paste: quoted where a shell would split or expand it, and a
+    relative one starting with `-` written `./-name`, which no command reads as an option."""
+    text = str(value)
+    return shlex.quote("./" + text if text.startswith("-") else text)
 
 
 def sha256_file(path: Path) -> str:

@@ -240,3 +240,16 @@ def test_an_atomic_write_names_its_target_not_its_temporary_file(tmp_path):
         write_text_atomic(tmp_path / "recipe.yaml", "x")
     assert info.value.filename == str(tmp_path / "recipe.yaml")
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]  # no temporary file left
+
+
+@pytest.mark.unit
+def test_printed_commands_quote_paths_a_shell_would_split_or_read_as_options():
+    """`next: finetune eval odd dir/rün out` split at the spaces when pasted, and `finetune eval -out` read an
+    option."""
+    import shlex
+
+    from finetune.files import shell_word
+
+    assert shell_word("runs/demo") == "runs/demo" and shell_word("output.dir=/tmp/r-again") == "output.dir=/tmp/r-again"
+    assert shlex.split(f"finetune eval {shell_word('odd dir/ünï 日本/rün out')}")[-1] == "odd dir/ünï 日本/rün out"
+    assert shell_word("-out") == "./-out" and shlex.split(shell_word("it's"))[0] == "it's"

@@ -64,7 +64,7 @@ def merge(run_path: str, output: str, overwrite: bool = False) -> Path:
 
 
 def export_hint(resolved: Resolved, run_path: str) -> str | None:
-    """The export the end of `finetune run` suggests: a GGUF file where this run's model exports to one, else the
+    """The export the end of `finetune run` suggests (`run_path` as the shell needs it written): a GGUF file where this run's model exports to one, else the
     merged transformers checkpoint; None where merge and export both refuse the run (a retrieval or rerank run, a
     learned watermark). The end of a BERT run suggested a GGUF export that exits 2."""
     if learned.is_learned(resolved.recipe.eval.watermark) or resolved.task.not_mergeable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from finetune.files import write_text_atomic
+from finetune.files import shell_word, write_text_atomic
 from finetune.outputs import plots
 from finetune.outputs.rundir import RunDir
 from finetune.recipe.schema import Recipe, WatermarkSection
@@ -183,8 +183,8 @@ def write_model_card(
         "## Use",
         "",
         "```",
-        f"finetune predict {run.path} --input inputs.jsonl",
-        f"finetune merge {run.path} --output merged/   # a plain transformers checkpoint",
+        f"finetune predict {shell_word(run.path)} --input inputs.jsonl",
+        f"finetune merge {shell_word(run.path)} --output merged/   # a plain transformers checkpoint",
         "```",
         "",
         f"`adapter/` loads with {loader}; `adapter/finetune.json` holds the task, label order and generation settings.",
@@ -192,7 +192,8 @@ def write_model_card(
         "## Reproduce",
         "",
         "```",
-        f"finetune run {run.recipe} output.dir={run.path}-again   # the same recipe, into a new run directory",
+        f"finetune run {shell_word(run.recipe)} {shell_word(f'output.dir={run.path}-again')}   # the same recipe, "
+        "into a new run directory",
         "```",
         "",
         "## Limitations",
