@@ -1817,7 +1817,11 @@ def resolve_source(
         if not run.recipe.is_file():
             raise RecipeError(f"{source}: not a run directory (no recipe.yaml)")
         written = read_recipe_file(run.recipe)  # the run's recipe as recorded, read once for the checks below
-        recorded = [*_watermark_key_override(run), *_earlier_retrieval_defaults(written)]
+        recorded = [
+            *_watermark_key_override(run),
+            *_earlier_retrieval_defaults(written),
+            *_data_where_it_ran(run, written),
+        ]
         resolved = resolve(run.recipe, overrides, splits, recorded)
         if "eval" in splits:  # only a command that scores the eval rows draws them (not predict, export, detect)
             _refuse_redrawn_split(run, resolved.recipe, written)
@@ -1915,6 +1919,35 @@ def _earlier_retrieval_defaults(recorded: dict) -> list[str]:
     if recorded.get("task") == "qa" and recorded.get("mode") != "generative" and "answer_from" not in retrieval:
         found.append("data.retrieval.answer_from=any")
     return found
+
+
+def _data_where_it_ran(run: RunDir, recorded: dict) -> list[str]:
+    """A run's relative data files, read from the directory it ran in (manifest.json's `working_directory`):
+    `finetune eval RUN` from another directory refused the run's own eval file as missing ("file not found:
+    data/test.jsonl"), or read another file of that name. Where that directory is gone (the project moved whole),
+    they are read from the working directory, as any recipe's are. A user's override still wins."""
+    where = (read_manifest(run.manifest) or {}).get("working_directory")
+    if not isinstance(where, str) or not Path(where).is_dir() or Path(where).resolve() == Path.cwd().resolve():
+        return []
+    data = recorded.get("data") or {}
+    if not isinstance(data, dict):
+        return []
+    pinned = []
+    for key in ("train", "eval", "knowledge_base"):
+        value = data.get(key)
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        moved = [_as_ran(item, Path(where)) for item in items]
+        if any(new != old for new, old in zip(moved, items)):
+            pinned.append(f"data.{key}={json.dumps(moved if isinstance(value, list) else moved[0])}")
+    return pinned
+
+
+def _as_ran(item: object, where: Path) -> object:
+    """One data spec as the run read it: a relative local file that is there in `where`, by its absolute path."""
+    if not isinstance(item, str) or item.startswith("pkg:") or Path(item).expanduser().is_absolute():
+        return item
+    there = where / item
+    return str(there) if there.is_file() else item
 
 
 def _watermark_key_override(run: RunDir) -> list[str]:

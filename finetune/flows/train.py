@@ -150,6 +150,13 @@ def _run(
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
+        recorded_in = run_dir.resumed_elsewhere(Path(resolved.source)) if resume is not None else None
+        if recorded_in is not None:
+            raise RecipeError(
+                f"--resume {resume}: {resolved.source} is the recipe of the run in {recorded_in}, but its output.dir "
+                f"({resolved.recipe.output.dir}) is {run_dir.path.expanduser().resolve()} from here: run it from the "
+                f"directory the run was started in, or give output.dir={files.shell_word(recorded_in)}"
+            )
         output_note = check_output(
             run_dir, lock, resume=resume, overwrite=overwrite, owner=owner, inputs=resolved.input_paths()
         )

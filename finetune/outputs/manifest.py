@@ -78,6 +78,8 @@ def build_manifest(
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command_line(),
+            # Where the command ran: a run's relative data paths are read from here by eval of the run from elsewhere.
+            "working_directory": os.getcwd(),
             "seed": recipe.train.seed,
             "versions": library_versions(),
             "data_files": data_hashes,

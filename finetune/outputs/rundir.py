@@ -712,6 +712,15 @@ class RunDir:
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
+    def resumed_elsewhere(self, recipe_file: Path) -> Path | None:
+        """The run whose own recipe.yaml `recipe_file` is, where this run directory (its output.dir, relative to the
+        working directory) is another: `finetune run RUN/recipe.yaml --resume auto` from another directory, or
+        after the run was moved, started a new run from the beginning elsewhere instead of resuming RUN."""
+        folder = recipe_file.expanduser().resolve().parent
+        if recipe_file.name != "recipe.yaml" or not RunDir(folder).holds_run():
+            return None
+        return None if self.path.expanduser().resolve() == folder else folder
+
     def contains(self, other: Path) -> bool:
         """Whether `other` is this run directory or lies inside it."""
         here, there = self.path.resolve(), other.expanduser().resolve()

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import classification_recipe, write_jsonl
 from helpers import invoke
 
@@ -870,3 +871,28 @@ def test_an_evals_link_planted_in_a_run_is_not_followed(finished_run, tmp_path):
     assert refused.exit_code == 2 and "is a link" in refused.output, refused.output
     assert not any(elsewhere.iterdir())
     assert invoke("eval", out, "--output", tmp_path / "ev").exit_code == 0
+
+
+def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_elsewhere_as_it_ran(
+    tiny_models, topic_data, tmp_path, monkeypatch
+):
+    """A run whose recipe names its data and output.dir relative to where it ran: `finetune eval RUN` from another
+    directory refused its own eval file as missing, and `finetune run RUN/recipe.yaml --resume auto` there trained
+    a new run from the beginning in another folder (exit 0)."""
+    project, elsewhere = tmp_path, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    recipe = classification_recipe(tiny_models["bert"], topic_data, Path("runs/rel"), epochs=1)
+    recipe["data"].update(train="data/train.jsonl", eval="data/eval.jsonl")
+    (project / "rel.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(project)
+    assert invoke("run", "rel.yaml").exit_code == 0
+    run = project / "runs" / "rel"
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    monkeypatch.chdir(elsewhere)
+    evaluated = invoke("eval", run, "--output", elsewhere / "ev")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((elsewhere / "ev" / "metrics.json").read_text())["metrics"]["accuracy"] == metrics["accuracy"]
+    data = [f"data.{split}={project / 'data' / f'{split}.jsonl'}" for split in ("train", "eval")]
+    resumed = invoke("run", run / "recipe.yaml", "--resume", "auto", *data)
+    assert resumed.exit_code == 2 and f"give output.dir={run}" in " ".join(resumed.output.split()), resumed.output
+    assert not (elsewhere / "runs").exists()
