@@ -74,7 +74,7 @@ from finetune.recipe.schema import (
 from finetune.secrets import redact, redact_tree
 
 # What the sweep directory's marker records (outputs/rundir.mark_output), telling our sweep from a user's folder.
-SWEEP = "sweep"
+SWEEP = rundir.SWEEP
 STUDY_NAME = "finetune-sweep"
 WRITTEN_BY = "finetune sweep"
 # The user attribute naming why a trial failed for a reason of its own (a diverged loss, out of memory, settings the
@@ -529,7 +529,13 @@ class Sweeping:
             )
         feed = PrunerFeed(trial, self.objective.metric) if self._prunes() else None
         try:
-            document = run(resolved, self.console, resume="auto" if retry is not None else None, judge=feed)
+            document = run(
+                resolved,
+                self.console,
+                resume="auto" if retry is not None else None,
+                judge=feed,
+                owner=self.directory.path,
+            )
         except TrainingDiverged as exc:  # a learning rate too high is an outcome of the settings, not an error
             self._fail(trial, f"diverged: {exc}")
             return

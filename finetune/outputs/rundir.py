@@ -116,6 +116,16 @@ def output_dir_problem(run: RunDir, owner: Path | None = None, writes: bool = Tr
     if writes and run.is_empty() and not os.access(existing, os.W_OK | os.X_OK):
         return f"output.dir: {where} cannot be written: {existing} is not writable (permissions, or a read-only filesystem)"
     resolved = where.expanduser().resolve()
+    # A sweep's trials (`trials/N`) are its own: a run there replaced a trial that sweep.json still described.
+    sweep = next((p for p in (resolved, *resolved.parents) if made_by_finetune(p, SWEEP)), None)
+    if sweep is not None and (sweep == resolved or resolved.is_relative_to(sweep / "trials")):
+        if owner is None or owner.expanduser().resolve() != sweep:
+            inside = "is" if sweep == resolved else "lies inside"
+            return (
+                f"output.dir: {where} {inside} the finetune sweep {sweep}, whose trials are its own (`finetune sweep` "
+                "continues or, with --overwrite, restarts them). Choose a path outside it (its best.yaml writes to "
+                "best/)."
+            )
     around = next((p for p in resolved.parents if RunDir(p).holds_run()), None)
     if around is not None and (owner is None or around != owner.expanduser().resolve()):
         return (
@@ -310,6 +320,8 @@ OUTPUT_MARKER = ".finetune-output"
 TOKEN_FILE = "token file"
 # `finetune eval`'s output directory (its own, or one in RUN/evals/).
 EVALUATION = "evaluation"
+# `finetune sweep`'s folder (flows/sweep.py); its trials' runs in trials/N are the sweep's own.
+SWEEP = "sweep"
 TOKEN_FILE_FIELDS = ("row", "input_ids", "labels")
 
 

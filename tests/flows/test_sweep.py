@@ -221,6 +221,23 @@ def test_the_sweep_directory_follows_the_write_policy(swept, tmp_path):
         sweep(path, [], quiet())
 
 
+def test_a_run_never_replaces_a_sweeps_trial_or_its_folder(swept, tmp_path):
+    """`finetune run R output.dir=SWEEP/trials/0 --overwrite` replaced trial 0 with another recipe's run, while
+    sweep.json and its best still described the trial's; SWEEP itself was refused as "holds no finetune run"."""
+    from helpers import invoke
+
+    recipe = copy.deepcopy(swept["recipe"])
+    del recipe["sweep"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    trial = swept["out"] / "trials" / "0"
+    before = files_of(trial)
+    for where, words in ((trial, "lies inside the finetune sweep"), (swept["out"], "is the finetune sweep")):
+        result = invoke("run", path, f"output.dir={where}", "--overwrite")
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+    assert files_of(trial) == before
+
+
 def test_overwrite_refuses_a_file_no_trial_wrote_and_removes_nothing(swept, tmp_path):
     """--overwrite replaces trials/ whole: it deleted a user's file in a trial's folder, and one beside the trials."""
     path = tmp_path / "recipe.yaml"
