@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -257,8 +258,25 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
     try:
         launch_command(args)
     except ChildFailedError as exc:
-        failures = sorted(exc.failures.values(), key=lambda failure: failure.timestamp)
-        return worst_exit_code([failure.exitcode for failure in failures])
+        ranked = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        code = worst_exit_code([failure.exitcode for _, failure in ranked])
+        killed = next((rank for rank, failure in ranked if failure.exitcode == 128 - code), None)
+        if code > 128 and killed is not None:  # its peers said only that a process was lost: this says which, how
+            try:
+                name = signal.Signals(code - 128).name
+            except ValueError:
+                name = f"signal {code - 128}"
+            print(
+                f"error: process {killed} of this run was killed by {name}"
+                + (
+                    " (often the out-of-memory killer: lower train.batch_size or data.max_length)"
+                    if code == 137
+                    else ""
+                )
+                + "; `--resume auto` continues from the last checkpoint",
+                file=sys.stderr,
+            )
+        return code
     finally:  # only for the processes this launch starts
         if before is None:
             os.environ.pop(COMMAND_ENV, None)
@@ -270,9 +288,13 @@ def relaunch(topology: Topology, finetune_args: list[str], strategy: str = "ddp"
 def worst_exit_code(codes: list[int]) -> int:
     """The exit code of several processes (in the order they failed): the worst code a process chose itself. When
     none did, the first process killed by a signal (torch reports signal N as -N) gives 128 + N, as a shell reports
-    it (137 for kill -9, often the out-of-memory killer); the launcher's own SIGTERM to the others comes later."""
+    it (137 for kill -9, often the out-of-memory killer); the launcher's own SIGTERM to the others comes later. A peer
+    lost (exit 76) is what the others of a killed process report: the kill, its cause, is the code then."""
     chosen = [code for code in codes if code > 0]
-    if chosen:
-        return max(chosen)
+    own = [code for code in chosen if code != PeerLost.exit_code]
     killed = [code for code in codes if code < 0]
-    return 128 - killed[0] if killed else 1
+    if own:
+        return max(own)
+    if killed:
+        return 128 - killed[0]
+    return max(chosen) if chosen else 1

@@ -390,6 +390,8 @@ def test_the_worst_exit_code_of_processes_counts_a_killed_one():
     from finetune.launch import worst_exit_code
 
     assert worst_exit_code([0, 4]) == 4
+    # kill -9 of one process: its peers report it lost (76); the kill is the cause (the out-of-memory killer)
+    assert worst_exit_code([-9, 76]) == 137 and worst_exit_code([76, -9]) == 137 and worst_exit_code([76]) == 76
     assert worst_exit_code([-15, 4]) == 4  # the launcher stops the others (SIGTERM) once one exits with its code
     assert worst_exit_code([-9, -15]) == 137  # kill -9 (the out-of-memory killer), as a shell reports it
     assert worst_exit_code([]) == 1
