@@ -647,12 +647,7 @@ def _predict(
         table = attach_passages(
             table, retriever, extractive=task.head == "question_answering", training=False, split=source
         )
-    trained_in_chat = read_adapter_meta(run.adapter)["state"].get("asked_in_chat", False)
-    if trained_in_chat and "messages" not in table.column_names and not recipe.data.chat_template:
-        # Text prompts to a run that trained on conversations: asked as it was asked, a user turn through the chat
-        # template (GenerationTask.fit_state), not as raw text after which the model never learnt to answer.
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"chat_template": True})})
-        resolved = dataclasses.replace(resolved, recipe=recipe)
+    # Text prompts to a run that trained on conversations are asked as it trained (session.asked_as_trained).
     session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
     features = session.featurize(table, source, labeled=False)
     out, _ = session.task.predict(
@@ -660,7 +655,7 @@ def _predict(
         session.tokenizer,
         features,
         make_accelerator(recipe.train, resolved.precision),
-        recipe,
+        session.recipe,
         dict(session.state),
     )
     per_row = len(out) // len(rows)  # codegen: one row per sample

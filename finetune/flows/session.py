@@ -10,7 +10,7 @@ import copy
 import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -628,6 +628,7 @@ def open_data(
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
     state = MappingProxyType({**built.state, "family": family.name})
     task.check_state(recipe, state)
+    resolved = replace(resolved, recipe=asked_as_trained(recipe, state))
     return SessionData(
         resolved, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
     )
@@ -660,6 +661,7 @@ def _read_and_featurize(
         state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     if layout is not None:
         state["embedding"] = layout.as_dict()
+    recipe = asked_as_trained(recipe, state)
     workdir = cache.workdir()
     try:
         # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
@@ -681,28 +683,37 @@ def _read_and_featurize(
                 for split in splits
             }
         if "train" in features and "eval" in features:
-            features["eval"].report.notes.extend(_asked_unlike_training(task, recipe, features))
+            features["eval"].report.notes.extend(_asked_unlike_training(task, resolved.recipe, recipe, features))
         return cache.publish(workdir, CachedData(features, state, overlap))
     except BaseException:  # a bad row, a full disk, Ctrl-C: nothing half-built stays in the cache
         cache.discard(workdir)
         raise
 
 
-def _asked_unlike_training(task: Task, recipe: Recipe, features: Mapping[str, Features]) -> list[str]:
-    """A note where the eval prompts are asked otherwise than the training ones: conversations through the chat
-    template on one side, text prompts without it on the other (data.format auto decides each file's layout by
-    its columns). The scores are then of prompts the model never trained on."""
+def asked_as_trained(recipe: Recipe, state: Mapping[str, Any]) -> Recipe:
+    """A run that trained on conversations asks every text prompt as it trained, one user turn through the chat
+    template (`asked_in_chat`, GenerationTask.fit_state): its final evaluation, `finetune eval RUN` and predict alike.
+    Asked raw, a text eval file scored prompts the model never trained on, and eval and predict answered the same
+    rows differently."""
+    if state.get("asked_in_chat") and not recipe.data.chat_template:
+        return recipe.model_copy(update={"data": recipe.data.model_copy(update={"chat_template": True})})
+    return recipe
+
+
+def _asked_unlike_training(task: Task, written: Recipe, recipe: Recipe, features: Mapping[str, Features]) -> list[str]:
+    """A note where the eval prompts are asked otherwise than the recipe as written says (`recipe`: as
+    `asked_as_trained` made it), or otherwise than the training ones: conversations through the chat template, text
+    prompts without it (data.format auto decides each file's layout by its columns)."""
     if not isinstance(task, GenerationTask):
         return []
     train, held = (task.asked_in_chat(recipe.data, features[split].rows) for split in ("train", "eval"))
+    if train and held and not task.asked_in_chat(written.data, features["eval"].rows):
+        return [
+            "data.eval: its text prompts are asked as user turns through the chat template, as data.train's "
+            "conversations were (the model learnt to answer after it)"
+        ]
     if train == held:
         return []
-    if train:
-        return [
-            "data.eval: its text prompts are asked without the chat template, while data.train's conversations went "
-            "through it: the scores are of prompts unlike training's (data.chat_template: true asks each as a user "
-            "turn; or write the eval rows as conversations)"
-        ]
     return [
         "data.eval: its conversations are asked through the chat template, while data.train's text prompts were not: "
         "the scores are of prompts unlike training's (write both alike)"
@@ -723,7 +734,10 @@ def open_session(
     data = open_data(resolved, splits=splits, adapter_dir=adapter_dir)
     model, targets = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=adapter_dir, with_lora=with_lora)
     attach_learned_watermark(resolved.recipe, model, adapter_dir, training=with_lora and adapter_dir is None)
-    return Session(resolved, data.tokenizer, data.state, model, data.features, targets, data.overlap, data.cache_note)
+    # data.resolved: the recipe as the rows and the task state decided it (asked_as_trained)
+    return Session(
+        data.resolved, data.tokenizer, data.state, model, data.features, targets, data.overlap, data.cache_note
+    )
 
 
 def attach_learned_watermark(

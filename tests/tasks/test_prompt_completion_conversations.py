@@ -136,19 +136,31 @@ def test_sft_on_prompt_completion_turns_trains_evaluates_and_predicts_as_on_mess
     assert [a["prediction"] for a in answers(as_text)] == [a["prediction"] for a in answers(as_turns)]
 
 
-def test_eval_prompts_asked_unlike_the_training_conversations_are_said(chat_model, tmp_path, write_recipe):  # noqa: F811
+def test_text_eval_prompts_are_asked_as_the_training_conversations_were(chat_model, tmp_path, write_recipe):  # noqa: F811
+    """A run trained on conversations scored a text eval file's prompts raw, prompts it never trained on (a note said
+    so), and `finetune eval RUN data.eval=TEXT` did so silently while predict asked the same rows through the chat
+    template. Each text prompt is now asked as a user turn through the template, as data.chat_template: true asks
+    it: the same scores written either way, and again by `eval RUN`."""
     rows = chat_rows(40)
     text = [{"prompt": r["messages"][-2]["content"], "completion": r["messages"][-1]["content"]} for r in rows[32:]]
     data = {
         "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
         "eval": write_jsonl(tmp_path / "eval.jsonl", text),
     }
-    note = "data.eval: its text prompts are asked without the chat template, while data.train's conversations"
-    for chat, said in ((False, True), (True, False)):
+    note = "data.eval: its text prompts are asked as user turns through the chat template, as data.train's"
+    metrics = {}
+    for chat in (False, True):
         recipe = chat_recipe(chat_model, data, tmp_path / f"run-{chat}", data={"columns": {}, "chat_template": chat})
-        result = invoke_wide("run", write_recipe(recipe), "--dry-run")
-        assert result.exit_code == 0, result.output
-        assert (note in " ".join(result.output.split())) == said, result.output
+        path = write_recipe(recipe, name=f"{chat}.yaml")
+        planned = invoke_wide("run", path, "--dry-run")
+        assert planned.exit_code == 0, planned.output
+        assert (note in " ".join(planned.output.split())) == (not chat), planned.output
+        assert invoke("run", path).exit_code == 0
+        metrics[chat] = json.loads((tmp_path / f"run-{chat}" / "metrics.json").read_text())["metrics"]
+    assert metrics[False] == metrics[True]
+    again = invoke("eval", tmp_path / "run-False", "--output", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["metrics"] == metrics[False]
 
 
 def test_a_column_of_text_lists_and_text_is_named_as_the_fields_type_not_as_turns(tmp_path):
