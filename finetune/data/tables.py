@@ -1801,6 +1801,19 @@ class LengthReport:
         }
 
 
+class TooLong(DataError):
+    """Rows longer than data.max_length under `data.overflow: error`, named by their numbers (`rows`: 0-based), so
+    that a caller reading two sequences per row (preference pairs) names the rows of both at once."""
+
+    def __init__(self, split: str, rows: ArrayLike, max_length: int, what: str = "example"):
+        self.split, self.rows, self.max_length, self.what = split, np.unique(np.asarray(rows)), max_length, what
+        count, shown = self.rows.size, ", ".join(str(i + 1) for i in self.rows[:5])
+        super().__init__(
+            f"{split}: {count} {what}{'s exceed' if count > 1 else ' exceeds'} data.max_length={max_length} tokens "
+            f"(rows {shown}{', ...' if count > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
+        )
+
+
 def apply_overflow(
     lengths: ArrayLike, max_length: int, policy: str, split: str, what: str = "example"
 ) -> tuple[np.ndarray, LengthReport]:
@@ -1813,11 +1826,7 @@ def apply_overflow(
     report = LengthReport.from_lengths(split, lengths, max_length)
     too_long = np.flatnonzero(lengths > max_length)
     if too_long.size and policy == "error":
-        shown = ", ".join(str(i + 1) for i in too_long[:5])
-        raise DataError(
-            f"{split}: {too_long.size} {what}s exceed data.max_length={max_length} tokens (rows {shown}"
-            f"{', ...' if too_long.size > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
-        )
+        raise TooLong(split, too_long, max_length, what)
     if policy == "drop":
         report.dropped = int(too_long.size)
         keep = np.flatnonzero(lengths <= max_length)

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 import finetune.tasks.sandbox as sandbox
 from finetune.data.conversations import conversation_texts
 from finetune.data.features import Features
-from finetune.data.tables import LengthReport, checked_texts, renumbered
+from finetune.data.tables import LengthReport, TooLong, checked_texts, renumbered
 from finetune.errors import DataError
 from finetune.models.families import FamilySpec
 from finetune.recipe.schema import Recipe
@@ -278,7 +278,17 @@ def _encode_sides(
     """Each row's prompt with each of two completions, as SFT examples (`encode_side`): the `<name>_input_ids` /
     `<name>_labels` columns of the rows both of whose sequences survived data.overflow (none left is an error, not
     an empty run), those rows' indices, the length report and the prompts' ids."""
-    first, second = (encode_side(texts) for texts in sides)
+    both: list[Encoded] = []
+    too_long: list[TooLong] = []
+    for texts in sides:  # data.overflow: error names the rows either side of which is too long, all at once
+        try:
+            both.append(encode_side(texts))
+        except TooLong as exc:
+            too_long.append(exc)
+    if too_long:
+        named = too_long[0]
+        raise TooLong(named.split, np.concatenate([exc.rows for exc in too_long]), named.max_length, "pair")
+    first, second = both
     keep = np.intersect1d(first.keep, second.keep)
     if not keep.size:
         raise DataError(f"{split}: data.overflow=drop dropped every row (one side of each was too long)")

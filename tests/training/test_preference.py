@@ -501,6 +501,21 @@ def test_kto_pairs_too_long_are_named_by_their_pair_row(tiny_models, tmp_path, w
     assert result.exit_code == 3 and "pairs.jsonl:3" in words and "pairs.jsonl:15" not in words, words
 
 
+def test_dpo_pairs_too_long_on_either_side_are_named_at_once(tiny_models, tmp_path, write_recipe):
+    """data.overflow: error on pairs named only the rows whose chosen answer was too long ("1 examples exceed"),
+    the rejected side's rows coming only after those were fixed."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo", max_steps=1)
+    pairs = [json.loads(line) for line in open(recipe["data"]["eval"], encoding="utf-8")]
+    pairs[1]["bad"] = "long " * 200  # the rejected answer (data.columns), then another row's chosen one
+    pairs[3]["good"] = "long " * 200
+    recipe["data"]["train"] = str(write_jsonl(tmp_path / "data" / "long-pairs.jsonl", pairs))
+    recipe["data"]["overflow"] = "error"
+    result = invoke("run", str(write_recipe(recipe)), "--dry-run")
+    words = " ".join(result.output.split())
+    assert result.exit_code == 3 and "2 pairs exceed" in words, words
+    assert "long-pairs.jsonl:2" in words and "long-pairs.jsonl:4" in words, words
+
+
 def test_kto_evaluated_on_thumbs_has_no_pair_metrics_to_gate(tiny_models, tmp_path, write_recipe):
     """A gate on logps_chosen with thumbs as data.eval: validate said ok, the run trained, then failed as "missing"
     (exit 4). Refused where the eval rows are read, validate and run alike."""
