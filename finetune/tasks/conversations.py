@@ -404,9 +404,11 @@ def featurize_conversations(
 
 
 def check_evaluation_conversation(messages: Messages, where: str) -> None:
-    """An evaluation conversation is scored on its final assistant turn, generated from the turns before it, so that
-    turn must end the conversation and hold a reference: turns after it (a last request) would be silently dropped,
-    and an empty reference would score every answer against nothing. Either is refused (exit 3) naming the row."""
+    """An evaluation conversation (and a GRPO training one, whose samples are rewarded the same way) is scored on
+    its final assistant turn, generated from the turns before it, so that turn must end the conversation and hold a
+    reference: turns after it (a last request) would be silently dropped, and an empty reference would score every
+    answer against nothing. Either is refused (exit 3) naming the row."""
+    scored = "rewarded" if where.startswith("data.train") else "scored"
     final = final_turn(messages)
     if final is None:  # the data layer refuses these first, naming the file
         raise DataError(f"{where}: no assistant turn, so there is nothing to score")
@@ -414,14 +416,14 @@ def check_evaluation_conversation(messages: Messages, where: str) -> None:
         after = ", ".join(m["role"] for m in messages[final + 1 :])
         raise DataError(
             f"{where}: the conversation ends with a {messages[-1]['role']} turn (turn {len(messages)}), after its "
-            f"last assistant turn (turn {final + 1}); evaluation scores the final assistant turn, so the {after} "
-            "turn(s) after it would be dropped unanswered. End each evaluation conversation with the assistant turn "
-            "to score (`finetune predict` answers a conversation that ends with a request)"
+            f"last assistant turn (turn {final + 1}); the final assistant turn is the one {scored}, so the {after} "
+            f"turn(s) after it would be dropped unanswered. End each such conversation with the assistant turn "
+            "(`finetune predict` answers a conversation that ends with a request)"
         )
     if not str(messages[final].get("content") or "").strip():
         raise DataError(
-            f"{where}: the final assistant turn (turn {final + 1}) is empty; it is the reference the evaluation "
-            "scores against, so give its expected content"
+            f"{where}: the final assistant turn (turn {final + 1}) is empty; it is the reference answers are {scored} "
+            "against, so give its expected content"
         )
 
 
