@@ -287,10 +287,13 @@ class RetrievalSection(Section):
 
 class DataSection(Section):
     train: str | list[str] = Field(
-        description="Training file(s) (.jsonl/.json/.csv/.parquet) or a hub dataset id (`id` or `id:split`) (required)."
+        description="Training file(s) (.jsonl/.json/.csv/.tsv/.parquet, or any of them .gz) or a hub dataset id (`id` "
+        "or `id:split`) (required)."
     )
     eval: str | list[str] | None = Field(
-        None, description="Evaluation file(s) or hub dataset id; null holds out `eval_split` of the training rows."
+        None,
+        description="Evaluation file(s) or hub dataset id; null holds out `eval_split` of the training rows "
+        "instead (both are null by default: give one of them).",
     )
     eval_split: Float | None = Field(
         None,
@@ -577,7 +580,8 @@ class GRPOSection(Section):
         le=16,
         description="Optimizer steps on each sampled batch (TRL's num_iterations, the paper's mu): the later ones "
         "train on completions the policy of an earlier step sampled, so the ratio to that policy and its clipping "
-        "act. Each step's sampled batch is kept in the checkpoints, so a resumed run continues exactly.",
+        "act. Each step's sampled batch is kept in the checkpoints, so a resumed run continues exactly. Above 1, "
+        "train.grad_accum must be 1.",
     )
     reward: RewardSection = Field(
         default_factory=RewardSection, description="What a completion scores: the task's score and optional terms."
@@ -671,7 +675,12 @@ class TrainSection(Section):
         description="GPT-family generation tasks: concatenate each batch into one row with no padding, attention "
         "kept within each example (position ids restart per example).",
     )
-    checkpoint_every: Int = Field(100, ge=1, description="Optimizer steps between resumable checkpoints.")
+    checkpoint_every: Int = Field(
+        100,
+        ge=1,
+        description="Optimizer steps between resumable checkpoints; one is also written at each epoch's end, at "
+        "every evaluated step and at the last step.",
+    )
     keep_checkpoints: Int = Field(2, ge=1, description="How many resumable checkpoints to keep (the newest).")
     log_every: Int = Field(10, ge=1, description="Optimizer steps between lines of train_log.jsonl.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
