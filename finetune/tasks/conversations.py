@@ -388,6 +388,12 @@ def featurize_conversations(
                 )
             if not len(keep):
                 raise DataError(f"{split}: no conversation has an assistant token within data.max_length={max_length}")
+            blank = _blank_answers(rows, data.assistant_turns)
+            if blank:  # legal, and almost always a data mistake: it teaches the model to answer nothing
+                report.notes.append(
+                    f"{blank} conversation(s) have an empty assistant turn that is trained on: an answer of nothing "
+                    "(its end-of-turn token alone); fill or remove those turns"
+                )
         turns = "every assistant turn" if data.assistant_turns == "all" else "the last assistant turn"
         report.notes.append(f"conversations: loss on {turns}, its tokens found by {encoder.method}")
     selected = mapped.select(keep) if len(keep) < len(mapped) else mapped
@@ -401,6 +407,17 @@ def featurize_conversations(
         dataset = Dataset.from_dict({"input_ids": prompts})
     rows = rows.select(keep) if len(keep) < len(rows) else rows
     return Features(dataset, rows, report, prompts=prompts)
+
+
+def _blank_answers(rows: Dataset, assistant_turns: str) -> int:
+    """Conversations with an assistant turn the loss falls on (all of them, or the last) whose content is blank."""
+    count = 0
+    for batch in rows.select_columns(["messages"]).iter(batch_size=1024):
+        for messages in batch["messages"]:
+            answers = [t for t in messages if t.get("role") == "assistant"]
+            trained = answers if assistant_turns == "all" else answers[-1:]
+            count += any(not str(t.get("content") or "").strip() for t in trained)
+    return count
 
 
 def check_evaluation_conversation(messages: Messages, where: str) -> None:

@@ -739,3 +739,21 @@ def test_conversations_featurised_by_workers_equal_one_process(
             session = open_data(resolve(path, []))
             built.append({split: f.dataset.to_list() for split, f in session.features.items()})
     assert built[0] == built[1] == built[2] == built[3]
+
+
+def test_an_empty_assistant_turn_trained_on_is_said(chat_model, tmp_path, write_recipe):
+    """A training conversation whose assistant turn is blank trains an answer of nothing (its end-of-turn token):
+    accepted, as the format allows it, but said, where it was silent (evaluation and GRPO rows refuse it)."""
+    rows = chat_rows(40)
+    rows[3]["messages"][-1]["content"] = " "
+    rows[4]["messages"][1]["content"] = ""  # an earlier assistant turn (row 4 has no system turn)
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:32]),
+        "eval": write_jsonl(tmp_path / "e.jsonl", rows[32:]),
+    }
+    recipe = chat_recipe(chat_model, files, tmp_path / "run", data={"columns": {}})
+    planned = invoke_wide("run", write_recipe(recipe), "--dry-run", "--no-estimate")
+    words = " ".join(planned.output.split())
+    assert planned.exit_code == 0 and "2 conversation(s) have an empty assistant turn that is trained on" in words, (
+        words
+    )
