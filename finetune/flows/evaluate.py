@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import string
 from collections.abc import Callable
 from datetime import datetime
@@ -450,7 +451,12 @@ def _evaluation_lock(run: RunDir | None, out_dir: Path | None, accelerator: Acce
     ):
         return None
     lock = RunLock(run.path, label=label)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except RecipeError as exc:
+        if not os.access(run.path, os.W_OK):  # a read-only run (a shared cache, a mounted artefact): scored elsewhere
+            raise RecipeError(f"{exc}; give --output DIR to write the evaluation outside the run") from None
+        raise
     return lock
 
 

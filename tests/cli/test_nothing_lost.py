@@ -896,3 +896,24 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_elsewhere_as_it
     resumed = invoke("run", run / "recipe.yaml", "--resume", "auto", *data)
     assert resumed.exit_code == 2 and f"give output.dir={run}" in " ".join(resumed.output.split()), resumed.output
     assert not (elsewhere / "runs").exists()
+
+
+def test_an_evaluation_of_a_read_only_run_points_at_output(finished_run, tmp_path, monkeypatch):
+    """A run on a read-only mount: `finetune eval RUN` said only that the run is not writable; --output DIR, which
+    writes nothing into the run, is the way, and is now named."""
+    import errno
+
+    from finetune.errors import RecipeError
+    from finetune.flows import evaluate
+    from finetune.outputs.lock import RunLock
+
+    _, out = finished_run
+
+    def read_only(self):  # as _open says it on a read-only mount (EROFS)
+        raise RecipeError(f"{self.label}: {self.directory} is not writable: {os.strerror(errno.EROFS)}")
+
+    monkeypatch.setattr(RunLock, "_open", read_only)
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: False)
+    refused = invoke("eval", out)
+    words = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "is not writable" in words and "give --output DIR" in words, words
