@@ -1295,8 +1295,18 @@ def read_split(
             problems = conversation_problems(recipe, conversations=True)  # the recipe did not say: the file did
             if problems:
                 raise RecipeError(f"{key} ({item}): the rows are conversations ({layout})", problems)
+            # Pairs beside a `messages` prompt (TRL names a pair's prompt `prompt`) are read as conversations.
+            pairs = layout == "messages" and {"chosen", "rejected"} <= set(table.column_names)
             table = map_columns(table, data.columns, *layout_fields(layout), key=f"{key} ({item})")
-            parts.append(as_messages(table, layout, key, source.place))
+            try:
+                parts.append(as_messages(table, layout, key, source.place))
+            except DataError as exc:
+                if not pairs:
+                    raise
+                raise DataError(
+                    f"{exc} (its 'chosen' and 'rejected' answers are read as a pair beside a 'prompt' column, text "
+                    "or turns: rename 'messages' to 'prompt')"
+                ) from None
             origins.append(Origins.of(source, len(table)))
             continue
         if data.template is not None:

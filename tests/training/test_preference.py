@@ -516,6 +516,19 @@ def test_dpo_pairs_too_long_on_either_side_are_named_at_once(tiny_models, tmp_pa
     assert "long-pairs.jsonl:2" in words and "long-pairs.jsonl:4" in words, words
 
 
+def test_pairs_beside_a_messages_prompt_are_pointed_at_prompt(tiny_models, tmp_path, write_recipe):
+    """`{"messages": [user turn], "chosen": ..., "rejected": ...}` was refused as a conversation with "no assistant
+    turn", which said nothing of the pair; the message now names the column TRL reads a pair's prompt from."""
+    recipe = _recipe(tiny_models["gpt2"], tmp_path, "dpo", max_steps=1)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "chosen": "good", "rejected": "bad"} for i in range(8)]
+    recipe["data"].update(train=str(write_jsonl(tmp_path / "data" / "m.jsonl", rows)), columns={})
+    path = str(write_recipe(recipe))
+    for command in (["validate", path], ["run", path, "--dry-run"]):
+        result = invoke(*command)
+        words = " ".join(result.output.split())
+        assert result.exit_code == 3 and "rename 'messages' to 'prompt'" in words, words
+
+
 def test_kto_evaluated_on_thumbs_has_no_pair_metrics_to_gate(tiny_models, tmp_path, write_recipe):
     """A gate on logps_chosen with thumbs as data.eval: validate said ok, the run trained, then failed as "missing"
     (exit 4). Refused where the eval rows are read, validate and run alike."""
