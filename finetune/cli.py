@@ -48,6 +48,16 @@ class _Console(Console):
         files.quiet_stdout()
         raise BrokenPipeError(errno.EPIPE, "the reader of standard output closed it")
 
+    def print(self, *args, **kwargs) -> None:
+        """A terminal that hung up (SIGHUP: a closed window, a dropped ssh session) fails every write with EIO: what
+        the command says then reaches no one, and must not turn its exit code into an internal error's."""
+        try:
+            super().print(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in files.TERMINAL_GONE:
+                raise
+            self.quiet = True
+
 
 def _open_closed_streams() -> None:
     """A command started with stdin, stdout or stderr closed (`>&-`, a daemon or cron job): Python has None there,
@@ -193,9 +203,11 @@ def _offline_unless_hub(*sources: str | Path | None, overrides: list[str] | None
             setattr(sys.modules[module], "HF_HUB_OFFLINE", True)  # noqa: B010 (the module is known only by name)
 
 
-# Stopped by SIGTERM outside training (a preempted job, `timeout`): 128 + SIGTERM, as a shell reports a killed command
-# (SIGHUP, a closed terminal or a dropped ssh session: 129).
+# Stopped outside training, 128 + the signal as a shell reports a killed command: Ctrl-C, SIGTERM (a preempted job,
+# `timeout`), SIGHUP (a closed terminal or a dropped ssh session).
+INTERRUPTED = 130
 TERMINATED = 143
+HUNG_UP = 129
 # The signals that stop a command as Ctrl-C does, with a line saying so; inside training the loop's own handler
 # (training.loop.StopSignals) takes them: it checkpoints and exits 75.
 _STOPPING = (signal.SIGTERM, signal.SIGHUP)
@@ -288,13 +300,18 @@ def _handled(command):
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (_Terminated), outside training's steps
             signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
             name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
-            err_console.print(
-                f"stopped by {name} outside training's steps: no checkpoint was written, and a file being written "
-                f"was not put in place (an output folder may be incomplete){resumable}",
-                highlight=False,
-                soft_wrap=True,
+            kept = (
+                f" outside training's steps: no checkpoint was written, and a file being written was not put in place "
+                f"(an output folder may be incomplete){resumable}"
+                if resumable
+                else ": a file being written was not put in place"
             )
-            raise typer.Exit(128 + signum) from None
+            err_console.print(f"stopped by {name}{kept}", highlight=False, soft_wrap=True)
+            if signum == signal.SIGHUP:
+                raise typer.Exit(HUNG_UP) from None
+            if signum == signal.SIGTERM:
+                raise typer.Exit(TERMINATED) from None
+            raise typer.Exit(INTERRUPTED) from None
         except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of ours, nothing to show
             files.quiet_stdout()
             raise typer.Exit(PIPE_CLOSED) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -13,6 +14,9 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+# A write to a terminal that hung up (EIO), or whose device is gone (ENXIO): nothing shown there reaches anyone.
+TERMINAL_GONE = frozenset({errno.EIO, errno.ENXIO})
 
 
 def quiet_stdout() -> None:

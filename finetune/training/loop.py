@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finetune.data.tables import shared_positives, token_lengths
 from finetune.errors import Interrupted, RecipeError, TrainingDiverged
-from finetune.files import json_text, quiet_stdout, write_text_atomic
+from finetune.files import TERMINAL_GONE, json_text, quiet_stdout, write_text_atomic
 from finetune.outputs.adapter import AdapterSaver
 from finetune.recipe.schema import PreferenceSection, TrainSection
 from finetune.training import checkpoint
@@ -932,7 +932,9 @@ class progress_bar:
     def _shown(self):
         try:
             yield
-        except BrokenPipeError:
+        except OSError as exc:  # the pipe's reader gone (EPIPE), or the terminal hung up (EIO: SIGHUP comes too)
+            if not isinstance(exc, BrokenPipeError) and exc.errno not in TERMINAL_GONE:
+                raise
             self.enabled, self.closed = False, True
             self.console.quiet = True
             quiet_stdout()

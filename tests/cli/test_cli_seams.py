@@ -315,3 +315,34 @@ def test_a_flag_without_its_partner_is_refused(arguments, words, tmp_path):
     with contextlib.chdir(tmp_path):
         result = runner.invoke(app, arguments)
     assert result.exit_code == 2 and words in result.output, result.output
+
+
+class _HungUpTerminal:
+    """A terminal after SIGHUP: every write fails with EIO (not EPIPE)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def flush(self) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.unit
+def test_a_hung_up_terminal_neither_hides_the_stop_nor_becomes_an_internal_error():
+    """A closed terminal fails writes with EIO: the progress bar's closing raised it over the checkpointed stop
+    (exit 1, a traceback, not 75), and the stop's own message raised it over 129."""
+    from finetune.cli import _Console
+    from finetune.training.loop import TrainPlan, progress_bar
+
+    console = _Console(file=_HungUpTerminal(), force_terminal=False)
+    console.print("stopped by SIGHUP")  # said to no one, and no error
+    assert console.quiet
+    plan = TrainPlan(80, 10, 10, 10, 0, 1, 1)
+    bar = progress_bar(_Console(file=_HungUpTerminal(), force_terminal=False), plan, True)
+    with bar:
+        bar.update(0, None)
+        bar.update(1, None, 1e-3)  # the first line: the terminal is gone
+    assert bar.closed and not bar.enabled
