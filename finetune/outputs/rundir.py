@@ -119,7 +119,10 @@ def output_dir_problem(run: RunDir, owner: Path | None = None, writes: bool = Tr
     # A sweep's trials (`trials/N`) are its own: a run there replaced a trial that sweep.json still described.
     sweep = next((p for p in (resolved, *resolved.parents) if made_by_finetune(p, SWEEP)), None)
     if sweep is not None and (sweep == resolved or resolved.is_relative_to(sweep / "trials")):
-        if owner is None or owner.expanduser().resolve() != sweep:
+        # Its own: the sweep's trials (owner: the sweep), and a trial's own part (a knowledge-base trial's retriever,
+        # owner: the trial).
+        mine = owner is not None and owner.expanduser().resolve().is_relative_to(sweep)
+        if not mine:
             inside = "is" if sweep == resolved else "lies inside"
             return (
                 f"output.dir: {where} {inside} the finetune sweep {sweep}, whose trials are its own (`finetune sweep` "

@@ -253,3 +253,19 @@ def test_a_long_legal_output_name_gets_its_staging_beside_it(tmp_path, directory
     made = staging_beside(target, directory=directory)
     assert made.parent == tmp_path and made.exists() and len(made.name.encode()) <= 255
     assert made.is_dir() == directory and made.name.startswith(".éé")
+
+
+def test_a_sweeps_trials_and_their_own_parts_are_the_sweeps_alone(tmp_path):
+    """A trial's knowledge-base retriever (owner: the trial) was refused as lying inside the sweep; anything else
+    there (owner: none) is refused, the sweep itself too."""
+    from finetune.outputs.rundir import SWEEP, output_dir_problem
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    mark_output(sweep, SWEEP)
+    trial = sweep / "trials" / "0"
+    assert output_dir_problem(RunDir(trial), owner=sweep) is None
+    assert output_dir_problem(RunDir(trial / "retriever"), owner=trial) is None
+    for where in (trial, sweep):
+        assert "the finetune sweep" in (output_dir_problem(RunDir(where)) or "")
+    assert output_dir_problem(RunDir(sweep / "best")) is None  # best.yaml's run writes there
