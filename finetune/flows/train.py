@@ -127,6 +127,19 @@ def check_output(
     )
 
 
+def _resumed_elsewhere(resolved: Resolved, run_dir: RunDir, resume: str | None) -> Path | None:
+    """The run whose recorded recipe a `--resume` names while its output.dir, as that recipe wrote it, is another
+    folder from here (relative to another working directory, or the run was moved: RunDir.resumed_elsewhere). An output.dir given on the command line is the
+    user's own choice (the model card's `output.dir=RUN-again`), never refused."""
+    if resume is None:
+        return None
+    recorded_in = run_dir.resumed_elsewhere(Path(resolved.source))
+    if recorded_in is None:
+        return None
+    written = (read_recipe_file(resolved.source).get("output") or {}).get("dir")
+    return recorded_in if written == resolved.recipe.output.dir else None
+
+
 def _run(
     resolved: Resolved,
     console: Console,
@@ -150,7 +163,7 @@ def _run(
     # The main process alone decides and claims the directory; the others wait, so none sees the fresh claim.
     created, output_note = False, ""
     if accelerator.is_main_process:
-        recorded_in = run_dir.resumed_elsewhere(Path(resolved.source)) if resume is not None else None
+        recorded_in = _resumed_elsewhere(resolved, run_dir, resume)
         if recorded_in is not None:
             raise RecipeError(
                 f"--resume {resume}: {resolved.source} is the recipe of the run in {recorded_in}, but its output.dir "

@@ -896,6 +896,11 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_elsewhere_as_it
     resumed = invoke("run", run / "recipe.yaml", "--resume", "auto", *data)
     assert resumed.exit_code == 2 and f"give output.dir={run}" in " ".join(resumed.output.split()), resumed.output
     assert not (elsewhere / "runs").exists()
+    # An output.dir given on the command line is the user's choice (the card's `output.dir=RUN-again`): taken.
+    again = invoke(
+        "run", run / "recipe.yaml", "--resume", "auto", *data, f"output.dir={elsewhere / 'again'}", "--dry-run"
+    )
+    assert again.exit_code == 0, again.output
 
 
 def test_an_evaluation_of_a_read_only_run_points_at_output(finished_run, tmp_path, monkeypatch):
