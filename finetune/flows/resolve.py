@@ -1668,7 +1668,7 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = (), recorded: bool 
         pruned, removed = _pruned(raw, exc.problems)
         beside = [p for p in _rules_without(pruned, removed, recorded) if p not in missing]
         refused = recipe_problems_error(source, names + exc.problems + missing + beside)
-        raise _rows_beside(refused, None if missing else pruned, source, splits) from None
+        raise _rows_beside(refused, None if missing else pruned, source, splits, _ROWS_READ_BY) from None
     if names:
         raise recipe_problems_error(source, names)
     return recipe
@@ -1693,13 +1693,26 @@ def _pruned(raw: dict, problems: list[str]) -> tuple[Recipe | None, list[str]]:
         return None, removed
 
 
-def _rows_beside(refused: RecipeError, recipe: Recipe | None, source: str, splits: tuple[str, ...]) -> RecipeError:
-    """ "Every problem at once" across the recipe and its rows, for validate and run alike: a wrong setting elsewhere
+# The settings check_rows reads the rows by: one the schema refused (taken out, so at its default) would judge them
+# wrongly (a misspelt train.objective read DPO pairs as SFT rows, "column 'completion' not found"). A rule's refusal
+# keeps its value: only the settings that say what the rows are (task, mode, data) keep the rows out then.
+_ROWS_ARE = ("task", "mode", "data")
+_ROWS_READ_BY = (*_ROWS_ARE, "model", "train.objective", "train.seed", "train.preference", "train.grpo", "eval")
+
+
+def _rows_beside(
+    refused: RecipeError,
+    recipe: Recipe | None,
+    source: str,
+    splits: tuple[str, ...],
+    read_by: tuple[str, ...] = _ROWS_ARE,
+) -> RecipeError:
+    """Every problem at once across the recipe and its rows, for validate and run alike: a wrong setting elsewhere
     (train.lr) hid a malformed row, which the next try then found. The rows are read as a run reads them (by a
-    command that reads both splits), unless a refused setting is one their reading depends on (task, mode, a data
-    key, a missing file), which would judge them by its default."""
+    command that reads both splits), unless a refused setting is one their reading depends on (`read_by`; a missing
+    file), which would judge them by its default."""
     places = [p.split(":", 1)[0].strip() for p in refused.problems]
-    depends = any(p.split(".")[0] in ("task", "mode", "data") for p in places)
+    depends = any(p == key or p.startswith(f"{key}.") for p in places for key in read_by)
     if recipe is None or "train" not in splits or not refused.problems or depends:
         return refused
     try:

@@ -306,9 +306,10 @@ def test_a_wrong_setting_does_not_hide_a_bad_row(refused, tiny_models, topic_dat
         output = " ".join(result.output.split())
         assert result.exit_code == 2 and "2 problems" in output, result.output
         assert "train.jsonl:2: column 'label'" in output and ("train.lr:" in output or "train.objective" in output)
-    recipe["data"]["columns"] = {"text": "body"}
-    result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
-    assert result.exit_code == 2 and "train.jsonl:2" not in result.output, result.output
+    for key, value in (("data", {**recipe["data"], "columns": {"text": "body"}}), ("train", {"objective": "dpoo"})):
+        refused = {**recipe, key: {**recipe[key], **value}}  # a setting the rows are read by, refused: not read
+        result = runner.invoke(app, ["validate", str(write_recipe(refused))])
+        assert result.exit_code == 2 and "train.jsonl:2" not in result.output, result.output
 
 
 def test_user_text_is_printed_as_typed(tiny_models, topic_data, write_recipe, tmp_path):
