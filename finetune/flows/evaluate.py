@@ -653,7 +653,7 @@ def _predict(
         table = attach_passages(
             table, retriever, extractive=task.head == "question_answering", training=False, split=source
         )
-    # Text prompts to a run that trained on conversations are asked as it trained (session.asked_as_trained).
+    # Text prompts to a run that trained on conversations are asked as it trained (GenerationTask.as_trained).
     session = open_session(resolved, adapter_dir=run.adapter, splits=(), with_lora=False)
     features = session.featurize(table, source, labeled=False)
     out, _ = session.task.predict(

@@ -628,7 +628,7 @@ def open_data(
     # The family travels in the task state: featurize and predict choose the decoder or encoder-decoder layout by it.
     state = MappingProxyType({**built.state, "family": family.name})
     task.check_state(recipe, state)
-    resolved = replace(resolved, recipe=asked_as_trained(recipe, state))
+    resolved = replace(resolved, recipe=task.as_trained(recipe, state))
     return SessionData(
         resolved, tokenizer, state, MappingProxyType(built.features), MappingProxyType(built.overlap), note
     )
@@ -661,7 +661,7 @@ def _read_and_featurize(
         state = dict(adapter_state) if adapter_state is not None else task.fit_state(train_rows, recipe, tokenizer)
     if layout is not None:
         state["embedding"] = layout.as_dict()
-    recipe = asked_as_trained(recipe, state)
+    recipe = task.as_trained(recipe, state)
     workdir = cache.workdir()
     try:
         # The rows go to disk first and are read back memory-mapped: the parsed copies are freed before tokenising,
@@ -690,19 +690,9 @@ def _read_and_featurize(
         raise
 
 
-def asked_as_trained(recipe: Recipe, state: Mapping[str, Any]) -> Recipe:
-    """A run that trained on conversations asks every text prompt as it trained, one user turn through the chat
-    template (`asked_in_chat`, GenerationTask.fit_state): its final evaluation, `finetune eval RUN` and predict alike.
-    Asked raw, a text eval file scored prompts the model never trained on, and eval and predict answered the same
-    rows differently."""
-    if state.get("asked_in_chat") and not recipe.data.chat_template:
-        return recipe.model_copy(update={"data": recipe.data.model_copy(update={"chat_template": True})})
-    return recipe
-
-
 def _asked_unlike_training(task: Task, written: Recipe, recipe: Recipe, features: Mapping[str, Features]) -> list[str]:
     """A note where the eval prompts are asked otherwise than the recipe as written says (`recipe`: as
-    `asked_as_trained` made it), or otherwise than the training ones: conversations through the chat template, text
+    `Task.as_trained` made it), or otherwise than the training ones: conversations through the chat template, text
     prompts without it (data.format auto decides each file's layout by its columns)."""
     if not isinstance(task, GenerationTask):
         return []
@@ -734,7 +724,7 @@ def open_session(
     data = open_data(resolved, splits=splits, adapter_dir=adapter_dir)
     model, targets = load_task_model(resolved, data.tokenizer, data.state, adapter_dir=adapter_dir, with_lora=with_lora)
     attach_learned_watermark(resolved.recipe, model, adapter_dir, training=with_lora and adapter_dir is None)
-    # data.resolved: the recipe as the rows and the task state decided it (asked_as_trained)
+    # data.resolved: the recipe as the rows and the task state decided it (Task.as_trained)
     return Session(
         data.resolved, data.tokenizer, data.state, model, data.features, targets, data.overlap, data.cache_note
     )

@@ -287,8 +287,8 @@ class RetrievalSection(Section):
 
 class DataSection(Section):
     train: str | list[str] = Field(
-        description="Training file(s) (.jsonl/.json/.csv/.tsv/.parquet, or any of them .gz) or a hub dataset id (`id` "
-        "or `id:split`) (required)."
+        description="Training file(s) (.jsonl/.json/.csv/.tsv, each optionally .gz, or .parquet) or a hub dataset id "
+        "(`id` or `id:split`) (required)."
     )
     eval: str | list[str] | None = Field(
         None,

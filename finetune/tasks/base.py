@@ -118,6 +118,10 @@ class Task:
     def check_state(self, recipe: Recipe, state: Mapping[str, Any]) -> None:
         """Rules that need what the data decided (e.g. multi-label classification); called before weights load."""
 
+    def as_trained(self, recipe: Recipe, state: Mapping[str, Any]) -> Recipe:
+        """The recipe as the training rows decided it (`state`): what every split is read and answered with."""
+        return recipe
+
     def fields(self, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(required, optional) fields of a row under this recipe."""
         return self.required_fields, self.optional_fields

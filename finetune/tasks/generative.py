@@ -184,9 +184,17 @@ class GenerationTask(Task):
         return self.stops(settings, chat=self.asked_in_chat(data, rows))
 
     def fit_state(self, train_rows: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-        """Whether training asked its prompts as chat turns (`asked_in_chat`): `finetune predict` asks a new file's
-        text prompts the same way, as a user turn through the chat template, not as raw text the model never saw."""
+        """Whether training asked its prompts as chat turns (`asked_in_chat`, read by `as_trained`)."""
         return {"asked_in_chat": True} if self.asked_in_chat(recipe.data, train_rows) else {}
+
+    def as_trained(self, recipe: Recipe, state: Mapping[str, Any]) -> Recipe:
+        """A run that trained on conversations asks every text prompt as it trained, one user turn through the chat
+        template: its final evaluation, `finetune eval RUN` and predict alike. Asked raw, a text eval file scored
+        prompts the model never trained on, and eval and predict answered the same rows differently. (A run trained
+        before the state recorded it asks as its recipe says, as it did.)"""
+        if state.get("asked_in_chat") and not recipe.data.chat_template:
+            return recipe.model_copy(update={"data": recipe.data.model_copy(update={"chat_template": True})})
+        return recipe
 
     # ------------------------------------------------------------ data
     def featurize(
