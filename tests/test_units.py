@@ -253,3 +253,14 @@ def test_printed_commands_quote_paths_a_shell_would_split_or_read_as_options():
     assert shell_word("runs/demo") == "runs/demo" and shell_word("output.dir=/tmp/r-again") == "output.dir=/tmp/r-again"
     assert shlex.split(f"finetune eval {shell_word('odd dir/ünï 日本/rün out')}")[-1] == "odd dir/ünï 日本/rün out"
     assert shell_word("-out") == "./-out" and shlex.split(shell_word("it's"))[0] == "it's"
+
+
+@pytest.mark.unit
+def test_a_too_long_refusal_crosses_processes_whole():
+    """Raised in a tokenising worker, the refusal is pickled back to the parent: it could not be rebuilt."""
+    import pickle
+
+    from finetune.data.tables import TooLong
+
+    again = pickle.loads(pickle.dumps(TooLong("data.train", [4, 1], 16, "pair")))
+    assert isinstance(again, TooLong) and list(again.rows) == [1, 4] and "2 pairs exceed" in str(again)

@@ -1823,6 +1823,9 @@ class TooLong(DataError):
             f"(rows {shown}{', ...' if count > 5 else ''}); raise max_length or set data.overflow to truncate or drop"
         )
 
+    def __reduce__(self) -> tuple[type, tuple]:  # raised in a worker process, it crosses back to the parent whole
+        return (TooLong, (self.split, self.rows, self.max_length, self.what))
+
 
 def apply_overflow(
     lengths: ArrayLike, max_length: int, policy: str, split: str, what: str = "example"

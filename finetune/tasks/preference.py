@@ -287,7 +287,8 @@ def _encode_sides(
             too_long.append(exc)
     if too_long:
         named = too_long[0]
-        raise TooLong(named.split, np.concatenate([exc.rows for exc in too_long]), named.max_length, "pair")
+        rows_named = np.concatenate([exc.rows for exc in too_long])
+        raise TooLong(named.split, rows_named, named.max_length, "pair" if names == PAIR_SIDES else named.what)
     first, second = both
     keep = np.intersect1d(first.keep, second.keep)
     if not keep.size:
