@@ -454,10 +454,14 @@ def _evaluation_lock(run: RunDir | None, out_dir: Path | None, accelerator: Acce
     try:
         lock.acquire()
     except RecipeError as exc:
-        if not os.access(run.path, os.W_OK):  # a read-only run (a shared cache, a mounted artefact): scored elsewhere
+        if not _writable(run.path):  # a read-only run (a shared cache, a mounted artefact): scored elsewhere
             raise RecipeError(f"{exc}; give --output DIR to write the evaluation outside the run") from None
         raise
     return lock
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
 
 
 def evaluate_all_checkpoints(

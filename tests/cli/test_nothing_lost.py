@@ -918,7 +918,7 @@ def test_an_evaluation_of_a_read_only_run_points_at_output(finished_run, tmp_pat
         raise RecipeError(f"{self.label}: {self.directory} is not writable: {os.strerror(errno.EROFS)}")
 
     monkeypatch.setattr(RunLock, "_open", read_only)
-    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(evaluate, "_writable", lambda path: False)
     refused = invoke("eval", out)
     words = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "is not writable" in words and "give --output DIR" in words, words
