@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from finetune.cli import PIPE_CLOSED, TERMINATED, app
+from finetune.cli import HUNG_UP, PIPE_CLOSED, TERMINATED, app
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -111,36 +111,21 @@ def test_a_closed_pipe_is_no_internal_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.unit
-def test_sigterm_outside_training_says_so_and_exits_143(monkeypatch, tmp_path):
-    """A preempted job's SIGTERM while loading, evaluating or saving: one line and 128 + SIGTERM (it was killed
-    silently), and the process's own handler is back afterwards."""
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, TERMINATED), (signal.SIGHUP, HUNG_UP)])
+def test_a_stop_signal_outside_training_says_so_and_exits_128_plus_it(sent, code, monkeypatch, tmp_path):
+    """A preempted job's SIGTERM, or a closed terminal's SIGHUP, while loading, evaluating or saving: one line and
+    128 + the signal (each was silent), and the process's own handler is back afterwards."""
     import finetune.flows.resolve as resolve
 
-    def terminated(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), sent)
         time.sleep(30)  # the handler raises before this ends
 
-    monkeypatch.setattr(resolve, "resolve", terminated)
-    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(resolve, "resolve", stopped)
+    before = signal.getsignal(sent)
     result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
-    assert result.exit_code == TERMINATED and "stopped by SIGTERM" in result.output, result.output
-    assert "internal error" not in result.output and signal.getsignal(signal.SIGTERM) is before
-
-
-@pytest.mark.unit
-def test_sighup_outside_training_says_so_and_exits_129(monkeypatch, tmp_path):
-    """A closed terminal or a dropped ssh session (SIGHUP) ended the command silently with 129."""
-    import finetune.flows.resolve as resolve
-
-    def hung_up(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(30)  # the handler raises before this ends
-
-    monkeypatch.setattr(resolve, "resolve", hung_up)
-    before = signal.getsignal(signal.SIGHUP)
-    result = runner.invoke(app, ["data", str(tmp_path / "r.yaml")])
-    assert result.exit_code == 128 + signal.SIGHUP and "stopped by SIGHUP" in result.output, result.output
-    assert signal.getsignal(signal.SIGHUP) is before
+    assert result.exit_code == code and f"stopped by {sent.name}" in result.output, result.output
+    assert "internal error" not in result.output and signal.getsignal(sent) is before
 
 
 @pytest.mark.unit
