@@ -373,9 +373,14 @@ def featurize_conversations(
     keep, report = apply_overflow(lengths, max_length, data.overflow, split, what="conversation")
     if labeled:
         if report.truncated:
+            cut = (
+                "were cut at the end (their later turns are not trained)"
+                if split == "data.train"
+                else "were cut to it (the eval loss reads each one's beginning; generation keeps the end of its prompt)"
+            )
             report.notes.append(
-                f"{report.truncated} conversation(s) longer than max_length={max_length} were cut at the end (their "
-                "later turns are not trained); raise data.max_length or use data.overflow=drop"
+                f"{report.truncated} conversation(s) longer than max_length={max_length} {cut}; raise data.max_length "
+                "or use data.overflow=drop"
             )
         trained = np.asarray(mapped[_TRAINED][:])
         if split == "data.train":
