@@ -264,3 +264,15 @@ def test_a_too_long_refusal_crosses_processes_whole():
 
     again = pickle.loads(pickle.dumps(TooLong("data.train", [4, 1], 16, "pair")))
     assert isinstance(again, TooLong) and list(again.rows) == [1, 4] and "2 pairs exceed" in str(again)
+
+
+@pytest.mark.unit
+def test_kto_labels_as_pandas_writes_them_are_read():
+    """A CSV or parquet of thumbs written by pandas holds 1.0 / 0.0: refused as not true or false."""
+    from finetune.errors import DataError
+    from finetune.tasks.preference import _thumbs
+
+    assert _thumbs([1.0, 0.0, True, "false", 1], "data.train") == [True, False, True, False, True]
+    for bad in (0.5, float("nan"), 2, "yes"):
+        with pytest.raises(DataError, match="must be true"):
+            _thumbs([bad], "data.train")

@@ -74,10 +74,11 @@ def preference_fields(objective: str, prompt_field: str, answer_field: str) -> t
 
 
 def _thumbs(values: list, split: str, first_row: int = 1) -> list[bool]:
-    """KTO labels: booleans (or 0/1, the strings true/false), anything else named by row."""
+    """KTO labels: booleans (or 0/1, also as 0.0/1.0 as pandas writes a column of them, the strings true/false),
+    anything else named by row."""
     out = []
     for number, value in enumerate(values, start=first_row):
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
             out.append(bool(value))
         elif isinstance(value, str) and value.strip().lower() in ("true", "false"):
             out.append(value.strip().lower() == "true")
