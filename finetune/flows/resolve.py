@@ -1666,7 +1666,7 @@ def _parse(raw: dict, source: str, splits: tuple[str, ...] = (), recorded: bool 
         named = [(f"data.{k}", data.get(k)) for k in keys] if isinstance(data, dict) else []
         missing = [p for p in _missing_files(named) if p not in exc.problems]
         pruned, removed = _pruned(raw, exc.problems)
-        beside = [p for p in _rules_without(pruned, removed, recorded) if p not in missing]
+        beside = [p for p in dict.fromkeys(_rules_without(pruned, removed, recorded, splits)) if p not in missing]
         refused = recipe_problems_error(source, names + exc.problems + missing + beside)
         raise _rows_beside(refused, None if missing else pruned, source, splits, _ROWS_READ_BY) from None
     if names:
@@ -1724,11 +1724,20 @@ def _rows_beside(
     return refused
 
 
-def _rules_without(recipe: Recipe | None, removed: list[str], recorded: bool = False) -> list[str]:
+def _rules_without(
+    recipe: Recipe | None, removed: list[str], recorded: bool = False, splits: tuple[str, ...] = ()
+) -> list[str]:
     """The rules' problems with the rest of a recipe the schema refused (`_pruned`: its refused keys, `removed`, taken
-    out, each then at its default), so one wrong value does not hide the others' problems."""
+    out, each then at its default), so one wrong value does not hide the others' problems; for a command that reads
+    files (`splits`), the environment's rules too (data.max_length above the model's positions was found only once
+    a misspelt train.seed was fixed)."""
     try:
         found = [] if recipe is None else recipe_rules(recipe, recorded)
+        if recipe is not None and splits:
+            config, config_problem = read_model_config(recipe)
+            found += [p.text for p in environment_rules(recipe, config, config_problem, splits)[0]]
+            if "train" not in splits:  # as _check: a command that trains nothing is not judged by training's rules
+                found = [p for p in found if not training_only(p.partition(":")[0].strip())]
     except FinetuneError:
         return []
     # A rule naming a setting taken out would judge its default (data.eval_split refused: "give an eval file").

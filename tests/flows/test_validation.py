@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import classification_recipe
+from conftest import REPO, classification_recipe
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -427,3 +427,14 @@ def test_a_sweep_over_a_setting_that_decides_what_else_is_read_is_valid(
     recipe["sweep"] = {"trials": 2, "params": {"train.optimizer": ["adamw", "loraplus"]}}
     result = runner.invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 0, result.output
+
+
+def test_a_schema_mistake_does_not_hide_a_rule_of_the_model():
+    """`data.max_length=1024 train.seed=-1`: only the seed was named; the model's 512 positions came after it was
+    fixed ("every problem at once")."""
+    recipe = str(REPO / "recipes" / "classification" / "minilm-topics.yaml")
+    for command in (["validate", recipe], ["run", recipe, "--dry-run"]):
+        result = runner.invoke(app, [*command, "data.max_length=1024", "train.seed=-1"])
+        words = " ".join(result.output.split())
+        assert result.exit_code == 2 and "2 problems" in words and "train.seed:" in words, words
+        assert "data.max_length: 1024 is above what" in words, words

