@@ -317,6 +317,7 @@ def last_run(mask: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------- features
 
 _LENGTH, _PROMPT_LENGTH, _TRAINED = "conversation_tokens", "prompt_tokens", "trained_tokens"
+_BLANK = "blank_answer"  # a trained assistant turn with no text (a data mistake, said in the report)
 
 
 def featurize_conversations(
@@ -355,6 +356,7 @@ def featurize_conversations(
                     "labels": labels,
                     _LENGTH: [len(row) for row in encoded.input_ids],
                     _TRAINED: [sum(1 for t in row if t != IGNORE) for row in labels],
+                    _BLANK: [_blank_answer(messages, data.assistant_turns) for messages in batch["messages"]],
                 }
             )
         return out
@@ -393,7 +395,7 @@ def featurize_conversations(
                 )
             if not len(keep):
                 raise DataError(f"{split}: no conversation has an assistant token within data.max_length={max_length}")
-            blank = _blank_answers(rows, data.assistant_turns)
+            blank = int(np.asarray(mapped[_BLANK][:]).sum())
             if blank:  # legal, and almost always a data mistake: it teaches the model to answer nothing
                 report.notes.append(
                     f"{blank} conversation(s) have an empty assistant turn that is trained on: an answer of nothing "
@@ -414,15 +416,11 @@ def featurize_conversations(
     return Features(dataset, rows, report, prompts=prompts)
 
 
-def _blank_answers(rows: Dataset, assistant_turns: str) -> int:
-    """Conversations with an assistant turn the loss falls on (all of them, or the last) whose content is blank."""
-    count = 0
-    for batch in rows.select_columns(["messages"]).iter(batch_size=1024):
-        for messages in batch["messages"]:
-            answers = [t for t in messages if t.get("role") == "assistant"]
-            trained = answers if assistant_turns == "all" else answers[-1:]
-            count += any(not str(t.get("content") or "").strip() for t in trained)
-    return count
+def _blank_answer(messages: Messages, assistant_turns: str) -> bool:
+    """Whether an assistant turn the loss falls on (all of them, or the last) has no text."""
+    answers = [t for t in messages if t.get("role") == "assistant"]
+    trained = answers if assistant_turns == "all" else answers[-1:]
+    return any(not str(t.get("content") or "").strip() for t in trained)
 
 
 def check_evaluation_conversation(messages: Messages, where: str) -> None:
