@@ -38,7 +38,7 @@ from finetune import __version__
 from finetune.data.features import Features
 from finetune.data.tables import content_hash, local_data_path
 from finetune.files import sha256_file
-from finetune.models.references import cache_root
+from finetune.models.references import cache_root, cache_unwritable
 from finetune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class FeatureCache:
                 self._building = _hold(workdir.with_name(workdir.name + _BUILDING))
                 return workdir
             except OSError as exc:
-                log.warning("feature cache %s is not writable (%s); features are not cached", self.root, exc)
+                cache_unwritable("feature", self.root, exc, "features are not cached")
                 self.entry = None
         # Not cached: the tables still go to disk (memory-mapped, not held in memory), removed when the process ends.
         scratch = tempfile.mkdtemp(prefix="finetune-features-")

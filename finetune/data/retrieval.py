@@ -38,7 +38,7 @@ from finetune.data.tables import checked_texts, content_hash, load_table, local_
 from finetune.errors import DataError, RecipeError
 from finetune.files import sha256_file
 from finetune.models.embedding import EmbeddingLayout, sentence_transformer
-from finetune.models.references import cache_root, resolve_reference
+from finetune.models.references import cache_root, cache_unwritable, resolve_reference
 from finetune.recipe.schema import RetrievalSection
 
 if TYPE_CHECKING:
@@ -284,12 +284,7 @@ class DenseIndex:
         except OSError as exc:  # a read-only or full cache: the index is only not kept, as the feature cache does
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-            logging.getLogger("finetune").warning(
-                "embedding cache %s is not writable (%s); the passages' embeddings are not cached (FINETUNE_CACHE "
-                "sets where the cache is)",
-                cached.parent,
-                exc.strerror or exc,
-            )
+            cache_unwritable("embedding", cached.parent, exc, "the passages' embeddings are not cached")
         return vectors
 
     def encode(self, texts: list[str]) -> np.ndarray:

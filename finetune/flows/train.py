@@ -129,8 +129,8 @@ def check_output(
 
 def _resumed_elsewhere(resolved: Resolved, run_dir: RunDir, resume: str | None) -> Path | None:
     """The run whose recorded recipe a `--resume` names while its output.dir, as that recipe wrote it, is another
-    folder from here (relative to another working directory, or the run was moved: RunDir.resumed_elsewhere). An output.dir given on the command line is the
-    user's own choice (the model card's `output.dir=RUN-again`), never refused."""
+    folder from here (relative to another working directory, or the run was moved: RunDir.resumed_elsewhere). An
+    output.dir given on the command line is the user's own choice (the model card's `output.dir=RUN-again`)."""
     if resume is None:
         return None
     recorded_in = run_dir.resumed_elsewhere(Path(resolved.source))

@@ -101,6 +101,18 @@ def resolve_reference(reference: str) -> str:
     return reference
 
 
+def cache_unwritable(what: str, where: Path, exc: OSError, instead: str) -> None:
+    """A cache that cannot be written (read-only, full, a file in its place) is no error of the command: it goes on
+    uncached (`instead`), and says where the cache is and how to move it."""
+    log.warning(
+        "%s cache %s is not writable (%s); %s (FINETUNE_CACHE sets where the cache is)",
+        what,
+        where,
+        exc.strerror or exc,
+        instead,
+    )
+
+
 def reference_is_local(reference: str) -> bool:
     """True where loading the reference needs no download (pkg:, a directory, a local GGUF file)."""
     if reference.startswith("pkg:"):
@@ -162,12 +174,7 @@ def dequantised_gguf(directory: str, file: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     except OSError as exc:  # a read-only cache: converted for this process alone, as an uncached feature table is
-        log.warning(
-            "model cache %s is not writable (%s); the GGUF file is converted for this command only (FINETUNE_CACHE "
-            "sets where the cache is)",
-            target.parent,
-            exc.strerror or exc,
-        )
+        cache_unwritable("model", target.parent, exc, "the GGUF file is converted for this command only")
         scratch = Path(tempfile.mkdtemp(prefix="finetune-gguf-"))
         atexit.register(shutil.rmtree, scratch, True)
         staging = target = scratch / "checkpoint"
